@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Assembles $WORK/initramfs.cpio (newc, uncompressed): static busybox, /init (init.sh), the
+# modules vfio, vfio_iommu_type1, mdev, mtty and whatever they depend on (decompressed on the
+# host, in dependency order found with modinfo), and the binaries from build.sh.
+#
+# Knobs:
+#   VFIO_MIG_GUEST_MDEVS=4           number of mtty mdevs the guest creates
+#   VFIO_MIG_GUEST_MDEV_TYPE=mtty-2  their type (mtty-1: one port, mtty-2: two ports)
+#   VFIO_MIG_GUEST_TEST_ARGS=...     extra arguments of the guest test binary (e.g. a name filter)
+#   VFIO_MIG_GUEST_RUST_LOG=...      RUST_LOG inside the guest
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# What the guest loads; dependencies (modinfo depends, softdep pre/post) are added around them.
+WANTED_MODULES=(vfio vfio_iommu_type1 mdev mtty)
+
+declare -A MOD_PATH=()   # module name (underscores) -> .ko or .ko.xz file
+declare -A MOD_STATE=()  # name -> visiting|done
+ORDER=()
+
+index_modules() {
+    local moddir=$1 f name
+    while IFS= read -r -d '' f; do
+        name=${f##*/}
+        name=${name%%.ko*}
+        MOD_PATH[${name//-/_}]=$f
+    done < <(find "$moddir" -name '*.ko*' -print0)
+}
+
+# Depth-first, dependencies first: appends the load order to ORDER.
+visit() {
+    local name=${1//-/_} optional=${2:-} f dep
+    [[ ${MOD_STATE[$name]:-} == "done" ]] && return 0
+    [[ ${MOD_STATE[$name]:-} == visiting ]] && die "module dependency cycle at $name"
+    f=${MOD_PATH[$name]:-}
+    if [[ -z $f ]]; then
+        [[ -n $optional ]] && return 0
+        die "module $name not found in the kernel package (nor built)"
+    fi
+    MOD_STATE[$name]=visiting
+    for dep in $(modinfo -F depends "$f" | tr ',' ' '); do
+        visit "$dep"
+    done
+    for dep in $(modinfo -F softdep "$f" | sed -n 's/.*pre:\(.*\)/\1/p' | sed 's/post:.*//'); do
+        visit "$dep" optional
+    done
+    MOD_STATE[$name]="done"
+    ORDER+=("$name")
+    for dep in $(modinfo -F softdep "$f" | sed -n 's/.*post:\(.*\)/\1/p' | sed 's/pre:.*//'); do
+        visit "$dep" optional
+    done
+}
+
+main() {
+    local abi root rootfs out=$WORK/initramfs.cpio
+    abi=$(current_abi)
+    root=$WORK/kernel/$abi/root
+    rootfs=$WORK/initramfs-root
+    local bin=$WORK/bin
+    [[ -x $bin/vfio-mig && -x $bin/vfio-mig-guest-tests ]] || die "no binaries in $bin: run build.sh"
+    local busybox
+    busybox=$(command -v busybox || true)
+    if [[ -z $busybox ]] || readelf -l "$busybox" | grep -q INTERP; then
+        die "busybox missing or not static: install busybox-static"
+    fi
+
+    index_modules "$root/lib/modules/$abi-amd64"
+    MOD_PATH[mtty]=$WORK/kernel/$abi/mtty/mtty.ko
+    local m
+    for m in "${WANTED_MODULES[@]}"; do
+        visit "$m"
+    done
+    log "initramfs: module load order: ${ORDER[*]}"
+
+    rm -rf "$rootfs"
+    mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc/vfio-mig,lib/modules}
+    install -m 0755 "$busybox" "$rootfs/bin/busybox"
+    ln -s busybox "$rootfs/bin/sh"
+    install -m 0755 "$GUEST_DIR/init.sh" "$rootfs/init"
+    install -m 0755 "$bin/vfio-mig" "$rootfs/bin/vfio-mig"
+    install -m 0755 "$bin/vfio-mig-guest-tests" "$rootfs/bin/vfio-mig-guest-tests"
+    for m in "${ORDER[@]}"; do
+        case ${MOD_PATH[$m]} in
+            *.ko.xz) xz -dc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
+            *.ko.zst) zstd -qdc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
+            *.ko.gz) gzip -dc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
+            *.ko) cp "${MOD_PATH[$m]}" "$rootfs/lib/modules/$m.ko" ;;
+            *) die "unknown module file ${MOD_PATH[$m]}" ;;
+        esac
+    done
+    # The kernel opens /dev/console for init before /init can mount devtmpfs.
+    mknod -m 0600 "$rootfs/dev/console" c 5 1 2>/dev/null || true
+    {
+        printf 'MODULES=%q\n' "${ORDER[*]}"
+        printf 'MDEV_TYPE=%q\n' "${VFIO_MIG_GUEST_MDEV_TYPE:-mtty-2}"
+        printf 'MDEV_COUNT=%q\n' "${VFIO_MIG_GUEST_MDEVS:-4}"
+        printf 'TEST_ARGS=%q\n' "${VFIO_MIG_GUEST_TEST_ARGS:-}"
+        printf 'GUEST_RUST_LOG=%q\n' "${VFIO_MIG_GUEST_RUST_LOG:-}"
+    } >"$rootfs/etc/vfio-mig/config"
+
+    (cd "$rootfs" && find . -print0 | LC_ALL=C sort -z |
+        cpio --null --create --format=newc --owner=0:0 --quiet) >"$out.tmp"
+    mv "$out.tmp" "$out"
+    cp "$root/boot/vmlinuz-$abi-amd64" "$WORK/vmlinuz"
+    log "initramfs: $out ($(du -h "$out" | cut -f1)), kernel $WORK/vmlinuz"
+}
+
+main "$@"

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Prepares the guest kernel under $WORK/kernel/<abi>/:
+#   - picks the newest Linux 6.12 ABI (bookworm-security) for which linux-image-<abi>-amd64-unsigned,
+#     linux-headers-<abi>-amd64, linux-headers-<abi>-common, linux-kbuild-<abi> and linux-source-6.12
+#     of the same version all exist;
+#   - apt-get downloads them and dpkg-deb -x them into $WORK/kernel/<abi>/root (nothing is installed);
+#   - points the headers' Makefile at the scratch copy of the -common tree;
+#   - builds the kernel's sample mdev driver samples/vfio-mdev/mtty.c out of tree (obj-m := mtty.o).
+# Writes the chosen ABI to $WORK/kernel/current. Cached: a prepared ABI is reused without apt.
+#
+# Knobs:
+#   VFIO_MIG_GUEST_KERNEL_ABI=6.12.117+deb12   use this ABI instead of the newest one
+#   VFIO_MIG_GUEST_KERNEL_REFRESH=1           ask apt again for the newest ABI even if one is cached
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+APT_DL_OPTS=(-q -o APT::Sandbox::User=root)
+
+candidate_version() {
+    apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2; exit }'
+}
+
+# Prints "<abi> <version>" of the newest complete 6.12 kernel, or fails.
+resolve_abi() {
+    local abis abi ver p
+    if [[ -n ${VFIO_MIG_GUEST_KERNEL_ABI:-} ]]; then
+        abis=$VFIO_MIG_GUEST_KERNEL_ABI
+    else
+        abis=$(apt-cache pkgnames linux-image-6.12. 2>/dev/null |
+            sed -n 's/^linux-image-\(6\.12\.[0-9][^-]*\)-amd64-unsigned$/\1/p' | sort -V -r)
+    fi
+    for abi in $abis; do
+        ver=$(candidate_version "linux-image-$abi-amd64-unsigned")
+        [[ -n $ver ]] || continue
+        for p in "linux-headers-$abi-amd64" "linux-headers-$abi-common" "linux-kbuild-$abi"; do
+            [[ $(candidate_version "$p") == "$ver" ]] || continue 2
+        done
+        apt-cache madison linux-source-6.12 | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' |
+            grep -Fxq "$ver" || continue
+        echo "$abi $ver"
+        return 0
+    done
+    return 1
+}
+
+prepare_kernel() {
+    local abi=$1 ver=$2 dir=$WORK/kernel/$1
+    local root=$dir/root debs=$WORK/debs
+    if [[ -f $dir/.extracted ]]; then
+        return 0
+    fi
+    mkdir -p "$debs"
+    local pkgs=("linux-image-$abi-amd64-unsigned" "linux-headers-$abi-amd64"
+        "linux-headers-$abi-common" "linux-kbuild-$abi")
+    local p need=()
+    for p in "${pkgs[@]}"; do
+        compgen -G "$debs/${p}_*.deb" >/dev/null || need+=("$p=$ver")
+    done
+    if ((${#need[@]})); then
+        log "downloading ${need[*]}"
+        (cd "$debs" && apt-get download "${APT_DL_OPTS[@]}" "${need[@]}")
+    fi
+    rm -rf "$root"
+    mkdir -p "$root"
+    for p in "${pkgs[@]}"; do
+        local deb
+        deb=$(compgen -G "$debs/${p}_*.deb" | head -n1)
+        log "extracting $(basename "$deb")"
+        dpkg-deb -x "$deb" "$root"
+    done
+
+    # The headers' Makefile includes the -common tree by absolute path under /usr/src.
+    local hdr=$root/usr/src/linux-headers-$abi-amd64
+    [[ -f $hdr/Makefile ]] || die "no $hdr/Makefile in linux-headers-$abi-amd64"
+    sed -i "s#/usr/src/linux-headers-$abi-common#$root/usr/src/linux-headers-$abi-common#g" "$hdr/Makefile"
+    grep -q "$root/usr/src/linux-headers-$abi-common" "$hdr/Makefile" ||
+        die "could not redirect the -common include in $hdr/Makefile; its content: $(cat "$hdr/Makefile")"
+    touch "$dir/.extracted"
+    # Downloads are quick; the extracted tree is the cache.
+    for p in "${pkgs[@]}"; do
+        rm -f "$debs/${p}"_*.deb
+    done
+}
+
+fetch_mtty_source() {
+    local abi=$1 ver=$2 dir=$WORK/kernel/$1/mtty
+    [[ -s $dir/mtty.c ]] && return 0
+    mkdir -p "$dir" "$WORK/debs"
+    local deb
+    deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1 || true)
+    if [[ -z $deb ]]; then
+        log "downloading linux-source-6.12=$ver (~150 MB, only mtty.c is kept)"
+        (cd "$WORK/debs" && apt-get download "${APT_DL_OPTS[@]}" "linux-source-6.12=$ver")
+        deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1)
+    fi
+    log "extracting samples/vfio-mdev/mtty.c from $(basename "$deb")"
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/src/linux-source-6.12.tar.xz |
+        xz -dc | tar -xO --wildcards '*/samples/vfio-mdev/mtty.c' >"$dir/mtty.c.tmp"
+    [[ -s $dir/mtty.c.tmp ]] || die "samples/vfio-mdev/mtty.c not found in $deb"
+    mv "$dir/mtty.c.tmp" "$dir/mtty.c"
+    # The 150 MB source package is no longer needed once mtty.c is out.
+    rm -f "$deb"
+}
+
+build_mtty() {
+    local abi=$1 dir=$WORK/kernel/$1/mtty
+    local hdr=$WORK/kernel/$abi/root/usr/src/linux-headers-$abi-amd64
+    if [[ -f $dir/mtty.ko && $dir/mtty.ko -nt $dir/mtty.c ]]; then
+        return 0
+    fi
+    echo 'obj-m := mtty.o' >"$dir/Kbuild"
+    log "building mtty.ko against linux-headers-$abi-amd64"
+    make -s -C "$hdr" M="$dir" modules >"$dir/build.log" 2>&1 || {
+        cat "$dir/build.log" >&2
+        die "building mtty.ko failed (log: $dir/build.log)"
+    }
+    [[ -f $dir/mtty.ko ]] || die "mtty.ko not produced (log: $dir/build.log)"
+}
+
+main() {
+    local abi ver
+    if [[ -s $WORK/kernel/current && ${VFIO_MIG_GUEST_KERNEL_REFRESH:-0} != 1 &&
+        (-z ${VFIO_MIG_GUEST_KERNEL_ABI:-} || $(cat "$WORK/kernel/current") == "${VFIO_MIG_GUEST_KERNEL_ABI:-}") ]]; then
+        abi=$(cat "$WORK/kernel/current")
+        if [[ -f $WORK/kernel/$abi/.extracted && -f $WORK/kernel/$abi/mtty/mtty.ko ]]; then
+            log "kernel: cached $abi"
+            return 0
+        fi
+    fi
+    local found
+    if ! found=$(resolve_abi); then
+        # apt-cache knows nothing before a first 'apt-get update' (or knows a stale list).
+        log "no complete linux 6.12 kernel known to apt yet: apt-get update"
+        apt-get update -q >&2
+        found=$(resolve_abi) ||
+            die "no linux 6.12 ABI with linux-image-*-amd64-unsigned, linux-headers-*-amd64, -common, linux-kbuild-* and linux-source-6.12 of one version (is bookworm-security configured?)"
+    fi
+    read -r abi ver <<<"$found"
+    log "kernel: $abi (version $ver)"
+    prepare_kernel "$abi" "$ver"
+    fetch_mtty_source "$abi" "$ver"
+    build_mtty "$abi"
+    echo "$abi" >"$WORK/kernel/current"
+    # Drop kernels of other ABIs (~200 MB each).
+    local d
+    for d in "$WORK"/kernel/*/; do
+        [[ $(basename "$d") == "$abi" ]] || rm -rf "$d"
+    done
+    log "kernel: ready ($WORK/kernel/$abi)"
+}
+
+main "$@"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Runs vfio-mig's guest tests against the kernel's mtty sample mdev in a QEMU guest.
+# Works on a bare Debian bookworm machine as root (with a Rust toolchain); idempotent; caches
+# everything under scripts/guest/.work/. Exit status 0 only when the guest printed
+# "VFIO-MIG-GUEST: PASS". See docs/guest-tests.md.
+#
+# Steps (each a script of its own, runnable alone once the earlier ones have run):
+#   packages.sh   apt: qemu-system-x86 (bookworm-backports), busybox-static, cpio, kmod, gcc, ...
+#   kernel.sh     newest Linux 6.12 of bookworm-security, extracted (not installed); builds mtty.ko
+#   build.sh      static vfio-mig binary and guest test binary (target/guest)
+#   initramfs.sh  busybox + modules + binaries + /init (init.sh)
+#   boot.sh       QEMU (TCG unless KVM really works) under timeout; judges the marker line
+#
+# Knobs (environment):
+#   VFIO_MIG_GUEST_SKIP_APT=1         no package step (manage packages yourself)
+#   VFIO_MIG_GUEST_SKIP_BUILD=1       no cargo build; reuse the binaries of the previous run
+#   VFIO_MIG_GUEST_TIMEOUT=600        seconds before QEMU is killed (the run fails)
+#   VFIO_MIG_GUEST_ACCEL=auto         auto | tcg | kvm (auto: KVM only if it provably works)
+#   VFIO_MIG_GUEST_TEST_ARGS=...      extra arguments of the test binary, e.g. a test name filter
+#   VFIO_MIG_GUEST_RUST_LOG=...       RUST_LOG inside the guest
+#   VFIO_MIG_GUEST_MDEVS=4            number of mtty mdevs created (type VFIO_MIG_GUEST_MDEV_TYPE,
+#                                     default mtty-2)
+#   VFIO_MIG_GUEST_KERNEL_ABI=...     pin a kernel ABI (e.g. 6.12.117+deb12)
+#   VFIO_MIG_GUEST_KERNEL_REFRESH=1   look for a newer kernel than the cached one
+#   VFIO_MIG_GUEST_WORK=<dir>         cache dir (default scripts/guest/.work)
+#   VFIO_MIG_GUEST_TARGET_DIR=<dir>   cargo target dir of the static build (default target/guest)
+#   VFIO_MIG_GUEST_MEM=1G, VFIO_MIG_GUEST_SMP=2, VFIO_MIG_GUEST_APPEND=...  QEMU/kernel tweaks
+# The console log of the last boot is $WORK/console.log (scripts/guest/.work/console.log).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/lib.sh"
+
+step() {
+    local name=$1 t0=$SECONDS rc=0
+    shift
+    "$HERE/$name" "$@" || rc=$?
+    log "step $name: $((SECONDS - t0))s$( ((rc == 0)) || echo " (failed, status $rc)")"
+    return "$rc"
+}
+
+# One run at a time per cache dir (they share the initramfs tree and the console log).
+exec 9>"$WORK/.lock"
+if ! flock -n 9; then
+    log "another run holds $WORK/.lock: waiting"
+    flock 9
+fi
+
+t_start=$SECONDS
+step packages.sh
+step kernel.sh
+step build.sh
+step initramfs.sh
+rc=0
+step boot.sh || rc=$?
+log "total: $((SECONDS - t_start))s"
+exit "$rc"

@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Shared helpers of the integration tests: opening mocks, moving a stream through memory, and
+//! the invariants every failed migration must keep.
+
+use std::io::Cursor;
+
+use vfio_mig::engine::{
+    load_with_rollback, save_with_rollback, session::new_header, LoadReport, NoObserver,
+    SaveOptions, SaveReport,
+};
+use vfio_mig::mock::{MockHandle, MockStatus};
+use vfio_mig::open::{open_device, OpenedDevice};
+use vfio_mig::stream::{StreamReader, StreamWriter};
+use vfio_mig::v1::V1State;
+use vfio_mig::Result;
+
+/// Opens a mock device from its spec, panicking on a bad spec (a test bug).
+pub fn mock(spec: &str) -> OpenedDevice {
+    open_device(spec).unwrap_or_else(|e| panic!("open {spec}: {e}"))
+}
+
+/// The mock handle of an opened mock.
+pub fn handle(dev: &OpenedDevice) -> MockHandle {
+    dev.mock.clone().expect("a mock device")
+}
+
+/// Saves `dev` into an in-memory stream.
+pub fn save_to_vec(dev: &mut OpenedDevice, opts: &SaveOptions) -> Result<(Vec<u8>, SaveReport)> {
+    let header = new_header(&[dev.device.as_ref()], opts.live, 1)?;
+    let mut out = StreamWriter::new(Vec::new(), &header)?;
+    let report = save_with_rollback(dev.device.as_mut(), &mut out, 0, opts, &NoObserver)?;
+    let (bytes, _totals) = out.finish()?;
+    Ok((bytes, report))
+}
+
+/// Loads an in-memory stream into `dev`.
+pub fn load_from_slice(dev: &mut OpenedDevice, bytes: &[u8]) -> Result<LoadReport> {
+    let (mut reader, _header) = StreamReader::open(Cursor::new(bytes))?;
+    load_with_rollback(dev.device.as_mut(), &mut reader, 0, &NoObserver)
+}
+
+/// A source after a failed migration: running again (by the cancel arc or a reset), not
+/// stuck saving or stopped.
+pub fn assert_source_running(status: &MockStatus, context: &str) {
+    assert_eq!(
+        status.v1_state(),
+        V1State::Running,
+        "{context}: source must be RUNNING after a failure, status {status:?}"
+    );
+}
+
+/// A destination after a failed migration: never running with loaded (partial or wrong)
+/// state. It either was never touched or was reset, and runs its own reset state.
+pub fn assert_destination_safe(status: &MockStatus, context: &str) {
+    assert!(
+        !status.resumed_ok,
+        "{context}: destination must not run with loaded state, status {status:?}"
+    );
+    assert!(
+        matches!(status.v1_state(), V1State::Running | V1State::Stop),
+        "{context}: destination must be left reset (RUNNING), status {status:?}"
+    );
+    if status.bytes_loaded > 0 || status.transactions_loaded > 0 {
+        assert!(
+            status.resets > 0,
+            "{context}: a destination that received data must be reset, status {status:?}"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Guest-only integration tests: they run inside the QEMU guest that `scripts/guest/run.sh`
+//! boots, against real mtty mdevs (the kernel's sample mediated device, samples/vfio-mdev/mtty.c).
+//!
+//! This target has `test = false` in tests/Cargo.toml, so a host `cargo test` never runs it;
+//! `cargo test --test guest --no-run` builds it. Run on the host by hand, every test FAILS on
+//! purpose: the guest's `/init` provides the environment below, nothing else does.
+//!
+//! Environment set by the guest's `/init` (scripts/guest/init.sh):
+//! - `VFIO_MIG_MTTY_DEVICES`: space-separated sysfs paths `/sys/bus/mdev/devices/<uuid>` of
+//!   the mtty mdevs (four of type `mtty-2` by default), each in an IOMMU group of its own.
+//! - `VFIO_MIG_BIN`: path of the static `vfio-mig` command (`/bin/vfio-mig`).
+//!
+//! Tests run one at a time (`--test-threads=1`), so a test may use any device, but must close
+//! what it opens (a VFIO group can be open only once at a time).
+
+use std::os::fd::AsRawFd;
+
+use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
+
+/// Reusable helpers for guest tests on mtty devices.
+#[allow(dead_code)] // Not every helper is used by every test yet.
+pub mod mtty {
+    use std::fs;
+    use std::io;
+    use std::mem;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use vfio_bindings::bindings::vfio::{
+        vfio_device_feature, vfio_device_feature_migration, VFIO_BASE, VFIO_DEVICE_FEATURE_GET,
+        VFIO_DEVICE_FEATURE_MIGRATION, VFIO_TYPE,
+    };
+    use vfio_ioctls::{VfioContainer, VfioDevice};
+
+    /// Environment variable listing the mtty mdevs' sysfs paths.
+    pub const DEVICES_ENV: &str = "VFIO_MIG_MTTY_DEVICES";
+    /// Environment variable naming the `vfio-mig` command inside the guest.
+    pub const BIN_ENV: &str = "VFIO_MIG_BIN";
+    /// mdev type the guest creates.
+    pub const MTTY_TYPE: &str = "mtty-2";
+
+    /// Region index of port 0 (BAR0); port 1 is region 1 (BAR1) on `mtty-2`.
+    pub const PORT0_REGION: u32 = 0;
+    /// Region index of port 1 (BAR1).
+    pub const PORT1_REGION: u32 = 1;
+    /// 16550 register offsets within a port's region.
+    pub const UART_RX: u64 = 0;
+    /// Transmit holding register (same offset as RX): bytes written land in the port's FIFO.
+    pub const UART_TX: u64 = 0;
+    /// Line status register.
+    pub const UART_LSR: u64 = 5;
+    /// Scratch register.
+    pub const UART_SCR: u64 = 7;
+    /// LSR bit: the receive FIFO holds data.
+    pub const LSR_DATA_READY: u8 = 0x01;
+    /// mtty's receive FIFO depth.
+    pub const FIFO_SIZE: usize = 16;
+
+    /// `VFIO_DEVICE_FEATURE` = `_IO(VFIO_TYPE, VFIO_BASE + 17)`.
+    pub const VFIO_DEVICE_FEATURE: libc::c_ulong =
+        ((VFIO_TYPE as libc::c_ulong) << 8) | (VFIO_BASE as libc::c_ulong + 17);
+
+    /// The sysfs paths of the guest's mtty mdevs, from `VFIO_MIG_MTTY_DEVICES`.
+    ///
+    /// Panics when the variable is absent or empty: outside the guest these tests must fail,
+    /// never pass vacuously.
+    pub fn mtty_devices() -> Vec<PathBuf> {
+        let value = std::env::var(DEVICES_ENV).unwrap_or_default();
+        let devices: Vec<PathBuf> = value.split_whitespace().map(PathBuf::from).collect();
+        assert!(
+            !devices.is_empty(),
+            "{DEVICES_ENV} is not set: the guest tests run only inside the QEMU guest of \
+             scripts/guest/run.sh (see docs/guest-tests.md)"
+        );
+        devices
+    }
+
+    /// The `vfio-mig` command to run, from `VFIO_MIG_BIN`. Panics when absent.
+    pub fn vfio_mig_bin() -> PathBuf {
+        let bin = std::env::var_os(BIN_ENV).unwrap_or_else(|| {
+            panic!("{BIN_ENV} is not set: the guest tests run only inside the QEMU guest")
+        });
+        PathBuf::from(bin)
+    }
+
+    /// The device's name (its UUID), as `VFIO_GROUP_GET_DEVICE_FD` wants it.
+    pub fn device_name(dev: &Path) -> String {
+        dev.file_name()
+            .unwrap_or_else(|| panic!("{} has no file name", dev.display()))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The number of the device's IOMMU group (basename of its `iommu_group` link).
+    pub fn iommu_group(dev: &Path) -> io::Result<u32> {
+        let link = fs::read_link(dev.join("iommu_group"))?;
+        let name = link.file_name().unwrap_or_default().to_string_lossy();
+        name.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: iommu_group link {} is not a number",
+                    dev.display(),
+                    link.display()
+                ),
+            )
+        })
+    }
+
+    /// The device's mdev type name (basename of its `mdev_type` link), e.g. `mtty-2`.
+    pub fn mdev_type(dev: &Path) -> io::Result<String> {
+        let link = fs::read_link(dev.join("mdev_type"))?;
+        Ok(link
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// An mtty device opened through a VFIO container of its own (TYPE1v2 IOMMU).
+    pub struct MttyDevice {
+        /// The sysfs path it was opened from.
+        pub path: PathBuf,
+        /// The VFIO device; it keeps its group and container alive, and closes them on drop.
+        pub device: VfioDevice,
+    }
+
+    impl MttyDevice {
+        /// Opens /dev/vfio/vfio, the device's group, attaches the group to the container
+        /// (VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU TYPE1v2) and gets the device fd
+        /// (VFIO_GROUP_GET_DEVICE_FD).
+        pub fn open(path: &Path) -> Result<Self, vfio_ioctls::VfioError> {
+            let container = Arc::new(VfioContainer::new(None)?);
+            let device = VfioDevice::new(path, container, false)?;
+            Ok(MttyDevice {
+                path: path.to_path_buf(),
+                device,
+            })
+        }
+
+        /// Like [`MttyDevice::open`], panicking with the device path on error.
+        pub fn open_or_panic(path: &Path) -> Self {
+            Self::open(path)
+                .unwrap_or_else(|e| panic!("opening {} via VFIO: {e:?}", path.display()))
+        }
+
+        /// The device file descriptor.
+        pub fn fd(&self) -> RawFd {
+            self.device.as_raw_fd()
+        }
+
+        /// Reads `buf.len()` bytes of region `index` at `offset` (pread on the device fd).
+        pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let pos = self.region_pos(index, offset, buf.len())?;
+            // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes for the whole call
+            // and the fd is owned by `self.device`, which outlives the call.
+            let n = unsafe { libc::pread(self.fd(), buf.as_mut_ptr().cast(), buf.len(), pos) };
+            check_len(n, buf.len(), "pread")
+        }
+
+        /// Writes `buf` into region `index` at `offset` (pwrite on the device fd).
+        pub fn region_write(&self, index: u32, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let pos = self.region_pos(index, offset, buf.len())?;
+            // SAFETY: `buf` is a valid, readable buffer of `buf.len()` bytes for the whole call
+            // and the fd is owned by `self.device`, which outlives the call.
+            let n = unsafe { libc::pwrite(self.fd(), buf.as_ptr().cast(), buf.len(), pos) };
+            check_len(n, buf.len(), "pwrite")
+        }
+
+        /// Reads one UART register of a port (`region` 0 or 1).
+        pub fn read_reg(&self, region: u32, reg: u64) -> io::Result<u8> {
+            let mut b = [0u8];
+            self.region_read(region, reg, &mut b)?;
+            Ok(b[0])
+        }
+
+        /// Writes one UART register of a port (`region` 0 or 1).
+        pub fn write_reg(&self, region: u32, reg: u64, value: u8) -> io::Result<()> {
+            self.region_write(region, reg, &[value])
+        }
+
+        /// Empties the port's receive FIFO; returns the bytes it held.
+        pub fn drain_rx(&self, region: u32) -> io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            while self.read_reg(region, UART_LSR)? & LSR_DATA_READY != 0 {
+                out.push(self.read_reg(region, UART_RX)?);
+                if out.len() > 4 * FIFO_SIZE {
+                    return Err(io::Error::other("receive FIFO never empties"));
+                }
+            }
+            Ok(out)
+        }
+
+        /// VFIO_DEVICE_FEATURE with GET | MIGRATION: the device's migration flags
+        /// (VFIO_MIGRATION_STOP_COPY | P2P | PRE_COPY ...).
+        pub fn migration_flags(&self) -> io::Result<u64> {
+            #[repr(C)]
+            struct Feature {
+                hdr: vfio_device_feature,
+                mig: vfio_device_feature_migration,
+            }
+            // The payload must follow the 8-byte header directly.
+            const _: () =
+                assert!(mem::offset_of!(Feature, mig) == mem::size_of::<vfio_device_feature>());
+            let mut arg = Feature {
+                hdr: vfio_device_feature {
+                    argsz: mem::size_of::<Feature>() as u32,
+                    flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION,
+                    ..Default::default()
+                },
+                mig: vfio_device_feature_migration { flags: 0 },
+            };
+            // SAFETY: `arg` is a properly laid out vfio_device_feature header followed by its
+            // vfio_device_feature_migration payload; argsz covers exactly both, and the kernel
+            // writes at most argsz bytes. The fd is owned by `self.device`.
+            let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_FEATURE as _, &mut arg) };
+            if ret < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(arg.mig.flags)
+        }
+
+        fn region_pos(&self, index: u32, offset: u64, len: usize) -> io::Result<libc::off_t> {
+            let size = self.device.get_region_size(index);
+            let in_range = matches!(offset.checked_add(len as u64), Some(end) if end <= size);
+            if !in_range {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("region {index}: {len} bytes at {offset} exceed its size {size}"),
+                ));
+            }
+            let pos = self.device.get_region_offset(index) + offset;
+            libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region offset too large"))
+        }
+    }
+
+    fn check_len(n: isize, want: usize, what: &str) -> io::Result<()> {
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != want {
+            return Err(io::Error::other(format!(
+                "short {what}: {n} of {want} bytes"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn four_mtty2_devices_with_their_own_vfio_groups() {
+    let devices = mtty_devices();
+    assert!(
+        devices.len() >= 4,
+        "need at least 4 mtty devices, got {devices:?}"
+    );
+    let mut groups = Vec::new();
+    for dev in &devices {
+        assert!(dev.is_dir(), "{} does not exist", dev.display());
+        let ty =
+            mtty::mdev_type(dev).unwrap_or_else(|e| panic!("{}: mdev_type: {e}", dev.display()));
+        assert_eq!(ty, mtty::MTTY_TYPE, "{}", dev.display());
+        let api = std::fs::read_to_string(dev.join("mdev_type/device_api")).unwrap();
+        assert_eq!(api.trim(), "vfio-pci", "{}", dev.display());
+        let group = mtty::iommu_group(dev).unwrap_or_else(|e| panic!("{}: {e}", dev.display()));
+        let node = std::path::PathBuf::from(format!("/dev/vfio/{group}"));
+        assert!(
+            node.exists(),
+            "{} missing for {}",
+            node.display(),
+            dev.display()
+        );
+        groups.push(group);
+    }
+    let mut unique = groups.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        groups.len(),
+        "devices share IOMMU groups: {groups:?}"
+    );
+    assert!(
+        std::path::Path::new("/dev/vfio/vfio").exists(),
+        "/dev/vfio/vfio missing"
+    );
+}
+
+#[test]
+fn vfio_mig_binary_is_present() {
+    let bin = mtty::vfio_mig_bin();
+    let meta = std::fs::metadata(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    assert!(meta.is_file(), "{} is not a file", bin.display());
+}
+
+#[test]
+fn mtty_reports_migration_v2_flags() {
+    for dev in mtty_devices() {
+        let d = MttyDevice::open_or_panic(&dev);
+        assert!(d.fd() >= 0 && d.device.as_raw_fd() == d.fd());
+        let flags = d.migration_flags().unwrap_or_else(|e| {
+            panic!("{}: VFIO_DEVICE_FEATURE GET|MIGRATION: {e}", dev.display())
+        });
+        assert_eq!(
+            flags,
+            0x7,
+            "{}: STOP_COPY | P2P | PRE_COPY expected",
+            dev.display()
+        );
+    }
+}
+
+#[test]
+fn bar_registers_read_back() {
+    let dev = &mtty_devices()[0];
+    let d = MttyDevice::open_or_panic(dev);
+    for region in [mtty::PORT0_REGION, mtty::PORT1_REGION] {
+        d.drain_rx(region).unwrap();
+        let scratch = 0x5a ^ region as u8;
+        d.write_reg(region, UART_SCR, scratch).unwrap();
+        assert_eq!(
+            d.read_reg(region, UART_SCR).unwrap(),
+            scratch,
+            "scratch of port {region}"
+        );
+
+        let bytes = [b'v', b'f', b'i', b'o', region as u8];
+        for b in bytes {
+            d.write_reg(region, UART_TX, b).unwrap();
+        }
+        assert_ne!(d.read_reg(region, UART_LSR).unwrap() & LSR_DATA_READY, 0);
+        assert_eq!(d.drain_rx(region).unwrap(), bytes, "FIFO of port {region}");
+    }
+    // Out of range accesses are refused by the helper, not sent to the kernel.
+    assert!(d.region_read(0, 8, &mut [0u8]).is_err());
+}

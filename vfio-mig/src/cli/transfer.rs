@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `save`, `load`, `migrate` and `inspect`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{HumanBytes, MultiProgress};
+
+use crate::engine::session::new_header;
+use crate::engine::{load_with_rollback, migrate_local, save_with_rollback, SaveReport};
+use crate::error::{Error, Result};
+use crate::open::open_device;
+use crate::stream::{StreamReader, StreamWriter};
+
+use super::progress::ProgressView;
+use super::TransferArgs;
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Usage(format!("encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn save_summary(r: &SaveReport) -> String {
+    let precopy = match r.switch_reason {
+        Some(reason) => format!(
+            "pre-copy {} in {} rounds ({reason:?}), ",
+            HumanBytes(r.pre_copy_bytes),
+            r.rounds
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks",
+        HumanBytes(r.stop_copy_bytes),
+        r.stop_copy_time.as_secs_f64() * 1e3,
+        r.chunks
+    )
+}
+
+/// The partial file a save writes before renaming it into place, so a failed save never
+/// replaces a good file.
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    output.with_file_name(name)
+}
+
+/// Runs `save`.
+pub fn save(device: &str, output: &Path, args: &TransferArgs) -> Result<()> {
+    let mut opened = open_device(device)?;
+    let opts = args.save_options();
+    let header = new_header(&[opened.device.as_ref()], opts.live, 1)?;
+    let partial = partial_path(output);
+    let file = File::create(&partial)
+        .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
+    let view = ProgressView::new("save", None, args.json);
+    let started = Instant::now();
+    let result = (|| {
+        let mut out = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), &header)?;
+        let report = save_with_rollback(opened.device.as_mut(), &mut out, 0, &opts, &view)?;
+        let (writer, _totals) = out.finish()?;
+        let file = writer.into_inner().map_err(|e| {
+            Error::transport(format!("write {}", partial.display()), e.into_error())
+        })?;
+        file.sync_all()
+            .map_err(|e| Error::transport(format!("sync {}", partial.display()), e))?;
+        Ok(report)
+    })();
+    view.finish();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, output)
+        .map_err(|e| Error::transport(format!("rename to {}", output.display()), e))?;
+    if args.json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "saved {device} to {} in {:.2} s: {}",
+        output.display(),
+        started.elapsed().as_secs_f64(),
+        save_summary(&report)
+    );
+    Ok(())
+}
+
+/// Runs `load`.
+pub fn load(device: &str, input: &Path, json: bool) -> Result<()> {
+    let file =
+        File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
+    let (mut reader, _header) = StreamReader::open(BufReader::with_capacity(1 << 20, file))?;
+    let mut opened = open_device(device)?;
+    let view = ProgressView::new("load", None, json);
+    let started = Instant::now();
+    let result = load_with_rollback(opened.device.as_mut(), &mut reader, 0, &view);
+    view.finish();
+    let report = result?;
+    if json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "loaded {} into {device} in {:.2} s: {} in {} chunks; device running",
+        input.display(),
+        started.elapsed().as_secs_f64(),
+        HumanBytes(report.pre_copy_bytes + report.stop_copy_bytes),
+        report.chunks
+    );
+    Ok(())
+}
+
+/// Runs `migrate`.
+pub fn migrate(source: &str, destination: &str, args: &TransferArgs) -> Result<()> {
+    let mut src = open_device(source)?;
+    let mut dst = open_device(destination)?;
+    let opts = args.save_options();
+    let multi = MultiProgress::new();
+    let src_view = ProgressView::new("save", Some(&multi), args.json);
+    let dst_view = ProgressView::new("load", Some(&multi), true);
+    let started = Instant::now();
+    let result = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts,
+        &src_view,
+        &dst_view,
+    );
+    src_view.finish();
+    dst_view.finish();
+    let report = result?;
+    if args.json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "migrated {source} -> {destination} in {:.2} s: {}; destination running",
+        started.elapsed().as_secs_f64(),
+        save_summary(&report.save)
+    );
+    Ok(())
+}
+
+/// Runs `inspect`.
+pub fn inspect(file: &Path, json: bool) -> Result<()> {
+    let f =
+        File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
+    let summary = crate::stream::verify(BufReader::with_capacity(1 << 20, f))?;
+    if json {
+        return print_json(&summary);
+    }
+    println!("{summary}");
+    Ok(())
+}

@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The migration engine: phases, pre-copy policy and rollback over any [`MigrationDevice`].
+//!
+//! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
+//! source, [`load_with_rollback`] on the destination, [`migrate_local`] for both on one host.
+
+mod device;
+pub mod events;
+pub mod load;
+pub mod migrate;
+pub mod policy;
+pub mod save;
+pub mod session;
+
+pub use device::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+pub use events::{Event, NoObserver, Observer};
+pub use load::{check_compatible, load_device, load_with_rollback, LoadReport};
+pub use migrate::{migrate_local, MigrateReport};
+pub use policy::{PreCopyPolicy, SwitchReason};
+pub use save::{save_device, save_with_rollback, SaveOptions, SaveReport, DEFAULT_BUFFER};

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The source side: pre-copy rounds, stop-and-copy, and rollback on failure.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::stream::{Phase, StreamWriter};
+
+use super::events::{Event, Observer};
+use super::policy::{PreCopyPolicy, SwitchReason};
+use super::{MigrationDevice, ReadOutcome};
+
+/// Default size of the engine's transfer buffer (and of the stream's largest fragment).
+pub const DEFAULT_BUFFER: usize = 1 << 20;
+
+/// How to save a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// Pre-copy while the device runs before stopping it.
+    pub live: bool,
+    /// When to leave pre-copy.
+    pub policy: PreCopyPolicy,
+    /// Transfer buffer size.
+    pub buffer: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            live: false,
+            policy: PreCopyPolicy::default(),
+            buffer: DEFAULT_BUFFER,
+        }
+    }
+}
+
+/// What a save did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SaveReport {
+    /// Pre-copy rounds run.
+    pub rounds: u32,
+    /// Why pre-copy ended, if it ran.
+    pub switch_reason: Option<SwitchReason>,
+    /// Bytes sent in pre-copy.
+    pub pre_copy_bytes: u64,
+    /// Bytes sent in stop-and-copy.
+    pub stop_copy_bytes: u64,
+    /// Device chunks sent.
+    pub chunks: u64,
+    /// Wall time from entering stop-and-copy to the device being stopped with everything
+    /// sent: the device's share of the downtime.
+    #[serde(with = "micros")]
+    pub stop_copy_time: Duration,
+}
+
+mod micros {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_micros() as u64)
+    }
+}
+
+/// Moves one phase's data from the device into the stream. Returns (bytes, chunks, ended):
+/// `ended` is true when the device reported the end of the phase, false when `budget` bytes
+/// were sent first (the loop only stops at a chunk boundary).
+struct Pump<'a, W: Write> {
+    dev: &'a mut dyn MigrationDevice,
+    out: &'a mut StreamWriter<W>,
+    index: u16,
+    buf: Vec<u8>,
+    obs: &'a dyn Observer,
+}
+
+impl<W: Write> Pump<'_, W> {
+    fn run(&mut self, phase: Phase, budget: Option<u64>, base: u64) -> Result<(u64, u64, bool)> {
+        let mut bytes = 0u64;
+        let mut chunks = 0u64;
+        let mut since_event = 0u64;
+        loop {
+            match self.dev.read(&mut self.buf)? {
+                ReadOutcome::PhaseEnd => return Ok((bytes, chunks, true)),
+                ReadOutcome::Data { len, chunk_end } => {
+                    self.out
+                        .data(self.index, phase, &self.buf[..len], chunk_end)?;
+                    bytes += len as u64;
+                    since_event += len as u64;
+                    if chunk_end {
+                        chunks += 1;
+                    }
+                    if since_event >= (4 << 20) || chunk_end && since_event >= (1 << 20) {
+                        since_event = 0;
+                        self.obs.on_event(&Event::Progress {
+                            device: self.index,
+                            phase,
+                            bytes: base + bytes,
+                        });
+                    }
+                    if chunk_end && budget.is_some_and(|b| bytes >= b) {
+                        return Ok((bytes, chunks, false));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Saves device `index` of the stream: pre-copy rounds when `opts.live`, then stop-and-copy,
+/// leaving the device stopped. The caller handles rollback (see [`save_with_rollback`]).
+pub fn save_device<W: Write>(
+    dev: &mut dyn MigrationDevice,
+    out: &mut StreamWriter<W>,
+    index: u16,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+) -> Result<SaveReport> {
+    let mut report = SaveReport::default();
+    let mut pump = Pump {
+        dev,
+        out,
+        index,
+        buf: vec![0u8; opts.buffer.max(4096)],
+        obs,
+    };
+    if opts.live {
+        if !pump.dev.capabilities().pre_copy {
+            return Err(Error::Unsupported(format!(
+                "{}: the device does not support pre-copy (--live)",
+                pump.dev.identity().instance
+            )));
+        }
+        pump.dev.start_pre_copy()?;
+        let started = Instant::now();
+        let first = pump.dev.pending()?.bytes;
+        obs.on_event(&Event::PhaseStarted {
+            device: index,
+            phase: Phase::PreCopy,
+            pending: Some(first),
+        });
+        let mut pending = first;
+        let mut round = 0u32;
+        let mut chunks = 0u64;
+        loop {
+            if let Some(reason) = opts
+                .policy
+                .should_switch(round + 1, pending, started.elapsed())
+            {
+                // Pre-copy data was all read at least once: a device that reports nothing
+                // pending at round 1 has no pre-copy data at all, which is fine too.
+                report.switch_reason = Some(reason);
+                break;
+            }
+            round += 1;
+            let (bytes, c, _ended) =
+                pump.run(Phase::PreCopy, Some(pending), report.pre_copy_bytes)?;
+            report.pre_copy_bytes += bytes;
+            chunks += c;
+            pending = pump.dev.pending()?.bytes;
+            obs.on_event(&Event::RoundDone {
+                device: index,
+                round,
+                bytes,
+                pending,
+            });
+        }
+        report.rounds = round;
+        report.chunks += chunks;
+        pump.out.end_phase(index, Phase::PreCopy)?;
+        obs.on_event(&Event::PhaseEnded {
+            device: index,
+            phase: Phase::PreCopy,
+            bytes: report.pre_copy_bytes,
+            chunks,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    let started = Instant::now();
+    pump.dev.start_stop_copy()?;
+    obs.on_event(&Event::PhaseStarted {
+        device: index,
+        phase: Phase::StopCopy,
+        pending: None,
+    });
+    let (bytes, chunks, _) = pump.run(Phase::StopCopy, None, 0)?;
+    report.stop_copy_bytes = bytes;
+    report.chunks += chunks;
+    pump.out.end_phase(index, Phase::StopCopy)?;
+    pump.dev.finish_save()?;
+    report.stop_copy_time = started.elapsed();
+    obs.on_event(&Event::PhaseEnded {
+        device: index,
+        phase: Phase::StopCopy,
+        bytes,
+        chunks,
+        elapsed: report.stop_copy_time,
+    });
+    Ok(report)
+}
+
+/// [`save_device`], and on failure the source is returned to RUNNING (recovery state, reset
+/// if that fails); the error then says what became of the device.
+pub fn save_with_rollback<W: Write>(
+    dev: &mut dyn MigrationDevice,
+    out: &mut StreamWriter<W>,
+    index: u16,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+) -> Result<SaveReport> {
+    save_device(dev, out, index, opts, obs).map_err(|e| rollback_source(dev, index, e, obs))
+}
+
+/// Returns a source to RUNNING after `error` and folds the outcome into the error.
+pub fn rollback_source(
+    dev: &mut dyn MigrationDevice,
+    index: u16,
+    error: Error,
+    obs: &dyn Observer,
+) -> Error {
+    let recovery = dev.recover();
+    obs.on_event(&Event::RolledBack {
+        device: index,
+        recovery: recovery.to_string(),
+    });
+    Error::RolledBack {
+        source: Box::new(error),
+        device: dev.identity().instance,
+        recovery,
+    }
+}

@@ -1,0 +1,346 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The fault plan: which access of which field fails, and how.
+//!
+//! A rule `FIELD@N[:ERRNO|:error]` makes the N-th access (1-based, counted since the mock was
+//! created; a reset does not restart the count) of FIELD fail with ERRNO (default `EIO`). With
+//! `:error` the access fails with `EIO` and the device also drops into the v1 ERROR state
+//! (110b), as a vendor driver does when its hardware stops answering.
+//!
+//! The plan only counts and answers; the device decides what an "access of a field" is and
+//! what entering ERROR means. The v1 mock counts an access once it is well-formed enough to
+//! name its field (a migration-info access whole at the field's offset, or a data-section
+//! access inside the section; a wrong width or offset is refused before counting), and checks
+//! the plan before any of its protocol rules, so a faulted access has no other effect (a
+//! faulted `pending_bytes` read does not consume the staged transaction).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A field (or operation) of the mock device whose accesses are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultField {
+    /// A read of `device_state`.
+    StateRead,
+    /// A write of `device_state`.
+    StateWrite,
+    /// An access of `pending_bytes`.
+    Pending,
+    /// An access of `data_offset`.
+    DataOffset,
+    /// A read of `data_size`.
+    DataSizeRead,
+    /// A write of `data_size`.
+    DataSizeWrite,
+    /// A read of the data section (trapped; mmapped accesses are not seen by the device).
+    DataRead,
+    /// A write of the data section (trapped).
+    DataWrite,
+    /// A `VFIO_DEVICE_GET_REGION_INFO` call, any region.
+    RegionInfo,
+    /// An `mmap` of the device.
+    Mmap,
+    /// A `VFIO_DEVICE_RESET`.
+    Reset,
+}
+
+impl FaultField {
+    /// Every field, in the order of [`FaultField::index`].
+    pub const ALL: [FaultField; 11] = [
+        FaultField::StateRead,
+        FaultField::StateWrite,
+        FaultField::Pending,
+        FaultField::DataOffset,
+        FaultField::DataSizeRead,
+        FaultField::DataSizeWrite,
+        FaultField::DataRead,
+        FaultField::DataWrite,
+        FaultField::RegionInfo,
+        FaultField::Mmap,
+        FaultField::Reset,
+    ];
+
+    /// The name used in `fail-at=` rules.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultField::StateRead => "state-read",
+            FaultField::StateWrite => "state-write",
+            FaultField::Pending => "pending",
+            FaultField::DataOffset => "data-offset",
+            FaultField::DataSizeRead => "data-size-read",
+            FaultField::DataSizeWrite => "data-size-write",
+            FaultField::DataRead => "data-read",
+            FaultField::DataWrite => "data-write",
+            FaultField::RegionInfo => "region-info",
+            FaultField::Mmap => "mmap",
+            FaultField::Reset => "reset",
+        }
+    }
+
+    /// Position in [`FaultField::ALL`], used to index counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for FaultField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FaultField {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        FaultField::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = FaultField::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown field `{s}` (expected one of {})", names.join(", "))
+            })
+    }
+}
+
+/// Errno names accepted in rules (and printed back), with their values.
+const ERRNO_NAMES: [(&str, i32); 16] = [
+    ("EPERM", libc::EPERM),
+    ("ENOENT", libc::ENOENT),
+    ("EINTR", libc::EINTR),
+    ("EIO", libc::EIO),
+    ("ENXIO", libc::ENXIO),
+    ("EAGAIN", libc::EAGAIN),
+    ("ENOMEM", libc::ENOMEM),
+    ("EFAULT", libc::EFAULT),
+    ("EBUSY", libc::EBUSY),
+    ("ENODEV", libc::ENODEV),
+    ("EINVAL", libc::EINVAL),
+    ("ENOSPC", libc::ENOSPC),
+    ("ENOTTY", libc::ENOTTY),
+    ("ENODATA", libc::ENODATA),
+    ("EOPNOTSUPP", libc::EOPNOTSUPP),
+    ("ETIMEDOUT", libc::ETIMEDOUT),
+];
+
+/// Parses an errno name (`EIO`, case-insensitive) or a positive number.
+pub fn parse_errno(s: &str) -> Result<i32, String> {
+    if let Some((_, v)) = ERRNO_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
+        return Ok(*v);
+    }
+    match s.parse::<i32>() {
+        Ok(v) if v > 0 && v < 4096 => Ok(v),
+        _ => Err(format!(
+            "bad errno `{s}` (a name such as EIO, EINVAL, EAGAIN, or a number 1-4095)"
+        )),
+    }
+}
+
+/// The name of an errno when it is one of the known ones, else its number.
+pub fn errno_name(errno: i32) -> String {
+    ERRNO_NAMES
+        .iter()
+        .find(|(_, v)| *v == errno)
+        .map(|(n, _)| (*n).to_string())
+        .unwrap_or_else(|| errno.to_string())
+}
+
+/// One `fail-at=` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRule {
+    /// The field whose accesses are counted.
+    pub field: FaultField,
+    /// The 1-based access that fails.
+    pub at: u64,
+    /// The errno the access fails with.
+    pub errno: i32,
+    /// Whether the device also enters the ERROR state.
+    pub error_state: bool,
+}
+
+impl FromStr for FaultRule {
+    type Err = String;
+
+    /// Parses `FIELD@N[:ERRNO|:error]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (field, rest) = s
+            .split_once('@')
+            .ok_or_else(|| format!("`{s}` is not FIELD@N[:ERRNO|:error]"))?;
+        let field: FaultField = field.parse()?;
+        let (count, action) = match rest.split_once(':') {
+            Some((c, a)) => (c, Some(a)),
+            None => (rest, None),
+        };
+        let at: u64 =
+            count.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                format!("bad access count `{count}` in `{s}` (expected 1, 2, ...)")
+            })?;
+        let (errno, error_state) = match action {
+            None => (libc::EIO, false),
+            Some("error") => (libc::EIO, true),
+            Some(e) => (parse_errno(e)?, false),
+        };
+        Ok(FaultRule {
+            field,
+            at,
+            errno,
+            error_state,
+        })
+    }
+}
+
+impl fmt::Display for FaultRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.field, self.at)?;
+        if self.error_state {
+            write!(f, ":error")
+        } else if self.errno != libc::EIO {
+            write!(f, ":{}", errno_name(self.errno))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A rule that fired: the access fails with `errno`, and the device enters ERROR when
+/// `error_state` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultHit {
+    /// The errno to fail with.
+    pub errno: i32,
+    /// Whether the device must enter the ERROR state.
+    pub error_state: bool,
+}
+
+impl FaultHit {
+    /// The error to return from the failing access.
+    pub fn to_io(self) -> std::io::Error {
+        std::io::Error::from_raw_os_error(self.errno)
+    }
+}
+
+/// The rules and the per-field access counters.
+#[derive(Debug, Clone, Default)]
+pub struct FaultPlan {
+    rules: Vec<FaultRule>,
+    counts: [u64; FaultField::ALL.len()],
+    hits: u64,
+}
+
+impl FaultPlan {
+    /// A plan with these rules and all counters at zero.
+    pub fn new(rules: &[FaultRule]) -> Self {
+        Self {
+            rules: rules.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Counts one access of `field`; fails it when a rule names this access.
+    pub fn check(&mut self, field: FaultField) -> Result<(), FaultHit> {
+        let count = &mut self.counts[field.index()];
+        *count += 1;
+        let n = *count;
+        match self.rules.iter().find(|r| r.field == field && r.at == n) {
+            Some(r) => {
+                self.hits += 1;
+                Err(FaultHit {
+                    errno: r.errno,
+                    error_state: r.error_state,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// How many accesses of `field` have been counted.
+    pub fn count(&self, field: FaultField) -> u64 {
+        self.counts[field.index()]
+    }
+
+    /// How many accesses were failed by a rule.
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_print_back() {
+        let r: FaultRule = "pending@3".parse().unwrap();
+        assert_eq!(
+            r,
+            FaultRule {
+                field: FaultField::Pending,
+                at: 3,
+                errno: libc::EIO,
+                error_state: false
+            }
+        );
+        assert_eq!(r.to_string(), "pending@3");
+        let r: FaultRule = "state-write@1:EAGAIN".parse().unwrap();
+        assert_eq!(r.errno, libc::EAGAIN);
+        assert_eq!(r.to_string(), "state-write@1:EAGAIN");
+        let r: FaultRule = "data-read@2:error".parse().unwrap();
+        assert!(r.error_state);
+        assert_eq!(r.errno, libc::EIO);
+        assert_eq!(r.to_string(), "data-read@2:error");
+        let r: FaultRule = "mmap@1:22".parse().unwrap();
+        assert_eq!(r.errno, libc::EINVAL);
+        assert_eq!(r.to_string(), "mmap@1:EINVAL");
+        let r: FaultRule = "reset@1:einval".parse().unwrap();
+        assert_eq!(r.errno, libc::EINVAL);
+        let r: FaultRule = "reset@1:1000".parse().unwrap();
+        assert_eq!(r.to_string(), "reset@1:1000");
+        for f in FaultField::ALL {
+            assert_eq!(f.name().parse::<FaultField>().unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_explained() {
+        let e = "bogus@1".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = "pending".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("FIELD@N"), "{e}");
+        let e = "pending@0".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("bad access count `0`"), "{e}");
+        let e = "pending@x".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("bad access count"), "{e}");
+        let e = "pending@1:EWHAT".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("bad errno `EWHAT`"), "{e}");
+        let e = "pending@1:-3".parse::<FaultRule>().unwrap_err();
+        assert!(e.contains("bad errno"), "{e}");
+    }
+
+    #[test]
+    fn the_nth_access_fails_and_only_that_one() {
+        let mut plan = FaultPlan::new(&[
+            "pending@2:EAGAIN".parse().unwrap(),
+            "pending@4:error".parse().unwrap(),
+            "reset@1".parse().unwrap(),
+        ]);
+        assert_eq!(plan.check(FaultField::Pending), Ok(()));
+        assert_eq!(
+            plan.check(FaultField::Pending),
+            Err(FaultHit {
+                errno: libc::EAGAIN,
+                error_state: false
+            })
+        );
+        assert_eq!(plan.check(FaultField::DataOffset), Ok(()));
+        assert_eq!(plan.check(FaultField::Pending), Ok(()));
+        let hit = plan.check(FaultField::Pending).unwrap_err();
+        assert!(hit.error_state);
+        assert_eq!(hit.to_io().raw_os_error(), Some(libc::EIO));
+        assert_eq!(plan.check(FaultField::Pending), Ok(()));
+        assert!(plan.check(FaultField::Reset).is_err());
+        assert_eq!(plan.check(FaultField::Reset), Ok(()));
+        assert_eq!(plan.count(FaultField::Pending), 5);
+        assert_eq!(plan.count(FaultField::DataOffset), 1);
+        assert_eq!(plan.hits(), 3);
+    }
+}

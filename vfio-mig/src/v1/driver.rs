@@ -1,0 +1,405 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The v1 saving and resuming sequences, driven over a [`MigrationRegion`].
+//!
+//! Saving (pre-copy 011b and stop-and-copy 010b), per the uAPI:
+//! 1. read `pending_bytes`: 0 ends the phase; it also consumes the chunk read before;
+//! 2. read `data_offset`: the driver stages a chunk;
+//! 3. read `data_size`: the chunk's size;
+//! 4. read that many bytes at `data_offset` (mmap or pread);
+//! 5. back to 1.
+//!
+//! Resuming (100b), per chunk in the source's order: read `data_offset`, write the chunk
+//! there, write `data_size` with the chunk's size (the source's transaction size).
+
+use std::sync::Arc;
+
+use crate::device::DeviceIo;
+use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use crate::error::{Error, Result};
+
+use super::region::MigrationRegion;
+use super::state::{compose, V1State};
+
+/// The chunk being read (saving) or written (resuming).
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    /// Region-relative offset of the chunk (`data_offset`).
+    offset: u64,
+    /// Saving: the chunk's size; resuming: room left in the data section from `offset`.
+    size: u64,
+    /// Bytes read or written so far.
+    done: u64,
+}
+
+/// A device speaking the v1 protocol.
+#[derive(Debug)]
+pub struct V1Device {
+    region: MigrationRegion,
+    chunk: Option<Chunk>,
+    last_pending: u64,
+}
+
+impl V1Device {
+    /// Opens the v1 migration interface of `dev`: finds the migration region by its
+    /// type/subtype and maps its data section where the driver allows it.
+    pub fn open(dev: Arc<dyn DeviceIo>) -> Result<Self> {
+        let identity = dev.identity();
+        let region = MigrationRegion::find(dev)?.ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: no v1 migration region (type 3, subtype 1)",
+                identity.instance
+            ))
+        })?;
+        Ok(Self::with_region(region))
+    }
+
+    /// Wraps an already opened migration region.
+    pub fn with_region(region: MigrationRegion) -> Self {
+        Self {
+            region,
+            chunk: None,
+            last_pending: 0,
+        }
+    }
+
+    /// The migration region.
+    pub fn region(&self) -> &MigrationRegion {
+        &self.region
+    }
+
+    /// Reads `device_state`, raw.
+    pub fn raw_state(&self) -> Result<u32> {
+        self.region
+            .read_state()
+            .map_err(|e| Error::device("read device_state", e))
+    }
+
+    /// Moves the device to `target` by read-modify-write of `device_state`.
+    ///
+    /// The transition is checked against the uAPI before anything is written. If the write
+    /// fails, `device_state` is read back and reported; a device found in ERROR is reset.
+    pub fn set_state(&mut self, target: V1State) -> Result<()> {
+        let step = format!("set device_state to {target}");
+        let raw = self.raw_state()?;
+        let value = compose(raw, target).map_err(|e| Error::protocol(&step, e.to_string()))?;
+        if value == raw {
+            return Ok(());
+        }
+        tracing::debug!(from = %V1State::from_raw(raw), to = %target, "v1 transition");
+        match self.region.write_state(value) {
+            Ok(()) => {
+                self.chunk = None;
+                Ok(())
+            }
+            Err(source) => {
+                self.chunk = None;
+                let now = self.region.read_state();
+                let now_text = match now {
+                    Ok(now_raw) => {
+                        let now_state = V1State::from_raw(now_raw);
+                        if !now_state.is_requestable() {
+                            match self.region.device().reset() {
+                                Ok(()) => format!("{now_state}, so it was reset"),
+                                Err(e) => format!("{now_state}, and its reset failed: {e}"),
+                            }
+                        } else {
+                            now_state.to_string()
+                        }
+                    }
+                    Err(e) => format!("unknown (read-back failed: {e})"),
+                };
+                Err(Error::Transition {
+                    step,
+                    from: V1State::from_raw(raw).to_string(),
+                    to: target.to_string(),
+                    now: now_text,
+                    source,
+                })
+            }
+        }
+    }
+
+    fn read_pending(&mut self) -> Result<u64> {
+        let pending = self
+            .region
+            .pending_bytes()
+            .map_err(|e| Error::device("read pending_bytes", e))?;
+        self.last_pending = pending;
+        Ok(pending)
+    }
+
+    /// Steps 2-3 of the saving sequence: stage a chunk and learn where it is.
+    fn stage_chunk(&mut self) -> Result<Chunk> {
+        let offset = self
+            .region
+            .data_offset()
+            .map_err(|e| Error::device("read data_offset", e))?;
+        let size = self
+            .region
+            .data_size()
+            .map_err(|e| Error::device("read data_size", e))?;
+        if size == 0 {
+            return Err(Error::protocol(
+                "read data_size",
+                format!(
+                    "{} bytes pending but the staged chunk is empty",
+                    self.last_pending
+                ),
+            ));
+        }
+        self.region
+            .check_data_range(offset, size)
+            .map_err(|d| Error::protocol("read data_offset", d))?;
+        Ok(Chunk {
+            offset,
+            size,
+            done: 0,
+        })
+    }
+
+    fn reset_to_running(&mut self) -> Recovery {
+        self.chunk = None;
+        match self.region.device().reset() {
+            Err(e) => Recovery::Failed(format!("VFIO_DEVICE_RESET: {e}")),
+            Ok(()) => match self.raw_state().map(V1State::from_raw) {
+                Ok(V1State::Running) => Recovery::Reset,
+                Ok(other) => Recovery::Failed(format!("device is in {other} after reset")),
+                Err(e) => Recovery::Failed(format!("after reset: {e}")),
+            },
+        }
+    }
+}
+
+impl MigrationDevice for V1Device {
+    fn identity(&self) -> crate::device::DeviceIdentity {
+        self.region.device().identity()
+    }
+
+    fn protocol(&self) -> Protocol {
+        Protocol::V1
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Every v1 device supports pre-copy (RUNNING | SAVING); P2P does not exist in v1.
+        Capabilities {
+            pre_copy: true,
+            p2p: false,
+            migration_flags: 0,
+        }
+    }
+
+    fn state_name(&mut self) -> Result<String> {
+        Ok(V1State::from_raw(self.raw_state()?).to_string())
+    }
+
+    fn details(&mut self) -> Result<Vec<(String, String)>> {
+        let info = self.region.info().clone();
+        let raw = self.raw_state()?;
+        let mut out = vec![
+            ("migration region".to_string(), info.index.to_string()),
+            ("region size".to_string(), format!("{:#x}", info.size)),
+            ("region offset".to_string(), format!("{:#x}", info.offset)),
+            ("region flags".to_string(), format!("{:#x}", info.flags)),
+            (
+                "device_state".to_string(),
+                format!("{raw:#010x} = {}", V1State::from_raw(raw)),
+            ),
+        ];
+        let areas = info.sparse_areas().unwrap_or_default();
+        out.push((
+            "data section".to_string(),
+            if areas.is_empty() {
+                "trapped (pread/pwrite)".to_string()
+            } else {
+                let list: Vec<String> = areas
+                    .iter()
+                    .map(|a| {
+                        let how = if self.region.is_mapped(a.offset, a.size) {
+                            "mmapped"
+                        } else {
+                            "not mapped"
+                        };
+                        format!("{:#x}+{:#x} {how}", a.offset, a.size)
+                    })
+                    .collect();
+                format!("sparse mmap {}", list.join(", "))
+            },
+        ));
+        Ok(out)
+    }
+
+    fn start_pre_copy(&mut self) -> Result<()> {
+        self.set_state(V1State::PreCopy)
+    }
+
+    fn start_stop_copy(&mut self) -> Result<()> {
+        // A chunk read to its end but not yet consumed stays staged across the switch: the
+        // next pending_bytes read (in stop-and-copy) consumes it, as the uAPI allows.
+        if self.chunk.is_some_and(|c| c.done < c.size) {
+            return Err(Error::protocol(
+                "enter stop-and-copy",
+                "a chunk is only partly read",
+            ));
+        }
+        let raw = self.raw_state()?;
+        let value = compose(raw, V1State::StopCopy)
+            .map_err(|e| Error::protocol("enter stop-and-copy", e.to_string()))?;
+        self.region.write_state(value).map_err(|source| {
+            let now = self
+                .region
+                .read_state()
+                .map(|r| V1State::from_raw(r).to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})"));
+            Error::Transition {
+                step: "enter stop-and-copy".into(),
+                from: V1State::from_raw(raw).to_string(),
+                to: V1State::StopCopy.to_string(),
+                now,
+                source,
+            }
+        })
+    }
+
+    fn pending(&mut self) -> Result<Pending> {
+        // Between chunks, reading pending_bytes is the protocol's own step; inside a chunk it
+        // would consume the chunk early, so report the last value instead.
+        let bytes = match self.chunk {
+            Some(c) if c.done < c.size => self.last_pending,
+            _ => {
+                self.chunk = None;
+                self.read_pending()?
+            }
+        };
+        Ok(Pending {
+            bytes,
+            initial_bytes: None,
+        })
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
+        let mut chunk = match self.chunk {
+            Some(c) if c.done < c.size => c,
+            _ => {
+                // Step 1 (and step f of the previous iteration): consumes the last chunk.
+                self.chunk = None;
+                if self.read_pending()? == 0 {
+                    return Ok(ReadOutcome::PhaseEnd);
+                }
+                self.stage_chunk()?
+            }
+        };
+        let len = buf.len().min((chunk.size - chunk.done) as usize);
+        if len == 0 {
+            return Err(Error::protocol("read migration data", "empty read buffer"));
+        }
+        self.region
+            .read_data(chunk.offset + chunk.done, &mut buf[..len])
+            .map_err(|e| {
+                Error::device(
+                    format!(
+                        "read {len} bytes of migration data at region offset {:#x}",
+                        chunk.offset + chunk.done
+                    ),
+                    e,
+                )
+            })?;
+        chunk.done += len as u64;
+        let chunk_end = chunk.done == chunk.size;
+        self.chunk = Some(chunk);
+        Ok(ReadOutcome::Data { len, chunk_end })
+    }
+
+    fn finish_save(&mut self) -> Result<()> {
+        self.set_state(V1State::Stop)
+    }
+
+    fn start_resume(&mut self) -> Result<()> {
+        self.set_state(V1State::Resuming)
+    }
+
+    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
+        let mut chunk = match self.chunk {
+            Some(c) => c,
+            None => {
+                let offset = self
+                    .region
+                    .data_offset()
+                    .map_err(|e| Error::device("read data_offset (resuming)", e))?;
+                let room = self.region.info().size.saturating_sub(offset);
+                self.region
+                    .check_data_range(offset, room)
+                    .map_err(|d| Error::protocol("read data_offset (resuming)", d))?;
+                Chunk {
+                    offset,
+                    size: room,
+                    done: 0,
+                }
+            }
+        };
+        let len = data.len() as u64;
+        if chunk.done + len > chunk.size {
+            self.chunk = None;
+            return Err(Error::protocol(
+                "write migration data",
+                format!(
+                    "a source chunk of more than {} bytes does not fit the destination's {} byte data section",
+                    chunk.done + len,
+                    chunk.size
+                ),
+            ));
+        }
+        self.region
+            .write_data(chunk.offset + chunk.done, data)
+            .map_err(|e| {
+                Error::device(
+                    format!(
+                        "write {len} bytes of migration data at region offset {:#x}",
+                        chunk.offset + chunk.done
+                    ),
+                    e,
+                )
+            })?;
+        chunk.done += len;
+        if chunk_end {
+            self.chunk = None;
+            self.region
+                .set_data_size(chunk.done)
+                .map_err(|e| Error::device(format!("write data_size {}", chunk.done), e))?;
+        } else {
+            self.chunk = Some(chunk);
+        }
+        Ok(())
+    }
+
+    fn finish_resume(&mut self) -> Result<()> {
+        if self.chunk.is_some() {
+            return Err(Error::protocol(
+                "resume device",
+                "the stream ended inside a chunk",
+            ));
+        }
+        self.set_state(V1State::Running)
+    }
+
+    fn recover(&mut self) -> Recovery {
+        self.chunk = None;
+        match self.raw_state().map(V1State::from_raw) {
+            Ok(V1State::Running) => Recovery::AlreadyRunning,
+            Ok(state) if state.is_requestable() && state != V1State::Resuming => {
+                match self.set_state(V1State::Running) {
+                    Ok(()) => Recovery::Resumed,
+                    Err(e) => {
+                        tracing::warn!("recovery transition failed: {e}");
+                        self.reset_to_running()
+                    }
+                }
+            }
+            // ERROR, an invalid state, RESUMING (partial state) or an unreadable register.
+            _ => self.reset_to_running(),
+        }
+    }
+
+    fn abort_resume(&mut self) -> Recovery {
+        self.reset_to_running()
+    }
+}

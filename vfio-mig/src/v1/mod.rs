@@ -1,0 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The v1 migration protocol: the migration region (Linux 5.8 to 5.17 uAPI).
+//!
+//! A device-specific region of type 3, subtype 1 starts with `vfio_device_migration_info`
+//! (`device_state`, `pending_bytes`, `data_offset`, `data_size`) followed by a data section
+//! through which the device's opaque state is read (saving) or written (resuming).
+
+pub mod driver;
+pub mod region;
+pub mod state;
+
+pub use driver::V1Device;
+pub use region::MigrationRegion;
+pub use state::V1State;
