@@ -14,6 +14,7 @@
 #   VFIO_MIG_GUEST_MEM=1G, VFIO_MIG_GUEST_SMP=2
 #   VFIO_MIG_GUEST_APPEND=...      extra kernel command line words
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TIMEOUT=${VFIO_MIG_GUEST_TIMEOUT:-600}

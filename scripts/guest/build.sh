@@ -12,6 +12,7 @@
 #   VFIO_MIG_GUEST_TARGET_DIR=<dir>    cargo target dir of this build (default: target/guest)
 #   VFIO_MIG_GUEST_CARGO_PROFILE=...   cargo profile (default: release)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BIN_DIR=$WORK/bin

@@ -11,6 +11,7 @@
 #   VFIO_MIG_GUEST_TEST_ARGS=...     extra arguments of the guest test binary (e.g. a name filter)
 #   VFIO_MIG_GUEST_RUST_LOG=...      RUST_LOG inside the guest
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # What the guest loads; dependencies (modinfo depends, softdep pre/post) are added around them.

@@ -14,6 +14,7 @@
 #   VFIO_MIG_GUEST_KERNEL_ABI=6.12.117+deb12   use this ABI instead of the newest one
 #   VFIO_MIG_GUEST_KERNEL_REFRESH=1           ask apt again for the newest ABI even if one is cached
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 APT_DL_OPTS=(-q -o APT::Sandbox::User=root)

@@ -8,6 +8,7 @@
 #
 # Knobs: VFIO_MIG_GUEST_SKIP_APT=1 skips this step entirely.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Packages from bookworm itself. gcc-12, libelf1, libssl3 and zlib1g are what the extracted

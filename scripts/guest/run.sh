@@ -30,6 +30,7 @@
 # The console log of the last boot is $WORK/console.log (scripts/guest/.work/console.log).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$HERE/lib.sh"
 
 step() {

@@ -290,10 +290,20 @@ fn four_mtty2_devices_with_their_own_vfio_groups() {
 }
 
 #[test]
-fn vfio_mig_binary_is_present() {
+fn vfio_mig_binary_runs() {
     let bin = mtty::vfio_mig_bin();
-    let meta = std::fs::metadata(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
-    assert!(meta.is_file(), "{} is not a file", bin.display());
+    let out = std::process::Command::new(&bin)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} --help: {e}", bin.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Usage"),
+        "{} --help: {:?}\nstdout: {stdout}\nstderr: {}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -359,12 +359,13 @@ mod tests {
     #[test]
     fn encode_then_parse_round_trips() {
         let info = sample();
-        let mut small = vec![0u8; size_of::<vfio_region_info>()];
+        let header = size_of::<vfio_region_info>();
+        let mut small = vec![0u8; header];
         write_pod(
             &mut small,
             0,
             &vfio_region_info {
-                argsz: small.len() as u32,
+                argsz: header as u32,
                 index: 9,
                 ..Default::default()
             },

@@ -203,11 +203,12 @@ pub fn is_streaming(state: MigState) -> bool {
     state.is_streaming()
 }
 
-/// Whether the single arc `from -> to` returns a new data fd: entering a streaming state from
-/// a state without a session (RUNNING -> PRE_COPY, RUNNING_P2P -> PRE_COPY_P2P,
-/// STOP -> STOP_COPY, STOP -> RESUMING). Moves inside the saving group keep the session.
+/// Whether a transition from `from` to `to` opens a new data session, so that the kernel
+/// returns a new data fd: it ends in a streaming state and does not stay inside the saving
+/// group. As single arcs these are RUNNING -> PRE_COPY, RUNNING_P2P -> PRE_COPY_P2P,
+/// STOP -> STOP_COPY and STOP -> RESUMING; moves inside the saving group keep the session.
 pub fn returns_data_fd(from: MigState, to: MigState) -> bool {
-    to.is_streaming() && !from.is_streaming()
+    from != to && to.is_streaming() && !(from.is_saving() && to.is_saving())
 }
 
 /// Why the kernel refuses a state change request (it answers EINVAL to all of these).
