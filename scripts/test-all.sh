@@ -33,8 +33,6 @@ if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"
     exit 0
 fi
-if [ -x scripts/guest/run.sh ]; then
-    step "guest tests (mtty in a QEMU guest)"
-    scripts/guest/run.sh
-fi
+step "guest tests (mtty in a QEMU guest)"
+scripts/guest/run.sh
 step "all tests passed"

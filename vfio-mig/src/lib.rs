@@ -20,5 +20,6 @@ pub mod mock;
 pub mod open;
 pub mod stream;
 pub mod v1;
+pub mod v2;
 
 pub use error::{Error, Result};

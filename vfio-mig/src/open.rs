@@ -66,7 +66,18 @@ pub fn open_device(name: &str) -> Result<OpenedDevice> {
     })
 }
 
-/// Picks the protocol driver for a device: v1 when it has a v1 migration region.
+/// Picks the protocol driver for a device: v2 when it answers a
+/// `VFIO_DEVICE_FEATURE_PROBE | GET` of `VFIO_DEVICE_FEATURE_MIGRATION`, else v1 (which needs
+/// a v1 migration region).
 pub fn driver_for(io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
+    use vfio_bindings::bindings::vfio::{VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION};
+    let v2 = crate::v2::feature::probe(
+        io.as_ref(),
+        VFIO_DEVICE_FEATURE_MIGRATION,
+        VFIO_DEVICE_FEATURE_GET,
+    );
+    if v2.is_ok() {
+        return Ok(Box::new(crate::v2::V2Device::open(io)?));
+    }
     Ok(Box::new(V1Device::open(io)?))
 }

@@ -15,7 +15,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use vfio_bindings::bindings::vfio::{VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET};
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET,
+};
 
 use super::data::{DataFd, DataRead};
 use super::feature::{self, DmaLoggingRange, PrecopyInfo};
@@ -185,9 +187,9 @@ impl V2Device {
     /// `VFIO_MIG_GET_PRECOPY_INFO` on the current data fd (PRE_COPY states only).
     pub fn precopy_info(&self) -> Result<PrecopyInfo> {
         let step = "read pre-copy info";
-        let fd = self.data_fd().ok_or_else(|| {
-            Error::protocol(step, format!("no data fd in {}", self.state))
-        })?;
+        let fd = self
+            .data_fd()
+            .ok_or_else(|| Error::protocol(step, format!("no data fd in {}", self.state)))?;
         feature::precopy_info(self.dev.as_ref(), fd, self.precopy_v2)
             .map_err(|e| Error::device(step, e))
     }
@@ -295,7 +297,10 @@ impl V2Device {
     fn refresh(&mut self, step: &str) -> Result<MigState> {
         let raw = feature::get_state(self.dev.as_ref()).map_err(|e| Error::device(step, e))?;
         let state = MigState::from_raw(raw).ok_or_else(|| {
-            Error::protocol(step, format!("device reported unknown migration state {raw}"))
+            Error::protocol(
+                step,
+                format!("device reported unknown migration state {raw}"),
+            )
         })?;
         self.state = state;
         if !state.is_streaming() {
@@ -345,23 +350,21 @@ impl V2Device {
     ) -> std::result::Result<(), WalkError> {
         let path = plan(from, target, self.flags).map_err(|e| {
             WalkError::Refused(match e {
-                ArcError::Unsupported(..) => Error::Unsupported(format!(
-                    "{}: {step}: {e}",
-                    self.dev.identity().instance
-                )),
+                ArcError::Unsupported(..) => {
+                    Error::Unsupported(format!("{}: {step}: {e}", self.dev.identity().instance))
+                }
                 _ => Error::protocol(step, format!("{from} -> {target}: {e}")),
             })
         })?;
         let mut cur = from;
         for next in path {
             tracing::debug!(from = %cur, to = %next, "v2 arc");
-            let fd = feature::set_state(self.dev.as_ref(), next).map_err(|source| {
-                WalkError::Arc {
+            let fd =
+                feature::set_state(self.dev.as_ref(), next).map_err(|source| WalkError::Arc {
                     from: cur,
                     to: next,
                     source,
-                }
-            })?;
+                })?;
             self.state = next;
             self.adopt(cur, next, fd).map_err(WalkError::Protocol)?;
             cur = next;
@@ -620,7 +623,7 @@ impl MigrationDevice for V2Device {
 mod tests {
     use super::super::fake::{Fake, Fault};
     use super::*;
-    use MigState::*;
+    use MigState::{PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
 
     fn open(fake: &Arc<Fake>) -> V2Device {
         V2Device::open(fake.clone()).unwrap()
@@ -770,7 +773,7 @@ mod tests {
     #[test]
     fn a_device_found_in_error_is_reset_without_a_recovery_arc() {
         let fake = Fake::new(7);
-        fake.fault(Fault::new(Stop, StopCopy, libc::EIO, Error));
+        fake.fault(Fault::new(Stop, StopCopy, libc::EIO, MigState::Error));
         let mut dev = open(&fake);
         let err = dev.start_stop_copy().unwrap_err();
         match &err {
@@ -785,11 +788,14 @@ mod tests {
     #[test]
     fn a_failed_reset_is_reported() {
         let fake = Fake::new(7);
-        fake.fault(Fault::new(Stop, StopCopy, libc::EIO, Error));
+        fake.fault(Fault::new(Stop, StopCopy, libc::EIO, MigState::Error));
         fake.fail_resets();
         let mut dev = open(&fake);
         let text = dev.start_stop_copy().unwrap_err().to_string();
-        assert!(text.contains("resetting it failed: VFIO_DEVICE_RESET"), "{text}");
+        assert!(
+            text.contains("resetting it failed: VFIO_DEVICE_RESET"),
+            "{text}"
+        );
         assert!(matches!(dev.recover(), Recovery::Failed(_)));
     }
 
@@ -866,15 +872,21 @@ mod tests {
         dev.start_stop_copy().unwrap();
         let before = fake.sets().len();
         let err = dev.set_state(PreCopy).unwrap_err();
-        assert!(err.to_string().contains("refuses STOP_COPY -> PRE_COPY"), "{err}");
+        assert!(
+            err.to_string().contains("refuses STOP_COPY -> PRE_COPY"),
+            "{err}"
+        );
         let err = dev.set_state_raw(PreCopyP2p).unwrap_err();
         assert!(err.to_string().contains("lock up"), "{err}");
-        assert!(dev.set_state(Error).is_err());
+        assert!(dev.set_state(MigState::Error).is_err());
         assert_eq!(fake.sets().len(), before);
 
         let fake = Fake::new(1);
         let mut dev = open(&fake);
-        assert!(matches!(dev.set_state(RunningP2p), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            dev.set_state(RunningP2p),
+            Err(Error::Unsupported(_))
+        ));
         assert!(fake.sets().is_empty());
     }
 
@@ -888,7 +900,10 @@ mod tests {
         // A combination the kernel walks itself: PRE_COPY_P2P -> RUNNING_P2P -> STOP.
         assert!(!dev.set_state_raw(Stop).unwrap());
         assert!(dev.data_fd().is_none());
-        assert_eq!(fake.arcs()[2..], [(PreCopyP2p, RunningP2p), (RunningP2p, Stop)]);
+        assert_eq!(
+            fake.arcs()[2..],
+            [(PreCopyP2p, RunningP2p), (RunningP2p, Stop)]
+        );
         // A failed raw SET reports the state read back and recovers nothing.
         fake.fault(Fault::new(Stop, Resuming, libc::ENOMEM, Stop));
         let err = dev.set_state_raw(Resuming).unwrap_err();
@@ -929,11 +944,16 @@ mod tests {
         }];
         assert_eq!(dev.dma_logging_start(4096, &ranges).unwrap(), 4096);
         let mut bitmap = vec![0u64; 4];
-        dev.dma_logging_report(0, 1 << 20, 4096, &mut bitmap).unwrap();
+        dev.dma_logging_report(0, 1 << 20, 4096, &mut bitmap)
+            .unwrap();
         assert_eq!(bitmap[0], 1);
         let mut small = vec![0u64; 3];
-        assert!(dev.dma_logging_report(0, 1 << 20, 4096, &mut small).is_err());
-        assert!(dev.dma_logging_report(0, 1 << 20, 1024, &mut bitmap).is_err());
+        assert!(dev
+            .dma_logging_report(0, 1 << 20, 4096, &mut small)
+            .is_err());
+        assert!(dev
+            .dma_logging_report(0, 1 << 20, 1024, &mut bitmap)
+            .is_err());
         dev.dma_logging_stop().unwrap();
         assert_eq!(fake.dma_calls(), 3);
     }

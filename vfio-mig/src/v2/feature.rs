@@ -20,10 +20,10 @@ use vfio_bindings::bindings::vfio::{
     vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_range,
     vfio_device_feature_dma_logging_report, vfio_device_feature_mig_data_size,
     vfio_device_feature_mig_state, vfio_device_feature_migration, vfio_precopy_info,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
-    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
-    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
     VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_PRECOPY_INFO_REINIT,
 };
 
@@ -326,7 +326,11 @@ impl PrecopyInfo {
 }
 
 /// `VFIO_MIG_GET_PRECOPY_INFO` on `data_fd` (valid in PRE_COPY and PRE_COPY_P2P only).
-pub fn precopy_info(dev: &dyn DeviceIo, data_fd: BorrowedFd<'_>, v2: bool) -> io::Result<PrecopyInfo> {
+pub fn precopy_info(
+    dev: &dyn DeviceIo,
+    data_fd: BorrowedFd<'_>,
+    v2: bool,
+) -> io::Result<PrecopyInfo> {
     Ok(PrecopyInfo::from_raw(&dev.precopy_info(data_fd)?, v2))
 }
 

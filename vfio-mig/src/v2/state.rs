@@ -26,8 +26,8 @@ use vfio_bindings::bindings::vfio::{
     vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING as RAW_RUNNING,
     vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P as RAW_RUNNING_P2P,
     vfio_device_mig_state_VFIO_DEVICE_STATE_STOP as RAW_STOP,
-    vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY as RAW_STOP_COPY,
-    VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
+    vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY as RAW_STOP_COPY, VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
 };
 
 bitflags::bitflags! {
@@ -156,7 +156,8 @@ impl MigState {
 
     /// Whether a device with `flags` supports this state (ERROR: never).
     pub fn is_supported(self, flags: MigrationFlags) -> bool {
-        self.required_flags().is_some_and(|need| flags.contains(need))
+        self.required_flags()
+            .is_some_and(|need| flags.contains(need))
     }
 
     /// Whether a data transfer session (a data fd) belongs to this state: the saving group
@@ -329,7 +330,11 @@ pub fn is_arc(from: MigState, to: MigState, flags: MigrationFlags) -> bool {
 
 /// The whole walk from `from` to `to`: the states after `from`, one per arc, ending with `to`
 /// (empty when `from == to`).
-pub fn plan(from: MigState, to: MigState, flags: MigrationFlags) -> Result<Vec<MigState>, ArcError> {
+pub fn plan(
+    from: MigState,
+    to: MigState,
+    flags: MigrationFlags,
+) -> Result<Vec<MigState>, ArcError> {
     let mut path = Vec::new();
     let mut cur = from;
     while cur != to {
@@ -412,7 +417,11 @@ mod tests {
         ];
         for path in expect {
             let (from, to) = (path[0], *path.last().unwrap());
-            assert_eq!(plan(from, to, FULL).unwrap(), path[1..].to_vec(), "{from} -> {to}");
+            assert_eq!(
+                plan(from, to, FULL).unwrap(),
+                path[1..].to_vec(),
+                "{from} -> {to}"
+            );
         }
     }
 
@@ -422,12 +431,18 @@ mod tests {
         let pre = MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY;
         let p2p = MigrationFlags::STOP_COPY | MigrationFlags::P2P;
         assert_eq!(plan(Running, Stop, basic).unwrap(), vec![Stop]);
-        assert_eq!(plan(Running, StopCopy, basic).unwrap(), vec![Stop, StopCopy]);
+        assert_eq!(
+            plan(Running, StopCopy, basic).unwrap(),
+            vec![Stop, StopCopy]
+        );
         assert_eq!(plan(Stop, Running, basic).unwrap(), vec![Running]);
         assert_eq!(plan(PreCopy, StopCopy, pre).unwrap(), vec![StopCopy]);
         assert_eq!(plan(PreCopy, Stop, pre).unwrap(), vec![Running, Stop]);
         assert_eq!(plan(Stop, PreCopy, pre).unwrap(), vec![Running, PreCopy]);
-        assert_eq!(plan(Resuming, Running, p2p).unwrap(), vec![Stop, RunningP2p, Running]);
+        assert_eq!(
+            plan(Resuming, Running, p2p).unwrap(),
+            vec![Stop, RunningP2p, Running]
+        );
         assert!(is_arc(PreCopy, StopCopy, pre));
         assert!(!is_arc(PreCopy, StopCopy, FULL));
         assert!(is_arc(Running, Stop, basic));
@@ -438,7 +453,10 @@ mod tests {
     fn refusals() {
         let pre = MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY;
         assert_eq!(next_step(Error, Running, FULL), Err(ArcError::DeviceFailed));
-        assert_eq!(next_step(Running, Error, FULL), Err(ArcError::ErrorRequested));
+        assert_eq!(
+            next_step(Running, Error, FULL),
+            Err(ArcError::ErrorRequested)
+        );
         assert_eq!(
             next_step(Running, RunningP2p, pre),
             Err(ArcError::Unsupported(RunningP2p, pre))
