@@ -16,6 +16,9 @@
 
 use std::os::fd::AsRawFd;
 
+#[path = "guest/migration.rs"]
+mod migration;
+
 use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
 
 /// Reusable helpers for guest tests on mtty devices.

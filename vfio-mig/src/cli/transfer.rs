@@ -9,10 +9,13 @@ use std::time::Instant;
 use indicatif::{HumanBytes, MultiProgress};
 
 use crate::engine::session::new_header;
-use crate::engine::{load_with_rollback, migrate_local, save_with_rollback, SaveReport};
+use crate::engine::save::rollback_source;
+use crate::engine::{
+    load_with_rollback, migrate_local, save_with_rollback, MigrationDevice, SaveOptions, SaveReport,
+};
 use crate::error::{Error, Result};
 use crate::open::open_device;
-use crate::stream::{StreamReader, StreamWriter};
+use crate::stream::{StreamHeader, StreamReader, StreamWriter};
 
 use super::progress::ProgressView;
 use super::TransferArgs;
@@ -49,6 +52,30 @@ fn partial_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
+/// Saves into `file`; the source is rolled back to RUNNING on any failure, including a failure
+/// to flush or sync the file after the device has already stopped.
+fn save_to_file(
+    dev: &mut dyn MigrationDevice,
+    file: File,
+    path: &Path,
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    view: &ProgressView,
+) -> Result<SaveReport> {
+    let mut out = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), header)?;
+    let report = save_with_rollback(dev, &mut out, 0, opts, view)?;
+    let finish = || -> Result<()> {
+        let (writer, _totals) = out.finish()?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::transport(format!("write {}", path.display()), e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| Error::transport(format!("sync {}", path.display()), e))
+    };
+    finish().map_err(|e| rollback_source(dev, 0, e, view))?;
+    Ok(report)
+}
+
 /// Runs `save`.
 pub fn save(device: &str, output: &Path, args: &TransferArgs) -> Result<()> {
     let mut opened = open_device(device)?;
@@ -59,17 +86,7 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs) -> Result<()> {
         .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
     let view = ProgressView::new("save", None, args.json);
     let started = Instant::now();
-    let result = (|| {
-        let mut out = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), &header)?;
-        let report = save_with_rollback(opened.device.as_mut(), &mut out, 0, &opts, &view)?;
-        let (writer, _totals) = out.finish()?;
-        let file = writer.into_inner().map_err(|e| {
-            Error::transport(format!("write {}", partial.display()), e.into_error())
-        })?;
-        file.sync_all()
-            .map_err(|e| Error::transport(format!("sync {}", partial.display()), e))?;
-        Ok(report)
-    })();
+    let result = save_to_file(opened.device.as_mut(), file, &partial, &header, &opts, &view);
     view.finish();
     let report = match result {
         Ok(r) => r,

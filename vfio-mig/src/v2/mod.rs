@@ -12,16 +12,20 @@
 //! along fixed single arcs ([`state`] holds a copy of its table, `vfio_mig_get_next_state`):
 //!
 //! ```text
-//!   RUNNING ──── RUNNING_P2P ──── STOP ──── STOP_COPY
-//!      │              │            │            ▲
-//!   PRE_COPY ──── PRE_COPY_P2P ────┼────────────┘      (PRE_COPY_P2P -> STOP_COPY;
-//!                                  │                    without P2P: PRE_COPY -> STOP_COPY)
-//!                               RESUMING
+//! RUNNING      <-> RUNNING_P2P    (P2P)
+//! RUNNING_P2P  <-> STOP           (P2P; without it RUNNING <-> STOP)
+//! STOP         <-> STOP_COPY
+//! STOP         <-> RESUMING
+//! RUNNING      <-> PRE_COPY       (PRE_COPY)
+//! RUNNING_P2P  <-> PRE_COPY_P2P   (PRE_COPY and P2P)
+//! PRE_COPY     <-> PRE_COPY_P2P   (PRE_COPY and P2P)
+//! PRE_COPY_P2P  -> STOP_COPY      (PRE_COPY and P2P; without P2P: PRE_COPY -> STOP_COPY)
 //! ```
 //!
 //! Any other request is a combination of arcs chosen by the kernel: the shortest path that
-//! never passes *through* a streaming state (one may only start or end there), with arcs
-//! through states the device does not support skipped (no P2P: RUNNING <-> STOP directly).
+//! opens no data session midway (only its last arc may return a data fd; it may cross
+//! PRE_COPY_P2P only when it starts in the saving group), with arcs through states the device
+//! does not support skipped (no P2P: RUNNING <-> STOP directly).
 //! Notable walks: PRE_COPY -> STOP goes PRE_COPY -> RUNNING -> (RUNNING_P2P ->) STOP, i.e. the
 //! device runs again; RESUMING -> RUNNING goes through STOP. Refused with EINVAL: any request
 //! from or to ERROR, states the flags do not support, and STOP_COPY -> PRE_COPY(_P2P). That
