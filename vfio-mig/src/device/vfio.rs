@@ -81,6 +81,16 @@ impl VfioDeviceIo {
         })
     }
 
+    /// Wraps a device a VMM already opened through its own container (so that all of a VM's
+    /// devices share the container that maps guest memory).
+    pub fn from_vfio_device(device: VfioDevice, path: &Path) -> Self {
+        Self {
+            device,
+            path: path.to_path_buf(),
+            model: model_of(path),
+        }
+    }
+
     fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.device`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }

@@ -113,6 +113,15 @@ pub trait MigrationDevice: Send {
     /// Protocol-specific facts for `probe`, as (name, value) pairs.
     fn details(&mut self) -> Result<Vec<(String, String)>>;
 
+    /// Quiesces the device before other devices of the same VM stop: it stops initiating DMA
+    /// and peer-to-peer traffic but still answers accesses (v2 RUNNING_P2P, or PRE_COPY_P2P
+    /// during pre-copy). A no-op where the protocol has no such state (v1, v2 without P2P).
+    fn quiesce(&mut self) -> Result<()>;
+    /// Stops the device outside of a migration (a VMM's pause).
+    fn stop(&mut self) -> Result<()>;
+    /// Runs the device again (a VMM's resume after a pause).
+    fn run(&mut self) -> Result<()>;
+
     /// Enters pre-copy (the device keeps running and starts saving).
     fn start_pre_copy(&mut self) -> Result<()>;
     /// Enters stop-and-copy (the device stops; the rest of its state is saved).

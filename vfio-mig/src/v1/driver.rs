@@ -228,6 +228,19 @@ impl MigrationDevice for V1Device {
         Ok(out)
     }
 
+    fn quiesce(&mut self) -> Result<()> {
+        // v1 has no quiescent peer-to-peer state.
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.set_state(V1State::Stop)
+    }
+
+    fn run(&mut self) -> Result<()> {
+        self.set_state(V1State::Running)
+    }
+
     fn start_pre_copy(&mut self) -> Result<()> {
         self.set_state(V1State::PreCopy)
     }

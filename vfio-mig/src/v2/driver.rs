@@ -505,6 +505,26 @@ impl MigrationDevice for V2Device {
         Ok(out)
     }
 
+    fn quiesce(&mut self) -> Result<()> {
+        if !self.flags.contains(MigrationFlags::P2P) {
+            return Ok(());
+        }
+        match self.state()? {
+            MigState::Running => self.set_state(MigState::RunningP2p),
+            MigState::PreCopy => self.set_state(MigState::PreCopyP2p),
+            // Already quiescent or stopped.
+            _ => Ok(()),
+        }
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.set_state(MigState::Stop)
+    }
+
+    fn run(&mut self) -> Result<()> {
+        self.set_state(MigState::Running)
+    }
+
     fn start_pre_copy(&mut self) -> Result<()> {
         if !self.flags.contains(MigrationFlags::PRE_COPY) {
             return Err(Error::Unsupported(format!(
