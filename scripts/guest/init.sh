@@ -3,7 +3,9 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # /init of the guest initramfs (busybox sh, not bash). Installed by initramfs.sh.
-# Loads vfio + mdev + mtty, creates the mtty mdevs, runs the guest test binary and prints exactly
+# Loads vfio + mdev + mtty, creates the mtty mdevs, loads our v1 migration sample module
+# (mig_v1_sample, kmod/mig-v1-sample) and creates its mdevs, runs the guest test binary, removes the
+# sample's mdevs and unloads it (refcount 0, rmmod, no warnings of it in dmesg), and prints exactly
 # one marker line, "VFIO-MIG-GUEST: PASS" or "VFIO-MIG-GUEST: FAIL (<reason>)", which the host
 # (boot.sh) judges the run by. Then powers the VM off (reboot -f with QEMU's -no-reboot).
 
@@ -15,7 +17,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 
-# Written by initramfs.sh: MODULES, MDEV_TYPE, MDEV_COUNT, TEST_ARGS, GUEST_RUST_LOG.
+# Written by initramfs.sh: MODULES, MDEV_TYPE, MDEV_COUNT, TEST_ARGS, GUEST_RUST_LOG, V1_MODULE
+# (mig_v1_sample, or empty to leave it out), V1_MDEVS (mdevs per type of it).
 # shellcheck disable=SC1091 # generated into the initramfs
 . /etc/vfio-mig/config
 
@@ -29,7 +32,7 @@ finish() {
 
 fail() {
     echo "vfio-mig-guest: kernel messages about vfio/mdev/mtty and faults:"
-    dmesg | grep -iE 'vfio|mdev|mtty|error|fail|bug|warn|oops|call trace' | tail -n 60
+    dmesg | grep -iE 'vfio|mdev|mtty|mig_v1|mig-v1|error|fail|bug|warn|oops|call trace' | tail -n 60
     echo
     echo "VFIO-MIG-GUEST: FAIL ($*)"
     finish
@@ -62,7 +65,76 @@ export VFIO_MIG_BIN=/bin/vfio-mig
 export RUST_BACKTRACE=1
 [ -n "$GUEST_RUST_LOG" ] && export RUST_LOG="$GUEST_RUST_LOG"
 echo "vfio-mig-guest: VFIO_MIG_MTTY_DEVICES=$VFIO_MIG_MTTY_DEVICES"
+
+# Our v1 sample: V1_MDEVS mdevs of each type; its dmesg lines are judged from this marker on.
+V1_UUID_PREFIX=6d696731-0000-4000-8000-
+if [ -n "$V1_MODULE" ]; then
+    echo "<6>vfio-mig-guest: loading $V1_MODULE" >/dev/kmsg
+    insmod "/lib/modules/$V1_MODULE.ko" || fail "insmod $V1_MODULE failed"
+    v1_types=/sys/class/mdev_bus/mig-v1-sample/mdev_supported_types
+    n=1
+    for t in trapped mmap; do
+        [ -d "$v1_types/mig-v1-$t" ] || fail "mdev type mig-v1-$t missing in $v1_types"
+        list=""
+        i=1
+        while [ "$i" -le "$V1_MDEVS" ]; do
+            uuid=$(printf '%s%012x' "$V1_UUID_PREFIX" $((n * 256 + i)))
+            echo "$uuid" >"$v1_types/mig-v1-$t/create" || fail "creating mdev $uuid of type mig-v1-$t failed"
+            list="$list /sys/bus/mdev/devices/$uuid"
+            i=$((i + 1))
+        done
+        if [ "$t" = trapped ]; then VFIO_MIG_V1_TRAPPED="${list# }"; else VFIO_MIG_V1_MMAP="${list# }"; fi
+        n=$((n + 1))
+    done
+    export VFIO_MIG_V1_TRAPPED VFIO_MIG_V1_MMAP
+    export VFIO_MIG_V1_DEVICES="$VFIO_MIG_V1_TRAPPED $VFIO_MIG_V1_MMAP"
+    echo "vfio-mig-guest: VFIO_MIG_V1_TRAPPED=$VFIO_MIG_V1_TRAPPED"
+    echo "vfio-mig-guest: VFIO_MIG_V1_MMAP=$VFIO_MIG_V1_MMAP"
+else
+    echo "vfio-mig-guest: mig_v1_sample left out (VFIO_MIG_GUEST_V1_MDEVS=0): skipping the v1_sample tests"
+    TEST_ARGS="$TEST_ARGS --skip v1_sample::"
+fi
 ls -l /dev/vfio
+
+# Removes the v1 sample's mdevs and unloads it; sets v1_problem on failure. Then prints its
+# kernel messages since it was loaded, and fails on any warning of it (the taint notice aside)
+# or any kernel WARNING/BUG.
+v1_problem=""
+v1_unload_and_check() {
+    for dev in $VFIO_MIG_V1_DEVICES; do
+        echo 1 >"$dev/remove" || v1_problem="removing mdev ${dev##*/} failed"
+    done
+    refcnt=$(cat "/sys/module/$V1_MODULE/refcnt" 2>/dev/null)
+    echo "vfio-mig-guest: $V1_MODULE refcnt after removing its mdevs: ${refcnt:-unreadable}"
+    if [ -n "$v1_problem" ]; then
+        :
+    elif [ "$refcnt" != 0 ]; then
+        v1_problem="$V1_MODULE refcnt ${refcnt:-unreadable}, not 0, after its mdevs were removed (leaked references)"
+    elif ! rmmod "$V1_MODULE"; then
+        v1_problem="rmmod $V1_MODULE failed"
+    elif [ -e "/sys/module/$V1_MODULE" ]; then
+        v1_problem="$V1_MODULE still loaded after rmmod"
+    fi
+    if [ -z "$v1_problem" ]; then
+        echo "vfio-mig-guest: $V1_MODULE unloaded cleanly (refcnt 0, mdevs removed, rmmod ok)"
+    else
+        echo "vfio-mig-guest: $V1_MODULE unload FAILED: $v1_problem"
+    fi
+    window=$(dmesg -r | sed -n "/vfio-mig-guest: loading $V1_MODULE/,\$p")
+    echo "vfio-mig-guest: kernel messages of $V1_MODULE from load to unload:"
+    echo "$window" | grep -E "mig_v1_sample|mig-v1|$V1_UUID_PREFIX" | sed 's/^/    /'
+    # Raw levels: <0>..<4> are emerg..warning (kernel facility).
+    warnings=$(echo "$window" | grep -E '^<[0-4]>' | grep -E "mig_v1_sample|mig-v1|$V1_UUID_PREFIX" |
+        grep -vE 'taints kernel|tainting kernel')
+    generic=$(echo "$window" | grep -E 'WARNING:|BUG:|Oops|Call Trace|refcount_t:|general protection')
+    if [ -n "$warnings$generic" ]; then
+        echo "vfio-mig-guest: warnings since $V1_MODULE was loaded:"
+        printf '%s\n%s\n' "$warnings" "$generic" | grep . | sed 's/^/    /'
+        [ -n "$v1_problem" ] || v1_problem="kernel warnings from or around $V1_MODULE"
+    else
+        echo "vfio-mig-guest: no warnings from $V1_MODULE in dmesg (load, tests, unload)"
+    fi
+}
 
 echo "vfio-mig-guest: running tests, up $(cut -d' ' -f1 /proc/uptime) s"
 cd /tmp || fail "cd /tmp"
@@ -70,7 +142,9 @@ cd /tmp || fail "cd /tmp"
 /bin/vfio-mig-guest-tests --test-threads=1 $TEST_ARGS
 rc=$?
 echo "vfio-mig-guest: tests done (exit $rc), up $(cut -d' ' -f1 /proc/uptime) s"
+[ -n "$V1_MODULE" ] && v1_unload_and_check
 [ "$rc" -eq 0 ] || fail "guest tests exited with status $rc"
+[ -z "$v1_problem" ] || fail "$v1_problem"
 if dmesg | grep -qE 'BUG:|Oops|Call Trace'; then
     fail "kernel reported a bug or oops during the tests"
 fi

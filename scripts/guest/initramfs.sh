@@ -3,11 +3,15 @@
 #
 # Assembles $WORK/initramfs.cpio (newc, uncompressed): static busybox, /init (init.sh), the
 # modules vfio, vfio_iommu_type1, mdev, mtty and whatever they depend on (decompressed on the
-# host, in dependency order found with modinfo), and the binaries from build.sh.
+# host, in dependency order found with modinfo), and the binaries from build.sh; plus our own v1
+# migration sample module mig_v1_sample.ko (kmod/mig-v1-sample, built by kernel.sh), which /init
+# loads after them and unloads after the tests.
 #
 # Knobs:
 #   VFIO_MIG_GUEST_MDEVS=4           number of mtty mdevs the guest creates
 #   VFIO_MIG_GUEST_MDEV_TYPE=mtty-2  their type (mtty-1: one port, mtty-2: two ports)
+#   VFIO_MIG_GUEST_V1_MDEVS=2        mig_v1_sample mdevs of EACH type (mig-v1-trapped, mig-v1-mmap);
+#                                    0: leave the module out and skip the v1_sample tests
 #   VFIO_MIG_GUEST_TEST_ARGS=...     extra arguments of the guest test binary (e.g. a name filter)
 #   VFIO_MIG_GUEST_RUST_LOG=...      RUST_LOG inside the guest
 set -euo pipefail
@@ -73,7 +77,17 @@ main() {
     for m in "${WANTED_MODULES[@]}"; do
         visit "$m"
     done
-    log "initramfs: module load order: ${ORDER[*]}"
+    # mig_v1_sample is loaded (and unloaded) by /init on its own, after the modules above.
+    local v1_mdevs=${VFIO_MIG_GUEST_V1_MDEVS:-2} v1_module="" v1_ko
+    v1_ko=$WORK/kernel/$abi/mig-v1-sample/mig_v1_sample.ko
+    if [[ $v1_mdevs != 0 ]]; then
+        [[ -f $v1_ko ]] || die "no $v1_ko: run kernel.sh (or set VFIO_MIG_GUEST_V1_MDEVS=0)"
+        for m in $(modinfo -F depends "$v1_ko" | tr ',' ' '); do
+            visit "$m"
+        done
+        v1_module=mig_v1_sample
+    fi
+    log "initramfs: module load order: ${ORDER[*]}${v1_module:+ (then $v1_module)}"
 
     rm -rf "$rootfs"
     mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc/vfio-mig,lib/modules}
@@ -91,6 +105,9 @@ main() {
             *) die "unknown module file ${MOD_PATH[$m]}" ;;
         esac
     done
+    if [[ -n $v1_module ]]; then
+        install -m 0644 "$v1_ko" "$rootfs/lib/modules/$v1_module.ko"
+    fi
     # The kernel opens /dev/console for init before /init can mount devtmpfs.
     mknod -m 0600 "$rootfs/dev/console" c 5 1 2>/dev/null || true
     {
@@ -99,6 +116,8 @@ main() {
         printf 'MDEV_COUNT=%q\n' "${VFIO_MIG_GUEST_MDEVS:-4}"
         printf 'TEST_ARGS=%q\n' "${VFIO_MIG_GUEST_TEST_ARGS:-}"
         printf 'GUEST_RUST_LOG=%q\n' "${VFIO_MIG_GUEST_RUST_LOG:-}"
+        printf 'V1_MODULE=%q\n' "$v1_module"
+        printf 'V1_MDEVS=%q\n' "$v1_mdevs"
     } >"$rootfs/etc/vfio-mig/config"
 
     (cd "$rootfs" && find . -print0 | LC_ALL=C sort -z |

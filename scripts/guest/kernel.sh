@@ -7,7 +7,9 @@
 #     of the same version all exist;
 #   - apt-get downloads them and dpkg-deb -x them into $WORK/kernel/<abi>/root (nothing is installed);
 #   - points the headers' Makefile at the scratch copy of the -common tree;
-#   - builds the kernel's sample mdev driver samples/vfio-mdev/mtty.c out of tree (obj-m := mtty.o).
+#   - builds the kernel's sample mdev driver samples/vfio-mdev/mtty.c out of tree (obj-m := mtty.o);
+#   - builds our own v1 migration sample module, kmod/mig-v1-sample, next to it (W=1; any compiler
+#     warning fails the step). See docs/v1-sample-module.md.
 # Writes the chosen ABI to $WORK/kernel/current. Cached: a prepared ABI is reused without apt.
 #
 # Knobs:
@@ -120,6 +122,41 @@ build_mtty() {
     [[ -f $dir/mtty.ko ]] || die "mtty.ko not produced (log: $dir/build.log)"
 }
 
+# The headers' Makefile includes the -common tree by absolute path; a cache made under another
+# checkout path (or moved) points elsewhere. Re-point it at this cache (idempotent).
+repoint_headers() {
+    local abi=$1 root=$WORK/kernel/$1/root
+    local hdr=$root/usr/src/linux-headers-$abi-amd64 common=$root/usr/src/linux-headers-$abi-common
+    grep -qxF "include $common/Makefile" "$hdr/Makefile" && return 0
+    sed -i -E "s#^include .*/linux-headers-$abi-common/Makefile\$#include $common/Makefile#" "$hdr/Makefile"
+    grep -qxF "include $common/Makefile" "$hdr/Makefile" ||
+        die "could not point $hdr/Makefile at $common; its content: $(cat "$hdr/Makefile")"
+}
+
+# kmod/mig-v1-sample (our v1 migration sample mdev), built in $WORK so the source folder stays
+# clean. Rebuilt when its sources change; a compiler warning (W=1) fails the build.
+build_v1_sample() {
+    local abi=$1 src=$REPO_ROOT/kmod/mig-v1-sample dir=$WORK/kernel/$1/mig-v1-sample
+    local hdr=$WORK/kernel/$abi/root/usr/src/linux-headers-$abi-amd64
+    if [[ -f $dir/mig_v1_sample.ko && $dir/mig_v1_sample.ko -nt $src/mig_v1_sample.c &&
+        $dir/mig_v1_sample.ko -nt $src/Kbuild ]]; then
+        return 0
+    fi
+    mkdir -p "$dir"
+    cp "$src/Kbuild" "$src/mig_v1_sample.c" "$dir/"
+    log "building mig_v1_sample.ko (kmod/mig-v1-sample, W=1) against linux-headers-$abi-amd64"
+    make -C "$hdr" M="$dir" W=1 modules >"$dir/build.log" 2>&1 || {
+        cat "$dir/build.log" >&2
+        die "building mig_v1_sample.ko failed (log: $dir/build.log)"
+    }
+    if grep -qiE 'warning:|error:' "$dir/build.log"; then
+        cat "$dir/build.log" >&2
+        rm -f "$dir/mig_v1_sample.ko"
+        die "mig_v1_sample.ko built with warnings (log: $dir/build.log)"
+    fi
+    [[ -f $dir/mig_v1_sample.ko ]] || die "mig_v1_sample.ko not produced (log: $dir/build.log)"
+}
+
 main() {
     local abi ver
     if [[ -s $WORK/kernel/current && ${VFIO_MIG_GUEST_KERNEL_REFRESH:-0} != 1 &&
@@ -127,6 +164,8 @@ main() {
         abi=$(cat "$WORK/kernel/current")
         if [[ -f $WORK/kernel/$abi/.extracted && -f $WORK/kernel/$abi/mtty/mtty.ko ]]; then
             log "kernel: cached $abi"
+            repoint_headers "$abi"
+            build_v1_sample "$abi"
             return 0
         fi
     fi
@@ -142,7 +181,9 @@ main() {
     log "kernel: $abi (version $ver)"
     prepare_kernel "$abi" "$ver"
     fetch_mtty_source "$abi" "$ver"
+    repoint_headers "$abi"
     build_mtty "$abi"
+    build_v1_sample "$abi"
     echo "$abi" >"$WORK/kernel/current"
     # Drop kernels of other ABIs (~200 MB each).
     local d

@@ -22,3 +22,33 @@ current_abi() {
     [[ -s $WORK/kernel/current ]] || die "no kernel prepared yet: run scripts/guest/kernel.sh (or run.sh)"
     cat "$WORK/kernel/current"
 }
+
+# The Debian package version of the current kernel ABI (e.g. 6.12.117-1~deb12u1): the version
+# of linux-source-6.12 that matches it. Read from the extracted image's changelog.
+current_version() {
+    local abi ver
+    abi=$(current_abi)
+    ver=$(zcat "$WORK/kernel/$abi/root/usr/share/doc/linux-image-$abi-amd64-unsigned/changelog.Debian.gz" 2>/dev/null |
+        sed -n '1s/^[^ ]* (\([^)]*\)).*/\1/p')
+    [[ -n $ver ]] || die "cannot read the package version of kernel $abi (run kernel.sh)"
+    echo "$ver"
+}
+
+# The iommufd guest kernel (ikernel.sh): a small kernel built from linux-source-6.12 with
+# IOMMUFD, VFIO_DEVICE_CDEV, VFIO (group and container too) and the mtty sample built in.
+IKERNEL_FRAGMENT=$GUEST_DIR/iommufd-kernel.config
+# Bump when ikernel.sh builds differently from the same fragment (invalidates the cache).
+IKERNEL_RECIPE=1
+
+# Cache key of the iommufd kernel for package version $1: the version plus a hash of the
+# fragment and the recipe, e.g. 6.12.117-1~deb12u1-3f2a9c1d7b2e.
+ikernel_key() {
+    local hash
+    hash=$({ cat "$IKERNEL_FRAGMENT"; echo "recipe $IKERNEL_RECIPE"; } | sha256sum | cut -c1-12)
+    echo "$1-$hash"
+}
+
+# Whether the iommufd kernel run is enabled (VFIO_MIG_GUEST_IOMMUFD, default 1).
+ikernel_enabled() {
+    [[ ${VFIO_MIG_GUEST_IOMMUFD:-1} != 0 ]]
+}

@@ -12,6 +12,7 @@ use vfio_mig::mock::{MockHandle, MockStatus};
 use vfio_mig::open::{open_device, OpenedDevice};
 use vfio_mig::stream::{StreamReader, StreamWriter};
 use vfio_mig::v1::V1State;
+use vfio_mig::v2::MigState;
 use vfio_mig::Result;
 
 /// Opens a mock device from its spec, panicking on a bad spec (a test bug).
@@ -42,9 +43,8 @@ pub fn load_from_slice(dev: &mut OpenedDevice, bytes: &[u8]) -> Result<LoadRepor
 /// A source after a failed migration: running again (by the cancel arc or a reset), not
 /// stuck saving or stopped.
 pub fn assert_source_running(status: &MockStatus, context: &str) {
-    assert_eq!(
-        status.v1_state(),
-        V1State::Running,
+    assert!(
+        status.is_running(),
         "{context}: source must be RUNNING after a failure, status {status:?}"
     );
 }
@@ -56,8 +56,12 @@ pub fn assert_destination_safe(status: &MockStatus, context: &str) {
         !status.resumed_ok,
         "{context}: destination must not run with loaded state, status {status:?}"
     );
+    let safe = match status.v2_state {
+        Some(s) => matches!(s, MigState::Running | MigState::Stop),
+        None => matches!(status.v1_state(), V1State::Running | V1State::Stop),
+    };
     assert!(
-        matches!(status.v1_state(), V1State::Running | V1State::Stop),
+        safe,
         "{context}: destination must be left reset (RUNNING), status {status:?}"
     );
     if status.bytes_loaded > 0 || status.transactions_loaded > 0 {

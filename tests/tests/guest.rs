@@ -10,6 +10,10 @@
 //! - `VFIO_MIG_MTTY_DEVICES`: space-separated sysfs paths `/sys/bus/mdev/devices/<uuid>` of
 //!   the mtty mdevs (four of type `mtty-2` by default), each in an IOMMU group of its own.
 //! - `VFIO_MIG_BIN`: path of the static `vfio-mig` command (`/bin/vfio-mig`).
+//! - `VFIO_MIG_BACKEND`: `group` or `iommufd` (or `auto`): how the library, the `vfio-mig`
+//!   command and [`mtty::MttyDevice`] open the devices. The harness runs the whole binary once
+//!   per backend the guest kernel offers (see docs/guest-tests.md), and
+//!   `backend_in_use_is_the_one_requested` makes sure no run silently fell back to another.
 //!
 //! Tests run one at a time (`--test-threads=1`), so a test may use any device, but must close
 //! what it opens (a VFIO group can be open only once at a time).
@@ -20,6 +24,7 @@ use std::os::fd::AsRawFd;
 mod migration;
 
 use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
+use vfio_mig::device::backend::{Backend, BACKEND_ENV};
 
 /// Reusable helpers for guest tests on mtty devices.
 #[allow(dead_code)] // Not every helper is used by every test yet.
@@ -35,7 +40,9 @@ pub mod mtty {
         vfio_device_feature, vfio_device_feature_migration, VFIO_BASE, VFIO_DEVICE_FEATURE_GET,
         VFIO_DEVICE_FEATURE_MIGRATION, VFIO_TYPE,
     };
-    use vfio_ioctls::{VfioContainer, VfioDevice};
+    use iommufd_ioctls::IommuFd;
+    use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
+    use vfio_mig::device::backend::Backend;
 
     /// Environment variable listing the mtty mdevs' sysfs paths.
     pub const DEVICES_ENV: &str = "VFIO_MIG_MTTY_DEVICES";
@@ -122,23 +129,97 @@ pub mod mtty {
             .into_owned())
     }
 
-    /// An mtty device opened through a VFIO container of its own (TYPE1v2 IOMMU).
+    /// The backend this run asks for (`VFIO_MIG_BACKEND`, `auto` when unset), panicking on a
+    /// bad value.
+    pub fn requested_backend() -> Backend {
+        Backend::from_env().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The backend `requested` must end up as on this kernel, decided from /dev and sysfs
+    /// directly (not through the library): `auto` is the group when the container and the
+    /// device's group node exist, else iommufd.
+    pub fn expected_backend(requested: Backend, dev: &Path) -> Backend {
+        match requested {
+            Backend::Auto => {
+                let group_node = iommu_group(dev)
+                    .map(|g| Path::new(&format!("/dev/vfio/{g}")).exists())
+                    .unwrap_or(false);
+                if Path::new("/dev/vfio/vfio").exists() && group_node {
+                    Backend::Group
+                } else {
+                    Backend::Iommufd
+                }
+            }
+            forced => forced,
+        }
+    }
+
+    /// Whether this kernel offers the iommufd/cdev path for `dev`.
+    pub fn iommufd_available(dev: &Path) -> bool {
+        Path::new("/dev/iommu").exists() && dev.join("vfio-dev").is_dir()
+    }
+
+    /// Whether this kernel offers the container/group path for `dev`.
+    pub fn group_available(dev: &Path) -> bool {
+        Path::new("/dev/vfio/vfio").exists()
+            && iommu_group(dev)
+                .map(|g| Path::new(&format!("/dev/vfio/{g}")).exists())
+                .unwrap_or(false)
+    }
+
+    /// What `/proc/self/fd/<fd>` points to.
+    pub fn fd_target(fd: RawFd) -> String {
+        fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| format!("? ({e})"))
+    }
+
+    /// An mtty device opened through a VFIO container of its own (TYPE1v2 IOMMU) or an iommufd
+    /// of its own, as `VFIO_MIG_BACKEND` asks.
     pub struct MttyDevice {
         /// The sysfs path it was opened from.
         pub path: PathBuf,
-        /// The VFIO device; it keeps its group and container alive, and closes them on drop.
+        /// The backend that opened it (group or iommufd, never auto).
+        pub backend: Backend,
+        /// The VFIO device; it keeps its group and container (or iommufd) alive, and closes
+        /// them on drop.
         pub device: VfioDevice,
     }
 
     impl MttyDevice {
-        /// Opens /dev/vfio/vfio, the device's group, attaches the group to the container
-        /// (VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU TYPE1v2) and gets the device fd
-        /// (VFIO_GROUP_GET_DEVICE_FD).
+        /// Opens the device through the backend `VFIO_MIG_BACKEND` asks for (see
+        /// [`expected_backend`] for `auto`), with vfio-ioctls directly, not through vfio-mig.
         pub fn open(path: &Path) -> Result<Self, vfio_ioctls::VfioError> {
-            let container = Arc::new(VfioContainer::new(None)?);
-            let device = VfioDevice::new(path, container, false)?;
+            Self::open_with(path, expected_backend(requested_backend(), path))
+        }
+
+        /// Opens the device through `backend`:
+        /// - group: /dev/vfio/vfio, the device's group, attaches the group to the container
+        ///   (VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU TYPE1v2) and gets the device fd
+        ///   (VFIO_GROUP_GET_DEVICE_FD);
+        /// - iommufd: /dev/iommu with a new IOAS, the cdev named by `<sysfs>/vfio-dev/vfioN`
+        ///   (vfio-ioctls finds it), VFIO_DEVICE_BIND_IOMMUFD and
+        ///   VFIO_DEVICE_ATTACH_IOMMUFD_PT.
+        pub fn open_with(path: &Path, backend: Backend) -> Result<Self, vfio_ioctls::VfioError> {
+            let device = match backend {
+                Backend::Iommufd => {
+                    let iommufd = IommuFd::new().map_err(vfio_ioctls::VfioError::NewVfioIommufd)?;
+                    let ops = Arc::new(VfioIommufd::new(Arc::new(iommufd), None, None)?);
+                    VfioDevice::new(path, ops, true)?
+                }
+                Backend::Group | Backend::Auto => {
+                    let container = Arc::new(VfioContainer::new(None)?);
+                    VfioDevice::new(path, container, false)?
+                }
+            };
+            let backend = if backend == Backend::Auto {
+                Backend::Group
+            } else {
+                backend
+            };
             Ok(MttyDevice {
                 path: path.to_path_buf(),
+                backend,
                 device,
             })
         }
@@ -349,4 +430,102 @@ fn bar_registers_read_back() {
     }
     // Out of range accesses are refused by the helper, not sent to the kernel.
     assert!(d.region_read(0, 8, &mut [0u8]).is_err());
+}
+
+/// Runs `vfio-mig probe --json DEV` with `extra` arguments before `probe`.
+fn probe_json(extra: &[&str], dev: &std::path::Path) -> std::process::Output {
+    let out = std::process::Command::new(mtty::vfio_mig_bin())
+        .args(extra)
+        .args(["probe", "--json"])
+        .arg(dev)
+        .output()
+        .expect("run vfio-mig probe");
+    eprintln!(
+        "$ vfio-mig {} probe --json {}\n{}{}",
+        extra.join(" "),
+        dev.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Checks that a device fd (its `/proc/self/fd` target) is what `backend` opens: the cdev for
+/// iommufd, the anonymous device file of `VFIO_GROUP_GET_DEVICE_FD` for the group.
+fn assert_fd_matches(backend: Backend, target: &str, context: &str) {
+    match backend {
+        Backend::Iommufd => assert!(
+            target.starts_with("/dev/vfio/devices/vfio"),
+            "{context}: iommufd device fd is {target}, not a /dev/vfio/devices cdev"
+        ),
+        _ => assert_eq!(
+            target, "anon_inode:[vfio-device]",
+            "{context}: group device fd is {target}"
+        ),
+    }
+}
+
+#[test]
+fn backend_in_use_is_the_one_requested() {
+    // The harness names the backend of every run: without it this run would test `auto` only.
+    let requested = mtty::requested_backend();
+    assert!(
+        std::env::var_os(BACKEND_ENV).is_some(),
+        "{BACKEND_ENV} is not set: the harness must say which backend a run tests"
+    );
+    eprintln!("requested backend: {requested}");
+    for dev in mtty_devices() {
+        let expected = mtty::expected_backend(requested, &dev);
+        let ctx = format!("{} ({BACKEND_ENV}={requested})", dev.display());
+
+        // The library (what the migration tests use).
+        let opened = vfio_mig::open::open_device(dev.to_str().unwrap())
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let access = opened.access.clone().expect("a real device reports its access");
+        assert_eq!(access.backend, expected, "{ctx}: library: {access:?}");
+        let lib_fd = access.detail.rsplit("device fd ").next().unwrap_or_default();
+        assert_fd_matches(expected, lib_fd, &ctx);
+        drop(opened);
+
+        // The test helper (what the register-level tests use).
+        let d = MttyDevice::open_or_panic(&dev);
+        assert_eq!(d.backend, expected, "{ctx}: MttyDevice");
+        assert_fd_matches(expected, &mtty::fd_target(d.fd()), &ctx);
+        drop(d);
+    }
+
+    // The command, through the environment.
+    let dev = &mtty_devices()[0];
+    let expected = mtty::expected_backend(requested, dev);
+    let out = probe_json(&[], dev);
+    assert!(out.status.success(), "probe failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backend"], expected.name(), "{v}");
+    let access = v["access"].as_str().expect("access listed");
+    assert_fd_matches(
+        expected,
+        access.rsplit("device fd ").next().unwrap_or_default(),
+        "probe",
+    );
+
+    // --backend overrides the environment; a backend the kernel lacks is a clean error.
+    for (backend, available) in [
+        (Backend::Group, mtty::group_available(dev)),
+        (Backend::Iommufd, mtty::iommufd_available(dev)),
+    ] {
+        let out = probe_json(&["--backend", backend.name()], dev);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if available {
+            assert!(out.status.success(), "--backend {backend}: {stderr}");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["backend"], backend.name(), "{v}");
+        } else {
+            assert!(!out.status.success(), "--backend {backend} cannot work here");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            assert!(
+                stderr.contains(&format!("the {backend} backend cannot open")),
+                "--backend {backend}: {stderr}"
+            );
+        }
+    }
 }

@@ -91,8 +91,10 @@ fn precopy_may_switch_over_with_bytes_still_pending() {
     let opts = SaveOptions {
         live: true,
         policy: PreCopyPolicy {
+            downtime_budget: std::time::Duration::ZERO,
             switchover_bytes: 0,
             max_rounds: 1,
+            stall_rounds: 100,
             ..Default::default()
         },
         buffer: 64 << 10,

@@ -72,9 +72,52 @@ pub enum Error {
         /// What became of it.
         recovery: crate::engine::Recovery,
     },
+    /// Pre-copy could not meet the downtime budget under a strict policy.
+    #[error("pre-copy: {0}")]
+    PreCopy(String),
     /// A bad command-line or device specification.
     #[error("{0}")]
     Usage(String),
+    /// A migration was refused before either device was touched (by the destination's
+    /// compatibility or fencing checks).
+    #[error("{step}: refused: {detail}")]
+    Refused {
+        /// What was being done.
+        step: String,
+        /// Why, as a code (also sent to the source in REFUSE).
+        code: crate::handshake::ReasonCode,
+        /// Why, in words.
+        detail: String,
+    },
+    /// The destination reported a failure after it had accepted the migration (its device
+    /// was reset).
+    #[error("{step}: the destination failed: {detail}")]
+    PeerFailed {
+        /// What the source was doing.
+        step: String,
+        /// The destination's reason.
+        detail: String,
+    },
+    /// The connection was lost after the source told the destination to resume: the
+    /// destination may run the state. The source device is left stopped, not resumed, so that
+    /// the state never runs twice; `send --session` with the same id asks the destination.
+    #[error("{step}: outcome in doubt: {detail}")]
+    InDoubt {
+        /// What was being done.
+        step: String,
+        /// What is known.
+        detail: String,
+    },
+    /// Another vfio-mig command holds the device's lock.
+    #[error("{device} is in use by another vfio-mig (pid {pid}; lock {})", lock.display())]
+    Busy {
+        /// The device.
+        device: String,
+        /// The holder's pid, as recorded in the lock file (`unknown` if unreadable).
+        pid: String,
+        /// The lock file.
+        lock: std::path::PathBuf,
+    },
 }
 
 /// Result alias of this crate.
@@ -110,6 +153,15 @@ impl Error {
         Error::Transport {
             step: step.into(),
             source,
+        }
+    }
+
+    /// The exit status of the command for this error: 3 when the outcome is in doubt (see
+    /// [`Error::InDoubt`]), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::InDoubt { .. } => 3,
+            _ => 1,
         }
     }
 

@@ -16,9 +16,12 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fence;
+pub mod handshake;
 pub mod mock;
 pub mod open;
 pub mod stream;
+pub mod transport;
 pub mod v1;
 pub mod v2;
 

@@ -13,7 +13,8 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line naming the step (and what became of the devices), never a backtrace.
             eprintln!("vfio-mig: error: {e}");
-            ExitCode::FAILURE
+            // 3: in doubt (the source device is left stopped); 1: any other failure.
+            ExitCode::from(e.exit_code())
         }
     }
 }

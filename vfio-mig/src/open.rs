@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Opening a device by name: a sysfs path of a VFIO device, or a mock specification.
+//!
+//! A real device is opened through the [`Backend`] chosen, in this order, by
+//! [`set_backend`] (the command line's `--backend`), the `VFIO_MIG_BACKEND` environment
+//! variable ([`BACKEND_ENV`]), or [`Backend::Auto`].
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+pub use crate::device::backend::{Backend, DeviceAccess, BACKEND_ENV};
 use crate::device::vfio::VfioDeviceIo;
 use crate::device::DeviceIo;
 use crate::engine::MigrationDevice;
@@ -19,6 +24,8 @@ pub struct OpenedDevice {
     pub io: Arc<dyn DeviceIo>,
     /// For a mock, the handle that inspects it.
     pub mock: Option<MockHandle>,
+    /// For a real device, how it was opened (group or iommufd); `None` for a mock.
+    pub access: Option<DeviceAccess>,
 }
 
 impl std::fmt::Debug for OpenedDevice {
@@ -34,9 +41,37 @@ pub fn is_mock(name: &str) -> bool {
     name.starts_with("mock:")
 }
 
+/// The backend forced for this process by [`set_backend`] (the command line's `--backend`).
+static BACKEND_OVERRIDE: Mutex<Option<Backend>> = Mutex::new(None);
+
+/// Forces the backend [`open_device`] uses in this process, over `VFIO_MIG_BACKEND`
+/// (`None` returns the choice to the environment).
+pub fn set_backend(backend: Option<Backend>) {
+    *BACKEND_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = backend;
+}
+
+/// The backend [`open_device`] uses: the one [`set_backend`] forced, else `VFIO_MIG_BACKEND`,
+/// else [`Backend::Auto`]. A `VFIO_MIG_BACKEND` other than `auto`, `group` or `iommufd` is a
+/// usage error.
+pub fn configured_backend() -> Result<Backend> {
+    if let Some(b) = *BACKEND_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) {
+        return Ok(b);
+    }
+    Backend::from_env().map_err(Error::Usage)
+}
+
 /// Opens `name`: `mock:v1[,options]` or the sysfs path of a VFIO device
-/// (`/sys/bus/mdev/devices/<uuid>`, `/sys/bus/pci/devices/<bdf>`).
+/// (`/sys/bus/mdev/devices/<uuid>`, `/sys/bus/pci/devices/<bdf>`), the latter through the
+/// [`configured_backend`].
 pub fn open_device(name: &str) -> Result<OpenedDevice> {
+    if is_mock(name) {
+        return open_device_with(name, Backend::Auto);
+    }
+    open_device_with(name, configured_backend()?)
+}
+
+/// Like [`open_device`], with the backend of a real device given (a mock ignores it).
+pub fn open_device_with(name: &str, backend: Backend) -> Result<OpenedDevice> {
     if is_mock(name) {
         let spec: MockSpec = name
             .parse()
@@ -48,6 +83,7 @@ pub fn open_device(name: &str) -> Result<OpenedDevice> {
             device,
             io,
             mock: Some(handle),
+            access: None,
         });
     }
     let path = Path::new(name);
@@ -56,13 +92,16 @@ pub fn open_device(name: &str) -> Result<OpenedDevice> {
             "{name}: no such device (expected a sysfs path such as /sys/bus/mdev/devices/<uuid>, or mock:v1)"
         )));
     }
-    let io: Arc<dyn DeviceIo> =
-        Arc::new(VfioDeviceIo::open(path).map_err(|e| Error::device(format!("open {name}"), e))?);
+    let vfio = VfioDeviceIo::open_with(path, backend)
+        .map_err(|e| Error::device(format!("open {name}"), e))?;
+    let access = Some(vfio.access().clone());
+    let io: Arc<dyn DeviceIo> = Arc::new(vfio);
     let device = driver_for(io.clone())?;
     Ok(OpenedDevice {
         device,
         io,
         mock: None,
+        access,
     })
 }
 

@@ -1,9 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The command line: `probe`, `save`, `load`, `migrate`, `inspect` and `demo`.
+//! The command line: `probe`, `save`, `load`, `migrate`, `send`, `recv`, `inspect` and
+//! `demo`. The guide is `docs/cli.md`.
 
+mod fencing;
+mod net;
 mod probe;
 mod progress;
 mod transfer;
+
+pub use fencing::FenceArgs;
+pub use net::NetArgs;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +30,14 @@ pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How real devices are opened: `group` (container + /dev/vfio/<group>), `iommufd`
+    /// (/dev/iommu + /dev/vfio/devices/vfioN) or `auto` (group when offered, else iommufd).
+    /// Overrides VFIO_MIG_BACKEND; a forced backend the kernel lacks is an error.
+    #[arg(long, global = true, value_enum, value_name = "BACKEND")]
+    pub backend: Option<crate::device::backend::Backend>,
+    /// Locks and fencing state.
+    #[command(flatten)]
+    pub fence: FenceArgs,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -70,6 +84,42 @@ pub enum Command {
         #[command(flatten)]
         transfer: TransferArgs,
     },
+    /// Migrate a device to a `recv` on another host (tcp:HOST:PORT, unix:PATH; file:PATH
+    /// saves).
+    Send {
+        /// The source device.
+        device: String,
+        /// The destination: tcp:HOST:PORT, tcp:[IPv6]:PORT, unix:PATH or file:PATH.
+        #[arg(long, value_name = "ADDR")]
+        to: crate::transport::Address,
+        /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
+        /// instead of starting a new one: a destination that completed it answers
+        /// ALREADY_COMPLETED.
+        #[arg(long, value_name = "HEX")]
+        session: Option<String>,
+        #[command(flatten)]
+        transfer: TransferArgs,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Receive a migration from a `send` into a device (serves until one migration
+    /// completes).
+    Recv {
+        /// The destination device.
+        device: String,
+        /// Where to listen: tcp:HOST:PORT (port 0: any), unix:PATH, or file:PATH (loads it).
+        #[arg(long, value_name = "ADDR")]
+        listen: crate::transport::Address,
+        /// Give up after the first connection whatever its outcome, instead of waiting for a
+        /// retry after a refused or failed one.
+        #[arg(long)]
+        once: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Decode and verify a saved stream.
     Inspect {
         /// The stream file.
@@ -89,7 +139,11 @@ pub struct TransferArgs {
     /// Pre-copy while the device runs before stopping it.
     #[arg(long)]
     pub live: bool,
-    /// Pre-copy: switch over when at most this many bytes are pending.
+    /// Pre-copy: the downtime budget in milliseconds; switch over once the remaining bytes
+    /// would cross the link within it at the measured bandwidth.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Pre-copy: also switch over when at most this many bytes are pending.
     #[arg(long, default_value_t = 0)]
     pub switchover_bytes: u64,
     /// Pre-copy: most rounds before switching over.
@@ -98,22 +152,34 @@ pub struct TransferArgs {
     /// Pre-copy: most seconds before switching over.
     #[arg(long, default_value_t = 60.0)]
     pub max_precopy_secs: f64,
+    /// Pre-copy: fail instead of switching over past the downtime budget when pre-copy does
+    /// not converge or reaches its bounds.
+    #[arg(long)]
+    pub strict_downtime: bool,
     /// Transfer buffer size in bytes.
     #[arg(long, default_value_t = DEFAULT_BUFFER)]
     pub buffer: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The handoff's epoch; a destination refuses epochs below the highest it accepted.
+    /// Default: the time in milliseconds since 1970, or more if this host recorded a higher
+    /// epoch for the device.
+    #[arg(long, value_name = "N")]
+    pub epoch: Option<u64>,
 }
 
 impl TransferArgs {
-    fn save_options(&self) -> SaveOptions {
+    pub(crate) fn save_options(&self) -> SaveOptions {
         SaveOptions {
             live: self.live,
             policy: PreCopyPolicy {
+                downtime_budget: Duration::from_millis(self.downtime_ms),
                 switchover_bytes: self.switchover_bytes,
                 max_rounds: self.max_rounds,
                 max_time: Duration::from_secs_f64(self.max_precopy_secs.max(0.0)),
+                strict: self.strict_downtime,
+                ..PreCopyPolicy::default()
             },
             buffer: self.buffer.clamp(4096, crate::stream::MAX_FRAGMENT),
         }
@@ -139,36 +205,57 @@ pub fn init_logging(verbose: u8) {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(backend) = cli.backend {
+        crate::open::set_backend(Some(backend));
+    }
+    let fence = cli.fence.config();
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {
             device,
             output,
             transfer,
-        } => transfer::save(&device, &output, &transfer),
+        } => transfer::save(&device, &output, &transfer, &fence),
         Command::Load {
             device,
             input,
             json,
-        } => transfer::load(&device, &input, json),
+        } => transfer::load(&device, &input, json, &fence),
         Command::Migrate {
             source,
             destination,
             transfer,
-        } => transfer::migrate(&source, &destination, &transfer),
+        } => transfer::migrate(&source, &destination, &transfer, &fence),
+        Command::Send {
+            device,
+            to,
+            session,
+            transfer,
+            net,
+        } => net::send(&device, &to, session.as_deref(), &transfer, &net, &fence),
+        Command::Recv {
+            device,
+            listen,
+            once,
+            json,
+            net,
+        } => net::recv(&device, &listen, once, json, &net, &fence),
         Command::Inspect { file, json } => transfer::inspect(&file, json),
         Command::Demo => {
             let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");
             eprintln!("demo: live migration {dev} -> {dev}");
             let args = TransferArgs {
                 live: true,
-                switchover_bytes: 1 << 20,
+                downtime_ms: 300,
+                switchover_bytes: 0,
                 max_rounds: 30,
                 max_precopy_secs: 60.0,
+                strict_downtime: false,
                 buffer: DEFAULT_BUFFER,
                 json: false,
+                epoch: None,
             };
-            transfer::migrate(&dev, &dev, &args)
+            transfer::migrate(&dev, &dev, &args, &fence)
         }
     }
 }

@@ -22,6 +22,10 @@ struct RegionLine {
 struct ProbeOutput {
     device: String,
     model: String,
+    /// How the device was opened: `group` or `iommufd` (`null` for a mock).
+    backend: Option<crate::device::backend::Backend>,
+    /// What the backend opened (`null` for a mock).
+    access: Option<String>,
     protocol: String,
     capabilities: crate::engine::Capabilities,
     state: String,
@@ -70,6 +74,8 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     let out = ProbeOutput {
         device: id.instance,
         model: id.model,
+        backend: opened.access.as_ref().map(|a| a.backend),
+        access: opened.access.as_ref().map(|a| a.detail.clone()),
         protocol: opened.device.protocol().to_string(),
         capabilities: opened.device.capabilities(),
         state: opened.device.state_name()?,
@@ -85,6 +91,9 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     }
     println!("device:       {}", out.device);
     println!("model:        {}", out.model);
+    if let (Some(backend), Some(access)) = (out.backend, &out.access) {
+        println!("backend:      {backend}: {access}");
+    }
     println!("protocol:     {}", out.protocol);
     println!(
         "capabilities: pre-copy {}, p2p {}, migration flags {:#x}",

@@ -10,24 +10,24 @@ use indicatif::{HumanBytes, MultiProgress};
 
 use crate::engine::session::new_header;
 use crate::engine::save::rollback_source;
-use crate::engine::{
-    load_with_rollback, migrate_local, save_with_rollback, MigrationDevice, SaveOptions, SaveReport,
-};
+use crate::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
+use crate::fence::{session_hex, FenceConfig};
+use crate::handshake::{load_fenced, migrate_pair, RecvOutcome};
 use crate::open::open_device;
 use crate::stream::{StreamHeader, StreamReader, StreamWriter};
 
 use super::progress::ProgressView;
 use super::TransferArgs;
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::Usage(format!("encode JSON: {e}")))?;
     println!("{text}");
     Ok(())
 }
 
-fn save_summary(r: &SaveReport) -> String {
+pub(super) fn save_summary(r: &SaveReport) -> String {
     let precopy = match r.switch_reason {
         Some(reason) => format!(
             "pre-copy {} in {} rounds ({reason:?}), ",
@@ -77,10 +77,12 @@ fn save_to_file(
 }
 
 /// Runs `save`.
-pub fn save(device: &str, output: &Path, args: &TransferArgs) -> Result<()> {
+pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
+    let claim = fence.claim(device)?;
     let mut opened = open_device(device)?;
     let opts = args.save_options();
-    let header = new_header(&[opened.device.as_ref()], opts.live, 1)?;
+    let epoch = args.epoch.unwrap_or_else(|| claim.default_epoch());
+    let header = new_header(&[opened.device.as_ref()], opts.live, epoch)?;
     let partial = partial_path(output);
     let file = File::create(&partial)
         .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
@@ -110,16 +112,32 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs) -> Result<()> {
 }
 
 /// Runs `load`.
-pub fn load(device: &str, input: &Path, json: bool) -> Result<()> {
+pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Result<()> {
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
     let (mut reader, _header) = StreamReader::open(BufReader::with_capacity(1 << 20, file))?;
+    let claim = fence.claim(device)?;
     let mut opened = open_device(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
-    let result = load_with_rollback(opened.device.as_mut(), &mut reader, 0, &view);
+    let result = load_fenced(
+        opened.device.as_mut(),
+        &mut reader,
+        claim.fence().as_mut(),
+        &view,
+    );
     view.finish();
-    let report = result?;
+    let report = match result? {
+        RecvOutcome::Resumed { report, .. } => report,
+        RecvOutcome::AlreadyCompleted { header } => {
+            eprintln!(
+                "session {} of {} was already loaded into {device}: not loaded again",
+                session_hex(&header.session_id),
+                input.display()
+            );
+            return Ok(());
+        }
+    };
     if json {
         return print_json(&report);
     }
@@ -134,18 +152,29 @@ pub fn load(device: &str, input: &Path, json: bool) -> Result<()> {
 }
 
 /// Runs `migrate`.
-pub fn migrate(source: &str, destination: &str, args: &TransferArgs) -> Result<()> {
+pub fn migrate(
+    source: &str,
+    destination: &str,
+    args: &TransferArgs,
+    fence: &FenceConfig,
+) -> Result<()> {
+    let src_claim = fence.claim(source)?;
+    let dst_claim = fence.claim(destination)?;
     let mut src = open_device(source)?;
     let mut dst = open_device(destination)?;
     let opts = args.save_options();
+    let epoch = args.epoch.unwrap_or_else(|| src_claim.default_epoch());
+    let header = new_header(&[src.device.as_ref()], opts.live, epoch)?;
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
     let started = Instant::now();
-    let result = migrate_local(
+    let result = migrate_pair(
         src.device.as_mut(),
         dst.device.as_mut(),
+        &header,
         &opts,
+        dst_claim.fence().as_mut(),
         &src_view,
         &dst_view,
     );

@@ -8,6 +8,7 @@
 //! the kernel's own byte-level ioctl formats (argsz-sized buffers, capability chains, the
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 
+pub mod backend;
 pub mod mapping;
 pub mod pod;
 pub mod region;

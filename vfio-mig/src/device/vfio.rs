@@ -2,20 +2,24 @@
 //! The real device: a VFIO device opened through `vfio-ioctls`, driven with the real syscalls
 //! on its file descriptor.
 //!
-//! `vfio-ioctls` opens the container and group and hands us the device; beyond that we issue
-//! the calls ourselves on its fd, because its own wrappers fall short for migration: region
-//! reads and writes swallow errors, the region list is keyed by position rather than by region
-//! index, and the v2 `data_fd` is kept private so it cannot be polled or spliced.
+//! `vfio-ioctls` opens the device, either through a type1 container and the device's group or
+//! through iommufd and the device's cdev (see [`super::backend`]), and hands us the device;
+//! beyond that we issue the calls ourselves on its fd, because its own wrappers fall short for
+//! migration: region reads and writes swallow errors, the region list is keyed by position
+//! rather than by region index, and the v2 `data_fd` is kept private so it cannot be polled or
+//! spliced.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use iommufd_ioctls::IommuFd;
 use nix::sys::uio::{pread, pwrite};
 use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_precopy_info, VFIO_BASE, VFIO_TYPE};
-use vfio_ioctls::{VfioContainer, VfioDevice};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
 
+use super::backend::{Backend, DeviceAccess, Route};
 use super::pod::{read_pod, write_pod};
 use super::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
 
@@ -46,11 +50,13 @@ mod ioctls {
     );
 }
 
-/// A VFIO device opened by its sysfs path through a type1 container.
+/// A VFIO device opened by its sysfs path, through a type1 container and its group or through
+/// iommufd and its cdev.
 pub struct VfioDeviceIo {
     device: VfioDevice,
     path: PathBuf,
     model: String,
+    access: DeviceAccess,
 }
 
 impl std::fmt::Debug for VfioDeviceIo {
@@ -58,6 +64,7 @@ impl std::fmt::Debug for VfioDeviceIo {
         f.debug_struct("VfioDeviceIo")
             .field("path", &self.path)
             .field("model", &self.model)
+            .field("access", &self.access)
             .finish()
     }
 }
@@ -66,29 +73,137 @@ fn errno(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
+/// An error and its causes on one line (`vfio-ioctls` puts the errno in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What the descriptor `fd` of this process refers to (`/proc/self/fd/N`): the cdev's path
+/// for iommufd, `anon_inode:[vfio-device]` for a device fd from a group.
+fn fd_target(fd: i32) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"))
+}
+
 impl VfioDeviceIo {
     /// Opens the device at `path` (e.g. `/sys/bus/mdev/devices/<uuid>` or
-    /// `/sys/bus/pci/devices/0000:01:00.0`) in a new type1 container.
+    /// `/sys/bus/pci/devices/0000:01:00.0`) with [`Backend::Auto`]: in a new type1 container
+    /// when the kernel offers the device's group, else bound to a new iommufd.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let container = VfioContainer::new(None)
-            .map_err(|e| io::Error::other(format!("open VFIO container /dev/vfio/vfio: {e}")))?;
-        let device = VfioDevice::new(path, Arc::new(container), false)
-            .map_err(|e| io::Error::other(format!("open VFIO device {}: {e}", path.display())))?;
+        Self::open_with(path, Backend::Auto)
+    }
+
+    /// Opens the device at `path` through `backend`. A forced backend the kernel does not
+    /// offer for the device is an [`io::ErrorKind::Unsupported`] error naming what is missing.
+    pub fn open_with(path: &Path, backend: Backend) -> io::Result<Self> {
+        let route = backend.route(path)?;
+        let (device, detail) = match &route {
+            Route::Group { group } => {
+                let container = VfioContainer::new(None).map_err(|e| {
+                    io::Error::other(format!(
+                        "open VFIO container /dev/vfio/vfio: {}",
+                        error_chain(&e)
+                    ))
+                })?;
+                let device = VfioDevice::new(path, Arc::new(container), false).map_err(|e| {
+                    io::Error::other(format!(
+                        "open VFIO device {} through group {group}: {}",
+                        path.display(),
+                        error_chain(&e)
+                    ))
+                })?;
+                let detail = format!(
+                    "group {group} (/dev/vfio/{group}) in a type1 container (/dev/vfio/vfio); \
+                     device fd {}",
+                    fd_target(device.as_raw_fd())
+                );
+                (device, detail)
+            }
+            Route::Iommufd { cdev } => {
+                let iommufd = IommuFd::new().map_err(|e| {
+                    io::Error::other(format!("open /dev/iommu: {}", error_chain(&e)))
+                })?;
+                let iommufd = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|e| {
+                    io::Error::other(format!(
+                        "allocate an IOAS in /dev/iommu: {}",
+                        error_chain(&e)
+                    ))
+                })?;
+                let iommufd = Arc::new(iommufd);
+                let ioas = iommufd.ioas().id();
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(cdev)
+                    .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", cdev.display())))?;
+                // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
+                // device ioctls work only once bound).
+                let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {
+                    io::Error::other(format!(
+                        "bind {} ({}) to /dev/iommu: {}",
+                        cdev.display(),
+                        path.display(),
+                        error_chain(&e)
+                    ))
+                })?;
+                let detail = format!(
+                    "cdev {} bound to /dev/iommu (iommufd device id {}), attached to IOAS {ioas}; \
+                     device fd {}",
+                    cdev.display(),
+                    device
+                        .iommufd_dev_id()
+                        .map_or_else(|| "?".to_string(), |id| id.to_string()),
+                    fd_target(device.as_raw_fd())
+                );
+                (device, detail)
+            }
+        };
+        tracing::debug!(device = %path.display(), backend = %route.backend(), "{detail}");
         Ok(Self {
             device,
             path: path.to_path_buf(),
             model: model_of(path),
+            access: DeviceAccess {
+                backend: route.backend(),
+                detail,
+            },
         })
     }
 
-    /// Wraps a device a VMM already opened through its own container (so that all of a VM's
-    /// devices share the container that maps guest memory).
+    /// Wraps a device a VMM already opened through its own container or iommufd (so that all
+    /// of a VM's devices share the address space that maps guest memory).
     pub fn from_vfio_device(device: VfioDevice, path: &Path) -> Self {
+        let backend = if device.iommufd_dev_id().is_some() {
+            Backend::Iommufd
+        } else {
+            Backend::Group
+        };
+        let detail = format!(
+            "opened by the caller ({backend}); device fd {}",
+            fd_target(device.as_raw_fd())
+        );
         Self {
             device,
             path: path.to_path_buf(),
             model: model_of(path),
+            access: DeviceAccess { backend, detail },
         }
+    }
+
+    /// How the device was opened: the backend (group or iommufd) and what it opened.
+    pub fn access(&self) -> &DeviceAccess {
+        &self.access
     }
 
     fn fd(&self) -> BorrowedFd<'_> {

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::stream::{DeviceDescriptor, Phase, Record, StreamReader};
 
 use super::events::{Event, Observer};
+use super::gate::{LoadGate, NoGate};
 use super::MigrationDevice;
 
 /// What a load did.
@@ -59,6 +60,18 @@ pub fn load_device<R: Read>(
     reader: &mut StreamReader<R>,
     index: u16,
     obs: &dyn Observer,
+) -> Result<LoadReport> {
+    load_device_gated(dev, reader, index, obs, &mut NoGate)
+}
+
+/// [`load_device`] with the hooks of a destination's handshake: `gate` is called once the
+/// device's pre-copy data is loaded, and after the trailer before the device resumes.
+pub fn load_device_gated<R: Read>(
+    dev: &mut dyn MigrationDevice,
+    reader: &mut StreamReader<R>,
+    index: u16,
+    obs: &dyn Observer,
+    gate: &mut dyn LoadGate,
 ) -> Result<LoadReport> {
     let desc = reader
         .header()
@@ -126,10 +139,14 @@ pub fn load_device<R: Read>(
                     elapsed: phase_started.elapsed(),
                 });
                 current = None;
+                if phase == Phase::PreCopy {
+                    gate.pre_copy_loaded()?;
+                }
             }
             Record::End(_) => break,
         }
     }
+    gate.before_resume(reader.get_mut())?;
     reader.finish()?;
     dev.finish_resume()?;
     Ok(report)

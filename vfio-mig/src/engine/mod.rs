@@ -6,6 +6,7 @@
 
 mod device;
 pub mod events;
+pub mod gate;
 pub mod load;
 pub mod migrate;
 pub mod policy;
@@ -14,7 +15,13 @@ pub mod session;
 
 pub use device::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 pub use events::{Event, NoObserver, Observer};
-pub use load::{check_compatible, load_device, load_with_rollback, LoadReport};
+pub use gate::{LoadGate, NoGate};
+pub use load::{
+    check_compatible, load_device, load_device_gated, load_with_rollback, rollback_destination,
+    LoadReport,
+};
 pub use migrate::{migrate_local, MigrateReport};
-pub use policy::{PreCopyPolicy, SwitchReason};
-pub use save::{save_device, save_with_rollback, SaveOptions, SaveReport, DEFAULT_BUFFER};
+pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
+pub use save::{
+    pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
+};

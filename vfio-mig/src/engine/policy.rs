@@ -1,25 +1,44 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! When to stop pre-copy and switch over to stop-and-copy.
+//!
+//! Pre-copy pays off while each round leaves less to send in the downtime window. The policy
+//! measures the link's bandwidth from the rounds themselves and switches over as soon as the
+//! remaining bytes would cross the link within the downtime budget. It gives up on waiting,
+//! within bounds (rounds, time), and recognises a device that dirties state at least as fast as
+//! the link carries it: then more rounds cannot help, and the policy says so instead of looping.
 
 use std::time::Duration;
 
-/// The pre-copy policy: iterate while it pays off, within bounds.
+/// The pre-copy policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreCopyPolicy {
-    /// Switch over once the device reports at most this many pending bytes.
+    /// The downtime the stop-and-copy phase may take: switch over once the remaining bytes
+    /// would be sent within it at the measured bandwidth.
+    pub downtime_budget: Duration,
+    /// Switch over once the device reports at most this many pending bytes, whatever the
+    /// bandwidth (0 disables this test except for an empty device).
     pub switchover_bytes: u64,
-    /// Switch over after this many rounds whatever is pending.
+    /// Most pre-copy rounds.
     pub max_rounds: u32,
-    /// Switch over after this much pre-copy time whatever is pending.
+    /// Most pre-copy time.
     pub max_time: Duration,
+    /// Rounds without progress (pending bytes not falling) after which pre-copy is declared
+    /// not to converge.
+    pub stall_rounds: u32,
+    /// Fail the migration, rather than switch over past the budget, when pre-copy does not
+    /// converge or hits its bounds.
+    pub strict: bool,
 }
 
 impl Default for PreCopyPolicy {
     fn default() -> Self {
         Self {
+            downtime_budget: Duration::from_millis(300),
             switchover_bytes: 0,
             max_rounds: 30,
             max_time: Duration::from_secs(60),
+            stall_rounds: 3,
+            strict: false,
         }
     }
 }
@@ -28,30 +47,120 @@ impl Default for PreCopyPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SwitchReason {
-    /// Pending bytes fell to the switchover threshold.
+    /// The remaining bytes fit the downtime budget (or the switchover threshold).
     Converged,
     /// The round limit was reached.
     MaxRounds,
     /// The time limit was reached.
     MaxTime,
+    /// The device dirties state as fast as the link carries it: more rounds cannot help.
+    NotConverging,
+}
+
+impl SwitchReason {
+    /// Whether the switch happens within the downtime budget.
+    pub fn within_budget(self) -> bool {
+        self == SwitchReason::Converged
+    }
+}
+
+/// What the policy decided after a round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Run another round.
+    Continue,
+    /// Switch over now.
+    Switch(SwitchReason),
+    /// Give up: the migration cannot meet its downtime budget (strict policy).
+    Abort(SwitchReason),
+}
+
+/// The measurements the policy decides on, kept across rounds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PreCopyState {
+    /// Rounds completed.
+    pub rounds: u32,
+    /// Bytes sent in pre-copy so far.
+    pub bytes: u64,
+    /// Time spent sending them.
+    pub busy: Duration,
+    /// Pending bytes after the last round.
+    pub pending: u64,
+    /// Initial (not yet sent once) bytes after the last round, when the device tells (v2).
+    pub initial_pending: Option<u64>,
+    /// Consecutive rounds whose pending bytes did not fall.
+    pub stalled: u32,
+}
+
+impl PreCopyState {
+    /// Starts with what the device reports before the first round.
+    pub fn new(pending: u64, initial_pending: Option<u64>) -> Self {
+        Self {
+            pending,
+            initial_pending,
+            ..Default::default()
+        }
+    }
+
+    /// Records a round: `sent` bytes in `took`, after which the device reports `pending`.
+    pub fn record_round(
+        &mut self,
+        sent: u64,
+        took: Duration,
+        pending: u64,
+        initial_pending: Option<u64>,
+    ) {
+        self.rounds += 1;
+        self.bytes += sent;
+        self.busy += took;
+        if pending >= self.pending && self.rounds > 1 {
+            self.stalled += 1;
+        } else {
+            self.stalled = 0;
+        }
+        self.pending = pending;
+        self.initial_pending = initial_pending;
+    }
+
+    /// The measured bandwidth in bytes per second, once something was sent.
+    pub fn bandwidth(&self) -> Option<f64> {
+        let secs = self.busy.as_secs_f64();
+        (self.bytes > 0 && secs > 0.0).then(|| self.bytes as f64 / secs)
+    }
+
+    /// The stop-and-copy time the pending bytes would take at the measured bandwidth.
+    pub fn estimated_downtime(&self) -> Option<Duration> {
+        self.bandwidth()
+            .map(|bw| Duration::from_secs_f64(self.pending as f64 / bw))
+    }
 }
 
 impl PreCopyPolicy {
-    /// Decides, before round `round` (from 1), whether to switch over now.
-    pub fn should_switch(
-        &self,
-        round: u32,
-        pending: u64,
-        elapsed: Duration,
-    ) -> Option<SwitchReason> {
-        if pending <= self.switchover_bytes {
-            Some(SwitchReason::Converged)
-        } else if round > self.max_rounds {
+    /// Decides what to do after the rounds recorded in `state`, `elapsed` into pre-copy.
+    pub fn decide(&self, state: &PreCopyState, elapsed: Duration) -> Decision {
+        // The initial data must have been sent once before switching (QEMU waits for it too):
+        // the destination needs it before the device stops.
+        let initial_done = state.initial_pending.is_none_or(|b| b == 0);
+        let fits = state.pending <= self.switchover_bytes
+            || state
+                .estimated_downtime()
+                .is_some_and(|d| d <= self.downtime_budget);
+        if initial_done && (state.pending == 0 || (state.rounds > 0 && fits)) {
+            return Decision::Switch(SwitchReason::Converged);
+        }
+        let bound = if state.stalled >= self.stall_rounds.max(1) && initial_done {
+            Some(SwitchReason::NotConverging)
+        } else if state.rounds >= self.max_rounds {
             Some(SwitchReason::MaxRounds)
         } else if elapsed >= self.max_time {
             Some(SwitchReason::MaxTime)
         } else {
             None
+        };
+        match bound {
+            None => Decision::Continue,
+            Some(reason) if self.strict => Decision::Abort(reason),
+            Some(reason) => Decision::Switch(reason),
         }
     }
 }
@@ -60,25 +169,87 @@ impl PreCopyPolicy {
 mod tests {
     use super::*;
 
+    const MB: u64 = 1 << 20;
+
+    fn policy() -> PreCopyPolicy {
+        PreCopyPolicy {
+            downtime_budget: Duration::from_millis(100),
+            max_rounds: 10,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn switch_reasons_in_priority_order() {
-        let p = PreCopyPolicy {
-            switchover_bytes: 100,
-            max_rounds: 3,
-            max_time: Duration::from_secs(1),
+    fn switches_when_the_rest_fits_the_downtime_budget() {
+        let p = policy();
+        // 100 MB/s measured; 20 MB left = 200 ms: not yet. 5 MB = 50 ms: switch.
+        let mut s = PreCopyState::new(100 * MB, None);
+        s.record_round(100 * MB, Duration::from_secs(1), 20 * MB, None);
+        assert_eq!(p.decide(&s, Duration::from_secs(1)), Decision::Continue);
+        s.record_round(20 * MB, Duration::from_millis(200), 5 * MB, None);
+        assert_eq!(
+            p.decide(&s, Duration::from_secs(1)),
+            Decision::Switch(SwitchReason::Converged)
+        );
+        let est = s.estimated_downtime().unwrap();
+        assert!(est > Duration::from_millis(45) && est < Duration::from_millis(55), "{est:?}");
+    }
+
+    #[test]
+    fn waits_for_initial_bytes_before_switching() {
+        let p = policy();
+        // The rest would fit the budget, but initial bytes are still unsent: keep going.
+        let mut s = PreCopyState::new(100 * MB, Some(100 * MB));
+        s.record_round(100 * MB, Duration::from_secs(1), 10, Some(10));
+        assert_eq!(p.decide(&s, Duration::ZERO), Decision::Continue);
+        s.record_round(10, Duration::from_millis(1), 10, Some(0));
+        assert_eq!(p.decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::Converged));
+    }
+
+    #[test]
+    fn a_device_dirtying_faster_than_the_link_is_declared_not_converging() {
+        let p = policy();
+        let mut s = PreCopyState::new(50 * MB, None);
+        // Every round sends 50 MB in 1 s and 60 MB are pending again.
+        s.record_round(50 * MB, Duration::from_secs(1), 60 * MB, None);
+        for _ in 0..p.stall_rounds {
+            assert_eq!(p.decide(&s, Duration::from_secs(1)), Decision::Continue);
+            s.record_round(60 * MB, Duration::from_secs(1), 60 * MB, None);
+        }
+        assert_eq!(
+            p.decide(&s, Duration::from_secs(4)),
+            Decision::Switch(SwitchReason::NotConverging)
+        );
+        let strict = PreCopyPolicy {
+            strict: true,
+            ..p
         };
         assert_eq!(
-            p.should_switch(1, 50, Duration::ZERO),
-            Some(SwitchReason::Converged)
+            strict.decide(&s, Duration::from_secs(4)),
+            Decision::Abort(SwitchReason::NotConverging)
         );
-        assert_eq!(p.should_switch(2, 500, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn bounds_on_rounds_and_time() {
+        let p = policy();
+        let mut s = PreCopyState::new(100 * MB, None);
+        for i in 0..10u64 {
+            // Slowly falling, never within budget.
+            s.record_round(MB, Duration::from_secs(1), 90 * MB - i * MB, None);
+        }
+        assert_eq!(p.decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::MaxRounds));
+        let mut s = PreCopyState::new(100 * MB, None);
+        s.record_round(MB, Duration::from_secs(1), 90 * MB, None);
         assert_eq!(
-            p.should_switch(4, 500, Duration::ZERO),
-            Some(SwitchReason::MaxRounds)
+            p.decide(&s, Duration::from_secs(61)),
+            Decision::Switch(SwitchReason::MaxTime)
         );
-        assert_eq!(
-            p.should_switch(2, 500, Duration::from_secs(2)),
-            Some(SwitchReason::MaxTime)
-        );
+    }
+
+    #[test]
+    fn an_empty_device_switches_at_once() {
+        let s = PreCopyState::new(0, None);
+        assert_eq!(policy().decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::Converged));
     }
 }

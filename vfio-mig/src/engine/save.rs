@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
-use super::policy::{PreCopyPolicy, SwitchReason};
+use super::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use super::{MigrationDevice, ReadOutcome};
 
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
@@ -48,10 +48,25 @@ pub struct SaveReport {
     pub stop_copy_bytes: u64,
     /// Device chunks sent.
     pub chunks: u64,
-    /// Wall time from entering stop-and-copy to the device being stopped with everything
-    /// sent: the device's share of the downtime.
+    /// Wall time from entering stop-and-copy until everything was sent: the device's share of
+    /// the downtime.
     #[serde(with = "micros")]
     pub stop_copy_time: Duration,
+    /// The stop-and-copy time pre-copy predicted (remaining bytes over measured bandwidth).
+    #[serde(with = "opt_micros")]
+    pub estimated_downtime: Option<Duration>,
+    /// The bandwidth measured during pre-copy, in bytes per second.
+    pub bandwidth: Option<u64>,
+}
+
+mod opt_micros {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_micros() as u64)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod micros {
@@ -105,6 +120,140 @@ impl<W: Write> Pump<'_, W> {
     }
 }
 
+/// Pre-copy: enters the pre-copy state and sends rounds while the device runs, until the
+/// policy switches over (or aborts, with a strict policy). Ends the stream's pre-copy phase.
+pub fn pre_copy<W: Write>(
+    dev: &mut dyn MigrationDevice,
+    out: &mut StreamWriter<W>,
+    index: u16,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    report: &mut SaveReport,
+) -> Result<()> {
+    if !dev.capabilities().pre_copy {
+        return Err(Error::Unsupported(format!(
+            "{}: the device does not support pre-copy (--live)",
+            dev.identity().instance
+        )));
+    }
+    dev.start_pre_copy()?;
+    let started = Instant::now();
+    let first = dev.pending()?;
+    obs.on_event(&Event::PhaseStarted {
+        device: index,
+        phase: Phase::PreCopy,
+        pending: Some(first.bytes),
+    });
+    let mut state = PreCopyState::new(first.bytes, first.initial_bytes);
+    let mut pump = Pump {
+        dev,
+        out,
+        index,
+        buf: vec![0u8; opts.buffer.max(4096)],
+        obs,
+    };
+    let mut chunks = 0u64;
+    let reason = loop {
+        match opts.policy.decide(&state, started.elapsed()) {
+            Decision::Continue => {}
+            Decision::Switch(reason) => break reason,
+            Decision::Abort(reason) => {
+                return Err(Error::PreCopy(format!(
+                    "{reason:?} after {} rounds: {} bytes still pending, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
+                    state.rounds,
+                    state.pending,
+                    state
+                        .estimated_downtime()
+                        .map(|d| format!("{d:?}"))
+                        .unwrap_or_else(|| "unknown".into()),
+                    opts.policy.downtime_budget,
+                    state
+                        .bandwidth()
+                        .map(|b| format!("{:.1} MiB/s", b / (1u64 << 20) as f64))
+                        .unwrap_or_else(|| "unknown".into()),
+                )))
+            }
+        }
+        let round_started = Instant::now();
+        // A round sends what was pending when it began (at least one chunk).
+        let (bytes, c, _) = pump.run(
+            Phase::PreCopy,
+            Some(state.pending.max(1)),
+            report.pre_copy_bytes,
+        )?;
+        let pending = pump.dev.pending()?;
+        state.record_round(
+            bytes,
+            round_started.elapsed(),
+            pending.bytes,
+            pending.initial_bytes,
+        );
+        report.pre_copy_bytes += bytes;
+        chunks += c;
+        obs.on_event(&Event::RoundDone {
+            device: index,
+            round: state.rounds,
+            bytes,
+            pending: pending.bytes,
+        });
+    };
+    report.switch_reason = Some(reason);
+    report.rounds = state.rounds;
+    report.chunks += chunks;
+    report.estimated_downtime = state.estimated_downtime();
+    report.bandwidth = state.bandwidth().map(|b| b as u64);
+    pump.out.end_phase(index, Phase::PreCopy)?;
+    obs.on_event(&Event::PhaseEnded {
+        device: index,
+        phase: Phase::PreCopy,
+        bytes: report.pre_copy_bytes,
+        chunks,
+        elapsed: started.elapsed(),
+    });
+    Ok(())
+}
+
+/// Stop-and-copy: stops the device and sends the rest of its state, ending the stream's
+/// stop-copy phase. The device is left in its stop-and-copy state: the STOP transition is the
+/// caller's, after the stream is complete, so that it stays out of the downtime window
+/// ([`MigrationDevice::finish_save`]).
+pub fn stop_copy<W: Write>(
+    dev: &mut dyn MigrationDevice,
+    out: &mut StreamWriter<W>,
+    index: u16,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    report: &mut SaveReport,
+) -> Result<()> {
+    let started = Instant::now();
+    dev.start_stop_copy()?;
+    obs.on_event(&Event::PhaseStarted {
+        device: index,
+        phase: Phase::StopCopy,
+        pending: None,
+    });
+    let mut pump = Pump {
+        dev,
+        out,
+        index,
+        buf: vec![0u8; opts.buffer.max(4096)],
+        obs,
+    };
+    let (bytes, chunks, _) = pump.run(Phase::StopCopy, None, 0)?;
+    report.stop_copy_bytes = bytes;
+    report.chunks += chunks;
+    pump.out.end_phase(index, Phase::StopCopy)?;
+    report.stop_copy_time = started.elapsed();
+    obs.on_event(&Event::PhaseEnded {
+        device: index,
+        phase: Phase::StopCopy,
+        bytes,
+        chunks,
+        elapsed: report.stop_copy_time,
+    });
+    Ok(())
+}
+
 /// Saves device `index` of the stream: pre-copy rounds when `opts.live`, then stop-and-copy,
 /// leaving the device stopped. The caller handles rollback (see [`save_with_rollback`]).
 pub fn save_device<W: Write>(
@@ -115,86 +264,11 @@ pub fn save_device<W: Write>(
     obs: &dyn Observer,
 ) -> Result<SaveReport> {
     let mut report = SaveReport::default();
-    let mut pump = Pump {
-        dev,
-        out,
-        index,
-        buf: vec![0u8; opts.buffer.max(4096)],
-        obs,
-    };
     if opts.live {
-        if !pump.dev.capabilities().pre_copy {
-            return Err(Error::Unsupported(format!(
-                "{}: the device does not support pre-copy (--live)",
-                pump.dev.identity().instance
-            )));
-        }
-        pump.dev.start_pre_copy()?;
-        let started = Instant::now();
-        let first = pump.dev.pending()?.bytes;
-        obs.on_event(&Event::PhaseStarted {
-            device: index,
-            phase: Phase::PreCopy,
-            pending: Some(first),
-        });
-        let mut pending = first;
-        let mut round = 0u32;
-        let mut chunks = 0u64;
-        loop {
-            if let Some(reason) = opts
-                .policy
-                .should_switch(round + 1, pending, started.elapsed())
-            {
-                // Pre-copy data was all read at least once: a device that reports nothing
-                // pending at round 1 has no pre-copy data at all, which is fine too.
-                report.switch_reason = Some(reason);
-                break;
-            }
-            round += 1;
-            let (bytes, c, _ended) =
-                pump.run(Phase::PreCopy, Some(pending), report.pre_copy_bytes)?;
-            report.pre_copy_bytes += bytes;
-            chunks += c;
-            pending = pump.dev.pending()?.bytes;
-            obs.on_event(&Event::RoundDone {
-                device: index,
-                round,
-                bytes,
-                pending,
-            });
-        }
-        report.rounds = round;
-        report.chunks += chunks;
-        pump.out.end_phase(index, Phase::PreCopy)?;
-        obs.on_event(&Event::PhaseEnded {
-            device: index,
-            phase: Phase::PreCopy,
-            bytes: report.pre_copy_bytes,
-            chunks,
-            elapsed: started.elapsed(),
-        });
+        pre_copy(dev, out, index, opts, obs, &mut report)?;
     }
-
-    let started = Instant::now();
-    pump.dev.start_stop_copy()?;
-    obs.on_event(&Event::PhaseStarted {
-        device: index,
-        phase: Phase::StopCopy,
-        pending: None,
-    });
-    let (bytes, chunks, _) = pump.run(Phase::StopCopy, None, 0)?;
-    report.stop_copy_bytes = bytes;
-    report.chunks += chunks;
-    pump.out.end_phase(index, Phase::StopCopy)?;
-    pump.dev.finish_save()?;
-    report.stop_copy_time = started.elapsed();
-    obs.on_event(&Event::PhaseEnded {
-        device: index,
-        phase: Phase::StopCopy,
-        bytes,
-        chunks,
-        elapsed: report.stop_copy_time,
-    });
+    stop_copy(dev, out, index, opts, obs, &mut report)?;
+    dev.finish_save()?;
     Ok(report)
 }
 

@@ -12,9 +12,16 @@
 //! access inside the section; a wrong width or offset is refused before counting), and checks
 //! the plan before any of its protocol rules, so a faulted access has no other effect (a
 //! faulted `pending_bytes` read does not consume the staged transaction).
+//!
+//! The v2 mock has its own fields ([`V2FaultField`]) and rules ([`V2FaultRule`]), written
+//! `FIELD[:STATE]@N[:ERRNO|:error]`: the optional `:STATE` (`set-state` only) counts only the
+//! arcs into that state, e.g. `set-state:STOP_COPY@1`. See [`crate::mock::v2`] for what each
+//! field counts and what a fault does there.
 
 use std::fmt;
 use std::str::FromStr;
+
+use crate::v2::state::MigState;
 
 /// A field (or operation) of the mock device whose accesses are counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +111,7 @@ impl FromStr for FaultField {
 }
 
 /// Errno names accepted in rules (and printed back), with their values.
-const ERRNO_NAMES: [(&str, i32); 16] = [
+const ERRNO_NAMES: [(&str, i32); 21] = [
     ("EPERM", libc::EPERM),
     ("ENOENT", libc::ENOENT),
     ("EINTR", libc::EINTR),
@@ -121,6 +128,11 @@ const ERRNO_NAMES: [(&str, i32); 16] = [
     ("ENODATA", libc::ENODATA),
     ("EOPNOTSUPP", libc::EOPNOTSUPP),
     ("ETIMEDOUT", libc::ETIMEDOUT),
+    ("EBADF", libc::EBADF),
+    ("E2BIG", libc::E2BIG),
+    ("EPIPE", libc::EPIPE),
+    ("ENOMSG", libc::ENOMSG),
+    ("EOVERFLOW", libc::EOVERFLOW),
 ];
 
 /// Parses an errno name (`EIO`, case-insensitive) or a positive number.
@@ -145,6 +157,24 @@ pub fn errno_name(errno: i32) -> String {
         .unwrap_or_else(|| errno.to_string())
 }
 
+/// Parses the `N[:ERRNO|:error]` after the `@` of rule `whole`: (access, errno, error state).
+fn parse_count_action(rest: &str, whole: &str) -> Result<(u64, i32, bool), String> {
+    let (count, action) = match rest.split_once(':') {
+        Some((c, a)) => (c, Some(a)),
+        None => (rest, None),
+    };
+    let at: u64 =
+        count.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            format!("bad access count `{count}` in `{whole}` (expected 1, 2, ...)")
+        })?;
+    let (errno, error_state) = match action {
+        None => (libc::EIO, false),
+        Some("error") => (libc::EIO, true),
+        Some(e) => (parse_errno(e)?, false),
+    };
+    Ok((at, errno, error_state))
+}
+
 /// One `fail-at=` rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultRule {
@@ -167,19 +197,7 @@ impl FromStr for FaultRule {
             .split_once('@')
             .ok_or_else(|| format!("`{s}` is not FIELD@N[:ERRNO|:error]"))?;
         let field: FaultField = field.parse()?;
-        let (count, action) = match rest.split_once(':') {
-            Some((c, a)) => (c, Some(a)),
-            None => (rest, None),
-        };
-        let at: u64 =
-            count.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                format!("bad access count `{count}` in `{s}` (expected 1, 2, ...)")
-            })?;
-        let (errno, error_state) = match action {
-            None => (libc::EIO, false),
-            Some("error") => (libc::EIO, true),
-            Some(e) => (parse_errno(e)?, false),
-        };
+        let (at, errno, error_state) = parse_count_action(rest, s)?;
         Ok(FaultRule {
             field,
             at,
@@ -255,6 +273,212 @@ impl FaultPlan {
 
     /// How many accesses of `field` have been counted.
     pub fn count(&self, field: FaultField) -> u64 {
+        self.counts[field.index()]
+    }
+
+    /// How many accesses were failed by a rule.
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+}
+
+/// An operation of the v2 mock device whose accesses are counted (see [`crate::mock::v2`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum V2FaultField {
+    /// A GET of `VFIO_DEVICE_FEATURE_MIGRATION` (the flags).
+    Migration,
+    /// A GET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`.
+    GetState,
+    /// One arc of a SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (a SET walking several arcs
+    /// counts each); a rule may name the arc's target state.
+    SetState,
+    /// A GET of `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
+    DataSize,
+    /// A `VFIO_MIG_GET_PRECOPY_INFO` on this device's saving data fd.
+    PrecopyInfo,
+    /// One block of up to `chunk` bytes the device produces into a saving data fd.
+    DataRead,
+    /// One block of `chunk` bytes of the stream written into a resuming data fd.
+    DataWrite,
+    /// A SET or GET of `DMA_LOGGING_START`, `_REPORT` or `_STOP`.
+    DmaLogging,
+    /// A `VFIO_DEVICE_RESET`.
+    Reset,
+}
+
+impl V2FaultField {
+    /// Every field, in the order of [`V2FaultField::index`].
+    pub const ALL: [V2FaultField; 9] = [
+        V2FaultField::Migration,
+        V2FaultField::GetState,
+        V2FaultField::SetState,
+        V2FaultField::DataSize,
+        V2FaultField::PrecopyInfo,
+        V2FaultField::DataRead,
+        V2FaultField::DataWrite,
+        V2FaultField::DmaLogging,
+        V2FaultField::Reset,
+    ];
+
+    /// The name used in `fail-at=` rules.
+    pub fn name(self) -> &'static str {
+        match self {
+            V2FaultField::Migration => "migration",
+            V2FaultField::GetState => "get-state",
+            V2FaultField::SetState => "set-state",
+            V2FaultField::DataSize => "data-size",
+            V2FaultField::PrecopyInfo => "precopy-info",
+            V2FaultField::DataRead => "data-read",
+            V2FaultField::DataWrite => "data-write",
+            V2FaultField::DmaLogging => "dma-logging",
+            V2FaultField::Reset => "reset",
+        }
+    }
+
+    /// Position in [`V2FaultField::ALL`], used to index counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for V2FaultField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for V2FaultField {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        V2FaultField::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = V2FaultField::ALL.iter().map(|f| f.name()).collect();
+                format!(
+                    "unknown v2 field `{s}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// One `fail-at=` rule of the v2 mock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V2FaultRule {
+    /// The field whose accesses are counted.
+    pub field: V2FaultField,
+    /// For `set-state`: count only the arcs into this state.
+    pub state: Option<MigState>,
+    /// The 1-based access that fails.
+    pub at: u64,
+    /// The errno the access fails with.
+    pub errno: i32,
+    /// Whether the device also enters the ERROR state.
+    pub error_state: bool,
+}
+
+impl FromStr for V2FaultRule {
+    type Err = String;
+
+    /// Parses `FIELD[:STATE]@N[:ERRNO|:error]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (head, rest) = s
+            .split_once('@')
+            .ok_or_else(|| format!("`{s}` is not FIELD[:STATE]@N[:ERRNO|:error]"))?;
+        let (field, state) = match head.split_once(':') {
+            Some((f, st)) => (f, Some(st)),
+            None => (head, None),
+        };
+        let field: V2FaultField = field.parse()?;
+        let state = match state {
+            None => None,
+            Some(_) if field != V2FaultField::SetState => {
+                return Err(format!(
+                    "`{s}`: only set-state takes a :STATE filter, not {field}"
+                ))
+            }
+            Some(st) => Some(st.parse::<MigState>()?),
+        };
+        let (at, errno, error_state) = parse_count_action(rest, s)?;
+        Ok(V2FaultRule {
+            field,
+            state,
+            at,
+            errno,
+            error_state,
+        })
+    }
+}
+
+impl fmt::Display for V2FaultRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.field)?;
+        if let Some(st) = self.state {
+            write!(f, ":{st}")?;
+        }
+        write!(f, "@{}", self.at)?;
+        if self.error_state {
+            write!(f, ":error")
+        } else if self.errno != libc::EIO {
+            write!(f, ":{}", errno_name(self.errno))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The v2 rules and access counters: per field, and for `set-state` also per target state.
+#[derive(Debug, Clone, Default)]
+pub struct V2FaultPlan {
+    rules: Vec<V2FaultRule>,
+    counts: [u64; V2FaultField::ALL.len()],
+    state_counts: [u64; MigState::ALL.len()],
+    hits: u64,
+}
+
+impl V2FaultPlan {
+    /// A plan with these rules and all counters at zero.
+    pub fn new(rules: &[V2FaultRule]) -> Self {
+        Self {
+            rules: rules.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Counts one access of `field` (an arc into `state` for `set-state`); fails it when a
+    /// rule names this access, by its count of the field or of arcs into `state`.
+    pub fn check(&mut self, field: V2FaultField, state: Option<MigState>) -> Result<(), FaultHit> {
+        self.counts[field.index()] += 1;
+        let n = self.counts[field.index()];
+        let n_state = state.map(|s| {
+            let c = &mut self.state_counts[s.raw() as usize];
+            *c += 1;
+            *c
+        });
+        let fired = self.rules.iter().find(|r| {
+            r.field == field
+                && match r.state {
+                    None => r.at == n,
+                    Some(s) => Some(s) == state && Some(r.at) == n_state,
+                }
+        });
+        match fired {
+            Some(r) => {
+                self.hits += 1;
+                Err(FaultHit {
+                    errno: r.errno,
+                    error_state: r.error_state,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// How many accesses of `field` have been counted.
+    pub fn count(&self, field: V2FaultField) -> u64 {
         self.counts[field.index()]
     }
 
@@ -342,5 +566,49 @@ mod tests {
         assert_eq!(plan.count(FaultField::Pending), 5);
         assert_eq!(plan.count(FaultField::DataOffset), 1);
         assert_eq!(plan.hits(), 3);
+    }
+
+    #[test]
+    fn v2_rules_parse_print_back_and_filter_by_state() {
+        let r: V2FaultRule = "set-state:STOP_COPY@2:error".parse().unwrap();
+        assert_eq!(r.field, V2FaultField::SetState);
+        assert_eq!(r.state, Some(MigState::StopCopy));
+        assert_eq!((r.at, r.errno, r.error_state), (2, libc::EIO, true));
+        assert_eq!(r.to_string(), "set-state:STOP_COPY@2:error");
+        let r: V2FaultRule = "set-state:stop-copy@1:EPIPE".parse().unwrap();
+        assert_eq!(r.to_string(), "set-state:STOP_COPY@1:EPIPE");
+        let r: V2FaultRule = "data-read@3".parse().unwrap();
+        assert_eq!((r.state, r.errno), (None, libc::EIO));
+        assert_eq!(r.to_string(), "data-read@3");
+        for f in V2FaultField::ALL {
+            assert_eq!(f.name().parse::<V2FaultField>().unwrap(), f);
+        }
+        let e = "pending@1".parse::<V2FaultRule>().unwrap_err();
+        assert!(e.contains("unknown v2 field `pending`"), "{e}");
+        let e = "data-read:STOP@1".parse::<V2FaultRule>().unwrap_err();
+        assert!(e.contains("only set-state"), "{e}");
+        let e = "set-state:SAVING@1".parse::<V2FaultRule>().unwrap_err();
+        assert!(e.contains("unknown v2 migration state"), "{e}");
+        let e = "set-state@0".parse::<V2FaultRule>().unwrap_err();
+        assert!(e.contains("bad access count `0`"), "{e}");
+        assert!("set-state".parse::<V2FaultRule>().is_err());
+
+        let mut plan = V2FaultPlan::new(&[
+            "set-state:STOP@2:EAGAIN".parse().unwrap(),
+            "set-state@5".parse().unwrap(),
+        ]);
+        use MigState::*;
+        assert_eq!(plan.check(V2FaultField::SetState, Some(RunningP2p)), Ok(()));
+        assert_eq!(plan.check(V2FaultField::SetState, Some(Stop)), Ok(()));
+        assert_eq!(plan.check(V2FaultField::SetState, Some(RunningP2p)), Ok(()));
+        let hit = plan.check(V2FaultField::SetState, Some(Stop)).unwrap_err();
+        assert_eq!(hit.errno, libc::EAGAIN);
+        let hit = plan
+            .check(V2FaultField::SetState, Some(Running))
+            .unwrap_err();
+        assert_eq!(hit.errno, libc::EIO);
+        assert_eq!(plan.check(V2FaultField::SetState, Some(Stop)), Ok(()));
+        assert_eq!(plan.count(V2FaultField::SetState), 6);
+        assert_eq!(plan.hits(), 2);
     }
 }

@@ -51,6 +51,12 @@
 //! during pre-copy again, and an END packet with a digest of the page generations; the
 //! resuming mock checks every page against its own seed.
 //!
+//! # The v2 mock
+//!
+//! [`MockV2`] (`mock:v2,...`) implements the v2 uAPI instead: `VFIO_DEVICE_FEATURE` with the
+//! migration features, state walks along the kernel's arcs as mtty does, and real data fds
+//! (pipes served by a thread of the mock) carrying the same content stream. See [`v2`].
+//!
 //! # Opening a mock
 //!
 //! ```
@@ -68,15 +74,17 @@ pub mod faults;
 pub mod spec;
 pub mod status;
 pub mod v1;
+pub mod v2;
 
 use std::io;
 use std::sync::Arc;
 
 pub use content::{Content, Decoder, Encoder};
-pub use faults::{FaultField, FaultRule};
+pub use faults::{FaultField, FaultRule, V2FaultField, V2FaultRule};
 pub use spec::{DataMode, MockSpec, Protocol};
 pub use status::{MockHandle, MockStatus};
 pub use v1::MockV1;
+pub use v2::MockV2;
 
 use crate::device::DeviceIo;
 
@@ -96,10 +104,11 @@ pub fn open(spec: &MockSpec) -> io::Result<(Arc<dyn DeviceIo>, MockHandle)> {
             let handle = dev.handle();
             Ok((Arc::new(dev), handle))
         }
-        Protocol::V2 => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("{spec}: the v2 mock device is not available yet"),
-        )),
+        Protocol::V2 => {
+            let dev = MockV2::new(spec)?;
+            let handle = dev.handle();
+            Ok((Arc::new(dev), handle))
+        }
     }
 }
 
@@ -108,15 +117,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn open_v1_and_refuse_v2() {
+    fn open_v1_and_v2() {
         assert!(is_mock("mock:v1"));
         assert!(!is_mock("/sys/bus/mdev/devices/x"));
         let (dev, handle) = open(&"mock:v1,size=8K".parse().unwrap()).unwrap();
         assert_eq!(dev.identity().model, "mock:v1");
         assert_eq!(handle.status().state_raw, 0x8000_0101);
-        let Err(err) = open(&"mock:v2".parse().unwrap()) else {
-            panic!("v2 mock opened");
-        };
-        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(handle.status().v2_state, None);
+        let (dev, handle) = open(&"mock:v2,size=8K".parse().unwrap()).unwrap();
+        assert_eq!(dev.identity().model, "mock:v2");
+        assert_eq!(
+            handle.status().v2_state,
+            Some(crate::v2::state::MigState::Running)
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! |-----------------|------------------------------------------------------------|--------------|
 //! | `size=`         | total device state, with K/M/G/T suffixes                  | `64M`        |
 //! | `seed=`         | seed of the content (decimal or `0x` hex)                  | `0`          |
-//! | `chunk=`        | largest v1 transaction, its 16-byte header included        | `1M`         |
+//! | `chunk=`        | largest v1 transaction, its 16-byte header included; v2:   | `1M`         |
+//! |                 | the data fd's fault-counting block (see [`super::v2`])     |              |
 //! | `section=`      | size of the data section, at least `chunk`                 | chunk, 4K up |
 //! | `data=`         | `mmap` (sparse-mmap data section) or `trapped`             | `mmap`       |
 //! | `page=`         | content page size                                          | `4096`       |
@@ -13,6 +14,15 @@
 //! | `reserved=`     | initial `device_state` bits 3-31                           | `0x80000100` |
 //! | `region-index=` | index of the migration region (9 or more)                  | `10`         |
 //! | `fail-at=`      | `FIELD@N[:ERRNO|:error]`, repeatable (see [`super::faults`]) | none       |
+//! | `flags=`        | v2 only: `VFIO_MIGRATION_*` flags (1 STOP_COPY, 2 P2P, 4 PRE_COPY) | `0x7` |
+//! | `dma=`          | v2 only: `on` or `off` (no DMA logging feature: ENOTTY)    | `on`         |
+//! | `dma-dirty=`    | v2 only: pages the device DMA-writes before each log report | `0`         |
+//! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
+//! |                 | the key of the device's lock and fencing state (`crate::fence`) |         |
+//!
+//! `section`, `data`, `reserved` and `region-index` are v1 options; a `mock:v2` spec refuses
+//! them, as a `mock:v1` spec refuses the v2 ones. v2 `fail-at` rules name v2 fields
+//! ([`super::faults::V2FaultRule`]).
 //!
 //! [`MockSpec`]'s `Display` prints a canonical form: protocol, `size` and `seed` always, every
 //! other option only when it differs from its default, in the order of the table.
@@ -20,7 +30,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::faults::FaultRule;
+use super::faults::{FaultRule, V2FaultRule};
 use crate::Error;
 
 /// Default total device state: 64 MiB.
@@ -43,13 +53,21 @@ pub const MAX_SECTION: u64 = 1 << 30;
 pub const FIRST_DEVICE_REGION: u32 = 9;
 /// Highest accepted region index, so the region table stays small.
 pub const MAX_REGION_INDEX: u32 = 64;
+/// Longest `id=` name.
+pub const MAX_ID_LEN: usize = 64;
+/// Default v2 migration flags: STOP_COPY | P2P | PRE_COPY, as mtty.
+pub const DEFAULT_V2_FLAGS: u64 = 0x7;
+/// The options only a `mock:v1` spec takes.
+const V1_ONLY: [&str; 4] = ["section", "data", "reserved", "region-index"];
+/// The options only a `mock:v2` spec takes.
+const V2_ONLY: [&str; 3] = ["flags", "dma", "dma-dirty"];
 
 /// Which migration protocol the mock speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// The v1 migration region.
     V1,
-    /// The v2 device feature (parsed only; the v2 mock is not implemented here).
+    /// The v2 device feature and data fd ([`super::v2::MockV2`]).
     V2,
 }
 
@@ -85,8 +103,19 @@ pub struct MockSpec {
     pub reserved: u32,
     /// Index of the migration region.
     pub region_index: u32,
-    /// Fault injection rules.
+    /// Fault injection rules (v1).
     pub faults: Vec<FaultRule>,
+    /// v2: the `VFIO_MIGRATION_*` flags the device reports.
+    pub flags: u64,
+    /// v2: whether the device offers DMA logging.
+    pub dma: bool,
+    /// v2: pages the device DMA-writes before each DMA logging report.
+    pub dma_dirty: u64,
+    /// Fault injection rules (v2).
+    pub v2_faults: Vec<V2FaultRule>,
+    /// A name that identifies this mock across processes, for its lock and fencing state
+    /// (`id=`); a mock without one is private to its process.
+    pub id: Option<String>,
 }
 
 impl Default for MockSpec {
@@ -103,6 +132,11 @@ impl Default for MockSpec {
             reserved: DEFAULT_RESERVED,
             region_index: DEFAULT_REGION_INDEX,
             faults: Vec::new(),
+            flags: DEFAULT_V2_FLAGS,
+            dma: true,
+            dma_dirty: 0,
+            v2_faults: Vec::new(),
+            id: None,
         }
     }
 }
@@ -236,6 +270,15 @@ impl FromStr for MockSpec {
                 }
                 seen.push(key);
             }
+            match protocol {
+                Protocol::V2 if V1_ONLY.contains(&key) => {
+                    return Err(usage(format!("option `{key}` is for mock:v1 only")))
+                }
+                Protocol::V1 if V2_ONLY.contains(&key) => {
+                    return Err(usage(format!("option `{key}` is for mock:v2 only")))
+                }
+                _ => {}
+            }
             let bad = |what: &str| usage(format!("option `{key}`: `{value}` is not {what}"));
             let size = || parse_size(value).ok_or_else(|| bad("a size (e.g. 4096, 64K, 1M, 2G)"));
             match key {
@@ -269,15 +312,41 @@ impl FromStr for MockSpec {
                     spec.region_index =
                         value.parse().map_err(|_| bad("a region index (e.g. 10)"))?
                 }
+                "fail-at" if protocol == Protocol::V2 => spec.v2_faults.push(
+                    value
+                        .parse()
+                        .map_err(|e| usage(format!("option `fail-at`: {e}")))?,
+                ),
                 "fail-at" => spec.faults.push(
                     value
                         .parse()
                         .map_err(|e| usage(format!("option `fail-at`: {e}")))?,
                 ),
+                "flags" => spec.flags = parse_number(value).ok_or_else(|| bad("a u64 (e.g. 0x7)"))?,
+                "dma" => {
+                    spec.dma = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("`on` or `off`")),
+                    }
+                }
+                "id" => {
+                    let ok = (1..=MAX_ID_LEN).contains(&value.len())
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                    if !ok {
+                        return Err(bad("a name of 1 to 64 characters from [A-Za-z0-9._-]"));
+                    }
+                    spec.id = Some(value.to_owned())
+                }
+                "dma-dirty" => {
+                    spec.dma_dirty = parse_number(value).ok_or_else(|| bad("a page count"))?
+                }
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
-                         dirty-rate, reserved, region-index, fail-at)"
+                         dirty-rate, reserved, region-index, fail-at, id; v2: flags, dma, dma-dirty)"
                     )))
                 }
             }
@@ -324,6 +393,21 @@ impl fmt::Display for MockSpec {
         }
         for rule in &self.faults {
             write!(f, ",fail-at={rule}")?;
+        }
+        if self.flags != d.flags {
+            write!(f, ",flags={:#x}", self.flags)?;
+        }
+        if self.dma != d.dma {
+            write!(f, ",dma=off")?;
+        }
+        if self.dma_dirty != d.dma_dirty {
+            write!(f, ",dma-dirty={}", self.dma_dirty)?;
+        }
+        for rule in &self.v2_faults {
+            write!(f, ",fail-at={rule}")?;
+        }
+        if let Some(id) = &self.id {
+            write!(f, ",id={id}")?;
         }
         Ok(())
     }
@@ -393,6 +477,23 @@ mod tests {
     }
 
     #[test]
+    fn id_parses_prints_and_is_checked() {
+        let s: MockSpec = "mock:v1,id=vm1.gpu-0_a,fail-at=pending@3,seed=2"
+            .parse()
+            .unwrap();
+        assert_eq!(s.id.as_deref(), Some("vm1.gpu-0_a"));
+        assert_eq!(
+            s.to_string(),
+            "mock:v1,size=64M,seed=2,fail-at=pending@3,id=vm1.gpu-0_a"
+        );
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+        assert!(err("mock:v1,id=").contains("option `id`"));
+        assert!(err("mock:v1,id=a/b").contains("option `id`"));
+        assert!(err(&format!("mock:v1,id={}", "x".repeat(65))).contains("option `id`"));
+        assert!(err("mock:v1,id=a,id=b").contains("given twice"));
+    }
+
+    #[test]
     fn section_follows_chunk() {
         let s: MockSpec = "mock:v1,chunk=5000".parse().unwrap();
         assert_eq!(s.section, 8192);
@@ -425,7 +526,30 @@ mod tests {
         assert!(err("mock:v1,region-index=8").contains("option `region-index`"));
         assert!(err("mock:v1,fail-at=nope@1").contains("option `fail-at`: unknown field"));
         assert!(err("mock:v1,dirty-rate=fast").contains("option `dirty-rate`"));
+        assert!(err("mock:v2,data=trapped").contains("option `data` is for mock:v1 only"));
+        assert!(err("mock:v2,region-index=9").contains("for mock:v1 only"));
+        assert!(err("mock:v1,flags=7").contains("option `flags` is for mock:v2 only"));
+        assert!(err("mock:v1,dma-dirty=3").contains("for mock:v2 only"));
+        assert!(err("mock:v2,dma=maybe").contains("option `dma`"));
+        assert!(err("mock:v2,flags=x").contains("option `flags`"));
+        assert!(err("mock:v2,fail-at=pending@1").contains("unknown v2 field `pending`"));
+        assert!(err("mock:v1,fail-at=set-state@1").contains("unknown field `set-state`"));
         // The message carries the whole spec, for the CLI's one-line error.
         assert!(err("mock:v1,size=0").starts_with("mock spec `mock:v1,size=0`"));
+    }
+
+    #[test]
+    fn v2_options_parse_and_print_back() {
+        let text = "mock:v2,size=1M,seed=9,chunk=4K,dirty-rate=1M,flags=0x5,dma=off,dma-dirty=8,\
+                    fail-at=set-state:STOP_COPY@1:error,fail-at=data-read@2:EPIPE";
+        let s: MockSpec = text.parse().unwrap();
+        assert_eq!(s.protocol, Protocol::V2);
+        assert_eq!((s.flags, s.dma, s.dma_dirty), (5, false, 8));
+        assert!(s.faults.is_empty());
+        assert_eq!(s.v2_faults.len(), 2);
+        assert_eq!(s.to_string(), text);
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+        let d: MockSpec = "mock:v2".parse().unwrap();
+        assert_eq!((d.flags, d.dma, d.dma_dirty), (DEFAULT_V2_FLAGS, true, 0));
     }
 }

@@ -6,12 +6,16 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::v1::state::V1State;
+use crate::v2::state::MigState;
 
 /// A snapshot of a mock device's state and counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MockStatus {
-    /// The raw state: v1 `device_state`, reserved bits included.
+    /// The raw state: v1 `device_state`, reserved bits included; for a v2 mock, the raw
+    /// `enum vfio_device_mig_state` value (see [`MockStatus::v2_state`]).
     pub state_raw: u32,
+    /// The v2 migration state; `None` for a v1 mock.
+    pub v2_state: Option<MigState>,
     /// RUNNING was reached after a resume whose state verified complete and intact.
     pub resumed_ok: bool,
     /// Successful resets.
@@ -42,12 +46,36 @@ pub struct MockStatus {
     pub fault_hits: u64,
     /// Why the device last refused an access, for test diagnostics.
     pub last_refusal: Option<String>,
+    /// v2: data fds handed out by state changes (saving and resuming sessions).
+    pub data_fds: u64,
+    /// v2: DMA logging is started.
+    pub dma_logging: bool,
+    /// v2: pages the device wrote by DMA while logging (with repetition).
+    pub dma_pages_dirtied: u64,
+    /// v2: bits set in DMA logging reports.
+    pub dma_bits_reported: u64,
 }
 
 impl MockStatus {
-    /// The v1 state of `state_raw`.
+    /// The v1 state of `state_raw` (meaningless for a v2 mock: use `v2_state`).
     pub fn v1_state(&self) -> V1State {
         V1State::from_raw(self.state_raw)
+    }
+
+    /// The state's name, whatever the protocol (`RUNNING`, `STOP_COPY`, ...).
+    pub fn state_name(&self) -> String {
+        match self.v2_state {
+            Some(s) => s.to_string(),
+            None => self.v1_state().to_string(),
+        }
+    }
+
+    /// Whether the device runs normally: v1 RUNNING (001b), v2 RUNNING.
+    pub fn is_running(&self) -> bool {
+        match self.v2_state {
+            Some(s) => s == MigState::Running,
+            None => self.v1_state() == V1State::Running,
+        }
     }
 }
 
@@ -58,6 +86,11 @@ pub trait Inspect: Send + Sync {
     /// crc32c of the device's page generation table: two devices with the same seed and
     /// size hold the same state exactly when their digests are equal.
     fn state_digest(&self) -> u32;
+    /// v2: every IOVA page (at the logging page size) the device wrote by DMA since DMA
+    /// logging last started, sorted; empty for devices without DMA logging.
+    fn dma_written(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// A cheap, cloneable view of a mock device, kept by tests while the device itself is handed
@@ -79,6 +112,11 @@ impl MockHandle {
     /// See [`Inspect::state_digest`].
     pub fn state_digest(&self) -> u32 {
         self.0.state_digest()
+    }
+
+    /// See [`Inspect::dma_written`].
+    pub fn dma_written(&self) -> Vec<u64> {
+        self.0.dma_written()
     }
 }
 
@@ -113,5 +151,16 @@ mod tests {
         assert_eq!(h2.status().v1_state(), V1State::Error);
         assert_eq!(h.state_digest(), 42);
         assert!(format!("{h:?}").contains("state_raw"));
+        assert!(h.dma_written().is_empty());
+        let st = h.status();
+        assert_eq!(st.state_name(), V1State::Error.to_string());
+        assert!(!st.is_running());
+        let v2 = MockStatus {
+            state_raw: MigState::Running.raw(),
+            v2_state: Some(MigState::Running),
+            ..Default::default()
+        };
+        assert!(v2.is_running());
+        assert_eq!(v2.state_name(), "RUNNING");
     }
 }

@@ -349,6 +349,13 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// The transport, positioned after the last byte read. Reading from it before the
+    /// trailer desynchronizes the stream: use it after [`Record::End`] only (the session
+    /// handshake reads its COMMIT there).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
     /// The transport, positioned after the last byte read.
     pub fn into_inner(self) -> R {
         self.r

@@ -145,6 +145,18 @@ impl<W: Write> StreamWriter<W> {
         Ok((self.w, totals))
     }
 
+    /// Flushes the transport, so that the destination sees every record written so far
+    /// (before the source waits for its answer).
+    pub fn flush(&mut self) -> Result<()> {
+        let step = format!("flush stream after record {}", self.records_written());
+        self.check_usable(&step)?;
+        if let Err(e) = self.w.flush() {
+            self.failed = true;
+            return Err(Error::transport(step, e));
+        }
+        Ok(())
+    }
+
     fn step(&self) -> String {
         format!("write stream record {}", self.records_written())
     }

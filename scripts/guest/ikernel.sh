@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Builds the iommufd guest kernel: a small x86_64 kernel from linux-source-6.12 (the version of
+# the Debian kernel kernel.sh chose), `make tinyconfig` + iommufd-kernel.config (IOMMUFD,
+# VFIO_DEVICE_CDEV, VFIO group + container + type1, mdev and the mtty sample all built in), so
+# the guest tests also run with devices opened through /dev/iommu and /dev/vfio/devices/vfioN.
+# The Debian kernel has no IOMMUFD, hence this build.
+#
+# Cached in $WORK/ikernel/<version>-<hash of the fragment and recipe>/bzImage (+ config,
+# build.log); $WORK/ikernel/current names the ready one. A cache hit costs nothing; a build
+# takes ~2 min on 2 cores (extraction ~10-40 s, config ~10 s, make bzImage ~2 min). The source
+# tree and build dir are deleted afterwards (~1.5 GB).
+#
+# Knobs:
+#   VFIO_MIG_GUEST_IOMMUFD=0        skip (no iommufd kernel, no iommufd run)
+#   VFIO_MIG_GUEST_IKERNEL_JOBS=N   make -j (default: nproc)
+#   VFIO_MIG_GUEST_IKERNEL_KEEP=1   keep the source tree and build dir in $WORK/ikernel/
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+APT_DL_OPTS=(-q -o APT::Sandbox::User=root)
+MAKE=(make ARCH=x86_64)
+
+# Prints the path of the linux-source-6.12 .deb of version $1, downloading it if needed.
+source_deb() {
+    local ver=$1 deb
+    mkdir -p "$WORK/debs"
+    deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1 || true)
+    if [[ -z $deb ]]; then
+        log "ikernel: downloading linux-source-6.12=$ver (~150 MB)"
+        if ! (cd "$WORK/debs" && apt-get download "${APT_DL_OPTS[@]}" "linux-source-6.12=$ver" >&2); then
+            log "ikernel: apt-get update and retry"
+            apt-get update -q >&2
+            (cd "$WORK/debs" && apt-get download "${APT_DL_OPTS[@]}" "linux-source-6.12=$ver" >&2)
+        fi
+        deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1)
+    fi
+    [[ -n $deb ]] || die "linux-source-6.12=$ver could not be downloaded"
+    echo "$deb"
+}
+
+# Extracts the kernel tree of .deb $1 into $2 (without Documentation's subtrees and the
+# perf/selftests sources: only Documentation/Kconfig is needed to configure and build).
+extract_source() {
+    local deb=$1 src=$2
+    rm -rf "$src"
+    mkdir -p "$src"
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/src/linux-source-6.12.tar.xz | xz -dc |
+        tar -x -C "$src" --strip-components=1 --wildcards \
+            --exclude='*/Documentation/*/*' --exclude='*/tools/perf' --exclude='*/tools/testing'
+    [[ -f $src/Makefile && -f $src/samples/vfio-mdev/mtty.c ]] ||
+        die "linux-source tree incomplete in $src"
+}
+
+# Checks the fragment's options in .config $1: each =y must be there (fatal), each "is not
+# set" should be (warning).
+verify_config() {
+    local config=$1 line opt missing=() still=()
+    while IFS= read -r line; do
+        case $line in
+            CONFIG_*=*)
+                grep -qxF "$line" "$config" || missing+=("$line (have: $(grep -E "^(# )?${line%%=*}[= ]" "$config" || echo 'not visible'))")
+                ;;
+            '# CONFIG_'*' is not set')
+                opt=${line#'# '}
+                opt=${opt%' is not set'}
+                grep -q "^$opt=" "$config" && still+=("$opt")
+                ;;
+        esac
+    done <"$IKERNEL_FRAGMENT"
+    if ((${#still[@]})); then
+        log "ikernel: note: still set by other options (harmless): ${still[*]}"
+    fi
+    if ((${#missing[@]})); then
+        printf '  %s\n' "${missing[@]}" >&2
+        die "ikernel: ${#missing[@]} option(s) of $(basename "$IKERNEL_FRAGMENT") did not land in $config (unmet dependencies?)"
+    fi
+}
+
+main() {
+    if ! ikernel_enabled; then
+        log "ikernel: VFIO_MIG_GUEST_IOMMUFD=0: no iommufd kernel (the iommufd run is skipped)"
+        return 0
+    fi
+    local ver key dir
+    ver=$(current_version)
+    key=$(ikernel_key "$ver")
+    dir=$WORK/ikernel/$key
+    if [[ -s $dir/bzImage ]]; then
+        echo "$key" >"$WORK/ikernel/current"
+        log "ikernel: cached $key"
+        return 0
+    fi
+    local missing=() tool
+    for tool in make gcc flex bison bc perl; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    [[ -e /usr/include/libelf.h || -e /usr/include/elfutils/libelf.h ]] || missing+=(libelf-dev)
+    ((${#missing[@]} == 0)) || die "ikernel: missing build tools: ${missing[*]} (run packages.sh)"
+
+    local src=$WORK/ikernel/src out=$WORK/ikernel/build t0=$SECONDS t
+    mkdir -p "$WORK/ikernel"
+    local deb
+    deb=$(source_deb "$ver")
+    log "ikernel: extracting $(basename "$deb")"
+    extract_source "$deb" "$src"
+    log "ikernel: extracted in $((SECONDS - t0))s"
+
+    t=$SECONDS
+    rm -rf "$out"
+    mkdir -p "$out"
+    local cfglog=$WORK/ikernel/config.log
+    {
+        "${MAKE[@]}" -C "$src" O="$out" tinyconfig &&
+            (cd "$out" && "$src/scripts/kconfig/merge_config.sh" -m .config "$IKERNEL_FRAGMENT") &&
+            "${MAKE[@]}" -C "$src" O="$out" olddefconfig
+    } >"$cfglog" 2>&1 || {
+        tail -n 40 "$cfglog" >&2
+        die "ikernel: configuring failed (log: $cfglog)"
+    }
+    verify_config "$out/.config"
+    log "ikernel: configured in $((SECONDS - t))s (tinyconfig + $(basename "$IKERNEL_FRAGMENT"), all options verified)"
+
+    t=$SECONDS
+    local jobs=${VFIO_MIG_GUEST_IKERNEL_JOBS:-$(nproc)}
+    log "ikernel: make -j$jobs bzImage (~2 min on 2 cores)"
+    local buildlog=$WORK/ikernel/build.log
+    "${MAKE[@]}" -C "$src" O="$out" -j"$jobs" bzImage >"$buildlog" 2>&1 || {
+        tail -n 40 "$buildlog" >&2
+        die "ikernel: kernel build failed (log: $buildlog)"
+    }
+    log "ikernel: built in $((SECONDS - t))s"
+
+    local tmp=$dir.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    cp "$out/arch/x86/boot/bzImage" "$tmp/bzImage"
+    cp "$out/.config" "$tmp/config"
+    mv "$buildlog" "$tmp/build.log"
+    mv "$cfglog" "$tmp/config.log"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+    echo "$key" >"$WORK/ikernel/current"
+    if [[ ${VFIO_MIG_GUEST_IKERNEL_KEEP:-0} != 1 ]]; then
+        rm -rf "$src" "$out"
+    fi
+    # The source package is no longer needed (kernel.sh kept it for this build).
+    rm -f "$deb"
+    # Drop kernels of other versions or fragments.
+    local d
+    for d in "$WORK"/ikernel/*/; do
+        d=${d%/}
+        case $(basename "$d") in
+            "$key" | src | build) ;;
+            *) rm -rf "$d" ;;
+        esac
+    done
+    log "ikernel: ready $dir/bzImage ($(du -h "$dir/bzImage" | cut -f1)) in $((SECONDS - t0))s"
+}
+
+main "$@"

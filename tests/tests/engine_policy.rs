@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The pre-copy policy against mock devices with dirty rates: convergence, non-convergence
+//! (reported, or refused under a strict policy with the source rolled back), and the downtime
+//! estimate the engine reports.
+
+use std::time::Duration;
+
+use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
+use vfio_mig::Error;
+use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
+
+fn opts(policy: PreCopyPolicy) -> SaveOptions {
+    SaveOptions {
+        live: true,
+        policy,
+        buffer: 256 << 10,
+    }
+}
+
+#[test]
+fn a_quiet_device_converges_within_the_downtime_budget() {
+    let spec = "mock:v1,size=8M,seed=1";
+    let (mut src, mut dst) = (mock(spec), mock(spec));
+    let report = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts(PreCopyPolicy::default()),
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap();
+    assert_eq!(report.save.switch_reason, Some(SwitchReason::Converged));
+    assert!(report.save.bandwidth.is_some_and(|b| b > 0), "{report:?}");
+    assert!(report.save.estimated_downtime.is_some(), "{report:?}");
+    assert!(handle(&dst).status().resumed_ok);
+}
+
+#[test]
+fn a_device_dirtying_faster_than_the_link_is_reported_not_converging() {
+    // Every page is dirty again by the end of each round: pending never falls.
+    let spec = "mock:v1,size=2M,seed=2,chunk=64K,dirty-rate=1000G";
+    let (mut src, mut dst) = (mock(spec), mock(spec));
+    let policy = PreCopyPolicy {
+        downtime_budget: Duration::ZERO,
+        max_rounds: 50,
+        stall_rounds: 3,
+        ..Default::default()
+    };
+    let report = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts(policy),
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap();
+    assert_eq!(report.save.switch_reason, Some(SwitchReason::NotConverging), "{report:?}");
+    assert!(report.save.rounds < 50, "stopped early: {report:?}");
+    assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
+}
+
+#[test]
+fn a_strict_policy_refuses_to_exceed_the_budget_and_rolls_back() {
+    let spec = "mock:v1,size=2M,seed=3,chunk=64K,dirty-rate=1000G";
+    let (mut src, mut dst) = (mock(spec), mock(spec));
+    let policy = PreCopyPolicy {
+        downtime_budget: Duration::ZERO,
+        stall_rounds: 2,
+        strict: true,
+        ..Default::default()
+    };
+    let err = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts(policy),
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))), "{text}");
+    assert!(text.contains("NotConverging"), "{text}");
+    assert_source_running(&handle(&src).status(), "strict");
+    assert_destination_safe(&handle(&dst).status(), "strict");
+}

@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Fault injection at every step of a v2 migration: for each fault field of the v2 mock and
+//! every access count until the migration no longer reaches the fault, the migration must
+//! fail cleanly (one line), the source must run again and the destination must never run
+//! with loaded state.
+
+use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions};
+use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
+
+/// 48 KiB in 4 KiB fault blocks: about a dozen blocks per stream.
+const BASE: &str = "size=48K,seed=11,page=4K,chunk=4K";
+
+fn opts(live: bool) -> SaveOptions {
+    SaveOptions {
+        live,
+        policy: PreCopyPolicy {
+            switchover_bytes: 0,
+            max_rounds: 4,
+            ..Default::default()
+        },
+        buffer: 4096,
+    }
+}
+
+/// Runs migrations with `fail-at=FIELD@N[suffix]` on one side for N = 1, 2, ... until one
+/// succeeds (the fault lies past the field's last access), checking the invariants of every
+/// failure. Returns how many failed.
+fn sweep(field: &str, suffix: &str, on_source: bool, live: bool, extra: &str) -> u32 {
+    let mut failures = 0;
+    for n in 1..=200 {
+        let fault = format!("fail-at={field}@{n}{suffix}");
+        let plain = format!("mock:v2,{BASE}{extra}");
+        let faulty = format!("{plain},{fault}");
+        let (src_spec, dst_spec) = if on_source {
+            (faulty, plain)
+        } else {
+            (plain, faulty)
+        };
+        let context = format!(
+            "{} {fault}{extra} live={live}",
+            if on_source { "source" } else { "destination" }
+        );
+        // A fault on the MIGRATION GET, or on the first state GET, fires while the driver
+        // opens the device: it is never driven.
+        let opened = vfio_mig::open::open_device(&src_spec)
+            .and_then(|s| vfio_mig::open::open_device(&dst_spec).map(|d| (s, d)));
+        let (mut src, mut dst) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                assert!(
+                    field == "migration" || (field == "get-state" && n == 1),
+                    "{context}: open failed: {e}"
+                );
+                assert!(!e.to_string().contains('\n'), "{context}: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        let result = migrate_local(
+            src.device.as_mut(),
+            dst.device.as_mut(),
+            &opts(live),
+            &NoObserver,
+            &NoObserver,
+        );
+        let src_status = handle(&src).status();
+        let dst_status = handle(&dst).status();
+        match result {
+            Ok(_) => {
+                assert!(
+                    dst_status.resumed_ok,
+                    "{context}: success without a verified resume"
+                );
+                assert_eq!(
+                    handle(&src).state_digest(),
+                    handle(&dst).state_digest(),
+                    "{context}"
+                );
+                return failures;
+            }
+            Err(e) => {
+                failures += 1;
+                let text = e.to_string();
+                assert!(
+                    !text.contains('\n'),
+                    "{context}: error must be one line: {text}"
+                );
+                assert_source_running(&src_status, &context);
+                assert_destination_safe(&dst_status, &context);
+            }
+        }
+    }
+    panic!("{field}: the fault never stopped firing within 200 accesses");
+}
+
+#[test]
+fn source_faults_roll_back_at_every_access() {
+    for live in [false, true] {
+        for field in ["get-state", "set-state", "data-read"] {
+            let failures = sweep(field, "", true, live, "");
+            assert!(failures > 0, "{field} live={live}: the fault never fired");
+        }
+    }
+    let failures = sweep("precopy-info", "", true, true, "");
+    assert!(failures > 0, "precopy-info never fired");
+}
+
+#[test]
+fn source_faults_roll_back_without_p2p_or_with_a_dirtying_device() {
+    for extra in [",flags=0x5", ",dirty-rate=64M"] {
+        for field in ["set-state", "data-read", "precopy-info"] {
+            let failures = sweep(field, "", true, true, extra);
+            assert!(failures > 0, "{field}{extra}: the fault never fired");
+        }
+    }
+}
+
+#[test]
+fn source_dropping_into_error_state_is_reset() {
+    for (field, live) in [
+        ("get-state", true),
+        ("set-state", true),
+        ("set-state", false),
+        ("data-read", false),
+        ("data-read", true),
+        ("precopy-info", true),
+    ] {
+        let failures = sweep(field, ":error", true, live, "");
+        assert!(failures > 0, "{field}:error never fired");
+    }
+}
+
+#[test]
+fn destination_faults_reset_the_destination() {
+    for field in ["get-state", "set-state", "data-write"] {
+        for suffix in ["", ":error", ":ENOSPC"] {
+            let failures = sweep(field, suffix, false, true, "");
+            assert!(failures > 0, "{field}{suffix}: the fault never fired");
+        }
+    }
+    let failures = sweep("set-state", "", false, false, ",flags=0x1");
+    assert!(failures > 0);
+}
+
+#[test]
+fn a_migration_fault_fails_the_open_without_touching_the_device() {
+    assert!(sweep("migration", "", true, false, "") > 0);
+    assert!(sweep("migration", "", false, false, "") > 0);
+}
+
+#[test]
+fn faults_the_engine_never_reaches_let_the_migration_succeed() {
+    for field in ["data-size", "dma-logging", "reset", "data-write"] {
+        assert_eq!(sweep(field, "", true, true, ""), 0, "{field} on the source");
+    }
+    for field in [
+        "data-size",
+        "dma-logging",
+        "reset",
+        "data-read",
+        "precopy-info",
+    ] {
+        assert_eq!(
+            sweep(field, "", false, true, ""),
+            0,
+            "{field} on the destination"
+        );
+    }
+}
+
+#[test]
+fn a_failed_reset_during_recovery_is_reported() {
+    // The arc into STOP_COPY drops the source into ERROR, and its reset fails too.
+    let spec = format!("mock:v2,{BASE}");
+    let mut src = mock(&format!(
+        "{spec},fail-at=set-state:STOP_COPY@1:error,fail-at=reset@1:ENODEV"
+    ));
+    let mut dst = mock(&spec);
+    let err = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts(false),
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("VFIO_DEVICE_RESET"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+    assert_destination_safe(&handle(&dst).status(), "failed source reset");
+    // A second reset works.
+    src.io.reset().unwrap();
+    assert_source_running(&handle(&src).status(), "after a working reset");
+}

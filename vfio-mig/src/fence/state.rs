@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The fencing state of a device on disk: one small JSON file per device in the state
+//! directory, replaced atomically (temporary file, fsync, rename, fsync of the directory).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::record::{Admission, FenceRecord};
+use super::{DeviceKey, Fence};
+use crate::error::{Error, Result};
+use crate::handshake::{ReasonCode, SessionId};
+use crate::stream::StreamHeader;
+
+/// A [`Fence`] kept in `<state dir>/<key stem>.json`. Every operation re-reads the file, so
+/// the state survives restarts of `recv`; the caller holds the device lock, so nobody else
+/// writes it meanwhile.
+#[derive(Debug, Clone)]
+pub struct StateFence {
+    dir: PathBuf,
+    path: PathBuf,
+    key: DeviceKey,
+}
+
+fn fence_err(step: String, detail: impl Into<String>) -> Error {
+    Error::Refused {
+        step,
+        code: ReasonCode::Fence,
+        detail: detail.into(),
+    }
+}
+
+impl StateFence {
+    /// The fencing state of `key` in `dir` (created on the first write).
+    pub fn new(dir: &Path, key: &DeviceKey) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            path: dir.join(format!("{}.json", key.file_stem())),
+            key: key.clone(),
+        }
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the record (an empty one if the file does not exist). A file that does not
+    /// parse is an error, not an empty record: forgetting the fencing state would let a
+    /// stale or replayed stream in.
+    pub fn load(&self) -> Result<FenceRecord> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(FenceRecord::new(self.key.as_str()))
+            }
+            Err(e) => {
+                return Err(fence_err(
+                    format!("read fencing state {}", self.path.display()),
+                    e.to_string(),
+                ))
+            }
+        };
+        let record: FenceRecord = serde_json::from_str(&text).map_err(|e| {
+            fence_err(
+                format!("read fencing state {}", self.path.display()),
+                format!("corrupt ({e}); remove the file to reset the device's fencing state"),
+            )
+        })?;
+        if record.key != self.key.as_str() {
+            return Err(fence_err(
+                format!("read fencing state {}", self.path.display()),
+                format!(
+                    "the file belongs to device {}, not {}",
+                    record.key, self.key
+                ),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Replaces the record atomically.
+    pub fn store(&self, record: &FenceRecord) -> Result<()> {
+        let step = || format!("write fencing state {}", self.path.display());
+        let io_err = |e: io::Error| fence_err(step(), e.to_string());
+        std::fs::create_dir_all(&self.dir).map_err(io_err)?;
+        let tmp = self.dir.join(format!(
+            ".{}.tmp.{}",
+            self.key.file_stem(),
+            std::process::id()
+        ));
+        let text = serde_json::to_string_pretty(record)
+            .map_err(|e| fence_err(step(), e.to_string()))?;
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io_err)
+    }
+
+    /// The highest epoch recorded for the device (0 if none).
+    pub fn highest_epoch(&self) -> Result<u64> {
+        Ok(self.load()?.highest_epoch)
+    }
+}
+
+impl Fence for StateFence {
+    fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
+        let mut record = self.load()?;
+        let (admission, changed) = record.admit(header)?;
+        if changed {
+            self.store(&record)?;
+        }
+        Ok(admission)
+    }
+
+    fn complete(&mut self, session: &SessionId) -> Result<()> {
+        let mut record = self.load()?;
+        record.complete(session);
+        self.store(&record)
+    }
+
+    fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
+        let mut record = self.load()?;
+        record.undo_complete(session);
+        self.store(&record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{DeviceDescriptor, Protocol};
+
+    fn header(session: u8, epoch: u64) -> StreamHeader {
+        StreamHeader {
+            session_id: [session; 16],
+            epoch,
+            devices: vec![DeviceDescriptor {
+                protocol: Protocol::V1,
+                live: false,
+                migration_flags: 0,
+                model: "mock:v1".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn state_persists_across_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::from_text("mock:x");
+        let mut f = StateFence::new(&dir.path().join("state"), &key);
+        assert_eq!(f.admit(&header(1, 10)).unwrap(), Admission::Accept);
+        f.complete(&[1; 16]).unwrap();
+        let mut g = StateFence::new(&dir.path().join("state"), &key);
+        assert_eq!(g.highest_epoch().unwrap(), 10);
+        assert_eq!(g.admit(&header(1, 10)).unwrap(), Admission::AlreadyCompleted);
+        assert!(g
+            .admit(&header(2, 9))
+            .unwrap_err()
+            .to_string()
+            .contains("stale epoch 9 < 10"));
+        g.undo_complete(&[1; 16]).unwrap();
+        assert_eq!(f.admit(&header(1, 10)).unwrap(), Admission::Accept);
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn corrupt_or_foreign_files_refuse_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::from_text("mock:x");
+        let mut f = StateFence::new(dir.path(), &key);
+        std::fs::write(f.path(), b"{ not json").unwrap();
+        let e = f.admit(&header(1, 1)).unwrap_err().to_string();
+        assert!(e.contains("corrupt") && e.contains("remove the file"), "{e}");
+        std::fs::write(
+            f.path(),
+            br#"{"version":1,"key":"mock:y","highest_epoch":0,"completed":[]}"#,
+        )
+        .unwrap();
+        let e = f.admit(&header(1, 1)).unwrap_err().to_string();
+        assert!(e.contains("belongs to device mock:y"), "{e}");
+    }
+}

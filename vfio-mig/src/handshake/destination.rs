@@ -1,0 +1,323 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The destination side of a session: checks before the device is touched (identity,
+//! protocol, features, fencing), the switchover-ack, the two-phase end, and reset on failure.
+
+use std::io::{BufReader, Read};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use super::message::{
+    read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
+    KNOWN_FEATURES,
+};
+use crate::engine::{
+    check_compatible, load_device_gated, rollback_destination, LoadGate, LoadReport,
+    MigrationDevice, Observer,
+};
+use crate::error::{Error, Result};
+use crate::fence::{Admission, Fence};
+use crate::stream::{StreamHeader, StreamReader};
+use crate::transport::{Duplex, SOCKET_BUFFER};
+
+/// Longest time a failed destination keeps reading (and discarding) what the source still
+/// sends, so that the source reads the FAILED reason instead of a reset connection.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// How a receive ended successfully.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecvOutcome {
+    /// The device runs the received state.
+    Resumed {
+        /// The stream header (session, epoch, device).
+        header: StreamHeader,
+        /// What was loaded.
+        report: LoadReport,
+        /// Whether RESUMED reached the source. If not, the source reports the outcome as in
+        /// doubt and keeps its device stopped; a retry is answered ALREADY_COMPLETED.
+        confirmed: bool,
+    },
+    /// The session was already completed here; the device was not touched.
+    AlreadyCompleted {
+        /// The stream header.
+        header: StreamHeader,
+    },
+}
+
+/// The code sent in FAILED for an error.
+fn reason_code(e: &Error) -> ReasonCode {
+    match e {
+        Error::RolledBack { source, .. } => reason_code(source),
+        Error::Stream { .. } | Error::Transport { .. } => ReasonCode::Stream,
+        Error::Refused { code, .. } => *code,
+        _ => ReasonCode::Device,
+    }
+}
+
+/// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
+/// still sends until it closes (at most [`DRAIN_TIME`]).
+fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
+    if let Err(e) = write_message(tx, msg, "end the session") {
+        tracing::debug!("{e}");
+        return;
+    }
+    let _ = tx.shutdown(Shutdown::Write);
+    let started = Instant::now();
+    let mut sink = vec![0u8; SOCKET_BUFFER];
+    while started.elapsed() < DRAIN_TIME {
+        match rx.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: String) -> Error {
+    send_final(tx, rx, &Message::Refuse(Reason::new(code, detail.clone())));
+    Error::Refused {
+        step: "handshake".into(),
+        code,
+        detail,
+    }
+}
+
+/// The hooks of the load: SWITCHOVER_ACK, then LOADED, COMMIT and the completion record.
+struct Gate<'a, C: Duplex> {
+    tx: &'a mut C,
+    session: SessionId,
+    ack: bool,
+    fence: &'a mut dyn Fence,
+    completed: bool,
+}
+
+impl<C: Duplex> LoadGate for Gate<'_, C> {
+    fn pre_copy_loaded(&mut self) -> Result<()> {
+        if self.ack {
+            let ack = Message::SwitchoverAck {
+                session: self.session,
+            };
+            write_message(self.tx, &ack, "acknowledge the pre-copy data")?;
+        }
+        Ok(())
+    }
+
+    fn before_resume(&mut self, rest: &mut dyn Read) -> Result<()> {
+        let session = self.session;
+        write_message(self.tx, &Message::Loaded { session }, "report the state loaded")?;
+        let step = "wait for the source's COMMIT";
+        match read_message(rest, step)? {
+            Message::Commit { session: s } if s == session => {}
+            other => {
+                return Err(Error::protocol(
+                    step,
+                    format!("the source sent {other} where COMMIT was expected"),
+                ))
+            }
+        }
+        // Recorded before the device runs: after a crash here, a retry is answered
+        // ALREADY_COMPLETED and both devices stay stopped rather than both running.
+        self.fence.complete(&session)?;
+        self.completed = true;
+        Ok(())
+    }
+}
+
+/// Receives a migration into `dev` from the source at the other end of `conn`.
+///
+/// Reads HELLO and the stream header, then checks, before the device is touched: one device
+/// in the stream, known features, the device's protocol and model ([`check_compatible`]),
+/// and the fencing state ([`Fence::admit`]: a completed session is answered
+/// ALREADY_COMPLETED, a stale epoch REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the
+/// pre-copy data, LOADED after the trailer), COMMIT from the source, the completion record,
+/// the resume, and RESUMED.
+///
+/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
+/// completion record is withdrawn, and FAILED tells the source why.
+pub fn receive<C: Duplex>(
+    dev: &mut dyn MigrationDevice,
+    conn: C,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    let mut tx = conn
+        .try_clone()
+        .map_err(|e| Error::transport("clone the connection", e))?;
+    let mut rx = BufReader::with_capacity(SOCKET_BUFFER, conn);
+
+    let features = match read_message(&mut rx, "handshake: wait for HELLO") {
+        Ok(Message::Hello { features }) => features,
+        Ok(other) => {
+            let detail = format!("the source sent {other} where HELLO was expected");
+            return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
+        }
+        Err(e @ Error::Stream { .. }) => {
+            return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, e.to_string()))
+        }
+        Err(e) => return Err(e),
+    };
+    let (mut reader, header) = match StreamReader::open(rx) {
+        Ok(r) => r,
+        Err(e @ Error::Stream { .. }) => {
+            // The reader is gone with the stream; refuse without draining.
+            let msg = Message::Refuse(Reason::new(ReasonCode::Stream, e.to_string()));
+            let _ = write_message(&mut tx, &msg, "end the session");
+            return Err(Error::Refused {
+                step: "handshake".into(),
+                code: ReasonCode::Stream,
+                detail: e.to_string(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let checks = (|| -> std::result::Result<Admission, (ReasonCode, String)> {
+        if features & !KNOWN_FEATURES != 0 {
+            return Err((
+                ReasonCode::Unsupported,
+                format!("unknown HELLO features {:#x}", features & !KNOWN_FEATURES),
+            ));
+        }
+        let [desc] = header.devices.as_slice() else {
+            return Err((
+                ReasonCode::Unsupported,
+                format!(
+                    "the stream carries {} devices; a destination loads one",
+                    header.devices.len()
+                ),
+            ));
+        };
+        if features & FEATURE_SWITCHOVER_ACK != 0 && !desc.live {
+            return Err((
+                ReasonCode::Protocol,
+                "switchover-ack asked for a stream without pre-copy".into(),
+            ));
+        }
+        check_compatible(dev, desc).map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
+        fence.admit(&header).map_err(|e| (reason_code(&e), e.to_string()))
+    })();
+    let session = header.session_id;
+    match checks {
+        Ok(Admission::Accept) => {}
+        Ok(Admission::AlreadyCompleted) => {
+            let msg = Message::AlreadyCompleted { session };
+            send_final(&mut tx, reader.get_mut(), &msg);
+            return Ok(RecvOutcome::AlreadyCompleted { header });
+        }
+        Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
+    }
+    write_message(&mut tx, &Message::Accept { session }, "handshake")?;
+
+    let mut gate = Gate {
+        tx: &mut tx,
+        session,
+        ack: features & FEATURE_SWITCHOVER_ACK != 0,
+        fence,
+        completed: false,
+    };
+    match load_device_gated(dev, &mut reader, 0, obs, &mut gate) {
+        Ok(report) => {
+            let confirmed = match write_message(&mut tx, &Message::Resumed { session }, "resumed")
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "the device runs the migrated state, but RESUMED did not reach the \
+                         source ({e}): the source keeps its device stopped"
+                    );
+                    false
+                }
+            };
+            Ok(RecvOutcome::Resumed {
+                header,
+                report,
+                confirmed,
+            })
+        }
+        Err(e) => {
+            if gate.completed {
+                if let Err(u) = gate.fence.undo_complete(&session) {
+                    tracing::warn!("withdraw the completion record: {u}");
+                }
+            }
+            let e = rollback_destination(dev, 0, e, obs);
+            let msg = Message::Failed(Reason::new(reason_code(&e), e.to_string()));
+            send_final(&mut tx, reader.get_mut(), &msg);
+            Err(e)
+        }
+    }
+}
+
+/// The hook of a fenced load from a file: the completion record before the resume.
+struct FileGate<'a> {
+    session: SessionId,
+    fence: &'a mut dyn Fence,
+    completed: bool,
+}
+
+impl LoadGate for FileGate<'_> {
+    fn pre_copy_loaded(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn before_resume(&mut self, _rest: &mut dyn Read) -> Result<()> {
+        self.fence.complete(&self.session)?;
+        self.completed = true;
+        Ok(())
+    }
+}
+
+/// Loads a stream with no control channel (a file) into `dev` under `fence`, with the same
+/// checks and records as [`receive`]: a completed session is not loaded again
+/// ([`RecvOutcome::AlreadyCompleted`]), a stale epoch is refused; on failure the device is
+/// reset.
+pub fn load_fenced<R: Read>(
+    dev: &mut dyn MigrationDevice,
+    reader: &mut StreamReader<R>,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    let header = reader.header().clone();
+    let [desc] = header.devices.as_slice() else {
+        return Err(Error::Refused {
+            step: "check the stream".into(),
+            code: ReasonCode::Unsupported,
+            detail: format!(
+                "the stream carries {} devices; load takes one",
+                header.devices.len()
+            ),
+        });
+    };
+    check_compatible(dev, desc)?;
+    if fence.admit(&header)? == Admission::AlreadyCompleted {
+        return Ok(RecvOutcome::AlreadyCompleted { header });
+    }
+    let mut gate = FileGate {
+        session: header.session_id,
+        fence,
+        completed: false,
+    };
+    match load_device_gated(dev, reader, 0, obs, &mut gate) {
+        Ok(report) => Ok(RecvOutcome::Resumed {
+            header,
+            report,
+            confirmed: true,
+        }),
+        Err(e) => {
+            if gate.completed {
+                if let Err(u) = gate.fence.undo_complete(&header.session_id) {
+                    tracing::warn!("withdraw the completion record: {u}");
+                }
+            }
+            Err(rollback_destination(dev, 0, e, obs))
+        }
+    }
+}
+
+impl RecvOutcome {
+    /// The stream header of the session.
+    pub fn header(&self) -> &StreamHeader {
+        match self {
+            RecvOutcome::Resumed { header, .. } | RecvOutcome::AlreadyCompleted { header } => {
+                header
+            }
+        }
+    }
+}

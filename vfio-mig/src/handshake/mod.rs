@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The session handshake: how a source and a destination agree, over a bidirectional
+//! connection, that a device's state may move, and when the handoff is done.
+//!
+//! The source writes, in order: HELLO, the stream header (the one a file starts with:
+//! session id, epoch, device descriptors), then, only after the destination's ACCEPT, the
+//! stream's records and trailer, and at last COMMIT. The destination answers on the reverse
+//! direction with small, CRC-checked control messages ([`Message`]):
+//!
+//! ```text
+//! source                                        destination
+//!   HELLO, stream header  ───────────────────▶    checks identity, protocol, features,
+//!                                                 fencing (epoch, completed sessions)
+//!                         ◀───────────────────   ACCEPT | REFUSE(reason) | ALREADY_COMPLETED
+//!   (device untouched until ACCEPT)
+//!   pre-copy records, END_OF_PHASE(PRE_COPY) ─▶   loads them
+//!                         ◀───────────────────   SWITCHOVER_ACK            (live only)
+//!   stop device, stop-copy records, trailer ──▶   loads and verifies everything
+//!                         ◀───────────────────   LOADED
+//!   COMMIT  ─────────────────────────────────▶    records the session completed, resumes
+//!                         ◀───────────────────   RESUMED | FAILED(reason)
+//! ```
+//!
+//! The two-phase end (LOADED, COMMIT) makes the handoff's point of no return explicit:
+//! before COMMIT, any failure (a closed connection included) leaves the destination reset
+//! and the source rolled back to RUNNING; after COMMIT only a lost RESUMED leaves the outcome
+//! in doubt, and then the source stays stopped ([`crate::Error::InDoubt`]) rather than risk
+//! the same state running on both hosts. A retry with the same session id is answered
+//! ALREADY_COMPLETED by a destination that resumed, and the source then exits successfully
+//! without resuming its device.
+//!
+//! The format is specified byte by byte in `docs/stream-format.md`, "Session handshake".
+
+mod destination;
+mod local;
+mod message;
+mod source;
+
+pub use destination::{load_fenced, receive, RecvOutcome};
+pub use local::migrate_pair;
+pub use message::{
+    read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
+    FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC, MAX_PAYLOAD_LEN, MAX_REASON_LEN, VERSION,
+};
+pub use source::{send, SendOutcome};

@@ -1,0 +1,260 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The source side of a session: HELLO and the stream header before the device is touched,
+//! the switchover wait, the two-phase end (LOADED, COMMIT, RESUMED) and rollback.
+
+use std::io::{self, BufWriter, Write};
+use std::net::Shutdown;
+
+use super::message::{
+    read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK,
+};
+use crate::engine::save::{pre_copy, rollback_source, stop_copy};
+use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
+use crate::error::{Error, Result};
+use crate::stream::{StreamHeader, StreamWriter};
+use crate::transport::{readable_now, Duplex, SOCKET_BUFFER};
+
+/// How a send ended successfully.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The destination runs the state; the source device is stopped.
+    Completed(SaveReport),
+    /// The destination had already completed this session (a retried handoff): it runs the
+    /// state. The source device was not touched by this call and must not be resumed.
+    AlreadyCompleted,
+}
+
+/// The source's writing half: before every write it checks, without blocking, whether the
+/// destination said something. During the transfer the destination only speaks to fail
+/// (FAILED, or closing the connection), so the source stops at its next write instead of
+/// streaming the rest of the state into a destination that gave up.
+struct Watched<C: Duplex>(C);
+
+impl<C: Duplex> Watched<C> {
+    fn check(&self) -> io::Result<()> {
+        if readable_now(self.0.as_fd())? {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the destination ended the session",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<C: Duplex> Write for Watched<C> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check()?;
+        self.0.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.check()?;
+        self.0.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
+    Error::protocol(
+        step,
+        format!("the destination sent {msg} where {wanted} was expected"),
+    )
+}
+
+/// Reads the destination's answer at `step`: `Ok(())` for a message of kind `wanted` (a
+/// [`Message::kind`]) with this session, a [`Error::PeerFailed`] for FAILED, a protocol error
+/// for anything else.
+fn expect(rx: &mut impl io::Read, session: &SessionId, wanted: u8, step: &str) -> Result<()> {
+    let msg = read_message(rx, step)?;
+    match &msg {
+        m if m.kind() == wanted && m.session() == Some(session) => Ok(()),
+        Message::Failed(r) => Err(Error::PeerFailed {
+            step: step.to_owned(),
+            detail: r.text.clone(),
+        }),
+        m => Err(Error::protocol(
+            step,
+            format!("the destination sent {m} (session {:02x?})", m.session()),
+        )),
+    }
+}
+
+/// After a transport error, reads what the destination said, if it said anything: its
+/// FAILED reason explains the broken connection better than `EPIPE`.
+fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
+    if !matches!(err, Error::Transport { .. }) || !readable_now(rx.as_fd()).unwrap_or(false) {
+        return err;
+    }
+    match read_message(rx, "read the destination's reason") {
+        Ok(Message::Failed(r)) | Ok(Message::Refuse(r)) => Error::PeerFailed {
+            step: "transfer".into(),
+            detail: r.text,
+        },
+        Ok(other) => unexpected(&other, "FAILED", "transfer"),
+        Err(Error::Transport { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
+            Error::transport(
+                "transfer",
+                io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the destination closed the connection",
+                ),
+            )
+        }
+        Err(_) => err,
+    }
+}
+
+/// Migrates `dev` (stream device 0 of `header`) to the destination at the other end of
+/// `conn`.
+///
+/// 1. Sends HELLO and the stream header, and waits for the answer **before touching the
+///    device**: REFUSE is an [`Error::Refused`], ALREADY_COMPLETED returns
+///    [`SendOutcome::AlreadyCompleted`], ACCEPT goes on.
+/// 2. With `opts.live`: pre-copy, then waits for SWITCHOVER_ACK (the destination loaded all
+///    pre-copy data) before stopping the device.
+/// 3. Stop-and-copy and the trailer; waits for LOADED (the destination verified the whole
+///    stream), then sends COMMIT.
+/// 4. Waits for RESUMED: success; the device then takes its STOP transition, out of the
+///    downtime window.
+///
+/// Any failure before COMMIT (FAILED, a closed or silent connection, a device error) rolls
+/// the device back to RUNNING: the destination cannot resume without COMMIT. FAILED after
+/// COMMIT rolls back too (the destination reset its device). A lost connection or a timeout
+/// after COMMIT leaves the device stopped and returns [`Error::InDoubt`]: the destination may
+/// run the state, and resuming here as well would run it twice.
+pub fn send<C: Duplex>(
+    dev: &mut dyn MigrationDevice,
+    conn: C,
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+) -> Result<SendOutcome> {
+    let session = header.session_id;
+    if header.devices.len() != 1 || header.devices[0].live != opts.live {
+        return Err(Error::Usage(
+            "send: the stream header must describe one device, live exactly when the save is"
+                .into(),
+        ));
+    }
+    let clone = |c: &C| c.try_clone().map_err(|e| Error::transport("clone the connection", e));
+    let mut rx = clone(&conn)?;
+    let ctl = clone(&conn)?;
+    let features = if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
+
+    // 1. HELLO and the header, then the answer; the device is untouched until ACCEPT.
+    let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
+    let opened = tx
+        .write_all(&Message::Hello { features }.encode())
+        .map_err(|e| Error::transport("handshake: send HELLO", e))
+        .and_then(|()| StreamWriter::new(tx, header))
+        .and_then(|mut out| out.flush().map(|()| out));
+    let answer = match opened {
+        Ok(out) => read_message(&mut rx, "handshake: wait for the destination's answer")
+            .map(|m| (out, m)),
+        // The destination may have refused (and closed) while we wrote.
+        Err(e) if readable_now(rx.as_fd()).unwrap_or(false) => {
+            match read_message(&mut rx, "handshake: read the destination's answer") {
+                Ok(m @ Message::Refuse(_)) => return refused(&m),
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let (mut out, answer) = answer?;
+    match &answer {
+        Message::Accept { session: s } if *s == session => {}
+        Message::AlreadyCompleted { session: s } if *s == session => {
+            tracing::info!("the destination already completed this session");
+            return Ok(SendOutcome::AlreadyCompleted);
+        }
+        Message::Refuse(_) => return refused(&answer),
+        other => return Err(unexpected(other, "ACCEPT", "handshake")),
+    }
+
+    // 2-3. Pre-copy, switchover, stop-and-copy, trailer, LOADED. Any failure: roll back.
+    let mut report = SaveReport::default();
+    let sent = (|| -> Result<BufWriter<Watched<C>>> {
+        if opts.live {
+            pre_copy(&mut *dev, &mut out, 0, opts, obs, &mut report)?;
+            out.flush()?;
+            let ack = Message::SwitchoverAck { session }.kind();
+            expect(&mut rx, &session, ack, "wait for the destination's SWITCHOVER_ACK")?;
+        }
+        stop_copy(&mut *dev, &mut out, 0, opts, obs, &mut report)?;
+        let (tx, _totals) = out.finish()?;
+        let loaded = Message::Loaded { session }.kind();
+        expect(&mut rx, &session, loaded, "wait for the destination's LOADED")?;
+        Ok(tx)
+    })();
+    let mut tx = match sent {
+        Ok(tx) => tx,
+        Err(e) => return Err(rollback_source(dev, 0, explain(e, &mut rx), obs)),
+    };
+
+    // The commit point. A COMMIT that did not go out whole cannot be decoded: the
+    // destination resets, so a failed write is a definite failure.
+    let commit = Message::Commit { session }.encode();
+    if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
+        let e = Error::transport("send COMMIT", e);
+        return Err(rollback_source(dev, 0, explain(e, &mut rx), obs));
+    }
+    if let Err(e) = ctl.shutdown(Shutdown::Write) {
+        tracing::debug!("shutdown after COMMIT: {e}");
+    }
+
+    // 4. RESUMED, or FAILED (the destination reset its device), or doubt.
+    let step = "wait for the destination's RESUMED";
+    match read_message(&mut rx, step) {
+        Ok(Message::Resumed { session: s }) if s == session => {
+            // Out of the downtime window: the destination already runs.
+            if let Err(e) = dev.finish_save() {
+                tracing::warn!(
+                    "{}: STOP transition after a completed migration failed: {e}; \
+                     the device stays stopped in stop-and-copy",
+                    dev.identity().instance
+                );
+            }
+            Ok(SendOutcome::Completed(report))
+        }
+        Ok(Message::Failed(r)) => {
+            let e = Error::PeerFailed {
+                step: step.into(),
+                detail: r.text,
+            };
+            Err(rollback_source(dev, 0, e, obs))
+        }
+        Ok(other) => Err(in_doubt(
+            dev,
+            &session,
+            format!("the destination sent {other} where RESUMED was expected"),
+        )),
+        Err(e) => Err(in_doubt(dev, &session, e.to_string())),
+    }
+}
+
+fn refused(msg: &Message) -> Result<SendOutcome> {
+    match msg {
+        Message::Refuse(r) => Err(Error::Refused {
+            step: "handshake".into(),
+            code: r.code,
+            detail: r.text.clone(),
+        }),
+        other => Err(unexpected(other, "REFUSE", "handshake")),
+    }
+}
+
+fn in_doubt(dev: &mut dyn MigrationDevice, session: &SessionId, what: String) -> Error {
+    let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
+    Error::InDoubt {
+        step: "wait for RESUMED after COMMIT".into(),
+        detail: format!(
+            "{what}; the destination may be running the state, so {} is left stopped, not \
+             resumed; retry with --session {hex} to ask the destination",
+            dev.identity().instance
+        ),
+    }
+}
