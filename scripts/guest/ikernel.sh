@@ -44,12 +44,15 @@ source_deb() {
 # Extracts the kernel tree of .deb $1 into $2 (without Documentation's subtrees and the
 # perf/selftests sources: only Documentation/Kconfig is needed to configure and build).
 extract_source() {
-    local deb=$1 src=$2
-    rm -rf "$src"
-    mkdir -p "$src"
+    local deb=$1 src=$2 tmp=$2.tmp
+    rm -rf "$src" "$tmp"
+    mkdir -p "$tmp"
+    # No --strip-components: with it GNU tar fails to restore some directories' metadata.
     dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/src/linux-source-6.12.tar.xz | xz -dc |
-        tar -x -C "$src" --strip-components=1 --wildcards \
+        tar -x -C "$tmp" --wildcards \
             --exclude='*/Documentation/*/*' --exclude='*/tools/perf' --exclude='*/tools/testing'
+    mv "$tmp/linux-source-6.12" "$src"
+    rmdir "$tmp"
     [[ -f $src/Makefile && -f $src/samples/vfio-mdev/mtty.c ]] ||
         die "linux-source tree incomplete in $src"
 }

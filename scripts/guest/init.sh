@@ -4,10 +4,12 @@
 #
 # /init of the guest initramfs (busybox sh, not bash). Installed by initramfs.sh.
 # Loads vfio + mdev + mtty, creates the mtty mdevs, loads our v1 migration sample module
-# (mig_v1_sample, kmod/mig-v1-sample) and creates its mdevs, runs the guest test binary, removes the
-# sample's mdevs and unloads it (refcount 0, rmmod, no warnings of it in dmesg), and prints exactly
-# one marker line, "VFIO-MIG-GUEST: PASS" or "VFIO-MIG-GUEST: FAIL (<reason>)", which the host
-# (boot.sh) judges the run by. Then powers the VM off (reboot -f with QEMU's -no-reboot).
+# (mig_v1_sample, kmod/mig-v1-sample) and creates its mdevs, runs the guest test binary (once per
+# backend named by vfio_mig_backends= on the kernel command line; the iommufd kernel has vfio, mdev
+# and mtty built in and no v1 sample: vfio_mig_builtin), removes the sample's mdevs and unloads
+# it (refcount 0, rmmod, no warnings of it in dmesg), and prints exactly one marker line,
+# "VFIO-MIG-GUEST: PASS" or "VFIO-MIG-GUEST: FAIL (<reason>)", which the host (boot.sh) judges
+# the run by. Then powers the VM off (reboot -f with QEMU's -no-reboot).
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -45,10 +47,36 @@ if grep -q 'vfio_mig_probe' /proc/cmdline; then
     finish
 fi
 
-echo "vfio-mig-guest: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s"
-for m in $MODULES; do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+# Which kernel this is and which backends to test, from the kernel command line (boot.sh):
+#   vfio_mig_kernel=LABEL        the kernel's name in the log (e.g. debian-6.12.117+deb12)
+#   vfio_mig_backends=B1[,B2]    run the whole test binary once per VFIO_MIG_BACKEND value
+#   vfio_mig_builtin             vfio, mdev and mtty are built in (the iommufd kernel): no insmod
+KERNEL_LABEL=$(uname -r)
+BACKENDS=group
+BUILTIN=""
+# shellcheck disable=SC2013 # words, not lines, on purpose
+for word in $(cat /proc/cmdline); do
+    case $word in
+        vfio_mig_kernel=*) KERNEL_LABEL=${word#*=} ;;
+        vfio_mig_backends=*) BACKENDS=$(echo "${word#*=}" | tr ',' ' ') ;;
+        vfio_mig_builtin) BUILTIN=1 ;;
+    esac
 done
+
+echo "vfio-mig-guest: kernel $(uname -r) ($KERNEL_LABEL), backends: $BACKENDS, up $(cut -d' ' -f1 /proc/uptime) s"
+if [ -n "$BUILTIN" ]; then
+    echo "vfio-mig-guest: vfio, mdev and mtty are built into this kernel: no modules loaded"
+    if [ -n "$V1_MODULE" ]; then
+        echo "vfio-mig-guest: $V1_MODULE is built for the Debian kernel: left out here"
+        V1_MODULE=""
+    fi
+else
+    for m in $MODULES; do
+        insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+    done
+fi
+# Loopback up, for tests over tcp:127.0.0.1 (no network otherwise).
+ip link set lo up 2>/dev/null || true
 
 types=/sys/class/mdev_bus/mtty/mdev_supported_types
 [ -d "$types/$MDEV_TYPE" ] || fail "mdev type $MDEV_TYPE missing in $types"
@@ -136,14 +164,34 @@ v1_unload_and_check() {
     fi
 }
 
-echo "vfio-mig-guest: running tests, up $(cut -d' ' -f1 /proc/uptime) s"
 cd /tmp || fail "cd /tmp"
-# shellcheck disable=SC2086 # TEST_ARGS is a word list on purpose
-/bin/vfio-mig-guest-tests --test-threads=1 $TEST_ARGS
-rc=$?
+# One run of the whole test binary per backend, every line of it prefixed with
+# [<kernel label>/<backend>]; then one "VFIO-MIG-RUN: <label>/<backend>: PASS|FAIL (...)" line
+# per run, which boot.sh checks too. rc is the first failing run's status.
+rc=0
+failed_runs=""
+for backend in $BACKENDS; do
+    tag="$KERNEL_LABEL/$backend"
+    echo "vfio-mig-guest: ==== run $tag: VFIO_MIG_BACKEND=$backend, up $(cut -d' ' -f1 /proc/uptime) s"
+    # shellcheck disable=SC2086 # TEST_ARGS is a word list on purpose
+    (
+        VFIO_MIG_BACKEND=$backend /bin/vfio-mig-guest-tests --test-threads=1 $TEST_ARGS
+        echo $? >/tmp/.vfio-mig-rc
+    ) 2>&1 | tee /tmp/.vfio-mig-run.log | sed "s|^|[$tag] |"
+    run_rc=$(cat /tmp/.vfio-mig-rc 2>/dev/null || echo 255)
+    summary=$(grep '^test result:' /tmp/.vfio-mig-run.log | tail -n1)
+    rm -f /tmp/.vfio-mig-rc /tmp/.vfio-mig-run.log
+    if [ "$run_rc" -eq 0 ]; then
+        echo "VFIO-MIG-RUN: $tag: PASS (${summary:-no test result line})"
+    else
+        echo "VFIO-MIG-RUN: $tag: FAIL (exit $run_rc; ${summary:-no test result line})"
+        failed_runs="$failed_runs $tag"
+        [ "$rc" -ne 0 ] || rc=$run_rc
+    fi
+done
 echo "vfio-mig-guest: tests done (exit $rc), up $(cut -d' ' -f1 /proc/uptime) s"
 [ -n "$V1_MODULE" ] && v1_unload_and_check
-[ "$rc" -eq 0 ] || fail "guest tests exited with status $rc"
+[ "$rc" -eq 0 ] || fail "guest tests failed in run(s):$failed_runs (first status $rc)"
 [ -z "$v1_problem" ] || fail "$v1_problem"
 if dmesg | grep -qE 'BUG:|Oops|Call Trace'; then
     fail "kernel reported a bug or oops during the tests"

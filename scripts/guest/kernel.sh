@@ -128,7 +128,7 @@ repoint_headers() {
     local abi=$1 root=$WORK/kernel/$1/root
     local hdr=$root/usr/src/linux-headers-$abi-amd64 common=$root/usr/src/linux-headers-$abi-common
     grep -qxF "include $common/Makefile" "$hdr/Makefile" && return 0
-    sed -i -E "s#^include .*/linux-headers-$abi-common/Makefile\$#include $common/Makefile#" "$hdr/Makefile"
+    sed -i -E "s#^include .*/linux-headers-[^/]*-common/Makefile\$#include $common/Makefile#" "$hdr/Makefile"
     grep -qxF "include $common/Makefile" "$hdr/Makefile" ||
         die "could not point $hdr/Makefile at $common; its content: $(cat "$hdr/Makefile")"
 }

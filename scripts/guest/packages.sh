@@ -14,9 +14,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Packages from bookworm itself. gcc-12, libelf1, libssl3 and zlib1g are what the extracted
 # (not installed) linux-headers/linux-kbuild packages need to build a module; jq parses cargo's
 # JSON; binutils gives readelf (static check of the binaries); libc6-dev has the static libc
-# that crt-static links; util-linux has flock.
+# that crt-static links; util-linux has flock. flex, bison, bc, libelf-dev (objtool) and perl
+# build the iommufd guest kernel (ikernel.sh).
 BASE_PACKAGES=(busybox-static cpio kmod xz-utils gcc gcc-12 libc6-dev make pahole libelf1 libssl3
-    zlib1g jq binutils coreutils util-linux dpkg)
+    zlib1g jq binutils coreutils util-linux dpkg flex bison bc libelf-dev perl)
 BACKPORTS_PACKAGES=(qemu-system-x86)
 
 is_installed() {

@@ -3,19 +3,26 @@
 #
 # Runs vfio-mig's guest tests against the kernel's mtty sample mdev in a QEMU guest.
 # Works on a bare Debian bookworm machine as root (with a Rust toolchain); idempotent; caches
-# everything under scripts/guest/.work/. Exit status 0 only when the guest printed
-# "VFIO-MIG-GUEST: PASS". See docs/guest-tests.md.
+# everything under scripts/guest/.work/. Boots two guests: the Debian kernel (devices opened
+# through the VFIO container and groups) and a small kernel built here with iommufd (devices
+# opened through /dev/iommu and /dev/vfio/devices/vfioN, then through groups again). Exit
+# status 0 only when both guests printed "VFIO-MIG-GUEST: PASS" with a passing run for every
+# backend. See docs/guest-tests.md.
 #
 # Steps (each a script of its own, runnable alone once the earlier ones have run):
 #   packages.sh   apt: qemu-system-x86 (bookworm-backports), busybox-static, cpio, kmod, gcc, ...
 #   kernel.sh     newest Linux 6.12 of bookworm-security, extracted (not installed); builds mtty.ko
+#   ikernel.sh    the iommufd kernel: tinyconfig + iommufd-kernel.config from linux-source-6.12
+#                 (~2.5 min once, then cached by version and fragment hash)
 #   build.sh      static vfio-mig binary and guest test binary (target/guest)
 #   initramfs.sh  busybox + modules + binaries + /init (init.sh)
-#   boot.sh       QEMU (TCG unless KVM really works) under timeout; judges the marker line
+#   boot.sh       QEMU (TCG unless KVM really works) under timeout; judges the marker line;
+#                 `boot.sh debian` (backend group), then `boot.sh iommufd` (backends iommufd, group)
 #
 # Knobs (environment):
 #   VFIO_MIG_GUEST_SKIP_APT=1         no package step (manage packages yourself)
 #   VFIO_MIG_GUEST_SKIP_BUILD=1       no cargo build; reuse the binaries of the previous run
+#   VFIO_MIG_GUEST_IOMMUFD=0          no iommufd kernel and no iommufd run (not a full pass)
 #   VFIO_MIG_GUEST_TIMEOUT=600        seconds before QEMU is killed (the run fails)
 #   VFIO_MIG_GUEST_ACCEL=auto         auto | tcg | kvm (auto: KVM only if it provably works)
 #   VFIO_MIG_GUEST_TEST_ARGS=...      extra arguments of the test binary, e.g. a test name filter
@@ -37,7 +44,7 @@ step() {
     local name=$1 t0=$SECONDS rc=0
     shift
     "$HERE/$name" "$@" || rc=$?
-    log "step $name: $((SECONDS - t0))s$( ((rc == 0)) || echo " (failed, status $rc)")"
+    log "step $name${*:+ $*}: $((SECONDS - t0))s$( ((rc == 0)) || echo " (failed, status $rc)")"
     return "$rc"
 }
 
@@ -51,9 +58,23 @@ fi
 t_start=$SECONDS
 step packages.sh
 step kernel.sh
+step ikernel.sh
 step build.sh
 step initramfs.sh
 rc=0
-step boot.sh || rc=$?
+results=()
+step boot.sh debian || rc=$?
+results+=("debian kernel (group): $( ((rc == 0)) && echo PASS || echo FAIL)")
+if ikernel_enabled; then
+    rc2=0
+    step boot.sh iommufd || rc2=$?
+    results+=("iommufd kernel (iommufd, group): $( ((rc2 == 0)) && echo PASS || echo FAIL)")
+    ((rc != 0)) || rc=$rc2
+else
+    results+=("iommufd kernel: SKIPPED (VFIO_MIG_GUEST_IOMMUFD=0): not a full pass")
+fi
+for r in "${results[@]}"; do
+    log "guest: $r"
+done
 log "total: $((SECONDS - t_start))s"
 exit "$rc"

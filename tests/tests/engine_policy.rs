@@ -19,7 +19,7 @@ fn opts(policy: PreCopyPolicy) -> SaveOptions {
 
 #[test]
 fn a_quiet_device_converges_within_the_downtime_budget() {
-    let spec = "mock:v1,size=8M,seed=1";
+    let spec = "mock:v2,size=8M,seed=1";
     let (mut src, mut dst) = (mock(spec), mock(spec));
     let report = migrate_local(
         src.device.as_mut(),

@@ -10,6 +10,8 @@
 //! - `VFIO_MIG_MTTY_DEVICES`: space-separated sysfs paths `/sys/bus/mdev/devices/<uuid>` of
 //!   the mtty mdevs (four of type `mtty-2` by default), each in an IOMMU group of its own.
 //! - `VFIO_MIG_BIN`: path of the static `vfio-mig` command (`/bin/vfio-mig`).
+//! - `VFIO_MIG_V1_TRAPPED`, `VFIO_MIG_V1_MMAP`, `VFIO_MIG_V1_DEVICES`: the mdevs of our v1
+//!   sample module (kmod/mig-v1-sample), used by the `v1_sample` tests.
 //! - `VFIO_MIG_BACKEND`: `group` or `iommufd` (or `auto`): how the library, the `vfio-mig`
 //!   command and [`mtty::MttyDevice`] open the devices. The harness runs the whole binary once
 //!   per backend the guest kernel offers (see docs/guest-tests.md), and
@@ -22,6 +24,8 @@ use std::os::fd::AsRawFd;
 
 #[path = "guest/migration.rs"]
 mod migration;
+#[path = "guest/v1_sample.rs"]
+mod v1_sample;
 
 use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
 use vfio_mig::device::backend::{Backend, BACKEND_ENV};
@@ -36,11 +40,11 @@ pub mod mtty {
     use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
+    use iommufd_ioctls::IommuFd;
     use vfio_bindings::bindings::vfio::{
         vfio_device_feature, vfio_device_feature_migration, VFIO_BASE, VFIO_DEVICE_FEATURE_GET,
         VFIO_DEVICE_FEATURE_MIGRATION, VFIO_TYPE,
     };
-    use iommufd_ioctls::IommuFd;
     use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
     use vfio_mig::device::backend::Backend;
 
@@ -481,9 +485,16 @@ fn backend_in_use_is_the_one_requested() {
         // The library (what the migration tests use).
         let opened = vfio_mig::open::open_device(dev.to_str().unwrap())
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        let access = opened.access.clone().expect("a real device reports its access");
+        let access = opened
+            .access
+            .clone()
+            .expect("a real device reports its access");
         assert_eq!(access.backend, expected, "{ctx}: library: {access:?}");
-        let lib_fd = access.detail.rsplit("device fd ").next().unwrap_or_default();
+        let lib_fd = access
+            .detail
+            .rsplit("device fd ")
+            .next()
+            .unwrap_or_default();
         assert_fd_matches(expected, lib_fd, &ctx);
         drop(opened);
 
@@ -520,7 +531,10 @@ fn backend_in_use_is_the_one_requested() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(v["backend"], backend.name(), "{v}");
         } else {
-            assert!(!out.status.success(), "--backend {backend} cannot work here");
+            assert!(
+                !out.status.success(),
+                "--backend {backend} cannot work here"
+            );
             assert!(!stderr.contains("panicked"), "{stderr}");
             assert!(
                 stderr.contains(&format!("the {backend} backend cannot open")),

@@ -129,10 +129,12 @@ fn the_feature_buffer_is_parsed_as_the_kernel_does() {
         call(&d, 8, get | VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, 8),
         EINVAL
     );
+    assert!(!d.handle().status().precopy_info_v2);
     assert_eq!(
         call(&d, 8, set | VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, 8),
         0
     );
+    assert!(d.handle().status().precopy_info_v2);
     // Unknown features.
     for f in [3, 4, 5, 10, 11, 13, 0xffff] {
         assert_eq!(call(&d, 16, get | f, 16), libc::ENOTTY, "feature {f}");

@@ -8,7 +8,7 @@
 //! resumed with the source's state.
 //!
 //! Run: `cargo run -p vmm-glue --example live_migration [DEVICE_SPEC]`
-//! (default `mock:v2,size=32M,seed=9,dirty-rate=64M`).
+//! (default `mock:v2,size=32M,seed=9,dirty-rate=64M,dma-dirty=64`).
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,7 +101,7 @@ fn memory_equal(a: &Memory, b: &Memory) -> bool {
 fn main() {
     let spec = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "mock:v2,size=32M,seed=9,dirty-rate=64M".to_string());
+        .unwrap_or_else(|| "mock:v2,size=32M,seed=9,dirty-rate=64M,dma-dirty=64".to_string());
     let started = Instant::now();
 
     // Source host: guest memory with some content, the device, dirty tracking.

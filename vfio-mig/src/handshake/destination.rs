@@ -191,7 +191,10 @@ pub fn receive<C: Duplex>(
             ));
         }
         check_compatible(dev, desc).map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
-        fence.admit(&header).map_err(|e| (reason_code(&e), e.to_string()))
+        fence.admit(&header).map_err(|e| match e {
+            Error::Refused { code, detail, .. } => (code, detail),
+            e => (ReasonCode::Fence, e.to_string()),
+        })
     })();
     let session = header.session_id;
     match checks {

@@ -5,8 +5,7 @@
 //! |-----------------|------------------------------------------------------------|--------------|
 //! | `size=`         | total device state, with K/M/G/T suffixes                  | `64M`        |
 //! | `seed=`         | seed of the content (decimal or `0x` hex)                  | `0`          |
-//! | `chunk=`        | largest v1 transaction, its 16-byte header included; v2:   | `1M`         |
-//! |                 | the data fd's fault-counting block (see [`super::v2`])     |              |
+//! | `chunk=`        | largest v1 transaction, header included; v2: fault block   | `1M`         |
 //! | `section=`      | size of the data section, at least `chunk`                 | chunk, 4K up |
 //! | `data=`         | `mmap` (sparse-mmap data section) or `trapped`             | `mmap`       |
 //! | `page=`         | content page size                                          | `4096`       |
@@ -14,15 +13,16 @@
 //! | `reserved=`     | initial `device_state` bits 3-31                           | `0x80000100` |
 //! | `region-index=` | index of the migration region (9 or more)                  | `10`         |
 //! | `fail-at=`      | `FIELD@N[:ERRNO|:error]`, repeatable (see [`super::faults`]) | none       |
-//! | `flags=`        | v2 only: `VFIO_MIGRATION_*` flags (1 STOP_COPY, 2 P2P, 4 PRE_COPY) | `0x7` |
-//! | `dma=`          | v2 only: `on` or `off` (no DMA logging feature: ENOTTY)    | `on`         |
-//! | `dma-dirty=`    | v2 only: pages the device DMA-writes before each log report | `0`         |
+//! | `flags=`        | v2: `VFIO_MIGRATION_*` (1 STOP_COPY, 2 P2P, 4 PRE_COPY)    | `0x7`        |
+//! | `dma=`          | v2: `on`, or `off` (no DMA logging features: ENOTTY)       | `on`         |
+//! | `dma-dirty=`    | v2: pages the device DMA-writes before each log report     | `0`          |
 //! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
 //! |                 | the key of the device's lock and fencing state (`crate::fence`) |         |
 //!
 //! `section`, `data`, `reserved` and `region-index` are v1 options; a `mock:v2` spec refuses
 //! them, as a `mock:v1` spec refuses the v2 ones. v2 `fail-at` rules name v2 fields
-//! ([`super::faults::V2FaultRule`]).
+//! ([`super::faults::V2FaultRule`]); a v2 fault block is `chunk` bytes of a data fd's stream
+//! (see [`super::v2`]).
 //!
 //! [`MockSpec`]'s `Display` prints a canonical form: protocol, `size` and `seed` always, every
 //! other option only when it differs from its default, in the order of the table.

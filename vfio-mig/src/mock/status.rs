@@ -48,6 +48,8 @@ pub struct MockStatus {
     pub last_refusal: Option<String>,
     /// v2: data fds handed out by state changes (saving and resuming sessions).
     pub data_fds: u64,
+    /// v2: the user opted in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`.
+    pub precopy_info_v2: bool,
     /// v2: DMA logging is started.
     pub dma_logging: bool,
     /// v2: pages the device wrote by DMA while logging (with repetition).

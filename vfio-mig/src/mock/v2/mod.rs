@@ -241,6 +241,7 @@ impl Inspect for Shared {
         s.state_raw = g.state.raw();
         s.v2_state = Some(g.state);
         s.fault_hits = session::lock_faults(&g.faults).hits();
+        s.precopy_info_v2 = g.precopy_v2;
         match &g.session {
             Some(Session::Save(save)) => {
                 let st = save.lock();
