@@ -793,7 +793,7 @@ static ssize_t mv1_put(char __user *buf, const void *v, size_t n)
 
 static ssize_t mv1_mig_read(struct mv1_state *s, char __user *buf, size_t count, u64 off)
 {
-	u32 bits = mv1_bits(s);
+	u32 bits = mv1_bits(s), i;
 	u64 v64, at;
 	int ret;
 
@@ -812,7 +812,7 @@ static ssize_t mv1_mig_read(struct mv1_state *s, char __user *buf, size_t count,
 			/* Starts an iteration: the chunk read before is consumed. */
 			s->save.staged = 0;
 			if (bits == MV1_STATE_PRECOPY)
-				for (v64 = 0; v64 < s->dirty_per_iter; v64++)
+				for (i = 0; i < s->dirty_per_iter; i++)
 					mv1_dirty_one(s);
 			v64 = mv1_pending(s);
 			return mv1_put(buf, &v64, 8);
@@ -903,28 +903,50 @@ static ssize_t mv1_mig_write(struct mv1_state *s, const char __user *buf, size_t
 static u32 mv1_reg_read(struct mv1_state *s, u32 reg)
 {
 	switch (reg) {
-	case MV1_REG_ID:		return MV1_ID;
-	case MV1_REG_VERSION:		return 1;
-	case MV1_REG_STATE_SIZE:	return s->npages * MV1_PAGE;
-	case MV1_REG_CHUNK_SIZE:	return chunk_size;
-	case MV1_REG_PAGE_SIZE:		return MV1_PAGE;
-	case MV1_REG_FLAGS:		return s->mmap ? MV1_FLAG_MMAP : 0;
-	case MV1_REG_DEVICE_STATE:	return s->device_state;
-	case MV1_REG_DIRTY_RATE:	return s->dirty_rate;
-	case MV1_REG_DIRTY_PERIOD:	return s->dirty_period_ms;
-	case MV1_REG_DIRTY_PER_ITER:	return s->dirty_per_iter;
-	case MV1_REG_FAIL_NEXT:		return s->fail_next;
-	case MV1_REG_SAVE_PASSES:	return s->st_passes;
-	case MV1_REG_SAVE_PAGES:	return s->st_pages_sent;
-	case MV1_REG_SAVE_TXS:		return s->st_txs_saved;
-	case MV1_REG_SAVE_DIRTIED:	return s->st_dirtied;
-	case MV1_REG_LOAD_TXS:		return s->st_txs_loaded;
-	case MV1_REG_LOAD_PAGES:	return s->st_pages_loaded;
-	case MV1_REG_REFUSALS:		return s->st_refusals;
-	case MV1_REG_LAST_REFUSAL:	return s->st_last_refusal;
-	case MV1_REG_RESETS:		return s->st_resets;
-	case MV1_REG_SAVES_DONE:	return s->st_saves_done;
-	case MV1_REG_RESUMES_DONE:	return s->st_resumes_done;
+	case MV1_REG_ID:
+		return MV1_ID;
+	case MV1_REG_VERSION:
+		return 1;
+	case MV1_REG_STATE_SIZE:
+		return s->npages * MV1_PAGE;
+	case MV1_REG_CHUNK_SIZE:
+		return chunk_size;
+	case MV1_REG_PAGE_SIZE:
+		return MV1_PAGE;
+	case MV1_REG_FLAGS:
+		return s->mmap ? MV1_FLAG_MMAP : 0;
+	case MV1_REG_DEVICE_STATE:
+		return s->device_state;
+	case MV1_REG_DIRTY_RATE:
+		return s->dirty_rate;
+	case MV1_REG_DIRTY_PERIOD:
+		return s->dirty_period_ms;
+	case MV1_REG_DIRTY_PER_ITER:
+		return s->dirty_per_iter;
+	case MV1_REG_FAIL_NEXT:
+		return s->fail_next;
+	case MV1_REG_SAVE_PASSES:
+		return s->st_passes;
+	case MV1_REG_SAVE_PAGES:
+		return s->st_pages_sent;
+	case MV1_REG_SAVE_TXS:
+		return s->st_txs_saved;
+	case MV1_REG_SAVE_DIRTIED:
+		return s->st_dirtied;
+	case MV1_REG_LOAD_TXS:
+		return s->st_txs_loaded;
+	case MV1_REG_LOAD_PAGES:
+		return s->st_pages_loaded;
+	case MV1_REG_REFUSALS:
+		return s->st_refusals;
+	case MV1_REG_LAST_REFUSAL:
+		return s->st_last_refusal;
+	case MV1_REG_RESETS:
+		return s->st_resets;
+	case MV1_REG_SAVES_DONE:
+		return s->st_saves_done;
+	case MV1_REG_RESUMES_DONE:
+		return s->st_resumes_done;
 	}
 	return 0;
 }

@@ -7,15 +7,21 @@
 # the guest tests also run with devices opened through /dev/iommu and /dev/vfio/devices/vfioN.
 # The Debian kernel has no IOMMUFD, hence this build.
 #
-# Cached in $WORK/ikernel/<version>-<hash of the fragment and recipe>/bzImage (+ config,
-# build.log); $WORK/ikernel/current names the ready one. A cache hit costs nothing; a build
-# takes ~2 min on 2 cores (extraction ~10-40 s, config ~10 s, make bzImage ~2 min). The source
-# tree and build dir are deleted afterwards (~1.5 GB).
+# Cached in $WORK/ikernel/<version>-<hash of the fragment and recipe>/: bzImage, config,
+# build.log and kbuild/, the tree external modules build against (the kernel's own
+# scripts/package/install-extmod-build, as in a linux-headers package); $WORK/ikernel/current
+# names the ready one. A cache hit costs nothing; a build takes ~3 min on 2 cores (extraction
+# ~15-40 s, config ~10 s, make ~2 min). The source tree and build dir (~1.5 GB) are scratch
+# space: on /dev/shm when it has room (many small files are slow on the disk), deleted after.
+#
+# Then (every run, cached by mtime) builds our v1 sample module kmod/mig-v1-sample against
+# kbuild/, into <cache>/mig-v1-sample/mig_v1_sample.ko, which the initramfs carries for this
+# kernel.
 #
 # Knobs:
 #   VFIO_MIG_GUEST_IOMMUFD=0        skip (no iommufd kernel, no iommufd run)
 #   VFIO_MIG_GUEST_IKERNEL_JOBS=N   make -j (default: nproc)
-#   VFIO_MIG_GUEST_IKERNEL_KEEP=1   keep the source tree and build dir in $WORK/ikernel/
+#   VFIO_MIG_GUEST_IKERNEL_KEEP=1   keep the source tree and build dir (in $WORK/ikernel/)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -82,6 +88,45 @@ verify_config() {
     fi
 }
 
+# Scratch dir for the source tree and the build: /dev/shm (tmpfs) when it has 4 GB free and
+# the tree is not to be kept, else $WORK/ikernel.
+scratch_dir() {
+    local avail
+    if [[ ${VFIO_MIG_GUEST_IKERNEL_KEEP:-0} != 1 && -d /dev/shm && -w /dev/shm ]]; then
+        avail=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 { print $4 }')
+        if [[ -n $avail ]] && ((avail > 4 * 1024 * 1024)); then
+            mktemp -d /dev/shm/vfio-mig-ikernel.XXXXXX
+            return 0
+        fi
+    fi
+    echo "$WORK/ikernel"
+}
+
+# Builds kmod/mig-v1-sample against the kernel's kbuild dir $1 into $2 (when its sources are
+# newer than the module). Warnings are shown; the Debian-kernel build in kernel.sh is the one
+# that fails on them.
+build_v1_sample() {
+    local kbuild=$1 dir=$2 src=$REPO_ROOT/kmod/mig-v1-sample
+    [[ -f $src/mig_v1_sample.c ]] || return 0
+    if [[ -f $dir/mig_v1_sample.ko && $dir/mig_v1_sample.ko -nt $src/mig_v1_sample.c &&
+        $dir/mig_v1_sample.ko -nt $src/Kbuild ]]; then
+        return 0
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp "$src/Kbuild" "$src/mig_v1_sample.c" "$dir/"
+    log "ikernel: building mig_v1_sample.ko (kmod/mig-v1-sample) for the iommufd kernel"
+    make -C "$kbuild" M="$dir" W=1 modules >"$dir/build.log" 2>&1 || {
+        cat "$dir/build.log" >&2
+        die "ikernel: building mig_v1_sample.ko failed (log: $dir/build.log)"
+    }
+    if grep -qiE 'warning:' "$dir/build.log"; then
+        grep -iE 'warning:' "$dir/build.log" | sed 's/^/    /' >&2
+        log "ikernel: mig_v1_sample.ko built with the warnings above (log: $dir/build.log)"
+    fi
+    [[ -f $dir/mig_v1_sample.ko ]] || die "ikernel: mig_v1_sample.ko not produced (log: $dir/build.log)"
+}
+
 main() {
     if ! ikernel_enabled; then
         log "ikernel: VFIO_MIG_GUEST_IOMMUFD=0: no iommufd kernel (the iommufd run is skipped)"
@@ -91,9 +136,10 @@ main() {
     ver=$(current_version)
     key=$(ikernel_key "$ver")
     dir=$WORK/ikernel/$key
-    if [[ -s $dir/bzImage ]]; then
+    if [[ -s $dir/bzImage && -f $dir/kbuild/Module.symvers ]]; then
         echo "$key" >"$WORK/ikernel/current"
         log "ikernel: cached $key"
+        build_v1_sample "$dir/kbuild" "$dir/mig-v1-sample"
         return 0
     fi
     local missing=() tool
@@ -103,8 +149,16 @@ main() {
     [[ -e /usr/include/libelf.h || -e /usr/include/elfutils/libelf.h ]] || missing+=(libelf-dev)
     ((${#missing[@]} == 0)) || die "ikernel: missing build tools: ${missing[*]} (run packages.sh)"
 
-    local src=$WORK/ikernel/src out=$WORK/ikernel/build t0=$SECONDS t
     mkdir -p "$WORK/ikernel"
+    local scratch src out t0=$SECONDS t
+    scratch=$(scratch_dir)
+    src=$scratch/src
+    out=$scratch/build
+    if [[ $scratch == /dev/shm/* ]]; then
+        # shellcheck disable=SC2064 # expand now: the path is fixed
+        trap "rm -rf '$scratch'" EXIT
+    fi
+    log "ikernel: building in $scratch"
     local deb
     deb=$(source_deb "$ver")
     log "ikernel: extracting $(basename "$deb")"
@@ -128,9 +182,10 @@ main() {
 
     t=$SECONDS
     local jobs=${VFIO_MIG_GUEST_IKERNEL_JOBS:-$(nproc)}
-    log "ikernel: make -j$jobs bzImage (~2 min on 2 cores)"
+    log "ikernel: make -j$jobs bzImage modules (~2 min on 2 cores)"
     local buildlog=$WORK/ikernel/build.log
-    "${MAKE[@]}" -C "$src" O="$out" -j"$jobs" bzImage >"$buildlog" 2>&1 || {
+    # `modules` writes Module.symvers (no module is configured): external modules need it.
+    "${MAKE[@]}" -C "$src" O="$out" -j"$jobs" bzImage modules >"$buildlog" 2>&1 || {
         tail -n 40 "$buildlog" >&2
         die "ikernel: kernel build failed (log: $buildlog)"
     }
@@ -141,6 +196,14 @@ main() {
     mkdir -p "$tmp"
     cp "$out/arch/x86/boot/bzImage" "$tmp/bzImage"
     cp "$out/.config" "$tmp/config"
+    # What building an external module against this kernel needs (as linux-headers packages).
+    (cd "$out" && srctree=$src SRCARCH=x86 CC=gcc HOSTCC=gcc MAKE=make \
+        sh "$src/scripts/package/install-extmod-build" "$tmp/kbuild") >>"$buildlog" 2>&1 || {
+        tail -n 20 "$buildlog" >&2
+        die "ikernel: install-extmod-build failed (log: $buildlog)"
+    }
+    cp "$out/.config" "$tmp/kbuild/.config"
+    [[ -f $tmp/kbuild/Module.symvers ]] || die "ikernel: no Module.symvers in $tmp/kbuild"
     mv "$buildlog" "$tmp/build.log"
     mv "$cfglog" "$tmp/config.log"
     rm -rf "$dir"
@@ -148,6 +211,7 @@ main() {
     echo "$key" >"$WORK/ikernel/current"
     if [[ ${VFIO_MIG_GUEST_IKERNEL_KEEP:-0} != 1 ]]; then
         rm -rf "$src" "$out"
+        [[ $scratch != /dev/shm/* ]] || rm -rf "$scratch"
     fi
     # The source package is no longer needed (kernel.sh kept it for this build).
     rm -f "$deb"
@@ -161,6 +225,7 @@ main() {
         esac
     done
     log "ikernel: ready $dir/bzImage ($(du -h "$dir/bzImage" | cut -f1)) in $((SECONDS - t0))s"
+    build_v1_sample "$dir/kbuild" "$dir/mig-v1-sample"
 }
 
 main "$@"

@@ -20,7 +20,8 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 
 # Written by initramfs.sh: MODULES, MDEV_TYPE, MDEV_COUNT, TEST_ARGS, GUEST_RUST_LOG, V1_MODULE
-# (mig_v1_sample, or empty to leave it out), V1_MDEVS (mdevs per type of it).
+# (mig_v1_sample, or empty to leave it out), V1_MDEVS (mdevs per type of it), V1_PARAMS (its
+# module parameters).
 # shellcheck disable=SC1091 # generated into the initramfs
 . /etc/vfio-mig/config
 
@@ -64,10 +65,13 @@ for word in $(cat /proc/cmdline); do
 done
 
 echo "vfio-mig-guest: kernel $(uname -r) ($KERNEL_LABEL), backends: $BACKENDS, up $(cut -d' ' -f1 /proc/uptime) s"
+# Where the v1 sample module for this kernel is: the iommufd kernel has its own build of it.
+V1_DIR=/lib/modules
 if [ -n "$BUILTIN" ]; then
     echo "vfio-mig-guest: vfio, mdev and mtty are built into this kernel: no modules loaded"
-    if [ -n "$V1_MODULE" ]; then
-        echo "vfio-mig-guest: $V1_MODULE is built for the Debian kernel: left out here"
+    V1_DIR=/lib/modules/ikernel
+    if [ -n "$V1_MODULE" ] && [ ! -f "$V1_DIR/$V1_MODULE.ko" ]; then
+        echo "vfio-mig-guest: no $V1_MODULE built for this kernel ($V1_DIR): left out"
         V1_MODULE=""
     fi
 else
@@ -98,7 +102,8 @@ echo "vfio-mig-guest: VFIO_MIG_MTTY_DEVICES=$VFIO_MIG_MTTY_DEVICES"
 V1_UUID_PREFIX=6d696731-0000-4000-8000-
 if [ -n "$V1_MODULE" ]; then
     echo "<6>vfio-mig-guest: loading $V1_MODULE" >/dev/kmsg
-    insmod "/lib/modules/$V1_MODULE.ko" || fail "insmod $V1_MODULE failed"
+    # shellcheck disable=SC2086 # V1_PARAMS is a word list on purpose
+    insmod "$V1_DIR/$V1_MODULE.ko" $V1_PARAMS || fail "insmod $V1_MODULE $V1_PARAMS failed"
     v1_types=/sys/class/mdev_bus/mig-v1-sample/mdev_supported_types
     n=1
     for t in trapped mmap; do
@@ -119,7 +124,7 @@ if [ -n "$V1_MODULE" ]; then
     echo "vfio-mig-guest: VFIO_MIG_V1_TRAPPED=$VFIO_MIG_V1_TRAPPED"
     echo "vfio-mig-guest: VFIO_MIG_V1_MMAP=$VFIO_MIG_V1_MMAP"
 else
-    echo "vfio-mig-guest: mig_v1_sample left out (VFIO_MIG_GUEST_V1_MDEVS=0): skipping the v1_sample tests"
+    echo "vfio-mig-guest: mig_v1_sample not loaded in this guest: skipping the v1_sample tests"
     TEST_ARGS="$TEST_ARGS --skip v1_sample::"
 fi
 ls -l /dev/vfio

@@ -12,6 +12,7 @@
 #   VFIO_MIG_GUEST_MDEV_TYPE=mtty-2  their type (mtty-1: one port, mtty-2: two ports)
 #   VFIO_MIG_GUEST_V1_MDEVS=2        mig_v1_sample mdevs of EACH type (mig-v1-trapped, mig-v1-mmap);
 #                                    0: leave the module out and skip the v1_sample tests
+#   VFIO_MIG_GUEST_V1_PARAMS=...     its module parameters, e.g. "state_size=4194304 chunk_size=4096"
 #   VFIO_MIG_GUEST_TEST_ARGS=...     extra arguments of the guest test binary (e.g. a name filter)
 #   VFIO_MIG_GUEST_RUST_LOG=...      RUST_LOG inside the guest
 set -euo pipefail
@@ -107,6 +108,13 @@ main() {
     done
     if [[ -n $v1_module ]]; then
         install -m 0644 "$v1_ko" "$rootfs/lib/modules/$v1_module.ko"
+        # The same module built for the iommufd kernel (ikernel.sh), loaded there instead.
+        if ikernel_enabled && [[ -s $WORK/ikernel/current ]]; then
+            local ik_ko
+            ik_ko=$WORK/ikernel/$(cat "$WORK/ikernel/current")/mig-v1-sample/mig_v1_sample.ko
+            [[ -f $ik_ko ]] || die "no $ik_ko: run ikernel.sh"
+            install -D -m 0644 "$ik_ko" "$rootfs/lib/modules/ikernel/$v1_module.ko"
+        fi
     fi
     # The kernel opens /dev/console for init before /init can mount devtmpfs.
     mknod -m 0600 "$rootfs/dev/console" c 5 1 2>/dev/null || true
@@ -118,6 +126,7 @@ main() {
         printf 'GUEST_RUST_LOG=%q\n' "${VFIO_MIG_GUEST_RUST_LOG:-}"
         printf 'V1_MODULE=%q\n' "$v1_module"
         printf 'V1_MDEVS=%q\n' "$v1_mdevs"
+        printf 'V1_PARAMS=%q\n' "${VFIO_MIG_GUEST_V1_PARAMS:-}"
     } >"$rootfs/etc/vfio-mig/config"
 
     (cd "$rootfs" && find . -print0 | LC_ALL=C sort -z |

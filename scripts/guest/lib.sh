@@ -38,7 +38,7 @@ current_version() {
 # IOMMUFD, VFIO_DEVICE_CDEV, VFIO (group and container too) and the mtty sample built in.
 IKERNEL_FRAGMENT=$GUEST_DIR/iommufd-kernel.config
 # Bump when ikernel.sh builds differently from the same fragment (invalidates the cache).
-IKERNEL_RECIPE=1
+IKERNEL_RECIPE=2
 
 # Cache key of the iommufd kernel for package version $1: the version plus a hash of the
 # fragment and the recipe, e.g. 6.12.117-1~deb12u1-3f2a9c1d7b2e.

@@ -2,6 +2,8 @@
 //! Shared helpers of the integration tests: opening mocks, moving a stream through memory, and
 //! the invariants every failed migration must keep.
 
+pub mod session;
+
 use std::io::Cursor;
 
 use vfio_mig::engine::{

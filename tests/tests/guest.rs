@@ -497,6 +497,11 @@ fn backend_in_use_is_the_one_requested() {
             .unwrap_or_default();
         assert_fd_matches(expected, lib_fd, &ctx);
         drop(opened);
+        // The device layer alone (what the v1 sample tests use).
+        let io = vfio_mig::device::vfio::VfioDeviceIo::open(&dev)
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        assert_eq!(io.access().backend, expected, "{ctx}: VfioDeviceIo");
+        drop(io);
 
         // The test helper (what the register-level tests use).
         let d = MttyDevice::open_or_panic(&dev);

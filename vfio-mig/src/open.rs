@@ -6,7 +6,7 @@
 //! variable ([`BACKEND_ENV`]), or [`Backend::Auto`].
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub use crate::device::backend::{Backend, DeviceAccess, BACKEND_ENV};
 use crate::device::vfio::VfioDeviceIo;
@@ -41,23 +41,17 @@ pub fn is_mock(name: &str) -> bool {
     name.starts_with("mock:")
 }
 
-/// The backend forced for this process by [`set_backend`] (the command line's `--backend`).
-static BACKEND_OVERRIDE: Mutex<Option<Backend>> = Mutex::new(None);
-
-/// Forces the backend [`open_device`] uses in this process, over `VFIO_MIG_BACKEND`
-/// (`None` returns the choice to the environment).
+/// Forces the backend [`open_device`] (and [`VfioDeviceIo::open`]) use in this process, over
+/// `VFIO_MIG_BACKEND` (`None` returns the choice to the environment).
 pub fn set_backend(backend: Option<Backend>) {
-    *BACKEND_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = backend;
+    crate::device::backend::set_process_backend(backend);
 }
 
 /// The backend [`open_device`] uses: the one [`set_backend`] forced, else `VFIO_MIG_BACKEND`,
 /// else [`Backend::Auto`]. A `VFIO_MIG_BACKEND` other than `auto`, `group` or `iommufd` is a
 /// usage error.
 pub fn configured_backend() -> Result<Backend> {
-    if let Some(b) = *BACKEND_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) {
-        return Ok(b);
-    }
-    Backend::from_env().map_err(Error::Usage)
+    Backend::configured().map_err(Error::Usage)
 }
 
 /// Opens `name`: `mock:v1[,options]` or the sysfs path of a VFIO device

@@ -130,6 +130,13 @@ pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Resu
     let report = match result? {
         RecvOutcome::Resumed { report, .. } => report,
         RecvOutcome::AlreadyCompleted { header } => {
+            if json {
+                return print_json(&serde_json::json!({
+                    "outcome": "already-completed",
+                    "session": session_hex(&header.session_id),
+                    "epoch": header.epoch,
+                }));
+            }
             eprintln!(
                 "session {} of {} was already loaded into {device}: not loaded again",
                 session_hex(&header.session_id),

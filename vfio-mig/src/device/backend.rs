@@ -19,14 +19,22 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 /// The environment variable that selects the backend (`auto`, `group` or `iommufd`).
 pub const BACKEND_ENV: &str = "VFIO_MIG_BACKEND";
 
+/// The backend forced for this process by [`set_process_backend`].
+static PROCESS_BACKEND: Mutex<Option<Backend>> = Mutex::new(None);
+
+/// Forces the backend of [`Backend::configured`] for this process, over `VFIO_MIG_BACKEND`
+/// (the command line's `--backend` does this); `None` returns the choice to the environment.
+pub fn set_process_backend(backend: Option<Backend>) {
+    *PROCESS_BACKEND.lock().unwrap_or_else(|e| e.into_inner()) = backend;
+}
+
 /// How a VFIO device is opened.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The group interface when the kernel offers it for the device, else iommufd.
@@ -59,6 +67,15 @@ impl Backend {
                 "{BACKEND_ENV}={v:?}: expected auto, group or iommufd"
             )),
         }
+    }
+
+    /// The backend this process uses when none is given: the one [`set_process_backend`]
+    /// forced, else [`Backend::from_env`].
+    pub fn configured() -> Result<Self, String> {
+        if let Some(b) = *PROCESS_BACKEND.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(b);
+        }
+        Self::from_env()
     }
 
     /// Decides how to open the VFIO device at sysfs path `device`, looking at the real `/dev`.
@@ -339,14 +356,20 @@ mod tests {
         let t = tree(true, true);
         fs::remove_file(t.dev.join("iommu")).unwrap();
         let msg = route(&t, Backend::Iommufd).unwrap_err().to_string();
-        assert!(msg.contains("iommu is missing") && msg.contains("IOMMUFD"), "{msg}");
+        assert!(
+            msg.contains("iommu is missing") && msg.contains("IOMMUFD"),
+            "{msg}"
+        );
 
         let t = tree(true, true);
         fs::remove_file(t.dev.join("vfio/7")).unwrap();
         let msg = route(&t, Backend::Group).unwrap_err().to_string();
         assert!(msg.contains("vfio/7 is missing"), "{msg}");
         // Auto then takes the cdev.
-        assert_eq!(route(&t, Backend::Auto).unwrap().backend(), Backend::Iommufd);
+        assert_eq!(
+            route(&t, Backend::Auto).unwrap().backend(),
+            Backend::Iommufd
+        );
 
         let t = tree(true, true);
         fs::create_dir_all(t.device.join("vfio-dev/vfio4")).unwrap();

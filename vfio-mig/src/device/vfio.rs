@@ -98,10 +98,14 @@ fn fd_target(fd: i32) -> String {
 
 impl VfioDeviceIo {
     /// Opens the device at `path` (e.g. `/sys/bus/mdev/devices/<uuid>` or
-    /// `/sys/bus/pci/devices/0000:01:00.0`) with [`Backend::Auto`]: in a new type1 container
-    /// when the kernel offers the device's group, else bound to a new iommufd.
+    /// `/sys/bus/pci/devices/0000:01:00.0`) with the backend configured for the process
+    /// ([`Backend::configured`]: `--backend`, else `VFIO_MIG_BACKEND`, else
+    /// [`Backend::Auto`], which opens it in a new type1 container when the kernel offers the
+    /// device's group, else bound to a new iommufd).
     pub fn open(path: &Path) -> io::Result<Self> {
-        Self::open_with(path, Backend::Auto)
+        let backend =
+            Backend::configured().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::open_with(path, backend)
     }
 
     /// Opens the device at `path` through `backend`. A forced backend the kernel does not
@@ -146,7 +150,9 @@ impl VfioDeviceIo {
                     .read(true)
                     .write(true)
                     .open(cdev)
-                    .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", cdev.display())))?;
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("open {}: {e}", cdev.display()))
+                    })?;
                 // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
                 // device ioctls work only once bound).
                 let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {

@@ -463,10 +463,15 @@ mod tests {
             ],
             "{hello:02x?}"
         );
+        let session = *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff";
+        let accept = Message::Accept { session }.encode();
+        assert_eq!(&accept[..12], &[0x56, 0x4d, 0x48, 0x53, 1, 2, 16, 0, 0x90, 0xcc, 0xd4, 0x01]);
+        assert_eq!(&accept[12..], &session);
         let refuse =
             Message::Refuse(Reason::new(ReasonCode::StaleEpoch, "stale epoch 3 < 5")).encode();
-        assert_eq!(refuse.len(), 12 + 4 + 17);
+        assert_eq!(&refuse[..12], &[0x56, 0x4d, 0x48, 0x53, 1, 3, 21, 0, 0xe2, 0xc8, 0x82, 0x24]);
         assert_eq!(&refuse[12..16], &[2, 0, 17, 0]);
+        assert_eq!(&refuse[16..], b"stale epoch 3 < 5");
     }
 
     #[test]

@@ -84,20 +84,24 @@ fn expect(rx: &mut impl io::Read, session: &SessionId, wanted: u8, step: &str) -
 }
 
 /// After a transport error, reads what the destination said, if it said anything: its
-/// FAILED reason explains the broken connection better than `EPIPE`.
+/// FAILED reason explains the broken connection better than `EPIPE`; a closed connection is
+/// named as such, at the step that found it.
 fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
-    if !matches!(err, Error::Transport { .. }) || !readable_now(rx.as_fd()).unwrap_or(false) {
+    let Error::Transport { step, .. } = &err else {
+        return err;
+    };
+    if !readable_now(rx.as_fd()).unwrap_or(false) {
         return err;
     }
     match read_message(rx, "read the destination's reason") {
         Ok(Message::Failed(r)) | Ok(Message::Refuse(r)) => Error::PeerFailed {
-            step: "transfer".into(),
+            step: step.clone(),
             detail: r.text,
         },
-        Ok(other) => unexpected(&other, "FAILED", "transfer"),
+        Ok(other) => unexpected(&other, "FAILED", step),
         Err(Error::Transport { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
             Error::transport(
-                "transfer",
+                step.clone(),
                 io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "the destination closed the connection",
