@@ -9,8 +9,8 @@
 #
 # Installs cargo-fuzz and a nightly toolchain if missing. The corpus grows in
 # fuzz/corpus/TARGET (seeded from fuzz/seeds/TARGET); a crash is saved in
-# fuzz/artifacts/TARGET and fails the script. The last lines of each run (executions,
-# coverage) are printed.
+# fuzz/artifacts/TARGET and fails the script (exit 1); a build failure exits 2. The summary
+# of each run (executions, coverage, corpus) is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,14 @@ if [ "${#targets[@]}" -eq 0 ]; then
     mapfile -t targets < <(cargo +nightly fuzz list --fuzz-dir fuzz)
 fi
 
+printf '\n==== build the fuzz targets\n'
+mkdir -p fuzz/corpus
+if ! cargo +nightly fuzz build --fuzz-dir fuzz >fuzz/corpus/build.log 2>&1; then
+    grep -E '^error' -A8 fuzz/corpus/build.log | head -40
+    echo "BUILD FAILED (fuzz/corpus/build.log): nothing was fuzzed"
+    exit 2
+fi
+
 status=0
 for t in "${targets[@]}"; do
     printf '\n==== fuzz %s for %s s\n' "$t" "$secs"
@@ -37,7 +45,7 @@ for t in "${targets[@]}"; do
     if cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
         >"$log" 2>&1; then
-        grep -E '^#[0-9]+ +(DONE|pulse)' "$log" | tail -1 || true
+        grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true
         grep -E 'stat::number_of_executed_units|stat::peak_rss_mb' "$log" || true
         echo "$t: no crash"
     else

@@ -173,10 +173,36 @@ cd /tmp || fail "cd /tmp"
 # One run of the whole test binary per backend, every line of it prefixed with
 # [<kernel label>/<backend>]; then one "VFIO-MIG-RUN: <label>/<backend>: PASS|FAIL (...)" line
 # per run, which boot.sh checks too. rc is the first failing run's status.
+# Removes and re-creates mdevs (same UUIDs, type $2 under types dir $1), so that a run starts
+# from devices as fresh as after boot: tests may leave a device stopped or its FIFO full.
+recreate_mdevs() {
+    rm_types=$1
+    rm_type=$2
+    shift 2
+    for dev in "$@"; do
+        echo 1 >"$dev/remove" || fail "removing mdev ${dev##*/} failed"
+        echo "${dev##*/}" >"$rm_types/$rm_type/create" ||
+            fail "re-creating mdev ${dev##*/} of type $rm_type failed"
+    done
+}
+
 rc=0
 failed_runs=""
+run_no=0
 for backend in $BACKENDS; do
     tag="$KERNEL_LABEL/$backend"
+    if [ "$run_no" -gt 0 ]; then
+        echo "vfio-mig-guest: re-creating the mdevs for a fresh start"
+        # shellcheck disable=SC2086 # device lists are word lists on purpose
+        recreate_mdevs "$types" "$MDEV_TYPE" $VFIO_MIG_MTTY_DEVICES
+        if [ -n "$V1_MODULE" ]; then
+            # shellcheck disable=SC2086
+            recreate_mdevs "$v1_types" mig-v1-trapped $VFIO_MIG_V1_TRAPPED
+            # shellcheck disable=SC2086
+            recreate_mdevs "$v1_types" mig-v1-mmap $VFIO_MIG_V1_MMAP
+        fi
+    fi
+    run_no=$((run_no + 1))
     echo "vfio-mig-guest: ==== run $tag: VFIO_MIG_BACKEND=$backend, up $(cut -d' ' -f1 /proc/uptime) s"
     # shellcheck disable=SC2086 # TEST_ARGS is a word list on purpose
     (

@@ -7,7 +7,8 @@
 #     of the same version all exist;
 #   - apt-get downloads them and dpkg-deb -x them into $WORK/kernel/<abi>/root (nothing is installed);
 #   - points the headers' Makefile at the scratch copy of the -common tree;
-#   - builds the kernel's sample mdev driver samples/vfio-mdev/mtty.c out of tree (obj-m := mtty.o);
+#   - builds the kernel's sample mdev driver samples/vfio-mdev/mtty.c out of tree (obj-m := mtty.o),
+#     keeping the linux-source-6.12 package for ikernel.sh if its iommufd kernel is not built yet;
 #   - builds our own v1 migration sample module, kmod/mig-v1-sample, next to it (W=1; any compiler
 #     warning fails the step). See docs/v1-sample-module.md.
 # Writes the chosen ABI to $WORK/kernel/current. Cached: a prepared ABI is reused without apt.
@@ -94,7 +95,7 @@ fetch_mtty_source() {
     local deb
     deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1 || true)
     if [[ -z $deb ]]; then
-        log "downloading linux-source-6.12=$ver (~150 MB, only mtty.c is kept)"
+        log "downloading linux-source-6.12=$ver (~150 MB: mtty.c, and the iommufd kernel's source)"
         (cd "$WORK/debs" && apt-get download "${APT_DL_OPTS[@]}" "linux-source-6.12=$ver")
         deb=$(compgen -G "$WORK/debs/linux-source-6.12_${ver}_*.deb" | head -n1)
     fi
@@ -103,8 +104,13 @@ fetch_mtty_source() {
         xz -dc | tar -xO --wildcards '*/samples/vfio-mdev/mtty.c' >"$dir/mtty.c.tmp"
     [[ -s $dir/mtty.c.tmp ]] || die "samples/vfio-mdev/mtty.c not found in $deb"
     mv "$dir/mtty.c.tmp" "$dir/mtty.c"
-    # The 150 MB source package is no longer needed once mtty.c is out.
-    rm -f "$deb"
+    # The 150 MB source package is no longer needed once mtty.c is out, unless the iommufd
+    # kernel (ikernel.sh) is still to be built from it: ikernel.sh deletes it then.
+    if ikernel_enabled && [[ ! -s $WORK/ikernel/$(ikernel_key "$ver")/bzImage ]]; then
+        log "keeping $(basename "$deb") for the iommufd kernel (ikernel.sh)"
+    else
+        rm -f "$deb"
+    fi
 }
 
 build_mtty() {

@@ -30,8 +30,8 @@ pub fn run_pair<A: Duplex, B: Duplex>(
     dst_obs: &dyn Observer,
 ) -> (Result<SendOutcome>, Result<RecvOutcome>) {
     std::thread::scope(|s| {
-        let saver = s.spawn(|| send(src.device.as_mut(), a, header, opts, src_obs));
-        let loader = s.spawn(|| receive(dst.device.as_mut(), b, fence, dst_obs));
+        let saver = s.spawn(|| send(&mut [src.device.as_mut()], a, header, opts, src_obs));
+        let loader = s.spawn(|| receive(&mut [dst.device.as_mut()], b, fence, dst_obs));
         (saver.join().unwrap(), loader.join().unwrap())
     })
 }
@@ -71,7 +71,10 @@ impl KillSwitch {
     }
 
     fn dead() -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionReset, "connection killed by the test")
+        io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "connection killed by the test",
+        )
     }
 
     fn kill(&self) -> io::Error {

@@ -54,7 +54,11 @@ fn a_device_dirtying_faster_than_the_link_is_reported_not_converging() {
         &NoObserver,
     )
     .unwrap();
-    assert_eq!(report.save.switch_reason, Some(SwitchReason::NotConverging), "{report:?}");
+    assert_eq!(
+        report.save.switch_reason,
+        Some(SwitchReason::NotConverging),
+        "{report:?}"
+    );
     assert!(report.save.rounds < 50, "stopped early: {report:?}");
     assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
 }
@@ -78,7 +82,10 @@ fn a_strict_policy_refuses_to_exceed_the_budget_and_rolls_back() {
     )
     .unwrap_err();
     let text = err.to_string();
-    assert!(matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))), "{text}");
+    assert!(
+        matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))),
+        "{text}"
+    );
     assert!(text.contains("NotConverging"), "{text}");
     assert_source_running(&handle(&src).status(), "strict");
     assert_destination_safe(&handle(&dst).status(), "strict");

@@ -22,6 +22,8 @@
 
 use std::os::fd::AsRawFd;
 
+#[path = "guest/bench.rs"]
+mod bench;
 #[path = "guest/migration.rs"]
 mod migration;
 #[path = "guest/v1_sample.rs"]

@@ -188,7 +188,11 @@ fn oversized_lengths_are_refused_before_anything_is_read_or_allocated() {
         };
         assert!(err.contains("length"), "{kind} {len}: {err}");
         drop(reader);
-        assert_eq!(counting.read, span.start + RECORD_HEADER_LEN, "{kind} {len}");
+        assert_eq!(
+            counting.read,
+            span.start + RECORD_HEADER_LEN,
+            "{kind} {len}"
+        );
         let (err, _) = load_fails(&bad, &format!("{kind} length {len}"));
         assert!(err.contains("length"), "{err}");
     }
@@ -233,7 +237,10 @@ fn another_device_identity_is_refused_before_the_device_is_touched() {
         ..header.clone()
     };
     for (forged, expect) in [
-        (other_model, "stream holds state of a mdev:other-gpu-1 device"),
+        (
+            other_model,
+            "stream holds state of a mdev:other-gpu-1 device",
+        ),
         (other_protocol, "stream was saved from a v2"),
     ] {
         let (err, st) = load_fails(&with_header(&bytes, &forged), expect);
@@ -293,14 +300,16 @@ fn duplicate_missing_and_reordered_records_are_refused() {
     // data is then wrong (the mock rejects a repeated transaction) or the trailer's totals
     // disagree. Either way it is refused.
     let data = (0..spans.len())
-        .find(|&i| bytes[spans[i].start] == RecordKind::Data.wire() && bytes[spans[i].start + 1] & 1 != 0)
+        .find(|&i| {
+            bytes[spans[i].start] == RecordKind::Data.wire() && bytes[spans[i].start + 1] & 1 != 0
+        })
         .unwrap();
     let mut out = bytes[..header_len].to_vec();
     let mut seq = 0u64;
-    for i in 0..spans.len() {
+    for (i, &span) in spans.iter().enumerate() {
         let copies = if i == data { 2 } else { 1 };
         for _ in 0..copies {
-            out.extend_from_slice(&renumber(&bytes, spans[i], seq));
+            out.extend_from_slice(&renumber(&bytes, span, seq));
             seq += 1;
         }
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{Event, NoObserver, PreCopyPolicy, SaveOptions};
-use vfio_mig::fence::{FenceRecord, MemoryFence, StateFence};
 use vfio_mig::fence::DeviceKey;
+use vfio_mig::fence::{FenceRecord, MemoryFence, StateFence};
 use vfio_mig::handshake::{
     read_message, receive, send, Message, ReasonCode, RecvOutcome, SendOutcome,
 };
@@ -58,7 +58,10 @@ fn assert_failed_cleanly(
         Err(e) => e.to_string(),
         Ok(o) => panic!("{context}: the destination succeeded: {o:?}"),
     };
-    assert!(!se.contains('\n') && !de.contains('\n'), "{context}: {se} / {de}");
+    assert!(
+        !se.contains('\n') && !de.contains('\n'),
+        "{context}: {se} / {de}"
+    );
     assert_source_running(&handle(src).status(), context);
     assert_destination_safe(&handle(dst).status(), context);
     (se, de)
@@ -81,17 +84,29 @@ fn migration_over_unix_and_tcp_sockets() {
                 let d = s.spawn(|| {
                     let mut conn = listener.accept().unwrap();
                     conn.set_timeout(Some(Duration::from_secs(10))).unwrap();
-                    receive(dst.device.as_mut(), conn, &mut MemoryFence::new(), &NoObserver)
+                    receive(
+                        &mut [dst.device.as_mut()],
+                        conn,
+                        &mut MemoryFence::new(),
+                        &NoObserver,
+                    )
                 });
                 let mut conn = connect(&bound, Duration::from_secs(5)).unwrap();
                 conn.set_timeout(Some(Duration::from_secs(10))).unwrap();
-                let sent = send(src.device.as_mut(), conn, &h, &opts(live), &NoObserver);
+                let sent = send(
+                    &mut [src.device.as_mut()],
+                    conn,
+                    &h,
+                    &opts(live),
+                    &NoObserver,
+                );
                 (sent, d.join().unwrap())
             });
-            let SendOutcome::Completed(report) = sent.unwrap() else {
+            let SendOutcome::Completed(reports) = sent.unwrap() else {
                 panic!("not completed")
             };
-            assert_eq!(report.switch_reason.is_some(), live, "{bound}");
+            assert_eq!(reports.len(), 1);
+            assert_eq!(reports[0].switch_reason.is_some(), live, "{bound}");
             assert!(matches!(
                 received.unwrap(),
                 RecvOutcome::Resumed {
@@ -163,7 +178,17 @@ fn kill_destination_write(
     let (a, b) = Connection::pair().unwrap();
     let b = KillSwitch::new(b, Some(n));
     let probe = b.try_clone().unwrap();
-    let out = run_pair(src, dst, h, &opts(true), fence, a, b, &NoObserver, &NoObserver);
+    let out = run_pair(
+        src,
+        dst,
+        h,
+        &opts(true),
+        fence,
+        a,
+        b,
+        &NoObserver,
+        &NoObserver,
+    );
     assert!(probe.killed(), "write {n} never happened");
     out
 }
@@ -199,7 +224,8 @@ fn connection_killed_during_the_switchover_wait() {
     let mut src = mock(SPEC);
     let mut dst = mock(SPEC);
     let h = header(&src, true, 1);
-    let (sent, received) = kill_destination_write(2, &mut src, &mut dst, &h, &mut MemoryFence::new());
+    let (sent, received) =
+        kill_destination_write(2, &mut src, &mut dst, &h, &mut MemoryFence::new());
     let (se, de) = assert_failed_cleanly(&sent, &received, &src, &dst, "switchover wait");
     assert!(se.contains("SWITCHOVER_ACK"), "{se}");
     assert!(de.contains("acknowledge the pre-copy data"), "{de}");
@@ -247,10 +273,14 @@ fn connection_killed_before_resumed() {
     let mut src = mock(SPEC);
     let mut dst = mock(SPEC);
     let h = header(&src, true, 1);
-    let (sent, received) = kill_destination_write(3, &mut src, &mut dst, &h, &mut MemoryFence::new());
+    let (sent, received) =
+        kill_destination_write(3, &mut src, &mut dst, &h, &mut MemoryFence::new());
     let (se, de) = assert_failed_cleanly(&sent, &received, &src, &dst, "before COMMIT");
     assert!(se.contains("LOADED"), "{se}");
-    assert!(de.contains("report the state loaded") && de.contains("was reset"), "{de}");
+    assert!(
+        de.contains("report the state loaded") && de.contains("was reset"),
+        "{de}"
+    );
 }
 
 #[test]
@@ -317,7 +347,15 @@ fn replayed_session_is_loaded_once() {
     let mut fence = MemoryFence::new();
     let (a, b) = Connection::pair().unwrap();
     let (sent, received) = run_pair(
-        &mut src, &mut dst, &h, &opts(false), &mut fence, a, b, &NoObserver, &NoObserver,
+        &mut src,
+        &mut dst,
+        &h,
+        &opts(false),
+        &mut fence,
+        a,
+        b,
+        &NoObserver,
+        &NoObserver,
     );
     assert!(matches!(sent.unwrap(), SendOutcome::Completed(_)));
     received.unwrap();
@@ -327,10 +365,21 @@ fn replayed_session_is_loaded_once() {
     let mut src2 = mock(SPEC);
     let (a, b) = Connection::pair().unwrap();
     let (sent, received) = run_pair(
-        &mut src2, &mut dst, &h, &opts(false), &mut fence, a, b, &NoObserver, &NoObserver,
+        &mut src2,
+        &mut dst,
+        &h,
+        &opts(false),
+        &mut fence,
+        a,
+        b,
+        &NoObserver,
+        &NoObserver,
     );
     assert_eq!(sent.unwrap(), SendOutcome::AlreadyCompleted);
-    assert!(matches!(received.unwrap(), RecvOutcome::AlreadyCompleted { .. }));
+    assert!(matches!(
+        received.unwrap(),
+        RecvOutcome::AlreadyCompleted { .. }
+    ));
     assert_eq!(handle(&dst).status().transactions_loaded, loaded);
     // The source was not touched: no save, still running.
     let st = handle(&src2).status();
@@ -399,18 +448,27 @@ fn a_silent_destination_times_out_and_the_source_runs_again() {
                 if answer_accept {
                     let mut head = vec![0u8; 4096];
                     let _ = std::io::Read::read(&mut b, &mut head);
-                    b.write_all(&Message::Accept { session: h.session_id }.encode())
-                        .unwrap();
+                    b.write_all(
+                        &Message::Accept {
+                            session: h.session_id,
+                        }
+                        .encode(),
+                    )
+                    .unwrap();
                 }
                 let mut sink = vec![0u8; 1 << 16];
                 while matches!(std::io::Read::read(&mut b, &mut sink), Ok(n) if n > 0) {}
             });
-            let err = send(src.device.as_mut(), a, &h, &opts(live), &NoObserver).unwrap_err();
+            let err =
+                send(&mut [src.device.as_mut()], a, &h, &opts(live), &NoObserver).unwrap_err();
             peer.join().unwrap();
             err
         });
         let text = err.to_string();
-        assert!(text.contains("timed out") && text.contains("300ms"), "{text}");
+        assert!(
+            text.contains("timed out") && text.contains("300ms"),
+            "{text}"
+        );
         assert_source_running(&handle(&src).status(), &text);
     }
 }
@@ -424,10 +482,17 @@ fn a_silent_source_times_out_and_the_destination_is_reset() {
     b.set_timeout(Some(Duration::from_millis(300))).unwrap();
     let err = std::thread::scope(|s| {
         let d = s.spawn(|| {
-            receive(dst.device.as_mut(), b, &mut MemoryFence::new(), &NoObserver).unwrap_err()
+            receive(
+                &mut [dst.device.as_mut()],
+                b,
+                &mut MemoryFence::new(),
+                &NoObserver,
+            )
+            .unwrap_err()
         });
         // HELLO and the header, then silence (the connection stays open).
-        a.write_all(&Message::Hello { features: 1 }.encode()).unwrap();
+        a.write_all(&Message::Hello { features: 1 }.encode())
+            .unwrap();
         a.write_all(&h.encode().unwrap()).unwrap();
         let accept = read_message(&mut a, "test").unwrap();
         assert!(matches!(accept, Message::Accept { .. }));
@@ -436,7 +501,10 @@ fn a_silent_source_times_out_and_the_destination_is_reset() {
         err
     });
     let text = err.to_string();
-    assert!(text.contains("timed out") && text.contains("was reset"), "{text}");
+    assert!(
+        text.contains("timed out") && text.contains("was reset"),
+        "{text}"
+    );
     assert_destination_safe(&handle(&dst).status(), "silent source");
 }
 
@@ -445,7 +513,14 @@ fn garbage_instead_of_hello_is_refused() {
     let mut dst = mock(SPEC);
     let (mut a, b) = Connection::pair().unwrap();
     let err = std::thread::scope(|s| {
-        let d = s.spawn(|| receive(dst.device.as_mut(), b, &mut MemoryFence::new(), &NoObserver));
+        let d = s.spawn(|| {
+            receive(
+                &mut [dst.device.as_mut()],
+                b,
+                &mut MemoryFence::new(),
+                &NoObserver,
+            )
+        });
         a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let answer = read_message(&mut a, "test").unwrap();
         assert!(matches!(answer, Message::Refuse(_)), "{answer}");

@@ -3,9 +3,7 @@
 //! read-modify-write, read-back and reset on failure, pre-copy to stop-and-copy with bytes
 //! pending, chunk sizes, and refusals of bad or foreign streams.
 
-use vfio_mig::engine::{
-    migrate_local, MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions, SwitchReason,
-};
+use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
 use vfio_mig::v1::{V1Device, V1State};
 use vfio_mig::Error;
 use vfio_mig_tests::{

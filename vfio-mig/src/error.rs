@@ -75,6 +75,18 @@ pub enum Error {
     /// Pre-copy could not meet the downtime budget under a strict policy.
     #[error("pre-copy: {0}")]
     PreCopy(String),
+    /// Several devices failed as one unit and were all rolled back or reset.
+    #[error("{source}; {}", outcomes.iter().map(|(d, r)| format!("{d} {r}")).collect::<Vec<_>>().join(", "))]
+    RolledBackAll {
+        /// The failure.
+        #[source]
+        source: Box<Error>,
+        /// Each device and what became of it.
+        outcomes: Vec<(String, crate::engine::Recovery)>,
+    },
+    /// A device stopped because another device of the same migration failed.
+    #[error("stopped: another device of the migration failed")]
+    SiblingFailed,
     /// A bad command-line or device specification.
     #[error("{0}")]
     Usage(String),
@@ -171,7 +183,9 @@ impl Error {
             Error::Device { source, .. }
             | Error::Transition { source, .. }
             | Error::Transport { source, .. } => source.raw_os_error(),
-            Error::RolledBack { source, .. } => source.errno(),
+            Error::RolledBack { source, .. } | Error::RolledBackAll { source, .. } => {
+                source.errno()
+            }
             _ => None,
         }
     }

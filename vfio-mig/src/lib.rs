@@ -12,6 +12,7 @@
 //!   [`engine::MigrationDevice`] trait both protocols implement.
 //! - the stream format and the command line on top.
 
+pub mod bench;
 pub mod cli;
 pub mod device;
 pub mod engine;

@@ -4,8 +4,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -151,10 +151,10 @@ fn live_migration_over_a_unix_socket_with_json_reports() {
     assert_eq!(got["outcome"], "resumed");
     assert_eq!(got["session"], sent["session"]);
     assert_eq!(got["epoch"], sent["epoch"]);
-    assert!(sent["report"]["pre_copy_bytes"].as_u64().unwrap() >= 16 << 20);
+    assert!(sent["reports"][0]["pre_copy_bytes"].as_u64().unwrap() >= 16 << 20);
     assert_eq!(
-        got["report"]["pre_copy_bytes"],
-        sent["report"]["pre_copy_bytes"]
+        got["reports"][0]["pre_copy_bytes"],
+        sent["reports"][0]["pre_copy_bytes"]
     );
     assert_eq!(got["confirmed"], true);
     // The socket file is removed when recv exits.
@@ -171,7 +171,11 @@ fn migration_over_tcp_loopback() {
             continue;
         }
         let recv = Recv::start(&dirs, &[], &[dev, "--listen", listen, "--once"]);
-        assert!(recv.addr.starts_with(&listen[..listen.len() - 1]), "{}", recv.addr);
+        assert!(
+            recv.addr.starts_with(&listen[..listen.len() - 1]),
+            "{}",
+            recv.addr
+        );
         let o = dirs.run(&["send", dev, "--to", &recv.addr, "--live"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("destination running"), "{}", stderr(&o));
@@ -187,9 +191,20 @@ fn wrong_seed_fails_cleanly_on_both_sides() {
     let recv = Recv::start(
         &dirs,
         &[],
-        &["mock:v1,size=4M,seed=2", "--listen", "tcp:127.0.0.1:0", "--once"],
+        &[
+            "mock:v1,size=4M,seed=2",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--once",
+        ],
     );
-    let o = dirs.run(&["send", "mock:v1,size=4M,seed=1", "--to", &recv.addr, "--live"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=4M,seed=1",
+        "--to",
+        &recv.addr,
+        "--live",
+    ]);
     let line = assert_clean_failure(o.status, &stderr(&o), "the destination failed");
     assert!(line.contains("seed=1 was returned to RUNNING"), "{line}");
     let (status, _, err) = recv.wait();
@@ -204,7 +219,11 @@ fn a_device_claimed_by_another_process_is_refused_at_once() {
     let recv = Recv::start(
         &dirs,
         &[],
-        &[dev, "--listen", &format!("unix:{}", dirs.path("s").display())],
+        &[
+            dev,
+            "--listen",
+            &format!("unix:{}", dirs.path("s").display()),
+        ],
     );
     let pid = recv.child.id();
     let expect = format!("is in use by another vfio-mig (pid {pid};");
@@ -217,6 +236,8 @@ fn a_device_claimed_by_another_process_is_refused_at_once() {
         assert_clean_failure(o.status, &stderr(&o), &expect);
     }
     drop(recv);
+    let o = dirs.run(&["migrate", dev, dev]);
+    assert_clean_failure(o.status, &stderr(&o), "are the same device");
     // Released with the process.
     let o = dirs.run(&["save", dev, "-o", dirs.path("f").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -238,12 +259,20 @@ fn stale_epochs_are_refused_and_replayed_sessions_answered_idempotently() {
         (o, status, err)
     };
     let (o, status, err) = pair(&["--epoch", "5", "--session", session]);
-    assert!(o.status.success() && status.success(), "{}\n{err}", stderr(&o));
+    assert!(
+        o.status.success() && status.success(),
+        "{}\n{err}",
+        stderr(&o)
+    );
 
     // The same session again: answered ALREADY_COMPLETED, exit 0 on both sides.
     let (o, status, err) = pair(&["--epoch", "5", "--session", session]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("was already completed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("was already completed"),
+        "{}",
+        stderr(&o)
+    );
     assert!(stderr(&o).contains("not resumed here"), "{}", stderr(&o));
     assert!(status.success(), "{err}");
     assert!(err.contains("was not loaded again"), "{err}");
@@ -265,18 +294,42 @@ fn recv_waits_for_a_retry_after_a_refusal_by_default() {
     let listen = format!("unix:{}", dirs.path("s").display());
     // Epoch 7 first, so that a send with epoch 6 is refused.
     let recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen, "--once"]);
-    let o = dirs.run(&["send", "mock:v1,size=1M,seed=9", "--to", &listen, "--epoch", "7"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "7",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(recv.wait().0.success());
 
     let recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen]);
-    let o = dirs.run(&["send", "mock:v1,size=1M,seed=9", "--to", &listen, "--epoch", "6"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "6",
+    ]);
     assert_clean_failure(o.status, &stderr(&o), "stale epoch 6 < 7");
-    let o = dirs.run(&["send", "mock:v1,size=1M,seed=9", "--to", &listen, "--epoch", "8"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "8",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (status, _, err) = recv.wait();
     assert!(status.success(), "{err}");
-    assert!(err.contains("warning:") && err.contains("stale epoch 6 < 7"), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("stale epoch 6 < 7"),
+        "{err}"
+    );
     assert!(err.contains("device running"), "{err}");
 }
 
@@ -305,12 +358,23 @@ fn send_and_recv_to_a_file_save_and_load() {
     let dirs = Dirs::new();
     let f = dirs.path("state.vfiomig");
     let to = format!("file:{}", f.display());
-    let o = dirs.run(&["send", "mock:v1,size=1M,seed=4,id=f1", "--to", &to, "--live"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=4,id=f1",
+        "--to",
+        &to,
+        "--live",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = dirs.run(&["recv", "mock:v1,size=1M,seed=4,id=f2", "--listen", &to]);
     assert!(o.status.success(), "{}", stderr(&o));
     // Loading the same file into the same device again is a replay.
-    let o = dirs.run(&["load", "mock:v1,size=1M,seed=4,id=f2", "-i", f.to_str().unwrap()]);
+    let o = dirs.run(&[
+        "load",
+        "mock:v1,size=1M,seed=4,id=f2",
+        "-i",
+        f.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("not loaded again"), "{}", stderr(&o));
 }
@@ -364,11 +428,18 @@ impl NetnsPair {
         Self::ip(&["netns", "add", b])?;
         // Created straight inside the namespaces: no name clash in the host's namespace.
         Self::ip(&[
-            "link", "add", "veth0", "netns", a, "type", "veth", "peer", "name", "veth0",
-            "netns", b,
+            "link", "add", "veth0", "netns", a, "type", "veth", "peer", "name", "veth0", "netns", b,
         ])?;
         for (ns, addr) in [(a, Self::ADDRS[0]), (b, Self::ADDRS[1])] {
-            Self::ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "veth0"])?;
+            Self::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "veth0",
+            ])?;
             Self::ip(&["-n", ns, "link", "set", "veth0", "up"])?;
             Self::ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
@@ -414,7 +485,11 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let dev = "mock:v1,size=32M,seed=12,dirty-rate=8M";
 
     // Success: recv in namespace a, send in namespace b, across the veth pair.
-    let recv = Recv::start(&dirs, &ns.exec(0), &[dev, "--listen", &listen, "--once", "--json"]);
+    let recv = Recv::start(
+        &dirs,
+        &ns.exec(0),
+        &[dev, "--listen", &listen, "--once", "--json"],
+    );
     assert_eq!(recv.addr, listen);
     let o = dirs
         .cmd(&ns.exec(1))
@@ -427,7 +502,10 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let got: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(got["outcome"], "resumed");
     assert!(
-        got["source"].as_str().unwrap().starts_with("tcp:10.99.0.2:"),
+        got["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("tcp:10.99.0.2:"),
         "{got}"
     );
 
@@ -470,6 +548,11 @@ fn netns_pair_is_removed_on_drop() {
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     for n in names {
-        assert!(!list.lines().any(|l| l.split_whitespace().next() == Some(&n)), "{n} left");
+        assert!(
+            !list
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&n)),
+            "{n} left"
+        );
     }
 }

@@ -46,8 +46,10 @@ fn copy_ranges(src: &Memory, dst: &Memory, table: &MemoryRangeTable) -> u64 {
     for r in &table.ranges {
         let mut gpa = r.gpa;
         while gpa < r.gpa + r.length {
-            src.read_slice(&mut buf, GuestAddress(gpa)).expect("read source page");
-            dst.write_slice(&buf, GuestAddress(gpa)).expect("write destination page");
+            src.read_slice(&mut buf, GuestAddress(gpa))
+                .expect("read source page");
+            dst.write_slice(&buf, GuestAddress(gpa))
+                .expect("write destination page");
             gpa += PAGE;
             bytes += PAGE;
         }
@@ -58,8 +60,14 @@ fn copy_ranges(src: &Memory, dst: &Memory, table: &MemoryRangeTable) -> u64 {
 fn all_memory() -> MemoryRangeTable {
     MemoryRangeTable {
         ranges: vec![
-            MemoryRange { gpa: 0, length: LOW },
-            MemoryRange { gpa: HIGH_BASE, length: HIGH },
+            MemoryRange {
+                gpa: 0,
+                length: LOW,
+            },
+            MemoryRange {
+                gpa: HIGH_BASE,
+                length: HIGH,
+            },
         ],
     }
 }
@@ -76,9 +84,18 @@ fn vcpu(mem: Memory, paused: Arc<AtomicBool>) -> u64 {
         // Most writes hit a small working set, a few land anywhere: the shape that lets
         // pre-copy converge.
         let total = (LOW + HIGH) / PAGE;
-        let page = if x % 16 == 0 { x % total } else { x % HOT_PAGES };
-        let gpa = if page * PAGE < LOW { page * PAGE } else { HIGH_BASE + page * PAGE - LOW };
-        mem.write_obj(x, GuestAddress(gpa + (x % (PAGE / 8)) * 8)).expect("guest write");
+        let page = if x % 16 == 0 {
+            x % total
+        } else {
+            x % HOT_PAGES
+        };
+        let gpa = if page * PAGE < LOW {
+            page * PAGE
+        } else {
+            HIGH_BASE + page * PAGE - LOW
+        };
+        mem.write_obj(x, GuestAddress(gpa + (x % (PAGE / 8)) * 8))
+            .expect("guest write");
         writes += 1;
         if writes % 1024 == 0 {
             std::thread::sleep(Duration::from_micros(500));
@@ -91,8 +108,10 @@ fn memory_equal(a: &Memory, b: &Memory) -> bool {
     let (mut va, mut vb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     all_memory().ranges.iter().all(|r| {
         (r.gpa..r.gpa + r.length).step_by(va.len()).all(|gpa| {
-            a.read_slice(&mut va, GuestAddress(gpa)).expect("read source memory");
-            b.read_slice(&mut vb, GuestAddress(gpa)).expect("read destination memory");
+            a.read_slice(&mut va, GuestAddress(gpa))
+                .expect("read source memory");
+            b.read_slice(&mut vb, GuestAddress(gpa))
+                .expect("read destination memory");
             va == vb
         })
     })
@@ -107,7 +126,9 @@ fn main() {
     // Source host: guest memory with some content, the device, dirty tracking.
     let src_mem = guest_memory();
     for (i, gpa) in (0..LOW).step_by(PAGE as usize).enumerate() {
-        src_mem.write_obj(i as u64 ^ 0x5a5a, GuestAddress(gpa)).unwrap();
+        src_mem
+            .write_obj(i as u64 ^ 0x5a5a, GuestAddress(gpa))
+            .unwrap();
     }
     let src_opened = open_device(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
     let src_io = src_opened.io.clone();
@@ -182,7 +203,10 @@ fn main() {
         .expect("destination device restore");
     let downtime = downtime.elapsed();
 
-    assert!(memory_equal(&src_mem, &dst_mem), "destination memory differs");
+    assert!(
+        memory_equal(&src_mem, &dst_mem),
+        "destination memory differs"
+    );
     if let (Some(s), Some(d)) = (src_mock, dst_mock) {
         assert!(d.status().resumed_ok, "destination device did not resume");
         assert_eq!(s.state_digest(), d.state_digest(), "device state differs");

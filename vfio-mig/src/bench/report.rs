@@ -8,21 +8,40 @@ use super::stats::{Paired, Stat};
 /// How a figure's ratio is judged.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Target {
-    /// `">="` (the ratio must reach `value`) or `"<="` (it must stay at or under it).
+    /// `">="` (must reach `value`) or `"<="` (must stay at or under it).
     pub op: &'static str,
     /// The bound.
     pub value: f64,
+    /// The bound applies to the subject's median (in the figure's unit), not to the ratio.
+    pub on_subject: bool,
 }
 
 impl Target {
     /// The ratio must be at least `value`.
     pub fn at_least(value: f64) -> Self {
-        Self { op: ">=", value }
+        Self {
+            op: ">=",
+            value,
+            on_subject: false,
+        }
     }
 
     /// The ratio must be at most `value`.
     pub fn at_most(value: f64) -> Self {
-        Self { op: "<=", value }
+        Self {
+            op: "<=",
+            value,
+            on_subject: false,
+        }
+    }
+
+    /// The subject's median must be at most `value` (in the figure's unit).
+    pub fn subject_at_most(value: f64) -> Self {
+        Self {
+            op: "<=",
+            value,
+            on_subject: true,
+        }
     }
 
     /// Whether `ratio` meets the target.
@@ -103,7 +122,13 @@ impl Figure {
             } else {
                 "subject/baseline".into()
             },
-            met: target.map(|t| t.met(ratio.median)),
+            met: target.map(|t| {
+                t.met(if t.on_subject {
+                    Stat::of(&p.subject).median
+                } else {
+                    ratio.median
+                })
+            }),
             target,
             runs: p.baseline.len(),
             note: String::new(),
@@ -128,6 +153,8 @@ pub struct Machine {
     pub mem_mib: u64,
     /// Kernel release.
     pub kernel: String,
+    /// `/proc/loadavg` when the run started: the machine is shared, other work competes.
+    pub loadavg: String,
 }
 
 impl Machine {
@@ -151,11 +178,18 @@ impl Machine {
             .unwrap_or_default()
             .trim()
             .to_owned();
+        let loadavg = std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
         Self {
             cpu,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             mem_mib: mem_kib / 1024,
             kernel,
+            loadavg,
         }
     }
 }
@@ -191,16 +225,28 @@ impl Report {
     /// The report as a Markdown table.
     pub fn markdown(&self) -> String {
         let mut out = format!(
-            "Measured {} on {} ({} CPUs, {} MiB, Linux {}), {} interleaved runs per figure.\n\n",
-            self.date, self.machine.cpu, self.machine.cpus, self.machine.mem_mib,
-            self.machine.kernel, self.reps
+            "Measured {} on {} ({} CPUs, {} MiB, Linux {}, load average {} at the start), {} \
+             interleaved runs per figure.\n\n",
+            self.date,
+            self.machine.cpu,
+            self.machine.cpus,
+            self.machine.mem_mib,
+            self.machine.kernel,
+            self.machine.loadavg,
+            self.reps
         );
         out += "| # | figure | subject | baseline | ratio (median, min..max) | target | met |\n";
         out += "|---|--------|---------|----------|--------------------------|--------|-----|\n";
         for f in &self.figures {
             let target = f
                 .target
-                .map(|t| format!("{} {}", t.op, sig3(t.value)))
+                .map(|t| {
+                    if t.on_subject {
+                        format!("subject {} {} {}", t.op, sig3(t.value), f.unit)
+                    } else {
+                        format!("{} {}", t.op, sig3(t.value))
+                    }
+                })
                 .unwrap_or_else(|| "-".into());
             let met = match f.met {
                 Some(true) => "yes",

@@ -107,6 +107,50 @@ impl Paired {
     }
 }
 
+/// Runs each of `subjects` `reps` times, rotating which goes first in each repetition, after
+/// `warmup` unrecorded rounds; returns one series per subject, in run order.
+pub fn run_rotating(
+    reps: usize,
+    warmup: usize,
+    subjects: &mut [&mut dyn FnMut() -> Result<f64>],
+) -> Result<Vec<Vec<f64>>> {
+    let k = subjects.len();
+    for _ in 0..warmup {
+        for s in subjects.iter_mut() {
+            s()?;
+        }
+    }
+    let mut out = vec![Vec::new(); k];
+    for rep in 0..reps.max(1) {
+        for j in 0..k {
+            let i = (rep + j) % k;
+            out[i].push((subjects[i])()?);
+        }
+    }
+    Ok(out)
+}
+
+impl Paired {
+    /// Pairs series `subject` with series `baseline` of a [`run_rotating`] result.
+    pub fn from_series(series: &[Vec<f64>], baseline: usize, subject: usize) -> Self {
+        Self {
+            baseline: series[baseline].clone(),
+            subject: series[subject].clone(),
+        }
+    }
+}
+
+/// CPU time of the calling thread so far, in seconds.
+pub fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,8 +181,29 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(order.into_inner(), vec!['b', 's', 'b', 's', 's', 'b', 'b', 's']);
+        assert_eq!(
+            order.into_inner(),
+            vec!['b', 's', 'b', 's', 's', 'b', 'b', 's']
+        );
         assert_eq!(p.ratios(), vec![0.5; 3]);
         assert_eq!(p.inverse_ratios(), vec![2.0; 3]);
+        let order = std::cell::RefCell::new(Vec::new());
+        let mut a = || {
+            order.borrow_mut().push('a');
+            Ok(1.0)
+        };
+        let mut b = || {
+            order.borrow_mut().push('b');
+            Ok(2.0)
+        };
+        let mut c = || {
+            order.borrow_mut().push('c');
+            Ok(3.0)
+        };
+        let series = run_rotating(3, 0, &mut [&mut a, &mut b, &mut c]).unwrap();
+        assert_eq!(order.into_inner(), "abcbcacab".chars().collect::<Vec<_>>());
+        assert_eq!(series, vec![vec![1.0; 3], vec![2.0; 3], vec![3.0; 3]]);
+        assert_eq!(Paired::from_series(&series, 0, 2).ratios(), vec![3.0; 3]);
+        assert!(thread_cpu() > 0.0);
     }
 }

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The command line: `probe`, `save`, `load`, `migrate`, `send`, `recv`, `inspect` and
-//! `demo`. The guide is `docs/cli.md`.
+//! The command line: `probe`, `save`, `load`, `migrate`, `send`, `recv`, `inspect`, `demo`
+//! and `bench`. The guide is `docs/cli.md`.
 
+mod bench;
 mod fencing;
 mod net;
 mod probe;
 mod progress;
 mod transfer;
 
+pub use bench::BenchArgs;
 pub use fencing::FenceArgs;
 pub use net::NetArgs;
 
@@ -30,7 +32,7 @@ pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// How real devices are opened: `group` (container + /dev/vfio/<group>), `iommufd`
+    /// How real devices are opened: `group` (container + /dev/vfio/GROUP), `iommufd`
     /// (/dev/iommu + /dev/vfio/devices/vfioN) or `auto` (group when offered, else iommufd).
     /// Overrides VFIO_MIG_BACKEND; a forced backend the kernel lacks is an error.
     #[arg(long, global = true, value_enum, value_name = "BACKEND")]
@@ -77,19 +79,20 @@ pub enum Command {
     },
     /// Migrate between two devices of this host.
     Migrate {
-        /// The source device.
-        source: String,
-        /// The destination device.
-        destination: String,
+        /// Source and destination devices, in pairs: `SRC DST [SRC DST ...]`. Several pairs
+        /// migrate as one unit (all quiesced before any stops; one failing rolls all back).
+        #[arg(required = true, num_args = 2.., value_names = ["SRC", "DST"])]
+        devices: Vec<String>,
         #[command(flatten)]
         transfer: TransferArgs,
     },
     /// Migrate a device to a `recv` on another host (tcp:HOST:PORT, unix:PATH; file:PATH
     /// saves).
     Send {
-        /// The source device.
-        device: String,
-        /// The destination: tcp:HOST:PORT, tcp:[IPv6]:PORT, unix:PATH or file:PATH.
+        /// The source devices (several migrate as one unit; the `recv` gives as many).
+        #[arg(required = true, num_args = 1..)]
+        devices: Vec<String>,
+        /// The destination: `tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `unix:PATH` or `file:PATH`.
         #[arg(long, value_name = "ADDR")]
         to: crate::transport::Address,
         /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
@@ -105,8 +108,9 @@ pub enum Command {
     /// Receive a migration from a `send` into a device (serves until one migration
     /// completes).
     Recv {
-        /// The destination device.
-        device: String,
+        /// The destination devices, in the order of the `send`'s devices.
+        #[arg(required = true, num_args = 1..)]
+        devices: Vec<String>,
         /// Where to listen: tcp:HOST:PORT (port 0: any), unix:PATH, or file:PATH (loads it).
         #[arg(long, value_name = "ADDR")]
         listen: crate::transport::Address,
@@ -131,6 +135,9 @@ pub enum Command {
     /// The main job on an embedded default: a live migration between two 256 MiB mock v1
     /// devices, with progress.
     Demo,
+    /// Measure throughput, memory, downtime and parallel saves against baselines measured in
+    /// the same run (mock devices; see docs/benchmarks.md).
+    Bench(BenchArgs),
 }
 
 /// Options of the commands that save.
@@ -221,26 +228,23 @@ pub fn run(cli: Cli) -> Result<()> {
             input,
             json,
         } => transfer::load(&device, &input, json, &fence),
-        Command::Migrate {
-            source,
-            destination,
-            transfer,
-        } => transfer::migrate(&source, &destination, &transfer, &fence),
+        Command::Migrate { devices, transfer } => transfer::migrate(&devices, &transfer, &fence),
         Command::Send {
-            device,
+            devices,
             to,
             session,
             transfer,
             net,
-        } => net::send(&device, &to, session.as_deref(), &transfer, &net, &fence),
+        } => net::send(&devices, &to, session.as_deref(), &transfer, &net, &fence),
         Command::Recv {
-            device,
+            devices,
             listen,
             once,
             json,
             net,
-        } => net::recv(&device, &listen, once, json, &net, &fence),
+        } => net::recv(&devices, &listen, once, json, &net, &fence),
         Command::Inspect { file, json } => transfer::inspect(&file, json),
+        Command::Bench(args) => bench::run(&args),
         Command::Demo => {
             let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");
             eprintln!("demo: live migration {dev} -> {dev}");
@@ -255,7 +259,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 json: false,
                 epoch: None,
             };
-            transfer::migrate(&dev, &dev, &args, &fence)
+            transfer::migrate(&[dev.clone(), dev], &args, &fence)
         }
     }
 }

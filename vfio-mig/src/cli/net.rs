@@ -9,14 +9,13 @@ use indicatif::HumanBytes;
 
 use crate::engine::session::new_header;
 use crate::error::{Error, Result};
-use crate::fence::{session_hex, FenceConfig};
+use crate::fence::{session_hex, FenceConfig, FenceSet};
 use crate::handshake::{self, RecvOutcome, SendOutcome};
-use crate::open::open_device;
 use crate::transport::{self, Address};
 
 use super::fencing::parse_session;
 use super::progress::ProgressView;
-use super::transfer::{print_json, save_summary};
+use super::transfer::{drivers, open_all, print_json, save_summary};
 use super::TransferArgs;
 
 /// Options of the connection (`send` and `recv`).
@@ -39,28 +38,28 @@ fn secs(s: f64) -> Duration {
 #[derive(Debug, serde::Serialize)]
 struct SendJson<'a> {
     outcome: &'static str,
-    device: &'a str,
+    devices: &'a [String],
     destination: String,
     session: String,
     epoch: u64,
-    report: Option<crate::engine::SaveReport>,
+    reports: Vec<crate::engine::SaveReport>,
 }
 
 /// What `recv --json` prints.
 #[derive(Debug, serde::Serialize)]
 struct RecvJson<'a> {
     outcome: &'static str,
-    device: &'a str,
+    devices: &'a [String],
     source: String,
     session: String,
     epoch: u64,
-    report: Option<crate::engine::LoadReport>,
+    reports: Vec<crate::engine::LoadReport>,
     confirmed: bool,
 }
 
-/// Runs `send DEVICE --to ADDR`.
+/// Runs `send DEVICE... --to ADDR`.
 pub fn send(
-    device: &str,
+    devices: &[String],
     to: &Address,
     session: Option<&str>,
     args: &TransferArgs,
@@ -68,6 +67,11 @@ pub fn send(
     fence: &FenceConfig,
 ) -> Result<()> {
     if let Address::File(path) = to {
+        let [device] = devices else {
+            return Err(Error::Usage(
+                "send to a file saves one device; give one device or use unix:/tcp:".into(),
+            ));
+        };
         if session.is_some() {
             return Err(Error::Usage(
                 "--session: a file has no destination to ask; use save".into(),
@@ -76,11 +80,17 @@ pub fn send(
         return super::transfer::save(device, path, args, fence);
     }
     let session = session.map(parse_session).transpose()?;
-    let claim = fence.claim(device)?;
-    let mut opened = open_device(device)?;
+    let (claims, mut opened) = open_all(devices, fence)?;
     let opts = args.save_options();
-    let epoch = args.epoch.unwrap_or_else(|| claim.default_epoch());
-    let mut header = new_header(&[opened.device.as_ref()], opts.live, epoch)?;
+    let epoch = args
+        .epoch
+        .unwrap_or_else(|| claims.iter().map(|c| c.default_epoch()).max().unwrap_or(1));
+    let mut devs = drivers(&mut opened);
+    let mut header = new_header(
+        &devs.iter().map(|d| &**d).collect::<Vec<_>>(),
+        opts.live,
+        epoch,
+    )?;
     if let Some(s) = session {
         header.session_id = s;
     }
@@ -91,40 +101,45 @@ pub fn send(
     tracing::info!("connected to {to}: session {hex}, epoch {epoch}");
     let view = ProgressView::new("send", None, args.json);
     let started = Instant::now();
-    let result = handshake::send(opened.device.as_mut(), conn, &header, &opts, &view);
+    let result = handshake::send(&mut devs, conn, &header, &opts, &view);
     view.finish();
-    let (outcome, report) = match result? {
-        SendOutcome::Completed(r) => ("completed", Some(r)),
-        SendOutcome::AlreadyCompleted => ("already-completed", None),
+    let (outcome, reports) = match result? {
+        SendOutcome::Completed(r) => ("completed", r),
+        SendOutcome::AlreadyCompleted => ("already-completed", Vec::new()),
     };
     if args.json {
         return print_json(&SendJson {
             outcome,
-            device,
+            devices,
             destination: to.to_string(),
             session: hex,
             epoch,
-            report,
+            reports,
         });
     }
-    match report {
-        Some(r) => eprintln!(
-            "sent {device} to {to} in {:.2} s: {}; destination running (session {hex}, epoch {epoch})",
-            started.elapsed().as_secs_f64(),
-            save_summary(&r)
-        ),
-        None => eprintln!(
+    let names = devices.join(" ");
+    if reports.is_empty() {
+        eprintln!(
             "session {hex} was already completed by {to}: the destination runs this state; \
-             {device} was not touched and is not resumed here (that would run the state twice)"
-        ),
+             {names} was not touched and is not resumed here (that would run the state twice)"
+        );
+    }
+    for (device, r) in devices.iter().zip(&reports) {
+        eprintln!("sent {device} to {to}: {}", save_summary(r));
+    }
+    if !reports.is_empty() {
+        eprintln!(
+            "sent in {:.2} s; destination running (session {hex}, epoch {epoch})",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
 
-/// Runs `recv DEVICE --listen ADDR`: serves connections until one migration completes (with
-/// `once`, gives up after the first connection whatever its outcome).
+/// Runs `recv DEVICE... --listen ADDR`: serves connections until one migration completes
+/// (with `once`, gives up after the first connection whatever its outcome).
 pub fn recv(
-    device: &str,
+    devices: &[String],
     listen: &Address,
     once: bool,
     json: bool,
@@ -132,11 +147,17 @@ pub fn recv(
     fence: &FenceConfig,
 ) -> Result<()> {
     if let Address::File(path) = listen {
+        let [device] = devices else {
+            return Err(Error::Usage(
+                "recv from a file loads one device; give one device or use unix:/tcp:".into(),
+            ));
+        };
         return super::transfer::load(device, path, json, fence);
     }
-    let claim = fence.claim(device)?;
-    let mut opened = open_device(device)?;
-    let mut fencing = claim.fence();
+    let (claims, mut opened) = open_all(devices, fence)?;
+    let mut fencing = FenceSet(claims.iter().map(|c| c.fence()).collect());
+    let mut devs = drivers(&mut opened);
+    let names = devices.join(" ");
     let listener = transport::listen(listen)?;
     // Tests and scripts wait for this line before they connect.
     eprintln!("vfio-mig: recv: listening on {}", listener.local_address()?);
@@ -148,7 +169,7 @@ pub fn recv(
         tracing::info!("connection from {peer}");
         let view = ProgressView::new("recv", None, json);
         let started = Instant::now();
-        let result = handshake::receive(opened.device.as_mut(), conn, fencing.as_mut(), &view);
+        let result = handshake::receive(&mut devs, conn, &mut fencing, &view);
         view.finish();
         let outcome = match result {
             Ok(o) => o,
@@ -160,15 +181,15 @@ pub fn recv(
         };
         let header = outcome.header().clone();
         let hex = session_hex(&header.session_id);
-        let (name, report, confirmed) = match outcome {
+        let (name, reports, confirmed) = match outcome {
             RecvOutcome::Resumed {
-                report, confirmed, ..
-            } => ("resumed", Some(report), confirmed),
-            RecvOutcome::AlreadyCompleted { .. } => ("already-completed", None, true),
+                reports, confirmed, ..
+            } => ("resumed", reports, confirmed),
+            RecvOutcome::AlreadyCompleted { .. } => ("already-completed", Vec::new(), true),
         };
         if !confirmed {
             eprintln!(
-                "vfio-mig: warning: {device} runs the migrated state, but RESUMED did not \
+                "vfio-mig: warning: {names} runs the migrated state, but RESUMED did not \
                  reach {peer}: the source reports the outcome in doubt and keeps its device \
                  stopped"
             );
@@ -176,27 +197,33 @@ pub fn recv(
         if json {
             return print_json(&RecvJson {
                 outcome: name,
-                device,
+                devices,
                 source: peer,
                 session: hex,
                 epoch: header.epoch,
-                report,
+                reports,
                 confirmed,
             });
         }
-        match report {
-            Some(r) => eprintln!(
-                "received {device} from {peer} in {:.2} s: {} in {} chunks; device running \
-                 (session {hex}, epoch {})",
-                started.elapsed().as_secs_f64(),
+        if reports.is_empty() {
+            eprintln!(
+                "session {hex} from {peer} was already completed: {names} runs its state \
+                 and was not loaded again"
+            );
+        }
+        for (device, r) in devices.iter().zip(&reports) {
+            eprintln!(
+                "received {device} from {peer}: {} in {} chunks; device running",
                 HumanBytes(r.pre_copy_bytes + r.stop_copy_bytes),
                 r.chunks,
+            );
+        }
+        if !reports.is_empty() {
+            eprintln!(
+                "received in {:.2} s (session {hex}, epoch {})",
+                started.elapsed().as_secs_f64(),
                 header.epoch
-            ),
-            None => eprintln!(
-                "session {hex} from {peer} was already completed: {device} runs its state \
-                 and was not loaded again"
-            ),
+            );
         }
         return Ok(());
     }

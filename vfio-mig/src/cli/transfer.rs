@@ -8,13 +8,13 @@ use std::time::Instant;
 
 use indicatif::{HumanBytes, MultiProgress};
 
-use crate::engine::session::new_header;
 use crate::engine::save::rollback_source;
+use crate::engine::session::new_header;
 use crate::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
-use crate::fence::{session_hex, FenceConfig};
-use crate::handshake::{load_fenced, migrate_pair, RecvOutcome};
-use crate::open::open_device;
+use crate::fence::{session_hex, Claim, FenceConfig, FenceSet};
+use crate::handshake::{load_fenced, migrate_pairs, RecvOutcome};
+use crate::open::{open_device, OpenedDevice};
 use crate::stream::{StreamHeader, StreamReader, StreamWriter};
 
 use super::progress::ProgressView;
@@ -88,7 +88,14 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfi
         .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
     let view = ProgressView::new("save", None, args.json);
     let started = Instant::now();
-    let result = save_to_file(opened.device.as_mut(), file, &partial, &header, &opts, &view);
+    let result = save_to_file(
+        opened.device.as_mut(),
+        file,
+        &partial,
+        &header,
+        &opts,
+        &view,
+    );
     view.finish();
     let report = match result {
         Ok(r) => r,
@@ -121,14 +128,14 @@ pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Resu
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
     let result = load_fenced(
-        opened.device.as_mut(),
+        &mut [opened.device.as_mut()],
         &mut reader,
         claim.fence().as_mut(),
         &view,
     );
     view.finish();
     let report = match result? {
-        RecvOutcome::Resumed { report, .. } => report,
+        RecvOutcome::Resumed { mut reports, .. } => reports.remove(0),
         RecvOutcome::AlreadyCompleted { header } => {
             if json {
                 return print_json(&serde_json::json!({
@@ -158,43 +165,106 @@ pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Resu
     Ok(())
 }
 
-/// Runs `migrate`.
-pub fn migrate(
-    source: &str,
-    destination: &str,
-    args: &TransferArgs,
+/// Opens every device in `names` under its claim (the locks are held while they live).
+pub(crate) fn open_all(
+    names: &[String],
     fence: &FenceConfig,
-) -> Result<()> {
-    let src_claim = fence.claim(source)?;
-    let dst_claim = fence.claim(destination)?;
-    let mut src = open_device(source)?;
-    let mut dst = open_device(destination)?;
+) -> Result<(Vec<Claim>, Vec<OpenedDevice>)> {
+    let claims = names
+        .iter()
+        .map(|n| fence.claim(n))
+        .collect::<Result<Vec<_>>>()?;
+    let opened = names
+        .iter()
+        .map(|n| open_device(n))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((claims, opened))
+}
+
+/// The protocol drivers of opened devices, as the engine takes them.
+pub(crate) fn drivers<'a>(
+    opened: &'a mut [OpenedDevice],
+) -> Vec<&'a mut (dyn MigrationDevice + 'a)> {
+    opened
+        .iter_mut()
+        .map(|o| o.device.as_mut() as &mut (dyn MigrationDevice + 'a))
+        .collect()
+}
+
+/// Runs `migrate SRC DST [SRC DST ...]`.
+pub fn migrate(devices: &[String], args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
+    if devices.len() % 2 != 0 {
+        return Err(Error::Usage(format!(
+            "migrate: devices come in SRC DST pairs, {} were given",
+            devices.len()
+        )));
+    }
+    let (sources, destinations): (Vec<String>, Vec<String>) = devices
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .unzip();
+    let mut keys = Vec::new();
+    for name in devices {
+        if let Some(key) = crate::fence::DeviceKey::for_device(name)? {
+            if keys.contains(&key) {
+                return Err(Error::Usage(format!(
+                    "migrate: {name} is given twice: source and destination are the same device"
+                )));
+            }
+            keys.push(key);
+        }
+    }
+    let (src_claims, mut srcs) = open_all(&sources, fence)?;
+    let (dst_claims, mut dsts) = open_all(&destinations, fence)?;
     let opts = args.save_options();
-    let epoch = args.epoch.unwrap_or_else(|| src_claim.default_epoch());
-    let header = new_header(&[src.device.as_ref()], opts.live, epoch)?;
+    let epoch = args.epoch.unwrap_or_else(|| {
+        src_claims
+            .iter()
+            .map(Claim::default_epoch)
+            .max()
+            .unwrap_or(1)
+    });
+    let mut src_devs = drivers(&mut srcs);
+    let mut dst_devs = drivers(&mut dsts);
+    let header = new_header(
+        &src_devs.iter().map(|d| &**d).collect::<Vec<_>>(),
+        opts.live,
+        epoch,
+    )?;
+    let mut fences = FenceSet(dst_claims.iter().map(Claim::fence).collect());
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
     let started = Instant::now();
-    let result = migrate_pair(
-        src.device.as_mut(),
-        dst.device.as_mut(),
+    let result = migrate_pairs(
+        &mut src_devs,
+        &mut dst_devs,
         &header,
         &opts,
-        dst_claim.fence().as_mut(),
+        &mut fences,
         &src_view,
         &dst_view,
     );
     src_view.finish();
     dst_view.finish();
-    let report = result?;
+    let reports = result?;
     if args.json {
-        return print_json(&report);
+        return match reports.as_slice() {
+            [one] => print_json(one),
+            many => print_json(&many),
+        };
+    }
+    for ((source, destination), report) in sources.iter().zip(&destinations).zip(&reports) {
+        eprintln!(
+            "migrated {source} -> {destination}: {}; destination running",
+            save_summary(&report.save)
+        );
     }
     eprintln!(
-        "migrated {source} -> {destination} in {:.2} s: {}; destination running",
-        started.elapsed().as_secs_f64(),
-        save_summary(&report.save)
+        "{} device{} migrated in {:.2} s",
+        reports.len(),
+        if reports.len() == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::stream::{DeviceDescriptor, Phase, Record, StreamReader};
+use crate::stream::{DeviceDescriptor, Phase, StreamReader};
 
 use super::events::{Event, Observer};
 use super::gate::{LoadGate, NoGate};
@@ -73,83 +73,102 @@ pub fn load_device_gated<R: Read>(
     obs: &dyn Observer,
     gate: &mut dyn LoadGate,
 ) -> Result<LoadReport> {
-    let desc = reader
-        .header()
-        .devices
-        .get(index as usize)
-        .cloned()
-        .ok_or_else(|| Error::stream("stream header", format!("no device {index} in stream")))?;
-    check_compatible(dev, &desc)?;
-    dev.start_resume()?;
-    let mut report = LoadReport::default();
-    let mut phase_started = Instant::now();
-    let mut current: Option<Phase> = None;
-    let mut since_event = 0u64;
-    loop {
-        match reader.next_record()? {
-            Record::Data {
-                device,
-                phase,
-                bytes,
-                chunk_end,
-            } => {
-                if device != index {
-                    return Err(Error::stream(
-                        "read stream",
-                        format!("record for device {device} in a single-device load"),
-                    ));
-                }
-                if current != Some(phase) {
-                    current = Some(phase);
-                    phase_started = Instant::now();
-                    obs.on_event(&Event::PhaseStarted {
-                        device,
-                        phase,
-                        pending: None,
-                    });
-                }
-                dev.write(bytes, chunk_end)?;
-                let total = match phase {
-                    Phase::PreCopy => &mut report.pre_copy_bytes,
-                    Phase::StopCopy => &mut report.stop_copy_bytes,
-                };
-                *total += bytes.len() as u64;
-                since_event += bytes.len() as u64;
-                if chunk_end {
-                    report.chunks += 1;
-                }
-                if since_event >= (4 << 20) {
-                    since_event = 0;
-                    obs.on_event(&Event::Progress {
-                        device,
-                        phase,
-                        bytes: *total,
-                    });
-                }
-            }
-            Record::EndOfPhase { device, phase } => {
-                obs.on_event(&Event::PhaseEnded {
-                    device,
-                    phase,
-                    bytes: match phase {
-                        Phase::PreCopy => report.pre_copy_bytes,
-                        Phase::StopCopy => report.stop_copy_bytes,
-                    },
-                    chunks: report.chunks,
-                    elapsed: phase_started.elapsed(),
-                });
-                current = None;
-                if phase == Phase::PreCopy {
-                    gate.pre_copy_loaded()?;
-                }
-            }
-            Record::End(_) => break,
+    if index != 0 || reader.header().devices.len() != 1 {
+        return Err(Error::stream(
+            "stream header",
+            format!(
+                "a single-device load of device {index} from a stream of {} devices",
+                reader.header().devices.len()
+            ),
+        ));
+    }
+    let mut reports = super::demux::load_all_gated(&mut [dev], reader, obs, gate)?;
+    Ok(reports.remove(0))
+}
+
+/// Applies one device's records in stream order and keeps its report and events.
+pub(crate) struct DeviceLoader<'a> {
+    index: u16,
+    obs: &'a dyn Observer,
+    report: LoadReport,
+    phase: Option<(Phase, Instant, u64)>,
+    since_event: u64,
+}
+
+impl<'a> DeviceLoader<'a> {
+    pub(crate) fn new(index: u16, obs: &'a dyn Observer) -> Self {
+        Self {
+            index,
+            obs,
+            report: LoadReport::default(),
+            phase: None,
+            since_event: 0,
         }
     }
-    gate.before_resume(reader.get_mut())?;
-    reader.finish()?;
-    dev.finish_resume()?;
-    Ok(report)
+
+    /// Writes a DATA record's bytes into the device.
+    pub(crate) fn data(
+        &mut self,
+        dev: &mut dyn MigrationDevice,
+        phase: Phase,
+        bytes: &[u8],
+        chunk_end: bool,
+    ) -> Result<()> {
+        if self.phase.map(|(p, ..)| p) != Some(phase) {
+            self.phase = Some((phase, Instant::now(), 0));
+            self.obs.on_event(&Event::PhaseStarted {
+                device: self.index,
+                phase,
+                pending: None,
+            });
+        }
+        dev.write(bytes, chunk_end)?;
+        let total = match phase {
+            Phase::PreCopy => &mut self.report.pre_copy_bytes,
+            Phase::StopCopy => &mut self.report.stop_copy_bytes,
+        };
+        *total += bytes.len() as u64;
+        let total = *total;
+        if chunk_end {
+            self.report.chunks += 1;
+            if let Some((_, _, chunks)) = self.phase.as_mut() {
+                *chunks += 1;
+            }
+        }
+        self.since_event += bytes.len() as u64;
+        if self.since_event >= (4 << 20) {
+            self.since_event = 0;
+            self.obs.on_event(&Event::Progress {
+                device: self.index,
+                phase,
+                bytes: total,
+            });
+        }
+        Ok(())
+    }
+
+    /// Notes the end of a phase of this device.
+    pub(crate) fn end_phase(&mut self, phase: Phase) {
+        let (elapsed, chunks) = match self.phase.take() {
+            Some((p, started, chunks)) if p == phase => (started.elapsed(), chunks),
+            _ => (Default::default(), 0),
+        };
+        self.obs.on_event(&Event::PhaseEnded {
+            device: self.index,
+            phase,
+            bytes: match phase {
+                Phase::PreCopy => self.report.pre_copy_bytes,
+                Phase::StopCopy => self.report.stop_copy_bytes,
+            },
+            chunks,
+            elapsed,
+        });
+    }
+
+    /// The report.
+    pub(crate) fn report(&self) -> LoadReport {
+        self.report.clone()
+    }
 }
 
 /// [`load_device`], and on failure the destination is reset so that it never runs with partial

@@ -4,14 +4,17 @@
 //! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
 //! source, [`load_with_rollback`] on the destination, [`migrate_local`] for both on one host.
 
+pub mod demux;
 mod device;
 pub mod events;
 pub mod gate;
 pub mod load;
 pub mod migrate;
+pub mod multi;
 pub mod policy;
 pub mod save;
 pub mod session;
+pub mod splice;
 
 pub use device::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 pub use events::{Event, NoObserver, Observer};

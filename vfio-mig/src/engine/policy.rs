@@ -192,7 +192,10 @@ mod tests {
             Decision::Switch(SwitchReason::Converged)
         );
         let est = s.estimated_downtime().unwrap();
-        assert!(est > Duration::from_millis(45) && est < Duration::from_millis(55), "{est:?}");
+        assert!(
+            est > Duration::from_millis(45) && est < Duration::from_millis(55),
+            "{est:?}"
+        );
     }
 
     #[test]
@@ -203,7 +206,10 @@ mod tests {
         s.record_round(100 * MB, Duration::from_secs(1), 10, Some(10));
         assert_eq!(p.decide(&s, Duration::ZERO), Decision::Continue);
         s.record_round(10, Duration::from_millis(1), 10, Some(0));
-        assert_eq!(p.decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::Converged));
+        assert_eq!(
+            p.decide(&s, Duration::ZERO),
+            Decision::Switch(SwitchReason::Converged)
+        );
     }
 
     #[test]
@@ -220,10 +226,7 @@ mod tests {
             p.decide(&s, Duration::from_secs(4)),
             Decision::Switch(SwitchReason::NotConverging)
         );
-        let strict = PreCopyPolicy {
-            strict: true,
-            ..p
-        };
+        let strict = PreCopyPolicy { strict: true, ..p };
         assert_eq!(
             strict.decide(&s, Duration::from_secs(4)),
             Decision::Abort(SwitchReason::NotConverging)
@@ -238,7 +241,10 @@ mod tests {
             // Slowly falling, never within budget.
             s.record_round(MB, Duration::from_secs(1), 90 * MB - i * MB, None);
         }
-        assert_eq!(p.decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::MaxRounds));
+        assert_eq!(
+            p.decide(&s, Duration::ZERO),
+            Decision::Switch(SwitchReason::MaxRounds)
+        );
         let mut s = PreCopyState::new(100 * MB, None);
         s.record_round(MB, Duration::from_secs(1), 90 * MB, None);
         assert_eq!(
@@ -250,6 +256,9 @@ mod tests {
     #[test]
     fn an_empty_device_switches_at_once() {
         let s = PreCopyState::new(0, None);
-        assert_eq!(policy().decide(&s, Duration::ZERO), Decision::Switch(SwitchReason::Converged));
+        assert_eq!(
+            policy().decide(&s, Duration::ZERO),
+            Decision::Switch(SwitchReason::Converged)
+        );
     }
 }

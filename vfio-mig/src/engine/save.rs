@@ -76,19 +76,43 @@ mod micros {
     }
 }
 
+/// Where the engine's records go: a stream writer, or one shared by several device threads
+/// ([`super::multi::SharedWriter`]).
+pub trait RecordSink {
+    /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
+    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
+    /// Appends the END_OF_PHASE record of `device`.
+    fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()>;
+}
+
+impl<W: Write> RecordSink for StreamWriter<W> {
+    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
+        StreamWriter::data(self, device, phase, bytes, chunk_end)
+    }
+
+    fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
+        StreamWriter::end_phase(self, device, phase)
+    }
+}
+
 /// Moves one phase's data from the device into the stream. Returns (bytes, chunks, ended):
 /// `ended` is true when the device reported the end of the phase, false when `budget` bytes
 /// were sent first (the loop only stops at a chunk boundary).
-struct Pump<'a, W: Write> {
-    dev: &'a mut dyn MigrationDevice,
-    out: &'a mut StreamWriter<W>,
-    index: u16,
-    buf: Vec<u8>,
-    obs: &'a dyn Observer,
+pub(crate) struct Pump<'a, S: RecordSink + ?Sized> {
+    pub(crate) dev: &'a mut dyn MigrationDevice,
+    pub(crate) out: &'a mut S,
+    pub(crate) index: u16,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) obs: &'a dyn Observer,
 }
 
-impl<W: Write> Pump<'_, W> {
-    fn run(&mut self, phase: Phase, budget: Option<u64>, base: u64) -> Result<(u64, u64, bool)> {
+impl<S: RecordSink + ?Sized> Pump<'_, S> {
+    pub(crate) fn run(
+        &mut self,
+        phase: Phase,
+        budget: Option<u64>,
+        base: u64,
+    ) -> Result<(u64, u64, bool)> {
         let mut bytes = 0u64;
         let mut chunks = 0u64;
         let mut since_event = 0u64;
@@ -122,9 +146,9 @@ impl<W: Write> Pump<'_, W> {
 
 /// Pre-copy: enters the pre-copy state and sends rounds while the device runs, until the
 /// policy switches over (or aborts, with a strict policy). Ends the stream's pre-copy phase.
-pub fn pre_copy<W: Write>(
+pub fn pre_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
-    out: &mut StreamWriter<W>,
+    out: &mut S,
     index: u16,
     opts: &SaveOptions,
     obs: &dyn Observer,
@@ -217,9 +241,9 @@ pub fn pre_copy<W: Write>(
 /// stop-copy phase. The device is left in its stop-and-copy state: the STOP transition is the
 /// caller's, after the stream is complete, so that it stays out of the downtime window
 /// ([`MigrationDevice::finish_save`]).
-pub fn stop_copy<W: Write>(
+pub fn stop_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
-    out: &mut StreamWriter<W>,
+    out: &mut S,
     index: u16,
     opts: &SaveOptions,
     obs: &dyn Observer,

@@ -80,7 +80,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(k.as_str(), "mock:vm7-gpu0");
-        assert!(k.file_stem().starts_with("mock_vm7-gpu0-"), "{}", k.file_stem());
+        assert!(
+            k.file_stem().starts_with("mock_vm7-gpu0-"),
+            "{}",
+            k.file_stem()
+        );
         assert!(DeviceKey::for_device("mock:v1,size=0").is_err());
     }
 

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use key::DeviceKey;
 pub use lock::DeviceLock;
-pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED};
+pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED, RECORD_VERSION};
 pub use state::StateFence;
 
 use crate::error::Result;
@@ -55,6 +55,38 @@ pub trait Fence: Send {
     fn complete(&mut self, session: &SessionId) -> Result<()>;
     /// Forgets a completion whose resume failed (the device was reset).
     fn undo_complete(&mut self, session: &SessionId) -> Result<()>;
+}
+
+/// The fences of several devices migrated as one unit: a stream is admitted only if every
+/// device admits it, completed on all, withdrawn from all.
+pub struct FenceSet(pub Vec<Box<dyn Fence>>);
+
+impl Fence for FenceSet {
+    fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
+        let mut answers = Vec::with_capacity(self.0.len());
+        for fence in self.0.iter_mut() {
+            answers.push(fence.admit(header)?);
+        }
+        if answers.iter().all(|a| *a == Admission::AlreadyCompleted) {
+            Ok(Admission::AlreadyCompleted)
+        } else if answers.contains(&Admission::AlreadyCompleted) {
+            Err(crate::Error::Refused {
+                step: "check the session".into(),
+                code: crate::handshake::ReasonCode::Fence,
+                detail: "the session was completed on some of the devices only".into(),
+            })
+        } else {
+            Ok(Admission::Accept)
+        }
+    }
+
+    fn complete(&mut self, session: &SessionId) -> Result<()> {
+        self.0.iter_mut().try_for_each(|f| f.complete(session))
+    }
+
+    fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
+        self.0.iter_mut().try_for_each(|f| f.undo_complete(session))
+    }
 }
 
 /// A [`Fence`] kept in memory, for devices without a key (and for local migrations).
@@ -112,7 +144,11 @@ impl FenceConfig {
     pub fn new(lock_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> Self {
         let pick = |given: Option<PathBuf>, env: &str, default: &str| {
             given
-                .or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(Into::into))
+                .or_else(|| {
+                    std::env::var_os(env)
+                        .filter(|v| !v.is_empty())
+                        .map(Into::into)
+                })
                 .unwrap_or_else(|| default.into())
         };
         Self {

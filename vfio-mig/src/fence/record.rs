@@ -55,7 +55,7 @@ impl FenceRecord {
     /// Whether `session` was completed.
     pub fn is_completed(&self, session: &SessionId) -> bool {
         let hex = session_hex(session);
-        self.completed.iter().any(|c| *c == hex)
+        self.completed.contains(&hex)
     }
 
     /// Applies the rules to a new stream: a completed session is answered idempotently
@@ -124,7 +124,13 @@ mod tests {
         assert_eq!(r.admit(&header(2, 5)).unwrap(), (Admission::Accept, false));
         let e = r.admit(&header(3, 4)).unwrap_err();
         assert!(
-            matches!(e, Error::Refused { code: ReasonCode::StaleEpoch, .. }),
+            matches!(
+                e,
+                Error::Refused {
+                    code: ReasonCode::StaleEpoch,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("stale epoch 4 < 5"), "{e}");

@@ -89,8 +89,8 @@ impl StateFence {
             self.key.file_stem(),
             std::process::id()
         ));
-        let text = serde_json::to_string_pretty(record)
-            .map_err(|e| fence_err(step(), e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(record).map_err(|e| fence_err(step(), e.to_string()))?;
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
@@ -161,7 +161,10 @@ mod tests {
         f.complete(&[1; 16]).unwrap();
         let mut g = StateFence::new(&dir.path().join("state"), &key);
         assert_eq!(g.highest_epoch().unwrap(), 10);
-        assert_eq!(g.admit(&header(1, 10)).unwrap(), Admission::AlreadyCompleted);
+        assert_eq!(
+            g.admit(&header(1, 10)).unwrap(),
+            Admission::AlreadyCompleted
+        );
         assert!(g
             .admit(&header(2, 9))
             .unwrap_err()
@@ -184,7 +187,10 @@ mod tests {
         let mut f = StateFence::new(dir.path(), &key);
         std::fs::write(f.path(), b"{ not json").unwrap();
         let e = f.admit(&header(1, 1)).unwrap_err().to_string();
-        assert!(e.contains("corrupt") && e.contains("remove the file"), "{e}");
+        assert!(
+            e.contains("corrupt") && e.contains("remove the file"),
+            "{e}"
+        );
         std::fs::write(
             f.path(),
             br#"{"version":1,"key":"mock:y","highest_epoch":0,"completed":[]}"#,

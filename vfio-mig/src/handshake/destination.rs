@@ -10,10 +10,9 @@ use super::message::{
     read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
     KNOWN_FEATURES,
 };
-use crate::engine::{
-    check_compatible, load_device_gated, rollback_destination, LoadGate, LoadReport,
-    MigrationDevice, Observer,
-};
+use crate::engine::demux::load_all_gated;
+use crate::engine::multi::rollback_destinations;
+use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer};
 use crate::error::{Error, Result};
 use crate::fence::{Admission, Fence};
 use crate::stream::{StreamHeader, StreamReader};
@@ -26,12 +25,12 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// How a receive ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecvOutcome {
-    /// The device runs the received state.
+    /// The devices run the received state.
     Resumed {
-        /// The stream header (session, epoch, device).
+        /// The stream header (session, epoch, devices).
         header: StreamHeader,
-        /// What was loaded.
-        report: LoadReport,
+        /// What was loaded, one report a device.
+        reports: Vec<LoadReport>,
         /// Whether RESUMED reached the source. If not, the source reports the outcome as in
         /// doubt and keeps its device stopped; a retry is answered ALREADY_COMPLETED.
         confirmed: bool,
@@ -102,7 +101,11 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
 
     fn before_resume(&mut self, rest: &mut dyn Read) -> Result<()> {
         let session = self.session;
-        write_message(self.tx, &Message::Loaded { session }, "report the state loaded")?;
+        write_message(
+            self.tx,
+            &Message::Loaded { session },
+            "report the state loaded",
+        )?;
         let step = "wait for the source's COMMIT";
         match read_message(rest, step)? {
             Message::Commit { session: s } if s == session => {}
@@ -133,7 +136,7 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
 /// On any failure after ACCEPT the device is reset (it never runs with partial state), a
 /// completion record is withdrawn, and FAILED tells the source why.
 pub fn receive<C: Duplex>(
-    dev: &mut dyn MigrationDevice,
+    devs: &mut [&mut dyn MigrationDevice],
     conn: C,
     fence: &mut dyn Fence,
     obs: &dyn Observer,
@@ -150,7 +153,12 @@ pub fn receive<C: Duplex>(
             return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
         }
         Err(e @ Error::Stream { .. }) => {
-            return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, e.to_string()))
+            return Err(refuse(
+                &mut tx,
+                &mut rx,
+                ReasonCode::Protocol,
+                e.to_string(),
+            ))
         }
         Err(e) => return Err(e),
     };
@@ -175,22 +183,26 @@ pub fn receive<C: Duplex>(
                 format!("unknown HELLO features {:#x}", features & !KNOWN_FEATURES),
             ));
         }
-        let [desc] = header.devices.as_slice() else {
+        if header.devices.len() != devs.len() {
             return Err((
                 ReasonCode::Unsupported,
                 format!(
-                    "the stream carries {} devices; a destination loads one",
-                    header.devices.len()
+                    "the stream carries {} devices; this destination loads {}",
+                    header.devices.len(),
+                    devs.len()
                 ),
             ));
-        };
-        if features & FEATURE_SWITCHOVER_ACK != 0 && !desc.live {
+        }
+        if features & FEATURE_SWITCHOVER_ACK != 0 && !header.devices.iter().any(|d| d.live) {
             return Err((
                 ReasonCode::Protocol,
                 "switchover-ack asked for a stream without pre-copy".into(),
             ));
         }
-        check_compatible(dev, desc).map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
+        for (dev, desc) in devs.iter().zip(&header.devices) {
+            check_compatible(&**dev, desc)
+                .map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
+        }
         fence.admit(&header).map_err(|e| match e {
             Error::Refused { code, detail, .. } => (code, detail),
             e => (ReasonCode::Fence, e.to_string()),
@@ -215,10 +227,9 @@ pub fn receive<C: Duplex>(
         fence,
         completed: false,
     };
-    match load_device_gated(dev, &mut reader, 0, obs, &mut gate) {
-        Ok(report) => {
-            let confirmed = match write_message(&mut tx, &Message::Resumed { session }, "resumed")
-            {
+    match load_all_gated(devs, &mut reader, obs, &mut gate) {
+        Ok(reports) => {
+            let confirmed = match write_message(&mut tx, &Message::Resumed { session }, "resumed") {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(
@@ -230,7 +241,7 @@ pub fn receive<C: Duplex>(
             };
             Ok(RecvOutcome::Resumed {
                 header,
-                report,
+                reports,
                 confirmed,
             })
         }
@@ -240,7 +251,7 @@ pub fn receive<C: Duplex>(
                     tracing::warn!("withdraw the completion record: {u}");
                 }
             }
-            let e = rollback_destination(dev, 0, e, obs);
+            let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(reason_code(&e), e.to_string()));
             send_final(&mut tx, reader.get_mut(), &msg);
             Err(e)
@@ -272,23 +283,26 @@ impl LoadGate for FileGate<'_> {
 /// ([`RecvOutcome::AlreadyCompleted`]), a stale epoch is refused; on failure the device is
 /// reset.
 pub fn load_fenced<R: Read>(
-    dev: &mut dyn MigrationDevice,
+    devs: &mut [&mut dyn MigrationDevice],
     reader: &mut StreamReader<R>,
     fence: &mut dyn Fence,
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     let header = reader.header().clone();
-    let [desc] = header.devices.as_slice() else {
+    if header.devices.len() != devs.len() {
         return Err(Error::Refused {
             step: "check the stream".into(),
             code: ReasonCode::Unsupported,
             detail: format!(
-                "the stream carries {} devices; load takes one",
-                header.devices.len()
+                "the stream carries {} devices; {} were given to load it into",
+                header.devices.len(),
+                devs.len()
             ),
         });
-    };
-    check_compatible(dev, desc)?;
+    }
+    for (dev, desc) in devs.iter().zip(&header.devices) {
+        check_compatible(&**dev, desc)?;
+    }
     if fence.admit(&header)? == Admission::AlreadyCompleted {
         return Ok(RecvOutcome::AlreadyCompleted { header });
     }
@@ -297,10 +311,10 @@ pub fn load_fenced<R: Read>(
         fence,
         completed: false,
     };
-    match load_device_gated(dev, reader, 0, obs, &mut gate) {
-        Ok(report) => Ok(RecvOutcome::Resumed {
+    match load_all_gated(devs, reader, obs, &mut gate) {
+        Ok(reports) => Ok(RecvOutcome::Resumed {
             header,
-            report,
+            reports,
             confirmed: true,
         }),
         Err(e) => {
@@ -309,7 +323,7 @@ pub fn load_fenced<R: Read>(
                     tracing::warn!("withdraw the completion record: {u}");
                 }
             }
-            Err(rollback_destination(dev, 0, e, obs))
+            Err(rollback_destinations(devs, e, obs))
         }
     }
 }

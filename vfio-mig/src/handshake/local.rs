@@ -4,7 +4,7 @@
 
 use super::destination::{receive, RecvOutcome};
 use super::source::{send, SendOutcome};
-use crate::engine::save::rollback_source;
+use crate::engine::multi::rollback_sources;
 use crate::engine::{MigrateReport, MigrationDevice, Observer, SaveOptions};
 use crate::error::{Error, Result};
 use crate::fence::Fence;
@@ -13,9 +13,7 @@ use crate::stream::StreamHeader;
 use crate::transport::Connection;
 
 /// Migrates `src` into `dst` under `header` (one device, live exactly when `opts.live`), with
-/// `fence` as the destination's fencing state. On success the source is stopped and the
-/// destination runs the source's state; on failure the source runs again (or was reset), the
-/// destination was reset, and the error names the failed step and what became of both.
+/// `fence` as the destination's fencing state. See [`migrate_pairs`].
 pub fn migrate_pair(
     src: &mut dyn MigrationDevice,
     dst: &mut dyn MigrationDevice,
@@ -25,26 +23,62 @@ pub fn migrate_pair(
     src_obs: &dyn Observer,
     dst_obs: &dyn Observer,
 ) -> Result<MigrateReport> {
+    let mut reports = migrate_pairs(
+        &mut [src],
+        &mut [dst],
+        header,
+        opts,
+        fence,
+        src_obs,
+        dst_obs,
+    )?;
+    Ok(reports.remove(0))
+}
+
+/// Migrates `srcs[i]` into `dsts[i]` for every `i`, as one unit under `header`, with `fence`
+/// as the destination's fencing state. On success the sources are stopped and the
+/// destinations run the sources' states; on failure every source runs again (or was reset),
+/// every destination was reset, and the error names the failed step and what became of all.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_pairs(
+    srcs: &mut [&mut dyn MigrationDevice],
+    dsts: &mut [&mut dyn MigrationDevice],
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    fence: &mut dyn Fence,
+    src_obs: &dyn Observer,
+    dst_obs: &dyn Observer,
+) -> Result<Vec<MigrateReport>> {
+    if srcs.len() != dsts.len() || srcs.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} source and {} destination devices: give them in pairs",
+            srcs.len(),
+            dsts.len()
+        )));
+    }
     let (to_dst, to_src) =
         Connection::pair().map_err(|e| Error::transport("create socketpair", e))?;
     let (sent, received) = std::thread::scope(|s| {
-        let saver = s.spawn(|| send(&mut *src, to_dst, header, opts, src_obs));
-        let loader = s.spawn(|| receive(&mut *dst, to_src, fence, dst_obs));
+        let saver = s.spawn(|| send(&mut *srcs, to_dst, header, opts, src_obs));
+        let loader = s.spawn(|| receive(&mut *dsts, to_src, fence, dst_obs));
         (saver.join(), loader.join())
     });
     let sent = sent.map_err(|_| Error::protocol("save", "the source thread panicked"))?;
-    let received = received.map_err(|_| Error::protocol("load", "the destination thread panicked"))?;
+    let received =
+        received.map_err(|_| Error::protocol("load", "the destination thread panicked"))?;
     match (sent, received) {
-        (Ok(SendOutcome::Completed(save)), Ok(RecvOutcome::Resumed { report, .. })) => {
-            Ok(MigrateReport { save, load: report })
-        }
+        (Ok(SendOutcome::Completed(saves)), Ok(RecvOutcome::Resumed { reports, .. })) => Ok(saves
+            .into_iter()
+            .zip(reports)
+            .map(|(save, load)| MigrateReport { save, load })
+            .collect()),
         (Ok(SendOutcome::AlreadyCompleted), Ok(_))
         | (Ok(SendOutcome::Completed(_)), Ok(RecvOutcome::AlreadyCompleted { .. })) => {
             Err(Error::Refused {
-            step: "handshake".into(),
-            code: ReasonCode::Protocol,
-            detail: "the destination already completed this session; nothing was migrated"
-                .into(),
+                step: "handshake".into(),
+                code: ReasonCode::Protocol,
+                detail: "the destination already completed this session; nothing was migrated"
+                    .into(),
             })
         }
         // Both failed: one caused the other (see `pick_cause`).
@@ -52,7 +86,7 @@ pub fn migrate_pair(
         (Err(se), Ok(_)) => Err(se),
         // The source only succeeds on RESUMED, so this cannot happen; if it did, the
         // destination did not resume: run the source again.
-        (Ok(_), Err(e)) => Err(rollback_source(src, 0, e, src_obs)),
+        (Ok(_), Err(e)) => Err(rollback_sources(srcs, e, src_obs)),
     }
 }
 
@@ -66,15 +100,19 @@ fn pick_cause(source_err: Error, dest_err: Error) -> Error {
             source,
             device,
             recovery,
-        } if matches!(
-            *source,
-            Error::Transport { .. } | Error::PeerFailed { .. }
-        ) =>
-        {
+        } if matches!(*source, Error::Transport { .. } | Error::PeerFailed { .. }) => {
             Error::RolledBack {
                 source: Box::new(dest_err),
                 device,
                 recovery,
+            }
+        }
+        Error::RolledBackAll { source, outcomes }
+            if matches!(*source, Error::Transport { .. } | Error::PeerFailed { .. }) =>
+        {
+            Error::RolledBackAll {
+                source: Box::new(dest_err),
+                outcomes,
             }
         }
         Error::Refused { .. } => dest_err,

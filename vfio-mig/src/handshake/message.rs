@@ -241,7 +241,10 @@ impl Message {
             .ok_or_else(|| {
                 Error::stream(
                     step,
-                    format!("truncated message: {} of {FRAME_HEADER_LEN} bytes", bytes.len()),
+                    format!(
+                        "truncated message: {} of {FRAME_HEADER_LEN} bytes",
+                        bytes.len()
+                    ),
                 )
             })?;
         let len = check_frame(head).map_err(|d| Error::stream(step, d))?;
@@ -312,8 +315,7 @@ fn check_frame(head: &[u8; FRAME_HEADER_LEN]) -> std::result::Result<usize, Stri
         ));
     }
     let kind = head[5];
-    let (min, max) =
-        payload_bounds(kind).ok_or_else(|| format!("unknown message kind {kind}"))?;
+    let (min, max) = payload_bounds(kind).ok_or_else(|| format!("unknown message kind {kind}"))?;
     let len = usize::from(u16::from_le_bytes([head[6], head[7]]));
     if !(min..=max).contains(&len) {
         return Err(format!(
@@ -386,7 +388,9 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R, step: &str) -> Result<Message> 
     if n < FRAME_HEADER_LEN {
         return Err(Error::stream(
             step,
-            format!("truncated message: the connection closed after {n} of {FRAME_HEADER_LEN} bytes"),
+            format!(
+                "truncated message: the connection closed after {n} of {FRAME_HEADER_LEN} bytes"
+            ),
         ));
     }
     let len = check_frame(&head).map_err(|d| Error::stream(step, d))?;
@@ -458,18 +462,22 @@ mod tests {
         let hello = Message::Hello { features: 1 }.encode();
         assert_eq!(
             hello,
-            [
-                0x56, 0x4d, 0x48, 0x53, 1, 1, 4, 0, 0xdb, 0xe2, 0x08, 0x67, 1, 0, 0, 0
-            ],
+            [0x56, 0x4d, 0x48, 0x53, 1, 1, 4, 0, 0xdb, 0xe2, 0x08, 0x67, 1, 0, 0, 0],
             "{hello:02x?}"
         );
         let session = *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff";
         let accept = Message::Accept { session }.encode();
-        assert_eq!(&accept[..12], &[0x56, 0x4d, 0x48, 0x53, 1, 2, 16, 0, 0x90, 0xcc, 0xd4, 0x01]);
+        assert_eq!(
+            &accept[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 2, 16, 0, 0x90, 0xcc, 0xd4, 0x01]
+        );
         assert_eq!(&accept[12..], &session);
         let refuse =
             Message::Refuse(Reason::new(ReasonCode::StaleEpoch, "stale epoch 3 < 5")).encode();
-        assert_eq!(&refuse[..12], &[0x56, 0x4d, 0x48, 0x53, 1, 3, 21, 0, 0xe2, 0xc8, 0x82, 0x24]);
+        assert_eq!(
+            &refuse[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 3, 21, 0, 0xe2, 0xc8, 0x82, 0x24]
+        );
         assert_eq!(&refuse[12..16], &[2, 0, 17, 0]);
         assert_eq!(&refuse[16..], b"stale epoch 3 < 5");
     }

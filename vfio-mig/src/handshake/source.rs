@@ -5,10 +5,10 @@
 use std::io::{self, BufWriter, Write};
 use std::net::Shutdown;
 
-use super::message::{
-    read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK,
+use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
+use crate::engine::multi::{
+    finish_save_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
 };
-use crate::engine::save::{pre_copy, rollback_source, stop_copy};
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::stream::{StreamHeader, StreamWriter};
@@ -17,8 +17,8 @@ use crate::transport::{readable_now, Duplex, SOCKET_BUFFER};
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
-    /// The destination runs the state; the source device is stopped.
-    Completed(SaveReport),
+    /// The destination runs the state; the source devices are stopped. One report a device.
+    Completed(Vec<SaveReport>),
     /// The destination had already completed this session (a retried handoff): it runs the
     /// state. The source device was not touched by this call and must not be resumed.
     AlreadyCompleted,
@@ -112,8 +112,8 @@ fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
     }
 }
 
-/// Migrates `dev` (stream device 0 of `header`) to the destination at the other end of
-/// `conn`.
+/// Migrates `devs` (stream devices 0.. of `header`, as one unit) to the destination at the
+/// other end of `conn`.
 ///
 /// 1. Sends HELLO and the stream header, and waits for the answer **before touching the
 ///    device**: REFUSE is an [`Error::Refused`], ALREADY_COMPLETED returns
@@ -131,20 +131,26 @@ fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
 /// after COMMIT leaves the device stopped and returns [`Error::InDoubt`]: the destination may
 /// run the state, and resuming here as well would run it twice.
 pub fn send<C: Duplex>(
-    dev: &mut dyn MigrationDevice,
+    devs: &mut [&mut dyn MigrationDevice],
     conn: C,
     header: &StreamHeader,
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<SendOutcome> {
     let session = header.session_id;
-    if header.devices.len() != 1 || header.devices[0].live != opts.live {
+    if devs.is_empty()
+        || header.devices.len() != devs.len()
+        || header.devices.iter().any(|d| d.live != opts.live)
+    {
         return Err(Error::Usage(
-            "send: the stream header must describe one device, live exactly when the save is"
+            "send: the stream header must describe each device, live exactly when the save is"
                 .into(),
         ));
     }
-    let clone = |c: &C| c.try_clone().map_err(|e| Error::transport("clone the connection", e));
+    let clone = |c: &C| {
+        c.try_clone()
+            .map_err(|e| Error::transport("clone the connection", e))
+    };
     let mut rx = clone(&conn)?;
     let ctl = clone(&conn)?;
     let features = if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
@@ -157,8 +163,9 @@ pub fn send<C: Duplex>(
         .and_then(|()| StreamWriter::new(tx, header))
         .and_then(|mut out| out.flush().map(|()| out));
     let answer = match opened {
-        Ok(out) => read_message(&mut rx, "handshake: wait for the destination's answer")
-            .map(|m| (out, m)),
+        Ok(out) => {
+            read_message(&mut rx, "handshake: wait for the destination's answer").map(|m| (out, m))
+        }
         // The destination may have refused (and closed) while we wrote.
         Err(e) if readable_now(rx.as_fd()).unwrap_or(false) => {
             match read_message(&mut rx, "handshake: read the destination's answer") {
@@ -180,23 +187,37 @@ pub fn send<C: Duplex>(
     }
 
     // 2-3. Pre-copy, switchover, stop-and-copy, trailer, LOADED. Any failure: roll back.
-    let mut report = SaveReport::default();
+    let mut reports = vec![SaveReport::default(); devs.len()];
     let sent = (|| -> Result<BufWriter<Watched<C>>> {
         if opts.live {
-            pre_copy(&mut *dev, &mut out, 0, opts, obs, &mut report)?;
+            let shared = SharedWriter::new(out);
+            pre_copy_all(devs, &shared, opts, obs, &mut reports)?;
+            out = shared.into_inner();
             out.flush()?;
             let ack = Message::SwitchoverAck { session }.kind();
-            expect(&mut rx, &session, ack, "wait for the destination's SWITCHOVER_ACK")?;
+            expect(
+                &mut rx,
+                &session,
+                ack,
+                "wait for the destination's SWITCHOVER_ACK",
+            )?;
         }
-        stop_copy(&mut *dev, &mut out, 0, opts, obs, &mut report)?;
-        let (tx, _totals) = out.finish()?;
+        // Every device is quiesced (P2P) before any stops, then all stop and copy in parallel.
+        let shared = SharedWriter::new(out);
+        stop_copy_all(devs, &shared, opts, obs, &mut reports)?;
+        let (tx, _totals) = shared.into_inner().finish()?;
         let loaded = Message::Loaded { session }.kind();
-        expect(&mut rx, &session, loaded, "wait for the destination's LOADED")?;
+        expect(
+            &mut rx,
+            &session,
+            loaded,
+            "wait for the destination's LOADED",
+        )?;
         Ok(tx)
     })();
     let mut tx = match sent {
         Ok(tx) => tx,
-        Err(e) => return Err(rollback_source(dev, 0, explain(e, &mut rx), obs)),
+        Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx), obs)),
     };
 
     // The commit point. A COMMIT that did not go out whole cannot be decoded: the
@@ -204,7 +225,7 @@ pub fn send<C: Duplex>(
     let commit = Message::Commit { session }.encode();
     if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
         let e = Error::transport("send COMMIT", e);
-        return Err(rollback_source(dev, 0, explain(e, &mut rx), obs));
+        return Err(rollback_sources(devs, explain(e, &mut rx), obs));
     }
     if let Err(e) = ctl.shutdown(Shutdown::Write) {
         tracing::debug!("shutdown after COMMIT: {e}");
@@ -215,28 +236,22 @@ pub fn send<C: Duplex>(
     match read_message(&mut rx, step) {
         Ok(Message::Resumed { session: s }) if s == session => {
             // Out of the downtime window: the destination already runs.
-            if let Err(e) = dev.finish_save() {
-                tracing::warn!(
-                    "{}: STOP transition after a completed migration failed: {e}; \
-                     the device stays stopped in stop-and-copy",
-                    dev.identity().instance
-                );
-            }
-            Ok(SendOutcome::Completed(report))
+            finish_save_all(devs);
+            Ok(SendOutcome::Completed(reports))
         }
         Ok(Message::Failed(r)) => {
             let e = Error::PeerFailed {
                 step: step.into(),
                 detail: r.text,
             };
-            Err(rollback_source(dev, 0, e, obs))
+            Err(rollback_sources(devs, e, obs))
         }
         Ok(other) => Err(in_doubt(
-            dev,
+            devs,
             &session,
             format!("the destination sent {other} where RESUMED was expected"),
         )),
-        Err(e) => Err(in_doubt(dev, &session, e.to_string())),
+        Err(e) => Err(in_doubt(devs, &session, e.to_string())),
     }
 }
 
@@ -251,14 +266,15 @@ fn refused(msg: &Message) -> Result<SendOutcome> {
     }
 }
 
-fn in_doubt(dev: &mut dyn MigrationDevice, session: &SessionId, what: String) -> Error {
+fn in_doubt(devs: &[&mut dyn MigrationDevice], session: &SessionId, what: String) -> Error {
+    let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
     let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
     Error::InDoubt {
         step: "wait for RESUMED after COMMIT".into(),
         detail: format!(
             "{what}; the destination may be running the state, so {} is left stopped, not \
              resumed; retry with --session {hex} to ask the destination",
-            dev.identity().instance
+            names.join(", ")
         ),
     }
 }

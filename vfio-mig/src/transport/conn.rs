@@ -85,7 +85,10 @@ impl Connection {
     /// A connected pair of Unix sockets (for a migration between two devices of this host).
     pub fn pair() -> io::Result<(Self, Self)> {
         let (a, b) = UnixStream::pair()?;
-        Ok((Self::unix(a, "the destination"), Self::unix(b, "the source")))
+        Ok((
+            Self::unix(a, "the destination"),
+            Self::unix(b, "the source"),
+        ))
     }
 
     /// The other end, for messages (`unix:/run/x.sock`, `tcp:10.0.0.1:7000`).

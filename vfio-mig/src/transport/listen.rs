@@ -192,9 +192,12 @@ mod tests {
     #[test]
     fn refused_connections_name_the_address() {
         let dir = tempfile::tempdir().unwrap();
-        let e = connect(&Address::Unix(dir.path().join("none")), Duration::from_secs(1))
-            .unwrap_err()
-            .to_string();
+        let e = connect(
+            &Address::Unix(dir.path().join("none")),
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("connect to unix:"), "{e}");
         let e = connect(&Address::File("x".into()), Duration::from_secs(1))
             .unwrap_err()

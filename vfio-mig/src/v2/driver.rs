@@ -62,6 +62,21 @@ impl std::fmt::Display for WalkError {
     }
 }
 
+/// What a state change reports as its step on failure; formatted only then (a transition is
+/// a handful of ioctls, and formatting the text every time cost a measurable share of them).
+enum Step {
+    /// `set device state to TARGET`.
+    SetState(MigState),
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::SetState(target) => write!(f, "set device state to {target}"),
+        }
+    }
+}
+
 /// A device speaking the v2 migration protocol.
 ///
 /// ```no_run
@@ -204,16 +219,12 @@ impl V2Device {
     /// the device is recovered as [`OnFailure::Recover`] says, or reset when the walk started
     /// in RESUMING.
     pub fn set_state(&mut self, target: MigState) -> Result<()> {
-        self.transition(target, None, &format!("set device state to {target}"))
+        self.transition(target, None, &Step::SetState(target))
     }
 
     /// [`set_state`](Self::set_state) with an explicit failure policy.
     pub fn set_state_with(&mut self, target: MigState, on_failure: OnFailure) -> Result<()> {
-        self.transition(
-            target,
-            Some(on_failure),
-            &format!("set device state to {target}"),
-        )
+        self.transition(target, Some(on_failure), &Step::SetState(target))
     }
 
     /// One raw SET to `target`, whatever the path (the kernel walks combinations itself),
@@ -294,11 +305,12 @@ impl V2Device {
     }
 
     /// GETs the state, caches it, and closes the data fd if the state has no session.
-    fn refresh(&mut self, step: &str) -> Result<MigState> {
-        let raw = feature::get_state(self.dev.as_ref()).map_err(|e| Error::device(step, e))?;
+    fn refresh(&mut self, step: impl std::fmt::Display) -> Result<MigState> {
+        let raw = feature::get_state(self.dev.as_ref())
+            .map_err(|e| Error::device(step.to_string(), e))?;
         let state = MigState::from_raw(raw).ok_or_else(|| {
             Error::protocol(
-                step,
+                step.to_string(),
                 format!("device reported unknown migration state {raw}"),
             )
         })?;
@@ -346,14 +358,14 @@ impl V2Device {
         &mut self,
         from: MigState,
         target: MigState,
-        step: &str,
+        step: &dyn std::fmt::Display,
     ) -> std::result::Result<(), WalkError> {
         let path = plan(from, target, self.flags).map_err(|e| {
             WalkError::Refused(match e {
                 ArcError::Unsupported(..) => {
                     Error::Unsupported(format!("{}: {step}: {e}", self.dev.identity().instance))
                 }
-                _ => Error::protocol(step, format!("{from} -> {target}: {e}")),
+                _ => Error::protocol(step.to_string(), format!("{from} -> {target}: {e}")),
             })
         })?;
         let mut cur = from;
@@ -378,7 +390,7 @@ impl V2Device {
         &mut self,
         target: MigState,
         on_failure: Option<OnFailure>,
-        step: &str,
+        step: &dyn std::fmt::Display,
     ) -> Result<()> {
         let from = self.refresh(step)?;
         match self.walk(from, target, step) {
@@ -419,7 +431,7 @@ impl V2Device {
                 return now_text
             }
             (OnFailure::Recover, Ok(s)) if !matches!(s, MigState::Error | MigState::Resuming) => {
-                match self.walk(*s, MigState::Running, "return to RUNNING") {
+                match self.walk(*s, MigState::Running, &"return to RUNNING") {
                     Ok(()) => return format!("{now_text}; it was returned to RUNNING"),
                     Err(e) => {
                         tracing::warn!("recovery to RUNNING failed: {e}");
@@ -533,11 +545,11 @@ impl MigrationDevice for V2Device {
                 self.flags
             )));
         }
-        self.transition(MigState::PreCopy, None, "enter PRE_COPY")
+        self.transition(MigState::PreCopy, None, &"enter PRE_COPY")
     }
 
     fn start_stop_copy(&mut self) -> Result<()> {
-        self.transition(MigState::StopCopy, None, "enter STOP_COPY")
+        self.transition(MigState::StopCopy, None, &"enter STOP_COPY")
     }
 
     fn pending(&mut self) -> Result<Pending> {
@@ -572,12 +584,12 @@ impl MigrationDevice for V2Device {
     }
 
     fn finish_save(&mut self) -> Result<()> {
-        self.transition(MigState::Stop, None, "stop the device after saving")
+        self.transition(MigState::Stop, None, &"stop the device after saving")
     }
 
     fn start_resume(&mut self) -> Result<()> {
         self.resumed = 0;
-        self.transition(MigState::Resuming, None, "enter RESUMING")
+        self.transition(MigState::Resuming, None, &"enter RESUMING")
     }
 
     fn write(&mut self, data: &[u8], _chunk_end: bool) -> Result<()> {
@@ -608,12 +620,12 @@ impl MigrationDevice for V2Device {
         self.transition(
             MigState::Stop,
             Some(OnFailure::Reset),
-            "load the device state (RESUMING -> STOP)",
+            &"load the device state (RESUMING -> STOP)",
         )?;
         self.transition(
             MigState::Running,
             Some(OnFailure::Reset),
-            "run the resumed device",
+            &"run the resumed device",
         )
     }
 
@@ -621,7 +633,7 @@ impl MigrationDevice for V2Device {
         match self.refresh("read the migration state (recovery)") {
             Ok(MigState::Running) => Recovery::AlreadyRunning,
             Ok(s) if !matches!(s, MigState::Error | MigState::Resuming) => {
-                match self.walk(s, MigState::Running, "return to RUNNING") {
+                match self.walk(s, MigState::Running, &"return to RUNNING") {
                     Ok(()) => Recovery::Resumed,
                     Err(e) => {
                         tracing::warn!("recovery to RUNNING failed: {e}");

@@ -1,0 +1,247 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Several devices as one unit: saved and loaded in parallel, switched over together.
+//!
+//! The order that keeps peer-to-peer DMA safe (the kernel's uAPI text for the P2P states): every
+//! device is quiesced (RUNNING_P2P, or PRE_COPY_P2P in pre-copy: it stops initiating DMA but
+//! still answers peers) **before any device stops**; only then does each enter stop-and-copy.
+//! Each device runs in a thread of its own, writing its records into one stream
+//! ([`SharedWriter`]); the destination demultiplexes records to one thread per device, so every
+//! device receives its own records in stream order while devices load in parallel. One device
+//! failing fails the unit: every source is rolled back, every destination reset.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::stream::{Phase, StreamWriter};
+
+use super::events::{Event, Observer};
+use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
+use super::{MigrationDevice, Recovery};
+
+/// A stream writer shared by several device threads: each record is appended whole under a
+/// lock, so records of different devices interleave but never mix. Once a device fails, the
+/// writer refuses further records, so the other devices stop at their next write instead of
+/// finishing a phase for nothing.
+pub struct SharedWriter<W: Write> {
+    inner: Mutex<StreamWriter<W>>,
+    failed: AtomicBool,
+}
+
+impl<W: Write> SharedWriter<W> {
+    /// Shares `writer`.
+    pub fn new(writer: StreamWriter<W>) -> Self {
+        Self {
+            inner: Mutex::new(writer),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the unit failed: later records are refused.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// The writer back, for the trailer.
+    pub fn into_inner(self) -> StreamWriter<W> {
+        self.inner.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T>) -> Result<T> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Error::SiblingFailed);
+        }
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+}
+
+impl<W: Write> RecordSink for &SharedWriter<W> {
+    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
+        self.with(|w| w.data(device, phase, bytes, chunk_end))
+    }
+
+    fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
+        self.with(|w| w.end_phase(device, phase))
+    }
+}
+
+/// Runs `phase` on every device in parallel (one thread each); returns the first error after
+/// all threads ended, having made the others stop early.
+fn in_parallel<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    out: &SharedWriter<W>,
+    reports: &mut [SaveReport],
+    phase: impl Fn(&mut dyn MigrationDevice, &mut &SharedWriter<W>, u16, &mut SaveReport) -> Result<()>
+        + Sync,
+) -> Result<()> {
+    if devs.len() == 1 {
+        let mut sink = out;
+        return phase(&mut *devs[0], &mut sink, 0, &mut reports[0]);
+    }
+    let phase = &phase;
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let threads: Vec<_> = devs
+            .iter_mut()
+            .zip(reports.iter_mut())
+            .enumerate()
+            .map(|(i, (dev, report))| {
+                s.spawn(move || {
+                    let mut sink = out;
+                    let r = phase(&mut **dev, &mut sink, i as u16, report);
+                    if r.is_err() {
+                        out.fail();
+                    }
+                    r
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::protocol("save", "a device thread panicked")))
+            })
+            .collect()
+    });
+    // The first real failure, not the SiblingFailed of the devices it stopped.
+    let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
+    match errors
+        .iter()
+        .position(|e| !matches!(e, Error::SiblingFailed))
+    {
+        Some(i) => Err(errors.swap_remove(i)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
+/// Pre-copy on every device in parallel, each under the policy of `opts`.
+pub fn pre_copy_all<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    out: &SharedWriter<W>,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    reports: &mut [SaveReport],
+) -> Result<()> {
+    in_parallel(devs, out, reports, |dev, sink, i, report| {
+        pre_copy(dev, sink, i, opts, obs, report)
+    })
+}
+
+/// Quiesces every device (RUNNING_P2P / PRE_COPY_P2P where supported) before any of them is
+/// stopped: after this, no device initiates DMA into a peer, and every device still answers.
+pub fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
+    for dev in devs.iter_mut() {
+        dev.quiesce()?;
+    }
+    Ok(())
+}
+
+/// Stop-and-copy on every device in parallel (after [`quiesce_all`]).
+pub fn stop_copy_all<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    out: &SharedWriter<W>,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    reports: &mut [SaveReport],
+) -> Result<()> {
+    quiesce_all(devs)?;
+    in_parallel(devs, out, reports, |dev, sink, i, report| {
+        stop_copy(dev, sink, i, opts, obs, report)
+    })
+}
+
+/// The STOP transition of every device, once the destination runs. Failures are only
+/// logged: the destination already runs the state, so the sources must stay stopped.
+pub fn finish_save_all(devs: &mut [&mut dyn MigrationDevice]) {
+    for dev in devs.iter_mut() {
+        if let Err(e) = dev.finish_save() {
+            tracing::warn!(
+                "{}: STOP transition after a completed migration failed: {e}; the device stays \
+                 stopped in stop-and-copy",
+                dev.identity().instance
+            );
+        }
+    }
+}
+
+/// Saves every device: pre-copy in parallel when `opts.live`, quiesce all, stop-and-copy in
+/// parallel. The devices are left in stop-and-copy (see [`finish_save_all`]); the caller
+/// writes the trailer and rolls back on failure ([`rollback_sources`]).
+pub fn save_all<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    out: &SharedWriter<W>,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+) -> Result<Vec<SaveReport>> {
+    let mut reports = vec![SaveReport::default(); devs.len()];
+    if opts.live {
+        pre_copy_all(devs, out, opts, obs, &mut reports)?;
+    }
+    stop_copy_all(devs, out, opts, obs, &mut reports)?;
+    Ok(reports)
+}
+
+/// Folds what became of each device into the error.
+fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Recovery>) -> Error {
+    let mut outcomes: Vec<(String, Recovery)> = devs
+        .iter()
+        .map(|d| d.identity().instance)
+        .zip(outcomes)
+        .collect();
+    if outcomes.len() == 1 {
+        let (device, recovery) = outcomes.remove(0);
+        return Error::RolledBack {
+            source: Box::new(error),
+            device,
+            recovery,
+        };
+    }
+    Error::RolledBackAll {
+        source: Box::new(error),
+        outcomes,
+    }
+}
+
+/// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.
+pub fn rollback_sources(
+    devs: &mut [&mut dyn MigrationDevice],
+    error: Error,
+    obs: &dyn Observer,
+) -> Error {
+    let outcomes = devs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, d)| {
+            let r = d.recover();
+            obs.on_event(&Event::RolledBack {
+                device: i as u16,
+                recovery: r.to_string(),
+            });
+            r
+        })
+        .collect();
+    rolled_back(devs, error, outcomes)
+}
+
+/// Resets every destination after `error`: none runs with partial state.
+pub fn rollback_destinations(
+    devs: &mut [&mut dyn MigrationDevice],
+    error: Error,
+    obs: &dyn Observer,
+) -> Error {
+    let outcomes = devs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, d)| {
+            let r = d.abort_resume();
+            obs.on_event(&Event::RolledBack {
+                device: i as u16,
+                recovery: r.to_string(),
+            });
+            r
+        })
+        .collect();
+    rolled_back(devs, error, outcomes)
+}
