@@ -26,6 +26,9 @@ use std::os::fd::AsRawFd;
 mod bench;
 #[path = "guest/migration.rs"]
 mod migration;
+
+#[path = "guest/glue.rs"]
+mod glue;
 #[path = "guest/v1_sample.rs"]
 mod v1_sample;
 

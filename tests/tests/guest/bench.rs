@@ -139,33 +139,43 @@ fn bench_transition_overhead_against_raw_ioctls() {
     let mut dev = V2Device::open(io.clone()).unwrap();
     assert_eq!(dev.state().unwrap(), MigState::Running);
     assert_eq!(feature(fd, false, 0).0, RUNNING);
-    const CYCLES: usize = 40;
     const BLOCKS: usize = 9;
     // Warm-up of both.
     raw_cycle(fd);
     lib_cycle(&mut dev);
+    // Blocks of about 100 ms each: some guest kernels (the tinyconfig iommufd one) keep time
+    // in jiffies, so a block must be long against the tick.
+    let cycles = {
+        let t = Instant::now();
+        let mut n = 0usize;
+        while t.elapsed().as_millis() < 100 {
+            raw_cycle(fd);
+            n += 1;
+        }
+        n.max(40)
+    };
     let (mut lib, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for block in 0..BLOCKS {
         let run_raw = || {
             let t = Instant::now();
-            for _ in 0..CYCLES {
+            for _ in 0..cycles {
                 raw_cycle(fd);
             }
-            t.elapsed().as_secs_f64() / CYCLES as f64 * 1e6
+            t.elapsed().as_secs_f64() / cycles as f64 * 1e6
         };
         let (r, l) = if block % 2 == 0 {
             let r = run_raw();
             let t = Instant::now();
-            for _ in 0..CYCLES {
+            for _ in 0..cycles {
                 lib_cycle(&mut dev);
             }
-            (r, t.elapsed().as_secs_f64() / CYCLES as f64 * 1e6)
+            (r, t.elapsed().as_secs_f64() / cycles as f64 * 1e6)
         } else {
             let t = Instant::now();
-            for _ in 0..CYCLES {
+            for _ in 0..cycles {
                 lib_cycle(&mut dev);
             }
-            let l = t.elapsed().as_secs_f64() / CYCLES as f64 * 1e6;
+            let l = t.elapsed().as_secs_f64() / cycles as f64 * 1e6;
             (run_raw(), l)
         };
         raw.push(r);
@@ -180,9 +190,9 @@ fn bench_transition_overhead_against_raw_ioctls() {
         .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
     let ratio = median(&mut ratios);
     let line = format!(
-        "VFIO-MIG-BENCH: transition overhead on mtty ({} per cycle of 5 state changes, 13 ioctls): \
-         vfio-mig {:.1} us, raw libc ioctls {:.1} us, ratio {ratio:.3} (min {lo:.3}, max {hi:.3}, \
-         {BLOCKS} interleaved blocks of {CYCLES} cycles), target <= 1.2: {}",
+        "VFIO-MIG-BENCH: transition overhead on mtty (backend {}; per cycle of 5 state changes, \
+         13 ioctls): vfio-mig {:.1} us, raw libc ioctls {:.1} us, ratio {ratio:.3} (min {lo:.3}, \
+         max {hi:.3}, {BLOCKS} interleaved blocks of {cycles} cycles), target <= 1.2: {}",
         io.access().backend,
         median(&mut lib),
         median(&mut raw),

@@ -17,7 +17,7 @@ use super::mtty::{
 /// What a test writes into a device and expects to read back: per port, the scratch register
 /// and the bytes waiting in the receive FIFO.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SerialState {
+pub(crate) struct SerialState {
     scratch: [u8; 2],
     fifo: [Vec<u8>; 2],
 }
@@ -25,7 +25,7 @@ struct SerialState {
 const PORTS: [u32; 2] = [PORT0_REGION, PORT1_REGION];
 
 /// Writes a state derived from `seed` into `dev` through its BARs.
-fn write_state(dev: &Path, seed: u8) -> SerialState {
+pub(crate) fn write_state(dev: &Path, seed: u8) -> SerialState {
     let d = MttyDevice::open_or_panic(dev);
     let mut state = SerialState {
         scratch: [0; 2],
@@ -48,7 +48,7 @@ fn write_state(dev: &Path, seed: u8) -> SerialState {
 }
 
 /// Reads the state back (this drains the FIFOs).
-fn read_state(dev: &Path) -> SerialState {
+pub(crate) fn read_state(dev: &Path) -> SerialState {
     let d = MttyDevice::open_or_panic(dev);
     let mut state = SerialState {
         scratch: [0; 2],
@@ -62,14 +62,14 @@ fn read_state(dev: &Path) -> SerialState {
 }
 
 /// The device's v2 migration state, read through the library (and the device closed again).
-fn mig_state(dev: &Path) -> MigState {
+pub(crate) fn mig_state(dev: &Path) -> MigState {
     let opened = open_device(dev.to_str().unwrap()).unwrap();
     let mut v2 = V2Device::open(opened.io.clone()).unwrap();
     v2.state().unwrap()
 }
 
 /// Brings a device left stopped by an earlier test back to RUNNING.
-fn ensure_running(dev: &Path) {
+pub(crate) fn ensure_running(dev: &Path) {
     let opened = open_device(dev.to_str().unwrap()).unwrap();
     let mut v2 = V2Device::open(opened.io.clone()).unwrap();
     if v2.state().unwrap() != MigState::Running {
@@ -77,7 +77,7 @@ fn ensure_running(dev: &Path) {
     }
 }
 
-fn vfio_mig(args: &[&str]) -> Output {
+pub(crate) fn vfio_mig(args: &[&str]) -> Output {
     let out = Command::new(vfio_mig_bin())
         .args(args)
         .output()
@@ -91,7 +91,7 @@ fn vfio_mig(args: &[&str]) -> Output {
     out
 }
 
-fn ok(out: &Output) {
+pub(crate) fn ok(out: &Output) {
     assert!(
         out.status.success(),
         "vfio-mig failed: {}",
@@ -109,11 +109,11 @@ fn clean_failure(out: &Output, expect: &str) {
     assert!(lines[0].contains(expect), "expected {expect:?} in {err}");
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn pair(a: usize, b: usize) -> (PathBuf, PathBuf) {
+pub(crate) fn pair(a: usize, b: usize) -> (PathBuf, PathBuf) {
     let devs = mtty_devices();
     (devs[a].clone(), devs[b].clone())
 }
