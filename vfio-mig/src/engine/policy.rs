@@ -90,7 +90,15 @@ pub struct PreCopyState {
     pub initial_pending: Option<u64>,
     /// Consecutive rounds whose pending bytes did not fall.
     pub stalled: u32,
+    /// Bytes sent in the last round.
+    pub last_bytes: u64,
+    /// Time the last round took.
+    pub last_busy: Duration,
 }
+
+/// The last round alone measures the bandwidth once it moved at least this much (1 MiB);
+/// below that its timing is mostly per-round latency.
+pub const RECENT_MIN_BYTES: u64 = 1 << 20;
 
 impl PreCopyState {
     /// Starts with what the device reports before the first round.
@@ -113,6 +121,8 @@ impl PreCopyState {
         self.rounds += 1;
         self.bytes += sent;
         self.busy += took;
+        self.last_bytes = sent;
+        self.last_busy = took;
         if pending >= self.pending && self.rounds > 1 {
             self.stalled += 1;
         } else {
@@ -122,8 +132,18 @@ impl PreCopyState {
         self.initial_pending = initial_pending;
     }
 
-    /// The measured bandwidth in bytes per second, once something was sent.
+    /// The measured bandwidth in bytes per second, once something was sent: the last round's
+    /// rate when it moved at least [`RECENT_MIN_BYTES`], else the rate over all rounds.
+    ///
+    /// Stop-and-copy follows the last round at once, while the first round may have run
+    /// seconds earlier under other conditions (a shared link or CPU, a device that slows
+    /// down): over a long pre-copy the average over all rounds is the worse predictor
+    /// (`vfio-mig bench`, downtime suite, docs/benchmarks.md).
     pub fn bandwidth(&self) -> Option<f64> {
+        let last = self.last_busy.as_secs_f64();
+        if self.last_bytes >= RECENT_MIN_BYTES && last > 0.0 {
+            return Some(self.last_bytes as f64 / last);
+        }
         let secs = self.busy.as_secs_f64();
         (self.bytes > 0 && secs > 0.0).then(|| self.bytes as f64 / secs)
     }
@@ -251,6 +271,21 @@ mod tests {
             p.decide(&s, Duration::from_secs(61)),
             Decision::Switch(SwitchReason::MaxTime)
         );
+    }
+
+    #[test]
+    fn bandwidth_follows_the_last_round_unless_it_was_tiny() {
+        let mut s = PreCopyState::new(200 * MB, None);
+        s.record_round(100 * MB, Duration::from_secs(1), 100 * MB, None);
+        assert_eq!(s.bandwidth(), Some(100.0 * MB as f64));
+        // The link slowed down: the last round's 50 MB/s, not the 75 MB/s average.
+        s.record_round(50 * MB, Duration::from_secs(1), 50 * MB, None);
+        assert_eq!(s.bandwidth(), Some(50.0 * MB as f64));
+        assert_eq!(s.estimated_downtime(), Some(Duration::from_secs(1)));
+        // A round too small to time: the average over all rounds.
+        s.record_round(1000, Duration::from_millis(10), 10, None);
+        let avg = (150 * MB + 1000) as f64 / 2.01;
+        assert!((s.bandwidth().unwrap() - avg).abs() < 1.0);
     }
 
     #[test]
