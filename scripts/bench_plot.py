@@ -93,10 +93,12 @@ def main() -> int:
         limit = abs_figs[0]["target"]["value"]
         ax2.axvline(limit, color="black", linewidth=2, label=f"target {limit:.0f} MiB")
         ax2.set_xscale("log")
+        top = max(f["baseline"]["median"] for f in abs_figs)
+        ax2.set_xlim(right=top * 4)
         ax2.set_yticks(ys)
         ax2.set_yticklabels([f"[3] {f['id']}" for f in abs_figs], fontsize=7)
         ax2.set_xlabel("peak RSS, MiB (log scale)", fontsize=8)
-        ax2.legend(fontsize=7, loc="lower right")
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax2.grid(axis="x", alpha=0.3)
 
     fig.tight_layout()

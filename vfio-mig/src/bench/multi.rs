@@ -3,14 +3,14 @@
 //! the public per-device API: [`save_device`] into a stream per device) against the same four
 //! saved one after another, on however many cores the machine has (2 on ours).
 //!
-//! The multi-device engine (`engine::multi`, one stream for all devices) was being written
-//! when this was: until it lands, the parallel subject is our own threads, which is the upper
-//! bound of what a per-device-thread engine can reach (it adds only the interleaving of
-//! records into one stream).
+//! Two parallel subjects: the multi-device engine ([`crate::engine::multi::save_all`]: one
+//! stream shared by a thread per device) and plain threads over the per-device API (a stream
+//! each: the upper bound of a thread-per-device engine, without the shared writer's lock).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::multi::{finish_save_all, save_all, SharedWriter};
 use crate::engine::session::new_header;
 use crate::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
 use crate::error::{Error, Result};
@@ -48,6 +48,31 @@ fn save_one(dev: &mut dyn MigrationDevice) -> Result<u64> {
     Ok(r.stop_copy_bytes)
 }
 
+/// Seconds to save `DEVICES` fresh devices with [`crate::engine::multi::save_all`]: one
+/// stream into `/dev/null`, a thread per device, quiesce before stop-and-copy, trailer, STOP.
+fn run_save_all(proto: &str, size: u64) -> Result<f64> {
+    let mut devs = (0..DEVICES)
+        .map(|i| open(proto, size, i))
+        .collect::<Result<Vec<_>>>()?;
+    let mut refs: Vec<&mut dyn MigrationDevice> = devs
+        .iter_mut()
+        .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
+        .collect();
+    let header = {
+        let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
+        new_header(&all, false, 1)?
+    };
+    let mut sink = SinkKind::Null.open()?;
+    let t = Instant::now();
+    let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
+    save_all(&mut refs, &shared, &SaveOptions::default(), &NoObserver)?;
+    shared.into_inner().finish()?;
+    finish_save_all(&mut refs);
+    let secs = t.elapsed().as_secs_f64();
+    sink.finish()?;
+    Ok(secs)
+}
+
 /// Seconds to save `DEVICES` fresh devices, in parallel or one after another.
 fn run(proto: &str, size: u64, parallel: bool) -> Result<f64> {
     let mut devs = (0..DEVICES)
@@ -80,23 +105,12 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for proto in ["v1", "v2"] {
         let mut seq = || run(proto, cfg.multi_size, false);
+        let mut all = || run_save_all(proto, cfg.multi_size);
         let mut par = || run(proto, cfg.multi_size, true);
-        let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut par])?;
-        let f = Figure::from_paired(
-            format!("multi.{proto}.x{DEVICES}"),
-            5,
-            "4 devices: parallel vs one after another",
-            format!("{DEVICES} threads"),
-            "one after another",
-            "s",
-            &Paired::from_series(&series, 0, 1),
-            true,
-            Some(Target::at_least(1.6)),
-        )
-        .note(format!(
+        let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut all, &mut par])?;
+        let common = format!(
             "{DEVICES} x mock:{proto} of {} each into /dev/null on {cpus} CPUs; ratio = sequential \
-             time / parallel time; parallel = one thread per device over save_device \
-             (engine::multi::save_many not yet in the tree){}",
+             time / parallel time{}",
             format_size(cfg.multi_size),
             if proto == "v2" {
                 "; each mock:v2 device also runs its own feeder thread, so one save already \
@@ -104,9 +118,36 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
             } else {
                 ""
             }
-        ));
-        eprintln!("bench: {}", super::v2path::summary(&f));
-        out.push(f);
+        );
+        for (slot, id, name, what) in [
+            (
+                1,
+                "save_all",
+                "engine::multi::save_all",
+                "one stream, a thread per device (quiesce all, then stop-and-copy in parallel)",
+            ),
+            (
+                2,
+                "threads",
+                "4 threads x save_device",
+                "a thread per device over the per-device API, a stream each",
+            ),
+        ] {
+            let f = Figure::from_paired(
+                format!("multi.{proto}.x{DEVICES}.{id}"),
+                5,
+                "4 devices: parallel vs one after another",
+                name,
+                "save_device one after another",
+                "s",
+                &Paired::from_series(&series, 0, slot),
+                true,
+                Some(Target::at_least(1.6)),
+            )
+            .note(format!("{common}; subject: {what}"));
+            eprintln!("bench: {}", super::v2path::summary(&f));
+            out.push(f);
+        }
     }
     Ok(out)
 }

@@ -22,8 +22,8 @@ pub struct PreCopyPolicy {
     pub max_rounds: u32,
     /// Most pre-copy time.
     pub max_time: Duration,
-    /// Rounds without progress (pending bytes not falling) after which pre-copy is declared
-    /// not to converge.
+    /// Rounds without progress (pending bytes falling by less than a tenth) after which
+    /// pre-copy is declared not to converge.
     pub stall_rounds: u32,
     /// Fail the migration, rather than switch over past the budget, when pre-copy does not
     /// converge or hits its bounds.
@@ -88,7 +88,7 @@ pub struct PreCopyState {
     pub pending: u64,
     /// Initial (not yet sent once) bytes after the last round, when the device tells (v2).
     pub initial_pending: Option<u64>,
-    /// Consecutive rounds whose pending bytes did not fall.
+    /// Consecutive rounds whose pending bytes fell by less than a tenth.
     pub stalled: u32,
     /// Bytes sent in the last round.
     pub last_bytes: u64,
@@ -123,7 +123,9 @@ impl PreCopyState {
         self.busy += took;
         self.last_bytes = sent;
         self.last_busy = took;
-        if pending >= self.pending && self.rounds > 1 {
+        // A round that removed less than a tenth of what was pending made no real progress:
+        // the device dirties almost as fast as the link carries.
+        if self.rounds > 1 && pending.saturating_mul(10) > self.pending.saturating_mul(9) {
             self.stalled += 1;
         } else {
             self.stalled = 0;
@@ -257,9 +259,11 @@ mod tests {
     fn bounds_on_rounds_and_time() {
         let p = policy();
         let mut s = PreCopyState::new(100 * MB, None);
-        for i in 0..10u64 {
-            // Slowly falling, never within budget.
-            s.record_round(MB, Duration::from_secs(1), 90 * MB - i * MB, None);
+        let mut pending = 100 * MB;
+        for _ in 0..10 {
+            // Falling by 15% a round (real progress), never within budget.
+            pending = pending * 85 / 100;
+            s.record_round(MB, Duration::from_secs(1), pending, None);
         }
         assert_eq!(
             p.decide(&s, Duration::ZERO),
@@ -286,6 +290,21 @@ mod tests {
         s.record_round(1000, Duration::from_millis(10), 10, None);
         let avg = (150 * MB + 1000) as f64 / 2.01;
         assert!((s.bandwidth().unwrap() - avg).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_few_percent_of_progress_a_round_is_not_convergence() {
+        let p = policy();
+        let mut s = PreCopyState::new(100 * MB, None);
+        let mut pending = 100 * MB;
+        for _ in 0..=p.stall_rounds {
+            pending = pending * 97 / 100;
+            s.record_round(MB, Duration::from_secs(1), pending, None);
+        }
+        assert_eq!(
+            p.decide(&s, Duration::ZERO),
+            Decision::Switch(SwitchReason::NotConverging)
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The v2 driver: a [`MigrationDevice`] over `VFIO_DEVICE_FEATURE` and the data fd.
 //!
-//! State changes walk [`plan`] one arc at a time, so a failure names the arc that failed and
-//! the data fd is tracked per arc: a new fd replaces the current one, an arc inside the saving
-//! group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P -> STOP_COPY and keeps
-//! streaming on the PRE_COPY fd), and leaving the streaming states closes it.
+//! State changes walk [`plan`](super::state::plan) one arc at a time, so a failure names the
+//! arc that failed and the data fd is tracked per arc: a new fd replaces the current one, an
+//! arc inside the saving group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P ->
+//! STOP_COPY and keeps streaming on the PRE_COPY fd), and leaving the streaming states closes
+//! it.
 //!
 //! On a failed arc the state is read back and reported in [`Error::Transition`], then the
 //! device is recovered as QEMU does: a source is walked back to RUNNING, and reset when that
@@ -21,7 +22,7 @@ use vfio_bindings::bindings::vfio::{
 
 use super::data::{DataFd, DataRead};
 use super::feature::{self, DmaLoggingRange, PrecopyInfo};
-use super::state::{plan, returns_data_fd, ArcError, MigState, MigrationFlags};
+use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
 use crate::device::{DeviceIdentity, DeviceIo};
 use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use crate::error::{Error, Result};
@@ -360,7 +361,7 @@ impl V2Device {
         target: MigState,
         step: &dyn std::fmt::Display,
     ) -> std::result::Result<(), WalkError> {
-        let path = plan(from, target, self.flags).map_err(|e| {
+        let path = plan_inline(from, target, self.flags).map_err(|e| {
             WalkError::Refused(match e {
                 ArcError::Unsupported(..) => {
                     Error::Unsupported(format!("{}: {step}: {e}", self.dev.identity().instance))
@@ -369,7 +370,7 @@ impl V2Device {
             })
         })?;
         let mut cur = from;
-        for next in path {
+        for &next in path.as_slice() {
             tracing::debug!(from = %cur, to = %next, "v2 arc");
             let fd =
                 feature::set_state(self.dev.as_ref(), next).map_err(|source| WalkError::Arc {
@@ -568,18 +569,19 @@ impl MigrationDevice for V2Device {
 
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
         let state = self.state;
-        let step = format!("read migration data ({state})");
+        // Formatted on failure only: this runs once per read of the data fd.
+        let step = || format!("read migration data ({state})");
         if buf.is_empty() {
-            return Err(Error::protocol(step, "empty read buffer"));
+            return Err(Error::protocol(step(), "empty read buffer"));
         }
         if !state.is_saving() {
-            return Err(Error::protocol(step, "the device is not saving"));
+            return Err(Error::protocol(step(), "the device is not saving"));
         }
         let data = self
             .data
             .as_ref()
-            .ok_or_else(|| Error::protocol(&step, "no data fd"))?;
-        let read = data.read(buf).map_err(|e| Error::device(&step, e))?;
+            .ok_or_else(|| Error::protocol(step(), "no data fd"))?;
+        let read = data.read(buf).map_err(|e| Error::device(step(), e))?;
         read_outcome(state, read)
     }
 
@@ -594,22 +596,25 @@ impl MigrationDevice for V2Device {
 
     fn write(&mut self, data: &[u8], _chunk_end: bool) -> Result<()> {
         // v2 streams are byte streams: chunk boundaries need not be reproduced.
-        let step = format!(
-            "write {} bytes of migration data at stream offset {}",
-            data.len(),
-            self.resumed
-        );
+        let resumed = self.resumed;
+        // Formatted on failure only: this runs once per record.
+        let step = || {
+            format!(
+                "write {} bytes of migration data at stream offset {resumed}",
+                data.len()
+            )
+        };
         if self.state != MigState::Resuming {
             return Err(Error::protocol(
-                step,
+                step(),
                 format!("the device is in {}, not RESUMING", self.state),
             ));
         }
         let fd = self
             .data
             .as_ref()
-            .ok_or_else(|| Error::protocol(&step, "no data fd"))?;
-        fd.write_all(data).map_err(|e| Error::device(&step, e))?;
+            .ok_or_else(|| Error::protocol(step(), "no data fd"))?;
+        fd.write_all(data).map_err(|e| Error::device(step(), e))?;
         self.resumed += data.len() as u64;
         Ok(())
     }

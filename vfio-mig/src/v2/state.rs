@@ -335,18 +335,45 @@ pub fn plan(
     to: MigState,
     flags: MigrationFlags,
 ) -> Result<Vec<MigState>, ArcError> {
-    let mut path = Vec::new();
+    plan_inline(from, to, flags).map(|p| p.as_slice().to_vec())
+}
+
+/// A path of [`plan`] held inline (no allocation: the driver plans every transition).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InlinePath {
+    arcs: [MigState; MigState::ALL.len()],
+    len: usize,
+}
+
+impl InlinePath {
+    pub(crate) fn as_slice(&self) -> &[MigState] {
+        &self.arcs[..self.len]
+    }
+}
+
+/// [`plan`], into an [`InlinePath`].
+pub(crate) fn plan_inline(
+    from: MigState,
+    to: MigState,
+    flags: MigrationFlags,
+) -> Result<InlinePath, ArcError> {
+    let mut path = InlinePath {
+        arcs: [from; MigState::ALL.len()],
+        len: 0,
+    };
     let mut cur = from;
     while cur != to {
         let next = next_step(cur, to, flags)?;
-        path.push(next);
-        cur = next;
-        if path.len() > MigState::ALL.len() {
-            // Cannot happen with the kernel's table (checked by the tests).
+        if path.len == path.arcs.len() {
+            // Longer than there are states: cannot happen with the kernel's table (checked by
+            // the tests).
             return Err(ArcError::Blocked(from, to));
         }
+        path.arcs[path.len] = next;
+        path.len += 1;
+        cur = next;
     }
-    if path.is_empty() {
+    if path.len == 0 {
         // A no-op request is still refused for states the kernel refuses.
         next_step(from, to, flags)?;
     }
