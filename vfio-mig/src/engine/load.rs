@@ -194,14 +194,5 @@ pub fn rollback_destination(
     error: Error,
     obs: &dyn Observer,
 ) -> Error {
-    let recovery = dev.abort_resume();
-    obs.on_event(&Event::RolledBack {
-        device: index,
-        recovery: recovery.to_string(),
-    });
-    Error::RolledBack {
-        source: Box::new(error),
-        device: dev.identity().instance,
-        recovery,
-    }
+    super::multi::roll_back(&mut [dev], index, error, obs, |d| d.abort_resume())
 }

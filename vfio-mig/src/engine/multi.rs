@@ -204,19 +204,22 @@ fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Re
     }
 }
 
-/// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.
-pub fn rollback_sources(
+/// Applies `recover` to every device (reporting each outcome as device `first + i`) and folds
+/// the outcomes into `error`.
+pub(crate) fn roll_back(
     devs: &mut [&mut dyn MigrationDevice],
+    first: u16,
     error: Error,
     obs: &dyn Observer,
+    recover: fn(&mut dyn MigrationDevice) -> Recovery,
 ) -> Error {
     let outcomes = devs
         .iter_mut()
         .enumerate()
         .map(|(i, d)| {
-            let r = d.recover();
+            let r = recover(&mut **d);
             obs.on_event(&Event::RolledBack {
-                device: i as u16,
+                device: first + i as u16,
                 recovery: r.to_string(),
             });
             r
@@ -225,23 +228,20 @@ pub fn rollback_sources(
     rolled_back(devs, error, outcomes)
 }
 
+/// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.
+pub fn rollback_sources(
+    devs: &mut [&mut dyn MigrationDevice],
+    error: Error,
+    obs: &dyn Observer,
+) -> Error {
+    roll_back(devs, 0, error, obs, |d| d.recover())
+}
+
 /// Resets every destination after `error`: none runs with partial state.
 pub fn rollback_destinations(
     devs: &mut [&mut dyn MigrationDevice],
     error: Error,
     obs: &dyn Observer,
 ) -> Error {
-    let outcomes = devs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, d)| {
-            let r = d.abort_resume();
-            obs.on_event(&Event::RolledBack {
-                device: i as u16,
-                recovery: r.to_string(),
-            });
-            r
-        })
-        .collect();
-    rolled_back(devs, error, outcomes)
+    roll_back(devs, 0, error, obs, |d| d.abort_resume())
 }

@@ -315,14 +315,5 @@ pub fn rollback_source(
     error: Error,
     obs: &dyn Observer,
 ) -> Error {
-    let recovery = dev.recover();
-    obs.on_event(&Event::RolledBack {
-        device: index,
-        recovery: recovery.to_string(),
-    });
-    Error::RolledBack {
-        source: Box::new(error),
-        device: dev.identity().instance,
-        recovery,
-    }
+    super::multi::roll_back(&mut [dev], index, error, obs, |d| d.recover())
 }

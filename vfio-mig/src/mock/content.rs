@@ -821,36 +821,6 @@ mod tests {
         assert!(dec.verify_complete().unwrap_err().contains("digest"));
     }
 
-    /// Release-mode throughput check: `cargo test --release -p vfio-mig content_throughput
-    /// -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn content_throughput() {
-        let c = Content::new(1, 1 << 30, 4096);
-        let mut enc = Encoder::new(c);
-        enc.finish();
-        let mut buf = vec![0u8; 1 << 20];
-        let t = std::time::Instant::now();
-        let mut total = 0;
-        while enc.pending() > 0 {
-            total += enc.emit(&mut buf);
-        }
-        let rate = total as f64 / t.elapsed().as_secs_f64() / 1e9;
-        println!("encode: {rate:.2} GB/s");
-        let mut enc = Encoder::new(c);
-        enc.finish();
-        let mut dec = Decoder::new(c);
-        let t = std::time::Instant::now();
-        while enc.pending() > 0 {
-            let n = enc.emit(&mut buf);
-            dec.feed(&buf[..n]).unwrap();
-        }
-        dec.verify_complete().unwrap();
-        let rate = total as f64 / t.elapsed().as_secs_f64() / 1e9;
-        println!("encode + decode: {rate:.2} GB/s");
-        assert!(rate > 0.5, "too slow: {rate:.2} GB/s");
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 

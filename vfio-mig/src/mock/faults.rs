@@ -23,90 +23,90 @@ use std::str::FromStr;
 
 use crate::v2::state::MigState;
 
-/// A field (or operation) of the mock device whose accesses are counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FaultField {
-    /// A read of `device_state`.
-    StateRead,
-    /// A write of `device_state`.
-    StateWrite,
-    /// An access of `pending_bytes`.
-    Pending,
-    /// An access of `data_offset`.
-    DataOffset,
-    /// A read of `data_size`.
-    DataSizeRead,
-    /// A write of `data_size`.
-    DataSizeWrite,
-    /// A read of the data section (trapped; mmapped accesses are not seen by the device).
-    DataRead,
-    /// A write of the data section (trapped).
-    DataWrite,
-    /// A `VFIO_DEVICE_GET_REGION_INFO` call, any region.
-    RegionInfo,
-    /// An `mmap` of the device.
-    Mmap,
-    /// A `VFIO_DEVICE_RESET`.
-    Reset,
-}
-
-impl FaultField {
-    /// Every field, in the order of [`FaultField::index`].
-    pub const ALL: [FaultField; 11] = [
-        FaultField::StateRead,
-        FaultField::StateWrite,
-        FaultField::Pending,
-        FaultField::DataOffset,
-        FaultField::DataSizeRead,
-        FaultField::DataSizeWrite,
-        FaultField::DataRead,
-        FaultField::DataWrite,
-        FaultField::RegionInfo,
-        FaultField::Mmap,
-        FaultField::Reset,
-    ];
-
-    /// The name used in `fail-at=` rules.
-    pub fn name(self) -> &'static str {
-        match self {
-            FaultField::StateRead => "state-read",
-            FaultField::StateWrite => "state-write",
-            FaultField::Pending => "pending",
-            FaultField::DataOffset => "data-offset",
-            FaultField::DataSizeRead => "data-size-read",
-            FaultField::DataSizeWrite => "data-size-write",
-            FaultField::DataRead => "data-read",
-            FaultField::DataWrite => "data-write",
-            FaultField::RegionInfo => "region-info",
-            FaultField::Mmap => "mmap",
-            FaultField::Reset => "reset",
+/// Declares a set of countable fields: the enum, `ALL`, the rule names, `index`, `Display`
+/// and `FromStr`, so the v1 and v2 mocks name their fields the same way.
+macro_rules! fault_fields {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $what:literal {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
         }
-    }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
 
-    /// Position in [`FaultField::ALL`], used to index counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
+        impl $name {
+            /// Every field, in the order of `index`.
+            pub const ALL: &'static [$name] = &[ $( $name::$variant, )+ ];
+
+            /// The name used in `fail-at=` rules.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+
+            /// Position in `ALL`, used to index counters.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|f| f.name() == s)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = $name::ALL.iter().map(|f| f.name()).collect();
+                        format!(
+                            "unknown {} `{s}` (expected one of {})",
+                            $what,
+                            names.join(", ")
+                        )
+                    })
+            }
+        }
+    };
 }
 
-impl fmt::Display for FaultField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for FaultField {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        FaultField::ALL
-            .iter()
-            .copied()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = FaultField::ALL.iter().map(|f| f.name()).collect();
-                format!("unknown field `{s}` (expected one of {})", names.join(", "))
-            })
+fault_fields! {
+    /// A field (or operation) of the v1 mock device whose accesses are counted.
+    FaultField, "field" {
+        /// A read of `device_state`.
+        StateRead => "state-read",
+        /// A write of `device_state`.
+        StateWrite => "state-write",
+        /// An access of `pending_bytes`.
+        Pending => "pending",
+        /// An access of `data_offset`.
+        DataOffset => "data-offset",
+        /// A read of `data_size`.
+        DataSizeRead => "data-size-read",
+        /// A write of `data_size`.
+        DataSizeWrite => "data-size-write",
+        /// A read of the data section (trapped; mmapped accesses are not seen by the device).
+        DataRead => "data-read",
+        /// A write of the data section (trapped).
+        DataWrite => "data-write",
+        /// A `VFIO_DEVICE_GET_REGION_INFO` call, any region.
+        RegionInfo => "region-info",
+        /// An `mmap` of the device.
+        Mmap => "mmap",
+        /// A `VFIO_DEVICE_RESET`.
+        Reset => "reset",
     }
 }
 
@@ -282,86 +282,28 @@ impl FaultPlan {
     }
 }
 
-/// An operation of the v2 mock device whose accesses are counted (see [`crate::mock::v2`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum V2FaultField {
-    /// A GET of `VFIO_DEVICE_FEATURE_MIGRATION` (the flags).
-    Migration,
-    /// A GET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`.
-    GetState,
-    /// One arc of a SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (a SET walking several arcs
-    /// counts each); a rule may name the arc's target state.
-    SetState,
-    /// A GET of `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
-    DataSize,
-    /// A `VFIO_MIG_GET_PRECOPY_INFO` on this device's saving data fd.
-    PrecopyInfo,
-    /// One block of up to `chunk` bytes the device produces into a saving data fd.
-    DataRead,
-    /// One block of `chunk` bytes of the stream written into a resuming data fd.
-    DataWrite,
-    /// A SET or GET of `DMA_LOGGING_START`, `_REPORT` or `_STOP`.
-    DmaLogging,
-    /// A `VFIO_DEVICE_RESET`.
-    Reset,
-}
-
-impl V2FaultField {
-    /// Every field, in the order of [`V2FaultField::index`].
-    pub const ALL: [V2FaultField; 9] = [
-        V2FaultField::Migration,
-        V2FaultField::GetState,
-        V2FaultField::SetState,
-        V2FaultField::DataSize,
-        V2FaultField::PrecopyInfo,
-        V2FaultField::DataRead,
-        V2FaultField::DataWrite,
-        V2FaultField::DmaLogging,
-        V2FaultField::Reset,
-    ];
-
-    /// The name used in `fail-at=` rules.
-    pub fn name(self) -> &'static str {
-        match self {
-            V2FaultField::Migration => "migration",
-            V2FaultField::GetState => "get-state",
-            V2FaultField::SetState => "set-state",
-            V2FaultField::DataSize => "data-size",
-            V2FaultField::PrecopyInfo => "precopy-info",
-            V2FaultField::DataRead => "data-read",
-            V2FaultField::DataWrite => "data-write",
-            V2FaultField::DmaLogging => "dma-logging",
-            V2FaultField::Reset => "reset",
-        }
-    }
-
-    /// Position in [`V2FaultField::ALL`], used to index counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for V2FaultField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for V2FaultField {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        V2FaultField::ALL
-            .iter()
-            .copied()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = V2FaultField::ALL.iter().map(|f| f.name()).collect();
-                format!(
-                    "unknown v2 field `{s}` (expected one of {})",
-                    names.join(", ")
-                )
-            })
+fault_fields! {
+    /// An operation of the v2 mock device whose accesses are counted (see [`crate::mock::v2`]).
+    V2FaultField, "v2 field" {
+        /// A GET of `VFIO_DEVICE_FEATURE_MIGRATION` (the flags).
+        Migration => "migration",
+        /// A GET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`.
+        GetState => "get-state",
+        /// One arc of a SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (a SET walking several
+        /// arcs counts each); a rule may name the arc's target state.
+        SetState => "set-state",
+        /// A GET of `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
+        DataSize => "data-size",
+        /// A `VFIO_MIG_GET_PRECOPY_INFO` on this device's saving data fd.
+        PrecopyInfo => "precopy-info",
+        /// One block of up to `chunk` bytes the device produces into a saving data fd.
+        DataRead => "data-read",
+        /// One block of `chunk` bytes of the stream written into a resuming data fd.
+        DataWrite => "data-write",
+        /// A SET or GET of `DMA_LOGGING_START`, `_REPORT` or `_STOP`.
+        DmaLogging => "dma-logging",
+        /// A `VFIO_DEVICE_RESET`.
+        Reset => "reset",
     }
 }
 
@@ -519,7 +461,7 @@ mod tests {
         assert_eq!(r.errno, libc::EINVAL);
         let r: FaultRule = "reset@1:1000".parse().unwrap();
         assert_eq!(r.to_string(), "reset@1:1000");
-        for f in FaultField::ALL {
+        for &f in FaultField::ALL {
             assert_eq!(f.name().parse::<FaultField>().unwrap(), f);
         }
     }
@@ -580,7 +522,7 @@ mod tests {
         let r: V2FaultRule = "data-read@3".parse().unwrap();
         assert_eq!((r.state, r.errno), (None, libc::EIO));
         assert_eq!(r.to_string(), "data-read@3");
-        for f in V2FaultField::ALL {
+        for &f in V2FaultField::ALL {
             assert_eq!(f.name().parse::<V2FaultField>().unwrap(), f);
         }
         let e = "pending@1".parse::<V2FaultRule>().unwrap_err();

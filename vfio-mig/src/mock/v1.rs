@@ -1472,7 +1472,7 @@ mod tests {
 
     #[test]
     fn each_fault_fires_on_exactly_the_nth_access() {
-        for field in FaultField::ALL {
+        for &field in FaultField::ALL {
             // The setup itself may access the field once (data-offset); count from there.
             let probe = Drv::new("mock:v1,size=8K,chunk=4K");
             let _ = setup(field, &probe);
