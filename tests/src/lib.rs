@@ -4,6 +4,8 @@
 
 pub mod session;
 
+pub mod sweep;
+
 use std::io::Cursor;
 
 use vfio_mig::engine::{
@@ -12,7 +14,7 @@ use vfio_mig::engine::{
 };
 use vfio_mig::mock::{MockHandle, MockStatus};
 use vfio_mig::open::{open_device, OpenedDevice};
-use vfio_mig::stream::{StreamReader, StreamWriter};
+use vfio_mig::stream::{Record, StreamReader, StreamWriter};
 use vfio_mig::v1::V1State;
 use vfio_mig::v2::MigState;
 use vfio_mig::Result;
@@ -72,4 +74,35 @@ pub fn assert_destination_safe(status: &MockStatus, context: &str) {
             "{context}: a destination that received data must be reset, status {status:?}"
         );
     }
+}
+
+/// Rewrites a stream record by record: `model` replaces the device model, `edit` may change
+/// the first data record's bytes. The stream's own checksums are recomputed.
+pub fn rewrite_stream(bytes: &[u8], model: Option<&str>, edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let (mut reader, mut header) = StreamReader::open(bytes).unwrap();
+    if let Some(m) = model {
+        header.devices[0].model = m.to_string();
+    }
+    let mut writer = StreamWriter::new(Vec::new(), &header).unwrap();
+    let mut first = true;
+    loop {
+        match reader.next_record().unwrap() {
+            Record::Data {
+                device,
+                phase,
+                bytes,
+                chunk_end,
+            } => {
+                let mut data = bytes.to_vec();
+                if first {
+                    edit(&mut data);
+                    first = false;
+                }
+                writer.data(device, phase, &data, chunk_end).unwrap();
+            }
+            Record::EndOfPhase { device, phase } => writer.end_phase(device, phase).unwrap(),
+            Record::End(_) => break,
+        }
+    }
+    writer.finish().unwrap().0
 }

@@ -5,6 +5,7 @@
 //! with loaded state.
 
 use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions};
+use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 
 /// 48 KiB in 4 KiB fault blocks: about a dozen blocks per stream.
@@ -23,74 +24,18 @@ fn opts(live: bool) -> SaveOptions {
 }
 
 /// Runs migrations with `fail-at=FIELD@N[suffix]` on one side for N = 1, 2, ... until one
-/// succeeds (the fault lies past the field's last access), checking the invariants of every
-/// failure. Returns how many failed.
+/// succeeds; returns how many failed. A fault on the MIGRATION GET, or on the first state GET,
+/// fires while the driver opens the device: it is never driven.
 fn sweep(field: &str, suffix: &str, on_source: bool, live: bool, extra: &str) -> u32 {
-    let mut failures = 0;
-    for n in 1..=200 {
-        let fault = format!("fail-at={field}@{n}{suffix}");
-        let plain = format!("mock:v2,{BASE}{extra}");
-        let faulty = format!("{plain},{fault}");
-        let (src_spec, dst_spec) = if on_source {
-            (faulty, plain)
-        } else {
-            (plain, faulty)
-        };
-        let context = format!(
-            "{} {fault}{extra} live={live}",
-            if on_source { "source" } else { "destination" }
-        );
-        // A fault on the MIGRATION GET, or on the first state GET, fires while the driver
-        // opens the device: it is never driven.
-        let opened = vfio_mig::open::open_device(&src_spec)
-            .and_then(|s| vfio_mig::open::open_device(&dst_spec).map(|d| (s, d)));
-        let (mut src, mut dst) = match opened {
-            Ok(pair) => pair,
-            Err(e) => {
-                assert!(
-                    field == "migration" || (field == "get-state" && n == 1),
-                    "{context}: open failed: {e}"
-                );
-                assert!(!e.to_string().contains('\n'), "{context}: {e}");
-                failures += 1;
-                continue;
-            }
-        };
-        let result = migrate_local(
-            src.device.as_mut(),
-            dst.device.as_mut(),
-            &opts(live),
-            &NoObserver,
-            &NoObserver,
-        );
-        let src_status = handle(&src).status();
-        let dst_status = handle(&dst).status();
-        match result {
-            Ok(_) => {
-                assert!(
-                    dst_status.resumed_ok,
-                    "{context}: success without a verified resume"
-                );
-                assert_eq!(
-                    handle(&src).state_digest(),
-                    handle(&dst).state_digest(),
-                    "{context}"
-                );
-                return failures;
-            }
-            Err(e) => {
-                failures += 1;
-                let text = e.to_string();
-                assert!(
-                    !text.contains('\n'),
-                    "{context}: error must be one line: {text}"
-                );
-                assert_source_running(&src_status, &context);
-                assert_destination_safe(&dst_status, &context);
-            }
-        }
+    Sweep {
+        spec: format!("mock:v2,{BASE}{extra}"),
+        field,
+        suffix,
+        on_source,
+        opts: opts(live),
+        max: 200,
     }
-    panic!("{field}: the fault never stopped firing within 200 accesses");
+    .run(|n| field == "migration" || (field == "get-state" && n == 1))
 }
 
 #[test]

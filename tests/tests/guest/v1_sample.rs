@@ -23,9 +23,9 @@ use vfio_mig::device::region::query_region;
 use vfio_mig::device::vfio::VfioDeviceIo;
 use vfio_mig::device::{DeviceIo, RegionInfo};
 use vfio_mig::engine::{MigrationDevice, Recovery};
-use vfio_mig::stream::{Record, StreamReader, StreamWriter};
 use vfio_mig::v1::region::find_migration_region;
 use vfio_mig::v1::{V1Device, V1State};
+use vfio_mig_tests::rewrite_stream;
 
 use super::mtty::{iommu_group, mdev_type, vfio_mig_bin};
 
@@ -796,37 +796,6 @@ fn saved_stream(a: &Path, seed: u8, live: bool) -> (Vec<u8>, Vec<u8>) {
     ok(&vfio_mig(&args));
     ok(&vfio_mig(&["inspect", path_str(&file)]));
     (std::fs::read(&file).unwrap(), expected)
-}
-
-/// Rewrites a stream record by record: `model` replaces the device model, `edit` may change
-/// the first data record's bytes. The stream's own checksums are recomputed.
-fn rewrite_stream(bytes: &[u8], model: Option<&str>, edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
-    let (mut reader, mut header) = StreamReader::open(bytes).unwrap();
-    if let Some(m) = model {
-        header.devices[0].model = m.to_string();
-    }
-    let mut writer = StreamWriter::new(Vec::new(), &header).unwrap();
-    let mut first = true;
-    loop {
-        match reader.next_record().unwrap() {
-            Record::Data {
-                device,
-                phase,
-                bytes,
-                chunk_end,
-            } => {
-                let mut data = bytes.to_vec();
-                if first {
-                    edit(&mut data);
-                    first = false;
-                }
-                writer.data(device, phase, &data, chunk_end).unwrap();
-            }
-            Record::EndOfPhase { device, phase } => writer.end_phase(device, phase).unwrap(),
-            Record::End(_) => break,
-        }
-    }
-    writer.finish().unwrap().0
 }
 
 #[test]
