@@ -221,6 +221,22 @@ impl Claim {
     }
 }
 
+/// A one-device stream header for the fence tests.
+#[cfg(test)]
+pub(crate) fn test_header(session: u8, epoch: u64) -> StreamHeader {
+    use crate::stream::{DeviceDescriptor, Protocol};
+    StreamHeader {
+        session_id: [session; 16],
+        epoch,
+        devices: vec![DeviceDescriptor {
+            protocol: Protocol::V1,
+            live: false,
+            migration_flags: 0,
+            model: "mock:v1".into(),
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,20 +102,7 @@ impl FenceRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{DeviceDescriptor, Protocol};
-
-    fn header(session: u8, epoch: u64) -> StreamHeader {
-        StreamHeader {
-            session_id: [session; 16],
-            epoch,
-            devices: vec![DeviceDescriptor {
-                protocol: Protocol::V1,
-                live: false,
-                migration_flags: 0,
-                model: "mock:v1".into(),
-            }],
-        }
-    }
+    use crate::fence::test_header as header;
 
     #[test]
     fn epochs_only_move_forward_and_completed_sessions_are_idempotent() {

@@ -137,20 +137,7 @@ impl Fence for StateFence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{DeviceDescriptor, Protocol};
-
-    fn header(session: u8, epoch: u64) -> StreamHeader {
-        StreamHeader {
-            session_id: [session; 16],
-            epoch,
-            devices: vec![DeviceDescriptor {
-                protocol: Protocol::V1,
-                live: false,
-                migration_flags: 0,
-                model: "mock:v1".into(),
-            }],
-        }
-    }
+    use crate::fence::test_header as header;
 
     #[test]
     fn state_persists_across_instances() {

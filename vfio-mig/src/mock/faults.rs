@@ -231,6 +231,17 @@ pub struct FaultHit {
 }
 
 impl FaultHit {
+    /// Counts a fired rule (`errno`, `error_state`) and fails the access with it.
+    fn record(hits: &mut u64, fired: Option<(i32, bool)>) -> Result<(), FaultHit> {
+        match fired {
+            Some((errno, error_state)) => {
+                *hits += 1;
+                Err(FaultHit { errno, error_state })
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The error to return from the failing access.
     pub fn to_io(self) -> std::io::Error {
         std::io::Error::from_raw_os_error(self.errno)
@@ -259,16 +270,12 @@ impl FaultPlan {
         let count = &mut self.counts[field.index()];
         *count += 1;
         let n = *count;
-        match self.rules.iter().find(|r| r.field == field && r.at == n) {
-            Some(r) => {
-                self.hits += 1;
-                Err(FaultHit {
-                    errno: r.errno,
-                    error_state: r.error_state,
-                })
-            }
-            None => Ok(()),
-        }
+        let fired = self
+            .rules
+            .iter()
+            .find(|r| r.field == field && r.at == n)
+            .map(|r| (r.errno, r.error_state));
+        FaultHit::record(&mut self.hits, fired)
     }
 
     /// How many accesses of `field` have been counted.
@@ -407,16 +414,7 @@ impl V2FaultPlan {
                     Some(s) => Some(s) == state && Some(r.at) == n_state,
                 }
         });
-        match fired {
-            Some(r) => {
-                self.hits += 1;
-                Err(FaultHit {
-                    errno: r.errno,
-                    error_state: r.error_state,
-                })
-            }
-            None => Ok(()),
-        }
+        FaultHit::record(&mut self.hits, fired.map(|r| (r.errno, r.error_state)))
     }
 
     /// How many accesses of `field` have been counted.
