@@ -16,7 +16,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 
 use vfio_mig::device::region::query_region;
@@ -27,7 +27,8 @@ use vfio_mig::v1::region::find_migration_region;
 use vfio_mig::v1::{V1Device, V1State};
 use vfio_mig_tests::rewrite_stream;
 
-use super::mtty::{iommu_group, mdev_type, vfio_mig_bin};
+use super::migration::vfio_mig;
+use super::mtty::{iommu_group, mdev_type};
 
 /// `mig-v1-trapped` devices.
 const TRAPPED_ENV: &str = "VFIO_MIG_V1_TRAPPED";
@@ -307,20 +308,6 @@ fn read_state(dev: &Path) -> Vec<u8> {
 
 fn state_bits(dev: &Path) -> u32 {
     Sample::open(dev).raw_state()
-}
-
-fn vfio_mig(args: &[&str]) -> Output {
-    let out = Command::new(vfio_mig_bin())
-        .args(args)
-        .output()
-        .expect("run vfio-mig");
-    eprintln!(
-        "$ vfio-mig {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn ok(out: &Output) {
