@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${VFIO_MIG_BENCH_OUT:-target/bench-report}
 mkdir -p "$OUT"
 
-cargo build --release -p vfio-mig --bin vfio-mig
+cargo build --release -p vfio-mig-cli --bin vfio-mig
 ./target/release/vfio-mig bench --json --markdown "$OUT/report.md" "$@" \
     >"$OUT/report.json" 2> >(tee "$OUT/bench.log" >&2)
 

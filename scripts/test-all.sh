@@ -44,7 +44,7 @@ step "vmm-glue example: a VMM-side live migration with guest memory and a device
 cargo run --release --locked -p vmm-glue --example live_migration
 
 step "the main job: vfio-mig demo"
-cargo run --release --locked -p vfio-mig -- demo
+cargo run --release --locked -p vfio-mig-cli -- demo
 
 if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"

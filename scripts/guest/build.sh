@@ -48,7 +48,7 @@ main() {
 
     log "rust: building vfio-mig (static, $profile, $CARGO_TARGET_DIR)"
     local json bin tests
-    json=$(cargo build -p vfio-mig "${common[@]}") || die "cargo build -p vfio-mig failed"
+    json=$(cargo build -p vfio-mig-cli --bin vfio-mig "${common[@]}") || die "cargo build -p vfio-mig-cli failed"
     bin=$(executable_of vfio-mig bin <<<"$json")
     [[ -n $bin && -x $bin ]] || die "could not locate the vfio-mig binary in cargo's output"
 

@@ -12,21 +12,65 @@ use vfio_mig::engine::{
     load_with_rollback, save_with_rollback, session::new_header, LoadReport, NoObserver,
     SaveOptions, SaveReport,
 };
-use vfio_mig::mock::{MockHandle, MockStatus};
-use vfio_mig::open::{open_device, OpenedDevice};
+use vfio_mig::open::{Backend, OpenedDevice};
 use vfio_mig::stream::{Record, StreamReader, StreamWriter};
 use vfio_mig::v1::V1State;
 use vfio_mig::v2::MigState;
 use vfio_mig::Result;
+use vfio_mig_mock::{MockHandle, MockStatus};
+
+/// The backend the tests open real devices through: `VFIO_MIG_BACKEND` (`auto`, `group`,
+/// `iommufd`), so that the guest harness runs the same tests over both kernel interfaces.
+pub fn test_backend() -> Backend {
+    match std::env::var("VFIO_MIG_BACKEND") {
+        Ok(v) if !v.trim().is_empty() => v
+            .parse()
+            .unwrap_or_else(|e| panic!("VFIO_MIG_BACKEND={v}: {e}")),
+        _ => Backend::Auto,
+    }
+}
+
+/// Opens a device by name (a mock spec or a sysfs path) through [`test_backend`].
+pub fn open_device(name: &str) -> Result<OpenedDevice> {
+    Ok(vfio_mig_mock::open_named(name, test_backend())?.0)
+}
+
+/// An opened mock device and the handle that inspects it; derefs to the [`OpenedDevice`].
+pub struct MockDevice {
+    /// The device, as the engine takes it.
+    pub opened: OpenedDevice,
+    /// The mock's handle.
+    pub handle: MockHandle,
+}
+
+impl std::ops::Deref for MockDevice {
+    type Target = OpenedDevice;
+    fn deref(&self) -> &OpenedDevice {
+        &self.opened
+    }
+}
+
+impl std::ops::DerefMut for MockDevice {
+    fn deref_mut(&mut self) -> &mut OpenedDevice {
+        &mut self.opened
+    }
+}
+
+/// Opens a mock device from its spec.
+pub fn try_mock(spec: &str) -> Result<MockDevice> {
+    let parsed: vfio_mig_mock::MockSpec = spec.parse()?;
+    let (opened, handle) = vfio_mig_mock::open_mock(&parsed)?;
+    Ok(MockDevice { opened, handle })
+}
 
 /// Opens a mock device from its spec, panicking on a bad spec (a test bug).
-pub fn mock(spec: &str) -> OpenedDevice {
-    open_device(spec).unwrap_or_else(|e| panic!("open {spec}: {e}"))
+pub fn mock(spec: &str) -> MockDevice {
+    try_mock(spec).unwrap_or_else(|e| panic!("open {spec}: {e}"))
 }
 
 /// The mock handle of an opened mock.
-pub fn handle(dev: &OpenedDevice) -> MockHandle {
-    dev.mock.clone().expect("a mock device")
+pub fn handle(dev: &MockDevice) -> MockHandle {
+    dev.handle.clone()
 }
 
 /// Saves `dev` into an in-memory stream.

@@ -2,8 +2,9 @@
 //! Fault sweeps: one migration per access count of a mock's fault field, until the fault lies
 //! past the field's last access, with the invariants of every failure checked.
 
-use vfio_mig::engine::{migrate_local, NoObserver, SaveOptions};
-use vfio_mig::open::open_device;
+use crate::try_mock;
+use vfio_mig::engine::{NoObserver, SaveOptions};
+use vfio_mig::handshake::migrate_local;
 
 use crate::{assert_destination_safe, assert_source_running, handle};
 
@@ -44,8 +45,7 @@ impl Sweep<'_> {
                 "destination"
             };
             let context = format!("{side} {fault} {} live={}", self.spec, self.opts.live);
-            let opened =
-                open_device(&src_spec).and_then(|s| open_device(&dst_spec).map(|d| (s, d)));
+            let opened = try_mock(&src_spec).and_then(|s| try_mock(&dst_spec).map(|d| (s, d)));
             let (mut src, mut dst) = match opened {
                 Ok(pair) => pair,
                 Err(e) => {

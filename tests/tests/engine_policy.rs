@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
+use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
+use vfio_mig::handshake::migrate_local;
 use vfio_mig::Error;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 

@@ -33,7 +33,10 @@ mod glue;
 mod v1_sample;
 
 use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
-use vfio_mig::device::backend::{Backend, BACKEND_ENV};
+use vfio_mig::device::backend::Backend;
+
+/// The environment variable the harness sets to pick the backend of a run.
+const BACKEND_ENV: &str = "VFIO_MIG_BACKEND";
 
 /// Reusable helpers for guest tests on mtty devices.
 #[allow(dead_code)] // Not every helper is used by every test yet.
@@ -141,7 +144,7 @@ pub mod mtty {
     /// The backend this run asks for (`VFIO_MIG_BACKEND`, `auto` when unset), panicking on a
     /// bad value.
     pub fn requested_backend() -> Backend {
-        Backend::from_env().unwrap_or_else(|e| panic!("{e}"))
+        vfio_mig_tests::test_backend()
     }
 
     /// The backend `requested` must end up as on this kernel, decided from /dev and sysfs
@@ -216,7 +219,7 @@ pub mod mtty {
                     let ops = Arc::new(VfioIommufd::new(Arc::new(iommufd), None, None)?);
                     VfioDevice::new(path, ops, true)?
                 }
-                Backend::Group | Backend::Auto => {
+                _ => {
                     let container = Arc::new(VfioContainer::new(None)?);
                     VfioDevice::new(path, container, false)?
                 }
@@ -488,7 +491,7 @@ fn backend_in_use_is_the_one_requested() {
         let ctx = format!("{} ({BACKEND_ENV}={requested})", dev.display());
 
         // The library (what the migration tests use).
-        let opened = vfio_mig::open::open_device(dev.to_str().unwrap())
+        let opened = vfio_mig_tests::open_device(dev.to_str().unwrap())
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         let access = opened
             .access
@@ -503,7 +506,7 @@ fn backend_in_use_is_the_one_requested() {
         assert_fd_matches(expected, lib_fd, &ctx);
         drop(opened);
         // The device layer alone (what the v1 sample tests use).
-        let io = vfio_mig::device::vfio::VfioDeviceIo::open(&dev)
+        let io = vfio_mig::device::vfio::VfioDeviceIo::open_with(&dev, requested)
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         assert_eq!(io.access().backend, expected, "{ctx}: VfioDeviceIo");
         drop(io);

@@ -13,9 +13,8 @@ use vfio_mig::engine::{
 };
 use vfio_mig::fence::MemoryFence;
 use vfio_mig::handshake::migrate_pairs;
-use vfio_mig::open::OpenedDevice;
 use vfio_mig::Result;
-use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
+use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
 fn opts(live: bool) -> SaveOptions {
     SaveOptions {
@@ -26,10 +25,10 @@ fn opts(live: bool) -> SaveOptions {
 }
 
 fn run(
-    srcs: &mut [OpenedDevice],
-    dsts: &mut [OpenedDevice],
+    srcs: &mut [MockDevice],
+    dsts: &mut [MockDevice],
     live: bool,
-) -> Result<Vec<vfio_mig::engine::MigrateReport>> {
+) -> Result<Vec<vfio_mig::handshake::MigrateReport>> {
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
@@ -202,7 +201,7 @@ fn every_device_is_quiesced_before_any_stops() {
             .enumerate()
             .map(|(i, name)| Logged {
                 name,
-                inner: mock(&format!("mock:v2,size=2M,seed={i}")).device,
+                inner: mock(&format!("mock:v2,size=2M,seed={i}")).opened.device,
                 log: log.clone(),
             })
             .collect();

@@ -8,12 +8,12 @@ use std::io::{self, Read};
 
 use proptest::prelude::*;
 use vfio_mig::engine::{PreCopyPolicy, SaveOptions};
-use vfio_mig::mock::MockStatus;
 use vfio_mig::stream::format::{RecordHeader, RECORD_HEADER_LEN};
 use vfio_mig::stream::{
     DeviceDescriptor, Phase, Protocol, RecordKind, StreamHeader, StreamReader, MAX_FRAGMENT,
 };
 use vfio_mig::v1::V1State;
+use vfio_mig_mock::MockStatus;
 use vfio_mig_tests::{assert_destination_safe, handle, load_from_slice, mock, save_to_vec};
 
 const SPEC: &str = "mock:v1,size=12K,seed=21,chunk=2K,page=1K";

@@ -3,7 +3,8 @@
 //! read-modify-write, read-back and reset on failure, pre-copy to stop-and-copy with bytes
 //! pending, chunk sizes, and refusals of bad or foreign streams.
 
-use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
+use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
+use vfio_mig::handshake::migrate_local;
 use vfio_mig::v1::{V1Device, V1State};
 use vfio_mig::Error;
 use vfio_mig_tests::{
@@ -13,7 +14,7 @@ use vfio_mig_tests::{
 /// The mock's default reserved bits (bits 3-31 of device_state).
 const RESERVED: u32 = 0x8000_0100;
 
-fn v1(spec: &str) -> (V1Device, vfio_mig::mock::MockHandle) {
+fn v1(spec: &str) -> (V1Device, vfio_mig_mock::MockHandle) {
     let dev = mock(spec);
     let h = handle(&dev);
     (V1Device::open(dev.io.clone()).unwrap(), h)

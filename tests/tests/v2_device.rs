@@ -14,9 +14,9 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
 };
 use vfio_mig::device::DeviceIo;
-use vfio_mig::mock::{Content, Decoder, MockSpec, MockV2};
 use vfio_mig::v2::feature::{self, DmaLoggingRange};
 use vfio_mig::v2::{plan, returns_data_fd, MigState, MigrationFlags};
+use vfio_mig_mock::{Content, Decoder, MockSpec, MockV2};
 use MigState::{Error, PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
 
 const EINVAL: i32 = libc::EINVAL;

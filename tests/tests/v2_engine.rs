@@ -4,7 +4,8 @@
 //! without P2P or PRE_COPY, a dirtying device, and refusals.
 
 use proptest::prelude::*;
-use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, Protocol, SaveOptions};
+use vfio_mig::engine::{NoObserver, PreCopyPolicy, Protocol, SaveOptions};
+use vfio_mig::handshake::migrate_local;
 use vfio_mig::v2::MigState;
 use vfio_mig_tests::{
     assert_destination_safe, assert_source_running, handle, load_from_slice, mock, save_to_vec,

@@ -4,7 +4,8 @@
 //! fail cleanly (one line), the source must run again and the destination must never run
 //! with loaded state.
 
-use vfio_mig::engine::{migrate_local, NoObserver, PreCopyPolicy, SaveOptions};
+use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions};
+use vfio_mig::handshake::migrate_local;
 use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The error type: every failure names the step it happened in.
 
+use std::fmt;
 use std::io;
 
 /// A migration step, named in every error so an operator knows where things stopped.
@@ -70,7 +71,7 @@ pub enum Error {
         /// The device that was rolled back.
         device: String,
         /// What became of it.
-        recovery: crate::engine::Recovery,
+        recovery: Recovery,
     },
     /// Pre-copy could not meet the downtime budget under a strict policy.
     #[error("pre-copy: {0}")]
@@ -82,14 +83,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
         /// Each device and what became of it.
-        outcomes: Vec<(String, crate::engine::Recovery)>,
+        outcomes: Vec<(String, Recovery)>,
     },
     /// A device stopped because another device of the same migration failed.
     #[error("stopped: another device of the migration failed")]
     SiblingFailed,
-    /// A bad command-line or device specification.
+    /// An argument or configuration the caller gave is malformed (an address, a device
+    /// name, an option out of range).
     #[error("{0}")]
-    Usage(String),
+    InvalidInput(String),
     /// A migration was refused before either device was touched (by the destination's
     /// compatibility or fencing checks).
     #[error("{step}: refused: {detail}")]
@@ -97,7 +99,7 @@ pub enum Error {
         /// What was being done.
         step: String,
         /// Why, as a code (also sent to the source in REFUSE).
-        code: crate::handshake::ReasonCode,
+        code: ReasonCode,
         /// Why, in words.
         detail: String,
     },
@@ -168,15 +170,6 @@ impl Error {
         }
     }
 
-    /// The exit status of the command for this error: 3 when the outcome is in doubt (see
-    /// [`Error::InDoubt`]), 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::InDoubt { .. } => 3,
-            _ => 1,
-        }
-    }
-
     /// The errno of the underlying OS error, if there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
@@ -187,6 +180,103 @@ impl Error {
                 source.errno()
             }
             _ => None,
+        }
+    }
+}
+
+/// What a recovery attempt achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// The device was already running.
+    AlreadyRunning,
+    /// The device was moved back to RUNNING.
+    Resumed,
+    /// The device was reset (and runs with its reset state).
+    Reset,
+    /// Neither a transition nor a reset worked.
+    Failed(String),
+}
+
+impl fmt::Display for Recovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Recovery::AlreadyRunning => write!(f, "is running"),
+            Recovery::Resumed => write!(f, "was returned to RUNNING"),
+            Recovery::Reset => write!(f, "was reset"),
+            Recovery::Failed(why) => write!(f, "could not be recovered ({why})"),
+        }
+    }
+}
+
+/// Why a destination refused or failed a migration, as a machine-readable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum ReasonCode {
+    /// The stream's device does not fit the destination device (protocol, model).
+    Incompatible,
+    /// The stream's epoch is older than one the destination already accepted.
+    StaleEpoch,
+    /// The destination device is busy.
+    Busy,
+    /// Something the destination does not support (a feature, several devices).
+    Unsupported,
+    /// The stream is malformed, corrupt or truncated.
+    Stream,
+    /// The destination device failed or rejected the state.
+    Device,
+    /// The destination could not read or record its fencing state.
+    Fence,
+    /// The peer broke the handshake protocol.
+    Protocol,
+    /// A code this version does not know.
+    Unknown(u16),
+}
+
+impl ReasonCode {
+    /// The code's wire value.
+    pub const fn wire(self) -> u16 {
+        match self {
+            ReasonCode::Incompatible => 1,
+            ReasonCode::StaleEpoch => 2,
+            ReasonCode::Busy => 3,
+            ReasonCode::Unsupported => 4,
+            ReasonCode::Stream => 5,
+            ReasonCode::Device => 6,
+            ReasonCode::Fence => 7,
+            ReasonCode::Protocol => 8,
+            ReasonCode::Unknown(n) => n,
+        }
+    }
+
+    /// The code of wire value `n`.
+    pub const fn from_wire(n: u16) -> Self {
+        match n {
+            1 => ReasonCode::Incompatible,
+            2 => ReasonCode::StaleEpoch,
+            3 => ReasonCode::Busy,
+            4 => ReasonCode::Unsupported,
+            5 => ReasonCode::Stream,
+            6 => ReasonCode::Device,
+            7 => ReasonCode::Fence,
+            8 => ReasonCode::Protocol,
+            n => ReasonCode::Unknown(n),
+        }
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReasonCode::Incompatible => f.write_str("incompatible device"),
+            ReasonCode::StaleEpoch => f.write_str("stale epoch"),
+            ReasonCode::Busy => f.write_str("device busy"),
+            ReasonCode::Unsupported => f.write_str("unsupported"),
+            ReasonCode::Stream => f.write_str("bad stream"),
+            ReasonCode::Device => f.write_str("device failure"),
+            ReasonCode::Fence => f.write_str("fencing state"),
+            ReasonCode::Protocol => f.write_str("protocol violation"),
+            ReasonCode::Unknown(n) => write!(f, "reason {n}"),
         }
     }
 }

@@ -12,14 +12,12 @@
 //!   [`engine::MigrationDevice`] trait both protocols implement.
 //! - the stream format and the command line on top.
 
-pub mod bench;
-pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fence;
 pub mod handshake;
-pub mod mock;
+pub mod migration;
 pub mod open;
 pub mod stream;
 pub mod transport;

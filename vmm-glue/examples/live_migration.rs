@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfio_mig::open::open_device;
+use vfio_mig::open::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{take_dirty, DmaLogging, MemoryRange, MemoryRangeTable};
@@ -130,9 +130,9 @@ fn main() {
             .write_obj(i as u64 ^ 0x5a5a, GuestAddress(gpa))
             .unwrap();
     }
-    let src_opened = open_device(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    let (src_opened, src_mock) =
+        vfio_mig_mock::open_named(&spec, Backend::Auto).unwrap_or_else(|e| panic!("{spec}: {e}"));
     let src_io = src_opened.io.clone();
-    let src_mock = src_opened.mock.clone();
     let mut device = VfioMigratable::new("vfio0", src_opened);
     if spec.starts_with("mock:v2") || !spec.starts_with("mock:") {
         device = device.with_dirty_tracking(
@@ -144,8 +144,8 @@ fn main() {
 
     // Destination host: empty memory, a fresh device, restoring from the socket.
     let dst_mem = guest_memory();
-    let dst_opened = open_device(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
-    let dst_mock = dst_opened.mock.clone();
+    let (dst_opened, dst_mock) =
+        vfio_mig_mock::open_named(&spec, Backend::Auto).unwrap_or_else(|e| panic!("{spec}: {e}"));
     let mut dst_device = VfioMigratable::new("vfio0", dst_opened);
     let (tx, rx) = UnixStream::pair().expect("socketpair");
     let restorer = std::thread::spawn(move || {

@@ -173,7 +173,7 @@ impl DirtyTracker for DmaLogging {
 impl Drop for DmaLogging {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            tracing::warn!("{e}");
+            log::warn!("{e}");
         }
     }
 }

@@ -170,7 +170,7 @@ impl DirtyTracker for ContainerDirtyPages {
 impl Drop for ContainerDirtyPages {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            tracing::warn!("{e}");
+            log::warn!("{e}");
         }
     }
 }

@@ -96,7 +96,7 @@ impl VfioMigratable {
     /// still pending) so the VMM's policy can decide when to switch over.
     pub fn precopy_round(&mut self) -> Result<(u64, Pending)> {
         if self.live.is_none() {
-            return Err(self.snapshot_err(vfio_mig::Error::Usage(
+            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
                 "precopy_round before begin_send".into(),
             )));
         }
@@ -233,7 +233,7 @@ impl Migratable for VfioMigratable {
 
     fn start_migration(&mut self) -> Result<()> {
         if self.live.is_none() {
-            return Err(self.snapshot_err(vfio_mig::Error::Usage(
+            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
                 "start_migration before begin_send".into(),
             )));
         }
@@ -242,7 +242,7 @@ impl Migratable for VfioMigratable {
 
     fn complete_migration(&mut self) -> Result<()> {
         let Some(mut out) = self.live.take() else {
-            return Err(self.snapshot_err(vfio_mig::Error::Usage(
+            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
                 "complete_migration before begin_send".into(),
             )));
         };

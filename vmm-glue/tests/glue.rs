@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use vfio_mig::open::open_device;
+use vfio_mig::open::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{take_dirty, MemoryRange, MemoryRangeTable};
@@ -95,9 +95,12 @@ fn device_dirty_pages_merge_into_guest_memory_bitmaps() {
 #[test]
 fn snapshot_and_restore_through_the_traits() {
     let spec = "mock:v1,size=2M,seed=21,chunk=64K";
-    let mut src = VfioMigratable::new("nic0", open_device(spec).unwrap());
-    let dst_dev = open_device(spec).unwrap();
-    let dst_handle = dst_dev.mock.clone().unwrap();
+    let mut src = VfioMigratable::new(
+        "nic0",
+        vfio_mig_mock::open_named(spec, Backend::Auto).unwrap().0,
+    );
+    let (dst_dev, dst_dev_mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let dst_handle = dst_dev_mock.unwrap();
     let mut dst = VfioMigratable::new("nic0", dst_dev);
     let mut bytes = Vec::new();
     let sent = src.snapshot(&mut bytes).unwrap();
@@ -114,11 +117,11 @@ fn snapshot_and_restore_through_the_traits() {
 #[test]
 fn live_migration_through_the_traits() {
     let spec = "mock:v1,size=4M,seed=5,chunk=256K,dirty-rate=32M";
-    let src_dev = open_device(spec).unwrap();
-    let src_handle = src_dev.mock.clone().unwrap();
+    let (src_dev, src_dev_mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let src_handle = src_dev_mock.unwrap();
     let mut src = VfioMigratable::new("gpu0", src_dev);
-    let dst_dev = open_device(spec).unwrap();
-    let dst_handle = dst_dev.mock.clone().unwrap();
+    let (dst_dev, dst_dev_mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let dst_handle = dst_dev_mock.unwrap();
     let mut dst = VfioMigratable::new("gpu0", dst_dev);
     let (tx, rx) = UnixStream::pair().unwrap();
     let restorer = std::thread::spawn(move || {
@@ -145,8 +148,8 @@ fn live_migration_through_the_traits() {
 #[test]
 fn failed_live_migration_rolls_the_source_back() {
     let spec = "mock:v1,size=1M,seed=5,chunk=64K,fail-at=data-offset@6";
-    let src_dev = open_device(spec).unwrap();
-    let src_handle = src_dev.mock.clone().unwrap();
+    let (src_dev, src_dev_mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let src_handle = src_dev_mock.unwrap();
     let mut src = VfioMigratable::new("gpu0", src_dev);
     src.begin_send(Box::new(std::io::sink())).unwrap();
     src.start_migration().unwrap();

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use vfio_mig::open::open_device;
 use vfio_mig::v2::feature::DmaLoggingRange;
 use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig_tests::open_device;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{DirtyTracker, MemoryRange};

@@ -159,7 +159,8 @@ struct Sample {
 impl Sample {
     fn open(path: &Path) -> Self {
         let io = Arc::new(
-            VfioDeviceIo::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
+            VfioDeviceIo::open_with(path, vfio_mig_tests::test_backend())
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
         );
         let mig = query_region(io.as_ref(), MIG_REGION).expect("region 9");
         let regs = query_region(io.as_ref(), REGS_REGION).expect("BAR0").offset;

@@ -11,31 +11,20 @@
 //!
 //! Either way the result is a device fd that answers the same ioctls, so everything above
 //! [`super::DeviceIo`] is the same. [`Backend::Auto`] prefers the group interface when the
-//! kernel offers it for the device and falls back to iommufd; `VFIO_MIG_BACKEND`
-//! (`auto|group|iommufd`) or the command line's `--backend` force one, and a forced backend
-//! that the kernel does not offer is an error naming what is missing, never a silent fallback.
+//! kernel offers it for the device and falls back to iommufd; the caller may force one (the
+//! command line's `--backend`), and a forced backend that the kernel does not offer is an error
+//! naming what is missing, never a silent fallback.
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
-
-/// The environment variable that selects the backend (`auto`, `group` or `iommufd`).
-pub const BACKEND_ENV: &str = "VFIO_MIG_BACKEND";
-
-/// The backend forced for this process by [`set_process_backend`].
-static PROCESS_BACKEND: Mutex<Option<Backend>> = Mutex::new(None);
-
-/// Forces the backend of [`Backend::configured`] for this process, over `VFIO_MIG_BACKEND`
-/// (the command line's `--backend` does this); `None` returns the choice to the environment.
-pub fn set_process_backend(backend: Option<Backend>) {
-    *PROCESS_BACKEND.lock().unwrap_or_else(|e| e.into_inner()) = backend;
-}
 
 /// How a VFIO device is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum Backend {
     /// The group interface when the kernel offers it for the device, else iommufd.
     #[default]
@@ -54,28 +43,6 @@ impl Backend {
             Backend::Group => "group",
             Backend::Iommufd => "iommufd",
         }
-    }
-
-    /// The backend `VFIO_MIG_BACKEND` asks for: [`Backend::Auto`] when it is unset or empty,
-    /// an error naming the variable when it holds anything but `auto`, `group` or `iommufd`.
-    pub fn from_env() -> Result<Self, String> {
-        match std::env::var(BACKEND_ENV) {
-            Ok(v) if v.trim().is_empty() => Ok(Backend::Auto),
-            Ok(v) => v.parse().map_err(|e| format!("{BACKEND_ENV}={v}: {e}")),
-            Err(std::env::VarError::NotPresent) => Ok(Backend::Auto),
-            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "{BACKEND_ENV}={v:?}: expected auto, group or iommufd"
-            )),
-        }
-    }
-
-    /// The backend this process uses when none is given: the one [`set_process_backend`]
-    /// forced, else [`Backend::from_env`].
-    pub fn configured() -> Result<Self, String> {
-        if let Some(b) = *PROCESS_BACKEND.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(b);
-        }
-        Self::from_env()
     }
 
     /// Decides how to open the VFIO device at sysfs path `device`, looking at the real `/dev`.
@@ -162,7 +129,8 @@ impl Route {
 }
 
 /// How an opened device was reached, for `probe` and logs.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DeviceAccess {
     /// The backend that opened it (never [`Backend::Auto`]).
     pub backend: Backend,

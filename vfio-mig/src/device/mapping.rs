@@ -104,7 +104,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` describe a mapping created in `new` and never unmapped before.
         if let Err(e) = unsafe { munmap(self.ptr, self.len) } {
-            tracing::warn!("munmap of a {} byte mapping failed: {e}", self.len);
+            log::warn!("munmap of a {} byte mapping failed: {e}", self.len);
         }
     }
 }

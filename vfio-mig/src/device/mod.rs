@@ -4,7 +4,7 @@
 //! Everything above this layer (the v1 and v2 protocol drivers, the engine) talks to a
 //! [`DeviceIo`]. Two implementations exist: [`vfio::VfioDeviceIo`], a real device opened through
 //! `vfio-ioctls` whose methods are the real syscalls on the device fd, and the mock mediated
-//! device in [`crate::mock`], an in-process vendor-driver emulation. Because the trait speaks
+//! device in the `vfio-mig-mock` crate, an in-process vendor-driver emulation. Because the trait speaks
 //! the kernel's own byte-level ioctl formats (argsz-sized buffers, capability chains, the
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 

@@ -98,17 +98,7 @@ fn fd_target(fd: i32) -> String {
 
 impl VfioDeviceIo {
     /// Opens the device at `path` (e.g. `/sys/bus/mdev/devices/<uuid>` or
-    /// `/sys/bus/pci/devices/0000:01:00.0`) with the backend configured for the process
-    /// ([`Backend::configured`]: `--backend`, else `VFIO_MIG_BACKEND`, else
-    /// [`Backend::Auto`], which opens it in a new type1 container when the kernel offers the
-    /// device's group, else bound to a new iommufd).
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let backend =
-            Backend::configured().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Self::open_with(path, backend)
-    }
-
-    /// Opens the device at `path` through `backend`. A forced backend the kernel does not
+    /// `/sys/bus/pci/devices/0000:01:00.0`) through `backend`. A forced backend the kernel does not
     /// offer for the device is an [`io::ErrorKind::Unsupported`] error naming what is missing.
     pub fn open_with(path: &Path, backend: Backend) -> io::Result<Self> {
         let route = backend.route(path)?;
@@ -175,7 +165,7 @@ impl VfioDeviceIo {
                 (device, detail)
             }
         };
-        tracing::debug!(device = %path.display(), backend = %route.backend(), "{detail}");
+        log::debug!("{} ({}): {detail}", path.display(), route.backend());
         Ok(Self {
             device,
             path: path.to_path_buf(),

@@ -6,8 +6,9 @@ use std::time::Duration;
 use crate::stream::Phase;
 
 /// Something that happened during a migration.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "event", rename_all = "snake_case"))]
 pub enum Event {
     /// A phase started on a device.
     PhaseStarted {
@@ -49,7 +50,7 @@ pub enum Event {
         /// Device chunks moved in the phase.
         chunks: u64,
         /// Wall time of the phase.
-        #[serde(with = "duration_micros")]
+        #[cfg_attr(feature = "serde", serde(with = "duration_micros"))]
         elapsed: Duration,
     },
     /// A failure was rolled back.
@@ -81,6 +82,7 @@ impl<F: Fn(&Event) + Sync> Observer for F {
     }
 }
 
+#[cfg(feature = "serde")]
 mod duration_micros {
     use std::time::Duration;
 

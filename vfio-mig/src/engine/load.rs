@@ -12,7 +12,8 @@ use super::gate::{LoadGate, NoGate};
 use super::MigrationDevice;
 
 /// What a load did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LoadReport {
     /// Bytes loaded in pre-copy records.
     pub pre_copy_bytes: u64,

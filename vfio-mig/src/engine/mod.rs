@@ -2,28 +2,27 @@
 //! The migration engine: phases, pre-copy policy and rollback over any [`MigrationDevice`].
 //!
 //! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
-//! source, [`load_with_rollback`] on the destination, [`migrate_local`] for both on one host.
+//! source, [`load_with_rollback`] on the destination, [`crate::handshake::migrate_local`] for both on one host.
 
 pub mod demux;
-mod device;
 pub mod events;
 pub mod gate;
 pub mod load;
-pub mod migrate;
 pub mod multi;
 pub mod policy;
 pub mod save;
 pub mod session;
 pub mod splice;
 
-pub use device::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+pub use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,
+};
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};
 pub use load::{
     check_compatible, load_device, load_device_gated, load_with_rollback, rollback_destination,
     LoadReport,
 };
-pub use migrate::{migrate_local, MigrateReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 pub use save::{
     pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,

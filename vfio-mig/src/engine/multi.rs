@@ -157,7 +157,7 @@ pub fn stop_copy_all<W: Write + Send>(
 pub fn finish_save_all(devs: &mut [&mut dyn MigrationDevice]) {
     for dev in devs.iter_mut() {
         if let Err(e) = dev.finish_save() {
-            tracing::warn!(
+            log::warn!(
                 "{}: STOP transition after a completed migration failed: {e}; the device stays \
                  stopped in stop-and-copy",
                 dev.identity().instance

@@ -44,8 +44,9 @@ impl Default for PreCopyPolicy {
 }
 
 /// Why pre-copy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum SwitchReason {
     /// The remaining bytes fit the downtime budget (or the switchover threshold).
     Converged,

@@ -36,7 +36,8 @@ impl Default for SaveOptions {
 }
 
 /// What a save did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SaveReport {
     /// Pre-copy rounds run.
     pub rounds: u32,
@@ -50,15 +51,16 @@ pub struct SaveReport {
     pub chunks: u64,
     /// Wall time from entering stop-and-copy until everything was sent: the device's share of
     /// the downtime.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub stop_copy_time: Duration,
     /// The stop-and-copy time pre-copy predicted (remaining bytes over measured bandwidth).
-    #[serde(with = "opt_micros")]
+    #[cfg_attr(feature = "serde", serde(with = "opt_micros"))]
     pub estimated_downtime: Option<Duration>,
     /// The bandwidth measured during pre-copy, in bytes per second.
     pub bandwidth: Option<u64>,
 }
 
+#[cfg(feature = "serde")]
 mod opt_micros {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -69,6 +71,7 @@ mod opt_micros {
     }
 }
 
+#[cfg(feature = "serde")]
 mod micros {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -4,29 +4,23 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::mock::{is_mock, MockSpec};
 
-/// The identity of a device for fencing: the canonical sysfs path of a real device, or
-/// `mock:ID` for a mock with an `id=` option.
+/// The identity of a device for fencing: the canonical sysfs path of a real device, or any
+/// stable name the caller chooses (the mock device uses `mock:ID`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeviceKey(String);
 
 impl DeviceKey {
-    /// The key of device `name` (a sysfs path or a mock spec). A mock without `id=` exists
-    /// only inside its process, so it has no key: it needs no lock and keeps no fencing
-    /// state.
-    pub fn for_device(name: &str) -> Result<Option<Self>> {
-        if is_mock(name) {
-            let spec: MockSpec = name.parse()?;
-            return Ok(spec.id.map(|id| DeviceKey(format!("mock:{id}"))));
-        }
-        let path = std::fs::canonicalize(name).map_err(|e| {
-            Error::Usage(format!(
-                "{name}: no such device ({e}; expected a sysfs path such as \
-                 /sys/bus/mdev/devices/<uuid>, or mock:v1)"
+    /// The key of the real device at sysfs path `path`: its canonical path, so that two
+    /// spellings of one device share a lock and fencing state.
+    pub fn for_path(path: &str) -> Result<Self> {
+        let canonical = std::fs::canonicalize(path).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{path}: no such device ({e}; expected a sysfs path such as \
+                 /sys/bus/mdev/devices/<uuid>)"
             ))
         })?;
-        Ok(Some(DeviceKey(path.to_string_lossy().into_owned())))
+        Ok(DeviceKey(canonical.to_string_lossy().into_owned()))
     }
 
     /// A key from its text (for tests and tools).
@@ -74,32 +68,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mock_keys_come_from_their_id() {
-        assert_eq!(DeviceKey::for_device("mock:v1,size=1M").unwrap(), None);
-        let k = DeviceKey::for_device("mock:v1,size=1M,id=vm7-gpu0")
-            .unwrap()
-            .unwrap();
-        assert_eq!(k.as_str(), "mock:vm7-gpu0");
-        assert!(
-            k.file_stem().starts_with("mock_vm7-gpu0-"),
-            "{}",
-            k.file_stem()
-        );
-        assert!(DeviceKey::for_device("mock:v1,size=0").is_err());
-    }
-
-    #[test]
     fn paths_are_canonical_and_stems_distinct() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("dev")).unwrap();
-        let a = DeviceKey::for_device(dir.path().join("dev/../dev").to_str().unwrap())
-            .unwrap()
-            .unwrap();
-        let b = DeviceKey::for_device(dir.path().join("dev").to_str().unwrap())
-            .unwrap()
-            .unwrap();
+        let a = DeviceKey::for_path(dir.path().join("dev/../dev").to_str().unwrap()).unwrap();
+        let b = DeviceKey::for_path(dir.path().join("dev").to_str().unwrap()).unwrap();
         assert_eq!(a, b);
-        assert!(DeviceKey::for_device("/nonexistent/dev")
+        assert!(DeviceKey::for_path("/nonexistent/dev")
             .unwrap_err()
             .to_string()
             .contains("no such device"));

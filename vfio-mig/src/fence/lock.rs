@@ -80,7 +80,7 @@ impl DeviceLock {
             .and_then(|()| file.rewind())
             .and_then(|()| file.write_all(pid.as_bytes()))
             .map_err(|e| Error::device(step(), e))?;
-        tracing::debug!("locked {device} ({})", path.display());
+        log::debug!("locked {device} ({})", path.display());
         Ok(Self { _file: file, path })
     }
 

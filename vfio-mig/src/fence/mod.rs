@@ -9,13 +9,13 @@
 //!   the canonical sysfs path of a real device, or `mock:ID` for a mock with `id=ID`; a mock
 //!   without `id=` lives only in its process and needs no lock.
 //! - **Epochs and sessions.** A destination keeps, per device, the highest epoch it accepted
-//!   and the session ids it completed ([`FenceRecord`], in `<state dir>/<key>.json` for a keyed
+//!   and the session ids it completed ([`FenceRecord`], in `<state dir>/<key>.fence` for a keyed
 //!   device: [`StateFence`]; in memory otherwise: [`MemoryFence`]). A stream whose epoch is
 //!   below the highest is refused ("stale epoch N < M"); a stream of a completed session is
 //!   answered ALREADY_COMPLETED and not loaded again.
 //!
-//! The lock dir defaults to [`DEFAULT_LOCK_DIR`] (`--lock-dir`, `VFIO_MIG_LOCK_DIR`), the
-//! state dir to [`DEFAULT_STATE_DIR`] (`--state-dir`, `VFIO_MIG_STATE_DIR`).
+//! The caller chooses the lock and state directories ([`FenceConfig`]); the defaults are
+//! [`DEFAULT_LOCK_DIR`] and [`DEFAULT_STATE_DIR`].
 
 mod key;
 mod lock;
@@ -31,17 +31,13 @@ pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED, RECORD_VERS
 pub use state::StateFence;
 
 use crate::error::Result;
-use crate::handshake::SessionId;
+use crate::stream::SessionId;
 use crate::stream::StreamHeader;
 
 /// Default directory of the device lock files.
 pub const DEFAULT_LOCK_DIR: &str = "/run/vfio-mig";
 /// Default directory of the destination fencing state.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vfio-mig";
-/// Environment variable overriding [`DEFAULT_LOCK_DIR`].
-pub const LOCK_DIR_ENV: &str = "VFIO_MIG_LOCK_DIR";
-/// Environment variable overriding [`DEFAULT_STATE_DIR`].
-pub const STATE_DIR_ENV: &str = "VFIO_MIG_STATE_DIR";
 
 /// A destination's fencing decisions for one device.
 pub trait Fence: Send {
@@ -72,7 +68,7 @@ impl Fence for FenceSet {
         } else if answers.contains(&Admission::AlreadyCompleted) {
             Err(crate::Error::Refused {
                 step: "check the session".into(),
-                code: crate::handshake::ReasonCode::Fence,
+                code: crate::error::ReasonCode::Fence,
                 detail: "the session was completed on some of the devices only".into(),
             })
         } else {
@@ -133,34 +129,25 @@ pub struct FenceConfig {
 }
 
 impl Default for FenceConfig {
+    /// [`DEFAULT_LOCK_DIR`] and [`DEFAULT_STATE_DIR`].
     fn default() -> Self {
-        Self::new(None, None)
+        Self::new(DEFAULT_LOCK_DIR, DEFAULT_STATE_DIR)
     }
 }
 
 impl FenceConfig {
-    /// The directories: the given ones, else the environment ([`LOCK_DIR_ENV`],
-    /// [`STATE_DIR_ENV`]), else the defaults.
-    pub fn new(lock_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> Self {
-        let pick = |given: Option<PathBuf>, env: &str, default: &str| {
-            given
-                .or_else(|| {
-                    std::env::var_os(env)
-                        .filter(|v| !v.is_empty())
-                        .map(Into::into)
-                })
-                .unwrap_or_else(|| default.into())
-        };
+    /// Locks in `lock_dir`, fencing state in `state_dir`.
+    pub fn new(lock_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
         Self {
-            lock_dir: pick(lock_dir, LOCK_DIR_ENV, DEFAULT_LOCK_DIR),
-            state_dir: pick(state_dir, STATE_DIR_ENV, DEFAULT_STATE_DIR),
+            lock_dir: lock_dir.into(),
+            state_dir: state_dir.into(),
         }
     }
 
-    /// Claims device `name` for this command: takes its lock if it has a key. Fails at once
-    /// if another command holds it.
-    pub fn claim(&self, name: &str) -> Result<Claim> {
-        let key = DeviceKey::for_device(name)?;
+    /// Claims device `name` for this command: takes the lock of `key` if the device has one
+    /// (a device without a key lives only in this process and needs no lock). Fails at once if
+    /// another command holds it.
+    pub fn claim(&self, name: &str, key: Option<DeviceKey>) -> Result<Claim> {
         let lock = match &key {
             Some(k) => Some(DeviceLock::acquire(&self.lock_dir, k, name)?),
             None => None,
@@ -244,23 +231,29 @@ mod tests {
     #[test]
     fn claims_lock_keyed_devices_only() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FenceConfig::new(Some(dir.path().join("l")), Some(dir.path().join("s")));
-        let plain = cfg.claim("mock:v1,size=1M").unwrap();
+        let cfg = FenceConfig::new(dir.path().join("l"), dir.path().join("s"));
+        let key = || Some(DeviceKey::from_text("mock:a"));
+        let plain = cfg.claim("mock:v1,size=1M", None).unwrap();
         assert!(plain.key().is_none() && plain.lock_path().is_none());
-        let _again = cfg.claim("mock:v1,size=1M").unwrap();
-        let a = cfg.claim("mock:v1,size=1M,id=a").unwrap();
+        let _again = cfg.claim("mock:v1,size=1M", None).unwrap();
+        let a = cfg.claim("mock:v1,size=1M,id=a", key()).unwrap();
         assert!(a.lock_path().unwrap().starts_with(dir.path().join("l")));
-        let e = cfg.claim("mock:v1,size=2M,id=a").unwrap_err().to_string();
+        let e = cfg
+            .claim("mock:v1,size=2M,id=a", key())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is in use by another vfio-mig"), "{e}");
         drop(a);
-        cfg.claim("mock:v1,size=2M,id=a").unwrap();
+        cfg.claim("mock:v1,size=2M,id=a", key()).unwrap();
     }
 
     #[test]
     fn default_epoch_follows_the_clock_and_the_recorded_state() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FenceConfig::new(Some(dir.path().join("l")), Some(dir.path().join("s")));
-        let c = cfg.claim("mock:v1,id=e").unwrap();
+        let cfg = FenceConfig::new(dir.path().join("l"), dir.path().join("s"));
+        let c = cfg
+            .claim("mock:v1,id=e", Some(DeviceKey::from_text("mock:e")))
+            .unwrap();
         let e1 = c.default_epoch();
         assert!(e1 > 1_600_000_000_000, "{e1}");
         let future = u64::MAX - 5;

@@ -1,10 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a destination remembers of a device's handoffs, and the rules applied to a new one.
 
-use serde::{Deserialize, Serialize};
-
+use crate::error::ReasonCode;
 use crate::error::{Error, Result};
-use crate::handshake::{ReasonCode, SessionId};
+use crate::stream::SessionId;
 use crate::stream::StreamHeader;
 
 /// How many completed session ids a record keeps (the oldest are forgotten first).
@@ -25,7 +24,7 @@ pub enum Admission {
 
 /// The fencing state of one destination device: the highest epoch it accepted and the
 /// sessions it completed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FenceRecord {
     /// Format version ([`RECORD_VERSION`]).
     pub version: u32,
@@ -36,6 +35,9 @@ pub struct FenceRecord {
     /// Completed session ids, hex, oldest first, at most [`MAX_COMPLETED`].
     pub completed: Vec<String>,
 }
+
+/// The first line of a record file: a magic word and the format version.
+const RECORD_MAGIC: &str = "vfio-mig-fence";
 
 /// Lower-case hex of a session id.
 pub fn session_hex(s: &SessionId) -> String {
@@ -50,6 +52,74 @@ impl FenceRecord {
             key: key.into(),
             ..Default::default()
         }
+    }
+
+    /// The record as its file text: a line `vfio-mig-fence VERSION`, then one `NAME VALUE`
+    /// line per field (`key`, `highest-epoch`, and `completed` once per session id).
+    pub fn to_text(&self) -> String {
+        let mut text = format!(
+            "{RECORD_MAGIC} {}\nkey {}\nhighest-epoch {}\n",
+            self.version, self.key, self.highest_epoch
+        );
+        for session in &self.completed {
+            text.push_str("completed ");
+            text.push_str(session);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Parses a record file's text. A version other than [`RECORD_VERSION`], a line this
+    /// version does not know, a repeated field or a malformed value is an error: a record
+    /// that is only partly understood must not decide what a handoff may do.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let mut lines = text.lines();
+        let first = lines.next().ok_or("empty file")?;
+        let version = first
+            .strip_prefix(RECORD_MAGIC)
+            .and_then(|v| v.strip_prefix(' '))
+            .ok_or_else(|| format!("not a fencing record (first line {first:?})"))?;
+        let version: u32 = version
+            .parse()
+            .map_err(|_| format!("bad version {version:?}"))?;
+        if version != RECORD_VERSION {
+            return Err(format!(
+                "record version {version}, this vfio-mig reads version {RECORD_VERSION}"
+            ));
+        }
+        let mut record = FenceRecord {
+            version,
+            ..Default::default()
+        };
+        let (mut key, mut epoch) = (None, None);
+        for line in lines {
+            let (name, value) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("malformed line {line:?}"))?;
+            match name {
+                "key" if key.is_none() => key = Some(value.to_owned()),
+                "highest-epoch" if epoch.is_none() => {
+                    epoch = Some(
+                        value
+                            .parse::<u64>()
+                            .map_err(|_| format!("bad highest-epoch {value:?}"))?,
+                    )
+                }
+                "completed" => {
+                    if value.len() != 32 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!("bad session id {value:?}"));
+                    }
+                    if record.completed.len() == MAX_COMPLETED {
+                        return Err(format!("more than {MAX_COMPLETED} completed sessions"));
+                    }
+                    record.completed.push(value.to_ascii_lowercase());
+                }
+                _ => return Err(format!("unknown or repeated field {name:?}")),
+            }
+        }
+        record.key = key.ok_or("no key")?;
+        record.highest_epoch = epoch.ok_or("no highest-epoch")?;
+        Ok(record)
     }
 
     /// Whether `session` was completed.

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use super::record::{Admission, FenceRecord};
 use super::{DeviceKey, Fence};
+use crate::error::ReasonCode;
 use crate::error::{Error, Result};
-use crate::handshake::{ReasonCode, SessionId};
+use crate::stream::SessionId;
 use crate::stream::StreamHeader;
 
-/// A [`Fence`] kept in `<state dir>/<key stem>.json`. Every operation re-reads the file, so
+/// A [`Fence`] kept in `<state dir>/<key stem>.fence`. Every operation re-reads the file, so
 /// the state survives restarts of `recv`; the caller holds the device lock, so nobody else
 /// writes it meanwhile.
 #[derive(Debug, Clone)]
@@ -35,7 +36,7 @@ impl StateFence {
     pub fn new(dir: &Path, key: &DeviceKey) -> Self {
         Self {
             dir: dir.to_owned(),
-            path: dir.join(format!("{}.json", key.file_stem())),
+            path: dir.join(format!("{}.fence", key.file_stem())),
             key: key.clone(),
         }
     }
@@ -61,7 +62,7 @@ impl StateFence {
                 ))
             }
         };
-        let record: FenceRecord = serde_json::from_str(&text).map_err(|e| {
+        let record = FenceRecord::parse(&text).map_err(|e| {
             fence_err(
                 format!("read fencing state {}", self.path.display()),
                 format!("corrupt ({e}); remove the file to reset the device's fencing state"),
@@ -89,12 +90,16 @@ impl StateFence {
             self.key.file_stem(),
             std::process::id()
         ));
-        let text =
-            serde_json::to_string_pretty(record).map_err(|e| fence_err(step(), e.to_string()))?;
+        if record.key.contains('\n') {
+            return Err(fence_err(
+                step(),
+                "a device key must not hold a line break".to_owned(),
+            ));
+        }
+        let text = record.to_text();
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
-            f.write_all(b"\n")?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
             File::open(&self.dir)?.sync_all()
@@ -172,18 +177,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = DeviceKey::from_text("mock:x");
         let mut f = StateFence::new(dir.path(), &key);
-        std::fs::write(f.path(), b"{ not json").unwrap();
+        std::fs::write(f.path(), b"{ not a record").unwrap();
         let e = f.admit(&header(1, 1)).unwrap_err().to_string();
         assert!(
             e.contains("corrupt") && e.contains("remove the file"),
             "{e}"
         );
-        std::fs::write(
-            f.path(),
-            br#"{"version":1,"key":"mock:y","highest_epoch":0,"completed":[]}"#,
-        )
-        .unwrap();
+        std::fs::write(f.path(), b"vfio-mig-fence 1\nkey mock:y\nhighest-epoch 0\n").unwrap();
         let e = f.admit(&header(1, 1)).unwrap_err().to_string();
         assert!(e.contains("belongs to device mock:y"), "{e}");
+        // A later version, or a field this version does not know, is not half-understood.
+        for text in [
+            "vfio-mig-fence 2\nkey mock:x\nhighest-epoch 0\n",
+            "vfio-mig-fence 1\nkey mock:x\nhighest-epoch 0\nowner someone\n",
+            "vfio-mig-fence 1\nkey mock:x\nhighest-epoch 0\nhighest-epoch 9\n",
+        ] {
+            std::fs::write(f.path(), text).unwrap();
+            let e = f.admit(&header(1, 1)).unwrap_err().to_string();
+            assert!(e.contains("corrupt"), "{text:?}: {e}");
+        }
     }
 }

@@ -56,7 +56,7 @@ fn reason_code(e: &Error) -> ReasonCode {
 /// still sends until it closes (at most [`DRAIN_TIME`]).
 fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
     if let Err(e) = write_message(tx, msg, "end the session") {
-        tracing::debug!("{e}");
+        log::debug!("{e}");
         return;
     }
     let _ = tx.shutdown(Shutdown::Write);
@@ -232,7 +232,7 @@ pub fn receive<C: Duplex>(
             let confirmed = match write_message(&mut tx, &Message::Resumed { session }, "resumed") {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(
+                    log::warn!(
                         "the device runs the migrated state, but RESUMED did not reach the \
                          source ({e}): the source keeps its device stopped"
                     );
@@ -248,7 +248,7 @@ pub fn receive<C: Duplex>(
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&session) {
-                    tracing::warn!("withdraw the completion record: {u}");
+                    log::warn!("withdraw the completion record: {u}");
                 }
             }
             let e = rollback_destinations(devs, e, obs);
@@ -320,7 +320,7 @@ pub fn load_fenced<R: Read>(
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {
-                    tracing::warn!("withdraw the completion record: {u}");
+                    log::warn!("withdraw the completion record: {u}");
                 }
             }
             Err(rollback_destinations(devs, e, obs))

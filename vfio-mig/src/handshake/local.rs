@@ -5,12 +5,50 @@
 use super::destination::{receive, RecvOutcome};
 use super::source::{send, SendOutcome};
 use crate::engine::multi::rollback_sources;
-use crate::engine::{MigrateReport, MigrationDevice, Observer, SaveOptions};
+use crate::engine::session::new_header;
+use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::handshake::ReasonCode;
 use crate::stream::StreamHeader;
 use crate::transport::Connection;
+
+/// What a local migration did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct MigrateReport {
+    /// The source side.
+    pub save: SaveReport,
+    /// The destination side.
+    pub load: LoadReport,
+}
+
+/// Migrates `src` into `dst`. On success the source is stopped and the destination runs with
+/// the source's state. On failure the source runs again (or was reset), the destination was
+/// reset, and the error names the step that failed.
+///
+/// Both sides run the session handshake of a remote migration
+/// ([`migrate_pair`]) over a socketpair, so back-pressure, framing, the
+/// switchover-ack and the two-phase end are the real ones. The source takes its STOP
+/// transition only after the destination resumed, outside the downtime window.
+pub fn migrate_local(
+    src: &mut dyn MigrationDevice,
+    dst: &mut dyn MigrationDevice,
+    opts: &SaveOptions,
+    src_obs: &dyn Observer,
+    dst_obs: &dyn Observer,
+) -> Result<MigrateReport> {
+    let header = new_header(&[&*src], opts.live, 1)?;
+    migrate_pair(
+        src,
+        dst,
+        &header,
+        opts,
+        &mut crate::fence::MemoryFence::new(),
+        src_obs,
+        dst_obs,
+    )
+}
 
 /// Migrates `src` into `dst` under `header` (one device, live exactly when `opts.live`), with
 /// `fence` as the destination's fencing state. See [`migrate_pairs`].
@@ -50,7 +88,7 @@ pub fn migrate_pairs(
     dst_obs: &dyn Observer,
 ) -> Result<Vec<MigrateReport>> {
     if srcs.len() != dsts.len() || srcs.is_empty() {
-        return Err(Error::Usage(format!(
+        return Err(Error::InvalidInput(format!(
             "{} source and {} destination devices: give them in pairs",
             srcs.len(),
             dsts.len()

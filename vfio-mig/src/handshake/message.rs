@@ -22,80 +22,8 @@ pub const FEATURE_SWITCHOVER_ACK: u32 = 1 << 0;
 /// Every HELLO feature bit this version knows.
 pub const KNOWN_FEATURES: u32 = FEATURE_SWITCHOVER_ACK;
 
-/// A 128-bit session id, as in the stream header.
-pub type SessionId = [u8; 16];
-
-/// Why a destination refused or failed a migration, as a machine-readable code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ReasonCode {
-    /// The stream's device does not fit the destination device (protocol, model).
-    Incompatible,
-    /// The stream's epoch is older than one the destination already accepted.
-    StaleEpoch,
-    /// The destination device is busy.
-    Busy,
-    /// Something the destination does not support (a feature, several devices).
-    Unsupported,
-    /// The stream is malformed, corrupt or truncated.
-    Stream,
-    /// The destination device failed or rejected the state.
-    Device,
-    /// The destination could not read or record its fencing state.
-    Fence,
-    /// The peer broke the handshake protocol.
-    Protocol,
-    /// A code this version does not know.
-    Unknown(u16),
-}
-
-impl ReasonCode {
-    /// The code's wire value.
-    pub const fn wire(self) -> u16 {
-        match self {
-            ReasonCode::Incompatible => 1,
-            ReasonCode::StaleEpoch => 2,
-            ReasonCode::Busy => 3,
-            ReasonCode::Unsupported => 4,
-            ReasonCode::Stream => 5,
-            ReasonCode::Device => 6,
-            ReasonCode::Fence => 7,
-            ReasonCode::Protocol => 8,
-            ReasonCode::Unknown(n) => n,
-        }
-    }
-
-    /// The code of wire value `n`.
-    pub const fn from_wire(n: u16) -> Self {
-        match n {
-            1 => ReasonCode::Incompatible,
-            2 => ReasonCode::StaleEpoch,
-            3 => ReasonCode::Busy,
-            4 => ReasonCode::Unsupported,
-            5 => ReasonCode::Stream,
-            6 => ReasonCode::Device,
-            7 => ReasonCode::Fence,
-            8 => ReasonCode::Protocol,
-            n => ReasonCode::Unknown(n),
-        }
-    }
-}
-
-impl fmt::Display for ReasonCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReasonCode::Incompatible => f.write_str("incompatible device"),
-            ReasonCode::StaleEpoch => f.write_str("stale epoch"),
-            ReasonCode::Busy => f.write_str("device busy"),
-            ReasonCode::Unsupported => f.write_str("unsupported"),
-            ReasonCode::Stream => f.write_str("bad stream"),
-            ReasonCode::Device => f.write_str("device failure"),
-            ReasonCode::Fence => f.write_str("fencing state"),
-            ReasonCode::Protocol => f.write_str("protocol violation"),
-            ReasonCode::Unknown(n) => write!(f, "reason {n}"),
-        }
-    }
-}
+pub use crate::error::ReasonCode;
+pub use crate::stream::SessionId;
 
 /// The payload of REFUSE and FAILED: a code and a human-readable line.
 #[derive(Debug, Clone, PartialEq, Eq)]

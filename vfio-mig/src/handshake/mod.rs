@@ -37,7 +37,7 @@ mod message;
 mod source;
 
 pub use destination::{load_fenced, receive, RecvOutcome};
-pub use local::{migrate_pair, migrate_pairs};
+pub use local::{migrate_local, migrate_pair, migrate_pairs, MigrateReport};
 pub use message::{
     read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
     FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC, MAX_PAYLOAD_LEN, MAX_REASON_LEN, VERSION,

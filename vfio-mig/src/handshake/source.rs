@@ -142,7 +142,7 @@ pub fn send<C: Duplex>(
         || header.devices.len() != devs.len()
         || header.devices.iter().any(|d| d.live != opts.live)
     {
-        return Err(Error::Usage(
+        return Err(Error::InvalidInput(
             "send: the stream header must describe each device, live exactly when the save is"
                 .into(),
         ));
@@ -179,7 +179,7 @@ pub fn send<C: Duplex>(
     match &answer {
         Message::Accept { session: s } if *s == session => {}
         Message::AlreadyCompleted { session: s } if *s == session => {
-            tracing::info!("the destination already completed this session");
+            log::info!("the destination already completed this session");
             return Ok(SendOutcome::AlreadyCompleted);
         }
         Message::Refuse(_) => return refused(&answer),
@@ -228,7 +228,7 @@ pub fn send<C: Duplex>(
         return Err(rollback_sources(devs, explain(e, &mut rx), obs));
     }
     if let Err(e) = ctl.shutdown(Shutdown::Write) {
-        tracing::debug!("shutdown after COMMIT: {e}");
+        log::debug!("shutdown after COMMIT: {e}");
     }
 
     // 4. RESUMED, or FAILED (the destination reset its device), or doubt.

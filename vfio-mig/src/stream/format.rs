@@ -7,12 +7,13 @@
 
 use std::fmt;
 
-use serde::Serialize;
-
 use crate::error::{Error, Result};
 
 /// The migration protocol of a device: the engine's type, carried in the header.
-pub use crate::engine::Protocol;
+pub use crate::migration::Protocol;
+
+/// A 128-bit session id, as in the stream header.
+pub type SessionId = [u8; 16];
 
 /// Magic bytes a stream starts with.
 pub const MAGIC: [u8; 8] = *b"VFIOMIG\0";
@@ -74,8 +75,9 @@ pub const fn protocol_from_wire(byte: u8) -> Option<Protocol> {
 }
 
 /// A migration phase, as carried by DATA and END_OF_PHASE records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Phase {
     /// Data read while the device still runs (only for LIVE devices).
     PreCopy,
@@ -154,7 +156,8 @@ impl fmt::Display for RecordKind {
 }
 
 /// One device of the stream, as described in the header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DeviceDescriptor {
     /// The migration protocol of the source device.
     pub protocol: Protocol,
@@ -167,17 +170,19 @@ pub struct DeviceDescriptor {
 }
 
 /// The stream header: who sends what.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct StreamHeader {
     /// An opaque 128-bit session identifier chosen by the sender (hex in JSON).
-    #[serde(serialize_with = "serialize_hex")]
-    pub session_id: [u8; 16],
+    #[cfg_attr(feature = "serde", serde(serialize_with = "serialize_hex"))]
+    pub session_id: SessionId,
     /// The sender's epoch (e.g. a migration attempt counter).
     pub epoch: u64,
     /// The devices, 1 to [`MAX_DEVICES`]; a record's device index points into this list.
     pub devices: Vec<DeviceDescriptor>,
 }
 
+#[cfg(feature = "serde")]
 fn serialize_hex<S: serde::Serializer>(
     bytes: &[u8; 16],
     s: S,
@@ -413,7 +418,8 @@ impl StreamHeader {
 }
 
 /// Totals of one device over the whole stream, as carried by the trailer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DeviceTotals {
     /// Bytes of pre-copy DATA.
     pub pre_copy_bytes: u64,
@@ -424,7 +430,8 @@ pub struct DeviceTotals {
 }
 
 /// Totals of a stream, as carried by the trailer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Totals {
     /// Number of records before the trailer.
     pub records: u64,

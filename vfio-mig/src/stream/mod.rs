@@ -58,7 +58,7 @@ pub mod reader;
 pub mod writer;
 
 pub use format::{
-    DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordKind, StreamHeader, Totals,
+    DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordKind, SessionId, StreamHeader, Totals,
     FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, MAX_MODEL_LEN,
 };
 pub use reader::{verify, DeviceSummary, PhaseSummary, Record, StreamReader, StreamSummary};

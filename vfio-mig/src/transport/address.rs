@@ -63,7 +63,7 @@ impl From<SocketAddr> for Address {
 }
 
 fn usage(text: &str, why: impl fmt::Display) -> Error {
-    Error::Usage(format!(
+    Error::InvalidInput(format!(
         "address `{text}`: {why} (expected file:PATH, unix:PATH or tcp:HOST:PORT)"
     ))
 }

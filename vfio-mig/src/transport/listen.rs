@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub fn connect(addr: &Address, timeout: Duration) -> Result<Connection> {
     let step = format!("connect to {addr}");
     match addr {
-        Address::File(_) => Err(Error::Usage(format!(
+        Address::File(_) => Err(Error::InvalidInput(format!(
             "{step}: a file is not a socket (use unix:PATH or tcp:HOST:PORT)"
         ))),
         Address::Unix(path) => {
@@ -63,7 +63,7 @@ pub enum Listener {
 pub fn listen(addr: &Address) -> Result<Listener> {
     let step = format!("listen on {addr}");
     match addr {
-        Address::File(_) => Err(Error::Usage(format!(
+        Address::File(_) => Err(Error::InvalidInput(format!(
             "{step}: a file is not a socket (use unix:PATH or tcp:HOST:PORT)"
         ))),
         Address::Unix(path) => {

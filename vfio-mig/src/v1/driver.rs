@@ -85,7 +85,7 @@ impl V1Device {
         if value == raw {
             return Ok(());
         }
-        tracing::debug!(from = %V1State::from_raw(raw), to = %target, "v1 transition");
+        log::debug!("v1 transition {} -> {target}", V1State::from_raw(raw));
         match self.region.write_state(value) {
             Ok(()) => {
                 self.chunk = None;
@@ -402,7 +402,7 @@ impl MigrationDevice for V1Device {
                 match self.set_state(V1State::Running) {
                     Ok(()) => Recovery::Resumed,
                     Err(e) => {
-                        tracing::warn!("recovery transition failed: {e}");
+                        log::warn!("recovery transition failed: {e}");
                         self.reset_to_running()
                     }
                 }

@@ -120,12 +120,12 @@ impl MigrationRegion {
                     continue;
                 };
                 if !in_region || len == 0 {
-                    tracing::warn!(?area, "ignoring a sparse-mmap area outside the region");
+                    log::warn!("ignoring a sparse-mmap area outside the region: {area:?}");
                     continue;
                 }
                 match dev.mmap(info.offset + area.offset, len, true) {
                     Ok(map) => mapped.push(MappedArea { area: *area, map }),
-                    Err(e) => tracing::warn!(?area, "mmap failed, using pread/pwrite: {e}"),
+                    Err(e) => log::warn!("mmap of {area:?} failed, using pread/pwrite: {e}"),
                 }
             }
         }

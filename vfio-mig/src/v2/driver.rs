@@ -333,12 +333,14 @@ impl V2Device {
         match fd {
             Some(fd) if to.is_streaming() => {
                 if !expected && self.data.is_some() {
-                    tracing::warn!(%from, %to, "device opened a new data fd inside a session; using it");
+                    log::warn!(
+                        "{from} -> {to}: device opened a new data fd inside a session; using it"
+                    );
                 }
                 self.data = Some(DataFd::new(fd));
             }
             Some(_) => {
-                tracing::warn!(%from, %to, "device returned a data fd for a state without a session; closed it");
+                log::warn!("{from} -> {to}: device returned a data fd for a state without a session; closed it");
                 self.data = None;
             }
             None if expected => {
@@ -371,7 +373,7 @@ impl V2Device {
         })?;
         let mut cur = from;
         for &next in path.as_slice() {
-            tracing::debug!(from = %cur, to = %next, "v2 arc");
+            log::debug!("v2 arc {cur} -> {next}");
             let fd =
                 feature::set_state(self.dev.as_ref(), next).map_err(|source| WalkError::Arc {
                     from: cur,
@@ -435,7 +437,7 @@ impl V2Device {
                 match self.walk(*s, MigState::Running, &"return to RUNNING") {
                     Ok(()) => return format!("{now_text}; it was returned to RUNNING"),
                     Err(e) => {
-                        tracing::warn!("recovery to RUNNING failed: {e}");
+                        log::warn!("recovery to RUNNING failed: {e}");
                         format!("{now_text}; returning it to RUNNING failed ({e})")
                     }
                 }
@@ -641,7 +643,7 @@ impl MigrationDevice for V2Device {
                 match self.walk(s, MigState::Running, &"return to RUNNING") {
                     Ok(()) => Recovery::Resumed,
                     Err(e) => {
-                        tracing::warn!("recovery to RUNNING failed: {e}");
+                        log::warn!("recovery to RUNNING failed: {e}");
                         self.reset()
                     }
                 }

@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Target 5: several devices. Four mock devices saved in parallel (one thread each, through
+//! the public per-device API: [`save_device`] into a stream per device) against the same four
+//! saved one after another, on however many cores the machine has (2 on ours).
+//!
+//! Two parallel subjects: the multi-device engine ([`vfio_mig::engine::multi::save_all`]: one
+//! stream shared by a thread per device) and plain threads over the per-device API (a stream
+//! each: the upper bound of a thread-per-device engine, without the shared writer's lock).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use vfio_mig::engine::multi::{finish_save_all, save_all, SharedWriter};
+use vfio_mig::engine::session::new_header;
+use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
+use vfio_mig::error::{Error, Result};
+use vfio_mig::stream::StreamWriter;
+use vfio_mig::v1::V1Device;
+use vfio_mig::v2::V2Device;
+use vfio_mig_mock::spec::format_size;
+use vfio_mig_mock::MockSpec;
+
+use super::io::SinkKind;
+use super::report::{Figure, Target};
+use super::stats::{run_rotating, Paired};
+use super::Config;
+
+/// Devices per run.
+pub const DEVICES: usize = 4;
+
+fn open(proto: &str, size: u64, seed: usize) -> Result<Box<dyn MigrationDevice>> {
+    let spec: MockSpec = format!("mock:{proto},size={},seed={seed}", format_size(size)).parse()?;
+    let (io, _handle) = vfio_mig_mock::open(&spec).map_err(|e| Error::device("mock", e))?;
+    Ok(match proto {
+        "v1" => Box::new(V1Device::open(io)?),
+        _ => Box::new(V2Device::open(Arc::clone(&io))?),
+    })
+}
+
+/// Saves one device into `/dev/null`; its bytes.
+fn save_one(dev: &mut dyn MigrationDevice) -> Result<u64> {
+    let header = new_header(&[&*dev], false, 1)?;
+    let mut sink = SinkKind::Null.open()?;
+    let mut w = StreamWriter::new(&mut sink.conn, &header)?;
+    let r = save_device(dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
+    w.finish()?;
+    sink.finish()?;
+    Ok(r.stop_copy_bytes)
+}
+
+/// Seconds to save `DEVICES` fresh devices with [`vfio_mig::engine::multi::save_all`]: one
+/// stream into `/dev/null`, a thread per device, quiesce before stop-and-copy, trailer, STOP.
+fn run_save_all(proto: &str, size: u64) -> Result<f64> {
+    let mut devs = (0..DEVICES)
+        .map(|i| open(proto, size, i))
+        .collect::<Result<Vec<_>>>()?;
+    let mut refs: Vec<&mut dyn MigrationDevice> = devs
+        .iter_mut()
+        .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
+        .collect();
+    let header = {
+        let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
+        new_header(&all, false, 1)?
+    };
+    let mut sink = SinkKind::Null.open()?;
+    let t = Instant::now();
+    let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
+    save_all(&mut refs, &shared, &SaveOptions::default(), &NoObserver)?;
+    shared.into_inner().finish()?;
+    finish_save_all(&mut refs);
+    let secs = t.elapsed().as_secs_f64();
+    sink.finish()?;
+    Ok(secs)
+}
+
+/// Seconds to save `DEVICES` fresh devices, in parallel or one after another.
+fn run(proto: &str, size: u64, parallel: bool) -> Result<f64> {
+    let mut devs = (0..DEVICES)
+        .map(|i| open(proto, size, i))
+        .collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    if parallel {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = devs
+                .iter_mut()
+                .map(|d| s.spawn(move || save_one(d.as_mut())))
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| Error::InvalidInput("a bench save thread panicked".into()))??;
+            }
+            Ok::<(), Error>(())
+        })?;
+    } else {
+        for d in &mut devs {
+            save_one(d.as_mut())?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Measures the multi-device figures.
+pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for proto in ["v1", "v2"] {
+        let mut seq = || run(proto, cfg.multi_size, false);
+        let mut all = || run_save_all(proto, cfg.multi_size);
+        let mut par = || run(proto, cfg.multi_size, true);
+        let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut all, &mut par])?;
+        let common = format!(
+            "{DEVICES} x mock:{proto} of {} each into /dev/null on {cpus} CPUs; ratio = sequential \
+             time / parallel time{}",
+            format_size(cfg.multi_size),
+            if proto == "v2" {
+                "; each mock:v2 device also runs its own feeder thread, so one save already \
+                 keeps 2 threads busy"
+            } else {
+                ""
+            }
+        );
+        for (slot, id, name, what) in [
+            (
+                1,
+                "save_all",
+                "engine::multi::save_all",
+                "one stream, a thread per device (quiesce all, then stop-and-copy in parallel)",
+            ),
+            (
+                2,
+                "threads",
+                "4 threads x save_device",
+                "a thread per device over the per-device API, a stream each",
+            ),
+        ] {
+            let f = Figure::from_paired(
+                format!("multi.{proto}.x{DEVICES}.{id}"),
+                5,
+                "4 devices: parallel vs one after another",
+                name,
+                "save_device one after another",
+                "s",
+                &Paired::from_series(&series, 0, slot),
+                true,
+                Some(Target::at_least(1.6)),
+            )
+            .note(format!("{common}; subject: {what}"));
+            eprintln!("bench: {}", super::v2path::summary(&f));
+            out.push(f);
+        }
+    }
+    Ok(out)
+}

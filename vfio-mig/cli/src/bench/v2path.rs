@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Target 1: the v2 data path. The engine (stream framing and a CRC32C per record included)
+//! saving a device whose data fd is a pipe, into a sink, against a plain `read`/`write` loop
+//! with the same buffer size over the same kind of fd into the same kind of sink.
+//!
+//! Two sources: a `mock:v2` device (its feeder thread generates the content: device-bound on
+//! most machines, as a real device would be) and [`FastPipe`] (pages spliced in with no copy:
+//! consumer-bound, so the engine's own costs show).
+
+use std::cell::RefCell;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vfio_mig::engine::session::new_header;
+use vfio_mig::engine::splice::{pump_pipe, save_spliced};
+use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
+use vfio_mig::error::{Error, Result};
+use vfio_mig::stream::{DeviceDescriptor, Phase, Protocol, StreamHeader, StreamWriter};
+use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig_mock::{MockSpec, MockV2};
+
+use super::io::{copy_loop, gbps, FastPipe, PipeDevice, SinkKind};
+use super::report::{Figure, Target};
+use super::stats::{run_rotating, thread_cpu, Paired, Stat};
+use super::Config;
+
+/// Where the bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A `mock:v2` device in STOP_COPY.
+    Mock,
+    /// A [`FastPipe`].
+    Fast,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Mock => "mock",
+            Source::Fast => "fastpipe",
+        }
+    }
+}
+
+/// How the bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mover {
+    Loop,
+    Engine,
+    Splice,
+}
+
+struct Run {
+    gbps: f64,
+    cpu: f64,
+    bytes: u64,
+}
+
+fn mock_spec(cfg: &Config) -> Result<MockSpec> {
+    format!("mock:v2,size={},seed=11", cfg.size).parse()
+}
+
+fn bench_header() -> StreamHeader {
+    StreamHeader {
+        session_id: [0; 16],
+        epoch: 1,
+        devices: vec![DeviceDescriptor {
+            protocol: Protocol::V2,
+            live: false,
+            migration_flags: 1,
+            model: "bench:pipe".into(),
+        }],
+    }
+}
+
+fn one_run(cfg: &Config, source: Source, sink: &SinkKind, mover: Mover) -> Result<Run> {
+    let opts = SaveOptions {
+        buffer: cfg.buffer,
+        ..SaveOptions::default()
+    };
+    let mut buf = vec![0u8; cfg.buffer];
+    let mut out = sink.open()?;
+    let cpu0 = thread_cpu();
+    let (bytes, started) = match source {
+        Source::Mock => {
+            let mock = MockV2::new(&mock_spec(cfg)?).map_err(|e| Error::device("mock", e))?;
+            match mover {
+                Mover::Loop => {
+                    let t = Instant::now();
+                    let fd = feature::set_state(&mock, MigState::StopCopy)
+                        .map_err(|e| Error::device("STOP_COPY", e))?
+                        .ok_or_else(|| Error::InvalidInput("no data fd".into()))?;
+                    let n = copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
+                    drop(fd);
+                    feature::set_state(&mock, MigState::Stop)
+                        .map_err(|e| Error::device("STOP", e))?;
+                    (n, t)
+                }
+                Mover::Engine | Mover::Splice => {
+                    let mut dev = V2Device::open(Arc::new(mock))?;
+                    let header = new_header(&[&dev], false, 1)?;
+                    let t = Instant::now();
+                    let mut w = StreamWriter::new(&mut out.conn, &header)?;
+                    let r = if mover == Mover::Engine {
+                        save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?
+                    } else {
+                        save_spliced(&mut dev, &mut w, 0, &opts, &NoObserver)?
+                    };
+                    w.finish()?;
+                    (r.stop_copy_bytes, t)
+                }
+            }
+        }
+        Source::Fast => {
+            let pipe = FastPipe::start(cfg.size)?;
+            let t = Instant::now();
+            let n = match mover {
+                Mover::Loop => copy_loop(pipe.read.as_fd(), &mut out.conn, &mut buf)?,
+                Mover::Engine => {
+                    let mut dev = PipeDevice::new(
+                        pipe.read.try_clone().map_err(|e| Error::device("dup", e))?,
+                    );
+                    let mut w = StreamWriter::new(&mut out.conn, &bench_header())?;
+                    let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
+                    w.finish()?;
+                    r.stop_copy_bytes
+                }
+                Mover::Splice => {
+                    let mut w = StreamWriter::new(&mut out.conn, &bench_header())?;
+                    let (n, _) = pump_pipe(
+                        pipe.read.as_fd(),
+                        &mut w,
+                        0,
+                        Phase::StopCopy,
+                        &mut buf,
+                        &NoObserver,
+                    )?;
+                    w.end_phase(0, Phase::StopCopy)?;
+                    w.finish()?;
+                    n
+                }
+            };
+            (n, t)
+        }
+    };
+    let received = out.finish()?;
+    let g = gbps(bytes, started);
+    let cpu = thread_cpu() - cpu0;
+    if let Some(r) = received {
+        if r < bytes {
+            return Err(Error::InvalidInput(format!(
+                "bench: TCP receiver got {r} of at least {bytes} bytes"
+            )));
+        }
+    }
+    Ok(Run {
+        gbps: g,
+        cpu,
+        bytes,
+    })
+}
+
+/// Measures the v2 figures for `sources` x `sinks`.
+pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    for &source in sources {
+        for sink in sinks {
+            let cpu: RefCell<[Vec<f64>; 3]> = RefCell::default();
+            let bytes = RefCell::new(0u64);
+            let run = |m: Mover, slot: usize| -> Result<f64> {
+                let r = one_run(cfg, source, sink, m)?;
+                cpu.borrow_mut()[slot].push(r.cpu / (r.bytes.max(1) as f64 / (1u64 << 30) as f64));
+                *bytes.borrow_mut() = r.bytes;
+                Ok(r.gbps)
+            };
+            let mut base = || run(Mover::Loop, 0);
+            let mut engine = || run(Mover::Engine, 1);
+            let mut spliced = || run(Mover::Splice, 2);
+            let series = run_rotating(
+                cfg.reps,
+                cfg.warmup,
+                &mut [&mut base, &mut engine, &mut spliced],
+            )?;
+            let cpu = cpu.into_inner();
+            let c = |i: usize| Stat::of(&cpu[i][cfg.warmup.min(cpu[i].len())..]).median * 1e3;
+            let mb = *bytes.borrow() as f64 / (1 << 20) as f64;
+            let group = format!("v2 data path, {} source", source.name());
+            let base_name = format!("read/write loop, {} KiB buffer", cfg.buffer >> 10);
+            let device_note = if source == Source::Mock {
+                "the mock's feeder thread (content generation + pipe write) runs on the other core \
+                 and usually bounds both sides; "
+            } else {
+                "consumer-bound: the feeder vmsplices constant pages; "
+            };
+            let engine = Figure::from_paired(
+                format!("v2.{}.{}.engine", source.name(), sink.name()),
+                if source == Source::Mock { 1 } else { 0 },
+                group.clone(),
+                "engine",
+                base_name.clone(),
+                "GB/s",
+                &Paired::from_series(&series, 0, 1),
+                false,
+                Some(Target::at_least(0.95)),
+            )
+            .note(format!(
+                "{device_note}{mb:.0} MiB into {}; consumer CPU per GiB: loop {:.0} ms, engine {:.0} ms",
+                sink.name(),
+                c(0),
+                c(1)
+            ));
+            let splice = Figure::from_paired(
+                format!("v2.{}.{}.splice", source.name(), sink.name()),
+                if source == Source::Mock { 1 } else { 0 },
+                group,
+                "engine+splice",
+                base_name,
+                "GB/s",
+                &Paired::from_series(&series, 0, 2),
+                false,
+                Some(Target::at_least(1.0)),
+            )
+            .note(format!(
+                "tee + read (CRC) + splice per record; consumer CPU per GiB: loop {:.0} ms, \
+                 engine+splice {:.0} ms",
+                c(0),
+                c(2)
+            ));
+            eprintln!("bench: {}", summary(&engine));
+            eprintln!("bench: {}", summary(&splice));
+            out.push(engine);
+            out.push(splice);
+        }
+    }
+    Ok(out)
+}
+
+/// One line for the progress log.
+pub fn summary(f: &Figure) -> String {
+    format!(
+        "{}: {} {:.3} vs {} {:.3} {} -> ratio {:.3} ({:.3}..{:.3})",
+        f.id,
+        f.subject_name,
+        f.subject.median,
+        f.baseline_name,
+        f.baseline.median,
+        f.unit,
+        f.ratio.median,
+        f.ratio.min,
+        f.ratio.max
+    )
+}

@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Opening the devices a command names: a mock (`mock:v1,...`) or a sysfs path, through the
+//! backend of the command line, and claiming them under their fencing key.
+
+use std::sync::OnceLock;
+
+use vfio_mig::error::{Error, Result};
+use vfio_mig::fence::{Claim, FenceConfig};
+use vfio_mig::open::{Backend, OpenedDevice};
+use vfio_mig_mock::MockHandle;
+
+/// The backend of this command (`--backend`, `VFIO_MIG_BACKEND`), set once by [`set_backend`].
+/// The command is one process, so it keeps this choice here; the library takes it as an
+/// argument.
+static BACKEND: OnceLock<Backend> = OnceLock::new();
+
+/// Parses `--backend`.
+pub fn parse_backend(text: &str) -> std::result::Result<Backend, String> {
+    text.trim()
+        .parse()
+        .map_err(|e| format!("{e} (--backend, or VFIO_MIG_BACKEND={text})"))
+}
+
+/// Records the command's backend (the first call wins).
+pub fn set_backend(backend: Backend) {
+    let _ = BACKEND.set(backend);
+}
+
+fn backend() -> Backend {
+    BACKEND.get().copied().unwrap_or_default()
+}
+
+/// Opens device `name`.
+pub fn open_device(name: &str) -> Result<OpenedDevice> {
+    Ok(open_with_handle(name)?.0)
+}
+
+/// Opens device `name`, with the handle of a mock.
+pub fn open_with_handle(name: &str) -> Result<(OpenedDevice, Option<MockHandle>)> {
+    vfio_mig_mock::open_named(name, backend())
+}
+
+/// Claims device `name` (its lock, if it has a fencing key).
+pub fn claim(fence: &FenceConfig, name: &str) -> Result<Claim> {
+    fence.claim(name, vfio_mig_mock::device_key(name)?)
+}
+
+/// Fails with a usage error when `names` holds one device twice.
+pub fn refuse_duplicates(command: &str, names: &[String]) -> Result<()> {
+    let mut keys = Vec::new();
+    for name in names {
+        if let Some(key) = vfio_mig_mock::device_key(name)? {
+            if keys.contains(&key) {
+                return Err(Error::InvalidInput(format!(
+                    "{command}: {name} is given twice (the same device)"
+                )));
+            }
+            keys.push(key);
+        }
+    }
+    Ok(())
+}

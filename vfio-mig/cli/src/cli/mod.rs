@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The command line: `probe`, `save`, `load`, `migrate`, `send`, `recv`, `inspect`, `demo`
+//! and `bench`. The guide is `docs/cli.md`.
+
+mod bench;
+mod devices;
+mod fencing;
+mod net;
+mod probe;
+mod progress;
+mod transfer;
+
+pub use bench::BenchArgs;
+pub use fencing::FenceArgs;
+pub use net::NetArgs;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use vfio_mig::engine::{PreCopyPolicy, SaveOptions, DEFAULT_BUFFER};
+use vfio_mig::error::Result;
+
+/// The size of the demo's mock devices.
+pub const DEMO_SIZE: &str = "256M";
+
+/// Drives VFIO device migration: v1 (migration region) and v2 (device feature) devices,
+/// real (by sysfs path) or mock (`mock:v1,size=64M,seed=7`).
+#[derive(Debug, Parser)]
+#[command(name = "vfio-mig", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// How real devices are opened: `group` (container + /dev/vfio/GROUP), `iommufd`
+    /// (/dev/iommu + /dev/vfio/devices/vfioN) or `auto` (group when offered, else iommufd).
+    /// A forced backend the kernel lacks is an error.
+    #[arg(long, global = true, value_name = "BACKEND", env = "VFIO_MIG_BACKEND",
+          default_value = "auto", value_parser = devices::parse_backend)]
+    pub backend: vfio_mig::open::Backend,
+    /// Locks and fencing state.
+    #[command(flatten)]
+    pub fence: FenceArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a device's migration protocol, flags, regions and sizes.
+    Probe {
+        /// The device: a sysfs path or `mock:v1[,options]`.
+        device: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a device's state into a file (stop-and-copy; with --live, pre-copy first).
+    Save {
+        /// The device.
+        device: String,
+        /// The output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
+    /// Resume a device from a saved file.
+    Load {
+        /// The device.
+        device: String,
+        /// The input file.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate between two devices of this host.
+    Migrate {
+        /// Source and destination devices, in pairs: `SRC DST [SRC DST ...]`. Several pairs
+        /// migrate as one unit (all quiesced before any stops; one failing rolls all back).
+        #[arg(required = true, num_args = 2.., value_names = ["SRC", "DST"])]
+        devices: Vec<String>,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
+    /// Migrate a device to a `recv` on another host (tcp:HOST:PORT, unix:PATH; file:PATH
+    /// saves).
+    Send {
+        /// The source devices (several migrate as one unit; the `recv` gives as many).
+        #[arg(required = true, num_args = 1..)]
+        devices: Vec<String>,
+        /// The destination: `tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `unix:PATH` or `file:PATH`.
+        #[arg(long, value_name = "ADDR")]
+        to: vfio_mig::transport::Address,
+        /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
+        /// instead of starting a new one: a destination that completed it answers
+        /// ALREADY_COMPLETED.
+        #[arg(long, value_name = "HEX")]
+        session: Option<String>,
+        #[command(flatten)]
+        transfer: TransferArgs,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Receive a migration from a `send` into a device (serves until one migration
+    /// completes).
+    Recv {
+        /// The destination devices, in the order of the `send`'s devices.
+        #[arg(required = true, num_args = 1..)]
+        devices: Vec<String>,
+        /// Where to listen: tcp:HOST:PORT (port 0: any), unix:PATH, or file:PATH (loads it).
+        #[arg(long, value_name = "ADDR")]
+        listen: vfio_mig::transport::Address,
+        /// Give up after the first connection whatever its outcome, instead of waiting for a
+        /// retry after a refused or failed one.
+        #[arg(long)]
+        once: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Decode and verify a saved stream.
+    Inspect {
+        /// The stream file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The main job on an embedded default: a live migration between two 256 MiB mock v1
+    /// devices, with progress.
+    Demo,
+    /// Measure throughput, memory, downtime and parallel saves against baselines measured in
+    /// the same run (mock devices; see docs/benchmarks.md).
+    Bench(BenchArgs),
+}
+
+/// Options of the commands that save.
+#[derive(Debug, Args, Clone)]
+pub struct TransferArgs {
+    /// Pre-copy while the device runs before stopping it.
+    #[arg(long)]
+    pub live: bool,
+    /// Pre-copy: the downtime budget in milliseconds; switch over once the remaining bytes
+    /// would cross the link within it at the measured bandwidth.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Pre-copy: also switch over when at most this many bytes are pending.
+    #[arg(long, default_value_t = 0)]
+    pub switchover_bytes: u64,
+    /// Pre-copy: most rounds before switching over.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Pre-copy: most seconds before switching over.
+    #[arg(long, default_value_t = 60.0)]
+    pub max_precopy_secs: f64,
+    /// Pre-copy: fail instead of switching over past the downtime budget when pre-copy does
+    /// not converge or reaches its bounds.
+    #[arg(long)]
+    pub strict_downtime: bool,
+    /// Transfer buffer size in bytes.
+    #[arg(long, default_value_t = DEFAULT_BUFFER)]
+    pub buffer: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The handoff's epoch; a destination refuses epochs below the highest it accepted.
+    /// Default: the time in milliseconds since 1970, or more if this host recorded a higher
+    /// epoch for the device.
+    #[arg(long, value_name = "N")]
+    pub epoch: Option<u64>,
+}
+
+impl TransferArgs {
+    pub(crate) fn save_options(&self) -> SaveOptions {
+        SaveOptions {
+            live: self.live,
+            policy: PreCopyPolicy {
+                downtime_budget: Duration::from_millis(self.downtime_ms),
+                switchover_bytes: self.switchover_bytes,
+                max_rounds: self.max_rounds,
+                max_time: Duration::from_secs_f64(self.max_precopy_secs.max(0.0)),
+                strict: self.strict_downtime,
+                ..PreCopyPolicy::default()
+            },
+            buffer: self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT),
+        }
+    }
+}
+
+/// Sets up `tracing` output on stderr; the library's `log` records reach it too.
+pub fn init_logging(verbose: u8) {
+    let _ = tracing_log::LogTracer::init();
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The exit status for a failed command: 3 when the outcome is in doubt (the source device
+/// is left stopped; see [`vfio_mig::Error::InDoubt`]), 1 otherwise.
+pub fn exit_code(e: &vfio_mig::Error) -> u8 {
+    match e {
+        vfio_mig::Error::InDoubt { .. } => 3,
+        _ => 1,
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    devices::set_backend(cli.backend);
+    let fence = cli.fence.config();
+    match cli.command {
+        Command::Probe { device, json } => probe::run(&device, json),
+        Command::Save {
+            device,
+            output,
+            transfer,
+        } => transfer::save(&device, &output, &transfer, &fence),
+        Command::Load {
+            device,
+            input,
+            json,
+        } => transfer::load(&device, &input, json, &fence),
+        Command::Migrate { devices, transfer } => transfer::migrate(&devices, &transfer, &fence),
+        Command::Send {
+            devices,
+            to,
+            session,
+            transfer,
+            net,
+        } => net::send(&devices, &to, session.as_deref(), &transfer, &net, &fence),
+        Command::Recv {
+            devices,
+            listen,
+            once,
+            json,
+            net,
+        } => net::recv(&devices, &listen, once, json, &net, &fence),
+        Command::Inspect { file, json } => transfer::inspect(&file, json),
+        Command::Bench(args) => bench::run(&args),
+        Command::Demo => {
+            let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");
+            eprintln!("demo: live migration {dev} -> {dev}");
+            let args = TransferArgs {
+                live: true,
+                downtime_ms: 300,
+                switchover_bytes: 0,
+                max_rounds: 30,
+                max_precopy_secs: 60.0,
+                strict_downtime: false,
+                buffer: DEFAULT_BUFFER,
+                json: false,
+                epoch: None,
+            };
+            transfer::migrate(&[dev.clone(), dev], &args, &fence)
+        }
+    }
+}

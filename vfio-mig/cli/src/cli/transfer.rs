@@ -1,0 +1,273 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `save`, `load`, `migrate` and `inspect`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{HumanBytes, MultiProgress};
+
+use crate::cli::devices::open_device;
+use vfio_mig::engine::save::rollback_source;
+use vfio_mig::engine::session::new_header;
+use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
+use vfio_mig::error::{Error, Result};
+use vfio_mig::fence::{session_hex, Claim, FenceConfig, FenceSet};
+use vfio_mig::handshake::{load_fenced, migrate_pairs, RecvOutcome};
+use vfio_mig::open::OpenedDevice;
+use vfio_mig::stream::{StreamHeader, StreamReader, StreamWriter};
+
+use super::progress::ProgressView;
+use super::TransferArgs;
+
+pub(super) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::InvalidInput(format!("encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+pub(super) fn save_summary(r: &SaveReport) -> String {
+    let precopy = match r.switch_reason {
+        Some(reason) => format!(
+            "pre-copy {} in {} rounds ({reason:?}), ",
+            HumanBytes(r.pre_copy_bytes),
+            r.rounds
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks",
+        HumanBytes(r.stop_copy_bytes),
+        r.stop_copy_time.as_secs_f64() * 1e3,
+        r.chunks
+    )
+}
+
+/// The partial file a save writes before renaming it into place, so a failed save never
+/// replaces a good file.
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    output.with_file_name(name)
+}
+
+/// Saves into `file`; the source is rolled back to RUNNING on any failure, including a failure
+/// to flush or sync the file after the device has already stopped.
+fn save_to_file(
+    dev: &mut dyn MigrationDevice,
+    file: File,
+    path: &Path,
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    view: &ProgressView,
+) -> Result<SaveReport> {
+    let mut out = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), header)?;
+    let report = save_with_rollback(dev, &mut out, 0, opts, view)?;
+    let finish = || -> Result<()> {
+        let (writer, _totals) = out.finish()?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::transport(format!("write {}", path.display()), e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| Error::transport(format!("sync {}", path.display()), e))
+    };
+    finish().map_err(|e| rollback_source(dev, 0, e, view))?;
+    Ok(report)
+}
+
+/// Runs `save`.
+pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
+    let claim = crate::cli::devices::claim(fence, device)?;
+    let mut opened = open_device(device)?;
+    let opts = args.save_options();
+    let epoch = args.epoch.unwrap_or_else(|| claim.default_epoch());
+    let header = new_header(&[opened.device.as_ref()], opts.live, epoch)?;
+    let partial = partial_path(output);
+    let file = File::create(&partial)
+        .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
+    let view = ProgressView::new("save", None, args.json);
+    let started = Instant::now();
+    let result = save_to_file(
+        opened.device.as_mut(),
+        file,
+        &partial,
+        &header,
+        &opts,
+        &view,
+    );
+    view.finish();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, output)
+        .map_err(|e| Error::transport(format!("rename to {}", output.display()), e))?;
+    if args.json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "saved {device} to {} in {:.2} s: {}",
+        output.display(),
+        started.elapsed().as_secs_f64(),
+        save_summary(&report)
+    );
+    Ok(())
+}
+
+/// Runs `load`.
+pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Result<()> {
+    let file =
+        File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
+    let (mut reader, _header) = StreamReader::open(BufReader::with_capacity(1 << 20, file))?;
+    let claim = crate::cli::devices::claim(fence, device)?;
+    let mut opened = open_device(device)?;
+    let view = ProgressView::new("load", None, json);
+    let started = Instant::now();
+    let result = load_fenced(
+        &mut [opened.device.as_mut()],
+        &mut reader,
+        claim.fence().as_mut(),
+        &view,
+    );
+    view.finish();
+    let report = match result? {
+        RecvOutcome::Resumed { mut reports, .. } => reports.remove(0),
+        RecvOutcome::AlreadyCompleted { header } => {
+            if json {
+                return print_json(&serde_json::json!({
+                    "outcome": "already-completed",
+                    "session": session_hex(&header.session_id),
+                    "epoch": header.epoch,
+                }));
+            }
+            eprintln!(
+                "session {} of {} was already loaded into {device}: not loaded again",
+                session_hex(&header.session_id),
+                input.display()
+            );
+            return Ok(());
+        }
+    };
+    if json {
+        return print_json(&report);
+    }
+    eprintln!(
+        "loaded {} into {device} in {:.2} s: {} in {} chunks; device running",
+        input.display(),
+        started.elapsed().as_secs_f64(),
+        HumanBytes(report.pre_copy_bytes + report.stop_copy_bytes),
+        report.chunks
+    );
+    Ok(())
+}
+
+/// Opens every device in `names` under its claim (the locks are held while they live).
+pub(crate) fn open_all(
+    names: &[String],
+    fence: &FenceConfig,
+) -> Result<(Vec<Claim>, Vec<OpenedDevice>)> {
+    let claims = names
+        .iter()
+        .map(|n| crate::cli::devices::claim(fence, n))
+        .collect::<Result<Vec<_>>>()?;
+    let opened = names
+        .iter()
+        .map(|n| open_device(n))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((claims, opened))
+}
+
+/// The protocol drivers of opened devices, as the engine takes them.
+pub(crate) fn drivers<'a>(
+    opened: &'a mut [OpenedDevice],
+) -> Vec<&'a mut (dyn MigrationDevice + 'a)> {
+    opened
+        .iter_mut()
+        .map(|o| o.device.as_mut() as &mut (dyn MigrationDevice + 'a))
+        .collect()
+}
+
+/// Runs `migrate SRC DST [SRC DST ...]`.
+pub fn migrate(devices: &[String], args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
+    if devices.len() % 2 != 0 {
+        return Err(Error::InvalidInput(format!(
+            "migrate: devices come in SRC DST pairs, {} were given",
+            devices.len()
+        )));
+    }
+    let (sources, destinations): (Vec<String>, Vec<String>) = devices
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .unzip();
+    crate::cli::devices::refuse_duplicates("migrate", devices)?;
+    let (src_claims, mut srcs) = open_all(&sources, fence)?;
+    let (dst_claims, mut dsts) = open_all(&destinations, fence)?;
+    let opts = args.save_options();
+    let epoch = args.epoch.unwrap_or_else(|| {
+        src_claims
+            .iter()
+            .map(Claim::default_epoch)
+            .max()
+            .unwrap_or(1)
+    });
+    let mut src_devs = drivers(&mut srcs);
+    let mut dst_devs = drivers(&mut dsts);
+    let header = new_header(
+        &src_devs.iter().map(|d| &**d).collect::<Vec<_>>(),
+        opts.live,
+        epoch,
+    )?;
+    let mut fences = FenceSet(dst_claims.iter().map(Claim::fence).collect());
+    let multi = MultiProgress::new();
+    let src_view = ProgressView::new("save", Some(&multi), args.json);
+    let dst_view = ProgressView::new("load", Some(&multi), true);
+    let started = Instant::now();
+    let result = migrate_pairs(
+        &mut src_devs,
+        &mut dst_devs,
+        &header,
+        &opts,
+        &mut fences,
+        &src_view,
+        &dst_view,
+    );
+    src_view.finish();
+    dst_view.finish();
+    let reports = result?;
+    if args.json {
+        return match reports.as_slice() {
+            [one] => print_json(one),
+            many => print_json(&many),
+        };
+    }
+    for ((source, destination), report) in sources.iter().zip(&destinations).zip(&reports) {
+        eprintln!(
+            "migrated {source} -> {destination}: {}; destination running",
+            save_summary(&report.save)
+        );
+    }
+    eprintln!(
+        "{} device{} migrated in {:.2} s",
+        reports.len(),
+        if reports.len() == 1 { "" } else { "s" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs `inspect`.
+pub fn inspect(file: &Path, json: bool) -> Result<()> {
+    let f =
+        File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
+    let summary = vfio_mig::stream::verify(BufReader::with_capacity(1 << 20, f))?;
+    if json {
+        return print_json(&summary);
+    }
+    println!("{summary}");
+    Ok(())
+}

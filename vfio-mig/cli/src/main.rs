@@ -1,0 +1,23 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The `vfio-mig` command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod bench;
+mod cli;
+
+fn main() -> ExitCode {
+    let cli = crate::cli::Cli::parse();
+    crate::cli::init_logging(cli.verbose);
+    match crate::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the step (and what became of the devices), never a backtrace.
+            eprintln!("vfio-mig: error: {e}");
+            // 3: in doubt (the source device is left stopped); 1: any other failure.
+            ExitCode::from(cli::exit_code(&e))
+        }
+    }
+}

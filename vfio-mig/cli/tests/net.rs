@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `send` and `recv` as separate processes: over a Unix socket, TCP loopback and (as root) TCP
+//! between two network namespaces; refusals, replays, locks held by another process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vfio-mig");
+
+/// A private lock and state directory for one test.
+struct Dirs {
+    tmp: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        Self {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// `vfio-mig` with this test's lock and state directories.
+    fn cmd(&self, prefix: &[&str]) -> Command {
+        let (program, pre) = match prefix.split_first() {
+            Some((p, rest)) => (*p, rest.to_vec()),
+            None => (BIN, Vec::new()),
+        };
+        let mut c = Command::new(program);
+        c.args(pre)
+            .env_remove("RUST_LOG")
+            .env("VFIO_MIG_LOCK_DIR", self.path("lock"))
+            .env("VFIO_MIG_STATE_DIR", self.path("state"));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(&[]).args(args).output().expect("run vfio-mig")
+    }
+}
+
+/// A running `recv`, its address known once it printed "listening on ADDR".
+struct Recv {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+    stdout: std::process::ChildStdout,
+}
+
+impl Recv {
+    /// Starts `[prefix...] vfio-mig recv ARGS` and waits for its "listening on" line.
+    fn start(dirs: &Dirs, prefix: &[&str], args: &[&str]) -> Self {
+        let mut cmd = dirs.cmd(prefix);
+        if !prefix.is_empty() {
+            cmd.arg(BIN);
+        }
+        let mut child = cmd
+            .arg("recv")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn recv");
+        let stderr = child.stderr.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut seen = Vec::new();
+        while addr.is_none() {
+            match lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) => {
+                    if let Some(a) = l.strip_prefix("vfio-mig: recv: listening on ") {
+                        addr = Some(a.to_owned());
+                    }
+                    seen.push(l);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("recv never listened: {seen:?}");
+                }
+            }
+        }
+        Self {
+            child,
+            addr: addr.unwrap(),
+            lines,
+            stdout,
+        }
+    }
+
+    /// Waits for the exit: status, stdout, the stderr lines after "listening on".
+    fn wait(mut self) -> (ExitStatus, String, String) {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut out).unwrap();
+        let status = self.child.wait().unwrap();
+        let err: Vec<String> = self.lines.iter().collect();
+        (status, out, err.join("\n"))
+    }
+}
+
+impl Drop for Recv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit, one `error:` line containing `expect`, no panic.
+fn assert_clean_failure(status: ExitStatus, err: &str, expect: &str) -> String {
+    assert!(!status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(lines[0].contains(expect), "{expect:?} expected: {err}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn live_migration_over_a_unix_socket_with_json_reports() {
+    let dirs = Dirs::new();
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    let dev = "mock:v1,size=16M,seed=5";
+    let recv = Recv::start(&dirs, &[], &[dev, "--listen", &listen, "--once", "--json"]);
+    assert_eq!(recv.addr, listen);
+    let o = dirs.run(&["send", dev, "--to", &listen, "--live", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sent: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sent["outcome"], "completed");
+    assert_eq!(got["outcome"], "resumed");
+    assert_eq!(got["session"], sent["session"]);
+    assert_eq!(got["epoch"], sent["epoch"]);
+    assert!(sent["reports"][0]["pre_copy_bytes"].as_u64().unwrap() >= 16 << 20);
+    assert_eq!(
+        got["reports"][0]["pre_copy_bytes"],
+        sent["reports"][0]["pre_copy_bytes"]
+    );
+    assert_eq!(got["confirmed"], true);
+    // The socket file is removed when recv exits.
+    assert!(!sock.exists());
+}
+
+#[test]
+fn migration_over_tcp_loopback() {
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=8M,seed=6,data=trapped";
+    for listen in ["tcp:127.0.0.1:0", "tcp:[::1]:0"] {
+        if listen.contains("::1") && std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback here: {listen} not tested");
+            continue;
+        }
+        let recv = Recv::start(&dirs, &[], &[dev, "--listen", listen, "--once"]);
+        assert!(
+            recv.addr.starts_with(&listen[..listen.len() - 1]),
+            "{}",
+            recv.addr
+        );
+        let o = dirs.run(&["send", dev, "--to", &recv.addr, "--live"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("destination running"), "{}", stderr(&o));
+        let (status, _, err) = recv.wait();
+        assert!(status.success(), "{err}");
+        assert!(err.contains("device running"), "{err}");
+    }
+}
+
+#[test]
+fn wrong_seed_fails_cleanly_on_both_sides() {
+    let dirs = Dirs::new();
+    let recv = Recv::start(
+        &dirs,
+        &[],
+        &[
+            "mock:v1,size=4M,seed=2",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--once",
+        ],
+    );
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=4M,seed=1",
+        "--to",
+        &recv.addr,
+        "--live",
+    ]);
+    let line = assert_clean_failure(o.status, &stderr(&o), "the destination failed");
+    assert!(line.contains("seed=1 was returned to RUNNING"), "{line}");
+    let (status, _, err) = recv.wait();
+    let line = assert_clean_failure(status, &err, "RESUMING (100b) -> RUNNING (001b)");
+    assert!(line.contains("seed=2 was reset"), "{line}");
+}
+
+#[test]
+fn a_device_claimed_by_another_process_is_refused_at_once() {
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,id=shared-gpu";
+    let recv = Recv::start(
+        &dirs,
+        &[],
+        &[
+            dev,
+            "--listen",
+            &format!("unix:{}", dirs.path("s").display()),
+        ],
+    );
+    let pid = recv.child.id();
+    let expect = format!("is in use by another vfio-mig (pid {pid};");
+    for args in [
+        vec!["save", dev, "-o", "/dev/null"],
+        vec!["recv", dev, "--listen", "tcp:127.0.0.1:0"],
+        vec!["migrate", "mock:v1,size=1M", dev],
+    ] {
+        let o = dirs.run(&args);
+        assert_clean_failure(o.status, &stderr(&o), &expect);
+    }
+    drop(recv);
+    let o = dirs.run(&["migrate", dev, dev]);
+    assert_clean_failure(o.status, &stderr(&o), "is given twice");
+    // Released with the process.
+    let o = dirs.run(&["save", dev, "-o", dirs.path("f").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn stale_epochs_are_refused_and_replayed_sessions_answered_idempotently() {
+    let dirs = Dirs::new();
+    let dst = "mock:v1,size=1M,seed=8,id=fenced";
+    let src = "mock:v1,size=1M,seed=8";
+    let session = "00112233445566778899aabbccddeeff";
+    let listen = format!("unix:{}", dirs.path("s").display());
+    let pair = |send_args: &[&str]| {
+        let recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen, "--once"]);
+        let mut args = vec!["send", src, "--to", &listen];
+        args.extend_from_slice(send_args);
+        let o = dirs.run(&args);
+        let (status, _, err) = recv.wait();
+        (o, status, err)
+    };
+    let (o, status, err) = pair(&["--epoch", "5", "--session", session]);
+    assert!(
+        o.status.success() && status.success(),
+        "{}\n{err}",
+        stderr(&o)
+    );
+
+    // The same session again: answered ALREADY_COMPLETED, exit 0 on both sides.
+    let (o, status, err) = pair(&["--epoch", "5", "--session", session]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("was already completed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("not resumed here"), "{}", stderr(&o));
+    assert!(status.success(), "{err}");
+    assert!(err.contains("was not loaded again"), "{err}");
+
+    // An older epoch: refused on both sides.
+    let (o, status, err) = pair(&["--epoch", "4"]);
+    assert_clean_failure(o.status, &stderr(&o), "stale epoch 4 < 5");
+    assert_clean_failure(status, &err, "stale epoch 4 < 5");
+
+    // The state file is small JSON.
+    let state: Vec<_> = std::fs::read_dir(dirs.path("state")).unwrap().collect();
+    assert_eq!(state.len(), 1);
+}
+
+#[test]
+fn recv_waits_for_a_retry_after_a_refusal_by_default() {
+    let dirs = Dirs::new();
+    let dst = "mock:v1,size=1M,seed=9,id=retry";
+    let listen = format!("unix:{}", dirs.path("s").display());
+    // Epoch 7 first, so that a send with epoch 6 is refused.
+    let recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen, "--once"]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(recv.wait().0.success());
+
+    let recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen]);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "6",
+    ]);
+    assert_clean_failure(o.status, &stderr(&o), "stale epoch 6 < 7");
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=9",
+        "--to",
+        &listen,
+        "--epoch",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, _, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("stale epoch 6 < 7"),
+        "{err}"
+    );
+    assert!(err.contains("device running"), "{err}");
+}
+
+#[test]
+fn nothing_listening_fails_fast_with_the_address() {
+    let dirs = Dirs::new();
+    let none = format!("unix:{}", dirs.path("none").display());
+    let o = dirs.run(&["send", "mock:v1,size=1M", "--to", &none]);
+    assert_clean_failure(o.status, &stderr(&o), &format!("connect to {none}"));
+    // A TCP port nobody listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let o = dirs.run(&["send", "mock:v1,size=1M", "--to", &addr]);
+    assert_clean_failure(o.status, &stderr(&o), &format!("connect to {addr}"));
+    let o = dirs.run(&["send", "mock:v1,size=1M", "--to", "udp:1.2.3.4:5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown transport"), "{}", stderr(&o));
+}
+
+#[test]
+fn send_and_recv_to_a_file_save_and_load() {
+    let dirs = Dirs::new();
+    let f = dirs.path("state.vfiomig");
+    let to = format!("file:{}", f.display());
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=4,id=f1",
+        "--to",
+        &to,
+        "--live",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dirs.run(&["recv", "mock:v1,size=1M,seed=4,id=f2", "--listen", &to]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Loading the same file into the same device again is a replay.
+    let o = dirs.run(&[
+        "load",
+        "mock:v1,size=1M,seed=4,id=f2",
+        "-i",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not loaded again"), "{}", stderr(&o));
+}
+
+// ---- Two network namespaces ------------------------------------------------------------
+
+/// Why the namespace test cannot run here, if it cannot.
+fn netns_unavailable() -> Option<String> {
+    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("the `ip` command (iproute2) is not installed".into()),
+    }
+}
+
+/// Two network namespaces joined by a veth pair, deleted on drop (even after a failure).
+struct NetnsPair {
+    names: [String; 2],
+}
+
+impl NetnsPair {
+    const ADDRS: [&'static str; 2] = ["10.99.0.1", "10.99.0.2"];
+
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let o = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!("ip {}: {}", args.join(" "), stderr(&o).trim()))
+        }
+    }
+
+    fn create() -> Result<Self, String> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "vmig{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let pair = Self {
+            names: [format!("{tag}a"), format!("{tag}b")],
+        };
+        let [a, b] = &pair.names;
+        Self::ip(&["netns", "add", a])?;
+        Self::ip(&["netns", "add", b])?;
+        // Created straight inside the namespaces: no name clash in the host's namespace.
+        Self::ip(&[
+            "link", "add", "veth0", "netns", a, "type", "veth", "peer", "name", "veth0", "netns", b,
+        ])?;
+        for (ns, addr) in [(a, Self::ADDRS[0]), (b, Self::ADDRS[1])] {
+            Self::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "veth0",
+            ])?;
+            Self::ip(&["-n", ns, "link", "set", "veth0", "up"])?;
+            Self::ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// The command prefix that runs a program in namespace `i`.
+    fn exec(&self, i: usize) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.names[i]]
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Self::ip(&["netns", "del", n]);
+        }
+    }
+}
+
+fn skip_or_fail(reason: &str) {
+    let line = format!("SKIPPED: {reason}");
+    if std::env::var("VFIO_MIG_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("{line} (VFIO_MIG_REQUIRE_NETNS=1 requires this test to run)");
+    }
+    // In the test's captured output, and on the terminal of `cargo test` (a direct write to
+    // stderr is not captured by the test harness, unlike `eprintln!`).
+    println!("{line}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[test]
+fn live_migration_over_tcp_between_two_network_namespaces() {
+    if let Some(reason) = netns_unavailable() {
+        return skip_or_fail(&reason);
+    }
+    let ns = match NetnsPair::create() {
+        Ok(ns) => ns,
+        Err(e) => return skip_or_fail(&format!("cannot create network namespaces: {e}")),
+    };
+    let dirs = Dirs::new();
+    let listen = format!("tcp:{}:7107", NetnsPair::ADDRS[0]);
+    let dev = "mock:v1,size=32M,seed=12,dirty-rate=8M";
+
+    // Success: recv in namespace a, send in namespace b, across the veth pair.
+    let recv = Recv::start(
+        &dirs,
+        &ns.exec(0),
+        &[dev, "--listen", &listen, "--once", "--json"],
+    );
+    assert_eq!(recv.addr, listen);
+    let o = dirs
+        .cmd(&ns.exec(1))
+        .args([BIN, "send", dev, "--to", &listen, "--live", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["outcome"], "resumed");
+    assert!(
+        got["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("tcp:10.99.0.2:"),
+        "{got}"
+    );
+
+    // Failure: a destination with another seed; both sides exit non-zero, cleanly.
+    let recv = Recv::start(
+        &dirs,
+        &ns.exec(0),
+        &["mock:v1,size=32M,seed=13", "--listen", &listen, "--once"],
+    );
+    let o = dirs
+        .cmd(&ns.exec(1))
+        .args([BIN, "send", dev, "--to", &listen, "--live"])
+        .output()
+        .unwrap();
+    let line = assert_clean_failure(o.status, &stderr(&o), "the destination failed");
+    assert!(line.contains("returned to RUNNING"), "{line}");
+    let (status, _, err) = recv.wait();
+    let line = assert_clean_failure(status, &err, "RESUMING");
+    assert!(line.contains("was reset"), "{line}");
+
+    // Nothing listens in namespace a any more: namespace b cannot reach the address.
+    let o = dirs
+        .cmd(&ns.exec(1))
+        .args([BIN, "send", dev, "--to", &listen, "--connect-timeout", "2"])
+        .output()
+        .unwrap();
+    assert_clean_failure(o.status, &stderr(&o), &format!("connect to {listen}"));
+    drop(ns);
+}
+
+/// The namespace helper itself must not leak namespaces.
+#[test]
+fn netns_pair_is_removed_on_drop() {
+    if netns_unavailable().is_some() {
+        return;
+    }
+    let Ok(ns) = NetnsPair::create() else { return };
+    let names = ns.names.clone();
+    drop(ns);
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for n in names {
+        assert!(
+            !list
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&n)),
+            "{n} left"
+        );
+    }
+}

@@ -1,0 +1,555 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The mock device specification: `mock:v1[,opt=val...]` (or `mock:v2[,...]`).
+//!
+//! | option          | meaning                                                    | default      |
+//! |-----------------|------------------------------------------------------------|--------------|
+//! | `size=`         | total device state, with K/M/G/T suffixes                  | `64M`        |
+//! | `seed=`         | seed of the content (decimal or `0x` hex)                  | `0`          |
+//! | `chunk=`        | largest v1 transaction, header included; v2: fault block   | `1M`         |
+//! | `section=`      | size of the data section, at least `chunk`                 | chunk, 4K up |
+//! | `data=`         | `mmap` (sparse-mmap data section) or `trapped`             | `mmap`       |
+//! | `page=`         | content page size                                          | `4096`       |
+//! | `dirty-rate=`   | bytes per second dirtied while in pre-copy                 | `0`          |
+//! | `reserved=`     | initial `device_state` bits 3-31                           | `0x80000100` |
+//! | `region-index=` | index of the migration region (9 or more)                  | `10`         |
+//! | `fail-at=`      | `FIELD@N[:ERRNO|:error]`, repeatable (see [`super::faults`]) | none       |
+//! | `flags=`        | v2: `VFIO_MIGRATION_*` (1 STOP_COPY, 2 P2P, 4 PRE_COPY)    | `0x7`        |
+//! | `dma=`          | v2: `on`, or `off` (no DMA logging features: ENOTTY)       | `on`         |
+//! | `dma-dirty=`    | v2: pages the device DMA-writes before each log report     | `0`          |
+//! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
+//! |                 | the key of the device's lock and fencing state (`vfio_mig::fence`) |         |
+//!
+//! `section`, `data`, `reserved` and `region-index` are v1 options; a `mock:v2` spec refuses
+//! them, as a `mock:v1` spec refuses the v2 ones. v2 `fail-at` rules name v2 fields
+//! ([`super::faults::V2FaultRule`]); a v2 fault block is `chunk` bytes of a data fd's stream
+//! (see [`super::v2`]).
+//!
+//! [`MockSpec`]'s `Display` prints a canonical form: protocol, `size` and `seed` always, every
+//! other option only when it differs from its default, in the order of the table.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::faults::{FaultRule, V2FaultRule};
+use vfio_mig::Error;
+
+/// Default total device state: 64 MiB.
+pub const DEFAULT_SIZE: u64 = 64 << 20;
+/// Default largest v1 transaction (header included): 1 MiB.
+pub const DEFAULT_CHUNK: u64 = 1 << 20;
+/// Default content page size.
+pub const DEFAULT_PAGE: u32 = 4096;
+/// Default reserved bits 3-31 of `device_state`: not zero, so read-modify-write is tested.
+pub const DEFAULT_RESERVED: u32 = 0x8000_0100;
+/// Default index of the migration region (index 9 holds an unrelated region).
+pub const DEFAULT_REGION_INDEX: u32 = 10;
+/// The data section is sized in multiples of this (and mmapped in pages of this).
+pub const SECTION_ALIGN: u64 = 4096;
+/// Smallest transaction: the 16-byte header plus one payload byte.
+pub const MIN_CHUNK: u64 = 17;
+/// Largest transaction and data section (transaction lengths are u32 in the header).
+pub const MAX_SECTION: u64 = 1 << 30;
+/// First index of a vfio-pci device-specific region (`VFIO_PCI_NUM_REGIONS`).
+pub const FIRST_DEVICE_REGION: u32 = 9;
+/// Highest accepted region index, so the region table stays small.
+pub const MAX_REGION_INDEX: u32 = 64;
+/// Longest `id=` name.
+pub const MAX_ID_LEN: usize = 64;
+/// Default v2 migration flags: STOP_COPY | P2P | PRE_COPY, as mtty.
+pub const DEFAULT_V2_FLAGS: u64 = 0x7;
+/// The options only a `mock:v1` spec takes.
+const V1_ONLY: [&str; 4] = ["section", "data", "reserved", "region-index"];
+/// The options only a `mock:v2` spec takes.
+const V2_ONLY: [&str; 3] = ["flags", "dma", "dma-dirty"];
+
+/// Which migration protocol the mock speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The v1 migration region.
+    V1,
+    /// The v2 device feature and data fd ([`super::v2::MockV2`]).
+    V2,
+}
+
+/// How the data section of the v1 migration region is accessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataMode {
+    /// Through a sparse-mmap area (data section page aligned, at region offset 4096).
+    Mmap,
+    /// Through pread/pwrite only (data section at region offset 64, not page aligned).
+    Trapped,
+}
+
+/// A parsed mock device specification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockSpec {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Total device state in bytes.
+    pub size: u64,
+    /// Content seed.
+    pub seed: u64,
+    /// Largest v1 transaction in bytes, its header included.
+    pub chunk: u64,
+    /// Data section size in bytes (`>= chunk`).
+    pub section: u64,
+    /// Data section access.
+    pub data: DataMode,
+    /// Content page size in bytes.
+    pub page: u32,
+    /// Bytes per second dirtied while in pre-copy.
+    pub dirty_rate: u64,
+    /// Initial `device_state` bits 3-31 (bits 0-2 clear).
+    pub reserved: u32,
+    /// Index of the migration region.
+    pub region_index: u32,
+    /// Fault injection rules (v1).
+    pub faults: Vec<FaultRule>,
+    /// v2: the `VFIO_MIGRATION_*` flags the device reports.
+    pub flags: u64,
+    /// v2: whether the device offers DMA logging.
+    pub dma: bool,
+    /// v2: pages the device DMA-writes before each DMA logging report.
+    pub dma_dirty: u64,
+    /// Fault injection rules (v2).
+    pub v2_faults: Vec<V2FaultRule>,
+    /// A name that identifies this mock across processes, for its lock and fencing state
+    /// (`id=`); a mock without one is private to its process.
+    pub id: Option<String>,
+}
+
+impl Default for MockSpec {
+    fn default() -> Self {
+        Self {
+            protocol: Protocol::V1,
+            size: DEFAULT_SIZE,
+            seed: 0,
+            chunk: DEFAULT_CHUNK,
+            section: default_section(DEFAULT_CHUNK),
+            data: DataMode::Mmap,
+            page: DEFAULT_PAGE,
+            dirty_rate: 0,
+            reserved: DEFAULT_RESERVED,
+            region_index: DEFAULT_REGION_INDEX,
+            faults: Vec::new(),
+            flags: DEFAULT_V2_FLAGS,
+            dma: true,
+            dma_dirty: 0,
+            v2_faults: Vec::new(),
+            id: None,
+        }
+    }
+}
+
+/// The default section for a chunk size: the chunk rounded up to 4 KiB.
+pub fn default_section(chunk: u64) -> u64 {
+    chunk.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
+}
+
+/// Parses a number: decimal or `0x` hex.
+fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (binary multiples).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        b't' | b'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n = parse_number(digits)?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// Prints a byte count with the largest suffix that divides it exactly.
+pub fn format_size(n: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n % (1u64 << shift) == 0 {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+impl MockSpec {
+    /// Number of content pages (the last may be short).
+    pub fn page_count(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.page))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.size == 0 {
+            return Err("option `size`: must be at least 1 byte".into());
+        }
+        if self.page == 0 || u64::from(self.page) > MAX_SECTION {
+            return Err(format!(
+                "option `page`: {} is not between 1 and {}",
+                self.page,
+                format_size(MAX_SECTION)
+            ));
+        }
+        if self.page_count() >= u64::from(u32::MAX) {
+            return Err(format!(
+                "option `size`: {} bytes in {} byte pages is too many pages",
+                self.size, self.page
+            ));
+        }
+        if self.chunk < MIN_CHUNK || self.chunk > MAX_SECTION {
+            return Err(format!(
+                "option `chunk`: {} is not between {MIN_CHUNK} and {}",
+                self.chunk,
+                format_size(MAX_SECTION)
+            ));
+        }
+        if self.section < self.chunk || self.section > MAX_SECTION {
+            return Err(format!(
+                "option `section`: {} must be at least chunk ({}) and at most {}",
+                self.section,
+                self.chunk,
+                format_size(MAX_SECTION)
+            ));
+        }
+        if self.data == DataMode::Mmap && self.section % SECTION_ALIGN != 0 {
+            return Err(format!(
+                "option `section`: {} is not a multiple of {SECTION_ALIGN}, required with data=mmap",
+                self.section
+            ));
+        }
+        if self.reserved & vfio_mig::v1::state::STATE_MASK != 0 {
+            return Err(format!(
+                "option `reserved`: {:#x} sets state bits 0-2; give bits 3-31 only",
+                self.reserved
+            ));
+        }
+        if !(FIRST_DEVICE_REGION..=MAX_REGION_INDEX).contains(&self.region_index) {
+            return Err(format!(
+                "option `region-index`: {} is not a device-specific region index \
+                 ({FIRST_DEVICE_REGION}..={MAX_REGION_INDEX})",
+                self.region_index
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for MockSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let usage = |msg: String| Error::InvalidInput(format!("mock spec `{s}`: {msg}"));
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default();
+        let protocol = match head {
+            "mock:v1" => Protocol::V1,
+            "mock:v2" => Protocol::V2,
+            _ => {
+                return Err(usage(format!(
+                    "must start with `mock:v1` or `mock:v2`, not `{head}`"
+                )))
+            }
+        };
+        let mut spec = MockSpec {
+            protocol,
+            ..Default::default()
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        let mut section = None;
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| usage(format!("option `{part}` is not NAME=VALUE")))?;
+            if key != "fail-at" {
+                if seen.contains(&key) {
+                    return Err(usage(format!("option `{key}` given twice")));
+                }
+                seen.push(key);
+            }
+            match protocol {
+                Protocol::V2 if V1_ONLY.contains(&key) => {
+                    return Err(usage(format!("option `{key}` is for mock:v1 only")))
+                }
+                Protocol::V1 if V2_ONLY.contains(&key) => {
+                    return Err(usage(format!("option `{key}` is for mock:v2 only")))
+                }
+                _ => {}
+            }
+            let bad = |what: &str| usage(format!("option `{key}`: `{value}` is not {what}"));
+            let size = || parse_size(value).ok_or_else(|| bad("a size (e.g. 4096, 64K, 1M, 2G)"));
+            match key {
+                "size" => spec.size = size()?,
+                "seed" => spec.seed = parse_number(value).ok_or_else(|| bad("a u64"))?,
+                "chunk" => spec.chunk = size()?,
+                "section" => section = Some(size()?),
+                "data" => {
+                    spec.data = match value {
+                        "mmap" => DataMode::Mmap,
+                        "trapped" => DataMode::Trapped,
+                        _ => return Err(bad("`mmap` or `trapped`")),
+                    }
+                }
+                "page" => {
+                    spec.page = size()?
+                        .try_into()
+                        .map_err(|_| bad("a page size below 4G"))?
+                }
+                "dirty-rate" => {
+                    let v = value.strip_suffix("/s").unwrap_or(value);
+                    spec.dirty_rate =
+                        parse_size(v).ok_or_else(|| bad("a rate in bytes per second (e.g. 10M)"))?
+                }
+                "reserved" => {
+                    spec.reserved = parse_number(value)
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| bad("a u32 (e.g. 0x80000100)"))?
+                }
+                "region-index" => {
+                    spec.region_index =
+                        value.parse().map_err(|_| bad("a region index (e.g. 10)"))?
+                }
+                "fail-at" if protocol == Protocol::V2 => spec.v2_faults.push(
+                    value
+                        .parse()
+                        .map_err(|e| usage(format!("option `fail-at`: {e}")))?,
+                ),
+                "fail-at" => spec.faults.push(
+                    value
+                        .parse()
+                        .map_err(|e| usage(format!("option `fail-at`: {e}")))?,
+                ),
+                "flags" => spec.flags = parse_number(value).ok_or_else(|| bad("a u64 (e.g. 0x7)"))?,
+                "dma" => {
+                    spec.dma = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("`on` or `off`")),
+                    }
+                }
+                "id" => {
+                    let ok = (1..=MAX_ID_LEN).contains(&value.len())
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                    if !ok {
+                        return Err(bad("a name of 1 to 64 characters from [A-Za-z0-9._-]"));
+                    }
+                    spec.id = Some(value.to_owned())
+                }
+                "dma-dirty" => {
+                    spec.dma_dirty = parse_number(value).ok_or_else(|| bad("a page count"))?
+                }
+                _ => {
+                    return Err(usage(format!(
+                        "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
+                         dirty-rate, reserved, region-index, fail-at, id; v2: flags, dma, dma-dirty)"
+                    )))
+                }
+            }
+        }
+        spec.section = section.unwrap_or_else(|| default_section(spec.chunk));
+        spec.validate().map_err(usage)?;
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for MockSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = MockSpec::default();
+        let protocol = match self.protocol {
+            Protocol::V1 => "v1",
+            Protocol::V2 => "v2",
+        };
+        write!(
+            f,
+            "mock:{protocol},size={},seed={}",
+            format_size(self.size),
+            self.seed
+        )?;
+        if self.chunk != d.chunk {
+            write!(f, ",chunk={}", format_size(self.chunk))?;
+        }
+        if self.section != default_section(self.chunk) {
+            write!(f, ",section={}", format_size(self.section))?;
+        }
+        if self.data == DataMode::Trapped {
+            write!(f, ",data=trapped")?;
+        }
+        if self.page != d.page {
+            write!(f, ",page={}", self.page)?;
+        }
+        if self.dirty_rate != d.dirty_rate {
+            write!(f, ",dirty-rate={}", format_size(self.dirty_rate))?;
+        }
+        if self.reserved != d.reserved {
+            write!(f, ",reserved={:#x}", self.reserved)?;
+        }
+        if self.region_index != d.region_index {
+            write!(f, ",region-index={}", self.region_index)?;
+        }
+        for rule in &self.faults {
+            write!(f, ",fail-at={rule}")?;
+        }
+        if self.flags != d.flags {
+            write!(f, ",flags={:#x}", self.flags)?;
+        }
+        if self.dma != d.dma {
+            write!(f, ",dma=off")?;
+        }
+        if self.dma_dirty != d.dma_dirty {
+            write!(f, ",dma-dirty={}", self.dma_dirty)?;
+        }
+        for rule in &self.v2_faults {
+            write!(f, ",fail-at={rule}")?;
+        }
+        if let Some(id) = &self.id {
+            write!(f, ",id={id}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultField;
+
+    fn err(s: &str) -> String {
+        s.parse::<MockSpec>().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let s: MockSpec = "mock:v1".parse().unwrap();
+        assert_eq!(s, MockSpec::default());
+        assert_eq!(s.size, 64 << 20);
+        assert_eq!(s.section, 1 << 20);
+        assert_eq!(s.reserved, 0x8000_0100);
+        assert_eq!(s.to_string(), "mock:v1,size=64M,seed=0");
+        let s: MockSpec = "mock:v2,seed=3".parse().unwrap();
+        assert_eq!(s.protocol, Protocol::V2);
+        assert_eq!(s.to_string(), "mock:v2,size=64M,seed=3");
+    }
+
+    #[test]
+    fn every_option_parses_and_prints_back() {
+        let text = "mock:v1,size=3G,seed=7,chunk=1000,section=8K,data=trapped,page=512,\
+                    dirty-rate=10M,reserved=0x8,region-index=12,fail-at=pending@3,\
+                    fail-at=state-write@2:error,fail-at=mmap@1:EAGAIN";
+        let s: MockSpec = text.parse().unwrap();
+        assert_eq!(s.size, 3 << 30);
+        assert_eq!(s.seed, 7);
+        assert_eq!(s.chunk, 1000);
+        assert_eq!(s.section, 8192);
+        assert_eq!(s.data, DataMode::Trapped);
+        assert_eq!(s.page, 512);
+        assert_eq!(s.dirty_rate, 10 << 20);
+        assert_eq!(s.reserved, 8);
+        assert_eq!(s.region_index, 12);
+        assert_eq!(s.faults.len(), 3);
+        assert_eq!(s.faults[1].field, FaultField::StateWrite);
+        assert!(s.faults[1].error_state);
+        assert_eq!(s.to_string(), text);
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+    }
+
+    #[test]
+    fn sizes_and_numbers() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("0x10"), Some(16));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("99999999999999999999"), None);
+        assert_eq!(parse_size("16777216T"), None);
+        assert_eq!(format_size(0), "0");
+        assert_eq!(format_size(1536), "1536");
+        assert_eq!(format_size(3 << 20), "3M");
+        let s: MockSpec = "mock:v1,seed=0xff,dirty-rate=1K/s".parse().unwrap();
+        assert_eq!(s.seed, 255);
+        assert_eq!(s.dirty_rate, 1024);
+    }
+
+    #[test]
+    fn id_parses_prints_and_is_checked() {
+        let s: MockSpec = "mock:v1,id=vm1.gpu-0_a,fail-at=pending@3,seed=2"
+            .parse()
+            .unwrap();
+        assert_eq!(s.id.as_deref(), Some("vm1.gpu-0_a"));
+        assert_eq!(
+            s.to_string(),
+            "mock:v1,size=64M,seed=2,fail-at=pending@3,id=vm1.gpu-0_a"
+        );
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+        assert!(err("mock:v1,id=").contains("option `id`"));
+        assert!(err("mock:v1,id=a/b").contains("option `id`"));
+        assert!(err(&format!("mock:v1,id={}", "x".repeat(65))).contains("option `id`"));
+        assert!(err("mock:v1,id=a,id=b").contains("given twice"));
+    }
+
+    #[test]
+    fn section_follows_chunk() {
+        let s: MockSpec = "mock:v1,chunk=5000".parse().unwrap();
+        assert_eq!(s.section, 8192);
+        assert_eq!(s.to_string(), "mock:v1,size=64M,seed=0,chunk=5000");
+        let s: MockSpec = "mock:v1,chunk=100,section=100,data=trapped"
+            .parse()
+            .unwrap();
+        assert_eq!(s.section, 100);
+        assert!(s.to_string().contains("section=100"));
+    }
+
+    #[test]
+    fn bad_specs_name_the_option() {
+        assert!(err("mock:v3").contains("must start with `mock:v1` or `mock:v2`"));
+        assert!(err("/sys/bus/mdev").contains("must start with"));
+        assert!(err("mock:v1,size").contains("option `size` is not NAME=VALUE"));
+        assert!(err("mock:v1,size=12Q").contains("option `size`: `12Q` is not a size"));
+        assert!(err("mock:v1,size=0").contains("option `size`"));
+        assert!(err("mock:v1,seed=x").contains("option `seed`"));
+        assert!(err("mock:v1,colour=red").contains("unknown option `colour`"));
+        assert!(err("mock:v1,size=1M,size=2M").contains("option `size` given twice"));
+        assert!(err("mock:v1,chunk=16").contains("option `chunk`"));
+        assert!(err("mock:v1,chunk=64K,section=32K").contains("option `section`"));
+        assert!(err("mock:v1,chunk=100,section=100").contains("required with data=mmap"));
+        assert!(err("mock:v1,data=dma").contains("option `data`"));
+        assert!(err("mock:v1,page=0").contains("option `page`"));
+        assert!(err("mock:v1,size=1T,page=1").contains("too many pages"));
+        assert!(err("mock:v1,reserved=0x5").contains("option `reserved`"));
+        assert!(err("mock:v1,reserved=0x100000000").contains("option `reserved`"));
+        assert!(err("mock:v1,region-index=8").contains("option `region-index`"));
+        assert!(err("mock:v1,fail-at=nope@1").contains("option `fail-at`: unknown field"));
+        assert!(err("mock:v1,dirty-rate=fast").contains("option `dirty-rate`"));
+        assert!(err("mock:v2,data=trapped").contains("option `data` is for mock:v1 only"));
+        assert!(err("mock:v2,region-index=9").contains("for mock:v1 only"));
+        assert!(err("mock:v1,flags=7").contains("option `flags` is for mock:v2 only"));
+        assert!(err("mock:v1,dma-dirty=3").contains("for mock:v2 only"));
+        assert!(err("mock:v2,dma=maybe").contains("option `dma`"));
+        assert!(err("mock:v2,flags=x").contains("option `flags`"));
+        assert!(err("mock:v2,fail-at=pending@1").contains("unknown v2 field `pending`"));
+        assert!(err("mock:v1,fail-at=set-state@1").contains("unknown field `set-state`"));
+        // The message carries the whole spec, for the CLI's one-line error.
+        assert!(err("mock:v1,size=0").starts_with("mock spec `mock:v1,size=0`"));
+    }
+
+    #[test]
+    fn v2_options_parse_and_print_back() {
+        let text = "mock:v2,size=1M,seed=9,chunk=4K,dirty-rate=1M,flags=0x5,dma=off,dma-dirty=8,\
+                    fail-at=set-state:STOP_COPY@1:error,fail-at=data-read@2:EPIPE";
+        let s: MockSpec = text.parse().unwrap();
+        assert_eq!(s.protocol, Protocol::V2);
+        assert_eq!((s.flags, s.dma, s.dma_dirty), (5, false, 8));
+        assert!(s.faults.is_empty());
+        assert_eq!(s.v2_faults.len(), 2);
+        assert_eq!(s.to_string(), text);
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+        let d: MockSpec = "mock:v2".parse().unwrap();
+        assert_eq!((d.flags, d.dma, d.dma_dirty), (DEFAULT_V2_FLAGS, true, 0));
+    }
+}

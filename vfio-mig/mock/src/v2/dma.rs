@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! DMA dirty-page logging of the v2 mock (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`,
+//! `_REPORT`, `_STOP`), with the checks of the kernel's core
+//! (`vfio_ioctl_device_feature_logging_*`) and of a vendor driver.
+//!
+//! While logging, the running device "DMA-writes" `dma-dirty` pages before each report: pages
+//! of the logged ranges chosen by a generator seeded from the device seed (restarted by each
+//! START), so a test knows exactly which bits to expect ([`DmaLog::written`]).
+//!
+//! The START payload holds the *address* of the range array and the REPORT payload the
+//! address of the bitmap, as in the uAPI: the mock reads and writes them in place, as the
+//! kernel does with `copy_from_user` / `copy_to_user`.
+
+use std::collections::BTreeSet;
+use std::mem::size_of;
+
+use vfio_bindings::bindings::vfio::{
+    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_range,
+    vfio_device_feature_dma_logging_report,
+};
+
+use crate::content::SplitMix64;
+use vfio_mig::v2::feature::MIN_DMA_LOG_PAGE;
+
+/// Most ranges one START may carry (`LOG_MAX_RANGES`: what fits a 4 KiB page).
+pub const LOG_MAX_RANGES: u32 = 4096 / size_of::<vfio_device_feature_dma_logging_range>() as u32;
+/// Mixed into the seed for the generator choosing DMA-written pages.
+const DMA_RNG_SALT: u64 = 0x5EED_D1A7_0B17_3A95;
+
+/// The kernel's `IS_ALIGNED` (for a power of two; with 0 only 0 is aligned, as in C).
+fn is_aligned(x: u64, a: u64) -> bool {
+    x & a.wrapping_sub(1) == 0
+}
+
+/// An active (or stopped) DMA log.
+#[derive(Debug, Clone)]
+pub struct DmaLog {
+    /// The page size the device chose.
+    pub page: u64,
+    /// The logged ranges, (iova, length), sorted.
+    ranges: Vec<(u64, u64)>,
+    /// Pages (at `page`) in all ranges.
+    total_pages: u64,
+    /// Written and not yet reported (IOVA of each page).
+    dirty: BTreeSet<u64>,
+    /// Written since START.
+    written: BTreeSet<u64>,
+    rng: SplitMix64,
+    /// Whether logging is on.
+    pub active: bool,
+}
+
+impl DmaLog {
+    /// `DMA_LOGGING_START`: checks the control payload and the ranges at its address.
+    /// Returns the log or an errno.
+    pub fn start(
+        control: &vfio_device_feature_dma_logging_control,
+        seed: u64,
+    ) -> Result<Self, i32> {
+        let n = control.num_ranges;
+        if n == 0 {
+            return Err(libc::EINVAL);
+        }
+        if n > LOG_MAX_RANGES {
+            return Err(libc::E2BIG);
+        }
+        if control.ranges == 0 {
+            return Err(libc::EFAULT);
+        }
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+        for i in 0..n as usize {
+            let at =
+                control.ranges as usize + i * size_of::<vfio_device_feature_dma_logging_range>();
+            // SAFETY: the uAPI contract of `DeviceIo::device_feature` for DMA_LOGGING_START,
+            // as for the kernel's copy_from_user: `ranges` is the address of `num_ranges`
+            // readable ranges that stay valid for the call (`v2::feature` passes a borrowed
+            // slice). The read is unaligned-safe.
+            let r = unsafe {
+                std::ptr::read_unaligned(at as *const vfio_device_feature_dma_logging_range)
+            };
+            if !is_aligned(r.iova, control.page_size) || !is_aligned(r.length, control.page_size) {
+                return Err(libc::EINVAL);
+            }
+            let Some(end) = r.iova.checked_add(r.length) else {
+                return Err(libc::EOVERFLOW);
+            };
+            if r.length == 0 {
+                // The kernel's interval tree would hold [iova, iova - 1]: refuse it.
+                return Err(libc::EINVAL);
+            }
+            if ranges.iter().any(|&(s, l)| r.iova < s + l && s < end) {
+                return Err(libc::EINVAL);
+            }
+            ranges.push((r.iova, r.length));
+        }
+        // The vendor driver's part: it tracks at a power-of-two page of at least 4 KiB.
+        if !control.page_size.is_power_of_two() {
+            return Err(libc::EINVAL);
+        }
+        let page = control.page_size.max(MIN_DMA_LOG_PAGE);
+        ranges.sort_unstable();
+        let total_pages = ranges.iter().map(|&(_, l)| l.div_ceil(page)).sum();
+        Ok(Self {
+            page,
+            ranges,
+            total_pages,
+            dirty: BTreeSet::new(),
+            written: BTreeSet::new(),
+            rng: SplitMix64::new(seed ^ DMA_RNG_SALT),
+            active: true,
+        })
+    }
+
+    /// The running device writes `n` pages (with repetition) of the logged ranges.
+    pub fn dma_write(&mut self, n: u64) -> u64 {
+        if !self.active || self.total_pages == 0 {
+            return 0;
+        }
+        for _ in 0..n {
+            let mut k = self.rng.next_u64() % self.total_pages;
+            for &(iova, len) in &self.ranges {
+                let pages = len.div_ceil(self.page);
+                if k < pages {
+                    let p = (iova / self.page + k) * self.page;
+                    self.dirty.insert(p);
+                    self.written.insert(p);
+                    break;
+                }
+                k -= pages;
+            }
+        }
+        n
+    }
+
+    /// `DMA_LOGGING_REPORT` after the core's checks: sets the bits of the dirty pages that
+    /// overlap `[iova, iova + length)` into the bitmap at `report.bitmap` (one bit per
+    /// `report.page_size`, relative to `iova`) and clears them from the log. Returns the bits
+    /// set, or an errno.
+    pub fn report(&mut self, report: &vfio_device_feature_dma_logging_report) -> Result<u64, i32> {
+        if !self.active {
+            return Err(libc::EINVAL);
+        }
+        let (iova, length, rpage) = (report.iova, report.length, report.page_size);
+        if length == 0 {
+            return Ok(0);
+        }
+        if report.bitmap == 0 {
+            return Err(libc::EFAULT);
+        }
+        let end = iova + length;
+        let lo = iova - iova % self.page;
+        let hits: Vec<u64> = self.dirty.range(lo..end).copied().collect();
+        let mut bits = 0;
+        for p in hits {
+            let (from, to) = (p.max(iova), (p + self.page).min(end));
+            if from >= to {
+                continue;
+            }
+            self.dirty.remove(&p);
+            for bit in (from - iova) / rpage..=(to - 1 - iova) / rpage {
+                let word = report.bitmap as usize + (bit / 64) as usize * size_of::<u64>();
+                // SAFETY: the uAPI contract of DMA_LOGGING_REPORT, as for the kernel's
+                // iova_bitmap: `bitmap` is the address of a writable bitmap of at least
+                // ceil(length / page_size) bits, in u64 words, valid for the call
+                // (`v2::feature` checks the length of the borrowed slice it passes). `bit`
+                // is below that count since `to <= iova + length`. Unaligned-safe.
+                unsafe {
+                    let w = word as *mut u64;
+                    let old = std::ptr::read_unaligned(w);
+                    let new = old | 1u64 << (bit % 64);
+                    if new != old {
+                        bits += 1;
+                    }
+                    std::ptr::write_unaligned(w, new);
+                }
+            }
+        }
+        Ok(bits)
+    }
+
+    /// `DMA_LOGGING_STOP`.
+    pub fn stop(&mut self) {
+        self.active = false;
+        self.dirty.clear();
+    }
+
+    /// The pages written since START, sorted.
+    pub fn written(&self) -> Vec<u64> {
+        self.written.iter().copied().collect()
+    }
+}

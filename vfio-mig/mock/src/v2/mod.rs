@@ -1,0 +1,1020 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The v2 mock mediated device: an in-process vendor driver implementing the v2 migration
+//! uAPI (`VFIO_DEVICE_FEATURE` + data fd) the way the kernel's `mtty` sample does, behind the
+//! same [`DeviceIo`] trait as a real device fd, with the checks of the kernel's VFIO core.
+//!
+//! # The feature ioctl
+//!
+//! [`DeviceIo::device_feature`] parses the buffer as `vfio_ioctl_device_feature` does: `argsz`
+//! below 8 (or beyond the buffer), unknown flag bits, or GET together with SET without PROBE
+//! are `EINVAL`; then each feature checks its access as `vfio_check_feature`: a GET or SET the
+//! feature does not offer is `EINVAL`, PROBE answers 0 without doing anything (and counts no
+//! fault), neither GET nor SET is `EINVAL`, a payload shorter than the feature's struct is
+//! `EINVAL`. Unknown features are `ENOTTY` (vfio-pci-core's answer; an mdev without a
+//! `device_feature` op, such as mtty, answers `EINVAL`).
+//!
+//! | feature                  | access | answer                                             |
+//! |--------------------------|--------|----------------------------------------------------|
+//! | `MIGRATION` (1)          | GET    | `flags=` (default `0x7`: STOP_COPY, P2P, PRE_COPY) |
+//! | `MIG_DEVICE_STATE` (2)   | GET    | the state                                          |
+//! | `MIG_DEVICE_STATE` (2)   | SET    | walks to the state; `data_fd` or -1 (below)        |
+//! | `DMA_LOGGING_START` (6)  | SET    | starts logging the ranges at the payload's address |
+//! | `DMA_LOGGING_STOP` (7)   | SET    | stops logging (0 when not started)                 |
+//! | `DMA_LOGGING_REPORT` (8) | GET    | reads and clears the log into the bitmap           |
+//! | `MIG_DATA_SIZE` (9)      | GET    | the bytes STOP_COPY would still produce            |
+//! | `MIG_PRECOPY_INFOv2` (12)| SET    | opts in to valid `vfio_precopy_info.flags`; EINVAL without PRE_COPY |
+//!
+//! `dma=off` removes the three DMA logging features (`ENOTTY`, as the core without `log_ops`).
+//!
+//! # States
+//!
+//! A SET walks from the current state to the requested one as mtty's `set_state` does: it
+//! takes [`next_step`] (the kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for
+//! states the `flags` do not support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values
+//! above 7) and executes that single arc, again and again; the state advances arc by arc, so
+//! a failing arc leaves the device in the state before it. A SET of the current state is a
+//! no-op (even ERROR while in ERROR, as in mtty). The arcs:
+//!
+//! - RUNNING -> PRE_COPY, RUNNING_P2P -> PRE_COPY_P2P, STOP -> STOP_COPY: a new saving data
+//!   fd; STOP -> RESUMING: a new resuming data fd. Only the last arc of a walk may open one.
+//! - PRE_COPY(_P2P) -> STOP_COPY: no new fd (-1); the stream goes on in the same fd.
+//! - PRE_COPY -> RUNNING, PRE_COPY_P2P -> RUNNING_P2P, STOP_COPY -> STOP: the session ends;
+//!   the mock closes its end (the caller reads what is buffered, then 0; mtty's reads fail
+//!   with ENODEV instead).
+//! - RESUMING -> STOP: waits until the consumer has taken every byte written so far, then
+//!   refuses (`EINVAL`, staying in RESUMING, every time until a reset) a stream whose framing
+//!   broke. mtty refuses an incomplete stream here; the mock checks content and completeness
+//!   when the device next *runs*:
+//! - STOP -> RUNNING, RUNNING_P2P or STOP_COPY after a resume: the state received must verify
+//!   ([`Decoder::verify_complete`]: the sender's seed, every page, END, digest); if not the
+//!   arc fails with `EINVAL` and the device drops into ERROR, which only a reset leaves.
+//! - the other arcs (RUNNING <-> RUNNING_P2P, RUNNING_P2P <-> STOP, PRE_COPY <-> PRE_COPY_P2P,
+//!   and RUNNING <-> STOP without P2P) change nothing else.
+//!
+//! # The data fd
+//!
+//! A real pipe: the caller gets one end, as its own descriptor (close-on-exec, blocking), and
+//! a thread of the mock serves the other. A pipe is a byte stream like the kernel's data fd:
+//! reads of any size (no minimum buffer), partial reads, `poll`, `splice`. For pre-copy's
+//! temporary end the feeder closes its write end when the pre-copy data runs out, so the
+//! caller reads 0 once the pipe is drained, and the device opens a new write end of the same
+//! pipe (through `/proc/self/fd`, so pre-copy needs `/proc`) when more data appears, before the
+//! ioctl that produced it returns: in STOP_COPY a 0 is always the true end. (A
+//! `SOCK_SEQPACKET` pair carries 0-byte messages too, but silently drops the rest of a
+//! datagram read into a smaller buffer.)
+//!
+//! - Saving: a feeder thread writes the [`Encoder`] stream (every page, then pages dirtied
+//!   since they were sent). In PRE_COPY the device keeps running: each PRECOPY_INFO (and the
+//!   arc into STOP_COPY) first dirties the pages `dirty-rate` accounts for since the last one.
+//!   When the pre-copy data runs out the fd reads 0 (mtty's behaviour; the uAPI's ENOMSG
+//!   cannot come out of a pipe, so that path is covered by the driver's unit tests), and more
+//!   data may follow later. In STOP_COPY the fd yields the rest, END included, then 0.
+//! - Resuming: a consumer thread reads the pipe into a [`Decoder`]. A framing error closes
+//!   the mock's end, so the caller's next write fails with EPIPE (mtty fails the write with
+//!   EFAULT; a pipe raises SIGPIPE too, which Rust programs ignore), and RESUMING -> STOP fails
+//!   with EINVAL.
+//!
+//! `VFIO_MIG_GET_PRECOPY_INFO` ([`DeviceIo::precopy_info`]) on the current saving fd answers
+//! `initial_bytes` (of the first pass over all pages, not yet read) and `dirty_bytes` (the
+//! rest not yet read) in PRE_COPY and PRE_COPY_P2P, `EINVAL` in other states (mtty), `ENODEV`
+//! for an earlier saving fd during a newer pre-copy, and `ENOTTY` for any other fd, a resuming
+//! fd included. `flags` is always 0 (no REINIT).
+//!
+//! # Faults
+//!
+//! `fail-at=FIELD[:STATE]@N[:ERRNO|:error]` ([`V2FaultRule`](super::faults::V2FaultRule)) fails the N-th access of a
+//! field (default `EIO`; `:error` also drops the device into ERROR), before any other rule:
+//!
+//! | field          | one access is                                 | the fault                  |
+//! |----------------|-----------------------------------------------|----------------------------|
+//! | `migration`    | a GET of MIGRATION                            | the ioctl fails            |
+//! | `get-state`    | a GET of MIG_DEVICE_STATE                     | the ioctl fails            |
+//! | `set-state`    | one arc of a SET (`:STATE`: arcs into STATE)  | the walk stops before it   |
+//! | `data-size`    | a GET of MIG_DATA_SIZE                        | the ioctl fails            |
+//! | `precopy-info` | a PRECOPY_INFO on the current saving fd       | the ioctl fails            |
+//! | `data-read`    | a `chunk`-byte block of a saving stream       | see below                  |
+//! | `data-write`   | a `chunk`-byte block of a resuming stream     | see below                  |
+//! | `dma-logging`  | a GET or SET of DMA_LOGGING_START/REPORT/STOP | the ioctl fails            |
+//! | `reset`        | a VFIO_DEVICE_RESET                           | the reset fails            |
+//!
+//! A pipe cannot fail a read or a write with a chosen errno, so the data faults act as a
+//! driver that loses its data would: `data-read` stops the stream before the failing block
+//! (the caller reads what came before, then 0), after which PRECOPY_INFO fails with the errno
+//! and so does, once, the next arc that would complete the save (into STOP_COPY, or
+//! STOP_COPY -> STOP); `data-write` refuses the failing block and everything after (the
+//! mock's end closes: the caller's writes fail with EPIPE) and RESUMING -> STOP fails with
+//! the errno until a reset. With `:error` either drops the device into ERROR as it happens.
+//!
+//! # Reset
+//!
+//! `VFIO_DEVICE_RESET` ends any session (threads joined, the mock's ends closed), forgets a
+//! resumed state, and leaves the device RUNNING with its seeded content at generation 0. DMA
+//! logging and the PRECOPY_INFOv2 opt-in survive a reset (they are undone by closing the
+//! device, which a mock never sees).
+//!
+//! # Example
+//!
+//! ```
+//! use vfio_mig::device::DeviceIo;
+//! use vfio_mig_mock::{MockSpec, MockV2};
+//! use vfio_mig::v2::{feature, MigState};
+//!
+//! let spec: MockSpec = "mock:v2,size=64K,seed=7".parse()?;
+//! let (src, dst) = (MockV2::new(&spec)?, MockV2::new(&spec)?);
+//! assert_eq!(feature::migration_flags(&src)?.bits(), 0x7);
+//!
+//! // RUNNING -> STOP_COPY: the device walks RUNNING_P2P and STOP itself; the last arc opens
+//! // the data fd.
+//! let out = feature::set_state(&src, MigState::StopCopy)?.expect("a data fd");
+//! let input = feature::set_state(&dst, MigState::Resuming)?.expect("a data fd");
+//! let mut reader = std::fs::File::from(out);
+//! let mut writer = std::fs::File::from(input);
+//! std::io::copy(&mut reader, &mut writer)?; // up to the 0-byte read: the end of the state
+//! drop(writer);
+//! feature::set_state(&src, MigState::Stop)?;
+//! feature::set_state(&dst, MigState::Running)?; // RESUMING -> STOP -> ... -> RUNNING
+//! assert!(dst.handle().status().resumed_ok);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod dma;
+mod session;
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use vfio_bindings::bindings::vfio::{
+    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_report,
+    vfio_device_feature_mig_data_size, vfio_device_feature_mig_state,
+    vfio_device_feature_migration, vfio_precopy_info, vfio_region_info,
+    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+
+use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
+use super::faults::{V2FaultField, V2FaultPlan};
+use super::spec::{MockSpec, Protocol};
+use super::status::{Inspect, MockHandle, MockStatus};
+use vfio_mig::device::pod::{read_pod, write_pod, Pod};
+use vfio_mig::device::region::{encode_region_info, RegionInfo};
+use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
+use vfio_mig::v2::feature::{HEADER_LEN, MIN_DMA_LOG_PAGE};
+use vfio_mig::v2::state::{next_step, MigState, MigrationFlags};
+
+use dma::DmaLog;
+pub use dma::LOG_MAX_RANGES;
+use session::{file_id, Faults, FileId, LoadSession, SaveSession};
+
+/// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
+pub const REGION_SHIFT: u32 = 40;
+/// Size of BAR0, a read/write scratch region (the device's only region with a size).
+pub const BAR0_SIZE: u64 = 4096;
+/// Mixed into the seed for the generator choosing pages dirtied in pre-copy.
+const DIRTY_RNG_SALT: u64 = 0xD1B5_4A32_D192_ED03;
+/// Most pages dirtied by one catch-up, so a long pause cannot stall the device.
+const MAX_DIRTY_PASSES: u64 = 2;
+/// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`, under a name that can be a pattern.
+const PRECOPY_INFO_V2: u32 = VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2;
+/// Earlier saving fds remembered, to answer ENODEV rather than ENOTTY for them.
+const OLD_FDS: usize = 16;
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// The data session of the current streaming state.
+#[derive(Debug)]
+enum Session {
+    Save(SaveSession),
+    Load(LoadSession),
+}
+
+/// The device's state, behind the mutex.
+#[derive(Debug)]
+struct Inner {
+    spec: MockSpec,
+    content: Content,
+    flags: MigrationFlags,
+    state: MigState,
+    /// The page generations (the device's state) while no save owns them.
+    gens: Vec<u32>,
+    session: Option<Session>,
+    /// A resumed state that passed RESUMING -> STOP, verified when the device next runs.
+    loaded: Option<Decoder>,
+    faults: Faults,
+    rng: SplitMix64,
+    /// When pre-copy dirtying was last accounted, and the bytes short of a page.
+    dirty_clock: (Instant, f64),
+    precopy_v2: bool,
+    dma: Option<DmaLog>,
+    bar0: Vec<u8>,
+    old_saving: VecDeque<FileId>,
+    status: MockStatus,
+}
+
+/// The shared inner state; the inspection handle holds it too.
+#[derive(Debug)]
+struct Shared(Mutex<Inner>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves a consistent-enough device for diagnostics.
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.sync();
+        g
+    }
+}
+
+impl Inspect for Shared {
+    fn status(&self) -> MockStatus {
+        let g = self.lock();
+        let mut s = g.status.clone();
+        s.state_raw = g.state.raw();
+        s.v2_state = Some(g.state);
+        s.fault_hits = session::lock_faults(&g.faults).hits();
+        s.precopy_info_v2 = g.precopy_v2;
+        match &g.session {
+            Some(Session::Save(save)) => {
+                let st = save.lock();
+                s.stream_pending = st.unwritten();
+                s.bytes_saved += save.consumed(&st);
+            }
+            Some(Session::Load(load)) => {
+                let st = load.lock();
+                s.bytes_loaded += st.received;
+                s.corrupt = st.decoder.is_corrupt();
+                s.first_bad_page = st.decoder.first_bad_page();
+            }
+            None => {}
+        }
+        if let Some(dma) = &g.dma {
+            s.dma_logging = dma.active;
+        }
+        s
+    }
+
+    fn state_digest(&self) -> u32 {
+        let g = self.lock();
+        match &g.session {
+            Some(Session::Save(save)) => gen_digest(save.lock().encoder.gens()),
+            _ => gen_digest(&g.gens),
+        }
+    }
+
+    fn dma_written(&self) -> Vec<u64> {
+        self.lock()
+            .dma
+            .as_ref()
+            .map(DmaLog::written)
+            .unwrap_or_default()
+    }
+}
+
+/// The v2 mock mediated device.
+///
+/// Cloning shares the device (like duplicating its fd). [`MockV2::handle`] gives a
+/// [`MockHandle`] to inspect it while the code under test holds it as a `dyn DeviceIo`.
+/// Dropping the last clone and handle stops its threads and closes its ends of any data fd.
+#[derive(Clone)]
+pub struct MockV2 {
+    shared: Arc<Shared>,
+    identity: DeviceIdentity,
+}
+
+impl std::fmt::Debug for MockV2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockV2")
+            .field("instance", &self.identity.instance)
+            .finish()
+    }
+}
+
+impl MockV2 {
+    /// Creates a device as `spec` describes (`spec.protocol` must be v2).
+    pub fn new(spec: &MockSpec) -> io::Result<Self> {
+        if spec.protocol != Protocol::V2 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{spec}: not a v2 mock"),
+            ));
+        }
+        let content = Content::new(spec.seed, spec.size, spec.page);
+        let inner = Inner {
+            content,
+            flags: MigrationFlags::from_bits_retain(spec.flags),
+            state: MigState::Running,
+            gens: vec![0; content.page_count() as usize],
+            session: None,
+            loaded: None,
+            faults: Arc::new(Mutex::new(V2FaultPlan::new(&spec.v2_faults))),
+            rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
+            dirty_clock: (Instant::now(), 0.0),
+            precopy_v2: false,
+            dma: None,
+            bar0: vec![0; BAR0_SIZE as usize],
+            old_saving: VecDeque::new(),
+            status: MockStatus::default(),
+            spec: spec.clone(),
+        };
+        Ok(Self {
+            shared: Arc::new(Shared(Mutex::new(inner))),
+            identity: DeviceIdentity {
+                model: "mock:v2".into(),
+                instance: spec.to_string(),
+            },
+        })
+    }
+
+    /// A handle to inspect this device.
+    pub fn handle(&self) -> MockHandle {
+        MockHandle::new(self.shared.clone())
+    }
+
+    /// The spec this device was created from.
+    pub fn spec(&self) -> MockSpec {
+        self.shared.lock().spec.clone()
+    }
+}
+
+/// What `vfio_check_feature` decided: do the access, or answer a PROBE with 0.
+enum Access {
+    Get,
+    Set,
+    Probe,
+}
+
+/// The kernel's `vfio_check_feature`: `get` and `set` are the accesses the feature offers,
+/// `minsz` the payload it needs.
+fn check_feature(
+    flags: u32,
+    argsz: usize,
+    get: bool,
+    set: bool,
+    minsz: usize,
+) -> io::Result<Access> {
+    let asks_get = flags & VFIO_DEVICE_FEATURE_GET != 0;
+    let asks_set = flags & VFIO_DEVICE_FEATURE_SET != 0;
+    if (asks_get && !get) || (asks_set && !set) {
+        return Err(errno(libc::EINVAL));
+    }
+    if flags & VFIO_DEVICE_FEATURE_PROBE != 0 {
+        return Ok(Access::Probe);
+    }
+    if !asks_get && !asks_set {
+        return Err(errno(libc::EINVAL));
+    }
+    if argsz < minsz {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(if asks_get { Access::Get } else { Access::Set })
+}
+
+fn payload<T: Pod>(p: &[u8]) -> io::Result<T> {
+    read_pod(p, 0).ok_or_else(|| errno(libc::EINVAL))
+}
+
+impl Inner {
+    /// Refuses with `EINVAL`, remembering why.
+    fn refuse(&mut self, why: impl Into<String>) -> io::Error {
+        let why = why.into();
+        log::debug!("mock v2: refused: {why}");
+        self.status.last_refusal = Some(why);
+        errno(libc::EINVAL)
+    }
+
+    fn enter_error(&mut self) {
+        self.state = MigState::Error;
+    }
+
+    /// Counts an access; fails it when a `fail-at` rule says so.
+    fn fault(&mut self, field: V2FaultField, state: Option<MigState>) -> io::Result<()> {
+        let r = session::lock_faults(&self.faults).check(field, state);
+        r.map_err(|hit| {
+            if hit.error_state {
+                self.enter_error();
+            }
+            self.status.last_refusal = Some(match state {
+                Some(s) => format!("fail-at {field}:{s}"),
+                None => format!("fail-at {field}"),
+            });
+            hit.to_io()
+        })
+    }
+
+    /// Applies the `:error` of a data fault a session thread hit since the last look.
+    fn sync(&mut self) {
+        let error = match &self.session {
+            Some(Session::Save(s)) => {
+                let mut st = s.lock();
+                let hit = st.failed.filter(|h| h.error_state && !st.error_applied);
+                if hit.is_some() {
+                    st.error_applied = true;
+                }
+                hit.is_some()
+            }
+            Some(Session::Load(s)) => {
+                let mut st = s.lock();
+                let hit = st.failed.filter(|h| h.error_state && !st.error_applied);
+                if hit.is_some() {
+                    st.error_applied = true;
+                }
+                hit.is_some()
+            }
+            None => false,
+        };
+        if error {
+            self.status.last_refusal = Some("data fault: the device failed".into());
+            self.enter_error();
+        }
+    }
+
+    /// Ends the current session, folding its counters into the status. Returns the device
+    /// state of a saving session and whether the caller read all of it.
+    fn end_session(&mut self) -> Option<(Encoder, bool)> {
+        match self.session.take()? {
+            Session::Save(save) => {
+                remember(&mut self.old_saving, save.id);
+                let end = save.stop();
+                self.status.bytes_saved += end.consumed;
+                Some((end.encoder, end.complete))
+            }
+            Session::Load(mut load) => {
+                load.abort();
+                self.status.bytes_loaded += load.lock().received;
+                None
+            }
+        }
+    }
+
+    /// Ends the session and gives a saving session's state back to the device.
+    fn drop_session(&mut self) {
+        if let Some((encoder, _)) = self.end_session() {
+            self.gens = encoder.into_gens();
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        matches!(
+            self.state,
+            MigState::Running | MigState::RunningP2p | MigState::PreCopy | MigState::PreCopyP2p
+        )
+    }
+
+    /// The whole stream of the device's state: every page with its header, then END.
+    fn full_stream(&self) -> u64 {
+        u64::from(self.content.page_count()) * PACKET_HEADER as u64
+            + self.content.size()
+            + PACKET_HEADER as u64
+    }
+
+    // ---- VFIO_DEVICE_FEATURE -------------------------------------------------------------
+
+    fn feature(&mut self, arg: &mut [u8]) -> io::Result<i32> {
+        let argsz = read_pod::<u32>(arg, 0).ok_or_else(|| errno(libc::EINVAL))? as usize;
+        if argsz > arg.len() || argsz < HEADER_LEN {
+            return Err(errno(libc::EINVAL));
+        }
+        let flags: u32 = read_pod(arg, 4).ok_or_else(|| errno(libc::EINVAL))?;
+        let known = VFIO_DEVICE_FEATURE_MASK
+            | VFIO_DEVICE_FEATURE_GET
+            | VFIO_DEVICE_FEATURE_SET
+            | VFIO_DEVICE_FEATURE_PROBE;
+        if flags & !known != 0 {
+            return Err(self.refuse(format!("feature flags {flags:#x} set unknown bits")));
+        }
+        if flags & VFIO_DEVICE_FEATURE_PROBE == 0
+            && flags & VFIO_DEVICE_FEATURE_GET != 0
+            && flags & VFIO_DEVICE_FEATURE_SET != 0
+        {
+            return Err(self.refuse("feature GET and SET together without PROBE"));
+        }
+        let p = &mut arg[HEADER_LEN..argsz];
+        let len = p.len();
+        match flags & VFIO_DEVICE_FEATURE_MASK {
+            VFIO_DEVICE_FEATURE_MIGRATION => {
+                let sz = size_of::<vfio_device_feature_migration>();
+                if let Access::Get = check_feature(flags, len, true, false, sz)? {
+                    self.fault(V2FaultField::Migration, None)?;
+                    let mig = vfio_device_feature_migration {
+                        flags: self.flags.bits(),
+                    };
+                    write_pod(p, 0, &mig);
+                }
+            }
+            VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => {
+                let sz = size_of::<vfio_device_feature_mig_state>();
+                let access = check_feature(flags, len, true, true, sz)?;
+                if matches!(access, Access::Probe) {
+                    return Ok(0);
+                }
+                let mut mig: vfio_device_feature_mig_state = payload(p)?;
+                mig.data_fd = -1;
+                if let Access::Get = access {
+                    self.fault(V2FaultField::GetState, None)?;
+                    mig.device_state = self.state.raw();
+                    write_pod(p, 0, &mig);
+                    return Ok(0);
+                }
+                let result = self.set_state(mig.device_state).map(|fd| {
+                    if let Some(fd) = fd {
+                        // Ownership goes to the caller, as `fd_install` hands the kernel's
+                        // file to the process.
+                        mig.data_fd = fd.into_raw_fd();
+                    }
+                });
+                // As in the kernel, the answer (data_fd -1) is copied back when a SET fails.
+                write_pod(p, 0, &mig);
+                result?;
+            }
+            VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => {
+                let sz = size_of::<vfio_device_feature_mig_data_size>();
+                if let Access::Get = check_feature(flags, len, true, false, sz)? {
+                    self.fault(V2FaultField::DataSize, None)?;
+                    let size = vfio_device_feature_mig_data_size {
+                        stop_copy_length: self.data_size(),
+                    };
+                    write_pod(p, 0, &size);
+                }
+            }
+            PRECOPY_INFO_V2 => {
+                if !self.flags.contains(MigrationFlags::PRE_COPY) {
+                    return Err(self.refuse("MIG_PRECOPY_INFOv2 without PRE_COPY"));
+                }
+                if let Access::Set = check_feature(flags, len, false, true, 0)? {
+                    self.precopy_v2 = true;
+                }
+            }
+            f @ (VFIO_DEVICE_FEATURE_DMA_LOGGING_START
+            | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
+            | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT) => {
+                if !self.spec.dma {
+                    return Err(errno(libc::ENOTTY));
+                }
+                self.dma_feature(f, flags, p)?;
+            }
+            _ => return Err(errno(libc::ENOTTY)),
+        }
+        Ok(0)
+    }
+
+    fn dma_feature(&mut self, feature: u32, flags: u32, p: &mut [u8]) -> io::Result<()> {
+        let len = p.len();
+        match feature {
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START => {
+                let sz = size_of::<vfio_device_feature_dma_logging_control>();
+                if let Access::Set = check_feature(flags, len, false, true, sz)? {
+                    self.fault(V2FaultField::DmaLogging, None)?;
+                    if self.dma.as_ref().is_some_and(|d| d.active) {
+                        return Err(self.refuse("DMA logging is already started"));
+                    }
+                    let mut control: vfio_device_feature_dma_logging_control = payload(p)?;
+                    let log = DmaLog::start(&control, self.spec.seed).map_err(errno)?;
+                    control.page_size = log.page;
+                    write_pod(p, 0, &control);
+                    self.dma = Some(log);
+                }
+            }
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => {
+                if let Access::Set = check_feature(flags, len, false, true, 0)? {
+                    self.fault(V2FaultField::DmaLogging, None)?;
+                    if let Some(d) = self.dma.as_mut() {
+                        d.stop();
+                    }
+                }
+            }
+            _ => {
+                let sz = size_of::<vfio_device_feature_dma_logging_report>();
+                if let Access::Get = check_feature(flags, len, true, false, sz)? {
+                    self.fault(V2FaultField::DmaLogging, None)?;
+                    let report: vfio_device_feature_dma_logging_report = payload(p)?;
+                    if report.page_size < MIN_DMA_LOG_PAGE || !report.page_size.is_power_of_two() {
+                        return Err(
+                            self.refuse(format!("DMA log report page size {}", report.page_size))
+                        );
+                    }
+                    if report.iova.checked_add(report.length).is_none() {
+                        return Err(errno(libc::EOVERFLOW));
+                    }
+                    let running = self.is_running();
+                    let n = self.spec.dma_dirty;
+                    let Some(log) = self.dma.as_mut().filter(|d| d.active) else {
+                        return Err(self.refuse("DMA log report while logging is stopped"));
+                    };
+                    // The device writes while it runs; a stopped device does no DMA.
+                    let wrote = if running { log.dma_write(n) } else { 0 };
+                    let bits = log.report(&report).map_err(errno)?;
+                    self.status.dma_pages_dirtied += wrote;
+                    self.status.dma_bits_reported += bits;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `MIG_DATA_SIZE`: what STOP_COPY would still produce.
+    fn data_size(&mut self) -> u64 {
+        if self.state.is_pre_copy() {
+            self.apply_dirty();
+        }
+        match &self.session {
+            Some(Session::Save(save)) => {
+                let st = save.lock();
+                let end = if st.encoder.is_finished() {
+                    0
+                } else {
+                    PACKET_HEADER as u64
+                };
+                st.unwritten() + save.in_pipe(&st, None) + end
+            }
+            _ => self.full_stream(),
+        }
+    }
+
+    // ---- states and arcs -----------------------------------------------------------------
+
+    /// A SET of MIG_DEVICE_STATE: walks to `raw` one arc at a time, as mtty's `set_state`.
+    fn set_state(&mut self, raw: u32) -> io::Result<Option<OwnedFd>> {
+        let Some(target) = MigState::from_raw(raw) else {
+            return Err(self.refuse(format!("device_state {raw} is not a v2 state")));
+        };
+        let mut fd = None;
+        while self.state != target {
+            let cur = self.state;
+            let next = match next_step(cur, target, self.flags) {
+                Ok(n) => n,
+                Err(e) => return Err(self.refuse(format!("{cur} -> {target}: {e}"))),
+            };
+            self.fault(V2FaultField::SetState, Some(next))?;
+            let opened = self.arc(cur, next)?;
+            self.state = next;
+            if let Some(f) = opened {
+                if next != target {
+                    // mtty WARNs: the kernel's table never opens a session midway.
+                    drop(f);
+                    return Err(self.refuse(format!("{cur} -> {next} opened a data fd midway")));
+                }
+                self.status.data_fds += 1;
+                fd = Some(f);
+            }
+        }
+        Ok(fd)
+    }
+
+    /// One arc, as mtty's `step_state`: what the device does, and the data fd it opens.
+    fn arc(&mut self, cur: MigState, next: MigState) -> io::Result<Option<OwnedFd>> {
+        use MigState::*;
+        if cur == Stop && matches!(next, Running | RunningP2p | StopCopy) && self.loaded.is_some() {
+            self.run_loaded(cur, next)?;
+        }
+        match (cur, next) {
+            (Running, PreCopy) | (RunningP2p, PreCopyP2p) => self.start_save(true).map(Some),
+            (Stop, StopCopy) => self.start_save(false).map(Some),
+            (PreCopy | PreCopyP2p, StopCopy) => {
+                self.save_failure()?;
+                // The device ran until now: account for what it dirtied, then stop it.
+                self.apply_dirty();
+                if let Some(Session::Save(save)) = &self.session {
+                    let mut st = save.lock();
+                    st.encoder.finish();
+                    save.more_data(&mut st)?;
+                }
+                Ok(None)
+            }
+            (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
+                self.drop_session();
+                Ok(None)
+            }
+            (StopCopy, Stop) => {
+                self.save_failure()?;
+                if let Some((encoder, complete)) = self.end_session() {
+                    self.gens = encoder.into_gens();
+                    if complete {
+                        self.status.saves_completed += 1;
+                    }
+                }
+                Ok(None)
+            }
+            (Stop, Resuming) => self.start_resume().map(Some),
+            (Resuming, Stop) => {
+                self.finish_resume()?;
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Fails (once) an arc that would complete a save whose stream a `data-read` fault cut.
+    fn save_failure(&mut self) -> io::Result<()> {
+        let hit = match &self.session {
+            Some(Session::Save(save)) => {
+                let mut st = save.lock();
+                match st.failed {
+                    Some(hit) if !st.fail_reported => {
+                        st.fail_reported = true;
+                        Some(hit)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match hit {
+            Some(hit) => {
+                self.status.last_refusal = Some("fail-at data-read: the save lost data".into());
+                Err(hit.to_io())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn start_save(&mut self, pre_copy: bool) -> io::Result<OwnedFd> {
+        self.drop_session();
+        let mut encoder = Encoder::with_gens(self.content, std::mem::take(&mut self.gens));
+        if !pre_copy {
+            encoder.finish();
+        }
+        let chunk = self.spec.chunk;
+        match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone()) {
+            Ok((save, fd)) => {
+                self.session = Some(Session::Save(save));
+                self.dirty_clock = (Instant::now(), 0.0);
+                Ok(fd)
+            }
+            Err(failed) => {
+                let (encoder, e) = *failed;
+                self.gens = encoder.into_gens();
+                self.status.last_refusal = Some(format!("start a saving session: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn start_resume(&mut self) -> io::Result<OwnedFd> {
+        self.drop_session();
+        self.loaded = None;
+        self.status.resumed_ok = false;
+        self.status.corrupt = false;
+        self.status.first_bad_page = None;
+        let (load, fd) = LoadSession::start(
+            Decoder::new(self.content),
+            self.spec.chunk,
+            self.faults.clone(),
+        )?;
+        self.session = Some(Session::Load(load));
+        Ok(fd)
+    }
+
+    /// RESUMING -> STOP: takes everything written so far, then checks the stream's framing.
+    fn finish_resume(&mut self) -> io::Result<()> {
+        let Some(Session::Load(load)) = self.session.as_mut() else {
+            return Err(self.refuse("RESUMING without a resuming session"));
+        };
+        load.finish();
+        let (failed, framing) = {
+            let mut st = load.lock();
+            let failed = st.failed;
+            if failed.is_some_and(|h| h.error_state) {
+                st.error_applied = true;
+            }
+            (failed, st.framing.clone())
+        };
+        if let Some(hit) = failed {
+            if hit.error_state {
+                self.enter_error();
+            }
+            self.status.last_refusal = Some("fail-at data-write: the resume lost data".into());
+            return Err(hit.to_io());
+        }
+        if let Some(why) = framing {
+            return Err(self.refuse(format!("RESUMING -> STOP refused: state stream: {why}")));
+        }
+        let Some(Session::Load(load)) = self.session.take() else {
+            unreachable!("checked above");
+        };
+        let decoder = {
+            let st = load.lock();
+            self.status.bytes_loaded += st.received;
+            self.status.corrupt = st.decoder.is_corrupt();
+            self.status.first_bad_page = st.decoder.first_bad_page();
+            st.decoder.clone()
+        };
+        self.loaded = Some(decoder);
+        Ok(())
+    }
+
+    /// STOP -> a running state (or STOP_COPY) after a resume: the state must verify, or the
+    /// device fails (ERROR).
+    fn run_loaded(&mut self, cur: MigState, next: MigState) -> io::Result<()> {
+        let decoder = self.loaded.take().expect("called with a loaded state");
+        match decoder.verify_complete() {
+            Ok(()) => {
+                self.gens = decoder.into_gens();
+                self.status.resumed_ok = true;
+                Ok(())
+            }
+            Err(why) => {
+                self.status.corrupt = decoder.is_corrupt();
+                self.status.first_bad_page = decoder.first_bad_page();
+                self.enter_error();
+                Err(self.refuse(format!("{cur} -> {next} refused: resumed state: {why}")))
+            }
+        }
+    }
+
+    /// Dirties the pages the running device wrote since the last call (pre-copy only), and
+    /// makes them readable.
+    fn apply_dirty(&mut self) {
+        let (last, carry) = self.dirty_clock;
+        let now = Instant::now();
+        let rate = self.spec.dirty_rate;
+        let page = f64::from(self.content.page_size());
+        let cap = u64::from(self.content.page_count()) * MAX_DIRTY_PASSES;
+        let bytes = carry + rate as f64 * now.duration_since(last).as_secs_f64();
+        let pages = (bytes / page).floor();
+        self.dirty_clock = (now, bytes - pages * page);
+        let pages = (pages as u64).min(cap);
+        if pages == 0 {
+            return;
+        }
+        let Some(Session::Save(save)) = &self.session else {
+            return;
+        };
+        let mut st = save.lock();
+        let before = st.encoder.dirtied_pages();
+        st.encoder.dirty(pages, &mut self.rng);
+        self.status.dirtied_pages += st.encoder.dirtied_pages() - before;
+        if let Err(e) = save.more_data(&mut st) {
+            log::warn!("mock v2: cannot reopen the pre-copy data pipe: {e}");
+        }
+    }
+
+    // ---- VFIO_MIG_GET_PRECOPY_INFO ---------------------------------------------------------
+
+    fn precopy_info(&mut self, fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
+        let id = file_id(fd)?;
+        let current = matches!(&self.session, Some(Session::Save(s)) if s.id == id);
+        if !current {
+            if !self.old_saving.contains(&id) {
+                return Err(errno(libc::ENOTTY));
+            }
+            if !self.state.is_pre_copy() {
+                return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+            }
+            return Err(errno(libc::ENODEV));
+        }
+        self.fault(V2FaultField::PrecopyInfo, None)?;
+        if !self.state.is_pre_copy() {
+            return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+        }
+        if let Some(Session::Save(save)) = &self.session {
+            if let Some(hit) = save.lock().failed {
+                return Err(hit.to_io());
+            }
+        }
+        self.apply_dirty();
+        let Some(Session::Save(save)) = &self.session else {
+            unreachable!("checked above");
+        };
+        let st = save.lock();
+        let in_pipe = save.in_pipe(&st, Some(fd));
+        let unread = st.unwritten() + in_pipe;
+        let read = st.written.saturating_sub(in_pipe);
+        let initial = st.initial_total.saturating_sub(read).min(unread);
+        Ok(vfio_precopy_info {
+            argsz: size_of::<vfio_precopy_info>() as u32,
+            flags: 0,
+            initial_bytes: initial,
+            dirty_bytes: unread - initial,
+        })
+    }
+
+    // ---- reset and regions ---------------------------------------------------------------
+
+    fn reset(&mut self) -> io::Result<()> {
+        self.fault(V2FaultField::Reset, None)?;
+        self.drop_session();
+        self.loaded = None;
+        self.state = MigState::Running;
+        self.gens = vec![0; self.content.page_count() as usize];
+        self.rng = SplitMix64::new(self.spec.seed ^ DIRTY_RNG_SALT);
+        self.status.resumed_ok = false;
+        self.status.corrupt = false;
+        self.status.first_bad_page = None;
+        self.status.resets += 1;
+        Ok(())
+    }
+
+    fn region(&self, index: u32) -> Option<RegionInfo> {
+        let (flags, size) = if index == VFIO_PCI_BAR0_REGION_INDEX {
+            (
+                VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+                BAR0_SIZE,
+            )
+        } else if index < VFIO_PCI_VGA_REGION_INDEX {
+            (0, 0)
+        } else {
+            return None;
+        };
+        Some(RegionInfo {
+            index,
+            flags,
+            size,
+            offset: u64::from(index) << REGION_SHIFT,
+            caps: vec![],
+        })
+    }
+
+    fn region_info_raw(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let Some(query) = read_pod::<vfio_region_info>(buf, 0) else {
+            return Err(self.refuse("region info buffer shorter than vfio_region_info"));
+        };
+        let header = size_of::<vfio_region_info>();
+        if (query.argsz as usize) < header || query.argsz as usize > buf.len() {
+            return Err(self.refuse(format!("region info argsz {}", query.argsz)));
+        }
+        let Some(info) = self.region(query.index) else {
+            return Err(self.refuse(format!("no region {}", query.index)));
+        };
+        encode_region_info(&mut buf[..query.argsz as usize], &info)
+    }
+
+    /// BAR0 bounds of an access, or `EINVAL`.
+    fn bar0(&mut self, len: usize, offset: u64) -> io::Result<std::ops::Range<usize>> {
+        if offset < BAR0_SIZE {
+            let n = len.min((BAR0_SIZE - offset) as usize);
+            Ok(offset as usize..offset as usize + n)
+        } else {
+            Err(self.refuse(format!(
+                "access at device offset {offset:#x}: no such region data"
+            )))
+        }
+    }
+}
+
+fn remember(list: &mut VecDeque<FileId>, id: FileId) {
+    if list.len() == OLD_FDS {
+        list.pop_front();
+    }
+    list.push_back(id);
+}
+
+impl DeviceIo for MockV2 {
+    fn identity(&self) -> DeviceIdentity {
+        self.identity.clone()
+    }
+
+    fn device_info(&self) -> io::Result<DeviceInfo> {
+        Ok(DeviceInfo {
+            flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
+            num_regions: VFIO_PCI_NUM_REGIONS,
+            num_irqs: VFIO_PCI_NUM_IRQS,
+        })
+    }
+
+    fn region_info_raw(&self, buf: &mut [u8]) -> io::Result<()> {
+        self.shared.lock().region_info_raw(buf)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut g = self.shared.lock();
+        let r = g.bar0(buf.len(), offset)?;
+        let n = r.len();
+        buf[..n].copy_from_slice(&g.bar0[r]);
+        Ok(n)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let mut g = self.shared.lock();
+        let r = g.bar0(buf.len(), offset)?;
+        let n = r.len();
+        g.bar0[r].copy_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    fn mmap(&self, offset: u64, _len: usize, _writable: bool) -> io::Result<Mapping> {
+        Err(self.shared.lock().refuse(format!(
+            "mmap at {offset:#x}: the v2 mock has nothing mmappable"
+        )))
+    }
+
+    fn reset(&self) -> io::Result<()> {
+        self.shared.lock().reset()
+    }
+
+    fn device_feature(&self, arg: &mut [u8]) -> io::Result<i32> {
+        self.shared.lock().feature(arg)
+    }
+
+    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
+        self.shared.lock().precopy_info(data_fd)
+    }
+}

@@ -1,0 +1,130 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The protocol-neutral migration interface: what the engine drives and both protocol
+//! drivers ([`crate::v1`], [`crate::v2`]) implement.
+//!
+//! A v1 device (migration region) and a v2 device (device feature + data fd) both implement
+//! [`MigrationDevice`]; the engine's phases map onto each protocol's states:
+//!
+//! | engine phase      | v1 `device_state`          | v2 state                      |
+//! |-------------------|----------------------------|-------------------------------|
+//! | pre-copy          | RUNNING \| SAVING (011b)   | PRE_COPY                      |
+//! | stop-and-copy     | SAVING (010b)              | STOP_COPY                     |
+//! | saved             | STOP (000b)                | STOP                          |
+//! | resuming          | RESUMING (100b)            | RESUMING                      |
+//! | resumed           | RUNNING (001b)             | STOP, then RUNNING            |
+
+use std::fmt;
+
+use crate::device::DeviceIdentity;
+pub use crate::error::Recovery;
+use crate::error::Result;
+
+/// The kernel migration protocol a device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum Protocol {
+    /// The v1 migration region (Linux 5.8 to 5.17 uAPI).
+    V1,
+    /// The v2 device feature with a data fd (Linux 5.18 and later).
+    V2,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::V1 => write!(f, "v1 (migration region)"),
+            Protocol::V2 => write!(f, "v2 (device feature)"),
+        }
+    }
+}
+
+/// What a device's migration support offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Capabilities {
+    /// Pre-copy while running is supported.
+    pub pre_copy: bool,
+    /// The P2P quiescent states are supported (v2 only).
+    pub p2p: bool,
+    /// The raw v2 `VFIO_MIGRATION_*` flags; 0 for v1.
+    pub migration_flags: u64,
+}
+
+/// How much data the device says it still holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Pending {
+    /// Bytes still to transfer (v1 `pending_bytes`; v2 initial + dirty bytes).
+    pub bytes: u64,
+    /// Of those, the initial pre-copy bytes, when the device tells them apart (v2).
+    pub initial_bytes: Option<u64>,
+}
+
+/// What one [`MigrationDevice::read`] produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// `len` bytes were read; `chunk_end` when they close a device transaction.
+    Data {
+        /// Bytes placed at the start of the buffer.
+        len: usize,
+        /// The device's transaction ends with these bytes.
+        chunk_end: bool,
+    },
+    /// The device has no more data in this phase for now (pre-copy) or at all (stop-copy).
+    PhaseEnd,
+}
+
+/// A device the engine can migrate, whatever its kernel protocol.
+///
+/// Source side: [`start_pre_copy`](Self::start_pre_copy) (optional), then
+/// [`start_stop_copy`](Self::start_stop_copy), [`read`](Self::read) until
+/// [`ReadOutcome::PhaseEnd`], then [`finish_save`](Self::finish_save). Destination side:
+/// [`start_resume`](Self::start_resume), [`write`](Self::write) each chunk in order, then
+/// [`finish_resume`](Self::finish_resume). On failure, [`recover`](Self::recover) returns a
+/// source to RUNNING and [`abort_resume`](Self::abort_resume) resets a destination.
+pub trait MigrationDevice: Send {
+    /// Who the device is (for logs and the stream header).
+    fn identity(&self) -> DeviceIdentity;
+    /// Its kernel protocol.
+    fn protocol(&self) -> Protocol;
+    /// Its migration capabilities.
+    fn capabilities(&self) -> Capabilities;
+    /// The current state, as text, for reports.
+    fn state_name(&mut self) -> Result<String>;
+    /// Protocol-specific facts for `probe`, as (name, value) pairs.
+    fn details(&mut self) -> Result<Vec<(String, String)>>;
+
+    /// Quiesces the device before other devices of the same VM stop: it stops initiating DMA
+    /// and peer-to-peer traffic but still answers accesses (v2 RUNNING_P2P, or PRE_COPY_P2P
+    /// during pre-copy). A no-op where the protocol has no such state (v1, v2 without P2P).
+    fn quiesce(&mut self) -> Result<()>;
+    /// Stops the device outside of a migration (a VMM's pause).
+    fn stop(&mut self) -> Result<()>;
+    /// Runs the device again (a VMM's resume after a pause).
+    fn run(&mut self) -> Result<()>;
+
+    /// Enters pre-copy (the device keeps running and starts saving).
+    fn start_pre_copy(&mut self) -> Result<()>;
+    /// Enters stop-and-copy (the device stops; the rest of its state is saved).
+    fn start_stop_copy(&mut self) -> Result<()>;
+    /// How much the device still has to send. Between chunks only (v1 reads pending_bytes).
+    fn pending(&mut self) -> Result<Pending>;
+    /// Reads the next bytes of the current phase into `buf`.
+    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome>;
+    /// Ends a completed save: the device is stopped.
+    fn finish_save(&mut self) -> Result<()>;
+
+    /// Enters the resuming state.
+    fn start_resume(&mut self) -> Result<()>;
+    /// Writes bytes of the current chunk; `chunk_end` closes the chunk (v1 commits it with
+    /// the chunk's total size, reproducing the source's transaction).
+    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()>;
+    /// Ends a complete resume: the device runs with the loaded state.
+    fn finish_resume(&mut self) -> Result<()>;
+
+    /// Returns a source to RUNNING after a failure: the recovery transition first, a reset if
+    /// that fails.
+    fn recover(&mut self) -> Recovery;
+    /// Abandons a resume: resets the device so it never runs with partial state.
+    fn abort_resume(&mut self) -> Recovery;
+}
