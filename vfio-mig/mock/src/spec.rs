@@ -221,7 +221,7 @@ impl MockSpec {
                 self.section
             ));
         }
-        if self.reserved & vfio_mig::v1::state::STATE_MASK != 0 {
+        if self.reserved & crate::rules::v1_table::MASK != 0 {
             return Err(format!(
                 "option `reserved`: {:#x} sets state bits 0-2; give bits 3-31 only",
                 self.reserved

@@ -29,9 +29,9 @@
 //! # States
 //!
 //! A SET walks from the current state to the requested one as mtty's `set_state` does: it
-//! takes [`next_step`] (the kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for
-//! states the `flags` do not support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values
-//! above 7) and executes that single arc, again and again; the state advances arc by arc, so
+//! takes [`next_state`](crate::rules::v2_arcs::next_state) (the mock's own port of the
+//! kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for states the `flags` do not
+//! support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values above 7) and executes that single arc, again and again; the state advances arc by arc, so
 //! a failing arc leaves the device in the state before it. A SET of the current state is a
 //! no-op (even ERROR while in ERROR, as in mtty). The arcs:
 //!
@@ -148,30 +148,33 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_report,
-    vfio_device_feature_mig_data_size, vfio_device_feature_mig_state,
-    vfio_device_feature_migration, vfio_precopy_info, vfio_region_info,
-    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
-    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
-    VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
-    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_device_feature, vfio_device_feature_dma_logging_control,
+    vfio_device_feature_dma_logging_report, vfio_device_feature_mig_data_size,
+    vfio_device_feature_mig_state, vfio_device_feature_migration, vfio_precopy_info,
+    vfio_region_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_NUM_REGIONS, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
 use super::faults::{V2FaultField, V2FaultPlan};
 use super::spec::{MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
+use crate::rules::v2_arcs::{
+    self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
+    RUNNING_P2P, STOP, STOP_COPY,
+};
 use vfio_mig::device::pod::{read_pod, write_pod, Pod};
 use vfio_mig::device::region::{encode_region_info, RegionInfo};
 use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
-use vfio_mig::v2::feature::{HEADER_LEN, MIN_DMA_LOG_PAGE};
-use vfio_mig::v2::state::{next_step, MigState, MigrationFlags};
 
-use dma::DmaLog;
 pub use dma::LOG_MAX_RANGES;
+use dma::{DmaLog, MIN_DMA_LOG_PAGE};
 use session::{file_id, Faults, FileId, LoadSession, SaveSession};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
@@ -184,6 +187,8 @@ const DIRTY_RNG_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 const MAX_DIRTY_PASSES: u64 = 2;
 /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`, under a name that can be a pattern.
 const PRECOPY_INFO_V2: u32 = VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2;
+/// Size of `struct vfio_device_feature` (argsz, flags), before the feature's payload.
+const HEADER_LEN: usize = size_of::<vfio_device_feature>();
 /// Earlier saving fds remembered, to answer ENODEV rather than ENOTTY for them.
 const OLD_FDS: usize = 16;
 
@@ -203,8 +208,10 @@ enum Session {
 struct Inner {
     spec: MockSpec,
     content: Content,
-    flags: MigrationFlags,
-    state: MigState,
+    /// `VFIO_MIGRATION_*` flags.
+    flags: u64,
+    /// The raw `enum vfio_device_mig_state` value (see [`v2_arcs`]).
+    state: u32,
     /// The page generations (the device's state) while no save owns them.
     gens: Vec<u32>,
     session: Option<Session>,
@@ -238,7 +245,7 @@ impl Inspect for Shared {
     fn status(&self) -> MockStatus {
         let g = self.lock();
         let mut s = g.status.clone();
-        s.state_raw = g.state.raw();
+        s.state_raw = g.state;
         s.v2_state = Some(g.state);
         s.fault_hits = session::lock_faults(&g.faults).hits();
         s.precopy_info_v2 = g.precopy_v2;
@@ -310,8 +317,8 @@ impl MockV2 {
         let content = Content::new(spec.seed, spec.size, spec.page);
         let inner = Inner {
             content,
-            flags: MigrationFlags::from_bits_retain(spec.flags),
-            state: MigState::Running,
+            flags: spec.flags,
+            state: RUNNING,
             gens: vec![0; content.page_count() as usize],
             session: None,
             loaded: None,
@@ -392,18 +399,18 @@ impl Inner {
     }
 
     fn enter_error(&mut self) {
-        self.state = MigState::Error;
+        self.state = ERROR;
     }
 
     /// Counts an access; fails it when a `fail-at` rule says so.
-    fn fault(&mut self, field: V2FaultField, state: Option<MigState>) -> io::Result<()> {
+    fn fault(&mut self, field: V2FaultField, state: Option<u32>) -> io::Result<()> {
         let r = session::lock_faults(&self.faults).check(field, state);
         r.map_err(|hit| {
             if hit.error_state {
                 self.enter_error();
             }
             self.status.last_refusal = Some(match state {
-                Some(s) => format!("fail-at {field}:{s}"),
+                Some(s) => format!("fail-at {field}:{}", v2_arcs::name(s)),
                 None => format!("fail-at {field}"),
             });
             hit.to_io()
@@ -463,10 +470,7 @@ impl Inner {
     }
 
     fn is_running(&self) -> bool {
-        matches!(
-            self.state,
-            MigState::Running | MigState::RunningP2p | MigState::PreCopy | MigState::PreCopyP2p
-        )
+        v2_arcs::is_running(self.state)
     }
 
     /// The whole stream of the device's state: every page with its header, then END.
@@ -504,9 +508,7 @@ impl Inner {
                 let sz = size_of::<vfio_device_feature_migration>();
                 if let Access::Get = check_feature(flags, len, true, false, sz)? {
                     self.fault(V2FaultField::Migration, None)?;
-                    let mig = vfio_device_feature_migration {
-                        flags: self.flags.bits(),
-                    };
+                    let mig = vfio_device_feature_migration { flags: self.flags };
                     write_pod(p, 0, &mig);
                 }
             }
@@ -520,7 +522,7 @@ impl Inner {
                 mig.data_fd = -1;
                 if let Access::Get = access {
                     self.fault(V2FaultField::GetState, None)?;
-                    mig.device_state = self.state.raw();
+                    mig.device_state = self.state;
                     write_pod(p, 0, &mig);
                     return Ok(0);
                 }
@@ -546,7 +548,7 @@ impl Inner {
                 }
             }
             PRECOPY_INFO_V2 => {
-                if !self.flags.contains(MigrationFlags::PRE_COPY) {
+                if self.flags & FLAG_PRE_COPY == 0 {
                     return Err(self.refuse("MIG_PRECOPY_INFOv2 without PRE_COPY"));
                 }
                 if let Access::Set = check_feature(flags, len, false, true, 0)? {
@@ -622,7 +624,7 @@ impl Inner {
 
     /// `MIG_DATA_SIZE`: what STOP_COPY would still produce.
     fn data_size(&mut self) -> u64 {
-        if self.state.is_pre_copy() {
+        if is_pre_copy(self.state) {
             self.apply_dirty();
         }
         match &self.session {
@@ -641,17 +643,18 @@ impl Inner {
 
     // ---- states and arcs -----------------------------------------------------------------
 
-    /// A SET of MIG_DEVICE_STATE: walks to `raw` one arc at a time, as mtty's `set_state`.
-    fn set_state(&mut self, raw: u32) -> io::Result<Option<OwnedFd>> {
-        let Some(target) = MigState::from_raw(raw) else {
-            return Err(self.refuse(format!("device_state {raw} is not a v2 state")));
-        };
+    /// A SET of MIG_DEVICE_STATE: walks to `target` one arc at a time, as mtty's
+    /// `set_state`, each arc from the mock's own port of `vfio_mig_get_next_state`.
+    fn set_state(&mut self, target: u32) -> io::Result<Option<OwnedFd>> {
         let mut fd = None;
         while self.state != target {
             let cur = self.state;
-            let next = match next_step(cur, target, self.flags) {
+            let next = match next_state(self.flags, cur, target) {
                 Ok(n) => n,
-                Err(e) => return Err(self.refuse(format!("{cur} -> {target}: {e}"))),
+                Err(e) => {
+                    let (a, b) = (v2_arcs::name(cur), v2_arcs::name(target));
+                    return Err(self.refuse(format!("{a} -> {b} ({target}): {e}")));
+                }
             };
             self.fault(V2FaultField::SetState, Some(next))?;
             let opened = self.arc(cur, next)?;
@@ -660,7 +663,8 @@ impl Inner {
                 if next != target {
                     // mtty WARNs: the kernel's table never opens a session midway.
                     drop(f);
-                    return Err(self.refuse(format!("{cur} -> {next} opened a data fd midway")));
+                    let (a, b) = (v2_arcs::name(cur), v2_arcs::name(next));
+                    return Err(self.refuse(format!("{a} -> {b} opened a data fd midway")));
                 }
                 self.status.data_fds += 1;
                 fd = Some(f);
@@ -670,15 +674,15 @@ impl Inner {
     }
 
     /// One arc, as mtty's `step_state`: what the device does, and the data fd it opens.
-    fn arc(&mut self, cur: MigState, next: MigState) -> io::Result<Option<OwnedFd>> {
-        use MigState::*;
-        if cur == Stop && matches!(next, Running | RunningP2p | StopCopy) && self.loaded.is_some() {
+    fn arc(&mut self, cur: u32, next: u32) -> io::Result<Option<OwnedFd>> {
+        if cur == STOP && matches!(next, RUNNING | RUNNING_P2P | STOP_COPY) && self.loaded.is_some()
+        {
             self.run_loaded(cur, next)?;
         }
         match (cur, next) {
-            (Running, PreCopy) | (RunningP2p, PreCopyP2p) => self.start_save(true).map(Some),
-            (Stop, StopCopy) => self.start_save(false).map(Some),
-            (PreCopy | PreCopyP2p, StopCopy) => {
+            (RUNNING, PRE_COPY) | (RUNNING_P2P, PRE_COPY_P2P) => self.start_save(true).map(Some),
+            (STOP, STOP_COPY) => self.start_save(false).map(Some),
+            (PRE_COPY | PRE_COPY_P2P, STOP_COPY) => {
                 self.save_failure()?;
                 // The device ran until now: account for what it dirtied, then stop it.
                 self.apply_dirty();
@@ -689,11 +693,11 @@ impl Inner {
                 }
                 Ok(None)
             }
-            (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
+            (PRE_COPY, RUNNING) | (PRE_COPY_P2P, RUNNING_P2P) => {
                 self.drop_session();
                 Ok(None)
             }
-            (StopCopy, Stop) => {
+            (STOP_COPY, STOP) => {
                 self.save_failure()?;
                 if let Some((encoder, complete)) = self.end_session() {
                     self.gens = encoder.into_gens();
@@ -703,8 +707,8 @@ impl Inner {
                 }
                 Ok(None)
             }
-            (Stop, Resuming) => self.start_resume().map(Some),
-            (Resuming, Stop) => {
+            (STOP, RESUMING) => self.start_resume().map(Some),
+            (RESUMING, STOP) => {
                 self.finish_resume()?;
                 Ok(None)
             }
@@ -813,7 +817,7 @@ impl Inner {
 
     /// STOP -> a running state (or STOP_COPY) after a resume: the state must verify, or the
     /// device fails (ERROR).
-    fn run_loaded(&mut self, cur: MigState, next: MigState) -> io::Result<()> {
+    fn run_loaded(&mut self, cur: u32, next: u32) -> io::Result<()> {
         let decoder = self.loaded.take().expect("called with a loaded state");
         match decoder.verify_complete() {
             Ok(()) => {
@@ -825,7 +829,8 @@ impl Inner {
                 self.status.corrupt = decoder.is_corrupt();
                 self.status.first_bad_page = decoder.first_bad_page();
                 self.enter_error();
-                Err(self.refuse(format!("{cur} -> {next} refused: resumed state: {why}")))
+                let (a, b) = (v2_arcs::name(cur), v2_arcs::name(next));
+                Err(self.refuse(format!("{a} -> {b} refused: resumed state: {why}")))
             }
         }
     }
@@ -866,14 +871,16 @@ impl Inner {
             if !self.old_saving.contains(&id) {
                 return Err(errno(libc::ENOTTY));
             }
-            if !self.state.is_pre_copy() {
-                return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+            if !is_pre_copy(self.state) {
+                let why = format!("PRECOPY_INFO in {}", v2_arcs::name(self.state));
+                return Err(self.refuse(why));
             }
             return Err(errno(libc::ENODEV));
         }
         self.fault(V2FaultField::PrecopyInfo, None)?;
-        if !self.state.is_pre_copy() {
-            return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+        if !is_pre_copy(self.state) {
+            let why = format!("PRECOPY_INFO in {}", v2_arcs::name(self.state));
+            return Err(self.refuse(why));
         }
         if let Some(Session::Save(save)) = &self.session {
             if let Some(hit) = save.lock().failed {
@@ -903,7 +910,7 @@ impl Inner {
         self.fault(V2FaultField::Reset, None)?;
         self.drop_session();
         self.loaded = None;
-        self.state = MigState::Running;
+        self.state = RUNNING;
         self.gens = vec![0; self.content.page_count() as usize];
         self.rng = SplitMix64::new(self.spec.seed ^ DIRTY_RNG_SALT);
         self.status.resumed_ok = false;
