@@ -138,6 +138,7 @@
 //! ```
 
 mod dma;
+pub mod profile;
 mod session;
 
 use std::collections::VecDeque;
@@ -175,7 +176,8 @@ use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
 
 pub use dma::LOG_MAX_RANGES;
 use dma::{DmaLog, MIN_DMA_LOG_PAGE};
-use session::{file_id, Faults, FileId, LoadSession, SaveSession};
+use profile::{Behaviour, WriteRefusal};
+use session::{file_id, Faults, FeedOptions, FileId, LoadSession, SaveSession};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
 pub const REGION_SHIFT: u32 = 40;
@@ -207,6 +209,8 @@ enum Session {
 #[derive(Debug)]
 struct Inner {
     spec: MockSpec,
+    /// What the device does where kernel drivers differ (its profile).
+    behaviour: Behaviour,
     content: Content,
     /// `VFIO_MIGRATION_*` flags.
     flags: u64,
@@ -330,12 +334,18 @@ impl MockV2 {
             bar0: vec![0; BAR0_SIZE as usize],
             old_saving: VecDeque::new(),
             status: MockStatus::default(),
+            behaviour: spec.behaviour(),
             spec: spec.clone(),
+        };
+        // A profile is another device model: its state does not load into another profile.
+        let model = match spec.profile {
+            Some(p) => format!("mock:v2-{p}"),
+            None => "mock:v2".into(),
         };
         Ok(Self {
             shared: Arc::new(Shared(Mutex::new(inner))),
             identity: DeviceIdentity {
-                model: "mock:v2".into(),
+                model,
                 instance: spec.to_string(),
             },
         })
@@ -473,9 +483,16 @@ impl Inner {
         v2_arcs::is_running(self.state)
     }
 
-    /// The whole stream of the device's state: every page with its header, then END.
+    /// The whole stream of the device's state: MATCH if the profile sends it, every page with
+    /// its header, then END.
     fn full_stream(&self) -> u64 {
-        u64::from(self.content.page_count()) * PACKET_HEADER as u64
+        let header = if self.behaviour.match_header {
+            PACKET_HEADER as u64
+        } else {
+            0
+        };
+        header
+            + u64::from(self.content.page_count()) * PACKET_HEADER as u64
             + self.content.size()
             + PACKET_HEADER as u64
     }
@@ -622,8 +639,13 @@ impl Inner {
         Ok(())
     }
 
-    /// `MIG_DATA_SIZE`: what STOP_COPY would still produce.
+    /// `MIG_DATA_SIZE`: a profile's driver reports its whole stop-copy state (mtty, mlx5's
+    /// firmware total, hisi's and pds's constant); the generic mock what STOP_COPY would still
+    /// produce.
     fn data_size(&mut self) -> u64 {
+        if self.behaviour.data_size_full {
+            return self.full_stream();
+        }
         if is_pre_copy(self.state) {
             self.apply_dirty();
         }
@@ -646,6 +668,11 @@ impl Inner {
     /// A SET of MIG_DEVICE_STATE: walks to `target` one arc at a time, as mtty's
     /// `set_state`, each arc from the mock's own port of `vfio_mig_get_next_state`.
     fn set_state(&mut self, target: u32) -> io::Result<Option<OwnedFd>> {
+        if self.state == ERROR && self.behaviour.error_errno != libc::EINVAL {
+            // pds_vfio_set_device_state: in ERROR every request fails, before the core.
+            self.status.last_refusal = Some("SET in ERROR: the device needs a reset".into());
+            return Err(errno(self.behaviour.error_errno));
+        }
         let mut fd = None;
         while self.state != target {
             let cur = self.state;
@@ -743,11 +770,19 @@ impl Inner {
     fn start_save(&mut self, pre_copy: bool) -> io::Result<OwnedFd> {
         self.drop_session();
         let mut encoder = Encoder::with_gens(self.content, std::mem::take(&mut self.gens));
+        let b = self.behaviour;
+        if b.match_header {
+            encoder = encoder.with_match_header(b.precopy_header_only);
+        }
         if !pre_copy {
             encoder.finish();
         }
         let chunk = self.spec.chunk;
-        match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone()) {
+        let feed = FeedOptions {
+            keep_open: b.enomsg,
+            latency: b.save_latency,
+        };
+        match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone(), feed) {
             Ok((save, fd)) => {
                 self.session = Some(Session::Save(save));
                 self.dirty_clock = (Instant::now(), 0.0);
@@ -798,8 +833,29 @@ impl Inner {
             self.status.last_refusal = Some("fail-at data-write: the resume lost data".into());
             return Err(hit.to_io());
         }
+        let resume_errno = self.behaviour.resume_errno;
         if let Some(why) = framing {
-            return Err(self.refuse(format!("RESUMING -> STOP refused: state stream: {why}")));
+            let e = self.refuse(format!("RESUMING -> STOP refused: state stream: {why}"));
+            return Err(if resume_errno == libc::EINVAL {
+                e
+            } else {
+                errno(resume_errno)
+            });
+        }
+        if self.behaviour.verify_at_stop() {
+            // Real drivers load the state here (mtty_load_state, vf_qm_load_data, the pds
+            // firmware) and fail the arc, staying in RESUMING, when it is unusable.
+            let verdict = load.lock().decoder.verify_complete();
+            if let Err(why) = verdict {
+                let (corrupt, bad) = {
+                    let st = load.lock();
+                    (st.decoder.is_corrupt(), st.decoder.first_bad_page())
+                };
+                self.status.corrupt = corrupt;
+                self.status.first_bad_page = bad;
+                self.status.last_refusal = Some(format!("RESUMING -> STOP refused: {why}"));
+                return Err(errno(resume_errno));
+            }
         }
         let Some(Session::Load(load)) = self.session.take() else {
             unreachable!("checked above");
@@ -902,6 +958,76 @@ impl Inner {
             initial_bytes: initial,
             dirty_bytes: unread - initial,
         })
+    }
+
+    // ---- the data fd hooks (DeviceIo::read_data / write_data) -----------------------------
+
+    /// Before a read of a data fd: ENOMSG when the profile answers it at pre-copy's temporary
+    /// end (nothing unread, nothing being produced), as `mlx5vf_save_read` does. Otherwise the
+    /// caller reads the fd itself (blocking until asynchronous data arrives).
+    fn read_gate(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if !self.behaviour.enomsg || !is_pre_copy(self.state) {
+            return Ok(());
+        }
+        let Some(Session::Save(save)) = &self.session else {
+            return Ok(());
+        };
+        if save.id != file_id(fd)? {
+            return Ok(());
+        }
+        let st = save.lock();
+        if st.failed.is_none() && st.unwritten() == 0 && save.in_pipe(&st, Some(fd)) == 0 {
+            return Err(errno(libc::ENOMSG));
+        }
+        Ok(())
+    }
+
+    /// A write into the resuming data fd, for a profile whose driver checks data inside
+    /// write(2): the bytes go straight to the decoder and a refusal is this write's errno.
+    /// `None`: not such a profile or not this session's fd; the caller writes the fd.
+    fn write_direct(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
+        let refusal = self.behaviour.write_refusal?;
+        let Some(Session::Load(load)) = &self.session else {
+            return None;
+        };
+        if file_id(fd).ok()? != load.id {
+            return None;
+        }
+        let st = load.lock();
+        if let Some(e) = st.refused {
+            return Some(Err(errno(e)));
+        }
+        if let Some(hit) = st.failed {
+            return Some(Err(hit.to_io()));
+        }
+        drop(st);
+        let mut st = load.take_direct(buf);
+        if let Some(hit) = st.failed {
+            return Some(Err(hit.to_io()));
+        }
+        let refused = match refusal {
+            WriteRefusal::HeaderOnly(e) => st.decoder.header_refused().then_some((e, e)),
+            WriteRefusal::Everything { framing, content } => {
+                if st.framing.is_some() {
+                    Some((framing, libc::ENODEV))
+                } else if st.decoder.is_corrupt() {
+                    Some((content, libc::ENODEV))
+                } else {
+                    None
+                }
+            }
+        };
+        let why = st.framing.clone();
+        if let Some((now, later)) = refused {
+            st.refused = Some(later);
+            drop(st);
+            self.status.last_refusal = Some(format!(
+                "data fd write refused: {}",
+                why.unwrap_or_else(|| "a page does not match this device".into())
+            ));
+            return Some(Err(errno(now)));
+        }
+        Some(Ok(buf.len()))
     }
 
     // ---- reset and regions ---------------------------------------------------------------
@@ -1023,5 +1149,18 @@ impl DeviceIo for MockV2 {
 
     fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
         self.shared.lock().precopy_info(data_fd)
+    }
+
+    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.lock().read_gate(data_fd)?;
+        // The read itself runs unlocked: it may wait for the feeder.
+        Ok(nix::unistd::read(data_fd, buf)?)
+    }
+
+    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+        if let Some(r) = self.shared.lock().write_direct(data_fd, buf) {
+            return r;
+        }
+        Ok(nix::unistd::write(data_fd, buf)?)
     }
 }
