@@ -214,7 +214,7 @@ pub fn hop(cur: u32, target: u32) -> u32 {
 /// `next_state(f, s, s)` returns `Ok(s)` for any supported `s`.
 ///
 /// One deliberate difference from a literal reading of the kernel loop: if
-/// the hop lands on ERROR (STOP_COPY -> PRE_COPY[_P2P]) the kernel's skip
+/// the hop lands on ERROR (STOP_COPY -> PRE_COPY(_P2P)) the kernel's skip
 /// loop tests ERROR's flag requirement (all bits), finds it unsupported and
 /// hops ERROR -> ERROR again, which never terminates for a driver that does
 /// not advertise all 32 flag bits. The uAPI says these arcs "return error",

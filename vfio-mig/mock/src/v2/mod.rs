@@ -21,7 +21,7 @@
 //! | `DMA_LOGGING_START` (6)  | SET    | starts logging the ranges at the payload's address |
 //! | `DMA_LOGGING_STOP` (7)   | SET    | stops logging (0 when not started)                 |
 //! | `DMA_LOGGING_REPORT` (8) | GET    | reads and clears the log into the bitmap           |
-//! | `MIG_DATA_SIZE` (9)      | GET    | the bytes STOP_COPY would still produce            |
+//! | `MIG_DATA_SIZE` (9)      | GET    | profile: the whole state; else what STOP_COPY would still produce |
 //! | `MIG_PRECOPY_INFOv2` (12)| SET    | opts in to valid `vfio_precopy_info.flags`; EINVAL without PRE_COPY |
 //!
 //! `dma=off` removes the three DMA logging features (`ENOTTY`, as the core without `log_ops`).
@@ -29,7 +29,7 @@
 //! # States
 //!
 //! A SET walks from the current state to the requested one as mtty's `set_state` does: it
-//! takes [`next_state`](crate::rules::v2_arcs::next_state) (the mock's own port of the
+//! takes [`next_state`] (the mock's own port of the
 //! kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for states the `flags` do not
 //! support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values above 7) and executes that single arc, again and again; the state advances arc by arc, so
 //! a failing arc leaves the device in the state before it. A SET of the current state is a
@@ -51,6 +51,14 @@
 //! - the other arcs (RUNNING <-> RUNNING_P2P, RUNNING_P2P <-> STOP, PRE_COPY <-> PRE_COPY_P2P,
 //!   and RUNNING <-> STOP without P2P) change nothing else.
 //!
+//! # Driver profiles
+//!
+//! `profile=mtty|mlx5|hisi|pds` ([`profile`]) changes what differs between kernel drivers: the
+//! flags, MIG_DATA_SIZE, what pre-copy carries, ENOMSG at the temporary end, asynchronous
+//! saving, where bad data is refused (inside `write(2)` through [`DeviceIo::write_data`], or at
+//! RESUMING -> STOP, never when the device runs), and the answer in ERROR. The paragraphs below
+//! describe the generic mock; `docs/mock-device.md` has the table per profile.
+//!
 //! # The data fd
 //!
 //! A real pipe: the caller gets one end, as its own descriptor (close-on-exec, blocking), and
@@ -67,8 +75,8 @@
 //!   since they were sent). In PRE_COPY the device keeps running: each PRECOPY_INFO (and the
 //!   arc into STOP_COPY) first dirties the pages `dirty-rate` accounts for since the last one.
 //!   When the pre-copy data runs out the fd reads 0 (mtty's behaviour; the uAPI's ENOMSG
-//!   cannot come out of a pipe, so that path is covered by the driver's unit tests), and more
-//!   data may follow later. In STOP_COPY the fd yields the rest, END included, then 0.
+//!   cannot come out of a pipe: with `profile=mlx5` the device answers it through
+//!   [`DeviceIo::read_data`], see [`profile`]), and more data may follow later. In STOP_COPY the fd yields the rest, END included, then 0.
 //! - Resuming: a consumer thread reads the pipe into a [`Decoder`]. A framing error closes
 //!   the mock's end, so the caller's next write fails with EPIPE (mtty fails the write with
 //!   EFAULT; a pipe raises SIGPIPE too, which Rust programs ignore), and RESUMING -> STOP fails
