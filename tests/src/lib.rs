@@ -88,6 +88,25 @@ pub fn load_from_slice(dev: &mut OpenedDevice, bytes: &[u8]) -> Result<LoadRepor
     load_with_rollback(dev.device.as_mut(), &mut reader, 0, &NoObserver)
 }
 
+/// The mock reports its state as raw uAPI values (it names states with its own rules,
+/// `vfio_mig_mock::rules`); the tests compare them with the driver's state types.
+pub trait StatusExt {
+    /// The v1 state of `state_raw` (meaningless for a v2 mock).
+    fn v1_state(&self) -> V1State;
+    /// The v2 state; `None` for a v1 mock or a raw value the uAPI does not define.
+    fn mig_state(&self) -> Option<MigState>;
+}
+
+impl StatusExt for MockStatus {
+    fn v1_state(&self) -> V1State {
+        V1State::from_raw(self.state_raw)
+    }
+
+    fn mig_state(&self) -> Option<MigState> {
+        self.v2_state.and_then(MigState::from_raw)
+    }
+}
+
 /// A source after a failed migration: running again (by the cancel arc or a reset), not
 /// stuck saving or stopped.
 pub fn assert_source_running(status: &MockStatus, context: &str) {
@@ -105,7 +124,7 @@ pub fn assert_destination_safe(status: &MockStatus, context: &str) {
         "{context}: destination must not run with loaded state, status {status:?}"
     );
     let safe = match status.v2_state {
-        Some(s) => matches!(s, MigState::Running | MigState::Stop),
+        Some(_) => matches!(status.mig_state(), Some(MigState::Running | MigState::Stop)),
         None => matches!(status.v1_state(), V1State::Running | V1State::Stop),
     };
     assert!(

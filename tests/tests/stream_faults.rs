@@ -14,6 +14,7 @@ use vfio_mig::stream::{
 };
 use vfio_mig::v1::V1State;
 use vfio_mig_mock::MockStatus;
+use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, handle, load_from_slice, mock, save_to_vec};
 
 const SPEC: &str = "mock:v1,size=12K,seed=21,chunk=2K,page=1K";

@@ -22,6 +22,7 @@ use vfio_mig::transport::{connect, listen, Address, Connection, Duplex};
 use vfio_mig::v1::V1State;
 use vfio_mig::Error;
 use vfio_mig_tests::session::{run_pair, KillSwitch};
+use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
 const SPEC: &str = "mock:v1,size=256K,seed=31,chunk=16K,page=4K";

@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 use vfio_mig::engine::{PreCopyPolicy, SaveOptions};
 use vfio_mig::v1::V1State;
+use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{handle, load_from_slice, mock, save_to_vec};
 
 fn round_trip(size: u64, chunk: u64, page: u64, mmap: bool, live: bool, buffer: usize, seed: u64) {

@@ -17,6 +17,7 @@ use vfio_mig::device::DeviceIo;
 use vfio_mig::v2::feature::{self, DmaLoggingRange};
 use vfio_mig::v2::{plan, returns_data_fd, MigState, MigrationFlags};
 use vfio_mig_mock::{Content, Decoder, MockSpec, MockV2};
+use vfio_mig_tests::StatusExt;
 use MigState::{Error, PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
 
 const EINVAL: i32 = libc::EINVAL;
@@ -33,7 +34,7 @@ fn code<T>(r: io::Result<T>) -> i32 {
 }
 
 fn state(d: &MockV2) -> MigState {
-    d.handle().status().v2_state.unwrap()
+    d.handle().status().mig_state().unwrap()
 }
 
 fn set(d: &MockV2, s: MigState) -> io::Result<Option<OwnedFd>> {
@@ -393,7 +394,7 @@ fn resume_checks_framing_at_stop_and_content_when_the_device_runs() {
     set(&wrong, Stop).unwrap();
     assert_eq!(code(set(&wrong, Running)), EINVAL);
     let st = wrong.handle().status();
-    assert_eq!(st.v2_state, Some(Error));
+    assert_eq!(st.mig_state(), Some(Error));
     assert!(st.corrupt && !st.resumed_ok, "{st:?}");
     assert!(st.last_refusal.unwrap().contains("does not match"));
     wrong.reset().unwrap();

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use vfio_mig::engine::{NoObserver, PreCopyPolicy, Protocol, SaveOptions};
 use vfio_mig::handshake::migrate_local;
 use vfio_mig::v2::MigState;
+use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{
     assert_destination_safe, assert_source_running, handle, load_from_slice, mock, save_to_vec,
 };
@@ -27,7 +28,7 @@ fn round_trip(size: u64, page: u64, flags: u64, live: bool, buffer: usize, seed:
     let (stream, report) = save_to_vec(&mut src, &opts(live, buffer))
         .unwrap_or_else(|e| panic!("{spec} live={live}: save: {e}"));
     let st = handle(&src).status();
-    assert_eq!(st.v2_state, Some(MigState::Stop), "{spec}");
+    assert_eq!(st.mig_state(), Some(MigState::Stop), "{spec}");
     assert_eq!(st.saves_completed, 1, "{spec}: {st:?}");
     let full = size.div_ceil(page) * 16 + size + 16;
     assert_eq!(st.bytes_saved, full, "{spec}");
@@ -40,7 +41,7 @@ fn round_trip(size: u64, page: u64, flags: u64, live: bool, buffer: usize, seed:
     load_from_slice(&mut dst, &stream).unwrap_or_else(|e| panic!("{spec}: load: {e}"));
     let st = handle(&dst).status();
     assert!(st.resumed_ok, "{spec}: {st:?}");
-    assert_eq!(st.v2_state, Some(MigState::Running), "{spec}");
+    assert_eq!(st.mig_state(), Some(MigState::Running), "{spec}");
     assert_eq!(st.bytes_loaded, full, "{spec}");
     assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
 }
@@ -82,7 +83,7 @@ fn local_migration_live_and_not_with_every_flag_set() {
             )
             .unwrap_or_else(|e| panic!("{spec} live={live}: {e}"));
             assert_eq!(live, report.save.pre_copy_bytes > 0, "{report:?}");
-            assert_eq!(handle(&src).status().v2_state, Some(MigState::Stop));
+            assert_eq!(handle(&src).status().mig_state(), Some(MigState::Stop));
             assert!(handle(&dst).status().resumed_ok);
             assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
         }
@@ -152,7 +153,7 @@ fn a_wrong_seed_is_refused_and_the_destination_reset() {
     );
     let st = handle(&dst).status();
     assert_destination_safe(&st, "wrong seed");
-    assert_eq!(st.v2_state, Some(MigState::Running));
+    assert_eq!(st.mig_state(), Some(MigState::Running));
     assert!(st.resets >= 1, "{st:?}");
     let why = st.last_refusal.unwrap_or_default();
     assert!(

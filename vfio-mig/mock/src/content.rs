@@ -12,10 +12,14 @@
 //! The encoded state is a stream of packets, which a transport may split anywhere:
 //!
 //! ```text
+//! MATCH { magic "MMAT" u32, seed low u32, seed high u32, page_count u32 }   (optional, first)
 //! PAGE  { magic "MPAG" u32, page u32, gen u32, len u32 } + len bytes of the page
 //! END   { magic "MEND" u32, page_count u32, crc32c(generation table) u32, 0 u32 }
 //! ```
-//! (all little endian). The [`Encoder`] sends every page once (the initial pass), then the
+//! (all little endian). MATCH, sent by the driver profiles, stands for the compatibility
+//! header real drivers put first (mtty's `struct mtty_data` header, hisi's match data): a
+//! decoder refuses a stream whose MATCH names another seed or shape at once
+//! ([`Decoder::header_refused`]). The [`Encoder`] sends every page once (the initial pass), then the
 //! pages dirtied after they were sent, at their new generation; [`Encoder::finish`] ends the
 //! stream. The [`Decoder`] checks the framing, checks every page's bytes against what its own
 //! seed produces, and [`Decoder::verify_complete`] demands the whole state.
@@ -24,6 +28,8 @@ use std::collections::VecDeque;
 
 /// Magic of a PAGE packet ("MPAG").
 pub const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MPAG");
+/// Magic of the MATCH packet ("MMAT").
+pub const MATCH_MAGIC: u32 = u32::from_le_bytes(*b"MMAT");
 /// Magic of the END packet ("MEND").
 pub const END_MAGIC: u32 = u32::from_le_bytes(*b"MEND");
 /// Size of a packet header (PAGE) or of the whole END packet.
@@ -201,7 +207,7 @@ impl PageSet {
 #[derive(Debug, Clone)]
 struct Outgoing {
     header: [u8; PACKET_HEADER],
-    /// (page, gen, len) for a PAGE packet; `None` for END.
+    /// (page, gen, len) for a PAGE packet; `None` for END and MATCH.
     page: Option<(u32, u32, u32)>,
     /// Bytes of this packet already emitted.
     pos: usize,
@@ -230,6 +236,10 @@ pub struct Encoder {
     finished: bool,
     end_sent: bool,
     dirtied: u64,
+    /// A MATCH packet is still to be sent first.
+    match_pending: bool,
+    /// The pages are held back until [`Encoder::finish`] (pre-copy carries MATCH only).
+    hold_pages: bool,
 }
 
 impl Encoder {
@@ -261,7 +271,29 @@ impl Encoder {
             finished: false,
             end_sent: false,
             dirtied: 0,
+            match_pending: false,
+            hold_pages: false,
         }
+    }
+
+    /// Starts the stream with a MATCH packet; with `hold_pages`, nothing but MATCH is sent
+    /// before [`Encoder::finish`] (a driver whose pre-copy data is a header only). Call before
+    /// anything is emitted.
+    pub fn with_match_header(mut self, hold_pages: bool) -> Self {
+        if !self.match_pending {
+            self.match_pending = true;
+            self.pending += PACKET_HEADER as u64;
+        }
+        if hold_pages && !self.hold_pages && !self.finished {
+            self.hold_pages = true;
+            self.pending -= self.pages_bytes();
+        }
+        self
+    }
+
+    /// Bytes of one pass over every page, headers included.
+    fn pages_bytes(&self) -> u64 {
+        u64::from(self.content.page_count()) * PACKET_HEADER as u64 + self.content.size()
     }
 
     /// The content this encoder sends.
@@ -324,10 +356,31 @@ impl Encoder {
         if !self.finished {
             self.finished = true;
             self.pending += PACKET_HEADER as u64;
+            if self.hold_pages {
+                self.hold_pages = false;
+                self.pending += self.pages_bytes();
+            }
         }
     }
 
     fn next_packet(&mut self) -> Option<Outgoing> {
+        if self.match_pending {
+            self.match_pending = false;
+            let seed = self.content.seed();
+            return Some(Outgoing {
+                header: header(
+                    MATCH_MAGIC,
+                    seed as u32,
+                    (seed >> 32) as u32,
+                    self.content.page_count(),
+                ),
+                page: None,
+                pos: 0,
+            });
+        }
+        if self.hold_pages {
+            return None;
+        }
         let page = if self.next_initial < self.content.page_count() {
             let p = self.next_initial;
             self.next_initial += 1;
@@ -432,6 +485,8 @@ pub struct Decoder {
     first_bad_page: Option<u32>,
     /// A framing error: the stream cannot be followed any more.
     failed: Option<String>,
+    /// The MATCH packet named another device's state.
+    header_refused: bool,
     bytes: u64,
     scratch: Vec<u8>,
 }
@@ -451,9 +506,16 @@ impl Decoder {
             end_digest: None,
             first_bad_page: None,
             failed: None,
+            header_refused: false,
             bytes: 0,
             scratch: Vec::new(),
         }
+    }
+
+    /// Whether the stream's MATCH packet named another seed or shape (or came late): the
+    /// state of another device, which mtty and hisi refuse inside write().
+    pub fn header_refused(&self) -> bool {
+        self.header_refused
     }
 
     /// Whether some page did not match this decoder's content.
@@ -571,6 +633,26 @@ impl Decoder {
                 if c == 0 {
                     self.page_done(a, b);
                 }
+                Ok(())
+            }
+            MATCH_MAGIC => {
+                self.header_refused = true;
+                if self.bytes != PACKET_HEADER as u64 {
+                    return self.fail("MATCH packet after the start of the stream".into());
+                }
+                let seed = u64::from(a) | u64::from(b) << 32;
+                if seed != self.content.seed() || c != pages {
+                    return self.fail(format!(
+                        "match header: the state of seed {seed} with {c} pages, this device \
+                         has seed {} and {pages} pages",
+                        self.content.seed()
+                    ));
+                }
+                self.header_refused = false;
+                self.phase = Phase::Header {
+                    buf: [0; PACKET_HEADER],
+                    have: 0,
+                };
                 Ok(())
             }
             END_MAGIC => {
@@ -751,6 +833,31 @@ mod tests {
         dec.feed(&rest).unwrap();
         dec.verify_complete().unwrap();
         assert_eq!(dec.gens(), enc.gens());
+    }
+
+    #[test]
+    fn a_match_header_goes_first_and_holds_the_pages_until_finish() {
+        let c = Content::new(9, 10_000, 1024);
+        let mut enc = Encoder::new(c).with_match_header(true);
+        assert_eq!(enc.pending(), PACKET_HEADER as u64);
+        let pre = drain(&mut enc, 7);
+        assert_eq!(pre.len(), PACKET_HEADER);
+        enc.finish();
+        let rest = drain(&mut enc, 100);
+        let mut dec = Decoder::new(c);
+        dec.feed(&pre).unwrap();
+        assert!(!dec.header_refused());
+        dec.feed(&rest).unwrap();
+        dec.verify_complete().unwrap();
+        // Another seed's header is refused as soon as it is complete.
+        let mut other = Decoder::new(Content::new(10, 10_000, 1024));
+        assert!(other.feed(&pre[..8]).is_ok());
+        let e = other.feed(&pre[8..]).unwrap_err();
+        assert!(other.header_refused() && e.contains("match header"), "{e}");
+        // Without holding, the pages follow the header at once.
+        let mut enc = Encoder::new(c).with_match_header(false);
+        let all = drain(&mut enc, 100);
+        assert_eq!(all.len() as u64, PACKET_HEADER as u64 + 10 * 16 + 10_000);
     }
 
     #[test]

@@ -15,13 +15,13 @@
 //!
 //! The v2 mock has its own fields ([`V2FaultField`]) and rules ([`V2FaultRule`]), written
 //! `FIELD[:STATE]@N[:ERRNO|:error]`: the optional `:STATE` (`set-state` only) counts only the
-//! arcs into that state, e.g. `set-state:STOP_COPY@1`. See [`vfio_mig::v2`] for what each
+//! arcs into that state, e.g. `set-state:STOP_COPY@1`. See [`crate::v2`] for what each
 //! field counts and what a fault does there.
 
 use std::fmt;
 use std::str::FromStr;
 
-use vfio_mig::v2::state::MigState;
+use crate::rules::v2_arcs;
 
 /// Declares a set of countable fields: the enum, `ALL`, the rule names, `index`, `Display`
 /// and `FromStr`, so the v1 and v2 mocks name their fields the same way.
@@ -290,7 +290,7 @@ impl FaultPlan {
 }
 
 fault_fields! {
-    /// An operation of the v2 mock device whose accesses are counted (see [`vfio_mig::v2`]).
+    /// An operation of the v2 mock device whose accesses are counted (see [`crate::v2`]).
     V2FaultField, "v2 field" {
         /// A GET of `VFIO_DEVICE_FEATURE_MIGRATION` (the flags).
         Migration => "migration",
@@ -319,8 +319,8 @@ fault_fields! {
 pub struct V2FaultRule {
     /// The field whose accesses are counted.
     pub field: V2FaultField,
-    /// For `set-state`: count only the arcs into this state.
-    pub state: Option<MigState>,
+    /// For `set-state`: count only the arcs into this state (a raw v2 state value).
+    pub state: Option<u32>,
     /// The 1-based access that fails.
     pub at: u64,
     /// The errno the access fails with.
@@ -349,7 +349,10 @@ impl FromStr for V2FaultRule {
                     "`{s}`: only set-state takes a :STATE filter, not {field}"
                 ))
             }
-            Some(st) => Some(st.parse::<MigState>()?),
+            Some(st) => Some(
+                v2_arcs::from_name(st)
+                    .ok_or_else(|| format!("unknown v2 migration state `{st}`"))?,
+            ),
         };
         let (at, errno, error_state) = parse_count_action(rest, s)?;
         Ok(V2FaultRule {
@@ -366,7 +369,7 @@ impl fmt::Display for V2FaultRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.field)?;
         if let Some(st) = self.state {
-            write!(f, ":{st}")?;
+            write!(f, ":{}", v2_arcs::name(st))?;
         }
         write!(f, "@{}", self.at)?;
         if self.error_state {
@@ -384,7 +387,7 @@ impl fmt::Display for V2FaultRule {
 pub struct V2FaultPlan {
     rules: Vec<V2FaultRule>,
     counts: [u64; V2FaultField::ALL.len()],
-    state_counts: [u64; MigState::ALL.len()],
+    state_counts: [u64; v2_arcs::ALL_STATES.len()],
     hits: u64,
 }
 
@@ -399,11 +402,11 @@ impl V2FaultPlan {
 
     /// Counts one access of `field` (an arc into `state` for `set-state`); fails it when a
     /// rule names this access, by its count of the field or of arcs into `state`.
-    pub fn check(&mut self, field: V2FaultField, state: Option<MigState>) -> Result<(), FaultHit> {
+    pub fn check(&mut self, field: V2FaultField, state: Option<u32>) -> Result<(), FaultHit> {
         self.counts[field.index()] += 1;
         let n = self.counts[field.index()];
         let n_state = state.map(|s| {
-            let c = &mut self.state_counts[s.raw() as usize];
+            let c = &mut self.state_counts[(s as usize).min(v2_arcs::ALL_STATES.len() - 1)];
             *c += 1;
             *c
         });
@@ -512,7 +515,7 @@ mod tests {
     fn v2_rules_parse_print_back_and_filter_by_state() {
         let r: V2FaultRule = "set-state:STOP_COPY@2:error".parse().unwrap();
         assert_eq!(r.field, V2FaultField::SetState);
-        assert_eq!(r.state, Some(MigState::StopCopy));
+        assert_eq!(r.state, Some(v2_arcs::STOP_COPY));
         assert_eq!((r.at, r.errno, r.error_state), (2, libc::EIO, true));
         assert_eq!(r.to_string(), "set-state:STOP_COPY@2:error");
         let r: V2FaultRule = "set-state:stop-copy@1:EPIPE".parse().unwrap();
@@ -537,17 +540,23 @@ mod tests {
             "set-state:STOP@2:EAGAIN".parse().unwrap(),
             "set-state@5".parse().unwrap(),
         ]);
-        use MigState::*;
-        assert_eq!(plan.check(V2FaultField::SetState, Some(RunningP2p)), Ok(()));
-        assert_eq!(plan.check(V2FaultField::SetState, Some(Stop)), Ok(()));
-        assert_eq!(plan.check(V2FaultField::SetState, Some(RunningP2p)), Ok(()));
-        let hit = plan.check(V2FaultField::SetState, Some(Stop)).unwrap_err();
+        use v2_arcs::{RUNNING, RUNNING_P2P, STOP};
+        assert_eq!(
+            plan.check(V2FaultField::SetState, Some(RUNNING_P2P)),
+            Ok(())
+        );
+        assert_eq!(plan.check(V2FaultField::SetState, Some(STOP)), Ok(()));
+        assert_eq!(
+            plan.check(V2FaultField::SetState, Some(RUNNING_P2P)),
+            Ok(())
+        );
+        let hit = plan.check(V2FaultField::SetState, Some(STOP)).unwrap_err();
         assert_eq!(hit.errno, libc::EAGAIN);
         let hit = plan
-            .check(V2FaultField::SetState, Some(Running))
+            .check(V2FaultField::SetState, Some(RUNNING))
             .unwrap_err();
         assert_eq!(hit.errno, libc::EIO);
-        assert_eq!(plan.check(V2FaultField::SetState, Some(Stop)), Ok(()));
+        assert_eq!(plan.check(V2FaultField::SetState, Some(STOP)), Ok(()));
         assert_eq!(plan.count(V2FaultField::SetState), 6);
         assert_eq!(plan.hits(), 2);
     }

@@ -20,7 +20,7 @@
 //!   @0, u64 `pending_bytes` @8, `data_offset` @16, `data_size` @24); bytes 4-8 and 32 up to
 //!   the data section are never accessible; writes of `pending_bytes` and `data_offset`;
 //! - `device_state` writes that change bits 3-31, ask for 101b/111b/110b, or are not an arc
-//!   of [`vfio_mig::v1::state::is_arc`] (same state is a no-op); any state write in ERROR;
+//!   allowed by the mock's own table [`rules::v1_table::transition_allowed`] (same state is a no-op); any state write in ERROR;
 //!   STOP-AND-COPY -> STOP while anything is pending or a transaction is staged and not
 //!   consumed; RESUMING -> RUNNING when the state received does not verify (wrong seed, pages
 //!   missing, corrupt), which also puts the device in ERROR (110b): only a reset leaves it;
@@ -71,6 +71,7 @@
 
 pub mod content;
 pub mod faults;
+pub mod rules;
 pub mod spec;
 pub mod status;
 pub mod v1;
@@ -160,9 +161,6 @@ mod tests {
         assert_eq!(handle.status().v2_state, None);
         let (dev, handle) = open(&"mock:v2,size=8K".parse().unwrap()).unwrap();
         assert_eq!(dev.identity().model, "mock:v2");
-        assert_eq!(
-            handle.status().v2_state,
-            Some(vfio_mig::v2::state::MigState::Running)
-        );
+        assert_eq!(handle.status().v2_state, Some(rules::v2_arcs::RUNNING));
     }
 }

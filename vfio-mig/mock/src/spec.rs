@@ -13,6 +13,8 @@
 //! | `reserved=`     | initial `device_state` bits 3-31                           | `0x80000100` |
 //! | `region-index=` | index of the migration region (9 or more)                  | `10`         |
 //! | `fail-at=`      | `FIELD@N[:ERRNO|:error]`, repeatable (see [`super::faults`]) | none       |
+//! | `profile=`      | v2: a kernel driver to model: `mtty`, `mlx5`, `hisi`, `pds` | none (generic) |
+//! |                 | (see [`super::v2::profile`]); sets the defaults of `flags`, `dma` |       |
 //! | `flags=`        | v2: `VFIO_MIGRATION_*` (1 STOP_COPY, 2 P2P, 4 PRE_COPY)    | `0x7`        |
 //! | `dma=`          | v2: `on`, or `off` (no DMA logging features: ENOTTY)       | `on`         |
 //! | `dma-dirty=`    | v2: pages the device DMA-writes before each log report     | `0`          |
@@ -31,6 +33,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::faults::{FaultRule, V2FaultRule};
+use super::v2::profile::{Behaviour, ProfileName};
 use vfio_mig::Error;
 
 /// Default total device state: 64 MiB.
@@ -60,7 +63,7 @@ pub const DEFAULT_V2_FLAGS: u64 = 0x7;
 /// The options only a `mock:v1` spec takes.
 const V1_ONLY: [&str; 4] = ["section", "data", "reserved", "region-index"];
 /// The options only a `mock:v2` spec takes.
-const V2_ONLY: [&str; 3] = ["flags", "dma", "dma-dirty"];
+const V2_ONLY: [&str; 4] = ["flags", "dma", "dma-dirty", "profile"];
 
 /// Which migration protocol the mock speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,8 @@ pub struct MockSpec {
     pub region_index: u32,
     /// Fault injection rules (v1).
     pub faults: Vec<FaultRule>,
+    /// v2: the kernel driver the device models (`None`: the generic mock).
+    pub profile: Option<ProfileName>,
     /// v2: the `VFIO_MIGRATION_*` flags the device reports.
     pub flags: u64,
     /// v2: whether the device offers DMA logging.
@@ -132,6 +137,7 @@ impl Default for MockSpec {
             reserved: DEFAULT_RESERVED,
             region_index: DEFAULT_REGION_INDEX,
             faults: Vec::new(),
+            profile: None,
             flags: DEFAULT_V2_FLAGS,
             dma: true,
             dma_dirty: 0,
@@ -178,6 +184,12 @@ pub fn format_size(n: u64) -> String {
 }
 
 impl MockSpec {
+    /// What the v2 device does where drivers differ: its profile's, or the generic mock's.
+    pub fn behaviour(&self) -> Behaviour {
+        self.profile
+            .map_or_else(Behaviour::generic, ProfileName::behaviour)
+    }
+
     /// Number of content pages (the last may be short).
     pub fn page_count(&self) -> u64 {
         self.size.div_ceil(u64::from(self.page))
@@ -221,7 +233,7 @@ impl MockSpec {
                 self.section
             ));
         }
-        if self.reserved & vfio_mig::v1::state::STATE_MASK != 0 {
+        if self.reserved & crate::rules::v1_table::MASK != 0 {
             return Err(format!(
                 "option `reserved`: {:#x} sets state bits 0-2; give bits 3-31 only",
                 self.reserved
@@ -322,7 +334,10 @@ impl FromStr for MockSpec {
                         .parse()
                         .map_err(|e| usage(format!("option `fail-at`: {e}")))?,
                 ),
-                "flags" => spec.flags = parse_number(value).ok_or_else(|| bad("a u64 (e.g. 0x7)"))?,
+                "flags" => {
+                    spec.flags = parse_number(value).ok_or_else(|| bad("a u64 (e.g. 0x7)"))?
+                }
+                "profile" => spec.profile = Some(value.parse().map_err(&usage)?),
                 "dma" => {
                     spec.dma = match value {
                         "on" => true,
@@ -346,12 +361,21 @@ impl FromStr for MockSpec {
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
-                         dirty-rate, reserved, region-index, fail-at, id; v2: flags, dma, dma-dirty)"
+                         dirty-rate, reserved, region-index, fail-at, id; v2: profile, flags, dma, \
+                         dma-dirty)"
                     )))
                 }
             }
         }
         spec.section = section.unwrap_or_else(|| default_section(spec.chunk));
+        // A profile's defaults give way to options given explicitly, wherever they came.
+        let b = spec.behaviour();
+        if !seen.contains(&"flags") {
+            spec.flags = b.flags;
+        }
+        if !seen.contains(&"dma") {
+            spec.dma = b.dma;
+        }
         spec.validate().map_err(usage)?;
         Ok(spec)
     }
@@ -394,11 +418,15 @@ impl fmt::Display for MockSpec {
         for rule in &self.faults {
             write!(f, ",fail-at={rule}")?;
         }
-        if self.flags != d.flags {
+        let b = self.behaviour();
+        if let Some(p) = self.profile {
+            write!(f, ",profile={p}")?;
+        }
+        if self.flags != b.flags {
             write!(f, ",flags={:#x}", self.flags)?;
         }
-        if self.dma != d.dma {
-            write!(f, ",dma=off")?;
+        if self.dma != b.dma {
+            write!(f, ",dma={}", if self.dma { "on" } else { "off" })?;
         }
         if self.dma_dirty != d.dma_dirty {
             write!(f, ",dma-dirty={}", self.dma_dirty)?;
@@ -433,6 +461,22 @@ mod tests {
         let s: MockSpec = "mock:v2,seed=3".parse().unwrap();
         assert_eq!(s.protocol, Protocol::V2);
         assert_eq!(s.to_string(), "mock:v2,size=64M,seed=3");
+    }
+
+    #[test]
+    fn a_profile_sets_defaults_that_explicit_options_override() {
+        let s: MockSpec = "mock:v2,profile=hisi".parse().unwrap();
+        assert_eq!((s.flags, s.dma), (0x5, false));
+        assert_eq!(s.to_string(), "mock:v2,size=64M,seed=0,profile=hisi");
+        let s: MockSpec = "mock:v2,flags=0x3,profile=mlx5,dma=off".parse().unwrap();
+        assert_eq!((s.flags, s.dma), (0x3, false));
+        let text = "mock:v2,size=64M,seed=0,profile=mlx5,flags=0x3,dma=off";
+        assert_eq!(s.to_string(), text);
+        assert_eq!(text.parse::<MockSpec>().unwrap(), s);
+        let s: MockSpec = "mock:v2,profile=mtty,dma=on".parse().unwrap();
+        assert_eq!(s.to_string(), "mock:v2,size=64M,seed=0,profile=mtty,dma=on");
+        assert!(err("mock:v2,profile=qat").contains("unknown profile `qat`"));
+        assert!(err("mock:v1,profile=mtty").contains("for mock:v2 only"));
     }
 
     #[test]

@@ -5,8 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use vfio_mig::v1::state::V1State;
-use vfio_mig::v2::state::MigState;
+use crate::rules::{v1_table, v2_arcs};
 
 /// A snapshot of a mock device's state and counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -14,8 +13,9 @@ pub struct MockStatus {
     /// The raw state: v1 `device_state`, reserved bits included; for a v2 mock, the raw
     /// `enum vfio_device_mig_state` value (see [`MockStatus::v2_state`]).
     pub state_raw: u32,
-    /// The v2 migration state; `None` for a v1 mock.
-    pub v2_state: Option<MigState>,
+    /// The v2 migration state, a raw `enum vfio_device_mig_state` value (see
+    /// [`crate::rules::v2_arcs`]); `None` for a v1 mock.
+    pub v2_state: Option<u32>,
     /// RUNNING was reached after a resume whose state verified complete and intact.
     pub resumed_ok: bool,
     /// Successful resets.
@@ -59,24 +59,20 @@ pub struct MockStatus {
 }
 
 impl MockStatus {
-    /// The v1 state of `state_raw` (meaningless for a v2 mock: use `v2_state`).
-    pub fn v1_state(&self) -> V1State {
-        V1State::from_raw(self.state_raw)
-    }
-
-    /// The state's name, whatever the protocol (`RUNNING`, `STOP_COPY`, ...).
+    /// The state's name, whatever the protocol (v2 `RUNNING`, `STOP_COPY`, ...; v1
+    /// `RUNNING (001b)`, ...).
     pub fn state_name(&self) -> String {
         match self.v2_state {
-            Some(s) => s.to_string(),
-            None => self.v1_state().to_string(),
+            Some(s) => v2_arcs::name(s).to_string(),
+            None => v1_table::name(self.state_raw),
         }
     }
 
     /// Whether the device runs normally: v1 RUNNING (001b), v2 RUNNING.
     pub fn is_running(&self) -> bool {
         match self.v2_state {
-            Some(s) => s == MigState::Running,
-            None => self.v1_state() == V1State::Running,
+            Some(s) => s == v2_arcs::RUNNING,
+            None => self.state_raw & v1_table::MASK == v1_table::RUNNING,
         }
     }
 }
@@ -150,16 +146,16 @@ mod tests {
     fn handle_forwards() {
         let h = MockHandle::new(Arc::new(Fixed));
         let h2 = h.clone();
-        assert_eq!(h2.status().v1_state(), V1State::Error);
+        assert_eq!(h2.status().state_raw & v1_table::MASK, v1_table::ERROR);
         assert_eq!(h.state_digest(), 42);
         assert!(format!("{h:?}").contains("state_raw"));
         assert!(h.dma_written().is_empty());
         let st = h.status();
-        assert_eq!(st.state_name(), V1State::Error.to_string());
+        assert_eq!(st.state_name(), "ERROR (110b)");
         assert!(!st.is_running());
         let v2 = MockStatus {
-            state_raw: MigState::Running.raw(),
-            v2_state: Some(MigState::Running),
+            state_raw: v2_arcs::RUNNING,
+            v2_state: Some(v2_arcs::RUNNING),
             ..Default::default()
         };
         assert!(v2.is_running());

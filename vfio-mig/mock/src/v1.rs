@@ -39,10 +39,12 @@ use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64};
 use super::faults::{FaultField, FaultPlan};
 use super::spec::{DataMode, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
+use crate::rules::v1_table::{
+    self, ERROR, MASK as STATE_MASK, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY,
+};
 use vfio_mig::device::pod::read_pod;
 use vfio_mig::device::region::{encode_region_info, RegionCap, RegionInfo, SparseArea};
 use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
-use vfio_mig::v1::state::{compose, TransitionError, V1State, STATE_MASK};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
 pub const REGION_SHIFT: u32 = 40;
@@ -271,7 +273,7 @@ impl MockV1 {
             // Index 9 always exists (the unrelated region moves to 10 if the migration
             // region takes 9).
             num_regions: (spec.region_index + 1).max(VFIO_PCI_VGA_REGION_INDEX + 3),
-            state: spec.reserved | V1State::Running.bits(),
+            state: spec.reserved | RUNNING,
             gens: vec![0; content.page_count() as usize],
             save: None,
             resume: None,
@@ -304,8 +306,9 @@ impl MockV1 {
 }
 
 impl Inner {
-    fn state(&self) -> V1State {
-        V1State::from_raw(self.state)
+    /// The low three bits of `device_state` (see [`v1_table`]).
+    fn state(&self) -> u32 {
+        self.state & STATE_MASK
     }
 
     /// Refuses an access with `EINVAL`, remembering why.
@@ -317,7 +320,7 @@ impl Inner {
     }
 
     fn enter_error(&mut self) {
-        self.state = (self.state & !STATE_MASK) | V1State::Error.bits();
+        self.state = (self.state & !STATE_MASK) | ERROR;
     }
 
     /// Counts an access of `field`; fails it when a `fail-at` rule says so.
@@ -508,10 +511,10 @@ impl Inner {
             }
             Target::Data(off) => {
                 self.fault(FaultField::DataWrite)?;
-                if self.state() != V1State::Resuming {
+                if self.state() != RESUMING {
                     return Err(self.refuse(format!(
                         "data write in {}; only RESUMING accepts data",
-                        self.state()
+                        v1_table::name(self.state)
                     )));
                 }
                 write_all_at(&self.memfd, buf, off)?;
@@ -524,7 +527,7 @@ impl Inner {
     /// and the mock's own conditions on leaving a saving or resuming state.
     fn write_state(&mut self, value: u32) -> io::Result<()> {
         let from = self.state();
-        if from == V1State::Error {
+        if from == ERROR {
             return Err(self.refuse("device is in ERROR; only a reset leaves it"));
         }
         if value & !STATE_MASK != self.state & !STATE_MASK {
@@ -533,23 +536,26 @@ impl Inner {
                 self.state & !STATE_MASK
             )));
         }
-        let to = V1State::from_raw(value);
-        if let Err(e) = compose(self.state, to) {
-            let why = match e {
-                TransitionError::NotRequestable(s) => format!("{s} cannot be requested"),
-                other => other.to_string(),
-            };
-            return Err(self.refuse(why));
+        let to = value & STATE_MASK;
+        if !v1_table::is_valid(to) {
+            return Err(self.refuse(format!("{} cannot be requested", v1_table::name(to))));
+        }
+        if !v1_table::transition_allowed(from, to) {
+            return Err(self.refuse(format!(
+                "the v1 uAPI has no transition {} -> {}",
+                v1_table::name(from),
+                v1_table::name(to)
+            )));
         }
         if from == to {
             return Ok(());
         }
-        use V1State::*;
         match (from, to) {
-            (Running, PreCopy) | (Running, StopCopy) => {
+            // STOP -> STOP-AND-COPY is how QEMU saves a paused VM (SAVING ORed into 000b).
+            (RUNNING, PRE_COPY) | (RUNNING, STOP_COPY) | (STOP, STOP_COPY) => {
                 let gens = std::mem::take(&mut self.gens);
                 let mut encoder = Encoder::with_gens(self.content, gens);
-                if to == StopCopy {
+                if to == STOP_COPY {
                     encoder.finish();
                 }
                 self.save = Some(Save {
@@ -560,15 +566,15 @@ impl Inner {
                     carry: 0.0,
                 });
             }
-            (PreCopy, StopCopy) => {
+            (PRE_COPY, STOP_COPY) => {
                 // The device ran until now: account for what it dirtied, then stop it.
                 self.apply_dirty();
                 if let Some(save) = self.save.as_mut() {
                     save.encoder.finish();
                 }
             }
-            (PreCopy, Running) | (StopCopy, Running) => self.end_save(),
-            (StopCopy, Stop) => {
+            (PRE_COPY, RUNNING) | (STOP_COPY, RUNNING) => self.end_save(),
+            (STOP_COPY, STOP) => {
                 let (stream, staged) = self
                     .save
                     .as_ref()
@@ -582,7 +588,7 @@ impl Inner {
                 self.end_save();
                 self.status.saves_completed += 1;
             }
-            (Running, Resuming) | (Stop, Resuming) => {
+            (RUNNING, RESUMING) | (STOP, RESUMING) => {
                 self.status.resumed_ok = false;
                 self.status.corrupt = false;
                 self.status.first_bad_page = None;
@@ -591,7 +597,7 @@ impl Inner {
                     next_seq: 0,
                 });
             }
-            (Resuming, Running) => {
+            (RESUMING, RUNNING) => {
                 let verdict = match &self.resume {
                     Some(r) => r.decoder.verify_complete(),
                     None => Err("no resume in progress".to_string()),
@@ -645,10 +651,10 @@ impl Inner {
     /// transaction headers included.
     fn read_pending(&mut self) -> io::Result<u64> {
         let state = self.state();
-        if !state.is_saving() {
-            return Err(self.refuse(format!("pending_bytes read in {state}")));
+        if !v1_table::is_saving(state) {
+            return Err(self.refuse(format!("pending_bytes read in {}", v1_table::name(state))));
         }
-        if state == V1State::PreCopy {
+        if state == PRE_COPY {
             self.apply_dirty();
         }
         let chunk = self.spec.chunk;
@@ -665,11 +671,11 @@ impl Inner {
     /// `data_offset` read: in a saving state, stages the next transaction if none is staged.
     fn read_data_offset(&mut self) -> io::Result<u64> {
         let state = self.state();
-        if state == V1State::Resuming {
+        if state == RESUMING {
             return Ok(self.data_offset);
         }
-        if !state.is_saving() {
-            return Err(self.refuse(format!("data_offset read in {state}")));
+        if !v1_table::is_saving(state) {
+            return Err(self.refuse(format!("data_offset read in {}", v1_table::name(state))));
         }
         let save = self.save.as_ref().expect("a saving state has a save");
         if save.staged.is_none() {
@@ -707,8 +713,8 @@ impl Inner {
     /// feeds its payload to the decoder.
     fn commit(&mut self, size: u64) -> io::Result<()> {
         let state = self.state();
-        if state != V1State::Resuming {
-            return Err(self.refuse(format!("data_size write in {state}")));
+        if state != RESUMING {
+            return Err(self.refuse(format!("data_size write in {}", v1_table::name(state))));
         }
         if size == 0 || size > self.spec.section {
             return Err(self.refuse(format!("data_size {size} not in 1..={}", self.spec.section)));
@@ -784,7 +790,7 @@ impl Inner {
 
     fn reset(&mut self) -> io::Result<()> {
         self.fault(FaultField::Reset)?;
-        self.state = self.spec.reserved | V1State::Running.bits();
+        self.state = self.spec.reserved | RUNNING;
         self.gens = vec![0; self.content.page_count() as usize];
         self.save = None;
         self.resume = None;
@@ -884,9 +890,9 @@ impl DeviceIo for MockV1 {
 mod tests {
     use super::*;
     use crate::faults::FaultField;
+    use crate::rules::v1_table::SAVING;
     use vfio_mig::device::pod::write_pod;
     use vfio_mig::device::region::query_region;
-    use vfio_mig::v1::state::{RESUMING, RUNNING, SAVING};
 
     /// A tiny hand-written driver: raw field accesses on a mock.
     struct Drv {
@@ -961,7 +967,7 @@ mod tests {
         /// Saves everything (trapped reads), from the current saving state, then STOP.
         fn save_all(&self) -> Vec<Vec<u8>> {
             let mut txs = Vec::new();
-            if self.status().v1_state() == V1State::Running {
+            if self.status().state_raw & STATE_MASK == RUNNING {
                 self.set(SAVING).unwrap();
             }
             while self.pending().unwrap() > 0 {
@@ -1120,7 +1126,6 @@ mod tests {
         // Arcs: RUNNING -> STOP -> (not PRE-COPY) -> RUNNING -> RESUMING -> (not SAVING).
         d.set(0).unwrap();
         assert_eq!(code(d.set(RUNNING | SAVING)), EINVAL);
-        assert_eq!(code(d.set(SAVING)), EINVAL);
         d.set(RUNNING).unwrap();
         d.set(RESUMING).unwrap();
         assert_eq!(code(d.set(SAVING)), EINVAL);
@@ -1135,12 +1140,25 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_device_saves_through_stop_to_stop_and_copy() {
+        // QEMU's vfio_save_setup() ORs SAVING into a stopped device: 000b -> 010b.
+        let (src, dst) = (Drv::new(SMALL), Drv::new(SMALL));
+        src.set(0).unwrap();
+        src.set(SAVING).unwrap();
+        let txs = src.save_all();
+        assert_eq!(src.status().saves_completed, 1);
+        dst.load_all(&txs);
+        dst.set(RUNNING).unwrap();
+        assert!(dst.status().resumed_ok);
+    }
+
+    #[test]
     fn error_is_left_only_by_reset() {
         let d = Drv::new("mock:v1,size=4K,chunk=1K,fail-at=state-write@2:error");
         d.set(0).unwrap();
         assert_eq!(code(d.set(RUNNING)), libc::EIO);
         let st = d.status();
-        assert_eq!(st.v1_state(), V1State::Error);
+        assert_eq!(st.state_raw & STATE_MASK, ERROR);
         assert_eq!(st.state_raw, 0x8000_0100 | 0b110);
         for bits in 0..8 {
             assert_eq!(code(d.set(bits)), EINVAL, "{bits:03b}");
@@ -1367,14 +1385,14 @@ mod tests {
         assert_eq!(st.first_bad_page, Some(0));
         assert_eq!(code(dst.set(RUNNING)), EINVAL);
         let st = dst.status();
-        assert_eq!(st.v1_state(), V1State::Error);
+        assert_eq!(st.state_raw & STATE_MASK, ERROR);
         assert!(!st.resumed_ok);
         assert!(st.last_refusal.unwrap().contains("seed 2"));
         assert_eq!(code(dst.set(RUNNING)), EINVAL);
         assert_eq!(code(dst.set(RESUMING)), EINVAL);
         dst.dev.reset().unwrap();
         let st = dst.status();
-        assert_eq!(st.v1_state(), V1State::Running);
+        assert_eq!(st.state_raw & STATE_MASK, RUNNING);
         assert_eq!((st.resets, st.corrupt), (1, false));
         // The same destination now takes a good state.
         let good = Drv::new("mock:v1,size=5000,seed=2,chunk=2K");
@@ -1392,7 +1410,7 @@ mod tests {
         let txs = src.save_all();
         dst.load_all(&txs[..txs.len() - 1]);
         assert_eq!(code(dst.set(RUNNING)), EINVAL);
-        assert_eq!(dst.status().v1_state(), V1State::Error);
+        assert_eq!(dst.status().state_raw & STATE_MASK, ERROR);
         assert!(dst.status().last_refusal.unwrap().contains("incomplete"));
     }
 
@@ -1499,12 +1517,12 @@ mod tests {
         let d = Drv::new("mock:v1,size=8K,chunk=4K,fail-at=pending@1:error");
         d.set(SAVING).unwrap();
         assert_eq!(code(d.pending()), libc::EIO);
-        assert_eq!(d.status().v1_state(), V1State::Error);
+        assert_eq!(d.status().state_raw & STATE_MASK, ERROR);
         assert_eq!(code(d.set(RUNNING)), EINVAL);
         let d = Drv::new("mock:v1,size=8K,chunk=4K,fail-at=reset@1:error");
         assert_eq!(code(d.dev.reset()), libc::EIO);
-        assert_eq!(d.status().v1_state(), V1State::Error);
+        assert_eq!(d.status().state_raw & STATE_MASK, ERROR);
         d.dev.reset().unwrap();
-        assert_eq!(d.status().v1_state(), V1State::Running);
+        assert_eq!(d.status().state_raw & STATE_MASK, RUNNING);
     }
 }

@@ -83,4 +83,19 @@ pub trait DeviceIo: Send + Sync {
         &self,
         data_fd: BorrowedFd<'_>,
     ) -> io::Result<vfio_bindings::bindings::vfio::vfio_precopy_info>;
+
+    /// `read(2)` on a migration `data_fd` this device returned. The default is the syscall,
+    /// which is what a kernel device needs. An emulated device overrides it when its data fd
+    /// must answer what a real fd it can create cannot (ENOMSG at pre-copy's temporary end);
+    /// it still performs the read on `data_fd` itself.
+    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(nix::unistd::read(data_fd, buf)?)
+    }
+
+    /// `write(2)` on a migration `data_fd` this device returned (see [`DeviceIo::read_data`]:
+    /// an emulated device may refuse bad data inside the write, with the errno its kernel
+    /// driver returns).
+    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+        Ok(nix::unistd::write(data_fd, buf)?)
+    }
 }

@@ -17,6 +17,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::device::DeviceIo;
+
 /// What one read of the data fd produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataRead {
@@ -48,6 +50,25 @@ impl DataFd {
     /// One `read(2)` into `buf` (non-empty), retried on EINTR and, for a non-blocking fd,
     /// after waiting for readability on EAGAIN.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<DataRead> {
+        self.read_with(buf, |fd, buf| nix::unistd::read(fd, buf))
+    }
+
+    /// [`DataFd::read`] through the device's [`DeviceIo::read_data`] (the syscall on a real
+    /// device).
+    pub fn read_via(&self, dev: &dyn DeviceIo, buf: &mut [u8]) -> io::Result<DataRead> {
+        self.read_with(buf, |fd, buf| dev.read_data(fd, buf).map_err(to_errno))
+    }
+
+    /// [`DataFd::write_all`] through the device's [`DeviceIo::write_data`].
+    pub fn write_all_via(&self, dev: &dyn DeviceIo, data: &[u8]) -> io::Result<()> {
+        self.write_all_with(data, |fd, d| dev.write_data(fd, d).map_err(to_errno))
+    }
+
+    fn read_with(
+        &self,
+        buf: &mut [u8],
+        read: impl Fn(BorrowedFd<'_>, &mut [u8]) -> nix::Result<usize>,
+    ) -> io::Result<DataRead> {
         if buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -55,7 +76,7 @@ impl DataFd {
             ));
         }
         loop {
-            match classify(nix::unistd::read(&self.fd, buf)) {
+            match classify(read(self.fd.as_fd(), buf)) {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => continue,
                 Err(Errno::EAGAIN) => self.wait(PollFlags::POLLIN)?,
@@ -66,9 +87,17 @@ impl DataFd {
 
     /// Writes all of `data`: partial writes continue, EINTR is retried, EAGAIN waits for
     /// writability. A write of 0 bytes is an error (the session accepts no more).
-    pub fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+    pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        self.write_all_with(data, |fd, d| nix::unistd::write(fd, d))
+    }
+
+    fn write_all_with(
+        &self,
+        mut data: &[u8],
+        write: impl Fn(BorrowedFd<'_>, &[u8]) -> nix::Result<usize>,
+    ) -> io::Result<()> {
         while !data.is_empty() {
-            match nix::unistd::write(&self.fd, data) {
+            match write(self.fd.as_fd(), data) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -96,6 +125,11 @@ impl DataFd {
             }
         }
     }
+}
+
+/// The errno of an I/O error from a [`DeviceIo`] hook (EIO when it carries none).
+fn to_errno(e: io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Sorts a raw read result: `Ok(Some(_))` is an answer, `Ok(None)` asks for a retry (EINTR),

@@ -583,7 +583,9 @@ impl MigrationDevice for V2Device {
             .data
             .as_ref()
             .ok_or_else(|| Error::protocol(step(), "no data fd"))?;
-        let read = data.read(buf).map_err(|e| Error::device(step(), e))?;
+        let read = data
+            .read_via(self.dev.as_ref(), buf)
+            .map_err(|e| Error::device(step(), e))?;
         read_outcome(state, read)
     }
 
@@ -616,7 +618,8 @@ impl MigrationDevice for V2Device {
             .data
             .as_ref()
             .ok_or_else(|| Error::protocol(step(), "no data fd"))?;
-        fd.write_all(data).map_err(|e| Error::device(step(), e))?;
+        fd.write_all_via(self.dev.as_ref(), data)
+            .map_err(|e| Error::device(step(), e))?;
         self.resumed += data.len() as u64;
         Ok(())
     }

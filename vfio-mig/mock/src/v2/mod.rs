@@ -21,7 +21,7 @@
 //! | `DMA_LOGGING_START` (6)  | SET    | starts logging the ranges at the payload's address |
 //! | `DMA_LOGGING_STOP` (7)   | SET    | stops logging (0 when not started)                 |
 //! | `DMA_LOGGING_REPORT` (8) | GET    | reads and clears the log into the bitmap           |
-//! | `MIG_DATA_SIZE` (9)      | GET    | the bytes STOP_COPY would still produce            |
+//! | `MIG_DATA_SIZE` (9)      | GET    | profile: the whole state; else what STOP_COPY would still produce |
 //! | `MIG_PRECOPY_INFOv2` (12)| SET    | opts in to valid `vfio_precopy_info.flags`; EINVAL without PRE_COPY |
 //!
 //! `dma=off` removes the three DMA logging features (`ENOTTY`, as the core without `log_ops`).
@@ -29,9 +29,9 @@
 //! # States
 //!
 //! A SET walks from the current state to the requested one as mtty's `set_state` does: it
-//! takes [`next_step`] (the kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for
-//! states the `flags` do not support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values
-//! above 7) and executes that single arc, again and again; the state advances arc by arc, so
+//! takes [`next_state`] (the mock's own port of the
+//! kernel's `vfio_mig_get_next_state`, so `EINVAL` for ERROR, for states the `flags` do not
+//! support, for STOP_COPY -> PRE_COPY(_P2P) and for raw values above 7) and executes that single arc, again and again; the state advances arc by arc, so
 //! a failing arc leaves the device in the state before it. A SET of the current state is a
 //! no-op (even ERROR while in ERROR, as in mtty). The arcs:
 //!
@@ -51,6 +51,14 @@
 //! - the other arcs (RUNNING <-> RUNNING_P2P, RUNNING_P2P <-> STOP, PRE_COPY <-> PRE_COPY_P2P,
 //!   and RUNNING <-> STOP without P2P) change nothing else.
 //!
+//! # Driver profiles
+//!
+//! `profile=mtty|mlx5|hisi|pds` ([`profile`]) changes what differs between kernel drivers: the
+//! flags, MIG_DATA_SIZE, what pre-copy carries, ENOMSG at the temporary end, asynchronous
+//! saving, where bad data is refused (inside `write(2)` through [`DeviceIo::write_data`], or at
+//! RESUMING -> STOP, never when the device runs), and the answer in ERROR. The paragraphs below
+//! describe the generic mock; `docs/mock-device.md` has the table per profile.
+//!
 //! # The data fd
 //!
 //! A real pipe: the caller gets one end, as its own descriptor (close-on-exec, blocking), and
@@ -67,8 +75,8 @@
 //!   since they were sent). In PRE_COPY the device keeps running: each PRECOPY_INFO (and the
 //!   arc into STOP_COPY) first dirties the pages `dirty-rate` accounts for since the last one.
 //!   When the pre-copy data runs out the fd reads 0 (mtty's behaviour; the uAPI's ENOMSG
-//!   cannot come out of a pipe, so that path is covered by the driver's unit tests), and more
-//!   data may follow later. In STOP_COPY the fd yields the rest, END included, then 0.
+//!   cannot come out of a pipe: with `profile=mlx5` the device answers it through
+//!   [`DeviceIo::read_data`], see [`profile`]), and more data may follow later. In STOP_COPY the fd yields the rest, END included, then 0.
 //! - Resuming: a consumer thread reads the pipe into a [`Decoder`]. A framing error closes
 //!   the mock's end, so the caller's next write fails with EPIPE (mtty fails the write with
 //!   EFAULT; a pipe raises SIGPIPE too, which Rust programs ignore), and RESUMING -> STOP fails
@@ -138,6 +146,7 @@
 //! ```
 
 mod dma;
+pub mod profile;
 mod session;
 
 use std::collections::VecDeque;
@@ -148,31 +157,35 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_report,
-    vfio_device_feature_mig_data_size, vfio_device_feature_mig_state,
-    vfio_device_feature_migration, vfio_precopy_info, vfio_region_info,
-    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
-    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
-    VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
-    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_device_feature, vfio_device_feature_dma_logging_control,
+    vfio_device_feature_dma_logging_report, vfio_device_feature_mig_data_size,
+    vfio_device_feature_mig_state, vfio_device_feature_migration, vfio_precopy_info,
+    vfio_region_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_NUM_REGIONS, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
 use super::faults::{V2FaultField, V2FaultPlan};
 use super::spec::{MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
+use crate::rules::v2_arcs::{
+    self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
+    RUNNING_P2P, STOP, STOP_COPY,
+};
 use vfio_mig::device::pod::{read_pod, write_pod, Pod};
 use vfio_mig::device::region::{encode_region_info, RegionInfo};
 use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
-use vfio_mig::v2::feature::{HEADER_LEN, MIN_DMA_LOG_PAGE};
-use vfio_mig::v2::state::{next_step, MigState, MigrationFlags};
 
-use dma::DmaLog;
 pub use dma::LOG_MAX_RANGES;
-use session::{file_id, Faults, FileId, LoadSession, SaveSession};
+use dma::{DmaLog, MIN_DMA_LOG_PAGE};
+use profile::{Behaviour, WriteRefusal};
+use session::{file_id, Faults, FeedOptions, FileId, LoadSession, SaveSession};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
 pub const REGION_SHIFT: u32 = 40;
@@ -184,6 +197,8 @@ const DIRTY_RNG_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 const MAX_DIRTY_PASSES: u64 = 2;
 /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`, under a name that can be a pattern.
 const PRECOPY_INFO_V2: u32 = VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2;
+/// Size of `struct vfio_device_feature` (argsz, flags), before the feature's payload.
+const HEADER_LEN: usize = size_of::<vfio_device_feature>();
 /// Earlier saving fds remembered, to answer ENODEV rather than ENOTTY for them.
 const OLD_FDS: usize = 16;
 
@@ -202,9 +217,13 @@ enum Session {
 #[derive(Debug)]
 struct Inner {
     spec: MockSpec,
+    /// What the device does where kernel drivers differ (its profile).
+    behaviour: Behaviour,
     content: Content,
-    flags: MigrationFlags,
-    state: MigState,
+    /// `VFIO_MIGRATION_*` flags.
+    flags: u64,
+    /// The raw `enum vfio_device_mig_state` value (see [`v2_arcs`]).
+    state: u32,
     /// The page generations (the device's state) while no save owns them.
     gens: Vec<u32>,
     session: Option<Session>,
@@ -238,7 +257,7 @@ impl Inspect for Shared {
     fn status(&self) -> MockStatus {
         let g = self.lock();
         let mut s = g.status.clone();
-        s.state_raw = g.state.raw();
+        s.state_raw = g.state;
         s.v2_state = Some(g.state);
         s.fault_hits = session::lock_faults(&g.faults).hits();
         s.precopy_info_v2 = g.precopy_v2;
@@ -310,8 +329,8 @@ impl MockV2 {
         let content = Content::new(spec.seed, spec.size, spec.page);
         let inner = Inner {
             content,
-            flags: MigrationFlags::from_bits_retain(spec.flags),
-            state: MigState::Running,
+            flags: spec.flags,
+            state: RUNNING,
             gens: vec![0; content.page_count() as usize],
             session: None,
             loaded: None,
@@ -323,12 +342,18 @@ impl MockV2 {
             bar0: vec![0; BAR0_SIZE as usize],
             old_saving: VecDeque::new(),
             status: MockStatus::default(),
+            behaviour: spec.behaviour(),
             spec: spec.clone(),
+        };
+        // A profile is another device model: its state does not load into another profile.
+        let model = match spec.profile {
+            Some(p) => format!("mock:v2-{p}"),
+            None => "mock:v2".into(),
         };
         Ok(Self {
             shared: Arc::new(Shared(Mutex::new(inner))),
             identity: DeviceIdentity {
-                model: "mock:v2".into(),
+                model,
                 instance: spec.to_string(),
             },
         })
@@ -392,18 +417,18 @@ impl Inner {
     }
 
     fn enter_error(&mut self) {
-        self.state = MigState::Error;
+        self.state = ERROR;
     }
 
     /// Counts an access; fails it when a `fail-at` rule says so.
-    fn fault(&mut self, field: V2FaultField, state: Option<MigState>) -> io::Result<()> {
+    fn fault(&mut self, field: V2FaultField, state: Option<u32>) -> io::Result<()> {
         let r = session::lock_faults(&self.faults).check(field, state);
         r.map_err(|hit| {
             if hit.error_state {
                 self.enter_error();
             }
             self.status.last_refusal = Some(match state {
-                Some(s) => format!("fail-at {field}:{s}"),
+                Some(s) => format!("fail-at {field}:{}", v2_arcs::name(s)),
                 None => format!("fail-at {field}"),
             });
             hit.to_io()
@@ -463,15 +488,19 @@ impl Inner {
     }
 
     fn is_running(&self) -> bool {
-        matches!(
-            self.state,
-            MigState::Running | MigState::RunningP2p | MigState::PreCopy | MigState::PreCopyP2p
-        )
+        v2_arcs::is_running(self.state)
     }
 
-    /// The whole stream of the device's state: every page with its header, then END.
+    /// The whole stream of the device's state: MATCH if the profile sends it, every page with
+    /// its header, then END.
     fn full_stream(&self) -> u64 {
-        u64::from(self.content.page_count()) * PACKET_HEADER as u64
+        let header = if self.behaviour.match_header {
+            PACKET_HEADER as u64
+        } else {
+            0
+        };
+        header
+            + u64::from(self.content.page_count()) * PACKET_HEADER as u64
             + self.content.size()
             + PACKET_HEADER as u64
     }
@@ -504,9 +533,7 @@ impl Inner {
                 let sz = size_of::<vfio_device_feature_migration>();
                 if let Access::Get = check_feature(flags, len, true, false, sz)? {
                     self.fault(V2FaultField::Migration, None)?;
-                    let mig = vfio_device_feature_migration {
-                        flags: self.flags.bits(),
-                    };
+                    let mig = vfio_device_feature_migration { flags: self.flags };
                     write_pod(p, 0, &mig);
                 }
             }
@@ -520,7 +547,7 @@ impl Inner {
                 mig.data_fd = -1;
                 if let Access::Get = access {
                     self.fault(V2FaultField::GetState, None)?;
-                    mig.device_state = self.state.raw();
+                    mig.device_state = self.state;
                     write_pod(p, 0, &mig);
                     return Ok(0);
                 }
@@ -546,7 +573,7 @@ impl Inner {
                 }
             }
             PRECOPY_INFO_V2 => {
-                if !self.flags.contains(MigrationFlags::PRE_COPY) {
+                if self.flags & FLAG_PRE_COPY == 0 {
                     return Err(self.refuse("MIG_PRECOPY_INFOv2 without PRE_COPY"));
                 }
                 if let Access::Set = check_feature(flags, len, false, true, 0)? {
@@ -620,9 +647,14 @@ impl Inner {
         Ok(())
     }
 
-    /// `MIG_DATA_SIZE`: what STOP_COPY would still produce.
+    /// `MIG_DATA_SIZE`: a profile's driver reports its whole stop-copy state (mtty, mlx5's
+    /// firmware total, hisi's and pds's constant); the generic mock what STOP_COPY would still
+    /// produce.
     fn data_size(&mut self) -> u64 {
-        if self.state.is_pre_copy() {
+        if self.behaviour.data_size_full {
+            return self.full_stream();
+        }
+        if is_pre_copy(self.state) {
             self.apply_dirty();
         }
         match &self.session {
@@ -641,17 +673,23 @@ impl Inner {
 
     // ---- states and arcs -----------------------------------------------------------------
 
-    /// A SET of MIG_DEVICE_STATE: walks to `raw` one arc at a time, as mtty's `set_state`.
-    fn set_state(&mut self, raw: u32) -> io::Result<Option<OwnedFd>> {
-        let Some(target) = MigState::from_raw(raw) else {
-            return Err(self.refuse(format!("device_state {raw} is not a v2 state")));
-        };
+    /// A SET of MIG_DEVICE_STATE: walks to `target` one arc at a time, as mtty's
+    /// `set_state`, each arc from the mock's own port of `vfio_mig_get_next_state`.
+    fn set_state(&mut self, target: u32) -> io::Result<Option<OwnedFd>> {
+        if self.state == ERROR && self.behaviour.error_errno != libc::EINVAL {
+            // pds_vfio_set_device_state: in ERROR every request fails, before the core.
+            self.status.last_refusal = Some("SET in ERROR: the device needs a reset".into());
+            return Err(errno(self.behaviour.error_errno));
+        }
         let mut fd = None;
         while self.state != target {
             let cur = self.state;
-            let next = match next_step(cur, target, self.flags) {
+            let next = match next_state(self.flags, cur, target) {
                 Ok(n) => n,
-                Err(e) => return Err(self.refuse(format!("{cur} -> {target}: {e}"))),
+                Err(e) => {
+                    let (a, b) = (v2_arcs::name(cur), v2_arcs::name(target));
+                    return Err(self.refuse(format!("{a} -> {b} ({target}): {e}")));
+                }
             };
             self.fault(V2FaultField::SetState, Some(next))?;
             let opened = self.arc(cur, next)?;
@@ -660,7 +698,8 @@ impl Inner {
                 if next != target {
                     // mtty WARNs: the kernel's table never opens a session midway.
                     drop(f);
-                    return Err(self.refuse(format!("{cur} -> {next} opened a data fd midway")));
+                    let (a, b) = (v2_arcs::name(cur), v2_arcs::name(next));
+                    return Err(self.refuse(format!("{a} -> {b} opened a data fd midway")));
                 }
                 self.status.data_fds += 1;
                 fd = Some(f);
@@ -670,15 +709,15 @@ impl Inner {
     }
 
     /// One arc, as mtty's `step_state`: what the device does, and the data fd it opens.
-    fn arc(&mut self, cur: MigState, next: MigState) -> io::Result<Option<OwnedFd>> {
-        use MigState::*;
-        if cur == Stop && matches!(next, Running | RunningP2p | StopCopy) && self.loaded.is_some() {
+    fn arc(&mut self, cur: u32, next: u32) -> io::Result<Option<OwnedFd>> {
+        if cur == STOP && matches!(next, RUNNING | RUNNING_P2P | STOP_COPY) && self.loaded.is_some()
+        {
             self.run_loaded(cur, next)?;
         }
         match (cur, next) {
-            (Running, PreCopy) | (RunningP2p, PreCopyP2p) => self.start_save(true).map(Some),
-            (Stop, StopCopy) => self.start_save(false).map(Some),
-            (PreCopy | PreCopyP2p, StopCopy) => {
+            (RUNNING, PRE_COPY) | (RUNNING_P2P, PRE_COPY_P2P) => self.start_save(true).map(Some),
+            (STOP, STOP_COPY) => self.start_save(false).map(Some),
+            (PRE_COPY | PRE_COPY_P2P, STOP_COPY) => {
                 self.save_failure()?;
                 // The device ran until now: account for what it dirtied, then stop it.
                 self.apply_dirty();
@@ -689,11 +728,11 @@ impl Inner {
                 }
                 Ok(None)
             }
-            (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
+            (PRE_COPY, RUNNING) | (PRE_COPY_P2P, RUNNING_P2P) => {
                 self.drop_session();
                 Ok(None)
             }
-            (StopCopy, Stop) => {
+            (STOP_COPY, STOP) => {
                 self.save_failure()?;
                 if let Some((encoder, complete)) = self.end_session() {
                     self.gens = encoder.into_gens();
@@ -703,8 +742,8 @@ impl Inner {
                 }
                 Ok(None)
             }
-            (Stop, Resuming) => self.start_resume().map(Some),
-            (Resuming, Stop) => {
+            (STOP, RESUMING) => self.start_resume().map(Some),
+            (RESUMING, STOP) => {
                 self.finish_resume()?;
                 Ok(None)
             }
@@ -739,11 +778,19 @@ impl Inner {
     fn start_save(&mut self, pre_copy: bool) -> io::Result<OwnedFd> {
         self.drop_session();
         let mut encoder = Encoder::with_gens(self.content, std::mem::take(&mut self.gens));
+        let b = self.behaviour;
+        if b.match_header {
+            encoder = encoder.with_match_header(b.precopy_header_only);
+        }
         if !pre_copy {
             encoder.finish();
         }
         let chunk = self.spec.chunk;
-        match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone()) {
+        let feed = FeedOptions {
+            keep_open: b.enomsg,
+            latency: b.save_latency,
+        };
+        match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone(), feed) {
             Ok((save, fd)) => {
                 self.session = Some(Session::Save(save));
                 self.dirty_clock = (Instant::now(), 0.0);
@@ -794,8 +841,29 @@ impl Inner {
             self.status.last_refusal = Some("fail-at data-write: the resume lost data".into());
             return Err(hit.to_io());
         }
+        let resume_errno = self.behaviour.resume_errno;
         if let Some(why) = framing {
-            return Err(self.refuse(format!("RESUMING -> STOP refused: state stream: {why}")));
+            let e = self.refuse(format!("RESUMING -> STOP refused: state stream: {why}"));
+            return Err(if resume_errno == libc::EINVAL {
+                e
+            } else {
+                errno(resume_errno)
+            });
+        }
+        if self.behaviour.verify_at_stop() {
+            // Real drivers load the state here (mtty_load_state, vf_qm_load_data, the pds
+            // firmware) and fail the arc, staying in RESUMING, when it is unusable.
+            let verdict = load.lock().decoder.verify_complete();
+            if let Err(why) = verdict {
+                let (corrupt, bad) = {
+                    let st = load.lock();
+                    (st.decoder.is_corrupt(), st.decoder.first_bad_page())
+                };
+                self.status.corrupt = corrupt;
+                self.status.first_bad_page = bad;
+                self.status.last_refusal = Some(format!("RESUMING -> STOP refused: {why}"));
+                return Err(errno(resume_errno));
+            }
         }
         let Some(Session::Load(load)) = self.session.take() else {
             unreachable!("checked above");
@@ -813,7 +881,7 @@ impl Inner {
 
     /// STOP -> a running state (or STOP_COPY) after a resume: the state must verify, or the
     /// device fails (ERROR).
-    fn run_loaded(&mut self, cur: MigState, next: MigState) -> io::Result<()> {
+    fn run_loaded(&mut self, cur: u32, next: u32) -> io::Result<()> {
         let decoder = self.loaded.take().expect("called with a loaded state");
         match decoder.verify_complete() {
             Ok(()) => {
@@ -825,7 +893,8 @@ impl Inner {
                 self.status.corrupt = decoder.is_corrupt();
                 self.status.first_bad_page = decoder.first_bad_page();
                 self.enter_error();
-                Err(self.refuse(format!("{cur} -> {next} refused: resumed state: {why}")))
+                let (a, b) = (v2_arcs::name(cur), v2_arcs::name(next));
+                Err(self.refuse(format!("{a} -> {b} refused: resumed state: {why}")))
             }
         }
     }
@@ -866,14 +935,16 @@ impl Inner {
             if !self.old_saving.contains(&id) {
                 return Err(errno(libc::ENOTTY));
             }
-            if !self.state.is_pre_copy() {
-                return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+            if !is_pre_copy(self.state) {
+                let why = format!("PRECOPY_INFO in {}", v2_arcs::name(self.state));
+                return Err(self.refuse(why));
             }
             return Err(errno(libc::ENODEV));
         }
         self.fault(V2FaultField::PrecopyInfo, None)?;
-        if !self.state.is_pre_copy() {
-            return Err(self.refuse(format!("PRECOPY_INFO in {}", self.state)));
+        if !is_pre_copy(self.state) {
+            let why = format!("PRECOPY_INFO in {}", v2_arcs::name(self.state));
+            return Err(self.refuse(why));
         }
         if let Some(Session::Save(save)) = &self.session {
             if let Some(hit) = save.lock().failed {
@@ -897,13 +968,83 @@ impl Inner {
         })
     }
 
+    // ---- the data fd hooks (DeviceIo::read_data / write_data) -----------------------------
+
+    /// Before a read of a data fd: ENOMSG when the profile answers it at pre-copy's temporary
+    /// end (nothing unread, nothing being produced), as `mlx5vf_save_read` does. Otherwise the
+    /// caller reads the fd itself (blocking until asynchronous data arrives).
+    fn read_gate(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if !self.behaviour.enomsg || !is_pre_copy(self.state) {
+            return Ok(());
+        }
+        let Some(Session::Save(save)) = &self.session else {
+            return Ok(());
+        };
+        if save.id != file_id(fd)? {
+            return Ok(());
+        }
+        let st = save.lock();
+        if st.failed.is_none() && st.unwritten() == 0 && save.in_pipe(&st, Some(fd)) == 0 {
+            return Err(errno(libc::ENOMSG));
+        }
+        Ok(())
+    }
+
+    /// A write into the resuming data fd, for a profile whose driver checks data inside
+    /// write(2): the bytes go straight to the decoder and a refusal is this write's errno.
+    /// `None`: not such a profile or not this session's fd; the caller writes the fd.
+    fn write_direct(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
+        let refusal = self.behaviour.write_refusal?;
+        let Some(Session::Load(load)) = &self.session else {
+            return None;
+        };
+        if file_id(fd).ok()? != load.id {
+            return None;
+        }
+        let st = load.lock();
+        if let Some(e) = st.refused {
+            return Some(Err(errno(e)));
+        }
+        if let Some(hit) = st.failed {
+            return Some(Err(hit.to_io()));
+        }
+        drop(st);
+        let mut st = load.take_direct(buf);
+        if let Some(hit) = st.failed {
+            return Some(Err(hit.to_io()));
+        }
+        let refused = match refusal {
+            WriteRefusal::HeaderOnly(e) => st.decoder.header_refused().then_some((e, e)),
+            WriteRefusal::Everything { framing, content } => {
+                if st.framing.is_some() {
+                    Some((framing, libc::ENODEV))
+                } else if st.decoder.is_corrupt() {
+                    Some((content, libc::ENODEV))
+                } else {
+                    None
+                }
+            }
+        };
+        let why = st.framing.clone();
+        if let Some((now, later)) = refused {
+            st.refused = Some(later);
+            drop(st);
+            self.status.last_refusal = Some(format!(
+                "data fd write refused: {}",
+                why.unwrap_or_else(|| "a page does not match this device".into())
+            ));
+            return Some(Err(errno(now)));
+        }
+        Some(Ok(buf.len()))
+    }
+
     // ---- reset and regions ---------------------------------------------------------------
 
     fn reset(&mut self) -> io::Result<()> {
         self.fault(V2FaultField::Reset, None)?;
         self.drop_session();
         self.loaded = None;
-        self.state = MigState::Running;
+        self.state = RUNNING;
         self.gens = vec![0; self.content.page_count() as usize];
         self.rng = SplitMix64::new(self.spec.seed ^ DIRTY_RNG_SALT);
         self.status.resumed_ok = false;
@@ -1016,5 +1157,18 @@ impl DeviceIo for MockV2 {
 
     fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
         self.shared.lock().precopy_info(data_fd)
+    }
+
+    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.lock().read_gate(data_fd)?;
+        // The read itself runs unlocked: it may wait for the feeder.
+        Ok(nix::unistd::read(data_fd, buf)?)
+    }
+
+    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+        if let Some(r) = self.shared.lock().write_direct(data_fd, buf) {
+            return r;
+        }
+        Ok(nix::unistd::write(data_fd, buf)?)
     }
 }

@@ -31,6 +31,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
@@ -122,12 +123,17 @@ impl Wake {
 
     /// Waits until `fd` (if any) is ready for `events` or the eventfd is signalled.
     fn wait(&self, fd: Option<(BorrowedFd<'_>, PollFlags)>) {
+        self.wait_for(fd, PollTimeout::NONE);
+    }
+
+    /// [`Wake::wait`], at most `timeout`.
+    fn wait_for(&self, fd: Option<(BorrowedFd<'_>, PollFlags)>, timeout: PollTimeout) {
         let mut fds = vec![PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
         if let Some((fd, events)) = fd {
             fds.push(PollFd::new(fd, events));
         }
         // EINTR and other errors just make the caller loop once more.
-        let _ = poll(&mut fds, PollTimeout::NONE);
+        let _ = poll(&mut fds, timeout);
     }
 }
 
@@ -200,6 +206,12 @@ pub(super) struct SaveState {
     /// The caller closed its end (a write failed with EPIPE).
     pub reader_gone: bool,
     shutdown: bool,
+    /// Keep the writer open at pre-copy's temporary end (the device answers ENOMSG itself).
+    keep_open: bool,
+    /// Data the device produced becomes readable this long after (asynchronous saves).
+    latency: Option<Duration>,
+    /// When the batch produced after the feeder last went idle becomes readable.
+    batch_ready: Option<Instant>,
 }
 
 impl SaveState {
@@ -229,6 +241,8 @@ enum Next {
     Writable(Arc<OwnedFd>),
     /// Nothing to do until the device signals.
     Idle,
+    /// The next batch becomes readable after this long (or a signal).
+    Sleep(Duration),
     /// Nothing more will ever be written (caller gone, or a fault): the thread ends.
     Done,
 }
@@ -243,9 +257,21 @@ impl SaveShared {
             }
             if st.encoder.pending() == 0 {
                 // End of the pre-copy data for now, or of the stream: the caller reads 0
-                // once it has drained the pipe.
-                st.writer = None;
+                // once it has drained the pipe (unless the device answers ENOMSG for a
+                // temporary end: then only the true end closes the writer).
+                if !st.keep_open || st.encoder.is_done() {
+                    st.writer = None;
+                }
+                st.batch_ready = None;
                 return Next::Idle;
+            }
+            if let Some(latency) = st.latency {
+                // An asynchronous save: the batch appears once the device's command completes.
+                let now = Instant::now();
+                let ready = *st.batch_ready.get_or_insert(now + latency);
+                if now < ready {
+                    return Next::Sleep(ready - now);
+                }
             }
             // The next piece stays inside one fault block; a block's first piece counts it.
             let block = st.emitted / st.chunk;
@@ -303,6 +329,10 @@ impl SaveShared {
                 Next::Progress => {}
                 Next::Writable(w) => self.wake.wait(Some((w.as_fd(), PollFlags::POLLOUT))),
                 Next::Idle => self.wake.wait(None),
+                Next::Sleep(d) => {
+                    let ms = u16::try_from(d.as_millis().max(1)).unwrap_or(u16::MAX);
+                    self.wake.wait_for(None, PollTimeout::from(ms));
+                }
                 Next::Done => return,
             }
         }
@@ -339,6 +369,7 @@ impl SaveSession {
         pre_copy: bool,
         chunk: u64,
         faults: Faults,
+        feed: FeedOptions,
     ) -> Result<(Self, OwnedFd), Box<(Encoder, io::Error)>> {
         let setup = || -> io::Result<(OwnedFd, OwnedFd, Option<Reopen>, FileId, Wake)> {
             let (r, w) = pipe()?;
@@ -356,8 +387,13 @@ impl SaveSession {
             Ok(v) => v,
             Err(e) => return Err(Box::new((encoder, e))),
         };
-        let initial_total = u64::from(encoder.content().page_count()) * PACKET_HEADER as u64
-            + encoder.content().size();
+        // The initial pass: what the encoder holds before anything is dirtied (END aside).
+        let end = if encoder.is_finished() {
+            PACKET_HEADER as u64
+        } else {
+            0
+        };
+        let initial_total = encoder.pending() - end;
         let shared = Arc::new(SaveShared {
             state: Mutex::new(SaveState {
                 encoder,
@@ -374,6 +410,9 @@ impl SaveSession {
                 error_applied: false,
                 reader_gone: false,
                 shutdown: false,
+                keep_open: feed.keep_open,
+                latency: feed.latency,
+                batch_ready: None,
             }),
             wake,
             faults,
@@ -479,6 +518,15 @@ impl Drop for SaveSession {
     }
 }
 
+/// How a saving session's feeder behaves (the driver profile's choices).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct FeedOptions {
+    /// Keep the writer open at pre-copy's temporary end (the device answers ENOMSG itself).
+    pub keep_open: bool,
+    /// Data becomes readable this long after the device produced it.
+    pub latency: Option<Duration>,
+}
+
 /// The state of a resuming session, shared by the device and the consumer.
 #[derive(Debug)]
 pub(super) struct LoadState {
@@ -495,6 +543,8 @@ pub(super) struct LoadState {
     /// Fault blocks (of `chunk` bytes) counted so far.
     blocks: u64,
     chunk: u64,
+    /// A write through the device refused data: later writes fail with this errno.
+    pub refused: Option<i32>,
     /// Drain what is in the pipe, then exit.
     drain_exit: bool,
     /// Exit now.
@@ -504,7 +554,7 @@ pub(super) struct LoadState {
 impl LoadState {
     /// Takes `data` at stream offset `received`: counts fault blocks and feeds the decoder.
     /// Returns false when the consumer must stop (fault or framing error).
-    fn take(&mut self, data: &[u8], faults: &Faults) -> bool {
+    pub fn take(&mut self, data: &[u8], faults: &Faults) -> bool {
         let end = self.received + data.len() as u64;
         let mut usable = data.len();
         while self.blocks * self.chunk < end {
@@ -577,6 +627,8 @@ impl LoadShared {
 pub(super) struct LoadSession {
     shared: Arc<LoadShared>,
     thread: Option<JoinHandle<()>>,
+    /// The pipe's identity, to recognise the caller's fd.
+    pub id: FileId,
 }
 
 impl LoadSession {
@@ -585,6 +637,7 @@ impl LoadSession {
     pub fn start(decoder: Decoder, chunk: u64, faults: Faults) -> io::Result<(Self, OwnedFd)> {
         let (r, w) = pipe()?;
         set_nonblocking(&r)?;
+        let id = file_id(r.as_fd())?;
         let shared = Arc::new(LoadShared {
             state: Mutex::new(LoadState {
                 decoder,
@@ -592,6 +645,7 @@ impl LoadSession {
                 failed: None,
                 error_applied: false,
                 framing: None,
+                refused: None,
                 blocks: 0,
                 chunk: chunk.max(1),
                 drain_exit: false,
@@ -608,6 +662,7 @@ impl LoadSession {
             Self {
                 shared,
                 thread: Some(thread),
+                id,
             },
             w,
         ))
@@ -616,6 +671,14 @@ impl LoadSession {
     /// The shared state.
     pub fn lock(&self) -> MutexGuard<'_, LoadState> {
         lock(&self.shared.state)
+    }
+
+    /// Takes a write made through the device (`DeviceIo::write_data`) straight into the
+    /// decoder, in the caller's thread, so that the write itself can be refused.
+    pub fn take_direct(&self, data: &[u8]) -> MutexGuard<'_, LoadState> {
+        let mut st = self.lock();
+        st.take(data, &self.shared.faults);
+        st
     }
 
     /// Consumes everything the caller wrote so far (its writes returned, so it is all in the

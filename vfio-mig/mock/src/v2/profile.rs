@@ -1,0 +1,224 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Driver profiles of the v2 mock (`mock:v2,profile=NAME`): the observable behaviour of one
+//! kernel vendor driver, read from its source (see `docs/mock-device.md` for the sources).
+//!
+//! | profile | flags | MIG_DATA_SIZE | pre-copy data | temporary end | bad data refused            | ERROR |
+//! |---------|-------|---------------|---------------|---------------|-----------------------------|-------|
+//! | (none)  | 0x7   | unread rest   | every page    | read 0        | STOP -> RUNNING (EINVAL)    | EINVAL|
+//! | `mtty`  | 0x7   | full state    | match header  | read 0        | header: write EFAULT; rest: RESUMING -> STOP EINVAL | EINVAL |
+//! | `mlx5`  | 0x7   | full state    | every page, async | ENOMSG    | write (EINVAL framing, EIO content); incomplete: RESUMING -> STOP | EINVAL |
+//! | `hisi`  | 0x5   | full state    | match header  | read 0        | header: write EFAULT; rest: RESUMING -> STOP EINVAL | EINVAL |
+//! | `pds`   | 0x3   | full state    | (no PRE_COPY) | -             | RESUMING -> STOP (EIO)      | EIO   |
+//!
+//! "Full state" is the size of a whole stop-copy stream from scratch, whatever was read, as
+//! `mtty_get_data_size`, `mlx5vf_pci_get_data_size` (the firmware's total), hisi's
+//! `sizeof(struct acc_vf_data)` and pds's `PDS_LM_DEVICE_STATE_LENGTH` report. The match
+//! header is the content codec's MATCH packet (seed and shape of the device), standing for
+//! mtty's 24-byte `struct mtty_data` header and hisi's `QM_MATCH_SIZE` match data: the only
+//! pre-copy data of those drivers, the whole state following in STOP_COPY. `flags=` and
+//! `dma=` override a profile's defaults (`profile=mlx5,flags=0x3` is mlx5 before PRE_COPY).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::rules::v2_arcs::{FLAG_P2P, FLAG_PRE_COPY, FLAG_STOP_COPY};
+
+/// A named driver profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileName {
+    /// samples/vfio-mdev/mtty.c.
+    Mtty,
+    /// drivers/vfio/pci/mlx5 (ConnectX VFs).
+    Mlx5,
+    /// drivers/vfio/pci/hisilicon/hisi_acc_vfio_pci.c (newer version, with PRE_COPY).
+    Hisi,
+    /// drivers/vfio/pci/pds (AMD/Pensando DSC).
+    Pds,
+}
+
+impl ProfileName {
+    /// Every profile, in the order of the table above.
+    pub const ALL: [ProfileName; 4] = [Self::Mtty, Self::Mlx5, Self::Hisi, Self::Pds];
+
+    /// The name `profile=` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mtty => "mtty",
+            Self::Mlx5 => "mlx5",
+            Self::Hisi => "hisi",
+            Self::Pds => "pds",
+        }
+    }
+
+    /// The behaviour this profile models.
+    pub fn behaviour(self) -> Behaviour {
+        let full = FLAG_STOP_COPY | FLAG_P2P | FLAG_PRE_COPY;
+        let base = Behaviour {
+            flags: full,
+            dma: true,
+            data_size_full: true,
+            match_header: true,
+            precopy_header_only: false,
+            enomsg: false,
+            save_latency: None,
+            write_refusal: None,
+            resume_errno: libc::EINVAL,
+            error_errno: libc::EINVAL,
+        };
+        match self {
+            // mtty_init_dev: all three flags; no log_ops (an mdev). mtty_save_read returns 0
+            // at the temporary end; mtty_resume_write fails with EFAULT on a bad header;
+            // RESUMING -> STOP refuses a short state with EINVAL.
+            Self::Mtty => Behaviour {
+                dma: false,
+                precopy_header_only: true,
+                write_refusal: Some(WriteRefusal::HeaderOnly(libc::EFAULT)),
+                ..base
+            },
+            // mlx5vf_cmd_set_migratable: STOP_COPY | P2P | PRE_COPY; log_ops; SAVE commands
+            // complete asynchronously; mlx5vf_save_read: ENOMSG at the temporary end;
+            // mlx5vf_resume_write loads each image inside write().
+            Self::Mlx5 => Behaviour {
+                enomsg: true,
+                save_latency: Some(Duration::from_millis(2)),
+                write_refusal: Some(WriteRefusal::Everything {
+                    framing: libc::EINVAL,
+                    content: libc::EIO,
+                }),
+                ..base
+            },
+            // hisi_acc_vfio_pci_migrn_init_dev: STOP_COPY | PRE_COPY, never P2P; no log_ops;
+            // pre-copy carries the match data only; vf_qm_check_match after each write ->
+            // EFAULT; vf_qm_load_data at RESUMING -> STOP.
+            Self::Hisi => Behaviour {
+                flags: FLAG_STOP_COPY | FLAG_PRE_COPY,
+                dma: false,
+                precopy_header_only: true,
+                write_refusal: Some(WriteRefusal::HeaderOnly(libc::EFAULT)),
+                ..base
+            },
+            // pds_vfio_init_device: STOP_COPY | P2P; log_ops; pds_vfio_restore_write only
+            // buffers; the firmware checks at RESUMING -> STOP; in ERROR every SET is EIO.
+            Self::Pds => Behaviour {
+                flags: FLAG_STOP_COPY | FLAG_P2P,
+                resume_errno: libc::EIO,
+                error_errno: libc::EIO,
+                ..base
+            },
+        }
+    }
+}
+
+impl fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ProfileName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown profile `{s}` (known: mtty, mlx5, hisi, pds)"))
+    }
+}
+
+/// Where a driver refuses bad data inside `write(2)` on the resuming data fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteRefusal {
+    /// Only a bad match header (another device's state), with this errno; the rest of the
+    /// state is checked at RESUMING -> STOP (mtty, hisi).
+    HeaderOnly(i32),
+    /// Every framing error (`framing`) and every page that does not match (`content`), as
+    /// mlx5 loads each image inside write(); completeness is checked at RESUMING -> STOP.
+    Everything {
+        /// errno of a broken stream.
+        framing: i32,
+        /// errno of a page whose bytes the device refuses.
+        content: i32,
+    },
+}
+
+/// What a v2 mock does, where drivers differ. The mock without a profile keeps its generic
+/// behaviour ([`Behaviour::generic`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behaviour {
+    /// Default `VFIO_MIGRATION_*` flags.
+    pub flags: u64,
+    /// Default of `dma=`: whether the driver has DMA logging (`log_ops`).
+    pub dma: bool,
+    /// MIG_DATA_SIZE is the size of a whole stop-copy stream (true), or what is still unread
+    /// (false, generic).
+    pub data_size_full: bool,
+    /// The stream starts with a MATCH packet (the device's seed and shape).
+    pub match_header: bool,
+    /// Pre-copy carries the match header only; the pages follow in STOP_COPY.
+    pub precopy_header_only: bool,
+    /// A read at the pre-copy temporary end fails with ENOMSG (the writer stays open) instead
+    /// of returning 0.
+    pub enomsg: bool,
+    /// Saving data becomes readable this long after the device produced it (asynchronous
+    /// SAVE commands); PRECOPY_INFO counts it at once.
+    pub save_latency: Option<Duration>,
+    /// Bad data refused inside write(2) (through [`DeviceIo::write_data`]); `None`: the
+    /// stream is only checked later.
+    ///
+    /// [`DeviceIo::write_data`]: vfio_mig::device::DeviceIo::write_data
+    pub write_refusal: Option<WriteRefusal>,
+    /// errno of RESUMING -> STOP refusing the state (profiles verify the whole state there).
+    pub resume_errno: i32,
+    /// errno of a SET in ERROR (other than for ERROR itself, a no-op, except on pds).
+    pub error_errno: i32,
+}
+
+impl Behaviour {
+    /// The mock without a profile: mtty's arcs and temporary end, MIG_DATA_SIZE the unread
+    /// rest, every page in pre-copy, the state verified when the device next runs.
+    pub fn generic() -> Self {
+        Self {
+            flags: FLAG_STOP_COPY | FLAG_P2P | FLAG_PRE_COPY,
+            dma: true,
+            data_size_full: false,
+            match_header: false,
+            precopy_header_only: false,
+            enomsg: false,
+            save_latency: None,
+            write_refusal: None,
+            resume_errno: libc::EINVAL,
+            error_errno: libc::EINVAL,
+        }
+    }
+
+    /// Whether the state is verified at RESUMING -> STOP (every profile) rather than when the
+    /// device next runs (generic).
+    pub fn verify_at_stop(&self) -> bool {
+        self.match_header
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_flags_follow_the_drivers() {
+        for p in ProfileName::ALL {
+            assert_eq!(p.name().parse::<ProfileName>(), Ok(p));
+        }
+        assert!("qat".parse::<ProfileName>().unwrap_err().contains("mtty"));
+        assert_eq!(ProfileName::Mtty.behaviour().flags, 0x7);
+        assert_eq!(ProfileName::Mlx5.behaviour().flags, 0x7);
+        assert_eq!(ProfileName::Hisi.behaviour().flags, 0x5);
+        assert_eq!(ProfileName::Pds.behaviour().flags, 0x3);
+        assert!(ProfileName::Mlx5.behaviour().enomsg);
+        assert!(!ProfileName::Mtty.behaviour().enomsg);
+        assert!(ProfileName::ALL
+            .iter()
+            .all(|p| p.behaviour().data_size_full && p.behaviour().verify_at_stop()));
+        assert!(!Behaviour::generic().verify_at_stop());
+    }
+}
