@@ -174,6 +174,9 @@ impl MigrationDevice for Logged {
     fn finish_save(&mut self) -> Result<()> {
         self.inner.finish_save()
     }
+    fn finish_handoff(&mut self) -> Result<()> {
+        self.inner.finish_handoff()
+    }
     fn start_resume(&mut self) -> Result<()> {
         self.inner.start_resume()
     }

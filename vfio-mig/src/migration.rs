@@ -111,8 +111,15 @@ pub trait MigrationDevice: Send {
     fn pending(&mut self) -> Result<Pending>;
     /// Reads the next bytes of the current phase into `buf`.
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome>;
-    /// Ends a completed save: the device is stopped.
+    /// Ends a completed save: the device is stopped. On failure the device is returned to
+    /// RUNNING like any failed save (nobody runs its state yet); after a handoff use
+    /// [`finish_handoff`](Self::finish_handoff) instead.
     fn finish_save(&mut self) -> Result<()>;
+    /// Stops a source whose state the destination already runs (after RESUMED). On failure
+    /// the device is reset, never returned to RUNNING: running the migrated state here too
+    /// would run it twice (QEMU's `vfio_migration_set_state_or_reset`, which recovers a failed
+    /// STOP_COPY -> STOP to ERROR, i.e. a reset). The error then says what became of it.
+    fn finish_handoff(&mut self) -> Result<()>;
 
     /// Enters the resuming state.
     fn start_resume(&mut self) -> Result<()>;

@@ -152,22 +152,26 @@ pub fn stop_copy_all<W: Write + Send>(
     })
 }
 
-/// The STOP transition of every device, once the destination runs. Failures are only
-/// logged: the destination already runs the state, so the sources must stay stopped.
-pub fn finish_save_all(devs: &mut [&mut dyn MigrationDevice]) {
-    for dev in devs.iter_mut() {
-        if let Err(e) = dev.finish_save() {
+/// The STOP transition of every device, once the destination runs its state
+/// ([`MigrationDevice::finish_handoff`]). A device whose STOP fails is reset, never resumed,
+/// and the failure is recorded in its report (`after_handoff`) and logged: the migration
+/// itself succeeded.
+pub fn finish_handoff_all(devs: &mut [&mut dyn MigrationDevice], reports: &mut [SaveReport]) {
+    for (i, dev) in devs.iter_mut().enumerate() {
+        if let Err(e) = dev.finish_handoff() {
             log::warn!(
-                "{}: STOP transition after a completed migration failed: {e}; the device stays \
-                 stopped in stop-and-copy",
+                "{}: STOP after a completed handoff failed: {e}",
                 dev.identity().instance
             );
+            if let Some(report) = reports.get_mut(i) {
+                report.after_handoff = Some(e.to_string());
+            }
         }
     }
 }
 
 /// Saves every device: pre-copy in parallel when `opts.live`, quiesce all, stop-and-copy in
-/// parallel. The devices are left in stop-and-copy (see [`finish_save_all`]); the caller
+/// parallel. The devices are left in stop-and-copy (see [`finish_handoff_all`]); the caller
 /// writes the trailer and rolls back on failure ([`rollback_sources`]).
 pub fn save_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],

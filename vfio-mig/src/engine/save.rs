@@ -58,6 +58,9 @@ pub struct SaveReport {
     pub estimated_downtime: Option<Duration>,
     /// The bandwidth measured during pre-copy, in bytes per second.
     pub bandwidth: Option<u64>,
+    /// Set when the source's STOP after the handoff failed: the error, which says what became
+    /// of the device (reset, never returned to RUNNING: the destination runs its state).
+    pub after_handoff: Option<String>,
 }
 
 #[cfg(feature = "serde")]

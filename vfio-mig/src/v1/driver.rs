@@ -326,6 +326,18 @@ impl MigrationDevice for V1Device {
         self.set_state(V1State::Stop)
     }
 
+    fn finish_handoff(&mut self) -> Result<()> {
+        // Never the cancel arc back to RUNNING: the destination runs this state.
+        self.set_state(V1State::Stop).map_err(|e| {
+            let recovery = self.reset_to_running();
+            Error::RolledBack {
+                source: Box::new(e),
+                device: self.identity().instance,
+                recovery,
+            }
+        })
+    }
+
     fn start_resume(&mut self) -> Result<()> {
         self.set_state(V1State::Resuming)
     }

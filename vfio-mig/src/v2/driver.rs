@@ -591,6 +591,27 @@ impl MigrationDevice for V2Device {
         self.transition(MigState::Stop, None, &"stop the device after saving")
     }
 
+    fn finish_handoff(&mut self) -> Result<()> {
+        match self.transition(
+            MigState::Stop,
+            Some(OnFailure::Reset),
+            &"stop the source after the handoff",
+        ) {
+            // A failed arc was already followed by a reset, which the error names.
+            Ok(()) => Ok(()),
+            Err(e @ Error::Transition { .. }) => Err(e),
+            Err(e) => {
+                // The state could not even be read or planned: reset all the same.
+                let recovery = self.reset();
+                Err(Error::RolledBack {
+                    source: Box::new(e),
+                    device: self.dev.identity().instance,
+                    recovery,
+                })
+            }
+        }
+    }
+
     fn start_resume(&mut self) -> Result<()> {
         self.resumed = 0;
         self.transition(MigState::Resuming, None, &"enter RESUMING")

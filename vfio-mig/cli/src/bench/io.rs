@@ -371,6 +371,9 @@ impl MigrationDevice for PipeDevice {
     fn finish_save(&mut self) -> Result<()> {
         Ok(())
     }
+    fn finish_handoff(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn start_resume(&mut self) -> Result<()> {
         Err(unsupported("resume"))
     }

@@ -37,8 +37,12 @@ pub(super) fn save_summary(r: &SaveReport) -> String {
         ),
         None => String::new(),
     };
+    let after = match &r.after_handoff {
+        Some(what) => format!("; source STOP after the handoff failed: {what}"),
+        None => String::new(),
+    };
     format!(
-        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks",
+        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks{after}",
         HumanBytes(r.stop_copy_bytes),
         r.stop_copy_time.as_secs_f64() * 1e3,
         r.chunks
