@@ -80,3 +80,89 @@ fn a_failed_stop_after_the_handoff_resets_the_source() {
         assert!(!said.contains("returned to RUNNING"), "{context}: {said}");
     }
 }
+
+/// Runs `srcs` into `dsts` as one unit.
+fn migrate_unit(
+    srcs: &mut [vfio_mig_tests::MockDevice],
+    dsts: &mut [vfio_mig_tests::MockDevice],
+    opts: &SaveOptions,
+) -> vfio_mig::Result<Vec<vfio_mig::handshake::MigrateReport>> {
+    use vfio_mig::engine::MigrationDevice;
+    let mut s: Vec<&mut dyn MigrationDevice> =
+        srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
+    let mut d: Vec<&mut dyn MigrationDevice> =
+        dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
+    let header = vfio_mig::engine::session::new_header(
+        &s.iter().map(|x| &**x).collect::<Vec<_>>(),
+        opts.live,
+        1,
+    )?;
+    vfio_mig::handshake::migrate_pairs(
+        &mut s,
+        &mut d,
+        &header,
+        opts,
+        &mut vfio_mig::fence::MemoryFence::new(),
+        &NoObserver,
+        &NoObserver,
+    )
+}
+
+/// Defect 2: QEMU refuses several VFIO devices in one migration unless every one supports
+/// P2P ("Multiple VFIO devices migration is supported only if all of them support P2P
+/// migration"): without the quiescent states one device keeps running, and may DMA into a
+/// peer already stopped. Refused before any device is touched.
+#[test]
+fn a_unit_with_a_device_without_p2p_is_refused_by_default() {
+    let units: [&[&str]; 3] = [
+        &[
+            "mock:v2,size=256K,seed=1,flags=0x7",
+            "mock:v2,size=256K,seed=2,flags=0x5",
+        ],
+        &["mock:v2,size=256K,seed=1", "mock:v1,size=256K,seed=2"],
+        &["mock:v1,size=256K,seed=1", "mock:v1,size=256K,seed=2"],
+    ];
+    for specs in units {
+        for live in [false, true] {
+            let mut srcs: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+            let mut dsts: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+            let opts = SaveOptions {
+                live,
+                ..Default::default()
+            };
+            let context = format!("{specs:?} live={live}");
+            let err = migrate_unit(&mut srcs, &mut dsts, &opts)
+                .map(|_| ())
+                .expect_err(&format!("{context}: must be refused"));
+            assert!(err.to_string().contains("P2P"), "{context}: {err}");
+            for d in srcs.iter().chain(&dsts) {
+                let st = handle(d).status();
+                assert!(st.is_running(), "{context}: untouched: {st:?}");
+                assert_eq!(st.data_fds + st.transactions_staged, 0, "{context}: {st:?}");
+                assert!(!st.resumed_ok, "{context}: {st:?}");
+            }
+        }
+    }
+}
+
+/// Defect 2, the opt-in: the same units migrate when the caller accepts the risk.
+#[test]
+fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
+    let specs = [
+        "mock:v2,size=256K,seed=1,flags=0x7",
+        "mock:v2,size=256K,seed=2,flags=0x5",
+        "mock:v1,size=256K,seed=3",
+    ];
+    let mut srcs: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+    let mut dsts: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+    let opts = SaveOptions {
+        live: true,
+        allow_non_p2p_unit: true,
+        ..Default::default()
+    };
+    migrate_unit(&mut srcs, &mut dsts, &opts).unwrap();
+    for (s, d) in srcs.iter().zip(&dsts) {
+        assert!(handle(d).status().resumed_ok);
+        assert_eq!(handle(s).state_digest(), handle(d).state_digest());
+    }
+}

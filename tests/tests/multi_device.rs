@@ -16,11 +16,13 @@ use vfio_mig::handshake::migrate_pairs;
 use vfio_mig::Result;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
+/// These units mix v1 devices (no P2P states) in: they need the explicit opt-in.
 fn opts(live: bool) -> SaveOptions {
     SaveOptions {
         live,
         policy: PreCopyPolicy::default(),
         buffer: 64 << 10,
+        allow_non_p2p_unit: true,
     }
 }
 

@@ -26,6 +26,7 @@ fn live() -> SaveOptions {
             ..Default::default()
         },
         buffer: 4096,
+        ..Default::default()
     }
 }
 

@@ -34,6 +34,7 @@ fn opts(live: bool) -> SaveOptions {
             ..Default::default()
         },
         buffer: 16 << 10,
+        ..Default::default()
     }
 }
 

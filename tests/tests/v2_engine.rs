@@ -116,6 +116,7 @@ fn a_dirtying_device_needs_rounds_and_the_destination_gets_the_latest_state() {
             ..Default::default()
         },
         buffer: 16 << 10,
+        ..Default::default()
     };
     let report = migrate_local(
         src.device.as_mut(),

@@ -21,6 +21,7 @@ fn opts(live: bool) -> SaveOptions {
             ..Default::default()
         },
         buffer: 4096,
+        ..Default::default()
     }
 }
 

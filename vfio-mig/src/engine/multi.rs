@@ -18,7 +18,7 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{MigrationDevice, Recovery};
+use super::{Capabilities, MigrationDevice, Protocol, Recovery};
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -65,6 +65,47 @@ impl<W: Write> RecordSink for &SharedWriter<W> {
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
         self.with(|w| w.end_phase(device, phase))
     }
+}
+
+/// Whether a device with `caps` can join a unit of several devices without an opt-in: it
+/// has the P2P states, so it can be quiesced before any peer stops. `Err` says why not.
+pub fn unit_member(caps: &Capabilities, protocol: Protocol) -> std::result::Result<(), String> {
+    match protocol {
+        _ if caps.p2p => Ok(()),
+        Protocol::V1 => Err("a v1 device has no P2P states".into()),
+        Protocol::V2 => Err(format!(
+            "migration flags {:#x} lack VFIO_MIGRATION_P2P",
+            caps.migration_flags
+        )),
+    }
+}
+
+/// Refuses a unit of several devices where some lack the P2P states, unless `allow` (the
+/// caller's explicit opt-in, [`super::SaveOptions::allow_non_p2p_unit`]). QEMU refuses such a
+/// unit ("Multiple VFIO devices migration is supported only if all of them support P2P
+/// migration"): a device that cannot be quiesced keeps initiating DMA while its peers stop,
+/// possibly into a peer already stopped. One device alone needs no P2P.
+pub fn check_unit(devs: &[&mut dyn MigrationDevice], allow: bool) -> Result<()> {
+    if devs.len() < 2 || allow {
+        return Ok(());
+    }
+    let lacking: Vec<String> = devs
+        .iter()
+        .filter_map(|d| {
+            unit_member(&d.capabilities(), d.protocol())
+                .err()
+                .map(|why| format!("{} ({why})", d.identity().instance))
+        })
+        .collect();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "several devices migrate as one unit only if all of them support P2P migration: {} \
+         cannot be quiesced and could DMA into a peer already stopped; opt in to that risk \
+         explicitly (--allow-non-p2p-unit) or migrate the devices separately",
+        lacking.join(", ")
+    )))
 }
 
 /// Runs `phase` on every device in parallel (one thread each); returns the first error after
@@ -179,6 +220,7 @@ pub fn save_all<W: Write + Send>(
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<Vec<SaveReport>> {
+    check_unit(devs, opts.allow_non_p2p_unit)?;
     let mut reports = vec![SaveReport::default(); devs.len()];
     if opts.live {
         pre_copy_all(devs, out, opts, obs, &mut reports)?;

@@ -23,6 +23,12 @@ pub struct SaveOptions {
     pub policy: PreCopyPolicy,
     /// Transfer buffer size.
     pub buffer: usize,
+    /// Accept a unit of several devices where some lack the P2P states (every v1 device; v2
+    /// without `VFIO_MIGRATION_P2P`). Off by default, as in QEMU: such a device cannot be
+    /// quiesced, so while the unit stops it may still DMA into a peer that is already stopped
+    /// (and on the destination run before a peer is loaded). See
+    /// [`super::multi::check_unit`].
+    pub allow_non_p2p_unit: bool,
 }
 
 impl Default for SaveOptions {
@@ -31,6 +37,7 @@ impl Default for SaveOptions {
             live: false,
             policy: PreCopyPolicy::default(),
             buffer: DEFAULT_BUFFER,
+            allow_non_p2p_unit: false,
         }
     }
 }
