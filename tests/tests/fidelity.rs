@@ -166,3 +166,157 @@ fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
         assert_eq!(handle(s).state_digest(), handle(d).state_digest());
     }
 }
+
+/// A destination device that records, after every call of the engine that changes a
+/// device's state, the v2 state of every device of the unit.
+struct Barrier {
+    inner: Box<dyn vfio_mig::engine::MigrationDevice>,
+    unit: Vec<vfio_mig_mock::MockHandle>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+}
+
+impl Barrier {
+    fn snap<T>(&mut self, r: vfio_mig::Result<T>) -> vfio_mig::Result<T> {
+        // A device RUNNING with a verified resumed state shows as "RUNNING(loaded)"; a fresh
+        // or reset device as plain "RUNNING".
+        let states = self
+            .unit
+            .iter()
+            .map(|h| {
+                let st = h.status();
+                match st.resumed_ok && st.is_running() {
+                    true => "RUNNING(loaded)".to_string(),
+                    false => st.state_name(),
+                }
+            })
+            .collect();
+        self.log.lock().unwrap().push(states);
+        r
+    }
+}
+
+macro_rules! delegate {
+    ($($name:ident(&mut self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&mut self $(, $arg: $ty)*) -> $ret { self.inner.$name($($arg),*) })*
+    };
+}
+
+impl vfio_mig::engine::MigrationDevice for Barrier {
+    fn identity(&self) -> vfio_mig::device::DeviceIdentity {
+        self.inner.identity()
+    }
+    fn protocol(&self) -> vfio_mig::engine::Protocol {
+        self.inner.protocol()
+    }
+    fn capabilities(&self) -> vfio_mig::engine::Capabilities {
+        self.inner.capabilities()
+    }
+    delegate! {
+        state_name(&mut self) -> vfio_mig::Result<String>;
+        details(&mut self) -> vfio_mig::Result<Vec<(String, String)>>;
+        quiesce(&mut self) -> vfio_mig::Result<()>;
+        stop(&mut self) -> vfio_mig::Result<()>;
+        run(&mut self) -> vfio_mig::Result<()>;
+        start_pre_copy(&mut self) -> vfio_mig::Result<()>;
+        start_stop_copy(&mut self) -> vfio_mig::Result<()>;
+        pending(&mut self) -> vfio_mig::Result<vfio_mig::engine::Pending>;
+        read(&mut self, buf: &mut [u8]) -> vfio_mig::Result<vfio_mig::engine::ReadOutcome>;
+        finish_save(&mut self) -> vfio_mig::Result<()>;
+        finish_handoff(&mut self) -> vfio_mig::Result<()>;
+        write(&mut self, data: &[u8], chunk_end: bool) -> vfio_mig::Result<()>;
+        recover(&mut self) -> vfio_mig::engine::Recovery;
+        abort_resume(&mut self) -> vfio_mig::engine::Recovery;
+    }
+    fn start_resume(&mut self) -> vfio_mig::Result<()> {
+        let r = self.inner.start_resume();
+        self.snap(r)
+    }
+    fn load_state(&mut self) -> vfio_mig::Result<()> {
+        let r = self.inner.load_state();
+        self.snap(r)
+    }
+    fn prepare_run(&mut self) -> vfio_mig::Result<()> {
+        let r = self.inner.prepare_run();
+        self.snap(r)
+    }
+    fn finish_resume(&mut self) -> vfio_mig::Result<()> {
+        let r = self.inner.finish_resume();
+        self.snap(r)
+    }
+}
+
+/// Migrates two P2P devices into destinations wrapped in [`Barrier`]; returns the result
+/// and the destinations' state snapshots.
+fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>) {
+    let src_specs = ["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"];
+    let mut srcs: Vec<_> = src_specs.iter().map(|s| mock(s)).collect();
+    let dsts: Vec<_> = dst_specs.iter().map(|s| mock(s)).collect();
+    let unit: Vec<_> = dsts.iter().map(handle).collect();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut wrapped: Vec<Barrier> = dsts
+        .into_iter()
+        .map(|d| Barrier {
+            inner: d.opened.device,
+            unit: unit.clone(),
+            log: log.clone(),
+        })
+        .collect();
+    use vfio_mig::engine::MigrationDevice;
+    let mut s: Vec<&mut dyn MigrationDevice> =
+        srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
+    let mut d: Vec<&mut dyn MigrationDevice> = wrapped.iter_mut().map(|d| d as _).collect();
+    let header = vfio_mig::engine::session::new_header(
+        &s.iter().map(|x| &**x).collect::<Vec<_>>(),
+        false,
+        1,
+    )
+    .unwrap();
+    let r = vfio_mig::handshake::migrate_pairs(
+        &mut s,
+        &mut d,
+        &header,
+        &SaveOptions::default(),
+        &mut vfio_mig::fence::MemoryFence::new(),
+        &NoObserver,
+        &NoObserver,
+    )
+    .map(|_| ());
+    let log = log.lock().unwrap().clone();
+    (r, log)
+}
+
+/// Defect 3: the destination barrier (QEMU's prepare step, `vfio_vmstate_change_prepare`):
+/// every device has left RESUMING (its data accepted) and reached RUNNING_P2P before any
+/// device runs.
+#[test]
+fn no_destination_device_runs_before_every_device_is_loaded_and_quiescent() {
+    let (r, log) = barrier_run(["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"]);
+    r.unwrap();
+    for states in &log {
+        if states.iter().any(|s| s == "RUNNING(loaded)") {
+            assert!(
+                states
+                    .iter()
+                    .all(|s| s == "RUNNING(loaded)" || s == "RUNNING_P2P"),
+                "a device ran while a peer was not yet loaded and quiescent: {log:?}"
+            );
+        }
+    }
+    assert_eq!(
+        log.last().unwrap(),
+        &["RUNNING(loaded)", "RUNNING(loaded)"],
+        "{log:?}"
+    );
+}
+
+/// Defect 3: a device whose data is refused fails the unit before any device ran. The second
+/// destination holds another seed, so its state does not verify.
+#[test]
+fn a_refused_destination_device_fails_the_unit_before_any_device_runs() {
+    let (r, log) = barrier_run(["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=99"]);
+    let err = r.expect_err("the second destination refuses the state");
+    assert!(
+        !log.iter().flatten().any(|s| s == "RUNNING(loaded)"),
+        "{err}: a device ran before the unit was loaded: {log:?}"
+    );
+}

@@ -185,6 +185,12 @@ impl MigrationDevice for Logged {
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
         self.inner.write(data, chunk_end)
     }
+    fn load_state(&mut self) -> Result<()> {
+        self.inner.load_state()
+    }
+    fn prepare_run(&mut self) -> Result<()> {
+        self.inner.prepare_run()
+    }
     fn finish_resume(&mut self) -> Result<()> {
         self.inner.finish_resume()
     }

@@ -126,7 +126,18 @@ pub trait MigrationDevice: Send {
     /// Writes bytes of the current chunk; `chunk_end` closes the chunk (v1 commits it with
     /// the chunk's total size, reproducing the source's transaction).
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()>;
-    /// Ends a complete resume: the device runs with the loaded state.
+    /// Has the driver check and take the complete resumed state, the device staying stopped:
+    /// v2 RESUMING -> STOP, where real drivers refuse bad data. A no-op for v1, whose only way
+    /// out of RESUMING (100b) is RUNNING. On failure a v2 device is reset.
+    fn load_state(&mut self) -> Result<()>;
+    /// Brings a loaded device to its quiescent running state (v2 RUNNING_P2P, QEMU's prepare
+    /// step) so that, once every device of the unit is there, none runs before its peers can
+    /// answer peer-to-peer accesses. A no-op without P2P (v1, v2 without
+    /// `VFIO_MIGRATION_P2P`).
+    fn prepare_run(&mut self) -> Result<()>;
+    /// Ends a complete resume: the device runs with the loaded state (from RESUMING, STOP or
+    /// RUNNING_P2P; the destination barrier calls [`load_state`](Self::load_state) and
+    /// [`prepare_run`](Self::prepare_run) on every device first).
     fn finish_resume(&mut self) -> Result<()>;
 
     /// Returns a source to RUNNING after a failure: the recovery transition first, a reset if

@@ -396,6 +396,23 @@ impl MigrationDevice for V1Device {
         Ok(())
     }
 
+    fn load_state(&mut self) -> Result<()> {
+        // v1 has no stopped state after RESUMING (100b -> 001b only): the driver takes the
+        // state with each data_size write and on the RUNNING write.
+        match self.chunk {
+            Some(_) => Err(Error::protocol(
+                "resume device",
+                "the stream ended inside a chunk",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare_run(&mut self) -> Result<()> {
+        // No quiescent state in v1.
+        Ok(())
+    }
+
     fn finish_resume(&mut self) -> Result<()> {
         if self.chunk.is_some() {
             return Err(Error::protocol(

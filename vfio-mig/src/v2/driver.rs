@@ -642,14 +642,38 @@ impl MigrationDevice for V2Device {
         Ok(())
     }
 
-    fn finish_resume(&mut self) -> Result<()> {
-        // RESUMING -> STOP makes the driver check and load the state; the data fd is closed
-        // once that arc succeeds (leaving the session), before the device runs.
+    fn load_state(&mut self) -> Result<()> {
+        let step = "load the device state (RESUMING -> STOP)";
+        let now = self.refresh(step)?;
+        if now != MigState::Resuming {
+            return Err(Error::protocol(
+                step,
+                format!("the device is in {now}, not RESUMING"),
+            ));
+        }
+        // The driver checks and loads the state on this arc; the data fd is closed once it
+        // succeeds (leaving the session), before the device can run.
+        self.transition(MigState::Stop, Some(OnFailure::Reset), &step)
+    }
+
+    fn prepare_run(&mut self) -> Result<()> {
+        if !self.flags.contains(MigrationFlags::P2P) {
+            return Ok(());
+        }
+        if self.refresh("quiesce the resumed device")? == MigState::Resuming {
+            self.load_state()?;
+        }
         self.transition(
-            MigState::Stop,
+            MigState::RunningP2p,
             Some(OnFailure::Reset),
-            &"load the device state (RESUMING -> STOP)",
-        )?;
+            &"quiesce the resumed device (RUNNING_P2P)",
+        )
+    }
+
+    fn finish_resume(&mut self) -> Result<()> {
+        if self.refresh("run the resumed device")? == MigState::Resuming {
+            self.load_state()?;
+        }
         self.transition(
             MigState::Running,
             Some(OnFailure::Reset),

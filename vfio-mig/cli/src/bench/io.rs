@@ -380,6 +380,12 @@ impl MigrationDevice for PipeDevice {
     fn write(&mut self, _data: &[u8], _chunk_end: bool) -> Result<()> {
         Err(unsupported("resume"))
     }
+    fn load_state(&mut self) -> Result<()> {
+        Err(unsupported("resume"))
+    }
+    fn prepare_run(&mut self) -> Result<()> {
+        Err(unsupported("resume"))
+    }
     fn finish_resume(&mut self) -> Result<()> {
         Err(unsupported("resume"))
     }
