@@ -620,8 +620,18 @@ impl Inner {
         Ok(())
     }
 
-    /// `MIG_DATA_SIZE`: what STOP_COPY would still produce.
+    /// `MIG_DATA_SIZE`: what STOP_COPY would still produce (at least `data-size-min=` before
+    /// STOP_COPY: an estimate, as the uAPI allows).
     fn data_size(&mut self) -> u64 {
+        let exact = self.exact_data_size();
+        match self.state {
+            MigState::StopCopy => exact,
+            _ => exact.max(self.spec.data_size_min),
+        }
+    }
+
+    /// What STOP_COPY would still produce, exactly.
+    fn exact_data_size(&mut self) -> u64 {
         if self.state.is_pre_copy() {
             self.apply_dirty();
         }
