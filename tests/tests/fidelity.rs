@@ -320,3 +320,43 @@ fn a_refused_destination_device_fails_the_unit_before_any_device_runs() {
         "{err}: a device ran before the unit was loaded: {log:?}"
     );
 }
+
+/// Defect 4: the v2 downtime is what stop-and-copy will carry, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE
+/// (QEMU's `vfio_state_pending_exact`), which the uAPI says need not relate to PRECOPY_INFO's
+/// initial and dirty bytes. A device whose pre-copy data is drained but whose stop-copy
+/// estimate is huge (64 GiB here: seconds at any bandwidth) cannot meet a 300 ms budget.
+#[test]
+fn strict_downtime_counts_the_stop_copy_size() {
+    let spec = "mock:v2,size=1M,seed=1,data-size-min=64G";
+    let strict = SaveOptions {
+        live: true,
+        policy: vfio_mig::engine::PreCopyPolicy {
+            strict: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (src, dst, result) = migrate(spec, spec, &strict);
+    let err = result
+        .map(|_| ())
+        .expect_err("64 GiB cannot cross in 300 ms");
+    assert!(err.to_string().contains("pre-copy"), "{err}");
+    assert!(handle(&src).status().is_running(), "{err}");
+    assert!(!handle(&dst).status().resumed_ok, "{err}");
+
+    // Without --strict-downtime the migration switches over, saying why and what it expects.
+    let lax = SaveOptions {
+        live: true,
+        ..Default::default()
+    };
+    let (_src, dst, result) = migrate(spec, spec, &lax);
+    let report = result.unwrap().save;
+    assert!(handle(&dst).status().resumed_ok);
+    let reason = report.switch_reason.unwrap();
+    assert!(!reason.within_budget(), "{report:?}");
+    let estimate = report.estimated_downtime.expect("an estimate");
+    assert!(
+        estimate > std::time::Duration::from_millis(300),
+        "{report:?}"
+    );
+}

@@ -58,6 +58,10 @@ pub struct Pending {
     pub bytes: u64,
     /// Of those, the initial pre-copy bytes, when the device tells them apart (v2).
     pub initial_bytes: Option<u64>,
+    /// What stop-and-copy will carry, when the device says so apart from `bytes` (v2 in
+    /// pre-copy: `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to
+    /// the pre-copy bytes). The downtime is estimated from the larger of the two.
+    pub stop_copy_bytes: Option<u64>,
 }
 
 /// What one [`MigrationDevice::read`] produced.

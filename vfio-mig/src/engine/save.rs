@@ -182,6 +182,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         pending: Some(first.bytes),
     });
     let mut state = PreCopyState::new(first.bytes, first.initial_bytes);
+    state.set_stop_copy(first.stop_copy_bytes);
     let mut pump = Pump {
         dev,
         out,
@@ -196,9 +197,9 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
             Decision::Switch(reason) => break reason,
             Decision::Abort(reason) => {
                 return Err(Error::PreCopy(format!(
-                    "{reason:?} after {} rounds: {} bytes still pending, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
+                    "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
                     state.rounds,
-                    state.pending,
+                    state.downtime_bytes(),
                     state
                         .estimated_downtime()
                         .map(|d| format!("{d:?}"))
@@ -225,6 +226,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
             pending.bytes,
             pending.initial_bytes,
         );
+        state.set_stop_copy(pending.stop_copy_bytes);
         report.pre_copy_bytes += bytes;
         chunks += c;
         obs.on_event(&Event::RoundDone {

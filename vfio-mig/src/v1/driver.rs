@@ -286,6 +286,7 @@ impl MigrationDevice for V1Device {
         Ok(Pending {
             bytes,
             initial_bytes: None,
+            stop_copy_bytes: None,
         })
     }
 
