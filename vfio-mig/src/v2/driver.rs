@@ -2,8 +2,8 @@
 //! The v2 driver: a [`MigrationDevice`] over `VFIO_DEVICE_FEATURE` and the data fd.
 //!
 //! State changes walk [`plan`](super::state::plan) one arc at a time, so a failure names the
-//! arc that failed and the data fd is tracked per arc: a new fd replaces the current one, an
-//! arc inside the saving group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P ->
+//! arc that failed and the data fd is tracked per arc: a new fd while one is open is an error
+//! ("data fd out of sync", as QEMU), an arc inside the saving group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P ->
 //! STOP_COPY and keeps streaming on the PRE_COPY fd), and leaving the streaming states closes
 //! it.
 //!
@@ -335,14 +335,21 @@ impl V2Device {
     ) -> Result<()> {
         let expected = returns_data_fd(from, to);
         match fd {
-            Some(fd) if to.is_streaming() => {
-                if !expected && self.data.is_some() {
-                    log::warn!(
-                        "{from} -> {to}: device opened a new data fd inside a session; using it"
-                    );
-                }
-                self.data = Some(DataFd::new(fd));
+            Some(fd) if to.is_streaming() && self.data.is_some() => {
+                // QEMU: "data_fd out of sync" (-EBADF). The device ended the session it was
+                // streaming (an asynchronous reset, say): neither fd can be trusted to carry
+                // the rest of the same state.
+                drop(fd);
+                self.data = None;
+                return Err(Error::protocol(
+                    format!("set device state to {to}"),
+                    format!(
+                        "{from} -> {to}: data fd out of sync: the device returned a new data fd \
+                         while the session's fd was open"
+                    ),
+                ));
             }
+            Some(fd) if to.is_streaming() => self.data = Some(DataFd::new(fd)),
             Some(_) => {
                 log::warn!("{from} -> {to}: device returned a data fd for a state without a session; closed it");
                 self.data = None;
@@ -1019,16 +1026,22 @@ mod tests {
         let err = dev.start_pre_copy().unwrap_err();
         assert!(err.to_string().contains("returned no data fd"), "{err}");
         assert_eq!(dev.recover(), Recovery::Resumed);
+    }
 
+    /// QEMU's vfio_migration_set_state: a data fd returned while one is open is "data_fd out
+    /// of sync" (-EBADF), not a replacement.
+    #[test]
+    fn a_new_data_fd_inside_a_session_is_out_of_sync() {
         let fake = Fake::new(7);
         fake.with(|f| f.new_fd_for_stop_copy = true);
         let mut dev = open(&fake);
         dev.start_pre_copy().unwrap();
-        let first = dev.data_fd().unwrap().as_raw_fd();
         read_all(&mut dev);
-        dev.start_stop_copy().unwrap();
-        assert_ne!(dev.data_fd().unwrap().as_raw_fd(), first);
-        assert_eq!(read_all(&mut dev), fake.stop_data());
+        let err = dev.start_stop_copy().unwrap_err();
+        assert!(err.to_string().contains("out of sync"), "{err}");
+        assert!(dev.data_fd().is_none(), "both fds are dropped");
+        assert_eq!(dev.recover(), Recovery::Resumed);
+        assert_eq!(fake.state(), Running);
     }
 
     #[test]
