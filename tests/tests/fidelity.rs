@@ -360,3 +360,56 @@ fn strict_downtime_counts_the_stop_copy_size() {
         "{report:?}"
     );
 }
+
+/// Defect 6: saving a paused v1 device. QEMU 5.2-7.0's `vfio_save_setup` sets SAVING over the
+/// current bits, so a VM paused before the save (`savevm`, a migration of a stopped guest)
+/// writes STOP (000b) -> stop-and-copy (010b); the uAPI lets the user go to any valid state
+/// reachable from the current one.
+#[test]
+fn a_paused_v1_device_is_saved_and_loaded() {
+    let spec = "mock:v1,size=256K,seed=4";
+    let mut src = mock(spec);
+    let mut dst = mock(spec);
+    src.device.stop().unwrap();
+    let (bytes, _) = vfio_mig_tests::save_to_vec(&mut src, &SaveOptions::default())
+        .unwrap_or_else(|e| panic!("save of a paused device: {e}"));
+    vfio_mig_tests::load_from_slice(&mut dst, &bytes).unwrap();
+    assert!(handle(&dst).status().resumed_ok);
+    assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
+}
+
+/// Defect 6: the whole v1 table against the uAPI's state diagram (Linux 5.8-5.17 vfio.h) and
+/// the arcs QEMU 5.2-7.2 writes: every arc listed here is allowed, every other pair of
+/// requestable states refused.
+#[test]
+fn the_v1_arcs_are_the_uapi_table_and_qemus_writes() {
+    use vfio_mig::v1::state::{is_arc, V1State::*};
+    let allowed = [
+        // The uAPI diagram: shutdown, save/suspend, live migration, resuming, resumed.
+        (Running, Stop),
+        (Running, StopCopy),
+        (StopCopy, Stop),
+        (Running, PreCopy),
+        (PreCopy, StopCopy),
+        (Running, Resuming),
+        (Resuming, Running),
+        // QEMU: vfio_save_setup ORs SAVING into a paused device's 000b.
+        (Stop, StopCopy),
+        // QEMU: a VM stop during pre-copy clears RUNNING; a cancelled save clears SAVING
+        // and sets RUNNING (from any saving state); a resume of a paused VM sets RUNNING.
+        (PreCopy, Running),
+        (StopCopy, Running),
+        (Stop, Running),
+        // QEMU: vfio_load_setup sets RESUMING over a stopped device.
+        (Stop, Resuming),
+        // Reachable from pre-copy through stop-and-copy: a pause-and-abandon in one write.
+        (PreCopy, Stop),
+    ];
+    let states = [Stop, Running, PreCopy, StopCopy, Resuming];
+    for from in states {
+        for to in states {
+            let expected = from == to || allowed.contains(&(from, to));
+            assert_eq!(is_arc(from, to), expected, "{from} -> {to}");
+        }
+    }
+}
