@@ -413,3 +413,36 @@ fn the_v1_arcs_are_the_uapi_table_and_qemus_writes() {
         }
     }
 }
+
+/// Defect 7: `--live` with a v2 device without VFIO_MIGRATION_PRE_COPY (mlx5 before Linux
+/// 6.2, older hisi_acc): QEMU migrates such a device in stop-and-copy only (its
+/// `vfio_save_setup` skips PRE_COPY), alone or next to devices that do pre-copy.
+#[test]
+fn live_migration_of_a_device_without_pre_copy_is_stop_and_copy_only() {
+    let live = SaveOptions {
+        live: true,
+        ..Default::default()
+    };
+    let spec = "mock:v2,size=256K,seed=5,flags=0x1";
+    let (src, dst, result) = migrate(spec, spec, &live);
+    let report = result.unwrap_or_else(|e| panic!("{spec}: {e}"));
+    assert!(handle(&dst).status().resumed_ok);
+    assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
+    assert_eq!(report.save.pre_copy_bytes, 0, "{report:?}");
+    assert!(report.save.stop_copy_only, "the report says so: {report:?}");
+
+    let specs = [
+        "mock:v2,size=256K,seed=6,flags=0x7",
+        "mock:v2,size=256K,seed=7,flags=0x3",
+    ];
+    let mut srcs: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+    let mut dsts: Vec<_> = specs.iter().map(|s| mock(s)).collect();
+    let reports = migrate_unit(&mut srcs, &mut dsts, &live).unwrap();
+    assert!(reports[0].save.pre_copy_bytes > 0, "{reports:?}");
+    assert_eq!(reports[1].save.pre_copy_bytes, 0, "{reports:?}");
+    assert!(reports[1].save.stop_copy_only && !reports[0].save.stop_copy_only);
+    for (s, d) in srcs.iter().zip(&dsts) {
+        assert!(handle(d).status().resumed_ok);
+        assert_eq!(handle(s).state_digest(), handle(d).state_digest());
+    }
+}

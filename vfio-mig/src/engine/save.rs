@@ -68,6 +68,9 @@ pub struct SaveReport {
     /// Set when the source's STOP after the handoff failed: the error, which says what became
     /// of the device (reset, never returned to RUNNING: the destination runs its state).
     pub after_handoff: Option<String>,
+    /// A live save of a device without pre-copy support: it was migrated in stop-and-copy
+    /// only (QEMU does the same).
+    pub stop_copy_only: bool,
 }
 
 #[cfg(feature = "serde")]
@@ -168,10 +171,16 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
     report: &mut SaveReport,
 ) -> Result<()> {
     if !dev.capabilities().pre_copy {
-        return Err(Error::Unsupported(format!(
-            "{}: the device does not support pre-copy (--live)",
+        // As QEMU: a device without PRE_COPY is migrated in stop-and-copy only, alone or in a
+        // live unit. Its stream still closes the pre-copy phase (empty), as a live
+        // descriptor promises.
+        log::info!(
+            "{}: no PRE_COPY support: migrated in stop-and-copy only",
             dev.identity().instance
-        )));
+        );
+        report.stop_copy_only = true;
+        out.end_phase(index, Phase::PreCopy)?;
+        return Ok(());
     }
     dev.start_pre_copy()?;
     let started = Instant::now();

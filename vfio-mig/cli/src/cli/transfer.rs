@@ -35,6 +35,7 @@ pub(super) fn save_summary(r: &SaveReport) -> String {
             HumanBytes(r.pre_copy_bytes),
             r.rounds
         ),
+        None if r.stop_copy_only => "no pre-copy support: stop-and-copy only, ".into(),
         None => String::new(),
     };
     let after = match &r.after_handoff {
