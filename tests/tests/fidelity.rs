@@ -446,3 +446,32 @@ fn live_migration_of_a_device_without_pre_copy_is_stop_and_copy_only() {
         assert_eq!(handle(s).state_digest(), handle(d).state_digest());
     }
 }
+
+/// Defect 5: a VMM pausing its VM during pre-copy. QEMU's `vfio_vmstate_change` moves a
+/// device in PRE_COPY that is asked to stop to STOP_COPY, keeping the data fd and the save,
+/// never through RUNNING; and `vfio_save_setup` only enters PRE_COPY from RUNNING (a stopped
+/// device stays stopped until stop-and-copy).
+#[test]
+fn a_pause_during_pre_copy_goes_to_stop_copy_and_pre_copy_never_runs_a_paused_device() {
+    for flags in ["0x7", "0x5"] {
+        let spec = format!("mock:v2,size=256K,seed=8,flags={flags}");
+        let mut src = mock(&spec);
+        src.device.start_pre_copy().unwrap();
+        let fds = handle(&src).status().data_fds;
+        src.device.stop().unwrap();
+        let st = handle(&src).status();
+        assert_eq!(st.state_name(), "STOP_COPY", "{flags}: {st:?}");
+        assert_eq!(st.data_fds, fds, "{flags}: the same session goes on");
+
+        let mut paused = mock(&spec);
+        paused.device.stop().unwrap();
+        let r = paused.device.start_pre_copy();
+        let st = handle(&paused).status();
+        assert_eq!(st.state_name(), "STOP", "{flags}: {r:?}: {st:?}");
+    }
+    // v1: clearing RUNNING in pre-copy (011b) leaves stop-and-copy (010b).
+    let mut v1 = mock("mock:v1,size=256K,seed=8");
+    v1.device.start_pre_copy().unwrap();
+    v1.device.stop().unwrap();
+    assert_eq!(handle(&v1).status().state_name(), "STOP-AND-COPY (010b)");
+}

@@ -234,6 +234,11 @@ impl MigrationDevice for V1Device {
     }
 
     fn stop(&mut self) -> Result<()> {
+        // A pause in pre-copy clears RUNNING only (QEMU's v1 vfio_vmstate_change): 011b ->
+        // 010b, the save going on stopped.
+        if V1State::from_raw(self.raw_state()?) == V1State::PreCopy {
+            return self.set_state(V1State::StopCopy);
+        }
         self.set_state(V1State::Stop)
     }
 

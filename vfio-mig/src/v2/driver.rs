@@ -544,6 +544,11 @@ impl MigrationDevice for V2Device {
     }
 
     fn stop(&mut self) -> Result<()> {
+        // A pause during pre-copy goes on to STOP_COPY on the same data fd (QEMU's
+        // vfio_vmstate_change): through STOP it would end the save, through RUNNING run.
+        if self.refresh("stop the device")?.is_pre_copy() {
+            return self.transition(MigState::StopCopy, None, &"stop the device in pre-copy");
+        }
         self.set_state(MigState::Stop)
     }
 
@@ -558,6 +563,15 @@ impl MigrationDevice for V2Device {
                 self.dev.identity().instance,
                 self.flags
             )));
+        }
+        // Only from RUNNING (QEMU's vfio_save_setup): the kernel's path from STOP to PRE_COPY
+        // runs the device, which a paused VM must not see.
+        let now = self.refresh("enter PRE_COPY")?;
+        if now != MigState::Running {
+            return Err(Error::protocol(
+                "enter PRE_COPY",
+                format!("pre-copy starts only from RUNNING; the device is in {now}"),
+            ));
         }
         self.transition(MigState::PreCopy, None, &"enter PRE_COPY")
     }
