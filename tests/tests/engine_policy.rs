@@ -15,6 +15,7 @@ fn opts(policy: PreCopyPolicy) -> SaveOptions {
         live: true,
         policy,
         buffer: 256 << 10,
+        ..Default::default()
     }
 }
 

@@ -16,11 +16,13 @@ use vfio_mig::handshake::migrate_pairs;
 use vfio_mig::Result;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
+/// These units mix v1 devices (no P2P states) in: they need the explicit opt-in.
 fn opts(live: bool) -> SaveOptions {
     SaveOptions {
         live,
         policy: PreCopyPolicy::default(),
         buffer: 64 << 10,
+        allow_non_p2p_unit: true,
     }
 }
 
@@ -174,11 +176,20 @@ impl MigrationDevice for Logged {
     fn finish_save(&mut self) -> Result<()> {
         self.inner.finish_save()
     }
+    fn finish_handoff(&mut self) -> Result<()> {
+        self.inner.finish_handoff()
+    }
     fn start_resume(&mut self) -> Result<()> {
         self.inner.start_resume()
     }
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
         self.inner.write(data, chunk_end)
+    }
+    fn load_state(&mut self) -> Result<()> {
+        self.inner.load_state()
+    }
+    fn prepare_run(&mut self) -> Result<()> {
+        self.inner.prepare_run()
     }
     fn finish_resume(&mut self) -> Result<()> {
         self.inner.finish_resume()

@@ -18,13 +18,11 @@ use vfio_mig::v2::{next_step, plan, returns_data_fd, MigState, MigrationFlags};
 use vfio_mig_mock::rules::{v1_table, v2_arcs};
 use vfio_mig_mock::{MockSpec, MockV1, MockV2};
 
-/// v1 disagreements known today, as `(from, to)` low bits, each a driver defect tracked in
-/// issue 10 (defect 6). The uAPI text lets the user "transition the device to any valid
-/// state reachable from the current state", and QEMU 5.2-7.0's `vfio_save_setup()` ORs
-/// SAVING into a stopped device (savevm or migrate of a paused VM): 000b -> 010b. The driver's
-/// `v1::state::is_arc` refuses it. The fix of defect 6 empties this list; this test then
-/// fails until the entry is removed here, which is intended: the list must say what is true.
-const KNOWN_V1_DEFECTS: &[(u32, u32)] = &[(0b000, 0b010)];
+/// v1 disagreements known today, as `(from, to)` low bits: none. Until issue 10's defect 6
+/// was fixed this held 000b -> 010b (QEMU 5.2-7.0's `vfio_save_setup()` ORs SAVING into a
+/// stopped device, savevm or migrate of a paused VM), which the driver refused; a new entry
+/// here must name the driver defect it documents.
+const KNOWN_V1_DEFECTS: &[(u32, u32)] = &[];
 
 /// v2 disagreements known today: none (the driver's table and the kernel's agree).
 const KNOWN_V2_DEFECTS: &[(u64, u32, u32)] = &[];

@@ -27,6 +27,7 @@ fn live() -> SaveOptions {
             ..Default::default()
         },
         buffer: 4096,
+        ..Default::default()
     }
 }
 

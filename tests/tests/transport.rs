@@ -35,6 +35,7 @@ fn opts(live: bool) -> SaveOptions {
             ..Default::default()
         },
         buffer: 16 << 10,
+        ..Default::default()
     }
 }
 

@@ -20,6 +20,7 @@ fn live_opts() -> SaveOptions {
             ..Default::default()
         },
         buffer: 4096,
+        ..Default::default()
     }
 }
 

@@ -17,6 +17,7 @@ fn round_trip(size: u64, chunk: u64, page: u64, mmap: bool, live: bool, buffer: 
         live,
         policy: PreCopyPolicy::default(),
         buffer,
+        ..Default::default()
     };
     let (stream, report) =
         save_to_vec(&mut src, &opts).unwrap_or_else(|e| panic!("{spec}: save: {e}"));

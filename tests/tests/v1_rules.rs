@@ -98,6 +98,7 @@ fn precopy_may_switch_over_with_bytes_still_pending() {
             ..Default::default()
         },
         buffer: 64 << 10,
+        ..Default::default()
     };
     let report = migrate_local(
         src.device.as_mut(),
@@ -130,6 +131,7 @@ fn dirtying_device_needs_several_rounds_and_the_destination_gets_the_latest_stat
             ..Default::default()
         },
         buffer: 16 << 10,
+        ..Default::default()
     };
     let report = migrate_local(
         src.device.as_mut(),

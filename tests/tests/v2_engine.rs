@@ -91,16 +91,21 @@ fn local_migration_live_and_not_with_every_flag_set() {
 }
 
 #[test]
-fn live_without_pre_copy_fails_cleanly_as_unsupported() {
+fn live_without_pre_copy_is_stop_and_copy_only() {
+    // As QEMU: a device without PRE_COPY is saved in stop-and-copy only, even with --live.
     for flags in ["0x1", "0x3"] {
-        let mut src = mock(&format!("mock:v2,size=64K,flags={flags}"));
-        let err = save_to_vec(&mut src, &opts(true, 4096)).unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("pre-copy"), "{text}");
-        assert!(!text.contains('\n'), "{text}");
-        let st = handle(&src).status();
-        assert_source_running(&st, "live without PRE_COPY");
-        assert_eq!(st.data_fds, 0, "the device was never put in a saving state");
+        let spec = format!("mock:v2,size=64K,flags={flags}");
+        let mut src = mock(&spec);
+        let mut dst = mock(&spec);
+        let (bytes, report) = save_to_vec(&mut src, &opts(true, 4096)).unwrap();
+        assert!(
+            report.stop_copy_only && report.pre_copy_bytes == 0,
+            "{report:?}"
+        );
+        assert_eq!(report.rounds, 0);
+        vfio_mig_tests::load_from_slice(&mut dst, &bytes).unwrap();
+        assert!(handle(&dst).status().resumed_ok);
+        assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
     }
 }
 
@@ -117,6 +122,7 @@ fn a_dirtying_device_needs_rounds_and_the_destination_gets_the_latest_state() {
             ..Default::default()
         },
         buffer: 16 << 10,
+        ..Default::default()
     };
     let report = migrate_local(
         src.device.as_mut(),

@@ -58,6 +58,10 @@ pub struct Pending {
     pub bytes: u64,
     /// Of those, the initial pre-copy bytes, when the device tells them apart (v2).
     pub initial_bytes: Option<u64>,
+    /// What stop-and-copy will carry, when the device says so apart from `bytes` (v2 in
+    /// pre-copy: `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to
+    /// the pre-copy bytes). The downtime is estimated from the larger of the two.
+    pub stop_copy_bytes: Option<u64>,
 }
 
 /// What one [`MigrationDevice::read`] produced.
@@ -111,15 +115,33 @@ pub trait MigrationDevice: Send {
     fn pending(&mut self) -> Result<Pending>;
     /// Reads the next bytes of the current phase into `buf`.
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome>;
-    /// Ends a completed save: the device is stopped.
+    /// Ends a completed save: the device is stopped. On failure the device is returned to
+    /// RUNNING like any failed save (nobody runs its state yet); after a handoff use
+    /// [`finish_handoff`](Self::finish_handoff) instead.
     fn finish_save(&mut self) -> Result<()>;
+    /// Stops a source whose state the destination already runs (after RESUMED). On failure
+    /// the device is reset, never returned to RUNNING: running the migrated state here too
+    /// would run it twice (QEMU's `vfio_migration_set_state_or_reset`, which recovers a failed
+    /// STOP_COPY -> STOP to ERROR, i.e. a reset). The error then says what became of it.
+    fn finish_handoff(&mut self) -> Result<()>;
 
     /// Enters the resuming state.
     fn start_resume(&mut self) -> Result<()>;
     /// Writes bytes of the current chunk; `chunk_end` closes the chunk (v1 commits it with
     /// the chunk's total size, reproducing the source's transaction).
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()>;
-    /// Ends a complete resume: the device runs with the loaded state.
+    /// Has the driver check and take the complete resumed state, the device staying stopped:
+    /// v2 RESUMING -> STOP, where real drivers refuse bad data. A no-op for v1, whose only way
+    /// out of RESUMING (100b) is RUNNING. On failure a v2 device is reset.
+    fn load_state(&mut self) -> Result<()>;
+    /// Brings a loaded device to its quiescent running state (v2 RUNNING_P2P, QEMU's prepare
+    /// step) so that, once every device of the unit is there, none runs before its peers can
+    /// answer peer-to-peer accesses. A no-op without P2P (v1, v2 without
+    /// `VFIO_MIGRATION_P2P`).
+    fn prepare_run(&mut self) -> Result<()>;
+    /// Ends a complete resume: the device runs with the loaded state (from RESUMING, STOP or
+    /// RUNNING_P2P; the destination barrier calls [`load_state`](Self::load_state) and
+    /// [`prepare_run`](Self::prepare_run) on every device first).
     fn finish_resume(&mut self) -> Result<()>;
 
     /// Returns a source to RUNNING after a failure: the recovery transition first, a reset if

@@ -18,6 +18,8 @@
 //! | `flags=`        | v2: `VFIO_MIGRATION_*` (1 STOP_COPY, 2 P2P, 4 PRE_COPY)    | `0x7`        |
 //! | `dma=`          | v2: `on`, or `off` (no DMA logging features: ENOTTY)       | `on`         |
 //! | `dma-dirty=`    | v2: pages the device DMA-writes before each log report     | `0`          |
+//! | `data-size-min=`| v2: least MIG_DATA_SIZE before STOP_COPY (an estimate far  | `0`          |
+//! |                 | above the pre-copy data, as mlx5's whole-state estimate)   |              |
 //! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
 //! |                 | the key of the device's lock and fencing state (`vfio_mig::fence`) |         |
 //!
@@ -63,7 +65,7 @@ pub const DEFAULT_V2_FLAGS: u64 = 0x7;
 /// The options only a `mock:v1` spec takes.
 const V1_ONLY: [&str; 4] = ["section", "data", "reserved", "region-index"];
 /// The options only a `mock:v2` spec takes.
-const V2_ONLY: [&str; 4] = ["flags", "dma", "dma-dirty", "profile"];
+const V2_ONLY: [&str; 5] = ["flags", "dma", "dma-dirty", "profile", "data-size-min"];
 
 /// Which migration protocol the mock speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +120,9 @@ pub struct MockSpec {
     pub dma_dirty: u64,
     /// Fault injection rules (v2).
     pub v2_faults: Vec<V2FaultRule>,
+    /// v2: the least MIG_DATA_SIZE reports while the device is not yet in STOP_COPY
+    /// (`data-size-min=`; 0: the exact remainder).
+    pub data_size_min: u64,
     /// A name that identifies this mock across processes, for its lock and fencing state
     /// (`id=`); a mock without one is private to its process.
     pub id: Option<String>,
@@ -142,6 +147,7 @@ impl Default for MockSpec {
             dma: true,
             dma_dirty: 0,
             v2_faults: Vec::new(),
+            data_size_min: 0,
             id: None,
         }
     }
@@ -358,11 +364,12 @@ impl FromStr for MockSpec {
                 "dma-dirty" => {
                     spec.dma_dirty = parse_number(value).ok_or_else(|| bad("a page count"))?
                 }
+                "data-size-min" => spec.data_size_min = size()?,
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
                          dirty-rate, reserved, region-index, fail-at, id; v2: profile, flags, dma, \
-                         dma-dirty)"
+                         dma-dirty, data-size-min)"
                     )))
                 }
             }
@@ -433,6 +440,9 @@ impl fmt::Display for MockSpec {
         }
         for rule in &self.v2_faults {
             write!(f, ",fail-at={rule}")?;
+        }
+        if self.data_size_min != d.data_size_min {
+            write!(f, ",data-size-min={}", format_size(self.data_size_min))?;
         }
         if let Some(id) = &self.id {
             write!(f, ",id={id}")?;

@@ -32,8 +32,10 @@ enum Item {
 
 /// Loads every device of the stream (device `i` of the header into `devs[i]`): checks them all
 /// against the header before touching any, enters RESUMING on all, applies the records, calls
-/// `gate.pre_copy_loaded` once every live device has loaded its pre-copy data, and after the
-/// trailer `gate.before_resume`, then resumes all devices. The caller resets them on failure
+/// `gate.pre_copy_loaded` once every live device has loaded its pre-copy data; after the
+/// trailer has every device take its state ([`MigrationDevice::load_state`]), calls
+/// `gate.before_resume`, brings every device to RUNNING_P2P
+/// ([`MigrationDevice::prepare_run`]) and only then runs them all. The caller resets them on failure
 /// ([`super::multi::rollback_destinations`]).
 pub fn load_all_gated<R: Read>(
     devs: &mut [&mut dyn MigrationDevice],
@@ -64,8 +66,17 @@ pub fn load_all_gated<R: Read>(
     } else {
         load_threaded(devs, reader, obs, gate, live)?
     };
+    // The destination barrier: every device takes its state (and may refuse it) before the
+    // source is told LOADED; then every device reaches RUNNING_P2P before any runs, so no
+    // device runs (and initiates DMA) while a peer is unloaded or stopped.
+    for dev in devs.iter_mut() {
+        dev.load_state()?;
+    }
     gate.before_resume(reader.get_mut())?;
     reader.finish()?;
+    for dev in devs.iter_mut() {
+        dev.prepare_run()?;
+    }
     for dev in devs.iter_mut() {
         dev.finish_resume()?;
     }

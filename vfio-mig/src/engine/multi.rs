@@ -18,7 +18,7 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{MigrationDevice, Recovery};
+use super::{Capabilities, MigrationDevice, Protocol, Recovery};
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -65,6 +65,47 @@ impl<W: Write> RecordSink for &SharedWriter<W> {
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
         self.with(|w| w.end_phase(device, phase))
     }
+}
+
+/// Whether a device with `caps` can join a unit of several devices without an opt-in: it
+/// has the P2P states, so it can be quiesced before any peer stops. `Err` says why not.
+pub fn unit_member(caps: &Capabilities, protocol: Protocol) -> std::result::Result<(), String> {
+    match protocol {
+        _ if caps.p2p => Ok(()),
+        Protocol::V1 => Err("a v1 device has no P2P states".into()),
+        Protocol::V2 => Err(format!(
+            "migration flags {:#x} lack VFIO_MIGRATION_P2P",
+            caps.migration_flags
+        )),
+    }
+}
+
+/// Refuses a unit of several devices where some lack the P2P states, unless `allow` (the
+/// caller's explicit opt-in, [`super::SaveOptions::allow_non_p2p_unit`]). QEMU refuses such a
+/// unit ("Multiple VFIO devices migration is supported only if all of them support P2P
+/// migration"): a device that cannot be quiesced keeps initiating DMA while its peers stop,
+/// possibly into a peer already stopped. One device alone needs no P2P.
+pub fn check_unit(devs: &[&mut dyn MigrationDevice], allow: bool) -> Result<()> {
+    if devs.len() < 2 || allow {
+        return Ok(());
+    }
+    let lacking: Vec<String> = devs
+        .iter()
+        .filter_map(|d| {
+            unit_member(&d.capabilities(), d.protocol())
+                .err()
+                .map(|why| format!("{} ({why})", d.identity().instance))
+        })
+        .collect();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "several devices migrate as one unit only if all of them support P2P migration: {} \
+         cannot be quiesced and could DMA into a peer already stopped; opt in to that risk \
+         explicitly (--allow-non-p2p-unit) or migrate the devices separately",
+        lacking.join(", ")
+    )))
 }
 
 /// Runs `phase` on every device in parallel (one thread each); returns the first error after
@@ -152,22 +193,26 @@ pub fn stop_copy_all<W: Write + Send>(
     })
 }
 
-/// The STOP transition of every device, once the destination runs. Failures are only
-/// logged: the destination already runs the state, so the sources must stay stopped.
-pub fn finish_save_all(devs: &mut [&mut dyn MigrationDevice]) {
-    for dev in devs.iter_mut() {
-        if let Err(e) = dev.finish_save() {
+/// The STOP transition of every device, once the destination runs its state
+/// ([`MigrationDevice::finish_handoff`]). A device whose STOP fails is reset, never resumed,
+/// and the failure is recorded in its report (`after_handoff`) and logged: the migration
+/// itself succeeded.
+pub fn finish_handoff_all(devs: &mut [&mut dyn MigrationDevice], reports: &mut [SaveReport]) {
+    for (i, dev) in devs.iter_mut().enumerate() {
+        if let Err(e) = dev.finish_handoff() {
             log::warn!(
-                "{}: STOP transition after a completed migration failed: {e}; the device stays \
-                 stopped in stop-and-copy",
+                "{}: STOP after a completed handoff failed: {e}",
                 dev.identity().instance
             );
+            if let Some(report) = reports.get_mut(i) {
+                report.after_handoff = Some(e.to_string());
+            }
         }
     }
 }
 
 /// Saves every device: pre-copy in parallel when `opts.live`, quiesce all, stop-and-copy in
-/// parallel. The devices are left in stop-and-copy (see [`finish_save_all`]); the caller
+/// parallel. The devices are left in stop-and-copy (see [`finish_handoff_all`]); the caller
 /// writes the trailer and rolls back on failure ([`rollback_sources`]).
 pub fn save_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],
@@ -175,6 +220,7 @@ pub fn save_all<W: Write + Send>(
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<Vec<SaveReport>> {
+    check_unit(devs, opts.allow_non_p2p_unit)?;
     let mut reports = vec![SaveReport::default(); devs.len()];
     if opts.live {
         pre_copy_all(devs, out, opts, obs, &mut reports)?;

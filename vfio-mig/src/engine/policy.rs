@@ -95,6 +95,9 @@ pub struct PreCopyState {
     pub last_bytes: u64,
     /// Time the last round took.
     pub last_busy: Duration,
+    /// What stop-and-copy will carry, when the device says so apart from `pending` (v2:
+    /// MIG_DATA_SIZE); see [`PreCopyState::downtime_bytes`].
+    pub stop_copy: Option<u64>,
 }
 
 /// The last round alone measures the bandwidth once it moved at least this much (1 MiB);
@@ -151,10 +154,22 @@ impl PreCopyState {
         (self.bytes > 0 && secs > 0.0).then(|| self.bytes as f64 / secs)
     }
 
-    /// The stop-and-copy time the pending bytes would take at the measured bandwidth.
+    /// Sets what the device says stop-and-copy will carry (v2: MIG_DATA_SIZE).
+    pub fn set_stop_copy(&mut self, stop_copy: Option<u64>) {
+        self.stop_copy = stop_copy;
+    }
+
+    /// The bytes the downtime window will carry: the larger of the pending pre-copy bytes and
+    /// the device's stop-copy size (QEMU's `state_pending_exact` for VFIO is MIG_DATA_SIZE).
+    pub fn downtime_bytes(&self) -> u64 {
+        self.pending.max(self.stop_copy.unwrap_or(0))
+    }
+
+    /// The stop-and-copy time [`downtime_bytes`](Self::downtime_bytes) would take at the
+    /// measured bandwidth.
     pub fn estimated_downtime(&self) -> Option<Duration> {
         self.bandwidth()
-            .map(|bw| Duration::from_secs_f64(self.pending as f64 / bw))
+            .map(|bw| Duration::from_secs_f64(self.downtime_bytes() as f64 / bw))
     }
 }
 
@@ -164,14 +179,23 @@ impl PreCopyPolicy {
         // The initial data must have been sent once before switching (QEMU waits for it too):
         // the destination needs it before the device stops.
         let initial_done = state.initial_pending.is_none_or(|b| b == 0);
-        let fits = state.pending <= self.switchover_bytes
+        let remaining = state.downtime_bytes();
+        let fits = remaining <= self.switchover_bytes
             || state
                 .estimated_downtime()
                 .is_some_and(|d| d <= self.downtime_budget);
-        if initial_done && (state.pending == 0 || (state.rounds > 0 && fits)) {
+        // Pre-copy has nothing more to send. With no bandwidth measured there is nothing to
+        // judge the stop-copy size by; with one, a stop-copy size that does not fit will not
+        // shrink with more rounds.
+        let drained = state.pending == 0;
+        if initial_done
+            && (remaining == 0
+                || (state.rounds > 0 && fits)
+                || (drained && state.bandwidth().is_none()))
+        {
             return Decision::Switch(SwitchReason::Converged);
         }
-        let bound = if state.stalled >= self.stall_rounds.max(1) && initial_done {
+        let bound = if initial_done && (drained || state.stalled >= self.stall_rounds.max(1)) {
             Some(SwitchReason::NotConverging)
         } else if state.rounds >= self.max_rounds {
             Some(SwitchReason::MaxRounds)
@@ -200,6 +224,33 @@ mod tests {
             max_rounds: 10,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_stop_copy_size_counts_in_the_downtime() {
+        let p = policy();
+        // 100 MB/s; pre-copy drained, but stop-copy will carry 1 GB = 10 s: more rounds cannot
+        // help, and a strict policy gives up.
+        let mut s = PreCopyState::new(100 * MB, Some(100 * MB));
+        s.record_round(100 * MB, Duration::from_secs(1), 0, Some(0));
+        s.set_stop_copy(Some(1000 * MB));
+        assert_eq!(s.downtime_bytes(), 1000 * MB);
+        assert_eq!(s.estimated_downtime(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            p.decide(&s, Duration::from_secs(1)),
+            Decision::Switch(SwitchReason::NotConverging)
+        );
+        let strict = PreCopyPolicy { strict: true, ..p };
+        assert_eq!(
+            strict.decide(&s, Duration::from_secs(1)),
+            Decision::Abort(SwitchReason::NotConverging)
+        );
+        // 5 MB of stop-copy data = 50 ms: fits.
+        s.set_stop_copy(Some(5 * MB));
+        assert_eq!(
+            strict.decide(&s, Duration::from_secs(1)),
+            Decision::Switch(SwitchReason::Converged)
+        );
     }
 
     #[test]

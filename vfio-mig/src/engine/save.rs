@@ -23,6 +23,12 @@ pub struct SaveOptions {
     pub policy: PreCopyPolicy,
     /// Transfer buffer size.
     pub buffer: usize,
+    /// Accept a unit of several devices where some lack the P2P states (every v1 device; v2
+    /// without `VFIO_MIGRATION_P2P`). Off by default, as in QEMU: such a device cannot be
+    /// quiesced, so while the unit stops it may still DMA into a peer that is already stopped
+    /// (and on the destination run before a peer is loaded). See
+    /// [`super::multi::check_unit`].
+    pub allow_non_p2p_unit: bool,
 }
 
 impl Default for SaveOptions {
@@ -31,6 +37,7 @@ impl Default for SaveOptions {
             live: false,
             policy: PreCopyPolicy::default(),
             buffer: DEFAULT_BUFFER,
+            allow_non_p2p_unit: false,
         }
     }
 }
@@ -58,6 +65,12 @@ pub struct SaveReport {
     pub estimated_downtime: Option<Duration>,
     /// The bandwidth measured during pre-copy, in bytes per second.
     pub bandwidth: Option<u64>,
+    /// Set when the source's STOP after the handoff failed: the error, which says what became
+    /// of the device (reset, never returned to RUNNING: the destination runs its state).
+    pub after_handoff: Option<String>,
+    /// A live save of a device without pre-copy support: it was migrated in stop-and-copy
+    /// only (QEMU does the same).
+    pub stop_copy_only: bool,
 }
 
 #[cfg(feature = "serde")]
@@ -158,10 +171,16 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
     report: &mut SaveReport,
 ) -> Result<()> {
     if !dev.capabilities().pre_copy {
-        return Err(Error::Unsupported(format!(
-            "{}: the device does not support pre-copy (--live)",
+        // As QEMU: a device without PRE_COPY is migrated in stop-and-copy only, alone or in a
+        // live unit. Its stream still closes the pre-copy phase (empty), as a live
+        // descriptor promises.
+        log::info!(
+            "{}: no PRE_COPY support: migrated in stop-and-copy only",
             dev.identity().instance
-        )));
+        );
+        report.stop_copy_only = true;
+        out.end_phase(index, Phase::PreCopy)?;
+        return Ok(());
     }
     dev.start_pre_copy()?;
     let started = Instant::now();
@@ -172,6 +191,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         pending: Some(first.bytes),
     });
     let mut state = PreCopyState::new(first.bytes, first.initial_bytes);
+    state.set_stop_copy(first.stop_copy_bytes);
     let mut pump = Pump {
         dev,
         out,
@@ -186,9 +206,9 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
             Decision::Switch(reason) => break reason,
             Decision::Abort(reason) => {
                 return Err(Error::PreCopy(format!(
-                    "{reason:?} after {} rounds: {} bytes still pending, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
+                    "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
                     state.rounds,
-                    state.pending,
+                    state.downtime_bytes(),
                     state
                         .estimated_downtime()
                         .map(|d| format!("{d:?}"))
@@ -215,6 +235,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
             pending.bytes,
             pending.initial_bytes,
         );
+        state.set_stop_copy(pending.stop_copy_bytes);
         report.pre_copy_bytes += bytes;
         chunks += c;
         obs.on_event(&Event::RoundDone {

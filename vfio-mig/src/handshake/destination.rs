@@ -11,12 +11,13 @@ use super::message::{
     KNOWN_FEATURES,
 };
 use crate::engine::demux::load_all_gated;
-use crate::engine::multi::rollback_destinations;
-use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer};
+use crate::engine::multi::{check_unit, rollback_destinations};
+use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol};
 use crate::error::{Error, Result};
 use crate::fence::{Admission, Fence};
 use crate::stream::{StreamHeader, StreamReader};
 use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still
 /// sends, so that the source reads the FAILED reason instead of a reset connection.
@@ -203,6 +204,13 @@ pub fn receive<C: Duplex>(
             check_compatible(&**dev, desc)
                 .map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
         }
+        // A unit whose source devices all have P2P was not opted in to devices without it:
+        // refuse destination devices that could not honour the P2P barrier either.
+        let source_all_p2p = header.devices.iter().all(|d| {
+            d.protocol == Protocol::V2 && d.migration_flags & u64::from(VFIO_MIGRATION_P2P) != 0
+        });
+        check_unit(devs, !source_all_p2p)
+            .map_err(|e| (ReasonCode::Incompatible, format!("destination: {e}")))?;
         fence.admit(&header).map_err(|e| match e {
             Error::Refused { code, detail, .. } => (code, detail),
             e => (ReasonCode::Fence, e.to_string()),

@@ -4,7 +4,6 @@
 
 use super::destination::{receive, RecvOutcome};
 use super::source::{send, SendOutcome};
-use crate::engine::multi::rollback_sources;
 use crate::engine::session::new_header;
 use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
@@ -122,9 +121,10 @@ pub fn migrate_pairs(
         // Both failed: one caused the other (see `pick_cause`).
         (Err(se), Err(de)) => Err(pick_cause(se, de)),
         (Err(se), Ok(_)) => Err(se),
-        // The source only succeeds on RESUMED, so this cannot happen; if it did, the
-        // destination did not resume: run the source again.
-        (Ok(_), Err(e)) => Err(rollback_sources(srcs, e, src_obs)),
+        // The source only succeeds on RESUMED (or when the destination had already completed
+        // the session): the destination runs the state, so the source must not run it again,
+        // whatever the destination reported afterwards.
+        (Ok(_), Err(e)) => Err(e),
     }
 }
 

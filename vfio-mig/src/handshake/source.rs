@@ -7,7 +7,7 @@ use std::net::Shutdown;
 
 use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
 use crate::engine::multi::{
-    finish_save_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
+    check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
 };
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
@@ -147,6 +147,8 @@ pub fn send<C: Duplex>(
                 .into(),
         ));
     }
+    // Before HELLO: a refused unit touches neither side.
+    check_unit(devs, opts.allow_non_p2p_unit)?;
     let clone = |c: &C| {
         c.try_clone()
             .map_err(|e| Error::transport("clone the connection", e))
@@ -236,7 +238,7 @@ pub fn send<C: Duplex>(
     match read_message(&mut rx, step) {
         Ok(Message::Resumed { session: s }) if s == session => {
             // Out of the downtime window: the destination already runs.
-            finish_save_all(devs);
+            finish_handoff_all(devs, &mut reports);
             Ok(SendOutcome::Completed(reports))
         }
         Ok(Message::Failed(r)) => {

@@ -234,6 +234,11 @@ impl MigrationDevice for V1Device {
     }
 
     fn stop(&mut self) -> Result<()> {
+        // A pause in pre-copy clears RUNNING only (QEMU's v1 vfio_vmstate_change): 011b ->
+        // 010b, the save going on stopped.
+        if V1State::from_raw(self.raw_state()?) == V1State::PreCopy {
+            return self.set_state(V1State::StopCopy);
+        }
         self.set_state(V1State::Stop)
     }
 
@@ -286,6 +291,7 @@ impl MigrationDevice for V1Device {
         Ok(Pending {
             bytes,
             initial_bytes: None,
+            stop_copy_bytes: None,
         })
     }
 
@@ -324,6 +330,18 @@ impl MigrationDevice for V1Device {
 
     fn finish_save(&mut self) -> Result<()> {
         self.set_state(V1State::Stop)
+    }
+
+    fn finish_handoff(&mut self) -> Result<()> {
+        // Never the cancel arc back to RUNNING: the destination runs this state.
+        self.set_state(V1State::Stop).map_err(|e| {
+            let recovery = self.reset_to_running();
+            Error::RolledBack {
+                source: Box::new(e),
+                device: self.identity().instance,
+                recovery,
+            }
+        })
     }
 
     fn start_resume(&mut self) -> Result<()> {
@@ -381,6 +399,23 @@ impl MigrationDevice for V1Device {
         } else {
             self.chunk = Some(chunk);
         }
+        Ok(())
+    }
+
+    fn load_state(&mut self) -> Result<()> {
+        // v1 has no stopped state after RESUMING (100b -> 001b only): the driver takes the
+        // state with each data_size write and on the RUNNING write.
+        match self.chunk {
+            Some(_) => Err(Error::protocol(
+                "resume device",
+                "the stream ended inside a chunk",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare_run(&mut self) -> Result<()> {
+        // No quiescent state in v1.
         Ok(())
     }
 

@@ -125,12 +125,16 @@ impl fmt::Display for TransitionError {
     }
 }
 
-/// The transitions of the uAPI's table, plus the returns to RUNNING that abandon a save.
+/// The transitions of the uAPI's table, plus the writes QEMU 5.2-7.2 makes.
 ///
 /// From the table: normal shutdown RUNNING -> STOP; save/suspend RUNNING -> STOP-AND-COPY
 /// -> STOP; live migration RUNNING -> PRE-COPY -> STOP-AND-COPY -> STOP; resuming
-/// RUNNING (or STOP) -> RESUMING; resumed RESUMING -> RUNNING. A cancelled migration returns
-/// the source from any saving state (or STOP) to RUNNING, which QEMU relied on too.
+/// RUNNING -> RESUMING; resumed RESUMING -> RUNNING. The uAPI lets the user "transition the
+/// device to any valid state reachable from the current state", and QEMU writes more:
+/// STOP -> STOP-AND-COPY (`vfio_save_setup` ORs SAVING into a paused device's bits),
+/// STOP -> RESUMING, the returns to RUNNING of a cancelled save or a resumed VM (from any
+/// saving state, or STOP), and PRE-COPY -> STOP (reachable through STOP-AND-COPY; a pause
+/// that abandons the save in one write).
 pub fn is_arc(from: V1State, to: V1State) -> bool {
     use V1State::*;
     if from == to {
@@ -143,10 +147,12 @@ pub fn is_arc(from: V1State, to: V1State) -> bool {
             | (Running, PreCopy)
             | (Running, Resuming)
             | (PreCopy, StopCopy)
+            | (PreCopy, Stop)
             | (PreCopy, Running)
             | (StopCopy, Stop)
             | (StopCopy, Running)
             | (Stop, Running)
+            | (Stop, StopCopy)
             | (Stop, Resuming)
             | (Resuming, Running)
     )

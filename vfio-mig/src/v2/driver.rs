@@ -2,8 +2,8 @@
 //! The v2 driver: a [`MigrationDevice`] over `VFIO_DEVICE_FEATURE` and the data fd.
 //!
 //! State changes walk [`plan`](super::state::plan) one arc at a time, so a failure names the
-//! arc that failed and the data fd is tracked per arc: a new fd replaces the current one, an
-//! arc inside the saving group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P ->
+//! arc that failed and the data fd is tracked per arc: a new fd while one is open is an error
+//! ("data fd out of sync", as QEMU), an arc inside the saving group that returns none keeps it (mtty answers -1 for PRE_COPY_P2P ->
 //! STOP_COPY and keeps streaming on the PRE_COPY fd), and leaving the streaming states closes
 //! it.
 //!
@@ -26,6 +26,10 @@ use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFl
 use crate::device::{DeviceIdentity, DeviceIo};
 use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use crate::error::{Error, Result};
+
+/// The stop-copy size assumed when MIG_DATA_SIZE fails during pre-copy: QEMU's
+/// `VFIO_MIG_STOP_COPY_SIZE` (100 MiB).
+pub const UNKNOWN_STOP_COPY_SIZE: u64 = 100 << 20;
 
 /// What a state change does when an arc fails (after reading the state back and reporting it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,14 +335,21 @@ impl V2Device {
     ) -> Result<()> {
         let expected = returns_data_fd(from, to);
         match fd {
-            Some(fd) if to.is_streaming() => {
-                if !expected && self.data.is_some() {
-                    log::warn!(
-                        "{from} -> {to}: device opened a new data fd inside a session; using it"
-                    );
-                }
-                self.data = Some(DataFd::new(fd));
+            Some(fd) if to.is_streaming() && self.data.is_some() => {
+                // QEMU: "data_fd out of sync" (-EBADF). The device ended the session it was
+                // streaming (an asynchronous reset, say): neither fd can be trusted to carry
+                // the rest of the same state.
+                drop(fd);
+                self.data = None;
+                return Err(Error::protocol(
+                    format!("set device state to {to}"),
+                    format!(
+                        "{from} -> {to}: data fd out of sync: the device returned a new data fd \
+                         while the session's fd was open"
+                    ),
+                ));
             }
+            Some(fd) if to.is_streaming() => self.data = Some(DataFd::new(fd)),
             Some(_) => {
                 log::warn!("{from} -> {to}: device returned a data fd for a state without a session; closed it");
                 self.data = None;
@@ -533,6 +544,11 @@ impl MigrationDevice for V2Device {
     }
 
     fn stop(&mut self) -> Result<()> {
+        // A pause during pre-copy goes on to STOP_COPY on the same data fd (QEMU's
+        // vfio_vmstate_change): through STOP it would end the save, through RUNNING run.
+        if self.refresh("stop the device")?.is_pre_copy() {
+            return self.transition(MigState::StopCopy, None, &"stop the device in pre-copy");
+        }
         self.set_state(MigState::Stop)
     }
 
@@ -548,6 +564,15 @@ impl MigrationDevice for V2Device {
                 self.flags
             )));
         }
+        // Only from RUNNING (QEMU's vfio_save_setup): the kernel's path from STOP to PRE_COPY
+        // runs the device, which a paused VM must not see.
+        let now = self.refresh("enter PRE_COPY")?;
+        if now != MigState::Running {
+            return Err(Error::protocol(
+                "enter PRE_COPY",
+                format!("pre-copy starts only from RUNNING; the device is in {now}"),
+            ));
+        }
         self.transition(MigState::PreCopy, None, &"enter PRE_COPY")
     }
 
@@ -558,14 +583,23 @@ impl MigrationDevice for V2Device {
     fn pending(&mut self) -> Result<Pending> {
         if self.state.is_pre_copy() && self.data.is_some() {
             let info = self.precopy_info()?;
+            // QEMU's state_pending_exact: the stop-copy size decides the downtime; when the
+            // device cannot tell, assume QEMU's VFIO_MIG_STOP_COPY_SIZE so that the downtime
+            // budget is not silently exceeded.
+            let stop_copy = self.data_size().unwrap_or_else(|e| {
+                log::debug!("{e}; assuming {UNKNOWN_STOP_COPY_SIZE} bytes of stop-copy data");
+                UNKNOWN_STOP_COPY_SIZE
+            });
             return Ok(Pending {
                 bytes: info.total(),
                 initial_bytes: Some(info.initial_bytes),
+                stop_copy_bytes: Some(stop_copy),
             });
         }
         Ok(Pending {
             bytes: self.data_size()?,
             initial_bytes: None,
+            stop_copy_bytes: None,
         })
     }
 
@@ -591,6 +625,27 @@ impl MigrationDevice for V2Device {
 
     fn finish_save(&mut self) -> Result<()> {
         self.transition(MigState::Stop, None, &"stop the device after saving")
+    }
+
+    fn finish_handoff(&mut self) -> Result<()> {
+        match self.transition(
+            MigState::Stop,
+            Some(OnFailure::Reset),
+            &"stop the source after the handoff",
+        ) {
+            // A failed arc was already followed by a reset, which the error names.
+            Ok(()) => Ok(()),
+            Err(e @ Error::Transition { .. }) => Err(e),
+            Err(e) => {
+                // The state could not even be read or planned: reset all the same.
+                let recovery = self.reset();
+                Err(Error::RolledBack {
+                    source: Box::new(e),
+                    device: self.dev.identity().instance,
+                    recovery,
+                })
+            }
+        }
     }
 
     fn start_resume(&mut self) -> Result<()> {
@@ -624,14 +679,38 @@ impl MigrationDevice for V2Device {
         Ok(())
     }
 
-    fn finish_resume(&mut self) -> Result<()> {
-        // RESUMING -> STOP makes the driver check and load the state; the data fd is closed
-        // once that arc succeeds (leaving the session), before the device runs.
+    fn load_state(&mut self) -> Result<()> {
+        let step = "load the device state (RESUMING -> STOP)";
+        let now = self.refresh(step)?;
+        if now != MigState::Resuming {
+            return Err(Error::protocol(
+                step,
+                format!("the device is in {now}, not RESUMING"),
+            ));
+        }
+        // The driver checks and loads the state on this arc; the data fd is closed once it
+        // succeeds (leaving the session), before the device can run.
+        self.transition(MigState::Stop, Some(OnFailure::Reset), &step)
+    }
+
+    fn prepare_run(&mut self) -> Result<()> {
+        if !self.flags.contains(MigrationFlags::P2P) {
+            return Ok(());
+        }
+        if self.refresh("quiesce the resumed device")? == MigState::Resuming {
+            self.load_state()?;
+        }
         self.transition(
-            MigState::Stop,
+            MigState::RunningP2p,
             Some(OnFailure::Reset),
-            &"load the device state (RESUMING -> STOP)",
-        )?;
+            &"quiesce the resumed device (RUNNING_P2P)",
+        )
+    }
+
+    fn finish_resume(&mut self) -> Result<()> {
+        if self.refresh("run the resumed device")? == MigState::Resuming {
+            self.load_state()?;
+        }
         self.transition(
             MigState::Running,
             Some(OnFailure::Reset),
@@ -964,16 +1043,22 @@ mod tests {
         let err = dev.start_pre_copy().unwrap_err();
         assert!(err.to_string().contains("returned no data fd"), "{err}");
         assert_eq!(dev.recover(), Recovery::Resumed);
+    }
 
+    /// QEMU's vfio_migration_set_state: a data fd returned while one is open is "data_fd out
+    /// of sync" (-EBADF), not a replacement.
+    #[test]
+    fn a_new_data_fd_inside_a_session_is_out_of_sync() {
         let fake = Fake::new(7);
         fake.with(|f| f.new_fd_for_stop_copy = true);
         let mut dev = open(&fake);
         dev.start_pre_copy().unwrap();
-        let first = dev.data_fd().unwrap().as_raw_fd();
         read_all(&mut dev);
-        dev.start_stop_copy().unwrap();
-        assert_ne!(dev.data_fd().unwrap().as_raw_fd(), first);
-        assert_eq!(read_all(&mut dev), fake.stop_data());
+        let err = dev.start_stop_copy().unwrap_err();
+        assert!(err.to_string().contains("out of sync"), "{err}");
+        assert!(dev.data_fd().is_none(), "both fds are dropped");
+        assert_eq!(dev.recover(), Recovery::Resumed);
+        assert_eq!(fake.state(), Running);
     }
 
     #[test]

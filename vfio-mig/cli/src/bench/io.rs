@@ -371,10 +371,19 @@ impl MigrationDevice for PipeDevice {
     fn finish_save(&mut self) -> Result<()> {
         Ok(())
     }
+    fn finish_handoff(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn start_resume(&mut self) -> Result<()> {
         Err(unsupported("resume"))
     }
     fn write(&mut self, _data: &[u8], _chunk_end: bool) -> Result<()> {
+        Err(unsupported("resume"))
+    }
+    fn load_state(&mut self) -> Result<()> {
+        Err(unsupported("resume"))
+    }
+    fn prepare_run(&mut self) -> Result<()> {
         Err(unsupported("resume"))
     }
     fn finish_resume(&mut self) -> Result<()> {

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vfio_mig::engine::multi::{finish_save_all, save_all, SharedWriter};
+use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig::error::{Error, Result};
@@ -65,9 +65,9 @@ fn run_save_all(proto: &str, size: u64) -> Result<f64> {
     let mut sink = SinkKind::Null.open()?;
     let t = Instant::now();
     let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
-    save_all(&mut refs, &shared, &SaveOptions::default(), &NoObserver)?;
+    let mut reports = save_all(&mut refs, &shared, &SaveOptions::default(), &NoObserver)?;
     shared.into_inner().finish()?;
-    finish_save_all(&mut refs);
+    finish_handoff_all(&mut refs, &mut reports);
     let secs = t.elapsed().as_secs_f64();
     sink.finish()?;
     Ok(secs)

@@ -168,6 +168,12 @@ pub struct TransferArgs {
     /// Transfer buffer size in bytes.
     #[arg(long, default_value_t = DEFAULT_BUFFER)]
     pub buffer: usize,
+    /// Several devices: migrate them as one unit even if some lack the P2P states (every v1
+    /// device; v2 without VFIO_MIGRATION_P2P). Refused by default, as in QEMU: such a device
+    /// cannot be quiesced, so it may keep doing DMA into a peer device that is already
+    /// stopped (and, on the destination, run before a peer is loaded).
+    #[arg(long)]
+    pub allow_non_p2p_unit: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -191,6 +197,7 @@ impl TransferArgs {
                 ..PreCopyPolicy::default()
             },
             buffer: self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT),
+            allow_non_p2p_unit: self.allow_non_p2p_unit,
         }
     }
 }
@@ -266,6 +273,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_precopy_secs: 60.0,
                 strict_downtime: false,
                 buffer: DEFAULT_BUFFER,
+                allow_non_p2p_unit: false,
                 json: false,
                 epoch: None,
             };

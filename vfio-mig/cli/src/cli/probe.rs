@@ -4,6 +4,7 @@
 use crate::cli::devices::open_device;
 use vfio_mig::device::region::query_region;
 use vfio_mig::device::DeviceIo;
+use vfio_mig::engine::multi::unit_member;
 use vfio_mig::error::{Error, Result};
 
 /// One region, as `probe` shows it.
@@ -28,6 +29,10 @@ struct ProbeOutput {
     access: Option<String>,
     protocol: String,
     capabilities: vfio_mig::engine::Capabilities,
+    /// Whether the device can join a unit of several devices without
+    /// `--allow-non-p2p-unit` (it has the P2P states); `unit_note` says why not.
+    multi_device_unit: bool,
+    unit_note: Option<String>,
     state: String,
     details: Vec<(String, String)>,
     device_flags: u32,
@@ -71,6 +76,7 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     let mut opened = open_device(name)?;
     let id = opened.io.identity();
     let (device_flags, regions) = regions(opened.io.as_ref())?;
+    let unit = unit_member(&opened.device.capabilities(), opened.device.protocol());
     let out = ProbeOutput {
         device: id.instance,
         model: id.model,
@@ -78,6 +84,8 @@ pub fn run(name: &str, json: bool) -> Result<()> {
         access: opened.access.as_ref().map(|a| a.detail.clone()),
         protocol: opened.device.protocol().to_string(),
         capabilities: opened.device.capabilities(),
+        multi_device_unit: unit.is_ok(),
+        unit_note: unit.err(),
         state: opened.device.state_name()?,
         details: opened.device.details()?,
         device_flags,
@@ -99,6 +107,12 @@ pub fn run(name: &str, json: bool) -> Result<()> {
         "capabilities: pre-copy {}, p2p {}, migration flags {:#x}",
         out.capabilities.pre_copy, out.capabilities.p2p, out.capabilities.migration_flags
     );
+    match &out.unit_note {
+        None => println!("unit:         can join a multi-device unit (P2P)"),
+        Some(why) => println!(
+            "unit:         joins a multi-device unit only with --allow-non-p2p-unit ({why})"
+        ),
+    }
     println!("state:        {}", out.state);
     for (k, v) in &out.details {
         println!("{:<13} {v}", format!("{k}:"));

@@ -35,10 +35,15 @@ pub(super) fn save_summary(r: &SaveReport) -> String {
             HumanBytes(r.pre_copy_bytes),
             r.rounds
         ),
+        None if r.stop_copy_only => "no pre-copy support: stop-and-copy only, ".into(),
+        None => String::new(),
+    };
+    let after = match &r.after_handoff {
+        Some(what) => format!("; source STOP after the handoff failed: {what}"),
         None => String::new(),
     };
     format!(
-        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks",
+        "{precopy}stop-and-copy {} in {:.2} ms, {} chunks{after}",
         HumanBytes(r.stop_copy_bytes),
         r.stop_copy_time.as_secs_f64() * 1e3,
         r.chunks

@@ -649,8 +649,19 @@ impl Inner {
 
     /// `MIG_DATA_SIZE`: a profile's driver reports its whole stop-copy state (mtty, mlx5's
     /// firmware total, hisi's and pds's constant); the generic mock what STOP_COPY would still
-    /// produce.
+    /// produce. Before STOP_COPY either is at least `data-size-min=` (an estimate, as the uAPI
+    /// allows).
     fn data_size(&mut self) -> u64 {
+        let exact = self.exact_data_size();
+        if self.state == STOP_COPY {
+            exact
+        } else {
+            exact.max(self.spec.data_size_min)
+        }
+    }
+
+    /// What the profile's MIG_DATA_SIZE or STOP_COPY would still produce, exactly.
+    fn exact_data_size(&mut self) -> u64 {
         if self.behaviour.data_size_full {
             return self.full_stream();
         }
