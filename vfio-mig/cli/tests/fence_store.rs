@@ -28,7 +28,10 @@ impl Host {
         c.env_remove("RUST_LOG")
             .env_remove("VFIO_MIG_FENCE")
             .env("VFIO_MIG_LOCK_DIR", self.dir.join(self.owner).join("lock"))
-            .env("VFIO_MIG_STATE_DIR", self.dir.join(self.owner).join("state"))
+            .env(
+                "VFIO_MIG_STATE_DIR",
+                self.dir.join(self.owner).join("state"),
+            )
             .args(["--fence", &self.fence, "--fence-owner", self.owner])
             .args(["--fence-key", "vm9/dev0", "--fence-timeout", "2"]);
         c
@@ -121,11 +124,26 @@ fn hosts_handoff_through(fence: &str, dir: &std::path::Path) {
     assert_refused(&o, "--epoch: with --fence the store grants the epoch");
     // A fenced save and load: the file's session is loaded once, by one host.
     let file = dir.join("state.vmig");
-    let o = b.run(&["save", "mock:v1,size=1M,seed=8,id=b", "-o", file.to_str().unwrap()]);
+    let o = b.run(&[
+        "save",
+        "mock:v1,size=1M,seed=8,id=b",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{fence}: {}", stderr(&o));
-    let o = d.run(&["load", "mock:v1,size=1M,seed=8,id=d", "-i", file.to_str().unwrap()]);
+    let o = d.run(&[
+        "load",
+        "mock:v1,size=1M,seed=8,id=d",
+        "-i",
+        file.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{fence}: {}", stderr(&o));
-    let o = a.run(&["load", "mock:v1,size=1M,seed=8,id=a", "-i", file.to_str().unwrap()]);
+    let o = a.run(&[
+        "load",
+        "mock:v1,size=1M,seed=8,id=a",
+        "-i",
+        file.to_str().unwrap(),
+    ]);
     assert_refused(&o, "was completed by host-d at epoch 2");
 }
 
@@ -161,7 +179,11 @@ fn an_unreachable_etcd_refuses_the_handoff_before_the_device_is_touched() {
         &o,
         "fencing store etcd://127.0.0.1:1,127.0.0.1:2: unreachable for",
     );
-    assert!(stderr(&o).contains("no device was touched"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no device was touched"),
+        "{}",
+        stderr(&o)
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     // Usage errors name the option.
     let o = h.run(&["send", "mock:v1,size=1M", "mock:v1,size=1M", "--to", &sock]);

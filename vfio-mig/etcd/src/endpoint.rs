@@ -67,7 +67,10 @@ mod tests {
             "etcd://a b:1",
         ] {
             let e = parse_endpoints(bad).unwrap_err().to_string();
-            assert!(e.contains("--fence") && e.contains("etcd://HOST:PORT"), "{bad}: {e}");
+            assert!(
+                e.contains("--fence") && e.contains("etcd://HOST:PORT"),
+                "{bad}: {e}"
+            );
         }
     }
 }

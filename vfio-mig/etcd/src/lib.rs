@@ -99,7 +99,12 @@ impl EtcdStore {
         &self.endpoints
     }
 
-    fn post_once(&self, endpoint: &str, path: &str, body: &str) -> std::result::Result<Value, Failure> {
+    fn post_once(
+        &self,
+        endpoint: &str,
+        path: &str,
+        body: &str,
+    ) -> std::result::Result<Value, Failure> {
         let url = format!("http://{endpoint}{path}");
         let mut response = self
             .agent
@@ -112,8 +117,12 @@ impl EtcdStore {
             .body_mut()
             .read_to_string()
             .map_err(|e| Failure::Transient(format!("{endpoint}: read the answer: {e}")))?;
-        let value: Value = serde_json::from_str(text.lines().next().unwrap_or(""))
-            .map_err(|e| Failure::Final(format!("{endpoint}: {path} answered {status} with {text:?} ({e})")))?;
+        let value: Value =
+            serde_json::from_str(text.lines().next().unwrap_or("")).map_err(|e| {
+                Failure::Final(format!(
+                    "{endpoint}: {path} answered {status} with {text:?} ({e})"
+                ))
+            })?;
         // A streaming call (keepalive) wraps its answer in "result"; errors carry "error" or
         // "code" with a gRPC status code.
         let value = match value.get("result") {
@@ -218,7 +227,9 @@ impl FenceStore for EtcdStore {
         };
         let parse = || -> std::result::Result<Entry, String> {
             let value = match kv.get("value").and_then(Value::as_str) {
-                Some(v) => B64.decode(v).map_err(|e| format!("bad base64 value: {e}"))?,
+                Some(v) => B64
+                    .decode(v)
+                    .map_err(|e| format!("bad base64 value: {e}"))?,
                 None => Vec::new(),
             };
             Ok(Entry {
@@ -260,7 +271,11 @@ impl FenceStore for EtcdStore {
             "/v3/kv/txn",
             &json!({ "compare": compare, "success": success }),
         )?;
-        if !answer.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
+        if !answer
+            .get("succeeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
             return Ok(None);
         }
         let rev = revision(answer.get("header").and_then(|h| h.get("revision")))
@@ -282,7 +297,11 @@ impl FenceStore for EtcdStore {
 
     fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
         let step = "keep a lease alive";
-        let answer = self.call(step, "/v3/lease/keepalive", &json!({ "ID": lease.0.to_string() }))?;
+        let answer = self.call(
+            step,
+            "/v3/lease/keepalive",
+            &json!({ "ID": lease.0.to_string() }),
+        )?;
         // An expired lease is answered with a TTL of 0 (absent in the JSON).
         let ttl = int(answer.get("TTL")).map_err(|e| store_error(self, step, e))?;
         Ok(ttl > 0)
@@ -290,7 +309,11 @@ impl FenceStore for EtcdStore {
 
     fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
         let step = "revoke a lease";
-        match self.call(step, "/v3/lease/revoke", &json!({ "ID": lease.0.to_string() })) {
+        match self.call(
+            step,
+            "/v3/lease/revoke",
+            &json!({ "ID": lease.0.to_string() }),
+        ) {
             Err(Error::Refused { detail, .. }) if detail.contains("lease not found") => Ok(()),
             other => other.map(|_| ()),
         }

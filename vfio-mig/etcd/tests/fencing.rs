@@ -119,15 +119,20 @@ fn one_key_handed_off_by_many_at_once_has_exactly_one_winner() {
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         });
         let winners: Vec<usize> = (0..N).filter(|i| begun[*i].is_ok()).collect();
-        assert_eq!(winners.len(), 1, "{kind}: begin winners {winners:?}: {begun:?}");
+        assert_eq!(
+            winners.len(),
+            1,
+            "{kind}: begin winners {winners:?}: {begun:?}"
+        );
         let w = winners[0];
         for (i, r) in begun.iter().enumerate().filter(|(i, _)| *i != w) {
             let e = r.as_ref().unwrap_err().to_string();
             // A loser either saw the winner's ownership or its claim, named.
             assert!(
                 e.contains("vm1/dev0")
-                    && (e.contains(&format!("is owned by h{w} at epoch 1; h{i} is not its owner"))
-                        || e.contains(&format!("claimed by h{w} (source)"))),
+                    && (e.contains(&format!(
+                        "is owned by h{w} at epoch 1; h{i} is not its owner"
+                    )) || e.contains(&format!("claimed by h{w} (source)"))),
                 "{kind}: h{i}: {e}"
             );
         }
@@ -161,8 +166,13 @@ fn one_key_handed_off_by_many_at_once_has_exactly_one_winner() {
         for (i, r) in fences.iter_mut().enumerate().filter(|(i, _)| *i != l) {
             let e = r.as_ref().map(|_| ()).unwrap_err();
             assert!(
-                matches!(e, Error::Refused { code: ReasonCode::Busy, .. })
-                    && e.to_string().contains(&format!("is being loaded by d{l}")),
+                matches!(
+                    e,
+                    Error::Refused {
+                        code: ReasonCode::Busy,
+                        ..
+                    }
+                ) && e.to_string().contains(&format!("is being loaded by d{l}")),
                 "{kind}: d{i}: {e}"
             );
         }
@@ -171,7 +181,11 @@ fn one_key_handed_off_by_many_at_once_has_exactly_one_winner() {
         fence.complete(&h.session_id).unwrap();
         let record = dests[0].record("vm1/dev0").unwrap().unwrap();
         assert_eq!(
-            (record.owner.as_str(), record.epoch, record.pending.is_none()),
+            (
+                record.owner.as_str(),
+                record.epoch,
+                record.pending.is_none()
+            ),
             (format!("d{l}").as_str(), 1, true),
             "{kind}"
         );
@@ -193,8 +207,14 @@ fn a_zombie_source_is_refused_everywhere_and_a_retry_gets_the_recorded_outcome()
         let (mut dev_a, mut dev_b, mut dev_c) = (mock(SPEC), mock(SPEC), mock(SPEC));
         let s1 = [0x51; 16];
         let (sent, recv) = hand_off(&a, &b, id, &mut dev_a, &mut dev_b, Some(s1));
-        assert!(matches!(sent, Ok(SendOutcome::Completed(_))), "{kind}: {sent:?}");
-        assert!(matches!(recv, Ok(RecvOutcome::Resumed { .. })), "{kind}: {recv:?}");
+        assert!(
+            matches!(sent, Ok(SendOutcome::Completed(_))),
+            "{kind}: {sent:?}"
+        );
+        assert!(
+            matches!(recv, Ok(RecvOutcome::Resumed { .. })),
+            "{kind}: {recv:?}"
+        );
         assert!(handle(&dev_b).status().resumed_ok);
 
         // The source retries session 1 (its outcome was in doubt): host-b answers with the
@@ -206,8 +226,14 @@ fn a_zombie_source_is_refused_everywhere_and_a_retry_gets_the_recorded_outcome()
         let mut dev_b2 = mock(SPEC);
         let mut fb = b.destination(&ids(id)).unwrap();
         let (sent, recv) = transfer(&mut dev_a, &mut dev_b2, &h1, &mut fb, &NoObserver);
-        assert!(matches!(sent, Ok(SendOutcome::AlreadyCompleted)), "{kind}: {sent:?}");
-        assert!(matches!(recv, Ok(RecvOutcome::AlreadyCompleted { .. })), "{kind}");
+        assert!(
+            matches!(sent, Ok(SendOutcome::AlreadyCompleted)),
+            "{kind}: {sent:?}"
+        );
+        assert!(
+            matches!(recv, Ok(RecvOutcome::AlreadyCompleted { .. })),
+            "{kind}"
+        );
         assert!(untouched(&dev_b2), "{kind}: a retry was loaded again");
         let mut dev_d = mock(SPEC);
         let mut fd = d.destination(&ids(id)).unwrap();
@@ -215,14 +241,19 @@ fn a_zombie_source_is_refused_everywhere_and_a_retry_gets_the_recorded_outcome()
         let (code, e) = refused_text(sent);
         assert_eq!(code, ReasonCode::Fence, "{kind}: {e}");
         assert!(
-            e.contains("session 51515151515151515151515151515151 was completed by host-b at \
-                        epoch 1: host-b runs that state, so host-d does not load it"),
+            e.contains(
+                "session 51515151515151515151515151515151 was completed by host-b at \
+                        epoch 1: host-b runs that state, so host-d does not load it"
+            ),
             "{kind}: {e}"
         );
 
         // The state moves on to host-c, at epoch 2.
         let (sent, _) = hand_off(&b, &c, id, &mut dev_b, &mut dev_c, None);
-        assert!(matches!(sent, Ok(SendOutcome::Completed(_))), "{kind}: {sent:?}");
+        assert!(
+            matches!(sent, Ok(SendOutcome::Completed(_))),
+            "{kind}: {sent:?}"
+        );
 
         // host-a, a zombie, may not begin anything...
         let (code, e) = refused_text(a.begin(&ids(id), &[0x52; 16]));
@@ -235,7 +266,10 @@ fn a_zombie_source_is_refused_everywhere_and_a_retry_gets_the_recorded_outcome()
         // touching its device: an older epoch, an epoch the store never granted.
         for (epoch, wanted) in [
             (1, "stale epoch 1 < 2 (owner host-c)"),
-            (2, "at epoch 2 is not the handoff the store granted (pending: none; owner host-c)"),
+            (
+                2,
+                "at epoch 2 is not the handoff the store granted (pending: none; owner host-c)",
+            ),
             (99, "at epoch 99 is not the handoff the store granted"),
         ] {
             let h = header(&dev_a, epoch);
@@ -244,7 +278,10 @@ fn a_zombie_source_is_refused_everywhere_and_a_retry_gets_the_recorded_outcome()
             assert!(e.contains(wanted), "{kind}: epoch {epoch}: {e}");
             assert!(recv.is_err(), "{kind}");
         }
-        assert!(untouched(&dev_d), "{kind}: a refused destination was touched");
+        assert!(
+            untouched(&dev_d),
+            "{kind}: a refused destination was touched"
+        );
         let r = c.record(id).unwrap().unwrap();
         assert_eq!((r.owner.as_str(), r.epoch), ("host-c", 2), "{kind}");
         assert!(handle(&dev_c).status().resumed_ok, "{kind}");
@@ -280,8 +317,13 @@ fn a_claim_whose_lease_expires_frees_the_handoff() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let expired_after = died.elapsed();
-        eprintln!("{kind}: a dead destination's claim expired after {expired_after:?} (TTL {ttl:?})");
-        assert!(expired_after >= ttl / 2, "{kind}: expired after {expired_after:?}");
+        eprintln!(
+            "{kind}: a dead destination's claim expired after {expired_after:?} (TTL {ttl:?})"
+        );
+        assert!(
+            expired_after >= ttl / 2,
+            "{kind}: expired after {expired_after:?}"
+        );
 
         // host-c may load it now; host-b, if it comes back, cannot complete it.
         assert_eq!(fc.admit(&h).unwrap(), Admission::Accept, "{kind}");
@@ -301,8 +343,10 @@ fn a_claim_whose_lease_expires_frees_the_handoff() {
         let (code, e) = refused_text(c.begin(&ids(id2), &[2; 16]));
         assert_eq!(code, ReasonCode::Busy, "{kind}: {e}");
         assert!(
-            e.contains("handoff 01010101010101010101010101010101 (epoch 1) is in flight, \
-                        claimed by host-c (source)"),
+            e.contains(
+                "handoff 01010101010101010101010101010101 (epoch 1) is in flight, \
+                        claimed by host-c (source)"
+            ),
             "{kind}: {e}"
         );
         stuck.lease_mut().unwrap().stop_keep_alive();
@@ -314,13 +358,21 @@ fn a_claim_whose_lease_expires_frees_the_handoff() {
                 Err(e) => panic!("{kind}: the source's claim outlived its lease: {e}"),
             }
         };
-        assert_eq!(next.epoch(), 2, "{kind}: epochs move forward past a dead handoff");
+        assert_eq!(
+            next.epoch(),
+            2,
+            "{kind}: epochs move forward past a dead handoff"
+        );
     }
 }
 
 #[test]
 fn an_unreachable_store_refuses_before_any_device_is_touched() {
-    let mut stores: Vec<(&str, Arc<dyn vfio_mig::fence::FenceStore>, Option<EtcdCluster>)> = Vec::new();
+    let mut stores: Vec<(
+        &str,
+        Arc<dyn vfio_mig::fence::FenceStore>,
+        Option<EtcdCluster>,
+    )> = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("file"), b"").unwrap();
     stores.push((
@@ -341,12 +393,24 @@ fn an_unreachable_store_refuses_before_any_device_is_touched() {
         let (src, mut dst) = (mock(SPEC), mock(SPEC));
         let started = Instant::now();
         let (code, e) = refused_text(a.begin(&ids("vm4/dev"), &[4; 16]));
-        eprintln!("{kind}: unreachable store refused in {:?}: {e}", started.elapsed());
+        eprintln!(
+            "{kind}: unreachable store refused in {:?}: {e}",
+            started.elapsed()
+        );
         assert_eq!(code, ReasonCode::Fence, "{kind}");
-        assert!(e.contains(&format!("fencing store {}", store.describe())), "{kind}: {e}");
+        assert!(
+            e.contains(&format!("fencing store {}", store.describe())),
+            "{kind}: {e}"
+        );
         if kind == "etcd" {
-            assert!(e.contains("unreachable") && e.contains("no device was touched"), "{e}");
-            assert!(e.contains("Connection refused") || e.contains("refused"), "{e}");
+            assert!(
+                e.contains("unreachable") && e.contains("no device was touched"),
+                "{e}"
+            );
+            assert!(
+                e.contains("Connection refused") || e.contains("refused"),
+                "{e}"
+            );
         }
         // A destination refuses the stream, its device untouched; the source is untouched.
         let mut src = src;
@@ -406,7 +470,10 @@ fn an_etcd_member_killed_mid_handoff_completes_or_fails_cleanly_and_nothing_resu
         sent.as_ref().map(|_| ()),
         started.elapsed()
     );
-    assert!(kill_leader.fired.load(Ordering::SeqCst), "the member was not killed");
+    assert!(
+        kill_leader.fired.load(Ordering::SeqCst),
+        "the member was not killed"
+    );
     let (s, d) = (handle(&src).status(), handle(&dst).status());
     // Exactly one device runs the state.
     assert!(
@@ -426,7 +493,10 @@ fn an_etcd_member_killed_mid_handoff_completes_or_fails_cleanly_and_nothing_resu
     let mut fb2 = b.destination(&ids(id)).unwrap();
     let (sent, _) = transfer(&mut src, &mut dst2, &h, &mut fb2, &NoObserver);
     if d.resumed_ok {
-        assert!(matches!(sent, Ok(SendOutcome::AlreadyCompleted)), "{sent:?}");
+        assert!(
+            matches!(sent, Ok(SendOutcome::AlreadyCompleted)),
+            "{sent:?}"
+        );
         assert!(untouched(&dst2));
     }
     drop(handoff);
@@ -461,6 +531,9 @@ fn the_whole_cluster_lost_mid_handoff_resets_the_destination_and_resumes_the_sou
     assert!(e.contains("unreachable"), "{e}");
     assert!(sent.is_err(), "{sent:?}");
     assert_destination_safe(&handle(&dst).status(), "cluster lost");
-    assert!(handle(&src).status().is_running(), "the source must run again");
+    assert!(
+        handle(&src).status().is_running(),
+        "the source must run again"
+    );
     drop(handoff);
 }

@@ -342,7 +342,9 @@ mod tests {
             key: "a".into(),
             revision: 0,
         };
-        let r1 = s.commit(&[absent.clone()], &[put("a", "1", None)]).unwrap();
+        let r1 = s
+            .commit(std::slice::from_ref(&absent), &[put("a", "1", None)])
+            .unwrap();
         let r1 = r1.expect("the key was absent");
         // The same create again fails: the key exists now.
         assert_eq!(s.commit(&[absent], &[put("a", "2", None)]).unwrap(), None);
@@ -353,7 +355,10 @@ mod tests {
             revision: r1,
         };
         let r2 = s
-            .commit(&[at_r1.clone()], &[put("a", "2", None), put("b", "x", None)])
+            .commit(
+                std::slice::from_ref(&at_r1),
+                &[put("a", "2", None), put("b", "x", None)],
+            )
             .unwrap()
             .unwrap();
         assert!(r2 > r1);
@@ -387,10 +392,7 @@ mod tests {
     fn a_corrupt_store_refuses() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("store"), "vfio-mig-store 1\nrevision x\n").unwrap();
-        let e = DirStore::new(dir.path())
-            .get("a")
-            .unwrap_err()
-            .to_string();
+        let e = DirStore::new(dir.path()).get("a").unwrap_err().to_string();
         assert!(e.contains("corrupt") && e.contains("dir:"), "{e}");
     }
 }

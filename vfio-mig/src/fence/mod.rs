@@ -14,6 +14,14 @@
 //!   below the highest is refused ("stale epoch N < M"); a stream of a completed session is
 //!   answered ALREADY_COMPLETED and not loaded again.
 //!
+//! - **Shared stores.** Across hosts, one owner per device-state identity: a
+//!   [`FenceStore`] (compare-and-swap on revisions, leases) holds a [`HandoffRecord`] per
+//!   identity, and [`SharedFencing`] runs the handoff protocol over it: the source's
+//!   [`SharedFencing::begin`] takes the epoch from the store, the destination's
+//!   [`StoreFence`] admits only the handoff the store granted and completes it together with
+//!   the new ownership. [`DirStore`] is the embedded store (one host); the `vfio-mig-etcd`
+//!   crate provides etcd. `docs/fencing.md` describes the model.
+//!
 //! The caller chooses the lock and state directories ([`FenceConfig`]); the defaults are
 //! [`DEFAULT_LOCK_DIR`] and [`DEFAULT_STATE_DIR`].
 
@@ -30,14 +38,12 @@ mod store;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use dir_store::DirStore;
+pub use handoff_record::{valid_name, ClaimRecord, ClaimRole, Completion, HandoffRecord, Pending};
 pub use key::DeviceKey;
+pub use lease::HeldLease;
 pub use lock::DeviceLock;
 pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED, RECORD_VERSION};
-pub use dir_store::DirStore;
-pub use handoff_record::{
-    valid_name, ClaimRecord, ClaimRole, Completion, HandoffRecord, Pending,
-};
-pub use lease::HeldLease;
 pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_PREFIX};
 pub use state::StateFence;
 pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};

@@ -127,7 +127,9 @@ impl SharedFencing {
 
     fn check_identities(identities: &[String]) -> Result<()> {
         if identities.is_empty() {
-            return Err(Error::InvalidInput("fencing: no device-state identity".into()));
+            return Err(Error::InvalidInput(
+                "fencing: no device-state identity".into(),
+            ));
         }
         for (i, id) in identities.iter().enumerate() {
             if !valid_name(id) {
@@ -339,9 +341,11 @@ fn retried_epoch(snaps: &[Snapshot], hex: &str, step: &str) -> Result<Option<u64
         .iter()
         .map(|s| {
             let r = s.record.as_ref()?;
-            r.completion(hex)
-                .map(|c| c.epoch)
-                .or(r.pending.as_ref().filter(|p| p.session == hex).map(|p| p.epoch))
+            r.completion(hex).map(|c| c.epoch).or(r
+                .pending
+                .as_ref()
+                .filter(|p| p.session == hex)
+                .map(|p| p.epoch))
         })
         .collect();
     match epochs.as_slice() {
@@ -350,7 +354,9 @@ fn retried_epoch(snaps: &[Snapshot], hex: &str, step: &str) -> Result<Option<u64
         _ => Err(refused(
             ReasonCode::Fence,
             step,
-            format!("session {hex} is recorded for some of the devices only, or at different epochs"),
+            format!(
+                "session {hex} is recorded for some of the devices only, or at different epochs"
+            ),
         )),
     }
 }
@@ -753,7 +759,9 @@ impl Fence for StoreFence {
         let writes: Vec<Write> = self
             .identities
             .iter()
-            .map(|i| Write::Delete { key: f.claim_key(i) })
+            .map(|i| Write::Delete {
+                key: f.claim_key(i),
+            })
             .collect();
         f.store.commit(&conditions, &writes)?;
         Ok(())

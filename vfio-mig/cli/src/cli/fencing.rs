@@ -94,7 +94,9 @@ impl FenceArgs {
                 let owner = match &self.fence_owner {
                     Some(o) => o.clone(),
                     None => nix::unistd::gethostname()
-                        .map_err(|e| Error::device("read the host name (or give --fence-owner)", e.into()))?
+                        .map_err(|e| {
+                            Error::device("read the host name (or give --fence-owner)", e.into())
+                        })?
                         .to_string_lossy()
                         .into_owned(),
                 };
@@ -135,8 +137,8 @@ impl Fencing {
         header: &mut StreamHeader,
     ) -> Result<Option<Handoff>> {
         let Some(shared) = &self.shared else {
-            header.epoch = epoch
-                .unwrap_or_else(|| claims.iter().map(Claim::default_epoch).max().unwrap_or(1));
+            header.epoch =
+                epoch.unwrap_or_else(|| claims.iter().map(Claim::default_epoch).max().unwrap_or(1));
             return Ok(None);
         };
         if epoch.is_some() {
@@ -179,7 +181,9 @@ impl Fencing {
             Some(shared) => Ok(Box::new(
                 shared.destination(&self.identities(claims.len())?)?,
             )),
-            None => Ok(Box::new(FenceSet(claims.iter().map(Claim::fence).collect()))),
+            None => Ok(Box::new(FenceSet(
+                claims.iter().map(Claim::fence).collect(),
+            ))),
         }
     }
 }

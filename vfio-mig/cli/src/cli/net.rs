@@ -83,11 +83,7 @@ pub fn send(
     let (claims, mut opened) = open_all(devices, fence)?;
     let opts = args.save_options();
     let mut devs = drivers(&mut opened);
-    let mut header = new_header(
-        &devs.iter().map(|d| &**d).collect::<Vec<_>>(),
-        opts.live,
-        0,
-    )?;
+    let mut header = new_header(&devs.iter().map(|d| &**d).collect::<Vec<_>>(), opts.live, 0)?;
     if let Some(s) = session {
         header.session_id = s;
     }

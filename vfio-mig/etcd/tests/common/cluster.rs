@@ -90,8 +90,14 @@ impl EtcdCluster {
                 .args(["--name", &name])
                 .arg("--data-dir")
                 .arg(data.path().join(&name))
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                ])
                 .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
                 .args([
                     "--initial-advertise-peer-urls",
@@ -203,4 +209,3 @@ impl Drop for EtcdCluster {
         self.kill_all();
     }
 }
-
