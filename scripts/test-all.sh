@@ -34,9 +34,20 @@ step "host tests (release)"
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2
 fi
-# As root the network-namespace test must really run: a skip would fail the suite.
+# The fencing tests (vfio-mig/etcd/tests, vfio-mig/cli/tests/fence_store.rs) start 3-member
+# etcd clusters on loopback: install Debian's etcd-server (3.4 on bookworm) when it is
+# missing and we are root.
+if ! command -v etcd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server
+    # The package enables a system etcd on 2379; the tests start their own on free ports.
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
+fi
+# As root the network-namespace and etcd tests must really run: a skip would fail the suite.
 if [ "$(id -u)" = 0 ]; then
     export VFIO_MIG_REQUIRE_NETNS=1
+    export VFIO_MIG_REQUIRE_ETCD=1
 fi
 cargo test --workspace --release --locked
 

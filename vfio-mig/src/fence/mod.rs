@@ -14,21 +14,39 @@
 //!   below the highest is refused ("stale epoch N < M"); a stream of a completed session is
 //!   answered ALREADY_COMPLETED and not loaded again.
 //!
+//! - **Shared stores.** Across hosts, one owner per device-state identity: a
+//!   [`FenceStore`] (compare-and-swap on revisions, leases) holds a [`HandoffRecord`] per
+//!   identity, and [`SharedFencing`] runs the handoff protocol over it: the source's
+//!   [`SharedFencing::begin`] takes the epoch from the store, the destination's
+//!   [`StoreFence`] admits only the handoff the store granted and completes it together with
+//!   the new ownership. [`DirStore`] is the embedded store (one host); the `vfio-mig-etcd`
+//!   crate provides etcd. `docs/fencing.md` describes the model.
+//!
 //! The caller chooses the lock and state directories ([`FenceConfig`]); the defaults are
 //! [`DEFAULT_LOCK_DIR`] and [`DEFAULT_STATE_DIR`].
 
+mod dir_store;
+mod handoff_record;
 mod key;
+mod lease;
 mod lock;
 mod record;
+mod shared;
 mod state;
+mod store;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use dir_store::DirStore;
+pub use handoff_record::{valid_name, ClaimRecord, ClaimRole, Completion, HandoffRecord, Pending};
 pub use key::DeviceKey;
+pub use lease::HeldLease;
 pub use lock::DeviceLock;
 pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED, RECORD_VERSION};
+pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_PREFIX};
 pub use state::StateFence;
+pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
 
 use crate::error::Result;
 use crate::stream::SessionId;
@@ -51,6 +69,12 @@ pub trait Fence: Send {
     fn complete(&mut self, session: &SessionId) -> Result<()>;
     /// Forgets a completion whose resume failed (the device was reset).
     fn undo_complete(&mut self, session: &SessionId) -> Result<()>;
+    /// Gives up an admitted session that will not complete here (its load failed and the
+    /// device was reset, or the session ended before its load): a fence that holds a claim
+    /// for it ([`StoreFence`]) releases it, so that the handoff may go elsewhere at once.
+    fn release(&mut self, _session: &SessionId) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The fences of several devices migrated as one unit: a stream is admitted only if every
@@ -82,6 +106,10 @@ impl Fence for FenceSet {
 
     fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
         self.0.iter_mut().try_for_each(|f| f.undo_complete(session))
+    }
+
+    fn release(&mut self, session: &SessionId) -> Result<()> {
+        self.0.iter_mut().try_for_each(|f| f.release(session))
     }
 }
 

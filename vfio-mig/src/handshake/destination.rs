@@ -71,6 +71,13 @@ fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
     }
 }
 
+/// Releases the fence's claim on a session that will not complete here.
+fn release(fence: &mut dyn Fence, session: &SessionId) {
+    if let Err(e) = fence.release(session) {
+        log::warn!("release the fencing claim: {e} (it expires with its lease)");
+    }
+}
+
 fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: String) -> Error {
     send_final(tx, rx, &Message::Refuse(Reason::new(code, detail.clone())));
     Error::Refused {
@@ -226,7 +233,10 @@ pub fn receive<C: Duplex>(
         }
         Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
     }
-    write_message(&mut tx, &Message::Accept { session }, "handshake")?;
+    if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
+        release(fence, &session);
+        return Err(e);
+    }
 
     let mut gate = Gate {
         tx: &mut tx,
@@ -259,6 +269,7 @@ pub fn receive<C: Duplex>(
                     log::warn!("withdraw the completion record: {u}");
                 }
             }
+            release(gate.fence, &session);
             let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(reason_code(&e), e.to_string()));
             send_final(&mut tx, reader.get_mut(), &msg);
@@ -331,6 +342,7 @@ pub fn load_fenced<R: Read>(
                     log::warn!("withdraw the completion record: {u}");
                 }
             }
+            release(gate.fence, &header.session_id);
             Err(rollback_destinations(devs, e, obs))
         }
     }

@@ -1,13 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Command-line options of locks and fencing state, shared by every command.
+//! Command-line options of locks and fencing, shared by every command: the per-host lock and
+//! state directories, and `--fence`, a store shared by the hosts of a fleet.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
 use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::FenceConfig;
+use vfio_mig::fence::{
+    Claim, DirStore, Fence, FenceConfig, FenceSet, FenceStore, Handoff, SharedFencing,
+};
 use vfio_mig::handshake::SessionId;
+use vfio_mig::stream::StreamHeader;
 
 /// Where device locks and destination fencing state live (options of every command).
 #[derive(Debug, Args, Clone)]
@@ -20,12 +26,165 @@ pub struct FenceArgs {
     #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
           default_value = vfio_mig::fence::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// A fencing store shared by the hosts: `etcd://HOST:PORT[,HOST:PORT...]`, or `dir:PATH`
+    /// for one host. The store grants every handoff's epoch and keeps one owner per device
+    /// state (see docs/fencing.md); needs --fence-key.
+    #[arg(long, global = true, value_name = "STORE", env = "VFIO_MIG_FENCE")]
+    pub fence: Option<String>,
+    /// The identity of a device state in the store, the same on every host (e.g. `vm7/gpu0`);
+    /// once per device, in the order of the devices (for migrate: per pair).
+    #[arg(long = "fence-key", global = true, value_name = "NAME")]
+    pub fence_keys: Vec<String>,
+    /// This host's name as an owner in the store (default: the host name).
+    #[arg(long, global = true, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
+    pub fence_owner: Option<String>,
+    /// Seconds a claim lives in the store without renewal after its host dies.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    pub fence_ttl: f64,
+    /// Seconds one operation on the fencing store may take, over all its members, before the
+    /// store counts as unreachable (and the handoff is refused).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    pub fence_timeout: f64,
+}
+
+/// The fencing of a command: the per-host locks and state, and the shared store if any.
+#[derive(Debug, Clone)]
+pub struct Fencing {
+    /// The lock and state directories.
+    pub config: FenceConfig,
+    shared: Option<SharedFencing>,
+    keys: Vec<String>,
+}
+
+/// Opens the store of a `--fence` value; an etcd store gives up on an operation after
+/// `timeout`.
+pub fn open_store(spec: &str, timeout: Duration) -> Result<Arc<dyn FenceStore>> {
+    if spec.starts_with(vfio_mig_etcd::URL_SCHEME) {
+        Ok(Arc::new(
+            vfio_mig_etcd::EtcdStore::from_url(spec)?.with_operation_timeout(timeout),
+        ))
+    } else if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
+        Ok(Arc::new(DirStore::new(path)))
+    } else {
+        Err(Error::InvalidInput(format!(
+            "--fence {spec}: expected etcd://HOST:PORT[,HOST:PORT...] or dir:PATH"
+        )))
+    }
 }
 
 impl FenceArgs {
     /// The directories: options, else environment, else defaults.
     pub fn config(&self) -> FenceConfig {
         FenceConfig::new(&self.lock_dir, &self.state_dir)
+    }
+
+    /// The command's fencing.
+    pub fn fencing(&self) -> Result<Fencing> {
+        let shared = match &self.fence {
+            None => {
+                if !self.fence_keys.is_empty() {
+                    return Err(Error::InvalidInput(
+                        "--fence-key names a device state in a fencing store: give --fence too"
+                            .into(),
+                    ));
+                }
+                None
+            }
+            Some(spec) => {
+                let owner = match &self.fence_owner {
+                    Some(o) => o.clone(),
+                    None => nix::unistd::gethostname()
+                        .map_err(|e| {
+                            Error::device("read the host name (or give --fence-owner)", e.into())
+                        })?
+                        .to_string_lossy()
+                        .into_owned(),
+                };
+                let ttl = Duration::from_secs_f64(self.fence_ttl.clamp(1.0, 3600.0));
+                let timeout = Duration::from_secs_f64(self.fence_timeout.clamp(0.1, 3600.0));
+                Some(SharedFencing::new(open_store(spec, timeout)?, owner)?.with_ttl(ttl))
+            }
+        };
+        Ok(Fencing {
+            config: self.config(),
+            shared,
+            keys: self.fence_keys.clone(),
+        })
+    }
+}
+
+impl Fencing {
+    /// The device-state identities of `count` devices, with a shared store.
+    fn identities(&self, count: usize) -> Result<Vec<String>> {
+        if self.keys.len() != count {
+            return Err(Error::InvalidInput(format!(
+                "--fence: {count} device state{} to fence, {} --fence-key given (one per \
+                 device, in order, the same on every host)",
+                if count == 1 { "" } else { "s" },
+                self.keys.len()
+            )));
+        }
+        Ok(self.keys.clone())
+    }
+
+    /// Begins the handoff of `header`'s devices as their source: with a shared store, the
+    /// store grants the epoch (an `--epoch` is an error). Without one, `epoch` or the claims'
+    /// default epoch. Before any device is touched.
+    pub fn begin_source(
+        &self,
+        claims: &[Claim],
+        epoch: Option<u64>,
+        header: &mut StreamHeader,
+    ) -> Result<Option<Handoff>> {
+        let Some(shared) = &self.shared else {
+            header.epoch =
+                epoch.unwrap_or_else(|| claims.iter().map(Claim::default_epoch).max().unwrap_or(1));
+            return Ok(None);
+        };
+        if epoch.is_some() {
+            return Err(Error::InvalidInput(
+                "--epoch: with --fence the store grants the epoch of every handoff".into(),
+            ));
+        }
+        let handoff = shared.begin(&self.identities(header.devices.len())?, &header.session_id)?;
+        header.epoch = handoff.epoch();
+        log::info!(
+            "{} granted epoch {} to session {} (owner {})",
+            shared.store().describe(),
+            handoff.epoch(),
+            vfio_mig::fence::session_hex(&header.session_id),
+            shared.owner()
+        );
+        Ok(Some(handoff))
+    }
+
+    /// Ends a source's handoff after the transfer: a failure that left the source devices
+    /// running again ends the handoff in the store; success, or an outcome in doubt, leaves
+    /// the store's record as the destination (or nobody yet) made it.
+    pub fn end_source<T>(&self, handoff: Option<Handoff>, result: &Result<T>) {
+        let Some(handoff) = handoff else { return };
+        match result {
+            Err(Error::InDoubt { .. }) | Ok(_) => {}
+            // A refusal, or a failure rolled back: the source runs the state.
+            Err(_) => {
+                if let Err(e) = handoff.abort() {
+                    log::warn!("end the failed handoff in the fencing store: {e}");
+                }
+            }
+        }
+    }
+
+    /// The destination fence of `claims`' devices: the shared store's, else each device's
+    /// own state.
+    pub fn destination(&self, claims: &[Claim]) -> Result<Box<dyn Fence>> {
+        match &self.shared {
+            Some(shared) => Ok(Box::new(
+                shared.destination(&self.identities(claims.len())?)?,
+            )),
+            None => Ok(Box::new(FenceSet(
+                claims.iter().map(Claim::fence).collect(),
+            ))),
+        }
     }
 }
 

@@ -232,7 +232,7 @@ pub fn exit_code(e: &vfio_mig::Error) -> u8 {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     devices::set_backend(cli.backend);
-    let fence = cli.fence.config();
+    let fence = cli.fence.fencing()?;
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {

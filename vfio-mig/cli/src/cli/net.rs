@@ -9,11 +9,11 @@ use indicatif::HumanBytes;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{session_hex, FenceConfig, FenceSet};
+use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{self, RecvOutcome, SendOutcome};
 use vfio_mig::transport::{self, Address};
 
-use super::fencing::parse_session;
+use super::fencing::{parse_session, Fencing};
 use super::progress::ProgressView;
 use super::transfer::{drivers, open_all, print_json, save_summary};
 use super::TransferArgs;
@@ -64,7 +64,7 @@ pub fn send(
     session: Option<&str>,
     args: &TransferArgs,
     net: &NetArgs,
-    fence: &FenceConfig,
+    fence: &Fencing,
 ) -> Result<()> {
     if let Address::File(path) = to {
         let [device] = devices else {
@@ -82,18 +82,13 @@ pub fn send(
     let session = session.map(parse_session).transpose()?;
     let (claims, mut opened) = open_all(devices, fence)?;
     let opts = args.save_options();
-    let epoch = args
-        .epoch
-        .unwrap_or_else(|| claims.iter().map(|c| c.default_epoch()).max().unwrap_or(1));
     let mut devs = drivers(&mut opened);
-    let mut header = new_header(
-        &devs.iter().map(|d| &**d).collect::<Vec<_>>(),
-        opts.live,
-        epoch,
-    )?;
+    let mut header = new_header(&devs.iter().map(|d| &**d).collect::<Vec<_>>(), opts.live, 0)?;
     if let Some(s) = session {
         header.session_id = s;
     }
+    let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
+    let epoch = header.epoch;
     let hex = session_hex(&header.session_id);
     let mut conn = transport::connect(to, secs(net.connect_timeout))?;
     conn.set_timeout(Some(secs(net.timeout)))
@@ -103,6 +98,7 @@ pub fn send(
     let started = Instant::now();
     let result = handshake::send(&mut devs, conn, &header, &opts, &view);
     view.finish();
+    fence.end_source(handoff, &result);
     let (outcome, reports) = match result? {
         SendOutcome::Completed(r) => ("completed", r),
         SendOutcome::AlreadyCompleted => ("already-completed", Vec::new()),
@@ -144,7 +140,7 @@ pub fn recv(
     once: bool,
     json: bool,
     net: &NetArgs,
-    fence: &FenceConfig,
+    fence: &Fencing,
 ) -> Result<()> {
     if let Address::File(path) = listen {
         let [device] = devices else {
@@ -155,7 +151,7 @@ pub fn recv(
         return super::transfer::load(device, path, json, fence);
     }
     let (claims, mut opened) = open_all(devices, fence)?;
-    let mut fencing = FenceSet(claims.iter().map(|c| c.fence()).collect());
+    let mut fencing = fence.destination(&claims)?;
     let mut devs = drivers(&mut opened);
     let names = devices.join(" ");
     let listener = transport::listen(listen)?;
@@ -169,7 +165,7 @@ pub fn recv(
         tracing::info!("connection from {peer}");
         let view = ProgressView::new("recv", None, json);
         let started = Instant::now();
-        let result = handshake::receive(&mut devs, conn, &mut fencing, &view);
+        let result = handshake::receive(&mut devs, conn, fencing.as_mut(), &view);
         view.finish();
         let outcome = match result {
             Ok(o) => o,

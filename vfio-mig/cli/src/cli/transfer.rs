@@ -13,11 +13,12 @@ use vfio_mig::engine::save::rollback_source;
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
 use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{session_hex, Claim, FenceConfig, FenceSet};
+use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{load_fenced, migrate_pairs, RecvOutcome};
 use vfio_mig::open::OpenedDevice;
 use vfio_mig::stream::{StreamHeader, StreamReader, StreamWriter};
 
+use super::fencing::Fencing;
 use super::progress::ProgressView;
 use super::TransferArgs;
 
@@ -83,12 +84,12 @@ fn save_to_file(
 }
 
 /// Runs `save`.
-pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
-    let claim = crate::cli::devices::claim(fence, device)?;
+pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &Fencing) -> Result<()> {
+    let claim = crate::cli::devices::claim(&fence.config, device)?;
     let mut opened = open_device(device)?;
     let opts = args.save_options();
-    let epoch = args.epoch.unwrap_or_else(|| claim.default_epoch());
-    let header = new_header(&[opened.device.as_ref()], opts.live, epoch)?;
+    let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
+    let handoff = fence.begin_source(&[claim], args.epoch, &mut header)?;
     let partial = partial_path(output);
     let file = File::create(&partial)
         .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
@@ -103,6 +104,12 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfi
         &view,
     );
     view.finish();
+    let result = result.and_then(|r| {
+        std::fs::rename(&partial, output)
+            .map_err(|e| Error::transport(format!("rename to {}", output.display()), e))?;
+        Ok(r)
+    });
+    fence.end_source(handoff, &result);
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -110,8 +117,6 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfi
             return Err(e);
         }
     };
-    std::fs::rename(&partial, output)
-        .map_err(|e| Error::transport(format!("rename to {}", output.display()), e))?;
     if args.json {
         return print_json(&report);
     }
@@ -125,18 +130,19 @@ pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &FenceConfi
 }
 
 /// Runs `load`.
-pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Result<()> {
+pub fn load(device: &str, input: &Path, json: bool, fence: &Fencing) -> Result<()> {
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
     let (mut reader, _header) = StreamReader::open(BufReader::with_capacity(1 << 20, file))?;
-    let claim = crate::cli::devices::claim(fence, device)?;
+    let claim = crate::cli::devices::claim(&fence.config, device)?;
+    let mut fencing = fence.destination(&[claim])?;
     let mut opened = open_device(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
     let result = load_fenced(
         &mut [opened.device.as_mut()],
         &mut reader,
-        claim.fence().as_mut(),
+        fencing.as_mut(),
         &view,
     );
     view.finish();
@@ -174,11 +180,11 @@ pub fn load(device: &str, input: &Path, json: bool, fence: &FenceConfig) -> Resu
 /// Opens every device in `names` under its claim (the locks are held while they live).
 pub(crate) fn open_all(
     names: &[String],
-    fence: &FenceConfig,
-) -> Result<(Vec<Claim>, Vec<OpenedDevice>)> {
+    fence: &Fencing,
+) -> Result<(Vec<vfio_mig::fence::Claim>, Vec<OpenedDevice>)> {
     let claims = names
         .iter()
-        .map(|n| crate::cli::devices::claim(fence, n))
+        .map(|n| crate::cli::devices::claim(&fence.config, n))
         .collect::<Result<Vec<_>>>()?;
     let opened = names
         .iter()
@@ -198,7 +204,7 @@ pub(crate) fn drivers<'a>(
 }
 
 /// Runs `migrate SRC DST [SRC DST ...]`.
-pub fn migrate(devices: &[String], args: &TransferArgs, fence: &FenceConfig) -> Result<()> {
+pub fn migrate(devices: &[String], args: &TransferArgs, fence: &Fencing) -> Result<()> {
     if devices.len() % 2 != 0 {
         return Err(Error::InvalidInput(format!(
             "migrate: devices come in SRC DST pairs, {} were given",
@@ -213,21 +219,15 @@ pub fn migrate(devices: &[String], args: &TransferArgs, fence: &FenceConfig) -> 
     let (src_claims, mut srcs) = open_all(&sources, fence)?;
     let (dst_claims, mut dsts) = open_all(&destinations, fence)?;
     let opts = args.save_options();
-    let epoch = args.epoch.unwrap_or_else(|| {
-        src_claims
-            .iter()
-            .map(Claim::default_epoch)
-            .max()
-            .unwrap_or(1)
-    });
     let mut src_devs = drivers(&mut srcs);
     let mut dst_devs = drivers(&mut dsts);
-    let header = new_header(
+    let mut header = new_header(
         &src_devs.iter().map(|d| &**d).collect::<Vec<_>>(),
         opts.live,
-        epoch,
+        0,
     )?;
-    let mut fences = FenceSet(dst_claims.iter().map(Claim::fence).collect());
+    let mut fences = fence.destination(&dst_claims)?;
+    let handoff = fence.begin_source(&src_claims, args.epoch, &mut header)?;
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
@@ -237,12 +237,13 @@ pub fn migrate(devices: &[String], args: &TransferArgs, fence: &FenceConfig) -> 
         &mut dst_devs,
         &header,
         &opts,
-        &mut fences,
+        fences.as_mut(),
         &src_view,
         &dst_view,
     );
     src_view.finish();
     dst_view.finish();
+    fence.end_source(handoff, &result);
     let reports = result?;
     if args.json {
         return match reports.as_slice() {

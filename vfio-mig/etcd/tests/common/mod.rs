@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The stores the scenarios run on: the local directory and a 3-member etcd cluster.
+
+#![allow(dead_code)]
+
+mod cluster;
+
+use std::sync::Arc;
+
+pub use cluster::EtcdCluster;
+use vfio_mig::fence::{DirStore, FenceStore, SharedFencing};
+use vfio_mig_etcd::EtcdStore;
+
+/// A store a scenario runs on, and what keeps it alive.
+pub struct TestStore {
+    /// `dir` or `etcd`.
+    pub kind: &'static str,
+    /// Makes a new client of the store (as another host or process would have).
+    pub connect: Box<dyn Fn() -> Arc<dyn FenceStore>>,
+    /// The cluster, for an etcd store.
+    pub cluster: Option<EtcdCluster>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestStore {
+    /// The local directory store, in a fresh directory.
+    pub fn dir() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        TestStore {
+            kind: "dir",
+            connect: Box::new(move || Arc::new(DirStore::new(&path))),
+            cluster: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh 3-member etcd cluster (`None` when etcd is missing and not required).
+    pub fn etcd() -> Option<Self> {
+        let cluster = EtcdCluster::start()?;
+        let url = cluster.url();
+        Some(TestStore {
+            kind: "etcd",
+            connect: Box::new(move || Arc::new(EtcdStore::from_url(&url).unwrap())),
+            cluster: Some(cluster),
+            _dir: None,
+        })
+    }
+
+    /// Both stores (the etcd one when available).
+    pub fn all() -> Vec<Self> {
+        let mut v = vec![Self::dir()];
+        v.extend(Self::etcd());
+        v
+    }
+
+    /// Fencing as owner `owner`, through a client of its own.
+    pub fn host(&self, owner: &str) -> SharedFencing {
+        SharedFencing::new((self.connect)(), owner).unwrap()
+    }
+}
