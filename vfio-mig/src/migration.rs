@@ -14,6 +14,7 @@
 //! | resumed           | RUNNING (001b)             | STOP, then RUNNING            |
 
 use std::fmt;
+use std::os::fd::BorrowedFd;
 
 use crate::device::DeviceIdentity;
 pub use crate::error::Recovery;
@@ -127,4 +128,11 @@ pub trait MigrationDevice: Send {
     fn recover(&mut self) -> Recovery;
     /// Abandons a resume: resets the device so it never runs with partial state.
     fn abort_resume(&mut self) -> Recovery;
+
+    /// The descriptor the current phase's data can be read from directly, when the protocol
+    /// has one (v2's data fd, while a session is open): what lets the engine splice it.
+    /// `None` by default (v1 moves data through region accesses).
+    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }

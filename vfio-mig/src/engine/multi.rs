@@ -16,9 +16,10 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
-use super::events::{Event, Observer};
+use super::events::Observer;
+use super::rollback::roll_back;
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{MigrationDevice, Recovery};
+use super::MigrationDevice;
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -181,51 +182,6 @@ pub fn save_all<W: Write + Send>(
     }
     stop_copy_all(devs, out, opts, obs, &mut reports)?;
     Ok(reports)
-}
-
-/// Folds what became of each device into the error.
-fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Recovery>) -> Error {
-    let mut outcomes: Vec<(String, Recovery)> = devs
-        .iter()
-        .map(|d| d.identity().instance)
-        .zip(outcomes)
-        .collect();
-    if outcomes.len() == 1 {
-        let (device, recovery) = outcomes.remove(0);
-        return Error::RolledBack {
-            source: Box::new(error),
-            device,
-            recovery,
-        };
-    }
-    Error::RolledBackAll {
-        source: Box::new(error),
-        outcomes,
-    }
-}
-
-/// Applies `recover` to every device (reporting each outcome as device `first + i`) and folds
-/// the outcomes into `error`.
-pub(crate) fn roll_back(
-    devs: &mut [&mut dyn MigrationDevice],
-    first: u16,
-    error: Error,
-    obs: &dyn Observer,
-    recover: fn(&mut dyn MigrationDevice) -> Recovery,
-) -> Error {
-    let outcomes = devs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, d)| {
-            let r = recover(&mut **d);
-            obs.on_event(&Event::RolledBack {
-                device: first + i as u16,
-                recovery: r.to_string(),
-            });
-            r
-        })
-        .collect();
-    rolled_back(devs, error, outcomes)
 }
 
 /// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.

@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use crate::device::DeviceIo;
-use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use crate::error::{Error, Result};
+use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 
 use super::region::MigrationRegion;
 use super::state::{compose, V1State};

@@ -24,8 +24,8 @@ use super::data::{DataFd, DataRead};
 use super::feature::{self, DmaLoggingRange, PrecopyInfo};
 use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
 use crate::device::{DeviceIdentity, DeviceIo};
-use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use crate::error::{Error, Result};
+use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 
 /// What a state change does when an arc fails (after reading the state back and reporting it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,6 +455,10 @@ impl V2Device {
 impl MigrationDevice for V2Device {
     fn identity(&self) -> DeviceIdentity {
         self.dev.identity()
+    }
+
+    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
+        V2Device::data_fd(self)
     }
 
     fn protocol(&self) -> Protocol {
