@@ -154,8 +154,18 @@ fn failed_live_migration_rolls_the_source_back() {
     src.begin_send(Box::new(std::io::sink())).unwrap();
     src.start_migration().unwrap();
     let err = src.precopy_round().unwrap_err();
-    assert!(err.to_string().contains("read data_offset"), "{err}");
-    assert!(err.to_string().contains("returned to RUNNING"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("read data_offset"),
+        "{err}"
+    );
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("returned to RUNNING"),
+        "{err}"
+    );
     assert_eq!(src_handle.status().state_raw & 7, 1);
 }
 

@@ -126,17 +126,7 @@ fn errno(e: nix::Error) -> io::Error {
 
 /// An error and its causes on one line (`vfio-ioctls` puts the errno in a source).
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error::Report(e).to_string()
 }
 
 /// What the descriptor `fd` of this process refers to (`/proc/self/fd/N`): the cdev's path

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
@@ -159,9 +160,10 @@ pub fn finish_save_all(devs: &mut [&mut dyn MigrationDevice]) {
     for dev in devs.iter_mut() {
         if let Err(e) = dev.finish_save() {
             log::warn!(
-                "{}: STOP transition after a completed migration failed: {e}; the device stays \
+                "{}: STOP transition after a completed migration failed: {}; the device stays \
                  stopped in stop-and-copy",
-                dev.identity().instance
+                dev.identity().instance,
+                Report(&e)
             );
         }
     }
