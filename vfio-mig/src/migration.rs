@@ -135,4 +135,10 @@ pub trait MigrationDevice: Send {
     fn data_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+
+    /// The device's own estimate of what stop-and-copy will send, when it has one (v2
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`); `None` by default (v1 tells nothing before).
+    fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }

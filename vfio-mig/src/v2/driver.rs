@@ -461,6 +461,10 @@ impl MigrationDevice for V2Device {
         V2Device::data_fd(self)
     }
 
+    fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
+        self.data_size().map(Some)
+    }
+
     fn protocol(&self) -> Protocol {
         Protocol::V2
     }
