@@ -132,9 +132,9 @@ fn live_migration_through_the_traits() {
     src.start_migration().unwrap();
     let mut rounds = 0;
     loop {
-        let (_sent, pending) = src.precopy_round().unwrap();
+        let round = src.precopy_round().unwrap();
         rounds += 1;
-        if pending.bytes < (64 << 10) || rounds == 10 {
+        if round.estimate.pending < (64 << 10) || rounds == 10 {
             break;
         }
     }
