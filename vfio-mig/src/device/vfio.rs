@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "iommufd")]
 use iommufd_ioctls::IommuFd;
 use nix::sys::uio::{pread, pwrite};
 use vfio_bindings::bindings::vfio::{
@@ -27,7 +28,9 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
     VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_TYPE,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
+#[cfg(feature = "iommufd")]
+use vfio_ioctls::VfioIommufd;
+use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use super::backend::{Backend, DeviceAccess, Route};
 use super::pod::{read_pod, write_pod, Pod};
@@ -165,46 +168,7 @@ impl VfioDeviceIo {
                 );
                 (device, detail)
             }
-            Route::Iommufd { cdev } => {
-                let iommufd = IommuFd::new().map_err(|e| {
-                    io::Error::other(format!("open /dev/iommu: {}", error_chain(&e)))
-                })?;
-                let iommufd = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|e| {
-                    io::Error::other(format!(
-                        "allocate an IOAS in /dev/iommu: {}",
-                        error_chain(&e)
-                    ))
-                })?;
-                let iommufd = Arc::new(iommufd);
-                let ioas = iommufd.ioas().id();
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(cdev)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("open {}: {e}", cdev.display()))
-                    })?;
-                // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
-                // device ioctls work only once bound).
-                let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {
-                    io::Error::other(format!(
-                        "bind {} ({}) to /dev/iommu: {}",
-                        cdev.display(),
-                        path.display(),
-                        error_chain(&e)
-                    ))
-                })?;
-                let detail = format!(
-                    "cdev {} bound to /dev/iommu (iommufd device id {}), attached to IOAS {ioas}; \
-                     device fd {}",
-                    cdev.display(),
-                    device
-                        .iommufd_dev_id()
-                        .map_or_else(|| "?".to_string(), |id| id.to_string()),
-                    fd_target(device.as_raw_fd())
-                );
-                (device, detail)
-            }
+            Route::Iommufd { cdev } => open_cdev(path, cdev)?,
         };
         log::debug!("{} ({}): {detail}", path.display(), route.backend());
         Ok(Self {
@@ -264,6 +228,60 @@ impl VfioDeviceIo {
         // SAFETY: the descriptor is owned by `self.device`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
     }
+}
+
+/// Opens the device's cdev, bound to a new `/dev/iommu` and attached to an IOAS of it.
+#[cfg(feature = "iommufd")]
+fn open_cdev(path: &Path, cdev: &Path) -> io::Result<(VfioDevice, String)> {
+    let iommufd = IommuFd::new()
+        .map_err(|e| io::Error::other(format!("open /dev/iommu: {}", error_chain(&e))))?;
+    let iommufd = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|e| {
+        io::Error::other(format!(
+            "allocate an IOAS in /dev/iommu: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let iommufd = Arc::new(iommufd);
+    let ioas = iommufd.ioas().id();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cdev)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", cdev.display())))?;
+    // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
+    // device ioctls work only once bound).
+    let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {
+        io::Error::other(format!(
+            "bind {} ({}) to /dev/iommu: {}",
+            cdev.display(),
+            path.display(),
+            error_chain(&e)
+        ))
+    })?;
+    let detail = format!(
+        "cdev {} bound to /dev/iommu (iommufd device id {}), attached to IOAS {ioas}; \
+         device fd {}",
+        cdev.display(),
+        device
+            .iommufd_dev_id()
+            .map_or_else(|| "?".to_string(), |id| id.to_string()),
+        fd_target(device.as_raw_fd())
+    );
+    Ok((device, detail))
+}
+
+/// Built without the `iommufd` feature: the cdev backend is not there.
+#[cfg(not(feature = "iommufd"))]
+fn open_cdev(path: &Path, cdev: &Path) -> io::Result<(VfioDevice, String)> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "{} needs the iommufd backend ({}), and vfio-mig was built without its `iommufd` \
+             feature",
+            path.display(),
+            cdev.display()
+        ),
+    ))
 }
 
 /// The device model from sysfs: the mdev type name, or the PCI vendor and device ids.
