@@ -27,6 +27,14 @@ cargo clippy -p vfio-mig-tests --test guest --locked -- -D warnings
 
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+# Each published crate, with every feature, as docs.rs builds it.
+for crate in vfio-mig vfio-mig-mock vfio-mig-cli vmm-glue; do
+    RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --all-features --no-deps --locked
+done
+
+step "builds without default features (no KVM, no iommufd)"
+cargo build -p vmm-glue --no-default-features --locked
+cargo build -p vfio-mig --no-default-features --locked
 
 step "host tests (release)"
 # The network-namespace test (vfio-mig/tests/net.rs) needs root and `ip`: install iproute2
@@ -53,6 +61,9 @@ cargo test --workspace --release --locked
 
 step "vmm-glue example: a VMM-side live migration with guest memory and a device"
 cargo run --release --locked -p vmm-glue --example live_migration
+
+step "vmm-glue example: a VFIO device behind Cloud Hypervisor's vm-migration traits"
+cargo run --release --locked -p vmm-glue --example cloud_hypervisor
 
 step "the main job: vfio-mig demo"
 cargo run --release --locked -p vfio-mig-cli -- demo

@@ -83,7 +83,7 @@ fn a_strict_policy_refuses_to_exceed_the_budget_and_rolls_back() {
         &NoObserver,
     )
     .unwrap_err();
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(
         matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))),
         "{text}"

@@ -340,8 +340,9 @@ fn strict_downtime_counts_the_stop_copy_size() {
     let err = result
         .map(|_| ())
         .expect_err("64 GiB cannot cross in 300 ms");
-    assert!(err.to_string().contains("pre-copy"), "{err}");
-    assert!(handle(&src).status().is_running(), "{err}");
+    let text = vfio_mig::error::Report(&err).to_string();
+    assert!(text.contains("pre-copy"), "{text}");
+    assert!(handle(&src).status().is_running(), "{text}");
     assert!(!handle(&dst).status().resumed_ok, "{err}");
 
     // Without --strict-downtime the migration switches over, saying why and what it expects.

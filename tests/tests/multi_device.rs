@@ -111,7 +111,10 @@ fn one_failing_device_rolls_back_every_device() {
             for d in &dsts {
                 assert_destination_safe(&handle(d).status(), &context);
             }
-            assert!(!err.to_string().contains('\n'), "{context}");
+            assert!(
+                !vfio_mig::error::Report(&err).to_string().contains('\n'),
+                "{context}"
+            );
         }
     }
 }

@@ -160,26 +160,7 @@ fn v1_driver_transitions_equal_the_uapi_table_except_the_documented_defects() {
 /// A SET of MIG_DEVICE_STATE with any raw value (the driver's API only takes known states);
 /// a returned data fd is closed.
 fn raw_set_state(dev: &dyn DeviceIo, state: u32) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use vfio_bindings::bindings::vfio::{
-        vfio_device_feature_mig_state, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-        VFIO_DEVICE_FEATURE_SET,
-    };
-    let payload = std::mem::size_of::<vfio_device_feature_mig_state>();
-    let mut buf = vec![0u8; 8 + payload];
-    let argsz = buf.len() as u32;
-    buf[0..4].copy_from_slice(&argsz.to_ne_bytes());
-    let flags = VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE;
-    buf[4..8].copy_from_slice(&flags.to_ne_bytes());
-    buf[8..12].copy_from_slice(&state.to_ne_bytes());
-    buf[12..16].copy_from_slice(&(-1i32).to_ne_bytes());
-    dev.device_feature(&mut buf)?;
-    let fd = i32::from_ne_bytes(buf[12..16].try_into().unwrap());
-    if fd >= 0 {
-        // SAFETY: a successful SET that opens a session hands the caller a new fd it owns.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
-    Ok(())
+    dev.set_mig_state(state).map(drop)
 }
 
 /// Puts a fresh v2 mock with `flags` into `from` (reachable from RUNNING without a resume

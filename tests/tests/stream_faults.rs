@@ -66,7 +66,7 @@ fn load_fails(bytes: &[u8], context: &str) -> (String, MockStatus) {
     let mut dst = mock(SPEC);
     let err = match load_from_slice(&mut dst, bytes) {
         Ok(r) => panic!("{context}: a damaged stream loaded: {r:?}"),
-        Err(e) => e.to_string(),
+        Err(e) => vfio_mig::error::Report(&e).to_string(),
     };
     assert!(!err.contains('\n'), "{context}: not one line: {err}");
     let st = handle(&dst).status();
@@ -185,7 +185,7 @@ fn oversized_lengths_are_refused_before_anything_is_read_or_allocated() {
         let err = loop {
             match reader.next_record() {
                 Ok(_) => continue,
-                Err(e) => break e.to_string(),
+                Err(e) => break vfio_mig::error::Report(&e).to_string(),
             }
         };
         assert!(err.contains("length"), "{kind} {len}: {err}");

@@ -53,11 +53,11 @@ fn assert_failed_cleanly(
     context: &str,
 ) -> (String, String) {
     let se = match sent {
-        Err(e) => e.to_string(),
+        Err(e) => vfio_mig::error::Report(&e).to_string(),
         Ok(o) => panic!("{context}: the source succeeded: {o:?}"),
     };
     let de = match received {
-        Err(e) => e.to_string(),
+        Err(e) => vfio_mig::error::Report(&e).to_string(),
         Ok(o) => panic!("{context}: the destination succeeded: {o:?}"),
     };
     assert!(
@@ -302,7 +302,12 @@ fn lost_resumed_is_in_doubt_and_a_retry_is_answered_idempotently() {
     );
     let err = sent.unwrap_err();
     assert!(matches!(err, Error::InDoubt { .. }), "{err}");
-    assert!(err.to_string().contains("retry with --session"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("retry with --session"),
+        "{err}"
+    );
     assert!(matches!(
         received.unwrap(),
         RecvOutcome::Resumed {
@@ -423,7 +428,10 @@ fn stale_epoch_and_wrong_identity_are_refused_before_either_device_is_touched() 
                 matches!(&e, Error::Refused { code: c, .. } if *c == code),
                 "{e}"
             );
-            assert!(e.to_string().contains(expect), "{e}");
+            assert!(
+                vfio_mig::error::Report(&e).to_string().contains(expect),
+                "{e}"
+            );
         }
         let s = handle(&src).status();
         assert_eq!((s.transactions_staged, s.v1_state()), (0, V1State::Running));
@@ -465,7 +473,7 @@ fn a_silent_destination_times_out_and_the_source_runs_again() {
             peer.join().unwrap();
             err
         });
-        let text = err.to_string();
+        let text = vfio_mig::error::Report(&err).to_string();
         assert!(
             text.contains("timed out") && text.contains("300ms"),
             "{text}"
@@ -501,7 +509,7 @@ fn a_silent_source_times_out_and_the_destination_is_reset() {
         drop(a);
         err
     });
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(
         text.contains("timed out") && text.contains("was reset"),
         "{text}"
@@ -528,7 +536,12 @@ fn garbage_instead_of_hello_is_refused() {
         drop(a);
         d.join().unwrap().unwrap_err()
     });
-    assert!(err.to_string().contains("bad magic"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("bad magic"),
+        "{err}"
+    );
     let st = handle(&dst).status();
     assert_eq!((st.resets, st.v1_state()), (0, V1State::Running));
 }

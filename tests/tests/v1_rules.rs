@@ -40,9 +40,19 @@ fn transitions_outside_the_uapi_table_are_refused() {
     let (mut dev, _h) = v1("mock:v1,size=8K");
     dev.set_state(V1State::Resuming).unwrap();
     let err = dev.set_state(V1State::StopCopy).unwrap_err();
-    assert!(err.to_string().contains("no transition"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("no transition"),
+        "{err}"
+    );
     let err = dev.set_state(V1State::PreCopy).unwrap_err();
-    assert!(err.to_string().contains("no transition"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("no transition"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -65,7 +75,7 @@ fn state_writes_preserve_reserved_bits() {
 fn failed_write_is_reported_with_the_state_read_back() {
     let (mut dev, h) = v1("mock:v1,size=8K,fail-at=state-write@1:EBUSY");
     let err = dev.set_state(V1State::PreCopy).unwrap_err();
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(text.contains("now in RUNNING"), "{text}");
     assert!(text.contains("os error 16"), "{text}");
     assert_eq!(h.status().resets, 0);
@@ -75,7 +85,7 @@ fn failed_write_is_reported_with_the_state_read_back() {
 fn error_state_after_a_failed_write_leads_to_a_reset() {
     let (mut dev, h) = v1("mock:v1,size=8K,fail-at=state-write@1:error");
     let err = dev.set_state(V1State::PreCopy).unwrap_err();
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(text.contains("ERROR (110b), so it was reset"), "{text}");
     let st = h.status();
     assert_eq!(st.resets, 1);
@@ -158,7 +168,12 @@ fn destination_data_section_smaller_than_a_source_chunk_is_refused() {
         &NoObserver,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("does not fit"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("does not fit"),
+        "{err}"
+    );
     assert_source_running(&handle(&src).status(), "small section");
     assert_destination_safe(&handle(&dst).status(), "small section");
 }
@@ -176,7 +191,8 @@ fn wrong_seed_on_the_destination_is_refused_at_resume_and_reset() {
     )
     .unwrap_err();
     assert!(
-        err.to_string()
+        vfio_mig::error::Report(&err)
+            .to_string()
             .contains("RESUMING (100b) -> RUNNING (001b)"),
         "{err}"
     );
@@ -195,7 +211,13 @@ fn corrupt_stream_is_refused_and_the_destination_reset() {
     stream[mid] ^= 0x10;
     let mut dst = mock("mock:v1,size=64K,seed=4,chunk=8K");
     let err = load_from_slice(&mut dst, &stream).unwrap_err();
-    assert!(err.to_string().to_lowercase().contains("crc"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .to_lowercase()
+            .contains("crc"),
+        "{err}"
+    );
     assert_destination_safe(&handle(&dst).status(), "bit flip");
 }
 
@@ -206,7 +228,7 @@ fn truncated_stream_never_resumes_the_destination() {
     for cut in (0..stream.len()).step_by(97) {
         let mut dst = mock("mock:v1,size=32K,seed=4,chunk=4K");
         let err = load_from_slice(&mut dst, &stream[..cut]).unwrap_err();
-        assert!(!err.to_string().is_empty());
+        assert!(!vfio_mig::error::Report(&err).to_string().is_empty());
         assert_destination_safe(&handle(&dst).status(), &format!("cut at {cut}"));
     }
 }
@@ -222,7 +244,13 @@ fn stream_of_another_device_model_is_refused_before_the_device_is_touched() {
     tampered[pos + 6] = b'2';
     let mut dst = mock("mock:v1,size=16K,seed=4");
     let err = load_from_slice(&mut dst, &tampered).unwrap_err();
-    assert!(err.to_string().to_lowercase().contains("crc"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .to_lowercase()
+            .contains("crc"),
+        "{err}"
+    );
     let st = handle(&dst).status();
     assert_eq!((st.resets, st.v1_state()), (0, V1State::Running), "{st:?}");
 }

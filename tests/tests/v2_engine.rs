@@ -151,7 +151,7 @@ fn a_wrong_seed_is_refused_and_the_destination_reset() {
     let (stream, _) = save_to_vec(&mut src, &opts(true, 4096)).unwrap();
     let mut dst = mock("mock:v2,size=64K,seed=2");
     let err = load_from_slice(&mut dst, &stream).unwrap_err();
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(!text.contains('\n'), "{text}");
     assert!(
         text.contains("EINVAL") || text.contains("os error 22"),
@@ -174,7 +174,10 @@ fn a_v1_stream_is_refused_before_the_v2_device_is_touched() {
     let (stream, _) = save_to_vec(&mut src, &opts(false, 4096)).unwrap();
     let mut dst = mock("mock:v2,size=16K");
     let err = load_from_slice(&mut dst, &stream).unwrap_err();
-    assert!(err.to_string().contains("v1"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err).to_string().contains("v1"),
+        "{err}"
+    );
     let st = handle(&dst).status();
     assert_eq!((st.data_fds, st.resets), (0, 0), "{st:?}");
 }
@@ -216,7 +219,12 @@ fn a_failed_source_runs_again_and_its_state_can_still_be_saved() {
         &NoObserver,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("STOP_COPY"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("STOP_COPY"),
+        "{err}"
+    );
     assert_source_running(&handle(&src).status(), "failed arc");
     assert_destination_safe(&handle(&dst).status(), "failed arc");
     assert_eq!(handle(&src).status().resets, 0, "walked back, not reset");

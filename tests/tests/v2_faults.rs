@@ -133,7 +133,7 @@ fn a_failed_reset_during_recovery_is_reported() {
         &NoObserver,
     )
     .unwrap_err();
-    let text = err.to_string();
+    let text = vfio_mig::error::Report(&err).to_string();
     assert!(text.contains("VFIO_DEVICE_RESET"), "{text}");
     assert!(!text.contains('\n'), "{text}");
     assert_destination_safe(&handle(&dst).status(), "failed source reset");

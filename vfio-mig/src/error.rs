@@ -8,10 +8,16 @@ use std::io;
 pub type Step = &'static str;
 
 /// Errors of the migration library.
+///
+/// An error's `Display` says what went wrong at its own level only; the cause, when there is
+/// one, is its [`source`](std::error::Error::source), as the Rust API guidelines ask, so a
+/// caller that prints the chain prints each cause once. [`Report`] prints the chain on one
+/// line: `read pending_bytes: Input/output error (os error 5)`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A device access (pread, pwrite, ioctl, read of the data fd) failed.
-    #[error("{step}: {source}")]
+    #[error("{step}")]
     Device {
         /// What was being done.
         step: String,
@@ -20,7 +26,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The device refused a state change.
-    #[error("{step}: device refused {from} -> {to}: {source}; device is now in {now}")]
+    #[error("{step}: device refused {from} -> {to} and is now in {now}")]
     Transition {
         /// What was being done.
         step: String,
@@ -54,7 +60,7 @@ pub enum Error {
         detail: String,
     },
     /// Reading or writing the stream's transport failed.
-    #[error("{step}: {source}")]
+    #[error("{step}")]
     Transport {
         /// What was being done.
         step: String,
@@ -63,7 +69,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A migration failed and the device was rolled back (source) or reset (destination).
-    #[error("{source}; {device} {recovery}")]
+    #[error("{device} {recovery} after the failure")]
     RolledBack {
         /// The failure.
         #[source]
@@ -77,7 +83,7 @@ pub enum Error {
     #[error("pre-copy: {0}")]
     PreCopy(String),
     /// Several devices failed as one unit and were all rolled back or reset.
-    #[error("{source}; {}", outcomes.iter().map(|(d, r)| format!("{d} {r}")).collect::<Vec<_>>().join(", "))]
+    #[error("{} after the failure", outcomes.iter().map(|(d, r)| format!("{d} {r}")).collect::<Vec<_>>().join(", "))]
     RolledBackAll {
         /// The failure.
         #[source]
@@ -134,6 +140,38 @@ pub enum Error {
     },
 }
 
+/// An error and its causes on one line, each separated by `": "`: what a command line or a
+/// log prints. A cause whose text the line already holds is left out (some errors, such as
+/// an `io::Error` built with a message, carry their cause's text themselves).
+///
+/// ```
+/// use vfio_mig::error::{Error, Report};
+/// let e = Error::device("read pending_bytes", std::io::Error::from_raw_os_error(5));
+/// assert_eq!(e.to_string(), "read pending_bytes");
+/// assert_eq!(
+///     Report(&e).to_string(),
+///     "read pending_bytes: Input/output error (os error 5)"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a dyn std::error::Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut line = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            cause = c.source();
+        }
+        f.write_str(&line)
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -186,6 +224,7 @@ impl Error {
 
 /// What a recovery attempt achieved.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Recovery {
     /// The device was already running.
     AlreadyRunning,
@@ -212,6 +251,7 @@ impl fmt::Display for Recovery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+#[non_exhaustive]
 pub enum ReasonCode {
     /// The stream's device does not fit the destination device (protocol, model).
     Incompatible,

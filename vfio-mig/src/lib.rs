@@ -1,22 +1,43 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! # vfio-mig
 //!
-//! The userspace (VMM) side of Linux VFIO device migration.
+//! The userspace (VMM) side of Linux VFIO device migration: both kernel protocols (v1, the
+//! migration region of Linux 5.8-5.17; v2, `VFIO_DEVICE_FEATURE` and a data fd, Linux 5.18
+//! and later) behind one engine.
 //!
-//! Layers, bottom up:
+//! ## The front door
+//!
+//! What a VMM needs for one migration is at the crate root:
+//!
+//! - open and probe: [`open_device`] (a sysfs path, through a group or iommufd; see
+//!   [`Backend`]) or [`OpenedDevice::from_io`] (a device the VMM opened itself); the
+//!   [`MigrationDevice`] it holds tells its [`Capabilities`];
+//! - the source: [`Source::start`] (one or several devices as one unit),
+//!   [`Source::round`] for each pre-copy round the VMM paces itself (it returns the
+//!   [`Estimate`] of pending pre-copy bytes and of the stop-and-copy size), then
+//!   [`Source::complete`] with the vCPUs stopped;
+//! - the destination: [`resume`];
+//! - errors: [`Error`], printed with its causes on one line by [`error::Report`].
+//!
+//! The modules below are the layers those are built of, for VMMs that need more (their own
+//! stream transport, a session handshake, fencing):
 //! - [`device`]: what a VFIO device fd offers, as the [`device::DeviceIo`] trait, implemented
-//!   by the real device ([`device::vfio::VfioDeviceIo`]) and by the mock mediated device.
-//! - [`v1`]: the v1 protocol (the migration region): state rules, field access, the saving and
-//!   resuming sequences.
-//! - [`engine`]: protocol-neutral phases (pre-copy, stop-and-copy, resume), rollback and the
-//!   [`engine::MigrationDevice`] trait both protocols implement.
-//! - the stream format and the command line on top.
+//!   by the real device ([`device::vfio::VfioDeviceIo`]) and by the mock mediated device
+//!   (crate `vfio-mig-mock`).
+//! - [`v1`], [`v2`]: the two protocols (state rules, field or feature access, the saving and
+//!   resuming sequences), both implementing [`MigrationDevice`].
+//! - [`engine`]: protocol-neutral phases (pre-copy, stop-and-copy, resume), policy, rollback,
+//!   several devices; [`stream`]: the wire format; [`transport`], [`handshake`], [`fence`]:
+//!   moving a stream between hosts safely.
+
+#![deny(missing_docs)]
 
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fence;
 pub mod handshake;
+mod live;
 pub mod migration;
 pub mod open;
 pub mod stream;
@@ -25,3 +46,6 @@ pub mod v1;
 pub mod v2;
 
 pub use error::{Error, Result};
+pub use live::{resume, Estimate, Round, Source};
+pub use migration::{Capabilities, MigrationDevice};
+pub use open::{open_device, Backend, OpenedDevice};

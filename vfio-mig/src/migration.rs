@@ -14,6 +14,7 @@
 //! | resumed           | RUNNING (001b)             | STOP, then RUNNING            |
 
 use std::fmt;
+use std::os::fd::BorrowedFd;
 
 use crate::device::DeviceIdentity;
 pub use crate::error::Recovery;
@@ -149,4 +150,17 @@ pub trait MigrationDevice: Send {
     fn recover(&mut self) -> Recovery;
     /// Abandons a resume: resets the device so it never runs with partial state.
     fn abort_resume(&mut self) -> Recovery;
+
+    /// The descriptor the current phase's data can be read from directly, when the protocol
+    /// has one (v2's data fd, while a session is open): what lets the engine splice it.
+    /// `None` by default (v1 moves data through region accesses).
+    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// The device's own estimate of what stop-and-copy will send, when it has one (v2
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`); `None` by default (v1 tells nothing before).
+    fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }

@@ -169,7 +169,8 @@ fn main() {
     let mut round = 0;
     loop {
         round += 1;
-        let (dev_bytes, pending) = device.precopy_round().expect("device round");
+        let dev_round = device.precopy_round().expect("device round");
+        let (dev_bytes, pending) = (dev_round.sent, dev_round.estimate.pending);
         let device_dirty = device.dirty_log().expect("device dirty log");
         device_dirty.mark_dirty(&src_mem);
         let dirty = take_dirty(&src_mem, PAGE);
@@ -179,9 +180,9 @@ fn main() {
             dirty.bytes() >> 10,
             device_dirty.bytes() >> 10,
             dev_bytes >> 10,
-            pending.bytes >> 10
+            pending >> 10
         );
-        if (dirty.bytes() < (4 << 20) && pending.bytes < (256 << 10)) || round == 20 {
+        if (dirty.bytes() < (4 << 20) && pending < (256 << 10)) || round == 20 {
             break;
         }
     }

@@ -173,7 +173,7 @@ impl DirtyTracker for DmaLogging {
 impl Drop for DmaLogging {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            log::warn!("{e}");
+            log::warn!("{}", vfio_mig::error::Report(&e));
         }
     }
 }

@@ -44,7 +44,7 @@ impl VmContainer {
     pub fn new(kvm_device: Option<Arc<VfioDeviceFd>>) -> Result<Self> {
         let container = VfioContainer::new(kvm_device).map_err(|e| GlueError::Open {
             what: "VFIO container /dev/vfio/vfio".into(),
-            detail: e.to_string(),
+            source: e,
         })?;
         Ok(Self {
             container: Arc::new(container),
@@ -56,7 +56,7 @@ impl VmContainer {
         let device =
             VfioDevice::new(path, self.container.clone(), false).map_err(|e| GlueError::Open {
                 what: path.display().to_string(),
-                detail: e.to_string(),
+                source: e,
             })?;
         Ok(Arc::new(VfioDeviceIo::from_vfio_device(device, path)))
     }
@@ -69,15 +69,20 @@ impl VmContainer {
     /// memory a device may write (vm-memory's volatile accessors are fine).
     pub unsafe fn map_guest_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<()> {
         // SAFETY: forwarded to the caller, see this function's contract.
-        unsafe { self.container.vfio_map_guest_memory(mem) }
-            .map_err(|e| GlueError::DmaMap(e.to_string()))
+        unsafe { self.container.vfio_map_guest_memory(mem) }.map_err(|source| GlueError::DmaMap {
+            what: "map",
+            source,
+        })
     }
 
     /// Removes the DMA mappings of guest memory.
     pub fn unmap_guest_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<()> {
         self.container
             .vfio_unmap_guest_memory(mem)
-            .map_err(|e| GlueError::DmaMap(e.to_string()))
+            .map_err(|source| GlueError::DmaMap {
+                what: "unmap",
+                source,
+            })
     }
 
     /// The container's dirty-page tracker (type1 `VFIO_IOMMU_DIRTY_PAGES`).
@@ -170,7 +175,7 @@ impl DirtyTracker for ContainerDirtyPages {
 impl Drop for ContainerDirtyPages {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            log::warn!("{e}");
+            log::warn!("{}", vfio_mig::error::Report(&e));
         }
     }
 }

@@ -2,10 +2,14 @@
 //! One error type with a variant per phase, as VMM migration code expects.
 
 /// Errors of the VMM glue.
+///
+/// As with [`vfio_mig::Error`], a variant's message names its own step only and the cause is
+/// its `source()`; print the chain with [`vfio_mig::error::Report`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GlueError {
     /// Pausing (stopping) a device failed.
-    #[error("pause {id}: {source}")]
+    #[error("pause {id}")]
     Pause {
         /// The device.
         id: String,
@@ -14,7 +18,7 @@ pub enum GlueError {
         source: Box<vfio_mig::Error>,
     },
     /// Resuming (running) a device failed.
-    #[error("resume {id}: {source}")]
+    #[error("resume {id}")]
     Resume {
         /// The device.
         id: String,
@@ -23,7 +27,7 @@ pub enum GlueError {
         source: Box<vfio_mig::Error>,
     },
     /// Taking a snapshot (saving device state) failed.
-    #[error("snapshot {id}: {source}")]
+    #[error("snapshot {id}")]
     Snapshot {
         /// The device.
         id: String,
@@ -32,7 +36,7 @@ pub enum GlueError {
         source: Box<vfio_mig::Error>,
     },
     /// Restoring device state failed.
-    #[error("restore {id}: {source}")]
+    #[error("restore {id}")]
     Restore {
         /// The device.
         id: String,
@@ -48,16 +52,23 @@ pub enum GlueError {
         /// What went wrong.
         detail: String,
     },
-    /// Mapping guest memory for DMA failed.
-    #[error("DMA map: {0}")]
-    DmaMap(String),
+    /// Mapping (or unmapping) guest memory for DMA failed.
+    #[error("DMA {what} guest memory")]
+    DmaMap {
+        /// `map` or `unmap`.
+        what: &'static str,
+        /// The cause (it carries the ioctl's `io::Error`).
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
     /// Opening a device or container failed.
-    #[error("open {what}: {detail}")]
+    #[error("open {what}")]
     Open {
         /// What was being opened.
         what: String,
-        /// What went wrong.
-        detail: String,
+        /// The cause.
+        #[source]
+        source: vfio_ioctls::VfioError,
     },
     /// A KVM operation failed.
     #[error("KVM {what}: {detail}")]

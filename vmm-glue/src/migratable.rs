@@ -3,13 +3,11 @@
 
 use std::io::{Read, Write};
 
+use vfio_mig::engine::save::rollback_source;
 use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{
-    load_with_rollback, save_device, save_with_rollback, MigrationDevice, NoObserver, Observer,
-    Pending, ReadOutcome, SaveOptions,
-};
-use vfio_mig::open::OpenedDevice;
-use vfio_mig::stream::{Phase, StreamReader, StreamWriter};
+use vfio_mig::engine::{load_with_rollback, save_with_rollback, NoObserver, Observer, SaveOptions};
+use vfio_mig::stream::{StreamReader, StreamWriter};
+use vfio_mig::{MigrationDevice, OpenedDevice, Round, Source};
 
 use crate::dirty::{DirtyTracker, MemoryRange, MemoryRangeTable};
 use crate::error::{GlueError, Result};
@@ -26,14 +24,27 @@ const DEVICE: u16 = 0;
 /// [`dirty_log`](Migratable::dirty_log) into its memory bitmap), then, with the vCPUs paused,
 /// [`quiesce`](Self::quiesce) on every device before [`complete_migration`](Migratable::complete_migration)
 /// on each. On the destination: [`restore`](Snapshottable::restore) on the connection.
+///
+/// The live path is vfio-mig's own front door ([`vfio_mig::Source`]): the rounds go through
+/// the engine's record pump, and a failure rolls the device back as the engine does.
 pub struct VfioMigratable {
     id: String,
-    device: Box<dyn MigrationDevice>,
+    live: Live,
     tracker: Option<Box<dyn DirtyTracker>>,
     guest_ranges: Vec<MemoryRange>,
     page_size: u64,
-    live: Option<StreamWriter<Box<dyn Write + Send>>>,
-    buffer: Vec<u8>,
+}
+
+/// Where the device is in a live migration.
+enum Live {
+    /// No live migration (or it ended): the device itself.
+    Idle(Box<dyn MigrationDevice>),
+    /// [`VfioMigratable::begin_send`] gave the connection; pre-copy has not started.
+    Ready(Box<dyn MigrationDevice>, Box<dyn Write + Send>),
+    /// Pre-copy runs: the front door owns the device.
+    Sending(Source<Box<dyn Write + Send>>),
+    /// Only while moving between the others.
+    Moving,
 }
 
 impl std::fmt::Debug for VfioMigratable {
@@ -49,12 +60,10 @@ impl VfioMigratable {
     pub fn new(id: impl Into<String>, opened: OpenedDevice) -> Self {
         Self {
             id: id.into(),
-            device: opened.device,
+            live: Live::Idle(opened.device),
             tracker: None,
             guest_ranges: Vec::new(),
             page_size: 4096,
-            live: None,
-            buffer: vec![0u8; 1 << 20],
         }
     }
 
@@ -73,7 +82,11 @@ impl VfioMigratable {
 
     /// The protocol driver, for anything the traits do not cover.
     pub fn device(&mut self) -> &mut dyn MigrationDevice {
-        self.device.as_mut()
+        match &mut self.live {
+            Live::Idle(d) | Live::Ready(d, _) => d.as_mut(),
+            Live::Sending(s) => s.devices().next().expect("a source of one device"),
+            Live::Moving => unreachable!("only while moving"),
+        }
     }
 
     fn snapshot_err(&self, source: vfio_mig::Error) -> GlueError {
@@ -83,78 +96,62 @@ impl VfioMigratable {
         }
     }
 
-    /// Opens the live stream to the destination (the header goes out now).
+    fn misuse(&self, what: &str) -> GlueError {
+        self.snapshot_err(vfio_mig::Error::InvalidInput(what.into()))
+    }
+
+    /// Gives the live stream's connection to the destination; the stream header goes out at
+    /// [`start_migration`](Migratable::start_migration).
     pub fn begin_send(&mut self, out: Box<dyn Write + Send>) -> Result<()> {
-        let header =
-            new_header(&[self.device.as_ref()], true, 1).map_err(|e| self.snapshot_err(e))?;
-        let writer = StreamWriter::new(out, &header).map_err(|e| self.snapshot_err(e))?;
-        self.live = Some(writer);
-        Ok(())
-    }
-
-    /// Sends one pre-copy round: the bytes pending when it starts. Returns (bytes sent, bytes
-    /// still pending) so the VMM's policy can decide when to switch over.
-    pub fn precopy_round(&mut self) -> Result<(u64, Pending)> {
-        if self.live.is_none() {
-            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
-                "precopy_round before begin_send".into(),
-            )));
-        }
-        let result = self.send_round();
-        let sent = result.map_err(|e| self.fail(e))?;
-        let pending = self.device.pending().map_err(|e| self.fail(e))?;
-        Ok((sent, pending))
-    }
-
-    /// Moves the bytes pending at the start of the round into the live stream.
-    fn send_round(&mut self) -> vfio_mig::Result<u64> {
-        let budget = self.device.pending()?.bytes;
-        let out = self.live.as_mut().expect("checked by the caller");
-        let mut sent = 0u64;
-        loop {
-            match self.device.read(&mut self.buffer)? {
-                ReadOutcome::PhaseEnd => return Ok(sent),
-                ReadOutcome::Data { len, chunk_end } => {
-                    out.data(DEVICE, Phase::PreCopy, &self.buffer[..len], chunk_end)?;
-                    sent += len as u64;
-                    if chunk_end && sent >= budget {
-                        return Ok(sent);
-                    }
-                }
+        match std::mem::replace(&mut self.live, Live::Moving) {
+            Live::Idle(dev) => {
+                self.live = Live::Ready(dev, out);
+                Ok(())
+            }
+            other => {
+                self.live = other;
+                Err(self.misuse("begin_send during a migration"))
             }
         }
     }
 
-    /// Quiesces the device (RUNNING_P2P where supported) before any device of the VM stops.
-    pub fn quiesce(&mut self) -> Result<()> {
-        self.device.quiesce().map_err(|e| self.fail(e))
+    /// Sends one pre-copy round (the bytes pending when it starts) and returns what it sent
+    /// and what is left, with the device's stop-and-copy estimate, so the VMM's policy can
+    /// decide when to switch over and count device state in its downtime estimate.
+    pub fn precopy_round(&mut self) -> Result<Round> {
+        let Live::Sending(source) = &mut self.live else {
+            return Err(self.misuse("precopy_round before start_migration"));
+        };
+        let r = source.round();
+        r.map_err(|e| self.ended(e))
     }
 
-    /// Rolls the device back to RUNNING after a failure and returns the error to report.
-    fn fail(&mut self, e: vfio_mig::Error) -> GlueError {
-        self.live = None;
-        let recovery = self.device.recover();
-        GlueError::Snapshot {
-            id: self.id.clone(),
-            source: Box::new(vfio_mig::Error::RolledBack {
-                source: Box::new(e),
-                device: self.device.identity().instance,
-                recovery,
-            }),
+    /// Quiesces the device (RUNNING_P2P where supported) before any device of the VM stops.
+    pub fn quiesce(&mut self) -> Result<()> {
+        let r = self.device().quiesce();
+        r.map_err(|e| self.snapshot_err(e))
+    }
+
+    /// After a failure the front door rolled the device back: take it back and report.
+    fn ended(&mut self, e: vfio_mig::Error) -> GlueError {
+        if let Live::Sending(source) = std::mem::replace(&mut self.live, Live::Moving) {
+            let dev = source.into_devices().pop().expect("a source of one device");
+            self.live = Live::Idle(dev);
         }
+        self.snapshot_err(e)
     }
 }
 
 impl Pausable for VfioMigratable {
     fn pause(&mut self) -> Result<()> {
-        self.device.stop().map_err(|source| GlueError::Pause {
+        self.device().stop().map_err(|source| GlueError::Pause {
             id: self.id.clone(),
             source: Box::new(source),
         })
     }
 
     fn resume(&mut self) -> Result<()> {
-        self.device.run().map_err(|source| GlueError::Resume {
+        self.device().run().map_err(|source| GlueError::Resume {
             id: self.id.clone(),
             source: Box::new(source),
         })
@@ -167,18 +164,20 @@ impl Snapshottable for VfioMigratable {
     }
 
     fn snapshot(&mut self, out: &mut dyn Write) -> Result<u64> {
-        let header =
-            new_header(&[self.device.as_ref()], false, 1).map_err(|e| self.snapshot_err(e))?;
+        let header = new_header(&[&*self.device()], false, 1).map_err(|e| self.snapshot_err(e))?;
         let mut writer = StreamWriter::new(out, &header).map_err(|e| self.snapshot_err(e))?;
         let report = save_with_rollback(
-            self.device.as_mut(),
+            self.device(),
             &mut writer,
             DEVICE,
             &SaveOptions::default(),
             &NoObserver,
         )
         .map_err(|e| self.snapshot_err(e))?;
-        writer.finish().map_err(|e| self.fail(e))?;
+        if let Err(e) = writer.finish() {
+            let e = rollback_source(self.device(), DEVICE, e, &NoObserver);
+            return Err(self.snapshot_err(e));
+        }
         Ok(report.stop_copy_bytes)
     }
 
@@ -189,13 +188,14 @@ impl Snapshottable for VfioMigratable {
         };
         let (mut reader, _header) =
             StreamReader::open(input).map_err(|e| restore_err(&self.id, e))?;
+        let id = self.id.clone();
         load_with_rollback(
-            self.device.as_mut(),
+            self.device(),
             &mut reader,
             DEVICE,
             &NoObserver as &dyn Observer,
         )
-        .map_err(|e| restore_err(&self.id, e))?;
+        .map_err(|e| restore_err(&id, e))?;
         Ok(())
     }
 }
@@ -232,28 +232,37 @@ impl Migratable for VfioMigratable {
     }
 
     fn start_migration(&mut self) -> Result<()> {
-        if self.live.is_none() {
-            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
-                "start_migration before begin_send".into(),
-            )));
+        match std::mem::replace(&mut self.live, Live::Moving) {
+            Live::Ready(dev, out) => match Source::start(vec![dev], out, 1) {
+                Ok(source) => {
+                    self.live = Live::Sending(source);
+                    Ok(())
+                }
+                // A failed start rolled the device back, but the device went with it: the
+                // front door returns devices only from a started migration.
+                Err(e) => Err(self.snapshot_err(e)),
+            },
+            other => {
+                self.live = other;
+                Err(self.misuse("start_migration before begin_send"))
+            }
         }
-        self.device.start_pre_copy().map_err(|e| self.fail(e))
     }
 
     fn complete_migration(&mut self) -> Result<()> {
-        let Some(mut out) = self.live.take() else {
-            return Err(self.snapshot_err(vfio_mig::Error::InvalidInput(
-                "complete_migration before begin_send".into(),
-            )));
+        let Live::Sending(source) = &mut self.live else {
+            return Err(self.misuse("complete_migration before start_migration"));
         };
-        let result = (|| -> vfio_mig::Result<()> {
-            out.end_phase(DEVICE, Phase::PreCopy)?;
-            // The remaining state: stop-and-copy through the engine's own phase loop.
-            let opts = SaveOptions::default();
-            save_device(self.device.as_mut(), &mut out, DEVICE, &opts, &NoObserver)?;
-            out.finish()?;
-            Ok(())
-        })();
-        result.map_err(|e| self.fail(e))
+        let r = source.complete();
+        match r {
+            Ok(_transport) => {
+                if let Live::Sending(source) = std::mem::replace(&mut self.live, Live::Moving) {
+                    let dev = source.into_devices().pop().expect("a source of one device");
+                    self.live = Live::Idle(dev);
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.ended(e)),
+        }
     }
 }

@@ -132,9 +132,9 @@ fn live_migration_through_the_traits() {
     src.start_migration().unwrap();
     let mut rounds = 0;
     loop {
-        let (_sent, pending) = src.precopy_round().unwrap();
+        let round = src.precopy_round().unwrap();
         rounds += 1;
-        if pending.bytes < (64 << 10) || rounds == 10 {
+        if round.estimate.pending < (64 << 10) || rounds == 10 {
             break;
         }
     }
@@ -154,8 +154,18 @@ fn failed_live_migration_rolls_the_source_back() {
     src.begin_send(Box::new(std::io::sink())).unwrap();
     src.start_migration().unwrap();
     let err = src.precopy_round().unwrap_err();
-    assert!(err.to_string().contains("read data_offset"), "{err}");
-    assert!(err.to_string().contains("returned to RUNNING"), "{err}");
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("read data_offset"),
+        "{err}"
+    );
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("returned to RUNNING"),
+        "{err}"
+    );
     assert_eq!(src_handle.status().state_raw & 7, 1);
 }
 

@@ -15,7 +15,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line naming the step (and what became of the devices), never a backtrace.
-            eprintln!("vfio-mig: error: {e}");
+            // The error and its causes, each once (the library's errors keep their cause in
+            // `source()`, not in their own message).
+            eprintln!("vfio-mig: error: {}", vfio_mig::error::Report(&e));
             // 3: in doubt (the source device is left stopped); 1: any other failure.
             ExitCode::from(cli::exit_code(&e))
         }

@@ -527,7 +527,7 @@ fn the_whole_cluster_lost_mid_handoff_resets_the_destination_and_resumes_the_sou
         action: || cluster.lock().unwrap().kill_all(),
     };
     let (sent, recv) = transfer(&mut src, &mut dst, &h, &mut fb, &kill_all);
-    let e = recv.unwrap_err().to_string();
+    let e = vfio_mig::error::Report(&recv.unwrap_err()).to_string();
     assert!(e.contains("unreachable"), "{e}");
     assert!(sent.is_err(), "{sent:?}");
     assert_destination_safe(&handle(&dst).status(), "cluster lost");

@@ -22,16 +22,16 @@
 //! [`Encoder`]'s packet stream.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::uio::{pread, pwrite};
 use vfio_bindings::bindings::vfio::{
-    vfio_precopy_info, vfio_region_info, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_VGA_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
     VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
 };
 
@@ -786,7 +786,10 @@ impl Inner {
                 area.offset, area.size
             )));
         }
-        Mapping::new(&self.memfd, rel - self.data_offset, len, writable)
+        // SAFETY: the checks above keep the mapping inside the data section, which is the
+        // memfd's whole length; the memfd is never shrunk, and the mock only accesses it with
+        // pread and pwrite, never through references.
+        unsafe { Mapping::new(&self.memfd, rel - self.data_offset, len, writable) }
     }
 
     fn reset(&mut self) -> io::Result<()> {
@@ -877,14 +880,8 @@ impl DeviceIo for MockV1 {
         self.shared.lock().reset()
     }
 
-    fn device_feature(&self, _arg: &mut [u8]) -> io::Result<i32> {
-        // A v1-era vendor driver does not know VFIO_DEVICE_FEATURE's migration features.
-        Err(errno(libc::ENOTTY))
-    }
-
-    fn precopy_info(&self, _data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
-        Err(errno(libc::ENOTTY))
-    }
+    // A v1-era vendor driver does not know VFIO_DEVICE_FEATURE's migration features: the
+    // trait's defaults answer ENOTTY.
 }
 
 #[cfg(test)]
@@ -1055,7 +1052,7 @@ mod tests {
             query_region(&d.dev, 10).unwrap().region_type(),
             Some((1, 2))
         );
-        assert_eq!(code(d.dev.device_feature(&mut [0u8; 16])), libc::ENOTTY);
+        assert_eq!(code(d.dev.migration_flags()), libc::ENOTTY);
     }
 
     #[test]

@@ -28,7 +28,15 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` at `offset`, shared, read-only or read-write.
-    pub fn new<F: AsFd>(fd: F, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
+    ///
+    /// # Safety
+    /// The caller must make sure that every page of `[offset, offset + len)` of `fd` stays
+    /// backed for the life of the mapping (a page past the end of a file that was truncated,
+    /// or never that long, raises `SIGBUS` on access), and that no part of the process holds
+    /// a Rust reference to the same memory through another mapping (this type only copies in
+    /// and out through raw pointers, which another reference's aliasing rules would forbid).
+    /// A region of a VFIO device fd and a memfd that is never shrunk meet both.
+    pub unsafe fn new<F: AsFd>(fd: F, offset: u64, len: usize, writable: bool) -> io::Result<Self> {
         let length = NonZeroUsize::new(len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"))?;
         let offset = libc::off_t::try_from(offset)
@@ -118,8 +126,10 @@ mod tests {
     fn reads_and_writes_are_bounded_and_shared() {
         let fd = memfd_create("mapping-test", MFdFlags::MFD_CLOEXEC).unwrap();
         nix::unistd::ftruncate(&fd, 8192).unwrap();
-        let a = Mapping::new(&fd, 4096, 4096, true).unwrap();
-        let b = Mapping::new(&fd, 0, 8192, false).unwrap();
+        // SAFETY: the memfd is 8 KiB for the whole test and only these mappings alias it.
+        let a = unsafe { Mapping::new(&fd, 4096, 4096, true) }.unwrap();
+        // SAFETY: as above.
+        let b = unsafe { Mapping::new(&fd, 0, 8192, false) }.unwrap();
         a.write(10, b"hello").unwrap();
         let mut out = [0u8; 5];
         b.read(4096 + 10, &mut out).unwrap();

@@ -10,18 +10,31 @@
 //! spliced.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "iommufd")]
 use iommufd_ioctls::IommuFd;
 use nix::sys::uio::{pread, pwrite};
-use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_precopy_info, VFIO_BASE, VFIO_TYPE};
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
+use vfio_bindings::bindings::vfio::{
+    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_report,
+    vfio_device_feature_mig_data_size, vfio_device_feature_mig_state,
+    vfio_device_feature_migration, vfio_device_info, vfio_precopy_info,
+    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_BASE, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, VFIO_TYPE,
+};
+#[cfg(feature = "iommufd")]
+use vfio_ioctls::VfioIommufd;
+use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use super::backend::{Backend, DeviceAccess, Route};
-use super::pod::{read_pod, write_pod};
-use super::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
+use super::pod::{read_pod, write_pod, Pod};
+use super::{check_dma_bitmap, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
 
 mod ioctls {
     use super::{VFIO_BASE, VFIO_TYPE};
@@ -50,6 +63,47 @@ mod ioctls {
     );
 }
 
+/// Size of the `vfio_device_feature` header (`argsz`, `flags`) before a feature's payload.
+const FEATURE_HEADER_LEN: usize = 8;
+/// The largest feature argument issued: the header and a DMA logging report.
+const MAX_FEATURE_ARG: usize =
+    FEATURE_HEADER_LEN + size_of::<vfio_device_feature_dma_logging_report>();
+
+/// A `VFIO_DEVICE_FEATURE` payload: a kernel struct, or nothing.
+trait FeaturePayload {
+    /// Writes the payload at the start of `out`.
+    fn put(&self, out: &mut [u8]);
+    /// Reads the answered payload from the start of `from`.
+    fn take(&mut self, from: &[u8]);
+}
+
+impl FeaturePayload for () {
+    fn put(&self, _out: &mut [u8]) {}
+    fn take(&mut self, _from: &[u8]) {}
+}
+
+impl<T: Pod> FeaturePayload for T {
+    fn put(&self, out: &mut [u8]) {
+        write_pod(out, 0, self);
+    }
+    fn take(&mut self, from: &[u8]) {
+        if let Some(v) = read_pod(from, 0) {
+            *self = v;
+        }
+    }
+}
+
+/// The `vfio_device_feature` argument for `flags` and `payload`: the buffer and its length
+/// (`argsz`).
+fn pack_feature<T: FeaturePayload>(flags: u32, payload: &T) -> ([u8; MAX_FEATURE_ARG], usize) {
+    let len = FEATURE_HEADER_LEN + size_of::<T>();
+    let mut buf = [0u8; MAX_FEATURE_ARG];
+    buf[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    buf[4..8].copy_from_slice(&flags.to_ne_bytes());
+    payload.put(&mut buf[FEATURE_HEADER_LEN..len]);
+    (buf, len)
+}
+
 /// A VFIO device opened by its sysfs path, through a type1 container and its group or through
 /// iommufd and its cdev.
 pub struct VfioDeviceIo {
@@ -75,17 +129,7 @@ fn errno(e: nix::Error) -> io::Error {
 
 /// An error and its causes on one line (`vfio-ioctls` puts the errno in a source).
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error::Report(e).to_string()
 }
 
 /// What the descriptor `fd` of this process refers to (`/proc/self/fd/N`): the cdev's path
@@ -124,46 +168,7 @@ impl VfioDeviceIo {
                 );
                 (device, detail)
             }
-            Route::Iommufd { cdev } => {
-                let iommufd = IommuFd::new().map_err(|e| {
-                    io::Error::other(format!("open /dev/iommu: {}", error_chain(&e)))
-                })?;
-                let iommufd = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|e| {
-                    io::Error::other(format!(
-                        "allocate an IOAS in /dev/iommu: {}",
-                        error_chain(&e)
-                    ))
-                })?;
-                let iommufd = Arc::new(iommufd);
-                let ioas = iommufd.ioas().id();
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(cdev)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("open {}: {e}", cdev.display()))
-                    })?;
-                // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
-                // device ioctls work only once bound).
-                let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {
-                    io::Error::other(format!(
-                        "bind {} ({}) to /dev/iommu: {}",
-                        cdev.display(),
-                        path.display(),
-                        error_chain(&e)
-                    ))
-                })?;
-                let detail = format!(
-                    "cdev {} bound to /dev/iommu (iommufd device id {}), attached to IOAS {ioas}; \
-                     device fd {}",
-                    cdev.display(),
-                    device
-                        .iommufd_dev_id()
-                        .map_or_else(|| "?".to_string(), |id| id.to_string()),
-                    fd_target(device.as_raw_fd())
-                );
-                (device, detail)
-            }
+            Route::Iommufd { cdev } => open_cdev(path, cdev)?,
         };
         log::debug!("{} ({}): {detail}", path.display(), route.backend());
         Ok(Self {
@@ -202,10 +207,81 @@ impl VfioDeviceIo {
         &self.access
     }
 
+    /// `VFIO_DEVICE_FEATURE` with `flags` and the payload `payload` (`()` for none): packs
+    /// the `vfio_device_feature` header and the payload into one buffer, issues the ioctl
+    /// and copies the answered payload back.
+    fn feature<T: FeaturePayload>(&self, flags: u32, payload: &mut T) -> io::Result<()> {
+        let (mut buf, len) = pack_feature(flags, payload);
+        let arg = &mut buf[..len];
+        // SAFETY: `arg` is a writable `vfio_device_feature` of `argsz` = its length bytes: the
+        // header then the payload, within which the kernel reads and writes. The payloads
+        // that carry addresses (DMA logging START and REPORT) are built by this type's
+        // methods from slices borrowed across this call and sized for what the kernel
+        // accesses there; no payload carries a descriptor in.
+        unsafe { ioctls::device_feature(self.device.as_raw_fd(), arg.as_mut_ptr()) }
+            .map_err(errno)?;
+        payload.take(&arg[FEATURE_HEADER_LEN..]);
+        Ok(())
+    }
+
     fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.device`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
     }
+}
+
+/// Opens the device's cdev, bound to a new `/dev/iommu` and attached to an IOAS of it.
+#[cfg(feature = "iommufd")]
+fn open_cdev(path: &Path, cdev: &Path) -> io::Result<(VfioDevice, String)> {
+    let iommufd = IommuFd::new()
+        .map_err(|e| io::Error::other(format!("open /dev/iommu: {}", error_chain(&e))))?;
+    let iommufd = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|e| {
+        io::Error::other(format!(
+            "allocate an IOAS in /dev/iommu: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let iommufd = Arc::new(iommufd);
+    let ioas = iommufd.ioas().id();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cdev)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", cdev.display())))?;
+    // Bind to the iommufd and attach to its IOAS, as a VMM does (the cdev's
+    // device ioctls work only once bound).
+    let device = VfioDevice::new_from_fd(file, iommufd, true).map_err(|e| {
+        io::Error::other(format!(
+            "bind {} ({}) to /dev/iommu: {}",
+            cdev.display(),
+            path.display(),
+            error_chain(&e)
+        ))
+    })?;
+    let detail = format!(
+        "cdev {} bound to /dev/iommu (iommufd device id {}), attached to IOAS {ioas}; \
+         device fd {}",
+        cdev.display(),
+        device
+            .iommufd_dev_id()
+            .map_or_else(|| "?".to_string(), |id| id.to_string()),
+        fd_target(device.as_raw_fd())
+    );
+    Ok((device, detail))
+}
+
+/// Built without the `iommufd` feature: the cdev backend is not there.
+#[cfg(not(feature = "iommufd"))]
+fn open_cdev(path: &Path, cdev: &Path) -> io::Result<(VfioDevice, String)> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "{} needs the iommufd backend ({}), and vfio-mig was built without its `iommufd` \
+             feature",
+            path.display(),
+            cdev.display()
+        ),
+    ))
 }
 
 /// The device model from sysfs: the mdev type name, or the PCI vendor and device ids.
@@ -275,7 +351,10 @@ impl DeviceIo for VfioDeviceIo {
     }
 
     fn mmap(&self, offset: u64, len: usize, writable: bool) -> io::Result<Mapping> {
-        Mapping::new(self.fd(), offset, len, writable)
+        // SAFETY: the fd is this device's; the kernel maps only an mmap-capable area of one
+        // of its regions (anything else fails with EINVAL), which stays backed while the
+        // device is open, and a device region is never memory Rust code holds references to.
+        unsafe { Mapping::new(self.fd(), offset, len, writable) }
     }
 
     fn reset(&self) -> io::Result<()> {
@@ -284,17 +363,119 @@ impl DeviceIo for VfioDeviceIo {
         Ok(())
     }
 
-    fn device_feature(&self, arg: &mut [u8]) -> io::Result<i32> {
-        let argsz: u32 =
-            read_pod(arg, 0).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if (argsz as usize) > arg.len() {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    fn probe_feature(&self, feature: u32, access: u32) -> io::Result<()> {
+        let flags = VFIO_DEVICE_FEATURE_PROBE
+            | (access & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET))
+            | (feature & VFIO_DEVICE_FEATURE_MASK);
+        self.feature(flags, &mut ())
+    }
+
+    fn migration_flags(&self) -> io::Result<u64> {
+        let mut mig = vfio_device_feature_migration::default();
+        self.feature(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION,
+            &mut mig,
+        )?;
+        Ok(mig.flags)
+    }
+
+    fn mig_state(&self) -> io::Result<u32> {
+        let mut mig = vfio_device_feature_mig_state {
+            device_state: 0,
+            data_fd: -1,
+        };
+        self.feature(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            &mut mig,
+        )?;
+        Ok(mig.device_state)
+    }
+
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+        let mut mig = vfio_device_feature_mig_state {
+            device_state: state,
+            data_fd: -1,
+        };
+        self.feature(
+            VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            &mut mig,
+        )?;
+        if mig.data_fd < 0 {
+            return Ok(None);
         }
-        // SAFETY: `arg` holds a vfio_device_feature header and payload of `argsz` bytes; the
-        // kernel reads and writes within `argsz`.
-        let ret = unsafe { ioctls::device_feature(self.device.as_raw_fd(), arg.as_mut_ptr()) }
-            .map_err(errno)?;
-        Ok(ret)
+        // SAFETY: the ioctl just succeeded and answered `data_fd` >= 0: the kernel installed a
+        // new descriptor for the data session (`fd_install`) and this is its only reference in
+        // the process; nothing else owns or closes it.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(mig.data_fd) }))
+    }
+
+    fn mig_data_size(&self) -> io::Result<u64> {
+        let mut size = vfio_device_feature_mig_data_size::default();
+        self.feature(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+            &mut size,
+        )?;
+        Ok(size.stop_copy_length)
+    }
+
+    fn enable_precopy_info_v2(&self) -> io::Result<()> {
+        self.feature(
+            VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+            &mut (),
+        )
+    }
+
+    fn dma_logging_start(&self, ranges: &[DmaLoggingRange], page_size: u64) -> io::Result<u64> {
+        let num_ranges =
+            u32::try_from(ranges.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        let mut control = vfio_device_feature_dma_logging_control {
+            page_size,
+            num_ranges,
+            __reserved: 0,
+            // The kernel reads `num_ranges` ranges from this address (copy_from_user): the
+            // slice is borrowed for the whole call and holds exactly that many.
+            ranges: ranges.as_ptr() as u64,
+        };
+        self.feature(
+            VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            &mut control,
+        )?;
+        Ok(control.page_size)
+    }
+
+    fn dma_logging_stop(&self) -> io::Result<()> {
+        self.feature(
+            VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+            &mut (),
+        )
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> io::Result<()> {
+        if length == 0 {
+            // No page to report. Not passed on: the kernel's bitmap walk counts from
+            // `length - 1`, and its writes must stay inside `bitmap`.
+            return Ok(());
+        }
+        check_dma_bitmap(length, page_size, bitmap.len())?;
+        let mut report = vfio_device_feature_dma_logging_report {
+            iova,
+            length,
+            page_size,
+            // The kernel sets bits of pages in [iova, iova + length) at this address
+            // (iova_bitmap): the slice is mutably borrowed for the whole call and was checked
+            // above to hold every word those bits fall in.
+            bitmap: bitmap.as_mut_ptr() as u64,
+        };
+        self.feature(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+            &mut report,
+        )
     }
 
     fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
@@ -309,5 +490,110 @@ impl DeviceIo for VfioDeviceIo {
         unsafe { ioctls::mig_get_precopy_info(data_fd.as_raw_fd(), buf.as_mut_ptr()) }
             .map_err(errno)?;
         Ok(read_pod(&buf, 0).expect("sized above"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed<T: FeaturePayload>(flags: u32, payload: &T) -> Vec<u8> {
+        let (buf, len) = pack_feature(flags, payload);
+        buf[..len].to_vec()
+    }
+
+    fn bytes(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    // The expected layouts are the uAPI's (include/uapi/linux/vfio.h): `argsz`, `flags`
+    // (feature index | GET 1 << 16 | SET 1 << 17 | PROBE 1 << 18), then the payload struct.
+    #[test]
+    fn feature_arguments_have_the_uapi_layout() {
+        let probe = VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | 1;
+        assert_eq!(
+            packed(probe, &()),
+            bytes(&[&8u32.to_ne_bytes(), &0x0005_0001u32.to_ne_bytes()])
+        );
+        let state = vfio_device_feature_mig_state {
+            device_state: 3,
+            data_fd: -1,
+        };
+        assert_eq!(
+            packed(
+                VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+                &state
+            ),
+            bytes(&[
+                &16u32.to_ne_bytes(),
+                &0x0002_0002u32.to_ne_bytes(),
+                &3u32.to_ne_bytes(),
+                &(-1i32).to_ne_bytes(),
+            ])
+        );
+        let ranges = [DmaLoggingRange {
+            iova: 0x1000,
+            length: 0x4000,
+        }];
+        let control = vfio_device_feature_dma_logging_control {
+            page_size: 4096,
+            num_ranges: 1,
+            __reserved: 0,
+            ranges: ranges.as_ptr() as u64,
+        };
+        assert_eq!(
+            packed(
+                VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+                &control
+            ),
+            bytes(&[
+                &32u32.to_ne_bytes(),
+                &0x0002_0006u32.to_ne_bytes(),
+                &4096u64.to_ne_bytes(),
+                &1u32.to_ne_bytes(),
+                &0u32.to_ne_bytes(),
+                &(ranges.as_ptr() as u64).to_ne_bytes(),
+            ])
+        );
+        // The range array the address points at: iova, length pairs.
+        assert_eq!(size_of::<DmaLoggingRange>(), 16);
+        let report = vfio_device_feature_dma_logging_report {
+            iova: 0x1000,
+            length: 0x8000,
+            page_size: 4096,
+            bitmap: 0xdead_b000,
+        };
+        let arg = packed(
+            VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+            &report,
+        );
+        assert_eq!(arg.len(), MAX_FEATURE_ARG);
+        assert_eq!(
+            arg,
+            bytes(&[
+                &40u32.to_ne_bytes(),
+                &0x0001_0008u32.to_ne_bytes(),
+                &0x1000u64.to_ne_bytes(),
+                &0x8000u64.to_ne_bytes(),
+                &4096u64.to_ne_bytes(),
+                &0xdead_b000u64.to_ne_bytes(),
+            ])
+        );
+        assert_eq!(
+            packed(
+                VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+                &()
+            ),
+            bytes(&[&8u32.to_ne_bytes(), &0x0002_000cu32.to_ne_bytes()])
+        );
+    }
+
+    #[test]
+    fn an_answered_payload_is_read_back() {
+        let mut answer = vfio_device_feature_mig_state::default();
+        let mut from = [0u8; 8];
+        from[4..8].copy_from_slice(&42i32.to_ne_bytes());
+        answer.take(&from);
+        assert_eq!(answer.data_fd, 42);
     }
 }

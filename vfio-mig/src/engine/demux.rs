@@ -14,7 +14,7 @@ use crate::stream::{Phase, Record, StreamReader};
 
 use super::events::Observer;
 use super::gate::LoadGate;
-use super::load::{check_compatible, DeviceLoader, LoadReport};
+use super::loader::{check_compatible, DeviceLoader, LoadReport};
 use super::MigrationDevice;
 
 /// Records in flight per device.

@@ -8,8 +8,10 @@ pub mod demux;
 pub mod events;
 pub mod gate;
 pub mod load;
+mod loader;
 pub mod multi;
 pub mod policy;
+mod rollback;
 pub mod save;
 pub mod session;
 pub mod splice;
@@ -19,10 +21,8 @@ pub use crate::migration::{
 };
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};
-pub use load::{
-    check_compatible, load_device, load_device_gated, load_with_rollback, rollback_destination,
-    LoadReport,
-};
+pub use load::{load_device, load_device_gated, load_with_rollback, rollback_destination};
+pub use loader::{check_compatible, LoadReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 pub use save::{
     pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,

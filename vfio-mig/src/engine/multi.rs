@@ -13,12 +13,14 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
-use super::events::{Event, Observer};
+use super::events::Observer;
+use super::rollback::roll_back;
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{Capabilities, MigrationDevice, Protocol, Recovery};
+use super::{Capabilities, MigrationDevice, Protocol};
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -201,11 +203,12 @@ pub fn finish_handoff_all(devs: &mut [&mut dyn MigrationDevice], reports: &mut [
     for (i, dev) in devs.iter_mut().enumerate() {
         if let Err(e) = dev.finish_handoff() {
             log::warn!(
-                "{}: STOP after a completed handoff failed: {e}",
-                dev.identity().instance
+                "{}: STOP after a completed handoff failed: {}",
+                dev.identity().instance,
+                Report(&e)
             );
             if let Some(report) = reports.get_mut(i) {
-                report.after_handoff = Some(e.to_string());
+                report.after_handoff = Some(Report(&e).to_string());
             }
         }
     }
@@ -227,51 +230,6 @@ pub fn save_all<W: Write + Send>(
     }
     stop_copy_all(devs, out, opts, obs, &mut reports)?;
     Ok(reports)
-}
-
-/// Folds what became of each device into the error.
-fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Recovery>) -> Error {
-    let mut outcomes: Vec<(String, Recovery)> = devs
-        .iter()
-        .map(|d| d.identity().instance)
-        .zip(outcomes)
-        .collect();
-    if outcomes.len() == 1 {
-        let (device, recovery) = outcomes.remove(0);
-        return Error::RolledBack {
-            source: Box::new(error),
-            device,
-            recovery,
-        };
-    }
-    Error::RolledBackAll {
-        source: Box::new(error),
-        outcomes,
-    }
-}
-
-/// Applies `recover` to every device (reporting each outcome as device `first + i`) and folds
-/// the outcomes into `error`.
-pub(crate) fn roll_back(
-    devs: &mut [&mut dyn MigrationDevice],
-    first: u16,
-    error: Error,
-    obs: &dyn Observer,
-    recover: fn(&mut dyn MigrationDevice) -> Recovery,
-) -> Error {
-    let outcomes = devs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, d)| {
-            let r = recover(&mut **d);
-            obs.on_event(&Event::RolledBack {
-                device: first + i as u16,
-                recovery: r.to_string(),
-            });
-            r
-        })
-        .collect();
-    rolled_back(devs, error, outcomes)
 }
 
 /// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.

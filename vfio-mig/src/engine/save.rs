@@ -339,5 +339,5 @@ pub fn rollback_source(
     error: Error,
     obs: &dyn Observer,
 ) -> Error {
-    super::multi::roll_back(&mut [dev], index, error, obs, |d| d.recover())
+    super::rollback::roll_back(&mut [dev], index, error, obs, |d| d.recover())
 }

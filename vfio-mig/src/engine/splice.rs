@@ -38,7 +38,6 @@ use nix::sys::stat::{fstat, SFlag};
 
 use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter, MAX_FRAGMENT};
-use crate::v2::V2Device;
 
 use super::events::{Event, Observer};
 use super::save::{pre_copy, rollback_source, Pump, SaveOptions, SaveReport};
@@ -147,13 +146,14 @@ pub fn pump_pipe<W: Write + AsFd>(
     }
 }
 
-/// [`crate::engine::save_device`] for a v2 device, with the stop-and-copy data moved by
-/// [`pump_pipe`] when the device's data fd is a pipe and `out`'s transport accepts splice;
+/// [`crate::engine::save_device`] for a device with a data fd
+/// ([`MigrationDevice::data_fd`], v2), with the stop-and-copy data moved by [`pump_pipe`]
+/// when that fd is a pipe and `out`'s transport accepts splice;
 /// otherwise (a kernel data fd, an `O_APPEND` file, ...) exactly the plain path. Pre-copy
 /// (`opts.live`) always takes the plain path. The stream is the same either way, record
 /// boundaries aside. The caller handles rollback (see [`save_spliced_with_rollback`]).
 pub fn save_spliced<W: Write + AsFd>(
-    dev: &mut V2Device,
+    dev: &mut dyn MigrationDevice,
     out: &mut StreamWriter<W>,
     index: u16,
     opts: &SaveOptions,
@@ -175,7 +175,6 @@ pub fn save_spliced<W: Write + AsFd>(
     let (bytes, chunks) = match dev.data_fd() {
         Some(fd) if splice => pump_pipe(fd, out, index, Phase::StopCopy, &mut buf, obs)?,
         _ => {
-            let dev: &mut dyn MigrationDevice = dev;
             let mut pump = Pump {
                 dev,
                 out,
@@ -205,7 +204,7 @@ pub fn save_spliced<W: Write + AsFd>(
 /// [`save_spliced`], and on failure the source is returned to RUNNING (recovery state, reset
 /// if that fails); the error then says what became of the device.
 pub fn save_spliced_with_rollback<W: Write + AsFd>(
-    dev: &mut V2Device,
+    dev: &mut dyn MigrationDevice,
     out: &mut StreamWriter<W>,
     index: u16,
     opts: &SaveOptions,

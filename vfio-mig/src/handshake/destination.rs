@@ -13,6 +13,7 @@ use super::message::{
 use crate::engine::demux::load_all_gated;
 use crate::engine::multi::{check_unit, rollback_destinations};
 use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol};
+use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::fence::{Admission, Fence};
 use crate::stream::{StreamHeader, StreamReader};
@@ -57,7 +58,7 @@ fn reason_code(e: &Error) -> ReasonCode {
 /// still sends until it closes (at most [`DRAIN_TIME`]).
 fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
     if let Err(e) = write_message(tx, msg, "end the session") {
-        log::debug!("{e}");
+        log::debug!("{}", Report(&e));
         return;
     }
     let _ = tx.shutdown(Shutdown::Write);
@@ -165,7 +166,7 @@ pub fn receive<C: Duplex>(
                 &mut tx,
                 &mut rx,
                 ReasonCode::Protocol,
-                e.to_string(),
+                Report(&e).to_string(),
             ))
         }
         Err(e) => return Err(e),
@@ -174,12 +175,12 @@ pub fn receive<C: Duplex>(
         Ok(r) => r,
         Err(e @ Error::Stream { .. }) => {
             // The reader is gone with the stream; refuse without draining.
-            let msg = Message::Refuse(Reason::new(ReasonCode::Stream, e.to_string()));
+            let msg = Message::Refuse(Reason::new(ReasonCode::Stream, Report(&e).to_string()));
             let _ = write_message(&mut tx, &msg, "end the session");
             return Err(Error::Refused {
                 step: "handshake".into(),
                 code: ReasonCode::Stream,
-                detail: e.to_string(),
+                detail: Report(&e).to_string(),
             });
         }
         Err(e) => return Err(e),
@@ -209,7 +210,7 @@ pub fn receive<C: Duplex>(
         }
         for (dev, desc) in devs.iter().zip(&header.devices) {
             check_compatible(&**dev, desc)
-                .map_err(|e| (ReasonCode::Incompatible, e.to_string()))?;
+                .map_err(|e| (ReasonCode::Incompatible, Report(&e).to_string()))?;
         }
         // A unit whose source devices all have P2P was not opted in to devices without it:
         // refuse destination devices that could not honour the P2P barrier either.
@@ -220,7 +221,7 @@ pub fn receive<C: Duplex>(
             .map_err(|e| (ReasonCode::Incompatible, format!("destination: {e}")))?;
         fence.admit(&header).map_err(|e| match e {
             Error::Refused { code, detail, .. } => (code, detail),
-            e => (ReasonCode::Fence, e.to_string()),
+            e => (ReasonCode::Fence, Report(&e).to_string()),
         })
     })();
     let session = header.session_id;
@@ -252,7 +253,8 @@ pub fn receive<C: Duplex>(
                 Err(e) => {
                     log::warn!(
                         "the device runs the migrated state, but RESUMED did not reach the \
-                         source ({e}): the source keeps its device stopped"
+                         source ({}): the source keeps its device stopped",
+                        Report(&e)
                     );
                     false
                 }
@@ -271,7 +273,7 @@ pub fn receive<C: Duplex>(
             }
             release(gate.fence, &session);
             let e = rollback_destinations(devs, e, obs);
-            let msg = Message::Failed(Reason::new(reason_code(&e), e.to_string()));
+            let msg = Message::Failed(Reason::new(reason_code(&e), Report(&e).to_string()));
             send_final(&mut tx, reader.get_mut(), &msg);
             Err(e)
         }

@@ -442,11 +442,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
-        let e = read_message(&mut &b""[..], "wait for ACCEPT")
-            .unwrap_err()
+        let e = crate::error::Report(&read_message(&mut &b""[..], "wait for ACCEPT").unwrap_err())
             .to_string();
         assert_eq!(e, "wait for ACCEPT: the peer closed the connection");
-        let e = read_message(&mut &good[..5], "x").unwrap_err().to_string();
+        let e = crate::error::Report(&read_message(&mut &good[..5], "x").unwrap_err()).to_string();
         assert!(e.contains("after 5 of 12 bytes"), "{e}");
     }
 

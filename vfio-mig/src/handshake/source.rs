@@ -10,6 +10,7 @@ use crate::engine::multi::{
     check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
 };
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
+use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::stream::{StreamHeader, StreamWriter};
 use crate::transport::{readable_now, Duplex, SOCKET_BUFFER};
@@ -253,7 +254,7 @@ pub fn send<C: Duplex>(
             &session,
             format!("the destination sent {other} where RESUMED was expected"),
         )),
-        Err(e) => Err(in_doubt(devs, &session, e.to_string())),
+        Err(e) => Err(in_doubt(devs, &session, Report(&e).to_string())),
     }
 }
 

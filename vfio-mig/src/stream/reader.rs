@@ -952,9 +952,16 @@ mod tests {
         let (mut reader, _) = StreamReader::open(b[..header_len].chain(Broken)).unwrap();
         let e = reader.next_record().unwrap_err();
         assert!(matches!(e, Error::Transport { .. }));
-        assert_eq!(e.to_string(), "read stream record 0: link down");
+        assert_eq!(e.to_string(), "read stream record 0");
+        assert_eq!(
+            crate::error::Report(&e).to_string(),
+            "read stream record 0: link down"
+        );
         let e = StreamReader::open(Broken).unwrap_err();
-        assert_eq!(e.to_string(), "read stream header: link down");
+        assert_eq!(
+            crate::error::Report(&e).to_string(),
+            "read stream header: link down"
+        );
     }
 
     /// One device's plan: chunks of pre-copy data (if LIVE) and of stop-copy data, each chunk

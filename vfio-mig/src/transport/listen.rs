@@ -174,7 +174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let addr = Address::Unix(dir.path().join("s"));
         let l = listen(&addr).unwrap();
-        let e = listen(&addr).unwrap_err().to_string();
+        let e = crate::error::Report(&listen(&addr).unwrap_err()).to_string();
         assert!(e.contains("another process listens"), "{e}");
         drop(l);
         assert!(!dir.path().join("s").exists());
@@ -183,8 +183,7 @@ mod tests {
         drop(stale);
         let _l = listen(&addr).unwrap();
         std::fs::write(dir.path().join("f"), b"x").unwrap();
-        let e = listen(&Address::Unix(dir.path().join("f")))
-            .unwrap_err()
+        let e = crate::error::Report(&listen(&Address::Unix(dir.path().join("f"))).unwrap_err())
             .to_string();
         assert!(e.contains("not a socket"), "{e}");
     }

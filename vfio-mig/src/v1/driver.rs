@@ -14,8 +14,9 @@
 use std::sync::Arc;
 
 use crate::device::DeviceIo;
-use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use crate::error::Report;
 use crate::error::{Error, Result};
+use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 
 use super::region::MigrationRegion;
 use super::state::{compose, V1State};
@@ -437,7 +438,7 @@ impl MigrationDevice for V1Device {
                 match self.set_state(V1State::Running) {
                     Ok(()) => Recovery::Resumed,
                     Err(e) => {
-                        log::warn!("recovery transition failed: {e}");
+                        log::warn!("recovery transition failed: {}", Report(&e));
                         self.reset_to_running()
                     }
                 }

@@ -24,8 +24,8 @@ use super::data::{DataFd, DataRead};
 use super::feature::{self, DmaLoggingRange, PrecopyInfo};
 use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
 use crate::device::{DeviceIdentity, DeviceIo};
-use crate::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use crate::error::{Error, Result};
+use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 
 /// The stop-copy size assumed when MIG_DATA_SIZE fails during pre-copy: QEMU's
 /// `VFIO_MIG_STOP_COPY_SIZE` (100 MiB).
@@ -466,6 +466,14 @@ impl V2Device {
 impl MigrationDevice for V2Device {
     fn identity(&self) -> DeviceIdentity {
         self.dev.identity()
+    }
+
+    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
+        V2Device::data_fd(self)
+    }
+
+    fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
+        self.data_size().map(Some)
     }
 
     fn protocol(&self) -> Protocol {

@@ -10,26 +10,21 @@
 //! unless exactly header + ports arrived. Faults make chosen arcs fail and land anywhere.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_report,
-    vfio_device_feature_mig_data_size, vfio_device_feature_mig_state,
-    vfio_device_feature_migration, vfio_precopy_info, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+    vfio_precopy_info, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_MIGRATION,
-    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET,
 };
 
-use super::feature::{parse_header, HEADER_LEN};
 use super::state::{next_step, MigState, MigrationFlags};
-use crate::device::pod::{read_pod, write_pod};
-use crate::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
+use crate::device::{DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -325,96 +320,84 @@ impl DeviceIo for Fake {
         Ok(())
     }
 
-    fn device_feature(&self, arg: &mut [u8]) -> io::Result<i32> {
-        let (argsz, flags) = parse_header(arg).map_err(|_| errno(libc::EINVAL))?;
-        if argsz as usize > arg.len() {
+    fn probe_feature(&self, feature: u32, access: u32) -> io::Result<()> {
+        let f = self.lock();
+        if f.flags.is_none() {
+            return Err(errno(libc::ENOTTY));
+        }
+        let (get, set) = (
+            access & VFIO_DEVICE_FEATURE_GET != 0,
+            access & VFIO_DEVICE_FEATURE_SET != 0,
+        );
+        let (ok_get, ok_set) = match feature {
+            VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => (true, false),
+            VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => (true, true),
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => {
+                (false, true)
+            }
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT => (true, false),
+            _ => return Err(errno(libc::ENOTTY)),
+        };
+        if (get && !ok_get) || (set && !ok_set) {
             return Err(errno(libc::EINVAL));
         }
+        Ok(())
+    }
+
+    fn migration_flags(&self) -> io::Result<u64> {
+        self.lock().flags.ok_or_else(|| errno(libc::ENOTTY))
+    }
+
+    fn mig_state(&self) -> io::Result<u32> {
+        let f = self.lock();
+        f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        Ok(f.state.unwrap().raw())
+    }
+
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
         let mut f = self.lock();
-        let Some(mig_flags) = f.flags else {
-            return Err(errno(libc::ENOTTY));
-        };
-        let (get, set, probe) = (
-            flags & VFIO_DEVICE_FEATURE_GET != 0,
-            flags & VFIO_DEVICE_FEATURE_SET != 0,
-            flags & VFIO_DEVICE_FEATURE_PROBE != 0,
-        );
-        let allowed = |ok_get: bool, ok_set: bool| {
-            if (get && !ok_get) || (set && !ok_set) || (!probe && get == set) {
-                Err(errno(libc::EINVAL))
-            } else {
-                Ok(())
-            }
-        };
-        match flags & VFIO_DEVICE_FEATURE_MASK {
-            VFIO_DEVICE_FEATURE_MIGRATION => {
-                allowed(true, false)?;
-                if !probe {
-                    let mig = vfio_device_feature_migration { flags: mig_flags };
-                    write_pod(arg, HEADER_LEN, &mig);
-                }
-            }
-            VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => {
-                allowed(true, true)?;
-                if probe {
-                    return Ok(0);
-                }
-                let mut mig: vfio_device_feature_mig_state =
-                    read_pod(arg, HEADER_LEN).ok_or_else(|| errno(libc::EINVAL))?;
-                mig.data_fd = -1;
-                if get {
-                    mig.device_state = f.state.unwrap().raw();
-                } else {
-                    let target =
-                        MigState::from_raw(mig.device_state).ok_or_else(|| errno(libc::EINVAL))?;
-                    if let Some(fd) = f.set(target)? {
-                        mig.data_fd = fd.into_raw_fd();
-                    }
-                }
-                write_pod(arg, HEADER_LEN, &mig);
-            }
-            VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => {
-                allowed(true, false)?;
-                if !probe {
-                    let size = vfio_device_feature_mig_data_size {
-                        stop_copy_length: 96,
-                    };
-                    write_pod(arg, HEADER_LEN, &size);
-                }
-            }
-            VFIO_DEVICE_FEATURE_DMA_LOGGING_START | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => {
-                allowed(false, true)?;
-                if !probe {
-                    f.dma_calls += 1;
-                }
-                if !probe
-                    && flags & VFIO_DEVICE_FEATURE_MASK == VFIO_DEVICE_FEATURE_DMA_LOGGING_START
-                {
-                    let control: vfio_device_feature_dma_logging_control =
-                        read_pod(arg, HEADER_LEN).ok_or_else(|| errno(libc::EINVAL))?;
-                    if control.num_ranges == 0 {
-                        return Err(errno(libc::EINVAL));
-                    }
-                }
-            }
-            VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT => {
-                allowed(true, false)?;
-                if !probe {
-                    f.dma_calls += 1;
-                    let report: vfio_device_feature_dma_logging_report =
-                        read_pod(arg, HEADER_LEN).ok_or_else(|| errno(libc::EINVAL))?;
-                    if report.length > 0 && report.bitmap != 0 {
-                        // Page 0 is always dirty here.
-                        // SAFETY: the driver passes the address of a live `&mut [u64]` it
-                        // checked to hold every word of the report's range, and holds it
-                        // borrowed across this call; word 0 exists since the length is > 0.
-                        unsafe { *(report.bitmap as *mut u64) |= 1 };
-                    }
-                }
-            }
-            _ => return Err(errno(libc::ENOTTY)),
+        f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        let target = MigState::from_raw(state).ok_or_else(|| errno(libc::EINVAL))?;
+        f.set(target)
+    }
+
+    fn mig_data_size(&self) -> io::Result<u64> {
+        self.lock().flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        Ok(96)
+    }
+
+    fn dma_logging_start(&self, ranges: &[DmaLoggingRange], page_size: u64) -> io::Result<u64> {
+        let mut f = self.lock();
+        f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        f.dma_calls += 1;
+        if ranges.is_empty() {
+            return Err(errno(libc::EINVAL));
         }
-        Ok(0)
+        Ok(page_size)
+    }
+
+    fn dma_logging_stop(&self) -> io::Result<()> {
+        let mut f = self.lock();
+        f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        f.dma_calls += 1;
+        Ok(())
+    }
+
+    fn dma_logging_report(
+        &self,
+        _iova: u64,
+        length: u64,
+        _page_size: u64,
+        bitmap: &mut [u64],
+    ) -> io::Result<()> {
+        let mut f = self.lock();
+        f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
+        f.dma_calls += 1;
+        if length > 0 {
+            // Page 0 is always dirty here.
+            *bitmap.first_mut().ok_or_else(|| errno(libc::EINVAL))? |= 1;
+        }
+        Ok(())
     }
 
     fn precopy_info(&self, _data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {

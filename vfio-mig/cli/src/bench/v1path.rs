@@ -13,15 +13,14 @@
 //!   with no stream, so the device's costs are in both.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use vfio_bindings::bindings::vfio::{
-    vfio_precopy_info, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE, VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
-    VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
 };
 
 use vfio_mig::device::{
@@ -204,7 +203,15 @@ impl DeviceIo for StaticV1 {
         let rel = offset
             .checked_sub(REGION_OFFSET + SECTION_OFFSET)
             .ok_or_else(|| einval("mmap outside the data section"))?;
-        Mapping::new(&self.memfd, rel, len, writable)
+        if rel
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.section)
+        {
+            return Err(einval("mmap beyond the data section"));
+        }
+        // SAFETY: the mapping lies inside the memfd, which is `section` bytes for the device's
+        // life and otherwise only accessed with pread and pwrite.
+        unsafe { Mapping::new(&self.memfd, rel, len, writable) }
     }
     fn reset(&self) -> io::Result<()> {
         let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,12 +221,6 @@ impl DeviceIo for StaticV1 {
             staged: None,
         };
         Ok(())
-    }
-    fn device_feature(&self, _arg: &mut [u8]) -> io::Result<i32> {
-        Err(io::Error::from_raw_os_error(libc::ENOTTY))
-    }
-    fn precopy_info(&self, _fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
-        Err(io::Error::from_raw_os_error(libc::ENOTTY))
     }
 }
 

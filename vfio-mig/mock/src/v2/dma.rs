@@ -7,17 +7,13 @@
 //! of the logged ranges chosen by a generator seeded from the device seed (restarted by each
 //! START), so a test knows exactly which bits to expect ([`DmaLog::written`]).
 //!
-//! The START payload holds the *address* of the range array and the REPORT payload the
-//! address of the bitmap, as in the uAPI: the mock reads and writes them in place, as the
-//! kernel does with `copy_from_user` / `copy_to_user`.
+//! The ranges and the bitmap come as slices (the typed [`vfio_mig::device::DeviceIo`]
+//! operations); the uAPI's addresses in the payload exist only for the real device.
 
 use std::collections::BTreeSet;
 use std::mem::size_of;
 
-use vfio_bindings::bindings::vfio::{
-    vfio_device_feature_dma_logging_control, vfio_device_feature_dma_logging_range,
-    vfio_device_feature_dma_logging_report,
-};
+use vfio_bindings::bindings::vfio::vfio_device_feature_dma_logging_range;
 
 use crate::content::SplitMix64;
 
@@ -53,34 +49,22 @@ pub struct DmaLog {
 }
 
 impl DmaLog {
-    /// `DMA_LOGGING_START`: checks the control payload and the ranges at its address.
-    /// Returns the log or an errno.
+    /// `DMA_LOGGING_START`: checks `ranges` and the requested `page_size` as the kernel's
+    /// core and a vendor driver do. Returns the log or an errno.
     pub fn start(
-        control: &vfio_device_feature_dma_logging_control,
+        ranges_in: &[vfio_device_feature_dma_logging_range],
+        page_size: u64,
         seed: u64,
     ) -> Result<Self, i32> {
-        let n = control.num_ranges;
-        if n == 0 {
+        if ranges_in.is_empty() {
             return Err(libc::EINVAL);
         }
-        if n > LOG_MAX_RANGES {
+        if ranges_in.len() > LOG_MAX_RANGES as usize {
             return Err(libc::E2BIG);
         }
-        if control.ranges == 0 {
-            return Err(libc::EFAULT);
-        }
-        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
-        for i in 0..n as usize {
-            let at =
-                control.ranges as usize + i * size_of::<vfio_device_feature_dma_logging_range>();
-            // SAFETY: the uAPI contract of `DeviceIo::device_feature` for DMA_LOGGING_START,
-            // as for the kernel's copy_from_user: `ranges` is the address of `num_ranges`
-            // readable ranges that stay valid for the call (`v2::feature` passes a borrowed
-            // slice). The read is unaligned-safe.
-            let r = unsafe {
-                std::ptr::read_unaligned(at as *const vfio_device_feature_dma_logging_range)
-            };
-            if !is_aligned(r.iova, control.page_size) || !is_aligned(r.length, control.page_size) {
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(ranges_in.len());
+        for r in ranges_in {
+            if !is_aligned(r.iova, page_size) || !is_aligned(r.length, page_size) {
                 return Err(libc::EINVAL);
             }
             let Some(end) = r.iova.checked_add(r.length) else {
@@ -96,10 +80,10 @@ impl DmaLog {
             ranges.push((r.iova, r.length));
         }
         // The vendor driver's part: it tracks at a power-of-two page of at least 4 KiB.
-        if !control.page_size.is_power_of_two() {
+        if !page_size.is_power_of_two() {
             return Err(libc::EINVAL);
         }
-        let page = control.page_size.max(MIN_DMA_LOG_PAGE);
+        let page = page_size.max(MIN_DMA_LOG_PAGE);
         ranges.sort_unstable();
         let total_pages = ranges.iter().map(|&(_, l)| l.div_ceil(page)).sum();
         Ok(Self {
@@ -135,19 +119,21 @@ impl DmaLog {
     }
 
     /// `DMA_LOGGING_REPORT` after the core's checks: sets the bits of the dirty pages that
-    /// overlap `[iova, iova + length)` into the bitmap at `report.bitmap` (one bit per
-    /// `report.page_size`, relative to `iova`) and clears them from the log. Returns the bits
-    /// set, or an errno.
-    pub fn report(&mut self, report: &vfio_device_feature_dma_logging_report) -> Result<u64, i32> {
+    /// overlap `[iova, iova + length)` into `bitmap` (one bit per `rpage`, relative to
+    /// `iova`) and clears them from the log. Returns the bits set, or an errno (`EFAULT` for
+    /// a bitmap too short, where the kernel's copy to user memory would fault).
+    pub fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        rpage: u64,
+        bitmap: &mut [u64],
+    ) -> Result<u64, i32> {
         if !self.active {
             return Err(libc::EINVAL);
         }
-        let (iova, length, rpage) = (report.iova, report.length, report.page_size);
         if length == 0 {
             return Ok(0);
-        }
-        if report.bitmap == 0 {
-            return Err(libc::EFAULT);
         }
         let end = iova + length;
         let lo = iova - iova % self.page;
@@ -158,24 +144,15 @@ impl DmaLog {
             if from >= to {
                 continue;
             }
-            self.dirty.remove(&p);
             for bit in (from - iova) / rpage..=(to - 1 - iova) / rpage {
-                let word = report.bitmap as usize + (bit / 64) as usize * size_of::<u64>();
-                // SAFETY: the uAPI contract of DMA_LOGGING_REPORT, as for the kernel's
-                // iova_bitmap: `bitmap` is the address of a writable bitmap of at least
-                // ceil(length / page_size) bits, in u64 words, valid for the call
-                // (`v2::feature` checks the length of the borrowed slice it passes). `bit`
-                // is below that count since `to <= iova + length`. Unaligned-safe.
-                unsafe {
-                    let w = word as *mut u64;
-                    let old = std::ptr::read_unaligned(w);
-                    let new = old | 1u64 << (bit % 64);
-                    if new != old {
-                        bits += 1;
-                    }
-                    std::ptr::write_unaligned(w, new);
+                let word = bitmap.get_mut((bit / 64) as usize).ok_or(libc::EFAULT)?;
+                let new = *word | 1u64 << (bit % 64);
+                if new != *word {
+                    bits += 1;
                 }
+                *word = new;
             }
+            self.dirty.remove(&p);
         }
         Ok(bits)
     }

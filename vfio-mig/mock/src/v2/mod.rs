@@ -5,20 +5,20 @@
 //!
 //! # The feature ioctl
 //!
-//! [`DeviceIo::device_feature`] parses the buffer as `vfio_ioctl_device_feature` does: `argsz`
-//! below 8 (or beyond the buffer), unknown flag bits, or GET together with SET without PROBE
-//! are `EINVAL`; then each feature checks its access as `vfio_check_feature`: a GET or SET the
-//! feature does not offer is `EINVAL`, PROBE answers 0 without doing anything (and counts no
-//! fault), neither GET nor SET is `EINVAL`, a payload shorter than the feature's struct is
-//! `EINVAL`. Unknown features are `ENOTTY` (vfio-pci-core's answer; an mdev without a
-//! `device_feature` op, such as mtty, answers `EINVAL`).
+//! The typed feature operations of [`DeviceIo`] (`migration_flags`, `set_mig_state`,
+//! `dma_logging_start`, ...) are the GETs and SETs below; the argument buffer itself (its
+//! `argsz`, flags and payload sizes) exists only between the real device and the kernel.
+//! [`DeviceIo::probe_feature`] checks access as `vfio_check_feature`: a GET or SET the feature
+//! does not offer is `EINVAL`, otherwise 0 without doing anything (and counting no fault).
+//! Unknown features are `ENOTTY` (vfio-pci-core's answer; an mdev without a `device_feature`
+//! op, such as mtty, answers `EINVAL`).
 //!
 //! | feature                  | access | answer                                             |
 //! |--------------------------|--------|----------------------------------------------------|
 //! | `MIGRATION` (1)          | GET    | `flags=` (default `0x7`: STOP_COPY, P2P, PRE_COPY) |
 //! | `MIG_DEVICE_STATE` (2)   | GET    | the state                                          |
 //! | `MIG_DEVICE_STATE` (2)   | SET    | walks to the state; `data_fd` or -1 (below)        |
-//! | `DMA_LOGGING_START` (6)  | SET    | starts logging the ranges at the payload's address |
+//! | `DMA_LOGGING_START` (6)  | SET    | starts logging the ranges                          |
 //! | `DMA_LOGGING_STOP` (7)   | SET    | stops logging (0 when not started)                 |
 //! | `DMA_LOGGING_REPORT` (8) | GET    | reads and clears the log into the bitmap           |
 //! | `MIG_DATA_SIZE` (9)      | GET    | profile: the whole state; else what STOP_COPY would still produce |
@@ -152,22 +152,18 @@ mod session;
 use std::collections::VecDeque;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_feature, vfio_device_feature_dma_logging_control,
-    vfio_device_feature_dma_logging_report, vfio_device_feature_mig_data_size,
-    vfio_device_feature_mig_state, vfio_device_feature_migration, vfio_precopy_info,
-    vfio_region_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    vfio_precopy_info, vfio_region_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
     VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
-    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS,
-    VFIO_PCI_NUM_REGIONS, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
@@ -178,9 +174,11 @@ use crate::rules::v2_arcs::{
     self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
     RUNNING_P2P, STOP, STOP_COPY,
 };
-use vfio_mig::device::pod::{read_pod, write_pod, Pod};
+use vfio_mig::device::pod::read_pod;
 use vfio_mig::device::region::{encode_region_info, RegionInfo};
-use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
+use vfio_mig::device::{
+    check_dma_bitmap, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping,
+};
 
 pub use dma::LOG_MAX_RANGES;
 use dma::{DmaLog, MIN_DMA_LOG_PAGE};
@@ -197,8 +195,6 @@ const DIRTY_RNG_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 const MAX_DIRTY_PASSES: u64 = 2;
 /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`, under a name that can be a pattern.
 const PRECOPY_INFO_V2: u32 = VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2;
-/// Size of `struct vfio_device_feature` (argsz, flags), before the feature's payload.
-const HEADER_LEN: usize = size_of::<vfio_device_feature>();
 /// Earlier saving fds remembered, to answer ENODEV rather than ENOTTY for them.
 const OLD_FDS: usize = 16;
 
@@ -370,43 +366,6 @@ impl MockV2 {
     }
 }
 
-/// What `vfio_check_feature` decided: do the access, or answer a PROBE with 0.
-enum Access {
-    Get,
-    Set,
-    Probe,
-}
-
-/// The kernel's `vfio_check_feature`: `get` and `set` are the accesses the feature offers,
-/// `minsz` the payload it needs.
-fn check_feature(
-    flags: u32,
-    argsz: usize,
-    get: bool,
-    set: bool,
-    minsz: usize,
-) -> io::Result<Access> {
-    let asks_get = flags & VFIO_DEVICE_FEATURE_GET != 0;
-    let asks_set = flags & VFIO_DEVICE_FEATURE_SET != 0;
-    if (asks_get && !get) || (asks_set && !set) {
-        return Err(errno(libc::EINVAL));
-    }
-    if flags & VFIO_DEVICE_FEATURE_PROBE != 0 {
-        return Ok(Access::Probe);
-    }
-    if !asks_get && !asks_set {
-        return Err(errno(libc::EINVAL));
-    }
-    if argsz < minsz {
-        return Err(errno(libc::EINVAL));
-    }
-    Ok(if asks_get { Access::Get } else { Access::Set })
-}
-
-fn payload<T: Pod>(p: &[u8]) -> io::Result<T> {
-    read_pod(p, 0).ok_or_else(|| errno(libc::EINVAL))
-}
-
 impl Inner {
     /// Refuses with `EINVAL`, remembering why.
     fn refuse(&mut self, why: impl Into<String>) -> io::Error {
@@ -507,143 +466,121 @@ impl Inner {
 
     // ---- VFIO_DEVICE_FEATURE -------------------------------------------------------------
 
-    fn feature(&mut self, arg: &mut [u8]) -> io::Result<i32> {
-        let argsz = read_pod::<u32>(arg, 0).ok_or_else(|| errno(libc::EINVAL))? as usize;
-        if argsz > arg.len() || argsz < HEADER_LEN {
-            return Err(errno(libc::EINVAL));
-        }
-        let flags: u32 = read_pod(arg, 4).ok_or_else(|| errno(libc::EINVAL))?;
-        let known = VFIO_DEVICE_FEATURE_MASK
-            | VFIO_DEVICE_FEATURE_GET
-            | VFIO_DEVICE_FEATURE_SET
-            | VFIO_DEVICE_FEATURE_PROBE;
-        if flags & !known != 0 {
-            return Err(self.refuse(format!("feature flags {flags:#x} set unknown bits")));
-        }
-        if flags & VFIO_DEVICE_FEATURE_PROBE == 0
-            && flags & VFIO_DEVICE_FEATURE_GET != 0
-            && flags & VFIO_DEVICE_FEATURE_SET != 0
-        {
-            return Err(self.refuse("feature GET and SET together without PROBE"));
-        }
-        let p = &mut arg[HEADER_LEN..argsz];
-        let len = p.len();
-        match flags & VFIO_DEVICE_FEATURE_MASK {
-            VFIO_DEVICE_FEATURE_MIGRATION => {
-                let sz = size_of::<vfio_device_feature_migration>();
-                if let Access::Get = check_feature(flags, len, true, false, sz)? {
-                    self.fault(V2FaultField::Migration, None)?;
-                    let mig = vfio_device_feature_migration { flags: self.flags };
-                    write_pod(p, 0, &mig);
-                }
-            }
-            VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => {
-                let sz = size_of::<vfio_device_feature_mig_state>();
-                let access = check_feature(flags, len, true, true, sz)?;
-                if matches!(access, Access::Probe) {
-                    return Ok(0);
-                }
-                let mut mig: vfio_device_feature_mig_state = payload(p)?;
-                mig.data_fd = -1;
-                if let Access::Get = access {
-                    self.fault(V2FaultField::GetState, None)?;
-                    mig.device_state = self.state;
-                    write_pod(p, 0, &mig);
-                    return Ok(0);
-                }
-                let result = self.set_state(mig.device_state).map(|fd| {
-                    if let Some(fd) = fd {
-                        // Ownership goes to the caller, as `fd_install` hands the kernel's
-                        // file to the process.
-                        mig.data_fd = fd.into_raw_fd();
-                    }
-                });
-                // As in the kernel, the answer (data_fd -1) is copied back when a SET fails.
-                write_pod(p, 0, &mig);
-                result?;
-            }
-            VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => {
-                let sz = size_of::<vfio_device_feature_mig_data_size>();
-                if let Access::Get = check_feature(flags, len, true, false, sz)? {
-                    self.fault(V2FaultField::DataSize, None)?;
-                    let size = vfio_device_feature_mig_data_size {
-                        stop_copy_length: self.data_size(),
-                    };
-                    write_pod(p, 0, &size);
-                }
-            }
+    /// A PROBE of `feature` for `access`, as the kernel's `vfio_check_feature`: a GET or SET
+    /// the feature does not offer is `EINVAL`, an unknown feature `ENOTTY`; counts no fault.
+    fn probe(&mut self, feature: u32, access: u32) -> io::Result<()> {
+        let (get, set) = match feature & VFIO_DEVICE_FEATURE_MASK {
+            VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => (true, false),
+            VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => (true, true),
             PRECOPY_INFO_V2 => {
                 if self.flags & FLAG_PRE_COPY == 0 {
                     return Err(self.refuse("MIG_PRECOPY_INFOv2 without PRE_COPY"));
                 }
-                if let Access::Set = check_feature(flags, len, false, true, 0)? {
-                    self.precopy_v2 = true;
-                }
+                (false, true)
             }
-            f @ (VFIO_DEVICE_FEATURE_DMA_LOGGING_START
-            | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
-            | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT) => {
-                if !self.spec.dma {
-                    return Err(errno(libc::ENOTTY));
-                }
-                self.dma_feature(f, flags, p)?;
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
+                if self.spec.dma =>
+            {
+                (false, true)
             }
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT if self.spec.dma => (true, false),
             _ => return Err(errno(libc::ENOTTY)),
+        };
+        let asks_get = access & VFIO_DEVICE_FEATURE_GET != 0;
+        let asks_set = access & VFIO_DEVICE_FEATURE_SET != 0;
+        if (asks_get && !get) || (asks_set && !set) {
+            return Err(errno(libc::EINVAL));
         }
-        Ok(0)
+        Ok(())
     }
 
-    fn dma_feature(&mut self, feature: u32, flags: u32, p: &mut [u8]) -> io::Result<()> {
-        let len = p.len();
-        match feature {
-            VFIO_DEVICE_FEATURE_DMA_LOGGING_START => {
-                let sz = size_of::<vfio_device_feature_dma_logging_control>();
-                if let Access::Set = check_feature(flags, len, false, true, sz)? {
-                    self.fault(V2FaultField::DmaLogging, None)?;
-                    if self.dma.as_ref().is_some_and(|d| d.active) {
-                        return Err(self.refuse("DMA logging is already started"));
-                    }
-                    let mut control: vfio_device_feature_dma_logging_control = payload(p)?;
-                    let log = DmaLog::start(&control, self.spec.seed).map_err(errno)?;
-                    control.page_size = log.page;
-                    write_pod(p, 0, &control);
-                    self.dma = Some(log);
-                }
-            }
-            VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => {
-                if let Access::Set = check_feature(flags, len, false, true, 0)? {
-                    self.fault(V2FaultField::DmaLogging, None)?;
-                    if let Some(d) = self.dma.as_mut() {
-                        d.stop();
-                    }
-                }
-            }
-            _ => {
-                let sz = size_of::<vfio_device_feature_dma_logging_report>();
-                if let Access::Get = check_feature(flags, len, true, false, sz)? {
-                    self.fault(V2FaultField::DmaLogging, None)?;
-                    let report: vfio_device_feature_dma_logging_report = payload(p)?;
-                    if report.page_size < MIN_DMA_LOG_PAGE || !report.page_size.is_power_of_two() {
-                        return Err(
-                            self.refuse(format!("DMA log report page size {}", report.page_size))
-                        );
-                    }
-                    if report.iova.checked_add(report.length).is_none() {
-                        return Err(errno(libc::EOVERFLOW));
-                    }
-                    let running = self.is_running();
-                    let n = self.spec.dma_dirty;
-                    let Some(log) = self.dma.as_mut().filter(|d| d.active) else {
-                        return Err(self.refuse("DMA log report while logging is stopped"));
-                    };
-                    // The device writes while it runs; a stopped device does no DMA.
-                    let wrote = if running { log.dma_write(n) } else { 0 };
-                    let bits = log.report(&report).map_err(errno)?;
-                    self.status.dma_pages_dirtied += wrote;
-                    self.status.dma_bits_reported += bits;
-                }
-            }
+    /// GET of MIGRATION.
+    fn migration(&mut self) -> io::Result<u64> {
+        self.fault(V2FaultField::Migration, None)?;
+        Ok(self.flags)
+    }
+
+    /// GET of MIG_DEVICE_STATE.
+    fn get_state(&mut self) -> io::Result<u32> {
+        self.fault(V2FaultField::GetState, None)?;
+        Ok(self.state)
+    }
+
+    /// GET of MIG_DATA_SIZE.
+    fn get_data_size(&mut self) -> io::Result<u64> {
+        self.fault(V2FaultField::DataSize, None)?;
+        Ok(self.data_size())
+    }
+
+    /// SET of MIG_PRECOPY_INFOv2.
+    fn enable_precopy_v2(&mut self) -> io::Result<()> {
+        if self.flags & FLAG_PRE_COPY == 0 {
+            return Err(self.refuse("MIG_PRECOPY_INFOv2 without PRE_COPY"));
         }
+        self.precopy_v2 = true;
+        Ok(())
+    }
+
+    /// The DMA logging features exist (`dma=on`), else `ENOTTY`, as the core without `log_ops`.
+    fn dma_offered(&self) -> io::Result<()> {
+        if self.spec.dma {
+            Ok(())
+        } else {
+            Err(errno(libc::ENOTTY))
+        }
+    }
+
+    /// SET of DMA_LOGGING_START.
+    fn dma_start(&mut self, ranges: &[DmaLoggingRange], page_size: u64) -> io::Result<u64> {
+        self.dma_offered()?;
+        self.fault(V2FaultField::DmaLogging, None)?;
+        if self.dma.as_ref().is_some_and(|d| d.active) {
+            return Err(self.refuse("DMA logging is already started"));
+        }
+        let log = DmaLog::start(ranges, page_size, self.spec.seed).map_err(errno)?;
+        let page = log.page;
+        self.dma = Some(log);
+        Ok(page)
+    }
+
+    /// SET of DMA_LOGGING_STOP.
+    fn dma_stop(&mut self) -> io::Result<()> {
+        self.dma_offered()?;
+        self.fault(V2FaultField::DmaLogging, None)?;
+        if let Some(d) = self.dma.as_mut() {
+            d.stop();
+        }
+        Ok(())
+    }
+
+    /// GET of DMA_LOGGING_REPORT.
+    fn dma_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> io::Result<()> {
+        self.dma_offered()?;
+        self.fault(V2FaultField::DmaLogging, None)?;
+        if page_size < MIN_DMA_LOG_PAGE || !page_size.is_power_of_two() {
+            return Err(self.refuse(format!("DMA log report page size {page_size}")));
+        }
+        if iova.checked_add(length).is_none() {
+            return Err(errno(libc::EOVERFLOW));
+        }
+        // The trait's contract: a bitmap too short is refused before the device looks.
+        check_dma_bitmap(length, page_size, bitmap.len())?;
+        let running = self.is_running();
+        let n = self.spec.dma_dirty;
+        let Some(log) = self.dma.as_mut().filter(|d| d.active) else {
+            return Err(self.refuse("DMA log report while logging is stopped"));
+        };
+        // The device writes while it runs; a stopped device does no DMA.
+        let wrote = if running { log.dma_write(n) } else { 0 };
+        let bits = log.report(iova, length, page_size, bitmap).map_err(errno)?;
+        self.status.dma_pages_dirtied += wrote;
+        self.status.dma_bits_reported += bits;
         Ok(())
     }
 
@@ -1162,8 +1099,48 @@ impl DeviceIo for MockV2 {
         self.shared.lock().reset()
     }
 
-    fn device_feature(&self, arg: &mut [u8]) -> io::Result<i32> {
-        self.shared.lock().feature(arg)
+    fn probe_feature(&self, feature: u32, access: u32) -> io::Result<()> {
+        self.shared.lock().probe(feature, access)
+    }
+
+    fn migration_flags(&self) -> io::Result<u64> {
+        self.shared.lock().migration()
+    }
+
+    fn mig_state(&self) -> io::Result<u32> {
+        self.shared.lock().get_state()
+    }
+
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+        self.shared.lock().set_state(state)
+    }
+
+    fn mig_data_size(&self) -> io::Result<u64> {
+        self.shared.lock().get_data_size()
+    }
+
+    fn enable_precopy_info_v2(&self) -> io::Result<()> {
+        self.shared.lock().enable_precopy_v2()
+    }
+
+    fn dma_logging_start(&self, ranges: &[DmaLoggingRange], page_size: u64) -> io::Result<u64> {
+        self.shared.lock().dma_start(ranges, page_size)
+    }
+
+    fn dma_logging_stop(&self) -> io::Result<()> {
+        self.shared.lock().dma_stop()
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> io::Result<()> {
+        self.shared
+            .lock()
+            .dma_report(iova, length, page_size, bitmap)
     }
 
     fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
