@@ -21,6 +21,8 @@ pub struct StateFence {
     dir: PathBuf,
     path: PathBuf,
     key: DeviceKey,
+    /// The session admitted last and its epoch, recorded when it completes.
+    admitted: Option<(SessionId, u64)>,
 }
 
 fn fence_err(step: String, detail: impl Into<String>) -> Error {
@@ -38,6 +40,7 @@ impl StateFence {
             dir: dir.to_owned(),
             path: dir.join(format!("{}.fence", key.file_stem())),
             key: key.clone(),
+            admitted: None,
         }
     }
 
@@ -123,12 +126,21 @@ impl Fence for StateFence {
         if changed {
             self.store(&record)?;
         }
+        if admission == Admission::Accept {
+            self.admitted = Some((header.session_id, header.epoch));
+        }
         Ok(admission)
     }
 
     fn complete(&mut self, session: &SessionId) -> Result<()> {
         let mut record = self.load()?;
         record.complete(session);
+        // The epoch counts from now on: the handoff that carried it completed.
+        if let Some((admitted, epoch)) = self.admitted {
+            if admitted == *session {
+                record.accept_epoch(epoch);
+            }
+        }
         self.store(&record)
     }
 
@@ -149,6 +161,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = DeviceKey::from_text("mock:x");
         let mut f = StateFence::new(&dir.path().join("state"), &key);
+        assert!(!f.path().exists());
+        // Admitted but never completed: the epoch is not recorded.
+        assert_eq!(f.admit(&header(3, 20)).unwrap(), Admission::Accept);
+        assert_eq!(f.highest_epoch().unwrap(), 0);
         assert_eq!(f.admit(&header(1, 10)).unwrap(), Admission::Accept);
         f.complete(&[1; 16]).unwrap();
         let mut g = StateFence::new(&dir.path().join("state"), &key);
