@@ -165,7 +165,10 @@ impl FenceRecord {
                 ),
             });
         }
-        let ceiling = self.highest_epoch.max(now_ms).saturating_add(MAX_EPOCH_LEAD);
+        let ceiling = self
+            .highest_epoch
+            .max(now_ms)
+            .saturating_add(MAX_EPOCH_LEAD);
         if header.epoch > ceiling {
             return Err(Error::Refused {
                 step: "check the session's epoch".into(),
@@ -255,14 +258,26 @@ mod tests {
         let now = 1_700_000_000_000;
         let mut r = FenceRecord::new("mock:a");
         let e = r.admit_at(&header(1, u64::MAX), now).unwrap_err();
-        assert!(matches!(e, Error::Refused { code: ReasonCode::Fence, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Refused {
+                    code: ReasonCode::Fence,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("more than"), "{e}");
         r.admit_at(&header(1, now + MAX_EPOCH_LEAD), now).unwrap();
-        assert!(r.admit_at(&header(1, now + MAX_EPOCH_LEAD + 1), now).is_err());
+        assert!(r
+            .admit_at(&header(1, now + MAX_EPOCH_LEAD + 1), now)
+            .is_err());
         // Small orchestrator counters stay fine, and the bound follows the highest epoch.
         r.admit_at(&header(2, 3), now).unwrap();
         r.accept_epoch(now + MAX_EPOCH_LEAD);
-        r.admit_at(&header(3, now + 2 * MAX_EPOCH_LEAD), now).unwrap();
+        r.admit_at(&header(3, now + 2 * MAX_EPOCH_LEAD), now)
+            .unwrap();
         // Admission alone changes nothing.
         assert_eq!(r.highest_epoch, now + MAX_EPOCH_LEAD);
     }

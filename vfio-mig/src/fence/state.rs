@@ -3,7 +3,8 @@
 //! directory, replaced atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{Admission, FenceRecord};
@@ -53,7 +54,7 @@ impl StateFence {
     /// parse is an error, not an empty record: forgetting the fencing state would let a
     /// stale or replayed stream in.
     pub fn load(&self) -> Result<FenceRecord> {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match read_no_follow(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(FenceRecord::new(self.key.as_str()))
@@ -87,11 +88,14 @@ impl StateFence {
     pub fn store(&self, record: &FenceRecord) -> Result<()> {
         let step = || format!("write fencing state {}", self.path.display());
         let io_err = |e: io::Error| fence_err(step(), e.to_string());
-        std::fs::create_dir_all(&self.dir).map_err(io_err)?;
+        super::lock::private_dir(&self.dir).map_err(io_err)?;
+        // A fresh name each time, created with O_EXCL: an existing file or symlink there is
+        // never written through.
         let tmp = self.dir.join(format!(
-            ".{}.tmp.{}",
+            ".{}.tmp.{}.{:016x}",
             self.key.file_stem(),
-            std::process::id()
+            std::process::id(),
+            random_u64()
         ));
         if record.key.contains('\n') {
             return Err(fence_err(
@@ -101,7 +105,12 @@ impl StateFence {
         }
         let text = record.to_text();
         let written = (|| {
-            let mut f = File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
@@ -116,6 +125,28 @@ impl StateFence {
     /// The highest epoch recorded for the device (0 if none).
     pub fn highest_epoch(&self) -> Result<u64> {
         Ok(self.load()?.highest_epoch)
+    }
+}
+
+/// Reads a file, refusing to follow a symlink at its path.
+fn read_no_follow(path: &Path) -> io::Result<String> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// 64 random bits for a temporary name (the time if the random source fails).
+fn random_u64() -> u64 {
+    match crate::engine::session::new_session_id() {
+        Ok(id) => id.iter().take(8).fold(0, |a, b| a << 8 | u64::from(*b)),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
     }
 }
 

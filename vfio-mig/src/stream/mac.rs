@@ -56,8 +56,8 @@ impl StreamKey {
     pub fn load(path: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let step = || format!("key file {}", path.display());
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", step())))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::InvalidInput(format!("{}: {e}", step())))?;
         if meta.mode() & 0o077 != 0 {
             return Err(Error::InvalidInput(format!(
                 "{}: mode {:o} lets group or others read it; chmod 600 it",

@@ -202,33 +202,53 @@ mod tests {
 
         // A forger without the key: an unauthenticated stream.
         let plain = example_with(&example_header(1), None);
-        let e = verify_keyed(plain.as_slice(), Some(&key)).unwrap_err().to_string();
+        let e = verify_keyed(plain.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not authenticated"), "{e}");
         // ... or one under another key.
         let other = StreamKey::new(&[0x5b; 32]).unwrap();
         let forged = example_with(&example_header(1), Some(&other));
-        let e = verify_keyed(forged.as_slice(), Some(&key)).unwrap_err().to_string();
+        let e = verify_keyed(forged.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("stream header: authentication failed"), "{e}");
 
         // A payload byte changed and the record's CRC recomputed, as a forger would.
         let mut changed = good.clone();
         let rec = HEADER_LEN + 32; // after the header's tag
         changed[rec + 24] ^= 1;
-        let crc = format::record_crc(&[1; 16], &changed[rec..rec + 24], &changed[rec + 24..rec + 29]);
+        let crc = format::record_crc(
+            &[1; 16],
+            &changed[rec..rec + 24],
+            &changed[rec + 24..rec + 29],
+        );
         changed[rec + 20..rec + 24].copy_from_slice(&crc.to_le_bytes());
-        assert!(verify(changed.as_slice()).is_ok(), "the CRC alone is satisfied");
-        let e = verify_keyed(changed.as_slice(), Some(&key)).unwrap_err().to_string();
-        assert!(e.contains("read stream record 0: authentication failed"), "{e}");
+        assert!(
+            verify(changed.as_slice()).is_ok(),
+            "the CRC alone is satisfied"
+        );
+        let e = verify_keyed(changed.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("read stream record 0: authentication failed"),
+            "{e}"
+        );
 
         // The session id re-forged (to replay the file as a new session), CRC recomputed.
         let mut reforged = good.clone();
         reforged[12] ^= 0xff;
         format::tests::fix_header_crc(&mut reforged[..HEADER_LEN]);
-        let e = verify_keyed(reforged.as_slice(), Some(&key)).unwrap_err().to_string();
+        let e = verify_keyed(reforged.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("stream header: authentication failed"), "{e}");
 
         // Truncated before the trailer: refused whatever the tags say.
-        let e = verify_keyed(&good[..good.len() - 70], Some(&key)).unwrap_err().to_string();
+        let e = verify_keyed(&good[..good.len() - 70], Some(&key))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated"), "{e}");
     }
 }

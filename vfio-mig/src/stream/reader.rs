@@ -5,8 +5,8 @@ use std::io::{self, Read};
 
 use super::format::{
     check_descriptor_fixed, check_header_fixed, header_flags, RawRecordHeader, RecordKind,
-    StreamHeader, Totals, Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION,
-    HEADER_FLAG_AUTHENTICATED, HEADER_FIXED_LEN, MAX_MODEL_LEN, RECORD_HEADER_LEN,
+    StreamHeader, Totals, Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN,
+    HEADER_FLAG_AUTHENTICATED, MAX_MODEL_LEN, RECORD_HEADER_LEN,
 };
 use super::mac::{StreamKey, TAG_LEN};
 use super::Phase;

@@ -223,7 +223,10 @@ impl<W: Write> StreamWriter<W> {
             payload_len,
         }
         .encode(&session, payload);
-        let tag = self.key.as_ref().map(|k| k.record_tag(&session, &header, payload));
+        let tag = self
+            .key
+            .as_ref()
+            .map(|k| k.record_tag(&session, &header, payload));
         let written = write_record_bytes(&mut self.w, &header, payload)
             .and_then(|()| tag.map_or(Ok(()), |t| self.w.write_all(&t)));
         if let Err(e) = written {
@@ -293,7 +296,10 @@ impl<W: Write + AsFd> StreamWriter<W> {
             payload_len: copy.len() as u32,
         }
         .encode(&session, copy);
-        let tag = self.key.as_ref().map(|k| k.record_tag(&session, &header, copy));
+        let tag = self
+            .key
+            .as_ref()
+            .map(|k| k.record_tag(&session, &header, copy));
         let sent = self
             .w
             .flush()

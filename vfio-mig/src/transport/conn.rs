@@ -221,10 +221,11 @@ impl Read for Connection {
             Socket::Tls(s) => s.read(buf),
         };
         r.map_err(|e| match self.deadline {
-            Some((_, length)) if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
+            Some((_, length))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
             {
                 io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -80,9 +80,9 @@ pub fn accept_tls(
 ) -> Result<Connection> {
     let peer = conn.peer().to_owned();
     let step = format!("TLS handshake with {peer}");
-    let sock = conn.into_tcp().ok_or_else(|| {
-        Error::InvalidInput(format!("{step}: TLS runs over tcp:HOST:PORT only"))
-    })?;
+    let sock = conn
+        .into_tcp()
+        .ok_or_else(|| Error::InvalidInput(format!("{step}: TLS runs over tcp:HOST:PORT only")))?;
     let stream =
         tls::accept(sock, config, deadline).map_err(|e| Error::transport(step, e.into()))?;
     Ok(Connection::tls(stream))

@@ -127,7 +127,11 @@ pub fn send(
     conn.set_timeout(Some(secs(net.timeout)))
         .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
     if let Some(s) = conn.tls_session() {
-        tracing::info!("TLS to {to}: {} ({})", s.peer_identities(), s.cipher_suite());
+        tracing::info!(
+            "TLS to {to}: {} ({})",
+            s.peer_identities(),
+            s.cipher_suite()
+        );
     }
     // A signal ends every wait for the destination; the engine then rolls back.
     let ctl = conn

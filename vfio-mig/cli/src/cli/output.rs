@@ -87,9 +87,11 @@ impl Output {
     pub fn writer(&self) -> Result<Box<dyn Write + Send>> {
         match self {
             Output::Stdout => Ok(Box::new(io::stdout())),
-            Output::File { tmp, .. } => Ok(Box::new(tmp.reopen().map_err(|e| {
-                Error::transport(format!("open {}", tmp.path().display()), e)
-            })?)),
+            Output::File { tmp, .. } => {
+                Ok(Box::new(tmp.reopen().map_err(|e| {
+                    Error::transport(format!("open {}", tmp.path().display()), e)
+                })?))
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vfio-mig probe DEVICE`: protocol, flags, regions and sizes.
 
-use std::fmt::Write as _;
 use crate::cli::devices::open_device;
+use std::fmt::Write as _;
 use vfio_mig::device::region::query_region;
 use vfio_mig::device::DeviceIo;
 use vfio_mig::error::{Error, Result};
@@ -96,7 +96,8 @@ pub fn run(name: &str, json: bool) -> Result<()> {
         let _ = writeln!(text, "backend:      {backend}: {access}");
     }
     let _ = writeln!(text, "protocol:     {}", out.protocol);
-    let _ = writeln!(text, 
+    let _ = writeln!(
+        text,
         "capabilities: pre-copy {}, p2p {}, migration flags {:#x}",
         out.capabilities.pre_copy, out.capabilities.p2p, out.capabilities.migration_flags
     );
@@ -111,7 +112,8 @@ pub fn run(name: &str, json: bool) -> Result<()> {
             .region_type
             .map(|(t, s)| format!(" type {t}/{s}"))
             .unwrap_or_default();
-        let _ = writeln!(text, 
+        let _ = writeln!(
+            text,
             "  {:>2}: size {:#x} offset {:#x} flags {:#x}{kind}",
             r.index, r.size, r.offset, r.flags
         );

@@ -94,8 +94,12 @@ pub fn start(
             );
             continue;
         }
-        let (admission, slot, events, opening) =
-            (admission.clone(), slot.clone(), events.clone(), opening.clone());
+        let (admission, slot, events, opening) = (
+            admission.clone(),
+            slot.clone(),
+            events.clone(),
+            opening.clone(),
+        );
         std::thread::spawn(move || {
             let peer = conn.peer().to_owned();
             if let Some(incoming) = admit(conn, &admission, &slot) {

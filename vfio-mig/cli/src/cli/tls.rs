@@ -91,7 +91,12 @@ impl TlsArgs {
         &self,
         listen: &Address,
         device_keys: &[String],
-    ) -> Result<Option<(Arc<vfio_mig::transport::tls::ServerConfig>, AuthorizationPolicy)>> {
+    ) -> Result<
+        Option<(
+            Arc<vfio_mig::transport::tls::ServerConfig>,
+            AuthorizationPolicy,
+        )>,
+    > {
         let Some(files) = self.check(listen, "recv on")? else {
             if !self.allow.is_empty() || self.authorize.is_some() {
                 return Err(Error::InvalidInput(
@@ -111,8 +116,9 @@ impl TlsArgs {
             .server_config()
             .map_err(|e| Error::InvalidInput(format!("TLS: {e}")))?;
         let mut policy = match &self.authorize {
-            Some(path) => AuthorizationPolicy::load(path)
-                .map_err(|e| Error::InvalidInput(e.to_string()))?,
+            Some(path) => {
+                AuthorizationPolicy::load(path).map_err(|e| Error::InvalidInput(e.to_string()))?
+            }
             None => AuthorizationPolicy::new(),
         };
         for text in &self.allow {
@@ -135,7 +141,9 @@ impl TlsArgs {
             .all(|k| policy.allowed(k).next().is_none())
             && policy.allowed(ANY_DEVICE).next().is_none()
         {
-            log::warn!("the authorization policy names none of the devices: every source is refused");
+            log::warn!(
+                "the authorization policy names none of the devices: every source is refused"
+            );
         }
         Ok(Some((config, policy)))
     }

@@ -111,7 +111,10 @@ pub fn save_keyed(
     let epoch = args.epoch.unwrap_or_else(|| claim.default_epoch());
     let header = new_header(&[opened.device.as_ref()], opts.live, epoch)?;
     let hex = session_hex(&header.session_id);
-    eprintln!("vfio-mig: save: session {hex}, epoch {epoch}, to {}", out.name());
+    eprintln!(
+        "vfio-mig: save: session {hex}, epoch {epoch}, to {}",
+        out.name()
+    );
     let name = out.name();
     let view = ProgressView::new("save", None, args.json);
     let started = Instant::now();

@@ -133,7 +133,6 @@ pub fn assert_clean_failure(status: ExitStatus, err: &str, expect: &str) -> Stri
     lines[0].to_owned()
 }
 
-
 impl Recv {
     /// Waits (at most 30 s) for a stderr line containing `text`; returns it.
     pub fn wait_line(&self, text: &str) -> String {

@@ -42,8 +42,8 @@ pub mod stream;
 pub use config::{TlsConfig, TlsError};
 pub use identity::{PeerIdentities, PeerIdentity};
 pub use policy::{AuthorizationPolicy, AuthzError, PolicyError, ANY_DEVICE};
-pub use stream::{accept, connect, HandshakeError, TlsStream, NOT_TLS_NOTICE, READY};
 /// The rustls configurations [`TlsConfig`] builds (re-exported).
 pub use rustls::{ClientConfig, ServerConfig};
 /// The name a server certificate is checked against (re-exported from `rustls-pki-types`).
 pub use rustls_pki_types::ServerName;
+pub use stream::{accept, connect, HandshakeError, TlsStream, NOT_TLS_NOTICE, READY};
