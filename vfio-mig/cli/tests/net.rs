@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 mod common;
 
-use common::{assert_clean_failure, stderr, Dirs, Recv, BIN};
+use common::{assert_clean_failure, stderr, Dirs, Pki, Recv, BIN};
 
 #[test]
 fn live_migration_over_a_unix_socket_with_json_reports() {
@@ -424,6 +424,53 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let (status, _, err) = recv.wait();
     let line = assert_clean_failure(status, &err, "RESUMING");
     assert!(line.contains("was reset"), "{line}");
+
+    // TLS across the namespaces: mutual authentication, the source's identity authorized
+    // and reported; a source certificate from another CA is refused, recv keeps waiting.
+    let pki = Pki::new(dirs.tmp.path());
+    let mut recv_args: Vec<String> = vec![
+        dev.into(),
+        "--listen".into(),
+        listen.clone(),
+        "--once".into(),
+        "--json".into(),
+        "--allow".into(),
+        "dns:src.example".into(),
+    ];
+    recv_args.extend(pki.dst.args());
+    let recv_args: Vec<&str> = recv_args.iter().map(String::as_str).collect();
+    let mut recv = Recv::start(&dirs, &ns.exec(0), &recv_args);
+    let send_tls = |leaf: &common::Leaf| {
+        let mut args: Vec<String> = vec![
+            BIN.into(),
+            "send".into(),
+            dev.into(),
+            "--to".into(),
+            listen.clone(),
+            "--live".into(),
+            "--tls-server-name".into(),
+            "dst.example".into(),
+        ];
+        args.extend(leaf.args());
+        dirs.cmd(&ns.exec(1)).args(&args).output().unwrap()
+    };
+    let o = send_tls(&pki.rogue);
+    assert_clean_failure(o.status, &stderr(&o), "refused our client certificate");
+    recv.wait_line("ignored");
+    assert!(recv.running());
+    let o = send_tls(&pki.src);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["outcome"], "resumed");
+    assert!(
+        got["source_identity"]
+            .as_str()
+            .unwrap()
+            .contains("dns:src.example"),
+        "{got}"
+    );
 
     // Nothing listens in namespace a any more: namespace b cannot reach the address.
     let o = dirs
