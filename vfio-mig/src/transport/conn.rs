@@ -363,8 +363,8 @@ mod tests {
         });
         let mut buf = [0u8; 1];
         let e = loop {
-            match a.read(&mut buf) {
-                Ok(_) => continue,
+            match a.read_exact(&mut buf) {
+                Ok(()) => continue,
                 Err(e) => break e,
             }
         };
