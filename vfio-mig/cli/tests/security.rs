@@ -699,6 +699,33 @@ fn bad_durations_and_closed_pipes_are_clean_errors() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// A size whose bookkeeping cannot be allocated under the address-space limit is one error
+/// line, not an abort; a failed migrate prints one line, not a progress line and an error.
+#[test]
+fn a_huge_mock_and_a_failed_migrate_are_one_line_each() {
+    let dirs = Dirs::new();
+    let script = format!("ulimit -v 4000000; exec {BIN} save mock:v1,size=15T -o -");
+    let o = dirs.cmd(&["sh"]).args(["-c", &script]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_clean_failure(o.status, &stderr(&o), "cannot be allocated");
+    let o = dirs.run(&[
+        "migrate",
+        "mock:v1,size=1M,seed=1",
+        "mock:v1,size=1M,seed=2",
+    ]);
+    let line = assert_clean_failure(o.status, &stderr(&o), "was reset");
+    assert!(line.contains("returned to RUNNING"), "{line}");
+    assert_eq!(
+        stderr(&o)
+            .lines()
+            .filter(|l| l.contains("rolled back"))
+            .count(),
+        0,
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn a_device_given_twice_is_a_usage_error() {
     let dirs = Dirs::new();
