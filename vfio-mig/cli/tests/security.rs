@@ -726,6 +726,37 @@ fn a_huge_mock_and_a_failed_migrate_are_one_line_each() {
     );
 }
 
+/// recv's warning after a failed session names the port it is bound to, not `:0`.
+#[test]
+fn the_retry_warning_names_the_bound_port() {
+    let dirs = Dirs::new();
+    let mut recv = Recv::start(
+        &dirs,
+        &[],
+        &[
+            "mock:v1,size=1M,seed=2",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--insecure",
+        ],
+    );
+    assert!(!recv.addr.ends_with(":0"), "{}", recv.addr);
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M,seed=1",
+        "--to",
+        &recv.addr,
+        "--insecure",
+    ]);
+    assert!(!o.status.success());
+    let line = recv.wait_line("waiting for a retry");
+    assert!(
+        line.ends_with(&format!("waiting for a retry on {}", recv.addr)),
+        "{line}"
+    );
+    assert!(recv.running());
+}
+
 #[test]
 fn a_device_given_twice_is_a_usage_error() {
     let dirs = Dirs::new();
