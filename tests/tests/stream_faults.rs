@@ -86,7 +86,10 @@ fn renumber(bytes: &[u8], span: Span, sequence: u64) -> Vec<u8> {
         sequence,
         payload_len: payload.len() as u32,
     };
-    let mut out = h.encode(payload).to_vec();
+    // The record's CRC covers the stream's session id (header bytes 12..28).
+    let mut session = [0u8; 16];
+    session.copy_from_slice(&bytes[12..28]);
+    let mut out = h.encode(&session, payload).to_vec();
     out.extend_from_slice(payload);
     out
 }
@@ -205,7 +208,7 @@ fn oversized_lengths_are_refused_before_anything_is_read_or_allocated() {
     assert!(err.contains("device count 65 out of range"), "{err}");
     assert_eq!(st.resets, 0);
     let mut bad = bytes.clone();
-    bad[38..40].copy_from_slice(&300u16.to_le_bytes());
+    bad[42..44].copy_from_slice(&300u16.to_le_bytes());
     let (err, _) = load_fails(&bad, "model length 300");
     assert!(err.contains("model length 300 out of range"), "{err}");
     assert!(header_len < 100);

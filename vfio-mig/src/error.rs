@@ -269,6 +269,8 @@ pub enum ReasonCode {
     Fence,
     /// The peer broke the handshake protocol.
     Protocol,
+    /// The source's authenticated identity may not load into this device.
+    Unauthorized,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -285,6 +287,7 @@ impl ReasonCode {
             ReasonCode::Device => 6,
             ReasonCode::Fence => 7,
             ReasonCode::Protocol => 8,
+            ReasonCode::Unauthorized => 9,
             ReasonCode::Unknown(n) => n,
         }
     }
@@ -300,6 +303,7 @@ impl ReasonCode {
             6 => ReasonCode::Device,
             7 => ReasonCode::Fence,
             8 => ReasonCode::Protocol,
+            9 => ReasonCode::Unauthorized,
             n => ReasonCode::Unknown(n),
         }
     }
@@ -316,6 +320,7 @@ impl fmt::Display for ReasonCode {
             ReasonCode::Device => f.write_str("device failure"),
             ReasonCode::Fence => f.write_str("fencing state"),
             ReasonCode::Protocol => f.write_str("protocol violation"),
+            ReasonCode::Unauthorized => f.write_str("not authorized"),
             ReasonCode::Unknown(n) => write!(f, "reason {n}"),
         }
     }

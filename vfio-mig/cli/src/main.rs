@@ -9,9 +9,20 @@ mod bench;
 mod cli;
 
 fn main() -> ExitCode {
+    crate::cli::signals::install();
     let cli = crate::cli::Cli::parse();
     crate::cli::init_logging(cli.verbose);
-    match crate::cli::run(cli) {
+    let result = crate::cli::run(cli);
+    if let Some(signal) = crate::cli::signals::received() {
+        // The engine rolled back as for any failure; one line, and the status of a signal.
+        let name = crate::cli::signals::name(signal);
+        match result {
+            Err(e) => eprintln!("vfio-mig: error: interrupted by {name}: {e}"),
+            Ok(()) => eprintln!("vfio-mig: {name} arrived after the command completed"),
+        }
+        return ExitCode::from(crate::cli::signals::exit_status(signal) as u8);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line naming the step (and what became of the devices), never a backtrace.

@@ -2,136 +2,13 @@
 //! `send` and `recv` as separate processes: over a Unix socket, TCP loopback and (as root) TCP
 //! between two network namespaces; refusals, replays, locks held by another process.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vfio-mig");
+mod common;
 
-/// A private lock and state directory for one test.
-struct Dirs {
-    tmp: tempfile::TempDir,
-}
-
-impl Dirs {
-    fn new() -> Self {
-        Self {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    /// `vfio-mig` with this test's lock and state directories.
-    fn cmd(&self, prefix: &[&str]) -> Command {
-        let (program, pre) = match prefix.split_first() {
-            Some((p, rest)) => (*p, rest.to_vec()),
-            None => (BIN, Vec::new()),
-        };
-        let mut c = Command::new(program);
-        c.args(pre)
-            .env_remove("RUST_LOG")
-            .env("VFIO_MIG_LOCK_DIR", self.path("lock"))
-            .env("VFIO_MIG_STATE_DIR", self.path("state"));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(&[]).args(args).output().expect("run vfio-mig")
-    }
-}
-
-/// A running `recv`, its address known once it printed "listening on ADDR".
-struct Recv {
-    child: Child,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-    stdout: std::process::ChildStdout,
-}
-
-impl Recv {
-    /// Starts `[prefix...] vfio-mig recv ARGS` and waits for its "listening on" line.
-    fn start(dirs: &Dirs, prefix: &[&str], args: &[&str]) -> Self {
-        let mut cmd = dirs.cmd(prefix);
-        if !prefix.is_empty() {
-            cmd.arg(BIN);
-        }
-        let mut child = cmd
-            .arg("recv")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn recv");
-        let stderr = child.stderr.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = None;
-        let mut seen = Vec::new();
-        while addr.is_none() {
-            match lines.recv_timeout(Duration::from_secs(20)) {
-                Ok(l) => {
-                    if let Some(a) = l.strip_prefix("vfio-mig: recv: listening on ") {
-                        addr = Some(a.to_owned());
-                    }
-                    seen.push(l);
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("recv never listened: {seen:?}");
-                }
-            }
-        }
-        Self {
-            child,
-            addr: addr.unwrap(),
-            lines,
-            stdout,
-        }
-    }
-
-    /// Waits for the exit: status, stdout, the stderr lines after "listening on".
-    fn wait(mut self) -> (ExitStatus, String, String) {
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut self.stdout, &mut out).unwrap();
-        let status = self.child.wait().unwrap();
-        let err: Vec<String> = self.lines.iter().collect();
-        (status, out, err.join("\n"))
-    }
-}
-
-impl Drop for Recv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A failure: non-zero exit, one `error:` line containing `expect`, no panic.
-fn assert_clean_failure(status: ExitStatus, err: &str, expect: &str) -> String {
-    assert!(!status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {err}");
-    assert!(lines[0].contains(expect), "{expect:?} expected: {err}");
-    lines[0].to_owned()
-}
+use common::{assert_clean_failure, stderr, Dirs, Pki, Recv, BIN};
 
 #[test]
 fn live_migration_over_a_unix_socket_with_json_reports() {
@@ -170,13 +47,17 @@ fn migration_over_tcp_loopback() {
             eprintln!("no IPv6 loopback here: {listen} not tested");
             continue;
         }
-        let recv = Recv::start(&dirs, &[], &[dev, "--listen", listen, "--once"]);
+        let recv = Recv::start(
+            &dirs,
+            &[],
+            &[dev, "--listen", listen, "--once", "--insecure"],
+        );
         assert!(
             recv.addr.starts_with(&listen[..listen.len() - 1]),
             "{}",
             recv.addr
         );
-        let o = dirs.run(&["send", dev, "--to", &recv.addr, "--live"]);
+        let o = dirs.run(&["send", dev, "--to", &recv.addr, "--live", "--insecure"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("destination running"), "{}", stderr(&o));
         let (status, _, err) = recv.wait();
@@ -196,6 +77,7 @@ fn wrong_seed_fails_cleanly_on_both_sides() {
             "--listen",
             "tcp:127.0.0.1:0",
             "--once",
+            "--insecure",
         ],
     );
     let o = dirs.run(&[
@@ -204,6 +86,7 @@ fn wrong_seed_fails_cleanly_on_both_sides() {
         "--to",
         &recv.addr,
         "--live",
+        "--insecure",
     ]);
     let line = assert_clean_failure(o.status, &stderr(&o), "the destination failed");
     assert!(line.contains("seed=1 was returned to RUNNING"), "{line}");
@@ -227,8 +110,9 @@ fn a_device_claimed_by_another_process_is_refused_at_once() {
     );
     let pid = recv.child.id();
     let expect = format!("is in use by another vfio-mig (pid {pid};");
+    let out = dirs.path("out");
     for args in [
-        vec!["save", dev, "-o", "/dev/null"],
+        vec!["save", dev, "-o", out.to_str().unwrap()],
         vec!["recv", dev, "--listen", "tcp:127.0.0.1:0"],
         vec!["migrate", "mock:v1,size=1M", dev],
     ] {
@@ -346,7 +230,7 @@ fn nothing_listening_fails_fast_with_the_address() {
         .unwrap()
         .port();
     let addr = format!("tcp:127.0.0.1:{port}");
-    let o = dirs.run(&["send", "mock:v1,size=1M", "--to", &addr]);
+    let o = dirs.run(&["send", "mock:v1,size=1M", "--to", &addr, "--insecure"]);
     assert_clean_failure(o.status, &stderr(&o), &format!("connect to {addr}"));
     let o = dirs.run(&["send", "mock:v1,size=1M", "--to", "udp:1.2.3.4:5"]);
     assert!(!o.status.success());
@@ -488,12 +372,21 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let recv = Recv::start(
         &dirs,
         &ns.exec(0),
-        &[dev, "--listen", &listen, "--once", "--json"],
+        &[dev, "--listen", &listen, "--once", "--json", "--insecure"],
     );
     assert_eq!(recv.addr, listen);
     let o = dirs
         .cmd(&ns.exec(1))
-        .args([BIN, "send", dev, "--to", &listen, "--live", "--json"])
+        .args([
+            BIN,
+            "send",
+            dev,
+            "--to",
+            &listen,
+            "--live",
+            "--json",
+            "--insecure",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -513,11 +406,17 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let recv = Recv::start(
         &dirs,
         &ns.exec(0),
-        &["mock:v1,size=32M,seed=13", "--listen", &listen, "--once"],
+        &[
+            "mock:v1,size=32M,seed=13",
+            "--listen",
+            &listen,
+            "--once",
+            "--insecure",
+        ],
     );
     let o = dirs
         .cmd(&ns.exec(1))
-        .args([BIN, "send", dev, "--to", &listen, "--live"])
+        .args([BIN, "send", dev, "--to", &listen, "--live", "--insecure"])
         .output()
         .unwrap();
     let line = assert_clean_failure(o.status, &stderr(&o), "the destination failed");
@@ -526,10 +425,66 @@ fn live_migration_over_tcp_between_two_network_namespaces() {
     let line = assert_clean_failure(status, &err, "RESUMING");
     assert!(line.contains("was reset"), "{line}");
 
+    // TLS across the namespaces: mutual authentication, the source's identity authorized
+    // and reported; a source certificate from another CA is refused, recv keeps waiting.
+    let pki = Pki::new(dirs.tmp.path());
+    let mut recv_args: Vec<String> = vec![
+        dev.into(),
+        "--listen".into(),
+        listen.clone(),
+        "--once".into(),
+        "--json".into(),
+        "--allow".into(),
+        "dns:src.example".into(),
+    ];
+    recv_args.extend(pki.dst.args());
+    let recv_args: Vec<&str> = recv_args.iter().map(String::as_str).collect();
+    let mut recv = Recv::start(&dirs, &ns.exec(0), &recv_args);
+    let send_tls = |leaf: &common::Leaf| {
+        let mut args: Vec<String> = vec![
+            BIN.into(),
+            "send".into(),
+            dev.into(),
+            "--to".into(),
+            listen.clone(),
+            "--live".into(),
+            "--tls-server-name".into(),
+            "dst.example".into(),
+        ];
+        args.extend(leaf.args());
+        dirs.cmd(&ns.exec(1)).args(&args).output().unwrap()
+    };
+    let o = send_tls(&pki.rogue);
+    assert_clean_failure(o.status, &stderr(&o), "refused our client certificate");
+    recv.wait_line("ignored");
+    assert!(recv.running());
+    let o = send_tls(&pki.src);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["outcome"], "resumed");
+    assert!(
+        got["source_identity"]
+            .as_str()
+            .unwrap()
+            .contains("dns:src.example"),
+        "{got}"
+    );
+
     // Nothing listens in namespace a any more: namespace b cannot reach the address.
     let o = dirs
         .cmd(&ns.exec(1))
-        .args([BIN, "send", dev, "--to", &listen, "--connect-timeout", "2"])
+        .args([
+            BIN,
+            "send",
+            dev,
+            "--to",
+            &listen,
+            "--connect-timeout",
+            "2",
+            "--insecure",
+        ])
         .output()
         .unwrap();
     assert_clean_failure(o.status, &stderr(&o), &format!("connect to {listen}"));

@@ -99,8 +99,31 @@ pub fn is_mock(device: &str) -> bool {
     device.starts_with(MOCK_PREFIX)
 }
 
+/// Words of per-page bookkeeping a mock and its decoder keep (generations, received sets).
+const WORDS_PER_PAGE: u64 = 3;
+
+/// Fails with `ENOMEM` when the per-page tables of `spec` cannot be allocated: an allocation
+/// failure later would abort the process instead of failing the command with one line.
+fn check_page_tables(spec: &MockSpec) -> io::Result<()> {
+    let pages = spec.size.div_ceil(u64::from(spec.page.max(1)));
+    let words = usize::try_from(pages.saturating_mul(WORDS_PER_PAGE)).unwrap_or(usize::MAX);
+    let mut probe: Vec<u32> = Vec::new();
+    probe.try_reserve_exact(words).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!(
+                "size {}: the mock's page tables ({} bytes) cannot be allocated; give a \
+                 smaller size or a larger page",
+                spec.size,
+                words.saturating_mul(4)
+            ),
+        )
+    })
+}
+
 /// Creates the mock device `spec` describes, and a handle to inspect it.
 pub fn open(spec: &MockSpec) -> io::Result<(Arc<dyn DeviceIo>, MockHandle)> {
+    check_page_tables(spec)?;
     match spec.protocol {
         Protocol::V1 => {
             let dev = MockV1::new(spec)?;

@@ -12,6 +12,16 @@ use nix::fcntl::{Flock, FlockArg};
 use super::DeviceKey;
 use crate::error::{Error, Result};
 
+/// Creates `dir` and its missing parents with mode 0700 (whatever the umask: the mode given
+/// to mkdir is only ever narrowed by it).
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// An exclusive lock on a device, released when dropped (or when the process dies: the
 /// kernel drops `flock` locks with the last descriptor, so a crashed command never leaves a
 /// device locked).
@@ -37,7 +47,7 @@ impl DeviceLock {
     /// process holds it, fails at once with [`Error::Busy`] naming that process. `device` is
     /// the device's name for messages.
     pub fn acquire(dir: &Path, key: &DeviceKey, device: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        private_dir(dir).map_err(|e| {
             Error::device(
                 format!(
                     "create the lock directory {} (set --lock-dir or VFIO_MIG_LOCK_DIR)",
@@ -53,7 +63,9 @@ impl DeviceLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            // Private whatever the umask, and never through a symlink planted at the path.
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::device(step(), e))?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

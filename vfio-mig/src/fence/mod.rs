@@ -12,7 +12,10 @@
 //!   and the session ids it completed ([`FenceRecord`], in `<state dir>/<key>.fence` for a keyed
 //!   device: [`StateFence`]; in memory otherwise: [`MemoryFence`]). A stream whose epoch is
 //!   below the highest is refused ("stale epoch N < M"); a stream of a completed session is
-//!   answered ALREADY_COMPLETED and not loaded again.
+//!   answered ALREADY_COMPLETED and not loaded again. An epoch becomes the highest only when
+//!   its handoff completed (the whole stream verified, COMMIT received), and one more than
+//!   [`MAX_EPOCH_LEAD`] above both the highest and the clock is refused, so a peer that opens
+//!   a session and leaves cannot fence out later handoffs.
 //!
 //! - **Shared stores.** Across hosts, one owner per device-state identity: a
 //!   [`FenceStore`] (compare-and-swap on revisions, leases) holds a [`HandoffRecord`] per
@@ -43,7 +46,9 @@ pub use handoff_record::{valid_name, ClaimRecord, ClaimRole, Completion, Handoff
 pub use key::DeviceKey;
 pub use lease::HeldLease;
 pub use lock::DeviceLock;
-pub use record::{session_hex, Admission, FenceRecord, MAX_COMPLETED, RECORD_VERSION};
+pub use record::{
+    session_hex, Admission, FenceRecord, MAX_COMPLETED, MAX_EPOCH_LEAD, RECORD_VERSION,
+};
 pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_PREFIX};
 pub use state::StateFence;
 pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
@@ -117,6 +122,8 @@ impl Fence for FenceSet {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryFence {
     record: FenceRecord,
+    /// The session admitted last and its epoch, recorded when it completes.
+    admitted: Option<(SessionId, u64)>,
 }
 
 impl MemoryFence {
@@ -133,11 +140,20 @@ impl MemoryFence {
 
 impl Fence for MemoryFence {
     fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
-        Ok(self.record.admit(header)?.0)
+        let admission = self.record.admit(header)?.0;
+        if admission == Admission::Accept {
+            self.admitted = Some((header.session_id, header.epoch));
+        }
+        Ok(admission)
     }
 
     fn complete(&mut self, session: &SessionId) -> Result<()> {
         self.record.complete(session);
+        if let Some((admitted, epoch)) = self.admitted {
+            if admitted == *session {
+                self.record.accept_epoch(epoch);
+            }
+        }
         Ok(())
     }
 

@@ -9,6 +9,12 @@ use crate::stream::StreamHeader;
 /// How many completed session ids a record keeps (the oldest are forgotten first).
 pub const MAX_COMPLETED: usize = 64;
 
+/// How far above both the highest accepted epoch and the clock (milliseconds since 1970) an
+/// epoch may be: 24 hours. Default epochs are the clock in milliseconds, and orchestrator
+/// counters are small, so only a forged or broken epoch is further ahead; accepted, it would
+/// make every real handoff to the device "stale" until the state file is removed.
+pub const MAX_EPOCH_LEAD: u64 = 24 * 60 * 60 * 1000;
+
 /// The version of the record's file format.
 pub const RECORD_VERSION: u32 = 1;
 
@@ -38,6 +44,14 @@ pub struct FenceRecord {
 
 /// The first line of a record file: a magic word and the format version.
 const RECORD_MAGIC: &str = "vfio-mig-fence";
+
+/// The system clock in milliseconds since 1970 (0 if it is before).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 /// Lower-case hex of a session id.
 pub fn session_hex(s: &SessionId) -> String {
@@ -128,11 +142,14 @@ impl FenceRecord {
         self.completed.contains(&hex)
     }
 
-    /// Applies the rules to a new stream: a completed session is answered idempotently
-    /// (whatever its epoch); an epoch below the highest accepted is refused; otherwise the
-    /// epoch becomes the highest accepted. Returns the decision and whether the record
-    /// changed.
-    pub fn admit(&mut self, header: &StreamHeader) -> Result<(Admission, bool)> {
+    /// Applies the rules to a new stream, with the clock at `now_ms` (milliseconds since
+    /// 1970): a completed session is answered idempotently (whatever its epoch); an epoch
+    /// below the highest accepted is refused, and so is one more than [`MAX_EPOCH_LEAD`]
+    /// above both the highest accepted and `now_ms`. The record does not change: the epoch
+    /// becomes the highest accepted only once the handoff completed ([`Self::accept_epoch`]),
+    /// so a peer that opens a session and goes away cannot move it. Returns the decision and
+    /// whether the record changed (never, since fencing is recorded at completion).
+    pub fn admit_at(&mut self, header: &StreamHeader, now_ms: u64) -> Result<(Admission, bool)> {
         if self.is_completed(&header.session_id) {
             return Ok((Admission::AlreadyCompleted, false));
         }
@@ -148,9 +165,38 @@ impl FenceRecord {
                 ),
             });
         }
-        let changed = header.epoch > self.highest_epoch;
-        self.highest_epoch = header.epoch;
-        Ok((Admission::Accept, changed))
+        let ceiling = self
+            .highest_epoch
+            .max(now_ms)
+            .saturating_add(MAX_EPOCH_LEAD);
+        if header.epoch > ceiling {
+            return Err(Error::Refused {
+                step: "check the session's epoch".into(),
+                code: ReasonCode::Fence,
+                detail: format!(
+                    "epoch {} is more than {MAX_EPOCH_LEAD} above both the highest accepted \
+                     epoch ({}) and the clock in milliseconds ({now_ms}): refused, it would \
+                     fence out every later handoff (session {})",
+                    header.epoch,
+                    self.highest_epoch,
+                    session_hex(&header.session_id)
+                ),
+            });
+        }
+        Ok((Admission::Accept, false))
+    }
+
+    /// [`Self::admit_at`] with the system clock.
+    pub fn admit(&mut self, header: &StreamHeader) -> Result<(Admission, bool)> {
+        self.admit_at(header, now_ms())
+    }
+
+    /// Raises the highest accepted epoch to `epoch` (never lowers it): called when a handoff
+    /// with that epoch completed. Returns whether the record changed.
+    pub fn accept_epoch(&mut self, epoch: u64) -> bool {
+        let changed = epoch > self.highest_epoch;
+        self.highest_epoch = self.highest_epoch.max(epoch);
+        changed
     }
 
     /// Records `session` as completed.
@@ -177,7 +223,8 @@ mod tests {
     #[test]
     fn epochs_only_move_forward_and_completed_sessions_are_idempotent() {
         let mut r = FenceRecord::new("mock:a");
-        assert_eq!(r.admit(&header(1, 5)).unwrap(), (Admission::Accept, true));
+        assert_eq!(r.admit(&header(1, 5)).unwrap(), (Admission::Accept, false));
+        assert!(r.accept_epoch(5));
         assert_eq!(r.admit(&header(2, 5)).unwrap(), (Admission::Accept, false));
         let e = r.admit(&header(3, 4)).unwrap_err();
         assert!(
@@ -196,12 +243,43 @@ mod tests {
         assert_eq!(r.completed.len(), 1);
         // A replay is answered idempotently even once its epoch is stale.
         r.admit(&header(9, 7)).unwrap();
+        r.accept_epoch(7);
         assert_eq!(
             r.admit(&header(2, 5)).unwrap(),
             (Admission::AlreadyCompleted, false)
         );
         r.undo_complete(&[2; 16]);
         assert!(r.admit(&header(2, 5)).is_err());
+    }
+
+    /// A forged epoch far in the future would fence out every later handoff: refused.
+    #[test]
+    fn epochs_cannot_jump_without_bound() {
+        let now = 1_700_000_000_000;
+        let mut r = FenceRecord::new("mock:a");
+        let e = r.admit_at(&header(1, u64::MAX), now).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Refused {
+                    code: ReasonCode::Fence,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("more than"), "{e}");
+        r.admit_at(&header(1, now + MAX_EPOCH_LEAD), now).unwrap();
+        assert!(r
+            .admit_at(&header(1, now + MAX_EPOCH_LEAD + 1), now)
+            .is_err());
+        // Small orchestrator counters stay fine, and the bound follows the highest epoch.
+        r.admit_at(&header(2, 3), now).unwrap();
+        r.accept_epoch(now + MAX_EPOCH_LEAD);
+        r.admit_at(&header(3, now + 2 * MAX_EPOCH_LEAD), now)
+            .unwrap();
+        // Admission alone changes nothing.
+        assert_eq!(r.highest_epoch, now + MAX_EPOCH_LEAD);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! directory, replaced atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{Admission, FenceRecord};
@@ -21,6 +22,8 @@ pub struct StateFence {
     dir: PathBuf,
     path: PathBuf,
     key: DeviceKey,
+    /// The session admitted last and its epoch, recorded when it completes.
+    admitted: Option<(SessionId, u64)>,
 }
 
 fn fence_err(step: String, detail: impl Into<String>) -> Error {
@@ -38,6 +41,7 @@ impl StateFence {
             dir: dir.to_owned(),
             path: dir.join(format!("{}.fence", key.file_stem())),
             key: key.clone(),
+            admitted: None,
         }
     }
 
@@ -50,7 +54,7 @@ impl StateFence {
     /// parse is an error, not an empty record: forgetting the fencing state would let a
     /// stale or replayed stream in.
     pub fn load(&self) -> Result<FenceRecord> {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match read_no_follow(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(FenceRecord::new(self.key.as_str()))
@@ -84,11 +88,14 @@ impl StateFence {
     pub fn store(&self, record: &FenceRecord) -> Result<()> {
         let step = || format!("write fencing state {}", self.path.display());
         let io_err = |e: io::Error| fence_err(step(), e.to_string());
-        std::fs::create_dir_all(&self.dir).map_err(io_err)?;
+        super::lock::private_dir(&self.dir).map_err(io_err)?;
+        // A fresh name each time, created with O_EXCL: an existing file or symlink there is
+        // never written through.
         let tmp = self.dir.join(format!(
-            ".{}.tmp.{}",
+            ".{}.tmp.{}.{:016x}",
             self.key.file_stem(),
-            std::process::id()
+            std::process::id(),
+            random_u64()
         ));
         if record.key.contains('\n') {
             return Err(fence_err(
@@ -98,7 +105,12 @@ impl StateFence {
         }
         let text = record.to_text();
         let written = (|| {
-            let mut f = File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
@@ -116,6 +128,28 @@ impl StateFence {
     }
 }
 
+/// Reads a file, refusing to follow a symlink at its path.
+fn read_no_follow(path: &Path) -> io::Result<String> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// 64 random bits for a temporary name (the time if the random source fails).
+fn random_u64() -> u64 {
+    match crate::engine::session::new_session_id() {
+        Ok(id) => id.iter().take(8).fold(0, |a, b| a << 8 | u64::from(*b)),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
 impl Fence for StateFence {
     fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
         let mut record = self.load()?;
@@ -123,12 +157,21 @@ impl Fence for StateFence {
         if changed {
             self.store(&record)?;
         }
+        if admission == Admission::Accept {
+            self.admitted = Some((header.session_id, header.epoch));
+        }
         Ok(admission)
     }
 
     fn complete(&mut self, session: &SessionId) -> Result<()> {
         let mut record = self.load()?;
         record.complete(session);
+        // The epoch counts from now on: the handoff that carried it completed.
+        if let Some((admitted, epoch)) = self.admitted {
+            if admitted == *session {
+                record.accept_epoch(epoch);
+            }
+        }
         self.store(&record)
     }
 
@@ -149,6 +192,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = DeviceKey::from_text("mock:x");
         let mut f = StateFence::new(&dir.path().join("state"), &key);
+        assert!(!f.path().exists());
+        // Admitted but never completed: the epoch is not recorded.
+        assert_eq!(f.admit(&header(3, 20)).unwrap(), Admission::Accept);
+        assert_eq!(f.highest_epoch().unwrap(), 0);
         assert_eq!(f.admit(&header(1, 10)).unwrap(), Admission::Accept);
         f.complete(&[1; 16]).unwrap();
         let mut g = StateFence::new(&dir.path().join("state"), &key);

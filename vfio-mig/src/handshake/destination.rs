@@ -56,7 +56,7 @@ fn reason_code(e: &Error) -> ReasonCode {
 
 /// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
 /// still sends until it closes (at most [`DRAIN_TIME`]).
-fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
+fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message, drain: Duration) {
     if let Err(e) = write_message(tx, msg, "end the session") {
         log::debug!("{}", Report(&e));
         return;
@@ -64,7 +64,7 @@ fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message) {
     let _ = tx.shutdown(Shutdown::Write);
     let started = Instant::now();
     let mut sink = vec![0u8; SOCKET_BUFFER];
-    while started.elapsed() < DRAIN_TIME {
+    while started.elapsed() < drain {
         match rx.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
@@ -80,7 +80,12 @@ fn release(fence: &mut dyn Fence, session: &SessionId) {
 }
 
 fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: String) -> Error {
-    send_final(tx, rx, &Message::Refuse(Reason::new(code, detail.clone())));
+    send_final(
+        tx,
+        rx,
+        &Message::Refuse(Reason::new(code, detail.clone())),
+        DRAIN_TIME,
+    );
     Error::Refused {
         step: "handshake".into(),
         code,
@@ -133,26 +138,65 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
     }
 }
 
-/// Receives a migration into `dev` from the source at the other end of `conn`.
-///
-/// Reads HELLO and the stream header, then checks, before the device is touched: one device
-/// in the stream, known features, the device's protocol and model ([`check_compatible`]),
-/// and the fencing state ([`Fence::admit`]: a completed session is answered
-/// ALREADY_COMPLETED, a stale epoch REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the
-/// pre-copy data, LOADED after the trailer), COMMIT from the source, the completion record,
-/// the resume, and RESUMED.
-///
-/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
-/// completion record is withdrawn, and FAILED tells the source why.
-pub fn receive<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    conn: C,
-    fence: &mut dyn Fence,
-    obs: &dyn Observer,
-) -> Result<RecvOutcome> {
+/// What a source opened a session with: its HELLO and stream header, read and decoded, the
+/// device not yet touched. Made by [`open_session`]; ended by [`receive_opened`] (the
+/// session) or [`Opening::refuse`] (turned away: busy, not authorized).
+pub struct Opening<C: Duplex> {
+    tx: C,
+    reader: StreamReader<BufReader<C>>,
+    features: u32,
+    header: StreamHeader,
+}
+
+impl<C: Duplex> std::fmt::Debug for Opening<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opening")
+            .field("features", &self.features)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Duplex> Opening<C> {
+    /// The stream header the source sent.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// The connection (the handle answers go out on): its peer, its TLS identities, or a
+    /// clone to shut down.
+    pub fn connection(&self) -> &C {
+        &self.tx
+    }
+
+    /// Turns the source away before anything touched a device: REFUSE with `code` and
+    /// `detail`, then the connection ends (what the source still sends is read and dropped
+    /// for at most `drain`, so that it reads the reason rather than a reset).
+    pub fn refuse(mut self, code: ReasonCode, detail: String, drain: Duration) -> Error {
+        let msg = Message::Refuse(Reason::new(code, detail.clone()));
+        send_final(&mut self.tx, self.reader.get_mut(), &msg, drain);
+        Error::Refused {
+            step: "handshake".into(),
+            code,
+            detail,
+        }
+    }
+}
+
+/// Reads a source's HELLO and stream header from `conn`, all of it before `deadline` (if
+/// given) however the source spaces its bytes ([`Duplex::set_deadline`]). Nothing touches a
+/// device. A HELLO or header that does not decode is answered REFUSE; a connection closed
+/// before its first byte is a transport error of kind [`std::io::ErrorKind::UnexpectedEof`]
+/// at step "handshake: wait for HELLO" (a probe, not a session).
+pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Opening<C>> {
     let mut tx = conn
         .try_clone()
         .map_err(|e| Error::transport("clone the connection", e))?;
+    let mut conn = conn;
+    if deadline.is_some() {
+        conn.set_deadline(deadline)
+            .map_err(|e| Error::transport("set the handshake deadline", e))?;
+    }
     let mut rx = BufReader::with_capacity(SOCKET_BUFFER, conn);
 
     let features = match read_message(&mut rx, "handshake: wait for HELLO") {
@@ -185,6 +229,54 @@ pub fn receive<C: Duplex>(
         }
         Err(e) => return Err(e),
     };
+    if deadline.is_some() {
+        reader
+            .get_mut()
+            .get_mut()
+            .set_deadline(None)
+            .map_err(|e| Error::transport("clear the handshake deadline", e))?;
+    }
+    Ok(Opening {
+        tx,
+        reader,
+        features,
+        header,
+    })
+}
+
+/// Receives a migration into `dev` from the source at the other end of `conn`:
+/// [`open_session`] without a deadline, then [`receive_opened`].
+pub fn receive<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    conn: C,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    receive_opened(devs, open_session(conn, None)?, fence, obs)
+}
+
+/// Runs an opened session into `devs`.
+///
+/// Checks, before the device is touched: one device in the stream per device given, known
+/// features, the device's protocol and model ([`check_compatible`]), and the fencing state
+/// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
+/// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
+/// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.
+///
+/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
+/// completion record is withdrawn, and FAILED tells the source why.
+pub fn receive_opened<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    opening: Opening<C>,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    let Opening {
+        mut tx,
+        mut reader,
+        features,
+        header,
+    } = opening;
     let checks = (|| -> std::result::Result<Admission, (ReasonCode, String)> {
         if features & !KNOWN_FEATURES != 0 {
             return Err((
@@ -229,7 +321,7 @@ pub fn receive<C: Duplex>(
         Ok(Admission::Accept) => {}
         Ok(Admission::AlreadyCompleted) => {
             let msg = Message::AlreadyCompleted { session };
-            send_final(&mut tx, reader.get_mut(), &msg);
+            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
             return Ok(RecvOutcome::AlreadyCompleted { header });
         }
         Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
@@ -274,7 +366,7 @@ pub fn receive<C: Duplex>(
             release(gate.fence, &session);
             let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(reason_code(&e), Report(&e).to_string()));
-            send_final(&mut tx, reader.get_mut(), &msg);
+            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
             Err(e)
         }
     }

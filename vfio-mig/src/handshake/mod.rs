@@ -36,7 +36,7 @@ mod local;
 mod message;
 mod source;
 
-pub use destination::{load_fenced, receive, RecvOutcome};
+pub use destination::{load_fenced, open_session, receive, receive_opened, Opening, RecvOutcome};
 pub use local::{migrate_local, migrate_pair, migrate_pairs, MigrateReport};
 pub use message::{
     read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,

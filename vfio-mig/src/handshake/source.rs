@@ -13,7 +13,7 @@ use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::stream::{StreamHeader, StreamWriter};
-use crate::transport::{readable_now, Duplex, SOCKET_BUFFER};
+use crate::transport::{Duplex, SOCKET_BUFFER};
 
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ struct Watched<C: Duplex>(C);
 
 impl<C: Duplex> Watched<C> {
     fn check(&self) -> io::Result<()> {
-        if readable_now(self.0.as_fd())? {
+        if self.0.readable_now()? {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the destination ended the session",
@@ -91,7 +91,7 @@ fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
     let Error::Transport { step, .. } = &err else {
         return err;
     };
-    if !readable_now(rx.as_fd()).unwrap_or(false) {
+    if !rx.readable_now().unwrap_or(false) {
         return err;
     }
     match read_message(rx, "read the destination's reason") {
@@ -170,7 +170,7 @@ pub fn send<C: Duplex>(
             read_message(&mut rx, "handshake: wait for the destination's answer").map(|m| (out, m))
         }
         // The destination may have refused (and closed) while we wrote.
-        Err(e) if readable_now(rx.as_fd()).unwrap_or(false) => {
+        Err(e) if rx.readable_now().unwrap_or(false) => {
             match read_message(&mut rx, "handshake: read the destination's answer") {
                 Ok(m @ Message::Refuse(_)) => return refused(&m),
                 _ => Err(e),

@@ -17,8 +17,10 @@ pub type SessionId = [u8; 16];
 
 /// Magic bytes a stream starts with.
 pub const MAGIC: [u8; 8] = *b"VFIOMIG\0";
-/// The format version this code writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this code writes and the only one it reads. Version 2 added the
+/// header flags, the binding of every record's CRC to the stream's session id, and the
+/// optional authentication tags.
+pub const FORMAT_VERSION: u16 = 2;
 /// Largest number of devices a stream may carry.
 pub const MAX_DEVICES: usize = 64;
 /// Largest length, in bytes, of a device model name.
@@ -26,19 +28,23 @@ pub const MAX_MODEL_LEN: usize = 256;
 /// Largest payload of one DATA record (1 MiB). A reader buffers one record whole, so this
 /// also bounds the reader's memory.
 pub const MAX_FRAGMENT: usize = 1 << 20;
-/// Length of the fixed part of the stream header (magic, version, count, session, epoch).
-pub const HEADER_FIXED_LEN: usize = 36;
+/// Length of the fixed part of the stream header (magic, version, count, session, epoch,
+/// flags).
+pub const HEADER_FIXED_LEN: usize = 40;
+/// Header flag: an HMAC-SHA256 tag ([`super::mac::TAG_LEN`] bytes) follows the header and
+/// every record ([`super::StreamKey`]).
+pub const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
 /// Length of the fixed part of a device descriptor (before the model name).
 pub const DESCRIPTOR_FIXED_LEN: usize = 12;
 /// Length of a CRC32C field.
 pub const CRC_LEN: usize = 4;
-/// Largest possible stream header, in bytes.
+/// Largest possible stream header, in bytes (its tag not included).
 pub const MAX_HEADER_LEN: usize =
     HEADER_FIXED_LEN + MAX_DEVICES * (DESCRIPTOR_FIXED_LEN + MAX_MODEL_LEN) + CRC_LEN;
 /// Length of a record header.
 pub const RECORD_HEADER_LEN: usize = 24;
-/// Offset of the CRC within a record header; the CRC covers the bytes before it and the
-/// payload.
+/// Offset of the CRC within a record header; the CRC covers the stream's session id, the
+/// bytes before it and the payload.
 pub const RECORD_CRC_OFFSET: usize = 20;
 /// Length of the fixed part of the trailer payload (the record count).
 pub const TRAILER_FIXED_LEN: usize = 8;
@@ -251,7 +257,25 @@ pub(crate) fn check_header_fixed(fixed: &[u8; HEADER_FIXED_LEN]) -> Result<usize
             "device count {count} out of range 1..={MAX_DEVICES}"
         )));
     }
+    let flags = header_flags(fixed);
+    if flags & !HEADER_FLAG_AUTHENTICATED != 0 {
+        return Err(header_err(format!("unknown header flags {flags:#010x}")));
+    }
     Ok(count)
+}
+
+/// The header flags of a fixed header part (checked by [`check_header_fixed`]).
+pub(crate) fn header_flags(fixed: &[u8; HEADER_FIXED_LEN]) -> u32 {
+    le_u32(fixed, 36)
+}
+
+/// The CRC32C of a record: the session id, the record header before its CRC, the payload.
+/// The session id binds every record to its stream: a record copied from another stream
+/// fails its CRC.
+pub(crate) fn record_crc(session: &SessionId, head: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(session);
+    let crc = crc32c::crc32c_append(crc, head.get(..RECORD_CRC_OFFSET).unwrap_or(head));
+    crc32c::crc32c_append(crc, payload)
 }
 
 /// Checks the fixed part of descriptor `index` and returns its model length.
@@ -307,8 +331,13 @@ impl StreamHeader {
         Ok(())
     }
 
-    /// The encoded header, CRC included.
+    /// The encoded header, CRC included, with no flags (not authenticated).
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_with_flags(0)
+    }
+
+    /// The encoded header with header `flags`, CRC included.
+    pub(crate) fn encode_with_flags(&self, flags: u32) -> Result<Vec<u8>> {
         self.validate()?;
         let len = HEADER_FIXED_LEN
             + self
@@ -323,6 +352,7 @@ impl StreamHeader {
         out.extend_from_slice(&self.device_count().to_le_bytes());
         out.extend_from_slice(&self.session_id);
         out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
         for d in &self.devices {
             out.push(protocol_wire(d.protocol));
             out.push(if d.live { DEVICE_FLAG_LIVE } else { 0 });
@@ -530,9 +560,10 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Encodes this header for `payload`, computing the CRC over the header's first
-    /// [`RECORD_CRC_OFFSET`] bytes and `payload`. `payload_len` must equal `payload.len()`.
-    pub fn encode(&self, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    /// Encodes this header for `payload` of the stream `session`, computing the CRC over the
+    /// session id, the header's first [`RECORD_CRC_OFFSET`] bytes and `payload`.
+    /// `payload_len` must equal `payload.len()`.
+    pub fn encode(&self, session: &SessionId, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0] = self.kind.wire();
         h[1] = if self.chunk_end {
@@ -544,7 +575,7 @@ impl RecordHeader {
         h[4] = self.phase.map_or(0, Phase::wire);
         h[8..16].copy_from_slice(&self.sequence.to_le_bytes());
         h[16..20].copy_from_slice(&self.payload_len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..RECORD_CRC_OFFSET]), payload);
+        let crc = record_crc(session, &h, payload);
         h[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         h
     }
@@ -602,11 +633,14 @@ impl RawRecordHeader {
     }
 
     /// The stored and the computed CRC of this header with `payload`.
-    pub(crate) fn crc(&self, payload: &[u8]) -> (u32, u32) {
+    pub(crate) fn crc(&self, session: &SessionId, payload: &[u8]) -> (u32, u32) {
         let stored = le_u32(&self.bytes, RECORD_CRC_OFFSET);
-        let computed =
-            crc32c::crc32c_append(crc32c::crc32c(&self.bytes[..RECORD_CRC_OFFSET]), payload);
-        (stored, computed)
+        (stored, record_crc(session, &self.bytes, payload))
+    }
+
+    /// The raw bytes (for the tag).
+    pub(crate) fn bytes(&self) -> &[u8; RECORD_HEADER_LEN] {
+        &self.bytes
     }
 
     /// Checks the fields other than the length; run after the CRC matched.
@@ -816,9 +850,12 @@ pub(crate) mod tests {
     use super::*;
 
     /// A header of `n` devices, device `i` LIVE if `live(i)`.
+    /// The session of the test headers.
+    pub(crate) const TEST_SESSION: SessionId = *b"0123456789abcdef";
+
     pub(crate) fn header(n: usize, live: impl Fn(usize) -> bool) -> StreamHeader {
         StreamHeader {
-            session_id: *b"0123456789abcdef",
+            session_id: TEST_SESSION,
             epoch: 7,
             devices: (0..n)
                 .map(|i| DeviceDescriptor {
@@ -851,7 +888,7 @@ pub(crate) mod tests {
         h[4] = phase;
         h[8..16].copy_from_slice(&seq.to_le_bytes());
         h[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), payload);
+        let crc = record_crc(&TEST_SESSION, &h, payload);
         h[20..].copy_from_slice(&crc.to_le_bytes());
         let mut v = h.to_vec();
         v.extend_from_slice(payload);
@@ -891,10 +928,10 @@ pub(crate) mod tests {
         assert!(detail(StreamHeader::decode(&b).unwrap_err()).contains("bad magic"));
 
         let mut b = good.clone();
-        b[8] = 2;
+        b[8] = 3;
         fix_header_crc(&mut b);
         let e = detail(StreamHeader::decode(&b).unwrap_err());
-        assert!(e.contains("unsupported stream format version 2"), "{e}");
+        assert!(e.contains("unsupported stream format version 3"), "{e}");
 
         for count in [0u16, 65] {
             let mut b = good.clone();
@@ -907,19 +944,25 @@ pub(crate) mod tests {
         }
 
         let mut b = good.clone();
-        b[36] = 3;
+        b[36] = 2; // an unknown header flag
+        fix_header_crc(&mut b);
+        let e = detail(StreamHeader::decode(&b).unwrap_err());
+        assert!(e.contains("unknown header flags 0x00000002"), "{e}");
+
+        let mut b = good.clone();
+        b[40] = 3;
         fix_header_crc(&mut b);
         let e = detail(StreamHeader::decode(&b).unwrap_err());
         assert!(e.contains("device 0: unknown protocol 3"), "{e}");
 
         let mut b = good.clone();
-        b[37] = 0x3;
+        b[41] = 0x3;
         fix_header_crc(&mut b);
         let e = detail(StreamHeader::decode(&b).unwrap_err());
         assert!(e.contains("unknown descriptor flags 0x03"), "{e}");
 
         let mut b = good.clone();
-        b[36] = 1; // v1 with the v2 flags of device 0
+        b[40] = 1; // v1 with the v2 flags of device 0
         fix_header_crc(&mut b);
         let e = detail(StreamHeader::decode(&b).unwrap_err());
         assert!(
@@ -928,13 +971,13 @@ pub(crate) mod tests {
         );
 
         let mut b = good.clone();
-        b[48] = 0xff; // first model byte
+        b[52] = 0xff; // first model byte
         fix_header_crc(&mut b);
         let e = detail(StreamHeader::decode(&b).unwrap_err());
         assert!(e.contains("not UTF-8"), "{e}");
 
         let mut b = good.clone();
-        b[38..40].copy_from_slice(&0u16.to_le_bytes());
+        b[42..44].copy_from_slice(&0u16.to_le_bytes());
         let e = detail(StreamHeader::decode(&b).unwrap_err());
         assert!(e.contains("model length 0 out of range"), "{e}");
 
@@ -975,9 +1018,9 @@ pub(crate) mod tests {
             sequence: 42,
             payload_len: 5,
         };
-        let raw = RawRecordHeader::new(h.encode(payload));
+        let raw = RawRecordHeader::new(h.encode(&TEST_SESSION, payload));
         assert_eq!(raw.checked_payload_len(2), Ok(5));
-        let (stored, computed) = raw.crc(payload);
+        let (stored, computed) = raw.crc(&TEST_SESSION, payload);
         assert_eq!(stored, computed);
         assert_eq!(raw.validate(2), Ok(h));
         assert!(raw.validate(1).unwrap_err().contains("device 1"));

@@ -11,9 +11,11 @@
 //! - END_OF_PHASE records close a device's pre-copy (LIVE devices only) or stop-copy phase.
 //! - The TRAILER carries the record count and per-device totals, which the reader checks.
 //!
-//! Every record carries a sequence number and a CRC32C over its header and payload; the
-//! reader checks a record whole before handing it out, so no unverified byte reaches a
-//! device. [`StreamWriter`] and [`StreamReader`] enforce the same ordering rules, so the
+//! Every record carries a sequence number and a CRC32C over the stream's session id, its
+//! header and payload (the session id binds a record to its stream); the reader checks a
+//! record whole before handing it out, so no unverified byte reaches a device. With a
+//! [`StreamKey`], an HMAC-SHA256 tag follows the header and every record, and a reader with
+//! the key refuses any stream the key did not authenticate. [`StreamWriter`] and [`StreamReader`] enforce the same ordering rules, so the
 //! library cannot write a stream it would refuse to read. The format is described byte by
 //! byte in `docs/stream-format.md`.
 //!
@@ -54,6 +56,7 @@
 //! ```
 
 pub mod format;
+pub mod mac;
 pub mod reader;
 pub mod writer;
 
@@ -61,7 +64,11 @@ pub use format::{
     DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordKind, SessionId, StreamHeader, Totals,
     FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, MAX_MODEL_LEN,
 };
-pub use reader::{verify, DeviceSummary, PhaseSummary, Record, StreamReader, StreamSummary};
+pub use mac::StreamKey;
+pub use reader::{
+    verify, verify_keyed, Authentication, DeviceSummary, PhaseSummary, Record, StreamReader,
+    StreamSummary,
+};
 pub use writer::StreamWriter;
 
 #[cfg(test)]
@@ -80,7 +87,24 @@ mod tests {
                 model: "mock:v1".into(),
             }],
         };
-        let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
+        example_with(&header, None)
+    }
+
+    fn example_header(session: u8) -> StreamHeader {
+        StreamHeader {
+            session_id: [session; 16],
+            epoch: 1,
+            devices: vec![DeviceDescriptor {
+                protocol: Protocol::V1,
+                live: true,
+                migration_flags: 0,
+                model: "mock:v1".into(),
+            }],
+        }
+    }
+
+    fn example_with(header: &StreamHeader, key: Option<&StreamKey>) -> Vec<u8> {
+        let mut w = StreamWriter::with_key(Vec::new(), header, key).unwrap();
         w.data(0, Phase::PreCopy, b"hello", true).unwrap();
         w.end_phase(0, Phase::PreCopy).unwrap();
         w.data(0, Phase::StopCopy, b"ab", false).unwrap();
@@ -116,27 +140,115 @@ mod tests {
         let bytes = example();
         let dump = hexdump(&bytes);
         println!("{dump}");
-        let expected = r#"00000000  56 46 49 4f 4d 49 47 00 01 00 01 00 00 11 22 33  VFIOMIG......."3
+        let expected = r#"00000000  56 46 49 4f 4d 49 47 00 02 00 01 00 00 11 22 33  VFIOMIG......."3
 00000010  44 55 66 77 88 99 aa bb cc dd ee ff 01 00 00 00  DUfw............
-00000020  00 00 00 00 01 01 07 00 00 00 00 00 00 00 00 00  ................
-00000030  6d 6f 63 6b 3a 76 31 ee a2 f7 c5 01 01 00 00 01  mock:v1.........
-00000040  00 00 00 00 00 00 00 00 00 00 00 05 00 00 00 7c  ...............|
-00000050  12 32 71 68 65 6c 6c 6f 02 00 00 00 01 00 00 00  .2qhello........
-00000060  01 00 00 00 00 00 00 00 00 00 00 00 8a 60 3f 11  .............`?.
-00000070  01 00 00 00 02 00 00 00 02 00 00 00 00 00 00 00  ................
-00000080  02 00 00 00 6c c8 f6 10 61 62 01 01 00 00 02 00  ....l...ab......
-00000090  00 00 03 00 00 00 00 00 00 00 01 00 00 00 ea 15  ................
-000000a0  2b 50 63 02 00 00 00 02 00 00 00 04 00 00 00 00  +Pc.............
-000000b0  00 00 00 00 00 00 00 89 84 71 f6 03 00 00 00 00  .........q......
-000000c0  00 00 00 05 00 00 00 00 00 00 00 20 00 00 00 5f  ........... ..._
-000000d0  4e 2b 11 05 00 00 00 00 00 00 00 05 00 00 00 00  N+..............
-000000e0  00 00 00 03 00 00 00 00 00 00 00 02 00 00 00 00  ................
-000000f0  00 00 00                                         ...
+00000020  00 00 00 00 00 00 00 00 01 01 07 00 00 00 00 00  ................
+00000030  00 00 00 00 6d 6f 63 6b 3a 76 31 94 0d f9 a5 01  ....mock:v1.....
+00000040  01 00 00 01 00 00 00 00 00 00 00 00 00 00 00 05  ................
+00000050  00 00 00 70 0c b0 1b 68 65 6c 6c 6f 02 00 00 00  ...p...hello....
+00000060  01 00 00 00 01 00 00 00 00 00 00 00 00 00 00 00  ................
+00000070  b5 b5 6d 74 01 00 00 00 02 00 00 00 02 00 00 00  ..mt............
+00000080  00 00 00 00 02 00 00 00 f7 40 e3 51 61 62 01 01  .........@.Qab..
+00000090  00 00 02 00 00 00 03 00 00 00 00 00 00 00 01 00  ................
+000000a0  00 00 aa 32 be 3e 63 02 00 00 00 02 00 00 00 04  ...2.>c.........
+000000b0  00 00 00 00 00 00 00 00 00 00 00 b6 51 23 93 03  ............Q#..
+000000c0  00 00 00 00 00 00 00 05 00 00 00 00 00 00 00 20  ............... 
+000000d0  00 00 00 a9 57 8e 61 05 00 00 00 00 00 00 00 05  ....W.a.........
+000000e0  00 00 00 00 00 00 00 03 00 00 00 00 00 00 00 02  ................
+000000f0  00 00 00 00 00 00 00                             .......
 "#;
         assert_eq!(dump, expected);
-        // Header 59, six record headers, payloads "hello" "ab" "c" and the 32-byte trailer.
-        assert_eq!(bytes.len(), 59 + 6 * 24 + 5 + 2 + 1 + 32);
+        // Header 63, six record headers, payloads "hello" "ab" "c" and the 32-byte trailer.
+        assert_eq!(bytes.len(), 63 + 6 * 24 + 5 + 2 + 1 + 32);
         let summary = verify(bytes.as_slice()).unwrap();
         assert_eq!(summary.totals.records, 5);
+    }
+
+    /// Offsets in the example stream (one device, model "mock:v1").
+    const HEADER_LEN: usize = 63;
+    /// The first record: header 24 bytes, payload "hello".
+    const FIRST_RECORD: std::ops::Range<usize> = HEADER_LEN..HEADER_LEN + 24 + 5;
+
+    /// Records are bound to their stream: the same record (same position, same bytes) from a
+    /// stream with another session id fails its CRC, without any key.
+    #[test]
+    fn a_record_of_another_stream_is_refused_without_a_key() {
+        let a = example_with(&example_header(1), None);
+        let b = example_with(&example_header(2), None);
+        let mut spliced = a.clone();
+        spliced[FIRST_RECORD].copy_from_slice(&b[FIRST_RECORD]);
+        assert_ne!(spliced, a);
+        let e = verify(spliced.as_slice()).unwrap_err().to_string();
+        assert!(e.contains("read stream record 0: CRC mismatch"), "{e}");
+        assert!(e.contains("another stream"), "{e}");
+        // And another stream's header in front of these records.
+        let mut spliced = a.clone();
+        spliced[..HEADER_LEN].copy_from_slice(&b[..HEADER_LEN]);
+        assert!(verify(spliced.as_slice()).is_err());
+    }
+
+    /// With a key, `verify_keyed` (and so `load` and `inspect`) refuse a forged stream, a
+    /// changed record whose CRC was recomputed, a header whose session id was re-forged, a
+    /// stream made with another key, and one with no tags at all.
+    #[test]
+    fn forged_and_reforged_streams_are_refused_with_the_key() {
+        let key = StreamKey::new(&[0x5a; 32]).unwrap();
+        let good = example_with(&example_header(1), Some(&key));
+        let summary = verify_keyed(good.as_slice(), Some(&key)).unwrap();
+        assert_eq!(summary.authentication, Authentication::Verified);
+        // Without the key the tags are skipped, and say so.
+        let summary = verify(good.as_slice()).unwrap();
+        assert_eq!(summary.authentication, Authentication::NotChecked);
+
+        // A forger without the key: an unauthenticated stream.
+        let plain = example_with(&example_header(1), None);
+        let e = verify_keyed(plain.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not authenticated"), "{e}");
+        // ... or one under another key.
+        let other = StreamKey::new(&[0x5b; 32]).unwrap();
+        let forged = example_with(&example_header(1), Some(&other));
+        let e = verify_keyed(forged.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream header: authentication failed"), "{e}");
+
+        // A payload byte changed and the record's CRC recomputed, as a forger would.
+        let mut changed = good.clone();
+        let rec = HEADER_LEN + 32; // after the header's tag
+        changed[rec + 24] ^= 1;
+        let crc = format::record_crc(
+            &[1; 16],
+            &changed[rec..rec + 24],
+            &changed[rec + 24..rec + 29],
+        );
+        changed[rec + 20..rec + 24].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            verify(changed.as_slice()).is_ok(),
+            "the CRC alone is satisfied"
+        );
+        let e = verify_keyed(changed.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("read stream record 0: authentication failed"),
+            "{e}"
+        );
+
+        // The session id re-forged (to replay the file as a new session), CRC recomputed.
+        let mut reforged = good.clone();
+        reforged[12] ^= 0xff;
+        format::tests::fix_header_crc(&mut reforged[..HEADER_LEN]);
+        let e = verify_keyed(reforged.as_slice(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream header: authentication failed"), "{e}");
+
+        // Truncated before the trailer: refused whatever the tags say.
+        let e = verify_keyed(&good[..good.len() - 70], Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 }

@@ -4,10 +4,11 @@
 use std::io::{self, Read};
 
 use super::format::{
-    check_descriptor_fixed, check_header_fixed, RawRecordHeader, RecordKind, StreamHeader, Totals,
-    Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN, MAX_MODEL_LEN,
-    RECORD_HEADER_LEN,
+    check_descriptor_fixed, check_header_fixed, header_flags, RawRecordHeader, RecordKind,
+    StreamHeader, Totals, Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN,
+    HEADER_FLAG_AUTHENTICATED, MAX_MODEL_LEN, RECORD_HEADER_LEN,
 };
+use super::mac::{StreamKey, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
@@ -70,6 +71,10 @@ enum State {
 pub struct StreamReader<R: Read> {
     r: R,
     header: StreamHeader,
+    /// The stream carries tags (header flag AUTHENTICATED).
+    authenticated: bool,
+    /// The key the tags are checked with (`None`: tags are skipped, not checked).
+    key: Option<StreamKey>,
     tracker: Tracker,
     buf: Vec<u8>,
     bytes_read: u64,
@@ -125,7 +130,16 @@ fn read_header_part<R: Read>(r: &mut R, buf: &mut [u8], count: &mut u64) -> Resu
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the stream header (magic, version, device count, descriptors, CRC);
     /// returns the reader and a copy of the header (also available as [`Self::header`]).
-    pub fn open(mut r: R) -> Result<(Self, StreamHeader)> {
+    /// The tags of an authenticated stream are skipped, not checked (see
+    /// [`Self::is_authenticated`] and [`Self::open_keyed`]).
+    pub fn open(r: R) -> Result<(Self, StreamHeader)> {
+        Self::open_keyed(r, None)
+    }
+
+    /// As [`Self::open`]; with a `key`, the stream must be authenticated with it: the
+    /// header's tag is checked here and every record's before the record is returned, so no
+    /// byte that the key did not authenticate reaches a device.
+    pub fn open_keyed(mut r: R, key: Option<&StreamKey>) -> Result<(Self, StreamHeader)> {
         let mut count = 0u64;
         let mut fixed = [0u8; HEADER_FIXED_LEN];
         read_header_part(&mut r, &mut fixed, &mut count)?;
@@ -146,8 +160,30 @@ impl<R: Read> StreamReader<R> {
         read_header_part(&mut r, &mut crc, &mut count)?;
         raw.extend_from_slice(&crc);
         let (header, _) = StreamHeader::decode(&raw)?;
+        let authenticated = header_flags(&fixed) & HEADER_FLAG_AUTHENTICATED != 0;
+        if authenticated {
+            let mut tag = [0u8; TAG_LEN];
+            read_header_part(&mut r, &mut tag, &mut count)?;
+            if let Some(k) = key {
+                if !k.header_ok(&raw, &tag) {
+                    return Err(Error::stream(
+                        "stream header",
+                        "authentication failed: the header's tag does not match the key (a \
+                         forged or altered stream, or another key)",
+                    ));
+                }
+            }
+        } else if key.is_some() {
+            return Err(Error::stream(
+                "stream header",
+                "the stream is not authenticated, but a key was given: refusing it (it may \
+                 have been forged, or saved without --key-file)",
+            ));
+        }
         let reader = StreamReader {
             r,
+            authenticated,
+            key: key.cloned(),
             tracker: Tracker::new(&header),
             header: header.clone(),
             buf: Vec::new(),
@@ -160,6 +196,17 @@ impl<R: Read> StreamReader<R> {
     /// The stream header.
     pub fn header(&self) -> &StreamHeader {
         &self.header
+    }
+
+    /// Whether the stream carries authentication tags (they are checked only when the
+    /// reader was opened with a key).
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Whether the tags were checked against a key.
+    pub fn is_verified(&self) -> bool {
+        self.key.is_some()
     }
 
     /// Bytes consumed so far (header and records), for progress reporting.
@@ -256,11 +303,33 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         let payload = &*payload;
-        let (stored, computed) = raw.crc(payload);
+        let session = self.header.session_id;
+        let (stored, computed) = raw.crc(&session, payload);
         if stored != computed {
             return Err(err(format!(
-                "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt record"
+                "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt \
+                 record, or a record of another stream"
             )));
+        }
+        if self.authenticated {
+            let mut tag = [0u8; TAG_LEN];
+            let got = read_full(&mut self.r, &mut tag, &mut self.bytes_read)
+                .map_err(|e| Error::transport(step(), e))?;
+            if got < TAG_LEN {
+                return Err(err(format!(
+                    "truncated stream: the record's tag ends after {got} of {TAG_LEN} bytes; \
+                     {last_good}"
+                )));
+            }
+            if let Some(k) = &self.key {
+                if !k.record_ok(&session, raw.bytes(), payload, &tag) {
+                    return Err(err(
+                        "authentication failed: the record's tag does not match the key (a \
+                         forged, altered or foreign record)"
+                            .into(),
+                    ));
+                }
+            }
         }
         let h = raw.validate(device_count).map_err(err)?;
         if h.sequence != seq {
@@ -384,12 +453,37 @@ pub struct DeviceSummary {
     pub stop_copy: PhaseSummary,
 }
 
+/// The authentication of a stream, as [`verify_keyed`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum Authentication {
+    /// No tags: anybody could have written or changed it (its CRCs only catch accidents).
+    None,
+    /// Tags present but not checked (no key given).
+    NotChecked,
+    /// Every tag checked against the key.
+    Verified,
+}
+
+impl std::fmt::Display for Authentication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Authentication::None => "not authenticated",
+            Authentication::NotChecked => "authenticated (HMAC-SHA256), not checked: no key given",
+            Authentication::Verified => "authenticated (HMAC-SHA256), verified with the key",
+        })
+    }
+}
+
 /// What [`verify`] found in a valid stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct StreamSummary {
     /// The stream format version.
     pub format_version: u16,
+    /// Whether the stream is authenticated, and whether its tags were checked.
+    pub authentication: Authentication,
     /// The header.
     pub header: StreamHeader,
     /// Length of the header in bytes.
@@ -408,6 +502,7 @@ impl std::fmt::Display for StreamSummary {
         let h = &self.header;
         let session: String = h.session_id.iter().map(|b| format!("{b:02x}")).collect();
         writeln!(f, "vfio-mig stream, format version {}", self.format_version)?;
+        writeln!(f, "{}", self.authentication)?;
         writeln!(f, "session {session}, epoch {}", h.epoch)?;
         writeln!(
             f,
@@ -441,7 +536,12 @@ impl std::fmt::Display for StreamSummary {
 /// Reads and checks a whole stream without a device (for `inspect`): header, every record's
 /// CRC and ordering, the trailer, and EOF after it.
 pub fn verify<R: Read>(r: R) -> Result<StreamSummary> {
-    let (mut reader, header) = StreamReader::open(r)?;
+    verify_keyed(r, None)
+}
+
+/// As [`verify`]; with a `key`, the stream must also be authenticated with it.
+pub fn verify_keyed<R: Read>(r: R, key: Option<&StreamKey>) -> Result<StreamSummary> {
+    let (mut reader, header) = StreamReader::open_keyed(r, key)?;
     let header_bytes = reader.bytes_read();
     let mut devices = vec![DeviceSummary::default(); header.devices.len()];
     let mut open_chunk = vec![0u64; header.devices.len()];
@@ -478,6 +578,11 @@ pub fn verify<R: Read>(r: R) -> Result<StreamSummary> {
     reader.finish()?;
     Ok(StreamSummary {
         format_version: FORMAT_VERSION,
+        authentication: match (reader.is_authenticated(), reader.is_verified()) {
+            (false, _) => Authentication::None,
+            (true, false) => Authentication::NotChecked,
+            (true, true) => Authentication::Verified,
+        },
         header,
         header_bytes,
         total_bytes,
@@ -727,7 +832,7 @@ mod tests {
         b[8] = 9;
         assert!(err_of(&b).contains("unsupported stream format version 9"));
         let mut hb = head(1, |_| false);
-        hb[36] = 7;
+        hb[HEADER_FIXED_LEN] = 7;
         super::super::format::tests::fix_header_crc(&mut hb);
         assert!(err_of(&hb).contains("device 0: unknown protocol 7"));
         assert!(err_of(b"").contains("no data at all"));
@@ -764,7 +869,11 @@ mod tests {
         let mut rec = raw_record(1, 1, 0, 1, 0, b"a");
         rec[6] = 1;
         // Fix the CRC over the changed reserved byte.
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..20]), b"a");
+        let crc = super::super::format::record_crc(
+            &super::super::format::tests::TEST_SESSION,
+            &rec[..24],
+            b"a",
+        );
         rec[20..24].copy_from_slice(&crc.to_le_bytes());
         assert!(err_of(&cat(&[h.clone(), rec])).contains("non-zero reserved"));
     }

@@ -5,8 +5,10 @@ use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use super::format::{
-    RecordHeader, RecordKind, StreamHeader, Totals, Tracker, MAX_FRAGMENT, RECORD_HEADER_LEN,
+    RecordHeader, RecordKind, StreamHeader, Totals, Tracker, HEADER_FLAG_AUTHENTICATED,
+    MAX_FRAGMENT, RECORD_HEADER_LEN,
 };
+use super::mac::{StreamKey, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
@@ -28,6 +30,7 @@ const COALESCE_LEN: usize = 4096;
 pub struct StreamWriter<W: Write> {
     w: W,
     header: StreamHeader,
+    key: Option<StreamKey>,
     tracker: Tracker,
     bytes_written: u64,
     failed: bool,
@@ -46,14 +49,30 @@ impl<W: Write> std::fmt::Debug for StreamWriter<W> {
 }
 
 impl<W: Write> StreamWriter<W> {
-    /// Validates `header` and writes it to `w`.
-    pub fn new(mut w: W, header: &StreamHeader) -> Result<Self> {
-        let bytes = header.encode()?;
+    /// Validates `header` and writes it to `w` (an unauthenticated stream).
+    pub fn new(w: W, header: &StreamHeader) -> Result<Self> {
+        Self::with_key(w, header, None)
+    }
+
+    /// Validates `header` and writes it to `w`; with a `key`, the stream is authenticated:
+    /// an HMAC-SHA256 tag follows the header and every record (see [`StreamKey`]).
+    pub fn with_key(mut w: W, header: &StreamHeader, key: Option<&StreamKey>) -> Result<Self> {
+        let flags = if key.is_some() {
+            HEADER_FLAG_AUTHENTICATED
+        } else {
+            0
+        };
+        let mut bytes = header.encode_with_flags(flags)?;
+        if let Some(k) = key {
+            let tag = k.header_tag(&bytes);
+            bytes.extend_from_slice(&tag);
+        }
         w.write_all(&bytes)
             .map_err(|e| Error::transport("write stream header", e))?;
         Ok(StreamWriter {
             w,
             header: header.clone(),
+            key: key.cloned(),
             tracker: Tracker::new(header),
             bytes_written: bytes.len() as u64,
             failed: false,
@@ -194,6 +213,7 @@ impl<W: Write> StreamWriter<W> {
                 format!("payload of {} bytes is too long", payload.len()),
             )
         })?;
+        let session = self.header.session_id;
         let header = RecordHeader {
             kind,
             chunk_end,
@@ -202,16 +222,31 @@ impl<W: Write> StreamWriter<W> {
             sequence,
             payload_len,
         }
-        .encode(payload);
-        if let Err(e) = write_record_bytes(&mut self.w, &header, payload) {
+        .encode(&session, payload);
+        let tag = self
+            .key
+            .as_ref()
+            .map(|k| k.record_tag(&session, &header, payload));
+        let written = write_record_bytes(&mut self.w, &header, payload)
+            .and_then(|()| tag.map_or(Ok(()), |t| self.w.write_all(&t)));
+        if let Err(e) = written {
             self.failed = true;
             return Err(Error::transport(
                 format!("write stream record {sequence}"),
                 e,
             ));
         }
-        self.bytes_written += (RECORD_HEADER_LEN + payload.len()) as u64;
+        self.bytes_written += (RECORD_HEADER_LEN + payload.len() + self.tag_len()) as u64;
         Ok(())
+    }
+
+    /// Bytes of tag after each record (0 for an unauthenticated stream).
+    fn tag_len(&self) -> usize {
+        if self.key.is_some() {
+            TAG_LEN
+        } else {
+            0
+        }
     }
 
     /// Splits DATA at `limit` bytes instead of [`MAX_FRAGMENT`] (tests only: exercises the
@@ -251,6 +286,7 @@ impl<W: Write + AsFd> StreamWriter<W> {
             ));
         }
         let sequence = self.records_written();
+        let session = self.header.session_id;
         let header = RecordHeader {
             kind: RecordKind::Data,
             chunk_end,
@@ -259,12 +295,18 @@ impl<W: Write + AsFd> StreamWriter<W> {
             sequence,
             payload_len: copy.len() as u32,
         }
-        .encode(copy);
+        .encode(&session, copy);
+        let tag = self
+            .key
+            .as_ref()
+            .map(|k| k.record_tag(&session, &header, copy));
         let sent = self
             .w
             .flush()
             .and_then(|()| self.w.write_all(&header))
-            .and_then(|()| splice_all(pipe, self.w.as_fd(), copy.len()));
+            .and_then(|()| self.w.flush())
+            .and_then(|()| splice_all(pipe, self.w.as_fd(), copy.len()))
+            .and_then(|()| tag.map_or(Ok(()), |t| self.w.write_all(&t)));
         if let Err(e) = sent {
             self.failed = true;
             return Err(Error::transport(
@@ -272,7 +314,7 @@ impl<W: Write + AsFd> StreamWriter<W> {
                 e,
             ));
         }
-        self.bytes_written += (RECORD_HEADER_LEN + copy.len()) as u64;
+        self.bytes_written += (RECORD_HEADER_LEN + copy.len() + self.tag_len()) as u64;
         self.tracker
             .record_data(device, phase, copy.len(), chunk_end);
         Ok(())

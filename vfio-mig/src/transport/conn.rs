@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -17,6 +17,21 @@ pub trait Duplex: Read + Write + AsFd + Send + Sized {
     fn try_clone(&self) -> io::Result<Self>;
     /// Shuts down one or both directions, for every handle of the connection.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// Whether a read would return at once (data, the end, an error), without blocking. The
+    /// default polls the descriptor; an encrypted connection also looks at what it already
+    /// decrypted.
+    fn readable_now(&self) -> io::Result<bool> {
+        readable_now(self.as_fd())
+    }
+    /// Sets (or with `None` clears) a deadline for the reads of this handle: each read waits
+    /// at most until then, however the peer spaces its bytes, and fails with
+    /// [`io::ErrorKind::TimedOut`] once it passed. The destination bounds the opening of a
+    /// session (HELLO and the stream header) with it. The default does nothing (a test
+    /// wrapper without timeouts).
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        let _ = deadline;
+        Ok(())
+    }
 }
 
 /// Whether `fd` has something to read now (data, or EOF/an error), without blocking.
@@ -34,6 +49,8 @@ pub fn readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
 enum Socket {
     Unix(UnixStream),
     Tcp(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(super::tls::TlsStream),
 }
 
 /// A connected Unix or TCP stream socket.
@@ -47,6 +64,8 @@ pub struct Connection {
     socket: Socket,
     peer: String,
     timeout: Option<Duration>,
+    /// The deadline of this handle's reads and how long it was when set (for messages).
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -65,6 +84,7 @@ impl Connection {
             socket: Socket::Unix(s),
             peer: peer.into(),
             timeout: None,
+            deadline: None,
         }
     }
 
@@ -79,7 +99,39 @@ impl Connection {
             socket: Socket::Tcp(s),
             peer,
             timeout: None,
+            deadline: None,
         })
+    }
+
+    /// A connection over an established TLS session (see [`super::tls::accept`] and
+    /// [`super::tls::connect`]); the peer is named by its address.
+    #[cfg(feature = "tls")]
+    pub fn tls(s: super::tls::TlsStream) -> Self {
+        let peer = s.peer().to_owned();
+        Self {
+            socket: Socket::Tls(s),
+            peer,
+            timeout: None,
+            deadline: None,
+        }
+    }
+
+    /// The TLS session, if this connection is encrypted.
+    #[cfg(feature = "tls")]
+    pub fn tls_session(&self) -> Option<&super::tls::TlsStream> {
+        match &self.socket {
+            Socket::Tls(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The plain TCP socket, if this connection is one (to start TLS over it).
+    #[cfg(feature = "tls")]
+    pub fn into_tcp(self) -> Option<TcpStream> {
+        match self.socket {
+            Socket::Tcp(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// A connected pair of Unix sockets (for a migration between two devices of this host).
@@ -98,6 +150,13 @@ impl Connection {
 
     /// Sets the idle timeout of reads and writes (`None`: wait forever).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.apply_timeout(timeout)?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// Sets the socket timeouts (shared by every handle of the socket).
+    fn apply_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match &self.socket {
             Socket::Unix(s) => {
                 s.set_read_timeout(timeout)?;
@@ -107,9 +166,29 @@ impl Connection {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)?;
             }
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.set_timeout(timeout)?,
         }
-        self.timeout = timeout;
         Ok(())
+    }
+
+    /// Before a read under a deadline: the socket waits at most until the deadline (or the
+    /// idle timeout, if shorter); past the deadline, a clear `TimedOut` error.
+    fn before_read(&self) -> io::Result<()> {
+        let Some((end, length)) = self.deadline else {
+            return Ok(());
+        };
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out: {} did not complete its part of the handshake within {length:?}",
+                    self.peer
+                ),
+            ));
+        }
+        self.apply_timeout(Some(self.timeout.map_or(left, |t| t.min(left))))
     }
 
     /// Turns the `EAGAIN` of an expired socket timeout into a clear `TimedOut` error.
@@ -134,11 +213,31 @@ impl Connection {
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.before_read()?;
         let r = match &mut self.socket {
             Socket::Unix(s) => s.read(buf),
             Socket::Tcp(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.read(buf),
         };
-        r.map_err(|e| self.map_timeout(e, "sent nothing"))
+        r.map_err(|e| match self.deadline {
+            Some((_, length))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "timed out: {} did not complete its part of the handshake within \
+                         {length:?}",
+                        self.peer
+                    ),
+                )
+            }
+            _ => self.map_timeout(e, "sent nothing"),
+        })
     }
 }
 
@@ -147,6 +246,8 @@ impl Write for Connection {
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write(buf),
             Socket::Tcp(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.write(buf),
         };
         r.map_err(|e| self.map_timeout(e, "accepted no data"))
     }
@@ -155,6 +256,8 @@ impl Write for Connection {
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write_vectored(bufs),
             Socket::Tcp(s) => s.write_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.write_vectored(bufs),
         };
         r.map_err(|e| self.map_timeout(e, "accepted no data"))
     }
@@ -169,6 +272,8 @@ impl AsFd for Connection {
         match &self.socket {
             Socket::Unix(s) => s.as_fd(),
             Socket::Tcp(s) => s.as_fd(),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.as_fd(),
         }
     }
 }
@@ -178,11 +283,14 @@ impl Duplex for Connection {
         let socket = match &self.socket {
             Socket::Unix(s) => Socket::Unix(s.try_clone()?),
             Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => Socket::Tls(s.try_clone()?),
         };
         Ok(Self {
             socket,
             peer: self.peer.clone(),
             timeout: self.timeout,
+            deadline: None,
         })
     }
 
@@ -190,7 +298,31 @@ impl Duplex for Connection {
         match &self.socket {
             Socket::Unix(s) => s.shutdown(how),
             Socket::Tcp(s) => s.shutdown(how),
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.shutdown(how),
         }
+    }
+
+    fn readable_now(&self) -> io::Result<bool> {
+        match &self.socket {
+            #[cfg(feature = "tls")]
+            Socket::Tls(s) => s.readable_now(),
+            _ => readable_now(self.as_fd()),
+        }
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        match deadline {
+            Some(end) => {
+                let length = end.saturating_duration_since(Instant::now());
+                self.deadline = Some((end, length));
+            }
+            None => {
+                self.deadline = None;
+                self.apply_timeout(self.timeout)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -210,6 +342,41 @@ mod tests {
                 .contains("timed out: the destination sent nothing for 20ms"),
             "{e}"
         );
+    }
+
+    /// A peer that sends one byte at a time, each within the idle timeout, cannot stretch a
+    /// deadline: the reads end when it passes.
+    #[test]
+    fn a_deadline_bounds_all_reads_not_each() {
+        let (mut a, mut b) = Connection::pair().unwrap();
+        a.set_timeout(Some(Duration::from_secs(30))).unwrap();
+        let started = Instant::now();
+        a.set_deadline(Some(started + Duration::from_millis(300)))
+            .unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..100 {
+                if b.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut buf = [0u8; 1];
+        let e = loop {
+            match a.read_exact(&mut buf) {
+                Ok(()) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("within"), "{e}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        // Cleared, the idle timeout applies again.
+        a.set_deadline(None).unwrap();
+        drop(a);
+        trickle.join().unwrap();
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //!   direction, so no handshake.
 //! - `unix:PATH` and `tcp:HOST:PORT`: a [`Connection`], bidirectional, over which the source
 //!   and the destination run the session handshake ([`crate::handshake`]) around the stream.
+//! - With the `tls` feature, a TCP connection can be mutually authenticated TLS 1.3
+//!   ([`connect_tls`], [`accept_tls`], the [`tls`] module): the source and destination
+//!   prove their identities with certificates of a common CA, and the destination decides
+//!   with a [`tls::AuthorizationPolicy`] which sources may load into which device. Unix
+//!   sockets stay plain: they are local, and file permissions decide who may connect.
 //!
 //! Memory does not grow with the state size: the stream bounds every record at 1 MiB, and
 //! both sides read and write through fixed-size buffers, so a slow destination holds the
@@ -13,10 +18,16 @@
 mod address;
 mod conn;
 mod listen;
+#[cfg(feature = "tls")]
+mod secure;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use address::Address;
 pub use conn::{readable_now, Connection, Duplex};
 pub use listen::{connect, listen, Listener};
+#[cfg(feature = "tls")]
+pub use secure::{accept_tls, connect_tls, ClientTls};
 
 use std::time::Duration;
 

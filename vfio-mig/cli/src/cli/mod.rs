@@ -6,8 +6,13 @@ mod bench;
 mod devices;
 mod fencing;
 mod net;
+mod output;
 mod probe;
 mod progress;
+mod recover;
+mod serve;
+pub mod signals;
+mod tls;
 mod transfer;
 
 pub use bench::BenchArgs;
@@ -62,9 +67,14 @@ pub enum Command {
     Save {
         /// The device.
         device: String,
-        /// The output file.
+        /// The output file (a regular file, replaced only once the stream is complete), or
+        /// `-` for standard output.
         #[arg(short, long)]
         output: PathBuf,
+        /// Authenticate the file with the key in FILE (HMAC-SHA256 over header and records);
+        /// `load` and `inspect` with the same key refuse any other or altered file.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -75,6 +85,9 @@ pub enum Command {
         /// The input file.
         #[arg(short, long)]
         input: PathBuf,
+        /// Require the file to be authenticated with the key in FILE (see save --key-file).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -116,8 +129,9 @@ pub enum Command {
         /// Where to listen: tcp:HOST:PORT (port 0: any), unix:PATH, or file:PATH (loads it).
         #[arg(long, value_name = "ADDR")]
         listen: vfio_mig::transport::Address,
-        /// Give up after the first connection whatever its outcome, instead of waiting for a
-        /// retry after a refused or failed one.
+        /// End after the first session whatever its outcome, instead of waiting for a retry
+        /// after a refused or failed one. Connections that are not a session (closed early,
+        /// not TLS, not authorized, turned away as busy) do not count.
         #[arg(long)]
         once: bool,
         /// Print the report as JSON.
@@ -130,6 +144,18 @@ pub enum Command {
     Inspect {
         /// The stream file.
         file: PathBuf,
+        /// Verify the file's authentication with the key in FILE (see save --key-file).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report a device's migration state and bring a device left in a non-running state
+    /// (a killed migration) back to RUNNING: the recovery transition, else a reset.
+    Recover {
+        /// The device.
+        device: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -159,7 +185,7 @@ pub struct TransferArgs {
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
     /// Pre-copy: most seconds before switching over.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = parse_secs)]
     pub max_precopy_secs: f64,
     /// Pre-copy: fail instead of switching over past the downtime budget when pre-copy does
     /// not converge or reaches its bounds.
@@ -202,6 +228,33 @@ impl TransferArgs {
     }
 }
 
+/// Writes `text` to standard output. A reader that went away (`vfio-mig probe | head -1`)
+/// is not an error: the output is simply not wanted any more.
+pub(crate) fn output_text(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(vfio_mig::Error::transport("write standard output", e)),
+    }
+}
+
+/// Parses a number of seconds: finite, not negative, at most 10^9 (NaN and infinity are
+/// refused here rather than panicking in `Duration`).
+pub fn parse_secs(text: &str) -> std::result::Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        return Err(format!(
+            "`{text}`: expected a finite number of seconds from 0 to 1000000000"
+        ));
+    }
+    Ok(v)
+}
+
 /// Sets up `tracing` output on stderr; the library's `log` records reach it too.
 pub fn init_logging(verbose: u8) {
     let _ = tracing_log::LogTracer::init();
@@ -238,13 +291,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Save {
             device,
             output,
+            key_file,
             transfer,
-        } => transfer::save(&device, &output, &transfer, &fence),
+        } => transfer::save_keyed(&device, &output, key_file.as_deref(), &transfer, &fence),
         Command::Load {
             device,
             input,
+            key_file,
             json,
-        } => transfer::load(&device, &input, json, &fence),
+        } => transfer::load_keyed(&device, &input, key_file.as_deref(), json, &fence),
         Command::Migrate { devices, transfer } => transfer::migrate(&devices, &transfer, &fence),
         Command::Send {
             devices,
@@ -260,7 +315,12 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             net,
         } => net::recv(&devices, &listen, once, json, &net, &fence),
-        Command::Inspect { file, json } => transfer::inspect(&file, json),
+        Command::Inspect {
+            file,
+            key_file,
+            json,
+        } => transfer::inspect(&file, key_file.as_deref(), json),
+        Command::Recover { device, json } => recover::run(&device, json, &fence.config),
         Command::Bench(args) => bench::run(&args),
         Command::Demo => {
             let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");

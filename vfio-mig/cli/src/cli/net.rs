@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! `send` and `recv`: a migration between two hosts over `unix:` or `tcp:`, with the session
-//! handshake. To a `file:` address they behave as `save` and `load`.
+//! `send` and `recv`: a migration between two hosts over `tcp:` (TLS 1.3 with mutual
+//! authentication, or plain with `--insecure`) or `unix:`, with the session handshake. To a
+//! `file:` address they behave as `save` and `load`.
 
+use std::net::Shutdown;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -11,10 +14,13 @@ use vfio_mig::engine::session::new_header;
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{self, RecvOutcome, SendOutcome};
-use vfio_mig::transport::{self, Address};
+use vfio_mig::transport::{self, Address, Duplex};
 
 use super::fencing::{parse_session, Fencing};
 use super::progress::ProgressView;
+use super::serve::{self, Event};
+use super::signals;
+use super::tls::TlsArgs;
 use super::transfer::{drivers, open_all, print_json, save_summary};
 use super::TransferArgs;
 
@@ -23,14 +29,22 @@ use super::TransferArgs;
 pub struct NetArgs {
     /// Seconds the peer may stay silent (no data, no answer) before the connection is
     /// considered dead.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = super::parse_secs)]
     pub timeout: f64,
     /// Seconds a TCP connect may take.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = super::parse_secs)]
     pub connect_timeout: f64,
+    /// Seconds the whole opening of a session may take (TLS handshake, HELLO and stream
+    /// header), however the peer spaces its bytes.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = super::parse_secs)]
+    pub handshake_timeout: f64,
+    /// TLS and authorization.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn secs(s: f64) -> Duration {
+    // parse_secs admits finite, non-negative values only.
     Duration::from_secs_f64(s.clamp(0.001, 1e9))
 }
 
@@ -51,6 +65,8 @@ struct RecvJson<'a> {
     outcome: &'static str,
     devices: &'a [String],
     source: String,
+    /// The source's verified TLS identities (`dns:…, uri:…, cn:…`); null when plain.
+    source_identity: Option<String>,
     session: String,
     epoch: u64,
     reports: Vec<vfio_mig::engine::LoadReport>,
@@ -80,6 +96,8 @@ pub fn send(
         return super::transfer::save(device, path, args, fence);
     }
     let session = session.map(parse_session).transpose()?;
+    // Certificates and keys are read before any device is claimed.
+    let tls = net.tls.client(to)?;
     let (claims, mut opened) = open_all(devices, fence)?;
     let opts = args.save_options();
     let mut devs = drivers(&mut opened);
@@ -90,10 +108,33 @@ pub fn send(
     let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let epoch = header.epoch;
     let hex = session_hex(&header.session_id);
-    let mut conn = transport::connect(to, secs(net.connect_timeout))?;
+    // Printed before anything can fail half-way: a killed send leaves the id to retry with.
+    eprintln!("vfio-mig: send: session {hex}, epoch {epoch}, to {to}");
+    let mut conn = match &tls {
+        Some(tls) => transport::connect_tls(
+            to,
+            secs(net.connect_timeout),
+            tls,
+            secs(net.handshake_timeout),
+        )?,
+        None => transport::connect(to, secs(net.connect_timeout))?,
+    };
     conn.set_timeout(Some(secs(net.timeout)))
         .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
-    tracing::info!("connected to {to}: session {hex}, epoch {epoch}");
+    if let Some(s) = conn.tls_session() {
+        tracing::info!(
+            "TLS to {to}: {} ({})",
+            s.peer_identities(),
+            s.cipher_suite()
+        );
+    }
+    // A signal ends every wait for the destination; the engine then rolls back.
+    let ctl = conn
+        .try_clone()
+        .map_err(|e| Error::transport("clone the connection", e))?;
+    let _hook = signals::on_cancel(move || {
+        let _ = ctl.shutdown(Shutdown::Both);
+    });
     let view = ProgressView::new("send", None, args.json);
     let started = Instant::now();
     let result = handshake::send(&mut devs, conn, &header, &opts, &view);
@@ -132,8 +173,21 @@ pub fn send(
     Ok(())
 }
 
-/// Runs `recv DEVICE... --listen ADDR`: serves connections until one migration completes
-/// (with `once`, gives up after the first connection whatever its outcome).
+/// Removes a Unix socket file when `recv` ends (the listener lives on its accept thread).
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Runs `recv DEVICE... --listen ADDR`: serves connections until one session completes
+/// (with `once`, until one session ends, whatever its outcome). Connections that are not a
+/// session (closed early, not the protocol, not TLS, not authorized, too slow) and sessions
+/// offered while one runs (answered busy) do not count.
 pub fn recv(
     devices: &[String],
     listen: &Address,
@@ -151,38 +205,100 @@ pub fn recv(
         return super::transfer::load(device, path, json, fence);
     }
     let (claims, mut opened) = open_all(devices, fence)?;
+    let device_keys: Vec<String> = claims
+        .iter()
+        .zip(devices)
+        .map(|(c, name)| c.key().map_or_else(|| name.clone(), |k| k.to_string()))
+        .collect();
+    let tls = net.tls.server(listen, &device_keys)?;
     let mut fencing = fence.destination(&claims)?;
     let mut devs = drivers(&mut opened);
     let names = devices.join(" ");
     let listener = transport::listen(listen)?;
+    let bound = listener.local_address()?;
+    let _socket = SocketFile(match &bound {
+        Address::Unix(p) => {
+            signals::remove_on_exit(p.clone());
+            Some(p.clone())
+        }
+        _ => None,
+    });
+    let admission = serve::Admission {
+        tls,
+        device_keys,
+        handshake: secs(net.handshake_timeout),
+        timeout: secs(net.timeout),
+    };
+    let slot = serve::Slot::default();
+    let (wake, events) = serve::start(listener, admission, slot.clone());
+    let _wake = signals::on_cancel(move || {
+        let _ = wake.send(Event::Cancelled);
+    });
     // Tests and scripts wait for this line before they connect.
-    eprintln!("vfio-mig: recv: listening on {}", listener.local_address()?);
+    eprintln!("vfio-mig: recv: listening on {bound}");
     loop {
-        let mut conn = listener.accept()?;
-        let peer = conn.peer().to_owned();
-        conn.set_timeout(Some(secs(net.timeout)))
-            .map_err(|e| Error::transport(format!("set the timeout of {peer}"), e))?;
-        tracing::info!("connection from {peer}");
+        let incoming = match events.recv() {
+            Ok(Event::Session(i)) => i,
+            Ok(Event::Cancelled) | Err(_) => {
+                signals::check("wait for a source")?;
+                return Err(Error::InvalidInput("the listener stopped".into()));
+            }
+        };
+        let serve::Incoming {
+            opening,
+            peer,
+            identity,
+        } = *incoming;
+        let header = opening.header().clone();
+        let hex = session_hex(&header.session_id);
+        let who = identity
+            .as_ref()
+            .map(|i| format!(" ({i})"))
+            .unwrap_or_default();
+        eprintln!(
+            "vfio-mig: recv: session {hex}, epoch {}, from {peer}{who}",
+            header.epoch
+        );
+        // A signal ends the session's reads: the load fails, the device is reset and the
+        // source is told (FAILED still goes out on the writing direction).
+        let ctl = opening
+            .connection()
+            .try_clone()
+            .map_err(|e| Error::transport("clone the connection", e))?;
+        let hook = signals::on_cancel(move || {
+            let _ = ctl.shutdown(Shutdown::Read);
+        });
         let view = ProgressView::new("recv", None, json);
         let started = Instant::now();
-        let result = handshake::receive(&mut devs, conn, fencing.as_mut(), &view);
+        let result = handshake::receive_opened(&mut devs, opening, fencing.as_mut(), &view);
         view.finish();
+        drop(hook);
+        slot.release();
         let outcome = match result {
             Ok(o) => o,
-            Err(e) if once => return Err(e),
+            Err(e) if once || signals::received().is_some() => return Err(e),
             Err(e) => {
-                eprintln!("vfio-mig: warning: {e}; waiting for a retry on {listen}");
+                eprintln!(
+                    "vfio-mig: warning: {}; waiting for a retry on {bound}",
+                    vfio_mig::error::Report(&e)
+                );
                 continue;
             }
         };
-        let header = outcome.header().clone();
-        let hex = session_hex(&header.session_id);
         let (name, reports, confirmed) = match outcome {
             RecvOutcome::Resumed {
                 reports, confirmed, ..
             } => ("resumed", reports, confirmed),
             RecvOutcome::AlreadyCompleted { .. } => ("already-completed", Vec::new(), true),
         };
+        if reports.is_empty() && !once {
+            // A replayed session changes nothing here: keep waiting for a new one.
+            eprintln!(
+                "vfio-mig: recv: session {hex} from {peer} was already completed: {names} \
+                 runs its state and was not loaded again; waiting for a new session on {bound}"
+            );
+            continue;
+        }
         if !confirmed {
             eprintln!(
                 "vfio-mig: warning: {names} runs the migrated state, but RESUMED did not \
@@ -195,6 +311,7 @@ pub fn recv(
                 outcome: name,
                 devices,
                 source: peer,
+                source_identity: identity,
                 session: hex,
                 epoch: header.epoch,
                 reports,

@@ -2,6 +2,7 @@
 //! `vfio-mig probe DEVICE`: protocol, flags, regions and sizes.
 
 use crate::cli::devices::open_device;
+use std::fmt::Write as _;
 use vfio_mig::device::region::query_region;
 use vfio_mig::device::DeviceIo;
 use vfio_mig::engine::multi::unit_member;
@@ -94,40 +95,43 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     if json {
         let text = serde_json::to_string_pretty(&out)
             .map_err(|e| Error::InvalidInput(format!("encode JSON: {e}")))?;
-        println!("{text}");
-        return Ok(());
+        return super::output_text(&format!("{text}\n"));
     }
-    println!("device:       {}", out.device);
-    println!("model:        {}", out.model);
+    let mut text = String::new();
+    let _ = writeln!(text, "device:       {}", out.device);
+    let _ = writeln!(text, "model:        {}", out.model);
     if let (Some(backend), Some(access)) = (out.backend, &out.access) {
-        println!("backend:      {backend}: {access}");
+        let _ = writeln!(text, "backend:      {backend}: {access}");
     }
-    println!("protocol:     {}", out.protocol);
-    println!(
+    let _ = writeln!(text, "protocol:     {}", out.protocol);
+    let _ = writeln!(
+        text,
         "capabilities: pre-copy {}, p2p {}, migration flags {:#x}",
         out.capabilities.pre_copy, out.capabilities.p2p, out.capabilities.migration_flags
     );
-    match &out.unit_note {
-        None => println!("unit:         can join a multi-device unit (P2P)"),
-        Some(why) => println!(
+    let _ = match &out.unit_note {
+        None => writeln!(text, "unit:         can join a multi-device unit (P2P)"),
+        Some(why) => writeln!(
+            text,
             "unit:         joins a multi-device unit only with --allow-non-p2p-unit ({why})"
         ),
-    }
-    println!("state:        {}", out.state);
+    };
+    let _ = writeln!(text, "state:        {}", out.state);
     for (k, v) in &out.details {
-        println!("{:<13} {v}", format!("{k}:"));
+        let _ = writeln!(text, "{:<13} {v}", format!("{k}:"));
     }
-    println!("device flags: {:#x}", out.device_flags);
-    println!("regions:");
+    let _ = writeln!(text, "device flags: {:#x}", out.device_flags);
+    let _ = writeln!(text, "regions:");
     for r in &out.regions {
         let kind = r
             .region_type
             .map(|(t, s)| format!(" type {t}/{s}"))
             .unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            text,
             "  {:>2}: size {:#x} offset {:#x} flags {:#x}{kind}",
             r.index, r.size, r.offset, r.flags
         );
     }
-    Ok(())
+    super::output_text(&text)
 }

@@ -102,8 +102,9 @@ impl Observer for ProgressView {
                     elapsed.as_secs_f64() * 1e3
                 ));
             }
+            // The error line names what became of every device: one line, not two.
             Event::RolledBack { recovery, .. } => {
-                self.print(format!("{:>5} rolled back: device {recovery}", self.label))
+                log::info!("{} rolled back: device {recovery}", self.label)
             }
         }
     }

@@ -2,8 +2,8 @@
 //! `save`, `load`, `migrate` and `inspect`.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
-use std::path::{Path, PathBuf};
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{HumanBytes, MultiProgress};
@@ -16,17 +16,31 @@ use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{load_fenced, migrate_pairs, RecvOutcome};
 use vfio_mig::open::OpenedDevice;
-use vfio_mig::stream::{StreamHeader, StreamReader, StreamWriter};
+use vfio_mig::stream::{StreamHeader, StreamKey, StreamReader, StreamWriter};
 
 use super::fencing::Fencing;
+use super::output::Output;
 use super::progress::ProgressView;
+use super::signals::Cancellable;
 use super::TransferArgs;
 
 pub(super) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::InvalidInput(format!("encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
+    super::output_text(&format!("{text}\n"))
+}
+
+/// Opens device `name` for a command: its data calls fail once a signal arrived, so that the
+/// engine rolls it back (see [`super::signals`]).
+pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
+    let mut opened = open_device(name)?;
+    opened.device = Box::new(Cancellable(opened.device));
+    Ok(opened)
+}
+
+/// Reads `--key-file`.
+fn load_key(path: Option<&Path>) -> Result<Option<StreamKey>> {
+    path.map(StreamKey::load).transpose()
 }
 
 pub(super) fn save_summary(r: &SaveReport) -> String {
@@ -51,92 +65,116 @@ pub(super) fn save_summary(r: &SaveReport) -> String {
     )
 }
 
-/// The partial file a save writes before renaming it into place, so a failed save never
-/// replaces a good file.
-fn partial_path(output: &Path) -> PathBuf {
-    let mut name = output.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    output.with_file_name(name)
-}
-
-/// Saves into `file`; the source is rolled back to RUNNING on any failure, including a failure
-/// to flush or sync the file after the device has already stopped.
-fn save_to_file(
+/// Saves into `out`; the source is rolled back to RUNNING on any failure, including a
+/// failure to flush, sync or rename the output after the device has already stopped.
+fn save_to(
     dev: &mut dyn MigrationDevice,
-    file: File,
-    path: &Path,
+    out: Output,
+    key: Option<&StreamKey>,
     header: &StreamHeader,
     opts: &SaveOptions,
     view: &ProgressView,
 ) -> Result<SaveReport> {
-    let mut out = StreamWriter::new(BufWriter::with_capacity(1 << 20, file), header)?;
-    let report = save_with_rollback(dev, &mut out, 0, opts, view)?;
+    let name = out.name();
+    let writer = out.writer()?;
+    let mut stream =
+        StreamWriter::with_key(BufWriter::with_capacity(1 << 20, writer), header, key)?;
+    let report = save_with_rollback(dev, &mut stream, 0, opts, view)?;
     let finish = || -> Result<()> {
-        let (writer, _totals) = out.finish()?;
-        let file = writer
+        let (writer, _totals) = stream.finish()?;
+        let mut writer = writer
             .into_inner()
-            .map_err(|e| Error::transport(format!("write {}", path.display()), e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| Error::transport(format!("sync {}", path.display()), e))
+            .map_err(|e| Error::transport(format!("write {name}"), e.into_error()))?;
+        writer
+            .flush()
+            .map_err(|e| Error::transport(format!("write {name}"), e))?;
+        drop(writer);
+        out.commit()
     };
     finish().map_err(|e| rollback_source(dev, 0, e, view))?;
     Ok(report)
 }
 
-/// Runs `save`.
+/// Runs `save` (unauthenticated).
 pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &Fencing) -> Result<()> {
+    save_keyed(device, output, None, args, fence)
+}
+
+/// Runs `save`, with a key to authenticate the file.
+pub fn save_keyed(
+    device: &str,
+    output: &Path,
+    key_file: Option<&Path>,
+    args: &TransferArgs,
+    fence: &Fencing,
+) -> Result<()> {
+    // Everything that can be checked is checked before the device is touched.
+    let key = load_key(key_file)?;
+    let out = Output::create(output)?;
     let claim = crate::cli::devices::claim(&fence.config, device)?;
-    let mut opened = open_device(device)?;
+    let mut opened = open_cancellable(device)?;
     let opts = args.save_options();
     let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
     let handoff = fence.begin_source(&[claim], args.epoch, &mut header)?;
-    let partial = partial_path(output);
-    let file = File::create(&partial)
-        .map_err(|e| Error::transport(format!("create {}", partial.display()), e))?;
+    let hex = session_hex(&header.session_id);
+    eprintln!(
+        "vfio-mig: save: session {hex}, epoch {}, to {}",
+        header.epoch,
+        out.name()
+    );
+    let name = out.name();
     let view = ProgressView::new("save", None, args.json);
     let started = Instant::now();
-    let result = save_to_file(
+    let result = save_to(
         opened.device.as_mut(),
-        file,
-        &partial,
+        out,
+        key.as_ref(),
         &header,
         &opts,
         &view,
     );
     view.finish();
-    let result = result.and_then(|r| {
-        std::fs::rename(&partial, output)
-            .map_err(|e| Error::transport(format!("rename to {}", output.display()), e))?;
-        Ok(r)
-    });
     fence.end_source(handoff, &result);
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
+    let report = result?;
     if args.json {
         return print_json(&report);
     }
     eprintln!(
-        "saved {device} to {} in {:.2} s: {}",
-        output.display(),
+        "saved {device} to {name} in {:.2} s: {}",
         started.elapsed().as_secs_f64(),
         save_summary(&report)
     );
     Ok(())
 }
 
-/// Runs `load`.
+/// Runs `load` (of an unauthenticated file).
 pub fn load(device: &str, input: &Path, json: bool, fence: &Fencing) -> Result<()> {
+    load_keyed(device, input, None, json, fence)
+}
+
+/// Runs `load`; with a key, the file must be authenticated with it.
+pub fn load_keyed(
+    device: &str,
+    input: &Path,
+    key_file: Option<&Path>,
+    json: bool,
+    fence: &Fencing,
+) -> Result<()> {
+    let key = load_key(key_file)?;
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
-    let (mut reader, _header) = StreamReader::open(BufReader::with_capacity(1 << 20, file))?;
+    let (mut reader, _header) =
+        StreamReader::open_keyed(BufReader::with_capacity(1 << 20, file), key.as_ref())?;
+    if reader.is_authenticated() && key.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "load {}: the file is authenticated; give its --key-file (it is not loaded \
+             unchecked)",
+            input.display()
+        )));
+    }
     let claim = crate::cli::devices::claim(&fence.config, device)?;
     let mut fencing = fence.destination(&[claim])?;
-    let mut opened = open_device(device)?;
+    let mut opened = open_cancellable(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
     let result = load_fenced(
@@ -182,13 +220,15 @@ pub(crate) fn open_all(
     names: &[String],
     fence: &Fencing,
 ) -> Result<(Vec<vfio_mig::fence::Claim>, Vec<OpenedDevice>)> {
+    // One device named twice is a usage error, not "in use by another vfio-mig" (this one).
+    crate::cli::devices::refuse_duplicates("the command", names)?;
     let claims = names
         .iter()
         .map(|n| crate::cli::devices::claim(&fence.config, n))
         .collect::<Result<Vec<_>>>()?;
     let opened = names
         .iter()
-        .map(|n| open_device(n))
+        .map(|n| open_cancellable(n))
         .collect::<Result<Vec<_>>>()?;
     Ok((claims, opened))
 }
@@ -266,14 +306,15 @@ pub fn migrate(devices: &[String], args: &TransferArgs, fence: &Fencing) -> Resu
     Ok(())
 }
 
-/// Runs `inspect`.
-pub fn inspect(file: &Path, json: bool) -> Result<()> {
+/// Runs `inspect`; with a key, the file must be authenticated with it.
+pub fn inspect(file: &Path, key_file: Option<&Path>, json: bool) -> Result<()> {
+    let key = load_key(key_file)?;
     let f =
         File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
-    let summary = vfio_mig::stream::verify(BufReader::with_capacity(1 << 20, f))?;
+    let summary =
+        vfio_mig::stream::verify_keyed(BufReader::with_capacity(1 << 20, f), key.as_ref())?;
     if json {
         return print_json(&summary);
     }
-    println!("{summary}");
-    Ok(())
+    super::output_text(&format!("{summary}\n"))
 }

@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `recv`'s listener: every connection is opened on its own thread (the TLS handshake, HELLO
+//! and the stream header, all under one deadline, then the authorization), and only a
+//! complete, authorized opening reaches the session. While a session runs, further openings
+//! are answered REFUSE(busy) and do not disturb it; connections that close early, stall, or
+//! do not speak the protocol are logged and ignored.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use vfio_mig::error::{Error, ReasonCode};
+use vfio_mig::handshake::{open_session, Opening};
+use vfio_mig::transport::tls::{AuthorizationPolicy, ServerConfig};
+use vfio_mig::transport::{accept_tls, Connection, Listener};
+
+/// Most connections in their opening at once; more are closed at once (a flood must not
+/// exhaust threads or descriptors).
+const MAX_OPENING: usize = 16;
+/// How long a turned-away source may keep sending before its connection is closed.
+const TURN_AWAY_DRAIN: Duration = Duration::from_secs(2);
+
+/// How connections are admitted.
+pub struct Admission {
+    /// TLS (configuration and policy), or plain.
+    pub tls: Option<(Arc<ServerConfig>, AuthorizationPolicy)>,
+    /// The keys the policy knows the devices by, in order.
+    pub device_keys: Vec<String>,
+    /// The deadline of the whole opening (TLS handshake, HELLO, stream header).
+    pub handshake: Duration,
+    /// The idle timeout of the session.
+    pub timeout: Duration,
+}
+
+/// A session ready to run.
+pub struct Incoming {
+    /// The opened session.
+    pub opening: Opening<Connection>,
+    /// The source's address.
+    pub peer: String,
+    /// The source's verified identities (TLS), for the log and the JSON.
+    pub identity: Option<String>,
+}
+
+/// What the main thread of `recv` waits for.
+pub enum Event {
+    /// A session to run; the busy flag is set until [`Slot::release`].
+    Session(Box<Incoming>),
+    /// A signal arrived.
+    Cancelled,
+}
+
+/// The one session slot.
+#[derive(Clone, Default)]
+pub struct Slot(Arc<AtomicBool>);
+
+impl Slot {
+    fn claim(&self) -> bool {
+        !self.0.swap(true, Ordering::SeqCst)
+    }
+
+    /// The session ended: the next opening may run.
+    pub fn release(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Starts accepting on `listener`: events arrive on the returned channel (its sender is also
+/// given back, for the signal hook).
+pub fn start(
+    listener: Listener,
+    admission: Admission,
+    slot: Slot,
+) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let events = tx.clone();
+    let admission = Arc::new(admission);
+    let opening = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || loop {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and the like pass; keep serving after a pause.
+                log::warn!("{e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if opening.fetch_add(1, Ordering::SeqCst) >= MAX_OPENING {
+            opening.fetch_sub(1, Ordering::SeqCst);
+            log::warn!(
+                "connection from {} closed: {MAX_OPENING} connections are already opening",
+                conn.peer()
+            );
+            continue;
+        }
+        let (admission, slot, events, opening) = (
+            admission.clone(),
+            slot.clone(),
+            events.clone(),
+            opening.clone(),
+        );
+        std::thread::spawn(move || {
+            let peer = conn.peer().to_owned();
+            if let Some(incoming) = admit(conn, &admission, &slot) {
+                if events.send(Event::Session(Box::new(incoming))).is_err() {
+                    slot.release();
+                }
+            }
+            opening.fetch_sub(1, Ordering::SeqCst);
+            log::debug!("opening of {peer} done");
+        });
+    });
+    (tx, rx)
+}
+
+/// Whether `e` is a connection closed before its first byte (a probe, a port scan).
+fn closed_early(e: &Error) -> bool {
+    matches!(e, Error::Transport { step, source }
+        if step == "handshake: wait for HELLO"
+            && source.kind() == std::io::ErrorKind::UnexpectedEof)
+}
+
+/// Opens one connection; `Some` when it is a session this destination runs now.
+fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Incoming> {
+    let peer = conn.peer().to_owned();
+    let deadline = Instant::now() + admission.handshake;
+    if let Err(e) = conn.set_timeout(Some(admission.timeout)) {
+        log::warn!("connection from {peer}: set the timeout: {e}");
+        return None;
+    }
+    let mut identity = None;
+    if let Some((config, _)) = &admission.tls {
+        conn = match accept_tls(conn, config.clone(), admission.handshake) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "vfio-mig: warning: connection from {peer} ignored: {}",
+                    vfio_mig::error::Report(&e)
+                );
+                return None;
+            }
+        };
+        if let Some(session) = conn.tls_session() {
+            identity = Some(session.peer_identities().to_string());
+        }
+    }
+    let opening = match open_session(conn, Some(deadline)) {
+        Ok(o) => o,
+        Err(e) if closed_early(&e) => {
+            log::info!("{peer} connected and closed without a session: ignored");
+            return None;
+        }
+        Err(e) => {
+            eprintln!(
+                "vfio-mig: warning: connection from {peer} ignored: {}",
+                vfio_mig::error::Report(&e)
+            );
+            return None;
+        }
+    };
+    if let Some((_, policy)) = &admission.tls {
+        // The opening's connection is TLS: its identities were read above.
+        let ids = opening_identities(&opening);
+        if let Err(e) = policy.check_all(admission.device_keys.iter().map(String::as_str), &ids) {
+            let e = opening.refuse(ReasonCode::Unauthorized, e.to_string(), TURN_AWAY_DRAIN);
+            eprintln!(
+                "vfio-mig: warning: connection from {peer} refused: {}",
+                vfio_mig::error::Report(&e)
+            );
+            return None;
+        }
+    }
+    if !slot.claim() {
+        let e = opening.refuse(
+            ReasonCode::Busy,
+            "the destination is serving another session; retry when it ended".into(),
+            TURN_AWAY_DRAIN,
+        );
+        eprintln!(
+            "vfio-mig: warning: connection from {peer} turned away: {}",
+            vfio_mig::error::Report(&e)
+        );
+        return None;
+    }
+    Some(Incoming {
+        opening,
+        peer,
+        identity,
+    })
+}
+
+fn opening_identities(opening: &Opening<Connection>) -> vfio_mig::transport::tls::PeerIdentities {
+    opening
+        .connection()
+        .tls_session()
+        .map(|s| s.peer_identities().clone())
+        .unwrap_or_default()
+}

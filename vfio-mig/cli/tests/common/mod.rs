@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Helpers of the command-line tests: private lock and state directories, a running `recv`,
+//! a test PKI (rcgen).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vfio-mig");
+
+/// A private lock and state directory for one test.
+pub struct Dirs {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Dirs {
+    pub fn new() -> Self {
+        Self {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// `vfio-mig` with this test's lock and state directories.
+    pub fn cmd(&self, prefix: &[&str]) -> Command {
+        let (program, pre) = match prefix.split_first() {
+            Some((p, rest)) => (*p, rest.to_vec()),
+            None => (BIN, Vec::new()),
+        };
+        let mut c = Command::new(program);
+        c.args(pre)
+            .env_remove("RUST_LOG")
+            .env("VFIO_MIG_LOCK_DIR", self.path("lock"))
+            .env("VFIO_MIG_STATE_DIR", self.path("state"));
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(&[]).args(args).output().expect("run vfio-mig")
+    }
+}
+
+/// A running `recv`, its address known once it printed "listening on ADDR".
+pub struct Recv {
+    pub child: Child,
+    pub addr: String,
+    pub lines: mpsc::Receiver<String>,
+    pub stdout: std::process::ChildStdout,
+}
+
+impl Recv {
+    /// Starts `[prefix...] vfio-mig recv ARGS` and waits for its "listening on" line.
+    pub fn start(dirs: &Dirs, prefix: &[&str], args: &[&str]) -> Self {
+        let mut cmd = dirs.cmd(prefix);
+        if !prefix.is_empty() {
+            cmd.arg(BIN);
+        }
+        let mut child = cmd
+            .arg("recv")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn recv");
+        let stderr = child.stderr.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut seen = Vec::new();
+        while addr.is_none() {
+            match lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) => {
+                    if let Some(a) = l.strip_prefix("vfio-mig: recv: listening on ") {
+                        addr = Some(a.to_owned());
+                    }
+                    seen.push(l);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("recv never listened: {seen:?}");
+                }
+            }
+        }
+        Self {
+            child,
+            addr: addr.unwrap(),
+            lines,
+            stdout,
+        }
+    }
+
+    /// Waits for the exit: status, stdout, the stderr lines after "listening on".
+    pub fn wait(mut self) -> (ExitStatus, String, String) {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut out).unwrap();
+        let status = self.child.wait().unwrap();
+        let err: Vec<String> = self.lines.iter().collect();
+        (status, out, err.join("\n"))
+    }
+}
+
+impl Drop for Recv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit, one `error:` line containing `expect`, no panic.
+pub fn assert_clean_failure(status: ExitStatus, err: &str, expect: &str) -> String {
+    assert!(!status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(lines[0].contains(expect), "{expect:?} expected: {err}");
+    lines[0].to_owned()
+}
+
+impl Recv {
+    /// Waits (at most 30 s) for a stderr line containing `text`; returns it.
+    pub fn wait_line(&self, text: &str) -> String {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.contains(text) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("recv never printed {text:?}: {seen:?}"),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// A CA that signs certificates into a directory.
+pub struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: PathBuf,
+}
+
+/// The files of one side's identity.
+pub struct Leaf {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Leaf {
+    /// `--tls-cert C --tls-key K --tls-ca A`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+}
+
+impl Ca {
+    pub fn new(dir: &Path, name: &str) -> Ca {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).unwrap();
+        let pem = dir.join(format!("{name}.pem"));
+        std::fs::write(&pem, cert.pem()).unwrap();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A certificate for DNS name `dns` (CN the same), trusting `trust`.
+    pub fn leaf(&self, dir: &Path, dns: &str, server: bool, trust: &Ca) -> Leaf {
+        use rcgen::{
+            CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(dns.try_into().unwrap()));
+        params.distinguished_name.push(DnType::CommonName, dns);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert_path = dir.join(format!("{dns}.crt"));
+        let key_path = dir.join(format!("{dns}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        Leaf {
+            cert: cert_path,
+            key: key_path,
+            ca: trust.pem.clone(),
+        }
+    }
+}
+
+/// A test PKI: the destination `dst.example`, the sources `src.example` (allowed) and
+/// `other.example`, and `rogue.example` signed by a CA nobody trusts.
+pub struct Pki {
+    pub dst: Leaf,
+    pub src: Leaf,
+    pub other: Leaf,
+    pub rogue: Leaf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca = Ca::new(dir, "test-ca");
+        let rogue_ca = Ca::new(dir, "rogue-ca");
+        Pki {
+            dst: ca.leaf(dir, "dst.example", true, &ca),
+            src: ca.leaf(dir, "src.example", false, &ca),
+            other: ca.leaf(dir, "other.example", false, &ca),
+            rogue: rogue_ca.leaf(dir, "rogue.example", false, &ca),
+        }
+    }
+}
