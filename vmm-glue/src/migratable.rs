@@ -42,7 +42,7 @@ enum Live {
     /// [`VfioMigratable::begin_send`] gave the connection; pre-copy has not started.
     Ready(Box<dyn MigrationDevice>, Box<dyn Write + Send>),
     /// Pre-copy runs: the front door owns the device.
-    Sending(Source<Box<dyn Write + Send>>),
+    Sending(Box<Source<Box<dyn Write + Send>>>),
     /// Only while moving between the others.
     Moving,
 }
@@ -235,7 +235,7 @@ impl Migratable for VfioMigratable {
         match std::mem::replace(&mut self.live, Live::Moving) {
             Live::Ready(dev, out) => match Source::start(vec![dev], out, 1) {
                 Ok(source) => {
-                    self.live = Live::Sending(source);
+                    self.live = Live::Sending(Box::new(source));
                     Ok(())
                 }
                 // A failed start rolled the device back, but the device went with it: the

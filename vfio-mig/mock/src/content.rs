@@ -9,6 +9,15 @@
 //! several GB/s and nothing ever stores the state itself; a 4 GiB device costs its generation
 //! table (4 bytes a page).
 //!
+//! [`ContentKind::Fast`] (`content=fast`) keeps the page key (one splitmix64 output per page)
+//! but makes the words an arithmetic progression from it (`key + (i + 1) * golden`): one add
+//! per word, which the compiler vectorises, so a bandwidth-modelled device costs almost no
+//! CPU generating or verifying its state. Verification stays exact: every word still depends
+//! on the seed, the page, the generation and its own position, so a flipped bit, a page of
+//! another seed or generation, and words moved within or across pages are all caught. Only
+//! its statistical quality is weaker (neighbouring words differ by a constant), which no
+//! consumer of the mock's state relies on.
+//!
 //! The encoded state is a stream of packets, which a transport may split anywhere:
 //!
 //! ```text
@@ -65,6 +74,26 @@ impl SplitMix64 {
     }
 }
 
+/// How the words of a page derive from its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContentKind {
+    /// One splitmix64 output per word (the default; about 1-3 GB/s per core).
+    #[default]
+    Exact,
+    /// An arithmetic progression from the page key: one add per word (`content=fast`).
+    Fast,
+}
+
+impl ContentKind {
+    /// The name `content=` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Fast => "fast",
+        }
+    }
+}
+
 /// The shape and seed of a device's content: which bytes each (page, generation) holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Content {
@@ -72,6 +101,7 @@ pub struct Content {
     size: u64,
     page: u32,
     pages: u32,
+    kind: ContentKind,
 }
 
 impl Content {
@@ -88,7 +118,18 @@ impl Content {
             size,
             page,
             pages,
+            kind: ContentKind::Exact,
         }
+    }
+
+    /// The same content shape with words generated as `kind` says.
+    pub fn with_kind(self, kind: ContentKind) -> Self {
+        Self { kind, ..self }
+    }
+
+    /// How the words are generated.
+    pub fn kind(&self) -> ContentKind {
+        self.kind
     }
 
     /// The seed.
@@ -128,26 +169,13 @@ impl Content {
     /// `out` by [`Content::page_len`].
     pub fn fill(&self, p: u32, gen: u32, offset: u32, out: &mut [u8]) {
         let key = self.key(p, gen);
-        let word = |i: u64| mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)));
-        let mut i = u64::from(offset / 8);
-        let skip = (offset % 8) as usize;
-        let mut out = out;
-        if skip != 0 {
-            let bytes = word(i).to_le_bytes();
-            let n = (8 - skip).min(out.len());
-            out[..n].copy_from_slice(&bytes[skip..skip + n]);
-            out = &mut out[n..];
-            i += 1;
-        }
-        let mut chunks = out.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&word(i).to_le_bytes());
-            i += 1;
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            let n = tail.len();
-            tail.copy_from_slice(&word(i).to_le_bytes()[..n]);
+        match self.kind {
+            ContentKind::Exact => fill_words(offset, out, |i| {
+                mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
+            }),
+            ContentKind::Fast => fill_words(offset, out, |i| {
+                key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN))
+            }),
         }
     }
 
@@ -156,6 +184,32 @@ impl Content {
         let mut out = vec![0u8; self.page_len(p) as usize];
         self.fill(p, gen, 0, &mut out);
         out
+    }
+}
+
+/// Writes the bytes `[offset, offset + out.len())` of a page whose `i`th little-endian word
+/// is `word(i)`. Generic so that each generator is inlined into its own loop.
+#[inline(always)]
+fn fill_words(offset: u32, out: &mut [u8], word: impl Fn(u64) -> u64) {
+    let mut i = u64::from(offset / 8);
+    let skip = (offset % 8) as usize;
+    let mut out = out;
+    if skip != 0 {
+        let bytes = word(i).to_le_bytes();
+        let n = (8 - skip).min(out.len());
+        out[..n].copy_from_slice(&bytes[skip..skip + n]);
+        out = &mut out[n..];
+        i += 1;
+    }
+    let mut chunks = out.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&word(i).to_le_bytes());
+        i += 1;
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let n = tail.len();
+        tail.copy_from_slice(&word(i).to_le_bytes()[..n]);
     }
 }
 
@@ -792,6 +846,77 @@ mod tests {
         assert_eq!(gen_digest(&[1, 2, 3]), 0xea4b_121a);
         assert_eq!(gen_digest(&[]), 0);
         assert_eq!(gen_digest(&[0]), crc32c::crc32c(&[0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn fast_content_depends_on_everything_and_on_each_word_position() {
+        let c = Content::new(7, 10_000, 4096).with_kind(ContentKind::Fast);
+        assert_eq!(c.kind(), ContentKind::Fast);
+        let a = c.page_bytes(1, 0);
+        assert_eq!(a, c.page_bytes(1, 0));
+        assert_ne!(a, c.page_bytes(1, 1));
+        assert_ne!(a, c.page_bytes(0, 0));
+        assert_ne!(a, c.with_kind(ContentKind::Exact).page_bytes(1, 0));
+        let other_seed = Content::new(8, 10_000, 4096).with_kind(ContentKind::Fast);
+        assert_ne!(a, other_seed.page_bytes(1, 0));
+        // Every word differs from every other word of the page: moving words is caught.
+        let words: std::collections::HashSet<&[u8]> = a.chunks(8).collect();
+        assert_eq!(words.len(), a.len() / 8);
+        for (off, len) in [(0, 1), (3, 5), (5, 13), (8, 8), (4000, 96), (1, 0)] {
+            let mut w = vec![0u8; len];
+            c.fill(1, 0, off as u32, &mut w);
+            assert_eq!(w, a[off..off + len], "window {off}+{len}");
+        }
+    }
+
+    #[test]
+    fn fast_content_golden_value() {
+        // Pinned like the exact content: saved states must keep loading.
+        let c = Content::new(7, 10_000, 4096).with_kind(ContentKind::Fast);
+        let b = c.page_bytes(1, 3);
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        // key(7, 1, 3) + golden, computed outside this code from the formula above.
+        assert_eq!(w(0), 0x3284_c14d_65fc_95f3);
+        assert_eq!(w(1).wrapping_sub(w(0)), GOLDEN);
+    }
+
+    #[test]
+    fn a_fast_stream_verifies_exactly() {
+        let c = Content::new(3, 50_000, 4096).with_kind(ContentKind::Fast);
+        let mut enc = Encoder::new(c);
+        enc.finish();
+        let bytes = drain(&mut enc, 1000);
+        let mut dec = Decoder::new(c);
+        dec.feed(&bytes).unwrap();
+        dec.verify_complete().unwrap();
+        // One flipped bit anywhere in a page is caught, and names the page.
+        for at in [
+            PACKET_HEADER,
+            5 * (PACKET_HEADER + 4096) + 4095 + PACKET_HEADER,
+        ] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            let mut dec = Decoder::new(c);
+            dec.feed(&bad).unwrap();
+            assert!(dec.verify_complete().is_err());
+            assert_eq!(
+                dec.first_bad_page(),
+                Some((at / (PACKET_HEADER + 4096)) as u32)
+            );
+        }
+        // Two words of a page swapped are caught.
+        let mut bad = bytes.clone();
+        let p = 2 * (PACKET_HEADER + 4096) + PACKET_HEADER;
+        let (x, y) = (bad[p..p + 8].to_vec(), bad[p + 8..p + 16].to_vec());
+        bad[p..p + 8].copy_from_slice(&y);
+        bad[p + 8..p + 16].copy_from_slice(&x);
+        let mut dec = Decoder::new(c);
+        dec.feed(&bad).unwrap();
+        assert_eq!(dec.first_bad_page(), Some(2));
+        // The exact decoder refuses a fast stream (they are different devices' states).
+        let mut dec = Decoder::new(c.with_kind(ContentKind::Exact));
+        dec.feed(&bytes).unwrap();
+        assert_eq!(dec.first_bad_page(), Some(0));
     }
 
     #[test]

@@ -71,6 +71,7 @@
 
 pub mod content;
 pub mod faults;
+pub mod pace;
 pub mod rules;
 pub mod spec;
 pub mod status;

@@ -22,6 +22,17 @@
 //! |                 | above the pre-copy data, as mlx5's whole-state estimate)   |              |
 //! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
 //! |                 | the key of the device's lock and fencing state (`vfio_mig::fence`) |         |
+//! | `rate=`         | bytes per second the device produces while saving (v2: on | unlimited    |
+//! |                 | its data fd; v1: staging a chunk takes its share); `/s` allowed |         |
+//! | `accept-rate=`  | bytes per second the resuming device takes in             | unlimited    |
+//! | `latency=`      | device time per v1 chunk staged and per v2 state change    | `0`          |
+//! |                 | (`us`, `ms` or `s` suffix, e.g. `5ms`)                     |              |
+//! | `content=`      | `exact` (splitmix64 per word) or `fast` (one add per word, | `exact`      |
+//! |                 | still verified exactly; see [`super::content::ContentKind`]) |            |
+//!
+//! `rate`, `accept-rate` and `latency` make a *bandwidth-modelled* device: it waits (see
+//! [`super::pace`]) instead of computing, so several of them can be measured on a small
+//! machine; with `content=fast` a device costs almost no CPU of its own.
 //!
 //! `section`, `data`, `reserved` and `region-index` are v1 options; a `mock:v2` spec refuses
 //! them, as a `mock:v1` spec refuses the v2 ones. v2 `fail-at` rules name v2 fields
@@ -33,7 +44,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
+use super::content::ContentKind;
 use super::faults::{FaultRule, V2FaultRule};
 use super::v2::profile::{Behaviour, ProfileName};
 use vfio_mig::Error;
@@ -126,6 +139,14 @@ pub struct MockSpec {
     /// A name that identifies this mock across processes, for its lock and fencing state
     /// (`id=`); a mock without one is private to its process.
     pub id: Option<String>,
+    /// Bytes per second the device produces while saving (`rate=`; 0: unlimited).
+    pub rate: u64,
+    /// Bytes per second the device takes in while resuming (`accept-rate=`; 0: unlimited).
+    pub accept_rate: u64,
+    /// Device time per v1 chunk staged and per v2 state change (`latency=`).
+    pub latency: Duration,
+    /// How the content's words are generated (`content=`).
+    pub content: ContentKind,
 }
 
 impl Default for MockSpec {
@@ -149,6 +170,10 @@ impl Default for MockSpec {
             v2_faults: Vec::new(),
             data_size_min: 0,
             id: None,
+            rate: 0,
+            accept_rate: 0,
+            latency: Duration::ZERO,
+            content: ContentKind::Exact,
         }
     }
 }
@@ -177,6 +202,38 @@ pub fn parse_size(s: &str) -> Option<u64> {
     };
     let n = parse_number(digits)?;
     n.checked_mul(1u64 << shift)
+}
+
+/// Parses a duration: a number with a `us`, `ms` or `s` suffix, or `0`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let (digits, micros_per_unit) = if let Some(d) = s.strip_suffix("us") {
+        (d, 1)
+    } else if let Some(d) = s.strip_suffix("ms") {
+        (d, 1_000)
+    } else if let Some(d) = s.strip_suffix('s') {
+        (d, 1_000_000)
+    } else {
+        return None;
+    };
+    let n: u64 = digits.parse().ok()?;
+    Some(Duration::from_micros(n.checked_mul(micros_per_unit)?))
+}
+
+/// Prints a duration with the largest of `s`, `ms`, `us` that divides it exactly.
+pub fn format_duration(d: Duration) -> String {
+    let us = d.as_micros();
+    if us == 0 {
+        "0".into()
+    } else if us % 1_000_000 == 0 {
+        format!("{}s", us / 1_000_000)
+    } else if us % 1_000 == 0 {
+        format!("{}ms", us / 1_000)
+    } else {
+        format!("{us}us")
+    }
 }
 
 /// Prints a byte count with the largest suffix that divides it exactly.
@@ -316,10 +373,26 @@ impl FromStr for MockSpec {
                         .try_into()
                         .map_err(|_| bad("a page size below 4G"))?
                 }
-                "dirty-rate" => {
+                "dirty-rate" | "rate" | "accept-rate" => {
                     let v = value.strip_suffix("/s").unwrap_or(value);
-                    spec.dirty_rate =
-                        parse_size(v).ok_or_else(|| bad("a rate in bytes per second (e.g. 10M)"))?
+                    let rate = parse_size(v)
+                        .ok_or_else(|| bad("a rate in bytes per second (e.g. 10M)"))?;
+                    match key {
+                        "dirty-rate" => spec.dirty_rate = rate,
+                        "rate" => spec.rate = rate,
+                        _ => spec.accept_rate = rate,
+                    }
+                }
+                "latency" => {
+                    spec.latency = parse_duration(value)
+                        .ok_or_else(|| bad("a duration with us, ms or s (e.g. 5ms)"))?
+                }
+                "content" => {
+                    spec.content = match value {
+                        "exact" => ContentKind::Exact,
+                        "fast" => ContentKind::Fast,
+                        _ => return Err(bad("`exact` or `fast`")),
+                    }
                 }
                 "reserved" => {
                     spec.reserved = parse_number(value)
@@ -368,8 +441,8 @@ impl FromStr for MockSpec {
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
-                         dirty-rate, reserved, region-index, fail-at, id; v2: profile, flags, dma, \
-                         dma-dirty, data-size-min)"
+                         dirty-rate, reserved, region-index, fail-at, id, rate, accept-rate, \
+                         latency, content; v2: profile, flags, dma, dma-dirty, data-size-min)"
                     )))
                 }
             }
@@ -446,6 +519,18 @@ impl fmt::Display for MockSpec {
         }
         if let Some(id) = &self.id {
             write!(f, ",id={id}")?;
+        }
+        if self.rate != d.rate {
+            write!(f, ",rate={}", format_size(self.rate))?;
+        }
+        if self.accept_rate != d.accept_rate {
+            write!(f, ",accept-rate={}", format_size(self.accept_rate))?;
+        }
+        if self.latency != d.latency {
+            write!(f, ",latency={}", format_duration(self.latency))?;
+        }
+        if self.content != d.content {
+            write!(f, ",content={}", self.content.name())?;
         }
         Ok(())
     }
@@ -590,6 +675,33 @@ mod tests {
         assert!(err("mock:v1,fail-at=set-state@1").contains("unknown field `set-state`"));
         // The message carries the whole spec, for the CLI's one-line error.
         assert!(err("mock:v1,size=0").starts_with("mock spec `mock:v1,size=0`"));
+    }
+
+    #[test]
+    fn bandwidth_model_options_parse_and_print_back() {
+        let text = "mock:v2,size=1G,seed=1,rate=300M,accept-rate=1G,latency=5ms,content=fast";
+        let s: MockSpec = text.parse().unwrap();
+        assert_eq!(s.rate, 300 << 20);
+        assert_eq!(s.accept_rate, 1 << 30);
+        assert_eq!(s.latency, Duration::from_millis(5));
+        assert_eq!(s.content, ContentKind::Fast);
+        assert_eq!(s.to_string(), text);
+        assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
+        let s: MockSpec = "mock:v1,rate=10M/s,latency=250us".parse().unwrap();
+        assert_eq!((s.rate, s.latency), (10 << 20, Duration::from_micros(250)));
+        assert_eq!(
+            s.to_string(),
+            "mock:v1,size=64M,seed=0,rate=10M,latency=250us"
+        );
+        let s: MockSpec = "mock:v1,latency=2s,content=exact".parse().unwrap();
+        assert_eq!(s.to_string(), "mock:v1,size=64M,seed=0,latency=2s");
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("ms"), None);
+        assert!(err("mock:v2,latency=5").contains("option `latency`"));
+        assert!(err("mock:v2,rate=fast").contains("option `rate`"));
+        assert!(err("mock:v2,accept-rate=x").contains("option `accept-rate`"));
+        assert!(err("mock:v1,content=slow").contains("option `content`"));
     }
 
     #[test]

@@ -37,6 +37,7 @@ use vfio_bindings::bindings::vfio::{
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64};
 use super::faults::{FaultField, FaultPlan};
+use super::pace::Pacer;
 use super::spec::{DataMode, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
 use crate::rules::v1_table::{
@@ -141,6 +142,10 @@ struct Inner {
     rng: SplitMix64,
     scratch: Vec<u8>,
     status: MockStatus,
+    /// The device's data rate (`rate=`): staging a chunk takes its share of it.
+    stage_pacer: Option<Pacer>,
+    /// The device's acceptance rate (`accept-rate=`): committing a chunk takes its share.
+    accept_pacer: Option<Pacer>,
 }
 
 /// The shared inner state; the inspection handle holds it too.
@@ -263,7 +268,7 @@ impl MockV1 {
         let memfd = memfd_create("vfio-mig-mock-v1", MFdFlags::MFD_CLOEXEC)?;
         let section = libc::off_t::try_from(spec.section).map_err(|_| errno(libc::EINVAL))?;
         nix::unistd::ftruncate(&memfd, section)?;
-        let content = Content::new(spec.seed, spec.size, spec.page);
+        let content = Content::new(spec.seed, spec.size, spec.page).with_kind(spec.content);
         let inner = Inner {
             content,
             data_offset: match spec.data {
@@ -283,6 +288,8 @@ impl MockV1 {
             rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
             scratch: Vec::new(),
             status: MockStatus::default(),
+            stage_pacer: (spec.rate > 0).then(|| Pacer::new(spec.rate)),
+            accept_pacer: (spec.accept_rate > 0).then(|| Pacer::new(spec.accept_rate)),
             spec: spec.clone(),
         };
         Ok(Self {
@@ -693,6 +700,14 @@ impl Inner {
         let save = self.save.as_mut().expect("staging needs a save");
         let payload = (self.spec.chunk - TX_HEADER).min(save.encoder.pending()) as usize;
         let total = TX_HEADER as usize + payload;
+        // A bandwidth-modelled device assembles the chunk at its own pace: the read of
+        // data_offset blocks meanwhile, as a vendor driver's does.
+        if !self.spec.latency.is_zero() {
+            std::thread::sleep(self.spec.latency);
+        }
+        if let Some(p) = &mut self.stage_pacer {
+            p.pace_blocking(total as u64);
+        }
         self.scratch.resize(total, 0);
         let n = save.encoder.emit(&mut self.scratch[TX_HEADER as usize..]);
         debug_assert_eq!(n, payload);
@@ -724,6 +739,10 @@ impl Inner {
             return Err(self.refuse(format!(
                 "data_size {size} shorter than a transaction header"
             )));
+        }
+        if let Some(p) = &mut self.accept_pacer {
+            // The data_size write blocks while the device takes the chunk in.
+            p.pace_blocking(size);
         }
         let mut tx = std::mem::take(&mut self.scratch);
         tx.resize(size as usize, 0);

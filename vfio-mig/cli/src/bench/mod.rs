@@ -15,6 +15,7 @@
 //! | `memory`   | 3      | peak RSS of save and load (child process) | reading the whole state first         |
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
 //! | `multi`    | 5      | 4 devices saved in parallel               | the same saved one after another      |
+//! | `rated`    | #13: 1, 2, 5 | bandwidth-modelled devices: 4 in parallel, one device, 4 as one unit's downtime | one after another; a raw loop at the rate; one device alone |
 //!
 //! Target 6 (per-transition overhead on mtty) runs in the QEMU guest:
 //! `tests/tests/guest/bench.rs`.
@@ -25,6 +26,7 @@ pub mod downtime;
 pub mod io;
 pub mod memory;
 pub mod multi;
+pub mod rated;
 pub mod report;
 pub mod stats;
 pub mod v1path;
@@ -59,6 +61,10 @@ pub struct Config {
     pub downtime_budgets_ms: Vec<u64>,
     /// Device state per device of the multi-device figure (target 5).
     pub multi_size: u64,
+    /// Data rate of a bandwidth-modelled device (`rated` suite), bytes per second.
+    pub rated_rate: u64,
+    /// State per bandwidth-modelled device (`rated` suite).
+    pub rated_size: u64,
     /// The `vfio-mig` executable, for the memory figures' child processes.
     pub exe: Option<PathBuf>,
 }
@@ -76,6 +82,8 @@ impl Default for Config {
             dirty_rates: vec![0, 32 << 20, 128 << 20, 512 << 20],
             downtime_budgets_ms: vec![300, 30],
             multi_size: 256 << 20,
+            rated_rate: 300 << 20,
+            rated_size: 128 << 20,
             exe: std::env::current_exe().ok(),
         }
     }
@@ -93,7 +101,7 @@ pub fn default_file_dir() -> PathBuf {
 }
 
 /// The suites.
-pub const SUITES: [&str; 5] = ["v2", "v1", "memory", "downtime", "multi"];
+pub const SUITES: [&str; 6] = ["v2", "v1", "memory", "downtime", "multi", "rated"];
 
 /// Runs the named suites (any of [`SUITES`]) and returns the report.
 pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
@@ -116,6 +124,7 @@ pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
             "memory" => memory::figures(cfg)?,
             "downtime" => downtime::figures(cfg)?,
             "multi" => multi::figures(cfg)?,
+            "rated" => rated::figures(cfg)?,
             other => {
                 return Err(vfio_mig::Error::InvalidInput(format!(
                     "unknown bench suite `{other}` (known: {})",

@@ -13,7 +13,7 @@ use vfio_mig_mock::spec::parse_size;
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Suites to run, comma separated: v2, v1, memory, downtime, multi (default: all).
+    /// Suites to run, comma separated: v2, v1, memory, downtime, multi, rated (default: all).
     #[arg(long, value_delimiter = ',', value_name = "SUITE")]
     pub suite: Vec<String>,
     /// Device state per data-path run (v2, v1 suites).
@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// State per device of the multi suite.
     #[arg(long, default_value = "256M", value_parser = size_arg)]
     pub multi_size: u64,
+    /// Data rate of each bandwidth-modelled device of the rated suite, bytes per second.
+    #[arg(long, default_value = "300M", value_parser = size_arg)]
+    pub rated_rate: u64,
+    /// State per bandwidth-modelled device of the rated suite.
+    #[arg(long, default_value = "128M", value_parser = size_arg)]
+    pub rated_size: u64,
     /// Small sizes and 3 repetitions: a smoke run of every suite in about a minute.
     #[arg(long)]
     pub quick: bool,
@@ -80,6 +86,8 @@ impl BenchArgs {
             dirty_rates: self.dirty_rates.clone(),
             downtime_budgets_ms: self.downtime_budgets.clone(),
             multi_size: self.multi_size,
+            rated_rate: self.rated_rate,
+            rated_size: self.rated_size,
             ..Config::default()
         };
         if self.quick {
@@ -90,6 +98,7 @@ impl BenchArgs {
             cfg.downtime_sizes = vec![64 << 20];
             cfg.dirty_rates = vec![0, 128 << 20];
             cfg.multi_size = 32 << 20;
+            cfg.rated_size = 32 << 20;
         }
         cfg
     }

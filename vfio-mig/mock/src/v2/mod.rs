@@ -322,7 +322,7 @@ impl MockV2 {
                 format!("{spec}: not a v2 mock"),
             ));
         }
-        let content = Content::new(spec.seed, spec.size, spec.page);
+        let content = Content::new(spec.seed, spec.size, spec.page).with_kind(spec.content);
         let inner = Inner {
             content,
             flags: spec.flags,
@@ -630,6 +630,11 @@ impl Inner {
             return Err(errno(self.behaviour.error_errno));
         }
         let mut fd = None;
+        if self.state != target && !self.spec.latency.is_zero() {
+            // A bandwidth-modelled device: the firmware takes this long for a state change
+            // (the SET blocks meanwhile, as it does on mlx5 and hisi).
+            std::thread::sleep(self.spec.latency);
+        }
         while self.state != target {
             let cur = self.state;
             let next = match next_state(self.flags, cur, target) {
@@ -737,6 +742,7 @@ impl Inner {
         let feed = FeedOptions {
             keep_open: b.enomsg,
             latency: b.save_latency,
+            rate: self.spec.rate,
         };
         match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone(), feed) {
             Ok((save, fd)) => {
@@ -763,6 +769,7 @@ impl Inner {
             Decoder::new(self.content),
             self.spec.chunk,
             self.faults.clone(),
+            self.spec.accept_rate,
         )?;
         self.session = Some(Session::Load(load));
         Ok(fd)

@@ -41,6 +41,7 @@ use nix::sys::stat::{fstat, Mode};
 
 use crate::content::{Content, Decoder, Encoder, PACKET_HEADER};
 use crate::faults::{FaultHit, V2FaultField, V2FaultPlan};
+use crate::pace::Pacer;
 
 /// The fault plan, shared by the device and its session threads.
 pub(super) type Faults = Arc<Mutex<V2FaultPlan>>;
@@ -212,6 +213,8 @@ pub(super) struct SaveState {
     latency: Option<Duration>,
     /// When the batch produced after the feeder last went idle becomes readable.
     batch_ready: Option<Instant>,
+    /// The device's data rate (`rate=`): the feeder produces no faster.
+    pacer: Option<Pacer>,
 }
 
 impl SaveState {
@@ -273,6 +276,13 @@ impl SaveShared {
                     return Next::Sleep(ready - now);
                 }
             }
+            if let Some(p) = &st.pacer {
+                // A bandwidth-modelled device: the next piece is not produced yet.
+                let wait = p.wait(Instant::now());
+                if !wait.is_zero() {
+                    return Next::Sleep(wait);
+                }
+            }
             // The next piece stays inside one fault block; a block's first piece counts it.
             let block = st.emitted / st.chunk;
             if block >= st.blocks {
@@ -290,6 +300,9 @@ impl SaveShared {
             st.buf.truncate(got);
             st.pos = 0;
             st.emitted += got as u64;
+            if let Some(p) = &mut st.pacer {
+                p.took(got as u64, Instant::now());
+            }
         }
         let Some(w) = st.writer.clone() else {
             // Data but no writer: only until the device reopens one (it does before it
@@ -413,6 +426,7 @@ impl SaveSession {
                 keep_open: feed.keep_open,
                 latency: feed.latency,
                 batch_ready: None,
+                pacer: (feed.rate > 0).then(|| Pacer::new(feed.rate)),
             }),
             wake,
             faults,
@@ -525,6 +539,8 @@ pub(super) struct FeedOptions {
     pub keep_open: bool,
     /// Data becomes readable this long after the device produced it.
     pub latency: Option<Duration>,
+    /// Bytes per second the device produces (`rate=`; 0: as fast as the feeder can).
+    pub rate: u64,
 }
 
 /// The state of a resuming session, shared by the device and the consumer.
@@ -549,12 +565,24 @@ pub(super) struct LoadState {
     drain_exit: bool,
     /// Exit now.
     stop_now: bool,
+    /// The device's acceptance rate (`accept-rate=`): the consumer takes no faster.
+    pacer: Option<Pacer>,
 }
 
 impl LoadState {
+    /// How long the device must wait before it takes more (zero: now).
+    fn accept_wait(&self) -> Duration {
+        self.pacer
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.wait(Instant::now()))
+    }
+
     /// Takes `data` at stream offset `received`: counts fault blocks and feeds the decoder.
     /// Returns false when the consumer must stop (fault or framing error).
     pub fn take(&mut self, data: &[u8], faults: &Faults) -> bool {
+        if let Some(p) = &mut self.pacer {
+            p.took(data.len() as u64, Instant::now());
+        }
         let end = self.received + data.len() as u64;
         let mut usable = data.len();
         while self.blocks * self.chunk < end {
@@ -589,13 +617,20 @@ impl LoadShared {
         let mut buf = vec![0u8; PIECE as usize];
         loop {
             self.wake.drain();
-            let drain_exit = {
+            let (drain_exit, wait) = {
                 let st = lock(&self.state);
                 if st.stop_now {
                     return;
                 }
-                st.drain_exit
+                (st.drain_exit, st.accept_wait())
             };
+            if !wait.is_zero() {
+                // A bandwidth-modelled device is still busy with what it took; a stop
+                // request wakes it.
+                let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+                self.wake.wait_for(None, PollTimeout::from(ms));
+                continue;
+            }
             // No reader left (EOF, fault, framing error): nothing more can arrive.
             let Some(r) = &reader else {
                 return;
@@ -632,9 +667,14 @@ pub(super) struct LoadSession {
 }
 
 impl LoadSession {
-    /// Starts a session decoding into `decoder`, in `chunk`-byte fault blocks; returns the
-    /// caller's write end.
-    pub fn start(decoder: Decoder, chunk: u64, faults: Faults) -> io::Result<(Self, OwnedFd)> {
+    /// Starts a session decoding into `decoder`, in `chunk`-byte fault blocks, taking at most
+    /// `accept_rate` bytes a second (0: unlimited); returns the caller's write end.
+    pub fn start(
+        decoder: Decoder,
+        chunk: u64,
+        faults: Faults,
+        accept_rate: u64,
+    ) -> io::Result<(Self, OwnedFd)> {
         let (r, w) = pipe()?;
         set_nonblocking(&r)?;
         let id = file_id(r.as_fd())?;
@@ -650,6 +690,7 @@ impl LoadSession {
                 chunk: chunk.max(1),
                 drain_exit: false,
                 stop_now: false,
+                pacer: (accept_rate > 0).then(|| Pacer::new(accept_rate)),
             }),
             wake: Wake::new()?,
             faults,
@@ -676,6 +717,11 @@ impl LoadSession {
     /// Takes a write made through the device (`DeviceIo::write_data`) straight into the
     /// decoder, in the caller's thread, so that the write itself can be refused.
     pub fn take_direct(&self, data: &[u8]) -> MutexGuard<'_, LoadState> {
+        let wait = self.lock().accept_wait();
+        if !wait.is_zero() {
+            // The write blocks while the device is busy with what it took before.
+            std::thread::sleep(wait);
+        }
         let mut st = self.lock();
         st.take(data, &self.shared.faults);
         st

@@ -1,0 +1,344 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Bandwidth-modelled devices (`mock:v2,rate=...,content=fast`): devices bound by their own
+//! data rate, as mlx5 or hisi are bound by firmware and DMA, at almost no host CPU of their
+//! own, so that what several of them cost the engine shows on a small machine.
+//!
+//! | figure            | subject                                   | baseline                          |
+//! |-------------------|-------------------------------------------|-----------------------------------|
+//! | `rated.x4`        | 4 devices, `save_all` (and 4 threads)     | the same 4 saved one after another |
+//! | `rated.one.SINK`  | one device, the engine into a file / TCP  | a read/write loop at the same rate |
+//! | `rated.unit`      | stop-and-copy window of 4 devices migrated as one unit (`migrate_pairs`) | one such device's own stop-copy time, migrated alone |
+//!
+//! Every subject and its baseline run interleaved in the same process; each figure's note
+//! carries the load average when it was measured (the machine is shared).
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vfio_mig::engine::events::{Event, Observer};
+use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
+use vfio_mig::engine::session::new_header;
+use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
+use vfio_mig::error::{Error, Result};
+use vfio_mig::fence::MemoryFence;
+use vfio_mig::handshake::{migrate_local, migrate_pairs};
+use vfio_mig::stream::{Phase, StreamWriter};
+use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig_mock::spec::format_size;
+use vfio_mig_mock::{MockSpec, MockV2};
+
+use super::io::{copy_loop, SinkKind};
+use super::report::{Figure, Target};
+use super::stats::{run_rotating, Paired};
+use super::Config;
+
+/// Devices of the parallel and unit figures.
+pub const DEVICES: usize = 4;
+/// State-change latency of the unit figure's devices (firmware commands take milliseconds).
+pub const UNIT_LATENCY: &str = "2ms";
+
+/// The spec of bandwidth-modelled device `seed`.
+fn spec(cfg: &Config, seed: usize, extra: &str) -> Result<MockSpec> {
+    format!(
+        "mock:v2,size={},seed={seed},rate={},content=fast{extra}",
+        format_size(cfg.rated_size),
+        format_size(cfg.rated_rate)
+    )
+    .parse()
+}
+
+fn device(spec: &MockSpec) -> Result<Box<dyn MigrationDevice>> {
+    let mock = MockV2::new(spec).map_err(|e| Error::device("mock", e))?;
+    Ok(Box::new(V2Device::open(Arc::new(mock))?))
+}
+
+fn devices(cfg: &Config, extra: &str) -> Result<Vec<Box<dyn MigrationDevice>>> {
+    (0..DEVICES)
+        .map(|i| device(&spec(cfg, i, extra)?))
+        .collect()
+}
+
+fn refs(devs: &mut [Box<dyn MigrationDevice>]) -> Vec<&mut dyn MigrationDevice> {
+    devs.iter_mut()
+        .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
+        .collect()
+}
+
+/// `/proc/loadavg`'s 1-minute figure now.
+pub fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// Saves one device into its own stream into `sink`; its stop-copy bytes.
+fn save_one(dev: &mut dyn MigrationDevice, sink: &SinkKind, buffer: usize) -> Result<u64> {
+    let header = new_header(&[&*dev], false, 1)?;
+    let mut out = sink.open()?;
+    let mut w = StreamWriter::new(&mut out.conn, &header)?;
+    let opts = SaveOptions {
+        buffer,
+        ..SaveOptions::default()
+    };
+    let r = save_device(dev, &mut w, 0, &opts, &NoObserver)?;
+    w.finish()?;
+    dev.finish_save()?;
+    out.finish()?;
+    Ok(r.stop_copy_bytes)
+}
+
+// ---- (a) four devices in parallel ------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parallel {
+    OneAfterAnother,
+    SaveAll,
+    Threads,
+}
+
+/// Seconds to save `DEVICES` fresh devices into `/dev/null`.
+fn run_four(cfg: &Config, how: Parallel) -> Result<f64> {
+    let mut devs = devices(cfg, "")?;
+    let t = Instant::now();
+    match how {
+        Parallel::OneAfterAnother => {
+            for d in &mut devs {
+                save_one(d.as_mut(), &SinkKind::Null, cfg.buffer)?;
+            }
+        }
+        Parallel::Threads => std::thread::scope(|s| {
+            let threads: Vec<_> = devs
+                .iter_mut()
+                .map(|d| s.spawn(move || save_one(d.as_mut(), &SinkKind::Null, cfg.buffer)))
+                .collect();
+            for t in threads {
+                t.join()
+                    .map_err(|_| Error::InvalidInput("a bench save thread panicked".into()))??;
+            }
+            Ok::<(), Error>(())
+        })?,
+        Parallel::SaveAll => {
+            let mut refs = refs(&mut devs);
+            let header = {
+                let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
+                new_header(&all, false, 1)?
+            };
+            let mut sink = SinkKind::Null.open()?;
+            let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
+            let opts = SaveOptions {
+                buffer: cfg.buffer,
+                ..SaveOptions::default()
+            };
+            let mut reports = save_all(&mut refs, &shared, &opts, &NoObserver)?;
+            shared.into_inner().finish()?;
+            finish_handoff_all(&mut refs, &mut reports);
+            sink.finish()?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn parallel_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
+    let load = load1();
+    let mut seq = || run_four(cfg, Parallel::OneAfterAnother);
+    let mut all = || run_four(cfg, Parallel::SaveAll);
+    let mut thr = || run_four(cfg, Parallel::Threads);
+    let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut all, &mut thr])?;
+    let ideal = cfg.rated_size as f64 / cfg.rated_rate as f64;
+    for (slot, id, name) in [
+        (1, "save_all", "engine::multi::save_all, one stream"),
+        (2, "threads", "4 threads x save_device, a stream each"),
+    ] {
+        let f = Figure::from_paired(
+            format!("rated.x{DEVICES}.{id}"),
+            1,
+            "bandwidth-modelled: 4 devices in parallel vs one after another",
+            name,
+            "save_device one after another",
+            "s",
+            &Paired::from_series(&series, 0, slot),
+            true,
+            Some(Target::at_least(3.6)),
+        )
+        .note(format!(
+            "{DEVICES} x {} into /dev/null; one device alone takes {ideal:.3} s at its rate; \
+             ratio = sequential time / parallel time (ideal 4); load average {load} -> {}",
+            spec(cfg, 0, "")?,
+            load1()
+        ));
+        eprintln!("bench: {}", super::v2path::summary(&f));
+        out.push(f);
+    }
+    Ok(())
+}
+
+// ---- (b) one device: engine vs raw loop -----------------------------------------------
+
+/// Seconds of one device's stop-and-copy into `sink`: the engine, or the raw loop.
+fn run_one(cfg: &Config, sink: &SinkKind, engine: bool) -> Result<f64> {
+    let spec = spec(cfg, 7, "")?;
+    let mock = MockV2::new(&spec).map_err(|e| Error::device("mock", e))?;
+    if engine {
+        let mut dev = V2Device::open(Arc::new(mock))?;
+        let t = Instant::now();
+        save_one(&mut dev, sink, cfg.buffer)?;
+        return Ok(t.elapsed().as_secs_f64());
+    }
+    let mut buf = vec![0u8; cfg.buffer];
+    let mut out = sink.open()?;
+    let t = Instant::now();
+    feature::set_state(&mock, MigState::Stop).map_err(|e| Error::device("STOP", e))?;
+    let fd = feature::set_state(&mock, MigState::StopCopy)
+        .map_err(|e| Error::device("STOP_COPY", e))?
+        .ok_or_else(|| Error::InvalidInput("no data fd".into()))?;
+    copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
+    drop(fd);
+    feature::set_state(&mock, MigState::Stop).map_err(|e| Error::device("STOP", e))?;
+    out.finish()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
+    for sink in [SinkKind::File(cfg.file_dir.clone()), SinkKind::Tcp] {
+        let load = load1();
+        let mut base = || run_one(cfg, &sink, false);
+        let mut engine = || run_one(cfg, &sink, true);
+        let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut base, &mut engine])?;
+        let f = Figure::from_paired(
+            format!("rated.one.{}", sink.name()),
+            2,
+            "bandwidth-modelled: one device, engine vs raw loop",
+            "engine (save_device)",
+            format!("read/write loop, {} KiB buffer", cfg.buffer >> 10),
+            "s",
+            &Paired::from_series(&series, 0, 1),
+            true,
+            Some(Target::at_least(0.98)),
+        )
+        .note(format!(
+            "{} into {}; both runs include the STOP_COPY and STOP transitions; ratio = loop \
+             time / engine time; load average {load} -> {}",
+            spec(cfg, 7, "")?,
+            sink.name(),
+            load1()
+        ));
+        eprintln!("bench: {}", super::v2path::summary(&f));
+        out.push(f);
+    }
+    Ok(())
+}
+
+// ---- (c) downtime of four devices as one unit -----------------------------------------
+
+/// Records when each device's stop-and-copy started and ended (from its PhaseEnded event:
+/// the end, less the phase's wall time).
+#[derive(Default)]
+struct StopCopyWindow(Mutex<Vec<(Instant, Instant)>>);
+
+impl Observer for StopCopyWindow {
+    fn on_event(&self, event: &Event) {
+        if let Event::PhaseEnded {
+            phase: Phase::StopCopy,
+            elapsed,
+            ..
+        } = event
+        {
+            let end = Instant::now();
+            let start = end.checked_sub(*elapsed).unwrap_or(end);
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((start, end));
+        }
+    }
+}
+
+impl StopCopyWindow {
+    /// First start to last end.
+    fn span(&self) -> Option<Duration> {
+        let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let start = w.iter().map(|(s, _)| *s).min()?;
+        let end = w.iter().map(|(_, e)| *e).max()?;
+        Some(end - start)
+    }
+}
+
+/// Milliseconds: the stop-and-copy window of `DEVICES` devices migrated as one unit, or one
+/// device's own stop-copy time migrated alone.
+fn run_unit(cfg: &Config, unit: bool) -> Result<f64> {
+    let extra = format!(",latency={UNIT_LATENCY}");
+    let opts = SaveOptions {
+        buffer: cfg.buffer,
+        ..SaveOptions::default()
+    };
+    if !unit {
+        let mut src = device(&spec(cfg, 0, &extra)?)?;
+        let mut dst = device(&spec(cfg, 0, &extra)?)?;
+        let r = migrate_local(src.as_mut(), dst.as_mut(), &opts, &NoObserver, &NoObserver)?;
+        return Ok(r.save.stop_copy_time.as_secs_f64() * 1e3);
+    }
+    let mut srcs = devices(cfg, &extra)?;
+    let mut dsts = devices(cfg, &extra)?;
+    let mut src_refs = refs(&mut srcs);
+    let mut dst_refs = refs(&mut dsts);
+    let header = {
+        let all: Vec<&dyn MigrationDevice> = src_refs.iter().map(|d| &**d).collect();
+        new_header(&all, false, 1)?
+    };
+    let window = StopCopyWindow::default();
+    migrate_pairs(
+        &mut src_refs,
+        &mut dst_refs,
+        &header,
+        &opts,
+        &mut MemoryFence::new(),
+        &window,
+        &NoObserver,
+    )?;
+    let span = window
+        .span()
+        .ok_or_else(|| Error::InvalidInput("bench: no stop-and-copy observed".into()))?;
+    Ok(span.as_secs_f64() * 1e3)
+}
+
+fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
+    let load = load1();
+    let mut solo = || run_unit(cfg, false);
+    let mut unit = || run_unit(cfg, true);
+    let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut solo, &mut unit])?;
+    let f = Figure::from_paired(
+        format!("rated.unit.x{DEVICES}"),
+        5,
+        "bandwidth-modelled: downtime of 4 devices as one unit",
+        "stop-and-copy window of the unit (first device stopping to last done)",
+        "one device's own stop-copy time, migrated alone",
+        "ms",
+        &Paired::from_series(&series, 0, 1),
+        false,
+        Some(Target::at_most(1.1)),
+    )
+    .note(format!(
+        "{DEVICES} x {} into {DEVICES} like devices over one socketpair (migrate_pairs: \
+         handshake, demux, load on the destination); the window excludes quiesce_all (one \
+         RUNNING_P2P SET per device, one after another, before any device stops); ratio = \
+         unit / alone; load average {load} -> {}",
+        spec(cfg, 0, &format!(",latency={UNIT_LATENCY}"))?,
+        load1()
+    ));
+    eprintln!("bench: {}", super::v2path::summary(&f));
+    out.push(f);
+    Ok(())
+}
+
+/// Measures the bandwidth-modelled figures.
+pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    parallel_figures(cfg, &mut out)?;
+    one_device_figures(cfg, &mut out)?;
+    unit_figures(cfg, &mut out)?;
+    Ok(out)
+}
