@@ -591,6 +591,10 @@ fn sigterm_during_a_session_rolls_back_both_sides() {
             "--live",
             "--max-rounds",
             "1000",
+            // A budget no round can meet, so pre-copy is still running when the signal comes
+            // (a device that converges in one round would finish first and race the signal).
+            "--downtime-ms",
+            "0",
         ])
         .stderr(Stdio::piped())
         .spawn()
