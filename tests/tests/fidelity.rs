@@ -167,101 +167,35 @@ fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
     }
 }
 
-/// A destination device that records, after every call of the engine that changes a
-/// device's state, the v2 state of every device of the unit.
-struct Barrier {
-    inner: Box<dyn vfio_mig::engine::MigrationDevice>,
-    unit: Vec<vfio_mig_mock::MockHandle>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
-}
-
-impl Barrier {
-    fn snap<T>(&mut self, r: vfio_mig::Result<T>) -> vfio_mig::Result<T> {
-        // A device RUNNING with a verified resumed state shows as "RUNNING(loaded)"; a fresh
-        // or reset device as plain "RUNNING".
-        let states = self
-            .unit
-            .iter()
-            .map(|h| {
-                let st = h.status();
-                match st.resumed_ok && st.is_running() {
-                    true => "RUNNING(loaded)".to_string(),
-                    false => st.state_name(),
-                }
-            })
-            .collect();
-        self.log.lock().unwrap().push(states);
-        r
-    }
-}
-
-macro_rules! delegate {
-    ($($name:ident(&mut self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
-        $(fn $name(&mut self $(, $arg: $ty)*) -> $ret { self.inner.$name($($arg),*) })*
-    };
-}
-
-impl vfio_mig::engine::MigrationDevice for Barrier {
-    fn identity(&self) -> vfio_mig::device::DeviceIdentity {
-        self.inner.identity()
-    }
-    fn protocol(&self) -> vfio_mig::engine::Protocol {
-        self.inner.protocol()
-    }
-    fn capabilities(&self) -> vfio_mig::engine::Capabilities {
-        self.inner.capabilities()
-    }
-    delegate! {
-        state_name(&mut self) -> vfio_mig::Result<String>;
-        details(&mut self) -> vfio_mig::Result<Vec<(String, String)>>;
-        quiesce(&mut self) -> vfio_mig::Result<()>;
-        stop(&mut self) -> vfio_mig::Result<()>;
-        run(&mut self) -> vfio_mig::Result<()>;
-        start_pre_copy(&mut self) -> vfio_mig::Result<()>;
-        start_stop_copy(&mut self) -> vfio_mig::Result<()>;
-        pending(&mut self) -> vfio_mig::Result<vfio_mig::engine::Pending>;
-        read(&mut self, buf: &mut [u8]) -> vfio_mig::Result<vfio_mig::engine::ReadOutcome>;
-        finish_save(&mut self) -> vfio_mig::Result<()>;
-        finish_handoff(&mut self) -> vfio_mig::Result<()>;
-        write(&mut self, data: &[u8], chunk_end: bool) -> vfio_mig::Result<()>;
-        recover(&mut self) -> vfio_mig::engine::Recovery;
-        abort_resume(&mut self) -> vfio_mig::engine::Recovery;
-    }
-    fn start_resume(&mut self) -> vfio_mig::Result<()> {
-        let r = self.inner.start_resume();
-        self.snap(r)
-    }
-    fn load_state(&mut self) -> vfio_mig::Result<()> {
-        let r = self.inner.load_state();
-        self.snap(r)
-    }
-    fn prepare_run(&mut self) -> vfio_mig::Result<()> {
-        let r = self.inner.prepare_run();
-        self.snap(r)
-    }
-    fn finish_resume(&mut self) -> vfio_mig::Result<()> {
-        let r = self.inner.finish_resume();
-        self.snap(r)
-    }
-}
-
-/// Migrates two P2P devices into destinations wrapped in [`Barrier`]; returns the result
-/// and the destinations' state snapshots.
+/// Migrates two P2P devices into destinations wrapped in [`Recorder`]s; returns the result
+/// and the unit's state snapshots. A destination RUNNING with a verified resumed state shows
+/// as "RUNNING(loaded)", a fresh or reset one as plain "RUNNING".
 fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>) {
+    use vfio_mig::engine::MigrationDevice;
+    use vfio_mig_tests::recorder::{Recorder, UnitLog};
     let src_specs = ["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"];
     let mut srcs: Vec<_> = src_specs.iter().map(|s| mock(s)).collect();
     let dsts: Vec<_> = dst_specs.iter().map(|s| mock(s)).collect();
-    let unit: Vec<_> = dsts.iter().map(handle).collect();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut wrapped: Vec<Barrier> = dsts
+    let handles: Vec<_> = dsts.iter().map(handle).collect();
+    let log = UnitLog::new(2);
+    let probe: vfio_mig_tests::recorder::StateProbe =
+        std::sync::Arc::new(move |_: &mut dyn MigrationDevice, slot: usize| {
+            let st = handles[slot].status();
+            match st.resumed_ok && st.is_running() {
+                true => "RUNNING(loaded)".to_string(),
+                false => st.state_name(),
+            }
+        });
+    let mut wrapped: Vec<Recorder> = dsts
         .into_iter()
-        .map(|d| Barrier {
+        .enumerate()
+        .map(|(slot, d)| Recorder {
             inner: d.opened.device,
-            unit: unit.clone(),
+            slot,
             log: log.clone(),
+            probe: probe.clone(),
         })
         .collect();
-    use vfio_mig::engine::MigrationDevice;
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> = wrapped.iter_mut().map(|d| d as _).collect();
@@ -281,8 +215,8 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>)
         &NoObserver,
     )
     .map(|_| ());
-    let log = log.lock().unwrap().clone();
-    (r, log)
+    let snapshots = log.lock().unwrap().snapshots.clone();
+    (r, snapshots)
 }
 
 /// Defect 3: the destination barrier (QEMU's prepare step, `vfio_vmstate_change_prepare`):
@@ -292,16 +226,11 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>)
 fn no_destination_device_runs_before_every_device_is_loaded_and_quiescent() {
     let (r, log) = barrier_run(["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"]);
     r.unwrap();
-    for states in &log {
-        if states.iter().any(|s| s == "RUNNING(loaded)") {
-            assert!(
-                states
-                    .iter()
-                    .all(|s| s == "RUNNING(loaded)" || s == "RUNNING_P2P"),
-                "a device ran while a peer was not yet loaded and quiescent: {log:?}"
-            );
-        }
-    }
+    let bad = vfio_mig_tests::recorder::barrier_violation(&log, "RUNNING(loaded)", "RUNNING_P2P");
+    assert!(
+        bad.is_none(),
+        "a device ran while a peer was not yet loaded and quiescent: {bad:?} in {log:?}"
+    );
     assert_eq!(
         log.last().unwrap(),
         &["RUNNING(loaded)", "RUNNING(loaded)"],
@@ -475,4 +404,111 @@ fn a_pause_during_pre_copy_goes_to_stop_copy_and_pre_copy_never_runs_a_paused_de
     v1.device.start_pre_copy().unwrap();
     v1.device.stop().unwrap();
     assert_eq!(handle(&v1).status().state_name(), "STOP-AND-COPY (010b)");
+}
+
+/// Defect 9: a v1 driver whose `pending_bytes` over-reports (an estimate) stages an empty
+/// chunk (`data_size` 0) once its data is out. QEMU 5.2-7.2's v1 code took that as the end of
+/// the stop-and-copy data (`vfio_save_complete_precopy` leaves its loop on `data_size == 0`)
+/// and, in pre-copy, as the end of the round (`vfio_save_iterate` returns). Both live and
+/// stop-and-copy migrations must complete with every byte delivered.
+#[test]
+fn an_empty_v1_chunk_ends_the_phase_or_the_round() {
+    for live in [false, true] {
+        let spec = "mock:v1,size=256K,seed=9,chunk=16K,pending-slack=4K";
+        let opts = SaveOptions {
+            live,
+            ..Default::default()
+        };
+        let (src, dst, r) = migrate(spec, spec, &opts);
+        let report = r.unwrap_or_else(|e| {
+            panic!(
+                "live={live}: an empty chunk after the data: {}",
+                vfio_mig::error::Report(&e)
+            )
+        });
+        let (s, d) = (handle(&src).status(), handle(&dst).status());
+        assert!(d.resumed_ok, "live={live}: destination not resumed: {d:?}");
+        assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
+        assert_eq!(s.saves_completed, 1, "live={live}: {s:?}");
+        // Every staged chunk with data reached the destination, none twice.
+        assert_eq!(s.transactions_saved, d.transactions_loaded, "live={live}");
+        if live {
+            assert!(
+                report.save.pre_copy_bytes > 0,
+                "live={live}: {:?}",
+                report.save
+            );
+        }
+    }
+}
+
+/// Defect 10: the uAPI (vfio.h, VFIO_MIG_GET_PRECOPY_INFO): at pre-copy's temporary end "the
+/// kernel driver should return ENOMSG from read(). Userspace can wait for more data (which may
+/// never come) by using poll." A device whose first pre-copy data lands 150 ms after PRE_COPY
+/// (reads answer ENOMSG meanwhile, PRECOPY_INFO already counts the bytes) must be waited for:
+/// the pre-copy data goes in pre-copy, the switch-over is the policy's (converged), and the
+/// waiting polls the fd instead of spinning on ENOMSG.
+#[test]
+fn enomsg_in_pre_copy_is_waited_for_with_poll_not_spun_on() {
+    let spec = "mock:v2,size=512K,seed=10,precopy-delay=150ms";
+    let opts = SaveOptions {
+        live: true,
+        ..Default::default()
+    };
+    let (src, dst, r) = migrate(spec, spec, &opts);
+    let report = r.unwrap_or_else(|e| panic!("{}", vfio_mig::error::Report(&e)));
+    let s = handle(&src).status();
+    assert!(handle(&dst).status().resumed_ok);
+    assert_eq!(
+        report.save.switch_reason,
+        Some(vfio_mig::engine::SwitchReason::Converged),
+        "{:?}",
+        report.save
+    );
+    // All the device's state was pending when pre-copy began; it must have gone in pre-copy.
+    assert!(
+        report.save.pre_copy_bytes >= 512 << 10,
+        "pre-copy carried {} bytes: {:?}",
+        report.save.pre_copy_bytes,
+        report.save
+    );
+    // 150 ms of waiting: a spin makes thousands of ENOMSG reads, a poll a handful.
+    assert!(
+        s.enomsg_reads >= 1 && s.enomsg_reads <= 20,
+        "{} ENOMSG reads while the data was not ready",
+        s.enomsg_reads
+    );
+}
+
+/// The v1 data section as real v1-era drivers laid it out: the uAPI (Linux 5.8 vfio.h) says
+/// the user must read `data_offset` for every chunk, since the vendor driver may "partition"
+/// the data section, and that the section may be trapped, mmapped, or both (several sparse
+/// areas). A moving `data_offset` over several sparse areas, chunks straddling their
+/// boundaries, migrates every byte, stop-and-copy and live.
+#[test]
+fn a_moving_data_offset_over_several_sparse_areas_migrates_every_byte() {
+    let layouts = [
+        "chunk=12K,section=64K,data-offset=moving",
+        "chunk=12K,section=64K,areas=4",
+        "chunk=12K,section=64K,areas=4,data-offset=moving",
+        "chunk=5000,section=32K,areas=2,data-offset=moving,data=mmap",
+    ];
+    for layout in layouts {
+        for live in [false, true] {
+            let spec = format!("mock:v1,size=300K,seed=12,dirty-rate=1M,{layout}");
+            let opts = SaveOptions {
+                live,
+                ..Default::default()
+            };
+            let (src, dst, r) = migrate(&spec, &spec, &opts);
+            if let Err(e) = r {
+                panic!("{spec} live={live}: {}", vfio_mig::error::Report(&e));
+            }
+            let (s, d) = (handle(&src).status(), handle(&dst).status());
+            assert!(d.resumed_ok, "{spec}: {d:?}");
+            assert_eq!(handle(&src).state_digest(), handle(&dst).state_digest());
+            assert_eq!(s.transactions_saved, d.transactions_loaded, "{spec}");
+            assert!(s.transactions_saved >= 25, "{spec}: {s:?}");
+        }
+    }
 }

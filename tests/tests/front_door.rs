@@ -121,3 +121,57 @@ fn a_corrupt_stream_resets_every_destination() {
         assert_destination_safe(&h.status(), "front door");
     }
 }
+
+/// A VMM pausing its VM during pre-copy (QEMU's vfio_vmstate_change): the device goes to
+/// STOP_COPY on the same session and `complete` moves the whole state (the mtty twin of this
+/// test is tests/tests/guest/precopy.rs).
+#[test]
+fn a_pause_during_pre_copy_then_complete_moves_the_state() {
+    for profile in ["mtty", "mlx5"] {
+        let spec = format!("mock:v2,size=1M,seed=21,profile={profile}");
+        let (srcs, src_handles) = split(vec![mock(&spec)]);
+        let (mut dsts, dst_handles) = split(vec![mock(&spec)]);
+        let mut source = Source::start(srcs, Vec::new(), 1).unwrap();
+        source.round().unwrap();
+        let fds = src_handles[0].status().data_fds;
+        source.devices().next().unwrap().stop().unwrap();
+        assert_eq!(
+            src_handles[0].status().state_name(),
+            "STOP_COPY",
+            "{profile}"
+        );
+        assert_eq!(
+            src_handles[0].status().data_fds,
+            fds,
+            "{profile}: a new session"
+        );
+        let stream = source.complete().unwrap();
+        resume(&mut dsts, &stream[..]).unwrap_or_else(|e| panic!("{}", Report(&e)));
+        assert!(dst_handles[0].status().resumed_ok, "{profile}");
+        assert_eq!(src_handles[0].state_digest(), dst_handles[0].state_digest());
+    }
+}
+
+/// A pause and resume while pre-copy runs: the device runs again, and the migration, whose
+/// session the kernel ended when the device ran, fails cleanly with the source RUNNING.
+#[test]
+fn a_pause_and_resume_during_pre_copy_fails_the_migration_cleanly() {
+    let spec = "mock:v2,size=1M,seed=22,profile=mtty";
+    let (srcs, src_handles) = split(vec![mock(spec)]);
+    let digest = src_handles[0].state_digest();
+    let mut source = Source::start(srcs, Vec::new(), 1).unwrap();
+    source.round().unwrap();
+    let dev = source.devices().next().unwrap();
+    dev.stop().unwrap();
+    dev.run().unwrap();
+    assert_eq!(src_handles[0].status().state_name(), "RUNNING");
+    let err = source
+        .complete()
+        .expect_err("the session ended when the device ran");
+    assert_source_running(&src_handles[0].status(), &Report(&err).to_string());
+    assert_eq!(
+        src_handles[0].state_digest(),
+        digest,
+        "the device's state changed"
+    );
+}

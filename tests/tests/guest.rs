@@ -29,6 +29,8 @@ mod migration;
 
 #[path = "guest/glue.rs"]
 mod glue;
+#[path = "guest/precopy.rs"]
+mod precopy;
 #[path = "guest/signals.rs"]
 mod signals;
 #[path = "guest/v1_sample.rs"]

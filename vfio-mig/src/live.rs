@@ -159,7 +159,27 @@ impl<W: Write> Source<W> {
         Ok(Round { sent, estimate })
     }
 
+    /// Refuses to go on with a device that left the saving session this migration put it in
+    /// (it ran again): its data so far belongs to a session that no longer exists, and a new
+    /// session's data appended to it would not load on any real driver.
+    fn check_sessions(&mut self, step: &str) -> Result<()> {
+        for dev in self.devs.iter_mut() {
+            if dev.capabilities().pre_copy && !dev.is_saving()? {
+                return Err(Error::protocol(
+                    step,
+                    format!(
+                        "{} left its saving session during the migration (it ran again): \
+                         start a new migration",
+                        dev.identity().instance
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn send_round(&mut self) -> Result<u64> {
+        self.check_sessions("send a pre-copy round")?;
         let out = self.out.as_mut().expect("checked by the caller");
         let mut total = 0;
         for (i, dev) in self.devs.iter_mut().enumerate() {
@@ -205,6 +225,7 @@ impl<W: Write> Source<W> {
     }
 
     fn send_rest(&mut self) -> Result<W> {
+        self.check_sessions("complete the migration")?;
         let mut out = self.out.take().expect("checked by the caller");
         {
             let mut devs: Vec<&mut dyn MigrationDevice> = as_refs(&mut self.devs);

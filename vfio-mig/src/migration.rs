@@ -158,6 +158,15 @@ pub trait MigrationDevice: Send {
         None
     }
 
+    /// Whether the device is still in the saving session it was put in (v2: PRE_COPY,
+    /// PRE_COPY_P2P or STOP_COPY with its data fd; v1: a SAVING state). A device that ran
+    /// again meanwhile (a VMM resumed its VM during pre-copy) ended that session: what was
+    /// sent of it belongs to no session the device can continue. `true` by default; a wrapper
+    /// must forward it.
+    fn is_saving(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+
     /// The device's own estimate of what stop-and-copy will send, when it has one (v2
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`); `None` by default (v1 tells nothing before).
     fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {

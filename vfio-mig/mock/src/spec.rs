@@ -29,6 +29,16 @@
 //! |                 | (`us`, `ms` or `s` suffix, e.g. `5ms`)                     |              |
 //! | `content=`      | `exact` (splitmix64 per word) or `fast` (one add per word, | `exact`      |
 //! |                 | still verified exactly; see [`super::content::ContentKind`]) |            |
+//! | `data-offset=`  | v1: `fixed` (every chunk at the section's start) or        | `fixed`      |
+//! |                 | `moving` (chunk `n` at slot `n mod slots` of the section, as a |          |
+//! |                 | driver with a ring of staging buffers; needs room for 2 chunks) |         |
+//! | `areas=`        | v1: sparse mmap areas the data section is split into (1-8; | `1`          |
+//! |                 | chunks that straddle two areas are reached with pread)     |              |
+//! | `pending-slack=`| v1: bytes `pending_bytes` over-reports while saving (an    | `0`          |
+//! |                 | estimate): once the data is out, a staged chunk has data_size 0 |         |
+//! | `precopy-delay=`| v2: pre-copy data becomes readable this long after PRE_COPY | `0`         |
+//! |                 | is entered (an asynchronous first save); reads meanwhile get |            |
+//! |                 | ENOMSG while PRECOPY_INFO already counts the bytes         |              |
 //!
 //! `rate`, `accept-rate` and `latency` make a *bandwidth-modelled* device: it waits (see
 //! [`super::pace`]) instead of computing, so several of them can be measured on a small
@@ -76,9 +86,29 @@ pub const MAX_ID_LEN: usize = 64;
 /// Default v2 migration flags: STOP_COPY | P2P | PRE_COPY, as mtty.
 pub const DEFAULT_V2_FLAGS: u64 = 0x7;
 /// The options only a `mock:v1` spec takes.
-const V1_ONLY: [&str; 4] = ["section", "data", "reserved", "region-index"];
+const V1_ONLY: [&str; 7] = [
+    "section",
+    "data",
+    "reserved",
+    "region-index",
+    "data-offset",
+    "areas",
+    "pending-slack",
+];
 /// The options only a `mock:v2` spec takes.
-const V2_ONLY: [&str; 5] = ["flags", "dma", "dma-dirty", "profile", "data-size-min"];
+const V2_ONLY: [&str; 6] = [
+    "flags",
+    "dma",
+    "dma-dirty",
+    "profile",
+    "data-size-min",
+    "precopy-delay",
+];
+/// Most sparse mmap areas of the v1 data section (`areas=`).
+pub const MAX_AREAS: u32 = 8;
+/// Slots of a moving v1 `data_offset` start at multiples of this (not of a page, so that
+/// chunks straddle the boundaries of several sparse areas).
+pub const SLOT_ALIGN: u64 = 64;
 
 /// Which migration protocol the mock speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +177,14 @@ pub struct MockSpec {
     pub latency: Duration,
     /// How the content's words are generated (`content=`).
     pub content: ContentKind,
+    /// v1: whether `data_offset` moves from chunk to chunk (`data-offset=moving`).
+    pub moving_offset: bool,
+    /// v1: sparse mmap areas the data section is split into (`areas=`).
+    pub areas: u32,
+    /// v1: bytes `pending_bytes` reports above the data left (`pending-slack=`).
+    pub pending_slack: u64,
+    /// v2: delay before the pre-copy data becomes readable (`precopy-delay=`).
+    pub precopy_delay: Duration,
 }
 
 impl Default for MockSpec {
@@ -174,6 +212,10 @@ impl Default for MockSpec {
             accept_rate: 0,
             latency: Duration::ZERO,
             content: ContentKind::Exact,
+            moving_offset: false,
+            areas: 1,
+            pending_slack: 0,
+            precopy_delay: Duration::ZERO,
         }
     }
 }
@@ -253,6 +295,26 @@ impl MockSpec {
             .map_or_else(Behaviour::generic, ProfileName::behaviour)
     }
 
+    /// The stride between the staging slots of a moving `data_offset`: a chunk, rounded up
+    /// to [`SLOT_ALIGN`].
+    pub fn slot_stride(&self) -> u64 {
+        self.chunk.div_ceil(SLOT_ALIGN) * SLOT_ALIGN
+    }
+
+    /// How many staging slots the data section holds (1 with a fixed `data_offset`).
+    pub fn slots(&self) -> u64 {
+        if self.moving_offset {
+            (self.section / self.slot_stride()).max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Offset, from the data section's start, of the slot of transaction `seq`.
+    pub fn slot_offset(&self, seq: u32) -> u64 {
+        (u64::from(seq) % self.slots()) * self.slot_stride()
+    }
+
     /// Number of content pages (the last may be short).
     pub fn page_count(&self) -> u64 {
         self.size.div_ceil(u64::from(self.page))
@@ -294,6 +356,31 @@ impl MockSpec {
             return Err(format!(
                 "option `section`: {} is not a multiple of {SECTION_ALIGN}, required with data=mmap",
                 self.section
+            ));
+        }
+        if self.moving_offset && self.section < 2 * self.slot_stride() {
+            return Err(format!(
+                "option `data-offset`: a moving data_offset needs a section of at least two \
+                 chunk slots ({} bytes), not {}",
+                2 * self.slot_stride(),
+                self.section
+            ));
+        }
+        if self.areas == 0 || self.areas > MAX_AREAS {
+            return Err(format!(
+                "option `areas`: {} is not between 1 and {MAX_AREAS}",
+                self.areas
+            ));
+        }
+        if self.areas > 1
+            && (self.data != DataMode::Mmap
+                || self.section % (u64::from(self.areas) * SECTION_ALIGN) != 0)
+        {
+            return Err(format!(
+                "option `areas`: {} areas need data=mmap and a section that is a multiple of \
+                 {} bytes",
+                self.areas,
+                u64::from(self.areas) * SECTION_ALIGN
             ));
         }
         if self.reserved & crate::rules::v1_table::MASK != 0 {
@@ -438,11 +525,25 @@ impl FromStr for MockSpec {
                     spec.dma_dirty = parse_number(value).ok_or_else(|| bad("a page count"))?
                 }
                 "data-size-min" => spec.data_size_min = size()?,
+                "data-offset" => {
+                    spec.moving_offset = match value {
+                        "fixed" => false,
+                        "moving" => true,
+                        _ => return Err(bad("`fixed` or `moving`")),
+                    }
+                }
+                "areas" => spec.areas = value.parse().map_err(|_| bad("an area count (1-8)"))?,
+                "pending-slack" => spec.pending_slack = size()?,
+                "precopy-delay" => {
+                    spec.precopy_delay = parse_duration(value)
+                        .ok_or_else(|| bad("a duration with us, ms or s (e.g. 50ms)"))?
+                }
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
                          dirty-rate, reserved, region-index, fail-at, id, rate, accept-rate, \
-                         latency, content; v2: profile, flags, dma, dma-dirty, data-size-min)"
+                         latency, content; v1: data-offset, areas, pending-slack; v2: profile, \
+                         flags, dma, dma-dirty, data-size-min, precopy-delay)"
                     )))
                 }
             }
@@ -531,6 +632,18 @@ impl fmt::Display for MockSpec {
         }
         if self.content != d.content {
             write!(f, ",content={}", self.content.name())?;
+        }
+        if self.moving_offset {
+            write!(f, ",data-offset=moving")?;
+        }
+        if self.areas != d.areas {
+            write!(f, ",areas={}", self.areas)?;
+        }
+        if self.pending_slack != d.pending_slack {
+            write!(f, ",pending-slack={}", format_size(self.pending_slack))?;
+        }
+        if self.precopy_delay != d.precopy_delay {
+            write!(f, ",precopy-delay={}", format_duration(self.precopy_delay))?;
         }
         Ok(())
     }

@@ -56,6 +56,8 @@ pub struct MockStatus {
     pub dma_pages_dirtied: u64,
     /// v2: bits set in DMA logging reports.
     pub dma_bits_reported: u64,
+    /// v2: reads of a data fd the device answered with ENOMSG.
+    pub enomsg_reads: u64,
 }
 
 impl MockStatus {

@@ -106,8 +106,10 @@ struct Save {
     encoder: Encoder,
     /// Sequence number of the next staged transaction.
     seq: u32,
-    /// Length of the staged transaction (at the section's start), if any.
+    /// Length of the staged transaction, if any (0: the empty chunk of `pending-slack=`).
     staged: Option<u64>,
+    /// Offset of the staged transaction from the data section's start (its slot).
+    staged_at: u64,
     /// When dirtying was last accounted.
     last_dirty: Instant,
     /// Dirtied bytes not yet amounting to a whole page.
@@ -345,6 +347,18 @@ impl Inner {
         self.spec.data == DataMode::Mmap
     }
 
+    /// The sparse mmap areas of the data section: `areas=` equal parts of it.
+    fn areas(&self) -> Vec<SparseArea> {
+        let n = u64::from(self.spec.areas.max(1));
+        let size = self.spec.section / n;
+        (0..n)
+            .map(|i| SparseArea {
+                offset: self.data_offset + i * size,
+                size,
+            })
+            .collect()
+    }
+
     fn region(&self, index: u32) -> Option<RegionInfo> {
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
         let (flags, size, caps) = if index == self.spec.region_index {
@@ -355,10 +369,7 @@ impl Inner {
             let mut flags = rw;
             if self.is_mmap() {
                 flags |= VFIO_REGION_INFO_FLAG_MMAP;
-                caps.push(RegionCap::SparseMmap(vec![SparseArea {
-                    offset: self.data_offset,
-                    size: self.spec.section,
-                }]));
+                caps.push(RegionCap::SparseMmap(self.areas()));
             }
             (flags, self.data_offset + self.spec.section, caps)
         } else if index == VFIO_PCI_BAR0_REGION_INDEX {
@@ -478,14 +489,17 @@ impl Inner {
             }
             Target::Data(off) => {
                 self.fault(FaultField::DataRead)?;
-                let staged = self.save.as_ref().and_then(|s| s.staged);
+                let staged = self
+                    .save
+                    .as_ref()
+                    .and_then(|s| Some((s.staged?, s.staged_at)));
                 match staged {
-                    Some(len) if off + buf.len() as u64 <= len => {
+                    Some((len, at)) if off >= at && off + buf.len() as u64 <= at + len => {
                         read_exact_at(&self.memfd, buf, off)?;
                     }
-                    Some(len) => {
+                    Some((len, at)) => {
                         return Err(self.refuse(format!(
-                            "data read {off}+{} outside the staged transaction (0+{len})",
+                            "data read {off}+{} outside the staged transaction ({at}+{len})",
                             buf.len()
                         )))
                     }
@@ -569,6 +583,7 @@ impl Inner {
                     encoder,
                     seq: 0,
                     staged: None,
+                    staged_at: 0,
                     last_dirty: Instant::now(),
                     carry: 0.0,
                 });
@@ -587,7 +602,9 @@ impl Inner {
                     .save
                     .as_ref()
                     .map_or((0, None), |s| (s.encoder.pending(), s.staged));
-                if stream > 0 || staged.is_some() {
+                // An empty chunk (data_size 0) needs no consuming read: QEMU's v1 code left
+                // stop-and-copy on it without reading pending_bytes again.
+                if stream > 0 || staged.is_some_and(|len| len > 0) {
                     return Err(self.refuse(format!(
                         "STOP-AND-COPY -> STOP with data pending ({stream} stream bytes \
                          unstaged, staged transaction {staged:?} not consumed)"
@@ -667,32 +684,41 @@ impl Inner {
         }
         let chunk = self.spec.chunk;
         let save = self.save.as_mut().expect("a saving state has a save");
-        if let Some(len) = save.staged.take() {
+        if let Some(len) = save.staged.take().filter(|&len| len > 0) {
             self.status.transactions_saved += 1;
             self.status.bytes_saved += len;
         }
         let stream = save.encoder.pending();
         let per_tx = chunk - TX_HEADER;
-        Ok(stream + stream.div_ceil(per_tx) * TX_HEADER)
+        // A driver whose pending_bytes is an estimate may report more than it will stage.
+        Ok(stream + stream.div_ceil(per_tx) * TX_HEADER + self.spec.pending_slack)
     }
 
     /// `data_offset` read: in a saving state, stages the next transaction if none is staged.
     fn read_data_offset(&mut self) -> io::Result<u64> {
         let state = self.state();
         if state == RESUMING {
-            return Ok(self.data_offset);
+            let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
+            return Ok(self.data_offset + self.spec.slot_offset(next_seq));
         }
         if !v1_table::is_saving(state) {
             return Err(self.refuse(format!("data_offset read in {}", v1_table::name(state))));
         }
-        let save = self.save.as_ref().expect("a saving state has a save");
+        let slack = self.spec.pending_slack;
+        let save = self.save.as_mut().expect("a saving state has a save");
         if save.staged.is_none() {
-            if save.encoder.pending() == 0 {
+            if save.encoder.pending() > 0 {
+                self.stage()?;
+            } else if slack > 0 {
+                // pending_bytes said `slack` bytes, but nothing is left: an empty chunk.
+                save.staged = Some(0);
+                save.staged_at = self.spec.slot_offset(save.seq);
+            } else {
                 return Err(self.refuse("data_offset read with nothing pending"));
             }
-            self.stage()?;
         }
-        Ok(self.data_offset)
+        let at = self.save.as_ref().map_or(0, |s| s.staged_at);
+        Ok(self.data_offset + at)
     }
 
     /// Builds the next transaction at the start of the data section.
@@ -718,9 +744,11 @@ impl Inner {
         {
             self.scratch[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
         }
-        write_all_at(&self.memfd, &self.scratch[..total], 0)?;
+        let at = self.spec.slot_offset(save.seq);
+        write_all_at(&self.memfd, &self.scratch[..total], at)?;
         save.seq += 1;
         save.staged = Some(total as u64);
+        save.staged_at = at;
         self.status.transactions_staged += 1;
         Ok(())
     }
@@ -752,10 +780,17 @@ impl Inner {
     }
 
     fn commit_bytes(&mut self, tx: &mut [u8], size: u64) -> io::Result<()> {
-        read_exact_at(&self.memfd, tx, 0)?;
+        let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
+        let at = self.spec.slot_offset(next_seq);
+        if at + size > self.spec.section {
+            return Err(self.refuse(format!(
+                "data_size {size} at slot {at} runs past the {} byte data section",
+                self.spec.section
+            )));
+        }
+        read_exact_at(&self.memfd, tx, at)?;
         let word = |i: usize| read_pod::<u32>(tx, i * 4).expect("header present");
         let (magic, seq, len, crc) = (word(0), word(1), word(2), word(3));
-        let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
         let why = if magic != TX_MAGIC {
             Some(format!(
                 "transaction magic {magic:#010x}, expected {TX_MAGIC:#010x}"
@@ -791,18 +826,15 @@ impl Inner {
     fn mmap(&mut self, offset: u64, len: usize, writable: bool) -> io::Result<Mapping> {
         self.fault(FaultField::Mmap)?;
         let (index, rel) = ((offset >> REGION_SHIFT) as u32, offset & REGION_MASK);
-        let area = SparseArea {
-            offset: self.data_offset,
-            size: self.spec.section,
-        };
         if !self.is_mmap() || index != self.spec.region_index {
             return Err(self.refuse(format!("mmap at {offset:#x}: no mmappable area there")));
         }
-        if rel % MMAP_ALIGN != 0 || len == 0 || !area.contains(rel, len as u64) {
+        let areas = self.areas();
+        let inside = areas.iter().any(|a| a.contains(rel, len as u64));
+        if rel % MMAP_ALIGN != 0 || len == 0 || !inside {
             return Err(self.refuse(format!(
-                "mmap of {len} bytes at region offset {rel}: not a page-aligned part of the \
-                 sparse area {}+{}",
-                area.offset, area.size
+                "mmap of {len} bytes at region offset {rel}: not a page-aligned part of one \
+                 sparse area ({areas:?})"
             )));
         }
         // SAFETY: the checks above keep the mapping inside the data section, which is the

@@ -114,6 +114,13 @@ impl PreCopyState {
         }
     }
 
+    /// Notes what the device reports pending after a round that could send nothing (no data
+    /// ready yet): not a round, so neither the round bound nor the stall count moves.
+    pub fn note_pending(&mut self, pending: u64, initial_pending: Option<u64>) {
+        self.pending = pending;
+        self.initial_pending = initial_pending;
+    }
+
     /// Records a round: `sent` bytes in `took`, after which the device reports `pending`.
     pub fn record_round(
         &mut self,

@@ -9,6 +9,7 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
 use super::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
+use super::wait::DataWait;
 use super::{MigrationDevice, ReadOutcome};
 
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
@@ -200,6 +201,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         obs,
     };
     let mut chunks = 0u64;
+    let mut waits = DataWait::new();
     let reason = loop {
         match opts.policy.decide(&state, started.elapsed()) {
             Decision::Continue => {}
@@ -229,6 +231,16 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
             report.pre_copy_bytes,
         )?;
         let pending = pump.dev.pending()?;
+        if bytes == 0 && pending.bytes > 0 {
+            // Nothing readable although the device counts pending data (ENOMSG, an empty v1
+            // chunk): wait for it instead of spinning, and do not count a round that could
+            // not send (see engine/wait.rs).
+            waits.wait(&*pump.dev)?;
+            state.note_pending(pending.bytes, pending.initial_bytes);
+            state.set_stop_copy(pending.stop_copy_bytes);
+            continue;
+        }
+        waits.reset();
         state.record_round(
             bytes,
             round_started.elapsed(),

@@ -129,8 +129,12 @@ impl V1Device {
         Ok(pending)
     }
 
-    /// Steps 2-3 of the saving sequence: stage a chunk and learn where it is.
-    fn stage_chunk(&mut self) -> Result<Chunk> {
+    /// Steps 2-3 of the saving sequence: stage a chunk and learn where it is. `None`: the
+    /// driver staged an empty chunk (`data_size` 0 although `pending_bytes` was not 0, as a
+    /// driver whose pending count is an estimate does). QEMU's v1 code took that as the end
+    /// of the stop-and-copy data (`vfio_save_complete_precopy`) and, in pre-copy, as the end of
+    /// the round (`vfio_save_iterate`): so do we.
+    fn stage_chunk(&mut self) -> Result<Option<Chunk>> {
         let offset = self
             .region
             .data_offset()
@@ -140,22 +144,20 @@ impl V1Device {
             .data_size()
             .map_err(|e| Error::device("read data_size", e))?;
         if size == 0 {
-            return Err(Error::protocol(
-                "read data_size",
-                format!(
-                    "{} bytes pending but the staged chunk is empty",
-                    self.last_pending
-                ),
-            ));
+            log::debug!(
+                "v1: empty chunk with {} bytes pending: end of this phase's data for now",
+                self.last_pending
+            );
+            return Ok(None);
         }
         self.region
             .check_data_range(offset, size)
             .map_err(|d| Error::protocol("read data_offset", d))?;
-        Ok(Chunk {
+        Ok(Some(Chunk {
             offset,
             size,
             done: 0,
-        })
+        }))
     }
 
     fn reset_to_running(&mut self) -> Recovery {
@@ -227,6 +229,10 @@ impl MigrationDevice for V1Device {
             },
         ));
         Ok(out)
+    }
+
+    fn is_saving(&mut self) -> Result<bool> {
+        Ok(V1State::from_raw(self.raw_state()?).is_saving())
     }
 
     fn quiesce(&mut self) -> Result<()> {
@@ -305,7 +311,10 @@ impl MigrationDevice for V1Device {
                 if self.read_pending()? == 0 {
                     return Ok(ReadOutcome::PhaseEnd);
                 }
-                self.stage_chunk()?
+                match self.stage_chunk()? {
+                    Some(chunk) => chunk,
+                    None => return Ok(ReadOutcome::PhaseEnd),
+                }
             }
         };
         let len = buf.len().min((chunk.size - chunk.done) as usize);

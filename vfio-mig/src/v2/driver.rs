@@ -476,6 +476,11 @@ impl MigrationDevice for V2Device {
         self.data_size().map(Some)
     }
 
+    fn is_saving(&mut self) -> Result<bool> {
+        let state = self.refresh("check the saving session")?;
+        Ok(state.is_saving() && self.data.is_some())
+    }
+
     fn protocol(&self) -> Protocol {
         Protocol::V2
     }

@@ -229,6 +229,10 @@ impl MigrationDevice for Cancellable {
     fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
         self.0.stop_copy_estimate()
     }
+
+    fn is_saving(&mut self) -> Result<bool> {
+        self.0.is_saving()
+    }
     fn start_resume(&mut self) -> Result<()> {
         check("start resuming")?;
         self.0.start_resume()

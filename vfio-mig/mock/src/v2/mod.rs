@@ -740,9 +740,10 @@ impl Inner {
         }
         let chunk = self.spec.chunk;
         let feed = FeedOptions {
-            keep_open: b.enomsg,
+            keep_open: b.enomsg || !self.spec.precopy_delay.is_zero(),
             latency: b.save_latency,
             rate: self.spec.rate,
+            first_delay: self.spec.precopy_delay,
         };
         match SaveSession::start(encoder, pre_copy, chunk, self.faults.clone(), feed) {
             Ok((save, fd)) => {
@@ -928,8 +929,13 @@ impl Inner {
     /// Before a read of a data fd: ENOMSG when the profile answers it at pre-copy's temporary
     /// end (nothing unread, nothing being produced), as `mlx5vf_save_read` does. Otherwise the
     /// caller reads the fd itself (blocking until asynchronous data arrives).
+    ///
+    /// With `precopy-delay=`, reads before the first save completes get ENOMSG as well: the
+    /// uAPI lets a driver answer ENOMSG whenever no data is ready in PRE_COPY, and the user
+    /// then waits with poll(2), which the mock's pipe answers when the data lands.
     fn read_gate(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        if !self.behaviour.enomsg || !is_pre_copy(self.state) {
+        let delayed = !self.spec.precopy_delay.is_zero();
+        if !(self.behaviour.enomsg || delayed) || !is_pre_copy(self.state) {
             return Ok(());
         }
         let Some(Session::Save(save)) = &self.session else {
@@ -939,7 +945,11 @@ impl Inner {
             return Ok(());
         }
         let st = save.lock();
-        if st.failed.is_none() && st.unwritten() == 0 && save.in_pipe(&st, Some(fd)) == 0 {
+        let temporary_end = self.behaviour.enomsg && st.unwritten() == 0;
+        let no_data = st.failed.is_none() && save.in_pipe(&st, Some(fd)) == 0;
+        if no_data && (temporary_end || st.delayed()) {
+            drop(st);
+            self.status.enomsg_reads += 1;
             return Err(errno(libc::ENOMSG));
         }
         Ok(())

@@ -215,9 +215,17 @@ pub(super) struct SaveState {
     batch_ready: Option<Instant>,
     /// The device's data rate (`rate=`): the feeder produces no faster.
     pacer: Option<Pacer>,
+    /// Nothing becomes readable before this instant (`precopy-delay=`: the first save of
+    /// pre-copy completes asynchronously).
+    not_before: Option<Instant>,
 }
 
 impl SaveState {
+    /// Whether the device's first asynchronous save is still under way.
+    pub fn delayed(&self) -> bool {
+        self.not_before.is_some_and(|t| Instant::now() < t)
+    }
+
     /// Stream bytes not yet in the pipe: pending in the encoder or in the feeder's buffer.
     pub fn unwritten(&self) -> u64 {
         self.encoder.pending() + (self.buf.len() - self.pos) as u64
@@ -267,6 +275,13 @@ impl SaveShared {
                 }
                 st.batch_ready = None;
                 return Next::Idle;
+            }
+            if let Some(t) = st.not_before {
+                let now = Instant::now();
+                if now < t {
+                    return Next::Sleep(t - now);
+                }
+                st.not_before = None;
             }
             if let Some(latency) = st.latency {
                 // An asynchronous save: the batch appears once the device's command completes.
@@ -427,6 +442,8 @@ impl SaveSession {
                 latency: feed.latency,
                 batch_ready: None,
                 pacer: (feed.rate > 0).then(|| Pacer::new(feed.rate)),
+                not_before: (pre_copy && !feed.first_delay.is_zero())
+                    .then(|| Instant::now() + feed.first_delay),
             }),
             wake,
             faults,
@@ -541,6 +558,8 @@ pub(super) struct FeedOptions {
     pub latency: Option<Duration>,
     /// Bytes per second the device produces (`rate=`; 0: as fast as the feeder can).
     pub rate: u64,
+    /// Pre-copy data becomes readable only this long after the session starts.
+    pub first_delay: Duration,
 }
 
 /// The state of a resuming session, shared by the device and the consumer.
