@@ -23,6 +23,7 @@ use crate::error::Result;
 /// The kernel migration protocol a device speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub enum Protocol {
     /// The v1 migration region (Linux 5.8 to 5.17 uAPI).
     V1,
@@ -67,6 +68,7 @@ pub struct Pending {
 
 /// What one [`MigrationDevice::read`] produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadOutcome {
     /// `len` bytes were read; `chunk_end` when they close a device transaction.
     Data {

@@ -9,6 +9,7 @@ use crate::stream::Phase;
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(tag = "event", rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum Event {
     /// A phase started on a device.
     PhaseStarted {

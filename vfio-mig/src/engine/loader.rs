@@ -14,6 +14,7 @@ use super::MigrationDevice;
 /// What a load did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct LoadReport {
     /// Bytes loaded in pre-copy records.
     pub pre_copy_bytes: u64,

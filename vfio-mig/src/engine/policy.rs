@@ -47,6 +47,7 @@ impl Default for PreCopyPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum SwitchReason {
     /// The remaining bytes fit the downtime budget (or the switchover threshold).
     Converged,
@@ -67,6 +68,7 @@ impl SwitchReason {
 
 /// What the policy decided after a round.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Run another round.
     Continue,

@@ -46,6 +46,7 @@ impl Default for SaveOptions {
 /// What a save did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct SaveReport {
     /// Pre-copy rounds run.
     pub rounds: u32,

@@ -15,6 +15,7 @@ use crate::transport::Connection;
 /// What a local migration did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct MigrateReport {
     /// The source side.
     pub save: SaveReport,

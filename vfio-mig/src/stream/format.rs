@@ -84,6 +84,7 @@ pub const fn protocol_from_wire(byte: u8) -> Option<Protocol> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+#[non_exhaustive]
 pub enum Phase {
     /// Data read while the device still runs (only for LIVE devices).
     PreCopy,

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! A tiny test-only v2 device for the driver's unit tests (the full mock lives in
-//! `crate::mock`): `VFIO_DEVICE_FEATURE` for MIGRATION, MIG_DEVICE_STATE, MIG_DATA_SIZE and
-//! DMA logging, walking the kernel's arcs with [`next_step`] like a vendor driver does.
+//! A tiny test-only v2 device for the driver's unit tests (the full mock is the
+//! `vfio-mig-mock` crate): the typed feature operations for MIGRATION, MIG_DEVICE_STATE,
+//! MIG_DATA_SIZE and DMA logging, walking the kernel's arcs with [`next_step`] like a vendor driver does.
 //!
 //! Saving sessions are `SOCK_SEQPACKET` socket pairs, which can carry a zero-length message:
 //! like mtty, PRE_COPY yields the 24-byte header and then a 0-byte read, and STOP_COPY

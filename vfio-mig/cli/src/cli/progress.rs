@@ -65,7 +65,7 @@ impl Observer for ProgressView {
             Event::Progress { phase, bytes, .. } => {
                 let base = match phase {
                     Phase::PreCopy => 0,
-                    Phase::StopCopy => self.pre_copy.load(Ordering::Relaxed),
+                    _ => self.pre_copy.load(Ordering::Relaxed),
                 };
                 self.bar.set_position(base + bytes);
             }
@@ -92,7 +92,7 @@ impl Observer for ProgressView {
                 }
                 let total = match phase {
                     Phase::PreCopy => *bytes,
-                    Phase::StopCopy => self.pre_copy.load(Ordering::Relaxed) + bytes,
+                    _ => self.pre_copy.load(Ordering::Relaxed) + bytes,
                 };
                 self.bar.set_position(total);
                 self.print(format!(
@@ -106,6 +106,8 @@ impl Observer for ProgressView {
             Event::RolledBack { recovery, .. } => {
                 log::info!("{} rolled back: device {recovery}", self.label)
             }
+            // Events of later versions: the progress view has nothing to show for them.
+            _ => {}
         }
     }
 }
