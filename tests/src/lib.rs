@@ -13,11 +13,11 @@ use vfio_mig::engine::{
     load_with_rollback, save_with_rollback, session::new_header, LoadReport, NoObserver,
     SaveOptions, SaveReport,
 };
-use vfio_mig::open::{Backend, OpenedDevice};
 use vfio_mig::stream::{Record, StreamReader, StreamWriter};
 use vfio_mig::v1::V1State;
 use vfio_mig::v2::MigState;
 use vfio_mig::Result;
+use vfio_mig::{Backend, OpenedDevice};
 use vfio_mig_mock::{MockHandle, MockStatus};
 
 /// The backend the tests open real devices through: `VFIO_MIG_BACKEND` (`auto`, `group`,

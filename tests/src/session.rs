@@ -11,9 +11,9 @@ use std::sync::Arc;
 use vfio_mig::engine::{Observer, SaveOptions};
 use vfio_mig::fence::Fence;
 use vfio_mig::handshake::{receive, send, RecvOutcome, SendOutcome};
-use vfio_mig::open::OpenedDevice;
 use vfio_mig::stream::StreamHeader;
 use vfio_mig::transport::{Connection, Duplex};
+use vfio_mig::OpenedDevice;
 use vfio_mig::Result;
 
 /// Runs [`send`] on `src` over `a` and [`receive`] on `dst` over `b` in two threads.

@@ -16,11 +16,11 @@ use vfio_mig::fence::{FenceRecord, MemoryFence, StateFence};
 use vfio_mig::handshake::{
     read_message, receive, send, Message, ReasonCode, RecvOutcome, SendOutcome,
 };
-use vfio_mig::open::OpenedDevice;
 use vfio_mig::stream::{Phase, StreamHeader};
 use vfio_mig::transport::{connect, listen, Address, Connection, Duplex};
 use vfio_mig::v1::V1State;
 use vfio_mig::Error;
+use vfio_mig::OpenedDevice;
 use vfio_mig_tests::session::{run_pair, KillSwitch};
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfio_mig::open::Backend;
+use vfio_mig::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{take_dirty, DmaLogging, MemoryRange, MemoryRangeTable};

@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use vfio_mig::open::Backend;
+use vfio_mig::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{take_dirty, MemoryRange, MemoryRangeTable};

@@ -17,9 +17,9 @@ use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{NoObserver, SaveOptions};
 use vfio_mig::fence::MemoryFence;
 use vfio_mig::handshake;
-use vfio_mig::open::Backend;
 use vfio_mig::transport::tls::TlsConfig;
 use vfio_mig::transport::{accept_tls, connect, connect_tls, Address, ClientTls, Connection};
+use vfio_mig::Backend;
 
 fn leaf(
     dir: &Path,

@@ -90,7 +90,7 @@ pub use v2::MockV2;
 
 use vfio_mig::device::DeviceIo;
 use vfio_mig::fence::DeviceKey;
-use vfio_mig::open::{Backend, OpenedDevice};
+use vfio_mig::{Backend, OpenedDevice};
 
 /// The prefix of a mock device string on the command line.
 pub const MOCK_PREFIX: &str = "mock:";
@@ -157,7 +157,7 @@ pub fn open_named(
         let (opened, handle) = open_mock(&spec)?;
         return Ok((opened, Some(handle)));
     }
-    Ok((vfio_mig::open::open_device(name, backend)?, None))
+    Ok((vfio_mig::open_device(name, backend)?, None))
 }
 
 /// The fencing key of a device named as in [`open_named`]: `mock:ID` for a mock with an

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::{Claim, FenceConfig};
-use vfio_mig::open::{Backend, OpenedDevice};
+use vfio_mig::{Backend, OpenedDevice};
 use vfio_mig_mock::MockHandle;
 
 /// The backend of this command (`--backend`, `VFIO_MIG_BACKEND`), set once by [`set_backend`].

@@ -43,7 +43,7 @@ pub struct Cli {
     /// A forced backend the kernel lacks is an error.
     #[arg(long, global = true, value_name = "BACKEND", env = "VFIO_MIG_BACKEND",
           default_value = "auto", value_parser = devices::parse_backend)]
-    pub backend: vfio_mig::open::Backend,
+    pub backend: vfio_mig::Backend,
     /// Locks and fencing state.
     #[command(flatten)]
     pub fence: FenceArgs,

@@ -3,9 +3,9 @@
 //! state (a killed migration, a crashed VMM) back to RUNNING.
 
 use vfio_mig::engine::MigrationDevice;
+use vfio_mig::error::Recovery;
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::FenceConfig;
-use vfio_mig::migration::Recovery;
 
 use super::transfer::print_json;
 
@@ -73,7 +73,7 @@ pub fn run(device: &str, json: bool, fence: &FenceConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vfio_mig::open::Backend;
+    use vfio_mig::Backend;
 
     /// A device left in a migration state (as a killed command leaves mtty) is brought back:
     /// STOP_COPY by the recovery arc, RESUMING (partial state) by a reset, as the kernel's

@@ -18,8 +18,8 @@ use signal_hook::iterator::Signals;
 
 use vfio_mig::device::DeviceIdentity;
 use vfio_mig::engine::MigrationDevice;
+use vfio_mig::engine::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
 use vfio_mig::error::{Error, Result};
-use vfio_mig::migration::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
 
 /// A hook run (once) when the first signal arrives.
 type Hook = Box<dyn FnOnce() + Send>;

@@ -15,8 +15,8 @@ use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveRep
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{load_fenced, migrate_pairs, RecvOutcome};
-use vfio_mig::open::OpenedDevice;
 use vfio_mig::stream::{StreamHeader, StreamKey, StreamReader, StreamWriter};
+use vfio_mig::OpenedDevice;
 
 use super::fencing::Fencing;
 use super::output::Output;
