@@ -178,6 +178,18 @@ impl<W: Write> Source<W> {
         Ok(())
     }
 
+    /// Waits up to `timeout` for pre-copy data, after a [`round`](Self::round) that sent
+    /// nothing while the estimate still counts pre-copy bytes (a device answered ENOMSG: "userspace can
+    /// wait for more data (which may never come) by using poll", says the uAPI). Polls the
+    /// data fds of the devices in pre-copy; `true` when one became readable. Without a data
+    /// fd to poll (v1) it sleeps `timeout` and answers `false`. A VMM that paces rounds itself
+    /// calls this between empty rounds instead of spinning.
+    pub fn wait_for_data(&mut self, timeout: std::time::Duration) -> Result<bool> {
+        self.check_open()?;
+        let fds: Vec<_> = self.devs.iter().filter_map(|d| d.data_fd()).collect();
+        crate::engine::wait::poll_any(&fds, timeout)
+    }
+
     fn send_round(&mut self) -> Result<u64> {
         self.check_sessions("send a pre-copy round")?;
         let out = self.out.as_mut().expect("checked by the caller");

@@ -15,7 +15,7 @@ mod rollback;
 pub mod save;
 pub mod session;
 pub mod splice;
-mod wait;
+pub(crate) mod wait;
 
 pub use crate::migration::{
     Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,

@@ -74,11 +74,24 @@ impl DataWait {
 
 /// Polls `fd` for input up to `timeout`; true when it became readable (or hung up) first.
 fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool> {
+    poll_any(&[fd], timeout)
+}
+
+/// Polls `fds` for input up to `timeout`; true when one became readable (or hung up) first.
+/// No fds: sleeps `timeout` (nothing can signal) and answers false.
+pub(crate) fn poll_any(fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<bool> {
+    if fds.is_empty() {
+        std::thread::sleep(timeout);
+        return Ok(false);
+    }
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let mut fds: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),
