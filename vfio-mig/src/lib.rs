@@ -14,7 +14,8 @@
 //!   [`MigrationDevice`] it holds tells its [`Capabilities`];
 //! - the source: [`Source::start`] (one or several devices as one unit),
 //!   [`Source::round`] for each pre-copy round the VMM paces itself (it returns the
-//!   [`Estimate`] of pending pre-copy bytes and of the stop-and-copy size), then
+//!   [`Estimate`] of pending pre-copy bytes and of the stop-and-copy size;
+//!   [`Source::wait_for_data`] after a round that found nothing ready), then
 //!   [`Source::complete`] with the vCPUs stopped;
 //! - the destination: [`resume`];
 //! - errors: [`Error`], printed with its causes on one line by [`error::Report`].
