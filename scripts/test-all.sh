@@ -28,7 +28,7 @@ cargo clippy -p vfio-mig-tests --test guest --locked -- -D warnings
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # Each published crate, with every feature, as docs.rs builds it.
-for crate in vfio-mig vfio-mig-mock vfio-mig-cli vmm-glue; do
+for crate in vfio-mig vfio-mig-mock vfio-mig-cli vfio-mig-etcd vmm-glue; do
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --all-features --no-deps --locked
 done
 
