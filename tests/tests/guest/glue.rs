@@ -80,9 +80,11 @@ fn dma_logging_start_report_stop_on_mtty() {
         iova: 0x10_0000,
         length: 64 * page,
     };
-    // mtty has no DMA engine. What the kernel answers (observed on 6.12): START is accepted,
-    // REPORT is refused with EOPNOTSUPP (nothing tracks the pages), STOP is accepted. A REPORT
-    // that does succeed must report nothing dirty.
+    // mtty has no DMA engine; its log ops accept START and STOP and report no page. REPORT
+    // needs the kernel's iova_bitmap (CONFIG_IOMMUFD_DRIVER): without it (the Debian kernel)
+    // REPORT is refused with EOPNOTSUPP; with it (the iommufd kernel: IOMMUFD_TEST selects
+    // it) REPORT succeeds and sets no bit. The buffer starts all ones: the library must clear
+    // it, since the kernel only sets bits (failed before feature::dma_logging_report did).
     dev.dma_logging_start(page, &[range])
         .expect("DMA_LOGGING_START");
     let mut bitmap = vec![u64::MAX; 1];
