@@ -10,7 +10,9 @@
 #   debian   the Debian kernel ($WORK/vmlinuz, modules from the initramfs), tests run once with
 #            VFIO_MIG_BACKEND=group; console log $WORK/console.log
 #   iommufd  the iommufd kernel of ikernel.sh (vfio, mdev, mtty built in), tests run twice, with
-#            VFIO_MIG_BACKEND=iommufd then group; console log $WORK/console-iommufd.log
+#            VFIO_MIG_BACKEND=iommufd then group; console log $WORK/console-iommufd.log. It
+#            also has CONFIG_IOMMUFD_TEST (vfio_mig_iommufd_test): the iommufd_dirty tests run
+#            only there
 # The guest prints one "VFIO-MIG-RUN: <kernel>/<backend>: PASS|FAIL" line per run; PASS also
 # needs one such PASS line for every backend asked for.
 #
@@ -41,7 +43,7 @@ case $RUN in
         LOG=$WORK/console-iommufd.log
         KERNEL=$WORK/ikernel/$(cat "$WORK/ikernel/current")/bzImage
         BACKENDS=(iommufd group)
-        GUEST_ARGS="vfio_mig_kernel=iommufd-$(current_version | sed 's/[^0-9A-Za-z.+~-]//g') vfio_mig_backends=iommufd,group vfio_mig_builtin"
+        GUEST_ARGS="vfio_mig_kernel=iommufd-$(current_version | sed 's/[^0-9A-Za-z.+~-]//g') vfio_mig_backends=iommufd,group vfio_mig_builtin vfio_mig_iommufd_test"
         ;;
     *) die "usage: boot.sh [debian|iommufd] (got '$RUN')" ;;
 esac

@@ -52,15 +52,19 @@ fi
 #   vfio_mig_kernel=LABEL        the kernel's name in the log (e.g. debian-6.12.117+deb12)
 #   vfio_mig_backends=B1[,B2]    run the whole test binary once per VFIO_MIG_BACKEND value
 #   vfio_mig_builtin             vfio, mdev and mtty are built in (the iommufd kernel): no insmod
+#   vfio_mig_iommufd_test        the kernel has CONFIG_IOMMUFD_TEST (the iommufd kernel): the
+#                                iommufd_dirty tests run (and fail if IOMMU_TEST_CMD is missing)
 KERNEL_LABEL=$(uname -r)
 BACKENDS=group
 BUILTIN=""
+IOMMUFD_TEST=""
 # shellcheck disable=SC2013 # words, not lines, on purpose
 for word in $(cat /proc/cmdline); do
     case $word in
         vfio_mig_kernel=*) KERNEL_LABEL=${word#*=} ;;
         vfio_mig_backends=*) BACKENDS=$(echo "${word#*=}" | tr ',' ' ') ;;
         vfio_mig_builtin) BUILTIN=1 ;;
+        vfio_mig_iommufd_test) IOMMUFD_TEST=1 ;;
     esac
 done
 
@@ -126,6 +130,14 @@ if [ -n "$V1_MODULE" ]; then
 else
     echo "vfio-mig-guest: mig_v1_sample not loaded in this guest: skipping the v1_sample tests"
     TEST_ARGS="$TEST_ARGS --skip v1_sample::"
+fi
+# The iommufd_dirty tests drive the iommufd selftest's mock IOMMU (IOMMU_TEST_CMD): only the
+# kernel that says it has CONFIG_IOMMUFD_TEST runs them; elsewhere they are left out, visibly.
+if [ -n "$IOMMUFD_TEST" ]; then
+    echo "vfio-mig-guest: CONFIG_IOMMUFD_TEST kernel: running the iommufd_dirty tests (mock IOMMU dirty tracking)"
+else
+    echo "vfio-mig-guest: no CONFIG_IOMMUFD_TEST in this kernel: skipping the iommufd_dirty tests (they run on the iommufd kernel)"
+    TEST_ARGS="$TEST_ARGS --skip iommufd_dirty::"
 fi
 ls -l /dev/vfio
 

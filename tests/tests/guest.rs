@@ -12,6 +12,9 @@
 //! - `VFIO_MIG_BIN`: path of the static `vfio-mig` command (`/bin/vfio-mig`).
 //! - `VFIO_MIG_V1_TRAPPED`, `VFIO_MIG_V1_MMAP`, `VFIO_MIG_V1_DEVICES`: the mdevs of our v1
 //!   sample module (kmod/mig-v1-sample), used by the `v1_sample` tests.
+//! - `iommufd_dirty` tests: no variable; they drive the iommufd selftest's mock IOMMU
+//!   (`IOMMU_TEST_CMD`, CONFIG_IOMMUFD_TEST), which only the iommufd guest kernel has; /init
+//!   skips them on the Debian kernel and prints that it did.
 //! - `VFIO_MIG_BACKEND`: `group` or `iommufd` (or `auto`): how the library, the `vfio-mig`
 //!   command and [`mtty::MttyDevice`] open the devices. The harness runs the whole binary once
 //!   per backend the guest kernel offers (see docs/guest-tests.md), and
@@ -29,6 +32,8 @@ mod migration;
 
 #[path = "guest/glue.rs"]
 mod glue;
+#[path = "guest/iommufd_dirty.rs"]
+mod iommufd_dirty;
 #[path = "guest/precopy.rs"]
 mod precopy;
 #[path = "guest/signals.rs"]

@@ -2,11 +2,14 @@
 //! Dirty tracking of device DMA into guest memory, merged into vm-memory's dirty bitmap.
 //!
 //! A VMM migrating memory sends the pages KVM says the vCPUs wrote *and* the pages devices
-//! wrote by DMA. Two device-side sources exist: v2 DMA logging (`VFIO_DEVICE_FEATURE_DMA_
-//! LOGGING_*`, per device) and, on v1-era setups, the type1 container's dirty-page bitmap
-//! (`VFIO_IOMMU_DIRTY_PAGES`, per container). Both give a bitmap of pages per IOVA range;
-//! with IOVA = guest physical address (the usual VMM layout) the bits land in vm-memory's
-//! per-region [`AtomicBitmap`] next to the KVM log.
+//! wrote by DMA. Three device-side sources exist: v2 DMA logging (`VFIO_DEVICE_FEATURE_DMA_
+//! LOGGING_*`, per device, [`DmaLogging`]), on v1-era setups the type1 container's dirty-page
+//! bitmap (`VFIO_IOMMU_DIRTY_PAGES`, per container, [`crate::dma::ContainerDirtyPages`]), and
+//! for devices opened through iommufd the IOMMU's own tracking of a hardware page table
+//! (`IOMMU_HWPT_GET_DIRTY_BITMAP`, per HWPT, `crate::iommufd::HwptDirtyPages`, feature
+//! `iommufd`). All give a bitmap of pages per IOVA range; with IOVA = guest physical address
+//! (the usual VMM layout) the bits land in vm-memory's per-region [`AtomicBitmap`] next to the
+//! KVM log ([`merge_dirty`]).
 
 use std::sync::Arc;
 
@@ -95,6 +98,25 @@ pub fn take_dirty(mem: &GuestMemoryMmap<AtomicBitmap>, page_size: u64) -> Memory
         table.ranges.extend(part.ranges);
     }
     table
+}
+
+/// Reads every range of `ranges` from `tracker` (clearing what it reports) and marks the
+/// pages in `mem`'s bitmaps. Returns the table of what was merged and the number of ranges
+/// that fell (partly) outside guest memory.
+pub fn merge_dirty(
+    tracker: &mut dyn DirtyTracker,
+    ranges: &[MemoryRange],
+    page_size: u64,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+) -> Result<(MemoryRangeTable, u64)> {
+    let mut table = MemoryRangeTable::default();
+    for range in ranges {
+        let words = tracker.report(*range, page_size)?;
+        let part = MemoryRangeTable::from_bitmap(&words, range.gpa, page_size);
+        table.ranges.extend(part.ranges);
+    }
+    let outside = table.mark_dirty(mem);
+    Ok((table, outside))
 }
 
 /// A source of device dirty-page bitmaps.

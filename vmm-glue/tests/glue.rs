@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use vfio_mig::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_glue::dirty::{take_dirty, MemoryRange, MemoryRangeTable};
+use vmm_glue::dirty::{merge_dirty, take_dirty, DirtyTracker, MemoryRange, MemoryRangeTable};
 use vmm_glue::{Migratable, Pausable, Snapshottable, VfioMigratable};
 
 const PAGE: u64 = 4096;
@@ -44,6 +44,71 @@ fn bitmap_words_become_merged_ranges() {
         ]
     );
     assert_eq!(table.bytes(), 7 * PAGE);
+}
+
+/// A tracker that reports fixed pages (relative to each range's start) once, then nothing,
+/// and records the ranges it was asked for.
+struct FixedTracker {
+    pages: Vec<u64>,
+    asked: Vec<(MemoryRange, u64)>,
+}
+
+impl DirtyTracker for FixedTracker {
+    fn start(&mut self, _ranges: &[MemoryRange], _page_size: u64) -> vmm_glue::Result<()> {
+        Ok(())
+    }
+    fn report(&mut self, range: MemoryRange, page_size: u64) -> vmm_glue::Result<Vec<u64>> {
+        self.asked.push((range, page_size));
+        let mut words = vec![0u64; (range.length / page_size).div_ceil(64) as usize];
+        for p in std::mem::take(&mut self.pages) {
+            words[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        Ok(words)
+    }
+    fn stop(&mut self) -> vmm_glue::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn merge_dirty_reads_every_range_into_guest_memory() {
+    let mem = guest_memory();
+    let ranges = [
+        MemoryRange {
+            gpa: 0,
+            length: 64 * PAGE,
+        },
+        MemoryRange {
+            gpa: 0x1_0000_0000,
+            length: 32 * PAGE,
+        },
+    ];
+    // Pages 1 and 63 of the first range; the tracker has nothing for the second.
+    let mut tracker = FixedTracker {
+        pages: vec![1, 63],
+        asked: Vec::new(),
+    };
+    let (table, outside) = merge_dirty(&mut tracker, &ranges, PAGE, &mem).unwrap();
+    assert_eq!(outside, 0);
+    assert_eq!(
+        tracker.asked,
+        vec![(ranges[0], PAGE), (ranges[1], PAGE)],
+        "every range, in order"
+    );
+    let want = MemoryRangeTable {
+        ranges: vec![
+            MemoryRange {
+                gpa: PAGE,
+                length: PAGE,
+            },
+            MemoryRange {
+                gpa: 63 * PAGE,
+                length: PAGE,
+            },
+        ],
+    };
+    assert_eq!(table, want);
+    assert_eq!(take_dirty(&mem, PAGE), want, "vm-memory's bitmap");
 }
 
 #[test]

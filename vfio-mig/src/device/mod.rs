@@ -9,6 +9,8 @@
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 
 pub mod backend;
+#[cfg(feature = "iommufd")]
+pub mod hwpt;
 pub mod mapping;
 pub mod pod;
 pub mod region;

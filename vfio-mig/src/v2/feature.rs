@@ -77,9 +77,11 @@ pub fn dma_logging_stop(dev: &dyn DeviceIo) -> io::Result<()> {
 }
 
 /// Reads and clears the DMA log of `[iova, iova + length)` into `bitmap`: bit `n` of the
-/// bitmap (word `n / 64`, bit `n % 64`) is page `iova + n * page_size`. The device only sets
-/// bits; clear `bitmap` first. `page_size` must be a power of two of at least 4096 and
-/// `bitmap` must hold [`dma_bitmap_words`] words.
+/// bitmap (word `n / 64`, bit `n % 64`) is page `iova + n * page_size`. `page_size` must be a
+/// power of two of at least 4096 and `bitmap` must hold [`dma_bitmap_words`] words; those
+/// words are zeroed first, because the kernel only sets bits (iova_bitmap_set: a driver that
+/// saw no DMA, like mtty, leaves the buffer as it was), and stale bits would be reported as
+/// new writes. Words past them are left alone.
 pub fn dma_logging_report(
     dev: &dyn DeviceIo,
     iova: u64,
@@ -94,6 +96,10 @@ pub fn dma_logging_report(
         return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
     }
     check_dma_bitmap(length, page_size, bitmap.len())?;
+    if let Some(words) = dma_bitmap_words(length, page_size) {
+        let end = (words as usize).min(bitmap.len());
+        bitmap[..end].fill(0);
+    }
     dev.dma_logging_report(iova, length, page_size, bitmap)
 }
 
