@@ -59,9 +59,10 @@ pub struct Fencing {
 /// Opens the store of a `--fence` value; an etcd store gives up on an operation after
 /// `timeout`.
 pub fn open_store(spec: &str, timeout: Duration) -> Result<Arc<dyn FenceStore>> {
-    if spec.starts_with(vfio_mig_etcd::URL_SCHEME) {
+    if spec.starts_with(vfio_mig_etcd::PLAIN_SCHEME) {
         Ok(Arc::new(
-            vfio_mig_etcd::EtcdStore::from_url(spec)?.with_operation_timeout(timeout),
+            vfio_mig_etcd::EtcdStore::from_url(spec, &vfio_mig_etcd::Security::InsecurePlainHttp)?
+                .with_operation_timeout(timeout),
         ))
     } else if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
         Ok(Arc::new(DirStore::new(path)))
