@@ -31,6 +31,7 @@ mod endpoint;
 mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -65,6 +66,8 @@ pub enum Security {
 pub struct EtcdStore {
     endpoints: Vec<String>,
     scheme: Scheme,
+    /// The TLS configuration again, for [`tls::diagnose`].
+    probe: Option<Arc<rustls::ClientConfig>>,
     agent: ureq::Agent,
     /// The member that answered last (tried first).
     preferred: AtomicUsize,
@@ -99,13 +102,17 @@ impl EtcdStore {
             .http_status_as_error(false)
             .timeout_global(Some(REQUEST_TIMEOUT))
             .timeout_connect(Some(Duration::from_secs(1)));
-        let (config, scheme) = match security {
-            Security::Tls(files) => (config.tls_config(files.ureq_config()?), Scheme::Tls),
-            Security::InsecurePlainHttp => (config, Scheme::Plain),
+        let (config, scheme, probe) = match security {
+            Security::Tls(files) => {
+                let (ureq_config, rustls_config) = files.configs()?;
+                (config.tls_config(ureq_config), Scheme::Tls, Some(rustls_config))
+            }
+            Security::InsecurePlainHttp => (config, Scheme::Plain, None),
         };
         Ok(Self {
             endpoints,
             scheme,
+            probe,
             agent: config.build().into(),
             preferred: AtomicUsize::new(0),
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
@@ -153,9 +160,15 @@ impl EtcdStore {
         };
         // TLS 1.3 checks the client's certificate after the client's side of the handshake
         // is done: a refusal may arrive while the answer is read.
-        let failed = |what: &str, e: ureq::Error| match tls::tls_failure(&e) {
-            Some(t) => Failure::Tls(format!("{endpoint}: {t}")),
-            None => Failure::Transient(format!("{endpoint}: {what}{e}")),
+        let failed = |what: &str, e: ureq::Error| {
+            let refused = tls::tls_failure(&e).or_else(|| {
+                let probe = self.probe.as_ref().filter(|_| tls::closed_under_request(&e))?;
+                tls::diagnose(probe, endpoint)
+            });
+            match refused {
+                Some(t) => Failure::Tls(format!("{endpoint}: {t}")),
+                None => Failure::Transient(format!("{endpoint}: {what}{e}")),
+            }
         };
         let mut response = self
             .agent
