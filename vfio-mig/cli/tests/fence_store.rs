@@ -217,7 +217,8 @@ fn hosts_hand_off_through_a_plain_etcd_only_with_fence_insecure() {
     // host-d asks for plain HTTP through the environment.
     hosts_handoff_through(&cluster.url(), dir.path(), &|h| {
         if h.owner == "host-d" {
-            h.env.push(("VFIO_MIG_FENCE_INSECURE".into(), "true".into()));
+            h.env
+                .push(("VFIO_MIG_FENCE_INSECURE".into(), "true".into()));
         } else {
             h.args.push("--fence-insecure".into());
         }
@@ -238,8 +239,7 @@ fn hosts_hand_off_through_a_plain_etcd_only_with_fence_insecure() {
 }
 
 #[test]
-fn a_host_whose_certificate_the_fleet_ca_did_not_sign_is_refused_before_its_device_is_touched(
-) {
+fn a_host_whose_certificate_the_fleet_ca_did_not_sign_is_refused_before_its_device_is_touched() {
     let Some(cluster) = cluster::EtcdCluster::start() else {
         return;
     };
@@ -255,13 +255,11 @@ fn a_host_whose_certificate_the_fleet_ca_did_not_sign_is_refused_before_its_devi
     let o = h.run(&["send", "mock:v1,size=1M", "--to", &sock]);
     assert_refused(
         &o,
-        &format!(
-            "fencing store {}: every member refused TLS",
-            cluster.url()
-        ),
+        &format!("fencing store {}: every member refused TLS", cluster.url()),
     );
     assert!(
-        stderr(&o).contains("the member refused this host") && stderr(&o).contains("no device was touched"),
+        stderr(&o).contains("the member refused this host")
+            && stderr(&o).contains("no device was touched"),
         "{}",
         stderr(&o)
     );
@@ -284,7 +282,10 @@ fn tls_options_are_checked_before_any_store_is_asked() {
     let o = run("etcds://127.0.0.1:1", &["--fence-insecure"]);
     assert_refused(&o, "--fence-insecure: etcds://127.0.0.1:1 is TLS");
     let o = run("dir:/tmp/x", &["--fence-ca", "ca.crt"]);
-    assert_refused(&o, "--fence-ca, --fence-cert and --fence-cert-key are for an etcds:// store");
+    assert_refused(
+        &o,
+        "--fence-ca, --fence-cert and --fence-cert-key are for an etcds:// store",
+    );
     let missing = dir.path().join("missing.crt");
     let m = missing.display().to_string();
     let o = run(

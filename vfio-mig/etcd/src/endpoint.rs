@@ -86,12 +86,14 @@ mod tests {
 
     #[test]
     fn urls_list_members_with_ports() {
-        let (scheme, members) =
-            parse_url("etcds://127.0.0.1:2379,etcd-b:2379,[::1]:2381").unwrap();
+        let (scheme, members) = parse_url("etcds://127.0.0.1:2379,etcd-b:2379,[::1]:2381").unwrap();
         assert_eq!(scheme, Scheme::Tls);
         assert_eq!(members, ["127.0.0.1:2379", "etcd-b:2379", "[::1]:2381"]);
         let (scheme, members) = parse_url("etcd://etcd-a:2379/").unwrap();
-        assert_eq!((scheme, members), (Scheme::Plain, vec!["etcd-a:2379".into()]));
+        assert_eq!(
+            (scheme, members),
+            (Scheme::Plain, vec!["etcd-a:2379".into()])
+        );
         for bad in [
             "http://a:1",
             "https://a:1",

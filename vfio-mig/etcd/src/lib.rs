@@ -105,7 +105,11 @@ impl EtcdStore {
         let (config, scheme, probe) = match security {
             Security::Tls(files) => {
                 let (ureq_config, rustls_config) = files.configs()?;
-                (config.tls_config(ureq_config), Scheme::Tls, Some(rustls_config))
+                (
+                    config.tls_config(ureq_config),
+                    Scheme::Tls,
+                    Some(rustls_config),
+                )
             }
             Security::InsecurePlainHttp => (config, Scheme::Plain, None),
         };
@@ -162,7 +166,10 @@ impl EtcdStore {
         // is done: a refusal may arrive while the answer is read.
         let failed = |what: &str, e: ureq::Error| {
             let refused = tls::tls_failure(&e).or_else(|| {
-                let probe = self.probe.as_ref().filter(|_| tls::closed_under_request(&e))?;
+                let probe = self
+                    .probe
+                    .as_ref()
+                    .filter(|_| tls::closed_under_request(&e))?;
                 tls::diagnose(probe, endpoint)
             });
             match refused {

@@ -61,8 +61,16 @@ impl EtcdTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let files = Files {
             ca: self.ca.clone(),
-            cert: self.client.as_ref().map(|c| c.cert.clone()).unwrap_or_default(),
-            key: self.client.as_ref().map(|c| c.key.clone()).unwrap_or_default(),
+            cert: self
+                .client
+                .as_ref()
+                .map(|c| c.cert.clone())
+                .unwrap_or_default(),
+            key: self
+                .client
+                .as_ref()
+                .map(|c| c.key.clone())
+                .unwrap_or_default(),
             server_name: None,
         };
         let rustls_config = match &self.client {
@@ -79,7 +87,8 @@ impl EtcdTls {
             }
         };
         // Checked above: these parse.
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| bad(&format!("{}: {e}", p.display())));
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| bad(&format!("{}: {e}", p.display())));
         let roots: Vec<Certificate<'static>> = CertificateDer::pem_slice_iter(&read(&self.ca)?)
             .map(|c| c.map(|c| Certificate::from_der(&c).to_owned()))
             .collect::<std::result::Result<_, _>>()
@@ -141,9 +150,9 @@ fn describe(e: &rustls::Error) -> String {
             "TLS: the member refused this host ({alert:?} alert): its --trusted-ca-file did \
              not sign this host's client certificate, or none was given"
         ),
-        rustls::Error::InvalidCertificate(why) => format!(
-            "TLS: the member's certificate does not verify against the given CA ({why:?})"
-        ),
+        rustls::Error::InvalidCertificate(why) => {
+            format!("TLS: the member's certificate does not verify against the given CA ({why:?})")
+        }
         other => format!("TLS: {other}"),
     }
 }

@@ -128,7 +128,8 @@ fn assert_locked_out(
         (before.0.as_str(), before.1, before.2, before.3.as_slice()),
         ("host-b", 1, true, b"fleet".as_slice())
     );
-    let intruder: Arc<dyn FenceStore> = Arc::new(intruder.with_operation_timeout(Duration::from_secs(5)));
+    let intruder: Arc<dyn FenceStore> =
+        Arc::new(intruder.with_operation_timeout(Duration::from_secs(5)));
 
     // Every member refuses at once (a certificate is configuration, not an outage): the
     // message says so rather than "unreachable for 5.0 s".
@@ -170,13 +171,20 @@ fn assert_locked_out(
     let (sent, recv) = transfer(&mut src, &mut dst, &h, &mut fence);
     let (code, e) = refusal(sent);
     assert_eq!(code, ReasonCode::Fence, "{kind}: {e}");
-    assert!(e.contains("fencing store") && e.contains(why), "{kind}: {e}");
+    assert!(
+        e.contains("fencing store") && e.contains(why),
+        "{kind}: {e}"
+    );
     assert!(recv.is_err(), "{kind}");
     assert!(untouched(&dst), "{kind}: a refused destination was touched");
     let s = handle(&src).status();
     assert!(s.is_running() && s.bytes_saved == 0, "{kind}: {s:?}");
 
-    assert_eq!(state(fleet_store), before, "{kind}: the fencing state changed");
+    assert_eq!(
+        state(fleet_store),
+        before,
+        "{kind}: the fencing state changed"
+    );
 }
 
 #[test]
@@ -197,7 +205,10 @@ fn a_client_without_a_certificate_of_the_fleet_ca_cannot_read_or_change_the_fenc
             key: pki.other_host.key.clone(),
         }),
     };
-    for (kind, tls) in [("no certificate", no_cert), ("another CA's certificate", other_ca)] {
+    for (kind, tls) in [
+        ("no certificate", no_cert),
+        ("another CA's certificate", other_ca),
+    ] {
         let intruder = EtcdStore::from_url(&cluster.url(), &Security::Tls(tls)).unwrap();
         assert_locked_out(kind, intruder, &fleet_store, refused_host);
     }
@@ -235,13 +246,11 @@ fn plain_http_reaches_nothing_of_a_tls_cluster() {
     );
     let (code, e) = refusal(plain.get(PROBE));
     assert_eq!(code, ReasonCode::Fence, "{e}");
-    assert!(e.starts_with("read the fencing store: refused: fencing store etcd://"), "{e}");
-    let (_, e) = refusal(plain.commit(
-        &[],
-        &[Write::Delete {
-            key: PROBE.into(),
-        }],
-    ));
+    assert!(
+        e.starts_with("read the fencing store: refused: fencing store etcd://"),
+        "{e}"
+    );
+    let (_, e) = refusal(plain.commit(&[], &[Write::Delete { key: PROBE.into() }]));
     assert!(e.starts_with("write the fencing store: refused:"), "{e}");
     assert_eq!(state(&fleet_store), before);
 }
@@ -253,11 +262,17 @@ fn a_plain_cluster_is_reached_only_when_asked_for_by_name() {
     let e = EtcdStore::from_url("etcds://127.0.0.1:2379", &Security::InsecurePlainHttp)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("an etcds:// store needs a CA, a client certificate and its key"), "{e}");
+    assert!(
+        e.contains("an etcds:// store needs a CA, a client certificate and its key"),
+        "{e}"
+    );
     let e = EtcdStore::from_url("etcd://127.0.0.1:2379", &tls)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("etcd:// is plain HTTP, but TLS files were given: use etcds://"), "{e}");
+    assert!(
+        e.contains("etcd:// is plain HTTP, but TLS files were given: use etcds://"),
+        "{e}"
+    );
 
     let Some(cluster) = EtcdCluster::start_plain() else {
         return;
@@ -271,7 +286,10 @@ fn a_plain_cluster_is_reached_only_when_asked_for_by_name() {
     };
     let rev = store.commit(&[], &[put]).unwrap().unwrap();
     let entry = store.get(PROBE).unwrap().unwrap();
-    assert_eq!((entry.value.as_slice(), entry.revision), (b"plain".as_slice(), rev));
+    assert_eq!(
+        (entry.value.as_slice(), entry.revision),
+        (b"plain".as_slice(), rev)
+    );
 }
 
 #[test]
@@ -292,7 +310,10 @@ fn bad_tls_files_are_refused_when_the_store_is_made() {
     );
     // A key file as the CA bundle.
     let e = make(EtcdTls::new(&pki.host.key, &pki.host.cert, &pki.host.key));
-    assert!(e.contains("CA bundle") && e.contains("no CERTIFICATE block"), "{e}");
+    assert!(
+        e.contains("CA bundle") && e.contains("no CERTIFICATE block"),
+        "{e}"
+    );
     // A key that is not the certificate's.
     let e = make(EtcdTls::new(&pki.ca, &pki.host.cert, &pki.other_host.key));
     assert!(

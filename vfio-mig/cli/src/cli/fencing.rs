@@ -42,7 +42,12 @@ pub struct FenceArgs {
     #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
     pub fence_cert: Option<PathBuf>,
     /// The private key of --fence-cert (PEM).
-    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT_KEY")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VFIO_MIG_FENCE_CERT_KEY"
+    )]
     pub fence_cert_key: Option<PathBuf>,
     /// Reach an `etcd://` store over plain HTTP: anyone who reaches its client port can then
     /// rewrite owners and epochs.

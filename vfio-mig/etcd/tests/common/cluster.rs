@@ -99,7 +99,8 @@ fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, member: bool)
             SanType::IpAddress([127, 0, 0, 1].into()),
             SanType::DnsName("localhost".try_into().unwrap()),
         ];
-        p.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
     }
     let cert = p.signed_by(&key, issuer).unwrap();
     let pair = Pair {
@@ -291,7 +292,11 @@ impl EtcdCluster {
     pub fn url(&self) -> String {
         format!(
             "{}{}",
-            if self.pki.is_some() { "etcds://" } else { "etcd://" },
+            if self.pki.is_some() {
+                "etcds://"
+            } else {
+                "etcd://"
+            },
             self.members
                 .iter()
                 .map(|m| m.client.as_str())

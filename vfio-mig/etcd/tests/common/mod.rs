@@ -7,6 +7,8 @@ mod cluster;
 
 use std::sync::Arc;
 
+// Each test crate uses part of this module (`Pki`: tests/tls.rs).
+#[allow(unused_imports)]
 pub use cluster::{EtcdCluster, Pki};
 use vfio_mig::fence::{DirStore, FenceStore, SharedFencing};
 use vfio_mig_etcd::EtcdStore;
