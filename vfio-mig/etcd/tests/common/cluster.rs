@@ -86,8 +86,8 @@ fn new_ca(dir: &Path, name: &str) -> (PathBuf, Issuer<'static, KeyPair>) {
     (path, Issuer::new(p, key))
 }
 
-/// A certificate of `issuer` for `name`; a member's names 127.0.0.1 and localhost and may
-/// also be used as a client (etcd's JSON gateway dials its own gRPC port with it).
+/// A certificate of `issuer` for `name`: a client's, or a member's (a server certificate for
+/// 127.0.0.1 and localhost).
 fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, member: bool) -> Pair {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
