@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--fence`: handoffs between `send` and `recv` processes acting as different hosts of a
 //! fleet, through a shared fencing store (the local directory store, and a 3-member etcd
-//! cluster on loopback).
+//! cluster on loopback over mutual TLS); plain HTTP only with `--fence-insecure`.
 
 #[path = "../../etcd/tests/common/cluster.rs"]
 mod cluster;
@@ -15,18 +15,44 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_vfio-mig");
 const SESSION: &str = "0123456789abcdef0123456789abcdef";
 
-/// One simulated host: its own lock and state directories and owner name, the shared store.
+/// One simulated host: its own lock and state directories and owner name, the shared store,
+/// and the options or environment variables that reach it (TLS files, `--fence-insecure`).
 struct Host {
     dir: PathBuf,
     owner: &'static str,
     fence: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
+/// The fencing variables of the caller's environment, which no test inherits.
+const FENCE_ENV: [&str; 5] = [
+    "VFIO_MIG_FENCE",
+    "VFIO_MIG_FENCE_CA",
+    "VFIO_MIG_FENCE_CERT",
+    "VFIO_MIG_FENCE_CERT_KEY",
+    "VFIO_MIG_FENCE_INSECURE",
+];
+
 impl Host {
+    fn new(dir: &std::path::Path, owner: &'static str, fence: &str) -> Self {
+        Host {
+            dir: dir.to_owned(),
+            owner,
+            fence: fence.to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
     fn cmd(&self) -> Command {
         let mut c = Command::new(BIN);
+        for v in FENCE_ENV {
+            c.env_remove(v);
+        }
         c.env_remove("RUST_LOG")
-            .env_remove("VFIO_MIG_FENCE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(&self.args)
             .env("VFIO_MIG_LOCK_DIR", self.dir.join(self.owner).join("lock"))
             .env(
                 "VFIO_MIG_STATE_DIR",
@@ -85,11 +111,12 @@ fn assert_refused(o: &Output, expect: &str) {
     assert!(lines[0].contains(expect), "{expect:?} expected: {err}");
 }
 
-fn hosts_handoff_through(fence: &str, dir: &std::path::Path) {
-    let host = |owner| Host {
-        dir: dir.to_owned(),
-        owner,
-        fence: fence.to_owned(),
+/// `configure` gives each host its way to the store.
+fn hosts_handoff_through(fence: &str, dir: &std::path::Path, configure: &dyn Fn(&mut Host)) {
+    let host = |owner| {
+        let mut h = Host::new(dir, owner, fence);
+        configure(&mut h);
+        h
     };
     let (a, b, d) = (host("host-a"), host("host-b"), host("host-d"));
     let src = "mock:v1,size=1M,seed=8";
@@ -151,27 +178,129 @@ fn hosts_handoff_through(fence: &str, dir: &std::path::Path) {
 fn hosts_hand_off_one_device_state_through_the_directory_store() {
     let dir = tempfile::tempdir().unwrap();
     let fence = format!("dir:{}", dir.path().join("store").display());
-    hosts_handoff_through(&fence, dir.path());
+    hosts_handoff_through(&fence, dir.path(), &|_| {});
 }
 
 #[test]
-fn hosts_hand_off_one_device_state_through_etcd() {
+fn hosts_hand_off_one_device_state_through_etcd_over_tls() {
     let Some(cluster) = cluster::EtcdCluster::start() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    hosts_handoff_through(&cluster.url(), dir.path());
+    let pki = cluster.pki().clone();
+    assert!(cluster.url().starts_with("etcds://"));
+    // host-d takes its TLS files from the environment, the others from options.
+    hosts_handoff_through(&cluster.url(), dir.path(), &|h| {
+        let files = [
+            ("CA", &pki.ca),
+            ("CERT", &pki.host.cert),
+            ("CERT_KEY", &pki.host.key),
+        ];
+        for (name, path) in files {
+            let path = path.display().to_string();
+            if h.owner == "host-d" {
+                h.env.push((format!("VFIO_MIG_FENCE_{name}"), path));
+            } else {
+                let option = format!("--fence-{}", name.to_lowercase().replace('_', "-"));
+                h.args.extend([option, path]);
+            }
+        }
+    });
+}
+
+#[test]
+fn hosts_hand_off_through_a_plain_etcd_only_with_fence_insecure() {
+    let Some(cluster) = cluster::EtcdCluster::start_plain() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // host-d asks for plain HTTP through the environment.
+    hosts_handoff_through(&cluster.url(), dir.path(), &|h| {
+        if h.owner == "host-d" {
+            h.env
+                .push(("VFIO_MIG_FENCE_INSECURE".into(), "true".into()));
+        } else {
+            h.args.push("--fence-insecure".into());
+        }
+    });
+    // Without it the store is not even asked.
+    let h = Host::new(dir.path(), "host-a", &cluster.url());
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    let o = h.run(&["send", "mock:v1,size=1M", "--to", &sock]);
+    assert_refused(
+        &o,
+        &format!(
+            "--fence {}: plain HTTP lets anyone who reaches the etcd client port rewrite \
+             owners and epochs; use etcds:// with --fence-ca, --fence-cert and \
+             --fence-cert-key, or give --fence-insecure",
+            cluster.url()
+        ),
+    );
+}
+
+#[test]
+fn a_host_whose_certificate_the_fleet_ca_did_not_sign_is_refused_before_its_device_is_touched() {
+    let Some(cluster) = cluster::EtcdCluster::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = cluster.pki();
+    let mut h = Host::new(dir.path(), "host-a", &cluster.url());
+    h.args = ["--fence-ca", "--fence-cert", "--fence-cert-key"]
+        .iter()
+        .zip([&pki.ca, &pki.other_host.cert, &pki.other_host.key])
+        .flat_map(|(o, p)| [o.to_string(), p.display().to_string()])
+        .collect();
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    let o = h.run(&["send", "mock:v1,size=1M", "--to", &sock]);
+    assert_refused(
+        &o,
+        &format!("fencing store {}: every member refused TLS", cluster.url()),
+    );
+    assert!(
+        stderr(&o).contains("the member refused this host")
+            && stderr(&o).contains("no device was touched"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn tls_options_are_checked_before_any_store_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    let run = |fence: &str, args: &[&str]| {
+        let mut h = Host::new(dir.path(), "host-a", fence);
+        h.args = args.iter().map(|a| a.to_string()).collect();
+        h.run(&["send", "mock:v1,size=1M", "--to", &sock])
+    };
+    let o = run("etcds://127.0.0.1:1", &["--fence-ca", "ca.crt"]);
+    assert_refused(
+        &o,
+        "--fence etcds://127.0.0.1:1: TLS needs --fence-cert and --fence-cert-key",
+    );
+    let o = run("etcds://127.0.0.1:1", &["--fence-insecure"]);
+    assert_refused(&o, "--fence-insecure: etcds://127.0.0.1:1 is TLS");
+    let o = run("dir:/tmp/x", &["--fence-ca", "ca.crt"]);
+    assert_refused(
+        &o,
+        "--fence-ca, --fence-cert and --fence-cert-key are for an etcds:// store",
+    );
+    let missing = dir.path().join("missing.crt");
+    let m = missing.display().to_string();
+    let o = run(
+        "etcds://127.0.0.1:1",
+        &["--fence-ca", &m, "--fence-cert", &m, "--fence-cert-key", &m],
+    );
+    assert_refused(&o, &format!("read CA bundle {m}"));
 }
 
 #[test]
 fn an_unreachable_etcd_refuses_the_handoff_before_the_device_is_touched() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1 of the loopback.
-    let h = Host {
-        dir: dir.path().to_owned(),
-        owner: "host-a",
-        fence: "etcd://127.0.0.1:1,127.0.0.1:2".into(),
-    };
+    let mut h = Host::new(dir.path(), "host-a", "etcd://127.0.0.1:1,127.0.0.1:2");
+    h.args.push("--fence-insecure".into());
     let sock = format!("unix:{}", dir.path().join("s").display());
     let started = Instant::now();
     let o = h.run(&["send", "mock:v1,size=1M", "--to", &sock]);
@@ -192,5 +321,5 @@ fn an_unreachable_etcd_refuses_the_handoff_before_the_device_is_touched() {
         .args(["send", "mock:v1", "--to", &sock, "--fence", "etcd:/x"])
         .output()
         .unwrap();
-    assert_refused(&o, "--fence etcd:/x: expected etcd://HOST:PORT");
+    assert_refused(&o, "--fence etcd:/x: expected etcds://HOST:PORT");
 }

@@ -1,22 +1,55 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The `etcd://HOST:PORT[,HOST:PORT...]` URL of a cluster.
+//! The `etcds://HOST:PORT[,HOST:PORT...]` (TLS) or `etcd://...` (plain HTTP) URL of a
+//! cluster.
 
 use vfio_mig::error::{Error, Result};
 
-/// The scheme of a cluster URL.
-pub const URL_SCHEME: &str = "etcd://";
+/// The scheme of a cluster reached over TLS.
+pub const TLS_SCHEME: &str = "etcds://";
+/// The scheme of a cluster reached over plain HTTP (see [`crate::Security::InsecurePlainHttp`]).
+pub const PLAIN_SCHEME: &str = "etcd://";
 
-/// The members' client addresses of an `etcd://HOST:PORT[,HOST:PORT...]` URL (a host is a
-/// name, an IPv4 address or a bracketed IPv6 address; the port is required).
-pub fn parse_endpoints(url: &str) -> Result<Vec<String>> {
+/// How a cluster URL says to reach its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `etcds://`: TLS.
+    Tls,
+    /// `etcd://`: plain HTTP.
+    Plain,
+}
+
+impl Scheme {
+    /// The scheme of `url`, if it is a cluster URL.
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with(TLS_SCHEME) {
+            Some(Self::Tls)
+        } else if url.starts_with(PLAIN_SCHEME) {
+            Some(Self::Plain)
+        } else {
+            None
+        }
+    }
+
+    /// `etcds://` or `etcd://`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Tls => TLS_SCHEME,
+            Self::Plain => PLAIN_SCHEME,
+        }
+    }
+}
+
+/// The scheme and the members' client addresses of an `etcds://HOST:PORT[,HOST:PORT...]` or
+/// `etcd://...` URL (a host is a name, an IPv4 address or a bracketed IPv6 address; the port
+/// is required).
+pub fn parse_url(url: &str) -> Result<(Scheme, Vec<String>)> {
     let bad = |why: &str| {
         Error::InvalidInput(format!(
-            "--fence {url}: {why} (expected etcd://HOST:PORT[,HOST:PORT...])"
+            "--fence {url}: {why} (expected etcds://HOST:PORT[,HOST:PORT...])"
         ))
     };
-    let list = url
-        .strip_prefix(URL_SCHEME)
-        .ok_or_else(|| bad("not an etcd:// URL"))?;
+    let scheme = Scheme::of(url).ok_or_else(|| bad("not an etcds:// or etcd:// URL"))?;
+    let list = &url[scheme.prefix().len()..];
     let list = list.strip_suffix('/').unwrap_or(list);
     if list.is_empty() {
         return Err(bad("no member"));
@@ -43,7 +76,8 @@ pub fn parse_endpoints(url: &str) -> Result<Vec<String>> {
                 _ => Err(bad(&format!("member `{member}` has a bad port"))),
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|members| (scheme, members))
 }
 
 #[cfg(test)]
@@ -52,12 +86,19 @@ mod tests {
 
     #[test]
     fn urls_list_members_with_ports() {
+        let (scheme, members) = parse_url("etcds://127.0.0.1:2379,etcd-b:2379,[::1]:2381").unwrap();
+        assert_eq!(scheme, Scheme::Tls);
+        assert_eq!(members, ["127.0.0.1:2379", "etcd-b:2379", "[::1]:2381"]);
+        let (scheme, members) = parse_url("etcd://etcd-a:2379/").unwrap();
         assert_eq!(
-            parse_endpoints("etcd://127.0.0.1:2379,etcd-b:2379,[::1]:2381").unwrap(),
-            ["127.0.0.1:2379", "etcd-b:2379", "[::1]:2381"]
+            (scheme, members),
+            (Scheme::Plain, vec!["etcd-a:2379".into()])
         );
         for bad in [
             "http://a:1",
+            "https://a:1",
+            "etcds://",
+            "etcds://a",
             "etcd://",
             "etcd://a",
             "etcd://a:0",
@@ -66,9 +107,9 @@ mod tests {
             "etcd://[zz]:1",
             "etcd://a b:1",
         ] {
-            let e = parse_endpoints(bad).unwrap_err().to_string();
+            let e = parse_url(bad).unwrap_err().to_string();
             assert!(
-                e.contains("--fence") && e.contains("etcd://HOST:PORT"),
+                e.contains("--fence") && e.contains("etcds://HOST:PORT"),
                 "{bad}: {e}"
             );
         }

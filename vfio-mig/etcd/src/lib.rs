@@ -4,11 +4,20 @@
 //!
 //! The store speaks etcd's v3 JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`,
 //! `/v3/lease/grant`, `/v3/lease/keepalive`, `/v3/lease/revoke`; keys and values in base64,
-//! 64-bit numbers as strings) over plain HTTP/1.1 with a small blocking client (`ureq`). The
+//! 64-bit numbers as strings) over HTTP/1.1 with a small blocking client (`ureq`). The
 //! gateway is served by every etcd since 3.4 under `/v3/` (3.4 also keeps `/v3beta/`,
 //! which 3.5 dropped), so one client covers Debian bookworm's 3.4 and current releases. The
 //! gRPC client (`etcd-client`) would bring tokio and tonic into a VMM's migration path for
-//! five unary calls; this costs `ureq`, `base64` and `serde_json`.
+//! five unary calls; this costs `ureq`, `base64` and `serde_json`, and for TLS the rustls
+//! the library's `tls` feature already has.
+//!
+//! Whoever can write the store decides who owns a device state, so a store is reached over
+//! TLS ([`Security::Tls`], URL `etcds://`): every member's certificate must chain to the
+//! given CA (not the system's roots) and name the member's host, and this host presents its
+//! client certificate, which an etcd run with `--client-cert-auth --trusted-ca-file` checks
+//! before it serves anything. Plain HTTP (`etcd://`) is [`Security::InsecurePlainHttp`], by
+//! name. A member that refuses this host's certificate, or whose certificate does not
+//! verify, refuses the operation at once (it is configuration, not an outage).
 //!
 //! Requests go to one member at a time; a member that cannot be reached, or answers that it
 //! has no leader or timed out, is skipped for the next one, until the operation's deadline.
@@ -19,8 +28,10 @@
 //! what the first one did.
 
 mod endpoint;
+mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -30,7 +41,8 @@ use serde_json::{json, Value};
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
 
-pub use endpoint::{parse_endpoints, URL_SCHEME};
+pub use endpoint::{parse_url, Scheme, PLAIN_SCHEME, TLS_SCHEME};
+pub use tls::{ClientIdentity, EtcdTls};
 
 /// How long one operation may take, over all members, before the store counts as
 /// unreachable.
@@ -40,9 +52,22 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// The pause after every member failed once, before the next round.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
+/// How a store reaches its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// TLS with these files (URL `etcds://`).
+    Tls(EtcdTls),
+    /// Plain HTTP (URL `etcd://`): anyone who reaches a member's client port can read and
+    /// rewrite every owner and epoch. Only on a network where nothing else can.
+    InsecurePlainHttp,
+}
+
 /// An etcd v3 cluster as a fencing store.
 pub struct EtcdStore {
     endpoints: Vec<String>,
+    scheme: Scheme,
+    /// The TLS configuration again, for [`tls::diagnose`].
+    probe: Option<Arc<rustls::ClientConfig>>,
     agent: ureq::Agent,
     /// The member that answered last (tried first).
     preferred: AtomicUsize,
@@ -59,33 +84,61 @@ impl std::fmt::Debug for EtcdStore {
 enum Failure {
     /// Worth trying another member (not reachable, no leader, timed out).
     Transient(String),
+    /// TLS failed (a certificate refused either way): another member may be configured
+    /// differently, but when every member refuses, no later try will do better.
+    Tls(String),
     /// The cluster refused the request itself (the same everywhere).
     Final(String),
 }
 
 impl EtcdStore {
-    /// The cluster whose members' client addresses are `endpoints` (`HOST:PORT`).
-    pub fn new(endpoints: Vec<String>) -> Result<Self> {
+    /// The cluster whose members' client addresses are `endpoints` (`HOST:PORT`), reached
+    /// as `security` says. The TLS files are read and checked here.
+    pub fn new(endpoints: Vec<String>, security: &Security) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(Error::InvalidInput("etcd: no endpoint".into()));
         }
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(REQUEST_TIMEOUT))
-            .timeout_connect(Some(Duration::from_secs(1)))
-            .build()
-            .into();
+            .timeout_connect(Some(Duration::from_secs(1)));
+        let (config, scheme, probe) = match security {
+            Security::Tls(files) => {
+                let (ureq_config, rustls_config) = files.configs()?;
+                (
+                    config.tls_config(ureq_config),
+                    Scheme::Tls,
+                    Some(rustls_config),
+                )
+            }
+            Security::InsecurePlainHttp => (config, Scheme::Plain, None),
+        };
         Ok(Self {
             endpoints,
-            agent,
+            scheme,
+            probe,
+            agent: config.build().into(),
             preferred: AtomicUsize::new(0),
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
         })
     }
 
-    /// The cluster of an `etcd://HOST:PORT[,HOST:PORT...]` URL.
-    pub fn from_url(url: &str) -> Result<Self> {
-        Self::new(parse_endpoints(url)?)
+    /// The cluster of an `etcds://HOST:PORT[,HOST:PORT...]` URL with [`Security::Tls`], or
+    /// of an `etcd://...` URL with [`Security::InsecurePlainHttp`]; any other pairing is an
+    /// error (a URL never silently drops or adds TLS).
+    pub fn from_url(url: &str, security: &Security) -> Result<Self> {
+        let (scheme, endpoints) = parse_url(url)?;
+        match (scheme, security) {
+            (Scheme::Tls, Security::Tls(_)) | (Scheme::Plain, Security::InsecurePlainHttp) => {
+                Self::new(endpoints, security)
+            }
+            (Scheme::Tls, Security::InsecurePlainHttp) => Err(Error::InvalidInput(format!(
+                "--fence {url}: an etcds:// store needs a CA, a client certificate and its key"
+            ))),
+            (Scheme::Plain, Security::Tls(_)) => Err(Error::InvalidInput(format!(
+                "--fence {url}: etcd:// is plain HTTP, but TLS files were given: use etcds://"
+            ))),
+        }
     }
 
     /// The same with operations giving up after `timeout` over all members.
@@ -105,18 +158,36 @@ impl EtcdStore {
         path: &str,
         body: &str,
     ) -> std::result::Result<Value, Failure> {
-        let url = format!("http://{endpoint}{path}");
+        let url = match self.scheme {
+            Scheme::Tls => format!("https://{endpoint}{path}"),
+            Scheme::Plain => format!("http://{endpoint}{path}"),
+        };
+        // TLS 1.3 checks the client's certificate after the client's side of the handshake
+        // is done: a refusal may arrive while the answer is read.
+        let failed = |what: &str, e: ureq::Error| {
+            let refused = tls::tls_failure(&e).or_else(|| {
+                let probe = self
+                    .probe
+                    .as_ref()
+                    .filter(|_| tls::closed_under_request(&e))?;
+                tls::diagnose(probe, endpoint)
+            });
+            match refused {
+                Some(t) => Failure::Tls(format!("{endpoint}: {t}")),
+                None => Failure::Transient(format!("{endpoint}: {what}{e}")),
+            }
+        };
         let mut response = self
             .agent
             .post(&url)
             .header("content-type", "application/json")
             .send(body)
-            .map_err(|e| Failure::Transient(format!("{endpoint}: {e}")))?;
+            .map_err(|e| failed("", e))?;
         let status = response.status();
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|e| Failure::Transient(format!("{endpoint}: read the answer: {e}")))?;
+            .map_err(|e| failed("read the answer: ", e))?;
         let value: Value =
             serde_json::from_str(text.lines().next().unwrap_or("")).map_err(|e| {
                 Failure::Final(format!(
@@ -164,6 +235,7 @@ impl EtcdStore {
         loop {
             let first = self.preferred.load(Ordering::Relaxed);
             last.clear();
+            let mut tls_refusals = 0;
             for i in 0..self.endpoints.len() {
                 let n = (first + i) % self.endpoints.len();
                 match self.post_once(&self.endpoints[n], path, &body) {
@@ -176,7 +248,22 @@ impl EtcdStore {
                         log::debug!("{step}: {e}");
                         last.push(e);
                     }
+                    Err(Failure::Tls(e)) => {
+                        log::debug!("{step}: {e}");
+                        tls_refusals += 1;
+                        last.push(e);
+                    }
                 }
+            }
+            if tls_refusals == self.endpoints.len() {
+                return Err(store_error(
+                    self,
+                    step,
+                    format!(
+                        "every member refused TLS ({}); no device was touched",
+                        last.join("; ")
+                    ),
+                ));
             }
             if started.elapsed() + ROUND_PAUSE >= self.operation_timeout {
                 return Err(store_error(
@@ -216,7 +303,7 @@ fn revision(v: Option<&Value>) -> std::result::Result<Revision, String> {
 
 impl FenceStore for EtcdStore {
     fn describe(&self) -> String {
-        format!("{URL_SCHEME}{}", self.endpoints.join(","))
+        format!("{}{}", self.scheme.prefix(), self.endpoints.join(","))
     }
 
     fn get(&self, key: &str) -> Result<Option<Entry>> {

@@ -381,8 +381,8 @@ fn an_unreachable_store_refuses_before_any_device_is_touched() {
         None,
     ));
     if let Some(mut cluster) = EtcdCluster::start() {
-        let store = EtcdStore::from_url(&cluster.url())
-            .unwrap()
+        let store = cluster
+            .store()
             .with_operation_timeout(Duration::from_secs(2));
         cluster.kill_all();
         stores.push(("etcd", Arc::new(store), Some(cluster)));
@@ -446,11 +446,12 @@ fn an_etcd_member_killed_mid_handoff_completes_or_fails_cleanly_and_nothing_resu
     let Some(cluster) = EtcdCluster::start() else {
         return;
     };
-    let url = cluster.url();
     let leader = cluster.leader();
+    let (url, security) = (cluster.url(), cluster.security());
     let cluster = Mutex::new(cluster);
     let host = |name: &str| {
-        SharedFencing::new(Arc::new(EtcdStore::from_url(&url).unwrap()), name).unwrap()
+        let store = EtcdStore::from_url(&url, &security).unwrap();
+        SharedFencing::new(Arc::new(store), name).unwrap()
     };
     let (a, b) = (host("host-a"), host("host-b"));
     let id = "vm5/dev0";
@@ -507,10 +508,10 @@ fn the_whole_cluster_lost_mid_handoff_resets_the_destination_and_resumes_the_sou
     let Some(cluster) = EtcdCluster::start() else {
         return;
     };
-    let url = cluster.url();
+    let (url, security) = (cluster.url(), cluster.security());
     let cluster = Mutex::new(cluster);
     let host = |name: &str| {
-        let store = EtcdStore::from_url(&url)
+        let store = EtcdStore::from_url(&url, &security)
             .unwrap()
             .with_operation_timeout(Duration::from_secs(2));
         SharedFencing::new(Arc::new(store), name).unwrap()

@@ -14,6 +14,7 @@ use vfio_mig::fence::{
 };
 use vfio_mig::handshake::SessionId;
 use vfio_mig::stream::StreamHeader;
+use vfio_mig_etcd::{EtcdStore, EtcdTls, Scheme, Security};
 
 /// Where device locks and destination fencing state live (options of every command).
 #[derive(Debug, Args, Clone)]
@@ -26,11 +27,32 @@ pub struct FenceArgs {
     #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
           default_value = vfio_mig::fence::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// A fencing store shared by the hosts: `etcd://HOST:PORT[,HOST:PORT...]`, or `dir:PATH`
-    /// for one host. The store grants every handoff's epoch and keeps one owner per device
-    /// state (see docs/fencing.md); needs --fence-key.
+    /// A fencing store shared by the hosts: `etcds://HOST:PORT[,HOST:PORT...]` (etcd over
+    /// TLS; needs --fence-ca, --fence-cert, --fence-cert-key), `etcd://...` (plain HTTP; needs
+    /// --fence-insecure), or `dir:PATH` for one host. The store grants every handoff's epoch
+    /// and keeps one owner per device state (see docs/fencing.md); needs --fence-key.
     #[arg(long, global = true, value_name = "STORE", env = "VFIO_MIG_FENCE")]
     pub fence: Option<String>,
+    /// PEM bundle of the CA that signed the etcd members' certificates (etcds://; the
+    /// system's roots are never used).
+    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CA")]
+    pub fence_ca: Option<PathBuf>,
+    /// This host's client certificate chain for etcd (PEM; etcds://), from a CA the members
+    /// trust (`--trusted-ca-file`).
+    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
+    pub fence_cert: Option<PathBuf>,
+    /// The private key of --fence-cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VFIO_MIG_FENCE_CERT_KEY"
+    )]
+    pub fence_cert_key: Option<PathBuf>,
+    /// Reach an `etcd://` store over plain HTTP: anyone who reaches its client port can then
+    /// rewrite owners and epochs.
+    #[arg(long, global = true, env = "VFIO_MIG_FENCE_INSECURE")]
+    pub fence_insecure: bool,
     /// The identity of a device state in the store, the same on every host (e.g. `vm7/gpu0`);
     /// once per device, in the order of the devices (for migrate: per pair).
     #[arg(long = "fence-key", global = true, value_name = "NAME")]
@@ -56,19 +78,24 @@ pub struct Fencing {
     keys: Vec<String>,
 }
 
-/// Opens the store of a `--fence` value; an etcd store gives up on an operation after
-/// `timeout`.
-pub fn open_store(spec: &str, timeout: Duration) -> Result<Arc<dyn FenceStore>> {
-    if spec.starts_with(vfio_mig_etcd::URL_SCHEME) {
-        Ok(Arc::new(
-            vfio_mig_etcd::EtcdStore::from_url(spec)?.with_operation_timeout(timeout),
-        ))
-    } else if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
-        Ok(Arc::new(DirStore::new(path)))
-    } else {
-        Err(Error::InvalidInput(format!(
-            "--fence {spec}: expected etcd://HOST:PORT[,HOST:PORT...] or dir:PATH"
-        )))
+/// Opens the store of a `--fence` value, reached as `security` says (`None`: not etcd, or
+/// not decided); an etcd store gives up on an operation after `timeout`.
+pub fn open_store(
+    spec: &str,
+    security: Option<&Security>,
+    timeout: Duration,
+) -> Result<Arc<dyn FenceStore>> {
+    if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
+        return Ok(Arc::new(DirStore::new(path)));
+    }
+    match (Scheme::of(spec), security) {
+        (Some(_), Some(security)) => Ok(Arc::new(
+            EtcdStore::from_url(spec, security)?.with_operation_timeout(timeout),
+        )),
+        _ => Err(Error::InvalidInput(format!(
+            "--fence {spec}: expected etcds://HOST:PORT[,HOST:PORT...] (or etcd:// with \
+             --fence-insecure) or dir:PATH"
+        ))),
     }
 }
 
@@ -76,6 +103,56 @@ impl FenceArgs {
     /// The directories: options, else environment, else defaults.
     pub fn config(&self) -> FenceConfig {
         FenceConfig::new(&self.lock_dir, &self.state_dir)
+    }
+
+    /// How the store of `spec` is reached: TLS with the given files for `etcds://`, plain
+    /// HTTP for `etcd://` only with --fence-insecure; `None` for a store that is not etcd
+    /// (which takes none of these options).
+    fn security(&self, spec: &str) -> Result<Option<Security>> {
+        let files = [
+            ("--fence-ca", &self.fence_ca),
+            ("--fence-cert", &self.fence_cert),
+            ("--fence-cert-key", &self.fence_cert_key),
+        ];
+        let usage = |m: String| Err(Error::InvalidInput(m));
+        match Scheme::of(spec) {
+            None if files.iter().any(|(_, f)| f.is_some()) => usage(
+                "--fence-ca, --fence-cert and --fence-cert-key are for an etcds:// store".into(),
+            ),
+            None if self.fence_insecure => {
+                usage("--fence-insecure is for an etcd:// (plain HTTP) store".into())
+            }
+            None => Ok(None),
+            Some(Scheme::Plain) if self.fence_insecure => Ok(Some(Security::InsecurePlainHttp)),
+            Some(Scheme::Plain) => usage(format!(
+                "--fence {spec}: plain HTTP lets anyone who reaches the etcd client port \
+                 rewrite owners and epochs; use etcds:// with --fence-ca, --fence-cert and \
+                 --fence-cert-key, or give --fence-insecure"
+            )),
+            Some(Scheme::Tls) if self.fence_insecure => usage(format!(
+                "--fence-insecure: {spec} is TLS (plain HTTP is etcd://)"
+            )),
+            Some(Scheme::Tls) => {
+                let missing: Vec<&str> = files
+                    .iter()
+                    .filter(|(_, f)| f.is_none())
+                    .map(|(o, _)| *o)
+                    .collect();
+                match (&self.fence_ca, &self.fence_cert, &self.fence_cert_key) {
+                    (Some(ca), Some(cert), Some(key)) => {
+                        Ok(Some(Security::Tls(EtcdTls::new(ca, cert, key))))
+                    }
+                    _ => usage(format!(
+                        "--fence {spec}: TLS needs {}",
+                        match missing.as_slice() {
+                            [one] => (*one).to_owned(),
+                            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+                            [] => "its files".to_owned(),
+                        }
+                    )),
+                }
+            }
+        }
     }
 
     /// The command's fencing.
@@ -102,7 +179,9 @@ impl FenceArgs {
                 };
                 let ttl = Duration::from_secs_f64(self.fence_ttl.clamp(1.0, 3600.0));
                 let timeout = Duration::from_secs_f64(self.fence_timeout.clamp(0.1, 3600.0));
-                Some(SharedFencing::new(open_store(spec, timeout)?, owner)?.with_ttl(ttl))
+                let security = self.security(spec)?;
+                let store = open_store(spec, security.as_ref(), timeout)?;
+                Some(SharedFencing::new(store, owner)?.with_ttl(ttl))
             }
         };
         Ok(Fencing {

@@ -5,17 +5,28 @@
 //! The cluster is Debian's `etcd` binary (package etcd-server), started once per test with
 //! its own ports and data directories. Without the binary the etcd half of a test is
 //! skipped, loudly; with `VFIO_MIG_REQUIRE_ETCD=1` (set by scripts/test-all.sh) it fails.
+//!
+//! [`EtcdCluster::start`] serves clients over TLS only to holders of a certificate of the
+//! test's CA (`--client-cert-auth --trusted-ca-file`), as docs/fencing.md says to run it;
+//! [`EtcdCluster::start_plain`] serves plain HTTP. The certificates are made with rcgen in
+//! the cluster's directory ([`Pki`]), with a second CA for the certificates the cluster must
+//! refuse. Each member also serves plain-HTTP metrics (nothing of the store), which is how
+//! [`EtcdCluster::leader`] finds the leader.
 
 #![allow(dead_code)]
 
 use std::io::Write as _;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 use vfio_mig::fence::FenceStore;
-use vfio_mig_etcd::EtcdStore;
+use vfio_mig_etcd::{EtcdStore, EtcdTls, Security};
 
 /// The environment variable that turns a missing etcd into a failure.
 pub const REQUIRE_ETCD: &str = "VFIO_MIG_REQUIRE_ETCD";
@@ -27,13 +38,98 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 struct Member {
     name: String,
     client: String,
+    metrics: String,
     child: Option<Child>,
 }
 
 /// A 3-member etcd cluster on 127.0.0.1, killed (and its data removed) when dropped.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    pki: Option<Pki>,
     _data: tempfile::TempDir,
+}
+
+/// A certificate and its key, PEM files.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    /// The certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+/// The test cluster's certificates: its CA, the members' certificate (127.0.0.1), a host's
+/// client certificate, and a second CA with a client and a member certificate of its own.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The CA of the cluster (the members' `--trusted-ca-file`, the hosts' `--fence-ca`).
+    pub ca: PathBuf,
+    /// The members' certificate, signed by `ca`.
+    pub member: Pair,
+    /// A host's client certificate, signed by `ca`.
+    pub host: Pair,
+    /// Another CA, which the cluster does not trust.
+    pub other_ca: PathBuf,
+    /// A client certificate signed by `other_ca`.
+    pub other_host: Pair,
+}
+
+fn new_ca(dir: &Path, name: &str) -> (PathBuf, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = p.self_signed(&key).unwrap();
+    let path = dir.join(format!("{name}.crt"));
+    std::fs::write(&path, cert.pem()).unwrap();
+    (path, Issuer::new(p, key))
+}
+
+/// A certificate of `issuer` for `name`: a client's, or a member's (a server certificate for
+/// 127.0.0.1 and localhost).
+fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, member: bool) -> Pair {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if member {
+        p.subject_alt_names = vec![
+            SanType::IpAddress([127, 0, 0, 1].into()),
+            SanType::DnsName("localhost".try_into().unwrap()),
+        ];
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    let cert = p.signed_by(&key, issuer).unwrap();
+    let pair = Pair {
+        cert: dir.join(format!("{name}.crt")),
+        key: dir.join(format!("{name}.key")),
+    };
+    std::fs::write(&pair.cert, cert.pem()).unwrap();
+    std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+    pair
+}
+
+impl Pki {
+    /// Makes the certificates in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let (ca, issuer) = new_ca(dir, "fleet-ca");
+        let (other_ca, other) = new_ca(dir, "other-ca");
+        Pki {
+            member: leaf(dir, &issuer, "member", true),
+            host: leaf(dir, &issuer, "host", false),
+            other_host: leaf(dir, &other, "other-host", false),
+            ca,
+            other_ca,
+        }
+    }
+
+    /// A host of the fleet: the cluster's CA and a certificate it signed.
+    pub fn host_tls(&self) -> EtcdTls {
+        EtcdTls::new(&self.ca, &self.host.cert, &self.host.key)
+    }
 }
 
 fn free_port() -> u16 {
@@ -65,8 +161,18 @@ pub fn skip_or_fail(reason: &str) {
 }
 
 impl EtcdCluster {
-    /// Starts a cluster, or `None` (after [`skip_or_fail`]) when etcd is not installed.
+    /// Starts a cluster serving clients over TLS with client certificates, or `None` (after
+    /// [`skip_or_fail`]) when etcd is not installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    /// Starts a cluster serving clients over plain HTTP.
+    pub fn start_plain() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    fn start_with(tls: bool) -> Option<Self> {
         let binary = match etcd_binary() {
             Ok(b) => b,
             Err(why) => {
@@ -75,6 +181,8 @@ impl EtcdCluster {
             }
         };
         let data = tempfile::tempdir().expect("a data directory");
+        let pki = tls.then(|| Pki::new(data.path()));
+        let client_scheme = if tls { "https" } else { "http" };
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
@@ -86,17 +194,32 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("m{i}");
             let log = std::fs::File::create(data.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new(&binary)
+            let metrics = free_port();
+            let mut cmd = Command::new(&binary);
+            if let Some(pki) = &pki {
+                cmd.arg("--cert-file")
+                    .arg(&pki.member.cert)
+                    .arg("--key-file")
+                    .arg(&pki.member.key)
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&pki.ca);
+            }
+            let child = cmd
                 .args(["--name", &name])
                 .arg("--data-dir")
                 .arg(data.path().join(&name))
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("{client_scheme}://127.0.0.1:{client}"),
                 ])
                 .args([
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("{client_scheme}://127.0.0.1:{client}"),
+                ])
+                .args([
+                    "--listen-metrics-urls",
+                    &format!("http://127.0.0.1:{metrics}"),
                 ])
                 .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
                 .args([
@@ -114,11 +237,13 @@ impl EtcdCluster {
             members.push(Member {
                 name,
                 client: format!("127.0.0.1:{client}"),
+                metrics: format!("127.0.0.1:{metrics}"),
                 child: Some(child),
             });
         }
         let cluster = Self {
             members,
+            pki,
             _data: data,
         };
         cluster.wait_ready();
@@ -129,7 +254,7 @@ impl EtcdCluster {
     fn wait_ready(&self) {
         let started = Instant::now();
         for m in &self.members {
-            let store = EtcdStore::new(vec![m.client.clone()])
+            let store = EtcdStore::new(vec![m.client.clone()], &self.security())
                 .unwrap()
                 .with_operation_timeout(Duration::from_secs(2));
             loop {
@@ -149,10 +274,29 @@ impl EtcdCluster {
         }
     }
 
-    /// The cluster's URL: `etcd://` and every member.
+    /// The cluster's certificates (a TLS cluster).
+    pub fn pki(&self) -> &Pki {
+        self.pki.as_ref().expect("a TLS cluster")
+    }
+
+    /// How a host of the fleet reaches the cluster: TLS with the host's certificate, or
+    /// plain HTTP for a plain cluster.
+    pub fn security(&self) -> Security {
+        match &self.pki {
+            Some(pki) => Security::Tls(pki.host_tls()),
+            None => Security::InsecurePlainHttp,
+        }
+    }
+
+    /// The cluster's URL: `etcds://` (or `etcd://`) and every member.
     pub fn url(&self) -> String {
         format!(
-            "etcd://{}",
+            "{}{}",
+            if self.pki.is_some() {
+                "etcds://"
+            } else {
+                "etcd://"
+            },
             self.members
                 .iter()
                 .map(|m| m.client.as_str())
@@ -161,28 +305,27 @@ impl EtcdCluster {
         )
     }
 
-    /// A store client of the whole cluster.
+    /// A store client of the whole cluster, as a host of the fleet.
     pub fn store(&self) -> EtcdStore {
-        EtcdStore::from_url(&self.url()).unwrap()
+        EtcdStore::from_url(&self.url(), &self.security()).unwrap()
     }
 
-    /// The index of the member that leads now.
+    /// The index of the member that leads now (from the members' metrics).
     pub fn leader(&self) -> usize {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(2)))
             .build()
             .into();
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
-            let Ok(mut r) = agent
-                .post(&format!("http://{}/v3/maintenance/status", m.client))
-                .send("{}")
-            else {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let Ok(mut r) = agent.get(&format!("http://{}/metrics", m.metrics)).call() else {
                 continue;
             };
-            let v: serde_json::Value =
-                serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
-            if v["leader"] == v["header"]["member_id"] {
-                return self.members.iter().position(|x| x.name == m.name).unwrap();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            if text.lines().any(|l| l == "etcd_server_is_leader 1") {
+                return i;
             }
         }
         panic!("no member of the test cluster leads");

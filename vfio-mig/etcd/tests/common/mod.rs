@@ -7,13 +7,15 @@ mod cluster;
 
 use std::sync::Arc;
 
-pub use cluster::EtcdCluster;
+// Each test crate uses part of this module (`Pki`: tests/tls.rs).
+#[allow(unused_imports)]
+pub use cluster::{EtcdCluster, Pki};
 use vfio_mig::fence::{DirStore, FenceStore, SharedFencing};
 use vfio_mig_etcd::EtcdStore;
 
 /// A store a scenario runs on, and what keeps it alive.
 pub struct TestStore {
-    /// `dir` or `etcd`.
+    /// `dir` or `etcd` (over TLS).
     pub kind: &'static str,
     /// Makes a new client of the store (as another host or process would have).
     pub connect: Box<dyn Fn() -> Arc<dyn FenceStore>>,
@@ -35,13 +37,14 @@ impl TestStore {
         }
     }
 
-    /// A fresh 3-member etcd cluster (`None` when etcd is missing and not required).
+    /// A fresh 3-member etcd cluster over mutual TLS (`None` when etcd is missing and not
+    /// required).
     pub fn etcd() -> Option<Self> {
         let cluster = EtcdCluster::start()?;
-        let url = cluster.url();
+        let (url, security) = (cluster.url(), cluster.security());
         Some(TestStore {
             kind: "etcd",
-            connect: Box::new(move || Arc::new(EtcdStore::from_url(&url).unwrap())),
+            connect: Box::new(move || Arc::new(EtcdStore::from_url(&url, &security).unwrap())),
             cluster: Some(cluster),
             _dir: None,
         })
