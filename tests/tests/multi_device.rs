@@ -23,6 +23,7 @@ fn opts(live: bool) -> SaveOptions {
         policy: PreCopyPolicy::default(),
         buffer: 64 << 10,
         allow_non_p2p_unit: true,
+        ..SaveOptions::default()
     }
 }
 
