@@ -10,6 +10,7 @@ pub mod gate;
 pub mod load;
 mod loader;
 pub mod multi;
+pub mod parallel;
 mod pipeline;
 pub mod policy;
 mod rollback;
