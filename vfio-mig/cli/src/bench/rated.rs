@@ -324,8 +324,8 @@ fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     .note(format!(
         "{DEVICES} x {} into {DEVICES} like devices over one socketpair (migrate_pairs: \
          handshake, demux, load on the destination); the window excludes quiesce_all (one \
-         RUNNING_P2P SET per device, one after another, before any device stops); ratio = \
-         unit / alone; load average {load} -> {}",
+         RUNNING_P2P SET per device, all in parallel, ending before any device stops); \
+         pipelined pump; ratio = unit / alone; load average {load} -> {}",
         spec(cfg, 0, &format!(",latency={UNIT_LATENCY}"))?,
         load1()
     ));
