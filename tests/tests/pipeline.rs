@@ -130,17 +130,19 @@ fn a_device_error_stops_the_pipeline_in_order() {
     );
 }
 
-/// The transport failing at the first record: the save returns the write's error (naming
-/// the record), and the device-read thread stops within the ring's few buffers instead of
-/// reading the whole device (a v1 device stages one transaction per read; 64 in all here).
+/// The transport failing in the middle of the phase (after the first buffers, which go
+/// inline, once the reader thread runs): the save returns the write's error, naming the same
+/// record as the one-thread save, and the device-read thread stops within the ring's few
+/// buffers instead of reading the whole device (a v1 device stages one transaction per
+/// read; 64 in all here).
 #[test]
 fn a_write_error_stops_the_device_reads() {
     let spec = "mock:v1,size=4M,seed=4,chunk=64K";
     let header = header_of(spec, false);
-    for depth in [2, 3, 8] {
+    let fail = |depth: usize| {
         let mut src = mock(spec);
         let mut sink = Sink {
-            fail_after: Some(200),
+            fail_after: Some(600 << 10),
             ..Sink::default()
         };
         let mut w = StreamWriter::new(&mut sink, &header).unwrap();
@@ -152,17 +154,25 @@ fn a_write_error_stops_the_device_reads() {
             &NoObserver,
         )
         .unwrap_err();
-        let text = vfio_mig::error::Report(&err).to_string();
-        assert!(text.contains("write stream record 0"), "{text}");
-        assert!(text.contains("peer gone"), "{text}");
         let status = src.handle.status();
         assert_source_running(&status, spec);
-        // Read ahead: the ring's buffers, the one in the writer's hands, and the read in
-        // flight when the writer stopped.
+        (
+            vfio_mig::error::Report(&err).to_string(),
+            status.transactions_staged,
+        )
+    };
+    let (inline_text, inline_staged) = fail(0);
+    assert!(inline_text.contains("write stream record"), "{inline_text}");
+    assert!(inline_text.contains("peer gone"), "{inline_text}");
+    assert!(inline_staged < 64, "{inline_staged}");
+    for depth in [2, 3, 8] {
+        let (text, staged) = fail(depth);
+        assert_eq!(text, inline_text, "depth {depth}");
+        // Read ahead of the one-thread pump: the ring's buffers and the read in flight when
+        // the writer stopped.
         assert!(
-            status.transactions_staged <= depth as u64 + 2,
-            "depth {depth}: {} of 64 transactions staged after the first write failed",
-            status.transactions_staged
+            staged <= inline_staged + depth as u64 + 1,
+            "depth {depth}: {staged} of 64 transactions staged, {inline_staged} inline"
         );
     }
 }

@@ -26,6 +26,9 @@ use super::events::Observer;
 use super::save::{Pump, RecordSink, Tally};
 use super::{MigrationDevice, ReadOutcome};
 
+/// Buffers of a phase sent inline before the reader thread starts.
+const INLINE_BUFFERS: u64 = 2;
+
 /// What the reader hands the writer, in device order.
 enum Filled {
     /// `buf[..len]` holds device data.
@@ -43,8 +46,9 @@ enum Filled {
 
 impl<S: RecordSink + ?Sized> Pump<'_, S> {
     /// [`Pump::run`] with the device read on a thread of its own, through a ring of
-    /// `spare.len() + 1` buffers (this pump's own and the spares, all returned on exit).
-    /// Without spares it is the inline pump.
+    /// `spare.len() + 1` buffers (this pump's own and the spares, all returned on exit), once
+    /// the phase has sent [`INLINE_BUFFERS`] buffers inline. Without spares it is the inline
+    /// pump.
     pub(crate) fn run_pipelined(
         &mut self,
         phase: Phase,
@@ -54,6 +58,15 @@ impl<S: RecordSink + ?Sized> Pump<'_, S> {
     ) -> Result<(u64, u64, bool)> {
         if spare.is_empty() {
             return self.run(phase, budget, base);
+        }
+        // A short phase (the last pre-copy rounds, a stop-and-copy of little state) never
+        // pays for the reader thread: starting it costs a wake-up, which on a busy machine
+        // can take milliseconds of downtime. The first buffers go inline; the same reads go
+        // on through the ring once the phase proves long.
+        let mut tally = Tally::new(self.index, phase, base);
+        let inline = INLINE_BUFFERS * self.buf.len() as u64;
+        if let Some(ended) = self.run_inline(&mut tally, budget, Some(inline))? {
+            return Ok((tally.bytes, tally.chunks, ended));
         }
         let len = self.buf.len();
         let mut bufs: Vec<Vec<u8>> = std::mem::take(spare);
@@ -80,15 +93,17 @@ impl<S: RecordSink + ?Sized> Pump<'_, S> {
         } = self;
         let (index, obs) = (*index, *obs);
         let dev: &mut dyn MigrationDevice = &mut **dev;
+        let read_so_far = tally.bytes;
         let mut writer = Writer {
             out: &mut **out,
-            tally: Tally::new(index, phase, base),
+            tally,
             obs,
             kept: Vec::with_capacity(depth),
         };
         let (result, free_rx) = std::thread::scope(|s| {
             let stop = &stop;
-            let reader = s.spawn(move || read_ring(dev, free_rx, full_tx, budget, stop));
+            let reader =
+                s.spawn(move || read_ring(dev, free_rx, full_tx, budget, read_so_far, stop));
             let result = writer.run(&full_rx, free_tx, stop);
             // Unblock a reader waiting to hand over a buffer, and take back what it filled.
             while let Ok(item) = full_rx.recv() {
@@ -182,10 +197,11 @@ fn read_ring(
     free: Receiver<Vec<u8>>,
     full: SyncSender<Filled>,
     budget: Option<u64>,
+    read_so_far: u64,
     stop: &AtomicBool,
 ) -> (Vec<Vec<u8>>, Receiver<Vec<u8>>) {
     let mut held = Vec::new();
-    let mut bytes = 0u64;
+    let mut bytes = read_so_far;
     loop {
         // Disconnected: the writer is done (it failed).
         let Ok(mut buf) = free.recv() else { break };

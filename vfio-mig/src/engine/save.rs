@@ -146,15 +146,32 @@ impl<S: RecordSink + ?Sized> Pump<'_, S> {
         base: u64,
     ) -> Result<(u64, u64, bool)> {
         let mut tally = Tally::new(self.index, phase, base);
+        let ended = self.run_inline(&mut tally, budget, None)?;
+        Ok((tally.bytes, tally.chunks, ended.unwrap_or(true)))
+    }
+
+    /// The inline loop, counting into `tally`: `Some(ended)` once the phase ended or the
+    /// budget was reached at a chunk boundary, `None` once `limit` bytes were sent (at any
+    /// record: the caller goes on with the same device reads).
+    pub(crate) fn run_inline(
+        &mut self,
+        tally: &mut Tally,
+        budget: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Option<bool>> {
+        let phase = tally.phase;
         loop {
+            if limit.is_some_and(|l| tally.bytes >= l) {
+                return Ok(None);
+            }
             match self.dev.read(&mut self.buf)? {
-                ReadOutcome::PhaseEnd => return Ok((tally.bytes, tally.chunks, true)),
+                ReadOutcome::PhaseEnd => return Ok(Some(true)),
                 ReadOutcome::Data { len, chunk_end } => {
                     self.out
                         .data(self.index, phase, &self.buf[..len], chunk_end)?;
                     tally.sent(len, chunk_end, self.obs);
                     if chunk_end && budget.is_some_and(|b| tally.bytes >= b) {
-                        return Ok((tally.bytes, tally.chunks, false));
+                        return Ok(Some(false));
                     }
                 }
             }
