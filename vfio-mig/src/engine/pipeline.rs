@@ -202,9 +202,8 @@ fn read_ring(
 ) -> (Vec<Vec<u8>>, Receiver<Vec<u8>>) {
     let mut held = Vec::new();
     let mut bytes = read_so_far;
-    loop {
-        // Disconnected: the writer is done (it failed).
-        let Ok(mut buf) = free.recv() else { break };
+    // Until the queue is disconnected: the writer is done (it failed).
+    while let Ok(mut buf) = free.recv() {
         if stop.load(Ordering::SeqCst) {
             held.push(buf);
             break;
