@@ -23,6 +23,7 @@ fn opts(live: bool) -> SaveOptions {
         policy: PreCopyPolicy::default(),
         buffer: 64 << 10,
         allow_non_p2p_unit: true,
+        ..SaveOptions::default()
     }
 }
 
@@ -119,14 +120,63 @@ fn one_failing_device_rolls_back_every_device() {
     }
 }
 
-/// A device that records the engine's calls in a log shared by all devices.
+/// A device that records the engine's calls in a log shared by all devices; with a
+/// rendezvous, each of its unit transitions first waits there for the other devices' same
+/// transition.
 struct Logged {
     name: &'static str,
     inner: Box<dyn MigrationDevice>,
     log: Arc<Mutex<Vec<String>>>,
+    rendezvous: Option<Arc<Rendezvous>>,
+}
+
+/// Where the devices of a unit meet: `arrive(step)` returns once every device has arrived at
+/// `step`, true then; false if they did not all arrive within a generous bound (a unit that
+/// issues the step one device after another never gets them all there: this is how the test
+/// fails instead of hanging, not a timing).
+struct Rendezvous {
+    devices: usize,
+    arrived: Mutex<std::collections::HashMap<&'static str, usize>>,
+    all_there: std::sync::Condvar,
+}
+
+impl Rendezvous {
+    fn new(devices: usize) -> Self {
+        Rendezvous {
+            devices,
+            arrived: Mutex::new(Default::default()),
+            all_there: std::sync::Condvar::new(),
+        }
+    }
+
+    fn arrive(&self, step: &'static str) -> bool {
+        let mut arrived = self.arrived.lock().unwrap();
+        *arrived.entry(step).or_default() += 1;
+        self.all_there.notify_all();
+        let (arrived, timeout) = self
+            .all_there
+            .wait_timeout_while(arrived, std::time::Duration::from_secs(5), |a| {
+                a[step] < self.devices
+            })
+            .unwrap();
+        drop(arrived);
+        !timeout.timed_out()
+    }
 }
 
 impl Logged {
+    /// Meets the other devices at `step` (with a rendezvous) and logs whether all came.
+    fn meet(&mut self, step: &'static str) {
+        if let Some(r) = self.rendezvous.clone() {
+            let together = r.arrive(step);
+            self.log.lock().unwrap().push(format!(
+                "{} meet:{step} {}",
+                self.name,
+                if together { "together" } else { "ALONE" }
+            ));
+        }
+    }
+
     fn note(&mut self, what: &str) {
         let state = self.inner.state_name().unwrap_or_default();
         self.log
@@ -153,6 +203,7 @@ impl MigrationDevice for Logged {
         self.inner.details()
     }
     fn quiesce(&mut self) -> Result<()> {
+        self.meet("quiesce");
         self.inner.quiesce()?;
         self.note("quiesce");
         Ok(())
@@ -168,6 +219,7 @@ impl MigrationDevice for Logged {
     }
     fn start_stop_copy(&mut self) -> Result<()> {
         self.note("stop-copy requested");
+        self.meet("stop-copy");
         self.inner.start_stop_copy()
     }
     fn pending(&mut self) -> Result<Pending> {
@@ -179,9 +231,6 @@ impl MigrationDevice for Logged {
     fn finish_save(&mut self) -> Result<()> {
         self.inner.finish_save()
     }
-    fn finish_handoff(&mut self) -> Result<()> {
-        self.inner.finish_handoff()
-    }
     fn start_resume(&mut self) -> Result<()> {
         self.inner.start_resume()
     }
@@ -189,13 +238,22 @@ impl MigrationDevice for Logged {
         self.inner.write(data, chunk_end)
     }
     fn load_state(&mut self) -> Result<()> {
+        self.meet("load-state");
         self.inner.load_state()
     }
     fn prepare_run(&mut self) -> Result<()> {
+        self.meet("prepare-run");
+        self.note("prepared");
         self.inner.prepare_run()
     }
     fn finish_resume(&mut self) -> Result<()> {
+        self.note("run requested");
+        self.meet("run");
         self.inner.finish_resume()
+    }
+    fn finish_handoff(&mut self) -> Result<()> {
+        self.meet("handoff-stop");
+        self.inner.finish_handoff()
     }
     fn recover(&mut self) -> Recovery {
         self.inner.recover()
@@ -217,6 +275,7 @@ fn every_device_is_quiesced_before_any_stops() {
                 name,
                 inner: mock(&format!("mock:v2,size=2M,seed={i}")).opened.device,
                 log: log.clone(),
+                rendezvous: None,
             })
             .collect();
         let dst_handles: Vec<_> = (0..3)
@@ -255,6 +314,94 @@ fn every_device_is_quiesced_before_any_stops() {
         assert!(quiesced.iter().all(|l| l.ends_with(p2p)), "{log:?}");
         for dst in &dsts {
             assert!(handle(dst).status().resumed_ok);
+        }
+    }
+}
+
+/// The unit's transitions run on every device at once, in the P2P order: with a firmware
+/// latency on every state change (the mock's `latency=`), quiescing, entering stop-and-copy,
+/// the STOP after the handoff, and on the destination taking the state, RUNNING_P2P and
+/// RUNNING are each issued to all devices together (every device reaches the rendezvous
+/// before any transition of that step goes to the kernel), and no device stops before all
+/// are quiesced, none runs before all are prepared.
+#[test]
+fn the_unit_transitions_overlap_in_the_p2p_order() {
+    for live in [false, true] {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let names = ["a", "b", "c", "d"];
+        let unit = |side: &str| -> (Vec<Logged>, Vec<vfio_mig_mock::MockHandle>) {
+            let rendezvous = Arc::new(Rendezvous::new(names.len()));
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let m = mock(&format!("mock:v2,size=1M,seed={i},latency=20ms"));
+                    let h = handle(&m);
+                    let dev = Logged {
+                        name: if side == "src" {
+                            name
+                        } else {
+                            ["A", "B", "C", "D"][i]
+                        },
+                        inner: m.opened.device,
+                        log: log.clone(),
+                        rendezvous: Some(rendezvous.clone()),
+                    };
+                    (dev, h)
+                })
+                .unzip()
+        };
+        let (mut srcs, src_handles) = unit("src");
+        let (mut dsts, dst_handles) = unit("dst");
+        let mut s: Vec<&mut dyn MigrationDevice> = srcs.iter_mut().map(|d| d as _).collect();
+        let mut d: Vec<&mut dyn MigrationDevice> = dsts.iter_mut().map(|d| d as _).collect();
+        let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+        let reports = migrate_pairs(
+            &mut s,
+            &mut d,
+            &header,
+            &SaveOptions {
+                live,
+                ..SaveOptions::default()
+            },
+            &mut MemoryFence::new(),
+            &NoObserver,
+            &NoObserver,
+        )
+        .unwrap();
+        assert!(reports.iter().all(|r| r.save.after_handoff.is_none()));
+        let log = log.lock().unwrap().clone();
+        for step in [
+            "quiesce",
+            "stop-copy",
+            "handoff-stop",
+            "load-state",
+            "prepare-run",
+            "run",
+        ] {
+            let met: Vec<&String> = log
+                .iter()
+                .filter(|l| l.contains(&format!(" meet:{step} ")))
+                .collect();
+            assert_eq!(met.len(), names.len(), "{step}: {log:?}");
+            assert!(
+                met.iter().all(|l| l.ends_with("together")),
+                "live={live}: {step} issued one device after another: {log:?}"
+            );
+        }
+        let last = |what: &str| log.iter().rposition(|l| l.contains(what)).expect(what);
+        let first = |what: &str| log.iter().position(|l| l.contains(what)).expect(what);
+        assert!(
+            last("quiesce ->") < first("stop-copy requested"),
+            "a device stopped before every device was quiesced: {log:?}"
+        );
+        assert!(
+            last("prepared") < first("run requested"),
+            "a device ran before every device was prepared: {log:?}"
+        );
+        for (s, d) in src_handles.iter().zip(&dst_handles) {
+            assert!(d.status().resumed_ok, "{log:?}");
+            assert_eq!(s.state_digest(), d.state_digest());
         }
     }
 }

@@ -4,7 +4,9 @@
 //! The stream interleaves the devices' records; each device must receive its own in stream
 //! order, and devices load in parallel. The reader hands every verified record to its
 //! device's thread over a bounded channel (back-pressure: memory stays bounded by a few
-//! records per device). A single device is loaded inline, without threads or copies.
+//! records per device). The record is not copied: the reader's buffer itself moves to the
+//! device thread ([`StreamReader::swap_buffer`]), which sends it back for reuse once the
+//! device took the bytes. A single device is loaded inline, without threads or copies.
 
 use std::io::Read;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -15,6 +17,7 @@ use crate::stream::{Phase, Record, StreamReader};
 use super::events::Observer;
 use super::gate::LoadGate;
 use super::loader::{check_compatible, DeviceLoader, LoadReport};
+use super::parallel::each;
 use super::MigrationDevice;
 
 /// Records in flight per device.
@@ -24,7 +27,9 @@ const QUEUE_DEPTH: usize = 4;
 enum Item {
     Data {
         phase: Phase,
-        bytes: Vec<u8>,
+        /// The reader's record buffer: the payload is its first `len` bytes.
+        buf: Vec<u8>,
+        len: usize,
         chunk_end: bool,
     },
     EndOfPhase(Phase),
@@ -69,17 +74,13 @@ pub fn load_all_gated<R: Read>(
     // The destination barrier: every device takes its state (and may refuse it) before the
     // source is told LOADED; then every device reaches RUNNING_P2P before any runs, so no
     // device runs (and initiates DMA) while a peer is unloaded or stopped.
-    for dev in devs.iter_mut() {
-        dev.load_state()?;
-    }
+    // Each step runs on every device in parallel (one state-change latency, not the sum)
+    // and ends on all before the next begins.
+    each(devs, "load the unit's state", |d| d.load_state())?;
     gate.before_resume(reader.get_mut())?;
     reader.finish()?;
-    for dev in devs.iter_mut() {
-        dev.prepare_run()?;
-    }
-    for dev in devs.iter_mut() {
-        dev.finish_resume()?;
-    }
+    each(devs, "prepare the unit to run", |d| d.prepare_run())?;
+    each(devs, "run the unit", |d| d.finish_resume())?;
     Ok(reports)
 }
 
@@ -125,6 +126,7 @@ fn device_thread(
     dev: &mut dyn MigrationDevice,
     items: Receiver<Item>,
     acks: Sender<Ack>,
+    recycle: Sender<Vec<u8>>,
     obs: &dyn Observer,
 ) -> Result<LoadReport> {
     let mut loader = DeviceLoader::new(index, obs);
@@ -132,9 +134,15 @@ fn device_thread(
         let applied = match item {
             Item::Data {
                 phase,
-                bytes,
+                buf,
+                len,
                 chunk_end,
-            } => loader.data(dev, phase, &bytes, chunk_end),
+            } => {
+                let r = loader.data(dev, phase, &buf[..len], chunk_end);
+                // The reader may be gone (it failed): the buffer is then simply freed.
+                let _ = recycle.send(buf);
+                r
+            }
             Item::EndOfPhase(phase) => {
                 loader.end_phase(phase);
                 // The reader may be gone already (it failed): nothing to acknowledge then.
@@ -159,16 +167,22 @@ fn load_threaded<R: Read>(
 ) -> Result<Vec<LoadReport>> {
     std::thread::scope(|s| {
         let (ack_tx, ack_rx) = channel::<Ack>();
+        // Buffers coming back from the device threads. Unbounded, but never holding more
+        // than the buffers in flight: at most QUEUE_DEPTH + 1 per device, plus the reader's.
+        let (recycle_tx, recycle_rx) = channel::<Vec<u8>>();
         let mut senders = Vec::with_capacity(devs.len());
         let mut threads = Vec::with_capacity(devs.len());
         for (i, dev) in devs.iter_mut().enumerate() {
             let (tx, rx) = sync_channel::<Item>(QUEUE_DEPTH);
             let acks = ack_tx.clone();
+            let recycle = recycle_tx.clone();
             senders.push(tx);
-            threads.push(s.spawn(move || device_thread(i as u16, &mut **dev, rx, acks, obs)));
+            threads
+                .push(s.spawn(move || device_thread(i as u16, &mut **dev, rx, acks, recycle, obs)));
         }
         drop(ack_tx);
-        let read = read_and_dispatch(reader, &senders, &ack_rx, gate, live);
+        drop(recycle_tx);
+        let read = read_and_dispatch(reader, &senders, &ack_rx, &recycle_rx, gate, live);
         // Closing the queues ends the threads (after their last record on success).
         drop(senders);
         let results: Vec<Result<LoadReport>> = threads
@@ -203,6 +217,7 @@ fn read_and_dispatch<R: Read>(
     reader: &mut StreamReader<R>,
     senders: &[std::sync::mpsc::SyncSender<Item>],
     acks: &Receiver<Ack>,
+    recycled: &Receiver<Vec<u8>>,
     gate: &mut dyn LoadGate,
     live: usize,
 ) -> Result<()> {
@@ -221,9 +236,14 @@ fn read_and_dispatch<R: Read>(
                 bytes,
                 chunk_end,
             } => {
+                let len = bytes.len();
+                // A buffer a device thread is done with (none yet while the pipeline
+                // fills: the reader then grows an empty one for the next record).
+                let spare = recycled.try_recv().unwrap_or_default();
                 let item = Item::Data {
                     phase,
-                    bytes: bytes.to_vec(),
+                    buf: reader.swap_buffer(spare),
+                    len,
                     chunk_end,
                 };
                 senders[device as usize]

@@ -10,6 +10,8 @@ pub mod gate;
 pub mod load;
 mod loader;
 pub mod multi;
+pub mod parallel;
+mod pipeline;
 pub mod policy;
 mod rollback;
 pub mod save;
@@ -27,4 +29,5 @@ pub use loader::{check_compatible, LoadReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 pub use save::{
     pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
+    DEFAULT_PIPELINE,
 };

@@ -174,11 +174,10 @@ pub fn pre_copy_all<W: Write + Send>(
 
 /// Quiesces every device (RUNNING_P2P / PRE_COPY_P2P where supported) before any of them is
 /// stopped: after this, no device initiates DMA into a peer, and every device still answers.
+/// The transitions run in parallel (one thread per device), so the unit pays one device's
+/// state-change latency, not the sum; this returns once every one has ended.
 pub fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
-    for dev in devs.iter_mut() {
-        dev.quiesce()?;
-    }
-    Ok(())
+    super::parallel::each(devs, "quiesce the unit", |d| d.quiesce())
 }
 
 /// Stop-and-copy on every device in parallel (after [`quiesce_all`]).
@@ -195,21 +194,25 @@ pub fn stop_copy_all<W: Write + Send>(
     })
 }
 
-/// The STOP transition of every device, once the destination runs its state
+/// The STOP transition of every device (in parallel), once the destination runs its state
 /// ([`MigrationDevice::finish_handoff`]). A device whose STOP fails is reset, never resumed,
 /// and the failure is recorded in its report (`after_handoff`) and logged: the migration
 /// itself succeeded.
 pub fn finish_handoff_all(devs: &mut [&mut dyn MigrationDevice], reports: &mut [SaveReport]) {
-    for (i, dev) in devs.iter_mut().enumerate() {
-        if let Err(e) = dev.finish_handoff() {
-            log::warn!(
-                "{}: STOP after a completed handoff failed: {}",
-                dev.identity().instance,
-                Report(&e)
-            );
-            if let Some(report) = reports.get_mut(i) {
-                report.after_handoff = Some(Report(&e).to_string());
-            }
+    let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
+    let outcomes = super::parallel::each_outcome(devs, |d| d.finish_handoff());
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let failure = match outcome {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => Report(&e).to_string(),
+            Err(_) => "the STOP thread panicked".to_string(),
+        };
+        log::warn!(
+            "{}: STOP after a completed handoff failed: {failure}",
+            names[i]
+        );
+        if let Some(report) = reports.get_mut(i) {
+            report.after_handoff = Some(failure);
         }
     }
 }

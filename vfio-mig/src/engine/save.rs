@@ -15,6 +15,15 @@ use super::{MigrationDevice, ReadOutcome};
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
 pub const DEFAULT_BUFFER: usize = 1 << 20;
 
+/// Default depth of the save pipeline ([`SaveOptions::pipeline`]): one buffer being read,
+/// one being written, one ready.
+pub const DEFAULT_PIPELINE: usize = 3;
+
+/// The ring's buffers beyond the pump's own, for `opts`.
+fn spare_buffers(opts: &SaveOptions, size: usize) -> Vec<Vec<u8>> {
+    (1..opts.pipeline).map(|_| vec![0u8; size]).collect()
+}
+
 /// How to save a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SaveOptions {
@@ -30,6 +39,11 @@ pub struct SaveOptions {
     /// (and on the destination run before a peer is loaded). See
     /// [`super::multi::check_unit`].
     pub allow_non_p2p_unit: bool,
+    /// Buffers (of `buffer` bytes each) in the ring between the thread that reads the device
+    /// and the one that checksums and writes the records; 0 or 1 does it all on one thread.
+    /// The stream is the same either way; with a spare core the pipeline hides the CRC32C,
+    /// HMAC and TLS work behind the device reads.
+    pub pipeline: usize,
 }
 
 impl Default for SaveOptions {
@@ -39,6 +53,7 @@ impl Default for SaveOptions {
             policy: PreCopyPolicy::default(),
             buffer: DEFAULT_BUFFER,
             allow_non_p2p_unit: false,
+            pipeline: DEFAULT_PIPELINE,
         }
     }
 }
@@ -125,39 +140,84 @@ pub(crate) struct Pump<'a, S: RecordSink + ?Sized> {
 }
 
 impl<S: RecordSink + ?Sized> Pump<'_, S> {
+    /// The inline pump: read, checksum and write on the calling thread, one buffer.
     pub(crate) fn run(
         &mut self,
         phase: Phase,
         budget: Option<u64>,
         base: u64,
     ) -> Result<(u64, u64, bool)> {
-        let mut bytes = 0u64;
-        let mut chunks = 0u64;
-        let mut since_event = 0u64;
+        let mut tally = Tally::new(self.index, phase, base);
+        let ended = self.run_inline(&mut tally, budget, None)?;
+        Ok((tally.bytes, tally.chunks, ended.unwrap_or(true)))
+    }
+
+    /// The inline loop, counting into `tally`: `Some(ended)` once the phase ended or the
+    /// budget was reached at a chunk boundary, `None` once `limit` bytes were sent (at any
+    /// record: the caller goes on with the same device reads).
+    pub(crate) fn run_inline(
+        &mut self,
+        tally: &mut Tally,
+        budget: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Option<bool>> {
+        let phase = tally.phase;
         loop {
+            if limit.is_some_and(|l| tally.bytes >= l) {
+                return Ok(None);
+            }
             match self.dev.read(&mut self.buf)? {
-                ReadOutcome::PhaseEnd => return Ok((bytes, chunks, true)),
+                ReadOutcome::PhaseEnd => return Ok(Some(true)),
                 ReadOutcome::Data { len, chunk_end } => {
                     self.out
                         .data(self.index, phase, &self.buf[..len], chunk_end)?;
-                    bytes += len as u64;
-                    since_event += len as u64;
-                    if chunk_end {
-                        chunks += 1;
-                    }
-                    if since_event >= (4 << 20) || chunk_end && since_event >= (1 << 20) {
-                        since_event = 0;
-                        self.obs.on_event(&Event::Progress {
-                            device: self.index,
-                            phase,
-                            bytes: base + bytes,
-                        });
-                    }
-                    if chunk_end && budget.is_some_and(|b| bytes >= b) {
-                        return Ok((bytes, chunks, false));
+                    tally.sent(len, chunk_end, self.obs);
+                    if chunk_end && budget.is_some_and(|b| tally.bytes >= b) {
+                        return Ok(Some(false));
                     }
                 }
             }
+        }
+    }
+}
+
+/// What a pump sent of one phase, and when to tell the observer.
+pub(crate) struct Tally {
+    pub(crate) index: u16,
+    pub(crate) phase: Phase,
+    pub(crate) base: u64,
+    pub(crate) bytes: u64,
+    pub(crate) chunks: u64,
+    since_event: u64,
+}
+
+impl Tally {
+    pub(crate) fn new(index: u16, phase: Phase, base: u64) -> Self {
+        Tally {
+            index,
+            phase,
+            base,
+            bytes: 0,
+            chunks: 0,
+            since_event: 0,
+        }
+    }
+
+    /// Counts `len` bytes written; a progress event every 4 MiB, or at a chunk's end after
+    /// 1 MiB.
+    pub(crate) fn sent(&mut self, len: usize, chunk_end: bool, obs: &dyn Observer) {
+        self.bytes += len as u64;
+        self.since_event += len as u64;
+        if chunk_end {
+            self.chunks += 1;
+        }
+        if self.since_event >= (4 << 20) || chunk_end && self.since_event >= (1 << 20) {
+            self.since_event = 0;
+            obs.on_event(&Event::Progress {
+                device: self.index,
+                phase: self.phase,
+                bytes: self.base + self.bytes,
+            });
         }
     }
 }
@@ -201,6 +261,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         buf: vec![0u8; opts.buffer.max(4096)],
         obs,
     };
+    let mut spare = spare_buffers(opts, pump.buf.len());
     let mut chunks = 0u64;
     let mut waits = DataWait::new();
     let reason = loop {
@@ -226,10 +287,11 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         }
         let round_started = Instant::now();
         // A round sends what was pending when it began (at least one chunk).
-        let (bytes, c, _) = pump.run(
+        let (bytes, c, _) = pump.run_pipelined(
             Phase::PreCopy,
             Some(state.pending.max(1)),
             report.pre_copy_bytes,
+            &mut spare,
         )?;
         let pending = pump.dev.pending()?;
         if bytes == 0 && pending.bytes > 0 {
@@ -300,7 +362,8 @@ pub fn stop_copy<S: RecordSink + ?Sized>(
         buf: vec![0u8; opts.buffer.max(4096)],
         obs,
     };
-    let (bytes, chunks, _) = pump.run(Phase::StopCopy, None, 0)?;
+    let mut spare = spare_buffers(opts, pump.buf.len());
+    let (bytes, chunks, _) = pump.run_pipelined(Phase::StopCopy, None, 0, &mut spare)?;
     report.stop_copy_bytes = bytes;
     report.chunks += chunks;
     pump.out.end_phase(index, Phase::StopCopy)?;

@@ -265,6 +265,15 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// Exchanges the reader's record buffer for `buf` and returns the old one, whose first
+    /// bytes are the payload of the DATA record [`next_record`](Self::next_record) just
+    /// returned. A demultiplexer hands that buffer to another thread instead of copying the
+    /// payload out; the reader reuses `buf` (grown to a record's size when needed), so a
+    /// caller that recycles the buffers it gets back allocates nothing in the steady state.
+    pub fn swap_buffer(&mut self, buf: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.buf, buf)
+    }
+
     fn read_record(&mut self, seq: u64) -> Result<Decoded> {
         let step = || format!("read stream record {seq}");
         let err = |detail: String| Error::stream(step(), detail);

@@ -77,11 +77,22 @@ pub fn load1() -> String {
 
 /// Saves one device into its own stream into `sink`; its stop-copy bytes.
 fn save_one(dev: &mut dyn MigrationDevice, sink: &SinkKind, buffer: usize) -> Result<u64> {
+    save_one_with(dev, sink, buffer, SaveOptions::default().pipeline)
+}
+
+/// [`save_one`] with the pump's `pipeline` depth (0: read, CRC and write on one thread).
+fn save_one_with(
+    dev: &mut dyn MigrationDevice,
+    sink: &SinkKind,
+    buffer: usize,
+    pipeline: usize,
+) -> Result<u64> {
     let header = new_header(&[&*dev], false, 1)?;
     let mut out = sink.open()?;
     let mut w = StreamWriter::new(&mut out.conn, &header)?;
     let opts = SaveOptions {
         buffer,
+        pipeline,
         ..SaveOptions::default()
     };
     let r = save_device(dev, &mut w, 0, &opts, &NoObserver)?;
@@ -178,14 +189,15 @@ fn parallel_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
 
 // ---- (b) one device: engine vs raw loop -----------------------------------------------
 
-/// Seconds of one device's stop-and-copy into `sink`: the engine, or the raw loop.
-fn run_one(cfg: &Config, sink: &SinkKind, engine: bool) -> Result<f64> {
+/// Seconds of one device's stop-and-copy into `sink`: the engine with the pump's `pipeline`
+/// depth, or (`None`) the raw loop.
+fn run_one(cfg: &Config, sink: &SinkKind, engine: Option<usize>) -> Result<f64> {
     let spec = spec(cfg, 7, "")?;
     let mock = MockV2::new(&spec).map_err(|e| Error::device("mock", e))?;
-    if engine {
+    if let Some(pipeline) = engine {
         let mut dev = V2Device::open(Arc::new(mock))?;
         let t = Instant::now();
-        save_one(&mut dev, sink, cfg.buffer)?;
+        save_one_with(&mut dev, sink, cfg.buffer, pipeline)?;
         return Ok(t.elapsed().as_secs_f64());
     }
     let mut buf = vec![0u8; cfg.buffer];
@@ -205,9 +217,14 @@ fn run_one(cfg: &Config, sink: &SinkKind, engine: bool) -> Result<f64> {
 fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     for sink in [SinkKind::File(cfg.file_dir.clone()), SinkKind::Tcp] {
         let load = load1();
-        let mut base = || run_one(cfg, &sink, false);
-        let mut engine = || run_one(cfg, &sink, true);
-        let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut base, &mut engine])?;
+        let mut base = || run_one(cfg, &sink, None);
+        let mut engine = || run_one(cfg, &sink, Some(SaveOptions::default().pipeline));
+        let mut inline = || run_one(cfg, &sink, Some(0));
+        let series = run_rotating(
+            cfg.reps,
+            cfg.warmup,
+            &mut [&mut base, &mut engine, &mut inline],
+        )?;
         let f = Figure::from_paired(
             format!("rated.one.{}", sink.name()),
             2,
@@ -226,6 +243,20 @@ fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
             sink.name(),
             load1()
         ));
+        eprintln!("bench: {}", super::v2path::summary(&f));
+        out.push(f);
+        let f = Figure::from_paired(
+            format!("rated.one.{}.inline", sink.name()),
+            0,
+            "bandwidth-modelled: one device, engine vs raw loop",
+            "engine, pipeline off (read + CRC + write on one thread)",
+            format!("read/write loop, {} KiB buffer", cfg.buffer >> 10),
+            "s",
+            &Paired::from_series(&series, 0, 2),
+            true,
+            None,
+        )
+        .note("the engine before issue 13 item 3, for comparison in the same run");
         eprintln!("bench: {}", super::v2path::summary(&f));
         out.push(f);
     }
@@ -269,10 +300,11 @@ impl StopCopyWindow {
 
 /// Milliseconds: the stop-and-copy window of `DEVICES` devices migrated as one unit, or one
 /// device's own stop-copy time migrated alone.
-fn run_unit(cfg: &Config, unit: bool) -> Result<f64> {
+fn run_unit(cfg: &Config, unit: bool, pipeline: usize) -> Result<f64> {
     let extra = format!(",latency={UNIT_LATENCY}");
     let opts = SaveOptions {
         buffer: cfg.buffer,
+        pipeline,
         ..SaveOptions::default()
     };
     if !unit {
@@ -307,9 +339,16 @@ fn run_unit(cfg: &Config, unit: bool) -> Result<f64> {
 
 fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     let load = load1();
-    let mut solo = || run_unit(cfg, false);
-    let mut unit = || run_unit(cfg, true);
-    let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut solo, &mut unit])?;
+    let depth = SaveOptions::default().pipeline;
+    let mut solo = || run_unit(cfg, false, depth);
+    let mut unit = || run_unit(cfg, true, depth);
+    let mut solo_inline = || run_unit(cfg, false, 0);
+    let mut unit_inline = || run_unit(cfg, true, 0);
+    let series = run_rotating(
+        cfg.reps,
+        cfg.warmup,
+        &mut [&mut solo, &mut unit, &mut solo_inline, &mut unit_inline],
+    )?;
     let f = Figure::from_paired(
         format!("rated.unit.x{DEVICES}"),
         5,
@@ -324,11 +363,25 @@ fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     .note(format!(
         "{DEVICES} x {} into {DEVICES} like devices over one socketpair (migrate_pairs: \
          handshake, demux, load on the destination); the window excludes quiesce_all (one \
-         RUNNING_P2P SET per device, one after another, before any device stops); ratio = \
-         unit / alone; load average {load} -> {}",
+         RUNNING_P2P SET per device, all in parallel, ending before any device stops); \
+         pipelined pump; ratio = unit / alone; load average {load} -> {}",
         spec(cfg, 0, &format!(",latency={UNIT_LATENCY}"))?,
         load1()
     ));
+    eprintln!("bench: {}", super::v2path::summary(&f));
+    out.push(f);
+    let f = Figure::from_paired(
+        format!("rated.unit.x{DEVICES}.inline"),
+        0,
+        "bandwidth-modelled: downtime of 4 devices as one unit",
+        "the unit's window, pipeline off",
+        "one device alone, pipeline off",
+        "ms",
+        &Paired::from_series(&series, 2, 3),
+        false,
+        None,
+    )
+    .note("the pump before issue 13 item 3 (read + CRC + write on one thread), same run");
     eprintln!("bench: {}", super::v2path::summary(&f));
     out.push(f);
     Ok(())

@@ -224,6 +224,7 @@ impl TransferArgs {
             },
             buffer: self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT),
             allow_non_p2p_unit: self.allow_non_p2p_unit,
+            ..SaveOptions::default()
         }
     }
 }
