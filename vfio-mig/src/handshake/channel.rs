@@ -72,6 +72,10 @@ impl<C: Duplex> ChannelOpening<C> {
     pub fn refuse(mut self, detail: String, drain: Duration) -> Error {
         let code = ReasonCode::Unauthorized;
         let msg = Message::Refuse(Reason::new(code, detail.clone()));
+        // A silent intruder must not hold the drain (nor the session waiting on it).
+        if let Err(e) = self.rx.get_mut().set_deadline(Some(Instant::now() + drain)) {
+            log::debug!("set the drain deadline: {e}");
+        }
         send_final(&mut self.tx, &mut self.rx, &msg, drain);
         Error::Refused {
             step: "bind a channel".into(),
