@@ -16,8 +16,8 @@ use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions
 use vfio_mig::error::{Error, Report};
 use vfio_mig::fence::MemoryFence;
 use vfio_mig::handshake::{
-    open_connection, open_session, read_message, receive_channels, receive_opened,
-    send_channels, ChannelOpening, Message, Opened, RecvOutcome, SendOutcome,
+    open_connection, open_session, read_message, receive_channels, receive_opened, send_channels,
+    ChannelOpening, Message, Opened, RecvOutcome, SendOutcome,
 };
 use vfio_mig::transport::{Connection, Duplex};
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
@@ -141,7 +141,10 @@ fn assert_migrated(srcs: &[MockDevice], dsts: &[MockDevice], run: &Run, context:
     }
     for (i, (s, d)) in srcs.iter().zip(dsts).enumerate() {
         let st = handle(d).status();
-        assert!(st.resumed_ok && !st.corrupt, "{context}: device {i}: {st:?}");
+        assert!(
+            st.resumed_ok && !st.corrupt,
+            "{context}: device {i}: {st:?}"
+        );
         assert_eq!(
             handle(s).state_digest(),
             handle(d).state_digest(),
@@ -347,7 +350,15 @@ fn a_channel_with_a_wrong_token_or_another_session_is_refused_and_touches_nothin
                     std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
                 ))
             };
-            send_channels(s, to_dst, header, &opts(false), &NoObserver, 2, &mut connect)
+            send_channels(
+                s,
+                to_dst,
+                header,
+                &opts(false),
+                &NoObserver,
+                2,
+                &mut connect,
+            )
         });
         let loader = sc.spawn(move || {
             let mut fence = MemoryFence::new();

@@ -315,10 +315,8 @@ pub fn load_channels_gated<R: Read + Send>(
         }
         for (ch, conn) in channels.into_iter().enumerate() {
             let units = devices_of(unit.devices.len(), ch, count);
-            let mine: Vec<SyncSender<Item>> = units
-                .iter()
-                .filter_map(|&i| queues[i].take())
-                .collect();
+            let mine: Vec<SyncSender<Item>> =
+                units.iter().filter_map(|&i| queues[i].take()).collect();
             let expected = channel_header(unit, ch, count);
             let notes = note_tx.clone();
             s.spawn(move || {

@@ -235,7 +235,9 @@ pub fn receive_channels<C: Duplex>(
     };
     let loaded = load_channels_gated(devs, &header, readers, &stop, obs, &mut gate);
     let completed = gate.completed;
-    let outcome = finish_session(devs, header, loaded, completed, fence, &mut tx, &mut rest, obs);
+    let outcome = finish_session(
+        devs, header, loaded, completed, fence, &mut tx, &mut rest, obs,
+    );
     for k in &kept {
         let _ = k.shutdown(Shutdown::Both);
     }

@@ -14,9 +14,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::message::{
     read_message, write_message, Message, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
 };
-use super::source::{
-    expect, explain, in_doubt, refused, send, unexpected, SendOutcome, Watched,
-};
+use super::source::{expect, explain, in_doubt, refused, send, unexpected, SendOutcome, Watched};
 use crate::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
 use crate::engine::multi::{check_unit, finish_handoff_all, rollback_sources, SharedWriter};
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
@@ -67,8 +65,7 @@ pub fn send_channels<C: Duplex>(
     };
     let mut rx = clone(&conn)?;
     let ctl = clone(&conn)?;
-    let features =
-        FEATURE_CHANNELS | if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
+    let features = FEATURE_CHANNELS | if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
 
     // 1. HELLO, OFFER_CHANNELS and the unit's header; the devices are untouched until ACCEPT.
     let mut main = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));

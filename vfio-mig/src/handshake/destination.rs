@@ -57,7 +57,12 @@ fn reason_code(e: &Error) -> ReasonCode {
 
 /// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
 /// still sends until it closes (at most [`DRAIN_TIME`]).
-pub(super) fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message, drain: Duration) {
+pub(super) fn send_final<C: Duplex>(
+    tx: &mut C,
+    rx: &mut impl Read,
+    msg: &Message,
+    drain: Duration,
+) {
     if let Err(e) = write_message(tx, msg, "end the session") {
         log::debug!("{}", Report(&e));
         return;
@@ -80,7 +85,12 @@ pub(super) fn release(fence: &mut dyn Fence, session: &SessionId) {
     }
 }
 
-pub(super) fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: String) -> Error {
+pub(super) fn refuse<C: Duplex>(
+    tx: &mut C,
+    rx: &mut impl Read,
+    code: ReasonCode,
+    detail: String,
+) -> Error {
     send_final(
         tx,
         rx,
@@ -364,7 +374,16 @@ pub fn receive_opened<C: Duplex>(
     };
     let loaded = load_all_gated(devs, &mut reader, obs, &mut gate);
     let completed = gate.completed;
-    finish_session(devs, header, loaded, completed, fence, &mut tx, reader.get_mut(), obs)
+    finish_session(
+        devs,
+        header,
+        loaded,
+        completed,
+        fence,
+        &mut tx,
+        reader.get_mut(),
+        obs,
+    )
 }
 
 /// The checks before a device is touched: one device in the stream per device given, known

@@ -180,10 +180,7 @@ pub fn migrate_pairs_channels(
 
 type Joined<T> = std::thread::Result<Result<T>>;
 
-fn outcome(
-    sent: Joined<SendOutcome>,
-    received: Joined<RecvOutcome>,
-) -> Result<Vec<MigrateReport>> {
+fn outcome(sent: Joined<SendOutcome>, received: Joined<RecvOutcome>) -> Result<Vec<MigrateReport>> {
     let sent = sent.map_err(|_| Error::protocol("save", "the source thread panicked"))?;
     let received =
         received.map_err(|_| Error::protocol("load", "the destination thread panicked"))?;

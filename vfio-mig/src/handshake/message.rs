@@ -396,9 +396,7 @@ fn decode_payload(
                 }
             } else {
                 if !(1..MAX_CHANNELS).contains(&n) {
-                    return Err(format!(
-                        "CHANNEL index {n} (allowed 1..{MAX_CHANNELS})"
-                    ));
+                    return Err(format!("CHANNEL index {n} (allowed 1..{MAX_CHANNELS})"));
                 }
                 Message::Channel {
                     session,

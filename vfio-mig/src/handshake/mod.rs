@@ -50,7 +50,9 @@ pub use destination::{
     load_fenced, open_connection, open_session, receive, receive_opened, Opened, Opening,
     RecvOutcome,
 };
-pub use local::{migrate_local, migrate_pair, migrate_pairs, migrate_pairs_channels, MigrateReport};
+pub use local::{
+    migrate_local, migrate_pair, migrate_pairs, migrate_pairs_channels, MigrateReport,
+};
 pub use message::{
     read_message, write_message, ChannelToken, Message, Reason, ReasonCode, SessionId,
     FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC,

@@ -69,7 +69,12 @@ pub(super) fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
 /// Reads the destination's answer at `step`: `Ok(())` for a message of kind `wanted` (a
 /// [`Message::kind`]) with this session, a [`Error::PeerFailed`] for FAILED, a protocol error
 /// for anything else.
-pub(super) fn expect(rx: &mut impl io::Read, session: &SessionId, wanted: u8, step: &str) -> Result<()> {
+pub(super) fn expect(
+    rx: &mut impl io::Read,
+    session: &SessionId,
+    wanted: u8,
+    step: &str,
+) -> Result<()> {
     let msg = read_message(rx, step)?;
     match &msg {
         m if m.kind() == wanted && m.session() == Some(session) => Ok(()),
@@ -269,7 +274,11 @@ pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
     }
 }
 
-pub(super) fn in_doubt(devs: &[&mut dyn MigrationDevice], session: &SessionId, what: String) -> Error {
+pub(super) fn in_doubt(
+    devs: &[&mut dyn MigrationDevice],
+    session: &SessionId,
+    what: String,
+) -> Error {
     let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
     let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
     Error::InDoubt {

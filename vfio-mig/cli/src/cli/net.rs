@@ -150,7 +150,8 @@ pub fn send(
     let started = Instant::now();
     let offer = net.channels.unwrap_or(1);
     let mut connect = |_: u16| open();
-    let result = handshake::send_channels(&mut devs, conn, &header, &opts, &view, offer, &mut connect);
+    let result =
+        handshake::send_channels(&mut devs, conn, &header, &opts, &view, offer, &mut connect);
     view.finish();
     fence.end_source(handoff, &result);
     let (outcome, reports) = match result? {
