@@ -114,7 +114,8 @@ fn same_token(a: &ChannelToken, b: &ChannelToken) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Runs a session whose source offered several channels: takes `min(offered, max, devices)`
+/// Runs a session whose source offered several channels (one that offered none is run by
+/// [`super::receive_opened`]): takes `min(offered, max, devices)`
 /// of them (at least 1, at most [`MAX_CHANNELS`]), answers CHANNELS with a fresh random
 /// token, and binds each further connection `accept` returns (it is called with the bind
 /// deadline and must fail once that passed). A connection with another session, a wrong
@@ -132,6 +133,10 @@ pub fn receive_channels<C: Duplex>(
     max: u16,
     accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
 ) -> Result<RecvOutcome> {
+    if opening.offered.is_none() {
+        // A source that offered no channels speaks the one-connection handshake.
+        return super::destination::receive_opened(devs, opening, fence, obs);
+    }
     let Opening {
         mut tx,
         reader,

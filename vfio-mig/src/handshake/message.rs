@@ -531,6 +531,79 @@ mod tests {
         assert_eq!(&refuse[16..], b"stale epoch 3 < 5");
     }
 
+    /// The channel messages of the documentation's example (docs/stream-format.md).
+    #[test]
+    fn channel_example_encoding() {
+        let session = *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff";
+        let token: ChannelToken = std::array::from_fn(|i| 0x10 + i as u8);
+        let hello = Message::Hello {
+            features: FEATURE_SWITCHOVER_ACK | FEATURE_CHANNELS,
+        }
+        .encode();
+        assert_eq!(
+            hello,
+            [0x56, 0x4d, 0x48, 0x53, 1, 1, 4, 0, 0x5a, 0xc1, 0x6f, 0xd8, 3, 0, 0, 0]
+        );
+        let offer = Message::OfferChannels { count: 4 }.encode();
+        assert_eq!(
+            offer,
+            [0x56, 0x4d, 0x48, 0x53, 1, 10, 4, 0, 0x9b, 0xf1, 0x47, 0x37, 4, 0, 0, 0]
+        );
+        let answer = Message::Channels {
+            session,
+            count: 2,
+            token,
+        }
+        .encode();
+        assert_eq!(
+            &answer[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 11, 36, 0, 0xd8, 0x9e, 0xb6, 0x57]
+        );
+        assert_eq!(&answer[12..28], &session);
+        assert_eq!(&answer[28..32], &[2, 0, 0, 0]);
+        assert_eq!(&answer[32..], &token);
+        let bind = Message::Channel {
+            session,
+            index: 1,
+            token,
+        }
+        .encode();
+        assert_eq!(
+            &bind[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 12, 36, 0, 0x65, 0x80, 0x88, 0xec]
+        );
+        assert_eq!(&bind[28..32], &[1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn channel_fields_are_checked() {
+        let frame = |kind: u8, payload: &[u8]| {
+            let mut out = MAGIC.to_vec();
+            out.extend_from_slice(&[VERSION, kind]);
+            out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
+            out.extend_from_slice(&crc.to_le_bytes());
+            out.extend_from_slice(payload);
+            out
+        };
+        let err = |kind, payload: &[u8]| {
+            Message::decode(&frame(kind, payload))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(10, &[0, 0, 0, 0]).contains("OFFER_CHANNELS of 0"));
+        assert!(err(10, &[17, 0, 0, 0]).contains("OFFER_CHANNELS of 17"));
+        assert!(err(10, &[2, 0, 1, 0]).contains("reserved"));
+        let mut p = vec![0u8; 36];
+        assert!(err(11, &p).contains("CHANNELS of 0"));
+        assert!(err(12, &p).contains("CHANNEL index 0"));
+        p[16] = 16;
+        assert!(err(12, &p).contains("CHANNEL index 16"));
+        p[16] = 1;
+        p[19] = 1;
+        assert!(err(12, &p).contains("reserved"));
+    }
+
     #[test]
     fn long_reasons_are_cut_at_a_char_boundary() {
         let text = "é".repeat(MAX_REASON_LEN);
