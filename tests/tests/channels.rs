@@ -52,6 +52,7 @@ struct Run {
 /// destination takes at most `max` (`None`: the one-channel entry point,
 /// `receive_opened`). `tap` sees every further connection's source end before use;
 /// `intruders` are raw connections queued before the source's own further connections.
+#[allow(clippy::too_many_arguments)]
 fn run(
     srcs: &mut [MockDevice],
     dsts: &mut [MockDevice],

@@ -112,17 +112,17 @@ pub fn start(
         );
         std::thread::spawn(move || {
             let peer = conn.peer().to_owned();
-            match admit(conn, &admission, &slot) {
-                Some(Admitted::Session(incoming)) => {
-                    if events.send(Event::Session(incoming)).is_err() {
-                        slot.release();
-                    }
-                }
+            let handed = match admit(conn, &admission, &slot) {
+                Some(Admitted::Session(incoming)) => events.send(Event::Session(incoming)).is_ok(),
                 Some(Admitted::Channel(c)) => {
                     // Nobody waits once recv ended: the connection just closes.
                     let _ = channels.send(*c);
+                    true
                 }
-                None => {}
+                None => true,
+            };
+            if !handed {
+                slot.release();
             }
             opening.fetch_sub(1, Ordering::SeqCst);
             log::debug!("opening of {peer} done");
