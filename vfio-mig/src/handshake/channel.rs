@@ -12,13 +12,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::destination::{
-    admission_checks, finish_session, refuse, release, send_final, Gate, Opening, RecvOutcome,
-    DRAIN_TIME,
+    admission_checks, finish_session, open_session, receive_one, refuse, release, Gate, Opening,
+    RecvOutcome, DRAIN_TIME,
 };
 use super::message::{
-    write_message, ChannelToken, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
+    write_message, ChannelToken, Message, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
     MAX_CHANNELS,
 };
+use super::opened::{send_final, ChannelOpening};
 use crate::engine::channels::load_channels_gated;
 use crate::engine::session::new_session_id;
 use crate::engine::{MigrationDevice, Observer};
@@ -31,81 +32,40 @@ use crate::transport::Duplex;
 /// touched yet).
 pub const BIND_TIME: Duration = Duration::from_secs(10);
 
-/// A further connection that opened with CHANNEL: its claimed session, index and token, not
-/// yet checked. Read by [`super::open_connection`].
-pub struct ChannelOpening<C: Duplex> {
-    tx: C,
-    rx: BufReader<C>,
-    session: SessionId,
-    index: u16,
-    token: ChannelToken,
+/// Receives a migration into `dev` from the source at the other end of `conn`:
+/// [`open_session`] without a deadline, then [`receive_opened`].
+pub fn receive<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    conn: C,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    receive_opened(devs, open_session(conn, None)?, fence, obs)
 }
 
-impl<C: Duplex> std::fmt::Debug for ChannelOpening<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The token stays out of logs.
-        f.debug_struct("ChannelOpening")
-            .field("session", &self.session)
-            .field("index", &self.index)
-            .finish_non_exhaustive()
+/// Runs an opened session into `devs`.
+///
+/// Checks, before the device is touched: one device in the stream per device given, known
+/// features, the device's protocol and model ([`check_compatible`]), and the fencing state
+/// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
+/// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
+/// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.
+///
+/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
+/// completion record is withdrawn, and FAILED tells the source why.
+/// A source that offered several channels is run on one: the main connection
+/// ([`receive_channels`] with a bound of 1).
+pub fn receive_opened<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    opening: Opening<C>,
+    fence: &mut dyn Fence,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    if opening.offered.is_none() {
+        return receive_one(devs, opening, fence, obs);
     }
-}
-
-impl<C: Duplex> ChannelOpening<C> {
-    /// The session the connection claims to belong to.
-    pub fn session(&self) -> &SessionId {
-        &self.session
-    }
-
-    /// The channel index it claims.
-    pub fn index(&self) -> u16 {
-        self.index
-    }
-
-    /// The connection (its peer, its TLS identities).
-    pub fn connection(&self) -> &C {
-        &self.tx
-    }
-
-    /// Turns the connection away: REFUSE(unauthorized) with `detail`, then the connection
-    /// ends (what it still sends is dropped for at most `drain`).
-    pub fn refuse(mut self, detail: String, drain: Duration) -> Error {
-        let code = ReasonCode::Unauthorized;
-        let msg = Message::Refuse(Reason::new(code, detail.clone()));
-        // A silent intruder must not hold the drain (nor the session waiting on it).
-        if let Err(e) = self.rx.get_mut().set_deadline(Some(Instant::now() + drain)) {
-            log::debug!("set the drain deadline: {e}");
-        }
-        send_final(&mut self.tx, &mut self.rx, &msg, drain);
-        Error::Refused {
-            step: "bind a channel".into(),
-            code,
-            detail,
-        }
-    }
-}
-
-/// The channel opening of a connection whose CHANNEL message `open_connection` read; clears
-/// the opening deadline if one was set (the sub-stream's reads wait with the idle timeout).
-pub(super) fn channel_opened<C: Duplex>(
-    tx: C,
-    mut rx: BufReader<C>,
-    session: SessionId,
-    index: u16,
-    token: ChannelToken,
-    had_deadline: bool,
-) -> Result<ChannelOpening<C>> {
-    if had_deadline {
-        rx.get_mut()
-            .set_deadline(None)
-            .map_err(|e| Error::transport("clear the handshake deadline", e))?;
-    }
-    Ok(ChannelOpening {
-        tx,
-        rx,
-        session,
-        index,
-        token,
+    receive_channels(devs, opening, fence, obs, 1, &mut |_| {
+        Err(Error::InvalidInput("no further channels here".into()))
     })
 }
 
@@ -114,14 +74,14 @@ fn same_token(a: &ChannelToken, b: &ChannelToken) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Runs a session whose source offered several channels (one that offered none is run by
-/// [`super::receive_opened`]): takes `min(offered, max, devices)`
+/// Runs a session whose source offered several channels (one that offered none is run as by
+/// [`receive_opened`]): takes `min(offered, max, devices)`
 /// of them (at least 1, at most [`MAX_CHANNELS`]), answers CHANNELS with a fresh random
 /// token, and binds each further connection `accept` returns (it is called with the bind
 /// deadline and must fail once that passed). A connection with another session, a wrong
 /// token, an index out of range or already bound is refused, logged and does not count; the
 /// session then keeps waiting for its own. Once every channel is bound: ACCEPT, the load
-/// over all channels, and the same end as [`super::receive_opened`].
+/// over all channels, and the same end as [`receive_opened`].
 ///
 /// A channel that fails (closed, a bad record, a timeout) stops every channel and fails the
 /// unit: every device is reset and FAILED names the channel.
@@ -135,7 +95,7 @@ pub fn receive_channels<C: Duplex>(
 ) -> Result<RecvOutcome> {
     if opening.offered.is_none() {
         // A source that offered no channels speaks the one-connection handshake.
-        return super::destination::receive_opened(devs, opening, fence, obs);
+        return receive_one(devs, opening, fence, obs);
     }
     let Opening {
         mut tx,

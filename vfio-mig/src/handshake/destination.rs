@@ -3,14 +3,13 @@
 //! protocol, features, fencing), the switchover-ack, the two-phase end, and reset on failure.
 
 use std::io::{BufReader, Read};
-use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use super::channel::{channel_opened, receive_channels, ChannelOpening};
 use super::message::{
     read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_CHANNELS,
     FEATURE_SWITCHOVER_ACK, KNOWN_FEATURES,
 };
+use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::engine::demux::load_all_gated;
 use crate::engine::multi::{check_unit, rollback_destinations};
 use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol};
@@ -52,29 +51,6 @@ fn reason_code(e: &Error) -> ReasonCode {
         Error::Stream { .. } | Error::Transport { .. } => ReasonCode::Stream,
         Error::Refused { code, .. } => *code,
         _ => ReasonCode::Device,
-    }
-}
-
-/// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
-/// still sends until it closes (at most [`DRAIN_TIME`]).
-pub(super) fn send_final<C: Duplex>(
-    tx: &mut C,
-    rx: &mut impl Read,
-    msg: &Message,
-    drain: Duration,
-) {
-    if let Err(e) = write_message(tx, msg, "end the session") {
-        log::debug!("{}", Report(&e));
-        return;
-    }
-    let _ = tx.shutdown(Shutdown::Write);
-    let started = Instant::now();
-    let mut sink = vec![0u8; SOCKET_BUFFER];
-    while started.elapsed() < drain {
-        match rx.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
     }
 }
 
@@ -310,39 +286,13 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
     }))
 }
 
-/// Receives a migration into `dev` from the source at the other end of `conn`:
-/// [`open_session`] without a deadline, then [`receive_opened`].
-pub fn receive<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    conn: C,
-    fence: &mut dyn Fence,
-    obs: &dyn Observer,
-) -> Result<RecvOutcome> {
-    receive_opened(devs, open_session(conn, None)?, fence, obs)
-}
-
-/// Runs an opened session into `devs`.
-///
-/// Checks, before the device is touched: one device in the stream per device given, known
-/// features, the device's protocol and model ([`check_compatible`]), and the fencing state
-/// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
-/// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
-/// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.
-///
-/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
-/// completion record is withdrawn, and FAILED tells the source why.
-pub fn receive_opened<C: Duplex>(
+/// Runs an opened session that offered no channels (see [`super::receive_opened`]).
+pub(super) fn receive_one<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
-    if opening.offered.is_some() {
-        // Offered several channels: this entry point takes one (the main connection).
-        return receive_channels(devs, opening, fence, obs, 1, &mut |_| {
-            Err(Error::InvalidInput("no further channels here".into()))
-        });
-    }
     let Opening {
         mut tx,
         mut reader,

@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 
-use super::channel::{receive_channels, ChannelOpening};
+use super::channel::{receive, receive_channels};
 use super::channel_send::send_channels;
-use super::destination::{open_connection, open_session, receive, Opened, RecvOutcome};
+use super::destination::{open_connection, open_session, Opened, RecvOutcome};
+use super::opened::ChannelOpening;
 use super::source::{send, SendOutcome};
 use crate::engine::session::new_header;
 use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};

@@ -42,14 +42,12 @@ mod channel_send;
 mod destination;
 mod local;
 mod message;
+mod opened;
 mod source;
 
-pub use channel::{receive_channels, ChannelOpening, BIND_TIME};
+pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
 pub use channel_send::send_channels;
-pub use destination::{
-    load_fenced, open_connection, open_session, receive, receive_opened, Opened, Opening,
-    RecvOutcome,
-};
+pub use destination::{load_fenced, open_connection, open_session, Opened, Opening, RecvOutcome};
 pub use local::{
     migrate_local, migrate_pair, migrate_pairs, migrate_pairs_channels, MigrateReport,
 };
@@ -58,4 +56,5 @@ pub use message::{
     FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC,
     MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
 };
+pub use opened::ChannelOpening;
 pub use source::{send, SendOutcome};
