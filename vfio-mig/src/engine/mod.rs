@@ -4,6 +4,7 @@
 //! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
 //! source, [`load_with_rollback`] on the destination, [`crate::handshake::migrate_local`] for both on one host.
 
+pub mod channels;
 pub mod demux;
 pub mod events;
 pub mod gate;

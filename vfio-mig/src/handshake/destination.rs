@@ -3,13 +3,13 @@
 //! protocol, features, fencing), the switchover-ack, the two-phase end, and reset on failure.
 
 use std::io::{BufReader, Read};
-use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use super::message::{
-    read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
-    KNOWN_FEATURES,
+    read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_CHANNELS,
+    FEATURE_SWITCHOVER_ACK, KNOWN_FEATURES,
 };
+use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::engine::demux::load_all_gated;
 use crate::engine::multi::{check_unit, rollback_destinations};
 use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol};
@@ -22,7 +22,7 @@ use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still
 /// sends, so that the source reads the FAILED reason instead of a reset connection.
-const DRAIN_TIME: Duration = Duration::from_secs(10);
+pub(super) const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// How a receive ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,32 +54,19 @@ fn reason_code(e: &Error) -> ReasonCode {
     }
 }
 
-/// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
-/// still sends until it closes (at most [`DRAIN_TIME`]).
-fn send_final<C: Duplex>(tx: &mut C, rx: &mut impl Read, msg: &Message, drain: Duration) {
-    if let Err(e) = write_message(tx, msg, "end the session") {
-        log::debug!("{}", Report(&e));
-        return;
-    }
-    let _ = tx.shutdown(Shutdown::Write);
-    let started = Instant::now();
-    let mut sink = vec![0u8; SOCKET_BUFFER];
-    while started.elapsed() < drain {
-        match rx.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
 /// Releases the fence's claim on a session that will not complete here.
-fn release(fence: &mut dyn Fence, session: &SessionId) {
+pub(super) fn release(fence: &mut dyn Fence, session: &SessionId) {
     if let Err(e) = fence.release(session) {
         log::warn!("release the fencing claim: {e} (it expires with its lease)");
     }
 }
 
-fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: String) -> Error {
+pub(super) fn refuse<C: Duplex>(
+    tx: &mut C,
+    rx: &mut impl Read,
+    code: ReasonCode,
+    detail: String,
+) -> Error {
     send_final(
         tx,
         rx,
@@ -94,12 +81,12 @@ fn refuse<C: Duplex>(tx: &mut C, rx: &mut impl Read, code: ReasonCode, detail: S
 }
 
 /// The hooks of the load: SWITCHOVER_ACK, then LOADED, COMMIT and the completion record.
-struct Gate<'a, C: Duplex> {
-    tx: &'a mut C,
-    session: SessionId,
-    ack: bool,
-    fence: &'a mut dyn Fence,
-    completed: bool,
+pub(super) struct Gate<'a, C: Duplex> {
+    pub(super) tx: &'a mut C,
+    pub(super) session: SessionId,
+    pub(super) ack: bool,
+    pub(super) fence: &'a mut dyn Fence,
+    pub(super) completed: bool,
 }
 
 impl<C: Duplex> LoadGate for Gate<'_, C> {
@@ -142,16 +129,19 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
 /// device not yet touched. Made by [`open_session`]; ended by [`receive_opened`] (the
 /// session) or [`Opening::refuse`] (turned away: busy, not authorized).
 pub struct Opening<C: Duplex> {
-    tx: C,
-    reader: StreamReader<BufReader<C>>,
-    features: u32,
-    header: StreamHeader,
+    pub(super) tx: C,
+    pub(super) reader: StreamReader<BufReader<C>>,
+    pub(super) features: u32,
+    /// The channels the source offered (OFFER_CHANNELS), if it offered any.
+    pub(super) offered: Option<u16>,
+    pub(super) header: StreamHeader,
 }
 
 impl<C: Duplex> std::fmt::Debug for Opening<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opening")
             .field("features", &self.features)
+            .field("offered", &self.offered)
             .field("header", &self.header)
             .finish_non_exhaustive()
     }
@@ -161,6 +151,11 @@ impl<C: Duplex> Opening<C> {
     /// The stream header the source sent.
     pub fn header(&self) -> &StreamHeader {
         &self.header
+    }
+
+    /// How many channels the source offered (1 when it did not offer several).
+    pub fn offered_channels(&self) -> u16 {
+        self.offered.unwrap_or(1)
     }
 
     /// The connection (the handle answers go out on): its peer, its TLS identities, or a
@@ -189,6 +184,29 @@ impl<C: Duplex> Opening<C> {
 /// before its first byte is a transport error of kind [`std::io::ErrorKind::UnexpectedEof`]
 /// at step "handshake: wait for HELLO" (a probe, not a session).
 pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Opening<C>> {
+    match open_connection(conn, deadline)? {
+        Opened::Session(o) => Ok(o),
+        Opened::Channel(c) => Err(c.refuse(
+            "a CHANNEL connection where a session was expected".into(),
+            Duration::ZERO,
+        )),
+    }
+}
+
+/// What a new connection turned out to be: a session's main connection (HELLO and the stream
+/// header, see [`open_session`]), or a further channel of a session (CHANNEL), to be given to
+/// the session it names.
+#[derive(Debug)]
+pub enum Opened<C: Duplex> {
+    /// A session's main connection.
+    Session(Opening<C>),
+    /// A further channel of a session.
+    Channel(ChannelOpening<C>),
+}
+
+/// As [`open_session`], but a connection that starts with CHANNEL is returned as such
+/// (its binding not yet checked: [`receive_channels`] does that).
+pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Opened<C>> {
     let mut tx = conn
         .try_clone()
         .map_err(|e| Error::transport("clone the connection", e))?;
@@ -201,6 +219,14 @@ pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Ope
 
     let features = match read_message(&mut rx, "handshake: wait for HELLO") {
         Ok(Message::Hello { features }) => features,
+        Ok(Message::Channel {
+            session,
+            index,
+            token,
+        }) => {
+            return channel_opened(tx, rx, session, index, token, deadline.is_some())
+                .map(Opened::Channel)
+        }
         Ok(other) => {
             let detail = format!("the source sent {other} where HELLO was expected");
             return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
@@ -215,6 +241,21 @@ pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Ope
         }
         Err(e) => return Err(e),
     };
+    let mut offered = None;
+    if features & FEATURE_CHANNELS != 0 {
+        match read_message(&mut rx, "handshake: wait for OFFER_CHANNELS") {
+            Ok(Message::OfferChannels { count }) => offered = Some(count),
+            Ok(other) => {
+                let detail = format!("the source sent {other} where OFFER_CHANNELS was expected");
+                return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
+            }
+            Err(e @ Error::Stream { .. }) => {
+                let detail = Report(&e).to_string();
+                return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let (mut reader, header) = match StreamReader::open(rx) {
         Ok(r) => r,
         Err(e @ Error::Stream { .. }) => {
@@ -236,36 +277,17 @@ pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Ope
             .set_deadline(None)
             .map_err(|e| Error::transport("clear the handshake deadline", e))?;
     }
-    Ok(Opening {
+    Ok(Opened::Session(Opening {
         tx,
         reader,
         features,
+        offered,
         header,
-    })
+    }))
 }
 
-/// Receives a migration into `dev` from the source at the other end of `conn`:
-/// [`open_session`] without a deadline, then [`receive_opened`].
-pub fn receive<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    conn: C,
-    fence: &mut dyn Fence,
-    obs: &dyn Observer,
-) -> Result<RecvOutcome> {
-    receive_opened(devs, open_session(conn, None)?, fence, obs)
-}
-
-/// Runs an opened session into `devs`.
-///
-/// Checks, before the device is touched: one device in the stream per device given, known
-/// features, the device's protocol and model ([`check_compatible`]), and the fencing state
-/// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
-/// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
-/// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.
-///
-/// On any failure after ACCEPT the device is reset (it never runs with partial state), a
-/// completion record is withdrawn, and FAILED tells the source why.
-pub fn receive_opened<C: Duplex>(
+/// Runs an opened session that offered no channels (see [`super::receive_opened`]).
+pub(super) fn receive_one<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
@@ -276,7 +298,53 @@ pub fn receive_opened<C: Duplex>(
         mut reader,
         features,
         header,
+        ..
     } = opening;
+    let checks = admission_checks(devs, features, &header, fence);
+    let session = header.session_id;
+    match checks {
+        Ok(Admission::Accept) => {}
+        Ok(Admission::AlreadyCompleted) => {
+            let msg = Message::AlreadyCompleted { session };
+            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
+            return Ok(RecvOutcome::AlreadyCompleted { header });
+        }
+        Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
+    }
+    if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
+        release(fence, &session);
+        return Err(e);
+    }
+    let mut gate = Gate {
+        tx: &mut tx,
+        session,
+        ack: features & FEATURE_SWITCHOVER_ACK != 0,
+        fence,
+        completed: false,
+    };
+    let loaded = load_all_gated(devs, &mut reader, obs, &mut gate);
+    let completed = gate.completed;
+    finish_session(
+        devs,
+        header,
+        loaded,
+        completed,
+        fence,
+        &mut tx,
+        reader.get_mut(),
+        obs,
+    )
+}
+
+/// The checks before a device is touched: one device in the stream per device given, known
+/// features, each device's protocol and model, the P2P rule of a unit, and the fencing
+/// state. `Err` is the REFUSE to send.
+pub(super) fn admission_checks(
+    devs: &[&mut dyn MigrationDevice],
+    features: u32,
+    header: &StreamHeader,
+    fence: &mut dyn Fence,
+) -> std::result::Result<Admission, (ReasonCode, String)> {
     let checks = (|| -> std::result::Result<Admission, (ReasonCode, String)> {
         if features & !KNOWN_FEATURES != 0 {
             return Err((
@@ -311,36 +379,31 @@ pub fn receive_opened<C: Duplex>(
         });
         check_unit(devs, !source_all_p2p)
             .map_err(|e| (ReasonCode::Incompatible, format!("destination: {e}")))?;
-        fence.admit(&header).map_err(|e| match e {
+        fence.admit(header).map_err(|e| match e {
             Error::Refused { code, detail, .. } => (code, detail),
             e => (ReasonCode::Fence, Report(&e).to_string()),
         })
     })();
-    let session = header.session_id;
-    match checks {
-        Ok(Admission::Accept) => {}
-        Ok(Admission::AlreadyCompleted) => {
-            let msg = Message::AlreadyCompleted { session };
-            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
-            return Ok(RecvOutcome::AlreadyCompleted { header });
-        }
-        Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
-    }
-    if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
-        release(fence, &session);
-        return Err(e);
-    }
+    checks
+}
 
-    let mut gate = Gate {
-        tx: &mut tx,
-        session,
-        ack: features & FEATURE_SWITCHOVER_ACK != 0,
-        fence,
-        completed: false,
-    };
-    match load_all_gated(devs, &mut reader, obs, &mut gate) {
+/// The end of a session after the load: RESUMED on success; on failure the completion
+/// record withdrawn, the claim released, every device reset and FAILED sent.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn finish_session<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    header: StreamHeader,
+    loaded: Result<Vec<LoadReport>>,
+    completed: bool,
+    fence: &mut dyn Fence,
+    tx: &mut C,
+    rx: &mut impl Read,
+    obs: &dyn Observer,
+) -> Result<RecvOutcome> {
+    let session = header.session_id;
+    match loaded {
         Ok(reports) => {
-            let confirmed = match write_message(&mut tx, &Message::Resumed { session }, "resumed") {
+            let confirmed = match write_message(tx, &Message::Resumed { session }, "resumed") {
                 Ok(()) => true,
                 Err(e) => {
                     log::warn!(
@@ -358,15 +421,15 @@ pub fn receive_opened<C: Duplex>(
             })
         }
         Err(e) => {
-            if gate.completed {
-                if let Err(u) = gate.fence.undo_complete(&session) {
+            if completed {
+                if let Err(u) = fence.undo_complete(&session) {
                     log::warn!("withdraw the completion record: {u}");
                 }
             }
-            release(gate.fence, &session);
+            release(fence, &session);
             let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(reason_code(&e), Report(&e).to_string()));
-            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
+            send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e)
         }
     }

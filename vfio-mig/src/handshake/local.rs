@@ -2,7 +2,12 @@
 //! A migration between two devices of this host: [`send`] and [`receive`] in two threads
 //! over a socketpair, so a local migration runs exactly the code path of a remote one.
 
-use super::destination::{receive, RecvOutcome};
+use std::time::Instant;
+
+use super::channel::{receive, receive_channels};
+use super::channel_send::send_channels;
+use super::destination::{open_connection, open_session, Opened, RecvOutcome};
+use super::opened::ChannelOpening;
 use super::source::{send, SendOutcome};
 use crate::engine::session::new_header;
 use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
@@ -101,6 +106,83 @@ pub fn migrate_pairs(
         let loader = s.spawn(|| receive(&mut *dsts, to_src, fence, dst_obs));
         (saver.join(), loader.join())
     });
+    outcome(sent, received)
+}
+
+/// As [`migrate_pairs`], over `channels` socketpairs (see
+/// [`crate::handshake::send_channels`]): device `i` travels on channel `i mod n`.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_pairs_channels(
+    srcs: &mut [&mut dyn MigrationDevice],
+    dsts: &mut [&mut dyn MigrationDevice],
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    fence: &mut dyn Fence,
+    src_obs: &dyn Observer,
+    dst_obs: &dyn Observer,
+    channels: u16,
+) -> Result<Vec<MigrateReport>> {
+    if channels <= 1 {
+        return migrate_pairs(srcs, dsts, header, opts, fence, src_obs, dst_obs);
+    }
+    if srcs.len() != dsts.len() || srcs.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "{} source and {} destination devices: give them in pairs",
+            srcs.len(),
+            dsts.len()
+        )));
+    }
+    let pair = || Connection::pair().map_err(|e| Error::transport("create socketpair", e));
+    let (to_dst, to_src) = pair()?;
+    let mut src_ends = Vec::new();
+    let mut dst_ends = Vec::new();
+    for _ in 1..channels {
+        let (a, b) = pair()?;
+        src_ends.push(a);
+        dst_ends.push(b);
+    }
+    let (sent, received) = std::thread::scope(|s| {
+        let saver = s.spawn(|| {
+            let mut ends = src_ends.into_iter();
+            let mut connect = |_: u16| {
+                ends.next()
+                    .ok_or_else(|| Error::InvalidInput("no further socketpair".into()))
+            };
+            send_channels(
+                &mut *srcs,
+                to_dst,
+                header,
+                opts,
+                src_obs,
+                channels,
+                &mut connect,
+            )
+        });
+        let loader = s.spawn(|| {
+            let mut ends = dst_ends.into_iter();
+            let mut accept = |deadline: Instant| -> Result<ChannelOpening<Connection>> {
+                let conn = ends
+                    .next()
+                    .ok_or_else(|| Error::InvalidInput("no further socketpair".into()))?;
+                match open_connection(conn, Some(deadline))? {
+                    Opened::Channel(c) => Ok(c),
+                    Opened::Session(_) => Err(Error::protocol(
+                        "bind a channel",
+                        "a session opened where a CHANNEL was expected",
+                    )),
+                }
+            };
+            let opening = open_session(to_src, None)?;
+            receive_channels(&mut *dsts, opening, fence, dst_obs, channels, &mut accept)
+        });
+        (saver.join(), loader.join())
+    });
+    outcome(sent, received)
+}
+
+type Joined<T> = std::thread::Result<Result<T>>;
+
+fn outcome(sent: Joined<SendOutcome>, received: Joined<RecvOutcome>) -> Result<Vec<MigrateReport>> {
     let sent = sent.map_err(|_| Error::protocol("save", "the source thread panicked"))?;
     let received =
         received.map_err(|_| Error::protocol("load", "the destination thread panicked"))?;

@@ -19,8 +19,18 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_PAYLOAD_LEN: usize = 4 + MAX_REASON_LEN;
 /// HELLO feature bit: the source waits for SWITCHOVER_ACK after pre-copy.
 pub const FEATURE_SWITCHOVER_ACK: u32 = 1 << 0;
+/// HELLO feature bit: the source offers several channels; OFFER_CHANNELS follows HELLO.
+pub const FEATURE_CHANNELS: u32 = 1 << 1;
 /// Every HELLO feature bit this version knows.
-pub const KNOWN_FEATURES: u32 = FEATURE_SWITCHOVER_ACK;
+pub const KNOWN_FEATURES: u32 = FEATURE_SWITCHOVER_ACK | FEATURE_CHANNELS;
+/// Most channels (connections, the main one included) a session may use.
+pub const MAX_CHANNELS: u16 = 16;
+/// Length of the secret that binds a further connection to its session.
+pub const TOKEN_LEN: usize = 16;
+
+/// The secret a destination hands its source (in CHANNELS, over the main connection) and
+/// every further connection of the session presents (in CHANNEL).
+pub type ChannelToken = [u8; TOKEN_LEN];
 
 pub use crate::error::ReasonCode;
 pub use crate::stream::SessionId;
@@ -87,6 +97,32 @@ pub enum Message {
     },
     /// The destination failed after ACCEPT; its device was reset.
     Failed(Reason),
+    /// Source to destination, right after a HELLO with [`FEATURE_CHANNELS`]: how many
+    /// channels (connections, the main one included) the source would use.
+    OfferChannels {
+        /// 1 to [`MAX_CHANNELS`].
+        count: u16,
+    },
+    /// The destination's answer to OFFER_CHANNELS, after its checks and before ACCEPT: the
+    /// number of channels it takes and the token the further connections must present.
+    Channels {
+        /// The session.
+        session: SessionId,
+        /// 1 to the number offered.
+        count: u16,
+        /// The secret of [`Message::Channel`].
+        token: ChannelToken,
+    },
+    /// Source to destination, first on a further connection: binds it to a session as
+    /// channel `index`.
+    Channel {
+        /// The session.
+        session: SessionId,
+        /// 1 to the accepted count - 1 (channel 0 is the main connection).
+        index: u16,
+        /// The token of the session's CHANNELS.
+        token: ChannelToken,
+    },
 }
 
 impl Message {
@@ -102,6 +138,9 @@ impl Message {
             Message::Commit { .. } => 7,
             Message::Resumed { .. } => 8,
             Message::Failed(_) => 9,
+            Message::OfferChannels { .. } => 10,
+            Message::Channels { .. } => 11,
+            Message::Channel { .. } => 12,
         }
     }
 
@@ -114,8 +153,13 @@ impl Message {
             | Message::SwitchoverAck { session }
             | Message::Loaded { session }
             | Message::Commit { session }
-            | Message::Resumed { session } => Some(session),
-            Message::Hello { .. } | Message::Refuse(_) | Message::Failed(_) => None,
+            | Message::Resumed { session }
+            | Message::Channels { session, .. }
+            | Message::Channel { session, .. } => Some(session),
+            Message::Hello { .. }
+            | Message::Refuse(_)
+            | Message::Failed(_)
+            | Message::OfferChannels { .. } => None,
         }
     }
 
@@ -145,6 +189,25 @@ impl Message {
                 payload.extend_from_slice(&r.code.wire().to_le_bytes());
                 payload.extend_from_slice(&(text.len() as u16).to_le_bytes());
                 payload.extend_from_slice(text);
+            }
+            Message::OfferChannels { count } => {
+                payload.extend_from_slice(&count.to_le_bytes());
+                payload.extend_from_slice(&[0, 0]);
+            }
+            Message::Channels {
+                session,
+                count: n,
+                token,
+            }
+            | Message::Channel {
+                session,
+                index: n,
+                token,
+            } => {
+                payload.extend_from_slice(session);
+                payload.extend_from_slice(&n.to_le_bytes());
+                payload.extend_from_slice(&[0, 0]);
+                payload.extend_from_slice(token);
             }
         }
         let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
@@ -214,6 +277,9 @@ const fn kind_name(kind: u8) -> &'static str {
         7 => "COMMIT",
         8 => "RESUMED",
         9 => "FAILED",
+        10 => "OFFER_CHANNELS",
+        11 => "CHANNELS",
+        12 => "CHANNEL",
         _ => "unknown",
     }
 }
@@ -224,6 +290,8 @@ const fn payload_bounds(kind: u8) -> Option<(usize, usize)> {
         1 => Some((4, 4)),
         2 | 4..=8 => Some((16, 16)),
         3 | 9 => Some((4, MAX_PAYLOAD_LEN)),
+        10 => Some((4, 4)),
+        11 | 12 => Some((36, 36)),
         _ => None,
     }
 }
@@ -295,6 +363,48 @@ fn decode_payload(
         7 => Message::Commit { session: session() },
         8 => Message::Resumed { session: session() },
         9 => Message::Failed(reason()?),
+        10 => {
+            let count = u16::from_le_bytes([payload[0], payload[1]]);
+            if payload[2..4] != [0, 0] {
+                return Err("OFFER_CHANNELS with reserved bytes not 0".into());
+            }
+            if !(1..=MAX_CHANNELS).contains(&count) {
+                return Err(format!(
+                    "OFFER_CHANNELS of {count} channels (allowed 1..={MAX_CHANNELS})"
+                ));
+            }
+            Message::OfferChannels { count }
+        }
+        11 | 12 => {
+            let n = u16::from_le_bytes([payload[16], payload[17]]);
+            if payload[18..20] != [0, 0] {
+                return Err(format!("{} with reserved bytes not 0", kind_name(head[5])));
+            }
+            let mut token = [0u8; TOKEN_LEN];
+            token.copy_from_slice(&payload[20..36]);
+            let session = session();
+            if head[5] == 11 {
+                if !(1..=MAX_CHANNELS).contains(&n) {
+                    return Err(format!(
+                        "CHANNELS of {n} channels (allowed 1..={MAX_CHANNELS})"
+                    ));
+                }
+                Message::Channels {
+                    session,
+                    count: n,
+                    token,
+                }
+            } else {
+                if !(1..MAX_CHANNELS).contains(&n) {
+                    return Err(format!("CHANNEL index {n} (allowed 1..{MAX_CHANNELS})"));
+                }
+                Message::Channel {
+                    session,
+                    index: n,
+                    token,
+                }
+            }
+        }
         k => return Err(format!("unknown message kind {k}")),
     })
 }
@@ -372,6 +482,17 @@ mod tests {
             Message::Commit { session: S },
             Message::Resumed { session: S },
             Message::Failed(Reason::new(ReasonCode::Device, "")),
+            Message::OfferChannels { count: 4 },
+            Message::Channels {
+                session: S,
+                count: 2,
+                token: [9; 16],
+            },
+            Message::Channel {
+                session: S,
+                index: 1,
+                token: [9; 16],
+            },
         ]
     }
 
@@ -410,6 +531,79 @@ mod tests {
         assert_eq!(&refuse[16..], b"stale epoch 3 < 5");
     }
 
+    /// The channel messages of the documentation's example (docs/stream-format.md).
+    #[test]
+    fn channel_example_encoding() {
+        let session = *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff";
+        let token: ChannelToken = std::array::from_fn(|i| 0x10 + i as u8);
+        let hello = Message::Hello {
+            features: FEATURE_SWITCHOVER_ACK | FEATURE_CHANNELS,
+        }
+        .encode();
+        assert_eq!(
+            hello,
+            [0x56, 0x4d, 0x48, 0x53, 1, 1, 4, 0, 0x5a, 0xc1, 0x6f, 0xd8, 3, 0, 0, 0]
+        );
+        let offer = Message::OfferChannels { count: 4 }.encode();
+        assert_eq!(
+            offer,
+            [0x56, 0x4d, 0x48, 0x53, 1, 10, 4, 0, 0x9b, 0xf1, 0x47, 0x37, 4, 0, 0, 0]
+        );
+        let answer = Message::Channels {
+            session,
+            count: 2,
+            token,
+        }
+        .encode();
+        assert_eq!(
+            &answer[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 11, 36, 0, 0xd8, 0x9e, 0xb6, 0x57]
+        );
+        assert_eq!(&answer[12..28], &session);
+        assert_eq!(&answer[28..32], &[2, 0, 0, 0]);
+        assert_eq!(&answer[32..], &token);
+        let bind = Message::Channel {
+            session,
+            index: 1,
+            token,
+        }
+        .encode();
+        assert_eq!(
+            &bind[..12],
+            &[0x56, 0x4d, 0x48, 0x53, 1, 12, 36, 0, 0x65, 0x80, 0x88, 0xec]
+        );
+        assert_eq!(&bind[28..32], &[1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn channel_fields_are_checked() {
+        let frame = |kind: u8, payload: &[u8]| {
+            let mut out = MAGIC.to_vec();
+            out.extend_from_slice(&[VERSION, kind]);
+            out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
+            out.extend_from_slice(&crc.to_le_bytes());
+            out.extend_from_slice(payload);
+            out
+        };
+        let err = |kind, payload: &[u8]| {
+            Message::decode(&frame(kind, payload))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(10, &[0, 0, 0, 0]).contains("OFFER_CHANNELS of 0"));
+        assert!(err(10, &[17, 0, 0, 0]).contains("OFFER_CHANNELS of 17"));
+        assert!(err(10, &[2, 0, 1, 0]).contains("reserved"));
+        let mut p = vec![0u8; 36];
+        assert!(err(11, &p).contains("CHANNELS of 0"));
+        assert!(err(12, &p).contains("CHANNEL index 0"));
+        p[16] = 16;
+        assert!(err(12, &p).contains("CHANNEL index 16"));
+        p[16] = 1;
+        p[19] = 1;
+        assert!(err(12, &p).contains("reserved"));
+    }
+
     #[test]
     fn long_reasons_are_cut_at_a_char_boundary() {
         let text = "é".repeat(MAX_REASON_LEN);
@@ -430,7 +624,7 @@ mod tests {
         assert!(with(0, b'X').contains("bad magic"));
         assert!(with(4, 2).contains("unsupported handshake version 2"));
         assert!(with(5, 0).contains("unknown message kind 0"));
-        assert!(with(5, 10).contains("unknown message kind 10"));
+        assert!(with(5, 13).contains("unknown message kind 13"));
         assert!(with(6, 17).contains("ACCEPT with a payload of 17 bytes"));
         assert!(with(7, 0xff).contains("payload of"));
         assert!(with(20, 0).contains("CRC mismatch"));
@@ -476,7 +670,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_single_bit_flip_is_detected(which in 0usize..9, bit in 0usize..(8 * 40)) {
+        fn every_single_bit_flip_is_detected(which in 0usize..12, bit in 0usize..(8 * 48)) {
             let bytes = all()[which].encode();
             let bit = bit % (8 * bytes.len());
             let mut bad = bytes.clone();

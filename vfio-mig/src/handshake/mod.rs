@@ -29,17 +29,32 @@
 //! ALREADY_COMPLETED by a destination that resumed, and the source then exits successfully
 //! without resuming its device.
 //!
+//! Several channels ([`send_channels`], [`receive_channels`]): HELLO carries
+//! [`FEATURE_CHANNELS`] and OFFER_CHANNELS follows it; the destination answers CHANNELS (how
+//! many it takes, and a secret token) before ACCEPT; each further connection opens with
+//! CHANNEL (session, index, token) and carries the sub-stream of its devices; the barrier
+//! and the two-phase end stay on the main connection.
+//!
 //! The format is specified byte by byte in `docs/stream-format.md`, "Session handshake".
 
+mod channel;
+mod channel_send;
 mod destination;
 mod local;
 mod message;
+mod opened;
 mod source;
 
-pub use destination::{load_fenced, open_session, receive, receive_opened, Opening, RecvOutcome};
-pub use local::{migrate_local, migrate_pair, migrate_pairs, MigrateReport};
-pub use message::{
-    read_message, write_message, Message, Reason, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
-    FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC, MAX_PAYLOAD_LEN, MAX_REASON_LEN, VERSION,
+pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
+pub use channel_send::send_channels;
+pub use destination::{load_fenced, open_connection, open_session, Opened, Opening, RecvOutcome};
+pub use local::{
+    migrate_local, migrate_pair, migrate_pairs, migrate_pairs_channels, MigrateReport,
 };
+pub use message::{
+    read_message, write_message, ChannelToken, Message, Reason, ReasonCode, SessionId,
+    FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC,
+    MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
+};
+pub use opened::ChannelOpening;
 pub use source::{send, SendOutcome};

@@ -29,7 +29,7 @@ pub enum SendOutcome {
 /// destination said something. During the transfer the destination only speaks to fail
 /// (FAILED, or closing the connection), so the source stops at its next write instead of
 /// streaming the rest of the state into a destination that gave up.
-struct Watched<C: Duplex>(C);
+pub(super) struct Watched<C: Duplex>(pub(super) C);
 
 impl<C: Duplex> Watched<C> {
     fn check(&self) -> io::Result<()> {
@@ -59,7 +59,7 @@ impl<C: Duplex> Write for Watched<C> {
     }
 }
 
-fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
+pub(super) fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
     Error::protocol(
         step,
         format!("the destination sent {msg} where {wanted} was expected"),
@@ -69,7 +69,12 @@ fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
 /// Reads the destination's answer at `step`: `Ok(())` for a message of kind `wanted` (a
 /// [`Message::kind`]) with this session, a [`Error::PeerFailed`] for FAILED, a protocol error
 /// for anything else.
-fn expect(rx: &mut impl io::Read, session: &SessionId, wanted: u8, step: &str) -> Result<()> {
+pub(super) fn expect(
+    rx: &mut impl io::Read,
+    session: &SessionId,
+    wanted: u8,
+    step: &str,
+) -> Result<()> {
     let msg = read_message(rx, step)?;
     match &msg {
         m if m.kind() == wanted && m.session() == Some(session) => Ok(()),
@@ -87,7 +92,7 @@ fn expect(rx: &mut impl io::Read, session: &SessionId, wanted: u8, step: &str) -
 /// After a transport error, reads what the destination said, if it said anything: its
 /// FAILED reason explains the broken connection better than `EPIPE`; a closed connection is
 /// named as such, at the step that found it.
-fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
+pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
     let Error::Transport { step, .. } = &err else {
         return err;
     };
@@ -258,7 +263,7 @@ pub fn send<C: Duplex>(
     }
 }
 
-fn refused(msg: &Message) -> Result<SendOutcome> {
+pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
     match msg {
         Message::Refuse(r) => Err(Error::Refused {
             step: "handshake".into(),
@@ -269,7 +274,11 @@ fn refused(msg: &Message) -> Result<SendOutcome> {
     }
 }
 
-fn in_doubt(devs: &[&mut dyn MigrationDevice], session: &SessionId, what: String) -> Error {
+pub(super) fn in_doubt(
+    devs: &[&mut dyn MigrationDevice],
+    session: &SessionId,
+    what: String,
+) -> Error {
     let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
     let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
     Error::InDoubt {

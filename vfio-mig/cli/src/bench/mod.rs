@@ -15,6 +15,7 @@
 //! | `memory`   | 3      | peak RSS of save and load (child process) | reading the whole state first         |
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
 //! | `multi`    | 5      | 4 devices saved in parallel               | the same saved one after another      |
+//! | `channels` | #13: 2 | 4 devices as one unit over 4 TLS channels (loopback, CPU-bound stream) | the same over 1 TLS channel |
 //! | `rated`    | #13: 1, 2, 5 | bandwidth-modelled devices: 4 in parallel, one device, 4 as one unit's downtime | one after another; a raw loop at the rate; one device alone |
 //!
 //! Target 6 (per-transition overhead on mtty) runs in the QEMU guest:
@@ -22,6 +23,7 @@
 //!
 //! Speed is never asserted by a test: these are measurements.
 
+pub mod channels;
 pub mod downtime;
 pub mod io;
 pub mod memory;
@@ -65,6 +67,8 @@ pub struct Config {
     pub rated_rate: u64,
     /// State per bandwidth-modelled device (`rated` suite).
     pub rated_size: u64,
+    /// State per device of the channels suite.
+    pub channels_size: u64,
     /// The `vfio-mig` executable, for the memory figures' child processes.
     pub exe: Option<PathBuf>,
 }
@@ -84,6 +88,7 @@ impl Default for Config {
             multi_size: 256 << 20,
             rated_rate: 300 << 20,
             rated_size: 128 << 20,
+            channels_size: 128 << 20,
             exe: std::env::current_exe().ok(),
         }
     }
@@ -101,7 +106,9 @@ pub fn default_file_dir() -> PathBuf {
 }
 
 /// The suites.
-pub const SUITES: [&str; 6] = ["v2", "v1", "memory", "downtime", "multi", "rated"];
+pub const SUITES: [&str; 7] = [
+    "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+];
 
 /// Runs the named suites (any of [`SUITES`]) and returns the report.
 pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
@@ -125,6 +132,7 @@ pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
             "downtime" => downtime::figures(cfg)?,
             "multi" => multi::figures(cfg)?,
             "rated" => rated::figures(cfg)?,
+            "channels" => channels::figures(cfg)?,
             other => {
                 return Err(vfio_mig::Error::InvalidInput(format!(
                     "unknown bench suite `{other}` (known: {})",

@@ -13,7 +13,8 @@ use vfio_mig_mock::spec::parse_size;
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Suites to run, comma separated: v2, v1, memory, downtime, multi, rated (default: all).
+    /// Suites to run, comma separated: v2, v1, memory, downtime, multi, rated,
+    /// channels (default: all).
     #[arg(long, value_delimiter = ',', value_name = "SUITE")]
     pub suite: Vec<String>,
     /// Device state per data-path run (v2, v1 suites).
@@ -52,6 +53,9 @@ pub struct BenchArgs {
     /// State per bandwidth-modelled device of the rated suite.
     #[arg(long, default_value = "128M", value_parser = size_arg)]
     pub rated_size: u64,
+    /// State per device of the channels suite (4 devices over 1 and 4 TLS channels).
+    #[arg(long, default_value = "128M", value_parser = size_arg)]
+    pub channels_size: u64,
     /// Small sizes and 3 repetitions: a smoke run of every suite in about a minute.
     #[arg(long)]
     pub quick: bool,
@@ -88,6 +92,7 @@ impl BenchArgs {
             multi_size: self.multi_size,
             rated_rate: self.rated_rate,
             rated_size: self.rated_size,
+            channels_size: self.channels_size,
             ..Config::default()
         };
         if self.quick {
@@ -99,6 +104,7 @@ impl BenchArgs {
             cfg.dirty_rates = vec![0, 128 << 20];
             cfg.multi_size = 32 << 20;
             cfg.rated_size = 32 << 20;
+            cfg.channels_size = 32 << 20;
         }
         cfg
     }

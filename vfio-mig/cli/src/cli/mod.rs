@@ -98,6 +98,10 @@ pub enum Command {
         /// migrate as one unit (all quiesced before any stops; one failing rolls all back).
         #[arg(required = true, num_args = 2.., value_names = ["SRC", "DST"])]
         devices: Vec<String>,
+        /// Channels (socketpairs) of the unit; device i travels on channel i mod N.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=16))]
+        channels: u16,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -301,7 +305,11 @@ pub fn run(cli: Cli) -> Result<()> {
             key_file,
             json,
         } => transfer::load_keyed(&device, &input, key_file.as_deref(), json, &fence),
-        Command::Migrate { devices, transfer } => transfer::migrate(&devices, &transfer, &fence),
+        Command::Migrate {
+            devices,
+            channels,
+            transfer,
+        } => transfer::migrate(&devices, channels, &transfer, &fence),
         Command::Send {
             devices,
             to,
@@ -338,7 +346,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 json: false,
                 epoch: None,
             };
-            transfer::migrate(&[dev.clone(), dev], &args, &fence)
+            transfer::migrate(&[dev.clone(), dev], 1, &args, &fence)
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct NetArgs {
     /// header), however the peer spaces its bytes.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = super::parse_secs)]
     pub handshake_timeout: f64,
+    /// Channels (connections) of the session. `send`: how many to offer (default 1: one
+    /// connection); device i travels on channel i mod N. `recv`: the most it takes (default
+    /// 16, and never more than its devices); the session uses the smaller of the two.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub channels: Option<u16>,
     /// TLS and authorization.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -110,17 +115,23 @@ pub fn send(
     let hex = session_hex(&header.session_id);
     // Printed before anything can fail half-way: a killed send leaves the id to retry with.
     eprintln!("vfio-mig: send: session {hex}, epoch {epoch}, to {to}");
-    let mut conn = match &tls {
-        Some(tls) => transport::connect_tls(
-            to,
-            secs(net.connect_timeout),
-            tls,
-            secs(net.handshake_timeout),
-        )?,
-        None => transport::connect(to, secs(net.connect_timeout))?,
+    // Every channel is opened the same way: TLS identities are verified for each exactly as
+    // for the first.
+    let open = || -> Result<transport::Connection> {
+        let mut conn = match &tls {
+            Some(tls) => transport::connect_tls(
+                to,
+                secs(net.connect_timeout),
+                tls,
+                secs(net.handshake_timeout),
+            )?,
+            None => transport::connect(to, secs(net.connect_timeout))?,
+        };
+        conn.set_timeout(Some(secs(net.timeout)))
+            .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
+        Ok(conn)
     };
-    conn.set_timeout(Some(secs(net.timeout)))
-        .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
+    let conn = open()?;
     if let Some(s) = conn.tls_session() {
         tracing::info!(
             "TLS to {to}: {} ({})",
@@ -137,7 +148,10 @@ pub fn send(
     });
     let view = ProgressView::new("send", None, args.json);
     let started = Instant::now();
-    let result = handshake::send(&mut devs, conn, &header, &opts, &view);
+    let offer = net.channels.unwrap_or(1);
+    let mut connect = |_: u16| open();
+    let result =
+        handshake::send_channels(&mut devs, conn, &header, &opts, &view, offer, &mut connect);
     view.finish();
     fence.end_source(handoff, &result);
     let (outcome, reports) = match result? {
@@ -230,7 +244,8 @@ pub fn recv(
         timeout: secs(net.timeout),
     };
     let slot = serve::Slot::default();
-    let (wake, events) = serve::start(listener, admission, slot.clone());
+    let (wake, events, channels) = serve::start(listener, admission, slot.clone());
+    let max_channels = net.channels.unwrap_or(handshake::MAX_CHANNELS);
     let _wake = signals::on_cancel(move || {
         let _ = wake.send(Event::Cancelled);
     });
@@ -270,7 +285,27 @@ pub fn recv(
         });
         let view = ProgressView::new("recv", None, json);
         let started = Instant::now();
-        let result = handshake::receive_opened(&mut devs, opening, fencing.as_mut(), &view);
+        let result = if opening.offered_channels() > 1 {
+            let mut accept = |deadline: Instant| {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                channels.recv_timeout(wait).map_err(|_| {
+                    Error::transport(
+                        "accept a channel",
+                        std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    )
+                })
+            };
+            handshake::receive_channels(
+                &mut devs,
+                opening,
+                fencing.as_mut(),
+                &view,
+                max_channels,
+                &mut accept,
+            )
+        } else {
+            handshake::receive_opened(&mut devs, opening, fencing.as_mut(), &view)
+        };
         view.finish();
         drop(hook);
         slot.release();

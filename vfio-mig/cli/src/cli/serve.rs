@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use vfio_mig::error::{Error, ReasonCode};
-use vfio_mig::handshake::{open_session, Opening};
+use vfio_mig::handshake::{open_connection, ChannelOpening, Opened, Opening};
 use vfio_mig::transport::tls::{AuthorizationPolicy, ServerConfig};
 use vfio_mig::transport::{accept_tls, Connection, Listener};
 
@@ -65,14 +65,23 @@ impl Slot {
     }
 }
 
+/// A further connection of a session (CHANNEL), admitted like a session's (TLS, policy); the
+/// running session checks its binding.
+pub type Channel = ChannelOpening<Connection>;
+
 /// Starts accepting on `listener`: events arrive on the returned channel (its sender is also
-/// given back, for the signal hook).
+/// given back, for the signal hook); further channels of sessions on the third.
 pub fn start(
     listener: Listener,
     admission: Admission,
     slot: Slot,
-) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
+) -> (
+    mpsc::Sender<Event>,
+    mpsc::Receiver<Event>,
+    mpsc::Receiver<Channel>,
+) {
     let (tx, rx) = mpsc::channel();
+    let (channel_tx, channel_rx) = mpsc::channel();
     let events = tx.clone();
     let admission = Arc::new(admission);
     let opening = Arc::new(AtomicUsize::new(0));
@@ -94,24 +103,32 @@ pub fn start(
             );
             continue;
         }
-        let (admission, slot, events, opening) = (
+        let (admission, slot, events, opening, channels) = (
             admission.clone(),
             slot.clone(),
             events.clone(),
             opening.clone(),
+            channel_tx.clone(),
         );
         std::thread::spawn(move || {
             let peer = conn.peer().to_owned();
-            if let Some(incoming) = admit(conn, &admission, &slot) {
-                if events.send(Event::Session(Box::new(incoming))).is_err() {
-                    slot.release();
+            let handed = match admit(conn, &admission, &slot) {
+                Some(Admitted::Session(incoming)) => events.send(Event::Session(incoming)).is_ok(),
+                Some(Admitted::Channel(c)) => {
+                    // Nobody waits once recv ended: the connection just closes.
+                    let _ = channels.send(*c);
+                    true
                 }
+                None => true,
+            };
+            if !handed {
+                slot.release();
             }
             opening.fetch_sub(1, Ordering::SeqCst);
             log::debug!("opening of {peer} done");
         });
     });
-    (tx, rx)
+    (tx, rx, channel_rx)
 }
 
 /// Whether `e` is a connection closed before its first byte (a probe, a port scan).
@@ -121,8 +138,15 @@ fn closed_early(e: &Error) -> bool {
             && source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
-/// Opens one connection; `Some` when it is a session this destination runs now.
-fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Incoming> {
+/// What an admitted connection is.
+enum Admitted {
+    Session(Box<Incoming>),
+    Channel(Box<Channel>),
+}
+
+/// Opens one connection; `Some` when it is a session this destination runs now, or a
+/// further channel (TLS identities checked exactly as a session's).
+fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Admitted> {
     let peer = conn.peer().to_owned();
     let deadline = Instant::now() + admission.handshake;
     if let Err(e) = conn.set_timeout(Some(admission.timeout)) {
@@ -145,8 +169,27 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Inc
             identity = Some(session.peer_identities().to_string());
         }
     }
-    let opening = match open_session(conn, Some(deadline)) {
-        Ok(o) => o,
+    let opening = match open_connection(conn, Some(deadline)) {
+        Ok(Opened::Session(o)) => o,
+        Ok(Opened::Channel(c)) => {
+            if let Some((_, policy)) = &admission.tls {
+                let ids = c
+                    .connection()
+                    .tls_session()
+                    .map(|s| s.peer_identities().clone())
+                    .unwrap_or_default();
+                let keys = admission.device_keys.iter().map(String::as_str);
+                if let Err(e) = policy.check_all(keys, &ids) {
+                    let e = c.refuse(e.to_string(), TURN_AWAY_DRAIN);
+                    eprintln!(
+                        "vfio-mig: warning: channel from {peer} refused: {}",
+                        vfio_mig::error::Report(&e)
+                    );
+                    return None;
+                }
+            }
+            return Some(Admitted::Channel(Box::new(c)));
+        }
         Err(e) if closed_early(&e) => {
             log::info!("{peer} connected and closed without a session: ignored");
             return None;
@@ -183,11 +226,11 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Inc
         );
         return None;
     }
-    Some(Incoming {
+    Some(Admitted::Session(Box::new(Incoming {
         opening,
         peer,
         identity,
-    })
+    })))
 }
 
 fn opening_identities(opening: &Opening<Connection>) -> vfio_mig::transport::tls::PeerIdentities {

@@ -14,7 +14,7 @@ use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
 use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::session_hex;
-use vfio_mig::handshake::{load_fenced, migrate_pairs, RecvOutcome};
+use vfio_mig::handshake::{load_fenced, migrate_pairs_channels, RecvOutcome};
 use vfio_mig::stream::{StreamHeader, StreamKey, StreamReader, StreamWriter};
 use vfio_mig::OpenedDevice;
 
@@ -244,7 +244,12 @@ pub(crate) fn drivers<'a>(
 }
 
 /// Runs `migrate SRC DST [SRC DST ...]`.
-pub fn migrate(devices: &[String], args: &TransferArgs, fence: &Fencing) -> Result<()> {
+pub fn migrate(
+    devices: &[String],
+    channels: u16,
+    args: &TransferArgs,
+    fence: &Fencing,
+) -> Result<()> {
     if devices.len() % 2 != 0 {
         return Err(Error::InvalidInput(format!(
             "migrate: devices come in SRC DST pairs, {} were given",
@@ -272,7 +277,7 @@ pub fn migrate(devices: &[String], args: &TransferArgs, fence: &Fencing) -> Resu
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
     let started = Instant::now();
-    let result = migrate_pairs(
+    let result = migrate_pairs_channels(
         &mut src_devs,
         &mut dst_devs,
         &header,
@@ -280,6 +285,7 @@ pub fn migrate(devices: &[String], args: &TransferArgs, fence: &Fencing) -> Resu
         fences.as_mut(),
         &src_view,
         &dst_view,
+        channels,
     );
     src_view.finish();
     dst_view.finish();

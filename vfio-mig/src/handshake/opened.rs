@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What the destination needs before it knows what a connection is for: the final
+//! REFUSE/FAILED with its bounded drain, and a further channel's opening (CHANNEL read, not
+//! yet checked).
+
+use std::io::{BufReader, Read};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use super::message::{write_message, ChannelToken, Message, Reason, ReasonCode, SessionId};
+use crate::error::Report;
+use crate::error::{Error, Result};
+use crate::transport::{Duplex, SOCKET_BUFFER};
+
+/// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
+/// still sends until it closes (at most `drain`).
+pub(super) fn send_final<C: Duplex>(
+    tx: &mut C,
+    rx: &mut impl Read,
+    msg: &Message,
+    drain: Duration,
+) {
+    if let Err(e) = write_message(tx, msg, "end the session") {
+        log::debug!("{}", Report(&e));
+        return;
+    }
+    let _ = tx.shutdown(Shutdown::Write);
+    let started = Instant::now();
+    let mut sink = vec![0u8; SOCKET_BUFFER];
+    while started.elapsed() < drain {
+        match rx.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A further connection that opened with CHANNEL: its claimed session, index and token, not
+/// yet checked. Read by [`super::open_connection`].
+pub struct ChannelOpening<C: Duplex> {
+    pub(super) tx: C,
+    pub(super) rx: BufReader<C>,
+    pub(super) session: SessionId,
+    pub(super) index: u16,
+    pub(super) token: ChannelToken,
+}
+
+impl<C: Duplex> std::fmt::Debug for ChannelOpening<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("ChannelOpening")
+            .field("session", &self.session)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Duplex> ChannelOpening<C> {
+    /// The session the connection claims to belong to.
+    pub fn session(&self) -> &SessionId {
+        &self.session
+    }
+
+    /// The channel index it claims.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The connection (its peer, its TLS identities).
+    pub fn connection(&self) -> &C {
+        &self.tx
+    }
+
+    /// Turns the connection away: REFUSE(unauthorized) with `detail`, then the connection
+    /// ends (what it still sends is dropped for at most `drain`).
+    pub fn refuse(mut self, detail: String, drain: Duration) -> Error {
+        let code = ReasonCode::Unauthorized;
+        let msg = Message::Refuse(Reason::new(code, detail.clone()));
+        // A silent intruder must not hold the drain (nor the session waiting on it).
+        if let Err(e) = self.rx.get_mut().set_deadline(Some(Instant::now() + drain)) {
+            log::debug!("set the drain deadline: {e}");
+        }
+        send_final(&mut self.tx, &mut self.rx, &msg, drain);
+        Error::Refused {
+            step: "bind a channel".into(),
+            code,
+            detail,
+        }
+    }
+}
+
+/// The channel opening of a connection whose CHANNEL message `open_connection` read; clears
+/// the opening deadline if one was set (the sub-stream's reads wait with the idle timeout).
+pub(super) fn channel_opened<C: Duplex>(
+    tx: C,
+    mut rx: BufReader<C>,
+    session: SessionId,
+    index: u16,
+    token: ChannelToken,
+    had_deadline: bool,
+) -> Result<ChannelOpening<C>> {
+    if had_deadline {
+        rx.get_mut()
+            .set_deadline(None)
+            .map_err(|e| Error::transport("clear the handshake deadline", e))?;
+    }
+    Ok(ChannelOpening {
+        tx,
+        rx,
+        session,
+        index,
+        token,
+    })
+}
