@@ -25,7 +25,7 @@ use vfio_mig::error::{Error, Result};
 use vfio_mig::fence::MemoryFence;
 use vfio_mig::handshake::{self, ChannelOpening, Opened};
 use vfio_mig::transport::tls::{ServerConfig, TlsConfig};
-use vfio_mig::transport::{accept_tls, connect_tls, Address, ClientTls, Connection};
+use vfio_mig::transport::{accept_tls, connect, connect_tls, Address, ClientTls, Connection};
 use vfio_mig::v2::V2Device;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
@@ -97,13 +97,24 @@ fn pki(dir: &Path) -> Result<(Arc<ServerConfig>, ClientTls)> {
 }
 
 fn open(size: u64, seed: usize) -> Result<Box<dyn MigrationDevice>> {
-    let spec: MockSpec = format!(
+    open_spec(&format!(
         "mock:v2,size={},seed={seed},content=fast",
         format_size(size)
-    )
-    .parse()?;
+    ))
+}
+
+fn open_spec(spec: &str) -> Result<Box<dyn MigrationDevice>> {
+    let spec: MockSpec = spec.parse()?;
     let (io, _handle) = vfio_mig_mock::open(&spec).map_err(|e| Error::device("mock", e))?;
     Ok(Box::new(V2Device::open(io)?))
+}
+
+/// How the channels of a measured migration are carried.
+enum Link<'a> {
+    /// Mutual TLS 1.3 over TCP loopback.
+    Tls(&'a Arc<ServerConfig>, &'a ClientTls),
+    /// Plain TCP loopback (a device-bound figure, where the link is not what is measured).
+    Plain,
 }
 
 /// CPU seconds (user + system) this process used so far.
@@ -129,18 +140,31 @@ fn migrate(
     server: &Arc<ServerConfig>,
     client: &ClientTls,
 ) -> Result<(f64, f64)> {
-    let mut srcs = (0..DEVICES)
+    let srcs = (0..DEVICES)
         .map(|i| open(size, i))
         .collect::<Result<Vec<_>>>()?;
-    let mut dsts = (0..DEVICES)
+    let dsts = (0..DEVICES)
         .map(|i| open(size, i))
         .collect::<Result<Vec<_>>>()?;
+    migrate_unit(srcs, dsts, channels, &Link::Tls(server, client))
+}
+
+/// One migration of the unit `srcs` into `dsts` over `channels` channels of `link`.
+fn migrate_unit(
+    mut srcs: Vec<Box<dyn MigrationDevice>>,
+    mut dsts: Vec<Box<dyn MigrationDevice>>,
+    channels: u16,
+    link: &Link<'_>,
+) -> Result<(f64, f64)> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| bench_err("bind", e))?;
     let addr = Address::from(listener.local_addr().map_err(|e| bench_err("addr", e))?);
     let accept_one = |deadline: Option<Instant>| -> Result<Opened<Connection>> {
         let (sock, _) = listener.accept().map_err(|e| bench_err("accept", e))?;
         let conn = Connection::tcp(sock).map_err(|e| bench_err("tcp", e))?;
-        let conn = accept_tls(conn, server.clone(), WAIT)?;
+        let conn = match link {
+            Link::Tls(server, _) => accept_tls(conn, (*server).clone(), WAIT)?,
+            Link::Plain => conn,
+        };
         handshake::open_connection(conn, deadline)
     };
     let cpu = cpu_seconds();
@@ -174,7 +198,10 @@ fn migrate(
         let mut s: Vec<&mut dyn MigrationDevice> =
             srcs.iter_mut().map(|x| x.as_mut() as _).collect();
         let header = new_header(&s.iter().map(|d| &**d).collect::<Vec<_>>(), false, 1)?;
-        let mut connect = |_: u16| connect_tls(&addr, WAIT, client, WAIT);
+        let mut connect = |_: u16| match link {
+            Link::Tls(_, client) => connect_tls(&addr, WAIT, client, WAIT),
+            Link::Plain => connect(&addr, WAIT),
+        };
         let conn = connect(0)?;
         let sent = handshake::send_channels(
             &mut s,
@@ -244,5 +271,90 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         format_size(size)
     ));
     eprintln!("bench: {}", super::v2path::summary(&f));
-    Ok(vec![f])
+    let mut figures = vec![f];
+    figures.extend(rated_figures(cfg)?);
+    Ok(figures)
+}
+
+/// Device rates of the rated channel figures (bytes per second): the rated suite's 300 MB/s,
+/// and half of it, where the 4 devices' sum (600 MB/s through both ends of the session in
+/// this process) leaves the 2 CPUs of a small machine some room.
+const RATED_RATES: [u64; 2] = [300_000_000, 150_000_000];
+
+/// Issue 13 target 1 over channels: 4 bandwidth-modelled devices (300 MB/s each,
+/// `content=fast`) saved as one unit over 4 plain TCP channels, and over 1, against the same
+/// 4 devices migrated one after another; the whole session each time (the destination loads
+/// and verifies every page).
+fn rated_figures(cfg: &Config) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    for rate in RATED_RATES {
+        out.extend(rated_figures_at(cfg, rate)?);
+    }
+    Ok(out)
+}
+
+fn rated_figures_at(cfg: &Config, rate: u64) -> Result<Vec<Figure>> {
+    let size = (cfg.channels_size / 2).max(1 << 20);
+    let spec = |i: usize| {
+        format!(
+            "mock:v2,size={},seed={i},content=fast,rate={rate}",
+            format_size(size)
+        )
+    };
+    let unit = |channels: u16| -> Result<f64> {
+        let srcs = (0..DEVICES)
+            .map(|i| open_spec(&spec(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let dsts = (0..DEVICES)
+            .map(|i| open_spec(&spec(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(migrate_unit(srcs, dsts, channels, &Link::Plain)?.0)
+    };
+    let load_before = loadavg();
+    let mut sequential = || -> Result<f64> {
+        let mut total = 0.0;
+        for i in 0..DEVICES {
+            let (wall, _) = migrate_unit(
+                vec![open_spec(&spec(i))?],
+                vec![open_spec(&spec(i))?],
+                1,
+                &Link::Plain,
+            )?;
+            total += wall;
+        }
+        Ok(total)
+    };
+    let mut four = || unit(CHANNELS);
+    let mut one = || unit(1);
+    let series = run_rotating(
+        cfg.reps,
+        cfg.warmup,
+        &mut [&mut sequential, &mut four, &mut one],
+    )?;
+    let load_after = loadavg();
+    let note = format!(
+        "{DEVICES} x mock:v2 of {} at {} MB/s each (content=fast), plain TCP loopback, the whole \
+         session; ratio = one-after-another time / unit time (ideal {DEVICES}); load average \
+         {load_before} before, {load_after} after",
+        format_size(size),
+        rate / 1_000_000
+    );
+    let mut out = Vec::new();
+    for (index, channels) in [(1, CHANNELS), (2, 1)] {
+        let f = Figure::from_paired(
+            format!("channels.rated{}.x{DEVICES}.c{channels}", rate / 1_000_000),
+            13,
+            "4 rated devices as one unit vs one after another",
+            format!("one unit, {channels} channel(s)"),
+            "one after another",
+            "s",
+            &Paired::from_series(&series, 0, index),
+            true,
+            Some(Target::at_least(3.6)),
+        )
+        .note(note.clone());
+        eprintln!("bench: {}", super::v2path::summary(&f));
+        out.push(f);
+    }
+    Ok(out)
 }
