@@ -46,7 +46,7 @@ pub fn receive<C: Duplex>(
 /// Runs an opened session into `devs`.
 ///
 /// Checks, before the device is touched: one device in the stream per device given, known
-/// features, the device's protocol and model ([`check_compatible`]), and the fencing state
+/// features, the device's protocol and model ([`check_compatible`](crate::engine::check_compatible)), and the fencing state
 /// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
 /// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
 /// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.

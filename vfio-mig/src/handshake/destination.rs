@@ -126,7 +126,7 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
 }
 
 /// What a source opened a session with: its HELLO and stream header, read and decoded, the
-/// device not yet touched. Made by [`open_session`]; ended by [`receive_opened`] (the
+/// device not yet touched. Made by [`open_session`]; ended by [`receive_opened`](super::receive_opened) (the
 /// session) or [`Opening::refuse`] (turned away: busy, not authorized).
 pub struct Opening<C: Duplex> {
     pub(super) tx: C,
@@ -205,7 +205,7 @@ pub enum Opened<C: Duplex> {
 }
 
 /// As [`open_session`], but a connection that starts with CHANNEL is returned as such
-/// (its binding not yet checked: [`receive_channels`] does that).
+/// (its binding not yet checked: [`receive_channels`](super::receive_channels) does that).
 pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Opened<C>> {
     let mut tx = conn
         .try_clone()
@@ -455,7 +455,7 @@ impl LoadGate for FileGate<'_> {
 }
 
 /// Loads a stream with no control channel (a file) into `dev` under `fence`, with the same
-/// checks and records as [`receive`]: a completed session is not loaded again
+/// checks and records as [`receive`](super::receive): a completed session is not loaded again
 /// ([`RecvOutcome::AlreadyCompleted`]), a stale epoch is refused; on failure the device is
 /// reset.
 pub fn load_fenced<R: Read>(
