@@ -511,3 +511,48 @@ fn netns_pair_is_removed_on_drop() {
         );
     }
 }
+
+/// The destination decides on its own devices (QEMU refuses a unit without P2P on either
+/// side): `recv` of two devices without P2P (flags 0x5, hisi-like) is refused at once, before
+/// it listens, whatever a source would opt in to; with its own `--allow-non-p2p-unit` (and the
+/// source's) the unit migrates. Under `timeout`, so that a recv that listens anyway fails the
+/// test instead of hanging it.
+#[test]
+fn recv_refuses_a_unit_without_p2p_unless_it_opts_in_itself() {
+    let dirs = Dirs::new();
+    let devs = [
+        "mock:v2,size=1M,seed=1,flags=0x5",
+        "mock:v2,size=1M,seed=2,flags=0x5",
+    ];
+    let listen = format!("unix:{}", dirs.path("s").display());
+    let o = dirs
+        .cmd(&["timeout", "20"])
+        .arg(BIN)
+        .args(["recv", devs[0], devs[1], "--listen", &listen, "--once"])
+        .output()
+        .expect("run recv");
+    assert_clean_failure(o.status, &stderr(&o), "P2P");
+    let recv = Recv::start(
+        &dirs,
+        &[],
+        &[
+            devs[0],
+            devs[1],
+            "--listen",
+            &listen,
+            "--once",
+            "--allow-non-p2p-unit",
+        ],
+    );
+    let o = dirs.run(&[
+        "send",
+        devs[0],
+        devs[1],
+        "--to",
+        &recv.addr,
+        "--allow-non-p2p-unit",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, _, err) = recv.wait();
+    assert!(status.success(), "{err}");
+}

@@ -138,6 +138,12 @@ pub enum Command {
         /// not TLS, not authorized, turned away as busy) do not count.
         #[arg(long)]
         once: bool,
+        /// Several devices: receive them as one unit even if some lack the P2P states. This
+        /// destination's own decision, whatever the source opted in to: refused by default, as
+        /// in QEMU, since such a device cannot wait quiesced and may run (and do DMA) before a
+        /// peer is loaded.
+        #[arg(long)]
+        allow_non_p2p_unit: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -321,9 +327,17 @@ pub fn run(cli: Cli) -> Result<()> {
             devices,
             listen,
             once,
+            allow_non_p2p_unit,
             json,
             net,
-        } => net::recv(&devices, &listen, once, json, &net, &fence),
+        } => {
+            let opts = net::RecvOptions {
+                once,
+                json,
+                allow_non_p2p_unit,
+            };
+            net::recv(&devices, &listen, &opts, &net, &fence)
+        }
         Command::Inspect {
             file,
             key_file,

@@ -198,6 +198,16 @@ impl Drop for SocketFile {
     }
 }
 
+/// What `recv` does beyond where it listens.
+pub struct RecvOptions {
+    /// End after the first session.
+    pub once: bool,
+    /// Print the report as JSON.
+    pub json: bool,
+    /// Accept a unit whose devices do not all have the P2P states.
+    pub allow_non_p2p_unit: bool,
+}
+
 /// Runs `recv DEVICE... --listen ADDR`: serves connections until one session completes
 /// (with `once`, until one session ends, whatever its outcome). Connections that are not a
 /// session (closed early, not the protocol, not TLS, not authorized, too slow) and sessions
@@ -205,11 +215,11 @@ impl Drop for SocketFile {
 pub fn recv(
     devices: &[String],
     listen: &Address,
-    once: bool,
-    json: bool,
+    opts: &RecvOptions,
     net: &NetArgs,
     fence: &Fencing,
 ) -> Result<()> {
+    let (once, json) = (opts.once, opts.json);
     if let Address::File(path) = listen {
         let [device] = devices else {
             return Err(Error::InvalidInput(
@@ -227,6 +237,9 @@ pub fn recv(
     let tls = net.tls.server(listen, &device_keys)?;
     let mut fencing = fence.destination(&claims)?;
     let mut devs = drivers(&mut opened);
+    // The destination decides on its own devices: a unit without P2P is this host's risk too
+    // (a device that cannot wait quiesced may run before its peers are loaded).
+    vfio_mig::engine::multi::check_unit(&devs, opts.allow_non_p2p_unit)?;
     let names = devices.join(" ");
     let listener = transport::listen(listen)?;
     let bound = listener.local_address()?;
