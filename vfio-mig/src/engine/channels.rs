@@ -20,7 +20,7 @@ use crate::stream::{Phase, Record, StreamHeader, StreamReader};
 use super::events::Observer;
 use super::gate::LoadGate;
 use super::loader::{check_compatible, DeviceLoader, LoadReport};
-use super::multi::{quiesce_all, SharedWriter};
+use super::multi::{each_with_report, quiesce_all, SharedWriter};
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
 use super::MigrationDevice;
 
@@ -80,41 +80,18 @@ fn on_channels<W: Write + Send>(
     phase: impl Fn(&mut dyn MigrationDevice, &mut dyn RecordSink, u16, &mut SaveReport) -> Result<()>
         + Sync,
 ) -> Result<()> {
-    let phase = &phase;
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let threads: Vec<_> = devs
-            .iter_mut()
-            .zip(reports.iter_mut())
-            .enumerate()
-            .map(|(i, (dev, report))| {
-                let (ch, local) = channel_of(i, writers.len());
-                let writer = &writers[ch];
-                s.spawn(move || {
-                    let mut sink = ChannelSink { writer, local };
-                    let r = phase(&mut **dev, &mut sink, i as u16, report);
-                    if r.is_err() {
-                        writers.iter().for_each(SharedWriter::fail);
-                    }
-                    r
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(Error::protocol("save", "a device thread panicked")))
-            })
-            .collect()
-    });
-    let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
-    match errors
-        .iter()
-        .position(|e| !matches!(e, Error::SiblingFailed))
-    {
-        Some(i) => Err(errors.swap_remove(i)),
-        None => errors.into_iter().next().map_or(Ok(()), Err),
-    }
+    each_with_report(devs, reports, |i, dev, report| {
+        let (ch, local) = channel_of(i, writers.len());
+        let mut sink = ChannelSink {
+            writer: &writers[ch],
+            local,
+        };
+        let r = phase(dev, &mut sink, i as u16, report);
+        if r.is_err() {
+            writers.iter().for_each(SharedWriter::fail);
+        }
+        r
+    })
 }
 
 /// Pre-copy on every device in parallel over the channels (one writer per channel, in

@@ -123,22 +123,31 @@ fn in_parallel<W: Write + Send>(
         let mut sink = out;
         return phase(&mut *devs[0], &mut sink, 0, &mut reports[0]);
     }
-    let phase = &phase;
+    each_with_report(devs, reports, |i, dev, report| {
+        let mut sink = out;
+        let r = phase(dev, &mut sink, i as u16, report);
+        if r.is_err() {
+            out.fail();
+        }
+        r
+    })
+}
+
+/// Runs `task(i, device, report)` for every device on a thread of its own and returns, after
+/// every thread ended, the first real failure: not the [`Error::SiblingFailed`] of the
+/// devices that failure stopped.
+pub(crate) fn each_with_report(
+    devs: &mut [&mut dyn MigrationDevice],
+    reports: &mut [SaveReport],
+    task: impl Fn(usize, &mut dyn MigrationDevice, &mut SaveReport) -> Result<()> + Sync,
+) -> Result<()> {
+    let task = &task;
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let threads: Vec<_> = devs
             .iter_mut()
             .zip(reports.iter_mut())
             .enumerate()
-            .map(|(i, (dev, report))| {
-                s.spawn(move || {
-                    let mut sink = out;
-                    let r = phase(&mut **dev, &mut sink, i as u16, report);
-                    if r.is_err() {
-                        out.fail();
-                    }
-                    r
-                })
-            })
+            .map(|(i, (dev, report))| s.spawn(move || task(i, &mut **dev, report)))
             .collect();
         threads
             .into_iter()
@@ -148,7 +157,6 @@ fn in_parallel<W: Write + Send>(
             })
             .collect()
     });
-    // The first real failure, not the SiblingFailed of the devices it stopped.
     let mut errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
     match errors
         .iter()
