@@ -14,11 +14,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::message::{
     read_message, write_message, Message, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
 };
-use super::source::{expect, explain, in_doubt, refused, send, unexpected, SendOutcome, Watched};
+use super::source::{commit, expect, explain, refused, send, unexpected, SendOutcome, Watched};
 use crate::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
-use crate::engine::multi::{check_unit, finish_handoff_all, rollback_sources, SharedWriter};
+use crate::engine::multi::{check_unit, rollback_sources, SharedWriter};
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
-use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::stream::{StreamHeader, StreamWriter};
 use crate::transport::{Duplex, SOCKET_BUFFER};
@@ -196,34 +195,7 @@ pub fn send_channels<C: Duplex>(
     };
 
     // 4. COMMIT and RESUMED on the main connection, exactly as with one channel.
-    let commit = Message::Commit { session }.encode();
-    if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
-        let e = Error::transport("send COMMIT", e);
-        return Err(rollback_sources(devs, explain(e, &mut rx), obs));
-    }
-    if let Err(e) = ctl.shutdown(Shutdown::Write) {
-        log::debug!("shutdown after COMMIT: {e}");
-    }
-    let step = "wait for the destination's RESUMED";
-    match read_message(&mut rx, step) {
-        Ok(Message::Resumed { session: s }) if s == session => {
-            finish_handoff_all(devs, &mut reports);
-            Ok(SendOutcome::Completed(reports))
-        }
-        Ok(Message::Failed(r)) => {
-            let e = Error::PeerFailed {
-                step: step.into(),
-                detail: r.text,
-            };
-            Err(rollback_sources(devs, e, obs))
-        }
-        Ok(other) => Err(in_doubt(
-            devs,
-            &session,
-            format!("the destination sent {other} where RESUMED was expected"),
-        )),
-        Err(e) => Err(in_doubt(devs, &session, Report(&e).to_string())),
-    }
+    commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
 }
 
 /// Names the channel in a transport or stream error of its writer.

@@ -228,20 +228,33 @@ pub fn send<C: Duplex>(
         Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx), obs)),
     };
 
-    // The commit point. A COMMIT that did not go out whole cannot be decoded: the
-    // destination resets, so a failed write is a definite failure.
+    commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
+}
+
+/// The commit point and its answer, on the main connection: COMMIT, then RESUMED (the
+/// sources stop for good), FAILED (the destination reset its devices: the sources run
+/// again), or doubt (nothing is undone; the error says how to find out). A COMMIT that did
+/// not go out whole cannot be decoded: the destination resets, so a failed write is a
+/// definite failure.
+pub(super) fn commit<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    tx: &mut impl Write,
+    ctl: &C,
+    rx: &mut C,
+    session: SessionId,
+    mut reports: Vec<SaveReport>,
+    obs: &dyn Observer,
+) -> Result<SendOutcome> {
     let commit = Message::Commit { session }.encode();
     if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
         let e = Error::transport("send COMMIT", e);
-        return Err(rollback_sources(devs, explain(e, &mut rx), obs));
+        return Err(rollback_sources(devs, explain(e, rx), obs));
     }
     if let Err(e) = ctl.shutdown(Shutdown::Write) {
         log::debug!("shutdown after COMMIT: {e}");
     }
-
-    // 4. RESUMED, or FAILED (the destination reset its device), or doubt.
     let step = "wait for the destination's RESUMED";
-    match read_message(&mut rx, step) {
+    match read_message(rx, step) {
         Ok(Message::Resumed { session: s }) if s == session => {
             // Out of the downtime window: the destination already runs.
             finish_handoff_all(devs, &mut reports);
