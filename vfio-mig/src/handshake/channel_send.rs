@@ -14,9 +14,11 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::message::{
     read_message, write_message, Message, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
 };
-use super::source::{commit, expect, explain, refused, send, unexpected, SendOutcome, Watched};
+use super::source::{
+    before_hello, commit, expect, explain, refused, send, unexpected, SendOutcome, Watched,
+};
 use crate::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
-use crate::engine::multi::{check_unit, rollback_sources, SharedWriter};
+use crate::engine::multi::{rollback_sources, SharedWriter};
 use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::stream::{StreamHeader, StreamWriter};
@@ -51,19 +53,7 @@ pub fn send_channels<C: Duplex>(
         return send(devs, conn, header, opts, obs);
     }
     let session = header.session_id;
-    if header.devices.len() != devs.len() || header.devices.iter().any(|d| d.live != opts.live) {
-        return Err(Error::InvalidInput(
-            "send: the stream header must describe each device, live exactly when the save is"
-                .into(),
-        ));
-    }
-    check_unit(devs, opts.allow_non_p2p_unit)?;
-    let clone = |c: &C| {
-        c.try_clone()
-            .map_err(|e| Error::transport("clone the connection", e))
-    };
-    let mut rx = clone(&conn)?;
-    let ctl = clone(&conn)?;
+    let (mut rx, ctl) = before_hello(devs, &conn, header, opts)?;
     let features = FEATURE_CHANNELS | if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
 
     // 1. HELLO, OFFER_CHANNELS and the unit's header; the devices are untouched until ACCEPT.

@@ -78,6 +78,18 @@ pub fn migrate_pair(
     Ok(reports.remove(0))
 }
 
+/// Sources and destinations must come in pairs, at least one.
+fn check_pairs(srcs: &[&mut dyn MigrationDevice], dsts: &[&mut dyn MigrationDevice]) -> Result<()> {
+    if srcs.len() != dsts.len() || srcs.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "{} source and {} destination devices: give them in pairs",
+            srcs.len(),
+            dsts.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Migrates `srcs[i]` into `dsts[i]` for every `i`, as one unit under `header`, with `fence`
 /// as the destination's fencing state. On success the sources are stopped and the
 /// destinations run the sources' states; on failure every source runs again (or was reset),
@@ -92,13 +104,7 @@ pub fn migrate_pairs(
     src_obs: &dyn Observer,
     dst_obs: &dyn Observer,
 ) -> Result<Vec<MigrateReport>> {
-    if srcs.len() != dsts.len() || srcs.is_empty() {
-        return Err(Error::InvalidInput(format!(
-            "{} source and {} destination devices: give them in pairs",
-            srcs.len(),
-            dsts.len()
-        )));
-    }
+    check_pairs(srcs, dsts)?;
     let (to_dst, to_src) =
         Connection::pair().map_err(|e| Error::transport("create socketpair", e))?;
     let (sent, received) = std::thread::scope(|s| {
@@ -125,13 +131,7 @@ pub fn migrate_pairs_channels(
     if channels <= 1 {
         return migrate_pairs(srcs, dsts, header, opts, fence, src_obs, dst_obs);
     }
-    if srcs.len() != dsts.len() || srcs.is_empty() {
-        return Err(Error::InvalidInput(format!(
-            "{} source and {} destination devices: give them in pairs",
-            srcs.len(),
-            dsts.len()
-        )));
-    }
+    check_pairs(srcs, dsts)?;
     let pair = || Connection::pair().map_err(|e| Error::transport("create socketpair", e));
     let (to_dst, to_src) = pair()?;
     let mut src_ends = Vec::new();

@@ -144,23 +144,7 @@ pub fn send<C: Duplex>(
     obs: &dyn Observer,
 ) -> Result<SendOutcome> {
     let session = header.session_id;
-    if devs.is_empty()
-        || header.devices.len() != devs.len()
-        || header.devices.iter().any(|d| d.live != opts.live)
-    {
-        return Err(Error::InvalidInput(
-            "send: the stream header must describe each device, live exactly when the save is"
-                .into(),
-        ));
-    }
-    // Before HELLO: a refused unit touches neither side.
-    check_unit(devs, opts.allow_non_p2p_unit)?;
-    let clone = |c: &C| {
-        c.try_clone()
-            .map_err(|e| Error::transport("clone the connection", e))
-    };
-    let mut rx = clone(&conn)?;
-    let ctl = clone(&conn)?;
+    let (mut rx, ctl) = before_hello(devs, &conn, header, opts)?;
     let features = if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
 
     // 1. HELLO and the header, then the answer; the device is untouched until ACCEPT.
@@ -229,6 +213,33 @@ pub fn send<C: Duplex>(
     };
 
     commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
+}
+
+/// What a sender checks before HELLO (a refused unit touches neither side): the header
+/// describes each device, live exactly when the save is, and the unit may migrate as one
+/// (P2P). Returns two clones of `conn`: the reader of the destination's answers and the handle
+/// that half-closes the connection after COMMIT.
+pub(super) fn before_hello<C: Duplex>(
+    devs: &[&mut dyn MigrationDevice],
+    conn: &C,
+    header: &StreamHeader,
+    opts: &SaveOptions,
+) -> Result<(C, C)> {
+    if devs.is_empty()
+        || header.devices.len() != devs.len()
+        || header.devices.iter().any(|d| d.live != opts.live)
+    {
+        return Err(Error::InvalidInput(
+            "send: the stream header must describe each device, live exactly when the save is"
+                .into(),
+        ));
+    }
+    check_unit(devs, opts.allow_non_p2p_unit)?;
+    let clone = || {
+        conn.try_clone()
+            .map_err(|e| Error::transport("clone the connection", e))
+    };
+    Ok((clone()?, clone()?))
 }
 
 /// The commit point and its answer, on the main connection: COMMIT, then RESUMED (the
