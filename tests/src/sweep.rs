@@ -4,7 +4,7 @@
 
 use crate::try_mock;
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 
 use crate::{assert_destination_safe, assert_source_running, handle};
 

@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 
-use vfio_mig::handshake::{read_message, write_message, Message};
 use vfio_mig::stream::{Record, StreamReader};
 use vfio_mig::v2::MigState;
+use vfio_mig_session::handshake::{read_message, write_message, Message};
 
 use super::migration::{ensure_running, mig_state, ok, pair, path_str, vfio_mig, write_state};
 use super::mtty::vfio_mig_bin;

@@ -4,10 +4,10 @@
 
 use std::sync::OnceLock;
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{Claim, FenceConfig};
 use vfio_mig::{Backend, OpenedDevice};
+use vfio_mig_fence::{Claim, FenceConfig};
 use vfio_mig_mock::MockHandle;
+use vfio_mig_session::{Error, Result};
 
 /// The backend of this command (`--backend`, `VFIO_MIG_BACKEND`), set once by [`set_backend`].
 /// The command is one process, so it keeps this choice here; the library takes it as an
@@ -37,12 +37,12 @@ pub fn open_device(name: &str) -> Result<OpenedDevice> {
 
 /// Opens device `name`, with the handle of a mock.
 pub fn open_with_handle(name: &str) -> Result<(OpenedDevice, Option<MockHandle>)> {
-    vfio_mig_mock::open_named(name, backend())
+    Ok(vfio_mig_mock::open_named(name, backend())?)
 }
 
 /// Claims device `name` (its lock, if it has a fencing key).
 pub fn claim(fence: &FenceConfig, name: &str) -> Result<Claim> {
-    fence.claim(name, vfio_mig_mock::device_key(name)?)
+    Ok(fence.claim(name, vfio_mig_mock::device_key(name)?)?)
 }
 
 /// Fails with a usage error when `names` holds one device twice.
@@ -51,7 +51,7 @@ pub fn refuse_duplicates(command: &str, names: &[String]) -> Result<()> {
     for name in names {
         if let Some(key) = vfio_mig_mock::device_key(name)? {
             if keys.contains(&key) {
-                return Err(Error::InvalidInput(format!(
+                return Err(Error::invalid_input(format!(
                     "{command}: {name} is given twice (the same device)"
                 )));
             }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use vfio_mig::error::{Error, Result};
+use vfio_mig_session::{Error, Result};
 
 use super::signals;
 
@@ -26,7 +26,7 @@ pub enum Output {
 }
 
 fn refuse(path: &Path, why: &str) -> Error {
-    Error::InvalidInput(format!("-o {}: {why}", path.display()))
+    Error::invalid_input(format!("-o {}: {why}", path.display()))
 }
 
 impl Output {

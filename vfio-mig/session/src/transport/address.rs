@@ -63,7 +63,7 @@ impl From<SocketAddr> for Address {
 }
 
 fn usage(text: &str, why: impl fmt::Display) -> Error {
-    Error::InvalidInput(format!(
+    Error::invalid_input(format!(
         "address `{text}`: {why} (expected file:PATH, unix:PATH or tcp:HOST:PORT)"
     ))
 }
