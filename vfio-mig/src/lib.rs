@@ -25,8 +25,9 @@
 //! - [`device`]: what a VFIO device fd offers, as the [`device::DeviceIo`] trait, implemented
 //!   by the real device ([`device::vfio::VfioDeviceIo`]) and by the mock mediated device
 //!   (crate `vfio-mig-mock`).
-//! - [`v1`], [`v2`]: the two protocols (state rules, field or feature access, the saving and
-//!   resuming sequences), both implementing [`MigrationDevice`].
+//! - [`v1`] (feature `v1`, on by default), [`v2`]: the two protocols (state rules, field or
+//!   feature access, the saving and resuming sequences), both implementing
+//!   [`MigrationDevice`].
 //! - [`engine`]: protocol-neutral phases (pre-copy, stop-and-copy, resume), policy, rollback,
 //!   several devices; [`stream`]: the wire format.
 //!
@@ -42,6 +43,7 @@ mod live;
 mod migration;
 mod open;
 pub mod stream;
+#[cfg(feature = "v1")]
 pub mod v1;
 pub mod v2;
 

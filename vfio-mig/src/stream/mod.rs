@@ -14,10 +14,11 @@
 //! Every record carries a sequence number and a CRC32C over the stream's session id, its
 //! header and payload (the session id binds a record to its stream); the reader checks a
 //! record whole before handing it out, so no unverified byte reaches a device. With a
-//! [`StreamAuth`] (the HMAC-SHA256 `StreamKey` of the `vfio-mig-session` crate), a tag follows the header and every record, and a reader with
-//! the key refuses any stream the key did not authenticate. [`StreamWriter`] and [`StreamReader`] enforce the same ordering rules, so the
-//! library cannot write a stream it would refuse to read. The format is described byte by
-//! byte in `docs/stream-format.md`.
+//! [`StreamAuth`] (the HMAC-SHA256 `StreamKey` of the `vfio-mig-session` crate), a tag
+//! follows the header and every record, and a reader with the key refuses any stream the key
+//! did not authenticate. [`StreamWriter`] and [`StreamReader`] enforce the same ordering rules,
+//! so the library cannot write a stream it would refuse to read. The format is described byte
+//! by byte in `docs/stream-format.md`.
 //!
 //! ```
 //! use vfio_mig::stream::{
