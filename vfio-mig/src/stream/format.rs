@@ -31,7 +31,7 @@ pub const MAX_FRAGMENT: usize = 1 << 20;
 /// Length of the fixed part of the stream header (magic, version, count, session, epoch,
 /// flags).
 pub const HEADER_FIXED_LEN: usize = 40;
-/// Header flag: an HMAC-SHA256 tag ([`super::mac::TAG_LEN`] bytes) follows the header and
+/// Header flag: an HMAC-SHA256 tag ([`super::TAG_LEN`] bytes) follows the header and
 /// every record ([`super::StreamAuth`]).
 pub const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
 /// Length of the fixed part of a device descriptor (before the model name).
