@@ -17,13 +17,19 @@ use vfio_bindings::bindings::vfio::vfio_device_feature_dma_logging_range;
 
 use crate::content::SplitMix64;
 
-/// Most ranges one START may carry (`LOG_MAX_RANGES`: what fits a 4 KiB page).
 /// Smallest DMA logging page size the core accepts (`SZ_4K` in
 /// `vfio_ioctl_device_feature_logging_report`).
 pub const MIN_DMA_LOG_PAGE: u64 = 4096;
+/// Most ranges one START may carry (`LOG_MAX_RANGES`: what fits a 4 KiB page).
 pub const LOG_MAX_RANGES: u32 = 4096 / size_of::<vfio_device_feature_dma_logging_range>() as u32;
 /// Mixed into the seed for the generator choosing DMA-written pages.
 const DMA_RNG_SALT: u64 = 0x5EED_D1A7_0B17_3A95;
+
+/// The `u64` words a report of `length` bytes at `page_size` (non-zero) writes: one bit per
+/// page, as `iova_bitmap` walks them (`DIV_ROUND_UP(length, page_size)` bits, in whole words).
+pub fn bitmap_words(length: u64, page_size: u64) -> u64 {
+    length.div_ceil(page_size).div_ceil(u64::from(u64::BITS))
+}
 
 /// The kernel's `IS_ALIGNED` (for a power of two; with 0 only 0 is aligned, as in C).
 fn is_aligned(x: u64, a: u64) -> bool {

@@ -157,7 +157,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_precopy_info, vfio_region_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    vfio_precopy_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
     VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
@@ -170,15 +170,12 @@ use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_H
 use super::faults::{V2FaultField, V2FaultPlan};
 use super::spec::{MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
+use crate::region_info::{self, Region};
 use crate::rules::v2_arcs::{
     self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
     RUNNING_P2P, STOP, STOP_COPY,
 };
-use vfio_mig::device::pod::read_pod;
-use vfio_mig::device::region::{encode_region_info, RegionInfo};
-use vfio_mig::device::{
-    check_dma_bitmap, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping,
-};
+use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
 
 pub use dma::LOG_MAX_RANGES;
 use dma::{DmaLog, MIN_DMA_LOG_PAGE};
@@ -569,8 +566,16 @@ impl Inner {
         if iova.checked_add(length).is_none() {
             return Err(errno(libc::EOVERFLOW));
         }
-        // The trait's contract: a bitmap too short is refused before the device looks.
-        check_dma_bitmap(length, page_size, bitmap.len())?;
+        // The trait's contract: a bitmap too short is refused (EINVAL) before the device
+        // looks; the kernel would fault writing past the caller's bitmap.
+        let need = dma::bitmap_words(length, page_size);
+        if (bitmap.len() as u64) < need {
+            let have = bitmap.len();
+            return Err(self.refuse(format!(
+                "DMA log report of {length} bytes at {page_size}-byte pages: a bitmap of \
+                 {have} words, {need} needed"
+            )));
+        }
         let running = self.is_running();
         let n = self.spec.dma_dirty;
         let Some(log) = self.dma.as_mut().filter(|d| d.active) else {
@@ -1019,7 +1024,7 @@ impl Inner {
         Ok(())
     }
 
-    fn region(&self, index: u32) -> Option<RegionInfo> {
+    fn region(&self, index: u32) -> Option<Region> {
         let (flags, size) = if index == VFIO_PCI_BAR0_REGION_INDEX {
             (
                 VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
@@ -1030,8 +1035,7 @@ impl Inner {
         } else {
             return None;
         };
-        Some(RegionInfo {
-            index,
+        Some(Region {
             flags,
             size,
             offset: u64::from(index) << REGION_SHIFT,
@@ -1040,17 +1044,12 @@ impl Inner {
     }
 
     fn region_info_raw(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let Some(query) = read_pod::<vfio_region_info>(buf, 0) else {
-            return Err(self.refuse("region info buffer shorter than vfio_region_info"));
+        let (argsz, index) = region_info::read_query(buf).map_err(|why| self.refuse(why))?;
+        let Some(region) = self.region(index) else {
+            return Err(self.refuse(format!("no region {index}")));
         };
-        let header = size_of::<vfio_region_info>();
-        if (query.argsz as usize) < header || query.argsz as usize > buf.len() {
-            return Err(self.refuse(format!("region info argsz {}", query.argsz)));
-        }
-        let Some(info) = self.region(query.index) else {
-            return Err(self.refuse(format!("no region {}", query.index)));
-        };
-        encode_region_info(&mut buf[..query.argsz as usize], &info)
+        region_info::write_answer(buf, argsz, index, &region);
+        Ok(())
     }
 
     /// BAR0 bounds of an access, or `EINVAL`.
