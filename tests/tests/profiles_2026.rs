@@ -333,3 +333,28 @@ fn a_destination_reset_that_does_not_leave_resuming_is_named_in_the_error() {
     );
     assert!(src.is_running(), "{e}: {src:?}");
 }
+
+#[test]
+fn igb_tracks_at_most_max_ranges_and_merges_the_rest() {
+    // igb: CAPS max_ranges = 4; more ranges are merged (vfio_combine_iova_ranges closes the
+    // smallest gaps), so the device then tracks, and DMA-writes into, the gaps. The generic
+    // mock tracks each range as given.
+    let k = 0x1000;
+    let ranges: Vec<DmaLoggingRange> = [0, 2, 16, 18, 256, 260]
+        .iter()
+        .map(|&p| range(p * k, k))
+        .collect();
+    let gaps = [k, 17 * k];
+    for (spec, merged) in [
+        ("mock:v2,profile=igb,dma-dirty=400", true),
+        ("mock:v2,size=4K,dma-dirty=400", false),
+    ] {
+        let d = dev(spec);
+        feature::dma_logging_start(&d, 4096, &ranges).unwrap();
+        let mut bitmap = vec![0u64; 5];
+        feature::dma_logging_report(&d, 0, 261 * k, 4096, &mut bitmap).unwrap();
+        let written = d.handle().dma_written();
+        let in_gap = written.iter().any(|p| gaps.contains(p));
+        assert_eq!(in_gap, merged, "{spec}: {written:x?}");
+    }
+}

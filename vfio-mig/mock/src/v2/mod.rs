@@ -541,7 +541,8 @@ impl Inner {
         if self.dma.as_ref().is_some_and(|d| d.active) {
             return Err(self.refuse("DMA logging is already started"));
         }
-        let log = DmaLog::start(ranges, page_size, self.spec.seed).map_err(errno)?;
+        let max = self.behaviour.dma_max_ranges;
+        let log = DmaLog::start(ranges, page_size, self.spec.seed, max).map_err(errno)?;
         let page = log.page;
         self.dma = Some(log);
         Ok(page)

@@ -49,6 +49,9 @@ pub enum ProfileName {
 /// driver's README), the most a resuming fd takes (EFBIG beyond).
 pub const IGB_STATE_SIZE: u64 = 1024;
 
+/// igb's CAPS `max_ranges` (bits 11:8 of 0x1403 in the driver's README).
+pub const IGB_MAX_RANGES: u32 = 4;
+
 impl ProfileName {
     /// Every profile, in the order of the table above.
     pub const ALL: [ProfileName; 8] = [
@@ -87,6 +90,7 @@ impl ProfileName {
             flags: full,
             dma: true,
             dma_reports_nothing: false,
+            dma_max_ranges: None,
             dma_off_at_stop: false,
             data_size_full: true,
             match_header: true,
@@ -199,6 +203,7 @@ impl ProfileName {
             Self::Igb => Behaviour {
                 flags: FLAG_STOP_COPY | FLAG_PRE_COPY,
                 precopy_empty: true,
+                dma_max_ranges: Some(IGB_MAX_RANGES),
                 max_stream: Some(IGB_STATE_SIZE),
                 write_limit: Some(libc::EFBIG),
                 empty_loads_nothing: true,
@@ -256,6 +261,9 @@ pub struct Behaviour {
     pub dma: bool,
     /// DMA logging reports never set a bit (mtty's log ops only return 0).
     pub dma_reports_nothing: bool,
+    /// Most ranges the device tracks; more are merged by the driver (igb's CAPS `max_ranges`,
+    /// 4 in its README, through `vfio_combine_iova_ranges`). `None`: each range as given.
+    pub dma_max_ranges: Option<u32>,
     /// STOP_COPY -> STOP stops DMA logging (pds); a later REPORT is EINVAL.
     pub dma_off_at_stop: bool,
     /// MIG_DATA_SIZE is the size of a whole stop-copy stream (true), or what is still unread
@@ -316,6 +324,7 @@ impl Behaviour {
             flags: FLAG_STOP_COPY | FLAG_P2P | FLAG_PRE_COPY,
             dma: true,
             dma_reports_nothing: false,
+            dma_max_ranges: None,
             dma_off_at_stop: false,
             data_size_full: false,
             match_header: false,
