@@ -39,8 +39,8 @@
 //!   fd; STOP -> RESUMING: a new resuming data fd. Only the last arc of a walk may open one.
 //! - PRE_COPY(_P2P) -> STOP_COPY: no new fd (-1); the stream goes on in the same fd.
 //! - PRE_COPY -> RUNNING, PRE_COPY_P2P -> RUNNING_P2P, STOP_COPY -> STOP: the session ends;
-//!   the mock closes its end (the caller reads what is buffered, then 0; mtty's reads fail
-//!   with ENODEV instead).
+//!   the mock closes its end (the caller reads what is buffered, then 0; with a profile the
+//!   reads of that fd fail with ENODEV instead, as the drivers' do).
 //! - RESUMING -> STOP: waits until the consumer has taken every byte written so far, then
 //!   refuses (`EINVAL`, staying in RESUMING, every time until a reset) a stream whose framing
 //!   broke. mtty refuses an incomplete stream here; the mock checks content and completeness
@@ -53,11 +53,13 @@
 //!
 //! # Driver profiles
 //!
-//! `profile=mtty|mlx5|hisi|pds` ([`profile`]) changes what differs between kernel drivers: the
-//! flags, MIG_DATA_SIZE, what pre-copy carries, ENOMSG at the temporary end, asynchronous
-//! saving, where bad data is refused (inside `write(2)` through [`DeviceIo::write_data`], or at
-//! RESUMING -> STOP, never when the device runs), and the answer in ERROR. The paragraphs below
-//! describe the generic mock; `docs/mock-device.md` has the table per profile.
+//! `profile=NAME` ([`profile`]: mtty, mlx5, hisi, pds, xe, qat, virtio, igb) changes what
+//! differs between drivers: the flags, DMA logging, MIG_DATA_SIZE, what pre-copy carries,
+//! ENOMSG at the temporary end, asynchronous saving, where bad data is refused (inside
+//! `write(2)` through [`DeviceIo::write_data`], or at RESUMING -> STOP, never when the device
+//! runs), what RESUMING -> STOP checks, ENODEV on ended data fds, whether ERROR is reachable,
+//! and igb's reset that does not leave RESUMING. The paragraphs below describe the generic
+//! mock; `docs/mock-device.md` has the table per profile.
 //!
 //! # The data fd
 //!

@@ -2,13 +2,17 @@
 //! Driver profiles of the v2 mock (`mock:v2,profile=NAME`): the observable behaviour of one
 //! kernel vendor driver, read from its source (see `docs/mock-device.md` for the sources).
 //!
-//! | profile | flags | MIG_DATA_SIZE | pre-copy data | temporary end | bad data refused            | ERROR |
-//! |---------|-------|---------------|---------------|---------------|-----------------------------|-------|
-//! | (none)  | 0x7   | unread rest   | every page    | read 0        | STOP -> RUNNING (EINVAL)    | EINVAL|
-//! | `mtty`  | 0x7   | full state    | match header  | read 0        | header: write EFAULT; rest: RESUMING -> STOP EINVAL | EINVAL |
-//! | `mlx5`  | 0x7   | full state    | every page, async | ENOMSG    | write (EINVAL framing, EIO content); incomplete: RESUMING -> STOP | EINVAL |
-//! | `hisi`  | 0x5   | full state    | match header  | read 0        | header: write EFAULT; rest: RESUMING -> STOP EINVAL | EINVAL |
-//! | `pds`   | 0x3   | full state    | (no PRE_COPY) | -             | RESUMING -> STOP (EIO)      | EIO   |
+//! | profile  | flags | DMA log | pre-copy data      | temporary end | RESUMING -> STOP checks     | ERROR |
+//! |----------|-------|---------|--------------------|---------------|-----------------------------|-------|
+//! | (none)   | 0x7   | yes     | every page         | read 0        | framing (content at run)    | yes   |
+//! | `mtty`   | 0x7   | no bits | match header       | read 0        | whole state (EINVAL)        | no    |
+//! | `mlx5`   | 0x7   | yes     | every page, async  | ENOMSG        | nothing (loaded in write)   | no    |
+//! | `hisi`   | 0x5   | no      | match header       | read 0        | whole state or match only   | no    |
+//! | `pds`    | 0x3   | yes     | (no PRE_COPY)      | -             | whole state (EIO)           | yes   |
+//! | `xe`     | 0x3   | no      | (no PRE_COPY)      | -             | whole state (EIO)           | no    |
+//! | `qat`    | 0x7   | no      | match header       | read 0        | whole state (EINVAL)        | no    |
+//! | `virtio` | 0x7   | no      | every page         | ENOMSG        | nothing (loaded in write)   | no    |
+//! | `igb`    | 0x5   | 4 ranges| nothing            | read 0        | whole state or empty (EIO)  | no    |
 //!
 //! "Full state" is the size of a whole stop-copy stream from scratch, whatever was read, as
 //! `mtty_get_data_size`, `mlx5vf_pci_get_data_size` (the firmware's total), hisi's
