@@ -9,39 +9,7 @@ use std::os::fd::AsFd;
 use vfio_mig::device::DeviceIo;
 use vfio_mig::v2::feature;
 use vfio_mig::v2::{DataFd, DataRead, MigState};
-use vfio_mig_mock::{MockSpec, MockV2};
-use vfio_mig_tests::StatusExt;
-
-fn dev(spec: &str) -> MockV2 {
-    let spec: MockSpec = spec.parse().unwrap();
-    MockV2::new(&spec).unwrap()
-}
-
-fn state(d: &MockV2) -> Option<MigState> {
-    d.handle().status().mig_state()
-}
-
-/// Reads a saving fd through the device until it reports its (temporary or true) end.
-fn read_to_end(d: &MockV2, fd: &DataFd) -> (Vec<u8>, DataRead) {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match fd.read_via(d, &mut buf).unwrap() {
-            DataRead::Bytes(n) => out.extend_from_slice(&buf[..n]),
-            end => return (out, end),
-        }
-    }
-}
-
-/// A whole stop-copy stream of `spec`'s device (STOP -> STOP_COPY, read to 0).
-fn stop_copy_stream(spec: &str) -> Vec<u8> {
-    let d = dev(spec);
-    let fd = DataFd::new(feature::set_state(&d, MigState::StopCopy).unwrap().unwrap());
-    let (bytes, end) = read_to_end(&d, &fd);
-    assert_eq!(end, DataRead::Eof, "{spec}");
-    feature::set_state(&d, MigState::Stop).unwrap();
-    bytes
-}
+use vfio_mig_tests::v2_mock::{dev, read_to_end, resume, state, stop_copy_stream};
 
 #[test]
 fn migration_flags_and_dma_logging_follow_the_drivers() {
@@ -168,19 +136,6 @@ fn mlx5_pre_copy_info_grows_while_the_device_dirties_its_state() {
         let i = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
         assert_eq!((i.initial_bytes, i.dirty_bytes), (0, 0));
     }
-}
-
-/// Resumes `dst_spec` from `stream` written through the device hook; returns the errno of
-/// the write (0 if all was accepted) and of RESUMING -> STOP (0 on success).
-fn resume(dst_spec: &str, stream: &[u8]) -> (MockV2, i32, i32) {
-    let d = dev(dst_spec);
-    let fd = DataFd::new(feature::set_state(&d, MigState::Resuming).unwrap().unwrap());
-    fn code<T>(r: std::io::Result<T>) -> i32 {
-        r.err().map_or(0, |e| e.raw_os_error().unwrap_or(-1))
-    }
-    let w = code(fd.write_all_via(&d, stream));
-    let s = code(feature::set_state(&d, MigState::Stop));
-    (d, w, s)
 }
 
 #[test]
