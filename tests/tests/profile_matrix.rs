@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The engine over every driver profile of the v2 mock: one device, live, several devices,
-//! and a fault sweep over every fault field the engine reaches, on both sides. One line per
-//! profile goes to the test log (`cargo test --test profile_matrix -- --nocapture`):
+//! The engine over every driver profile of the v2 mock: one device, live, several devices as
+//! one unit (refused without P2P, then opted in), and a fault sweep over every fault field the
+//! engine reaches, on both sides. One line per profile goes to the test log
+//! (`cargo test --test profile_matrix -- --nocapture`):
 //!
 //! ```text
-//! profile mlx5: single ok, live ok (pre-copy 49360 B), multi ok, faults 11/11 sweeps (81 failed migrations, all clean)
+//! profile igb: single ok, live ok (pre-copy empty, state at stop-copy), multi refused (no P2P), multi ok (opted in without P2P), faults 7/7 sweeps (25 failed migrations, all clean)
 //! ```
 
 use vfio_mig::engine::session::new_header;
