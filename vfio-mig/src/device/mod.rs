@@ -14,13 +14,14 @@ pub mod hwpt;
 pub mod mapping;
 pub mod pod;
 pub mod region;
+pub mod session;
 pub mod vfio;
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
 
 pub use mapping::Mapping;
 pub use region::{RegionCap, RegionInfo, SparseArea};
+pub use session::DataSession;
 
 /// What identifies a device's migration data format, so a destination can refuse a stream
 /// it cannot load (carried in the stream header).
@@ -122,9 +123,9 @@ pub trait DeviceIo: Send + Sync {
     }
 
     /// SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` to the raw state `state`. Returns the data
-    /// fd the transition opened (the kernel's `data_fd` >= 0), a new descriptor owned by the
-    /// caller, or `None` when it opened none (-1).
-    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+    /// session the transition opened (a kernel device: its `data_fd` >= 0, a new descriptor
+    /// owned by the caller), or `None` when it opened none (-1).
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<DataSession>> {
         let _ = state;
         not_supported()
     }
@@ -140,9 +141,9 @@ pub trait DeviceIo: Send + Sync {
         not_supported()
     }
 
-    /// `VFIO_MIG_GET_PRECOPY_INFO` on a migration `data_fd` this device returned.
-    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<RawPrecopyInfo> {
-        let _ = data_fd;
+    /// `VFIO_MIG_GET_PRECOPY_INFO` on a data `session` this device opened.
+    fn precopy_info(&self, session: &DataSession) -> io::Result<RawPrecopyInfo> {
+        let _ = session;
         not_supported()
     }
 
@@ -174,19 +175,20 @@ pub trait DeviceIo: Send + Sync {
         not_supported()
     }
 
-    /// `read(2)` on a migration `data_fd` this device returned. The default is the syscall,
-    /// which is what a kernel device needs. An emulated device overrides it when its data fd
-    /// must answer what a real fd it can create cannot (ENOMSG at pre-copy's temporary end);
-    /// it still performs the read on `data_fd` itself.
-    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-        Ok(nix::unistd::read(data_fd, buf)?)
+    /// One read of a data `session` this device opened, with `read(2)`'s answers (0 at the
+    /// end, ENOMSG at pre-copy's temporary end). The default is the syscall on the session's
+    /// fd, which is what a kernel device needs. An emulated device overrides it when its data
+    /// fd must answer what a real fd it can create cannot (ENOMSG), and a device without a
+    /// data fd moves the data itself.
+    fn read_data(&self, session: &DataSession, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(nix::unistd::read(session.require_fd()?, buf)?)
     }
 
-    /// `write(2)` on a migration `data_fd` this device returned (see [`DeviceIo::read_data`]:
-    /// an emulated device may refuse bad data inside the write, with the errno its kernel
-    /// driver returns).
-    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-        Ok(nix::unistd::write(data_fd, buf)?)
+    /// One write to a data `session` this device opened, with `write(2)`'s answers (see
+    /// [`DeviceIo::read_data`]: an emulated device may refuse bad data inside the write, with
+    /// the errno its kernel driver returns).
+    fn write_data(&self, session: &DataSession, buf: &[u8]) -> io::Result<usize> {
+        Ok(nix::unistd::write(session.require_fd()?, buf)?)
     }
 }
 
