@@ -598,7 +598,18 @@ impl MigrationDevice for V2Device {
 
     fn pending(&mut self) -> Result<Pending> {
         if self.state.is_pre_copy() && self.data.is_some() {
-            let info = self.precopy_info()?;
+            let info = match self.precopy_info() {
+                // A device without the operation (vfio-user has none): as QEMU's
+                // vfio_query_precopy_size, whose failure leaves both sizes 0, no pre-copy
+                // bytes are counted, so the policy switches over without waiting for data.
+                Err(Error::Device { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOTTY) =>
+                {
+                    log::debug!("no PRECOPY_INFO: no pre-copy bytes counted");
+                    PrecopyInfo::from_raw(&Default::default(), false)
+                }
+                other => other?,
+            };
             // QEMU's state_pending_exact: the stop-copy size decides the downtime; when the
             // device cannot tell, assume QEMU's VFIO_MIG_STOP_COPY_SIZE so that the downtime
             // budget is not silently exceeded.
