@@ -9,11 +9,11 @@
 //! `VFIO_USER_MIG_DATA_READ` / `WRITE` on a data session without an fd.
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use vfio_mig_user::{ConnectOptions, VfioUserDevice};
+//! use vfio_mig_user::ConnectOptions;
 //!
-//! let dev = VfioUserDevice::connect("/run/dev.sock".as_ref(), &ConnectOptions::default())?;
-//! let v2 = vfio_mig::v2::V2Device::open(Arc::new(dev))?;
+//! // The engine's device, and the raw access underneath (to read BARs, say).
+//! let opened = vfio_mig_user::open("vfio-user:/run/dev.sock", &ConnectOptions::default())?;
+//! # let _ = opened;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -22,7 +22,9 @@
 
 pub mod conn;
 pub mod device;
+pub mod open;
 pub mod version;
 pub mod wire;
 
 pub use device::{ConnectOptions, VfioUserDevice};
+pub use open::{device_key, is_vfio_user, open, SCHEME};

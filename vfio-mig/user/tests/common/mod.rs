@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test target uses a part
 
+pub mod rust_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Bad input from a vfio-user server: the project's own server (tests/common/rust_server.rs)
+//! answers message N of a migration with an error, hangs up at it, or sends a malformed
+//! reply, for every N a clean migration exchanges, on the source's side and on the
+//! destination's. Each run must end in a one-line error naming a step (or in success when
+//! the fault hit nothing the migration needs), without a panic, with the source's server back
+//! in RUNNING or the error saying what became of it, and the destination never holding or
+//! running a partial state.
+
+mod common;
+
+use common::rust_server::{Fault, RustServer, BAR1_LEN};
+use vfio_mig::engine::{NoObserver, SaveOptions};
+use vfio_mig::error::Report;
+use vfio_mig::handshake::migrate_local;
+use vfio_mig_user::ConnectOptions;
+
+const RUNNING: u32 = 2;
+
+fn pattern() -> Vec<u8> {
+    (0..BAR1_LEN).map(|i| (i * 7 % 251) as u8 + 1).collect()
+}
+
+/// Opens both and migrates; the error as the command line prints it.
+fn migrate(src: &RustServer, dst: &RustServer, live: bool) -> Result<(), String> {
+    let opts = ConnectOptions::default();
+    let mut s = vfio_mig_user::open(&src.name(), &opts).map_err(|e| Report(&e).to_string())?;
+    let mut d = vfio_mig_user::open(&dst.name(), &opts).map_err(|e| Report(&e).to_string())?;
+    let save = SaveOptions {
+        live,
+        ..SaveOptions::default()
+    };
+    migrate_local(
+        &mut *s.device,
+        &mut *d.device,
+        &save,
+        &NoObserver,
+        &NoObserver,
+    )
+    .map(drop)
+    .map_err(|e| Report(&e).to_string())
+}
+
+/// Messages a clean migration sends to each side.
+fn clean_counts(live: bool) -> (u32, u32) {
+    let (src, dst) = (RustServer::start(None), RustServer::start(None));
+    src.set_bar1(&pattern());
+    migrate(&src, &dst, live).unwrap();
+    assert_eq!(dst.bar1(), pattern());
+    assert_eq!(dst.state(), RUNNING);
+    let n = |s: &RustServer| s.device.lock().unwrap().messages;
+    (n(&src), n(&dst))
+}
+
+fn check(fault: Fault, live: bool) {
+    let (src_n, dst_n) = clean_counts(live);
+    assert!(src_n > 10 && dst_n > 10, "{src_n} {dst_n}");
+    for on_source in [true, false] {
+        for nth in 1..=if on_source { src_n } else { dst_n } {
+            let at = Some((nth, fault));
+            let (src, dst) = if on_source {
+                (RustServer::start(at), RustServer::start(None))
+            } else {
+                (RustServer::start(None), RustServer::start(at))
+            };
+            src.set_bar1(&pattern());
+            let context = format!(
+                "{fault:?} at message {nth} of the {}",
+                if on_source { "source" } else { "destination" }
+            );
+            let result = migrate(&src, &dst, live);
+            let dst_bar = dst.bar1();
+            // Never a partial state: the destination holds its own state or the whole source's.
+            assert!(
+                dst_bar == vec![0; BAR1_LEN] || dst_bar == pattern(),
+                "{context}: partial state"
+            );
+            match result {
+                Ok(()) => {
+                    assert_eq!(dst_bar, pattern(), "{context}");
+                    assert_eq!(dst.state(), RUNNING, "{context}");
+                }
+                Err(e) => {
+                    assert!(!e.contains('\n') && e.contains(": "), "{context}: {e}");
+                    // The destination never runs what it did not fully receive.
+                    if dst.state() == RUNNING {
+                        assert!(
+                            dst_bar == vec![0; BAR1_LEN] || e.contains("reset"),
+                            "{context}: {e}"
+                        );
+                    }
+                    // The source runs again, or the error says it could not be made to.
+                    assert!(
+                        src.state() == RUNNING
+                            || e.contains("could not be recovered")
+                            || e.contains("returning it to RUNNING failed"),
+                        "{context}: source in state {}: {e}",
+                        src.state()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_error_reply_at_each_message() {
+    check(Fault::Error(libc::EIO as u32), false);
+}
+
+#[test]
+fn an_error_reply_at_each_message_live() {
+    check(Fault::Error(libc::EIO as u32), true);
+}
+
+#[test]
+fn a_hang_up_at_each_message() {
+    check(Fault::HangUp, false);
+}
+
+#[test]
+fn an_oversized_reply_at_each_message() {
+    check(Fault::Oversized, false);
+}
+
+#[test]
+fn a_truncated_reply_at_each_message() {
+    check(Fault::Truncated, false);
+}
+
+#[test]
+fn a_reply_to_another_message_at_each_message() {
+    check(Fault::WrongId, false);
+}
+
+#[test]
+fn a_short_payload_at_each_message() {
+    check(Fault::ShortPayload, false);
+}
+
+#[test]
+fn malformed_replies_are_named() {
+    for (fault, want) in [
+        (
+            Fault::Oversized,
+            "oversized reply: 1073741824 payload bytes",
+        ),
+        (Fault::Truncated, "hung up after 10 of 64 payload bytes"),
+        (Fault::WrongId, "the server answered message 7"),
+        (Fault::HangUp, "hung up after 0 of 16 header bytes"),
+        (Fault::ShortPayload, "VFIO_USER_VERSION: truncated reply"),
+        (Fault::Error(libc::EPERM as u32), "Operation not permitted"),
+    ] {
+        let server = RustServer::start(Some((1, fault)));
+        let e = vfio_mig_user::open(&server.name(), &ConnectOptions::default()).unwrap_err();
+        let text = Report(&e).to_string();
+        assert!(text.contains("negotiate the version"), "{fault:?}: {text}");
+        assert!(text.contains(want), "{fault:?}: {text}");
+    }
+}
