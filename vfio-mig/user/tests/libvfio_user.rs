@@ -73,3 +73,134 @@ fn stop_and_copy_between_two_sample_servers() {
 fn live_between_two_sample_servers() {
     migrate(true);
 }
+
+/// The same through a saved file: `save_device` into a stream file, `load_device` from it.
+#[test]
+fn through_a_saved_file() {
+    use vfio_mig::engine::session::new_header;
+    use vfio_mig::engine::{load_device, save_device};
+    use vfio_mig::stream::{StreamReader, StreamWriter};
+    if skipped() {
+        return;
+    }
+    let (mut a, mut b) = (Server::start(), Server::start());
+    let (src_io, dst_io) = (a.connect(), b.connect());
+    let (bar0, bar1) = prime(src_io.as_ref(), 9);
+    let (mut src, mut dst) = (v2(&src_io), v2(&dst_io));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let header = new_header(&[&src], false, 1).unwrap();
+    let mut w = StreamWriter::new(file.reopen().unwrap(), &header).unwrap();
+    save_device(&mut src, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
+    w.finish().unwrap();
+    assert_eq!(src.state().unwrap(), MigState::Stop);
+    let (mut r, _) = StreamReader::open(file.reopen().unwrap()).unwrap();
+    load_device(&mut dst, &mut r, 0, &NoObserver).unwrap_or_else(|e| panic!("{e}\n{}", b.log()));
+    assert_eq!(dst.state().unwrap(), MigState::Running);
+    assert_eq!(read_region(dst_io.as_ref(), BAR1, BAR1_SIZE), bar1);
+    assert_eq!(bar0_value(dst_io.as_ref()), bar0);
+    drop((src, dst, src_io, dst_io));
+    assert!(a.wait_exit().success(), "{}", a.log());
+    assert!(b.wait_exit().success(), "{}", b.log());
+}
+
+/// Kills a server (SIGKILL to the process this test started) at its side's Nth engine event.
+struct KillAt {
+    nth: usize,
+    pid: u32,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl vfio_mig::engine::Observer for KillAt {
+    fn on_event(&self, _: &vfio_mig::engine::Event) {
+        if self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.nth {
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        }
+    }
+}
+
+/// A sample server killed at each step of a live migration, on either side: the error is one
+/// line naming a step, and a surviving destination never runs; a surviving source runs or
+/// the error says why not.
+#[test]
+fn a_server_killed_at_each_step() {
+    if skipped() {
+        return;
+    }
+    let counting = KillAt {
+        nth: usize::MAX,
+        pid: 0,
+        seen: Default::default(),
+    };
+    {
+        let (a, b) = (Server::start(), Server::start());
+        let (src_io, dst_io) = (a.connect(), b.connect());
+        prime(src_io.as_ref(), 1);
+        let (mut src, mut dst) = (v2(&src_io), v2(&dst_io));
+        let opts = SaveOptions {
+            live: true,
+            ..SaveOptions::default()
+        };
+        migrate_local(&mut src, &mut dst, &opts, &counting, &NoObserver).unwrap();
+    }
+    let events = counting.seen.into_inner();
+    assert!(events >= 4, "{events} events");
+    for on_source in [true, false] {
+        for nth in 1..=events {
+            let (mut a, mut b) = (Server::start(), Server::start());
+            let (src_io, dst_io) = (a.connect(), b.connect());
+            let (_, bar1) = prime(src_io.as_ref(), 3);
+            let (mut src, mut dst) = (v2(&src_io), v2(&dst_io));
+            let kill = KillAt {
+                nth,
+                pid: if on_source { a.pid() } else { b.pid() },
+                seen: Default::default(),
+            };
+            let opts = SaveOptions {
+                live: true,
+                ..SaveOptions::default()
+            };
+            // The events are the source's; the kill hits either server at that moment.
+            let result = migrate_local(&mut src, &mut dst, &opts, &kill, &NoObserver);
+            let context = format!(
+                "{} killed at source event {nth}",
+                if on_source { "source" } else { "destination" }
+            );
+            match result {
+                Ok(_) => {
+                    assert_eq!(
+                        read_region(dst_io.as_ref(), BAR1, BAR1_SIZE),
+                        bar1,
+                        "{context}"
+                    );
+                }
+                Err(e) => {
+                    let text = vfio_mig::error::Report(&e).to_string();
+                    assert!(
+                        !text.contains('\n') && text.contains(": "),
+                        "{context}: {text}"
+                    );
+                    if b.alive() {
+                        let state = dst_io.mig_state();
+                        assert!(
+                            state
+                                .as_ref()
+                                .map_or(true, |&s| s != MigState::Running.raw()),
+                            "{context}: the destination runs: {text}"
+                        );
+                    }
+                    if a.alive() {
+                        if let Ok(s) = src_io.mig_state() {
+                            assert!(
+                                s == MigState::Running.raw()
+                                    || text.contains("could not be recovered")
+                                    || text.contains("failed"),
+                                "{context}: source in {s}: {text}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
