@@ -204,3 +204,28 @@ fn a_server_killed_at_each_step() {
         }
     }
 }
+
+/// libvfio-user's own sample `client` migrating the same server (it forks the destination
+/// server itself, as `SOCK_migrated`): the server accepts its device too. What the two
+/// clients do differently is in docs/vfio-user.md.
+#[test]
+fn the_sample_client_migrates_the_same_server() {
+    if skipped() {
+        return;
+    }
+    let a = Server::start();
+    let out = std::process::Command::new(samples().join("client"))
+        .arg(&a.sock)
+        .output()
+        .expect("run libvfio-user's sample client");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\nsource: {}", a.log());
+    // The source went PRE_COPY (3), STOP_COPY (2), STOP (0) in libvfio-user's numbering; the
+    // destination (its log is the client's stderr) RESUME (4), STOP (0), RUNNING (1).
+    let source = a.log();
+    let order = ["device state 3", "device state 2", "device state 0"];
+    let at: Vec<usize> = order.iter().map(|s| source.find(s).unwrap()).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{source}");
+    let dest = err.find("device state 4").expect("destination resumed");
+    assert!(err[dest..].contains("device state 1"), "{err}");
+}
