@@ -187,28 +187,34 @@ impl VfioUserDevice {
         let count = buf.len().min(self.xfer);
         let payload = Payload::default().u64(offset).u32(index).u32(count as u32);
         let body = self.request(Command::RegionRead, &payload.0)?;
-        if body.len() < 16 {
-            return Err(truncated(
-                Command::RegionRead,
-                "the access header",
-                body.len(),
-                16,
-            ));
-        }
-        let got = le32(&body, 12) as usize;
-        if got > count || body.len() < 16 + got {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: reply claims {got} bytes ({} carried) for a read of {count}",
-                    Command::RegionRead,
-                    body.len() - 16
-                ),
-            ));
-        }
-        buf[..got].copy_from_slice(&body[16..16 + got]);
-        Ok(got)
+        read_reply(Command::RegionRead, &body, 16, 12, buf, count)
     }
+}
+
+/// Copies the data of a read's reply into `buf`: the reply has `fixed` bytes of fields, the
+/// `u32` at `size_at` the byte count, then the data. The count may not exceed the `asked`
+/// bytes nor what the reply carries.
+fn read_reply(
+    cmd: Command,
+    body: &[u8],
+    fixed: usize,
+    size_at: usize,
+    buf: &mut [u8],
+    asked: usize,
+) -> io::Result<usize> {
+    if body.len() < fixed {
+        return Err(truncated(cmd, "its fixed fields", body.len(), fixed));
+    }
+    let got = le32(body, size_at) as usize;
+    let carried = body.len() - fixed;
+    if got > asked || got > carried {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{cmd}: reply claims {got} bytes ({carried} carried) for a read of {asked}"),
+        ));
+    }
+    buf[..got].copy_from_slice(&body[fixed..fixed + got]);
+    Ok(got)
 }
 
 /// Splits an absolute device-fd offset into the region index and the offset inside it.
@@ -449,27 +455,7 @@ impl DeviceIo for VfioUserDevice {
         let len = buf.len().min(self.xfer);
         let payload = Payload::default().u32((8 + len) as u32).u32(len as u32);
         let body = self.request(Command::MigDataRead, &payload.0)?;
-        if body.len() < 8 {
-            return Err(truncated(
-                Command::MigDataRead,
-                "vfio_user_mig_data",
-                body.len(),
-                8,
-            ));
-        }
-        let size = le32(&body, 4) as usize;
-        if size > len || body.len() < 8 + size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: reply claims {size} bytes ({} carried) for a read of {len}",
-                    Command::MigDataRead,
-                    body.len() - 8
-                ),
-            ));
-        }
-        buf[..size].copy_from_slice(&body[8..8 + size]);
-        Ok(size)
+        read_reply(Command::MigDataRead, &body, 8, 4, buf, len)
     }
 
     fn write_data(&self, _session: &DataSession, buf: &[u8]) -> io::Result<usize> {
@@ -480,5 +466,44 @@ impl DeviceIo for VfioUserDevice {
             .bytes(&buf[..len]);
         self.request(Command::MigDataWrite, &payload.0)?;
         Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(size: u32, data: &[u8]) -> Vec<u8> {
+        Payload::default().u32(8 + size).u32(size).bytes(data).0
+    }
+
+    #[test]
+    fn a_read_reply_may_not_claim_more_than_asked_or_carried() {
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            read_reply(Command::MigDataRead, &reply(3, b"abc"), 8, 4, &mut buf, 8).unwrap(),
+            3
+        );
+        assert_eq!(&buf[..3], b"abc");
+        // libvfio-user pads a short read's reply to the size asked: the count decides.
+        assert_eq!(
+            read_reply(Command::MigDataRead, &reply(2, b"xy\0\0"), 8, 4, &mut buf, 4).unwrap(),
+            2
+        );
+        for (body, asked, want) in [
+            (reply(9, &[0; 9]), 8, "claims 9 bytes (9 carried) for a read of 8"),
+            (reply(5, b"abc"), 8, "claims 5 bytes (3 carried)"),
+            (vec![0; 6], 8, "truncated reply: 6 bytes, 8 needed"),
+        ] {
+            let e = read_reply(Command::MigDataRead, &body, 8, 4, &mut buf, asked).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(e.to_string().starts_with("VFIO_USER_MIG_DATA_READ"), "{e}");
+        }
+    }
+
+    #[test]
+    fn offsets_split_into_region_and_offset() {
+        assert_eq!(split_offset((7u64 << 40) + 0x10).unwrap(), (7, 0x10));
+        assert_eq!(split_offset(0x123).unwrap(), (0, 0x123));
     }
 }

@@ -158,3 +158,29 @@ fn malformed_replies_are_named() {
         assert!(text.contains(want), "{fault:?}: {text}");
     }
 }
+
+/// The bitmap of a DMA logging report is decoded after the report's fixed fields, one
+/// little-endian `u64` per 64 pages, and ORed into the caller's words.
+#[test]
+fn a_dma_logging_report_is_decoded_word_by_word() {
+    use vfio_mig::device::DeviceIo;
+    use vfio_mig::v2::feature::DmaLoggingRange;
+    let server = RustServer::start(None);
+    let dev =
+        vfio_mig_user::VfioUserDevice::connect(&server.sock, &ConnectOptions::default()).unwrap();
+    let range = DmaLoggingRange {
+        iova: 0,
+        length: 128 * 4096,
+    };
+    assert_eq!(dev.dma_logging_start(&[range], 4096).unwrap(), 4096);
+    let mut bitmap = [0u64, 0, 0x8000];
+    dev.dma_logging_report(0, 128 * 4096, 4096, &mut bitmap)
+        .unwrap();
+    assert_eq!(bitmap, [1, 2, 0x8000]);
+    let mut short = [0u64; 1];
+    let e = dev
+        .dma_logging_report(0, 128 * 4096, 4096, &mut short)
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    dev.dma_logging_stop().unwrap();
+}

@@ -229,3 +229,33 @@ fn the_sample_client_migrates_the_same_server() {
     let dest = err.find("device state 4").expect("destination resumed");
     assert!(err[dest..].contains("device state 1"), "{err}");
 }
+
+/// DMA logging as libvfio-user's server takes it: START at one page size, a second START at
+/// another refused (it read the first one's page size), STOP, then START at the other size.
+/// A REPORT needs DMA mappings, which this client never makes: the server's error reply is
+/// an errno and the connection stays usable.
+#[test]
+fn dma_logging_against_the_sample_server() {
+    use vfio_mig::v2::feature::DmaLoggingRange;
+    if skipped() {
+        return;
+    }
+    let a = Server::start();
+    let dev = a.connect();
+    let ranges = [DmaLoggingRange {
+        iova: 0x10000,
+        length: 0x10000,
+    }];
+    assert_eq!(dev.dma_logging_start(&ranges, 4096).unwrap(), 4096);
+    let again = dev.dma_logging_start(&ranges, 8192).unwrap_err();
+    assert_eq!(again.raw_os_error(), Some(libc::EINVAL), "{again}");
+    dev.dma_logging_stop().unwrap();
+    assert_eq!(dev.dma_logging_start(&ranges, 8192).unwrap(), 8192);
+    let mut bitmap = [0u64; 1];
+    let report = dev
+        .dma_logging_report(0x10000, 0x10000, 8192, &mut bitmap)
+        .unwrap_err();
+    assert!(report.raw_os_error().is_some(), "{report}");
+    dev.dma_logging_stop().unwrap();
+    assert_eq!(dev.mig_state().unwrap(), MigState::Running.raw());
+}

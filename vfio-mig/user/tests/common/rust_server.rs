@@ -251,6 +251,17 @@ fn handle(dev: &Mutex<DeviceState>, cmd: u16, body: &[u8]) -> Result<Vec<u8>, u3
                 (2, true, false, false) => {
                     Ok([&body[..8], &d.state.to_le_bytes()[..], &[0xff; 4]].concat())
                 }
+                // DMA logging: START and STOP accepted; a REPORT marks pages 0 and 65 dirty.
+                (6 | 7, false, true, false) => Ok(body.to_vec()),
+                (8, true, false, false) => {
+                    let argsz = le32(body, 0) as usize;
+                    let mut bitmap = vec![0u8; argsz.saturating_sub(8 + 24)];
+                    bitmap[0] = 1;
+                    if bitmap.len() >= 16 {
+                        bitmap[8] = 2;
+                    }
+                    Ok([&body[..8 + 24], &bitmap[..]].concat())
+                }
                 (2, false, true, false) => {
                     let to = le32(body, 8);
                     set_state(&mut d, to)?;
