@@ -487,11 +487,23 @@ mod tests {
         assert_eq!(&buf[..3], b"abc");
         // libvfio-user pads a short read's reply to the size asked: the count decides.
         assert_eq!(
-            read_reply(Command::MigDataRead, &reply(2, b"xy\0\0"), 8, 4, &mut buf, 4).unwrap(),
+            read_reply(
+                Command::MigDataRead,
+                &reply(2, b"xy\0\0"),
+                8,
+                4,
+                &mut buf,
+                4
+            )
+            .unwrap(),
             2
         );
         for (body, asked, want) in [
-            (reply(9, &[0; 9]), 8, "claims 9 bytes (9 carried) for a read of 8"),
+            (
+                reply(9, &[0; 9]),
+                8,
+                "claims 9 bytes (9 carried) for a read of 8",
+            ),
             (reply(5, b"abc"), 8, "claims 5 bytes (3 carried)"),
             (vec![0; 6], 8, "truncated reply: 6 bytes, 8 needed"),
         ] {

@@ -184,3 +184,25 @@ fn a_dma_logging_report_is_decoded_word_by_word() {
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
     dev.dma_logging_stop().unwrap();
 }
+
+/// A command from the server (a DMA request) while a reply is awaited: the client answers it
+/// with an error reply (EOPNOTSUPP: it maps no DMA), then takes its own reply.
+#[test]
+fn a_server_command_is_refused_and_the_reply_still_taken() {
+    let server = RustServer::start(Some((2, Fault::CommandFirst)));
+    let dev = vfio_mig_user::open(&server.name(), &ConnectOptions::default()).unwrap();
+    assert_eq!(
+        dev.io.identity().model,
+        "vfio-user:pci:1234:5678",
+        "the device opened past the interleaved command"
+    );
+    let answer = server.device.lock().unwrap().client_answer.unwrap();
+    // msg_id 0x4242, cmd 11 (DMA_READ), 16 bytes, REPLY | ERROR, EOPNOTSUPP.
+    let mut want = Vec::new();
+    want.extend_from_slice(&0x4242u16.to_le_bytes());
+    want.extend_from_slice(&11u16.to_le_bytes());
+    want.extend_from_slice(&16u32.to_le_bytes());
+    want.extend_from_slice(&0x21u32.to_le_bytes());
+    want.extend_from_slice(&(libc::EOPNOTSUPP as u32).to_le_bytes());
+    assert_eq!(&answer[..], &want[..]);
+}

@@ -32,6 +32,9 @@ pub enum Fault {
     WrongId,
     /// A reply whose payload is cut to 2 bytes (well framed, too short for its command).
     ShortPayload,
+    /// Before the reply, a `VFIO_USER_DMA_READ` command to the client; the client's answer
+    /// is recorded in [`DeviceState::client_answer`].
+    CommandFirst,
 }
 
 /// What the device holds.
@@ -46,6 +49,8 @@ pub struct DeviceState {
     incoming: Vec<u8>,
     /// Messages handled so far.
     pub messages: u32,
+    /// The header of the client's answer to [`Fault::CommandFirst`].
+    pub client_answer: Option<[u8; 16]>,
 }
 
 /// A running server.
@@ -77,6 +82,7 @@ impl RustServer {
             cursor: 0,
             incoming: Vec::new(),
             messages: 0,
+            client_answer: None,
         }));
         let dev = device.clone();
         let thread = std::thread::spawn(move || {
@@ -167,6 +173,19 @@ fn serve(mut conn: UnixStream, dev: &Mutex<DeviceState>, fault: Option<(u32, Fau
             }
             Some(Fault::WrongId) => header(id.wrapping_add(7), cmd, 16, 1, 0),
             Some(Fault::ShortPayload) => [header(id, cmd, 18, 1, 0), vec![0; 2]].concat(),
+            Some(Fault::CommandFirst) => {
+                // DMA_READ of 16 bytes at 0, message id 0x4242, then the client's answer.
+                let ask = [header(0x4242, 11, 32, 0, 0), vec![0; 16]].concat();
+                let mut client = [0u8; 16];
+                if conn.write_all(&ask).is_err() || conn.read_exact(&mut client).is_err() {
+                    return;
+                }
+                dev.lock().unwrap().client_answer = Some(client);
+                match answer {
+                    Ok(payload) => [header(id, cmd, 16 + payload.len(), 1, 0), payload].concat(),
+                    Err(errno) => header(id, cmd, 16, 1 | 0x20, errno),
+                }
+            }
         };
         if conn.write_all(&out).is_err() {
             return;
