@@ -2,9 +2,10 @@
 //! The device access layer: what a VFIO device file descriptor offers, as a trait.
 //!
 //! Everything above this layer (the v1 and v2 protocol drivers, the engine) talks to a
-//! [`DeviceIo`]. Two implementations exist: [`vfio::VfioDeviceIo`], a real device opened through
-//! `vfio-ioctls` whose methods are the real syscalls on the device fd, and the mock mediated
-//! device in the `vfio-mig-mock` crate, an in-process vendor-driver emulation. Because the trait speaks
+//! [`DeviceIo`]. Three implementations exist: [`vfio::VfioDeviceIo`], a real device opened through
+//! `vfio-ioctls` whose methods are the real syscalls on the device fd, the mock mediated
+//! device in the `vfio-mig-mock` crate, an in-process vendor-driver emulation, and vfio-user
+//! devices in the `vfio-mig-user` crate, each method a message on a server's socket. Because the trait speaks
 //! the kernel's own byte-level ioctl formats (argsz-sized buffers, capability chains, the
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 
