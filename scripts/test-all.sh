@@ -7,7 +7,12 @@
 #   3. the guest tests against the kernel's mtty sample driver in a QEMU guest
 #      (scripts/guest/run.sh installs what it needs: apt as root, Debian kernel packages).
 #
-# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2 (the run then says so; it is not a full pass).
+# The host tests include the vfio-user tests, against libvfio-user's sample server built from
+# ../shared/libvfio-user (or VFIO_MIG_LIBVFIO_USER_SRC) by scripts/libvfio-user.sh, which
+# installs meson, ninja-build, pkg-config, libjson-c-dev and libcmocka-dev when missing.
+#
+# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2 (the run then says so; it is not a full pass),
+# VFIO_MIG_SKIP_VFIO_USER=1 to run without libvfio-user (likewise not a full pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +34,7 @@ step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # Each published crate alone, at its default features (what a user of it builds) and with
 # every feature (what docs.rs builds: `[package.metadata.docs.rs] all-features`).
-for crate in vfio-mig vfio-mig-session vfio-mig-fence vfio-mig-mock vfio-mig-cli vfio-mig-etcd vmm-glue; do
+for crate in vfio-mig vfio-mig-session vfio-mig-fence vfio-mig-mock vfio-mig-user vfio-mig-cli vfio-mig-etcd vmm-glue; do
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --no-deps --locked
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --all-features --no-deps --locked
 done
@@ -60,6 +65,14 @@ if [ "$(id -u)" = 0 ]; then
     export VFIO_MIG_REQUIRE_NETNS=1
     export VFIO_MIG_REQUIRE_ETCD=1
 fi
+if [ "${VFIO_MIG_SKIP_VFIO_USER:-0}" = 1 ]; then
+    step "vfio-user tests SKIPPED (VFIO_MIG_SKIP_VFIO_USER=1): this is not a full pass"
+else
+    step "libvfio-user's sample server and client (scripts/libvfio-user.sh)"
+    VFIO_MIG_LIBVFIO_USER="$(scripts/libvfio-user.sh)"
+    export VFIO_MIG_LIBVFIO_USER
+    echo "$VFIO_MIG_LIBVFIO_USER"
+fi
 cargo test --workspace --release --locked
 
 step "vmm-glue example: a VMM-side live migration with guest memory and a device"
@@ -77,4 +90,8 @@ if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
 fi
 step "guest tests (mtty in a QEMU guest)"
 scripts/guest/run.sh
+if [ "${VFIO_MIG_SKIP_VFIO_USER:-0}" = 1 ]; then
+    step "all tests passed, without the vfio-user tests: this is not a full pass"
+    exit 0
+fi
 step "all tests passed"

@@ -12,6 +12,7 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use vfio_mig::device::DataSession;
 use vfio_mig::engine::SaveOptions;
 use vfio_mig::v2::{feature, MigState};
 use vfio_mig_mock::pace::BURST;
@@ -36,7 +37,10 @@ fn a_v2_device_produces_no_faster_than_its_rate() {
     let d = v2("mock:v2,size=2M,seed=3,rate=4M,content=fast");
     let t = Instant::now();
     feature::set_state(&d, MigState::Stop).unwrap();
-    let fd = feature::set_state(&d, MigState::StopCopy).unwrap().unwrap();
+    let fd = feature::set_state(&d, MigState::StopCopy)
+        .unwrap()
+        .and_then(DataSession::into_fd)
+        .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let mut stream = Vec::new();
     loop {
@@ -62,6 +66,7 @@ fn a_v2_device_produces_no_faster_than_its_rate() {
     feature::set_state(&dst, MigState::Stop).unwrap();
     let w = feature::set_state(&dst, MigState::Resuming)
         .unwrap()
+        .and_then(DataSession::into_fd)
         .unwrap();
     let mut rest = &stream[..];
     while !rest.is_empty() {

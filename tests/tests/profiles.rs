@@ -4,7 +4,6 @@
 //! `docs/mock-device.md` and `vfio_mig_mock::v2::profile`).
 
 use std::io::Read;
-use std::os::fd::AsFd;
 
 use vfio_mig::device::DeviceIo;
 use vfio_mig::v2::feature;
@@ -48,7 +47,7 @@ fn mig_data_size_is_the_whole_stop_copy_state_however_much_was_read() {
         assert_eq!(feature::data_size(&d).unwrap(), whole, "{profile} RUNNING");
         let fd = DataFd::new(feature::set_state(&d, MigState::StopCopy).unwrap().unwrap());
         let mut half = vec![0u8; (whole / 2) as usize];
-        let mut f = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
+        let mut f = std::fs::File::from(fd.fd().unwrap().try_clone_to_owned().unwrap());
         f.read_exact(&mut half).unwrap();
         assert_eq!(
             feature::data_size(&d).unwrap(),
@@ -99,11 +98,11 @@ fn mtty_and_hisi_pre_copy_carry_a_small_header_and_stop_copy_the_whole_state() {
         let d = dev(&format!("mock:v2,size=256K,seed=4,profile={profile}"));
         let whole = feature::data_size(&d).unwrap();
         let fd = DataFd::new(feature::set_state(&d, MigState::PreCopy).unwrap().unwrap());
-        let info = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
+        let info = feature::precopy_info(&d, fd.session(), false).unwrap();
         let (pre, _) = read_to_end(&d, &fd);
         assert_eq!(info.initial_bytes, pre.len() as u64, "{profile}: {info:?}");
         assert_eq!(pre.len() < 64, small, "{profile}: {} of {whole}", pre.len());
-        let after = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
+        let after = feature::precopy_info(&d, fd.session(), false).unwrap();
         assert_eq!(
             (after.initial_bytes, after.dirty_bytes),
             (0, 0),
@@ -123,7 +122,7 @@ fn mlx5_pre_copy_info_grows_while_the_device_dirties_its_state() {
     // Every PRECOPY_INFO accounts for the time since the last one; at 100 GB/s a page is
     // dirtied within nanoseconds, so a few calls see it.
     let grown = (0..1000)
-        .map(|_| feature::precopy_info(&d, fd.as_fd(), false).unwrap())
+        .map(|_| feature::precopy_info(&d, fd.session(), false).unwrap())
         .find(|i| i.dirty_bytes > 0)
         .expect("dirty bytes appear");
     assert_eq!(grown.initial_bytes, 0);
@@ -133,7 +132,7 @@ fn mlx5_pre_copy_info_grows_while_the_device_dirties_its_state() {
     let fd = DataFd::new(feature::set_state(&d, MigState::PreCopy).unwrap().unwrap());
     read_to_end(&d, &fd);
     for _ in 0..100 {
-        let i = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
+        let i = feature::precopy_info(&d, fd.session(), false).unwrap();
         assert_eq!((i.initial_bytes, i.dirty_bytes), (0, 0));
     }
 }

@@ -3,8 +3,6 @@
 //! difference from the earlier profiles, and the new profiles (xe, qat, virtio, igb). Each
 //! expectation names the driver code it comes from; none comes from the engine.
 
-use std::os::fd::AsFd;
-
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET,
 };
@@ -177,7 +175,7 @@ fn qat_pre_copy_carries_its_setup_part_only() {
     let d = dev("mock:v2,size=64K,seed=3,profile=qat");
     let whole = feature::data_size(&d).unwrap();
     let fd = DataFd::new(feature::set_state(&d, MigState::PreCopy).unwrap().unwrap());
-    let info = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
+    let info = feature::precopy_info(&d, fd.session(), false).unwrap();
     let (pre, end) = read_to_end(&d, &fd);
     assert_eq!(
         (info.initial_bytes, info.dirty_bytes),
@@ -212,7 +210,7 @@ fn igb_saves_its_1k_blob_at_stop_copy_only() {
     let d = dev("mock:v2,profile=igb,seed=1");
     assert_eq!(feature::data_size(&d).unwrap(), 1024);
     let fd = DataFd::new(feature::set_state(&d, MigState::PreCopy).unwrap().unwrap());
-    let info = feature::precopy_info(&d, fd.as_fd(), false).unwrap();
+    let info = feature::precopy_info(&d, fd.session(), false).unwrap();
     assert_eq!((info.initial_bytes, info.dirty_bytes), (0, 0));
     assert_eq!(read_to_end(&d, &fd), (vec![], DataRead::Eof));
     feature::set_state(&d, MigState::StopCopy).unwrap();

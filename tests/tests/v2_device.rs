@@ -8,12 +8,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
-    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET,
+    vfio_precopy_info, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_SET,
 };
-use vfio_mig::device::DeviceIo;
+use vfio_mig::device::{DataSession, DeviceIo};
 use vfio_mig::v2::feature::{self, DmaLoggingRange};
 use vfio_mig::v2::{plan, returns_data_fd, MigState, MigrationFlags};
 use vfio_mig_mock::{Content, Decoder, MockSpec, MockV2};
@@ -38,7 +39,12 @@ fn state(d: &MockV2) -> MigState {
 }
 
 fn set(d: &MockV2, s: MigState) -> io::Result<Option<OwnedFd>> {
-    feature::set_state(d, s)
+    Ok(feature::set_state(d, s)?.and_then(DataSession::into_fd))
+}
+
+/// `VFIO_MIG_GET_PRECOPY_INFO` on `fd` (a duplicate: the mock knows a session by its file).
+fn precopy_info_of(d: &MockV2, fd: &OwnedFd) -> io::Result<vfio_precopy_info> {
+    d.precopy_info(&DataSession::from_fd(fd.try_clone()?))
 }
 
 /// One read of at most `max` bytes.
@@ -223,20 +229,20 @@ fn pre_copy_to_stop_copy_keeps_the_pre_copy_fd() {
         let spec = format!("mock:v2,size=20000,seed=3,page=4096,flags={flags}");
         let d = dev(&spec);
         let fd = set(&d, PreCopy).unwrap().expect("PRE_COPY opens a data fd");
-        let info = d.precopy_info(fd.as_fd()).unwrap();
+        let info = precopy_info_of(&d, &fd).unwrap();
         let initial = stream_len(20000, 4096) - 16;
         assert_eq!((info.initial_bytes, info.dirty_bytes), (initial, 0));
         // Small reads work: a pipe has no minimum read size.
         let first = read_some(fd.as_fd(), 7).unwrap();
         assert_eq!(first.len(), 7);
-        let info = d.precopy_info(fd.as_fd()).unwrap();
+        let info = precopy_info_of(&d, &fd).unwrap();
         assert_eq!(info.initial_bytes, initial - 7);
         let mut stream = first;
         stream.extend(read_to_zero(fd.as_fd(), 1000));
         // The end of the pre-copy data is a 0-byte read; the fd stays usable.
         assert_eq!(stream.len() as u64, initial);
         assert!(read_some(fd.as_fd(), 64).unwrap().is_empty());
-        let info = d.precopy_info(fd.as_fd()).unwrap();
+        let info = precopy_info_of(&d, &fd).unwrap();
         assert_eq!(
             (info.initial_bytes, info.dirty_bytes, info.flags),
             (0, 0, 0)
@@ -244,7 +250,7 @@ fn pre_copy_to_stop_copy_keeps_the_pre_copy_fd() {
         assert_eq!(feature::data_size(&d).unwrap(), 16, "only END is left");
 
         assert!(set(&d, StopCopy).unwrap().is_none(), "{flags}: no new fd");
-        assert_eq!(code(d.precopy_info(fd.as_fd())), EINVAL);
+        assert_eq!(code(precopy_info_of(&d, &fd)), EINVAL);
         stream.extend(read_to_zero(fd.as_fd(), 4096));
         assert!(read_some(fd.as_fd(), 64).unwrap().is_empty(), "EOF stays");
         assert_eq!(feature::data_size(&d).unwrap(), 0);
@@ -269,7 +275,7 @@ fn pre_copy_data_ends_with_a_zero_read_and_more_follows_when_pages_are_dirtied()
     let mut rounds = 0;
     loop {
         std::thread::sleep(Duration::from_millis(2));
-        let info = src.precopy_info(fd.as_fd()).unwrap();
+        let info = precopy_info_of(&src, &fd).unwrap();
         assert_eq!(info.initial_bytes, 0);
         if info.dirty_bytes == 0 {
             continue;
@@ -311,7 +317,7 @@ fn stop_copy_from_stop_streams_everything_then_eof() {
     let stream = read_to_zero(fd.as_fd(), 65536);
     assert_eq!(stream.len() as u64, stream_len(300000, 1000));
     assert!(read_some(fd.as_fd(), 1).unwrap().is_empty());
-    assert_eq!(code(d.precopy_info(fd.as_fd())), EINVAL);
+    assert_eq!(code(precopy_info_of(&d, &fd)), EINVAL);
     set(&d, Stop).unwrap();
     assert_eq!(d.handle().status().saves_completed, 1);
     // After the session the fd only reads 0.
@@ -329,21 +335,21 @@ fn precopy_info_answers_only_for_this_device_s_saving_fd() {
     let a = dev("mock:v2,size=8K");
     let b = dev("mock:v2,size=8K");
     let fd = set(&a, PreCopy).unwrap().unwrap();
-    a.precopy_info(fd.as_fd()).unwrap();
+    precopy_info_of(&a, &fd).unwrap();
     // Another device, a foreign pipe, a closed fd.
-    assert_eq!(code(b.precopy_info(fd.as_fd())), libc::ENOTTY);
+    assert_eq!(code(precopy_info_of(&b, &fd)), libc::ENOTTY);
     let (r, _w) = nix::unistd::pipe().unwrap();
-    assert_eq!(code(a.precopy_info(r.as_fd())), libc::ENOTTY);
+    assert_eq!(code(precopy_info_of(&a, &r)), libc::ENOTTY);
     // A resuming fd has no such ioctl.
     let input = set(&b, Resuming).unwrap().unwrap();
-    assert_eq!(code(b.precopy_info(input.as_fd())), libc::ENOTTY);
+    assert_eq!(code(precopy_info_of(&b, &input)), libc::ENOTTY);
     // An earlier saving fd: EINVAL outside pre-copy, ENODEV during a newer one.
     set(&a, Running).unwrap();
-    assert_eq!(code(a.precopy_info(fd.as_fd())), EINVAL);
+    assert_eq!(code(precopy_info_of(&a, &fd)), EINVAL);
     let fd2 = set(&a, PreCopy).unwrap().unwrap();
     assert_ne!(fd.as_raw_fd(), fd2.as_raw_fd());
-    assert_eq!(code(a.precopy_info(fd.as_fd())), libc::ENODEV);
-    a.precopy_info(fd2.as_fd()).unwrap();
+    assert_eq!(code(precopy_info_of(&a, &fd)), libc::ENODEV);
+    precopy_info_of(&a, &fd2).unwrap();
 }
 
 #[test]
@@ -540,7 +546,7 @@ fn access(field: &str) -> (Option<MigState>, Access) {
         "data-size" => (None, Box::new(|d, _| feature::data_size(d).map(drop))),
         "precopy-info" => (
             Some(PreCopy),
-            Box::new(|d, fd| d.precopy_info(fd.as_fd()).map(drop)),
+            Box::new(|d, fd| precopy_info_of(d, fd).map(drop)),
         ),
         "dma-logging" => (None, Box::new(|d, _| feature::dma_logging_stop(d))),
         "reset" => (None, Box::new(|d, _| d.reset())),
@@ -622,8 +628,8 @@ fn a_data_read_fault_cuts_the_stream_and_fails_the_save_once() {
     let d = dev("mock:v2,size=64K,chunk=4K,fail-at=data-read@2:ENOSPC");
     let fd = set(&d, PreCopy).unwrap().unwrap();
     assert_eq!(read_to_zero(fd.as_fd(), 65536).len(), 4096);
-    assert_eq!(code(d.precopy_info(fd.as_fd())), libc::ENOSPC);
-    assert_eq!(code(d.precopy_info(fd.as_fd())), libc::ENOSPC);
+    assert_eq!(code(precopy_info_of(&d, &fd)), libc::ENOSPC);
+    assert_eq!(code(precopy_info_of(&d, &fd)), libc::ENOSPC);
     set(&d, Running).unwrap();
 
     // With :error the device fails as the block is due.

@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -268,18 +267,19 @@ fn rated_one(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>, engine: bool) ->
         } else {
             let mut buf = vec![0u8; vfio_mig::engine::DEFAULT_BUFFER];
             feature::set_state(&mock, MigState::Stop).unwrap();
-            let fd = feature::set_state(&mock, MigState::StopCopy)
+            let session = feature::set_state(&mock, MigState::StopCopy)
                 .unwrap()
                 .unwrap();
+            let fd = session.require_fd().unwrap();
             loop {
-                match nix::unistd::read(fd.as_fd(), &mut buf) {
+                match nix::unistd::read(fd, &mut buf) {
                     Ok(0) => break,
                     Ok(n) => conn.write_all(&buf[..n]).unwrap(),
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => panic!("raw loop read: {e}"),
                 }
             }
-            drop(fd);
+            drop(session);
             feature::set_state(&mock, MigState::Stop).unwrap();
         }
         conn.flush().unwrap();

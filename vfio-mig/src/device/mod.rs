@@ -2,9 +2,10 @@
 //! The device access layer: what a VFIO device file descriptor offers, as a trait.
 //!
 //! Everything above this layer (the v1 and v2 protocol drivers, the engine) talks to a
-//! [`DeviceIo`]. Two implementations exist: [`vfio::VfioDeviceIo`], a real device opened through
-//! `vfio-ioctls` whose methods are the real syscalls on the device fd, and the mock mediated
-//! device in the `vfio-mig-mock` crate, an in-process vendor-driver emulation. Because the trait speaks
+//! [`DeviceIo`]. Three implementations exist: [`vfio::VfioDeviceIo`], a real device opened through
+//! `vfio-ioctls` whose methods are the real syscalls on the device fd, the mock mediated
+//! device in the `vfio-mig-mock` crate, an in-process vendor-driver emulation, and vfio-user
+//! devices in the `vfio-mig-user` crate, each method a message on a server's socket. Because the trait speaks
 //! the kernel's own byte-level ioctl formats (argsz-sized buffers, capability chains, the
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 
@@ -14,13 +15,14 @@ pub mod hwpt;
 pub mod mapping;
 pub mod pod;
 pub mod region;
+pub mod session;
 pub mod vfio;
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
 
 pub use mapping::Mapping;
 pub use region::{RegionCap, RegionInfo, SparseArea};
+pub use session::DataSession;
 
 /// What identifies a device's migration data format, so a destination can refuse a stream
 /// it cannot load (carried in the stream header).
@@ -122,9 +124,9 @@ pub trait DeviceIo: Send + Sync {
     }
 
     /// SET of `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` to the raw state `state`. Returns the data
-    /// fd the transition opened (the kernel's `data_fd` >= 0), a new descriptor owned by the
-    /// caller, or `None` when it opened none (-1).
-    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+    /// session the transition opened (a kernel device: its `data_fd` >= 0, a new descriptor
+    /// owned by the caller), or `None` when it opened none (-1).
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<DataSession>> {
         let _ = state;
         not_supported()
     }
@@ -140,9 +142,9 @@ pub trait DeviceIo: Send + Sync {
         not_supported()
     }
 
-    /// `VFIO_MIG_GET_PRECOPY_INFO` on a migration `data_fd` this device returned.
-    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<RawPrecopyInfo> {
-        let _ = data_fd;
+    /// `VFIO_MIG_GET_PRECOPY_INFO` on a data `session` this device opened.
+    fn precopy_info(&self, session: &DataSession) -> io::Result<RawPrecopyInfo> {
+        let _ = session;
         not_supported()
     }
 
@@ -174,19 +176,20 @@ pub trait DeviceIo: Send + Sync {
         not_supported()
     }
 
-    /// `read(2)` on a migration `data_fd` this device returned. The default is the syscall,
-    /// which is what a kernel device needs. An emulated device overrides it when its data fd
-    /// must answer what a real fd it can create cannot (ENOMSG at pre-copy's temporary end);
-    /// it still performs the read on `data_fd` itself.
-    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-        Ok(nix::unistd::read(data_fd, buf)?)
+    /// One read of a data `session` this device opened, with `read(2)`'s answers (0 at the
+    /// end, ENOMSG at pre-copy's temporary end). The default is the syscall on the session's
+    /// fd, which is what a kernel device needs. An emulated device overrides it when its data
+    /// fd must answer what a real fd it can create cannot (ENOMSG), and a device without a
+    /// data fd moves the data itself.
+    fn read_data(&self, session: &DataSession, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(nix::unistd::read(session.require_fd()?, buf)?)
     }
 
-    /// `write(2)` on a migration `data_fd` this device returned (see [`DeviceIo::read_data`]:
-    /// an emulated device may refuse bad data inside the write, with the errno its kernel
-    /// driver returns).
-    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-        Ok(nix::unistd::write(data_fd, buf)?)
+    /// One write to a data `session` this device opened, with `write(2)`'s answers (see
+    /// [`DeviceIo::read_data`]: an emulated device may refuse bad data inside the write, with
+    /// the errno its kernel driver returns).
+    fn write_data(&self, session: &DataSession, buf: &[u8]) -> io::Result<usize> {
+        Ok(nix::unistd::write(session.require_fd()?, buf)?)
     }
 }
 

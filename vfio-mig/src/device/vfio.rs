@@ -34,7 +34,9 @@ use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use super::backend::{Backend, DeviceAccess, Route};
 use super::pod::{read_pod, write_pod, Pod};
-use super::{check_dma_bitmap, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
+use super::{
+    check_dma_bitmap, DataSession, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping,
+};
 
 mod ioctls {
     use super::{VFIO_BASE, VFIO_TYPE};
@@ -391,7 +393,7 @@ impl DeviceIo for VfioDeviceIo {
         Ok(mig.device_state)
     }
 
-    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<DataSession>> {
         let mut mig = vfio_device_feature_mig_state {
             device_state: state,
             data_fd: -1,
@@ -406,7 +408,8 @@ impl DeviceIo for VfioDeviceIo {
         // SAFETY: the ioctl just succeeded and answered `data_fd` >= 0: the kernel installed a
         // new descriptor for the data session (`fd_install`) and this is its only reference in
         // the process; nothing else owns or closes it.
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(mig.data_fd) }))
+        let fd = unsafe { OwnedFd::from_raw_fd(mig.data_fd) };
+        Ok(Some(DataSession::from_fd(fd)))
     }
 
     fn mig_data_size(&self) -> io::Result<u64> {
@@ -478,7 +481,8 @@ impl DeviceIo for VfioDeviceIo {
         )
     }
 
-    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
+    fn precopy_info(&self, session: &DataSession) -> io::Result<vfio_precopy_info> {
+        let data_fd = session.require_fd()?;
         let mut buf = vec![0u8; std::mem::size_of::<vfio_precopy_info>()];
         let query = vfio_precopy_info {
             argsz: buf.len() as u32,

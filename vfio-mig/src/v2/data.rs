@@ -2,8 +2,11 @@
 //! The migration data fd: an owned handle on one data transfer session.
 //!
 //! The kernel returns it from a transition into PRE_COPY, PRE_COPY_P2P, STOP_COPY (saving:
-//! read it) or RESUMING (write it). It is a plain stream: the handle exposes
-//! [`AsFd`] so a VMM can poll it, splice it to a socket, or hand it to its event loop.
+//! read it) or RESUMING (write it). It is a plain stream: the handle exposes its fd
+//! ([`DataFd::fd`]) so a VMM can poll it, splice it to a socket, or hand it to its event loop.
+//! A device whose state moves by messages opens a session without an fd
+//! ([`DataSession::without_fd`]); it is then read and written only through the device
+//! ([`DataFd::read_via`], [`DataFd::write_all_via`]).
 //!
 //! Reading distinguishes the two ways a device says "nothing more now":
 //! [`DataRead::Eof`] (read returned 0: the end of the stream in STOP_COPY; in pre-copy mtty
@@ -12,12 +15,12 @@
 //! depends on the state. EINTR is retried; EAGAIN (a non-blocking fd) waits in `poll(2)`.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::device::DeviceIo;
+use crate::device::{DataSession, DeviceIo};
 
 /// What one read of the data fd produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,44 +33,54 @@ pub enum DataRead {
     NoMessage,
 }
 
-/// An owned migration data fd.
+/// An owned migration data session (its data fd, where it has one).
 #[derive(Debug)]
 pub struct DataFd {
-    fd: OwnedFd,
+    session: DataSession,
 }
 
 impl DataFd {
-    /// Takes ownership of a data fd returned by a state transition.
-    pub fn new(fd: OwnedFd) -> Self {
-        Self { fd }
+    /// Takes ownership of a data session returned by a state transition.
+    pub fn new(session: DataSession) -> Self {
+        Self { session }
     }
 
-    /// Gives the descriptor back (for a caller that drives the session itself).
-    pub fn into_owned(self) -> OwnedFd {
-        self.fd
+    /// Gives the session back (for a caller that drives the session itself).
+    pub fn into_session(self) -> DataSession {
+        self.session
+    }
+
+    /// The session, for the device's own operations on it.
+    pub fn session(&self) -> &DataSession {
+        &self.session
+    }
+
+    /// The data fd, where the session has one.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.session.fd()
     }
 
     /// One `read(2)` into `buf` (non-empty), retried on EINTR and, for a non-blocking fd,
-    /// after waiting for readability on EAGAIN.
+    /// after waiting for readability on EAGAIN. `EBADF` for a session without an fd.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<DataRead> {
-        self.read_with(buf, |fd, buf| nix::unistd::read(fd, buf))
+        self.read_with(buf, |s, buf| Ok(nix::unistd::read(s.require_fd()?, buf)?))
     }
 
     /// [`DataFd::read`] through the device's [`DeviceIo::read_data`] (the syscall on a real
     /// device).
     pub fn read_via(&self, dev: &dyn DeviceIo, buf: &mut [u8]) -> io::Result<DataRead> {
-        self.read_with(buf, |fd, buf| dev.read_data(fd, buf).map_err(to_errno))
+        self.read_with(buf, |s, buf| dev.read_data(s, buf))
     }
 
     /// [`DataFd::write_all`] through the device's [`DeviceIo::write_data`].
     pub fn write_all_via(&self, dev: &dyn DeviceIo, data: &[u8]) -> io::Result<()> {
-        self.write_all_with(data, |fd, d| dev.write_data(fd, d).map_err(to_errno))
+        self.write_all_with(data, |s, d| dev.write_data(s, d))
     }
 
     fn read_with(
         &self,
         buf: &mut [u8],
-        read: impl Fn(BorrowedFd<'_>, &mut [u8]) -> nix::Result<usize>,
+        read: impl Fn(&DataSession, &mut [u8]) -> io::Result<usize>,
     ) -> io::Result<DataRead> {
         if buf.is_empty() {
             return Err(io::Error::new(
@@ -76,11 +89,17 @@ impl DataFd {
             ));
         }
         loop {
-            match classify(read(self.fd.as_fd(), buf)) {
-                Ok(Some(r)) => return Ok(r),
-                Ok(None) => continue,
-                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLIN)?,
-                Err(e) => return Err(e.into()),
+            // An error without an errno (a device's own message) is kept as it is.
+            let r = read(&self.session, buf);
+            let errno = r.as_ref().err().and_then(io::Error::raw_os_error);
+            match (r, errno) {
+                (Err(e), None) => return Err(e),
+                (r, _) => match classify(r.map_err(to_errno)) {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => continue,
+                    Err(Errno::EAGAIN) => self.wait(PollFlags::POLLIN)?,
+                    Err(e) => return Err(e.into()),
+                },
             }
         }
     }
@@ -88,16 +107,16 @@ impl DataFd {
     /// Writes all of `data`: partial writes continue, EINTR is retried, EAGAIN waits for
     /// writability. A write of 0 bytes is an error (the session accepts no more).
     pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
-        self.write_all_with(data, |fd, d| nix::unistd::write(fd, d))
+        self.write_all_with(data, |s, d| Ok(nix::unistd::write(s.require_fd()?, d)?))
     }
 
     fn write_all_with(
         &self,
         mut data: &[u8],
-        write: impl Fn(BorrowedFd<'_>, &[u8]) -> nix::Result<usize>,
+        write: impl Fn(&DataSession, &[u8]) -> io::Result<usize>,
     ) -> io::Result<()> {
         while !data.is_empty() {
-            match write(self.fd.as_fd(), data) {
+            match write(&self.session, data).map_err(|e| (e.raw_os_error(), e)) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -105,19 +124,23 @@ impl DataFd {
                     ))
                 }
                 Ok(n) => data = &data[n..],
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
-                Err(e) => return Err(e.into()),
+                Err((Some(libc::EINTR), _)) => continue,
+                Err((Some(libc::EAGAIN), _)) => self.wait(PollFlags::POLLOUT)?,
+                Err((_, e)) => return Err(e),
             }
         }
         Ok(())
     }
 
     /// Blocks until the fd is ready for `events` (or reports an error or hang-up, which the
-    /// next read or write then returns).
+    /// next read or write then returns). A session without an fd has nothing to wait on:
+    /// EAGAIN from its device is an error.
     fn wait(&self, events: PollFlags) -> io::Result<()> {
+        let fd = self
+            .fd()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EAGAIN))?;
         loop {
-            let mut fds = [PollFd::new(self.fd.as_fd(), events)];
+            let mut fds = [PollFd::new(fd, events)];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
@@ -127,7 +150,7 @@ impl DataFd {
     }
 }
 
-/// The errno of an I/O error from a [`DeviceIo`] hook (EIO when it carries none).
+/// The errno of an I/O error that carries one (EIO otherwise, which callers keep apart).
 fn to_errno(e: io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -141,18 +164,6 @@ pub(crate) fn classify(r: nix::Result<usize>) -> Result<Option<DataRead>, Errno>
         Err(Errno::ENOMSG) => Ok(Some(DataRead::NoMessage)),
         Err(Errno::EINTR) => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-impl AsFd for DataFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl AsRawFd for DataFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
     }
 }
 
@@ -176,7 +187,7 @@ mod tests {
     #[test]
     fn reads_data_then_eof() {
         let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
-        let data = DataFd::new(r);
+        let data = DataFd::new(DataSession::from_fd(r));
         nix::unistd::write(&w, b"header").unwrap();
         drop(w);
         let mut buf = [0u8; 64];
@@ -189,7 +200,7 @@ mod tests {
     #[test]
     fn non_blocking_read_waits_in_poll() {
         let (r, w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
-        let data = DataFd::new(r);
+        let data = DataFd::new(DataSession::from_fd(r));
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             nix::unistd::write(&w, b"late").unwrap();
@@ -203,11 +214,11 @@ mod tests {
     fn write_all_survives_partial_non_blocking_writes() {
         // More than a pipe holds, through a non-blocking write end: EAGAIN and short writes.
         let (r, w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
-        let data = DataFd::new(w);
+        let data = DataFd::new(DataSession::from_fd(w));
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let expect = payload.clone();
         let reader = std::thread::spawn(move || {
-            let r = DataFd::new(r);
+            let r = DataFd::new(DataSession::from_fd(r));
             let mut got = Vec::new();
             let mut buf = [0u8; 7000];
             loop {
@@ -228,7 +239,7 @@ mod tests {
     fn write_to_a_closed_session_fails() {
         let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
         drop(r);
-        let data = DataFd::new(w);
+        let data = DataFd::new(DataSession::from_fd(w));
         // SIGPIPE is ignored by the Rust runtime, so this is EPIPE.
         let err = data.write_all(b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPIPE));

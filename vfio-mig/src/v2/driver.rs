@@ -13,7 +13,7 @@
 //! run with partial state.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -121,7 +121,7 @@ impl std::fmt::Debug for V2Device {
             .field("device", &self.dev.identity().instance)
             .field("flags", &self.flags)
             .field("state", &self.state)
-            .field("data_fd", &self.data.as_ref().map(|d| d.as_raw_fd()))
+            .field("data_fd", &self.data_fd().map(|d| d.as_raw_fd()))
             .finish()
     }
 }
@@ -207,17 +207,19 @@ impl V2Device {
     /// `VFIO_MIG_GET_PRECOPY_INFO` on the current data fd (PRE_COPY states only).
     pub fn precopy_info(&self) -> Result<PrecopyInfo> {
         let step = "read pre-copy info";
-        let fd = self
-            .data_fd()
-            .ok_or_else(|| Error::protocol(step, format!("no data fd in {}", self.state)))?;
-        feature::precopy_info(self.dev.as_ref(), fd, self.precopy_v2)
+        let session = self
+            .data
+            .as_ref()
+            .ok_or_else(|| Error::protocol(step, format!("no data session in {}", self.state)))?;
+        feature::precopy_info(self.dev.as_ref(), session.session(), self.precopy_v2)
             .map_err(|e| Error::device(step, e))
     }
 
-    /// The data fd of the current session, to poll or splice. Owned by the device: it is
-    /// closed when the device leaves the streaming states.
+    /// The data fd of the current session, to poll or splice (`None` also for a session
+    /// without one). Owned by the device: it is closed when the device leaves the streaming
+    /// states.
     pub fn data_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.data.as_ref().map(|d| d.as_fd())
+        self.data.as_ref().and_then(|d| d.fd())
     }
 
     /// Moves the device to `target` along the kernel's arcs, one SET per arc. On a failed arc
@@ -331,7 +333,7 @@ impl V2Device {
         &mut self,
         from: MigState,
         to: MigState,
-        fd: Option<std::os::fd::OwnedFd>,
+        fd: Option<crate::device::DataSession>,
     ) -> Result<()> {
         let expected = returns_data_fd(from, to);
         match fd {
@@ -536,9 +538,10 @@ impl MigrationDevice for V2Device {
         }
         out.push((
             "data fd".to_string(),
-            match &self.data {
-                Some(d) => format!("open (fd {})", d.as_raw_fd()),
-                None => "none".to_string(),
+            match (&self.data, self.data_fd()) {
+                (Some(_), Some(fd)) => format!("open (fd {})", fd.as_raw_fd()),
+                (Some(_), None) => "open (no fd: moved by the device)".to_string(),
+                (None, _) => "none".to_string(),
             },
         ));
         Ok(out)
@@ -595,7 +598,18 @@ impl MigrationDevice for V2Device {
 
     fn pending(&mut self) -> Result<Pending> {
         if self.state.is_pre_copy() && self.data.is_some() {
-            let info = self.precopy_info()?;
+            let info = match self.precopy_info() {
+                // A device without the operation (vfio-user has none): as QEMU's
+                // vfio_query_precopy_size, whose failure leaves both sizes 0, no pre-copy
+                // bytes are counted, so the policy switches over without waiting for data.
+                Err(Error::Device { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOTTY) =>
+                {
+                    log::debug!("no PRECOPY_INFO: no pre-copy bytes counted");
+                    PrecopyInfo::from_raw(&Default::default(), false)
+                }
+                other => other?,
+            };
             // QEMU's state_pending_exact: the stop-copy size decides the downtime; when the
             // device cannot tell, assume QEMU's VFIO_MIG_STOP_COPY_SIZE so that the downtime
             // budget is not silently exceeded.

@@ -10,7 +10,7 @@
 //! unless exactly header + ports arrived. Faults make chosen arcs fail and land anywhere.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -24,7 +24,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::state::{next_step, MigState, MigrationFlags};
-use crate::device::{DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
+use crate::device::{DataSession, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -354,11 +354,11 @@ impl DeviceIo for Fake {
         Ok(f.state.unwrap().raw())
     }
 
-    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<DataSession>> {
         let mut f = self.lock();
         f.flags.ok_or_else(|| errno(libc::ENOTTY))?;
         let target = MigState::from_raw(state).ok_or_else(|| errno(libc::EINVAL))?;
-        f.set(target)
+        Ok(f.set(target)?.map(DataSession::from_fd))
     }
 
     fn mig_data_size(&self) -> io::Result<u64> {
@@ -400,7 +400,7 @@ impl DeviceIo for Fake {
         Ok(())
     }
 
-    fn precopy_info(&self, _data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
+    fn precopy_info(&self, _session: &DataSession) -> io::Result<vfio_precopy_info> {
         let f = self.lock();
         if !f.state.unwrap().is_pre_copy() {
             return Err(errno(libc::EINVAL));

@@ -15,12 +15,11 @@
 //! passed). Kernels without it refuse the SET; [`enable_precopy_info_v2`] reports that.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::{vfio_precopy_info, VFIO_PRECOPY_INFO_REINIT};
 
 use super::state::{MigState, MigrationFlags};
-use crate::device::{check_dma_bitmap, DeviceIo};
+use crate::device::{check_dma_bitmap, DataSession, DeviceIo};
 pub use crate::device::{dma_bitmap_words, DmaLoggingRange};
 
 /// The smallest page size the kernel accepts for a DMA logging report.
@@ -47,9 +46,9 @@ pub fn get_state(dev: &dyn DeviceIo) -> io::Result<u32> {
     dev.mig_state()
 }
 
-/// Requests `state`. Returns the new data fd when the transition opened a data session
-/// (the kernel answers `data_fd` >= 0), `None` when it answered -1.
-pub fn set_state(dev: &dyn DeviceIo, state: MigState) -> io::Result<Option<OwnedFd>> {
+/// Requests `state`. Returns the new data session when the transition opened one (the
+/// kernel answers `data_fd` >= 0), `None` when it answered -1.
+pub fn set_state(dev: &dyn DeviceIo, state: MigState) -> io::Result<Option<DataSession>> {
     dev.set_mig_state(state.raw())
 }
 
@@ -137,13 +136,13 @@ impl PrecopyInfo {
     }
 }
 
-/// `VFIO_MIG_GET_PRECOPY_INFO` on `data_fd` (valid in PRE_COPY and PRE_COPY_P2P only).
+/// `VFIO_MIG_GET_PRECOPY_INFO` on a data `session` (valid in PRE_COPY and PRE_COPY_P2P only).
 pub fn precopy_info(
     dev: &dyn DeviceIo,
-    data_fd: BorrowedFd<'_>,
+    session: &DataSession,
     v2: bool,
 ) -> io::Result<PrecopyInfo> {
-    Ok(PrecopyInfo::from_raw(&dev.precopy_info(data_fd)?, v2))
+    Ok(PrecopyInfo::from_raw(&dev.precopy_info(session)?, v2))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
-use vfio_mig::device::DeviceIdentity;
+use vfio_mig::device::{DataSession, DeviceIdentity};
 use vfio_mig::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use vfio_mig::error::{Error, Result};
 use vfio_mig::v2::{DataFd, DataRead};
@@ -305,7 +305,7 @@ impl PipeDevice {
     /// Wraps the read end of a pipe.
     pub fn new(fd: OwnedFd) -> Self {
         Self {
-            data: DataFd::new(fd),
+            data: DataFd::new(DataSession::from_fd(fd)),
         }
     }
 }

@@ -206,6 +206,7 @@ fn run_one(cfg: &Config, sink: &SinkKind, engine: Option<usize>) -> Result<f64> 
     feature::set_state(&mock, MigState::Stop).map_err(|e| Error::device("STOP", e))?;
     let fd = feature::set_state(&mock, MigState::StopCopy)
         .map_err(|e| Error::device("STOP_COPY", e))?
+        .and_then(|s| s.into_fd())
         .ok_or_else(|| Error::invalid_input("no data fd"))?;
     copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
     drop(fd);

@@ -98,6 +98,7 @@ fn one_run(cfg: &Config, source: Source, sink: &SinkKind, mover: Mover) -> Resul
                     let t = Instant::now();
                     let fd = feature::set_state(&mock, MigState::StopCopy)
                         .map_err(|e| Error::device("STOP_COPY", e))?
+                        .and_then(|s| s.into_fd())
                         .ok_or_else(|| Error::invalid_input("no data fd"))?;
                     let n = copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
                     drop(fd);

@@ -135,8 +135,9 @@
 //!
 //! // RUNNING -> STOP_COPY: the device walks RUNNING_P2P and STOP itself; the last arc opens
 //! // the data fd.
-//! let out = feature::set_state(&src, MigState::StopCopy)?.expect("a data fd");
-//! let input = feature::set_state(&dst, MigState::Resuming)?.expect("a data fd");
+//! let out = feature::set_state(&src, MigState::StopCopy)?.and_then(|s| s.into_fd());
+//! let input = feature::set_state(&dst, MigState::Resuming)?.and_then(|s| s.into_fd());
+//! let (out, input) = (out.expect("a data fd"), input.expect("a data fd"));
 //! let mut reader = std::fs::File::from(out);
 //! let mut writer = std::fs::File::from(input);
 //! std::io::copy(&mut reader, &mut writer)?; // up to the 0-byte read: the end of the state
@@ -177,7 +178,9 @@ use crate::rules::v2_arcs::{
     self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
     RUNNING_P2P, STOP, STOP_COPY,
 };
-use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping};
+use vfio_mig::device::{
+    DataSession, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping,
+};
 
 pub use dma::LOG_MAX_RANGES;
 use dma::{DmaLog, MIN_DMA_LOG_PAGE};
@@ -1218,8 +1221,12 @@ impl DeviceIo for MockV2 {
         self.shared.lock().get_state()
     }
 
-    fn set_mig_state(&self, state: u32) -> io::Result<Option<OwnedFd>> {
-        self.shared.lock().set_state(state)
+    fn set_mig_state(&self, state: u32) -> io::Result<Option<DataSession>> {
+        Ok(self
+            .shared
+            .lock()
+            .set_state(state)?
+            .map(DataSession::from_fd))
     }
 
     fn mig_data_size(&self) -> io::Result<u64> {
@@ -1250,17 +1257,19 @@ impl DeviceIo for MockV2 {
             .dma_report(iova, length, page_size, bitmap)
     }
 
-    fn precopy_info(&self, data_fd: BorrowedFd<'_>) -> io::Result<vfio_precopy_info> {
-        self.shared.lock().precopy_info(data_fd)
+    fn precopy_info(&self, session: &DataSession) -> io::Result<vfio_precopy_info> {
+        self.shared.lock().precopy_info(session.require_fd()?)
     }
 
-    fn read_data(&self, data_fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_data(&self, session: &DataSession, buf: &mut [u8]) -> io::Result<usize> {
+        let data_fd = session.require_fd()?;
         self.shared.lock().read_gate(data_fd)?;
         // The read itself runs unlocked: it may wait for the feeder.
         Ok(nix::unistd::read(data_fd, buf)?)
     }
 
-    fn write_data(&self, data_fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    fn write_data(&self, session: &DataSession, buf: &[u8]) -> io::Result<usize> {
+        let data_fd = session.require_fd()?;
         if let Some(r) = self.shared.lock().write_direct(data_fd, buf) {
             return r;
         }
