@@ -15,6 +15,7 @@ pub mod parallel;
 mod pipeline;
 pub mod policy;
 mod rollback;
+pub mod run;
 pub mod save;
 pub mod session;
 pub mod splice;
