@@ -22,7 +22,7 @@ pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
 };
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};

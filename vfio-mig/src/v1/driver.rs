@@ -16,7 +16,9 @@ use std::sync::Arc;
 use crate::device::DeviceIo;
 use crate::error::Report;
 use crate::error::{Error, Result};
-use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
+};
 
 use super::region::MigrationRegion;
 use super::state::{compose, V1State};
@@ -298,7 +300,7 @@ impl MigrationDevice for V1Device {
         Ok(Pending {
             bytes,
             initial_bytes: None,
-            stop_copy_bytes: None,
+            stop_copy_bytes: StopCopySize::InPending,
         })
     }
 
