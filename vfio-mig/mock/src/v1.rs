@@ -122,6 +122,10 @@ struct Resume {
     decoder: Decoder,
     /// Sequence number the next committed transaction must carry.
     next_seq: u32,
+    /// The pieces so far of a transaction longer than one `data_size` write: a destination
+    /// whose data section is smaller than the source's gets it split (QEMU's v1
+    /// `vfio_load_buffer`), and takes it once its header's length has arrived.
+    partial: Vec<u8>,
 }
 
 /// The device's state, behind the mutex.
@@ -620,6 +624,7 @@ impl Inner {
                 self.resume = Some(Resume {
                     decoder: Decoder::new(self.content),
                     next_seq: 0,
+                    partial: Vec::new(),
                 });
             }
             (RESUMING, RUNNING) => {
@@ -754,7 +759,9 @@ impl Inner {
     }
 
     /// `data_size` write while resuming: checks the transaction at the section's start and
-    /// feeds its payload to the decoder.
+    /// feeds its payload to the decoder. A transaction whose header says it is longer than
+    /// `size` is the first piece of a split one: the pieces are kept, in order, until the
+    /// whole transaction is in; a piece running past it is refused.
     fn commit(&mut self, size: u64) -> io::Result<()> {
         let state = self.state();
         if state != RESUMING {
@@ -763,7 +770,8 @@ impl Inner {
         if size == 0 || size > self.spec.section {
             return Err(self.refuse(format!("data_size {size} not in 1..={}", self.spec.section)));
         }
-        if size < TX_HEADER {
+        let continued = self.resume.as_ref().is_some_and(|r| !r.partial.is_empty());
+        if size < TX_HEADER && !continued {
             return Err(self.refuse(format!(
                 "data_size {size} shorter than a transaction header"
             )));
@@ -774,12 +782,38 @@ impl Inner {
         }
         let mut tx = std::mem::take(&mut self.scratch);
         tx.resize(size as usize, 0);
-        let result = self.commit_bytes(&mut tx, size);
+        let result = self.read_piece(&mut tx, size).and_then(|()| {
+            let resume = self.resume.as_mut().expect("RESUMING has a resume");
+            if resume.partial.is_empty() {
+                let len = read_pod::<u32>(&tx, 8).expect("header present");
+                if u64::from(len) <= size {
+                    return self.commit_bytes(&tx);
+                }
+                resume.partial.extend_from_slice(&tx);
+                return Ok(());
+            }
+            resume.partial.extend_from_slice(&tx);
+            let (have, len) = (
+                resume.partial.len() as u64,
+                u64::from(read_pod::<u32>(&resume.partial, 8).expect("header present")),
+            );
+            if have < len {
+                return Ok(());
+            }
+            let whole = std::mem::take(&mut resume.partial);
+            if have > len {
+                return Err(self.refuse(format!(
+                    "data_size pieces of {have} bytes run past the transaction's length {len}"
+                )));
+            }
+            self.commit_bytes(&whole)
+        });
         self.scratch = tx;
         result
     }
 
-    fn commit_bytes(&mut self, tx: &mut [u8], size: u64) -> io::Result<()> {
+    /// Reads the `size` bytes the user wrote at the next transaction's slot.
+    fn read_piece(&mut self, tx: &mut [u8], size: u64) -> io::Result<()> {
         let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
         let at = self.spec.slot_offset(next_seq);
         if at + size > self.spec.section {
@@ -788,7 +822,12 @@ impl Inner {
                 self.spec.section
             )));
         }
-        read_exact_at(&self.memfd, tx, at)?;
+        read_exact_at(&self.memfd, tx, at)
+    }
+
+    fn commit_bytes(&mut self, tx: &[u8]) -> io::Result<()> {
+        let size = tx.len() as u64;
+        let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
         let word = |i: usize| read_pod::<u32>(tx, i * 4).expect("header present");
         let (magic, seq, len, crc) = (word(0), word(1), word(2), word(3));
         let why = if magic != TX_MAGIC {
@@ -1386,15 +1425,17 @@ mod tests {
         assert!(txs.len() >= 4);
         let dst = Drv::new(spec);
         dst.set(RESUMING).unwrap();
-        // Size other than the source's transaction size.
+        // A shorter size is the first piece of a split transaction (QEMU's v1
+        // vfio_load_buffer); pieces running past the transaction's length are refused.
         let off = dst.data_offset().unwrap();
         dst.dev.write_at(&txs[0], dst.base + off).unwrap();
-        assert_eq!(code(dst.set_data_size(txs[0].len() as u64 - 1)), EINVAL);
+        dst.set_data_size(txs[0].len() as u64 - 1).unwrap();
+        assert_eq!(code(dst.set_data_size(2)), EINVAL);
         assert!(dst
             .status()
             .last_refusal
             .unwrap()
-            .contains("transaction sizes"));
+            .contains("run past the transaction's length"));
         assert_eq!(code(dst.set_data_size(0)), EINVAL);
         assert_eq!(code(dst.set_data_size(1025)), EINVAL, "beyond the section");
         assert_eq!(code(dst.set_data_size(8)), EINVAL, "shorter than a header");
