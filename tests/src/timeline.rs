@@ -44,11 +44,28 @@ pub struct Replay {
     pub steps: usize,
 }
 
+/// v1 `device_state` bits (the uAPI's `VFIO_DEVICE_STATE_V1_*`).
+const V1_RUNNING: u32 = 0b001;
+const V1_MASK: u32 = 0b111;
+
+/// The device runs (and may initiate DMA or answer peers): v2 RUNNING, RUNNING_P2P,
+/// PRE_COPY, PRE_COPY_P2P; v1 any state with the RUNNING bit (001b, 011b).
 fn live(st: &MockStatus) -> bool {
-    matches!(
-        st.state_name().as_str(),
-        "RUNNING" | "RUNNING_P2P" | "PRE_COPY" | "PRE_COPY_P2P"
-    )
+    match st.v2_state {
+        Some(_) => matches!(
+            st.state_name().as_str(),
+            "RUNNING" | "RUNNING_P2P" | "PRE_COPY" | "PRE_COPY_P2P"
+        ),
+        None => st.state_raw & V1_RUNNING != 0 && st.state_raw & V1_MASK != 0b111,
+    }
+}
+
+/// The device is stopped, not saving or resuming: v2 STOP, v1 000b.
+fn stopped(st: &MockStatus) -> bool {
+    match st.v2_state {
+        Some(_) => st.state_name() == "STOP",
+        None => st.state_raw & V1_MASK == 0,
+    }
 }
 
 /// The steps as `slot:STATE` (with `(ran)` and reset counts), for a violation's message.
@@ -130,9 +147,9 @@ impl Timeline {
             // RUNNING_P2P already; the state runs once the device enters RUNNING.
             if !self.is_source(*slot) && st.resumed_ok && st.is_running() && !ran {
                 ran = true;
-                let unloaded = now[self.sources..].iter().find(|d| {
-                    !(d.resumed_ok || matches!(d.state_name().as_str(), "STOP" | "RUNNING_P2P"))
-                });
+                let unloaded = now[self.sources..]
+                    .iter()
+                    .find(|d| !(d.resumed_ok || stopped(d) || d.state_name() == "RUNNING_P2P"));
                 if unloaded.is_some() {
                     return Err(format!(
                         "step {i}: a destination runs before every device of the unit verified \
@@ -199,7 +216,7 @@ impl Timeline {
             let fine = match (self.is_source(slot), error, ran) {
                 // Handed off: the source stopped (or reset if its STOP failed).
                 (true, None, _) | (true, Some(_), true) => {
-                    st.state_name() == "STOP" || (reset(slot) && st.is_running())
+                    stopped(st) || (reset(slot) && st.is_running())
                 }
                 // Not handed off: back in its start state, with its state or reset.
                 (true, Some(_), false) => st.is_running(),
