@@ -6,6 +6,7 @@ pub mod recorder;
 pub mod session;
 
 pub mod sweep;
+pub mod timeline;
 pub mod v2_mock;
 
 use std::io::Cursor;

@@ -128,6 +128,18 @@ pub enum Error {
         /// What is known.
         detail: String,
     },
+    /// The unit passed its point of no return (a destination device entered RUNNING and runs
+    /// the migrated state) but not every device runs: `detail` names those that run and
+    /// those that failed to run and were reset. The source devices are stopped (or reset),
+    /// never resumed, and the destination keeps its completion record: the state must not
+    /// run twice.
+    #[error("{step}: past the point of no return: {detail}")]
+    PastNoReturn {
+        /// What was being done.
+        step: String,
+        /// Which devices run, which failed to run and what became of them.
+        detail: String,
+    },
     /// Another vfio-mig command holds the device's lock.
     #[error("{device} is in use by another vfio-mig (pid {pid}; lock {})", lock.display())]
     Busy {

@@ -337,7 +337,8 @@ fn estimate(devs: &mut [Box<dyn MigrationDevice>]) -> Result<Estimate> {
 /// Loads a stream written by [`Source`] into `devs` (in the source's device order) and runs
 /// them. Every device enters RESUMING only after the header matched it, and runs only after
 /// the whole stream, trailer included, verified; on any failure every device is reset and
-/// the error says so.
+/// the error says so, except past the unit's point of no return ([`Error::PastNoReturn`]:
+/// the devices that run keep running, those that failed to run were reset).
 pub fn resume<R: Read>(devs: &mut [Box<dyn MigrationDevice>], input: R) -> Result<Vec<LoadReport>> {
     let (mut reader, _) = StreamReader::open(input)?;
     let mut refs: Vec<&mut dyn MigrationDevice> = as_refs(devs);

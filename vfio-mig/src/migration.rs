@@ -60,10 +60,28 @@ pub struct Pending {
     pub bytes: u64,
     /// Of those, the initial pre-copy bytes, when the device tells them apart (v2).
     pub initial_bytes: Option<u64>,
-    /// What stop-and-copy will carry, when the device says so apart from `bytes` (v2 in
-    /// pre-copy: `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to
-    /// the pre-copy bytes). The downtime is estimated from the larger of the two.
-    pub stop_copy_bytes: Option<u64>,
+    /// What stop-and-copy will carry apart from `bytes` (v2 in pre-copy:
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to the
+    /// pre-copy bytes). The downtime bytes are the sum of the two, as QEMU's
+    /// `vfio_state_pending_exact` counts them.
+    pub stop_copy_bytes: StopCopySize,
+}
+
+/// What a device says stop-and-copy will carry apart from its pending bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StopCopySize {
+    /// Nothing apart: the pending bytes are all there is (v1 `pending_bytes`, v2 outside
+    /// pre-copy).
+    #[default]
+    InPending,
+    /// This many bytes (v2 `MIG_DATA_SIZE`).
+    Bytes(u64),
+    /// The device could not tell (`MIG_DATA_SIZE` failed): the downtime cannot be estimated,
+    /// and a downtime budget is never taken as met (QEMU assumes 100 GiB then, "so downtime
+    /// limit won't be violated").
+    Unknown,
 }
 
 /// What one [`MigrationDevice::read`] produced.

@@ -161,3 +161,19 @@ fn bad_device_names_and_options_fail_cleanly() {
         "no such device",
     );
 }
+
+#[test]
+fn a_unit_past_its_point_of_no_return_exits_4_and_says_so() {
+    // The second destination cannot enter RUNNING after the first one runs the state: the
+    // sources must stay stopped, and the status must not be the rolled-back failure's 1.
+    let o = vfio_mig(&[
+        "migrate",
+        "mock:v2,size=1M,seed=1",
+        "mock:v2,size=1M,seed=1",
+        "mock:v2,size=1M,seed=2",
+        "mock:v2,size=1M,seed=2,fail-at=set-state:RUNNING@1",
+    ]);
+    let line = assert_clean_failure(&o, "point of no return");
+    assert_eq!(o.status.code(), Some(4), "{line}");
+    assert!(line.contains("not resumed"), "{line}");
+}

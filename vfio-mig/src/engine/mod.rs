@@ -15,13 +15,14 @@ pub mod parallel;
 mod pipeline;
 pub mod policy;
 mod rollback;
+pub mod run;
 pub mod save;
 pub mod session;
 pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
 };
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};

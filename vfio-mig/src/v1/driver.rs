@@ -9,14 +9,19 @@
 //! 5. back to 1.
 //!
 //! Resuming (100b), per chunk in the source's order: read `data_offset`, write the chunk
-//! there, write `data_size` with the chunk's size (the source's transaction size).
+//! there, write `data_size` with the chunk's size (the source's transaction size). A chunk
+//! larger than the room the destination's data section has from `data_offset` is split, as
+//! QEMU's v1 `vfio_load_buffer` does: what fits is written and committed with its size, then
+//! `data_offset` is read again for the rest, in the source's order.
 
 use std::sync::Arc;
 
 use crate::device::DeviceIo;
 use crate::error::Report;
 use crate::error::{Error, Result};
-use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
+};
 
 use super::region::MigrationRegion;
 use super::state::{compose, V1State};
@@ -52,6 +57,39 @@ impl V1Device {
             ))
         })?;
         Ok(Self::with_region(region))
+    }
+
+    /// Where the next piece of resume data goes: `data_offset`, with the room the data
+    /// section has from there.
+    fn next_resume_chunk(&mut self) -> Result<Chunk> {
+        let step = "read data_offset (resuming)";
+        let offset = self
+            .region
+            .data_offset()
+            .map_err(|e| Error::device(step, e))?;
+        let room = self.region.info().size.saturating_sub(offset);
+        self.region
+            .check_data_range(offset, room)
+            .map_err(|d| Error::protocol(step, d))?;
+        if room == 0 {
+            return Err(Error::protocol(
+                step,
+                format!("data_offset {offset:#x} leaves no room in the data section"),
+            ));
+        }
+        Ok(Chunk {
+            offset,
+            size: room,
+            done: 0,
+        })
+    }
+
+    /// Hands the driver the `size` bytes written at `data_offset` (a `data_size` write).
+    fn commit_piece(&mut self, size: u64) -> Result<()> {
+        self.chunk = None;
+        self.region
+            .set_data_size(size)
+            .map_err(|e| Error::device(format!("write data_size {size}"), e))
     }
 
     /// Wraps an already opened migration region.
@@ -305,7 +343,7 @@ impl MigrationDevice for V1Device {
         Ok(Pending {
             bytes,
             initial_bytes: None,
-            stop_copy_bytes: None,
+            stop_copy_bytes: StopCopySize::InPending,
         })
     }
 
@@ -366,57 +404,43 @@ impl MigrationDevice for V1Device {
     }
 
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        let mut chunk = match self.chunk {
-            Some(c) => c,
-            None => {
-                let offset = self
-                    .region
-                    .data_offset()
-                    .map_err(|e| Error::device("read data_offset (resuming)", e))?;
-                let room = self.region.info().size.saturating_sub(offset);
-                self.region
-                    .check_data_range(offset, room)
-                    .map_err(|d| Error::protocol("read data_offset (resuming)", d))?;
-                Chunk {
-                    offset,
-                    size: room,
-                    done: 0,
-                }
+        let mut rest = data;
+        loop {
+            let mut chunk = match self.chunk.take() {
+                Some(c) => c,
+                None => self.next_resume_chunk()?,
+            };
+            if chunk.done == chunk.size && !rest.is_empty() {
+                // The section is full and the source's chunk goes on: commit this piece, the
+                // rest goes where `data_offset` says next (QEMU's v1 `vfio_load_buffer`).
+                self.commit_piece(chunk.done)?;
+                continue;
             }
-        };
-        let len = data.len() as u64;
-        if chunk.done + len > chunk.size {
-            self.chunk = None;
-            return Err(Error::protocol(
-                "write migration data",
-                format!(
-                    "a source chunk of more than {} bytes does not fit the destination's {} byte data section",
-                    chunk.done + len,
-                    chunk.size
-                ),
-            ));
-        }
-        self.region
-            .write_data(chunk.offset + chunk.done, data)
-            .map_err(|e| {
-                Error::device(
-                    format!(
-                        "write {len} bytes of migration data at region offset {:#x}",
-                        chunk.offset + chunk.done
-                    ),
-                    e,
-                )
-            })?;
-        chunk.done += len;
-        if chunk_end {
-            self.chunk = None;
+            let take = rest.len().min((chunk.size - chunk.done) as usize);
+            let (piece, after) = rest.split_at(take);
             self.region
-                .set_data_size(chunk.done)
-                .map_err(|e| Error::device(format!("write data_size {}", chunk.done), e))?;
-        } else {
+                .write_data(chunk.offset + chunk.done, piece)
+                .map_err(|e| {
+                    Error::device(
+                        format!(
+                            "write {take} bytes of migration data at region offset {:#x}",
+                            chunk.offset + chunk.done
+                        ),
+                        e,
+                    )
+                })?;
+            chunk.done += take as u64;
+            rest = after;
+            if rest.is_empty() {
+                if chunk_end {
+                    self.commit_piece(chunk.done)?;
+                } else {
+                    self.chunk = Some(chunk);
+                }
+                return Ok(());
+            }
             self.chunk = Some(chunk);
         }
-        Ok(())
     }
 
     fn load_state(&mut self) -> Result<()> {

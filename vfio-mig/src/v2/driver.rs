@@ -25,11 +25,9 @@ use super::feature::{self, DmaLoggingRange, PrecopyInfo};
 use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
 use crate::device::{DeviceIdentity, DeviceIo};
 use crate::error::{Error, Result};
-use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
-
-/// The stop-copy size assumed when MIG_DATA_SIZE fails during pre-copy: QEMU's
-/// `VFIO_MIG_STOP_COPY_SIZE` (100 MiB).
-pub const UNKNOWN_STOP_COPY_SIZE: u64 = 100 << 20;
+use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
+};
 
 /// What a state change does when an arc fails (after reading the state back and reporting it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -610,23 +608,26 @@ impl MigrationDevice for V2Device {
                 }
                 other => other?,
             };
-            // QEMU's state_pending_exact: the stop-copy size decides the downtime; when the
-            // device cannot tell, assume QEMU's VFIO_MIG_STOP_COPY_SIZE so that the downtime
-            // budget is not silently exceeded.
-            let stop_copy = self.data_size().unwrap_or_else(|e| {
-                log::debug!("{e}; assuming {UNKNOWN_STOP_COPY_SIZE} bytes of stop-copy data");
-                UNKNOWN_STOP_COPY_SIZE
-            });
+            // QEMU's state_pending_exact: the stop-copy size adds to the pending bytes. When
+            // the device cannot tell, the size is unknown, never a guess: the policy then
+            // never takes the downtime budget as met.
+            let stop_copy = self.data_size().map_or_else(
+                |e| {
+                    log::debug!("{e}: the stop-copy size is unknown");
+                    StopCopySize::Unknown
+                },
+                StopCopySize::Bytes,
+            );
             return Ok(Pending {
                 bytes: info.total(),
                 initial_bytes: Some(info.initial_bytes),
-                stop_copy_bytes: Some(stop_copy),
+                stop_copy_bytes: stop_copy,
             });
         }
         Ok(Pending {
             bytes: self.data_size()?,
             initial_bytes: None,
-            stop_copy_bytes: None,
+            stop_copy_bytes: StopCopySize::InPending,
         })
     }
 

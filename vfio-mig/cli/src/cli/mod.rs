@@ -285,10 +285,13 @@ pub fn init_logging(verbose: u8) {
 }
 
 /// The exit status for a failed command: 3 when the outcome is in doubt (the source device
-/// is left stopped; see [`vfio_mig::Error::InDoubt`]), 1 otherwise.
+/// is left stopped; see [`vfio_mig::Error::InDoubt`]), 4 past the unit's point of no return
+/// (a destination device runs the state, another failed to run; the sources are stopped:
+/// [`vfio_mig::Error::PastNoReturn`]), 1 otherwise.
 pub fn exit_code(e: &vfio_mig::Error) -> u8 {
     match e {
         vfio_mig::Error::InDoubt { .. } => 3,
+        vfio_mig::Error::PastNoReturn { .. } => 4,
         _ => 1,
     }
 }

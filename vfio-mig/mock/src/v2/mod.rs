@@ -109,7 +109,8 @@
 //!
 //! A pipe cannot fail a read or a write with a chosen errno, so the data faults act as a
 //! driver that loses its data would: `data-read` stops the stream before the failing block
-//! (the caller reads what came before, then 0), after which PRECOPY_INFO fails with the errno
+//! (the caller reads what came before, then the read fails with the errno: the mock's
+//! `read_data` answers it where the pipe would say 0), after which PRECOPY_INFO fails with the errno
 //! and so does, once, the next arc that would complete the save (into STOP_COPY, or
 //! STOP_COPY -> STOP); `data-write` refuses the failing block and everything after (the
 //! mock's end closes: the caller's writes fail with EPIPE) and RESUMING -> STOP fails with
@@ -1030,6 +1031,24 @@ impl Inner {
     /// A write into the resuming data fd, for a profile whose driver checks data inside
     /// write(2): the bytes go straight to the decoder and a refusal is this write's errno.
     /// `None`: not such a profile or not this session's fd; the caller writes the fd.
+    /// The end of a saving stream: a save that lost its data fails the read with the fault's
+    /// errno once what came before was read, as the drivers' read handlers do when their
+    /// save failed (mlx5's `MLX5_MIGF_STATE_ERROR`, hisi's and pds's error returns), so the
+    /// caller never takes a cut stream for a whole one.
+    fn read_end(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let Some(Session::Save(save)) = &self.session else {
+            return Ok(());
+        };
+        if save.id != file_id(fd)? {
+            return Ok(());
+        }
+        let failed = save.lock().failed;
+        match failed {
+            Some(hit) => Err(hit.to_io()),
+            None => Ok(()),
+        }
+    }
+
     fn write_direct(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
         let b = self.behaviour;
         let id = file_id(fd).ok()?;
@@ -1265,7 +1284,11 @@ impl DeviceIo for MockV2 {
         let data_fd = session.require_fd()?;
         self.shared.lock().read_gate(data_fd)?;
         // The read itself runs unlocked: it may wait for the feeder.
-        Ok(nix::unistd::read(data_fd, buf)?)
+        let n = nix::unistd::read(data_fd, buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.shared.lock().read_end(data_fd)?;
+        }
+        Ok(n)
     }
 
     fn write_data(&self, session: &DataSession, buf: &[u8]) -> io::Result<usize> {
