@@ -4,10 +4,13 @@
 # The project's whole test suite, as CI runs it on a bare machine:
 #   1. formatting, clippy (-D warnings) and rustdoc (-D warnings);
 #   2. every host test of the workspace (unit, property, integration, CLI), in release mode;
-#   3. the guest tests against the kernel's mtty sample driver in a QEMU guest
-#      (scripts/guest/run.sh installs what it needs: apt as root, Debian kernel packages).
+#   3. the guest tests against the kernel's mtty sample driver in a QEMU guest, and against the
+#      igb-vfio-pci driver on QEMU's emulated igb VFs in a third guest (scripts/guest/run.sh
+#      installs what it needs: apt as root, Debian kernel packages, the patched QEMU built from
+#      the fixture ../shared/igb-vfio, which must be there).
 #
-# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2 (the run then says so; it is not a full pass).
+# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2, VFIO_MIG_SKIP_IGB=1 to leave out the igb guest
+# (the run then says so; neither is a full pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +25,8 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The guest tests are a `test = false` target, which --all-targets skips.
-cargo clippy -p vfio-mig-tests --test guest --locked -- -D warnings
+# The guest tests are `test = false` targets, which --all-targets skips.
+cargo clippy -p vfio-mig-tests --test guest --test guest_igb --locked -- -D warnings
 
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
@@ -72,6 +75,6 @@ if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"
     exit 0
 fi
-step "guest tests (mtty in a QEMU guest)"
+step "guest tests (mtty in two QEMU guests, igb-vfio-pci in a third)"
 scripts/guest/run.sh
 step "all tests passed"

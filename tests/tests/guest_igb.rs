@@ -23,6 +23,8 @@ mod driver;
 mod faults;
 #[path = "guest_igb/migration.rs"]
 mod migration;
+#[path = "guest_igb/retry.rs"]
+mod retry;
 #[path = "guest_igb/signals.rs"]
 mod signals;
 #[path = "guest_igb/vf.rs"]
