@@ -17,6 +17,7 @@ main() {
     qemu=$(igb_qemu_binary)
     [[ -x $qemu ]] || die "igb boot: $qemu missing: run igb/qemu.sh"
     [[ -f $kernel && -f $initrd ]] || die "igb boot: no $kernel / $initrd: run initramfs.sh and igb/initramfs.sh"
+    # shellcheck disable=SC2054 # the commas are QEMU option syntax
     local -a cmd=("$qemu" -accel tcg -machine q35 -m "${VFIO_MIG_GUEST_MEM:-1G}"
         -smp "${VFIO_MIG_GUEST_SMP:-2}" -nodefaults -display none -serial stdio -no-reboot
         # The ROMs of Debian's qemu-system-data and seabios (the build installs none).

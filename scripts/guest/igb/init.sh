@@ -48,6 +48,7 @@ pfs=""
 for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/vendor")" = 0x8086 ] && [ "$(cat "$d/device")" = 0x10c9 ] && pfs="$pfs ${d##*/}"
 done
+# shellcheck disable=SC2086 # a word list on purpose
 set -- $pfs
 [ $# -eq 2 ] || fail "expected 2 igb PFs (8086:10c9), found $#:$pfs"
 # Two VFs per PF; each is unbound from igbvf (not in this initramfs anyway) and bound to

@@ -47,6 +47,7 @@ install_build_packages() {
 
 # The archive URI of the plain bookworm suite (the orig tarball is fetched from its pool).
 archive_uri() {
+    # shellcheck disable=SC2016 # apt's own placeholders, not shell expansions
     apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
         awk '$2 == "bookworm" { print $1; exit }' | grep . ||
         die "igb qemu: no bookworm suite in the apt sources to fetch $QEMU_ORIG from"
