@@ -4,11 +4,11 @@
 //! undo (the driver has no reset handler; only its open starts in RUNNING). The retry that
 //! follows must still load: recv has to bring the VF back by reopening it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 
 use vfio_mig::handshake::{read_message, Message};
+use vfio_mig_tests::cli::Recv;
 use vfio_mig_tests::rewrite_stream;
 
 use super::migration::loaded_lines;
@@ -28,21 +28,7 @@ fn recv_takes_a_retry_after_the_device_refused_a_blob() {
     let loads = loaded_lines(&b);
     let sock = dir.path().join("s");
     let listen = format!("unix:{}", sock.display());
-    let mut recv = Command::new(vfio_mig_bin())
-        .args(["recv", s(&b), "--listen", &listen])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(recv.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let listening = line.contains("listening on");
-        seen.push(line);
-        if listening {
-            break;
-        }
-    }
+    let mut recv = Recv::start(&vfio_mig_bin(), s(&b), &listen, &[]);
     // First session: a source that sends the bad stream and reads the answers until recv
     // closes the connection.
     {
@@ -63,22 +49,13 @@ fn recv_takes_a_retry_after_the_device_refused_a_blob() {
         );
     }
     // The retry wait is announced on stderr.
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let waiting = line.contains("waiting for a retry");
-        seen.push(line);
-        if waiting {
-            break;
-        }
-    }
+    recv.wait_for("waiting for a retry");
     // Second session: the real source with the good state.
     let send = vfio_mig(&["send", s(&a), "--to", &listen]);
-    seen.extend(lines.map_while(Result::ok));
-    let status = recv.wait().unwrap();
-    let err = seen.join("\n");
+    let (code, err) = recv.finish();
     eprintln!("recv:\n{err}");
     ok(&send);
-    assert!(status.success(), "recv: {err}");
+    assert_eq!(code, Some(0), "recv: {err}");
     assert_eq!(loaded_lines(&b), loads + 1, "one load, the retry's");
     assert_eq!(read_rings(&b), rings);
 }

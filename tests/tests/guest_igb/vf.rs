@@ -4,7 +4,9 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
 use std::sync::Arc;
+pub use vfio_mig_tests::cli::{assert_success as ok, clean_failure};
 
 use vfio_ioctls::{VfioContainer, VfioDevice};
 use vfio_mig::v2::{MigState, V2Device};
@@ -144,40 +146,7 @@ pub fn vfio_mig_bin() -> PathBuf {
 
 /// Runs `vfio-mig ARGS`, echoing its output into the test log.
 pub fn vfio_mig(args: &[&str]) -> Output {
-    let out = Command::new(vfio_mig_bin())
-        .args(args)
-        .output()
-        .expect("run vfio-mig");
-    eprintln!(
-        "$ vfio-mig {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Asserts success.
-pub fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "vfio-mig failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A clean failure: non-zero exit, no panic, exactly one `error:` line, containing every
-/// string of `expect`. Returns the line.
-pub fn clean_failure(out: &Output, expect: &[&str]) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected a failure: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {err}");
-    for e in expect {
-        assert!(lines[0].contains(e), "expected {e:?} in {}", lines[0]);
-    }
-    lines[0].to_string()
+    vfio_mig_tests::cli::run(&vfio_mig_bin(), args)
 }
 
 /// A path as `&str`.
