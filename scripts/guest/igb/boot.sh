@@ -3,9 +3,10 @@
 #
 # Boots the igb guest under `timeout` with the patched QEMU (qemu.sh): TCG, q35, an emulated
 # Intel IOMMU (interrupt remapping on), two igb PFs with x-vf-migration=on each behind a PCIe
-# root port of its own (so that every VF gets an IOMMU group of its own), the Debian kernel and
-# $WORK/igb/initramfs.cpio. Tees the console to $WORK/igb/console.log and judges the run ONLY by
-# the guest's marker line: exactly one "VFIO-MIG-IGB: PASS" (exit 0), anything else fails.
+# root port of its own (so that every VF gets an IOMMU group of its own), the Debian kernel of
+# kernel.sh and $WORK/igb/initramfs.cpio. Tees the console to $WORK/igb/console.log and judges
+# the run ONLY by the guest's marker line: exactly one "VFIO-MIG-IGB: PASS" (exit 0), anything
+# else fails.
 #
 # Knobs: VFIO_MIG_GUEST_TIMEOUT (default 600 s), VFIO_MIG_GUEST_MEM (1G), VFIO_MIG_GUEST_SMP (2).
 set -euo pipefail
@@ -13,10 +14,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-    local qemu kernel=$WORK/vmlinuz initrd=$IGB_WORK/initramfs.cpio log=$IGB_WORK/console.log
+    local qemu abi kernel initrd=$IGB_WORK/initramfs.cpio log=$IGB_WORK/console.log
     qemu=$(igb_qemu_binary)
+    abi=$(current_abi)
+    kernel=$WORK/kernel/$abi/root/boot/vmlinuz-$abi-amd64
     [[ -x $qemu ]] || die "igb boot: $qemu missing: run igb/qemu.sh"
-    [[ -f $kernel && -f $initrd ]] || die "igb boot: no $kernel / $initrd: run initramfs.sh and igb/initramfs.sh"
+    [[ -f $kernel && -f $initrd ]] || die "igb boot: no $kernel / $initrd: run kernel.sh and igb/initramfs.sh"
     # shellcheck disable=SC2054 # the commas are QEMU option syntax
     local -a cmd=("$qemu" -accel tcg -machine q35 -m "${VFIO_MIG_GUEST_MEM:-1G}"
         -smp "${VFIO_MIG_GUEST_SMP:-2}" -nodefaults -display none -serial stdio -no-reboot
