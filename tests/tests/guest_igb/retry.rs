@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use vfio_mig::handshake::{read_message, Message};
-use vfio_mig_tests::cli::Recv;
+use vfio_mig_tests::cli::{sigterm, Recv};
 use vfio_mig_tests::rewrite_stream;
 
 use super::migration::loaded_lines;
@@ -35,6 +35,9 @@ fn recv_takes_a_retry_after_the_device_refused_a_blob() {
         let conn = UnixStream::connect(&sock).unwrap();
         let mut tx = conn.try_clone().unwrap();
         let mut rx = conn;
+        // Never wait forever on a destination that keeps the connection open.
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
         tx.write_all(&Message::Hello { features: 0 }.encode())
             .unwrap();
         tx.write_all(&bad).unwrap();
@@ -52,6 +55,10 @@ fn recv_takes_a_retry_after_the_device_refused_a_blob() {
     recv.wait_for("waiting for a retry");
     // Second session: the real source with the good state.
     let send = vfio_mig(&["send", s(&a), "--to", &listen]);
+    if !send.status.success() {
+        // recv would wait for yet another retry: end it before failing.
+        sigterm(recv.child.id());
+    }
     let (code, err) = recv.finish();
     eprintln!("recv:\n{err}");
     ok(&send);

@@ -44,8 +44,9 @@ pub fn a0_b0() -> (PathBuf, PathBuf) {
 /// (igb_vf_reg_list), and a function level reset keeps them (igb_vf_reset clears only the
 /// queue enable bits), so they tell a migrated VF from a fresh one.
 pub const RING_REGS: [(&str, u64, u32); 6] = [
-    // name, BAR0 offset, writable bits (the descriptor base is 128-byte aligned: the device
-    // drops the low 7 bits of RDBAL/TDBAL, the length is a multiple of 128).
+    // name, BAR0 offset, the bits a valid value may have (datasheet: the descriptor rings are
+    // 128-byte aligned and their length a multiple of 128 below 1 MiB). The tests write only
+    // valid values, so every one must read back as written.
     ("RDBAL0", 0x2800, 0xffff_ff80),
     ("RDBAH0", 0x2804, 0xffff_ffff),
     ("RDLEN0", 0x2808, 0x000f_ff80),
@@ -102,18 +103,19 @@ impl Vf {
     }
 }
 
-/// Writes ring register values derived from `seed` into the VF; returns what the VF reads
-/// back, which must be the values masked by the writable bits.
+/// Writes valid ring register values derived from `seed` into the VF; each must read back
+/// as written. Returns them.
 pub fn write_rings(path: &Path, seed: u32) -> Rings {
     let vf = Vf::open(path);
     let mut rings = Vec::new();
     for (i, (name, offset, mask)) in RING_REGS.into_iter().enumerate() {
-        let value = seed.wrapping_mul(0x0101_0101).rotate_left(i as u32 * 5) ^ (i as u32 * 0x1357);
+        let value =
+            (seed.wrapping_mul(0x0101_0101).rotate_left(i as u32 * 5) ^ (i as u32 * 0x1357)) & mask;
         vf.write32(offset, value);
         let back = vf.read32(offset);
         assert_eq!(
             back,
-            value & mask,
+            value,
             "{}: {name} reads {back:#x} after writing {value:#x}",
             path.display()
         );
