@@ -41,14 +41,16 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
 /// After a failed session: reopens every device that is not RUNNING again. The engine reset
 /// them, but a driver without a reset handler (igb-vfio-pci) keeps its migration state across
 /// VFIO_DEVICE_RESET; closing the device fd and opening it again starts it in RUNNING. An error
-/// when a device cannot be reopened or still does not run.
+/// when a device cannot be reopened or still does not run; a device whose state cannot be read
+/// is left as it is.
 pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
     let running = vfio_mig::v2::MigState::Running.to_string();
     for (i, name) in names.iter().enumerate() {
-        let state = opened[i].device.state_name()?;
-        if state == running {
-            continue;
-        }
+        // A state that cannot be read is left to the error already reported.
+        let state = match opened[i].device.state_name() {
+            Ok(state) if state != running => state,
+            _ => continue,
+        };
         // The old fd must be closed first: the driver's open runs only for the first opener.
         drop(opened.remove(i));
         let mut fresh = open_cancellable(name)?;
