@@ -46,6 +46,10 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
 pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
     let running = vfio_mig::v2::MigState::Running.to_string();
     for (i, name) in names.iter().enumerate() {
+        // v1 has no such driver (and names its states otherwise).
+        if opened[i].device.protocol() != vfio_mig::engine::Protocol::V2 {
+            continue;
+        }
         // A state that cannot be read is left to the error already reported.
         let state = match opened[i].device.state_name() {
             Ok(state) if state != running => state,
