@@ -80,7 +80,7 @@ main() {
     local src=$dir/src build=$dir/build t0=$SECONDS
     rm -rf "$src" "$build"
     mkdir -p "$src" "$build"
-    tar -C "$src" --strip-components=1 -xJf "$orig"
+    tar -C "$src" --strip-components=1 --no-same-owner -xJf "$orig"
     patch -d "$src" -p1 -s <"$IGB_FIXTURE/$IGB_QEMU_PATCH"
     local nice=${VFIO_MIG_IGB_NICE:-10} jobs=${VFIO_MIG_IGB_JOBS:-$(nproc)}
     log "igb qemu: configure + ninja -j$jobs (about 8-10 min on 2 cores)"
