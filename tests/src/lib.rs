@@ -2,6 +2,7 @@
 //! Shared helpers of the integration tests: opening mocks, moving a stream through memory, and
 //! the invariants every failed migration must keep.
 
+pub mod cli;
 pub mod recorder;
 pub mod session;
 

@@ -21,7 +21,7 @@ use super::progress::ProgressView;
 use super::serve::{self, Event};
 use super::signals;
 use super::tls::TlsArgs;
-use super::transfer::{drivers, open_all, print_json, save_summary};
+use super::transfer::{drivers, open_all, print_json, reopen_stuck, save_summary};
 use super::TransferArgs;
 
 /// Options of the connection (`send` and `recv`).
@@ -330,6 +330,9 @@ pub fn recv(
                     "vfio-mig: warning: {}; waiting for a retry on {bound}",
                     vfio_mig::error::Report(&e)
                 );
+                drop(devs);
+                reopen_stuck(devices, &mut opened)?;
+                devs = drivers(&mut opened);
                 continue;
             }
         };

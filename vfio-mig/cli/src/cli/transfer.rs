@@ -38,6 +38,40 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
     Ok(opened)
 }
 
+/// After a failed session: reopens every device that is not RUNNING again. The engine reset
+/// them, but a driver without a reset handler (igb-vfio-pci) keeps its migration state across
+/// VFIO_DEVICE_RESET; closing the device fd and opening it again starts it in RUNNING. An error
+/// when a device cannot be reopened or still does not run; a device whose state cannot be read
+/// is left as it is.
+pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
+    let running = vfio_mig::v2::MigState::Running.to_string();
+    for (i, name) in names.iter().enumerate() {
+        // v1 has no such driver (and names its states otherwise).
+        if opened[i].device.protocol() != vfio_mig::engine::Protocol::V2 {
+            continue;
+        }
+        // A state that cannot be read is left to the error already reported.
+        let state = match opened[i].device.state_name() {
+            Ok(state) if state != running => state,
+            _ => continue,
+        };
+        // The old fd must be closed first: the driver's open runs only for the first opener.
+        drop(opened.remove(i));
+        let mut fresh = open_cancellable(name)?;
+        let now = fresh.device.state_name()?;
+        if now != running {
+            return Err(Error::InvalidInput(format!(
+                "{name}: in {state} after the failed session and reset, and in {now} after                  reopening it: it cannot take a retry"
+            )));
+        }
+        eprintln!(
+            "vfio-mig: warning: {name} stayed in {state} after the failed session's reset;              reopened it, now {now}"
+        );
+        opened.insert(i, fresh);
+    }
+    Ok(())
+}
+
 /// Reads `--key-file`.
 fn load_key(path: Option<&Path>) -> Result<Option<StreamKey>> {
     path.map(StreamKey::load).transpose()
@@ -184,7 +218,22 @@ pub fn load_keyed(
         &view,
     );
     view.finish();
-    let report = match result? {
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // The error says what the engine did to the device; a driver that stays out of
+            // RUNNING after its reset is reopened here, not left for the next opener (after a
+            // signal the device calls fail on purpose: the exit closes it).
+            if super::signals::received().is_none() {
+                let mut left = vec![opened];
+                if let Err(stuck) = reopen_stuck(&[device.to_string()], &mut left) {
+                    eprintln!("vfio-mig: warning: {}", vfio_mig::error::Report(&stuck));
+                }
+            }
+            return Err(e);
+        }
+    };
+    let report = match outcome {
         RecvOutcome::Resumed { mut reports, .. } => reports.remove(0),
         RecvOutcome::AlreadyCompleted { header } => {
             if json {
