@@ -75,6 +75,10 @@ pub enum Command {
         /// `load` and `inspect` with the same key refuse any other or altered file.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// Replace an existing output file (without it, an existing output is refused before
+        /// the device is touched).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -119,6 +123,9 @@ pub enum Command {
         /// ALREADY_COMPLETED.
         #[arg(long, value_name = "HEX")]
         session: Option<String>,
+        /// `file:` only: replace an existing file (see save --force).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
         #[command(flatten)]
@@ -303,8 +310,16 @@ pub fn run(cli: Cli) -> Result<()> {
             device,
             output,
             key_file,
+            force,
             transfer,
-        } => transfer::save_keyed(&device, &output, key_file.as_deref(), &transfer, &fence),
+        } => {
+            let target = transfer::SaveTarget {
+                output: &output,
+                replace: force,
+                key_file: key_file.as_deref(),
+            };
+            transfer::save(&device, &target, &transfer, &fence)
+        }
         Command::Load {
             device,
             input,
@@ -320,9 +335,17 @@ pub fn run(cli: Cli) -> Result<()> {
             devices,
             to,
             session,
+            force,
             transfer,
             net,
-        } => net::send(&devices, &to, session.as_deref(), &transfer, &net, &fence),
+        } => {
+            let target = net::SendTarget {
+                to: &to,
+                session: session.as_deref(),
+                replace: force,
+            };
+            net::send(&devices, &target, &transfer, &net, &fence)
+        }
         Command::Recv {
             devices,
             listen,

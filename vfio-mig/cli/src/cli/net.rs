@@ -78,15 +78,25 @@ struct RecvJson<'a> {
     confirmed: bool,
 }
 
+/// Where `send` goes.
+pub struct SendTarget<'a> {
+    /// The destination (`--to`).
+    pub to: &'a Address,
+    /// The session to retry (`--session`).
+    pub session: Option<&'a str>,
+    /// `file:` only: replace an existing file (`--force`).
+    pub replace: bool,
+}
+
 /// Runs `send DEVICE... --to ADDR`.
 pub fn send(
     devices: &[String],
-    to: &Address,
-    session: Option<&str>,
+    target: &SendTarget<'_>,
     args: &TransferArgs,
     net: &NetArgs,
     fence: &Fencing,
 ) -> Result<()> {
+    let (to, session) = (target.to, target.session);
     if let Address::File(path) = to {
         let [device] = devices else {
             return Err(Error::InvalidInput(
@@ -98,7 +108,17 @@ pub fn send(
                 "--session: a file has no destination to ask; use save".into(),
             ));
         }
-        return super::transfer::save(device, path, args, fence);
+        let target = super::transfer::SaveTarget {
+            output: path,
+            replace: target.replace,
+            key_file: None,
+        };
+        return super::transfer::save(device, &target, args, fence);
+    }
+    if target.replace {
+        return Err(Error::InvalidInput(
+            "--force replaces an existing output file: it is for --to file: only".into(),
+        ));
     }
     let session = session.map(parse_session).transpose()?;
     // Certificates and keys are read before any device is claimed.

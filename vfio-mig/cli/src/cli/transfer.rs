@@ -95,27 +95,32 @@ fn save_to(
     Ok(report)
 }
 
-/// Runs `save` (unauthenticated).
-pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &Fencing) -> Result<()> {
-    save_keyed(device, output, None, args, fence)
+/// Where `save` writes, and how.
+pub struct SaveTarget<'a> {
+    /// The output file, or `-`.
+    pub output: &'a Path,
+    /// Replace an existing output (`--force`).
+    pub replace: bool,
+    /// Authenticate the file with the key in this file.
+    pub key_file: Option<&'a Path>,
 }
 
-/// Runs `save`, with a key to authenticate the file.
-pub fn save_keyed(
+/// Runs `save`.
+pub fn save(
     device: &str,
-    output: &Path,
-    key_file: Option<&Path>,
+    target: &SaveTarget<'_>,
     args: &TransferArgs,
     fence: &Fencing,
 ) -> Result<()> {
     // Everything that can be checked is checked before the device is touched.
-    let key = load_key(key_file)?;
-    let out = Output::create(output)?;
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
+    let key = load_key(target.key_file)?;
+    let out = Output::create(target.output, target.replace)?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
     let mut opened = open_cancellable(device)?;
     let opts = args.save_options();
     let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
-    let handoff = fence.begin_source(&[claim], args.epoch, &mut header)?;
+    let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let hex = session_hex(&header.session_id);
     eprintln!(
         "vfio-mig: save: session {hex}, epoch {}, to {}",
@@ -172,8 +177,9 @@ pub fn load_keyed(
             input.display()
         )));
     }
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
-    let mut fencing = fence.destination(&[claim])?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
+    let mut fencing = fence.destination(&claims)?;
     let mut opened = open_cancellable(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
