@@ -6,6 +6,7 @@ mod bench;
 mod devices;
 mod fencing;
 mod net;
+pub mod outcome;
 mod output;
 mod probe;
 mod progress;
@@ -291,12 +292,39 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
-/// The exit status for a failed command: 3 when the outcome is in doubt (the source device
-/// is left stopped; see [`vfio_mig::Error::InDoubt`]), 1 otherwise.
-pub fn exit_code(e: &vfio_mig::Error) -> u8 {
-    match e {
-        vfio_mig::Error::InDoubt { .. } => 3,
-        _ => 1,
+impl Command {
+    /// Records for [`outcome`] what this command drives, and whether it prints JSON.
+    pub fn begin_outcome(&self) {
+        use outcome::Side::{Destination, Source};
+        let side = |names: &[String], side| names.iter().map(|n| (n.clone(), side)).collect();
+        let (name, json, devices): (_, _, Vec<_>) = match self {
+            Command::Probe { device: _, json } => ("probe", *json, Vec::new()),
+            Command::Save {
+                device, transfer, ..
+            } => ("save", transfer.json, vec![(device.clone(), Source)]),
+            Command::Load { device, json, .. } => {
+                ("load", *json, vec![(device.clone(), Destination)])
+            }
+            Command::Migrate {
+                devices, transfer, ..
+            } => {
+                let pairs = devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (d.clone(), if i % 2 == 0 { Source } else { Destination }))
+                    .collect();
+                ("migrate", transfer.json, pairs)
+            }
+            Command::Send {
+                devices, transfer, ..
+            } => ("send", transfer.json, side(devices, Source)),
+            Command::Recv { devices, json, .. } => ("recv", *json, side(devices, Destination)),
+            Command::Inspect { json, .. } => ("inspect", *json, Vec::new()),
+            Command::Recover { json, .. } => ("recover", *json, Vec::new()),
+            Command::Bench(args) => ("bench", args.json, Vec::new()),
+            Command::Demo => ("demo", false, Vec::new()),
+        };
+        outcome::begin(name, json, devices);
     }
 }
 

@@ -133,6 +133,7 @@ pub fn send(
     let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let epoch = header.epoch;
     let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, epoch);
     // Printed before anything can fail half-way: a killed send leaves the id to retry with.
     eprintln!("vfio-mig: send: session {hex}, epoch {epoch}, to {to}");
     // Every channel is opened the same way: TLS identities are verified for each exactly as
@@ -299,6 +300,7 @@ pub fn recv(
         } = *incoming;
         let header = opening.header().clone();
         let hex = session_hex(&header.session_id);
+        super::outcome::session(&hex, header.epoch);
         let who = identity
             .as_ref()
             .map(|i| format!(" ({i})"))

@@ -122,6 +122,7 @@ pub fn save(
     let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
     let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
     eprintln!(
         "vfio-mig: save: session {hex}, epoch {}, to {}",
         header.epoch,
@@ -168,8 +169,9 @@ pub fn load_keyed(
     let key = load_key(key_file)?;
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
-    let (mut reader, _header) =
+    let (mut reader, header) =
         StreamReader::open_keyed(BufReader::with_capacity(1 << 20, file), key.as_ref())?;
+    super::outcome::session(&session_hex(&header.session_id), header.epoch);
     if reader.is_authenticated() && key.is_none() {
         return Err(Error::InvalidInput(format!(
             "load {}: the file is authenticated; give its --key-file (it is not loaded \
@@ -279,6 +281,9 @@ pub fn migrate(
     )?;
     let mut fences = fence.destination(&dst_claims)?;
     let handoff = fence.begin_source(&src_claims, args.epoch, &mut header)?;
+    let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
+    eprintln!("vfio-mig: migrate: session {hex}, epoch {}", header.epoch);
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
