@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 mod bench;
 mod cli;
@@ -11,6 +11,11 @@ mod cli;
 fn main() -> ExitCode {
     crate::cli::signals::install();
     let cli = crate::cli::Cli::parse();
+    if let Some(conflict) = cli.command.usage_conflict() {
+        crate::cli::Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+            .exit();
+    }
     crate::cli::init_logging(cli.verbose);
     cli.command.begin_outcome();
     // One line naming the step and what became of the devices (never a backtrace), the

@@ -122,8 +122,8 @@ pub enum Command {
         /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
         /// instead of starting a new one: a destination that completed it answers
         /// ALREADY_COMPLETED.
-        #[arg(long, value_name = "HEX")]
-        session: Option<String>,
+        #[arg(long, value_name = "HEX", value_parser = fencing::parse_session)]
+        session: Option<vfio_mig::handshake::SessionId>,
         /// `file:` only: replace an existing file (see save --force).
         #[arg(long)]
         force: bool,
@@ -262,13 +262,19 @@ pub(crate) fn output_text(text: &str) -> Result<()> {
 /// Parses a number of seconds: finite, not negative, at most 10^9 (NaN and infinity are
 /// refused here rather than panicking in `Duration`).
 pub fn parse_secs(text: &str) -> std::result::Result<f64, String> {
+    parse_secs_in(text, 0.0, 1e9)
+}
+
+/// Parses a number of seconds from `min` to `max` (finite; out of range is refused, never
+/// clamped).
+pub fn parse_secs_in(text: &str, min: f64, max: f64) -> std::result::Result<f64, String> {
     let v: f64 = text
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+    if !v.is_finite() || !(min..=max).contains(&v) {
         return Err(format!(
-            "`{text}`: expected a finite number of seconds from 0 to 1000000000"
+            "`{text}`: expected a finite number of seconds from {min} to {max}"
         ));
     }
     Ok(v)
@@ -293,6 +299,18 @@ pub fn init_logging(verbose: u8) {
 }
 
 impl Command {
+    /// Combinations of options the parser cannot express: a usage error (status 2).
+    pub fn usage_conflict(&self) -> Option<String> {
+        match self {
+            Command::Save {
+                output, transfer, ..
+            } if output.as_os_str() == "-" && transfer.json => Some(
+                "--json with -o -: the report and the stream cannot share standard output".into(),
+            ),
+            _ => None,
+        }
+    }
+
     /// Records for [`outcome`] what this command drives, and whether it prints JSON.
     pub fn begin_outcome(&self) {
         use outcome::Side::{Destination, Source};
@@ -369,7 +387,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let target = net::SendTarget {
                 to: &to,
-                session: session.as_deref(),
+                session,
                 replace: force,
             };
             net::send(&devices, &target, &transfer, &net, &fence)

@@ -16,7 +16,7 @@ use vfio_mig::fence::session_hex;
 use vfio_mig::handshake::{self, RecvOutcome, SendOutcome};
 use vfio_mig::transport::{self, Address, Duplex};
 
-use super::fencing::{parse_session, Fencing};
+use super::fencing::Fencing;
 use super::progress::ProgressView;
 use super::serve::{self, Event};
 use super::signals;
@@ -83,7 +83,7 @@ pub struct SendTarget<'a> {
     /// The destination (`--to`).
     pub to: &'a Address,
     /// The session to retry (`--session`).
-    pub session: Option<&'a str>,
+    pub session: Option<vfio_mig::handshake::SessionId>,
     /// `file:` only: replace an existing file (`--force`).
     pub replace: bool,
 }
@@ -120,7 +120,6 @@ pub fn send(
             "--force replaces an existing output file: it is for --to file: only".into(),
         ));
     }
-    let session = session.map(parse_session).transpose()?;
     // Certificates and keys are read before any device is claimed.
     let tls = net.tls.client(to)?;
     let (claims, mut opened) = open_all(devices, fence)?;

@@ -29,6 +29,21 @@ pub enum Output {
     },
 }
 
+/// Whether standard output is /dev/null: what Rust's runtime opens on a standard output the
+/// process started without, or a redirection that discards. A stream written there exists
+/// nowhere, and its device would be left stopped.
+fn stdout_is_null() -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // The descriptor's own file (its /proc link is followed to the open file itself).
+    match (
+        std::fs::metadata("/dev/null"),
+        std::fs::metadata("/proc/self/fd/1"),
+    ) {
+        (Ok(null), Ok(out)) => out.file_type().is_char_device() && out.rdev() == null.rdev(),
+        _ => false,
+    }
+}
+
 fn refuse(path: &Path, why: &str) -> Error {
     Error::InvalidInput(format!("-o {}: {why}", path.display()))
 }
@@ -40,6 +55,13 @@ impl Output {
     pub fn create(path: &Path, replace: bool) -> Result<Self> {
         if path.as_os_str() == "-" {
             use std::io::IsTerminal;
+            if stdout_is_null() {
+                return Err(refuse(
+                    path,
+                    "standard output is closed or /dev/null: the state would exist nowhere \
+                     (the device was not touched)",
+                ));
+            }
             if io::stdout().is_terminal() {
                 return Err(refuse(path, "standard output is a terminal; redirect it"));
             }
