@@ -10,13 +10,8 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 
-use common::{assert_clean_failure, stderr, Dirs, HeldOutput, Recv};
+use common::{assert_clean_failure, kill, stderr, Dirs, HeldOutput, Recv};
 use vfio_mig::handshake::{read_message, write_message, Message};
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_failure, stderr, Dirs, Pki, Recv, BIN};
+use common::{assert_clean_failure, kill, stderr, Dirs, Pki, Recv, BIN};
 use vfio_mig::handshake::Message;
 use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
 
@@ -570,11 +570,6 @@ fn files_are_private_whatever_the_umask() {
         .unwrap()
         .unwrap();
     assert_eq!(mode(&state.path()), 0o600);
-}
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
 /// SIGTERM in the middle of a live send: the source is returned to RUNNING, the destination

@@ -142,6 +142,7 @@ impl FenceArgs {
                     .collect();
                 match (&self.fence_ca, &self.fence_cert, &self.fence_cert_key) {
                     (Some(ca), Some(cert), Some(key)) => {
+                        super::private::check_private("--fence-cert-key", key)?;
                         Ok(Some(Security::Tls(EtcdTls::new(ca, cert, key))))
                     }
                     _ => usage(format!(

@@ -8,6 +8,7 @@ mod fencing;
 mod net;
 pub mod outcome;
 mod output;
+mod private;
 mod probe;
 mod progress;
 mod recover;

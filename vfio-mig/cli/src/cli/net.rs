@@ -207,6 +207,20 @@ pub fn send(
     Ok(())
 }
 
+/// Listens at `listen`; a Unix socket is created with mode 0600 whatever the umask (who may
+/// connect is decided by its file permissions: this user only).
+fn listen_private(listen: &Address) -> Result<transport::Listener> {
+    use nix::sys::stat::{umask, Mode};
+    let Address::Unix(_) = listen else {
+        return transport::listen(listen);
+    };
+    // The umask is the process's; nothing else creates files while recv starts listening.
+    let before = umask(Mode::from_bits_truncate(0o177));
+    let listener = transport::listen(listen);
+    umask(before);
+    listener
+}
+
 /// Removes a Unix socket file when `recv` ends (the listener lives on its accept thread).
 struct SocketFile(Option<PathBuf>);
 
@@ -261,7 +275,7 @@ pub fn recv(
     // (a device that cannot wait quiesced may run before its peers are loaded).
     vfio_mig::engine::multi::check_unit(&devs, opts.allow_non_p2p_unit)?;
     let names = devices.join(" ");
-    let listener = transport::listen(listen)?;
+    let listener = listen_private(listen)?;
     let bound = listener.local_address()?;
     let _socket = SocketFile(match &bound {
         Address::Unix(p) => {

@@ -38,9 +38,13 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
     Ok(opened)
 }
 
-/// Reads `--key-file`.
+/// Reads `--key-file` (this user's own, private).
 fn load_key(path: Option<&Path>) -> Result<Option<StreamKey>> {
-    path.map(StreamKey::load).transpose()
+    path.map(|p| {
+        super::private::check_private("--key-file", p)?;
+        StreamKey::load(p)
+    })
+    .transpose()
 }
 
 pub(super) fn save_summary(r: &SaveReport) -> String {

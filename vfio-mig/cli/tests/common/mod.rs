@@ -218,6 +218,12 @@ impl Ca {
         let key_path = dir.join(format!("{dns}.key"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        // A private key is its owner's only (others' read access is refused).
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Leaf {
             cert: cert_path,
             key: key_path,
@@ -338,4 +344,10 @@ impl HeldOutput {
         let text = String::from_utf8_lossy(&all);
         (status, text.trim_start_matches('#').to_owned())
     }
+}
+
+/// Sends `signal` to a child of the test.
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
