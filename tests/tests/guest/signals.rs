@@ -36,6 +36,8 @@ fn sigterm_during_recv_resets_the_mtty_destination() {
         path_str(&a),
         "-o",
         path_str(file.path()),
+        // The temporary file exists already.
+        "--force",
     ]));
     ensure_running(&a);
     let stream = std::fs::read(file.path()).unwrap();

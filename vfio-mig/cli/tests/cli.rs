@@ -133,6 +133,8 @@ fn failed_save_keeps_the_previous_file_and_names_the_step() {
         "mock:v1,size=1M,seed=1,chunk=64K,fail-at=pending@5",
         "-o",
         file.to_str().unwrap(),
+        // Replacing is asked for: only a complete stream would replace the file.
+        "--force",
     ]);
     let line = assert_clean_failure(&o, "read pending_bytes");
     assert!(line.contains("returned to RUNNING"), "{line}");

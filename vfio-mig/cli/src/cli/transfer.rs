@@ -72,9 +72,13 @@ pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> 
     Ok(())
 }
 
-/// Reads `--key-file`.
+/// Reads `--key-file` (this user's own, private).
 fn load_key(path: Option<&Path>) -> Result<Option<StreamKey>> {
-    path.map(StreamKey::load).transpose()
+    path.map(|p| {
+        super::private::check_private("--key-file", p)?;
+        StreamKey::load(p)
+    })
+    .transpose()
 }
 
 pub(super) fn save_summary(r: &SaveReport) -> String {
@@ -129,28 +133,34 @@ fn save_to(
     Ok(report)
 }
 
-/// Runs `save` (unauthenticated).
-pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &Fencing) -> Result<()> {
-    save_keyed(device, output, None, args, fence)
+/// Where `save` writes, and how.
+pub struct SaveTarget<'a> {
+    /// The output file, or `-`.
+    pub output: &'a Path,
+    /// Replace an existing output (`--force`).
+    pub replace: bool,
+    /// Authenticate the file with the key in this file.
+    pub key_file: Option<&'a Path>,
 }
 
-/// Runs `save`, with a key to authenticate the file.
-pub fn save_keyed(
+/// Runs `save`.
+pub fn save(
     device: &str,
-    output: &Path,
-    key_file: Option<&Path>,
+    target: &SaveTarget<'_>,
     args: &TransferArgs,
     fence: &Fencing,
 ) -> Result<()> {
     // Everything that can be checked is checked before the device is touched.
-    let key = load_key(key_file)?;
-    let out = Output::create(output)?;
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
+    let key = load_key(target.key_file)?;
+    let out = Output::create(target.output, target.replace)?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
     let mut opened = open_cancellable(device)?;
     let opts = args.save_options();
     let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
-    let handoff = fence.begin_source(&[claim], args.epoch, &mut header)?;
+    let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
     eprintln!(
         "vfio-mig: save: session {hex}, epoch {}, to {}",
         header.epoch,
@@ -197,8 +207,9 @@ pub fn load_keyed(
     let key = load_key(key_file)?;
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
-    let (mut reader, _header) =
+    let (mut reader, header) =
         StreamReader::open_keyed(BufReader::with_capacity(1 << 20, file), key.as_ref())?;
+    super::outcome::session(&session_hex(&header.session_id), header.epoch);
     if reader.is_authenticated() && key.is_none() {
         return Err(Error::InvalidInput(format!(
             "load {}: the file is authenticated; give its --key-file (it is not loaded \
@@ -206,8 +217,9 @@ pub fn load_keyed(
             input.display()
         )));
     }
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
-    let mut fencing = fence.destination(&[claim])?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
+    let mut fencing = fence.destination(&claims)?;
     let mut opened = open_cancellable(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
@@ -322,6 +334,9 @@ pub fn migrate(
     )?;
     let mut fences = fence.destination(&dst_claims)?;
     let handoff = fence.begin_source(&src_claims, args.epoch, &mut header)?;
+    let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
+    eprintln!("vfio-mig: migrate: session {hex}, epoch {}", header.epoch);
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);
