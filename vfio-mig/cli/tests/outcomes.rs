@@ -200,7 +200,7 @@ fn a_second_signal_exits_5_saying_the_devices_are_unknown() {
     assert_eq!(status.code(), Some(5), "{err}");
     let outcome = json(&std::fs::read_to_string(dirs.path("stdout")).unwrap());
     assert_eq!(outcome["outcome"], "abandoned", "{outcome}");
-    assert_eq!(outcome["exit_status"], 4, "{outcome}");
+    assert_eq!(outcome["exit_status"], 5, "{outcome}");
     assert_eq!(fate(&outcome, dev), "unknown", "{outcome}");
     assert!(!sock.exists());
 }
