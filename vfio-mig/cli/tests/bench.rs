@@ -56,3 +56,19 @@ fn the_multi_suite_runs_to_its_end() {
         "the multi suite measures v1 and v2 units: {out}"
     );
 }
+
+#[test]
+fn every_suite_runs_to_its_end_when_none_is_named() {
+    let (ok, out, err) = bench(&[]);
+    assert!(ok, "bench with every suite failed: {err}");
+    for suite in [
+        "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+    ] {
+        assert!(
+            err.contains(&format!("bench: suite {suite}\n")),
+            "suite {suite} did not run: {err}"
+        );
+    }
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert!(!report["figures"].as_array().expect("figures").is_empty());
+}
