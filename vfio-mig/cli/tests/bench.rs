@@ -62,7 +62,7 @@ fn every_suite_runs_to_its_end_when_none_is_named() {
     let (ok, out, err) = bench(&[]);
     assert!(ok, "bench with every suite failed: {err}");
     for suite in [
-        "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+        "crc", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
     ] {
         assert!(
             err.contains(&format!("bench: suite {suite}\n")),

@@ -13,7 +13,7 @@ use vfio_mig_mock::spec::parse_size;
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Suites to run, comma separated: v2, v1, memory, downtime, multi, rated,
+    /// Suites to run, comma separated: crc, v2, v1, memory, downtime, multi, rated,
     /// channels (default: all).
     #[arg(long, value_delimiter = ',', value_name = "SUITE")]
     pub suite: Vec<String>,
