@@ -6,6 +6,7 @@ pub mod recorder;
 pub mod session;
 
 pub mod sweep;
+pub mod v2_mock;
 
 use std::io::Cursor;
 
@@ -124,6 +125,10 @@ pub fn assert_destination_safe(status: &MockStatus, context: &str) {
         !status.resumed_ok,
         "{context}: destination must not run with loaded state, status {status:?}"
     );
+    assert!(
+        !status.ran_incomplete,
+        "{context}: destination ran without the whole migrated state, status {status:?}"
+    );
     let safe = match status.v2_state {
         Some(_) => matches!(status.mig_state(), Some(MigState::Running | MigState::Stop)),
         None => matches!(status.v1_state(), V1State::Running | V1State::Stop),
@@ -138,6 +143,25 @@ pub fn assert_destination_safe(status: &MockStatus, context: &str) {
             "{context}: a destination that received data must be reset, status {status:?}"
         );
     }
+}
+
+/// [`assert_destination_safe`] after a failed migration whose error is `error`, allowing one
+/// more honest outcome: a driver whose VFIO_DEVICE_RESET does not leave RESUMING (igb-vfio-pci
+/// after a failed load) stays there, runs nothing, and the error must say so.
+pub fn assert_destination_left_safe(status: &MockStatus, context: &str, error: &str) {
+    if status.mig_state() == Some(MigState::Resuming) {
+        assert!(
+            error.contains("RESUMING after VFIO_DEVICE_RESET"),
+            "{context}: a destination left in RESUMING needs an error saying the reset did not \
+             help: {error}"
+        );
+        assert!(
+            !status.resumed_ok && !status.ran_incomplete,
+            "{context}: {status:?}"
+        );
+        return;
+    }
+    assert_destination_safe(status, context);
 }
 
 /// Rewrites a stream record by record: `model` replaces the device model, `edit` may change

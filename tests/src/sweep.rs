@@ -6,7 +6,7 @@ use crate::try_mock;
 use vfio_mig::engine::{NoObserver, SaveOptions};
 use vfio_mig::handshake::migrate_local;
 
-use crate::{assert_destination_safe, assert_source_running, handle};
+use crate::{assert_destination_left_safe, assert_source_running, handle};
 
 /// One sweep: `fail-at={field}@N{suffix}` added to `spec` on one side.
 #[derive(Debug, Clone)]
@@ -66,8 +66,8 @@ impl Sweep<'_> {
             match result {
                 Ok(report) => {
                     assert!(
-                        dst_status.resumed_ok,
-                        "{context}: success without a verified resume"
+                        dst_status.resumed_ok && !dst_status.ran_incomplete,
+                        "{context}: success without a verified resume: {dst_status:?}"
                     );
                     if report.save.after_handoff.is_some() {
                         // The source's STOP after the handoff failed: it was reset (its
@@ -90,7 +90,7 @@ impl Sweep<'_> {
                         "{context}: error must be one line: {text}"
                     );
                     assert_source_running(&src_status, &context);
-                    assert_destination_safe(&dst_status, &context);
+                    assert_destination_left_safe(&dst_status, &context, &text);
                 }
             }
         }

@@ -47,9 +47,10 @@ fn a_failed_stop_after_the_handoff_resets_the_source() {
             "mock:v2,size=1M,seed=1",
             true,
         ),
-        // v1: 001b -> 010b is the 1st device_state write, 010b -> 000b the 2nd.
+        // v1: 001b -> 000b (the VM stop, as QEMU) is the 1st device_state write, 000b ->
+        // 010b the 2nd, 010b -> 000b the 3rd.
         (
-            "mock:v1,size=1M,seed=1,fail-at=state-write@2",
+            "mock:v1,size=1M,seed=1,fail-at=state-write@3",
             "mock:v1,size=1M,seed=1",
             false,
         ),

@@ -294,6 +294,8 @@ pub struct Encoder {
     match_pending: bool,
     /// The pages are held back until [`Encoder::finish`] (pre-copy carries MATCH only).
     hold_pages: bool,
+    /// Nothing at all, MATCH included, is sent before [`Encoder::finish`].
+    hold_match: bool,
 }
 
 impl Encoder {
@@ -327,6 +329,7 @@ impl Encoder {
             dirtied: 0,
             match_pending: false,
             hold_pages: false,
+            hold_match: false,
         }
     }
 
@@ -343,6 +346,17 @@ impl Encoder {
             self.pending -= self.pages_bytes();
         }
         self
+    }
+
+    /// Starts the stream with a MATCH packet and sends nothing before [`Encoder::finish`]
+    /// (a driver whose pre-copy file is empty, igb). Call before anything is emitted.
+    pub fn with_nothing_before_finish(self) -> Self {
+        let mut enc = self.with_match_header(true);
+        if !enc.hold_match && !enc.finished {
+            enc.hold_match = true;
+            enc.pending -= PACKET_HEADER as u64;
+        }
+        enc
     }
 
     /// Bytes of one pass over every page, headers included.
@@ -414,10 +428,17 @@ impl Encoder {
                 self.hold_pages = false;
                 self.pending += self.pages_bytes();
             }
+            if self.hold_match {
+                self.hold_match = false;
+                self.pending += PACKET_HEADER as u64;
+            }
         }
     }
 
     fn next_packet(&mut self) -> Option<Outgoing> {
+        if self.hold_match {
+            return None;
+        }
         if self.match_pending {
             self.match_pending = false;
             let seed = self.content.seed();

@@ -56,7 +56,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::content::ContentKind;
+use super::content::{ContentKind, PACKET_HEADER};
 use super::faults::{FaultRule, V2FaultRule};
 use super::v2::profile::{Behaviour, ProfileName};
 use vfio_mig::Error;
@@ -324,6 +324,28 @@ impl MockSpec {
         if self.size == 0 {
             return Err("option `size`: must be at least 1 byte".into());
         }
+        let b = self.behaviour();
+        if let Some(max) = b.max_stream {
+            let stream = (self.page_count() + 2) * PACKET_HEADER as u64 + self.size;
+            if stream > max {
+                return Err(format!(
+                    "option `size`: {} bytes in {}-byte pages make a {stream}-byte state, more \
+                     than the {max} bytes profile {} holds",
+                    self.size,
+                    self.page,
+                    self.profile.map_or("", ProfileName::name)
+                ));
+            }
+        }
+        if !b.enters_error {
+            if let Some(rule) = self.v2_faults.iter().find(|r| r.error_state) {
+                return Err(format!(
+                    "option `fail-at={rule}`: profile {} never enters ERROR (its driver has \
+                     no path into it)",
+                    self.profile.map_or("", ProfileName::name)
+                ));
+            }
+        }
         if self.page == 0 || u64::from(self.page) > MAX_SECTION {
             return Err(format!(
                 "option `page`: {} is not between 1 and {}",
@@ -557,6 +579,10 @@ impl FromStr for MockSpec {
         if !seen.contains(&"dma") {
             spec.dma = b.dma;
         }
+        if let (Some(max), false) = (b.max_stream, seen.contains(&"size")) {
+            // MATCH, one page header and END around the bytes of one page.
+            spec.size = max - 3 * PACKET_HEADER as u64;
+        }
         spec.validate().map_err(usage)?;
         Ok(spec)
     }
@@ -681,9 +707,17 @@ mod tests {
         let text = "mock:v2,size=64M,seed=0,profile=mlx5,flags=0x3,dma=off";
         assert_eq!(s.to_string(), text);
         assert_eq!(text.parse::<MockSpec>().unwrap(), s);
-        let s: MockSpec = "mock:v2,profile=mtty,dma=on".parse().unwrap();
-        assert_eq!(s.to_string(), "mock:v2,size=64M,seed=0,profile=mtty,dma=on");
-        assert!(err("mock:v2,profile=qat").contains("unknown profile `qat`"));
+        let s: MockSpec = "mock:v2,profile=mtty,dma=off".parse().unwrap();
+        assert_eq!(
+            s.to_string(),
+            "mock:v2,size=64M,seed=0,profile=mtty,dma=off"
+        );
+        assert!(err("mock:v2,profile=e1000").contains("unknown profile `e1000`"));
+        // igb: without size=, the state fills the 1 KiB blob; a larger one is refused.
+        let s: MockSpec = "mock:v2,profile=igb".parse().unwrap();
+        assert_eq!(s.size, 976);
+        assert!(err("mock:v2,profile=igb,size=2K").contains("1024 bytes profile igb holds"));
+        assert!(err("mock:v2,profile=hisi,fail-at=reset@1:error").contains("never enters ERROR"));
         assert!(err("mock:v1,profile=mtty").contains("for mock:v2 only"));
     }
 

@@ -18,6 +18,10 @@ pub struct MockStatus {
     pub v2_state: Option<u32>,
     /// RUNNING was reached after a resume whose state verified complete and intact.
     pub resumed_ok: bool,
+    /// v2: the device ran a resumed state that was not complete (or nothing at all, hisi's
+    /// match data only, igb's empty stream) on a driver that loads what came and has no
+    /// path into ERROR: the destination runs without the source's state.
+    pub ran_incomplete: bool,
     /// Successful resets.
     pub resets: u64,
     /// Saves that reached STOP with everything consumed.

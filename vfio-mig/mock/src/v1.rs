@@ -29,10 +29,10 @@ use std::time::Instant;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::uio::{pread, pwrite};
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
-    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE, VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+    VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64};
@@ -40,11 +40,10 @@ use super::faults::{FaultField, FaultPlan};
 use super::pace::Pacer;
 use super::spec::{DataMode, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
+use crate::region_info::{self, Area, Cap, Region};
 use crate::rules::v1_table::{
     self, ERROR, MASK as STATE_MASK, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY,
 };
-use vfio_mig::device::pod::read_pod;
-use vfio_mig::device::region::{encode_region_info, RegionCap, RegionInfo, SparseArea};
 use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
@@ -348,28 +347,28 @@ impl Inner {
     }
 
     /// The sparse mmap areas of the data section: `areas=` equal parts of it.
-    fn areas(&self) -> Vec<SparseArea> {
+    fn areas(&self) -> Vec<Area> {
         let n = u64::from(self.spec.areas.max(1));
         let size = self.spec.section / n;
         (0..n)
-            .map(|i| SparseArea {
+            .map(|i| Area {
                 offset: self.data_offset + i * size,
                 size,
             })
             .collect()
     }
 
-    fn region(&self, index: u32) -> Option<RegionInfo> {
+    fn region(&self, index: u32) -> Option<Region> {
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
         let (flags, size, caps) = if index == self.spec.region_index {
-            let mut caps = vec![RegionCap::Type {
+            let mut caps = vec![Cap::Type {
                 region_type: VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
                 subtype: VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
             }];
             let mut flags = rw;
             if self.is_mmap() {
                 flags |= VFIO_REGION_INFO_FLAG_MMAP;
-                caps.push(RegionCap::SparseMmap(self.areas()));
+                caps.push(Cap::SparseMmap(self.areas()));
             }
             (flags, self.data_offset + self.spec.section, caps)
         } else if index == VFIO_PCI_BAR0_REGION_INDEX {
@@ -377,7 +376,7 @@ impl Inner {
         } else if index < VFIO_PCI_VGA_REGION_INDEX {
             (0, 0, vec![])
         } else if index > VFIO_PCI_VGA_REGION_INDEX && index < self.num_regions {
-            let caps = vec![RegionCap::Type {
+            let caps = vec![Cap::Type {
                 region_type: OTHER_REGION_TYPE,
                 subtype: index - VFIO_PCI_VGA_REGION_INDEX,
             }];
@@ -385,8 +384,7 @@ impl Inner {
         } else {
             return None;
         };
-        Some(RegionInfo {
-            index,
+        Some(Region {
             flags,
             size,
             offset: region_offset(index),
@@ -789,7 +787,7 @@ impl Inner {
             )));
         }
         read_exact_at(&self.memfd, tx, at)?;
-        let word = |i: usize| read_pod::<u32>(tx, i * 4).expect("header present");
+        let word = |i: usize| u32::from_le_bytes(tx[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
         let (magic, seq, len, crc) = (word(0), word(1), word(2), word(3));
         let why = if magic != TX_MAGIC {
             Some(format!(
@@ -859,21 +857,12 @@ impl Inner {
 
     fn region_info_raw(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.fault(FaultField::RegionInfo)?;
-        let Some(query) = read_pod::<vfio_region_info>(buf, 0) else {
-            return Err(self.refuse("region info buffer shorter than vfio_region_info"));
+        let (argsz, index) = region_info::read_query(buf).map_err(|why| self.refuse(why))?;
+        let Some(region) = self.region(index) else {
+            return Err(self.refuse(format!("no region {index}")));
         };
-        let header = std::mem::size_of::<vfio_region_info>();
-        if (query.argsz as usize) < header || query.argsz as usize > buf.len() {
-            return Err(self.refuse(format!(
-                "region info argsz {} with a {} byte buffer",
-                query.argsz,
-                buf.len()
-            )));
-        }
-        let Some(info) = self.region(query.index) else {
-            return Err(self.refuse(format!("no region {}", query.index)));
-        };
-        encode_region_info(&mut buf[..query.argsz as usize], &info)
+        region_info::write_answer(buf, argsz, index, &region);
+        Ok(())
     }
 }
 
@@ -940,7 +929,8 @@ mod tests {
     use super::*;
     use crate::faults::FaultField;
     use crate::rules::v1_table::SAVING;
-    use vfio_mig::device::pod::write_pod;
+    use vfio_bindings::bindings::vfio::vfio_region_info;
+    use vfio_mig::device::pod::{read_pod, write_pod};
     use vfio_mig::device::region::query_region;
 
     /// A tiny hand-written driver: raw field accesses on a mock.
@@ -1062,7 +1052,7 @@ mod tests {
         assert_eq!(mig.flags & 7, 7);
         assert_eq!(
             mig.sparse_areas().unwrap(),
-            &[SparseArea {
+            &[vfio_mig::device::region::SparseArea {
                 offset: 4096,
                 size: 4096
             }][..]

@@ -11,7 +11,7 @@ use super::opened::ChannelOpening;
 use super::source::{send, SendOutcome};
 use crate::engine::session::new_header;
 use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
-use crate::error::{Error, Result};
+use crate::error::{Error, Recovery, Result};
 use crate::fence::Fence;
 use crate::handshake::ReasonCode;
 use crate::stream::StreamHeader;
@@ -214,8 +214,57 @@ fn outcome(sent: Joined<SendOutcome>, received: Joined<RecvOutcome>) -> Result<V
 /// Chooses the error that explains a failed migration when both sides failed, keeping the
 /// source's recovery outcome in the message: a source that lost its connection or got FAILED
 /// failed because of the destination, whose error is then the cause; otherwise the
-/// destination only saw a truncated stream.
+/// destination only saw a truncated stream. A destination device that could not be recovered
+/// is named either way.
 fn pick_cause(source_err: Error, dest_err: Error) -> Error {
+    let unrecovered = unrecovered(&dest_err);
+    let cause = pick_cause_only(source_err, dest_err);
+    with_outcomes(cause, unrecovered)
+}
+
+/// The devices of a (destination's) error that could not be recovered: a driver whose reset
+/// does not leave RESUMING (igb-vfio-pci) must be named in the error whichever side's error
+/// explains the failure.
+fn unrecovered(e: &Error) -> Vec<(String, Recovery)> {
+    let failed = |r: &Recovery| matches!(r, Recovery::Failed(_));
+    match e {
+        Error::RolledBack {
+            device, recovery, ..
+        } if failed(recovery) => vec![(device.clone(), recovery.clone())],
+        Error::RolledBackAll { outcomes, .. } => outcomes
+            .iter()
+            .filter(|(_, r)| failed(r))
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `cause` with the `extra` outcomes added to the devices it names (those it names already
+/// are kept as they are).
+fn with_outcomes(cause: Error, extra: Vec<(String, Recovery)>) -> Error {
+    if extra.is_empty() {
+        return cause;
+    }
+    let (source, mut outcomes) = match cause {
+        Error::RolledBack {
+            source,
+            device,
+            recovery,
+        } => (source, vec![(device, recovery)]),
+        Error::RolledBackAll { source, outcomes } => (source, outcomes),
+        other => (Box::new(other), Vec::new()),
+    };
+    for (device, recovery) in extra {
+        if !outcomes.iter().any(|(d, _)| *d == device) {
+            outcomes.push((device, recovery));
+        }
+    }
+    Error::RolledBackAll { source, outcomes }
+}
+
+/// The error of [`pick_cause`], before the unrecovered destination devices are added.
+fn pick_cause_only(source_err: Error, dest_err: Error) -> Error {
     match source_err {
         Error::RolledBack {
             source,

@@ -266,7 +266,14 @@ impl MigrationDevice for V1Device {
                 "a chunk is only partly read",
             ));
         }
-        let raw = self.raw_state()?;
+        let mut raw = self.raw_state()?;
+        if V1State::from_raw(raw) == V1State::Running {
+            // QEMU 5.2-7.2 never write 001b -> 010b: the VM stops first (RUNNING cleared by
+            // vfio_vmstate_change), then vfio_save_setup ORs SAVING in; v1-era drivers were
+            // written against that sequence.
+            self.set_state(V1State::Stop)?;
+            raw = self.raw_state()?;
+        }
         let value = compose(raw, V1State::StopCopy)
             .map_err(|e| Error::protocol("enter stop-and-copy", e.to_string()))?;
         self.region.write_state(value).map_err(|source| {

@@ -701,6 +701,15 @@ impl MigrationDevice for V2Device {
                 format!("the device is in {now}, not RESUMING"),
             ));
         }
+        if self.resumed == 0 {
+            // A device's state is never empty, and some drivers load nothing from an empty
+            // stream and succeed (igb-vfio-pci's igb_load_data): the device would then run
+            // without the source's state.
+            return Err(Error::protocol(
+                step,
+                "no device state was received (0 bytes); refusing to load nothing",
+            ));
+        }
         // The driver checks and loads the state on this arc; the data fd is closed once it
         // succeeds (leaving the session), before the device can run.
         self.transition(MigState::Stop, Some(OnFailure::Reset), &step)

@@ -17,13 +17,33 @@ use vfio_bindings::bindings::vfio::vfio_device_feature_dma_logging_range;
 
 use crate::content::SplitMix64;
 
-/// Most ranges one START may carry (`LOG_MAX_RANGES`: what fits a 4 KiB page).
 /// Smallest DMA logging page size the core accepts (`SZ_4K` in
 /// `vfio_ioctl_device_feature_logging_report`).
 pub const MIN_DMA_LOG_PAGE: u64 = 4096;
+/// Most ranges one START may carry (`LOG_MAX_RANGES`: what fits a 4 KiB page).
 pub const LOG_MAX_RANGES: u32 = 4096 / size_of::<vfio_device_feature_dma_logging_range>() as u32;
 /// Mixed into the seed for the generator choosing DMA-written pages.
 const DMA_RNG_SALT: u64 = 0x5EED_D1A7_0B17_3A95;
+
+/// The `u64` words a report of `length` bytes at `page_size` (non-zero) writes: one bit per
+/// page, as `iova_bitmap` walks them (`DIV_ROUND_UP(length, page_size)` bits, in whole words).
+pub fn bitmap_words(length: u64, page_size: u64) -> u64 {
+    length.div_ceil(page_size).div_ceil(u64::from(u64::BITS))
+}
+
+/// What a driver tracking at most `max` ranges does with more (the kernel's
+/// `vfio_combine_iova_ranges`): merges the two neighbours with the smallest gap between them,
+/// again and again, so the device then tracks (and reports) the gaps too. `ranges` is sorted.
+fn combine_ranges(ranges: &mut Vec<(u64, u64)>, max: usize) {
+    while ranges.len() > max {
+        let i = (0..ranges.len() - 1)
+            .min_by_key(|&i| ranges[i + 1].0 - (ranges[i].0 + ranges[i].1))
+            .expect("at least two ranges");
+        let (start, _) = ranges[i];
+        let (next, len) = ranges.remove(i + 1);
+        ranges[i].1 = next + len - start;
+    }
+}
 
 /// The kernel's `IS_ALIGNED` (for a power of two; with 0 only 0 is aligned, as in C).
 fn is_aligned(x: u64, a: u64) -> bool {
@@ -55,6 +75,7 @@ impl DmaLog {
         ranges_in: &[vfio_device_feature_dma_logging_range],
         page_size: u64,
         seed: u64,
+        max_ranges: Option<u32>,
     ) -> Result<Self, i32> {
         if ranges_in.is_empty() {
             return Err(libc::EINVAL);
@@ -85,6 +106,9 @@ impl DmaLog {
         }
         let page = page_size.max(MIN_DMA_LOG_PAGE);
         ranges.sort_unstable();
+        if let Some(max) = max_ranges {
+            combine_ranges(&mut ranges, max.max(1) as usize);
+        }
         let total_pages = ranges.iter().map(|&(_, l)| l.div_ceil(page)).sum();
         Ok(Self {
             page,
@@ -166,5 +190,31 @@ impl DmaLog {
     /// The pages written since START, sorted.
     pub fn written(&self) -> Vec<u64> {
         self.written.iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_ranges_than_tracked_are_merged_across_the_smallest_gaps() {
+        let k = 0x1000;
+        let mut r = vec![
+            (0, k),
+            (2 * k, k),
+            (16 * k, k),
+            (18 * k, k),
+            (256 * k, k),
+            (260 * k, k),
+        ];
+        combine_ranges(&mut r, 4);
+        // Gaps 1, 13, 1, 237, 3 pages: the two 1-page gaps close first.
+        assert_eq!(
+            r,
+            vec![(0, 3 * k), (16 * k, 3 * k), (256 * k, k), (260 * k, k)]
+        );
+        combine_ranges(&mut r, 1);
+        assert_eq!(r, vec![(0, 261 * k)]);
     }
 }
