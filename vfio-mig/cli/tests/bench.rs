@@ -58,11 +58,28 @@ fn the_multi_suite_runs_to_its_end() {
 }
 
 #[test]
+fn the_fast_suite_measures_the_memfd_device_into_every_sink() {
+    let (ok, out, err) = bench(&["--suite", "fast"]);
+    assert!(ok, "bench --suite fast failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let ids: Vec<&str> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .collect();
+    for sink in ["null", "file", "tcp"] {
+        let id = format!("v2.memfd.{sink}.engine");
+        assert!(ids.contains(&id.as_str()), "no figure {id}: {ids:?}");
+    }
+}
+
+#[test]
 fn every_suite_runs_to_its_end_when_none_is_named() {
     let (ok, out, err) = bench(&[]);
     assert!(ok, "bench with every suite failed: {err}");
     for suite in [
-        "crc", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+        "crc", "fast", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
     ] {
         assert!(
             err.contains(&format!("bench: suite {suite}\n")),
