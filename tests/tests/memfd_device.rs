@@ -16,7 +16,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::stat::{fstat, SFlag};
 use vfio_mig::engine::{NoObserver, SaveOptions};
 use vfio_mig::handshake::migrate_local;
-use vfio_mig_tests::{handle, mock};
+use vfio_mig_tests::{handle, mock, MockDevice};
 
 /// v2 device states (include/uapi/linux/vfio.h, `enum vfio_device_mig_state`).
 const STOP: u32 = 1;
@@ -45,14 +45,27 @@ fn read_all(fd: &OwnedFd) -> Vec<u8> {
     }
 }
 
-/// A data fd that is a regular file (a memfd), sealed against any change of its bytes.
-fn assert_sealed_memfd(fd: &OwnedFd, what: &str) {
+/// The data fd the arc into `state` opens.
+fn data_fd(dev: &MockDevice, state: u32) -> OwnedFd {
+    dev.io
+        .set_mig_state(state)
+        .unwrap_or_else(|e| panic!("set state {state}: {e}"))
+        .expect("a data fd")
+}
+
+/// A data fd that is a regular file, not a pipe.
+fn assert_regular(fd: &OwnedFd, what: &str) {
     let st = fstat(fd.as_fd()).expect("fstat");
     assert_eq!(
         SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT,
         SFlag::S_IFREG,
         "{what}: not a regular file (a pipe?)"
     );
+}
+
+/// A data fd that is a memfd, sealed against any change of its bytes.
+fn assert_sealed_memfd(fd: &OwnedFd, what: &str) {
+    assert_regular(fd, what);
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
     assert!(
         link.to_string_lossy().starts_with("/memfd:"),
@@ -76,11 +89,7 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     // Source: STOP_COPY hands out a sealed memfd read-only, at offset 0, no thread behind it.
     let src = mock(spec);
     src.io.set_mig_state(STOP).expect("RUNNING -> STOP");
-    let first = src
-        .io
-        .set_mig_state(STOP_COPY)
-        .expect("STOP -> STOP_COPY")
-        .expect("a data fd");
+    let first = data_fd(&src, STOP_COPY);
     assert_sealed_memfd(&first, "stop-copy data fd");
     let mode = OFlag::from_bits_truncate(fcntl(&first, FcntlArg::F_GETFL).unwrap());
     assert_eq!(mode & OFlag::O_ACCMODE, OFlag::O_RDONLY, "{mode:?}");
@@ -94,7 +103,7 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     // STOP_COPY): what the reads of its own description have not taken yet.
     let plain = mock("mock:v2,size=1M,seed=5,flags=0x3,data-fd=memfd");
     plain.io.set_mig_state(STOP).unwrap();
-    let fd = plain.io.set_mig_state(STOP_COPY).unwrap().unwrap();
+    let fd = data_fd(&plain, STOP_COPY);
     let whole = plain.io.mig_data_size().unwrap();
     let mut half = vec![0u8; (whole / 2) as usize];
     assert_eq!(nix::unistd::read(&fd, &mut half).unwrap(), half.len());
@@ -110,11 +119,7 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     );
 
     // A second stop-copy session is a new file description: it starts at 0 again.
-    let second = src
-        .io
-        .set_mig_state(STOP_COPY)
-        .expect("STOP -> STOP_COPY")
-        .expect("a data fd");
+    let second = data_fd(&src, STOP_COPY);
     assert_eq!(
         read_all(&second),
         state,
@@ -125,17 +130,8 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     // Destination: RESUMING hands out a memfd to write, the state verified at RESUMING -> STOP.
     let dst = mock(spec);
     dst.io.set_mig_state(STOP).expect("RUNNING -> STOP");
-    let into = dst
-        .io
-        .set_mig_state(RESUMING)
-        .expect("STOP -> RESUMING")
-        .expect("a data fd");
-    let st = fstat(into.as_fd()).expect("fstat");
-    assert_eq!(
-        SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT,
-        SFlag::S_IFREG,
-        "resuming data fd: not a regular file"
-    );
+    let into = data_fd(&dst, RESUMING);
+    assert_regular(&into, "resuming data fd");
     assert_eq!(mock_threads(), threads_before, "a consumer thread runs");
     for piece in state.chunks(100_000) {
         assert_eq!(dst.io.write_data(into.as_fd(), piece).unwrap(), piece.len());
@@ -147,7 +143,7 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     // Another seed's device refuses the state at RESUMING -> STOP (xe: EIO).
     let other = mock("mock:v2,size=3M,seed=6,profile=xe,data-fd=memfd");
     other.io.set_mig_state(STOP).unwrap();
-    let into = other.io.set_mig_state(RESUMING).unwrap().unwrap();
+    let into = data_fd(&other, RESUMING);
     other.io.write_data(into.as_fd(), &state).unwrap();
     let err = other
         .io
