@@ -274,9 +274,9 @@ pub(crate) fn header_flags(fixed: &[u8; HEADER_FIXED_LEN]) -> u32 {
 /// The session id binds every record to its stream: a record copied from another stream
 /// fails its CRC.
 pub(crate) fn record_crc(session: &SessionId, head: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(session);
-    let crc = crc32c::crc32c_append(crc, head.get(..RECORD_CRC_OFFSET).unwrap_or(head));
-    crc32c::crc32c_append(crc, payload)
+    let crc = crate::stream::crc::crc32c(session);
+    let crc = crate::stream::crc::crc32c_append(crc, head.get(..RECORD_CRC_OFFSET).unwrap_or(head));
+    crate::stream::crc::crc32c_append(crc, payload)
 }
 
 /// Checks the fixed part of descriptor `index` and returns its model length.
@@ -362,7 +362,7 @@ impl StreamHeader {
             out.extend_from_slice(&d.migration_flags.to_le_bytes());
             out.extend_from_slice(d.model.as_bytes());
         }
-        let crc = crc32c::crc32c(&out);
+        let crc = crate::stream::crc::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
@@ -399,7 +399,7 @@ impl StreamHeader {
         let end = pos + CRC_LEN;
         let stored_crc = bytes.get(pos..end).ok_or_else(|| truncated(end))?;
         let stored = le_u32(stored_crc, 0);
-        let computed = crc32c::crc32c(bytes.get(..pos).unwrap_or_default());
+        let computed = crate::stream::crc::crc32c(bytes.get(..pos).unwrap_or_default());
         if stored != computed {
             return Err(header_err(format!(
                 "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt header"
@@ -899,7 +899,7 @@ pub(crate) mod tests {
     /// Recomputes the CRC at the end of an encoded header.
     pub(crate) fn fix_header_crc(h: &mut [u8]) {
         let n = h.len() - CRC_LEN;
-        let crc = crc32c::crc32c(&h[..n]);
+        let crc = crate::stream::crc::crc32c(&h[..n]);
         h[n..].copy_from_slice(&crc.to_le_bytes());
     }
 

@@ -55,6 +55,7 @@
 //! # Ok::<(), vfio_mig::Error>(())
 //! ```
 
+pub mod crc;
 pub mod format;
 pub mod mac;
 pub mod reader;

@@ -311,7 +311,7 @@ pub fn migrate(
     args: &TransferArgs,
     fence: &Fencing,
 ) -> Result<()> {
-    if devices.len() % 2 != 0 {
+    if !devices.len().is_multiple_of(2) {
         return Err(Error::InvalidInput(format!(
             "migrate: devices come in SRC DST pairs, {} were given",
             devices.len()
