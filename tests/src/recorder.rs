@@ -7,7 +7,9 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use vfio_mig::engine::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
+};
 use vfio_mig::Result;
 
 /// How a recorder names the state of a unit's device at a snapshot.
@@ -84,6 +86,7 @@ impl MigrationDevice for Recorder {
     delegate! {
         state_name(&mut self) -> Result<String>;
         details(&mut self) -> Result<Vec<(String, String)>>;
+        run_state(&mut self) -> Result<RunState>;
         quiesce(&mut self) -> Result<()>;
         stop(&mut self) -> Result<()>;
         start_pre_copy(&mut self) -> Result<()>;

@@ -37,8 +37,8 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fence;
+mod front;
 pub mod handshake;
-mod live;
 mod migration;
 mod open;
 pub mod stream;
@@ -47,6 +47,9 @@ pub mod v1;
 pub mod v2;
 
 pub use error::{Error, Result};
-pub use live::{resume, Estimate, Round, Source};
-pub use migration::{Capabilities, MigrationDevice};
+pub use front::{
+    resume, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback, Round, Source,
+    SourceOptions, Status,
+};
+pub use migration::{Capabilities, MigrationDevice, RunState};
 pub use open::{driver_for, open_device, Backend, DeviceAccess, OpenedDevice};

@@ -9,7 +9,7 @@ pub mod demux;
 pub mod events;
 pub mod gate;
 pub mod load;
-mod loader;
+pub(crate) mod loader;
 pub mod multi;
 pub mod parallel;
 mod pipeline;
@@ -21,7 +21,7 @@ pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
 };
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};
