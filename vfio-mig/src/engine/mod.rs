@@ -14,7 +14,7 @@ pub mod multi;
 pub mod parallel;
 mod pipeline;
 pub mod policy;
-mod rollback;
+pub(crate) mod rollback;
 pub mod save;
 pub mod session;
 pub mod splice;

@@ -2,6 +2,7 @@
 //! The devices, handed back with the error that ended a migration before it began or after
 //! it ended: a VMM that gave its devices to the front door never loses them.
 
+pub(crate) use crate::engine::rollback::fold;
 use crate::error::Recovery;
 use crate::error::{Error, Report};
 use crate::migration::{MigrationDevice, RunState};
@@ -81,22 +82,6 @@ pub(crate) fn restore<D: MigrationDevice>(
         })
         .collect();
     fold(error, outcomes)
-}
-
-/// Folds what became of each device into `error`.
-pub(crate) fn fold(error: Error, mut outcomes: Vec<(String, Recovery)>) -> Error {
-    if outcomes.len() == 1 {
-        let (device, recovery) = outcomes.remove(0);
-        return Error::RolledBack {
-            source: Box::new(error),
-            device,
-            recovery,
-        };
-    }
-    Error::RolledBackAll {
-        source: Box::new(error),
-        outcomes,
-    }
 }
 
 /// The devices as the engine's functions take them.
