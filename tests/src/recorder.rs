@@ -9,7 +9,9 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use vfio_mig::engine::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
+};
 use vfio_mig::Result;
 
 /// How a recorder names the state of a unit's device at a snapshot.
@@ -86,6 +88,7 @@ impl MigrationDevice for Recorder {
     delegate! {
         state_name(&mut self) -> Result<String>;
         details(&mut self) -> Result<Vec<(String, String)>>;
+        run_state(&mut self) -> Result<RunState>;
         pending(&mut self) -> Result<Pending>;
         stop_copy_estimate(&mut self) -> Result<Option<u64>>;
         is_saving(&mut self) -> Result<bool>;

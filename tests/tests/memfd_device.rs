@@ -45,12 +45,19 @@ fn read_all(fd: &OwnedFd) -> Vec<u8> {
     }
 }
 
+/// A data session over a copy of `fd`, as the device layer takes it.
+fn session(fd: &OwnedFd) -> vfio_mig::device::DataSession {
+    vfio_mig::device::DataSession::from_fd(fd.try_clone().expect("dup the data fd"))
+}
+
 /// The data fd the arc into `state` opens.
 fn data_fd(dev: &MockDevice, state: u32) -> OwnedFd {
     dev.io
         .set_mig_state(state)
         .unwrap_or_else(|e| panic!("set state {state}: {e}"))
-        .expect("a data fd")
+        .expect("a data session")
+        .into_fd()
+        .expect("a kernel-style data fd")
 }
 
 /// A data fd that is a regular file, not a pipe.
@@ -134,7 +141,10 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     assert_regular(&into, "resuming data fd");
     assert_eq!(mock_threads(), threads_before, "a consumer thread runs");
     for piece in state.chunks(100_000) {
-        assert_eq!(dst.io.write_data(into.as_fd(), piece).unwrap(), piece.len());
+        assert_eq!(
+            dst.io.write_data(&session(&into), piece).unwrap(),
+            piece.len()
+        );
     }
     dst.io.set_mig_state(STOP).expect("RESUMING -> STOP");
     dst.io.set_mig_state(RUNNING).expect("STOP -> RUNNING");
@@ -144,7 +154,7 @@ fn memfd_data_fds_carry_the_state_without_threads_and_are_verified_by_seed() {
     let other = mock("mock:v2,size=3M,seed=6,profile=xe,data-fd=memfd");
     other.io.set_mig_state(STOP).unwrap();
     let into = data_fd(&other, RESUMING);
-    other.io.write_data(into.as_fd(), &state).unwrap();
+    other.io.write_data(&session(&into), &state).unwrap();
     let err = other
         .io
         .set_mig_state(STOP)

@@ -202,6 +202,9 @@ impl MigrationDevice for Logged {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.inner.details()
     }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        self.inner.run_state()
+    }
     fn quiesce(&mut self) -> Result<()> {
         self.meet("quiesce");
         self.inner.quiesce()?;

@@ -242,6 +242,10 @@ pub enum Recovery {
     AlreadyRunning,
     /// The device was moved back to RUNNING.
     Resumed,
+    /// The device was already stopped, as it was when the migration began.
+    AlreadyStopped,
+    /// The device was moved back to STOP, its state when the migration began (a paused VM).
+    Stopped,
     /// The device was reset (and runs with its reset state).
     Reset,
     /// Neither a transition nor a reset worked.
@@ -253,6 +257,8 @@ impl fmt::Display for Recovery {
         match self {
             Recovery::AlreadyRunning => write!(f, "is running"),
             Recovery::Resumed => write!(f, "was returned to RUNNING"),
+            Recovery::AlreadyStopped => write!(f, "is stopped"),
+            Recovery::Stopped => write!(f, "was returned to STOP"),
             Recovery::Reset => write!(f, "was reset"),
             Recovery::Failed(why) => write!(f, "could not be recovered ({why})"),
         }

@@ -235,6 +235,49 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The length of the stream header that `bytes` begins with (its tag included), or `None`
+/// while `bytes` is too short to tell. For a receiver that gets a stream in pieces of any
+/// size and hands a [`super::StreamReader`] only whole units: a malformed header answers
+/// `bytes.len()` (what there is), so that the reader sees it and refuses it.
+pub fn header_frame_len(bytes: &[u8]) -> Option<usize> {
+    let fixed = bytes.get(..HEADER_FIXED_LEN)?;
+    let count = usize::from(le_u16(fixed, 10));
+    if fixed[..8] != MAGIC || !(1..=MAX_DEVICES).contains(&count) {
+        return Some(bytes.len());
+    }
+    let mut len = HEADER_FIXED_LEN;
+    for _ in 0..count {
+        let descriptor = bytes.get(len..len + DESCRIPTOR_FIXED_LEN)?;
+        let model = usize::from(le_u16(descriptor, 2));
+        if !(1..=MAX_MODEL_LEN).contains(&model) {
+            return Some(bytes.len());
+        }
+        len += DESCRIPTOR_FIXED_LEN + model;
+    }
+    len += CRC_LEN;
+    if le_u32(fixed, 36) & HEADER_FLAG_AUTHENTICATED != 0 {
+        len += super::mac::TAG_LEN;
+    }
+    Some(len)
+}
+
+/// The length of the record that `bytes` begins with (its tag included, when `authenticated`),
+/// or `None` while `bytes` is too short to tell; see [`header_frame_len`]. A payload length
+/// beyond any record's answers `bytes.len()`, for the reader to refuse.
+pub fn record_frame_len(bytes: &[u8], authenticated: bool) -> Option<usize> {
+    let head = bytes.get(..RECORD_HEADER_LEN)?;
+    let payload = le_u32(head, 16) as usize;
+    if payload > MAX_FRAGMENT.max(trailer_len(MAX_DEVICES)) {
+        return Some(bytes.len());
+    }
+    let tag = if authenticated {
+        super::mac::TAG_LEN
+    } else {
+        0
+    };
+    Some(RECORD_HEADER_LEN + payload + tag)
+}
+
 /// Checks the fixed part of a header (magic, version, device count) and returns the device
 /// count. Run before anything else of the header is read, so a foreign file is refused at
 /// once.

@@ -20,7 +20,7 @@ use crate::device::DeviceIo;
 use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, StopCopySize,
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
 };
 
 use super::region::MigrationRegion;
@@ -43,6 +43,8 @@ pub struct V1Device {
     region: MigrationRegion,
     chunk: Option<Chunk>,
     last_pending: u64,
+    /// The state a failed save returns the device to: where its saving session began.
+    home: RunState,
 }
 
 impl V1Device {
@@ -98,6 +100,7 @@ impl V1Device {
             region,
             chunk: None,
             last_pending: 0,
+            home: RunState::Running,
         }
     }
 
@@ -198,6 +201,27 @@ impl V1Device {
         }))
     }
 
+    /// The v1 state of [`Self::home`].
+    fn home_state(&self) -> V1State {
+        match self.home {
+            RunState::Running => V1State::Running,
+            RunState::Stopped => V1State::Stop,
+        }
+    }
+
+    /// [`reset_to_running`](Self::reset_to_running), then back to STOP (000b) when the saving
+    /// session began there (a paused VM's device must not run after its recovery).
+    fn reset_home(&mut self) -> Recovery {
+        let recovery = self.reset_to_running();
+        if recovery != Recovery::Reset || self.home == RunState::Running {
+            return recovery;
+        }
+        match self.set_state(V1State::Stop) {
+            Ok(()) => recovery,
+            Err(e) => Recovery::Failed(format!("reset, but then STOP failed: {}", Report(&e))),
+        }
+    }
+
     fn reset_to_running(&mut self) -> Recovery {
         self.chunk = None;
         match self.region.device().reset() {
@@ -273,6 +297,17 @@ impl MigrationDevice for V1Device {
         Ok(V1State::from_raw(self.raw_state()?).is_saving())
     }
 
+    fn run_state(&mut self) -> Result<RunState> {
+        match V1State::from_raw(self.raw_state()?) {
+            V1State::Running => Ok(RunState::Running),
+            V1State::Stop => Ok(RunState::Stopped),
+            other => Err(Error::protocol(
+                "read the device's run state",
+                format!("the device is in {other}, inside a migration"),
+            )),
+        }
+    }
+
     fn quiesce(&mut self) -> Result<()> {
         // v1 has no quiescent peer-to-peer state.
         Ok(())
@@ -292,6 +327,15 @@ impl MigrationDevice for V1Device {
     }
 
     fn start_pre_copy(&mut self) -> Result<()> {
+        // Only from RUNNING: 000b -> 011b would run a paused VM's device.
+        let now = V1State::from_raw(self.raw_state()?);
+        if now != V1State::Running {
+            return Err(Error::protocol(
+                "enter pre-copy",
+                format!("pre-copy starts only from RUNNING; the device is in {now}"),
+            ));
+        }
+        self.home = RunState::Running;
         self.set_state(V1State::PreCopy)
     }
 
@@ -305,6 +349,13 @@ impl MigrationDevice for V1Device {
             ));
         }
         let mut raw = self.raw_state()?;
+        // A save that begins here begins where the device is: from STOP (a paused VM, a
+        // snapshot) a failure must return it to STOP, never run it.
+        match V1State::from_raw(raw) {
+            V1State::Running => self.home = RunState::Running,
+            V1State::Stop => self.home = RunState::Stopped,
+            _ => {}
+        }
         if V1State::from_raw(raw) == V1State::Running {
             // QEMU 5.2-7.2 never write 001b -> 010b: the VM stops first (RUNNING cleared by
             // vfio_vmstate_change), then vfio_save_setup ORs SAVING in; v1-era drivers were
@@ -472,19 +523,24 @@ impl MigrationDevice for V1Device {
 
     fn recover(&mut self) -> Recovery {
         self.chunk = None;
+        let home = self.home_state();
+        let (already, returned) = match self.home {
+            RunState::Running => (Recovery::AlreadyRunning, Recovery::Resumed),
+            RunState::Stopped => (Recovery::AlreadyStopped, Recovery::Stopped),
+        };
         match self.raw_state().map(V1State::from_raw) {
-            Ok(V1State::Running) => Recovery::AlreadyRunning,
+            Ok(state) if state == home => already,
             Ok(state) if state.is_requestable() && state != V1State::Resuming => {
-                match self.set_state(V1State::Running) {
-                    Ok(()) => Recovery::Resumed,
+                match self.set_state(home) {
+                    Ok(()) => returned,
                     Err(e) => {
                         log::warn!("recovery transition failed: {}", Report(&e));
-                        self.reset_to_running()
+                        self.reset_home()
                     }
                 }
             }
             // ERROR, an invalid state, RESUMING (partial state) or an unreadable register.
-            _ => self.reset_to_running(),
+            _ => self.reset_home(),
         }
     }
 

@@ -178,6 +178,9 @@ impl MigrationDevice for Cancellable {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.0.details()
     }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        self.0.run_state()
+    }
     fn quiesce(&mut self) -> Result<()> {
         check("quiesce the device")?;
         self.0.quiesce()
