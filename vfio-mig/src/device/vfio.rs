@@ -107,10 +107,26 @@ fn pack_feature<T: FeaturePayload>(flags: u32, payload: &T) -> ([u8; MAX_FEATURE
 /// A VFIO device opened by its sysfs path, through a type1 container and its group or through
 /// iommufd and its cdev.
 pub struct VfioDeviceIo {
-    device: VfioDevice,
+    device: Held,
     path: PathBuf,
     model: String,
     access: DeviceAccess,
+}
+
+/// What keeps the device fd open: a device vfio-ioctls opened (by path or for the caller), or
+/// a duplicate of the fd of a device the caller opened with any vfio-ioctls version.
+enum Held {
+    Opened(VfioDevice),
+    Fd(OwnedFd),
+}
+
+impl AsRawFd for Held {
+    fn as_raw_fd(&self) -> i32 {
+        match self {
+            Held::Opened(device) => device.as_raw_fd(),
+            Held::Fd(fd) => fd.as_raw_fd(),
+        }
+    }
 }
 
 impl std::fmt::Debug for VfioDeviceIo {
@@ -172,7 +188,7 @@ impl VfioDeviceIo {
         };
         log::debug!("{} ({}): {detail}", path.display(), route.backend());
         Ok(Self {
-            device,
+            device: Held::Opened(device),
             path: path.to_path_buf(),
             model: model_of(path),
             access: DeviceAccess {
@@ -195,7 +211,28 @@ impl VfioDeviceIo {
             fd_target(device.as_raw_fd())
         );
         Self {
-            device,
+            device: Held::Opened(device),
+            path: path.to_path_buf(),
+            model: model_of(path),
+            access: DeviceAccess { backend, detail },
+        }
+    }
+
+    /// Wraps the device fd of a device the VMM opened and keeps (any vfio-ioctls version, any
+    /// ownership: pass a duplicate, `fd.try_clone()`); its container or IOAS and DMA maps
+    /// stay the VMM's. `path` is the device's sysfs path, which names it in logs and the
+    /// stream header. The backend is read from what the fd is: a device cdev
+    /// (`/dev/vfio/devices/vfioN`) is iommufd, anything else came from a group.
+    pub fn from_fd(fd: OwnedFd, path: &Path) -> Self {
+        let target = fd_target(fd.as_raw_fd());
+        let backend = if target.starts_with("/dev/vfio/devices/") {
+            Backend::Iommufd
+        } else {
+            Backend::Group
+        };
+        let detail = format!("opened by the caller ({backend}); device fd {target}");
+        Self {
+            device: Held::Fd(fd),
             path: path.to_path_buf(),
             model: model_of(path),
             access: DeviceAccess { backend, detail },
@@ -504,6 +541,22 @@ mod tests {
 
     fn bytes(parts: &[&[u8]]) -> Vec<u8> {
         parts.concat()
+    }
+
+    // A device built from a caller's fd issues its calls on that fd: on /dev/null, which
+    // takes no ioctls, the kernel answers VFIO_DEVICE_GET_INFO with ENOTTY.
+    #[test]
+    fn from_fd_issues_calls_on_the_given_fd() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let dev = VfioDeviceIo::from_fd(OwnedFd::from(null), Path::new("/nonexistent"));
+        let err = dev.device_info().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+        assert!(
+            dev.access().detail.contains("/dev/null"),
+            "{}",
+            dev.access().detail
+        );
+        assert_eq!(dev.access().backend, Backend::Group);
     }
 
     // The expected layouts are the uAPI's (include/uapi/linux/vfio.h): `argsz`, `flags`
