@@ -11,7 +11,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -117,14 +117,14 @@ pub struct VfioDeviceIo {
 /// a duplicate of the fd of a device the caller opened with any vfio-ioctls version.
 enum Held {
     Opened(VfioDevice),
-    Fd(OwnedFd),
+    Caller(Box<dyn AsFd + Send + Sync>),
 }
 
 impl AsRawFd for Held {
     fn as_raw_fd(&self) -> i32 {
         match self {
             Held::Opened(device) => device.as_raw_fd(),
-            Held::Fd(fd) => fd.as_raw_fd(),
+            Held::Caller(holder) => holder.as_fd().as_raw_fd(),
         }
     }
 }
@@ -218,25 +218,35 @@ impl VfioDeviceIo {
         }
     }
 
-    /// Wraps the device fd of a device the VMM opened and keeps (any vfio-ioctls version, any
-    /// ownership: pass a duplicate, `fd.try_clone()`); its container or IOAS and DMA maps
-    /// stay the VMM's. `path` is the device's sysfs path, which names it in logs and the
-    /// stream header. The backend is read from what the fd is: a device cdev
-    /// (`/dev/vfio/devices/vfioN`) is iommufd, anything else came from a group.
-    pub fn from_fd(fd: OwnedFd, path: &Path) -> Self {
-        let target = fd_target(fd.as_raw_fd());
-        let backend = if target.starts_with("/dev/vfio/devices/") {
+    /// Wraps the device fd a VMM already holds, in whatever keeps it open (an [`OwnedFd`]
+    /// `dup` of its fd, an `Arc<File>`...), so any vfio-ioctls version and any ownership
+    /// works; its container or IOAS and DMA maps stay the VMM's. `path` is the device's
+    /// sysfs path, which names it in logs and the stream header. The backend is read from
+    /// what the fd is: a group's device fd (`anon_inode:[vfio-device]`) or a device cdev
+    /// (`/dev/vfio/devices/vfioN`); any other descriptor is refused with
+    /// [`io::ErrorKind::InvalidInput`].
+    pub fn from_fd<F>(holder: F, path: &Path) -> io::Result<Self>
+    where
+        F: AsFd + Send + Sync + 'static,
+    {
+        let target = fd_target(holder.as_fd().as_raw_fd());
+        let backend = if target == "anon_inode:[vfio-device]" {
+            Backend::Group
+        } else if target.starts_with("/dev/vfio/devices/") {
             Backend::Iommufd
         } else {
-            Backend::Group
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {target} is not a VFIO device fd", path.display()),
+            ));
         };
         let detail = format!("opened by the caller ({backend}); device fd {target}");
-        Self {
-            device: Held::Fd(fd),
+        Ok(Self {
+            device: Held::Caller(Box::new(holder)),
             path: path.to_path_buf(),
             model: model_of(path),
             access: DeviceAccess { backend, detail },
-        }
+        })
     }
 
     /// How the device was opened: the backend (group or iommufd) and what it opened.
@@ -543,20 +553,13 @@ mod tests {
         parts.concat()
     }
 
-    // A device built from a caller's fd issues its calls on that fd: on /dev/null, which
-    // takes no ioctls, the kernel answers VFIO_DEVICE_GET_INFO with ENOTTY.
+    // A descriptor that is no VFIO device is refused before any call is issued on it.
     #[test]
-    fn from_fd_issues_calls_on_the_given_fd() {
+    fn from_fd_refuses_a_fd_that_is_no_vfio_device() {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let dev = VfioDeviceIo::from_fd(OwnedFd::from(null), Path::new("/nonexistent"));
-        let err = dev.device_info().unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
-        assert!(
-            dev.access().detail.contains("/dev/null"),
-            "{}",
-            dev.access().detail
-        );
-        assert_eq!(dev.access().backend, Backend::Group);
+        let err = VfioDeviceIo::from_fd(null, Path::new("/sys/nothing")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains("/dev/null"), "{err}");
     }
 
     // The expected layouts are the uAPI's (include/uapi/linux/vfio.h): `argsz`, `flags`
