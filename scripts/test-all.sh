@@ -4,10 +4,12 @@
 # The project's whole test suite, as CI runs it on a bare machine:
 #   1. formatting, clippy (-D warnings) and rustdoc (-D warnings);
 #   2. every host test of the workspace (unit, property, integration, CLI), in release mode;
-#   3. the guest tests against the kernel's mtty sample driver in a QEMU guest
+#   3. Cloud Hypervisor with the vfio-mig patch: built, its tests that need no KVM
+#      (scripts/cloud-hypervisor.sh; VFIO_MIG_SKIP_CH=1 skips it, not a full pass);
+#   4. the guest tests against the kernel's mtty sample driver in a QEMU guest
 #      (scripts/guest/run.sh installs what it needs: apt as root, Debian kernel packages).
 #
-# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2 (the run then says so; it is not a full pass).
+# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 to 3 (the run then says so; it is not a full pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,6 +69,10 @@ cargo run --release --locked -p vmm-glue --example cloud_hypervisor
 
 step "the main job: vfio-mig demo"
 cargo run --release --locked -p vfio-mig-cli -- demo
+
+step "Cloud Hypervisor with vfio-mig: the patch applied, built, its tests (scripts/cloud-hypervisor.sh)"
+# Needs ../shared/cloud-hypervisor; VFIO_MIG_SKIP_CH=1 skips it (the script says: not a full pass).
+scripts/cloud-hypervisor.sh
 
 if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"
