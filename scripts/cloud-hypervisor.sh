@@ -3,7 +3,8 @@
 #
 # Proof against a real VMM: Cloud Hypervisor (ae44c297, in ../shared/cloud-hypervisor) with its
 # VFIO migration replaced by vfio-mig (vmm-glue/cloud-hypervisor/vfio-mig.patch, see
-# docs/embedding.md). Copies the tree and its one git dependency (micro_http) into a scratch
+# docs/embedding.md; vfio-mig-before-front-door.patch while this checkout's library still has
+# the old front door). Copies the tree and its one git dependency (micro_http) into a scratch
 # directory, points micro_http at the copy, links this checkout beside the tree (the patch
 # depends on ../../vfio-mig/vfio-mig), applies the patch, builds Cloud Hypervisor and runs its
 # tests that need no KVM.
@@ -54,9 +55,15 @@ TOML
 # one: ours pins what the tree builds with (e.g. vfio_user 0.1.5, on vfio-bindings 0.6).
 cp "$glue/Cargo.lock" Cargo.lock
 
-log "applying $(basename "$glue/vfio-mig.patch")"
-git apply --whitespace=nowarn "$glue/vfio-mig.patch"
-git apply --numstat "$glue/vfio-mig.patch" |
+# The patch targets the front door (`Source` / `Destination`); until this checkout has it, the
+# stand-in written against the old one.
+patch=$glue/vfio-mig.patch
+if ! grep -qw DestinationOptions "$root/vfio-mig/src/lib.rs"; then
+    patch=$glue/vfio-mig-before-front-door.patch
+fi
+log "applying $(basename "$patch")"
+git apply --whitespace=nowarn "$patch"
+git apply --numstat "$patch" |
     awk '{a += $1; d += $2; n++} END {printf "[cloud-hypervisor] patch: %d files, +%d -%d\n", n, a, d}'
 
 start=$(date +%s)
