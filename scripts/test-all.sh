@@ -4,7 +4,9 @@
 # The project's whole test suite, as CI runs it on a bare machine:
 #   1. formatting, clippy (-D warnings) and rustdoc (-D warnings);
 #   2. every host test of the workspace (unit, property, integration, CLI), in release mode;
-#   3. the guest tests against the kernel's mtty sample driver in a QEMU guest, and against the
+#   3. Cloud Hypervisor with the vfio-mig patch: built, its tests that need no KVM
+#      (scripts/cloud-hypervisor.sh; VFIO_MIG_SKIP_CH=1 skips it, not a full pass);
+#   4. the guest tests against the kernel's mtty sample driver in a QEMU guest, and against the
 #      igb-vfio-pci driver on QEMU's emulated igb VFs in a third guest (scripts/guest/run.sh
 #      installs what it needs: apt as root, Debian kernel packages, the patched QEMU built from
 #      the fixture ../shared/igb-vfio, which must be there).
@@ -13,7 +15,7 @@
 # ../shared/libvfio-user (or VFIO_MIG_LIBVFIO_USER_SRC) by scripts/libvfio-user.sh, which
 # installs meson, ninja-build, pkg-config, libjson-c-dev and libcmocka-dev when missing.
 #
-# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2, VFIO_MIG_SKIP_IGB=1 to leave out the igb guest,
+# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 to 3, VFIO_MIG_SKIP_IGB=1 to leave out the igb guest,
 # VFIO_MIG_SKIP_VFIO_USER=1 to run without libvfio-user (the run then says so; none of them is
 # a full pass).
 set -euo pipefail
@@ -83,6 +85,10 @@ cargo run --release --locked -p vmm-glue --example cloud_hypervisor
 
 step "the main job: vfio-mig demo"
 cargo run --release --locked -p vfio-mig-cli -- demo
+
+step "Cloud Hypervisor with vfio-mig: the patch applied, built, its tests (scripts/cloud-hypervisor.sh)"
+# Needs ../shared/cloud-hypervisor; VFIO_MIG_SKIP_CH=1 skips it (the script says: not a full pass).
+scripts/cloud-hypervisor.sh
 
 if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"

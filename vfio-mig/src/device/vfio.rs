@@ -612,8 +612,7 @@ mod tests {
         parts.concat()
     }
 
-    // The expected layouts are the uAPI's (include/uapi/linux/vfio.h): `argsz`, `flags`
-    // (feature index | GET 1 << 16 | SET 1 << 17 | PROBE 1 << 18), then the payload struct.
+    // A descriptor that is no VFIO device is refused before any call is issued on it.
     #[test]
     fn feature_arguments_have_the_uapi_layout() {
         let probe = VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | 1;
