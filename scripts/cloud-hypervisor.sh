@@ -3,8 +3,7 @@
 #
 # Proof against a real VMM: Cloud Hypervisor (ae44c297, in ../shared/cloud-hypervisor) with its
 # VFIO migration replaced by vfio-mig (vmm-glue/cloud-hypervisor/vfio-mig.patch, see
-# docs/embedding.md; vfio-mig-before-front-door.patch while this checkout's library still has
-# the old front door). Copies the tree and its one git dependency (micro_http) into a scratch
+# docs/embedding.md). Copies the tree and its one git dependency (micro_http) into a scratch
 # directory, points micro_http at the copy, links this checkout beside the tree (the patch
 # depends on ../../vfio-mig/vfio-mig), applies the patch, builds Cloud Hypervisor and runs its
 # tests that need no KVM.
@@ -55,14 +54,15 @@ TOML
 # one: ours pins what the tree builds with (e.g. vfio_user 0.1.5, on vfio-bindings 0.6).
 cp "$glue/Cargo.lock" Cargo.lock
 
-# The patch targets the front door (`Source` / `Destination`); until this checkout has it, the
-# stand-in written against the old one.
 patch=$glue/vfio-mig.patch
-if ! grep -qw DestinationOptions "$root/vfio-mig/src/lib.rs"; then
-    patch=$glue/vfio-mig-before-front-door.patch
-fi
 log "applying $(basename "$patch")"
+# The scratch copy may sit inside this checkout (target/): `git apply` there would resolve the
+# patch's paths against this repository and skip every file without a word. A repository of
+# its own makes the copy the top level.
+git init -q .
 git apply --whitespace=nowarn "$patch"
+changed=$(git status --porcelain --untracked-files=all -- . ':!Cargo.toml' ':!Cargo.lock' | wc -l)
+[ "$changed" -gt 0 ] || die "$(basename "$patch") changed no file of the tree"
 git apply --numstat "$patch" |
     awk '{a += $1; d += $2; n++} END {printf "[cloud-hypervisor] patch: %d files, +%d -%d\n", n, a, d}'
 
