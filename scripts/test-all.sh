@@ -4,15 +4,20 @@
 # The project's whole test suite, as CI runs it on a bare machine:
 #   1. formatting, clippy (-D warnings) and rustdoc (-D warnings);
 #   2. every host test of the workspace (unit, property, integration, CLI), in release mode;
-#   3. the guest tests against the kernel's mtty sample driver in a QEMU guest
-#      (scripts/guest/run.sh installs what it needs: apt as root, Debian kernel packages).
+#   3. Cloud Hypervisor with the vfio-mig patch: built, its tests that need no KVM
+#      (scripts/cloud-hypervisor.sh; VFIO_MIG_SKIP_CH=1 skips it, not a full pass);
+#   4. the guest tests against the kernel's mtty sample driver in a QEMU guest, and against the
+#      igb-vfio-pci driver on QEMU's emulated igb VFs in a third guest (scripts/guest/run.sh
+#      installs what it needs: apt as root, Debian kernel packages, the patched QEMU built from
+#      the fixture ../shared/igb-vfio, which must be there).
 #
 # The host tests include the vfio-user tests, against libvfio-user's sample server built from
 # ../shared/libvfio-user (or VFIO_MIG_LIBVFIO_USER_SRC) by scripts/libvfio-user.sh, which
 # installs meson, ninja-build, pkg-config, libjson-c-dev and libcmocka-dev when missing.
 #
-# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 and 2 (the run then says so; it is not a full pass),
-# VFIO_MIG_SKIP_VFIO_USER=1 to run without libvfio-user (likewise not a full pass).
+# Set VFIO_MIG_SKIP_GUEST=1 to run only 1 to 3, VFIO_MIG_SKIP_IGB=1 to leave out the igb guest,
+# VFIO_MIG_SKIP_VFIO_USER=1 to run without libvfio-user (the run then says so; none of them is
+# a full pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +32,8 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The guest tests are a `test = false` target, which --all-targets skips.
-cargo clippy -p vfio-mig-tests --test guest --locked -- -D warnings
+# The guest tests are `test = false` targets, which --all-targets skips.
+cargo clippy -p vfio-mig-tests --test guest --test guest_igb --locked -- -D warnings
 
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
@@ -84,11 +89,15 @@ cargo run --release --locked -p vmm-glue --example cloud_hypervisor
 step "the main job: vfio-mig demo"
 cargo run --release --locked -p vfio-mig-cli -- demo
 
+step "Cloud Hypervisor with vfio-mig: the patch applied, built, its tests (scripts/cloud-hypervisor.sh)"
+# Needs ../shared/cloud-hypervisor; VFIO_MIG_SKIP_CH=1 skips it (the script says: not a full pass).
+scripts/cloud-hypervisor.sh
+
 if [ "${VFIO_MIG_SKIP_GUEST:-0}" = 1 ]; then
     step "guest tests SKIPPED (VFIO_MIG_SKIP_GUEST=1): this is not a full pass"
     exit 0
 fi
-step "guest tests (mtty in a QEMU guest)"
+step "guest tests (mtty in two QEMU guests, igb-vfio-pci in a third)"
 scripts/guest/run.sh
 if [ "${VFIO_MIG_SKIP_VFIO_USER:-0}" = 1 ]; then
     step "all tests passed, without the vfio-user tests: this is not a full pass"

@@ -54,11 +54,6 @@ qemu_cmd() {
         -kernel "$KERNEL" -initrd "$INITRD" -append "$4")
 }
 
-# Console text without carriage returns and terminal escape sequences (SeaBIOS emits some).
-clean_console() {
-    sed -E $'s/\r//g; s/\x1b\\[[0-9;?]*[A-Za-z]//g; s/\x1b[@-Z\\\\-_a-z]//g'
-}
-
 kvm_usable() {
     # Opening for read-write is the real test (-w is always true for root).
     { exec 3<>/dev/kvm; } 2>/dev/null || return 1

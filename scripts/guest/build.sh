@@ -4,6 +4,7 @@
 # Builds the static Rust binaries that run inside the guest and copies them to $WORK/bin/:
 #   vfio-mig              the project's command (package vfio-mig)
 #   vfio-mig-guest-tests  the `guest` integration test target of package vfio-mig-tests
+#   vfio-mig-igb-tests    its `guest_igb` target (the igb guest's tests)
 # Static glibc (crt-static, no musl target offline), in a separate target dir
 # (target/guest by default) so the host build cache stays valid.
 #
@@ -34,7 +35,7 @@ executable_of() {
 main() {
     mkdir -p "$BIN_DIR"
     if [[ ${VFIO_MIG_GUEST_SKIP_BUILD:-0} == 1 ]]; then
-        [[ -x $BIN_DIR/vfio-mig && -x $BIN_DIR/vfio-mig-guest-tests ]] ||
+        [[ -x $BIN_DIR/vfio-mig && -x $BIN_DIR/vfio-mig-guest-tests && -x $BIN_DIR/vfio-mig-igb-tests ]] ||
             die "VFIO_MIG_GUEST_SKIP_BUILD=1 but $BIN_DIR has no binaries from an earlier run"
         log "rust: VFIO_MIG_GUEST_SKIP_BUILD=1, reusing $BIN_DIR"
         return 0
@@ -47,7 +48,7 @@ main() {
     cd "$REPO_ROOT"
 
     log "rust: building vfio-mig (static, $profile, $CARGO_TARGET_DIR)"
-    local json bin tests
+    local json bin tests igb_tests
     json=$(cargo build -p vfio-mig-cli --bin vfio-mig "${common[@]}") || die "cargo build -p vfio-mig-cli failed"
     bin=$(executable_of vfio-mig bin <<<"$json")
     [[ -n $bin && -x $bin ]] || die "could not locate the vfio-mig binary in cargo's output"
@@ -58,11 +59,19 @@ main() {
     tests=$(executable_of guest test <<<"$json")
     [[ -n $tests && -x $tests ]] || die "could not locate the guest test binary in cargo's output"
 
+    log "rust: building the igb guest test binary (cargo test -p vfio-mig-tests --test guest_igb --no-run)"
+    json=$(cargo test -p vfio-mig-tests --test guest_igb --no-run "${common[@]}") ||
+        die "cargo test --test guest_igb --no-run failed"
+    igb_tests=$(executable_of guest_igb test <<<"$json")
+    [[ -n $igb_tests && -x $igb_tests ]] || die "could not locate the igb guest test binary in cargo's output"
+
     check_static "$bin"
     check_static "$tests"
+    check_static "$igb_tests"
     install -m 0755 "$bin" "$BIN_DIR/vfio-mig"
     install -m 0755 "$tests" "$BIN_DIR/vfio-mig-guest-tests"
-    log "rust: $bin, $tests -> $BIN_DIR"
+    install -m 0755 "$igb_tests" "$BIN_DIR/vfio-mig-igb-tests"
+    log "rust: $bin, $tests, $igb_tests -> $BIN_DIR"
 }
 
 main "$@"

@@ -22,42 +22,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # What the guest loads; dependencies (modinfo depends, softdep pre/post) are added around them.
 WANTED_MODULES=(vfio vfio_iommu_type1 mdev mtty)
 
-declare -A MOD_PATH=()   # module name (underscores) -> .ko or .ko.xz file
-declare -A MOD_STATE=()  # name -> visiting|done
-ORDER=()
-
-index_modules() {
-    local moddir=$1 f name
-    while IFS= read -r -d '' f; do
-        name=${f##*/}
-        name=${name%%.ko*}
-        MOD_PATH[${name//-/_}]=$f
-    done < <(find "$moddir" -name '*.ko*' -print0)
-}
-
-# Depth-first, dependencies first: appends the load order to ORDER.
-visit() {
-    local name=${1//-/_} optional=${2:-} f dep
-    [[ ${MOD_STATE[$name]:-} == "done" ]] && return 0
-    [[ ${MOD_STATE[$name]:-} == visiting ]] && die "module dependency cycle at $name"
-    f=${MOD_PATH[$name]:-}
-    if [[ -z $f ]]; then
-        [[ -n $optional ]] && return 0
-        die "module $name not found in the kernel package (nor built)"
-    fi
-    MOD_STATE[$name]=visiting
-    for dep in $(modinfo -F depends "$f" | tr ',' ' '); do
-        visit "$dep"
-    done
-    for dep in $(modinfo -F softdep "$f" | sed -n 's/.*pre:\(.*\)/\1/p' | sed 's/post:.*//'); do
-        visit "$dep" optional
-    done
-    MOD_STATE[$name]="done"
-    ORDER+=("$name")
-    for dep in $(modinfo -F softdep "$f" | sed -n 's/.*post:\(.*\)/\1/p' | sed 's/pre:.*//'); do
-        visit "$dep" optional
-    done
-}
+# shellcheck source-path=SCRIPTDIR source=modules.sh
+source "$GUEST_DIR/modules.sh"
 
 main() {
     local abi root rootfs out=$WORK/initramfs.cpio
@@ -97,15 +63,7 @@ main() {
     install -m 0755 "$GUEST_DIR/init.sh" "$rootfs/init"
     install -m 0755 "$bin/vfio-mig" "$rootfs/bin/vfio-mig"
     install -m 0755 "$bin/vfio-mig-guest-tests" "$rootfs/bin/vfio-mig-guest-tests"
-    for m in "${ORDER[@]}"; do
-        case ${MOD_PATH[$m]} in
-            *.ko.xz) xz -dc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
-            *.ko.zst) zstd -qdc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
-            *.ko.gz) gzip -dc "${MOD_PATH[$m]}" >"$rootfs/lib/modules/$m.ko" ;;
-            *.ko) cp "${MOD_PATH[$m]}" "$rootfs/lib/modules/$m.ko" ;;
-            *) die "unknown module file ${MOD_PATH[$m]}" ;;
-        esac
-    done
+    copy_modules "$rootfs/lib/modules"
     if [[ -n $v1_module ]]; then
         install -m 0644 "$v1_ko" "$rootfs/lib/modules/$v1_module.ko"
         # The same module built for the iommufd kernel (ikernel.sh), loaded there instead.
@@ -129,9 +87,7 @@ main() {
         printf 'V1_PARAMS=%q\n' "${VFIO_MIG_GUEST_V1_PARAMS:-}"
     } >"$rootfs/etc/vfio-mig/config"
 
-    (cd "$rootfs" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null --create --format=newc --owner=0:0 --quiet) >"$out.tmp"
-    mv "$out.tmp" "$out"
+    write_cpio "$rootfs" "$out"
     cp "$root/boot/vmlinuz-$abi-amd64" "$WORK/vmlinuz"
     log "initramfs: $out ($(du -h "$out" | cut -f1)), kernel $WORK/vmlinuz"
 }

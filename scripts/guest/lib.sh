@@ -17,6 +17,11 @@ die() {
     exit 1
 }
 
+# Console text without carriage returns and terminal escape sequences (SeaBIOS emits some).
+clean_console() {
+    sed -E $'s/\r//g; s/\x1b\\[[0-9;?]*[A-Za-z]//g; s/\x1b[@-Z\\\\-_a-z]//g'
+}
+
 # The kernel ABI chosen by kernel.sh (e.g. 6.12.117+deb12), recorded for the later steps.
 current_abi() {
     [[ -s $WORK/kernel/current ]] || die "no kernel prepared yet: run scripts/guest/kernel.sh (or run.sh)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
-# Runs vfio-mig's guest tests against the kernel's mtty sample mdev in a QEMU guest.
+# Runs vfio-mig's guest tests against the kernel's mtty sample mdev in a QEMU guest, and against
+# the igb-vfio-pci variant driver on QEMU's emulated igb VFs in a third guest.
 # Works on a bare Debian bookworm machine as root (with a Rust toolchain); idempotent; caches
 # everything under scripts/guest/.work/. Boots two guests: the Debian kernel (devices opened
 # through the VFIO container and groups) and a small kernel built here with iommufd (devices
@@ -18,11 +19,16 @@
 #   initramfs.sh  busybox + modules + binaries + /init (init.sh)
 #   boot.sh       QEMU (TCG unless KVM really works) under timeout; judges the marker line;
 #                 `boot.sh debian` (backend group), then `boot.sh iommufd` (backends iommufd, group)
+#   igb/*.sh      the third guest, from the fixture ../shared/igb-vfio (VFIO_MIG_IGB_FIXTURE):
+#                 qemu.sh (patched QEMU, ~8 min once, cached by hash), driver.sh (igb-vfio-pci.ko),
+#                 initramfs.sh, boot.sh (q35 + intel-iommu + two igb PFs, judged by its marker)
 #
 # Knobs (environment):
 #   VFIO_MIG_GUEST_SKIP_APT=1         no package step (manage packages yourself)
 #   VFIO_MIG_GUEST_SKIP_BUILD=1       no cargo build; reuse the binaries of the previous run
 #   VFIO_MIG_GUEST_IOMMUFD=0          no iommufd kernel and no iommufd run (not a full pass)
+#   VFIO_MIG_SKIP_IGB=1               no igb guest (not a full pass)
+#   VFIO_MIG_IGB_FIXTURE=<dir>        the igb-vfio fixture (default ../shared/igb-vfio)
 #   VFIO_MIG_GUEST_TIMEOUT=600        seconds before QEMU is killed (the run fails)
 #   VFIO_MIG_GUEST_ACCEL=auto         auto | tcg | kvm (auto: KVM only if it provably works)
 #   VFIO_MIG_GUEST_TEST_ARGS=...      extra arguments of the test binary, e.g. a test name filter
@@ -37,8 +43,8 @@
 # The console log of the last boot is $WORK/console.log (scripts/guest/.work/console.log).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$HERE/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=igb/lib.sh
+source "$HERE/igb/lib.sh"
 
 step() {
     local name=$1 t0=$SECONDS rc=0
@@ -56,11 +62,20 @@ if ! flock -n 9; then
 fi
 
 t_start=$SECONDS
+if igb_skipped; then
+    log "VFIO_MIG_SKIP_IGB=1: no igb guest"
+else
+    # A checkout without the igb fixture fails here, before any long build.
+    igb_check_fixture
+fi
 step packages.sh
 step kernel.sh
 step ikernel.sh
+igb_skipped || step igb/qemu.sh
+igb_skipped || step igb/driver.sh
 step build.sh
 step initramfs.sh
+igb_skipped || step igb/initramfs.sh
 rc=0
 results=()
 step boot.sh debian || rc=$?
@@ -72,6 +87,14 @@ if ikernel_enabled; then
     ((rc != 0)) || rc=$rc2
 else
     results+=("iommufd kernel: SKIPPED (VFIO_MIG_GUEST_IOMMUFD=0): not a full pass")
+fi
+if igb_skipped; then
+    results+=("igb guest: SKIPPED (VFIO_MIG_SKIP_IGB=1): not a full pass")
+else
+    rc3=0
+    step igb/boot.sh || rc3=$?
+    results+=("igb guest (igb-vfio-pci, group): $( ((rc3 == 0)) && echo PASS || echo FAIL)")
+    ((rc != 0)) || rc=$rc3
 fi
 for r in "${results[@]}"; do
     log "guest: $r"

@@ -2,10 +2,12 @@
 //! Shared helpers of the integration tests: opening mocks, moving a stream through memory, and
 //! the invariants every failed migration must keep.
 
+pub mod cli;
 pub mod recorder;
 pub mod session;
 
 pub mod sweep;
+pub mod timeline;
 pub mod v2_mock;
 
 use std::io::Cursor;

@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! A destination device that records the states of the whole unit after every state change
-//! of the resume sequence, so that a test can check the destination barrier (no device runs
-//! before every device of the unit is loaded and quiescent) on mocks and on real devices.
+//! A device that records the states of the whole unit after every call that may change a
+//! device's state (the save and resume sequences, recovery, data reads and writes), so that a
+//! test can check the destination barrier (no device runs before every device of the unit is
+//! loaded and quiescent) on mocks and on real devices, and, wrapping both sides, the
+//! timeline of a whole migration ([`crate::timeline`]).
 
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use vfio_mig::engine::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
+};
 use vfio_mig::Result;
 
 /// How a recorder names the state of a unit's device at a snapshot.
@@ -32,8 +36,8 @@ impl UnitLog {
     }
 }
 
-/// Wraps device `slot` of a unit: after each resume-sequence call it names the device's state
-/// with `probe` and appends a snapshot of the unit to `log`.
+/// Wraps device `slot` of a unit: after each call that may change its state it names the
+/// device's state with `probe` and appends a snapshot of the unit to `log`.
 pub struct Recorder {
     /// The wrapped device.
     pub inner: Box<dyn MigrationDevice>,
@@ -92,20 +96,28 @@ impl MigrationDevice for Recorder {
     delegate! {
         state_name(&mut self) -> Result<String>;
         details(&mut self) -> Result<Vec<(String, String)>>;
-        quiesce(&mut self) -> Result<()>;
-        stop(&mut self) -> Result<()>;
-        start_pre_copy(&mut self) -> Result<()>;
-        start_stop_copy(&mut self) -> Result<()>;
+        run_state(&mut self) -> Result<RunState>;
         pending(&mut self) -> Result<Pending>;
-        read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome>;
-        finish_save(&mut self) -> Result<()>;
-        finish_handoff(&mut self) -> Result<()>;
-        write(&mut self, data: &[u8], chunk_end: bool) -> Result<()>;
-        recover(&mut self) -> Recovery;
         stop_copy_estimate(&mut self) -> Result<Option<u64>>;
         is_saving(&mut self) -> Result<bool>;
     }
+    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
+        // A data fault may drop the device into ERROR inside a read.
+        let r = self.inner.read(buf);
+        self.snap(r)
+    }
+    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
+        let r = self.inner.write(data, chunk_end);
+        self.snap(r)
+    }
     recorded! {
+        quiesce() -> Result<()>;
+        stop() -> Result<()>;
+        start_pre_copy() -> Result<()>;
+        start_stop_copy() -> Result<()>;
+        finish_save() -> Result<()>;
+        finish_handoff() -> Result<()>;
+        recover() -> Recovery;
         start_resume() -> Result<()>;
         load_state() -> Result<()>;
         prepare_run() -> Result<()>;

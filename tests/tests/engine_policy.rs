@@ -92,3 +92,35 @@ fn a_strict_policy_refuses_to_exceed_the_budget_and_rolls_back() {
     assert_source_running(&handle(&src).status(), "strict");
     assert_destination_safe(&handle(&dst).status(), "strict");
 }
+
+/// MIG_DATA_SIZE failing during pre-copy leaves the stop-copy size unknown: QEMU then counts
+/// `VFIO_MIG_STOP_COPY_SIZE` (100 GiB) "so downtime limit won't be violated", so a strict
+/// budget, however generous, is never met and the migration fails with the source running.
+#[test]
+fn a_strict_budget_never_switches_over_on_an_unknown_stop_copy_size() {
+    let faults: Vec<String> = (1..=64).map(|n| format!("fail-at=data-size@{n}")).collect();
+    let spec = "mock:v2,size=256K,seed=1";
+    let mut src = mock(&format!("{spec},{}", faults.join(",")));
+    let mut dst = mock(spec);
+    let policy = PreCopyPolicy {
+        downtime_budget: Duration::from_secs(3600),
+        strict: true,
+        ..Default::default()
+    };
+    let err = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts(policy),
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap_err();
+    let text = vfio_mig::error::Report(&err).to_string();
+    assert!(
+        matches!(&err, vfio_mig_session::Error::Core(Error::RolledBack { source, .. }) if matches!(**source, Error::PreCopy(_))),
+        "{text}"
+    );
+    assert!(text.contains("unknown (MIG_DATA_SIZE failed)"), "{text}");
+    assert_source_running(&handle(&src).status(), "unknown size");
+    assert_destination_safe(&handle(&dst).status(), "unknown size");
+}

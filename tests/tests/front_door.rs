@@ -3,8 +3,13 @@
 //! several devices as one unit, and rollback on failure.
 
 use vfio_mig::error::Report;
-use vfio_mig::{resume, MigrationDevice, Source};
+use vfio_mig::{resume, DestinationOptions, Epoch, MigrationDevice, Source, SourceOptions};
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, mock, MockDevice};
+
+/// Both protocols in one unit: a v1 device has no P2P states, so the unit opts in.
+fn unit() -> SourceOptions {
+    SourceOptions::new(Epoch(1)).allow_non_p2p_unit(true)
+}
 
 fn split(
     devs: Vec<MockDevice>,
@@ -26,7 +31,8 @@ fn a_vmm_paced_live_migration_of_two_devices() {
     let (srcs, src_handles) = split(specs.iter().map(|s| mock(s)).collect());
     let (mut dsts, dst_handles) = split(specs.iter().map(|s| mock(s)).collect());
     // Both protocols in one unit; a v1 device has no P2P states, so the unit opts in.
-    let mut source = Source::start_with(srcs, Vec::new(), 1, true).unwrap();
+    let mut source = Source::start(srcs, &unit()).unwrap();
+    let mut wire = Vec::new();
     let first = source.estimate().unwrap();
     // Both devices have pre-copy data; v1 cannot estimate its stop-and-copy size, so the
     // unit's estimate says it is unknown rather than summing part of it.
@@ -35,7 +41,7 @@ fn a_vmm_paced_live_migration_of_two_devices() {
     let mut rounds = 0;
     let mut sent = 0;
     loop {
-        let round = source.round().unwrap();
+        let round = source.round(&mut wire, None).unwrap();
         rounds += 1;
         sent += round.sent;
         if round.estimate.pending < (256 << 10) || rounds == 20 {
@@ -46,8 +52,14 @@ fn a_vmm_paced_live_migration_of_two_devices() {
         sent >= (3 << 20),
         "the rounds sent the initial data ({sent} bytes)"
     );
-    let stream = source.complete().unwrap();
-    resume(&mut dsts, &stream[..]).unwrap();
+    source.switch_over(&mut wire).unwrap();
+    let stream = wire;
+    resume(
+        &mut dsts,
+        &stream[..],
+        &DestinationOptions::new().allow_non_p2p_unit(true),
+    )
+    .unwrap();
     for (s, d) in src_handles.iter().zip(&dst_handles) {
         assert!(d.status().resumed_ok, "{:?}", d.status());
         assert_eq!(s.state_digest(), d.state_digest());
@@ -58,7 +70,8 @@ fn a_vmm_paced_live_migration_of_two_devices() {
 fn a_v2_device_gives_its_stop_copy_estimate() {
     let (srcs, _h) = split(vec![mock("mock:v2,size=1M,seed=6")]);
     // Both protocols in one unit; a v1 device has no P2P states, so the unit opts in.
-    let mut source = Source::start_with(srcs, Vec::new(), 1, true).unwrap();
+    let mut source = Source::start(srcs, &unit()).unwrap();
+    let mut wire = Vec::new();
     let before = source
         .estimate()
         .unwrap()
@@ -66,7 +79,7 @@ fn a_v2_device_gives_its_stop_copy_estimate() {
         .expect("v2 has MIG_DATA_SIZE");
     // The mock's whole stream: 256 pages of 4 KiB with a packet header each, and END.
     assert!(before >= 1 << 20, "{before}");
-    while source.round().unwrap().estimate.pending > 0 {}
+    while source.round(&mut wire, None).unwrap().estimate.pending > 0 {}
     let after = source.estimate().unwrap().stop_copy.unwrap();
     assert!(
         after < before,
@@ -83,10 +96,11 @@ fn a_failed_round_returns_every_source_to_running() {
     ];
     let (srcs, handles) = split(specs.iter().map(|s| mock(s)).collect());
     // Both protocols in one unit; a v1 device has no P2P states, so the unit opts in.
-    let mut source = Source::start_with(srcs, Vec::new(), 1, true).unwrap();
+    let mut source = Source::start(srcs, &unit()).unwrap();
+    let mut wire = Vec::new();
     let err = loop {
-        match source.round() {
-            Ok(r) if r.estimate.pending == 0 => break source.complete().unwrap_err(),
+        match source.round(&mut wire, None) {
+            Ok(r) if r.estimate.pending == 0 => break source.switch_over(&mut wire).unwrap_err(),
             Ok(_) => {}
             Err(e) => break e,
         }
@@ -107,11 +121,18 @@ fn a_corrupt_stream_resets_every_destination() {
     let (srcs, _s) = split(specs.iter().map(|s| mock(s)).collect());
     let (mut dsts, dst_handles) = split(specs.iter().map(|s| mock(s)).collect());
     // Both protocols in one unit; a v1 device has no P2P states, so the unit opts in.
-    let mut source = Source::start_with(srcs, Vec::new(), 1, true).unwrap();
-    let mut stream = source.complete().unwrap();
+    let mut source = Source::start(srcs, &unit()).unwrap();
+    let mut wire = Vec::new();
+    source.switch_over(&mut wire).unwrap();
+    let mut stream = wire;
     let at = stream.len() / 2;
     stream[at] ^= 0x40;
-    let err = resume(&mut dsts, &stream[..]).unwrap_err();
+    let err = resume(
+        &mut dsts,
+        &stream[..],
+        &DestinationOptions::new().allow_non_p2p_unit(true),
+    )
+    .unwrap_err();
     assert!(
         Report(&err).to_string().contains("was reset"),
         "{}",
@@ -131,8 +152,9 @@ fn a_pause_during_pre_copy_then_complete_moves_the_state() {
         let spec = format!("mock:v2,size=1M,seed=21,profile={profile}");
         let (srcs, src_handles) = split(vec![mock(&spec)]);
         let (mut dsts, dst_handles) = split(vec![mock(&spec)]);
-        let mut source = Source::start(srcs, Vec::new(), 1).unwrap();
-        source.round().unwrap();
+        let mut source = Source::start(srcs, &SourceOptions::new(Epoch(1))).unwrap();
+        let mut wire = Vec::new();
+        source.round(&mut wire, None).unwrap();
         let fds = src_handles[0].status().data_fds;
         source.devices().next().unwrap().stop().unwrap();
         assert_eq!(
@@ -145,8 +167,14 @@ fn a_pause_during_pre_copy_then_complete_moves_the_state() {
             fds,
             "{profile}: a new session"
         );
-        let stream = source.complete().unwrap();
-        resume(&mut dsts, &stream[..]).unwrap_or_else(|e| panic!("{}", Report(&e)));
+        source.switch_over(&mut wire).unwrap();
+        let stream = wire;
+        resume(
+            &mut dsts,
+            &stream[..],
+            &DestinationOptions::new().allow_non_p2p_unit(true),
+        )
+        .unwrap_or_else(|e| panic!("{}", Report(&e)));
         assert!(dst_handles[0].status().resumed_ok, "{profile}");
         assert_eq!(src_handles[0].state_digest(), dst_handles[0].state_digest());
     }
@@ -159,14 +187,15 @@ fn a_pause_and_resume_during_pre_copy_fails_the_migration_cleanly() {
     let spec = "mock:v2,size=1M,seed=22,profile=mtty";
     let (srcs, src_handles) = split(vec![mock(spec)]);
     let digest = src_handles[0].state_digest();
-    let mut source = Source::start(srcs, Vec::new(), 1).unwrap();
-    source.round().unwrap();
+    let mut source = Source::start(srcs, &SourceOptions::new(Epoch(1))).unwrap();
+    let mut wire = Vec::new();
+    source.round(&mut wire, None).unwrap();
     let dev = source.devices().next().unwrap();
     dev.stop().unwrap();
     dev.run().unwrap();
     assert_eq!(src_handles[0].status().state_name(), "RUNNING");
     let err = source
-        .complete()
+        .switch_over(&mut wire)
         .expect_err("the session ended when the device ran");
     assert_source_running(&src_handles[0].status(), &Report(&err).to_string());
     assert_eq!(
@@ -184,12 +213,13 @@ fn a_vmm_waits_for_pre_copy_data_between_empty_rounds() {
     let spec = "mock:v2,size=256K,seed=23,precopy-delay=100ms";
     let (srcs, src_handles) = split(vec![mock(spec)]);
     let (mut dsts, dst_handles) = split(vec![mock(spec)]);
-    let mut source = Source::start(srcs, Vec::new(), 1).unwrap();
+    let mut source = Source::start(srcs, &SourceOptions::new(Epoch(1))).unwrap();
+    let mut wire = Vec::new();
     let mut sent = 0;
     let mut empty = 0;
     let mut woke = 0;
     for _ in 0..200 {
-        let round = source.round().unwrap();
+        let round = source.round(&mut wire, None).unwrap();
         sent += round.sent;
         if round.estimate.pending == 0 {
             break;
@@ -215,7 +245,13 @@ fn a_vmm_waits_for_pre_copy_data_between_empty_rounds() {
         "{:?}",
         src_handles[0].status()
     );
-    let stream = source.complete().unwrap();
-    resume(&mut dsts, &stream[..]).unwrap();
+    source.switch_over(&mut wire).unwrap();
+    let stream = wire;
+    resume(
+        &mut dsts,
+        &stream[..],
+        &DestinationOptions::new().allow_non_p2p_unit(true),
+    )
+    .unwrap();
     assert!(dst_handles[0].status().resumed_ok);
 }

@@ -527,6 +527,23 @@ fn backend_in_use_is_the_one_requested() {
         let io = vfio_mig::device::vfio::VfioDeviceIo::open_with(&dev, requested)
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         assert_eq!(io.access().backend, expected, "{ctx}: VfioDeviceIo");
+        // The same device from its fd, as a VMM hands it over (a dup; the container or
+        // iommufd and its maps stay with `io`): the backend is recognized from the fd, and
+        // the migration interface answers through it.
+        let dup = std::os::fd::AsFd::as_fd(&io)
+            .try_clone_to_owned()
+            .unwrap_or_else(|e| panic!("{ctx}: dup the device fd: {e}"));
+        let from_fd = vfio_mig::device::vfio::VfioDeviceIo::from_fd(dup, &dev)
+            .unwrap_or_else(|e| panic!("{ctx}: from_fd: {e}"));
+        assert_eq!(from_fd.access().backend, expected, "{ctx}: from_fd");
+        let mut v2 = vfio_mig::v2::V2Device::open(std::sync::Arc::new(from_fd))
+            .unwrap_or_else(|e| panic!("{ctx}: v2 through the fd: {e}"));
+        assert_eq!(
+            v2.state().unwrap(),
+            vfio_mig::v2::MigState::Running,
+            "{ctx}"
+        );
+        drop(v2);
         drop(io);
 
         // The test helper (what the register-level tests use).

@@ -202,6 +202,9 @@ impl MigrationDevice for Logged {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.inner.details()
     }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        self.inner.run_state()
+    }
     fn quiesce(&mut self) -> Result<()> {
         self.meet("quiesce");
         self.inner.quiesce()?;
@@ -248,8 +251,9 @@ impl MigrationDevice for Logged {
     }
     fn finish_resume(&mut self) -> Result<()> {
         self.note("run requested");
-        self.meet("run");
-        self.inner.finish_resume()
+        let r = self.inner.finish_resume();
+        self.note("ran");
+        r
     }
     fn finish_handoff(&mut self) -> Result<()> {
         self.meet("handoff-stop");
@@ -320,10 +324,11 @@ fn every_device_is_quiesced_before_any_stops() {
 
 /// The unit's transitions run on every device at once, in the P2P order: with a firmware
 /// latency on every state change (the mock's `latency=`), quiescing, entering stop-and-copy,
-/// the STOP after the handoff, and on the destination taking the state, RUNNING_P2P and
-/// RUNNING are each issued to all devices together (every device reaches the rendezvous
-/// before any transition of that step goes to the kernel), and no device stops before all
-/// are quiesced, none runs before all are prepared.
+/// the STOP after the handoff, and on the destination taking the state and RUNNING_P2P are
+/// each issued to all devices together (every device reaches the rendezvous before any
+/// transition of that step goes to the kernel), and no device stops before all are quiesced,
+/// none runs before all are prepared. RUNNING goes to one device after another (the point of
+/// no return: docs/engine.md), each only once the previous one runs.
 #[test]
 fn the_unit_transitions_overlap_in_the_p2p_order() {
     for live in [false, true] {
@@ -377,7 +382,6 @@ fn the_unit_transitions_overlap_in_the_p2p_order() {
             "handoff-stop",
             "load-state",
             "prepare-run",
-            "run",
         ] {
             let met: Vec<&String> = log
                 .iter()
@@ -394,6 +398,16 @@ fn the_unit_transitions_overlap_in_the_p2p_order() {
         assert!(
             last("quiesce ->") < first("stop-copy requested"),
             "a device stopped before every device was quiesced: {log:?}"
+        );
+        let runs: Vec<&String> = log
+            .iter()
+            .filter(|l| l.contains("run requested") || l.contains(" ran ->"))
+            .collect();
+        assert!(
+            runs.chunks(2).all(|p| p.len() == 2
+                && p[0].contains("run requested")
+                && p[1].contains(" ran ->")),
+            "RUNNING was issued to a device before the previous one ran: {runs:?}"
         );
         assert!(
             last("prepared") < first("run requested"),

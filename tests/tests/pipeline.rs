@@ -202,6 +202,9 @@ impl MigrationDevice for Quartered {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.0.details()
     }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        self.0.run_state()
+    }
     fn quiesce(&mut self) -> Result<()> {
         self.0.quiesce()
     }

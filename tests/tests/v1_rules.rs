@@ -157,28 +157,6 @@ fn dirtying_device_needs_several_rounds_and_the_destination_gets_the_latest_stat
 }
 
 #[test]
-fn destination_data_section_smaller_than_a_source_chunk_is_refused() {
-    let mut src = mock("mock:v1,size=64K,seed=1,chunk=32K,data=trapped");
-    let mut dst = mock("mock:v1,size=64K,seed=1,chunk=4K,data=trapped");
-    let err = migrate_local(
-        src.device.as_mut(),
-        dst.device.as_mut(),
-        &SaveOptions::default(),
-        &NoObserver,
-        &NoObserver,
-    )
-    .unwrap_err();
-    assert!(
-        vfio_mig::error::Report(&err)
-            .to_string()
-            .contains("does not fit"),
-        "{err}"
-    );
-    assert_source_running(&handle(&src).status(), "small section");
-    assert_destination_safe(&handle(&dst).status(), "small section");
-}
-
-#[test]
 fn wrong_seed_on_the_destination_is_refused_at_resume_and_reset() {
     let mut src = mock("mock:v1,size=64K,seed=1");
     let mut dst = mock("mock:v1,size=64K,seed=2");

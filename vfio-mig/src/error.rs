@@ -98,6 +98,18 @@ pub enum Error {
     /// name, an option out of range).
     #[error("{0}")]
     InvalidInput(String),
+    /// The unit passed its point of no return (a destination device entered RUNNING and runs
+    /// the migrated state) but not every device runs: `detail` names those that run and
+    /// those that failed to run and were reset. The source devices are stopped (or reset),
+    /// never resumed, and the destination keeps its completion record: the state must not
+    /// run twice.
+    #[error("{step}: past the point of no return: {detail}")]
+    PastNoReturn {
+        /// What was being done.
+        step: String,
+        /// Which devices run, which failed to run and what became of them.
+        detail: String,
+    },
     /// An error of the caller's code that the engine called (a [`crate::engine::LoadGate`],
     /// an output), carried out of the engine unchanged so that the caller's crate can take
     /// it back (the session and fencing crates downcast their own errors from it).
@@ -195,6 +207,10 @@ pub enum Recovery {
     AlreadyRunning,
     /// The device was moved back to RUNNING.
     Resumed,
+    /// The device was already stopped, as it was when the migration began.
+    AlreadyStopped,
+    /// The device was moved back to STOP, its state when the migration began (a paused VM).
+    Stopped,
     /// The device was reset (and runs with its reset state).
     Reset,
     /// Neither a transition nor a reset worked.
@@ -206,6 +222,8 @@ impl fmt::Display for Recovery {
         match self {
             Recovery::AlreadyRunning => write!(f, "is running"),
             Recovery::Resumed => write!(f, "was returned to RUNNING"),
+            Recovery::AlreadyStopped => write!(f, "is stopped"),
+            Recovery::Stopped => write!(f, "was returned to STOP"),
             Recovery::Reset => write!(f, "was reset"),
             Recovery::Failed(why) => write!(f, "could not be recovered ({why})"),
         }

@@ -10,15 +10,18 @@
 //! What a VMM needs for one migration is at the crate root:
 //!
 //! - open and probe: [`open_device`] (a sysfs path, through a group or iommufd; see
-//!   [`Backend`]) or [`OpenedDevice::from_io`] (a device the VMM opened itself); the
-//!   [`MigrationDevice`] it holds tells its [`Capabilities`];
-//! - the source: [`Source::start`] (one or several devices as one unit),
-//!   [`Source::round`] for each pre-copy round the VMM paces itself (it returns the
-//!   [`Estimate`] of pending pre-copy bytes and of the stop-and-copy size;
-//!   [`Source::wait_for_data`] after a round that found nothing ready), then
-//!   [`Source::complete`] with the vCPUs stopped;
-//! - the destination: [`resume`];
-//! - errors: [`Error`], printed with its causes on one line by [`error::Report`].
+//!   [`Backend`]), [`device::vfio::VfioDeviceIo::from_fd`] (the device fd the VMM already
+//!   holds) or [`OpenedDevice::from_io`]; the [`MigrationDevice`] it holds tells its
+//!   [`Capabilities`];
+//! - the source: [`Source::start`] (one or several devices as one unit, running or paused;
+//!   [`SourceOptions`]), [`Source::round`] for each pre-copy round the VMM paces itself, into
+//!   any `Write` and within a byte budget (it returns the [`Estimate`]), then
+//!   [`Source::switch_over`] with the vCPUs stopped, and [`Source::finish`] once the
+//!   destination runs (or [`Source::cancel`]);
+//! - the destination: [`Destination::push`] as bytes arrive, then [`Destination::run`] after
+//!   the VMM's own restore steps ([`resume`] does both);
+//! - errors: [`Error`], printed with its causes on one line by [`error::Report`]; errors that
+//!   end a migration hand the devices back ([`Handback`]).
 //!
 //! The modules below are the layers those are built of, for VMMs that need more (their own
 //! stream transport):
@@ -39,7 +42,7 @@
 pub mod device;
 pub mod engine;
 pub mod error;
-mod live;
+mod front;
 mod migration;
 mod open;
 pub mod stream;
@@ -48,6 +51,9 @@ pub mod v1;
 pub mod v2;
 
 pub use error::{Error, Result};
-pub use live::{resume, Estimate, Round, Source};
-pub use migration::{Capabilities, MigrationDevice};
+pub use front::{
+    resume, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback, Round, Source,
+    SourceOptions, Status,
+};
+pub use migration::{Capabilities, MigrationDevice, RunState};
 pub use open::{driver_for, open_device, Backend, DeviceAccess, OpenedDevice};

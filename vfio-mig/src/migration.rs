@@ -60,10 +60,48 @@ pub struct Pending {
     pub bytes: u64,
     /// Of those, the initial pre-copy bytes, when the device tells them apart (v2).
     pub initial_bytes: Option<u64>,
-    /// What stop-and-copy will carry, when the device says so apart from `bytes` (v2 in
-    /// pre-copy: `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to
-    /// the pre-copy bytes). The downtime is estimated from the larger of the two.
-    pub stop_copy_bytes: Option<u64>,
+    /// What stop-and-copy will carry apart from `bytes` (v2 in pre-copy:
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, which the uAPI says need not relate to the
+    /// pre-copy bytes). The downtime bytes are the sum of the two, as QEMU's
+    /// `vfio_state_pending_exact` counts them.
+    pub stop_copy_bytes: StopCopySize,
+}
+
+/// What a device says stop-and-copy will carry apart from its pending bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StopCopySize {
+    /// Nothing apart: the pending bytes are all there is (v1 `pending_bytes`, v2 outside
+    /// pre-copy).
+    #[default]
+    InPending,
+    /// This many bytes (v2 `MIG_DATA_SIZE`).
+    Bytes(u64),
+    /// The device could not tell (`MIG_DATA_SIZE` failed): the downtime cannot be estimated,
+    /// and a downtime budget is never taken as met (QEMU assumes 100 GiB then, "so downtime
+    /// limit won't be violated").
+    Unknown,
+}
+
+/// Whether a device runs or is stopped outside a migration: the state a failed migration
+/// returns it to (a paused VM's device stays stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum RunState {
+    /// RUNNING (or RUNNING_P2P: quiesced, but not stopped).
+    Running,
+    /// STOP: the VM is paused.
+    Stopped,
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunState::Running => write!(f, "RUNNING"),
+            RunState::Stopped => write!(f, "STOP"),
+        }
+    }
 }
 
 /// What one [`MigrationDevice::read`] produced.
@@ -88,7 +126,8 @@ pub enum ReadOutcome {
 /// [`ReadOutcome::PhaseEnd`], then [`finish_save`](Self::finish_save). Destination side:
 /// [`start_resume`](Self::start_resume), [`write`](Self::write) each chunk in order, then
 /// [`finish_resume`](Self::finish_resume). On failure, [`recover`](Self::recover) returns a
-/// source to RUNNING and [`abort_resume`](Self::abort_resume) resets a destination.
+/// source to the [`RunState`] it had when its saving session began (RUNNING, or STOP for a
+/// paused VM) and [`abort_resume`](Self::abort_resume) resets a destination.
 pub trait MigrationDevice: Send {
     /// Who the device is (for logs and the stream header).
     fn identity(&self) -> DeviceIdentity;
@@ -100,6 +139,11 @@ pub trait MigrationDevice: Send {
     fn state_name(&mut self) -> Result<String>;
     /// Protocol-specific facts for `probe`, as (name, value) pairs.
     fn details(&mut self) -> Result<Vec<(String, String)>>;
+
+    /// Whether the device runs or is stopped; an error when it is inside a migration (a
+    /// saving or resuming state, or ERROR): what a migration records at its start and
+    /// returns the device to on failure.
+    fn run_state(&mut self) -> Result<RunState>;
 
     /// Quiesces the device before other devices of the same VM stop: it stops initiating DMA
     /// and peer-to-peer traffic but still answers accesses (v2 RUNNING_P2P, or PRE_COPY_P2P
@@ -147,8 +191,10 @@ pub trait MigrationDevice: Send {
     /// [`prepare_run`](Self::prepare_run) on every device first).
     fn finish_resume(&mut self) -> Result<()>;
 
-    /// Returns a source to RUNNING after a failure: the recovery transition first, a reset if
-    /// that fails.
+    /// Returns a source to the state it had when its saving session began (RUNNING, or STOP
+    /// when [`start_stop_copy`](Self::start_stop_copy) began from STOP) after a failure: the
+    /// recovery transition first, a reset if that fails (then stopped again if it began
+    /// stopped).
     fn recover(&mut self) -> Recovery;
     /// Abandons a resume: resets the device so it never runs with partial state.
     fn abort_resume(&mut self) -> Recovery;
@@ -174,4 +220,97 @@ pub trait MigrationDevice: Send {
     fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
         Ok(None)
     }
+}
+
+/// Forwards every [`MigrationDevice`] method to `**self`, for the pointer types below.
+macro_rules! forward_migration_device {
+    () => {
+        fn identity(&self) -> DeviceIdentity {
+            (**self).identity()
+        }
+        fn protocol(&self) -> Protocol {
+            (**self).protocol()
+        }
+        fn capabilities(&self) -> Capabilities {
+            (**self).capabilities()
+        }
+        fn state_name(&mut self) -> Result<String> {
+            (**self).state_name()
+        }
+        fn details(&mut self) -> Result<Vec<(String, String)>> {
+            (**self).details()
+        }
+        fn run_state(&mut self) -> Result<RunState> {
+            (**self).run_state()
+        }
+        fn quiesce(&mut self) -> Result<()> {
+            (**self).quiesce()
+        }
+        fn stop(&mut self) -> Result<()> {
+            (**self).stop()
+        }
+        fn run(&mut self) -> Result<()> {
+            (**self).run()
+        }
+        fn start_pre_copy(&mut self) -> Result<()> {
+            (**self).start_pre_copy()
+        }
+        fn start_stop_copy(&mut self) -> Result<()> {
+            (**self).start_stop_copy()
+        }
+        fn pending(&mut self) -> Result<Pending> {
+            (**self).pending()
+        }
+        fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
+            (**self).read(buf)
+        }
+        fn finish_save(&mut self) -> Result<()> {
+            (**self).finish_save()
+        }
+        fn finish_handoff(&mut self) -> Result<()> {
+            (**self).finish_handoff()
+        }
+        fn start_resume(&mut self) -> Result<()> {
+            (**self).start_resume()
+        }
+        fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
+            (**self).write(data, chunk_end)
+        }
+        fn load_state(&mut self) -> Result<()> {
+            (**self).load_state()
+        }
+        fn prepare_run(&mut self) -> Result<()> {
+            (**self).prepare_run()
+        }
+        fn finish_resume(&mut self) -> Result<()> {
+            (**self).finish_resume()
+        }
+        fn recover(&mut self) -> Recovery {
+            (**self).recover()
+        }
+        fn abort_resume(&mut self) -> Recovery {
+            (**self).abort_resume()
+        }
+        fn data_fd(&self) -> Option<BorrowedFd<'_>> {
+            (**self).data_fd()
+        }
+        fn is_saving(&mut self) -> Result<bool> {
+            (**self).is_saving()
+        }
+        fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
+            (**self).stop_copy_estimate()
+        }
+    };
+}
+
+/// An owned device behind a pointer (`Box<dyn MigrationDevice>`, `Box<V2Device>`) is a device:
+/// what a front door that owns its devices holds.
+impl<T: MigrationDevice + ?Sized> MigrationDevice for Box<T> {
+    forward_migration_device!();
+}
+
+/// A borrowed device is a device: a VMM that keeps its device (in a struct of its own, or
+/// behind a lock it holds for the migration) lends it for one migration.
+impl<T: MigrationDevice + ?Sized> MigrationDevice for &mut T {
+    forward_migration_device!();
 }

@@ -23,7 +23,7 @@
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use vfio_mig::{MigrationDevice, Source};
+use vfio_mig::{Epoch, Handback, MigrationDevice, Source, SourceOptions};
 use vmm_glue::dirty::{DirtyTracker, DmaLogging, MemoryRange as GlueRange};
 
 /// Cloud Hypervisor's `vm-migration`, re-declared (the parts a VFIO device uses).
@@ -307,8 +307,9 @@ struct VfioMigrationRecord {
 enum Phase {
     Idle(Box<dyn MigrationDevice>),
     /// `start_migration` ran: vfio-mig's front door owns the device.
-    Migrating(Source<UnixStream>),
-    /// The migration completed (the device is stopped) or failed (it runs again).
+    Migrating(Source<Box<dyn MigrationDevice>>),
+    /// The migration completed (the device is stopped) or failed (it is back in the state it
+    /// had when the migration began).
     Done(Vec<Box<dyn MigrationDevice>>),
     Moving,
 }
@@ -334,7 +335,10 @@ impl VfioMigration {
     fn device(&mut self) -> Option<&mut dyn MigrationDevice> {
         match &mut self.phase {
             Phase::Idle(d) => Some(d.as_mut()),
-            Phase::Migrating(s) => s.devices().next(),
+            Phase::Migrating(s) => s
+                .devices()
+                .next()
+                .map(|d| d.as_mut() as &mut dyn MigrationDevice),
             Phase::Done(d) => d.first_mut().map(|d| &mut **d as &mut dyn MigrationDevice),
             Phase::Moving => None,
         }
@@ -374,8 +378,10 @@ impl Snapshottable for VfioMigration {
         self.id.clone()
     }
 
-    /// In a live migration (after `pause`): stop-and-copy through vfio-mig, the rest of the
-    /// state on the device stream; the snapshot records what the destination checks.
+    /// In a live migration (after `pause`): the switch-over through vfio-mig, the rest of the
+    /// state on the device stream; the device stays in STOP_COPY, so the VMM's last dirty-log
+    /// read still sees its DMA writes, until `complete_migration`. The snapshot records what
+    /// the destination checks.
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         let Phase::Migrating(source) = &mut self.phase else {
             return Err(MigratableError::Snapshot(anyhow::anyhow!(
@@ -387,9 +393,14 @@ impl Snapshottable for VfioMigration {
             .next()
             .map(|d| d.identity().model)
             .unwrap_or_default();
-        let r = source.complete();
-        self.end();
-        r.map_err(|e| MigratableError::Snapshot(error(e)))?;
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| MigratableError::Snapshot(anyhow::anyhow!("no device stream")))?;
+        if let Err(e) = source.switch_over(stream) {
+            self.end();
+            return Err(MigratableError::Snapshot(error(e)));
+        }
         let mut snapshot = Snapshot::default();
         snapshot.add_snapshot(
             VFIO_MIGRATION_ID.into(),
@@ -434,9 +445,16 @@ impl Migratable for VfioMigration {
     /// Called once per memory iteration: the device's DMA writes, and, while the guest runs,
     /// one pre-copy round of the device's own state.
     fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
-        if let Phase::Migrating(source) = &mut self.phase {
-            match source.round() {
-                Ok(round) => {
+        let stream = self.stream.as_mut();
+        if let (Phase::Migrating(source), Some(stream)) = (&mut self.phase, stream) {
+            // Rounds only while the guest runs: after the switch-over this is the last read.
+            let round = match source.switched_over() {
+                true => None,
+                false => Some(source.round(stream, None)),
+            };
+            match round {
+                None => {}
+                Some(Ok(round)) => {
                     self.pre_copy_bytes += round.sent;
                     println!(
                         "  device pre-copy round: {} KiB sent, {} KiB pending, stop-and-copy \
@@ -449,7 +467,7 @@ impl Migratable for VfioMigration {
                             .map_or("unknown".into(), |b| format!("{} KiB", b >> 10))
                     );
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     self.end();
                     return Err(MigratableError::DirtyLog(error(e)));
                 }
@@ -479,16 +497,22 @@ impl Migratable for VfioMigration {
     /// Starts the device's pre-copy (Cloud Hypervisor refuses here a device without
     /// migration support; vfio-mig's open already did).
     fn start_migration(&mut self) -> Result<(), MigratableError> {
-        let stream = self.stream.take().ok_or_else(|| {
-            MigratableError::StartMigration(anyhow::anyhow!("no device stream connection"))
-        })?;
+        if self.stream.is_none() {
+            return Err(MigratableError::StartMigration(anyhow::anyhow!(
+                "no device stream connection"
+            )));
+        }
         match std::mem::replace(&mut self.phase, Phase::Moving) {
-            Phase::Idle(dev) => match Source::start(vec![dev], stream, 1) {
+            Phase::Idle(dev) => match Source::start(vec![dev], &SourceOptions::new(Epoch(1))) {
                 Ok(source) => {
                     self.phase = Phase::Migrating(source);
                     Ok(())
                 }
-                Err(e) => Err(MigratableError::StartMigration(error(e))),
+                // The device comes back with the error, in the state it had.
+                Err(Handback { error: e, devices }) => {
+                    self.phase = Phase::Done(devices);
+                    Err(MigratableError::StartMigration(error(*e)))
+                }
             },
             other => {
                 self.phase = other;
@@ -499,13 +523,27 @@ impl Migratable for VfioMigration {
         }
     }
 
-    /// The destination runs the state; the source device was stopped by `snapshot`.
+    /// The destination runs the state: the source device leaves STOP_COPY for STOP, for
+    /// good (the point of no return: `finish` consumes the migration).
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
-        match &self.phase {
-            Phase::Done(_) => Ok(()),
-            _ => Err(MigratableError::CompleteMigration(anyhow::anyhow!(
-                "complete_migration before snapshot"
-            ))),
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Migrating(source) => {
+                let finished = source.finish();
+                self.phase = Phase::Done(finished.devices);
+                match finished.stop_failures.is_empty() {
+                    true => Ok(()),
+                    false => Err(MigratableError::CompleteMigration(anyhow::anyhow!(
+                        "{}",
+                        finished.stop_failures.join("; ")
+                    ))),
+                }
+            }
+            other => {
+                self.phase = other;
+                Err(MigratableError::CompleteMigration(anyhow::anyhow!(
+                    "complete_migration before snapshot"
+                )))
+            }
         }
     }
 }
@@ -527,7 +565,7 @@ fn main() {
     // device stream is loaded as it arrives and the device runs once all of it verified.
     let destination = std::thread::spawn(move || {
         let mut devs = vec![dst.device];
-        vfio_mig::resume(&mut devs, rx)
+        vfio_mig::resume(&mut devs, rx, &vfio_mig::DestinationOptions::new())
     });
 
     let mut device = VfioMigration {
@@ -558,8 +596,10 @@ fn main() {
     // Downtime: vCPUs paused, then every device (quiesce), then the final dirty log, then
     // the snapshot (stop-and-copy).
     dev.pause().expect("pause");
-    let last = dev.dirty_log().expect("final dirty_log");
     let snapshot = dev.snapshot().expect("snapshot");
+    // With the device in STOP_COPY: its last DMA writes are still logged (pds ends its log at
+    // STOP_COPY -> STOP), as QEMU reads it.
+    let last = dev.dirty_log().expect("final dirty_log");
     dev.stop_dirty_log().expect("stop_dirty_log");
     let reports = destination
         .join()

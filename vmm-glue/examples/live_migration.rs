@@ -19,7 +19,7 @@ use vfio_mig::Backend;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_glue::dirty::{take_dirty, DmaLogging, MemoryRange, MemoryRangeTable};
-use vmm_glue::{Migratable, Snapshottable, VfioMigratable};
+use vmm_glue::{Migratable, Pausable, Snapshottable, VfioMigratable};
 
 const PAGE: u64 = 4096;
 const LOW: u64 = 48 << 20;
@@ -187,12 +187,14 @@ fn main() {
         }
     }
 
-    // Switch over: pause the vCPUs, quiesce every device, then stop and copy the rest.
+    // Switch over: pause the vCPUs, quiesce every device (pause during a migration), then stop
+    // and copy the rest.
     let downtime = Instant::now();
     paused.store(true, Ordering::Relaxed);
     let writes = vcpu_thread.join().expect("vcpu thread");
-    device.quiesce().expect("quiesce");
+    device.pause().expect("quiesce (pause during a migration)");
     device.complete_migration().expect("device stop-and-copy");
+    // The devices wait in STOP_COPY: their last DMA writes are still logged.
     let device_dirty = device.dirty_log().expect("final device dirty log");
     device_dirty.mark_dirty(&src_mem);
     device.stop_dirty_log().expect("stop dirty log");
@@ -202,6 +204,9 @@ fn main() {
         .join()
         .expect("restore thread")
         .expect("destination device restore");
+    // The destination runs the state: the point of no return.
+    let stop_failures = device.finish_migration().expect("finish the migration");
+    assert!(stop_failures.is_empty(), "{stop_failures:?}");
     let downtime = downtime.elapsed();
 
     assert!(

@@ -203,9 +203,10 @@ fn live_migration_through_the_traits() {
             break;
         }
     }
-    src.quiesce().unwrap();
+    src.pause().unwrap();
     src.complete_migration().unwrap();
     restorer.join().unwrap().unwrap();
+    assert!(src.finish_migration().unwrap().is_empty());
     assert!(dst_handle.status().resumed_ok);
     assert_eq!(src_handle.state_digest(), dst_handle.state_digest());
 }
@@ -252,4 +253,99 @@ fn kvm_vfio_device_can_be_created_where_dev_kvm_answers() {
     );
     let dev = vmm_glue::kvm::create_vfio_device(&vm).expect("KVM_CREATE_DEVICE (VFIO)");
     let _handle = vmm_glue::kvm::container_handle(dev);
+}
+
+/// A failed `start_migration` (a refused PRE_COPY) keeps the device: `pause` and `resume`
+/// afterwards work on it (they panicked at `unreachable!` when the front door had dropped it).
+#[test]
+fn a_failed_start_keeps_the_device_for_pause_and_resume() {
+    let spec = "mock:v2,size=256K,seed=31,fail-at=set-state:PRE_COPY@1";
+    let (dev, mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let handle = mock.unwrap();
+    let mut src = VfioMigratable::new("gpu0", dev);
+    src.begin_send(Box::new(std::io::sink())).unwrap();
+    let err = src.start_migration().unwrap_err();
+    assert!(
+        vfio_mig::error::Report(&err)
+            .to_string()
+            .contains("PRE_COPY"),
+        "{err}"
+    );
+    assert_eq!(handle.status().state_name(), "RUNNING");
+    src.pause().unwrap();
+    assert_eq!(handle.status().state_name(), "STOP");
+    src.resume().unwrap();
+    assert_eq!(handle.status().state_name(), "RUNNING");
+}
+
+/// `pause` during a migration quiesces every device of the unit (PRE_COPY_P2P) instead of
+/// stopping it; a failing snapshot of a paused VM leaves its devices stopped.
+#[test]
+fn pause_during_a_migration_quiesces_and_a_paused_snapshot_failure_stays_stopped() {
+    let specs = ["mock:v2,size=256K,seed=32", "mock:v2,size=256K,seed=33"];
+    let (devs, handles): (Vec<_>, Vec<_>) = specs
+        .iter()
+        .map(|s| {
+            let (d, m) = vfio_mig_mock::open_named(s, Backend::Auto).unwrap();
+            (d, m.unwrap())
+        })
+        .unzip();
+    let mut src = VfioMigratable::unit("vm0", devs);
+    src.begin_send(Box::new(std::io::sink())).unwrap();
+    src.start_migration().unwrap();
+    src.precopy_round().unwrap();
+    src.pause().unwrap();
+    for h in &handles {
+        assert_eq!(h.status().state_name(), "PRE_COPY_P2P");
+    }
+    src.complete_migration().unwrap();
+    for h in &handles {
+        assert_eq!(h.status().state_name(), "STOP_COPY");
+    }
+    assert!(src.finish_migration().unwrap().is_empty());
+    for h in &handles {
+        assert_eq!(h.status().state_name(), "STOP");
+    }
+
+    let spec = "mock:v2,size=256K,seed=34,fail-at=set-state:STOP_COPY@1";
+    let (dev, mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
+    let handle = mock.unwrap();
+    let mut src = VfioMigratable::new("nic0", dev);
+    src.pause().unwrap();
+    assert!(src.snapshot(&mut Vec::new()).is_err());
+    assert_eq!(
+        handle.status().state_name(),
+        "STOP",
+        "a paused VM's device ran"
+    );
+}
+
+/// Several devices as one unit over one stream: both arrive, verified.
+#[test]
+fn a_unit_of_devices_migrates_over_one_stream() {
+    let specs = ["mock:v2,size=512K,seed=35", "mock:v2,size=256K,seed=36"];
+    let open = |s: &&str| {
+        let (d, m) = vfio_mig_mock::open_named(s, Backend::Auto).unwrap();
+        (d, m.unwrap())
+    };
+    let (srcs, src_h): (Vec<_>, Vec<_>) = specs.iter().map(open).unzip();
+    let (dsts, dst_h): (Vec<_>, Vec<_>) = specs.iter().map(open).unzip();
+    let mut src = VfioMigratable::unit("vm0", srcs);
+    let mut dst = VfioMigratable::unit("vm0", dsts);
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let restorer = std::thread::spawn(move || {
+        let mut rx = rx;
+        dst.restore(&mut rx)
+    });
+    src.begin_send(Box::new(tx)).unwrap();
+    src.start_migration().unwrap();
+    src.precopy_round().unwrap();
+    src.pause().unwrap();
+    src.complete_migration().unwrap();
+    restorer.join().unwrap().unwrap();
+    src.finish_migration().unwrap();
+    for (s, d) in src_h.iter().zip(&dst_h) {
+        assert!(d.status().resumed_ok);
+        assert_eq!(s.state_digest(), d.state_digest());
+    }
 }

@@ -78,35 +78,14 @@ pub(crate) fn ensure_running(dev: &Path) {
 }
 
 pub(crate) fn vfio_mig(args: &[&str]) -> Output {
-    let out = Command::new(vfio_mig_bin())
-        .args(args)
-        .output()
-        .expect("run vfio-mig");
-    eprintln!(
-        "$ vfio-mig {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    vfio_mig_tests::cli::run(&vfio_mig_bin(), args)
 }
 
-pub(crate) fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "vfio-mig failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub(crate) use vfio_mig_tests::cli::assert_success as ok;
 
 /// A failure: non-zero exit, one `error:` line containing `expect`, no panic.
 fn clean_failure(out: &Output, expect: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(expect), "expected {expect:?} in {err}");
+    vfio_mig_tests::cli::clean_failure(out, &[expect]);
 }
 
 pub(crate) fn path_str(p: &Path) -> &str {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig::v2::{MigState, V2Device};
-use vfio_mig::Source;
+use vfio_mig::{DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_tests::open_device;
 use vfio_mig_tests::recorder::{barrier_violation, Recorder, StateProbe, UnitLog};
 
@@ -42,10 +42,12 @@ fn a_pause_in_pre_copy_goes_to_stop_copy_on_the_same_data_fd() {
     ensure_running(&b);
     let expected = write_state(&a, 0x5c);
     write_state(&b, 0x06);
-    let mut src = Source::start(vec![open(&a)], Vec::new(), 1).expect("start pre-copy");
-    let round = src.round().expect("a pre-copy round");
+    let mut src =
+        Source::start(vec![open(&a)], &SourceOptions::new(Epoch(1))).expect("start pre-copy");
+    let mut stream = Vec::new();
+    let round = src.round(&mut stream, None).expect("a pre-copy round");
     eprintln!("pre-copy round: {round:?}");
-    let dev = src.devices().next().expect("one device");
+    let dev = src.devices().next().expect("one device").as_mut();
     assert_eq!(dev.state_name().unwrap(), "PRE_COPY");
     let before = data_fd_inode(dev);
     dev.stop().expect("pause in pre-copy");
@@ -56,10 +58,12 @@ fn a_pause_in_pre_copy_goes_to_stop_copy_on_the_same_data_fd() {
         before,
         "the pause opened a new migration file"
     );
-    let stream = src.complete().expect("complete a paused migration");
-    drop(src);
+    src.switch_over(&mut stream)
+        .expect("complete a paused migration");
     let mut dst = vec![open(&b)];
-    vfio_mig::resume(&mut dst, &stream[..]).expect("resume the destination");
+    vfio_mig::resume(&mut dst, &stream[..], &DestinationOptions::new())
+        .expect("resume the destination");
+    drop(src.finish());
     drop(dst);
     assert_eq!(read_state(&b), expected);
     assert_eq!(mig_state(&a), MigState::Stop);
@@ -75,8 +79,10 @@ fn a_pause_and_resume_during_pre_copy_leaves_a_running_device_and_a_clean_failur
     ensure_running(&a);
     ensure_running(&b);
     let expected = write_state(&a, 0x3e);
-    let mut src = Source::start(vec![open(&a)], Vec::new(), 1).expect("start pre-copy");
-    src.round().expect("a pre-copy round");
+    let mut src =
+        Source::start(vec![open(&a)], &SourceOptions::new(Epoch(1))).expect("start pre-copy");
+    let mut stream = Vec::new();
+    src.round(&mut stream, None).expect("a pre-copy round");
     {
         let dev = src.devices().next().expect("one device");
         dev.stop().expect("pause");
@@ -85,7 +91,7 @@ fn a_pause_and_resume_during_pre_copy_leaves_a_running_device_and_a_clean_failur
         assert_eq!(dev.state_name().unwrap(), "RUNNING");
     }
     let err = src
-        .complete()
+        .switch_over(&mut stream)
         .expect_err("the kernel closed the migration file when the device ran again");
     eprintln!("interrupted migration: {}", vfio_mig::error::Report(&err));
     let mut devs = src.into_devices();

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 mod bench;
 mod cli;
@@ -11,26 +11,14 @@ mod cli;
 fn main() -> ExitCode {
     crate::cli::signals::install();
     let cli = crate::cli::Cli::parse();
+    if let Some(conflict) = cli.command.usage_conflict() {
+        crate::cli::Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+            .exit();
+    }
     crate::cli::init_logging(cli.verbose);
-    let result = crate::cli::run(cli);
-    if let Some(signal) = crate::cli::signals::received() {
-        // The engine rolled back as for any failure; one line, and the status of a signal.
-        let name = crate::cli::signals::name(signal);
-        match result {
-            Err(e) => eprintln!("vfio-mig: error: interrupted by {name}: {e}"),
-            Ok(()) => eprintln!("vfio-mig: {name} arrived after the command completed"),
-        }
-        return ExitCode::from(crate::cli::signals::exit_status(signal) as u8);
-    }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line naming the step (and what became of the devices), never a backtrace.
-            // The error and its causes, each once (the library's errors keep their cause in
-            // `source()`, not in their own message).
-            eprintln!("vfio-mig: error: {}", vfio_mig::error::Report(&e));
-            // 3: in doubt (the source device is left stopped); 1: any other failure.
-            ExitCode::from(cli::exit_code(&e))
-        }
-    }
+    cli.command.begin_outcome();
+    // One line naming the step and what became of the devices (never a backtrace), the
+    // status that says it too, and with --json the outcome on stdout.
+    ExitCode::from(crate::cli::outcome::finish(crate::cli::run(cli)))
 }

@@ -133,6 +133,8 @@ fn failed_save_keeps_the_previous_file_and_names_the_step() {
         "mock:v1,size=1M,seed=1,chunk=64K,fail-at=pending@5",
         "-o",
         file.to_str().unwrap(),
+        // Replacing is asked for: only a complete stream would replace the file.
+        "--force",
     ]);
     let line = assert_clean_failure(&o, "read pending_bytes");
     assert!(line.contains("returned to RUNNING"), "{line}");
@@ -160,4 +162,20 @@ fn bad_device_names_and_options_fail_cleanly() {
         &vfio_mig(&["probe", "/nonexistent/device"]),
         "no such device",
     );
+}
+
+#[test]
+fn a_unit_past_its_point_of_no_return_exits_4_and_says_so() {
+    // The second destination cannot enter RUNNING after the first one runs the state: the
+    // sources must stay stopped, and the status must not be the rolled-back failure's 1.
+    let o = vfio_mig(&[
+        "migrate",
+        "mock:v2,size=1M,seed=1",
+        "mock:v2,size=1M,seed=1",
+        "mock:v2,size=1M,seed=2",
+        "mock:v2,size=1M,seed=2,fail-at=set-state:RUNNING@1",
+    ]);
+    let line = assert_clean_failure(&o, "point of no return");
+    assert_eq!(o.status.code(), Some(4), "{line}");
+    assert!(line.contains("not resumed"), "{line}");
 }

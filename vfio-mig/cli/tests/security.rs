@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_failure, stderr, Dirs, Pki, Recv, BIN};
+use common::{assert_clean_failure, kill, stderr, Dirs, Pki, Recv, BIN};
 use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
 use vfio_mig_session::handshake::Message;
 
@@ -499,7 +499,7 @@ fn outputs_that_are_not_regular_files_are_refused_before_the_device_is_touched()
 }
 
 #[test]
-fn concurrent_saves_to_one_output_each_write_a_whole_file() {
+fn concurrent_saves_to_one_output_one_wins_the_other_rolls_back() {
     let dirs = Dirs::new();
     let out = dirs.path("out");
     let spawn = |seed: u32| {
@@ -516,20 +516,25 @@ fn concurrent_saves_to_one_output_each_write_a_whole_file() {
     };
     let (a, b) = (spawn(41), spawn(42));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success(), "{}", stderr(&a));
-    assert!(b.status.success(), "{}", stderr(&b));
-    // Whichever rename came last, the file is one whole stream that loads into its device.
-    let ok = [41, 42].iter().any(|seed| {
-        dirs.run(&[
-            "load",
-            &format!("mock:v1,size=16M,seed={seed}"),
-            "-i",
-            out.to_str().unwrap(),
-        ])
-        .status
-        .success()
-    });
-    assert!(ok);
+    // Exactly one wins; the other says why and its device runs again (or was never
+    // touched, when the winner's file existed before it started).
+    let (winner, loser) = match (a.status.success(), b.status.success()) {
+        (true, false) => (41, &b),
+        (false, true) => (42, &a),
+        _ => panic!("one save must win: {} / {}", stderr(&a), stderr(&b)),
+    };
+    let line = assert_clean_failure(loser.status, &stderr(loser), "out");
+    assert!(
+        line.contains("appeared") || line.contains("exists"),
+        "{line}"
+    );
+    let o = dirs.run(&[
+        "load",
+        &format!("mock:v1,size=16M,seed={winner}"),
+        "-i",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
@@ -565,11 +570,6 @@ fn files_are_private_whatever_the_umask() {
         .unwrap()
         .unwrap();
     assert_eq!(mode(&state.path()), 0o600);
-}
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
 /// SIGTERM in the middle of a live send: the source is returned to RUNNING, the destination

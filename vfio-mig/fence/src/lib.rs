@@ -13,9 +13,10 @@
 //!   device: [`StateFence`]; in memory otherwise: [`MemoryFence`]). A stream whose epoch is
 //!   below the highest is refused ("stale epoch N < M"); a stream of a completed session is
 //!   answered ALREADY_COMPLETED and not loaded again. An epoch becomes the highest only when
-//!   its handoff completed (the whole stream verified, COMMIT received), and one more than
-//!   [`MAX_EPOCH_LEAD`] above both the highest and the clock is refused, so a peer that opens
-//!   a session and leaves cannot fence out later handoffs.
+//!   its handoff completed (the whole stream verified, COMMIT received), and one above the
+//!   highest and more than [`MAX_EPOCH_LEAD`] above the clock is refused, so a peer that
+//!   opens a session and leaves, or a chain of handoffs each a day ahead, cannot fence out
+//!   later handoffs.
 //!
 //! - **Shared stores.** Across hosts, one owner per device-state identity: a
 //!   [`FenceStore`] (compare-and-swap on revisions, leases) holds a [`HandoffRecord`] per

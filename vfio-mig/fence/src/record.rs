@@ -9,10 +9,12 @@ use vfio_mig::stream::StreamHeader;
 /// How many completed session ids a record keeps (the oldest are forgotten first).
 pub const MAX_COMPLETED: usize = 64;
 
-/// How far above both the highest accepted epoch and the clock (milliseconds since 1970) an
-/// epoch may be: 24 hours. Default epochs are the clock in milliseconds, and orchestrator
-/// counters are small, so only a forged or broken epoch is further ahead; accepted, it would
-/// make every real handoff to the device "stale" until the state file is removed.
+/// How far above the clock (milliseconds since 1970) an epoch may be: 24 hours. Default
+/// epochs are the clock in milliseconds, and orchestrator counters are small, so only a
+/// forged or broken epoch is further ahead; accepted, it would make every real handoff to
+/// the device "stale" until the state file is removed. The lead is measured from the clock
+/// only, never from the highest accepted epoch, so handoffs a day apart cannot walk the
+/// record further and further ahead.
 pub const MAX_EPOCH_LEAD: u64 = 24 * 60 * 60 * 1000;
 
 /// The version of the record's file format.
@@ -144,8 +146,8 @@ impl FenceRecord {
 
     /// Applies the rules to a new stream, with the clock at `now_ms` (milliseconds since
     /// 1970): a completed session is answered idempotently (whatever its epoch); an epoch
-    /// below the highest accepted is refused, and so is one more than [`MAX_EPOCH_LEAD`]
-    /// above both the highest accepted and `now_ms`. The record does not change: the epoch
+    /// below the highest accepted is refused, and so is one above the highest accepted and
+    /// more than [`MAX_EPOCH_LEAD`] above `now_ms`. The record does not change: the epoch
     /// becomes the highest accepted only once the handoff completed ([`Self::accept_epoch`]),
     /// so a peer that opens a session and goes away cannot move it. Returns the decision and
     /// whether the record changed (never, since fencing is recorded at completion).
@@ -165,17 +167,17 @@ impl FenceRecord {
                 ),
             });
         }
-        let ceiling = self
-            .highest_epoch
-            .max(now_ms)
-            .saturating_add(MAX_EPOCH_LEAD);
+        // The highest itself stays admissible on a host whose clock went back.
+        let ceiling = now_ms
+            .saturating_add(MAX_EPOCH_LEAD)
+            .max(self.highest_epoch);
         if header.epoch > ceiling {
             return Err(Error::Refused {
                 step: "check the session's epoch".into(),
                 code: ReasonCode::Fence,
                 detail: format!(
-                    "epoch {} is more than {MAX_EPOCH_LEAD} above both the highest accepted \
-                     epoch ({}) and the clock in milliseconds ({now_ms}): refused, it would \
+                    "epoch {} is more than {MAX_EPOCH_LEAD} above the clock in milliseconds \
+                     ({now_ms}) and above the highest accepted epoch ({}): refused, it would \
                      fence out every later handoff (session {})",
                     header.epoch,
                     self.highest_epoch,
@@ -273,10 +275,14 @@ mod tests {
         assert!(r
             .admit_at(&header(1, now + MAX_EPOCH_LEAD + 1), now)
             .is_err());
-        // Small orchestrator counters stay fine, and the bound follows the highest epoch.
+        // Small orchestrator counters stay fine; the bound follows the clock, not the highest
+        // epoch (no ratchet), and the highest itself stays admissible.
         r.admit_at(&header(2, 3), now).unwrap();
         r.accept_epoch(now + MAX_EPOCH_LEAD);
-        r.admit_at(&header(3, now + 2 * MAX_EPOCH_LEAD), now)
+        assert!(r
+            .admit_at(&header(3, now + 2 * MAX_EPOCH_LEAD), now)
+            .is_err());
+        r.admit_at(&header(3, now + MAX_EPOCH_LEAD), now - 1000)
             .unwrap();
         // Admission alone changes nothing.
         assert_eq!(r.highest_epoch, now + MAX_EPOCH_LEAD);

@@ -84,7 +84,7 @@ use std::sync::Arc;
 
 pub use content::{Content, Decoder, Encoder};
 pub use faults::{FaultField, FaultRule, V2FaultField, V2FaultRule};
-pub use spec::{DataMode, MockSpec, Protocol};
+pub use spec::{DataFd, DataMode, MockSpec, Protocol};
 pub use status::{MockHandle, MockStatus};
 pub use v1::MockV1;
 pub use v2::MockV2;

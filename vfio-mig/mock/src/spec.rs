@@ -39,6 +39,9 @@
 //! | `precopy-delay=`| v2: pre-copy data becomes readable this long after PRE_COPY | `0`         |
 //! |                 | is entered (an asynchronous first save); reads meanwhile get |            |
 //! |                 | ENOMSG while PRECOPY_INFO already counts the bytes         |              |
+//! | `data-fd=`      | v2: `pipe` (fed by a thread) or `memfd` (the state in a    | `pipe`       |
+//! |                 | sealed memfd, read at page-cache speed; stop-copy only,    |              |
+//! |                 | docs/mock-device.md)                                  |              |
 //!
 //! `rate`, `accept-rate` and `latency` make a *bandwidth-modelled* device: it waits (see
 //! [`super::pace`]) instead of computing, so several of them can be measured on a small
@@ -57,7 +60,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::content::{ContentKind, PACKET_HEADER};
-use super::faults::{FaultRule, V2FaultRule};
+use super::faults::{FaultRule, V2FaultField, V2FaultRule};
 use super::v2::profile::{Behaviour, ProfileName};
 use vfio_mig::Error;
 
@@ -96,13 +99,14 @@ const V1_ONLY: [&str; 7] = [
     "pending-slack",
 ];
 /// The options only a `mock:v2` spec takes.
-const V2_ONLY: [&str; 6] = [
+const V2_ONLY: [&str; 7] = [
     "flags",
     "dma",
     "dma-dirty",
     "profile",
     "data-size-min",
     "precopy-delay",
+    "data-fd",
 ];
 /// Most sparse mmap areas of the v1 data section (`areas=`).
 pub const MAX_AREAS: u32 = 8;
@@ -126,6 +130,17 @@ pub enum DataMode {
     Mmap,
     /// Through pread/pwrite only (data section at region offset 64, not page aligned).
     Trapped,
+}
+
+/// What a v2 device's data fds are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataFd {
+    /// Pipes, fed and drained by a thread of the device (every v2 feature of the mock).
+    #[default]
+    Pipe,
+    /// Memfds and no thread: the state is read out of a sealed memfd at page-cache speed,
+    /// as a kernel driver's data fd copies out of kernel memory (stop-copy only).
+    Memfd,
 }
 
 /// A parsed mock device specification.
@@ -185,6 +200,8 @@ pub struct MockSpec {
     pub pending_slack: u64,
     /// v2: delay before the pre-copy data becomes readable (`precopy-delay=`).
     pub precopy_delay: Duration,
+    /// v2: what the data fds are (`data-fd=`).
+    pub data_fd: DataFd,
 }
 
 impl Default for MockSpec {
@@ -216,6 +233,7 @@ impl Default for MockSpec {
             areas: 1,
             pending_slack: 0,
             precopy_delay: Duration::ZERO,
+            data_fd: DataFd::Pipe,
         }
     }
 }
@@ -315,6 +333,27 @@ impl MockSpec {
         (u64::from(seq) % self.slots()) * self.slot_stride()
     }
 
+    /// `data-fd=memfd` has no pre-copy, no pacing and no per-read fault point: a memfd
+    /// cannot say "more later", and nothing of the device runs between the caller's reads.
+    fn validate_memfd(&self) -> Result<(), String> {
+        let why = if self.flags & crate::rules::v2_arcs::FLAG_PRE_COPY != 0 {
+            "a device with PRE_COPY (give flags without 0x4, or a profile without it: xe, pds)"
+        } else if self.rate != 0 {
+            "option `rate` (nothing paces a memfd)"
+        } else if self.accept_rate != 0 {
+            "option `accept-rate` (nothing paces a memfd)"
+        } else if self
+            .v2_faults
+            .iter()
+            .any(|r| r.field == V2FaultField::DataRead)
+        {
+            "a `data-read` fault (nothing of the device runs between reads of a memfd)"
+        } else {
+            return Ok(());
+        };
+        Err(format!("option `data-fd=memfd`: not with {why}"))
+    }
+
     /// Number of content pages (the last may be short).
     pub fn page_count(&self) -> u64 {
         self.size.div_ceil(u64::from(self.page))
@@ -323,6 +362,9 @@ impl MockSpec {
     fn validate(&self) -> Result<(), String> {
         if self.size == 0 {
             return Err("option `size`: must be at least 1 byte".into());
+        }
+        if self.data_fd == DataFd::Memfd {
+            self.validate_memfd()?;
         }
         let b = self.behaviour();
         if let Some(max) = b.max_stream {
@@ -560,12 +602,19 @@ impl FromStr for MockSpec {
                     spec.precopy_delay = parse_duration(value)
                         .ok_or_else(|| bad("a duration with us, ms or s (e.g. 50ms)"))?
                 }
+                "data-fd" => {
+                    spec.data_fd = match value {
+                        "pipe" => DataFd::Pipe,
+                        "memfd" => DataFd::Memfd,
+                        _ => return Err(bad("`pipe` or `memfd`")),
+                    }
+                }
                 _ => {
                     return Err(usage(format!(
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
                          dirty-rate, reserved, region-index, fail-at, id, rate, accept-rate, \
                          latency, content; v1: data-offset, areas, pending-slack; v2: profile, \
-                         flags, dma, dma-dirty, data-size-min, precopy-delay)"
+                         flags, dma, dma-dirty, data-size-min, precopy-delay, data-fd)"
                     )))
                 }
             }
@@ -670,6 +719,9 @@ impl fmt::Display for MockSpec {
         }
         if self.precopy_delay != d.precopy_delay {
             write!(f, ",precopy-delay={}", format_duration(self.precopy_delay))?;
+        }
+        if self.data_fd == DataFd::Memfd {
+            write!(f, ",data-fd=memfd")?;
         }
         Ok(())
     }
@@ -864,5 +916,18 @@ mod tests {
         assert_eq!(s.to_string().parse::<MockSpec>().unwrap(), s);
         let d: MockSpec = "mock:v2".parse().unwrap();
         assert_eq!((d.flags, d.dma, d.dma_dirty), (DEFAULT_V2_FLAGS, true, 0));
+    }
+
+    #[test]
+    fn memfd_data_fds_round_trip_and_default_to_pipes() {
+        let text = "mock:v2,size=8G,seed=1,profile=xe,data-fd=memfd";
+        let s: MockSpec = text.parse().unwrap();
+        assert_eq!(s.data_fd, DataFd::Memfd);
+        assert_eq!(s.to_string(), text);
+        assert_eq!(
+            "mock:v2,data-fd=pipe".parse::<MockSpec>().unwrap().data_fd,
+            DataFd::Pipe
+        );
+        assert_eq!("mock:v2".parse::<MockSpec>().unwrap().data_fd, DataFd::Pipe);
     }
 }

@@ -121,6 +121,10 @@ struct Resume {
     decoder: Decoder,
     /// Sequence number the next committed transaction must carry.
     next_seq: u32,
+    /// The pieces so far of a transaction longer than one `data_size` write: a destination
+    /// whose data section is smaller than the source's gets it split (QEMU's v1
+    /// `vfio_load_buffer`), and takes it once its header's length has arrived.
+    partial: Vec<u8>,
 }
 
 /// The device's state, behind the mutex.
@@ -618,6 +622,7 @@ impl Inner {
                 self.resume = Some(Resume {
                     decoder: Decoder::new(self.content),
                     next_seq: 0,
+                    partial: Vec::new(),
                 });
             }
             (RESUMING, RUNNING) => {
@@ -752,7 +757,9 @@ impl Inner {
     }
 
     /// `data_size` write while resuming: checks the transaction at the section's start and
-    /// feeds its payload to the decoder.
+    /// feeds its payload to the decoder. A transaction whose header says it is longer than
+    /// `size` is the first piece of a split one: the pieces are kept, in order, until the
+    /// whole transaction is in; a piece running past it is refused.
     fn commit(&mut self, size: u64) -> io::Result<()> {
         let state = self.state();
         if state != RESUMING {
@@ -761,7 +768,8 @@ impl Inner {
         if size == 0 || size > self.spec.section {
             return Err(self.refuse(format!("data_size {size} not in 1..={}", self.spec.section)));
         }
-        if size < TX_HEADER {
+        let continued = self.resume.as_ref().is_some_and(|r| !r.partial.is_empty());
+        if size < TX_HEADER && !continued {
             return Err(self.refuse(format!(
                 "data_size {size} shorter than a transaction header"
             )));
@@ -772,12 +780,38 @@ impl Inner {
         }
         let mut tx = std::mem::take(&mut self.scratch);
         tx.resize(size as usize, 0);
-        let result = self.commit_bytes(&mut tx, size);
+        let result = self.read_piece(&mut tx, size).and_then(|()| {
+            let resume = self.resume.as_mut().expect("RESUMING has a resume");
+            if resume.partial.is_empty() {
+                let len = tx_len(&tx);
+                if u64::from(len) <= size {
+                    return self.commit_bytes(&tx);
+                }
+                resume.partial.extend_from_slice(&tx);
+                return Ok(());
+            }
+            resume.partial.extend_from_slice(&tx);
+            let (have, len) = (
+                resume.partial.len() as u64,
+                u64::from(tx_len(&resume.partial)),
+            );
+            if have < len {
+                return Ok(());
+            }
+            let whole = std::mem::take(&mut resume.partial);
+            if have > len {
+                return Err(self.refuse(format!(
+                    "data_size pieces of {have} bytes run past the transaction's length {len}"
+                )));
+            }
+            self.commit_bytes(&whole)
+        });
         self.scratch = tx;
         result
     }
 
-    fn commit_bytes(&mut self, tx: &mut [u8], size: u64) -> io::Result<()> {
+    /// Reads the `size` bytes the user wrote at the next transaction's slot.
+    fn read_piece(&mut self, tx: &mut [u8], size: u64) -> io::Result<()> {
         let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
         let at = self.spec.slot_offset(next_seq);
         if at + size > self.spec.section {
@@ -786,8 +820,13 @@ impl Inner {
                 self.spec.section
             )));
         }
-        read_exact_at(&self.memfd, tx, at)?;
-        let word = |i: usize| u32::from_le_bytes(tx[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        read_exact_at(&self.memfd, tx, at)
+    }
+
+    fn commit_bytes(&mut self, tx: &[u8]) -> io::Result<()> {
+        let size = tx.len() as u64;
+        let next_seq = self.resume.as_ref().map_or(0, |r| r.next_seq);
+        let word = |i: usize| le_word(tx, i);
         let (magic, seq, len, crc) = (word(0), word(1), word(2), word(3));
         let why = if magic != TX_MAGIC {
             Some(format!(
@@ -922,6 +961,17 @@ impl DeviceIo for MockV1 {
 
     // A v1-era vendor driver does not know VFIO_DEVICE_FEATURE's migration features: the
     // trait's defaults answer ENOTTY.
+}
+
+/// Word `i` (little-endian u32) of a transaction header; the caller checked its length.
+fn le_word(tx: &[u8], i: usize) -> u32 {
+    let b = &tx[i * 4..i * 4 + 4];
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The length a transaction's header announces (its third word).
+fn tx_len(tx: &[u8]) -> u32 {
+    le_word(tx, 2)
 }
 
 #[cfg(test)]
@@ -1376,15 +1426,17 @@ mod tests {
         assert!(txs.len() >= 4);
         let dst = Drv::new(spec);
         dst.set(RESUMING).unwrap();
-        // Size other than the source's transaction size.
+        // A shorter size is the first piece of a split transaction (QEMU's v1
+        // vfio_load_buffer); pieces running past the transaction's length are refused.
         let off = dst.data_offset().unwrap();
         dst.dev.write_at(&txs[0], dst.base + off).unwrap();
-        assert_eq!(code(dst.set_data_size(txs[0].len() as u64 - 1)), EINVAL);
+        dst.set_data_size(txs[0].len() as u64 - 1).unwrap();
+        assert_eq!(code(dst.set_data_size(2)), EINVAL);
         assert!(dst
             .status()
             .last_refusal
             .unwrap()
-            .contains("transaction sizes"));
+            .contains("run past the transaction's length"));
         assert_eq!(code(dst.set_data_size(0)), EINVAL);
         assert_eq!(code(dst.set_data_size(1025)), EINVAL, "beyond the section");
         assert_eq!(code(dst.set_data_size(8)), EINVAL, "shorter than a header");

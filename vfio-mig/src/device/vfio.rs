@@ -106,10 +106,12 @@ fn pack_feature<T: FeaturePayload>(flags: u32, payload: &T) -> ([u8; MAX_FEATURE
     (buf, len)
 }
 
-/// A VFIO device opened by its sysfs path, through a type1 container and its group or through
-/// iommufd and its cdev.
+/// A VFIO device: opened by its sysfs path (through a type1 container and its group, or
+/// through iommufd and its cdev), or the device fd a VMM already holds.
 pub struct VfioDeviceIo {
-    device: VfioDevice,
+    /// What keeps the device fd open: the `VfioDevice` this crate opened (with its container
+    /// or iommufd), or the VMM's own holder. Only the fd is used.
+    device: Box<dyn AsRawFd + Send + Sync>,
     path: PathBuf,
     model: String,
     access: DeviceAccess,
@@ -174,13 +176,62 @@ impl VfioDeviceIo {
         };
         log::debug!("{} ({}): {detail}", path.display(), route.backend());
         Ok(Self {
-            device,
+            device: Box::new(device),
             path: path.to_path_buf(),
             model: model_of(path),
             access: DeviceAccess {
                 backend: route.backend(),
                 detail,
             },
+        })
+    }
+
+    /// Wraps the VFIO device fd a VMM already holds, in whatever keeps it open: an
+    /// [`OwnedFd`] (a `dup` of the VMM's fd), an `Arc<File>`, any type that implements
+    /// [`AsFd`](std::os::fd::AsFd). Its container or IOAS and its DMA maps stay the VMM's:
+    /// this issues only device ioctls, reads, writes and mmaps on the fd. `path` is the
+    /// device's sysfs path, for its model and name. A descriptor that is not a VFIO device
+    /// (neither a group's `anon_inode:[vfio-device]` nor a `vfio-dev` cdev) is refused with
+    /// [`io::ErrorKind::InvalidInput`].
+    pub fn from_fd<F>(holder: F, path: &Path) -> io::Result<Self>
+    where
+        F: std::os::fd::AsFd + Send + Sync + 'static,
+    {
+        Self::from_holder(Box::new(FdHolder(holder)), path)
+    }
+
+    /// [`from_fd`](Self::from_fd) for a holder that offers only [`AsRawFd`], such as
+    /// `Arc<VfioDevice>` of any vfio-ioctls version (Cloud Hypervisor's holder).
+    ///
+    /// # Safety
+    /// `holder.as_raw_fd()` must return the same open descriptor for as long as `holder`
+    /// lives, and nothing may close it meanwhile (what [`AsFd`](std::os::fd::AsFd) promises
+    /// for the types that implement it).
+    pub unsafe fn from_raw_fd_holder<F>(holder: F, path: &Path) -> io::Result<Self>
+    where
+        F: AsRawFd + Send + Sync + 'static,
+    {
+        Self::from_holder(Box::new(holder), path)
+    }
+
+    fn from_holder(device: Box<dyn AsRawFd + Send + Sync>, path: &Path) -> io::Result<Self> {
+        let target = fd_target(device.as_raw_fd());
+        let backend = vfio_fd_backend(device.as_raw_fd(), &target).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: descriptor {} ({target}) is not a VFIO device fd",
+                    path.display(),
+                    device.as_raw_fd()
+                ),
+            )
+        })?;
+        let detail = format!("the caller's device fd ({backend}); {target}");
+        Ok(Self {
+            device,
+            path: path.to_path_buf(),
+            model: model_of(path),
+            access: DeviceAccess { backend, detail },
         })
     }
 
@@ -197,7 +248,7 @@ impl VfioDeviceIo {
             fd_target(device.as_raw_fd())
         );
         Self {
-            device,
+            device: Box::new(device),
             path: path.to_path_buf(),
             model: model_of(path),
             access: DeviceAccess { backend, detail },
@@ -230,6 +281,44 @@ impl VfioDeviceIo {
         // SAFETY: the descriptor is owned by `self.device`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
     }
+}
+
+/// The device fd (for a VMM that hands a `dup` of it to another holder).
+impl std::os::fd::AsFd for VfioDeviceIo {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd()
+    }
+}
+
+/// A holder that keeps a descriptor open by the I/O-safe [`AsFd`](std::os::fd::AsFd).
+struct FdHolder<F>(F);
+
+impl<F: std::os::fd::AsFd> AsRawFd for FdHolder<F> {
+    fn as_raw_fd(&self) -> i32 {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Which backend the descriptor `fd` (whose `/proc/self/fd` link reads `target`) belongs to,
+/// if it is a VFIO device fd at all: a group's device fd is the anonymous inode
+/// `[vfio-device]`; a cdev is a character device of the `vfio-dev` class in sysfs.
+fn vfio_fd_backend(fd: i32, target: &str) -> Option<Backend> {
+    if target == "anon_inode:[vfio-device]" {
+        return Some(Backend::Group);
+    }
+    // SAFETY: fstat only reads the descriptor's metadata into the buffer nix provides; a
+    // borrowed descriptor the holder keeps open for the duration of this call.
+    let stat = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFCHR {
+        return None;
+    }
+    let (major, minor) = (libc::major(stat.st_rdev), libc::minor(stat.st_rdev));
+    let class = std::fs::canonicalize(format!("/sys/dev/char/{major}:{minor}")).ok()?;
+    let in_class = class
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "vfio-dev");
+    in_class.then_some(Backend::Iommufd)
 }
 
 /// Opens the device's cdev, bound to a new `/dev/iommu` and attached to an IOAS of it.
@@ -499,6 +588,19 @@ impl DeviceIo for VfioDeviceIo {
 
 #[cfg(test)]
 mod tests {
+    /// A descriptor that is no VFIO device is refused, before any ioctl is issued on it.
+    #[test]
+    fn a_fd_that_is_no_vfio_device_is_refused() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let err =
+            super::VfioDeviceIo::from_fd(file, std::path::Path::new("/sys/nothing")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains("not a VFIO device fd"), "{err}");
+        let memfd =
+            nix::sys::memfd::memfd_create("not-vfio", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        assert!(super::VfioDeviceIo::from_fd(memfd, std::path::Path::new("/x")).is_err());
+    }
+
     use super::*;
 
     fn packed<T: FeaturePayload>(flags: u32, payload: &T) -> Vec<u8> {
@@ -510,8 +612,7 @@ mod tests {
         parts.concat()
     }
 
-    // The expected layouts are the uAPI's (include/uapi/linux/vfio.h): `argsz`, `flags`
-    // (feature index | GET 1 << 16 | SET 1 << 17 | PROBE 1 << 18), then the payload struct.
+    // A descriptor that is no VFIO device is refused before any call is issued on it.
     #[test]
     fn feature_arguments_have_the_uapi_layout() {
         let probe = VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | 1;

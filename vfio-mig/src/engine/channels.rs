@@ -21,6 +21,7 @@ use super::events::Observer;
 use super::gate::LoadGate;
 use super::loader::{check_compatible, DeviceLoader, LoadReport};
 use super::multi::{each_with_report, quiesce_all, SharedWriter};
+use super::run::run_unit;
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
 use super::MigrationDevice;
 
@@ -249,7 +250,7 @@ fn in_channel(ch: usize, e: Error) -> Error {
 /// parallel, calls `gate.pre_copy_loaded` once every live device loaded its pre-copy data,
 /// and after every channel's trailer has every device take its state, calls
 /// `gate.before_resume` with channel 0 (the main connection), checks every channel's end,
-/// and runs the devices (RUNNING_P2P on all before any RUNNING).
+/// and runs the unit ([`super::run::run_unit`]: RUNNING_P2P on all before any RUNNING).
 ///
 /// A failing channel or device calls `stop` (which must make every channel's pending reads
 /// return, e.g. by shutting the connections down for reading) and fails the load; the caller
@@ -333,12 +334,7 @@ pub fn load_channels_gated<R: Read + Send>(
     for (ch, r) in readers.iter_mut().enumerate() {
         r.finish().map_err(|e| in_channel(ch, e))?;
     }
-    for dev in devs.iter_mut() {
-        dev.prepare_run()?;
-    }
-    for dev in devs.iter_mut() {
-        dev.finish_resume()?;
-    }
+    run_unit(devs)?;
     Ok(reports)
 }
 

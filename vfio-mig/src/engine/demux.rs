@@ -18,6 +18,7 @@ use super::events::Observer;
 use super::gate::LoadGate;
 use super::loader::{check_compatible, DeviceLoader, LoadReport};
 use super::parallel::each;
+use super::run::run_unit;
 use super::MigrationDevice;
 
 /// Records in flight per device.
@@ -39,9 +40,9 @@ enum Item {
 /// against the header before touching any, enters RESUMING on all, applies the records, calls
 /// `gate.pre_copy_loaded` once every live device has loaded its pre-copy data; after the
 /// trailer has every device take its state ([`MigrationDevice::load_state`]), calls
-/// `gate.before_resume`, brings every device to RUNNING_P2P
-/// ([`MigrationDevice::prepare_run`]) and only then runs them all. The caller resets them on failure
-/// ([`super::multi::rollback_destinations`]).
+/// `gate.before_resume`, and runs the unit ([`run_unit`]: RUNNING_P2P on all, then RUNNING).
+/// The caller resets them on failure ([`super::multi::rollback_destinations`]), except past
+/// the point of no return ([`Error::PastNoReturn`]: what runs keeps running).
 pub fn load_all_gated<R: Read>(
     devs: &mut [&mut dyn MigrationDevice],
     reader: &mut StreamReader<R>,
@@ -79,8 +80,7 @@ pub fn load_all_gated<R: Read>(
     each(devs, "load the unit's state", |d| d.load_state())?;
     gate.before_resume(reader.get_mut())?;
     reader.finish()?;
-    each(devs, "prepare the unit to run", |d| d.prepare_run())?;
-    each(devs, "run the unit", |d| d.finish_resume())?;
+    run_unit(devs)?;
     Ok(reports)
 }
 

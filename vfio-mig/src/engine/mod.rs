@@ -9,19 +9,20 @@ pub mod demux;
 pub mod events;
 pub mod gate;
 pub mod load;
-mod loader;
+pub(crate) mod loader;
 pub mod multi;
 pub mod parallel;
 mod pipeline;
 pub mod policy;
-mod rollback;
+pub(crate) mod rollback;
+pub mod run;
 pub mod save;
 pub mod session;
 pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery,
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
 };
 pub use events::{Event, NoObserver, Observer};
 pub use gate::{LoadGate, NoGate};

@@ -260,11 +260,16 @@ pub fn rollback_sources(
     roll_back(devs, 0, error, obs, |d| d.recover())
 }
 
-/// Resets every destination after `error`: none runs with partial state.
+/// Resets every destination after `error`: none runs with partial state. Past the point of
+/// no return ([`Error::PastNoReturn`]) nothing is reset: the devices that run hold the only
+/// running copy of their state, and those that failed to run were reset already.
 pub fn rollback_destinations(
     devs: &mut [&mut dyn MigrationDevice],
     error: Error,
     obs: &dyn Observer,
 ) -> Error {
+    if matches!(error, Error::PastNoReturn { .. }) {
+        return error;
+    }
     roll_back(devs, 0, error, obs, |d| d.abort_resume())
 }

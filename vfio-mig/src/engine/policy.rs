@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use crate::migration::StopCopySize;
+
 /// The pre-copy policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreCopyPolicy {
@@ -97,9 +99,9 @@ pub struct PreCopyState {
     pub last_bytes: u64,
     /// Time the last round took.
     pub last_busy: Duration,
-    /// What stop-and-copy will carry, when the device says so apart from `pending` (v2:
-    /// MIG_DATA_SIZE); see [`PreCopyState::downtime_bytes`].
-    pub stop_copy: Option<u64>,
+    /// What stop-and-copy will carry apart from `pending` (v2: MIG_DATA_SIZE); see
+    /// [`PreCopyState::downtime_bytes`].
+    pub stop_copy: StopCopySize,
 }
 
 /// The last round alone measures the bandwidth once it moved at least this much (1 MiB);
@@ -164,21 +166,29 @@ impl PreCopyState {
     }
 
     /// Sets what the device says stop-and-copy will carry (v2: MIG_DATA_SIZE).
-    pub fn set_stop_copy(&mut self, stop_copy: Option<u64>) {
+    pub fn set_stop_copy(&mut self, stop_copy: StopCopySize) {
         self.stop_copy = stop_copy;
     }
 
-    /// The bytes the downtime window will carry: the larger of the pending pre-copy bytes and
-    /// the device's stop-copy size (QEMU's `state_pending_exact` for VFIO is MIG_DATA_SIZE).
-    pub fn downtime_bytes(&self) -> u64 {
-        self.pending.max(self.stop_copy.unwrap_or(0))
+    /// The bytes the downtime window will carry: the pending pre-copy bytes **plus** the
+    /// device's stop-copy size, as QEMU's `vfio_state_pending_exact` counts them (bytes
+    /// produced for pre-copy and not read yet are read in STOP_COPY on top of the stop-copy
+    /// image). `None` when the device could not tell its stop-copy size.
+    pub fn downtime_bytes(&self) -> Option<u64> {
+        match self.stop_copy {
+            StopCopySize::InPending => Some(self.pending),
+            StopCopySize::Bytes(b) => Some(self.pending.saturating_add(b)),
+            StopCopySize::Unknown => None,
+        }
     }
 
     /// The stop-and-copy time [`downtime_bytes`](Self::downtime_bytes) would take at the
-    /// measured bandwidth.
+    /// measured bandwidth; `None` before any bandwidth was measured or when the downtime
+    /// bytes are unknown.
     pub fn estimated_downtime(&self) -> Option<Duration> {
+        let bytes = self.downtime_bytes()?;
         self.bandwidth()
-            .map(|bw| Duration::from_secs_f64(self.downtime_bytes() as f64 / bw))
+            .map(|bw| Duration::from_secs_f64(bytes as f64 / bw))
     }
 }
 
@@ -188,8 +198,9 @@ impl PreCopyPolicy {
         // The initial data must have been sent once before switching (QEMU waits for it too):
         // the destination needs it before the device stops.
         let initial_done = state.initial_pending.is_none_or(|b| b == 0);
+        // An unknown stop-copy size never fits the budget (QEMU assumes 100 GiB).
         let remaining = state.downtime_bytes();
-        let fits = remaining <= self.switchover_bytes
+        let fits = remaining.is_some_and(|r| r <= self.switchover_bytes)
             || state
                 .estimated_downtime()
                 .is_some_and(|d| d <= self.downtime_budget);
@@ -198,9 +209,9 @@ impl PreCopyPolicy {
         // shrink with more rounds.
         let drained = state.pending == 0;
         if initial_done
-            && (remaining == 0
+            && (remaining == Some(0)
                 || (state.rounds > 0 && fits)
-                || (drained && state.bandwidth().is_none()))
+                || (drained && remaining.is_some() && state.bandwidth().is_none()))
         {
             return Decision::Switch(SwitchReason::Converged);
         }
@@ -242,8 +253,8 @@ mod tests {
         // help, and a strict policy gives up.
         let mut s = PreCopyState::new(100 * MB, Some(100 * MB));
         s.record_round(100 * MB, Duration::from_secs(1), 0, Some(0));
-        s.set_stop_copy(Some(1000 * MB));
-        assert_eq!(s.downtime_bytes(), 1000 * MB);
+        s.set_stop_copy(StopCopySize::Bytes(1000 * MB));
+        assert_eq!(s.downtime_bytes(), Some(1000 * MB));
         assert_eq!(s.estimated_downtime(), Some(Duration::from_secs(10)));
         assert_eq!(
             p.decide(&s, Duration::from_secs(1)),
@@ -255,9 +266,73 @@ mod tests {
             Decision::Abort(SwitchReason::NotConverging)
         );
         // 5 MB of stop-copy data = 50 ms: fits.
-        s.set_stop_copy(Some(5 * MB));
+        s.set_stop_copy(StopCopySize::Bytes(5 * MB));
         assert_eq!(
             strict.decide(&s, Duration::from_secs(1)),
+            Decision::Switch(SwitchReason::Converged)
+        );
+    }
+
+    /// QEMU's `vfio_state_pending_exact` (hw/vfio/migration.c) is the oracle: what must move
+    /// before the destination starts is MIG_DATA_SIZE **plus** PRECOPY_INFO's initial and
+    /// dirty bytes (the bytes produced for pre-copy and not read yet are read in STOP_COPY on
+    /// top of the stop-copy image).
+    #[test]
+    fn downtime_bytes_are_pending_plus_the_stop_copy_size_as_in_qemu() {
+        let p = policy(); // 100 ms budget
+        let qemu_must_precopy = |stop_copy: u64, init: u64, dirty: u64| stop_copy + init + dirty;
+        // 100 MB/s; 4 MB dirty still pending, 7 MB of stop-copy image: 11 MB = 110 ms, over
+        // the budget although each part alone (70 ms) fits.
+        let mut s = PreCopyState::new(100 * MB, Some(100 * MB));
+        s.record_round(100 * MB, Duration::from_secs(1), 4 * MB, Some(0));
+        s.set_stop_copy(StopCopySize::Bytes(7 * MB));
+        assert_eq!(
+            s.downtime_bytes(),
+            Some(qemu_must_precopy(7 * MB, 0, 4 * MB))
+        );
+        assert_eq!(s.estimated_downtime(), Some(Duration::from_millis(110)));
+        assert_eq!(p.decide(&s, Duration::from_secs(1)), Decision::Continue);
+        // 1 MB dirty + 7 MB image = 80 ms: fits.
+        s.record_round(4 * MB, Duration::from_millis(40), MB, Some(0));
+        assert_eq!(s.downtime_bytes(), Some(qemu_must_precopy(7 * MB, 0, MB)));
+        assert_eq!(
+            p.decide(&s, Duration::from_secs(1)),
+            Decision::Switch(SwitchReason::Converged)
+        );
+    }
+
+    /// QEMU reports `VFIO_MIG_STOP_COPY_SIZE` (100 GiB) when MIG_DATA_SIZE fails, "so
+    /// downtime limit won't be violated": an unknown size never meets a budget.
+    #[test]
+    fn an_unknown_stop_copy_size_never_converges() {
+        let strict = PreCopyPolicy {
+            strict: true,
+            downtime_budget: Duration::from_secs(3600),
+            switchover_bytes: 64 * MB,
+            ..policy()
+        };
+        let mut s = PreCopyState::new(MB, Some(0));
+        s.set_stop_copy(StopCopySize::Unknown);
+        assert_eq!(s.downtime_bytes(), None);
+        // Before any round: not an empty device, not "drained before any bandwidth".
+        assert_ne!(
+            strict.decide(&s, Duration::ZERO),
+            Decision::Switch(SwitchReason::Converged)
+        );
+        // 1 GB/s measured, 1 KiB pending, an hour's budget: still not converged.
+        s.record_round(1000 * MB, Duration::from_secs(1), 1024, Some(0));
+        assert_eq!(s.estimated_downtime(), None);
+        assert_eq!(strict.decide(&s, Duration::ZERO), Decision::Continue);
+        // Drained with the size still unknown: a strict policy gives up.
+        s.record_round(1024, Duration::from_millis(1), 0, Some(0));
+        assert_eq!(
+            strict.decide(&s, Duration::ZERO),
+            Decision::Abort(SwitchReason::NotConverging)
+        );
+        // Once the device tells its size, the budget decides again.
+        s.set_stop_copy(StopCopySize::Bytes(MB));
+        assert_eq!(
+            strict.decide(&s, Duration::ZERO),
             Decision::Switch(SwitchReason::Converged)
         );
     }

@@ -9,11 +9,17 @@ use super::{MigrationDevice, Recovery};
 
 /// Folds what became of each device into the error.
 fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Recovery>) -> Error {
-    let mut outcomes: Vec<(String, Recovery)> = devs
+    let outcomes: Vec<(String, Recovery)> = devs
         .iter()
         .map(|d| d.identity().instance)
         .zip(outcomes)
         .collect();
+    fold(error, outcomes)
+}
+
+/// Folds what became of each named device into `error`: [`Error::RolledBack`] for one
+/// device, [`Error::RolledBackAll`] for several.
+pub(crate) fn fold(error: Error, mut outcomes: Vec<(String, Recovery)>) -> Error {
     if outcomes.len() == 1 {
         let (device, recovery) = outcomes.remove(0);
         return Error::RolledBack {

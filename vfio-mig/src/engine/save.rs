@@ -272,7 +272,9 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
                 return Err(Error::PreCopy(format!(
                     "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
                     state.rounds,
-                    state.downtime_bytes(),
+                    state
+                        .downtime_bytes()
+                        .map_or_else(|| "unknown (MIG_DATA_SIZE failed)".into(), |b| b.to_string()),
                     state
                         .estimated_downtime()
                         .map(|d| format!("{d:?}"))

@@ -235,6 +235,49 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The length of the stream header that `bytes` begins with (its tag included), or `None`
+/// while `bytes` is too short to tell. For a receiver that gets a stream in pieces of any
+/// size and hands a [`super::StreamReader`] only whole units: a malformed header answers
+/// `bytes.len()` (what there is), so that the reader sees it and refuses it.
+pub fn header_frame_len(bytes: &[u8]) -> Option<usize> {
+    let fixed = bytes.get(..HEADER_FIXED_LEN)?;
+    let count = usize::from(le_u16(fixed, 10));
+    if fixed[..8] != MAGIC || !(1..=MAX_DEVICES).contains(&count) {
+        return Some(bytes.len());
+    }
+    let mut len = HEADER_FIXED_LEN;
+    for _ in 0..count {
+        let descriptor = bytes.get(len..len + DESCRIPTOR_FIXED_LEN)?;
+        let model = usize::from(le_u16(descriptor, 2));
+        if !(1..=MAX_MODEL_LEN).contains(&model) {
+            return Some(bytes.len());
+        }
+        len += DESCRIPTOR_FIXED_LEN + model;
+    }
+    len += CRC_LEN;
+    if le_u32(fixed, 36) & HEADER_FLAG_AUTHENTICATED != 0 {
+        len += super::auth::TAG_LEN;
+    }
+    Some(len)
+}
+
+/// The length of the record that `bytes` begins with (its tag included, when `authenticated`),
+/// or `None` while `bytes` is too short to tell; see [`header_frame_len`]. A payload length
+/// beyond any record's answers `bytes.len()`, for the reader to refuse.
+pub fn record_frame_len(bytes: &[u8], authenticated: bool) -> Option<usize> {
+    let head = bytes.get(..RECORD_HEADER_LEN)?;
+    let payload = le_u32(head, 16) as usize;
+    if payload > MAX_FRAGMENT.max(trailer_len(MAX_DEVICES)) {
+        return Some(bytes.len());
+    }
+    let tag = if authenticated {
+        super::auth::TAG_LEN
+    } else {
+        0
+    };
+    Some(RECORD_HEADER_LEN + payload + tag)
+}
+
 /// Checks the fixed part of a header (magic, version, device count) and returns the device
 /// count. Run before anything else of the header is read, so a foreign file is refused at
 /// once.
@@ -274,9 +317,9 @@ pub(crate) fn header_flags(fixed: &[u8; HEADER_FIXED_LEN]) -> u32 {
 /// The session id binds every record to its stream: a record copied from another stream
 /// fails its CRC.
 pub(crate) fn record_crc(session: &SessionId, head: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(session);
-    let crc = crc32c::crc32c_append(crc, head.get(..RECORD_CRC_OFFSET).unwrap_or(head));
-    crc32c::crc32c_append(crc, payload)
+    let crc = crate::stream::crc::crc32c(session);
+    let crc = crate::stream::crc::crc32c_append(crc, head.get(..RECORD_CRC_OFFSET).unwrap_or(head));
+    crate::stream::crc::crc32c_append(crc, payload)
 }
 
 /// Checks the fixed part of descriptor `index` and returns its model length.
@@ -362,7 +405,7 @@ impl StreamHeader {
             out.extend_from_slice(&d.migration_flags.to_le_bytes());
             out.extend_from_slice(d.model.as_bytes());
         }
-        let crc = crc32c::crc32c(&out);
+        let crc = crate::stream::crc::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
@@ -399,7 +442,7 @@ impl StreamHeader {
         let end = pos + CRC_LEN;
         let stored_crc = bytes.get(pos..end).ok_or_else(|| truncated(end))?;
         let stored = le_u32(stored_crc, 0);
-        let computed = crc32c::crc32c(bytes.get(..pos).unwrap_or_default());
+        let computed = crate::stream::crc::crc32c(bytes.get(..pos).unwrap_or_default());
         if stored != computed {
             return Err(header_err(format!(
                 "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt header"
@@ -899,7 +942,7 @@ pub(crate) mod tests {
     /// Recomputes the CRC at the end of an encoded header.
     pub(crate) fn fix_header_crc(h: &mut [u8]) {
         let n = h.len() - CRC_LEN;
-        let crc = crc32c::crc32c(&h[..n]);
+        let crc = crate::stream::crc::crc32c(&h[..n]);
         h[n..].copy_from_slice(&crc.to_le_bytes());
     }
 

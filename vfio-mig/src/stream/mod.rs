@@ -57,6 +57,7 @@
 //! ```
 
 pub mod auth;
+pub mod crc;
 pub mod format;
 pub mod reader;
 pub mod writer;

@@ -111,6 +111,13 @@ impl<W: Write> StreamWriter<W> {
         &self.w
     }
 
+    /// The transport, mutably: for a caller that stages the records in memory and moves them
+    /// on between records (the front door's per-round output). Bytes written into it become
+    /// part of the stream, so a caller must only take out what was written.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
     /// Writes `bytes` of `device`'s migration data for `phase`.
     ///
     /// `bytes` is split into DATA records of at most [`MAX_FRAGMENT`] bytes. If `chunk_end`,

@@ -9,14 +9,19 @@
 //! 5. back to 1.
 //!
 //! Resuming (100b), per chunk in the source's order: read `data_offset`, write the chunk
-//! there, write `data_size` with the chunk's size (the source's transaction size).
+//! there, write `data_size` with the chunk's size (the source's transaction size). A chunk
+//! larger than the room the destination's data section has from `data_offset` is split, as
+//! QEMU's v1 `vfio_load_buffer` does: what fits is written and committed with its size, then
+//! `data_offset` is read again for the rest, in the source's order.
 
 use std::sync::Arc;
 
 use crate::device::DeviceIo;
 use crate::error::Report;
 use crate::error::{Error, Result};
-use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
+use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
+};
 
 use super::region::MigrationRegion;
 use super::state::{compose, V1State};
@@ -38,6 +43,8 @@ pub struct V1Device {
     region: MigrationRegion,
     chunk: Option<Chunk>,
     last_pending: u64,
+    /// The state a failed save returns the device to: where its saving session began.
+    home: RunState,
 }
 
 impl V1Device {
@@ -54,12 +61,46 @@ impl V1Device {
         Ok(Self::with_region(region))
     }
 
+    /// Where the next piece of resume data goes: `data_offset`, with the room the data
+    /// section has from there.
+    fn next_resume_chunk(&mut self) -> Result<Chunk> {
+        let step = "read data_offset (resuming)";
+        let offset = self
+            .region
+            .data_offset()
+            .map_err(|e| Error::device(step, e))?;
+        let room = self.region.info().size.saturating_sub(offset);
+        self.region
+            .check_data_range(offset, room)
+            .map_err(|d| Error::protocol(step, d))?;
+        if room == 0 {
+            return Err(Error::protocol(
+                step,
+                format!("data_offset {offset:#x} leaves no room in the data section"),
+            ));
+        }
+        Ok(Chunk {
+            offset,
+            size: room,
+            done: 0,
+        })
+    }
+
+    /// Hands the driver the `size` bytes written at `data_offset` (a `data_size` write).
+    fn commit_piece(&mut self, size: u64) -> Result<()> {
+        self.chunk = None;
+        self.region
+            .set_data_size(size)
+            .map_err(|e| Error::device(format!("write data_size {size}"), e))
+    }
+
     /// Wraps an already opened migration region.
     pub fn with_region(region: MigrationRegion) -> Self {
         Self {
             region,
             chunk: None,
             last_pending: 0,
+            home: RunState::Running,
         }
     }
 
@@ -160,6 +201,27 @@ impl V1Device {
         }))
     }
 
+    /// The v1 state of [`Self::home`].
+    fn home_state(&self) -> V1State {
+        match self.home {
+            RunState::Running => V1State::Running,
+            RunState::Stopped => V1State::Stop,
+        }
+    }
+
+    /// [`reset_to_running`](Self::reset_to_running), then back to STOP (000b) when the saving
+    /// session began there (a paused VM's device must not run after its recovery).
+    fn reset_home(&mut self) -> Recovery {
+        let recovery = self.reset_to_running();
+        if recovery != Recovery::Reset || self.home == RunState::Running {
+            return recovery;
+        }
+        match self.set_state(V1State::Stop) {
+            Ok(()) => recovery,
+            Err(e) => Recovery::Failed(format!("reset, but then STOP failed: {}", Report(&e))),
+        }
+    }
+
     fn reset_to_running(&mut self) -> Recovery {
         self.chunk = None;
         match self.region.device().reset() {
@@ -235,6 +297,17 @@ impl MigrationDevice for V1Device {
         Ok(V1State::from_raw(self.raw_state()?).is_saving())
     }
 
+    fn run_state(&mut self) -> Result<RunState> {
+        match V1State::from_raw(self.raw_state()?) {
+            V1State::Running => Ok(RunState::Running),
+            V1State::Stop => Ok(RunState::Stopped),
+            other => Err(Error::protocol(
+                "read the device's run state",
+                format!("the device is in {other}, inside a migration"),
+            )),
+        }
+    }
+
     fn quiesce(&mut self) -> Result<()> {
         // v1 has no quiescent peer-to-peer state.
         Ok(())
@@ -254,6 +327,15 @@ impl MigrationDevice for V1Device {
     }
 
     fn start_pre_copy(&mut self) -> Result<()> {
+        // Only from RUNNING: 000b -> 011b would run a paused VM's device.
+        let now = V1State::from_raw(self.raw_state()?);
+        if now != V1State::Running {
+            return Err(Error::protocol(
+                "enter pre-copy",
+                format!("pre-copy starts only from RUNNING; the device is in {now}"),
+            ));
+        }
+        self.home = RunState::Running;
         self.set_state(V1State::PreCopy)
     }
 
@@ -267,6 +349,13 @@ impl MigrationDevice for V1Device {
             ));
         }
         let mut raw = self.raw_state()?;
+        // A save that begins here begins where the device is: from STOP (a paused VM, a
+        // snapshot) a failure must return it to STOP, never run it.
+        match V1State::from_raw(raw) {
+            V1State::Running => self.home = RunState::Running,
+            V1State::Stop => self.home = RunState::Stopped,
+            _ => {}
+        }
         if V1State::from_raw(raw) == V1State::Running {
             // QEMU 5.2-7.2 never write 001b -> 010b: the VM stops first (RUNNING cleared by
             // vfio_vmstate_change), then vfio_save_setup ORs SAVING in; v1-era drivers were
@@ -305,7 +394,7 @@ impl MigrationDevice for V1Device {
         Ok(Pending {
             bytes,
             initial_bytes: None,
-            stop_copy_bytes: None,
+            stop_copy_bytes: StopCopySize::InPending,
         })
     }
 
@@ -366,57 +455,43 @@ impl MigrationDevice for V1Device {
     }
 
     fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        let mut chunk = match self.chunk {
-            Some(c) => c,
-            None => {
-                let offset = self
-                    .region
-                    .data_offset()
-                    .map_err(|e| Error::device("read data_offset (resuming)", e))?;
-                let room = self.region.info().size.saturating_sub(offset);
-                self.region
-                    .check_data_range(offset, room)
-                    .map_err(|d| Error::protocol("read data_offset (resuming)", d))?;
-                Chunk {
-                    offset,
-                    size: room,
-                    done: 0,
-                }
+        let mut rest = data;
+        loop {
+            let mut chunk = match self.chunk.take() {
+                Some(c) => c,
+                None => self.next_resume_chunk()?,
+            };
+            if chunk.done == chunk.size && !rest.is_empty() {
+                // The section is full and the source's chunk goes on: commit this piece, the
+                // rest goes where `data_offset` says next (QEMU's v1 `vfio_load_buffer`).
+                self.commit_piece(chunk.done)?;
+                continue;
             }
-        };
-        let len = data.len() as u64;
-        if chunk.done + len > chunk.size {
-            self.chunk = None;
-            return Err(Error::protocol(
-                "write migration data",
-                format!(
-                    "a source chunk of more than {} bytes does not fit the destination's {} byte data section",
-                    chunk.done + len,
-                    chunk.size
-                ),
-            ));
-        }
-        self.region
-            .write_data(chunk.offset + chunk.done, data)
-            .map_err(|e| {
-                Error::device(
-                    format!(
-                        "write {len} bytes of migration data at region offset {:#x}",
-                        chunk.offset + chunk.done
-                    ),
-                    e,
-                )
-            })?;
-        chunk.done += len;
-        if chunk_end {
-            self.chunk = None;
+            let take = rest.len().min((chunk.size - chunk.done) as usize);
+            let (piece, after) = rest.split_at(take);
             self.region
-                .set_data_size(chunk.done)
-                .map_err(|e| Error::device(format!("write data_size {}", chunk.done), e))?;
-        } else {
+                .write_data(chunk.offset + chunk.done, piece)
+                .map_err(|e| {
+                    Error::device(
+                        format!(
+                            "write {take} bytes of migration data at region offset {:#x}",
+                            chunk.offset + chunk.done
+                        ),
+                        e,
+                    )
+                })?;
+            chunk.done += take as u64;
+            rest = after;
+            if rest.is_empty() {
+                if chunk_end {
+                    self.commit_piece(chunk.done)?;
+                } else {
+                    self.chunk = Some(chunk);
+                }
+                return Ok(());
+            }
             self.chunk = Some(chunk);
         }
-        Ok(())
     }
 
     fn load_state(&mut self) -> Result<()> {
@@ -448,19 +523,24 @@ impl MigrationDevice for V1Device {
 
     fn recover(&mut self) -> Recovery {
         self.chunk = None;
+        let home = self.home_state();
+        let (already, returned) = match self.home {
+            RunState::Running => (Recovery::AlreadyRunning, Recovery::Resumed),
+            RunState::Stopped => (Recovery::AlreadyStopped, Recovery::Stopped),
+        };
         match self.raw_state().map(V1State::from_raw) {
-            Ok(V1State::Running) => Recovery::AlreadyRunning,
+            Ok(state) if state == home => already,
             Ok(state) if state.is_requestable() && state != V1State::Resuming => {
-                match self.set_state(V1State::Running) {
-                    Ok(()) => Recovery::Resumed,
+                match self.set_state(home) {
+                    Ok(()) => returned,
                     Err(e) => {
                         log::warn!("recovery transition failed: {}", Report(&e));
-                        self.reset_to_running()
+                        self.reset_home()
                     }
                 }
             }
             // ERROR, an invalid state, RESUMING (partial state) or an unreadable register.
-            _ => self.reset_to_running(),
+            _ => self.reset_home(),
         }
     }
 

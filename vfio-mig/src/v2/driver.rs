@@ -25,19 +25,18 @@ use super::feature::{self, DmaLoggingRange, PrecopyInfo};
 use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
 use crate::device::{DeviceIdentity, DeviceIo};
 use crate::error::{Error, Result};
-use crate::migration::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
-
-/// The stop-copy size assumed when MIG_DATA_SIZE fails during pre-copy: QEMU's
-/// `VFIO_MIG_STOP_COPY_SIZE` (100 MiB).
-pub const UNKNOWN_STOP_COPY_SIZE: u64 = 100 << 20;
+use crate::migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
+};
 
 /// What a state change does when an arc fails (after reading the state back and reporting it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
     /// Nothing: leave the device where it is.
     Report,
-    /// Walk the device back to RUNNING; reset it when that fails, or straight away when it is
-    /// in ERROR or RESUMING (partial state) or its state cannot be read. For a source.
+    /// Walk the device back to the state its saving session began in (RUNNING, or STOP for a
+    /// paused VM); reset it when that fails, or straight away when it is in ERROR or RESUMING
+    /// (partial state) or its state cannot be read. For a source.
     Recover,
     /// Reset it. For a destination, which must never run with partial or unchecked state.
     Reset,
@@ -113,6 +112,8 @@ pub struct V2Device {
     precopy_v2: bool,
     /// Bytes written into the RESUMING session so far.
     resumed: u64,
+    /// The state a failed save returns the device to: where its saving session began.
+    home: RunState,
 }
 
 impl std::fmt::Debug for V2Device {
@@ -169,6 +170,7 @@ impl V2Device {
             data: None,
             precopy_v2,
             resumed: 0,
+            home: RunState::Running,
         };
         me.refresh("read the migration state")?;
         Ok(me)
@@ -311,6 +313,27 @@ impl V2Device {
         }
     }
 
+    /// [`reset`](Self::reset), then back to STOP when the saving session began there (a
+    /// paused VM's device must not run after its recovery).
+    fn reset_home(&mut self) -> Recovery {
+        let recovery = self.reset();
+        if recovery != Recovery::Reset || self.home == RunState::Running {
+            return recovery;
+        }
+        match self.walk(MigState::Running, MigState::Stop, &"stop the reset device") {
+            Ok(()) => recovery,
+            Err(e) => Recovery::Failed(format!("reset, but then STOP failed: {e}")),
+        }
+    }
+
+    /// The v2 state of [`Self::home`].
+    fn home_state(&self) -> MigState {
+        match self.home {
+            RunState::Running => MigState::Running,
+            RunState::Stopped => MigState::Stop,
+        }
+    }
+
     /// GETs the state, caches it, and closes the data fd if the state has no session.
     fn refresh(&mut self, step: impl std::fmt::Display) -> Result<MigState> {
         let raw = feature::get_state(self.dev.as_ref())
@@ -442,22 +465,26 @@ impl V2Device {
             Ok(s) => s.to_string(),
             Err(e) => format!("unknown ({e})"),
         };
+        let home = self.home_state();
         let before_reset = match (policy, &now) {
-            (OnFailure::Report, _) | (OnFailure::Recover, Ok(MigState::Running)) => {
-                return now_text
-            }
+            (OnFailure::Report, _) => return now_text,
+            (OnFailure::Recover, Ok(s)) if *s == home => return now_text,
             (OnFailure::Recover, Ok(s)) if !matches!(s, MigState::Error | MigState::Resuming) => {
-                match self.walk(*s, MigState::Running, &"return to RUNNING") {
-                    Ok(()) => return format!("{now_text}; it was returned to RUNNING"),
+                match self.walk(*s, home, &format!("return to {home}")) {
+                    Ok(()) => return format!("{now_text}; it was returned to {home}"),
                     Err(e) => {
-                        log::warn!("recovery to RUNNING failed: {e}");
-                        format!("{now_text}; returning it to RUNNING failed ({e})")
+                        log::warn!("recovery to {home} failed: {e}");
+                        format!("{now_text}; returning it to {home} failed ({e})")
                     }
                 }
             }
             _ => now_text,
         };
-        match self.reset() {
+        let recovery = match policy {
+            OnFailure::Recover => self.reset_home(),
+            _ => self.reset(),
+        };
+        match recovery {
             Recovery::Reset => format!("{before_reset}, so it was reset"),
             Recovery::Failed(why) => format!("{before_reset}, and resetting it failed: {why}"),
             other => format!("{before_reset}; it {other}"),
@@ -475,12 +502,29 @@ impl MigrationDevice for V2Device {
     }
 
     fn stop_copy_estimate(&mut self) -> Result<Option<u64>> {
-        self.data_size().map(Some)
+        match feature::data_size(self.dev.as_ref()) {
+            Ok(n) => Ok(Some(n)),
+            // Linux 5.18 to 6.1 have no MIG_DATA_SIZE (added in 6.2): the feature ioctl
+            // answers ENOTTY, and the estimate is unknown, not an error.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => Ok(None),
+            Err(e) => Err(Error::device("read MIG_DATA_SIZE", e)),
+        }
     }
 
     fn is_saving(&mut self) -> Result<bool> {
         let state = self.refresh("check the saving session")?;
         Ok(state.is_saving() && self.data.is_some())
+    }
+
+    fn run_state(&mut self) -> Result<RunState> {
+        match self.state()? {
+            MigState::Running | MigState::RunningP2p => Ok(RunState::Running),
+            MigState::Stop => Ok(RunState::Stopped),
+            other => Err(Error::protocol(
+                "read the device's run state",
+                format!("the device is in {other}, inside a migration"),
+            )),
+        }
     }
 
     fn protocol(&self) -> Protocol {
@@ -589,10 +633,18 @@ impl MigrationDevice for V2Device {
                 format!("pre-copy starts only from RUNNING; the device is in {now}"),
             ));
         }
+        self.home = RunState::Running;
         self.transition(MigState::PreCopy, None, &"enter PRE_COPY")
     }
 
     fn start_stop_copy(&mut self) -> Result<()> {
+        // A save that begins here begins where the device is: from STOP (a paused VM, a
+        // snapshot) a failure must return it to STOP, never run it.
+        match self.refresh("enter STOP_COPY")? {
+            MigState::Running | MigState::RunningP2p => self.home = RunState::Running,
+            MigState::Stop => self.home = RunState::Stopped,
+            _ => {}
+        }
         self.transition(MigState::StopCopy, None, &"enter STOP_COPY")
     }
 
@@ -610,23 +662,26 @@ impl MigrationDevice for V2Device {
                 }
                 other => other?,
             };
-            // QEMU's state_pending_exact: the stop-copy size decides the downtime; when the
-            // device cannot tell, assume QEMU's VFIO_MIG_STOP_COPY_SIZE so that the downtime
-            // budget is not silently exceeded.
-            let stop_copy = self.data_size().unwrap_or_else(|e| {
-                log::debug!("{e}; assuming {UNKNOWN_STOP_COPY_SIZE} bytes of stop-copy data");
-                UNKNOWN_STOP_COPY_SIZE
-            });
+            // QEMU's state_pending_exact: the stop-copy size adds to the pending bytes. When
+            // the device cannot tell, the size is unknown, never a guess: the policy then
+            // never takes the downtime budget as met.
+            let stop_copy = self.data_size().map_or_else(
+                |e| {
+                    log::debug!("{e}: the stop-copy size is unknown");
+                    StopCopySize::Unknown
+                },
+                StopCopySize::Bytes,
+            );
             return Ok(Pending {
                 bytes: info.total(),
                 initial_bytes: Some(info.initial_bytes),
-                stop_copy_bytes: Some(stop_copy),
+                stop_copy_bytes: stop_copy,
             });
         }
         Ok(Pending {
             bytes: self.data_size()?,
             initial_bytes: None,
-            stop_copy_bytes: None,
+            stop_copy_bytes: StopCopySize::InPending,
         })
     }
 
@@ -755,19 +810,24 @@ impl MigrationDevice for V2Device {
     }
 
     fn recover(&mut self) -> Recovery {
+        let home = self.home_state();
+        let (already, returned) = match self.home {
+            RunState::Running => (Recovery::AlreadyRunning, Recovery::Resumed),
+            RunState::Stopped => (Recovery::AlreadyStopped, Recovery::Stopped),
+        };
         match self.refresh("read the migration state (recovery)") {
-            Ok(MigState::Running) => Recovery::AlreadyRunning,
+            Ok(s) if s == home => already,
             Ok(s) if !matches!(s, MigState::Error | MigState::Resuming) => {
-                match self.walk(s, MigState::Running, &"return to RUNNING") {
-                    Ok(()) => Recovery::Resumed,
+                match self.walk(s, home, &format!("return to {home}")) {
+                    Ok(()) => returned,
                     Err(e) => {
-                        log::warn!("recovery to RUNNING failed: {e}");
-                        self.reset()
+                        log::warn!("recovery to {home} failed: {e}");
+                        self.reset_home()
                     }
                 }
             }
             // ERROR, RESUMING (partial state) or an unreadable state.
-            _ => self.reset(),
+            _ => self.reset_home(),
         }
     }
 

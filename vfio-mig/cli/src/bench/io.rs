@@ -337,6 +337,9 @@ impl MigrationDevice for PipeDevice {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         Ok(Vec::new())
     }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        Ok(vfio_mig::engine::RunState::Running)
+    }
     fn quiesce(&mut self) -> Result<()> {
         Ok(())
     }

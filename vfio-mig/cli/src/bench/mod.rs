@@ -16,6 +16,8 @@
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
 //! | `multi`    | 5      | 4 devices saved in parallel               | the same saved one after another      |
 //! | `channels` | #13: 2 | 4 devices as one unit over 4 TLS channels (loopback, CPU-bound stream) | the same over 1 TLS channel |
+//! | `fast`     | #22: 1 | engine saving an xe-profile memfd data fd (page-cache speed, no device thread) | read/write loop over the same fd |
+//! | `crc`      | #22    | the stream's CRC32C (`crc-fast` in this build) | the `crc32c` crate, same buffer, same value |
 //! | `rated`    | #13: 1, 2, 5 | bandwidth-modelled devices: 4 in parallel, one device, 4 as one unit's downtime | one after another; a raw loop at the rate; one device alone |
 //!
 //! Target 6 (per-transition overhead on mtty) runs in the QEMU guest:
@@ -24,6 +26,7 @@
 //! Speed is never asserted by a test: these are measurements.
 
 pub mod channels;
+pub mod crc;
 pub mod downtime;
 pub mod io;
 pub mod memory;
@@ -106,8 +109,8 @@ pub fn default_file_dir() -> PathBuf {
 }
 
 /// The suites.
-pub const SUITES: [&str; 7] = [
-    "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+pub const SUITES: [&str; 9] = [
+    "crc", "fast", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
 ];
 
 /// Runs the named suites (any of [`SUITES`]) and returns the report.
@@ -127,10 +130,20 @@ pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
                     io::SinkKind::Tcp,
                 ],
             )?,
+            "fast" => v2path::figures(
+                cfg,
+                &[v2path::Source::Memfd],
+                &[
+                    io::SinkKind::Null,
+                    io::SinkKind::File(cfg.file_dir.clone()),
+                    io::SinkKind::Tcp,
+                ],
+            )?,
             "v1" => v1path::figures(cfg)?,
             "memory" => memory::figures(cfg)?,
             "downtime" => downtime::figures(cfg)?,
             "multi" => multi::figures(cfg)?,
+            "crc" => crc::figures(cfg)?,
             "rated" => rated::figures(cfg)?,
             "channels" => channels::figures(cfg)?,
             other => {

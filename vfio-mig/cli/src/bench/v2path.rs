@@ -3,9 +3,11 @@
 //! saving a device whose data fd is a pipe, into a sink, against a plain `read`/`write` loop
 //! with the same buffer size over the same kind of fd into the same kind of sink.
 //!
-//! Two sources: a `mock:v2` device (its feeder thread generates the content: device-bound on
-//! most machines, as a real device would be) and [`FastPipe`] (pages spliced in with no copy:
-//! consumer-bound, so the engine's own costs show).
+//! Three sources: a `mock:v2` device (its feeder thread generates the content: device-bound on
+//! most machines, as a real device would be), [`FastPipe`] (pages spliced in with no copy:
+//! consumer-bound, so the engine's own costs show), and an xe-profile `mock:v2` whose data fd
+//! is a memfd (`data-fd=memfd`: read at page-cache speed with no thread behind it, as a
+//! kernel driver's data fd; issue 22's target 1).
 
 use std::cell::RefCell;
 use std::os::fd::AsFd;
@@ -32,6 +34,8 @@ pub enum Source {
     Mock,
     /// A [`FastPipe`].
     Fast,
+    /// A `mock:v2,profile=xe,data-fd=memfd` device in STOP_COPY, built once per figure.
+    Memfd,
 }
 
 impl Source {
@@ -39,6 +43,7 @@ impl Source {
         match self {
             Source::Mock => "mock",
             Source::Fast => "fastpipe",
+            Source::Memfd => "memfd",
         }
     }
 }
@@ -60,8 +65,16 @@ struct Run {
     bytes: u64,
 }
 
-fn mock_spec(cfg: &Config) -> Result<MockSpec> {
-    Ok(format!("mock:v2,size={},seed=11", cfg.size).parse::<MockSpec>()?)
+fn mock_spec(cfg: &Config, source: Source) -> Result<MockSpec> {
+    let text = match source {
+        // content=fast: the state file is built quicker; its bytes are read at the same speed.
+        Source::Memfd => format!(
+            "mock:v2,size={},seed=11,profile=xe,content=fast,data-fd=memfd",
+            cfg.size
+        ),
+        Source::Mock | Source::Fast => format!("mock:v2,size={},seed=11", cfg.size),
+    };
+    Ok(text.parse()?)
 }
 
 fn bench_header() -> StreamHeader {
@@ -77,7 +90,14 @@ fn bench_header() -> StreamHeader {
     }
 }
 
-fn one_run(cfg: &Config, source: Source, sink: &SinkKind, mover: Mover) -> Result<Run> {
+/// One run; `memfd` is the device of [`Source::Memfd`] (running; it is returned to RUNNING).
+fn one_run(
+    cfg: &Config,
+    source: Source,
+    sink: &SinkKind,
+    mover: Mover,
+    memfd: Option<&MockV2>,
+) -> Result<Run> {
     let opts = SaveOptions {
         buffer: cfg.buffer,
         pipeline: if mover == Mover::Inline {
@@ -91,9 +111,15 @@ fn one_run(cfg: &Config, source: Source, sink: &SinkKind, mover: Mover) -> Resul
     let mut out = sink.open()?;
     let cpu0 = thread_cpu();
     let (bytes, started) = match source {
-        Source::Mock => {
-            let mock = MockV2::new(&mock_spec(cfg)?).map_err(|e| Error::device("mock", e))?;
-            match mover {
+        Source::Mock | Source::Memfd => {
+            let mock = match memfd {
+                Some(dev) => dev.clone(),
+                None => {
+                    MockV2::new(&mock_spec(cfg, source)?).map_err(|e| Error::device("mock", e))?
+                }
+            };
+            let again = mock.clone();
+            let moved = match mover {
                 Mover::Loop => {
                     let t = Instant::now();
                     let fd = feature::set_state(&mock, MigState::StopCopy)
@@ -119,7 +145,13 @@ fn one_run(cfg: &Config, source: Source, sink: &SinkKind, mover: Mover) -> Resul
                     w.finish()?;
                     (r.stop_copy_bytes, t)
                 }
+            };
+            if memfd.is_some() {
+                // The next run starts from a running device, as this one did.
+                feature::set_state(&again, MigState::Running)
+                    .map_err(|e| Error::device("back to RUNNING", e))?;
             }
+            moved
         }
         Source::Fast => {
             let pipe = FastPipe::start(cfg.size)?;
@@ -177,8 +209,14 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
         for sink in sinks {
             let cpu: RefCell<[Vec<f64>; 4]> = RefCell::default();
             let bytes = RefCell::new(0u64);
+            let memfd = match source {
+                Source::Memfd => Some(
+                    MockV2::new(&mock_spec(cfg, source)?).map_err(|e| Error::device("mock", e))?,
+                ),
+                Source::Mock | Source::Fast => None,
+            };
             let run = |m: Mover, slot: usize| -> Result<f64> {
-                let r = one_run(cfg, source, sink, m)?;
+                let r = one_run(cfg, source, sink, m, memfd.as_ref())?;
                 cpu.borrow_mut()[slot].push(r.cpu / (r.bytes.max(1) as f64 / (1u64 << 30) as f64));
                 *bytes.borrow_mut() = r.bytes;
                 Ok(r.gbps)
@@ -197,11 +235,16 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
             let mb = *bytes.borrow() as f64 / (1 << 20) as f64;
             let group = format!("v2 data path, {} source", source.name());
             let base_name = format!("read/write loop, {} KiB buffer", cfg.buffer >> 10);
-            let device_note = if source == Source::Mock {
-                "the mock's feeder thread (content generation + pipe write) runs on the other core \
-                 and usually bounds both sides; "
-            } else {
-                "consumer-bound: the feeder vmsplices constant pages; "
+            let device_note = match source {
+                Source::Mock => {
+                    "the mock's feeder thread (content generation + pipe write) runs on the other \
+                     core and usually bounds both sides; "
+                }
+                Source::Fast => "consumer-bound: the feeder vmsplices constant pages; ",
+                Source::Memfd => {
+                    "consumer-bound: the data fd is a memfd read at page-cache speed, no device \
+                     thread; splice falls back to the plain path (not a pipe); "
+                }
             };
             let engine = Figure::from_paired(
                 format!("v2.{}.{}.engine", source.name(), sink.name()),

@@ -13,11 +13,11 @@ use vfio_mig_session::{Error, Result};
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Suites to run, comma separated: v2, v1, memory, downtime, multi, rated,
+    /// Suites to run, comma separated: crc, fast, v2, v1, memory, downtime, multi, rated,
     /// channels (default: all).
     #[arg(long, value_delimiter = ',', value_name = "SUITE")]
     pub suite: Vec<String>,
-    /// Device state per data-path run (v2, v1 suites).
+    /// Device state per data-path run (fast, v2, v1 suites).
     #[arg(long, default_value = "1G", value_parser = size_arg)]
     pub size: u64,
     /// Interleaved repetitions per figure (the median and min..max are reported).

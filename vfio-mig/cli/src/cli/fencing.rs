@@ -60,12 +60,14 @@ pub struct FenceArgs {
     /// This host's name as an owner in the store (default: the host name).
     #[arg(long, global = true, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
     pub fence_owner: Option<String>,
-    /// Seconds a claim lives in the store without renewal after its host dies.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    /// Seconds a claim lives in the store without renewal after its host dies (1 to 3600).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
+          value_parser = |t: &str| super::parse_secs_in(t, 1.0, 3600.0))]
     pub fence_ttl: f64,
     /// Seconds one operation on the fencing store may take, over all its members, before the
-    /// store counts as unreachable (and the handoff is refused).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    /// store counts as unreachable (and the handoff is refused); 0.1 to 3600.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
+          value_parser = |t: &str| super::parse_secs_in(t, 0.1, 3600.0))]
     pub fence_timeout: f64,
 }
 
@@ -140,6 +142,7 @@ impl FenceArgs {
                     .collect();
                 match (&self.fence_ca, &self.fence_cert, &self.fence_cert_key) {
                     (Some(ca), Some(cert), Some(key)) => {
+                        super::private::check_private("--fence-cert-key", key)?;
                         Ok(Some(Security::Tls(EtcdTls::new(ca, cert, key))))
                     }
                     _ => usage(format!(
@@ -176,8 +179,9 @@ impl FenceArgs {
                         .to_string_lossy()
                         .into_owned(),
                 };
-                let ttl = Duration::from_secs_f64(self.fence_ttl.clamp(1.0, 3600.0));
-                let timeout = Duration::from_secs_f64(self.fence_timeout.clamp(0.1, 3600.0));
+                // The parsers admit finite values in range only.
+                let ttl = Duration::from_secs_f64(self.fence_ttl);
+                let timeout = Duration::from_secs_f64(self.fence_timeout);
                 let security = self.security(spec)?;
                 let store = open_store(spec, security.as_ref(), timeout)?;
                 Some(SharedFencing::new(store, owner)?.with_ttl(ttl))
@@ -266,9 +270,9 @@ impl Fencing {
     }
 }
 
-/// Parses a session id: 32 hex digits.
-pub fn parse_session(text: &str) -> Result<SessionId> {
-    let bad = || Error::invalid_input(format!("--session `{text}`: expected 32 hex digits"));
+/// Parses a session id: 32 hex digits (`--session`).
+pub fn parse_session(text: &str) -> std::result::Result<SessionId, String> {
+    let bad = || format!("`{text}`: expected 32 hex digits");
     if text.len() != 32 || !text.is_ascii() {
         return Err(bad());
     }

@@ -6,7 +6,9 @@ mod bench;
 mod devices;
 mod fencing;
 mod net;
+pub mod outcome;
 mod output;
+mod private;
 mod probe;
 mod progress;
 mod recover;
@@ -75,6 +77,10 @@ pub enum Command {
         /// `load` and `inspect` with the same key refuse any other or altered file.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// Replace an existing output file (without it, an existing output is refused before
+        /// the device is touched).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -117,8 +123,11 @@ pub enum Command {
         /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
         /// instead of starting a new one: a destination that completed it answers
         /// ALREADY_COMPLETED.
-        #[arg(long, value_name = "HEX")]
-        session: Option<String>,
+        #[arg(long, value_name = "HEX", value_parser = fencing::parse_session)]
+        session: Option<vfio_mig::stream::SessionId>,
+        /// `file:` only: replace an existing file (see save --force).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
         #[command(flatten)]
@@ -257,13 +266,19 @@ pub(crate) fn output_text(text: &str) -> Result<()> {
 /// Parses a number of seconds: finite, not negative, at most 10^9 (NaN and infinity are
 /// refused here rather than panicking in `Duration`).
 pub fn parse_secs(text: &str) -> std::result::Result<f64, String> {
+    parse_secs_in(text, 0.0, 1e9)
+}
+
+/// Parses a number of seconds from `min` to `max` (finite; out of range is refused, never
+/// clamped).
+pub fn parse_secs_in(text: &str, min: f64, max: f64) -> std::result::Result<f64, String> {
     let v: f64 = text
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+    if !v.is_finite() || !(min..=max).contains(&v) {
         return Err(format!(
-            "`{text}`: expected a finite number of seconds from 0 to 1000000000"
+            "`{text}`: expected a finite number of seconds from {min} to {max}"
         ));
     }
     Ok(v)
@@ -287,12 +302,51 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
-/// The exit status for a failed command: 3 when the outcome is in doubt (the source device
-/// is left stopped; see [`vfio_mig_session::Error::InDoubt`]), 1 otherwise.
-pub fn exit_code(e: &vfio_mig_session::Error) -> u8 {
-    match e {
-        vfio_mig_session::Error::InDoubt { .. } => 3,
-        _ => 1,
+impl Command {
+    /// Combinations of options the parser cannot express: a usage error (status 2).
+    pub fn usage_conflict(&self) -> Option<String> {
+        match self {
+            Command::Save {
+                output, transfer, ..
+            } if output.as_os_str() == "-" && transfer.json => Some(
+                "--json with -o -: the report and the stream cannot share standard output".into(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Records for [`outcome`] what this command drives, and whether it prints JSON.
+    pub fn begin_outcome(&self) {
+        use outcome::Side::{Destination, Source};
+        let side = |names: &[String], side| names.iter().map(|n| (n.clone(), side)).collect();
+        let (name, json, devices): (_, _, Vec<_>) = match self {
+            Command::Probe { device: _, json } => ("probe", *json, Vec::new()),
+            Command::Save {
+                device, transfer, ..
+            } => ("save", transfer.json, vec![(device.clone(), Source)]),
+            Command::Load { device, json, .. } => {
+                ("load", *json, vec![(device.clone(), Destination)])
+            }
+            Command::Migrate {
+                devices, transfer, ..
+            } => {
+                let pairs = devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (d.clone(), if i % 2 == 0 { Source } else { Destination }))
+                    .collect();
+                ("migrate", transfer.json, pairs)
+            }
+            Command::Send {
+                devices, transfer, ..
+            } => ("send", transfer.json, side(devices, Source)),
+            Command::Recv { devices, json, .. } => ("recv", *json, side(devices, Destination)),
+            Command::Inspect { json, .. } => ("inspect", *json, Vec::new()),
+            Command::Recover { json, .. } => ("recover", *json, Vec::new()),
+            Command::Bench(args) => ("bench", args.json, Vec::new()),
+            Command::Demo => ("demo", false, Vec::new()),
+        };
+        outcome::begin(name, json, devices);
     }
 }
 
@@ -306,8 +360,16 @@ pub fn run(cli: Cli) -> Result<()> {
             device,
             output,
             key_file,
+            force,
             transfer,
-        } => transfer::save_keyed(&device, &output, key_file.as_deref(), &transfer, &fence),
+        } => {
+            let target = transfer::SaveTarget {
+                output: &output,
+                replace: force,
+                key_file: key_file.as_deref(),
+            };
+            transfer::save(&device, &target, &transfer, &fence)
+        }
         Command::Load {
             device,
             input,
@@ -323,9 +385,17 @@ pub fn run(cli: Cli) -> Result<()> {
             devices,
             to,
             session,
+            force,
             transfer,
             net,
-        } => net::send(&devices, &to, session.as_deref(), &transfer, &net, &fence),
+        } => {
+            let target = net::SendTarget {
+                to: &to,
+                session,
+                replace: force,
+            };
+            net::send(&devices, &target, &transfer, &net, &fence)
+        }
         Command::Recv {
             devices,
             listen,

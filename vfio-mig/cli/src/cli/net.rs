@@ -16,12 +16,12 @@ use vfio_mig_session::handshake::{self, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{self, Address, Duplex};
 use vfio_mig_session::{Error, Result};
 
-use super::fencing::{parse_session, Fencing};
+use super::fencing::Fencing;
 use super::progress::ProgressView;
 use super::serve::{self, Event};
 use super::signals;
 use super::tls::TlsArgs;
-use super::transfer::{drivers, open_all, print_json, save_summary};
+use super::transfer::{drivers, open_all, print_json, reopen_stuck, save_summary};
 use super::TransferArgs;
 
 /// Options of the connection (`send` and `recv`).
@@ -78,15 +78,25 @@ struct RecvJson<'a> {
     confirmed: bool,
 }
 
+/// Where `send` goes.
+pub struct SendTarget<'a> {
+    /// The destination (`--to`).
+    pub to: &'a Address,
+    /// The session to retry (`--session`).
+    pub session: Option<vfio_mig::stream::SessionId>,
+    /// `file:` only: replace an existing file (`--force`).
+    pub replace: bool,
+}
+
 /// Runs `send DEVICE... --to ADDR`.
 pub fn send(
     devices: &[String],
-    to: &Address,
-    session: Option<&str>,
+    target: &SendTarget<'_>,
     args: &TransferArgs,
     net: &NetArgs,
     fence: &Fencing,
 ) -> Result<()> {
+    let (to, session) = (target.to, target.session);
     if let Address::File(path) = to {
         let [device] = devices else {
             return Err(Error::invalid_input(
@@ -98,9 +108,18 @@ pub fn send(
                 "--session: a file has no destination to ask; use save",
             ));
         }
-        return super::transfer::save(device, path, args, fence);
+        let target = super::transfer::SaveTarget {
+            output: path,
+            replace: target.replace,
+            key_file: None,
+        };
+        return super::transfer::save(device, &target, args, fence);
     }
-    let session = session.map(parse_session).transpose()?;
+    if target.replace {
+        return Err(Error::invalid_input(
+            "--force replaces an existing output file: it is for --to file: only",
+        ));
+    }
     // Certificates and keys are read before any device is claimed.
     let tls = net.tls.client(to)?;
     let (claims, mut opened) = open_all(devices, fence)?;
@@ -113,6 +132,7 @@ pub fn send(
     let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let epoch = header.epoch;
     let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, epoch);
     // Printed before anything can fail half-way: a killed send leaves the id to retry with.
     eprintln!("vfio-mig: send: session {hex}, epoch {epoch}, to {to}");
     // Every channel is opened the same way: TLS identities are verified for each exactly as
@@ -187,6 +207,20 @@ pub fn send(
     Ok(())
 }
 
+/// Listens at `listen`; a Unix socket is created with mode 0600 whatever the umask (who may
+/// connect is decided by its file permissions: this user only).
+fn listen_private(listen: &Address) -> Result<transport::Listener> {
+    use nix::sys::stat::{umask, Mode};
+    let Address::Unix(_) = listen else {
+        return transport::listen(listen);
+    };
+    // The umask is the process's; nothing else creates files while recv starts listening.
+    let before = umask(Mode::from_bits_truncate(0o177));
+    let listener = transport::listen(listen);
+    umask(before);
+    listener
+}
+
 /// Removes a Unix socket file when `recv` ends (the listener lives on its accept thread).
 struct SocketFile(Option<PathBuf>);
 
@@ -241,7 +275,7 @@ pub fn recv(
     // (a device that cannot wait quiesced may run before its peers are loaded).
     vfio_mig::engine::multi::check_unit(&devs, opts.allow_non_p2p_unit)?;
     let names = devices.join(" ");
-    let listener = transport::listen(listen)?;
+    let listener = listen_private(listen)?;
     let bound = listener.local_address()?;
     let _socket = SocketFile(match &bound {
         Address::Unix(p) => {
@@ -279,6 +313,7 @@ pub fn recv(
         } = *incoming;
         let header = opening.header().clone();
         let hex = session_hex(&header.session_id);
+        super::outcome::session(&hex, header.epoch);
         let who = identity
             .as_ref()
             .map(|i| format!(" ({i})"))
@@ -330,6 +365,9 @@ pub fn recv(
                     "vfio-mig: warning: {}; waiting for a retry on {bound}",
                     vfio_mig::error::Report(&e)
                 );
+                drop(devs);
+                reopen_stuck(devices, &mut opened)?;
+                devs = drivers(&mut opened);
                 continue;
             }
         };

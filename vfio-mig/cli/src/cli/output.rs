@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where `save` writes: a temporary file with a unique name in the output's directory
 //! (created with `O_EXCL`, mode 0600 whatever the umask, never through a symlink), renamed
-//! over the output only once the stream is complete and synced; or standard output (`-o -`).
-//! Every check runs before the device is touched.
+//! to the output only once the stream is complete and synced; or standard output (`-o -`).
+//! An existing output is replaced only when the user asked for it (`--force`); otherwise it
+//! is refused, and the final rename never replaces a file that appeared meanwhile (another
+//! save won). Every check runs before the device is touched.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -22,7 +24,24 @@ pub enum Output {
         path: PathBuf,
         /// The temporary file.
         tmp: tempfile::NamedTempFile,
+        /// Whether an existing `path` may be replaced.
+        replace: bool,
     },
+}
+
+/// Whether standard output is /dev/null: what Rust's runtime opens on a standard output the
+/// process started without, or a redirection that discards. A stream written there exists
+/// nowhere, and its device would be left stopped.
+fn stdout_is_null() -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // The descriptor's own file (its /proc link is followed to the open file itself).
+    match (
+        std::fs::metadata("/dev/null"),
+        std::fs::metadata("/proc/self/fd/1"),
+    ) {
+        (Ok(null), Ok(out)) => out.file_type().is_char_device() && out.rdev() == null.rdev(),
+        _ => false,
+    }
 }
 
 fn refuse(path: &Path, why: &str) -> Error {
@@ -30,12 +49,19 @@ fn refuse(path: &Path, why: &str) -> Error {
 }
 
 impl Output {
-    /// Checks `path` and creates the temporary file. An existing output must be a regular
-    /// file (not a symlink, a directory, a device or a socket); `-` is standard output, which
-    /// must not be a terminal.
-    pub fn create(path: &Path) -> Result<Self> {
+    /// Checks `path` and creates the temporary file. An existing output is refused unless
+    /// `replace`, and must then be a regular file (not a symlink, a directory, a device or a
+    /// socket); `-` is standard output, which must not be a terminal.
+    pub fn create(path: &Path, replace: bool) -> Result<Self> {
         if path.as_os_str() == "-" {
             use std::io::IsTerminal;
+            if stdout_is_null() {
+                return Err(refuse(
+                    path,
+                    "standard output is closed or /dev/null: the state would exist nowhere \
+                     (the device was not touched)",
+                ));
+            }
             if io::stdout().is_terminal() {
                 return Err(refuse(path, "standard output is a terminal; redirect it"));
             }
@@ -53,6 +79,12 @@ impl Output {
                     path,
                     "exists and is not a regular file (a directory, a device or a socket is \
                      never replaced; use -o - for standard output)",
+                ))
+            }
+            Ok(_) if !replace => {
+                return Err(refuse(
+                    path,
+                    "exists; give --force to replace it (the device was not touched)",
                 ))
             }
             Ok(_) => {}
@@ -80,6 +112,7 @@ impl Output {
         Ok(Output::File {
             path: path.to_owned(),
             tmp,
+            replace,
         })
     }
 
@@ -103,19 +136,36 @@ impl Output {
         }
     }
 
-    /// Syncs the file and renames it over the output, then syncs the directory.
+    /// Syncs the file and renames it to the output (over an existing one only if it may be
+    /// replaced), then syncs the directory.
     pub fn commit(self) -> Result<()> {
         match self {
             Output::Stdout => io::stdout()
                 .flush()
                 .map_err(|e| Error::transport("write standard output", e)),
-            Output::File { path, tmp } => {
+            Output::File { path, tmp, replace } => {
                 let tmp_path = tmp.path().to_owned();
                 tmp.as_file()
                     .sync_all()
                     .map_err(|e| Error::transport(format!("sync {}", tmp_path.display()), e))?;
-                tmp.persist(&path).map_err(|e| {
-                    Error::transport(format!("rename to {}", path.display()), e.error)
+                let persisted = if replace {
+                    tmp.persist(&path)
+                } else {
+                    tmp.persist_noclobber(&path)
+                };
+                persisted.map_err(|e| {
+                    let step = format!("rename to {}", path.display());
+                    match e.error.kind() {
+                        io::ErrorKind::AlreadyExists => Error::transport(
+                            format!(
+                                "{step}: {} appeared while saving (another save?) and was not \
+                                 replaced",
+                                path.display()
+                            ),
+                            e.error,
+                        ),
+                        _ => Error::transport(step, e.error),
+                    }
                 })?;
                 signals::keep(&tmp_path);
                 let dir = match path.parent() {

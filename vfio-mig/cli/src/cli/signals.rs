@@ -70,11 +70,7 @@ pub fn install() {
                 for p in s.paths.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     let _ = std::fs::remove_file(p);
                 }
-                eprintln!(
-                    "vfio-mig: error: {} again: exiting at once, without rollback",
-                    name(signal)
-                );
-                std::process::exit(exit_status(signal));
+                std::process::exit(i32::from(super::outcome::abandon(signal)));
             }
             log::info!("{}: cancelling", name(signal));
             let hooks = std::mem::take(&mut *s.hooks.lock().unwrap_or_else(|e| e.into_inner()));
@@ -93,8 +89,8 @@ pub fn received() -> Option<i32> {
     }
 }
 
-/// The exit status for a command ended by `signal`: 128 + its number (130 SIGINT,
-/// 143 SIGTERM, 129 SIGHUP), as shells report a process killed by it.
+/// The exit status for a command that `signal` cancelled and that rolled back: 128 + its
+/// number (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as shells report a process killed by it.
 pub fn exit_status(signal: i32) -> i32 {
     128 + signal
 }
@@ -181,6 +177,9 @@ impl MigrationDevice for Cancellable {
     }
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.0.details()
+    }
+    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+        self.0.run_state()
     }
     fn quiesce(&mut self) -> Result<()> {
         check("quiesce the device")?;

@@ -70,7 +70,12 @@ impl TlsArgs {
                 "{what} {addr}: TLS runs over tcp:HOST:PORT; a unix: socket is local, \
                  protected by its file permissions"
             ))),
-            _ => Ok(files),
+            _ => {
+                if let Some(f) = &files {
+                    super::private::check_private("--tls-key", &f.key)?;
+                }
+                Ok(files)
+            }
         }
     }
 

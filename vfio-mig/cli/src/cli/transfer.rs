@@ -39,9 +39,47 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
     Ok(opened)
 }
 
-/// Reads `--key-file`.
+/// After a failed session: reopens every device that is not RUNNING again. The engine reset
+/// them, but a driver without a reset handler (igb-vfio-pci) keeps its migration state across
+/// VFIO_DEVICE_RESET; closing the device fd and opening it again starts it in RUNNING. An error
+/// when a device cannot be reopened or still does not run; a device whose state cannot be read
+/// is left as it is.
+pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
+    let running = vfio_mig::v2::MigState::Running.to_string();
+    for (i, name) in names.iter().enumerate() {
+        // v1 has no such driver (and names its states otherwise).
+        if opened[i].device.protocol() != vfio_mig::engine::Protocol::V2 {
+            continue;
+        }
+        // A state that cannot be read is left to the error already reported.
+        let state = match opened[i].device.state_name() {
+            Ok(state) if state != running => state,
+            _ => continue,
+        };
+        // The old fd must be closed first: the driver's open runs only for the first opener.
+        drop(opened.remove(i));
+        let mut fresh = open_cancellable(name)?;
+        let now = fresh.device.state_name()?;
+        if now != running {
+            return Err(Error::invalid_input(format!(
+                "{name}: in {state} after the failed session and reset, and in {now} after                  reopening it: it cannot take a retry"
+            )));
+        }
+        eprintln!(
+            "vfio-mig: warning: {name} stayed in {state} after the failed session's reset;              reopened it, now {now}"
+        );
+        opened.insert(i, fresh);
+    }
+    Ok(())
+}
+
+/// Reads `--key-file` (this user's own, private).
 fn load_key(path: Option<&Path>) -> Result<Option<StreamKey>> {
-    path.map(StreamKey::load).transpose()
+    path.map(|p| {
+        super::private::check_private("--key-file", p)?;
+        StreamKey::load(p)
+    })
+    .transpose()
 }
 
 pub(super) fn save_summary(r: &SaveReport) -> String {
@@ -99,28 +137,34 @@ fn save_to(
     Ok(report)
 }
 
-/// Runs `save` (unauthenticated).
-pub fn save(device: &str, output: &Path, args: &TransferArgs, fence: &Fencing) -> Result<()> {
-    save_keyed(device, output, None, args, fence)
+/// Where `save` writes, and how.
+pub struct SaveTarget<'a> {
+    /// The output file, or `-`.
+    pub output: &'a Path,
+    /// Replace an existing output (`--force`).
+    pub replace: bool,
+    /// Authenticate the file with the key in this file.
+    pub key_file: Option<&'a Path>,
 }
 
-/// Runs `save`, with a key to authenticate the file.
-pub fn save_keyed(
+/// Runs `save`.
+pub fn save(
     device: &str,
-    output: &Path,
-    key_file: Option<&Path>,
+    target: &SaveTarget<'_>,
     args: &TransferArgs,
     fence: &Fencing,
 ) -> Result<()> {
     // Everything that can be checked is checked before the device is touched.
-    let key = load_key(key_file)?;
-    let out = Output::create(output)?;
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
+    let key = load_key(target.key_file)?;
+    let out = Output::create(target.output, target.replace)?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
     let mut opened = open_cancellable(device)?;
     let opts = args.save_options();
     let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
-    let handoff = fence.begin_source(&[claim], args.epoch, &mut header)?;
+    let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
     let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
     eprintln!(
         "vfio-mig: save: session {hex}, epoch {}, to {}",
         header.epoch,
@@ -167,10 +211,11 @@ pub fn load_keyed(
     let key = load_key(key_file)?;
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
-    let (mut reader, _header) = StreamReader::open_keyed(
+    let (mut reader, header) = StreamReader::open_keyed(
         BufReader::with_capacity(1 << 20, file),
         key.as_ref().map(StreamKey::auth),
     )?;
+    super::outcome::session(&session_hex(&header.session_id), header.epoch);
     if reader.is_authenticated() && key.is_none() {
         return Err(Error::invalid_input(format!(
             "load {}: the file is authenticated; give its --key-file (it is not loaded \
@@ -178,8 +223,9 @@ pub fn load_keyed(
             input.display()
         )));
     }
-    let claim = crate::cli::devices::claim(&fence.config, device)?;
-    let mut fencing = fence.destination(&[claim])?;
+    // Held (the device's lock) until the command ends.
+    let claims = [crate::cli::devices::claim(&fence.config, device)?];
+    let mut fencing = fence.destination(&claims)?;
     let mut opened = open_cancellable(device)?;
     let view = ProgressView::new("load", None, json);
     let started = Instant::now();
@@ -190,7 +236,22 @@ pub fn load_keyed(
         &view,
     );
     view.finish();
-    let report = match result? {
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // The error says what the engine did to the device; a driver that stays out of
+            // RUNNING after its reset is reopened here, not left for the next opener (after a
+            // signal the device calls fail on purpose: the exit closes it).
+            if super::signals::received().is_none() {
+                let mut left = vec![opened];
+                if let Err(stuck) = reopen_stuck(&[device.to_string()], &mut left) {
+                    eprintln!("vfio-mig: warning: {}", vfio_mig::error::Report(&stuck));
+                }
+            }
+            return Err(e);
+        }
+    };
+    let report = match outcome {
         RecvOutcome::Resumed { mut reports, .. } => reports.remove(0),
         RecvOutcome::AlreadyCompleted { header } => {
             if json {
@@ -256,7 +317,7 @@ pub fn migrate(
     args: &TransferArgs,
     fence: &Fencing,
 ) -> Result<()> {
-    if devices.len() % 2 != 0 {
+    if !devices.len().is_multiple_of(2) {
         return Err(Error::invalid_input(format!(
             "migrate: devices come in SRC DST pairs, {} were given",
             devices.len()
@@ -279,6 +340,9 @@ pub fn migrate(
     )?;
     let mut fences = fence.destination(&dst_claims)?;
     let handoff = fence.begin_source(&src_claims, args.epoch, &mut header)?;
+    let hex = session_hex(&header.session_id);
+    super::outcome::session(&hex, header.epoch);
+    eprintln!("vfio-mig: migrate: session {hex}, epoch {}", header.epoch);
     let multi = MultiProgress::new();
     let src_view = ProgressView::new("save", Some(&multi), args.json);
     let dst_view = ProgressView::new("load", Some(&multi), true);

@@ -218,6 +218,12 @@ impl Ca {
         let key_path = dir.join(format!("{dns}.key"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        // A private key is its owner's only (others' read access is refused).
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Leaf {
             cert: cert_path,
             key: key_path,
@@ -246,4 +252,102 @@ impl Pki {
             rogue: rogue_ca.leaf(dir, "rogue.example", false, &ca),
         }
     }
+}
+
+/// A child whose standard error (or output) is a pipe filled to capacity before it started:
+/// its first write there blocks until [`HeldOutput::release`] drains the pipe. It holds a
+/// command at its first stderr line (`save`: after the device is claimed, before it is
+/// touched), or at its JSON on stdout (after the command completed), without sleeps.
+pub struct HeldOutput {
+    pub child: Child,
+    reader: std::fs::File,
+    fd: u8,
+}
+
+impl HeldOutput {
+    /// Spawns `cmd` with the full pipe as its stderr (stdout as `cmd` has it).
+    pub fn stderr(cmd: Command) -> Self {
+        Self::spawn(cmd, 2)
+    }
+
+    /// Spawns `cmd` with the full pipe as its stdout (stderr as `cmd` has it).
+    pub fn stdout(cmd: Command) -> Self {
+        Self::spawn(cmd, 1)
+    }
+
+    fn spawn(mut cmd: Command, fd: u8) -> Self {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        // Close-on-exec: children of tests running alongside must not hold it.
+        let (reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        fcntl(&writer, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+        let block = [b'#'; 4096];
+        loop {
+            match nix::unistd::write(&writer, &block) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("fill the pipe: {e}"),
+            }
+        }
+        // A byte at a time until not even one fits.
+        while nix::unistd::write(&writer, b"#").is_ok() {}
+        fcntl(&writer, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+        if fd == 2 {
+            cmd.stderr(Stdio::from(writer));
+        } else {
+            cmd.stdout(Stdio::from(writer));
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            reader: reader.into(),
+            fd,
+        }
+    }
+
+    /// Waits until the child's main thread is blocked writing to the held pipe, as
+    /// /proc/PID/syscall shows (x86-64 write is syscall 1; aarch64 64).
+    pub fn wait_blocked(&mut self) {
+        let path = format!("/proc/{}/syscall", self.child.id());
+        let write = if cfg!(target_arch = "aarch64") {
+            "64"
+        } else {
+            "1"
+        };
+        let fd = format!("0x{}", self.fd);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the child ended ({status}) before it wrote to fd {}",
+                    self.fd
+                );
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            if fields.len() > 1 && fields[0] == write && fields[1] == fd {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never blocked on fd {}: {text}",
+                self.fd
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Drains the pipe, lets the child run to its end: its status and what it wrote to the
+    /// held pipe (without the filler).
+    pub fn release(mut self) -> (ExitStatus, String) {
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut self.reader, &mut all).unwrap();
+        let status = self.child.wait().unwrap();
+        let text = String::from_utf8_lossy(&all);
+        (status, text.trim_start_matches('#').to_owned())
+    }
+}
+
+/// Sends `signal` to a child of the test.
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }

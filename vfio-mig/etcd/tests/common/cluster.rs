@@ -109,6 +109,12 @@ fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, member: bool)
     };
     std::fs::write(&pair.cert, cert.pem()).unwrap();
     std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+    // A private key is its owner's only (vfio-mig refuses one others can read).
+    std::fs::set_permissions(
+        &pair.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     pair
 }
 

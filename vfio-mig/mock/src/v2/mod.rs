@@ -84,6 +84,9 @@
 //!   EFAULT; a pipe raises SIGPIPE too, which Rust programs ignore), and RESUMING -> STOP fails
 //!   with EINVAL.
 //!
+//! With `data-fd=memfd` the data fds are memfds and no thread serves them (`memfd.rs`): the
+//! device reads as fast as a kernel driver's data fd, for benchmarks of the engine.
+//!
 //! `VFIO_MIG_GET_PRECOPY_INFO` ([`DeviceIo::precopy_info`]) on the current saving fd answers
 //! `initial_bytes` (of the first pass over all pages, not yet read) and `dirty_bytes` (the
 //! rest not yet read) in PRE_COPY and PRE_COPY_P2P, `EINVAL` in other states (mtty), `ENODEV`
@@ -109,7 +112,8 @@
 //!
 //! A pipe cannot fail a read or a write with a chosen errno, so the data faults act as a
 //! driver that loses its data would: `data-read` stops the stream before the failing block
-//! (the caller reads what came before, then 0), after which PRECOPY_INFO fails with the errno
+//! (the caller reads what came before, then the read fails with the errno: the mock's
+//! `read_data` answers it where the pipe would say 0), after which PRECOPY_INFO fails with the errno
 //! and so does, once, the next arc that would complete the save (into STOP_COPY, or
 //! STOP_COPY -> STOP); `data-write` refuses the failing block and everything after (the
 //! mock's end closes: the caller's writes fail with EPIPE) and RESUMING -> STOP fails with
@@ -149,6 +153,7 @@
 //! ```
 
 mod dma;
+mod memfd;
 pub mod profile;
 mod session;
 
@@ -171,7 +176,7 @@ use vfio_bindings::bindings::vfio::{
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
 use super::faults::{V2FaultField, V2FaultPlan};
-use super::spec::{MockSpec, Protocol};
+use super::spec::{DataFd, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
 use crate::region_info::{self, Region};
 use crate::rules::v2_arcs::{
@@ -184,6 +189,7 @@ use vfio_mig::device::{
 
 pub use dma::LOG_MAX_RANGES;
 use dma::{DmaLog, MIN_DMA_LOG_PAGE};
+use memfd::{FileSave, StateFile};
 use profile::{Behaviour, WriteRefusal};
 use session::{file_id, Faults, FeedOptions, FileId, LoadSession, SaveSession};
 
@@ -208,6 +214,8 @@ fn errno(e: i32) -> io::Error {
 #[derive(Debug)]
 enum Session {
     Save(SaveSession),
+    /// A stop-copy session over the device's state file (`data-fd=memfd`).
+    SaveFile(FileSave),
     Load(LoadSession),
 }
 
@@ -225,6 +233,8 @@ struct Inner {
     /// The page generations (the device's state) while no save owns them.
     gens: Vec<u32>,
     session: Option<Session>,
+    /// `data-fd=memfd`: the whole stop-copy stream of the state, ready to be read.
+    state_file: Option<StateFile>,
     /// A resumed state that passed RESUMING -> STOP, verified when the device next runs.
     loaded: Option<Decoder>,
     faults: Faults,
@@ -269,6 +279,10 @@ impl Inspect for Shared {
                 s.stream_pending = st.unwritten();
                 s.bytes_saved += save.consumed(&st);
             }
+            Some(Session::SaveFile(save)) => {
+                s.stream_pending = save.remaining();
+                s.bytes_saved += save.consumed();
+            }
             Some(Session::Load(load)) => {
                 let st = load.lock();
                 s.bytes_loaded += st.received;
@@ -287,6 +301,7 @@ impl Inspect for Shared {
         let g = self.lock();
         match &g.session {
             Some(Session::Save(save)) => gen_digest(save.lock().encoder.gens()),
+            Some(Session::SaveFile(save)) => gen_digest(&save.gens),
             _ => gen_digest(&g.gens),
         }
     }
@@ -329,12 +344,20 @@ impl MockV2 {
             ));
         }
         let content = Content::new(spec.seed, spec.size, spec.page).with_kind(spec.content);
+        let gens = vec![0; content.page_count() as usize];
+        let behaviour = spec.behaviour();
+        // The device's memory holds its state from the start, as a GPU's VRAM does.
+        let state_file = match spec.data_fd {
+            DataFd::Pipe => None,
+            DataFd::Memfd => Some(StateFile::build(content, &gens, behaviour.match_header)?),
+        };
         let inner = Inner {
             content,
             flags: spec.flags,
             state: RUNNING,
-            gens: vec![0; content.page_count() as usize],
+            gens,
             session: None,
+            state_file,
             loaded: None,
             faults: Arc::new(Mutex::new(V2FaultPlan::new(&spec.v2_faults))),
             rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
@@ -346,7 +369,7 @@ impl MockV2 {
             old_resuming: VecDeque::new(),
             resume_stuck: false,
             status: MockStatus::default(),
-            behaviour: spec.behaviour(),
+            behaviour,
             spec: spec.clone(),
         };
         // A profile is another device model: its state does not load into another profile.
@@ -421,7 +444,8 @@ impl Inner {
                 }
                 hit.is_some()
             }
-            None => false,
+            // Nothing runs between the reads of a state file: no data fault to apply.
+            Some(Session::SaveFile(_)) | None => false,
         };
         if error {
             self.status.last_refusal = Some("data fault: the device failed".into());
@@ -430,14 +454,21 @@ impl Inner {
     }
 
     /// Ends the current session, folding its counters into the status. Returns the device
-    /// state of a saving session and whether the caller read all of it.
-    fn end_session(&mut self) -> Option<(Encoder, bool)> {
+    /// state (page generations) of a saving session and whether the caller read all of it.
+    fn end_session(&mut self) -> Option<(Vec<u32>, bool)> {
         match self.session.take()? {
             Session::Save(save) => {
                 remember(&mut self.old_saving, save.id);
                 let end = save.stop();
                 self.status.bytes_saved += end.consumed;
-                Some((end.encoder, end.complete))
+                Some((end.encoder.into_gens(), end.complete))
+            }
+            Session::SaveFile(save) => {
+                // Every session reads the same memfd: its fds are told apart by their ended
+                // description (reads return 0), not by the file's identity.
+                let end = save.end();
+                self.status.bytes_saved += end.consumed;
+                Some((end.gens, end.complete))
             }
             Session::Load(mut load) => {
                 remember(&mut self.old_resuming, load.id);
@@ -450,8 +481,8 @@ impl Inner {
 
     /// Ends the session and gives a saving session's state back to the device.
     fn drop_session(&mut self) {
-        if let Some((encoder, _)) = self.end_session() {
-            self.gens = encoder.into_gens();
+        if let Some((gens, _)) = self.end_session() {
+            self.gens = gens;
         }
     }
 
@@ -637,6 +668,7 @@ impl Inner {
                 };
                 st.unwritten() + save.in_pipe(&st, None) + end
             }
+            Some(Session::SaveFile(save)) => save.remaining(),
             _ => self.full_stream(),
         }
     }
@@ -715,8 +747,8 @@ impl Inner {
                         d.stop();
                     }
                 }
-                if let Some((encoder, complete)) = self.end_session() {
-                    self.gens = encoder.into_gens();
+                if let Some((gens, complete)) = self.end_session() {
+                    self.gens = gens;
                     if complete {
                         self.status.saves_completed += 1;
                     }
@@ -758,6 +790,9 @@ impl Inner {
 
     fn start_save(&mut self, pre_copy: bool) -> io::Result<OwnedFd> {
         self.drop_session();
+        if self.spec.data_fd == DataFd::Memfd {
+            return self.start_file_save();
+        }
         let mut encoder = Encoder::with_gens(self.content, std::mem::take(&mut self.gens));
         let b = self.behaviour;
         if b.precopy_empty {
@@ -790,18 +825,41 @@ impl Inner {
         }
     }
 
+    /// STOP -> STOP_COPY with `data-fd=memfd`: a description of the state file, rebuilt
+    /// first if the state changed since it was built (a resume, a reset).
+    fn start_file_save(&mut self) -> io::Result<OwnedFd> {
+        let file = match self.state_file.take() {
+            Some(file) if file.holds(&self.gens) => Ok(file),
+            _ => StateFile::build(self.content, &self.gens, self.behaviour.match_header),
+        };
+        let started = file.and_then(|file| {
+            let file = self.state_file.insert(file);
+            FileSave::start(file, &mut self.gens)
+        });
+        match started {
+            Ok((save, fd)) => {
+                self.session = Some(Session::SaveFile(save));
+                Ok(fd)
+            }
+            Err(e) => {
+                self.status.last_refusal = Some(format!("start a saving session: {e}"));
+                Err(e)
+            }
+        }
+    }
+
     fn start_resume(&mut self) -> io::Result<OwnedFd> {
         self.drop_session();
         self.loaded = None;
         self.status.resumed_ok = false;
         self.status.corrupt = false;
         self.status.first_bad_page = None;
-        let (load, fd) = LoadSession::start(
-            Decoder::new(self.content),
-            self.spec.chunk,
-            self.faults.clone(),
-            self.spec.accept_rate,
-        )?;
+        let decoder = Decoder::new(self.content);
+        let (chunk, faults) = (self.spec.chunk, self.faults.clone());
+        let (load, fd) = match self.spec.data_fd {
+            DataFd::Pipe => LoadSession::start(decoder, chunk, faults, self.spec.accept_rate)?,
+            DataFd::Memfd => LoadSession::start_file(decoder, chunk, faults)?,
+        };
         self.session = Some(Session::Load(load));
         Ok(fd)
     }
@@ -1030,6 +1088,24 @@ impl Inner {
     /// A write into the resuming data fd, for a profile whose driver checks data inside
     /// write(2): the bytes go straight to the decoder and a refusal is this write's errno.
     /// `None`: not such a profile or not this session's fd; the caller writes the fd.
+    /// The end of a saving stream: a save that lost its data fails the read with the fault's
+    /// errno once what came before was read, as the drivers' read handlers do when their
+    /// save failed (mlx5's `MLX5_MIGF_STATE_ERROR`, hisi's and pds's error returns), so the
+    /// caller never takes a cut stream for a whole one.
+    fn read_end(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let Some(Session::Save(save)) = &self.session else {
+            return Ok(());
+        };
+        if save.id != file_id(fd)? {
+            return Ok(());
+        }
+        let failed = save.lock().failed;
+        match failed {
+            Some(hit) => Err(hit.to_io()),
+            None => Ok(()),
+        }
+    }
+
     fn write_direct(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
         let b = self.behaviour;
         let id = file_id(fd).ok()?;
@@ -1265,7 +1341,11 @@ impl DeviceIo for MockV2 {
         let data_fd = session.require_fd()?;
         self.shared.lock().read_gate(data_fd)?;
         // The read itself runs unlocked: it may wait for the feeder.
-        Ok(nix::unistd::read(data_fd, buf)?)
+        let n = nix::unistd::read(data_fd, buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.shared.lock().read_end(data_fd)?;
+        }
+        Ok(n)
     }
 
     fn write_data(&self, session: &DataSession, buf: &[u8]) -> io::Result<usize> {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The data fd sessions of the v2 mock: a saving session served by a feeder thread and a
 //! resuming session served by a consumer thread, each over a real pipe whose other end the
-//! caller owns.
+//! caller owns; with `data-fd=memfd`, a resuming session over a memfd and no thread (the
+//! saving side of that mode is [`super::memfd`]).
 //!
 //! # Why pipes, and how a pipe says "no more pre-copy data for now"
 //!
@@ -42,6 +43,8 @@ use nix::sys::stat::{fstat, Mode};
 use crate::content::{Content, Decoder, Encoder, PACKET_HEADER};
 use crate::faults::{FaultHit, V2FaultField, V2FaultPlan};
 use crate::pace::Pacer;
+
+use super::memfd;
 
 /// The fault plan, shared by the device and its session threads.
 pub(super) type Faults = Arc<Mutex<V2FaultPlan>>;
@@ -631,6 +634,31 @@ struct LoadShared {
 }
 
 impl LoadShared {
+    fn new(
+        decoder: Decoder,
+        chunk: u64,
+        faults: Faults,
+        accept_rate: u64,
+    ) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            state: Mutex::new(LoadState {
+                decoder,
+                received: 0,
+                failed: None,
+                error_applied: false,
+                framing: None,
+                refused: None,
+                blocks: 0,
+                chunk: chunk.max(1),
+                drain_exit: false,
+                stop_now: false,
+                pacer: (accept_rate > 0).then(|| Pacer::new(accept_rate)),
+            }),
+            wake: Wake::new()?,
+            faults,
+        }))
+    }
+
     fn consume(&self, reader: OwnedFd) {
         let mut reader = Some(reader);
         let mut buf = vec![0u8; PIECE as usize];
@@ -676,12 +704,15 @@ impl LoadShared {
     }
 }
 
-/// A resuming session: the caller writes the stream into a pipe the consumer thread reads.
+/// A resuming session: the caller writes the stream into a pipe the consumer thread reads,
+/// or (`data-fd=memfd`) into a memfd the device reads back when the caller is done.
 #[derive(Debug)]
 pub(super) struct LoadSession {
     shared: Arc<LoadShared>,
     thread: Option<JoinHandle<()>>,
-    /// The pipe's identity, to recognise the caller's fd.
+    /// The memfd the caller writes, until [`LoadSession::finish`] reads it back.
+    file: Option<OwnedFd>,
+    /// The pipe's (or memfd's) identity, to recognise the caller's fd.
     pub id: FileId,
 }
 
@@ -697,23 +728,7 @@ impl LoadSession {
         let (r, w) = pipe()?;
         set_nonblocking(&r)?;
         let id = file_id(r.as_fd())?;
-        let shared = Arc::new(LoadShared {
-            state: Mutex::new(LoadState {
-                decoder,
-                received: 0,
-                failed: None,
-                error_applied: false,
-                framing: None,
-                refused: None,
-                blocks: 0,
-                chunk: chunk.max(1),
-                drain_exit: false,
-                stop_now: false,
-                pacer: (accept_rate > 0).then(|| Pacer::new(accept_rate)),
-            }),
-            wake: Wake::new()?,
-            faults,
-        });
+        let shared = LoadShared::new(decoder, chunk, faults, accept_rate)?;
         let consumer = shared.clone();
         let thread = std::thread::Builder::new()
             .name("mock-v2-consumer".into())
@@ -722,6 +737,25 @@ impl LoadSession {
             Self {
                 shared,
                 thread: Some(thread),
+                file: None,
+                id,
+            },
+            w,
+        ))
+    }
+
+    /// Starts a session whose caller writes into a new memfd (no thread); the device decodes
+    /// it in [`LoadSession::finish`]. Returns the caller's write-only description.
+    pub fn start_file(decoder: Decoder, chunk: u64, faults: Faults) -> io::Result<(Self, OwnedFd)> {
+        let file = memfd::create("vfio-mig-mock-v2-resume")?;
+        let w = memfd::reopen(file.as_fd(), OFlag::O_WRONLY)?;
+        let id = file_id(file.as_fd())?;
+        let shared = LoadShared::new(decoder, chunk, faults, 0)?;
+        Ok((
+            Self {
+                shared,
+                thread: None,
+                file: Some(file),
                 id,
             },
             w,
@@ -748,20 +782,53 @@ impl LoadSession {
 
     /// Consumes everything the caller wrote so far (its writes returned, so it is all in the
     /// pipe), then stops the consumer and closes our end: later writes fail with EPIPE.
+    ///
+    /// A memfd session decodes what the caller wrote into its memfd, then empties and seals
+    /// it (later writes fail with EPERM).
     pub fn finish(&mut self) {
         if let Some(t) = self.thread.take() {
             self.lock().drain_exit = true;
             self.shared.wake.notify();
             let _ = t.join();
         }
+        if let Some(file) = self.file.take() {
+            self.take_file(&file);
+            if let Err(e) = memfd::empty_and_seal(file.as_fd()) {
+                log::warn!("mock v2: cannot seal the resuming memfd: {e}");
+            }
+        }
     }
 
-    /// Stops the consumer now, closing our end.
+    /// Feeds the decoder from the memfd, until its end or until the decoder refuses.
+    fn take_file(&self, file: &OwnedFd) {
+        let mut buf = vec![0u8; PIECE as usize];
+        let mut offset = 0i64;
+        loop {
+            let n = match nix::sys::uio::pread(file, &mut buf, offset) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    self.lock().framing = Some(format!("read back the resuming memfd: {e}"));
+                    return;
+                }
+            };
+            if !self.lock().take(&buf[..n], &self.shared.faults) {
+                return;
+            }
+            offset += n as i64;
+        }
+    }
+
+    /// Stops the consumer now, closing our end (a memfd is emptied and sealed, undecoded).
     pub fn abort(&mut self) {
         if let Some(t) = self.thread.take() {
             self.lock().stop_now = true;
             self.shared.wake.notify();
             let _ = t.join();
+        }
+        if let Some(file) = self.file.take() {
+            let _ = memfd::empty_and_seal(file.as_fd());
         }
     }
 }

@@ -408,8 +408,10 @@ pub(super) fn admission_checks(
     checks
 }
 
-/// The end of a session after the load: RESUMED on success; on failure the completion
-/// record withdrawn, the claim released, every device reset and FAILED sent.
+/// The end of a session after the load: RESUMED on success; PARTLY_RESUMED past the point of
+/// no return ([`vfio_mig::Error::PastNoReturn`]: the completion record stays, what runs keeps
+/// running); on any other failure the completion record withdrawn, the claim released, every
+/// device reset and FAILED sent.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finish_session<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
@@ -440,6 +442,14 @@ pub(super) fn finish_session<C: Duplex>(
                 reports,
                 confirmed,
             })
+        }
+        Err(e @ CoreError::PastNoReturn { .. }) => {
+            // A device runs the state: the completion record stays (a retry is answered
+            // ALREADY_COMPLETED) and the source is told to stop, never to run it again.
+            let msg =
+                Message::PartlyResumed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
+            send_final(tx, rx, &msg, DRAIN_TIME);
+            Err(e.into())
         }
         Err(e) => {
             if completed {
@@ -516,6 +526,8 @@ pub fn load_fenced<R: Read>(
             reports,
             confirmed: true,
         }),
+        // A device runs the state: the completion record stays, nothing more is reset.
+        Err(e @ CoreError::PastNoReturn { .. }) => Err(e.into()),
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {

@@ -97,6 +97,11 @@ pub enum Message {
     },
     /// The destination failed after ACCEPT; its device was reset.
     Failed(Reason),
+    /// After COMMIT: the destination passed its point of no return (a device entered RUNNING
+    /// and runs the migrated state) but not every device runs; the reason names those that
+    /// run and those that failed to run and were reset. The source must not run the state
+    /// again: it stops its devices as after RESUMED.
+    PartlyResumed(Reason),
     /// Source to destination, right after a HELLO with [`FEATURE_CHANNELS`]: how many
     /// channels (connections, the main one included) the source would use.
     OfferChannels {
@@ -141,6 +146,7 @@ impl Message {
             Message::OfferChannels { .. } => 10,
             Message::Channels { .. } => 11,
             Message::Channel { .. } => 12,
+            Message::PartlyResumed(_) => 13,
         }
     }
 
@@ -159,6 +165,7 @@ impl Message {
             Message::Hello { .. }
             | Message::Refuse(_)
             | Message::Failed(_)
+            | Message::PartlyResumed(_)
             | Message::OfferChannels { .. } => None,
         }
     }
@@ -180,7 +187,7 @@ impl Message {
             | Message::Loaded { session }
             | Message::Commit { session }
             | Message::Resumed { session } => payload.extend_from_slice(session),
-            Message::Refuse(r) | Message::Failed(r) => {
+            Message::Refuse(r) | Message::Failed(r) | Message::PartlyResumed(r) => {
                 let mut end = r.text.len().min(MAX_REASON_LEN);
                 while !r.text.is_char_boundary(end) {
                     end -= 1;
@@ -258,7 +265,7 @@ impl Message {
 impl fmt::Display for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Message::Refuse(r) | Message::Failed(r) => {
+            Message::Refuse(r) | Message::Failed(r) | Message::PartlyResumed(r) => {
                 write!(f, "{}({}: {})", self.name(), r.code, r.text)
             }
             _ => f.write_str(self.name()),
@@ -280,6 +287,7 @@ const fn kind_name(kind: u8) -> &'static str {
         10 => "OFFER_CHANNELS",
         11 => "CHANNELS",
         12 => "CHANNEL",
+        13 => "PARTLY_RESUMED",
         _ => "unknown",
     }
 }
@@ -289,7 +297,7 @@ const fn payload_bounds(kind: u8) -> Option<(usize, usize)> {
     match kind {
         1 => Some((4, 4)),
         2 | 4..=8 => Some((16, 16)),
-        3 | 9 => Some((4, MAX_PAYLOAD_LEN)),
+        3 | 9 | 13 => Some((4, MAX_PAYLOAD_LEN)),
         10 => Some((4, 4)),
         11 | 12 => Some((36, 36)),
         _ => None,
@@ -363,6 +371,7 @@ fn decode_payload(
         7 => Message::Commit { session: session() },
         8 => Message::Resumed { session: session() },
         9 => Message::Failed(reason()?),
+        13 => Message::PartlyResumed(reason()?),
         10 => {
             let count = u16::from_le_bytes([payload[0], payload[1]]);
             if payload[2..4] != [0, 0] {
@@ -482,6 +491,7 @@ mod tests {
             Message::Commit { session: S },
             Message::Resumed { session: S },
             Message::Failed(Reason::new(ReasonCode::Device, "")),
+            Message::PartlyResumed(Reason::new(ReasonCode::Device, "dst0 runs; dst1 was reset")),
             Message::OfferChannels { count: 4 },
             Message::Channels {
                 session: S,
@@ -624,7 +634,7 @@ mod tests {
         assert!(with(0, b'X').contains("bad magic"));
         assert!(with(4, 2).contains("unsupported handshake version 2"));
         assert!(with(5, 0).contains("unknown message kind 0"));
-        assert!(with(5, 13).contains("unknown message kind 13"));
+        assert!(with(5, 14).contains("unknown message kind 14"));
         assert!(with(6, 17).contains("ACCEPT with a payload of 17 bytes"));
         assert!(with(7, 0xff).contains("payload of"));
         assert!(with(20, 0).contains("CRC mismatch"));

@@ -136,7 +136,10 @@ pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
 ///
 /// Any failure before COMMIT (FAILED, a closed or silent connection, a device error) rolls
 /// the device back to RUNNING: the destination cannot resume without COMMIT. FAILED after
-/// COMMIT rolls back too (the destination reset its device). A lost connection or a timeout
+/// COMMIT rolls back too: the destination sends it only before its point of no return (no
+/// device of the unit ran) and reset its devices. PARTLY_RESUMED (a destination device runs
+/// the state, another failed to run) stops the sources as RESUMED does and returns
+/// [`vfio_mig::Error::PastNoReturn`]. A lost connection or a timeout
 /// after COMMIT leaves the device stopped and returns [`Error::InDoubt`]: the destination may
 /// run the state, and resuming here as well would run it twice.
 pub fn send<C: Duplex>(
@@ -245,8 +248,9 @@ pub(super) fn before_hello<C: Duplex>(
 }
 
 /// The commit point and its answer, on the main connection: COMMIT, then RESUMED (the
-/// sources stop for good), FAILED (the destination reset its devices: the sources run
-/// again), or doubt (nothing is undone; the error says how to find out). A COMMIT that did
+/// sources stop for good), PARTLY_RESUMED (past the destination's point of no return: the
+/// sources stop for good and the error says what runs there), FAILED (before that point: the
+/// destination reset its devices, the sources run again), or doubt (nothing is undone; the error says how to find out). A COMMIT that did
 /// not go out whole cannot be decoded: the destination resets, so a failed write is a
 /// definite failure.
 pub(super) fn commit<C: Duplex>(
@@ -280,6 +284,12 @@ pub(super) fn commit<C: Duplex>(
             };
             Err(rollback_sources(devs, e.into_core(), obs).into())
         }
+        Ok(Message::PartlyResumed(r)) => {
+            // Past the destination's point of no return: a device there runs the state, so
+            // the sources stop (or are reset) as after RESUMED, and are never resumed.
+            finish_handoff_all(devs, &mut reports);
+            Err(past_no_return(devs, &reports, step, &r.text))
+        }
         Ok(other) => Err(in_doubt(
             devs,
             &session,
@@ -287,6 +297,34 @@ pub(super) fn commit<C: Duplex>(
         )),
         Err(e) => Err(in_doubt(devs, &session, Report(&e).to_string())),
     }
+}
+
+/// The source's error after PARTLY_RESUMED: the destination's account (`what`) and what
+/// became of each source device (stopped, or its STOP failure, after which it was reset).
+fn past_no_return(
+    devs: &[&mut dyn MigrationDevice],
+    reports: &[SaveReport],
+    step: &str,
+    what: &str,
+) -> Error {
+    let sources: Vec<String> = devs
+        .iter()
+        .zip(reports)
+        .map(|(d, r)| {
+            let name = d.identity().instance;
+            match &r.after_handoff {
+                None => format!("{name} is stopped"),
+                Some(why) => format!("{name} failed its STOP ({why})"),
+            }
+        })
+        .collect();
+    Error::Core(vfio_mig::Error::PastNoReturn {
+        step: step.into(),
+        detail: format!(
+            "the destination: {what}; not resumed here, the state must not run twice: {}",
+            sources.join(", ")
+        ),
+    })
 }
 
 pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {

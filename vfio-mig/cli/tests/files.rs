@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Files and permissions (issue 21, defect 8), as root under umask 000: private keys others
+//! can read or another user owns are refused before anything is touched, and `recv`'s Unix
+//! socket is its owner's only, whatever the umask.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{assert_clean_failure, stderr, Dirs, Pki, Recv, BIN};
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn private_keys_others_can_read_are_refused() {
+    let dirs = Dirs::new();
+    let pki = Pki::new(dirs.tmp.path());
+    chmod(&pki.dst.key, 0o644);
+    let mut args = vec![
+        "recv".to_owned(),
+        "mock:v1,size=1M".into(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--allow".into(),
+        "dns:src.example".into(),
+    ];
+    args.extend(pki.dst.args());
+    // Bounded: a recv that accepted the key would listen until killed.
+    let o = dirs
+        .cmd(&["timeout", "20", BIN])
+        .args(&args)
+        .output()
+        .unwrap();
+    let line = assert_clean_failure(o.status, &stderr(&o), "chmod 600");
+    assert!(line.contains(&pki.dst.key.display().to_string()), "{line}");
+    // The etcd client key too, before the store is asked anything.
+    chmod(&pki.src.key, 0o640);
+    let (ca, cert, key) = (
+        pki.src.ca.display().to_string(),
+        pki.src.cert.display().to_string(),
+        pki.src.key.display().to_string(),
+    );
+    let o = dirs.run(&[
+        "--fence",
+        "etcds://127.0.0.1:1",
+        "--fence-ca",
+        &ca,
+        "--fence-cert",
+        &cert,
+        "--fence-cert-key",
+        &key,
+        "--fence-key",
+        "vm/k",
+        "probe",
+        "mock:v1,size=1M",
+    ]);
+    assert_clean_failure(o.status, &stderr(&o), "chmod 600");
+}
+
+#[test]
+fn a_key_file_another_user_owns_is_refused() {
+    let dirs = Dirs::new();
+    let key = dirs.path("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    chmod(&key, 0o600);
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let out = dirs.path("out");
+    let o = dirs.run(&[
+        "save",
+        "mock:v1,size=1M",
+        "-o",
+        out.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert_clean_failure(o.status, &stderr(&o), "owned by uid 65534");
+    assert!(!out.exists());
+}
+
+#[test]
+fn the_unix_socket_is_private_under_umask_000() {
+    let dirs = Dirs::new();
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    let umask_000 = ["sh", "-c", "umask 000; exec \"$@\"", "sh"];
+    let recv = Recv::start(&dirs, &umask_000, &["mock:v1,size=1M", "--listen", &listen]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    drop(recv);
+}

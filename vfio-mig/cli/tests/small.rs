@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Small contract breaches of the command line (issue 21, defect 9): option values that
+//! panicked or were clamped silently, usage errors with the status of a failure, an epoch
+//! that ratchets the fencing record ahead, output to a closed standard output.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+
+use common::{stderr, Dirs};
+
+/// A usage error: status 2, no panic, `expect` in the message.
+fn assert_usage(o: &std::process::Output, expect: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(expect), "{expect:?} expected: {err}");
+}
+
+#[test]
+fn fence_seconds_outside_their_range_are_usage_errors() {
+    let dirs = Dirs::new();
+    for option in ["--fence-ttl", "--fence-timeout"] {
+        for value in ["nan", "inf", "-1", "1e308", "0"] {
+            let o = dirs.run(&[
+                "--fence",
+                "dir:/nonexistent",
+                "--fence-key",
+                "k",
+                &format!("{option}={value}"),
+                "probe",
+                "mock:v1,size=1M",
+            ]);
+            assert_usage(&o, "seconds");
+        }
+    }
+}
+
+#[test]
+fn a_malformed_session_is_a_usage_error() {
+    let dirs = Dirs::new();
+    let o = dirs.run(&[
+        "send",
+        "mock:v1,size=1M",
+        "--to",
+        "unix:/nonexistent",
+        "--session",
+        "xyz",
+    ]);
+    assert_usage(&o, "32 hex digits");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Handoffs at about now+1d, then now+2d: the second is more than a day ahead of the clock and is
+/// refused, so the record cannot be walked days ahead (which would refuse every default
+/// handoff as stale).
+#[test]
+fn epochs_cannot_ratchet_the_record_ahead_of_the_clock() {
+    let dirs = Dirs::new();
+    let day = 24 * 3600 * 1000;
+    let dst = "mock:v1,size=1M,seed=1,id=ratchet";
+    let handoff = |epoch: u64| {
+        let f = dirs.path(&format!("s{epoch}"));
+        let o = dirs.run(&[
+            "save",
+            "mock:v1,size=1M,seed=1",
+            "-o",
+            f.to_str().unwrap(),
+            "--epoch",
+            &epoch.to_string(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        dirs.run(&["load", dst, "-i", f.to_str().unwrap()])
+    };
+    // Each a day ahead of the last, less ten minutes: within a day of the highest epoch.
+    let first = now_ms() + day - 600_000;
+    let o = handoff(first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = handoff(first + day - 600_000);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the clock"), "{}", stderr(&o));
+}
+
+/// `save -o -` with standard output closed is refused before the device is touched instead
+/// of reporting "saved"; `--json` cannot share standard output with the stream.
+#[test]
+fn save_to_a_closed_standard_output_is_refused() {
+    let dirs = Dirs::new();
+    let mut cmd = dirs.cmd(&[]);
+    cmd.args(["save", "mock:v1,size=1M", "-o", "-"]);
+    // SAFETY: close(2) of fd 1 in the child before exec; no memory is involved.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close(1);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("standard output is closed or /dev/null"),
+        "{err}"
+    );
+    assert!(!err.contains("saved"), "{err}");
+    let o = dirs.run(&["save", "mock:v1,size=1M", "-o", "-", "--json"]);
+    assert_usage(&o, "--json");
+}

@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The devices, handed back with the error that ended a migration before it began or after
+//! it ended: a VMM that gave its devices to the front door never loses them.
+
+pub(crate) use crate::engine::rollback::fold;
+use crate::error::Recovery;
+use crate::error::{Error, Report};
+use crate::migration::{MigrationDevice, RunState};
+
+/// An error, with the devices it concerns handed back (each in the state the error names).
+pub struct Handback<D> {
+    /// What went wrong, and what became of each device (boxed: a `Result` with this error
+    /// stays small).
+    pub error: Box<Error>,
+    /// The devices, in the order they were given.
+    pub devices: Vec<D>,
+}
+
+impl<D> Handback<D> {
+    /// The error and the devices.
+    pub fn into_parts(self) -> (Error, Vec<D>) {
+        (*self.error, self.devices)
+    }
+
+    /// Hands `devices` back with `error`.
+    pub(crate) fn new(error: Error, devices: Vec<D>) -> Self {
+        Self {
+            error: Box::new(error),
+            devices,
+        }
+    }
+}
+
+impl<D> std::fmt::Debug for Handback<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handback")
+            .field("error", &Report(&self.error).to_string())
+            .field("devices", &self.devices.len())
+            .finish()
+    }
+}
+
+impl<D> std::fmt::Display for Handback<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<D> std::error::Error for Handback<D> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl<D> From<Handback<D>> for Error {
+    fn from(h: Handback<D>) -> Self {
+        *h.error
+    }
+}
+
+/// Returns each device to the state it had when the migration began, after `error`: a device
+/// still there is left alone; any other is recovered by its driver, which returns it to
+/// where its saving session began (RUNNING, or STOP for a paused VM) or resets it. The error
+/// then says what became of each.
+pub(crate) fn restore<D: MigrationDevice>(
+    devs: &mut [D],
+    start: &[RunState],
+    error: Error,
+) -> Error {
+    let outcomes: Vec<(String, Recovery)> = devs
+        .iter_mut()
+        .zip(start)
+        .map(|(dev, &start)| {
+            let recovery = match dev.run_state() {
+                Ok(now) if now == start => match start {
+                    RunState::Running => Recovery::AlreadyRunning,
+                    RunState::Stopped => Recovery::AlreadyStopped,
+                },
+                _ => dev.recover(),
+            };
+            (dev.identity().instance, recovery)
+        })
+        .collect();
+    fold(error, outcomes)
+}
+
+/// The devices as the engine's functions take them.
+pub(crate) fn as_refs<D: MigrationDevice>(devs: &mut [D]) -> Vec<&mut dyn MigrationDevice> {
+    devs.iter_mut()
+        .map(|d| d as &mut dyn MigrationDevice)
+        .collect()
+}

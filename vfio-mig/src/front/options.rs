@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The options of a migration, as structs: what a VMM sets once, not positional arguments.
+
+/// The fencing epoch a stream carries in its header: a number the VMM's orchestration raises
+/// with every handoff of the same VM, so that a destination can refuse a stale stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+/// How a [`super::Source`] migrates its devices.
+///
+/// ```
+/// use vfio_mig::{Epoch, SourceOptions};
+/// let opts = SourceOptions::new(Epoch(7)).allow_non_p2p_unit(true);
+/// assert_eq!(opts.epoch, Epoch(7));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceOptions {
+    /// The epoch written into the stream header.
+    pub epoch: Epoch,
+    /// Lets several devices of which some lack the P2P states migrate as one unit. Without
+    /// P2P a device cannot be quiesced before its peers stop, so it may still DMA into a peer
+    /// that is already stopped: QEMU refuses such a unit, and so does the source unless this
+    /// is set.
+    pub allow_non_p2p_unit: bool,
+    /// The largest read from a device in one go (and so the largest record payload batch);
+    /// a MiB, as QEMU reads a data fd.
+    pub buffer: usize,
+}
+
+impl SourceOptions {
+    /// The defaults, with `epoch`.
+    pub fn new(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            allow_non_p2p_unit: false,
+            buffer: 1 << 20,
+        }
+    }
+
+    /// Sets [`allow_non_p2p_unit`](Self::allow_non_p2p_unit).
+    pub fn allow_non_p2p_unit(mut self, allow: bool) -> Self {
+        self.allow_non_p2p_unit = allow;
+        self
+    }
+
+    /// Sets [`buffer`](Self::buffer) (at least 4 KiB is used).
+    pub fn buffer(mut self, bytes: usize) -> Self {
+        self.buffer = bytes;
+        self
+    }
+}
+
+/// How a [`super::Destination`] loads its devices.
+///
+/// ```
+/// use vfio_mig::DestinationOptions;
+/// let opts = DestinationOptions::new().allow_non_p2p_unit(true);
+/// assert!(opts.allow_non_p2p_unit);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DestinationOptions {
+    /// Lets several devices of which some lack the P2P states load and run as one unit: the
+    /// destination's own opt-in to the risk the source's option names (a device that runs
+    /// before its peers can answer peer-to-peer accesses).
+    pub allow_non_p2p_unit: bool,
+}
+
+impl DestinationOptions {
+    /// The defaults: a unit must have the P2P states.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`allow_non_p2p_unit`](Self::allow_non_p2p_unit).
+    pub fn allow_non_p2p_unit(mut self, allow: bool) -> Self {
+        self.allow_non_p2p_unit = allow;
+        self
+    }
+}

@@ -1,0 +1,524 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The source of a migration, paced by the VMM: start, rounds, switch-over, then finish or
+//! cancel.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::engine::multi::{check_unit, each_with_report, finish_handoff_all, quiesce_all};
+use crate::engine::save::{stop_copy, Pump, RecordSink};
+use crate::engine::session::{describe, new_session_id};
+use crate::engine::{NoObserver, SaveOptions, SaveReport};
+use crate::error::{Error, Result};
+use crate::migration::{MigrationDevice, RunState};
+use crate::stream::{Phase, StreamHeader, StreamWriter};
+
+use super::handback::{as_refs, restore, Handback};
+use super::options::SourceOptions;
+use super::relay::{Relay, Staged, UnitSink};
+
+/// What the devices of a migration still hold, summed over the devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Estimate {
+    /// Pre-copy bytes still pending on the devices in pre-copy (v1 `pending_bytes`; v2
+    /// `initial_bytes + dirty_bytes` of `VFIO_MIG_GET_PRECOPY_INFO`).
+    pub pending: u64,
+    /// Of those, the initial bytes (v2). The uAPI asks userspace not to leave pre-copy before
+    /// they reach 0 (a device may need them loaded early to keep the switch-over short). v1
+    /// devices have no such split and count 0 here.
+    pub initial_bytes: u64,
+    /// The devices' estimate of what stop-and-copy will send (v2 `MIG_DATA_SIZE`); `None` when
+    /// a device cannot tell (v1; v2 on Linux 5.18 to 6.1, which lack `MIG_DATA_SIZE`), so the
+    /// VMM knows its downtime estimate is incomplete.
+    pub stop_copy: Option<u64>,
+}
+
+impl Estimate {
+    /// What the switch-over would move: the pending pre-copy bytes plus the stop-and-copy
+    /// estimate, as QEMU's `vfio_state_pending_exact` counts them; `None` when the
+    /// stop-and-copy size is unknown.
+    pub fn switch_over_bytes(&self) -> Option<u64> {
+        self.stop_copy.map(|s| s.saturating_add(self.pending))
+    }
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Round {
+    /// Device state bytes the round sent (record payloads).
+    pub sent: u64,
+    /// Stream bytes the round wrote (the header on the first round, records, payloads): what
+    /// the budget counts.
+    pub written: u64,
+    /// What is left after it.
+    pub estimate: Estimate,
+}
+
+/// The outcome of [`Source::finish`]: the devices, stopped, and any whose STOP failed (each
+/// then reset, never run again: its state runs on the destination).
+pub struct Finished<D> {
+    /// The devices, in the order they were given.
+    pub devices: Vec<D>,
+    /// Devices whose STOP after the handoff failed, with what became of each.
+    pub stop_failures: Vec<String>,
+}
+
+impl<D> std::fmt::Debug for Finished<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finished")
+            .field("devices", &self.devices.len())
+            .field("stop_failures", &self.stop_failures)
+            .finish()
+    }
+}
+
+/// Where a source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Started: rounds may run (devices that were running are in pre-copy).
+    PreCopy,
+    /// The stream is complete; the devices are in stop-and-copy.
+    SwitchedOver,
+    /// Finished, cancelled or failed: the devices are back in the VMM's hands.
+    Ended,
+}
+
+/// The source side of a migration of one or several devices, as one unit.
+///
+/// `D` is how the VMM hands its devices over: owned (`Box<dyn MigrationDevice>`, a driver
+/// type), or borrowed (`&mut V2Device`, `&mut Box<dyn MigrationDevice>`), for a VMM that keeps
+/// its device in a structure of its own. Whatever happens, the devices come back: with every
+/// error of [`start`](Self::start) ([`Handback`]), from [`finish`](Self::finish), and from
+/// [`into_devices`](Self::into_devices) after a failure or a cancel.
+///
+/// Every failure returns each device to the state it had when the migration began (a running
+/// device to RUNNING, a paused VM's device to STOP), or resets it where that fails; the error
+/// says which. Dropping an unfinished source cancels it before the switch-over and stops its
+/// devices for good after it (see [`into_devices`](Self::into_devices)).
+pub struct Source<D: MigrationDevice> {
+    devs: Vec<D>,
+    /// Each device's state when the migration began.
+    start: Vec<RunState>,
+    /// Which devices are in pre-copy.
+    live: Vec<bool>,
+    stage: Stage,
+    /// Boxed: the stream's bookkeeping is large, and a VMM keeps a source in its own enums.
+    writer: Option<Box<Staged>>,
+    buf: Vec<u8>,
+    sent: Vec<u64>,
+    buffer: usize,
+}
+
+impl<D: MigrationDevice> std::fmt::Debug for Source<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self.devs.iter().map(|d| d.identity().instance).collect();
+        f.debug_struct("Source")
+            .field("devices", &ids)
+            .field("start", &self.start)
+            .field("stage", &self.stage)
+            .finish()
+    }
+}
+
+impl<D: MigrationDevice> Source<D> {
+    /// Starts migrating `devs` as one unit: records each device's state (running, or stopped
+    /// for a paused VM), stages the stream header (written by the first
+    /// [`round`](Self::round) or [`switch_over`](Self::switch_over)), and puts every running
+    /// device that supports it into pre-copy. Devices of a paused VM go straight to
+    /// stop-and-copy at the switch-over (the path a snapshot takes).
+    ///
+    /// On failure the devices come back with the error, each in its start state (or reset).
+    pub fn start(mut devs: Vec<D>, opts: &SourceOptions) -> std::result::Result<Self, Handback<D>> {
+        match begin(&mut devs, opts) {
+            Ok((start, live, writer)) => {
+                let n = devs.len();
+                Ok(Self {
+                    devs,
+                    start,
+                    live,
+                    stage: Stage::PreCopy,
+                    writer: Some(Box::new(writer)),
+                    buf: Vec::new(),
+                    sent: vec![0; n],
+                    buffer: opts.buffer.max(4096),
+                })
+            }
+            Err(error) => Err(Handback::new(error, devs)),
+        }
+    }
+
+    /// Whether [`switch_over`](Self::switch_over) completed: the stream is whole and the
+    /// devices wait in stop-and-copy for [`finish`](Self::finish) or [`cancel`](Self::cancel).
+    pub fn switched_over(&self) -> bool {
+        self.stage == Stage::SwitchedOver
+    }
+
+    /// Each device's state when the migration began, in device order.
+    pub fn start_states(&self) -> &[RunState] {
+        &self.start
+    }
+
+    /// What the devices hold now, without sending anything.
+    pub fn estimate(&mut self) -> Result<Estimate> {
+        self.check(Stage::PreCopy, "estimate")?;
+        let r = estimate(&mut self.devs, &self.live);
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// Sends one pre-copy round into `out`: from each device in pre-copy, the bytes it had
+    /// pending when the round began (at least one chunk), until `budget` stream bytes were
+    /// written (reads are sized to what is left of it, so a round ends within a page and a
+    /// record header of it, at a chunk boundary). A device whose pre-copy data is
+    /// exhausted for now sends nothing and may have more later
+    /// ([`wait_for_data`](Self::wait_for_data)). The first call also writes the stream
+    /// header. Returns what it wrote and what is left.
+    pub fn round<W: Write + ?Sized>(&mut self, out: &mut W, budget: Option<u64>) -> Result<Round> {
+        self.check(Stage::PreCopy, "send a pre-copy round")?;
+        let r = self.send_round(out, budget);
+        let (sent, written) = r.map_err(|e| self.fail(e))?;
+        let estimate = self.estimate()?;
+        Ok(Round {
+            sent,
+            written,
+            estimate,
+        })
+    }
+
+    /// One round; returns the payload bytes sent and the stream bytes written.
+    fn send_round<W: Write + ?Sized>(
+        &mut self,
+        out: &mut W,
+        budget: Option<u64>,
+    ) -> Result<(u64, u64)> {
+        self.check_sessions("send a pre-copy round")?;
+        let writer = self.writer.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writer, out)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut sent = 0;
+        buf.resize(self.buffer, 0);
+        'devices: for (i, dev) in self.devs.iter_mut().enumerate() {
+            if !self.live[i] {
+                continue;
+            }
+            // What the device had pending when its turn began: the round sends that much
+            // (at least one chunk), so a device dirtying faster than the link cannot keep
+            // the round going forever.
+            let pending = dev.pending()?.bytes.max(1);
+            let mut device_sent = 0;
+            while device_sent < pending {
+                let left = budget.map(|b| b.saturating_sub(relay.written));
+                if left == Some(0) {
+                    break 'devices;
+                }
+                let want = left.map_or(pending - device_sent, |l| l.min(pending - device_sent));
+                // One chunk per pump, read no larger than what is left of the budget: a round
+                // ends within a page (and a record header) of it.
+                let read_size = usize::try_from(want)
+                    .unwrap_or(usize::MAX)
+                    .clamp(4096, self.buffer);
+                buf.resize(read_size, 0);
+                let mut pump = Pump {
+                    dev: &mut *dev,
+                    out: &mut relay,
+                    index: i as u16,
+                    buf: std::mem::take(&mut buf),
+                    obs: &NoObserver,
+                };
+                let result = pump.run(Phase::PreCopy, Some(1), self.sent[i]);
+                buf = pump.buf;
+                let (bytes, _, ended) = result?;
+                self.sent[i] += bytes;
+                device_sent += bytes;
+                sent += bytes;
+                if ended || bytes == 0 {
+                    break;
+                }
+            }
+        }
+        self.buf = buf;
+        Ok((sent, relay.written))
+    }
+
+    /// Waits up to `timeout` for pre-copy data, after a [`round`](Self::round) that sent
+    /// nothing while the estimate still counts pre-copy bytes (a device answered ENOMSG: "userspace
+    /// can wait for more data (which may never come) by using poll", says the uAPI). Polls
+    /// the data fds of the devices in pre-copy; `true` when one became readable. Without a
+    /// data fd to poll (v1) it sleeps `timeout` and answers `false`.
+    pub fn wait_for_data(&mut self, timeout: Duration) -> Result<bool> {
+        self.check(Stage::PreCopy, "wait for pre-copy data")?;
+        let fds: Vec<_> = self.devs.iter().filter_map(|d| d.data_fd()).collect();
+        crate::engine::wait::poll_any(&fds, timeout)
+    }
+
+    /// The switch-over, with the vCPUs stopped: quiesces every device before any of them
+    /// stops (RUNNING_P2P / PRE_COPY_P2P where supported), moves them all to stop-and-copy and
+    /// sends the rest of their state into `out` (the devices in parallel, one thread each),
+    /// and ends the stream. The devices stay in stop-and-copy: the VMM now reads its last
+    /// dirty pages (DMA logs still run there; pds ends them at STOP_COPY -> STOP), hands the
+    /// stream over, and then calls [`finish`](Self::finish) once the destination runs, or
+    /// [`cancel`](Self::cancel) if it cannot.
+    pub fn switch_over<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+        self.check(Stage::PreCopy, "switch over")?;
+        match self.send_rest(out) {
+            Ok(()) => {
+                self.stage = Stage::SwitchedOver;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn send_rest<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+        self.check_sessions("switch over")?;
+        let mut writer = self.writer.take().ok_or_else(ended)?;
+        Relay::new(&mut writer, &mut *out)?;
+        let mut devs = as_refs(&mut self.devs);
+        quiesce_all(&mut devs)?;
+        let opts = SaveOptions {
+            buffer: self.buffer,
+            ..SaveOptions::default()
+        };
+        let live = &self.live;
+        let (sink, records) = UnitSink::new(&mut writer);
+        let saved = std::thread::scope(|s| {
+            let unit = s.spawn(move || {
+                let mut reports = vec![SaveReport::default(); devs.len()];
+                each_with_report(&mut devs, &mut reports, |i, dev, report| {
+                    let index = i as u16;
+                    let mut to = &sink;
+                    let r = if live[i] {
+                        to.end_phase(index, Phase::PreCopy)
+                    } else {
+                        Ok(())
+                    }
+                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, &NoObserver, report));
+                    if r.is_err() {
+                        sink.fail();
+                    }
+                    r
+                })
+                // The sink goes with this thread: its end closes `records`.
+            });
+            let mut written = Ok(());
+            for bytes in records {
+                if let Err(e) = out.write_all(&bytes) {
+                    // Dropping the receiver stops the device threads at their next record.
+                    written = Err(Error::transport("write the migration stream", e));
+                    break;
+                }
+            }
+            let saved = unit.join().unwrap_or_else(|_| {
+                Err(Error::protocol("switch over", "the unit's thread panicked"))
+            });
+            saved.and(written)
+        });
+        saved?;
+        let (trailer, _) = writer.finish()?;
+        out.write_all(&trailer)
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::transport("write the stream trailer", e))
+    }
+
+    /// Ends the migration once the destination runs the devices' state (or when that is in
+    /// doubt: the devices must not run here again either way). Every device goes to STOP; one
+    /// whose STOP fails is reset, never run: its state runs on the destination. Consumes the
+    /// source: past this point nothing can roll back.
+    ///
+    /// Called before [`switch_over`](Self::switch_over) completed, it cancels instead (the
+    /// stream is incomplete, so nothing can run elsewhere) and says so in `stop_failures`.
+    pub fn finish(mut self) -> Finished<D> {
+        if self.stage != Stage::SwitchedOver {
+            let failure = self
+                .cancel()
+                .map(|e| crate::error::Report(&e).to_string())
+                .unwrap_or_else(|| "the migration had already ended".into());
+            return Finished {
+                devices: std::mem::take(&mut self.devs),
+                stop_failures: vec![format!("finish before the switch-over: {failure}")],
+            };
+        }
+        self.stage = Stage::Ended;
+        let mut reports = vec![SaveReport::default(); self.devs.len()];
+        finish_handoff_all(&mut as_refs(&mut self.devs), &mut reports);
+        let stop_failures = self
+            .devs
+            .iter()
+            .zip(&reports)
+            .filter_map(|(d, r)| {
+                r.after_handoff
+                    .as_ref()
+                    .map(|why| format!("{}: {why}", d.identity().instance))
+            })
+            .collect();
+        Finished {
+            devices: std::mem::take(&mut self.devs),
+            stop_failures,
+        }
+    }
+
+    /// Abandons the migration if it has not ended: every device returns to the state it had
+    /// when the migration began (or is reset). Valid after the switch-over only as long as
+    /// the destination has not run the state. Returns the error that says what became of
+    /// each device; `None` when the migration had already ended.
+    pub fn cancel(&mut self) -> Option<Error> {
+        if self.stage == Stage::Ended {
+            return None;
+        }
+        Some(self.fail(Error::InvalidInput("migration cancelled".into())))
+    }
+
+    /// The devices back, after a failure or a cancel, or of a migration still going, which
+    /// then ends as when the source is dropped: before the switch-over it is cancelled (the
+    /// stream is incomplete, so no destination can run it: the devices return to their start
+    /// state); after it, the stream is whole and may already run elsewhere, so the outcome is
+    /// in doubt and the devices are stopped for good, as by [`finish`](Self::finish).
+    pub fn into_devices(mut self) -> Vec<D> {
+        self.settle();
+        std::mem::take(&mut self.devs)
+    }
+
+    /// Ends an unfinished migration as [`into_devices`](Self::into_devices) says.
+    fn settle(&mut self) {
+        match self.stage {
+            Stage::Ended => {}
+            Stage::PreCopy => {
+                if let Some(e) = self.cancel() {
+                    log::warn!(
+                        "a migration source given up before its switch-over: {}",
+                        crate::error::Report(&e)
+                    );
+                }
+            }
+            Stage::SwitchedOver => {
+                log::warn!(
+                    "a migration source given up after its switch-over, without finish or \
+                     cancel: the outcome is in doubt, so its devices stay stopped"
+                );
+                self.stage = Stage::Ended;
+                let mut reports = vec![SaveReport::default(); self.devs.len()];
+                finish_handoff_all(&mut as_refs(&mut self.devs), &mut reports);
+            }
+        }
+    }
+
+    /// The devices, for what this type does not cover (DMA logging reads).
+    pub fn devices(&mut self) -> impl Iterator<Item = &mut D> + '_ {
+        self.devs.iter_mut()
+    }
+
+    fn check(&self, stage: Stage, step: &str) -> Result<()> {
+        if self.stage != stage {
+            return Err(Error::InvalidInput(format!(
+                "{step}: the migration is {}",
+                match self.stage {
+                    Stage::PreCopy => "still in pre-copy",
+                    Stage::SwitchedOver => "already switched over",
+                    Stage::Ended => "over (finished, failed or cancelled)",
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses to go on with a device that left the saving session this migration put it in
+    /// (it ran again): its data so far belongs to a session that no longer exists.
+    fn check_sessions(&mut self, step: &str) -> Result<()> {
+        for (dev, &live) in self.devs.iter_mut().zip(&self.live) {
+            if live && !dev.is_saving()? {
+                return Err(Error::protocol(
+                    step,
+                    format!(
+                        "{} left its saving session during the migration (it ran again): \
+                         start a new migration",
+                        dev.identity().instance
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns every device to its start state after `e`; the migration cannot go on.
+    fn fail(&mut self, e: Error) -> Error {
+        self.stage = Stage::Ended;
+        self.writer = None;
+        restore(&mut self.devs, &self.start, e)
+    }
+}
+
+impl<D: MigrationDevice> Drop for Source<D> {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+fn ended() -> Error {
+    Error::InvalidInput("the migration is over".into())
+}
+
+/// Checks the unit, records the start states, stages the header and enters pre-copy.
+fn begin<D: MigrationDevice>(
+    devs: &mut [D],
+    opts: &SourceOptions,
+) -> Result<(Vec<RunState>, Vec<bool>, Staged)> {
+    if devs.is_empty() || devs.len() > crate::stream::MAX_DEVICES {
+        return Err(Error::InvalidInput(format!(
+            "a migration of {} devices (1 to {} are possible)",
+            devs.len(),
+            crate::stream::MAX_DEVICES
+        )));
+    }
+    check_unit(&as_refs(devs), opts.allow_non_p2p_unit)?;
+    let start = devs
+        .iter_mut()
+        .map(|d| d.run_state())
+        .collect::<Result<Vec<_>>>()?;
+    let live: Vec<bool> = devs
+        .iter()
+        .zip(&start)
+        .map(|(d, s)| d.capabilities().pre_copy && *s == RunState::Running)
+        .collect();
+    let header = StreamHeader {
+        session_id: new_session_id()?,
+        epoch: opts.epoch.0,
+        devices: devs
+            .iter()
+            .zip(&live)
+            .map(|(d, &live)| describe(d, live))
+            .collect(),
+    };
+    let writer = StreamWriter::new(Vec::new(), &header)?;
+    for i in 0..devs.len() {
+        if live[i] {
+            if let Err(e) = devs[i].start_pre_copy() {
+                return Err(restore(&mut devs[..=i], &start[..=i], e));
+            }
+        }
+    }
+    Ok((start, live, writer))
+}
+
+fn estimate<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Estimate> {
+    let mut total = Estimate {
+        pending: 0,
+        initial_bytes: 0,
+        stop_copy: Some(0),
+    };
+    for (dev, &live) in devs.iter_mut().zip(live) {
+        if live {
+            let pending = dev.pending()?;
+            total.pending = total.pending.saturating_add(pending.bytes);
+            total.initial_bytes = total
+                .initial_bytes
+                .saturating_add(pending.initial_bytes.unwrap_or(0));
+        }
+        let stop = dev.stop_copy_estimate()?;
+        total.stop_copy = match (total.stop_copy, stop) {
+            (Some(a), Some(b)) => Some(a.saturating_add(b)),
+            _ => None,
+        };
+    }
+    Ok(total)
+}
