@@ -699,7 +699,10 @@ static bool mv1_resume_complete(struct mv1_state *s)
 
 /* ---- device_state ------------------------------------------------------- */
 
-/* The uAPI's transitions, plus the cancel arcs back to RUNNING. */
+/*
+ * The uAPI's transitions, plus the cancel arcs back to RUNNING. STOP -> SAVING is QEMU
+ * 5.2-7.2's save of a stopped VM: vfio_save_setup ORs SAVING into the state it finds.
+ */
 static bool mv1_is_arc(u32 from, u32 to)
 {
 	switch (from) {
@@ -711,7 +714,8 @@ static bool mv1_is_arc(u32 from, u32 to)
 	case MV1_STATE_STOPCOPY:
 		return to == MV1_STATE_STOP || to == MV1_STATE_RUNNING;
 	case MV1_STATE_STOP:
-		return to == MV1_STATE_RUNNING || to == MV1_STATE_RESUMING;
+		return to == MV1_STATE_RUNNING || to == MV1_STATE_RESUMING ||
+		       to == MV1_STATE_STOPCOPY;
 	case MV1_STATE_RESUMING:
 		return to == MV1_STATE_RUNNING;
 	}
@@ -757,6 +761,8 @@ static int mv1_write_state(struct mv1_state *s, u32 value)
 	case MV1_STATE_STOP:
 		if (to == MV1_STATE_RESUMING)
 			mv1_resume_start(s);
+		else if (to == MV1_STATE_STOPCOPY)
+			mv1_save_start(s, true);
 		break;
 	case MV1_STATE_RESUMING:
 		if (!mv1_resume_complete(s)) {
