@@ -37,14 +37,17 @@ cargo clippy -p vfio-mig-tests --test guest --test guest_igb --locked -- -D warn
 
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
-# Each published crate, with every feature, as docs.rs builds it.
-for crate in vfio-mig vfio-mig-mock vfio-mig-user vfio-mig-cli vfio-mig-etcd vmm-glue; do
+# Each published crate alone, at its default features (what a user of it builds) and with
+# every feature (what docs.rs builds: `[package.metadata.docs.rs] all-features`).
+for crate in vfio-mig vfio-mig-session vfio-mig-fence vfio-mig-mock vfio-mig-user vfio-mig-cli vfio-mig-etcd vmm-glue; do
+    RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --no-deps --locked
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --all-features --no-deps --locked
 done
 
-step "builds without default features (no KVM, no iommufd)"
+step "builds without default features (no KVM, no iommufd, no v1, no TLS)"
 cargo build -p vmm-glue --no-default-features --locked
 cargo build -p vfio-mig --no-default-features --locked
+cargo build -p vfio-mig-session --no-default-features --locked
 
 step "host tests (release)"
 # The network-namespace test (vfio-mig/tests/net.rs) needs root and `ip`: install iproute2

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vfio_mig::handshake::{read_message, Message};
+use vfio_mig_session::handshake::{read_message, Message};
 
 fuzz_target!(|data: &[u8]| {
     let decoded = Message::decode(data);

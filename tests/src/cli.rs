@@ -8,8 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
-use vfio_mig::handshake::{read_message, write_message, Message};
 use vfio_mig::stream::{Record, StreamReader};
+use vfio_mig_session::handshake::{read_message, write_message, Message};
 
 /// Runs `bin ARGS`, echoing its output into the test log.
 pub fn run(bin: &Path, args: &[&str]) -> Output {
@@ -55,6 +55,7 @@ pub fn clean_failure(out: &Output, expect: &[&str]) -> String {
 }
 
 /// A `vfio-mig recv` running in the background, with its stderr read line by line.
+#[derive(Debug)]
 pub struct Recv {
     /// The process.
     pub child: Child,

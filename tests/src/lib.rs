@@ -47,6 +47,14 @@ pub struct MockDevice {
     pub handle: MockHandle,
 }
 
+impl std::fmt::Debug for MockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockDevice")
+            .field("model", &self.opened.device.identity().model)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::ops::Deref for MockDevice {
     type Target = OpenedDevice;
     fn deref(&self) -> &OpenedDevice {

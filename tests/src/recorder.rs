@@ -49,6 +49,14 @@ pub struct Recorder {
     pub probe: StateProbe,
 }
 
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Recorder {
     fn snap<T>(&mut self, r: T) -> T {
         let state = (self.probe)(self.inner.as_mut(), self.slot);

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vfio_mig::engine::{Observer, SaveOptions};
-use vfio_mig::fence::Fence;
-use vfio_mig::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig::stream::StreamHeader;
-use vfio_mig::transport::{Connection, Duplex};
 use vfio_mig::OpenedDevice;
-use vfio_mig::Result;
+use vfio_mig_fence::Fence;
+use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
+use vfio_mig_session::transport::{Connection, Duplex};
+use vfio_mig_session::Result;
 
 /// Runs [`send`] on `src` over `a` and [`receive`] on `dst` over `b` in two threads.
 #[allow(clippy::too_many_arguments)]

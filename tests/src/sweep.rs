@@ -7,7 +7,7 @@ use crate::recorder::{Recorder, UnitLog};
 use crate::timeline::Timeline;
 use crate::try_mock;
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 
 /// One sweep: `fail-at={field}@N{suffix}` added to `spec` on one side.
 #[derive(Debug, Clone)]

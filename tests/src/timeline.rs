@@ -28,6 +28,7 @@ use vfio_mig_mock::{MockHandle, MockStatus};
 use crate::recorder::StateProbe;
 
 /// The recorded timeline of one migration of a unit of `sources` pairs.
+#[derive(Debug)]
 pub struct Timeline {
     handles: Vec<MockHandle>,
     sources: usize,

@@ -13,13 +13,14 @@ use std::time::Instant;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
-use vfio_mig::error::{Error, Report};
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::{
+use vfio_mig::error::Report;
+use vfio_mig_fence::MemoryFence;
+use vfio_mig_session::handshake::{
     open_connection, open_session, read_message, receive_channels, receive_opened, send_channels,
     ChannelOpening, Message, Opened, RecvOutcome, SendOutcome,
 };
-use vfio_mig::transport::{Connection, Duplex};
+use vfio_mig_session::transport::{Connection, Duplex};
+use vfio_mig_session::Error;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
 fn opts(live: bool) -> SaveOptions {
@@ -42,8 +43,8 @@ fn specs(n: usize) -> Vec<String> {
 
 /// What a run of one unit over channels did.
 struct Run {
-    sent: vfio_mig::Result<SendOutcome>,
-    received: vfio_mig::Result<RecvOutcome>,
+    sent: vfio_mig_session::Result<SendOutcome>,
+    received: vfio_mig_session::Result<RecvOutcome>,
     /// Further connections the source opened (indices it asked for).
     opened: Vec<u16>,
 }
@@ -103,16 +104,17 @@ fn run(
             let Some(max) = max else {
                 return receive_opened(&mut d, opening, &mut fence, dst_obs);
             };
-            let mut accept = |deadline: Instant| -> vfio_mig::Result<ChannelOpening<Connection>> {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                let conn = further_rx
-                    .recv_timeout(wait)
-                    .map_err(|e| Error::protocol("accept a channel", e.to_string()))?;
-                match open_connection(conn, Some(deadline))? {
-                    Opened::Channel(c) => Ok(c),
-                    Opened::Session(_) => Err(Error::protocol("accept a channel", "a session")),
-                }
-            };
+            let mut accept =
+                |deadline: Instant| -> vfio_mig_session::Result<ChannelOpening<Connection>> {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    let conn = further_rx
+                        .recv_timeout(wait)
+                        .map_err(|e| Error::protocol("accept a channel", e.to_string()))?;
+                    match open_connection(conn, Some(deadline))? {
+                        Opened::Channel(c) => Ok(c),
+                        Opened::Session(_) => Err(Error::protocol("accept a channel", "a session")),
+                    }
+                };
             receive_channels(&mut d, opening, &mut fence, dst_obs, max, &mut accept)
         });
         (saver.join().unwrap(), loader.join().unwrap())
@@ -345,7 +347,7 @@ fn a_channel_with_a_wrong_token_or_another_session_is_refused_and_touches_nothin
         let header = &header;
         let (s, d) = (&mut s, &mut d);
         let saver = sc.spawn(move || {
-            let mut connect = |_: u16| -> vfio_mig::Result<Connection> {
+            let mut connect = |_: u16| -> vfio_mig_session::Result<Connection> {
                 Err(Error::transport(
                     "connect",
                     std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
@@ -365,15 +367,16 @@ fn a_channel_with_a_wrong_token_or_another_session_is_refused_and_touches_nothin
             let mut fence = MemoryFence::new();
             let opening = open_session(to_src, None)?;
             let mut once = Some(forged_end);
-            let mut accept = |deadline: Instant| -> vfio_mig::Result<ChannelOpening<Connection>> {
-                let conn = once
-                    .take()
-                    .ok_or_else(|| Error::protocol("accept a channel", "no more connections"))?;
-                match open_connection(conn, Some(deadline))? {
-                    Opened::Channel(c) => Ok(c),
-                    Opened::Session(_) => Err(Error::protocol("accept a channel", "a session")),
-                }
-            };
+            let mut accept =
+                |deadline: Instant| -> vfio_mig_session::Result<ChannelOpening<Connection>> {
+                    let conn = once.take().ok_or_else(|| {
+                        Error::protocol("accept a channel", "no more connections")
+                    })?;
+                    match open_connection(conn, Some(deadline))? {
+                        Opened::Channel(c) => Ok(c),
+                        Opened::Session(_) => Err(Error::protocol("accept a channel", "a session")),
+                    }
+                };
             receive_channels(d, opening, &mut fence, &NoObserver, 16, &mut accept)
         });
         (saver.join().unwrap(), loader.join().unwrap())

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
-use vfio_mig::handshake::migrate_local;
 use vfio_mig::Error;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 
 fn opts(policy: PreCopyPolicy) -> SaveOptions {
@@ -85,7 +85,7 @@ fn a_strict_policy_refuses_to_exceed_the_budget_and_rolls_back() {
     .unwrap_err();
     let text = vfio_mig::error::Report(&err).to_string();
     assert!(
-        matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))),
+        matches!(&err, vfio_mig_session::Error::Core(Error::RolledBack { source, .. }) if matches!(**source, Error::PreCopy(_))),
         "{text}"
     );
     assert!(text.contains("NotConverging"), "{text}");
@@ -117,7 +117,7 @@ fn a_strict_budget_never_switches_over_on_an_unknown_stop_copy_size() {
     .unwrap_err();
     let text = vfio_mig::error::Report(&err).to_string();
     assert!(
-        matches!(&err, Error::RolledBack { source, .. } if matches!(**source, Error::PreCopy(_))),
+        matches!(&err, vfio_mig_session::Error::Core(Error::RolledBack { source, .. }) if matches!(**source, Error::PreCopy(_))),
         "{text}"
     );
     assert!(text.contains("unknown (MIG_DATA_SIZE failed)"), "{text}");

@@ -4,7 +4,7 @@
 //! QEMU's hw/vfio/migration.c, not from this crate's rule code.
 
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock};
 
 /// Migrates `src_spec` into `dst_spec` on this host.
@@ -15,7 +15,7 @@ fn migrate(
 ) -> (
     vfio_mig_tests::MockDevice,
     vfio_mig_tests::MockDevice,
-    vfio_mig::Result<vfio_mig::handshake::MigrateReport>,
+    vfio_mig_session::Result<vfio_mig_session::handshake::MigrateReport>,
 ) {
     let mut src = mock(src_spec);
     let mut dst = mock(dst_spec);
@@ -87,7 +87,7 @@ fn migrate_unit(
     srcs: &mut [vfio_mig_tests::MockDevice],
     dsts: &mut [vfio_mig_tests::MockDevice],
     opts: &SaveOptions,
-) -> vfio_mig::Result<Vec<vfio_mig::handshake::MigrateReport>> {
+) -> vfio_mig_session::Result<Vec<vfio_mig_session::handshake::MigrateReport>> {
     use vfio_mig::engine::MigrationDevice;
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
@@ -98,12 +98,12 @@ fn migrate_unit(
         opts.live,
         1,
     )?;
-    vfio_mig::handshake::migrate_pairs(
+    vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,
         &header,
         opts,
-        &mut vfio_mig::fence::MemoryFence::new(),
+        &mut vfio_mig_fence::MemoryFence::new(),
         &NoObserver,
         &NoObserver,
     )
@@ -171,7 +171,7 @@ fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
 /// Migrates two P2P devices into destinations wrapped in [`Recorder`]s; returns the result
 /// and the unit's state snapshots. A destination RUNNING with a verified resumed state shows
 /// as "RUNNING(loaded)", a fresh or reset one as plain "RUNNING".
-fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>) {
+fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<String>>) {
     use vfio_mig::engine::MigrationDevice;
     use vfio_mig_tests::recorder::{Recorder, UnitLog};
     let src_specs = ["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"];
@@ -206,12 +206,12 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig::Result<()>, Vec<Vec<String>>)
         1,
     )
     .unwrap();
-    let r = vfio_mig::handshake::migrate_pairs(
+    let r = vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,
         &header,
         &SaveOptions::default(),
-        &mut vfio_mig::fence::MemoryFence::new(),
+        &mut vfio_mig_fence::MemoryFence::new(),
         &NoObserver,
         &NoObserver,
     )

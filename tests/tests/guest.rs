@@ -207,6 +207,15 @@ pub mod mtty {
         pub device: VfioDevice,
     }
 
+    impl std::fmt::Debug for MttyDevice {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("MttyDevice")
+                .field("path", &self.path)
+                .field("backend", &self.backend)
+                .finish_non_exhaustive()
+        }
+    }
+
     impl MttyDevice {
         /// Opens the device through the backend `VFIO_MIG_BACKEND` asks for (see
         /// [`expected_backend`] for `auto`), with vfio-ioctls directly, not through vfio-mig.

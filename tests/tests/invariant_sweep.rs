@@ -10,9 +10,9 @@
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig::error::Report;
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::migrate_pairs_channels;
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
+use vfio_mig_session::handshake::migrate_pairs_channels;
 use vfio_mig_tests::recorder::{Recorder, UnitLog};
 use vfio_mig_tests::timeline::Timeline;
 use vfio_mig_tests::{try_mock, MockDevice};

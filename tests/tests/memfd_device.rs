@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::stat::{fstat, SFlag};
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock, MockDevice};
 
 /// v2 device states (include/uapi/linux/vfio.h, `enum vfio_device_mig_state`).

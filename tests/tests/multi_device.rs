@@ -11,9 +11,9 @@ use vfio_mig::engine::{
     Capabilities, MigrationDevice, NoObserver, Pending, PreCopyPolicy, Protocol, ReadOutcome,
     Recovery, SaveOptions,
 };
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::migrate_pairs;
 use vfio_mig::Result;
+use vfio_mig_fence::MemoryFence;
+use vfio_mig_session::handshake::migrate_pairs;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
 /// These units mix v1 devices (no P2P states) in: they need the explicit opt-in.
@@ -31,7 +31,7 @@ fn run(
     srcs: &mut [MockDevice],
     dsts: &mut [MockDevice],
     live: bool,
-) -> Result<Vec<vfio_mig::handshake::MigrateReport>> {
+) -> vfio_mig_session::Result<Vec<vfio_mig_session::handshake::MigrateReport>> {
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =

@@ -11,8 +11,9 @@ use vfio_mig::engine::{
     save_with_rollback, session::new_header, Capabilities, MigrationDevice, NoObserver, Pending,
     PreCopyPolicy, Protocol, ReadOutcome, Recovery, SaveOptions,
 };
-use vfio_mig::stream::{StreamHeader, StreamKey, StreamWriter};
+use vfio_mig::stream::{StreamHeader, StreamWriter};
 use vfio_mig::{Error, Result};
+use vfio_mig_session::StreamKey;
 use vfio_mig_tests::{assert_source_running, load_from_slice, mock};
 
 /// Saves the device of `spec` with `opts` under `header` into a vector; returns the bytes
@@ -26,7 +27,7 @@ fn save(
     let mut src = mock(spec);
     let mut sink = Sink::default();
     let result = (|| {
-        let mut w = StreamWriter::with_key(&mut sink, header, key)?;
+        let mut w = StreamWriter::with_key(&mut sink, header, key.map(StreamKey::auth))?;
         save_with_rollback(src.device.as_mut(), &mut w, 0, opts, &NoObserver)?;
         w.finish()?;
         Ok(())

@@ -8,8 +8,8 @@
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig::error::Report;
-use vfio_mig::fence::{Admission, Fence, MemoryFence};
-use vfio_mig::handshake::migrate_pairs_channels;
+use vfio_mig_fence::{Admission, Fence, MemoryFence};
+use vfio_mig_session::handshake::migrate_pairs_channels;
 use vfio_mig_tests::{handle, mock, MockDevice};
 
 /// Two P2P devices (mtty's flags: STOP_COPY | P2P | PRE_COPY).

@@ -10,10 +10,10 @@
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::{migrate_local, migrate_pairs};
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_mock::MockSpec;
+use vfio_mig_session::handshake::{migrate_local, migrate_pairs};
 use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{
     assert_destination_left_safe, assert_destination_safe, assert_source_running, handle, mock,
@@ -42,7 +42,7 @@ fn has_p2p(profile: ProfileName) -> bool {
 }
 
 /// One migration between two fresh devices of `spec`; checks the outcome either way.
-fn migrate(spec: &str, live: bool) -> Result<vfio_mig::handshake::MigrateReport, String> {
+fn migrate(spec: &str, live: bool) -> Result<vfio_mig_session::handshake::MigrateReport, String> {
     let (mut src, mut dst) = (mock(spec), mock(spec));
     let r = migrate_local(
         src.device.as_mut(),

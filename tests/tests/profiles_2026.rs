@@ -8,10 +8,10 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_mig::device::{DeviceIo, DmaLoggingRange};
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
 use vfio_mig::v2::feature;
 use vfio_mig::v2::{DataFd, DataRead, MigState};
 use vfio_mig_mock::{MockSpec, MockStatus};
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::v2_mock::{code, dev, read_to_end, resume, state, stop_copy_stream};
 use vfio_mig_tests::{handle, mock, StatusExt};
 
@@ -243,7 +243,7 @@ fn igb_checks_the_blob_at_resuming_to_stop_and_a_reset_does_not_help() {
 }
 
 /// One local migration between `src` and `dst` specs, not live.
-fn migrate_once(src: &str, dst: &str) -> (vfio_mig::Result<()>, MockStatus, MockStatus) {
+fn migrate_once(src: &str, dst: &str) -> (vfio_mig_session::Result<()>, MockStatus, MockStatus) {
     let (mut s, mut d) = (mock(src), mock(dst));
     let opts = SaveOptions::default();
     let r = migrate_local(

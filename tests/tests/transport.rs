@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{Event, NoObserver, PreCopyPolicy, SaveOptions};
-use vfio_mig::fence::DeviceKey;
-use vfio_mig::fence::{FenceRecord, MemoryFence, StateFence};
-use vfio_mig::handshake::{
+use vfio_mig::stream::{Phase, StreamHeader};
+use vfio_mig::v1::V1State;
+use vfio_mig::OpenedDevice;
+use vfio_mig_fence::DeviceKey;
+use vfio_mig_fence::{FenceRecord, MemoryFence, StateFence};
+use vfio_mig_session::handshake::{
     read_message, receive, send, Message, ReasonCode, RecvOutcome, SendOutcome,
 };
-use vfio_mig::stream::{Phase, StreamHeader};
-use vfio_mig::transport::{connect, listen, Address, Connection, Duplex};
-use vfio_mig::v1::V1State;
-use vfio_mig::Error;
-use vfio_mig::OpenedDevice;
+use vfio_mig_session::transport::{connect, listen, Address, Connection, Duplex};
+use vfio_mig_session::Error;
 use vfio_mig_tests::session::{run_pair, KillSwitch};
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
@@ -46,8 +46,8 @@ fn header(src: &OpenedDevice, live: bool, epoch: u64) -> StreamHeader {
 /// Checks a failed migration: one-line errors on both sides, the source running, the
 /// destination reset.
 fn assert_failed_cleanly(
-    sent: &vfio_mig::Result<SendOutcome>,
-    received: &vfio_mig::Result<RecvOutcome>,
+    sent: &vfio_mig_session::Result<SendOutcome>,
+    received: &vfio_mig_session::Result<RecvOutcome>,
     src: &MockDevice,
     dst: &MockDevice,
     context: &str,
@@ -175,8 +175,11 @@ fn kill_destination_write(
     src: &mut OpenedDevice,
     dst: &mut OpenedDevice,
     h: &StreamHeader,
-    fence: &mut dyn vfio_mig::fence::Fence,
-) -> (vfio_mig::Result<SendOutcome>, vfio_mig::Result<RecvOutcome>) {
+    fence: &mut dyn vfio_mig_fence::Fence,
+) -> (
+    vfio_mig_session::Result<SendOutcome>,
+    vfio_mig_session::Result<RecvOutcome>,
+) {
     let (a, b) = Connection::pair().unwrap();
     let b = KillSwitch::new(b, Some(n));
     let probe = b.try_clone().unwrap();

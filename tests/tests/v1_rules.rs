@@ -4,9 +4,9 @@
 //! pending, chunk sizes, and refusals of bad or foreign streams.
 
 use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
-use vfio_mig::handshake::migrate_local;
 use vfio_mig::v1::{V1Device, V1State};
 use vfio_mig::Error;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{
     assert_destination_safe, assert_source_running, handle, load_from_slice, mock, save_to_vec,

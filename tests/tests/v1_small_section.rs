@@ -7,7 +7,7 @@
 //! destination checks every byte against its seed and each transaction's sequence number.
 
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock};
 
 #[test]

@@ -5,8 +5,8 @@
 
 use proptest::prelude::*;
 use vfio_mig::engine::{NoObserver, PreCopyPolicy, Protocol, SaveOptions};
-use vfio_mig::handshake::migrate_local;
 use vfio_mig::v2::MigState;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{
     assert_destination_safe, assert_source_running, handle, load_from_slice, mock, save_to_vec,

@@ -5,7 +5,7 @@
 //! with loaded state.
 
 use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions};
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 

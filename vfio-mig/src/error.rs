@@ -98,36 +98,6 @@ pub enum Error {
     /// name, an option out of range).
     #[error("{0}")]
     InvalidInput(String),
-    /// A migration was refused before either device was touched (by the destination's
-    /// compatibility or fencing checks).
-    #[error("{step}: refused: {detail}")]
-    Refused {
-        /// What was being done.
-        step: String,
-        /// Why, as a code (also sent to the source in REFUSE).
-        code: ReasonCode,
-        /// Why, in words.
-        detail: String,
-    },
-    /// The destination reported a failure after it had accepted the migration (its device
-    /// was reset).
-    #[error("{step}: the destination failed: {detail}")]
-    PeerFailed {
-        /// What the source was doing.
-        step: String,
-        /// The destination's reason.
-        detail: String,
-    },
-    /// The connection was lost after the source told the destination to resume: the
-    /// destination may run the state. The source device is left stopped, not resumed, so that
-    /// the state never runs twice; `send --session` with the same id asks the destination.
-    #[error("{step}: outcome in doubt: {detail}")]
-    InDoubt {
-        /// What was being done.
-        step: String,
-        /// What is known.
-        detail: String,
-    },
     /// The unit passed its point of no return (a destination device entered RUNNING and runs
     /// the migrated state) but not every device runs: `detail` names those that run and
     /// those that failed to run and were reset. The source devices are stopped (or reset),
@@ -140,16 +110,11 @@ pub enum Error {
         /// Which devices run, which failed to run and what became of them.
         detail: String,
     },
-    /// Another vfio-mig command holds the device's lock.
-    #[error("{device} is in use by another vfio-mig (pid {pid}; lock {})", lock.display())]
-    Busy {
-        /// The device.
-        device: String,
-        /// The holder's pid, as recorded in the lock file (`unknown` if unreadable).
-        pid: String,
-        /// The lock file.
-        lock: std::path::PathBuf,
-    },
+    /// An error of the caller's code that the engine called (a [`crate::engine::LoadGate`],
+    /// an output), carried out of the engine unchanged so that the caller's crate can take
+    /// it back (the session and fencing crates downcast their own errors from it).
+    #[error(transparent)]
+    External(Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// An error and its causes on one line, each separated by `": "`: what a command line or a
@@ -261,85 +226,6 @@ impl fmt::Display for Recovery {
             Recovery::Stopped => write!(f, "was returned to STOP"),
             Recovery::Reset => write!(f, "was reset"),
             Recovery::Failed(why) => write!(f, "could not be recovered ({why})"),
-        }
-    }
-}
-
-/// Why a destination refused or failed a migration, as a machine-readable code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
-#[non_exhaustive]
-pub enum ReasonCode {
-    /// The stream's device does not fit the destination device (protocol, model).
-    Incompatible,
-    /// The stream's epoch is older than one the destination already accepted.
-    StaleEpoch,
-    /// The destination device is busy.
-    Busy,
-    /// Something the destination does not support (a feature, several devices).
-    Unsupported,
-    /// The stream is malformed, corrupt or truncated.
-    Stream,
-    /// The destination device failed or rejected the state.
-    Device,
-    /// The destination could not read or record its fencing state.
-    Fence,
-    /// The peer broke the handshake protocol.
-    Protocol,
-    /// The source's authenticated identity may not load into this device.
-    Unauthorized,
-    /// A code this version does not know.
-    Unknown(u16),
-}
-
-impl ReasonCode {
-    /// The code's wire value.
-    pub const fn wire(self) -> u16 {
-        match self {
-            ReasonCode::Incompatible => 1,
-            ReasonCode::StaleEpoch => 2,
-            ReasonCode::Busy => 3,
-            ReasonCode::Unsupported => 4,
-            ReasonCode::Stream => 5,
-            ReasonCode::Device => 6,
-            ReasonCode::Fence => 7,
-            ReasonCode::Protocol => 8,
-            ReasonCode::Unauthorized => 9,
-            ReasonCode::Unknown(n) => n,
-        }
-    }
-
-    /// The code of wire value `n`.
-    pub const fn from_wire(n: u16) -> Self {
-        match n {
-            1 => ReasonCode::Incompatible,
-            2 => ReasonCode::StaleEpoch,
-            3 => ReasonCode::Busy,
-            4 => ReasonCode::Unsupported,
-            5 => ReasonCode::Stream,
-            6 => ReasonCode::Device,
-            7 => ReasonCode::Fence,
-            8 => ReasonCode::Protocol,
-            9 => ReasonCode::Unauthorized,
-            n => ReasonCode::Unknown(n),
-        }
-    }
-}
-
-impl fmt::Display for ReasonCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReasonCode::Incompatible => f.write_str("incompatible device"),
-            ReasonCode::StaleEpoch => f.write_str("stale epoch"),
-            ReasonCode::Busy => f.write_str("device busy"),
-            ReasonCode::Unsupported => f.write_str("unsupported"),
-            ReasonCode::Stream => f.write_str("bad stream"),
-            ReasonCode::Device => f.write_str("device failure"),
-            ReasonCode::Fence => f.write_str("fencing state"),
-            ReasonCode::Protocol => f.write_str("protocol violation"),
-            ReasonCode::Unauthorized => f.write_str("not authorized"),
-            ReasonCode::Unknown(n) => write!(f, "reason {n}"),
         }
     }
 }

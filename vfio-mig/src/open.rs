@@ -13,6 +13,7 @@ use crate::device::vfio::VfioDeviceIo;
 use crate::device::DeviceIo;
 use crate::error::{Error, Result};
 use crate::migration::MigrationDevice;
+#[cfg(feature = "v1")]
 use crate::v1::V1Device;
 
 /// An opened device, ready for the engine.
@@ -77,5 +78,21 @@ pub fn driver_for(io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
     if v2.is_ok() {
         return Ok(Box::new(crate::v2::V2Device::open(io)?));
     }
+    v1_driver(io)
+}
+
+/// The v1 driver for a device that does not speak v2.
+#[cfg(feature = "v1")]
+fn v1_driver(io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
     Ok(Box::new(V1Device::open(io)?))
+}
+
+/// Without the `v1` feature a device that does not speak v2 cannot migrate here.
+#[cfg(not(feature = "v1"))]
+fn v1_driver(_io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
+    Err(Error::Unsupported(
+        "probe the migration protocol: the device does not offer v2 migration \
+         (VFIO_DEVICE_FEATURE_MIGRATION) and this build has no v1 (feature `v1`)"
+            .into(),
+    ))
 }

@@ -135,6 +135,14 @@ pub struct DmaLogging {
     started: bool,
 }
 
+impl std::fmt::Debug for DmaLogging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaLogging")
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
+}
+
 impl DmaLogging {
     /// DMA logging on `dev` (a v2 device that supports it).
     pub fn new(dev: Arc<dyn DeviceIo>) -> Self {

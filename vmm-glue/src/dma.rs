@@ -20,6 +20,7 @@ use crate::dirty::{DirtyTracker, MemoryRange};
 use crate::error::{GlueError, Result};
 
 nix::ioctl_readwrite_bad!(
+    /// `VFIO_IOMMU_DIRTY_PAGES` on a type1 container fd, with an argsz-sized buffer.
     iommu_dirty_pages,
     nix::request_code_none!(VFIO_TYPE, VFIO_BASE + 17),
     u8
@@ -99,6 +100,15 @@ impl VmContainer {
 pub struct ContainerDirtyPages {
     container: Arc<VfioContainer>,
     started: bool,
+}
+
+impl std::fmt::Debug for ContainerDirtyPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerDirtyPages")
+            .field("fd", &self.container.as_raw_fd())
+            .field("started", &self.started)
+            .finish()
+    }
 }
 
 impl ContainerDirtyPages {

@@ -156,12 +156,12 @@ fn no_mtty_destination_runs_before_both_are_loaded_and_quiescent() {
             live: true,
             ..Default::default()
         };
-        vfio_mig::handshake::migrate_pairs(
+        vfio_mig_session::handshake::migrate_pairs(
             &mut s,
             &mut t,
             &header,
             &opts,
-            &mut vfio_mig::fence::MemoryFence::new(),
+            &mut vfio_mig_fence::MemoryFence::new(),
             &NoObserver,
             &NoObserver,
         )

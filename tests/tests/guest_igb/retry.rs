@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use vfio_mig::handshake::{read_message, Message};
+use vfio_mig_session::handshake::{read_message, Message};
 use vfio_mig_tests::cli::{sigterm, Recv};
 use vfio_mig_tests::rewrite_stream;
 

@@ -173,5 +173,11 @@ fn transitions(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stream_write, stream_read, crc, transitions);
+// `criterion_group!` defines a public, undocumented `fn benches`.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, stream_write, stream_read, crc, transitions);
+}
+use group::benches;
 criterion_main!(benches);

@@ -21,14 +21,16 @@ use rcgen::{
 };
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake;
 use vfio_mig::stream::StreamWriter;
-use vfio_mig::transport::tls::TlsConfig;
-use vfio_mig::transport::{accept_tls, connect, connect_tls, Address, ClientTls, Connection};
 use vfio_mig::v2::{feature, MigState, V2Device};
 use vfio_mig::Backend;
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockSpec, MockV2};
+use vfio_mig_session::handshake;
+use vfio_mig_session::transport::tls::TlsConfig;
+use vfio_mig_session::transport::{
+    accept_tls, connect, connect_tls, Address, ClientTls, Connection,
+};
 
 fn leaf(
     dir: &Path,

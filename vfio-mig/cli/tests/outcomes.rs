@@ -11,7 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 
 use common::{assert_clean_failure, kill, stderr, Dirs, HeldOutput, Recv};
-use vfio_mig::handshake::{read_message, write_message, Message};
+use vfio_mig_session::handshake::{read_message, write_message, Message};
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))

@@ -2,7 +2,7 @@
 //! The `etcds://HOST:PORT[,HOST:PORT...]` (TLS) or `etcd://...` (plain HTTP) URL of a
 //! cluster.
 
-use vfio_mig::error::{Error, Result};
+use vfio_mig_fence::{Error, Result};
 
 /// The scheme of a cluster reached over TLS.
 pub const TLS_SCHEME: &str = "etcds://";
@@ -44,7 +44,7 @@ impl Scheme {
 /// is required).
 pub fn parse_url(url: &str) -> Result<(Scheme, Vec<String>)> {
     let bad = |why: &str| {
-        Error::InvalidInput(format!(
+        Error::invalid_input(format!(
             "--fence {url}: {why} (expected etcds://HOST:PORT[,HOST:PORT...])"
         ))
     };

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! etcd v3 as the fencing store of vfio-mig ([`vfio_mig::fence::FenceStore`]): the claims and
+//! etcd v3 as the fencing store of vfio-mig ([`vfio_mig_fence::FenceStore`]): the claims and
 //! epochs of device states live where every host of a fleet sees them.
 //!
 //! The store speaks etcd's v3 JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`,
@@ -38,8 +38,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
+use vfio_mig_fence::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
+use vfio_mig_fence::{Error, Result};
 
 pub use endpoint::{parse_url, Scheme, PLAIN_SCHEME, TLS_SCHEME};
 pub use tls::{ClientIdentity, EtcdTls};
@@ -96,7 +96,7 @@ impl EtcdStore {
     /// as `security` says. The TLS files are read and checked here.
     pub fn new(endpoints: Vec<String>, security: &Security) -> Result<Self> {
         if endpoints.is_empty() {
-            return Err(Error::InvalidInput("etcd: no endpoint".into()));
+            return Err(Error::invalid_input("etcd: no endpoint"));
         }
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -132,10 +132,10 @@ impl EtcdStore {
             (Scheme::Tls, Security::Tls(_)) | (Scheme::Plain, Security::InsecurePlainHttp) => {
                 Self::new(endpoints, security)
             }
-            (Scheme::Tls, Security::InsecurePlainHttp) => Err(Error::InvalidInput(format!(
+            (Scheme::Tls, Security::InsecurePlainHttp) => Err(Error::invalid_input(format!(
                 "--fence {url}: an etcds:// store needs a CA, a client certificate and its key"
             ))),
-            (Scheme::Plain, Security::Tls(_)) => Err(Error::InvalidInput(format!(
+            (Scheme::Plain, Security::Tls(_)) => Err(Error::invalid_input(format!(
                 "--fence {url}: etcd:// is plain HTTP, but TLS files were given: use etcds://"
             ))),
         }

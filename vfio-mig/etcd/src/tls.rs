@@ -2,7 +2,7 @@
 //! The TLS of an `etcds://` store: the members' certificates verified against one CA (never
 //! the system's roots), this host's client certificate presented to them.
 //!
-//! The files are loaded and checked by the library's [`vfio_mig::transport::tls::TlsConfig`]
+//! The files are loaded and checked by the library's [`vfio_mig_session::transport::tls::TlsConfig`]
 //! when the store is made (a missing file, a CA bundle that is not a trust anchor, or a key
 //! that is not the certificate's fails there, naming the file), then handed to ureq's
 //! rustls connector with the `ring` provider.
@@ -19,8 +19,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::transport::tls::TlsConfig as Files;
+use vfio_mig_fence::{Error, Result};
+use vfio_mig_session::transport::tls::TlsConfig as Files;
 
 /// A client certificate chain (end-entity first) and its private key, PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl EtcdTls {
     /// ureq's TLS configuration of these files, after the library checked them, and the
     /// same as a rustls configuration for [`diagnose`].
     pub(crate) fn configs(&self) -> Result<(TlsConfig, Arc<ClientConfig>)> {
-        let bad = |e: &dyn std::fmt::Display| Error::InvalidInput(format!("etcd TLS: {e}"));
+        let bad = |e: &dyn std::fmt::Display| Error::invalid_input(format!("etcd TLS: {e}"));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let files = Files {
             ca: self.ca.clone(),

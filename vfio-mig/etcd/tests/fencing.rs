@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use common::{EtcdCluster, TestStore};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
-use vfio_mig::error::{Error, ReasonCode};
-use vfio_mig::fence::{Admission, DirStore, Fence, SharedFencing};
-use vfio_mig::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig::stream::StreamHeader;
-use vfio_mig::transport::Connection;
 use vfio_mig_etcd::EtcdStore;
+use vfio_mig_fence::{Admission, DirStore, Fence, SharedFencing};
+use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
+use vfio_mig_session::transport::Connection;
+use vfio_mig_session::{Error, ReasonCode};
 use vfio_mig_tests::{assert_destination_safe, handle, mock, MockDevice};
 
 const SPEC: &str = "mock:v1,size=1M,seed=5,chunk=64K";
@@ -46,7 +46,10 @@ fn transfer(
     header: &StreamHeader,
     fence: &mut dyn Fence,
     dst_obs: &dyn Observer,
-) -> (vfio_mig::Result<SendOutcome>, vfio_mig::Result<RecvOutcome>) {
+) -> (
+    vfio_mig_session::Result<SendOutcome>,
+    vfio_mig_session::Result<RecvOutcome>,
+) {
     let (a, b) = Connection::pair().unwrap();
     let mut s: [&mut dyn MigrationDevice; 1] = [src.opened.device.as_mut()];
     let mut d: [&mut dyn MigrationDevice; 1] = [dst.opened.device.as_mut()];
@@ -65,7 +68,10 @@ fn hand_off(
     src: &mut MockDevice,
     dst: &mut MockDevice,
     session: Option<[u8; 16]>,
-) -> (vfio_mig::Result<SendOutcome>, vfio_mig::Result<RecvOutcome>) {
+) -> (
+    vfio_mig_session::Result<SendOutcome>,
+    vfio_mig_session::Result<RecvOutcome>,
+) {
     let mut h = header(src, 0);
     if let Some(s) = session {
         h.session_id = s;
@@ -85,8 +91,8 @@ fn untouched(dev: &MockDevice) -> bool {
     s.bytes_loaded == 0 && s.transactions_loaded == 0 && !s.resumed_ok && s.resets == 0
 }
 
-fn refused_text(r: vfio_mig::Result<impl std::fmt::Debug>) -> (ReasonCode, String) {
-    match r {
+fn refused_text<E: Into<Error>>(r: Result<impl std::fmt::Debug, E>) -> (ReasonCode, String) {
+    match r.map_err(Into::into) {
         Err(e @ Error::Refused { .. }) => {
             let Error::Refused { code, .. } = &e else {
                 unreachable!()
@@ -168,7 +174,7 @@ fn one_key_handed_off_by_many_at_once_has_exactly_one_winner() {
             assert!(
                 matches!(
                     e,
-                    Error::Refused {
+                    vfio_mig_fence::Error::Refused {
                         code: ReasonCode::Busy,
                         ..
                     }
@@ -370,7 +376,7 @@ fn a_claim_whose_lease_expires_frees_the_handoff() {
 fn an_unreachable_store_refuses_before_any_device_is_touched() {
     let mut stores: Vec<(
         &str,
-        Arc<dyn vfio_mig::fence::FenceStore>,
+        Arc<dyn vfio_mig_fence::FenceStore>,
         Option<EtcdCluster>,
     )> = Vec::new();
     let dir = tempfile::tempdir().unwrap();

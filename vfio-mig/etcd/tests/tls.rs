@@ -16,12 +16,12 @@ use std::time::Duration;
 use common::{EtcdCluster, Pki};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, ReasonCode};
-use vfio_mig::fence::{Fence, FenceStore, SharedFencing, Write};
-use vfio_mig::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig::stream::StreamHeader;
-use vfio_mig::transport::Connection;
 use vfio_mig_etcd::{ClientIdentity, EtcdStore, EtcdTls, Security};
+use vfio_mig_fence::{Fence, FenceStore, SharedFencing, Write};
+use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
+use vfio_mig_session::transport::Connection;
+use vfio_mig_session::{Error, ReasonCode};
 use vfio_mig_tests::{handle, mock, MockDevice};
 
 const SPEC: &str = "mock:v1,size=256K,seed=3,chunk=64K";
@@ -37,7 +37,10 @@ fn transfer(
     dst: &mut MockDevice,
     header: &StreamHeader,
     fence: &mut dyn Fence,
-) -> (vfio_mig::Result<SendOutcome>, vfio_mig::Result<RecvOutcome>) {
+) -> (
+    vfio_mig_session::Result<SendOutcome>,
+    vfio_mig_session::Result<RecvOutcome>,
+) {
     let (a, b) = Connection::pair().unwrap();
     let opts = SaveOptions {
         live: false,
@@ -58,8 +61,8 @@ fn untouched(dev: &MockDevice) -> bool {
 }
 
 /// The refusal's code and whole text.
-fn refusal<T: std::fmt::Debug>(r: vfio_mig::Result<T>) -> (ReasonCode, String) {
-    match r {
+fn refusal<T: std::fmt::Debug, E: Into<Error>>(r: Result<T, E>) -> (ReasonCode, String) {
+    match r.map_err(Into::into) {
         Err(e @ Error::Refused { .. }) => {
             let Error::Refused { code, .. } = &e else {
                 unreachable!()

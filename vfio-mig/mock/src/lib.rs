@@ -90,8 +90,8 @@ pub use v1::MockV1;
 pub use v2::MockV2;
 
 use vfio_mig::device::DeviceIo;
-use vfio_mig::fence::DeviceKey;
 use vfio_mig::{Backend, OpenedDevice};
+use vfio_mig_fence::DeviceKey;
 
 /// The prefix of a mock device string on the command line.
 pub const MOCK_PREFIX: &str = "mock:";
@@ -169,7 +169,9 @@ pub fn device_key(name: &str) -> vfio_mig::Result<Option<DeviceKey>> {
         let spec: MockSpec = name.parse()?;
         return Ok(spec.id.map(|id| DeviceKey::from_text(format!("mock:{id}"))));
     }
-    DeviceKey::for_path(name).map(Some)
+    DeviceKey::for_path(name)
+        .map(Some)
+        .map_err(vfio_mig_fence::Error::into_core)
 }
 
 #[cfg(test)]

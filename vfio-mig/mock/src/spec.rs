@@ -21,7 +21,7 @@
 //! | `data-size-min=`| v2: least MIG_DATA_SIZE before STOP_COPY (an estimate far  | `0`          |
 //! |                 | above the pre-copy data, as mlx5's whole-state estimate)   |              |
 //! | `id=`           | a name shared across processes, `[A-Za-z0-9._-]`, 1 to 64: | none         |
-//! |                 | the key of the device's lock and fencing state (`vfio_mig::fence`) |         |
+//! |                 | the key of the device's lock and fencing state (`vfio_mig_fence`) |         |
 //! | `rate=`         | bytes per second the device produces while saving (v2: on | unlimited    |
 //! |                 | its data fd; v1: staging a chunk takes its share); `/s` allowed |         |
 //! | `accept-rate=`  | bytes per second the resuming device takes in             | unlimited    |

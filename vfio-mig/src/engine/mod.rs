@@ -2,7 +2,7 @@
 //! The migration engine: phases, pre-copy policy and rollback over any [`MigrationDevice`].
 //!
 //! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
-//! source, [`load_with_rollback`] on the destination, [`crate::handshake::migrate_local`] for both on one host.
+//! source, [`load_with_rollback`] on the destination, `vfio_mig_session::handshake::migrate_local` for both on one host.
 
 pub mod channels;
 pub mod demux;

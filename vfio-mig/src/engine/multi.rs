@@ -31,6 +31,14 @@ pub struct SharedWriter<W: Write> {
     failed: AtomicBool,
 }
 
+impl<W: Write> std::fmt::Debug for SharedWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedWriter")
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<W: Write> SharedWriter<W> {
     /// Shares `writer`.
     pub fn new(writer: StreamWriter<W>) -> Self {

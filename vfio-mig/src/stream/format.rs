@@ -31,8 +31,8 @@ pub const MAX_FRAGMENT: usize = 1 << 20;
 /// Length of the fixed part of the stream header (magic, version, count, session, epoch,
 /// flags).
 pub const HEADER_FIXED_LEN: usize = 40;
-/// Header flag: an HMAC-SHA256 tag ([`super::mac::TAG_LEN`] bytes) follows the header and
-/// every record ([`super::StreamKey`]).
+/// Header flag: an HMAC-SHA256 tag ([`super::TAG_LEN`] bytes) follows the header and
+/// every record ([`super::StreamAuth`]).
 pub const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
 /// Length of the fixed part of a device descriptor (before the model name).
 pub const DESCRIPTOR_FIXED_LEN: usize = 12;
@@ -256,7 +256,7 @@ pub fn header_frame_len(bytes: &[u8]) -> Option<usize> {
     }
     len += CRC_LEN;
     if le_u32(fixed, 36) & HEADER_FLAG_AUTHENTICATED != 0 {
-        len += super::mac::TAG_LEN;
+        len += super::auth::TAG_LEN;
     }
     Some(len)
 }
@@ -271,7 +271,7 @@ pub fn record_frame_len(bytes: &[u8], authenticated: bool) -> Option<usize> {
         return Some(bytes.len());
     }
     let tag = if authenticated {
-        super::mac::TAG_LEN
+        super::auth::TAG_LEN
     } else {
         0
     };

@@ -8,7 +8,9 @@ use super::format::{
     StreamHeader, Totals, Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN,
     HEADER_FLAG_AUTHENTICATED, MAX_MODEL_LEN, RECORD_HEADER_LEN,
 };
-use super::mac::{StreamKey, TAG_LEN};
+use std::sync::Arc;
+
+use super::auth::{StreamAuth, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
@@ -74,7 +76,7 @@ pub struct StreamReader<R: Read> {
     /// The stream carries tags (header flag AUTHENTICATED).
     authenticated: bool,
     /// The key the tags are checked with (`None`: tags are skipped, not checked).
-    key: Option<StreamKey>,
+    key: Option<Arc<dyn StreamAuth>>,
     tracker: Tracker,
     buf: Vec<u8>,
     bytes_read: u64,
@@ -139,7 +141,7 @@ impl<R: Read> StreamReader<R> {
     /// As [`Self::open`]; with a `key`, the stream must be authenticated with it: the
     /// header's tag is checked here and every record's before the record is returned, so no
     /// byte that the key did not authenticate reaches a device.
-    pub fn open_keyed(mut r: R, key: Option<&StreamKey>) -> Result<(Self, StreamHeader)> {
+    pub fn open_keyed(mut r: R, key: Option<Arc<dyn StreamAuth>>) -> Result<(Self, StreamHeader)> {
         let mut count = 0u64;
         let mut fixed = [0u8; HEADER_FIXED_LEN];
         read_header_part(&mut r, &mut fixed, &mut count)?;
@@ -164,7 +166,7 @@ impl<R: Read> StreamReader<R> {
         if authenticated {
             let mut tag = [0u8; TAG_LEN];
             read_header_part(&mut r, &mut tag, &mut count)?;
-            if let Some(k) = key {
+            if let Some(k) = &key {
                 if !k.header_ok(&raw, &tag) {
                     return Err(Error::stream(
                         "stream header",
@@ -183,7 +185,7 @@ impl<R: Read> StreamReader<R> {
         let reader = StreamReader {
             r,
             authenticated,
-            key: key.cloned(),
+            key,
             tracker: Tracker::new(&header),
             header: header.clone(),
             buf: Vec::new(),
@@ -549,7 +551,7 @@ pub fn verify<R: Read>(r: R) -> Result<StreamSummary> {
 }
 
 /// As [`verify`]; with a `key`, the stream must also be authenticated with it.
-pub fn verify_keyed<R: Read>(r: R, key: Option<&StreamKey>) -> Result<StreamSummary> {
+pub fn verify_keyed<R: Read>(r: R, key: Option<Arc<dyn StreamAuth>>) -> Result<StreamSummary> {
     let (mut reader, header) = StreamReader::open_keyed(r, key)?;
     let header_bytes = reader.bytes_read();
     let mut devices = vec![DeviceSummary::default(); header.devices.len()];

@@ -8,7 +8,9 @@ use super::format::{
     RecordHeader, RecordKind, StreamHeader, Totals, Tracker, HEADER_FLAG_AUTHENTICATED,
     MAX_FRAGMENT, RECORD_HEADER_LEN,
 };
-use super::mac::{StreamKey, TAG_LEN};
+use std::sync::Arc;
+
+use super::auth::{StreamAuth, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
@@ -30,7 +32,7 @@ const COALESCE_LEN: usize = 4096;
 pub struct StreamWriter<W: Write> {
     w: W,
     header: StreamHeader,
-    key: Option<StreamKey>,
+    key: Option<Arc<dyn StreamAuth>>,
     tracker: Tracker,
     bytes_written: u64,
     failed: bool,
@@ -55,15 +57,19 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// Validates `header` and writes it to `w`; with a `key`, the stream is authenticated:
-    /// an HMAC-SHA256 tag follows the header and every record (see [`StreamKey`]).
-    pub fn with_key(mut w: W, header: &StreamHeader, key: Option<&StreamKey>) -> Result<Self> {
+    /// a tag follows the header and every record (see [`StreamAuth`]).
+    pub fn with_key(
+        mut w: W,
+        header: &StreamHeader,
+        key: Option<Arc<dyn StreamAuth>>,
+    ) -> Result<Self> {
         let flags = if key.is_some() {
             HEADER_FLAG_AUTHENTICATED
         } else {
             0
         };
         let mut bytes = header.encode_with_flags(flags)?;
-        if let Some(k) = key {
+        if let Some(k) = &key {
             let tag = k.header_tag(&bytes);
             bytes.extend_from_slice(&tag);
         }
@@ -72,7 +78,7 @@ impl<W: Write> StreamWriter<W> {
         Ok(StreamWriter {
             w,
             header: header.clone(),
-            key: key.cloned(),
+            key,
             tracker: Tracker::new(header),
             bytes_written: bytes.len() as u64,
             failed: false,

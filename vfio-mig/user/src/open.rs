@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use vfio_mig::device::DeviceIo;
 use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::DeviceKey;
 use vfio_mig::OpenedDevice;
+use vfio_mig_fence::DeviceKey;
 
 use crate::device::{ConnectOptions, VfioUserDevice};
 

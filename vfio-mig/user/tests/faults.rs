@@ -12,7 +12,7 @@ mod common;
 use common::rust_server::{Fault, RustServer, BAR1_LEN};
 use vfio_mig::engine::{NoObserver, SaveOptions};
 use vfio_mig::error::Report;
-use vfio_mig::handshake::migrate_local;
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_user::ConnectOptions;
 
 const RUNNING: u32 = 2;

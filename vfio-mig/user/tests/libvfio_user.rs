@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::*;
 use vfio_mig::device::DeviceIo;
 use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::handshake::migrate_local;
 use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig_session::handshake::migrate_local;
 
 fn v2(dev: &Arc<vfio_mig_user::VfioUserDevice>) -> V2Device {
     V2Device::open(dev.clone() as Arc<dyn DeviceIo>).unwrap()

@@ -21,14 +21,16 @@ use rcgen::{
 };
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::{self, ChannelOpening, Opened};
-use vfio_mig::transport::tls::{ServerConfig, TlsConfig};
-use vfio_mig::transport::{accept_tls, connect, connect_tls, Address, ClientTls, Connection};
 use vfio_mig::v2::V2Device;
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
+use vfio_mig_session::handshake::{self, ChannelOpening, Opened};
+use vfio_mig_session::transport::tls::{ServerConfig, TlsConfig};
+use vfio_mig_session::transport::{
+    accept_tls, connect, connect_tls, Address, ClientTls, Connection,
+};
+use vfio_mig_session::{Error, Result};
 
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, Paired};
@@ -42,7 +44,7 @@ pub const CHANNELS: u16 = 4;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn bench_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::InvalidInput(format!("bench channels: {what}: {e}"))
+    Error::invalid_input(format!("bench channels: {what}: {e}"))
 }
 
 fn leaf(

@@ -40,14 +40,14 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let mut base = || {
         let (gbps, v) = throughput(&buf, crc32c_crate);
         values[0] = v;
-        Ok(gbps)
+        Ok::<f64, Error>(gbps)
     };
     let series = {
         let mut values1 = 0u32;
         let mut fast = || {
             let (gbps, v) = throughput(&buf, vfio_mig::stream::crc::crc32c_append);
             values1 = v;
-            Ok(gbps)
+            Ok::<f64, Error>(gbps)
         };
         let s = run_rotating(cfg.reps, cfg.warmup, &mut [&mut base, &mut fast])?;
         values[1] = values1;

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, NoObserver, SaveOptions, SaveReport};
-use vfio_mig::error::{Error, Result};
 use vfio_mig::stream::StreamWriter;
 use vfio_mig::v2::V2Device;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
+use vfio_mig_session::{Error, Result};
 
 use super::io::SinkKind;
 use super::report::{Figure, Target};

@@ -16,11 +16,11 @@ use std::sync::Arc;
 
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{load_device, save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, Result};
 use vfio_mig::stream::{Phase, Record, StreamReader, StreamWriter, MAX_FRAGMENT};
 use vfio_mig::v2::V2Device;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
+use vfio_mig_session::{Error, Result};
 
 use super::report::{Figure, Target};
 use super::stats::Paired;
@@ -47,7 +47,7 @@ fn device(size: u64) -> Result<V2Device> {
     // live in this process too, and at 4 KiB pages they would grow by 8 MiB per 4 GiB.
     let spec: MockSpec = format!("mock:v2,size={},seed=21,page=64K", format_size(size)).parse()?;
     let mock = MockV2::new(&spec).map_err(|e| Error::device("create mock", e))?;
-    V2Device::open(Arc::new(mock))
+    Ok(V2Device::open(Arc::new(mock))?)
 }
 
 fn stdio(fd: i32) -> File {
@@ -61,7 +61,7 @@ fn stdio(fd: i32) -> File {
 /// Runs one child: `save:engine:SIZE`, `save:whole:SIZE` (stream to stdout),
 /// `load:engine:SIZE` or `load:whole:SIZE` (stream from stdin). Prints its report line.
 pub fn child(spec: &str) -> Result<()> {
-    let usage = || Error::InvalidInput(format!("bench child `{spec}`: expected SIDE:HOW:SIZE"));
+    let usage = || Error::invalid_input(format!("bench child `{spec}`: expected SIDE:HOW:SIZE"));
     let mut parts = spec.split(':');
     let (side, how, size) = (
         parts.next().ok_or_else(usage)?,
@@ -85,7 +85,7 @@ pub fn child(spec: &str) -> Result<()> {
             dev.start_stop_copy()?;
             let fd = dev
                 .data_fd()
-                .ok_or_else(|| Error::InvalidInput("no data fd".into()))?
+                .ok_or_else(|| Error::invalid_input("no data fd"))?
                 .try_clone_to_owned()
                 .map_err(|e| Error::device("dup", e))?;
             let mut state = Vec::new();
@@ -138,9 +138,9 @@ fn report_of(stderr: &str, what: &str) -> Result<(u64, u64)> {
     let line = stderr
         .lines()
         .find_map(|l| l.strip_prefix(MARK))
-        .ok_or_else(|| Error::InvalidInput(format!("bench child {what} failed: {stderr}")))?;
+        .ok_or_else(|| Error::invalid_input(format!("bench child {what} failed: {stderr}")))?;
     let v: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| Error::InvalidInput(format!("bench child {what}: {e}")))?;
+        .map_err(|e| Error::invalid_input(format!("bench child {what}: {e}")))?;
     Ok((
         v["peak_kib"].as_u64().unwrap_or(0),
         v["bytes"].as_u64().unwrap_or(0),
@@ -152,7 +152,7 @@ fn pair(cfg: &Config, how: &str, size: u64) -> Result<(f64, f64)> {
     let exe = cfg
         .exe
         .clone()
-        .ok_or_else(|| Error::InvalidInput("bench: cannot find the vfio-mig executable".into()))?;
+        .ok_or_else(|| Error::invalid_input("bench: cannot find the vfio-mig executable"))?;
     let size = format_size(size);
     let spawn_err = |e: std::io::Error| Error::device("spawn a bench child", e);
     let mut save = Command::new(&exe)
@@ -192,7 +192,7 @@ fn pair(cfg: &Config, how: &str, size: u64) -> Result<(f64, f64)> {
     let (save_kib, saved) = report_of(&save_stderr, &format!("save:{how}:{size}"))?;
     let (load_kib, loaded) = report_of(&load_stderr, &format!("load:{how}:{size}"))?;
     if saved != loaded {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "bench memory {how} {size}: saved {saved} bytes, loaded {loaded}"
         )));
     }

@@ -39,7 +39,7 @@ pub mod v2path;
 
 use std::path::PathBuf;
 
-use vfio_mig::error::Result;
+use vfio_mig_session::Result;
 
 pub use report::{Machine, Report};
 
@@ -147,7 +147,7 @@ pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
             "rated" => rated::figures(cfg)?,
             "channels" => channels::figures(cfg)?,
             other => {
-                return Err(vfio_mig::Error::InvalidInput(format!(
+                return Err(vfio_mig_session::Error::invalid_input(format!(
                     "unknown bench suite `{other}` (known: {})",
                     SUITES.join(", ")
                 )))

@@ -13,12 +13,12 @@ use std::time::Instant;
 use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, Result};
 use vfio_mig::stream::StreamWriter;
 use vfio_mig::v1::V1Device;
 use vfio_mig::v2::V2Device;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
+use vfio_mig_session::{Error, Result};
 
 use super::io::SinkKind;
 use super::report::{Figure, Target};
@@ -93,7 +93,7 @@ fn run(proto: &str, size: u64, parallel: bool) -> Result<f64> {
                 .collect();
             for h in handles {
                 h.join()
-                    .map_err(|_| Error::InvalidInput("a bench save thread panicked".into()))??;
+                    .map_err(|_| Error::invalid_input("a bench save thread panicked"))??;
             }
             Ok::<(), Error>(())
         })?;

@@ -20,13 +20,13 @@ use vfio_mig::engine::events::{Event, Observer};
 use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::MemoryFence;
-use vfio_mig::handshake::{migrate_local, migrate_pairs};
 use vfio_mig::stream::{Phase, StreamWriter};
 use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
+use vfio_mig_session::handshake::{migrate_local, migrate_pairs};
+use vfio_mig_session::{Error, Result};
 
 use super::io::{copy_loop, SinkKind};
 use super::report::{Figure, Target};
@@ -40,12 +40,12 @@ pub const UNIT_LATENCY: &str = "2ms";
 
 /// The spec of bandwidth-modelled device `seed`.
 fn spec(cfg: &Config, seed: usize, extra: &str) -> Result<MockSpec> {
-    format!(
+    Ok(format!(
         "mock:v2,size={},seed={seed},rate={},content=fast{extra}",
         format_size(cfg.rated_size),
         format_size(cfg.rated_rate)
     )
-    .parse()
+    .parse::<MockSpec>()?)
 }
 
 fn device(spec: &MockSpec) -> Result<Box<dyn MigrationDevice>> {
@@ -128,7 +128,7 @@ fn run_four(cfg: &Config, how: Parallel) -> Result<f64> {
                 .collect();
             for t in threads {
                 t.join()
-                    .map_err(|_| Error::InvalidInput("a bench save thread panicked".into()))??;
+                    .map_err(|_| Error::invalid_input("a bench save thread panicked"))??;
             }
             Ok::<(), Error>(())
         })?,
@@ -207,7 +207,7 @@ fn run_one(cfg: &Config, sink: &SinkKind, engine: Option<usize>) -> Result<f64> 
     let fd = feature::set_state(&mock, MigState::StopCopy)
         .map_err(|e| Error::device("STOP_COPY", e))?
         .and_then(|s| s.into_fd())
-        .ok_or_else(|| Error::InvalidInput("no data fd".into()))?;
+        .ok_or_else(|| Error::invalid_input("no data fd"))?;
     copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
     drop(fd);
     feature::set_state(&mock, MigState::Stop).map_err(|e| Error::device("STOP", e))?;
@@ -334,7 +334,7 @@ fn run_unit(cfg: &Config, unit: bool, pipeline: usize) -> Result<f64> {
     )?;
     let span = window
         .span()
-        .ok_or_else(|| Error::InvalidInput("bench: no stop-and-copy observed".into()))?;
+        .ok_or_else(|| Error::invalid_input("bench: no stop-and-copy observed"))?;
     Ok(span.as_secs_f64() * 1e3)
 }
 

@@ -8,8 +8,6 @@
 
 use serde::Serialize;
 
-use vfio_mig::error::Result;
-
 /// Median, min and max of a series.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Stat {
@@ -67,12 +65,12 @@ impl Paired {
     /// Runs `baseline` and `subject` `reps` times each, alternating which runs first, after
     /// `warmup` unrecorded runs of each.
     #[cfg(test)]
-    pub fn run(
+    pub fn run<E>(
         reps: usize,
         warmup: usize,
-        mut baseline: impl FnMut() -> Result<f64>,
-        mut subject: impl FnMut() -> Result<f64>,
-    ) -> Result<Self> {
+        mut baseline: impl FnMut() -> std::result::Result<f64, E>,
+        mut subject: impl FnMut() -> std::result::Result<f64, E>,
+    ) -> std::result::Result<Self, E> {
         for _ in 0..warmup {
             baseline()?;
             subject()?;
@@ -111,11 +109,11 @@ impl Paired {
 
 /// Runs each of `subjects` `reps` times, rotating which goes first in each repetition, after
 /// `warmup` unrecorded rounds; returns one series per subject, in run order.
-pub fn run_rotating(
+pub fn run_rotating<E>(
     reps: usize,
     warmup: usize,
-    subjects: &mut [&mut dyn FnMut() -> Result<f64>],
-) -> Result<Vec<Vec<f64>>> {
+    subjects: &mut [&mut dyn FnMut() -> std::result::Result<f64, E>],
+) -> std::result::Result<Vec<Vec<f64>>, E> {
     let k = subjects.len();
     for _ in 0..warmup {
         for s in subjects.iter_mut() {
@@ -170,7 +168,7 @@ mod tests {
     #[test]
     fn runs_interleave_and_pair_up() {
         let order = std::cell::RefCell::new(Vec::new());
-        let p = Paired::run(
+        let p = Paired::run::<std::convert::Infallible>(
             3,
             1,
             || {
@@ -192,7 +190,7 @@ mod tests {
         let order = std::cell::RefCell::new(Vec::new());
         let mut a = || {
             order.borrow_mut().push('a');
-            Ok(1.0)
+            Ok::<f64, std::convert::Infallible>(1.0)
         };
         let mut b = || {
             order.borrow_mut().push('b');

@@ -17,10 +17,10 @@ use std::time::Instant;
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::splice::{pump_pipe, save_spliced};
 use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::error::{Error, Result};
 use vfio_mig::stream::{DeviceDescriptor, Phase, Protocol, StreamHeader, StreamWriter};
 use vfio_mig::v2::{feature, MigState, V2Device};
 use vfio_mig_mock::{MockSpec, MockV2};
+use vfio_mig_session::{Error, Result};
 
 use super::io::{copy_loop, gbps, FastPipe, PipeDevice, SinkKind};
 use super::report::{Figure, Target};
@@ -74,7 +74,7 @@ fn mock_spec(cfg: &Config, source: Source) -> Result<MockSpec> {
         ),
         Source::Mock | Source::Fast => format!("mock:v2,size={},seed=11", cfg.size),
     };
-    text.parse()
+    Ok(text.parse()?)
 }
 
 fn bench_header() -> StreamHeader {
@@ -125,7 +125,7 @@ fn one_run(
                     let fd = feature::set_state(&mock, MigState::StopCopy)
                         .map_err(|e| Error::device("STOP_COPY", e))?
                         .and_then(|s| s.into_fd())
-                        .ok_or_else(|| Error::InvalidInput("no data fd".into()))?;
+                        .ok_or_else(|| Error::invalid_input("no data fd"))?;
                     let n = copy_loop(fd.as_fd(), &mut out.conn, &mut buf)?;
                     drop(fd);
                     feature::set_state(&mock, MigState::Stop)
@@ -190,7 +190,7 @@ fn one_run(
     let cpu = thread_cpu() - cpu0;
     if let Some(r) = received {
         if r < bytes {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "bench: TCP receiver got {r} of at least {bytes} bytes"
             )));
         }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::bench::{self, Config};
-use vfio_mig::error::{Error, Result};
 use vfio_mig_mock::spec::parse_size;
+use vfio_mig_session::{Error, Result};
 
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]

@@ -5,10 +5,10 @@
 
 use std::sync::OnceLock;
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{Claim, DeviceKey, FenceConfig};
 use vfio_mig::{Backend, OpenedDevice};
+use vfio_mig_fence::{Claim, DeviceKey, FenceConfig};
 use vfio_mig_mock::MockHandle;
+use vfio_mig_session::{Error, Result};
 use vfio_mig_user::ConnectOptions;
 
 /// The backend of this command (`--backend`, `VFIO_MIG_BACKEND`), set once by [`set_backend`].
@@ -43,20 +43,20 @@ pub fn open_with_handle(name: &str) -> Result<(OpenedDevice, Option<MockHandle>)
     if vfio_mig_user::is_vfio_user(name) {
         return Ok((vfio_mig_user::open(name, &ConnectOptions::default())?, None));
     }
-    vfio_mig_mock::open_named(name, backend())
+    Ok(vfio_mig_mock::open_named(name, backend())?)
 }
 
 /// The fencing key of device `name`, if it has one.
 fn device_key(name: &str) -> Result<Option<DeviceKey>> {
     if vfio_mig_user::is_vfio_user(name) {
-        return vfio_mig_user::device_key(name).map(Some);
+        return Ok(vfio_mig_user::device_key(name).map(Some)?);
     }
-    vfio_mig_mock::device_key(name)
+    Ok(vfio_mig_mock::device_key(name)?)
 }
 
 /// Claims device `name` (its lock, if it has a fencing key).
 pub fn claim(fence: &FenceConfig, name: &str) -> Result<Claim> {
-    fence.claim(name, device_key(name)?)
+    Ok(fence.claim(name, device_key(name)?)?)
 }
 
 /// Fails with a usage error when `names` holds one device twice.
@@ -65,7 +65,7 @@ pub fn refuse_duplicates(command: &str, names: &[String]) -> Result<()> {
     for name in names {
         if let Some(key) = device_key(name)? {
             if keys.contains(&key) {
-                return Err(Error::InvalidInput(format!(
+                return Err(Error::invalid_input(format!(
                     "{command}: {name} is given twice (the same device)"
                 )));
             }

@@ -8,24 +8,24 @@ use std::time::Duration;
 
 use clap::Args;
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::{
-    Claim, DirStore, Fence, FenceConfig, FenceSet, FenceStore, Handoff, SharedFencing,
-};
-use vfio_mig::handshake::SessionId;
 use vfio_mig::stream::StreamHeader;
 use vfio_mig_etcd::{EtcdStore, EtcdTls, Scheme, Security};
+use vfio_mig_fence::{
+    Claim, DirStore, Fence, FenceConfig, FenceSet, FenceStore, Handoff, SharedFencing,
+};
+use vfio_mig_session::handshake::SessionId;
+use vfio_mig_session::{Error, Result};
 
 /// Where device locks and destination fencing state live (options of every command).
 #[derive(Debug, Args, Clone)]
 pub struct FenceArgs {
     /// Directory of the device lock files.
     #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_LOCK_DIR",
-          default_value = vfio_mig::fence::DEFAULT_LOCK_DIR)]
+          default_value = vfio_mig_fence::DEFAULT_LOCK_DIR)]
     pub lock_dir: PathBuf,
     /// Directory of the destination fencing state (highest epoch, completed sessions).
     #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
-          default_value = vfio_mig::fence::DEFAULT_STATE_DIR)]
+          default_value = vfio_mig_fence::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// A fencing store shared by the hosts: `etcds://HOST:PORT[,HOST:PORT...]` (etcd over
     /// TLS; needs --fence-ca, --fence-cert, --fence-cert-key), `etcd://...` (plain HTTP; needs
@@ -94,7 +94,7 @@ pub fn open_store(
         (Some(_), Some(security)) => Ok(Arc::new(
             EtcdStore::from_url(spec, security)?.with_operation_timeout(timeout),
         )),
-        _ => Err(Error::InvalidInput(format!(
+        _ => Err(Error::invalid_input(format!(
             "--fence {spec}: expected etcds://HOST:PORT[,HOST:PORT...] (or etcd:// with \
              --fence-insecure) or dir:PATH"
         ))),
@@ -116,7 +116,7 @@ impl FenceArgs {
             ("--fence-cert", &self.fence_cert),
             ("--fence-cert-key", &self.fence_cert_key),
         ];
-        let usage = |m: String| Err(Error::InvalidInput(m));
+        let usage = |m: String| Err(Error::invalid_input(m));
         match Scheme::of(spec) {
             None if files.iter().any(|(_, f)| f.is_some()) => usage(
                 "--fence-ca, --fence-cert and --fence-cert-key are for an etcds:// store".into(),
@@ -163,9 +163,8 @@ impl FenceArgs {
         let shared = match &self.fence {
             None => {
                 if !self.fence_keys.is_empty() {
-                    return Err(Error::InvalidInput(
-                        "--fence-key names a device state in a fencing store: give --fence too"
-                            .into(),
+                    return Err(Error::invalid_input(
+                        "--fence-key names a device state in a fencing store: give --fence too",
                     ));
                 }
                 None
@@ -200,7 +199,7 @@ impl Fencing {
     /// The device-state identities of `count` devices, with a shared store.
     fn identities(&self, count: usize) -> Result<Vec<String>> {
         if self.keys.len() != count {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "--fence: {count} device state{} to fence, {} --fence-key given (one per \
                  device, in order, the same on every host)",
                 if count == 1 { "" } else { "s" },
@@ -225,8 +224,8 @@ impl Fencing {
             return Ok(None);
         };
         if epoch.is_some() {
-            return Err(Error::InvalidInput(
-                "--epoch: with --fence the store grants the epoch of every handoff".into(),
+            return Err(Error::invalid_input(
+                "--epoch: with --fence the store grants the epoch of every handoff",
             ));
         }
         let handoff = shared.begin(&self.identities(header.devices.len())?, &header.session_id)?;
@@ -235,7 +234,7 @@ impl Fencing {
             "{} granted epoch {} to session {} (owner {})",
             shared.store().describe(),
             handoff.epoch(),
-            vfio_mig::fence::session_hex(&header.session_id),
+            vfio_mig_fence::session_hex(&header.session_id),
             shared.owner()
         );
         Ok(Some(handoff))

@@ -27,7 +27,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use vfio_mig::engine::{PreCopyPolicy, SaveOptions, DEFAULT_BUFFER};
-use vfio_mig::error::Result;
+use vfio_mig_session::Result;
 
 /// The size of the demo's mock devices.
 pub const DEMO_SIZE: &str = "256M";
@@ -119,12 +119,12 @@ pub enum Command {
         devices: Vec<String>,
         /// The destination: `tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `unix:PATH` or `file:PATH`.
         #[arg(long, value_name = "ADDR")]
-        to: vfio_mig::transport::Address,
+        to: vfio_mig_session::transport::Address,
         /// Retry the handoff of this session (32 hex digits, as printed by an earlier send)
         /// instead of starting a new one: a destination that completed it answers
         /// ALREADY_COMPLETED.
         #[arg(long, value_name = "HEX", value_parser = fencing::parse_session)]
-        session: Option<vfio_mig::handshake::SessionId>,
+        session: Option<vfio_mig::stream::SessionId>,
         /// `file:` only: replace an existing file (see save --force).
         #[arg(long)]
         force: bool,
@@ -141,7 +141,7 @@ pub enum Command {
         devices: Vec<String>,
         /// Where to listen: tcp:HOST:PORT (port 0: any), unix:PATH, or file:PATH (loads it).
         #[arg(long, value_name = "ADDR")]
-        listen: vfio_mig::transport::Address,
+        listen: vfio_mig_session::transport::Address,
         /// End after the first session whatever its outcome, instead of waiting for a retry
         /// after a refused or failed one. Connections that are not a session (closed early,
         /// not TLS, not authorized, turned away as busy) do not count.
@@ -256,7 +256,10 @@ pub(crate) fn output_text(text: &str) -> Result<()> {
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(vfio_mig::Error::transport("write standard output", e)),
+        Err(e) => Err(vfio_mig_session::Error::transport(
+            "write standard output",
+            e,
+        )),
     }
 }
 

@@ -11,10 +11,10 @@ use clap::Args;
 use indicatif::HumanBytes;
 
 use vfio_mig::engine::session::new_header;
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::session_hex;
-use vfio_mig::handshake::{self, RecvOutcome, SendOutcome};
-use vfio_mig::transport::{self, Address, Duplex};
+use vfio_mig_fence::session_hex;
+use vfio_mig_session::handshake::{self, RecvOutcome, SendOutcome};
+use vfio_mig_session::transport::{self, Address, Duplex};
+use vfio_mig_session::{Error, Result};
 
 use super::fencing::Fencing;
 use super::progress::ProgressView;
@@ -83,7 +83,7 @@ pub struct SendTarget<'a> {
     /// The destination (`--to`).
     pub to: &'a Address,
     /// The session to retry (`--session`).
-    pub session: Option<vfio_mig::handshake::SessionId>,
+    pub session: Option<vfio_mig::stream::SessionId>,
     /// `file:` only: replace an existing file (`--force`).
     pub replace: bool,
 }
@@ -99,13 +99,13 @@ pub fn send(
     let (to, session) = (target.to, target.session);
     if let Address::File(path) = to {
         let [device] = devices else {
-            return Err(Error::InvalidInput(
-                "send to a file saves one device; give one device or use unix:/tcp:".into(),
+            return Err(Error::invalid_input(
+                "send to a file saves one device; give one device or use unix:/tcp:",
             ));
         };
         if session.is_some() {
-            return Err(Error::InvalidInput(
-                "--session: a file has no destination to ask; use save".into(),
+            return Err(Error::invalid_input(
+                "--session: a file has no destination to ask; use save",
             ));
         }
         let target = super::transfer::SaveTarget {
@@ -116,8 +116,8 @@ pub fn send(
         return super::transfer::save(device, &target, args, fence);
     }
     if target.replace {
-        return Err(Error::InvalidInput(
-            "--force replaces an existing output file: it is for --to file: only".into(),
+        return Err(Error::invalid_input(
+            "--force replaces an existing output file: it is for --to file: only",
         ));
     }
     // Certificates and keys are read before any device is claimed.
@@ -256,8 +256,8 @@ pub fn recv(
     let (once, json) = (opts.once, opts.json);
     if let Address::File(path) = listen {
         let [device] = devices else {
-            return Err(Error::InvalidInput(
-                "recv from a file loads one device; give one device or use unix:/tcp:".into(),
+            return Err(Error::invalid_input(
+                "recv from a file loads one device; give one device or use unix:/tcp:",
             ));
         };
         return super::transfer::load(device, path, json, fence);
@@ -303,7 +303,7 @@ pub fn recv(
             Ok(Event::Session(i)) => i,
             Ok(Event::Cancelled) | Err(_) => {
                 signals::check("wait for a source")?;
-                return Err(Error::InvalidInput("the listener stopped".into()));
+                return Err(Error::invalid_input("the listener stopped"));
             }
         };
         let serve::Incoming {

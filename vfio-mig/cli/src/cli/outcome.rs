@@ -11,7 +11,8 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use vfio_mig::error::{Error, Recovery, Report};
+use vfio_mig::error::{Recovery, Report};
+use vfio_mig_session::Error;
 
 use super::signals;
 
@@ -105,20 +106,25 @@ fn recovery_fate(r: &Recovery) -> &'static str {
 }
 
 /// The devices an error names with what became of them (the engine wraps every failure that
-/// touched a device in a rollback), searched along its causes.
+/// touched a device in a rollback), searched along its causes. The walk starts at the core's
+/// error itself: the session's `Error::Core` is transparent, so its `source()` would skip it.
 fn named_fates(e: &Error) -> Vec<(String, &'static str)> {
+    use vfio_mig::Error as Core;
     let mut named = Vec::new();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match e.as_core() {
+        Some(core) => Some(core),
+        None => Some(e),
+    };
     while let Some(c) = cause {
         // A cause held in a `Box<Error>` is seen as the box.
         let error = c
-            .downcast_ref::<Error>()
-            .or_else(|| c.downcast_ref::<Box<Error>>().map(|b| &**b));
+            .downcast_ref::<Core>()
+            .or_else(|| c.downcast_ref::<Box<Core>>().map(|b| &**b));
         match error {
-            Some(Error::RolledBack {
+            Some(Core::RolledBack {
                 device, recovery, ..
             }) => named.push((device.clone(), recovery_fate(recovery))),
-            Some(Error::RolledBackAll { outcomes, .. }) => {
+            Some(Core::RolledBackAll { outcomes, .. }) => {
                 named.extend(outcomes.iter().map(|(d, r)| (d.clone(), recovery_fate(r))))
             }
             _ => {}
@@ -190,12 +196,14 @@ fn print(kind: &'static str, status: u8, e: Option<&Error>, error: String, signa
 /// The exit status of a command's result, after printing its error line (and with `--json`
 /// its outcome): 0 completed, 1 failed, 3 in doubt, 4 past a unit's point of no return,
 /// 128 + N cancelled by signal N and rolled back. A signal that came after completion changes nothing.
-pub fn finish(result: vfio_mig::error::Result<()>) -> u8 {
+pub fn finish(result: vfio_mig_session::Result<()>) -> u8 {
     let signal = signals::received();
     let (kind, status) = match (&result, signal) {
         (Ok(()), _) => ("completed", COMPLETED),
         (Err(Error::InDoubt { .. }), _) => ("in-doubt", IN_DOUBT),
-        (Err(Error::PastNoReturn { .. }), _) => ("past-no-return", PAST_NO_RETURN),
+        (Err(Error::Core(vfio_mig::Error::PastNoReturn { .. })), _) => {
+            ("past-no-return", PAST_NO_RETURN)
+        }
         (Err(_), Some(s)) => ("interrupted", signals::exit_status(s) as u8),
         (Err(_), None) => ("failed", FAILED),
     };

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use vfio_mig::error::{Error, Result};
+use vfio_mig_session::{Error, Result};
 
 use super::signals;
 
@@ -45,7 +45,7 @@ fn stdout_is_null() -> bool {
 }
 
 fn refuse(path: &Path, why: &str) -> Error {
-    Error::InvalidInput(format!("-o {}: {why}", path.display()))
+    Error::invalid_input(format!("-o {}: {why}", path.display()))
 }
 
 impl Output {

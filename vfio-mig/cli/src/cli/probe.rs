@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use vfio_mig::device::region::query_region;
 use vfio_mig::device::DeviceIo;
 use vfio_mig::engine::multi::unit_member;
-use vfio_mig::error::{Error, Result};
+use vfio_mig_session::{Error, Result};
 
 /// One region, as `probe` shows it.
 #[derive(Debug, serde::Serialize)]
@@ -94,7 +94,7 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     };
     if json {
         let text = serde_json::to_string_pretty(&out)
-            .map_err(|e| Error::InvalidInput(format!("encode JSON: {e}")))?;
+            .map_err(|e| Error::invalid_input(format!("encode JSON: {e}")))?;
         return super::output_text(&format!("{text}\n"));
     }
     let mut text = String::new();

@@ -4,8 +4,8 @@
 
 use vfio_mig::engine::MigrationDevice;
 use vfio_mig::error::Recovery;
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::FenceConfig;
+use vfio_mig_fence::FenceConfig;
+use vfio_mig_session::{Error, Result};
 
 use super::transfer::print_json;
 

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use vfio_mig::error::{Error, ReasonCode};
-use vfio_mig::handshake::{open_connection, ChannelOpening, Opened, Opening};
-use vfio_mig::transport::tls::{AuthorizationPolicy, ServerConfig};
-use vfio_mig::transport::{accept_tls, Connection, Listener};
+use vfio_mig_session::handshake::{open_connection, ChannelOpening, Opened, Opening};
+use vfio_mig_session::transport::tls::{AuthorizationPolicy, ServerConfig};
+use vfio_mig_session::transport::{accept_tls, Connection, Listener};
+use vfio_mig_session::{Error, ReasonCode};
 
 /// Most connections in their opening at once; more are closed at once (a flood must not
 /// exhaust threads or descriptors).
@@ -133,7 +133,7 @@ pub fn start(
 
 /// Whether `e` is a connection closed before its first byte (a probe, a port scan).
 fn closed_early(e: &Error) -> bool {
-    matches!(e, Error::Transport { step, source }
+    matches!(e, Error::Core(vfio_mig::Error::Transport { step, source })
         if step == "handshake: wait for HELLO"
             && source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
@@ -233,7 +233,9 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
     })))
 }
 
-fn opening_identities(opening: &Opening<Connection>) -> vfio_mig::transport::tls::PeerIdentities {
+fn opening_identities(
+    opening: &Opening<Connection>,
+) -> vfio_mig_session::transport::tls::PeerIdentities {
     opening
         .connection()
         .tls_session()

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use vfio_mig::error::{Error, Result};
-use vfio_mig::transport::tls::{AuthorizationPolicy, PeerIdentity, TlsConfig, ANY_DEVICE};
-use vfio_mig::transport::{Address, ClientTls};
+use vfio_mig_session::transport::tls::{AuthorizationPolicy, PeerIdentity, TlsConfig, ANY_DEVICE};
+use vfio_mig_session::transport::{Address, ClientTls};
+use vfio_mig_session::{Error, Result};
 
 /// TLS options. `tcp:` needs either all three of `--tls-cert`, `--tls-key`, `--tls-ca`, or
 /// `--insecure`.
@@ -61,12 +61,12 @@ impl TlsArgs {
         let files = self.files();
         match addr {
             Address::Tcp { .. } if files.is_none() && !self.insecure => {
-                Err(Error::InvalidInput(format!(
+                Err(Error::invalid_input(format!(
                     "{what} {addr}: plain TCP is neither encrypted nor authenticated; give \
                      --tls-cert, --tls-key and --tls-ca (or --insecure to accept that)"
                 )))
             }
-            Address::Unix(_) if files.is_some() => Err(Error::InvalidInput(format!(
+            Address::Unix(_) if files.is_some() => Err(Error::invalid_input(format!(
                 "{what} {addr}: TLS runs over tcp:HOST:PORT; a unix: socket is local, \
                  protected by its file permissions"
             ))),
@@ -82,10 +82,9 @@ impl TlsArgs {
     /// The source's TLS, loaded before any device is touched (None: plain).
     pub fn client(&self, to: &Address) -> Result<Option<ClientTls>> {
         if !self.allow.is_empty() || self.authorize.is_some() {
-            return Err(Error::InvalidInput(
+            return Err(Error::invalid_input(
                 "--allow and --authorize are options of recv (the destination decides who \
-                 may load into its devices)"
-                    .into(),
+                 may load into its devices)",
             ));
         }
         self.check(to, "send to")?.map(ClientTls::new).transpose()
@@ -98,44 +97,43 @@ impl TlsArgs {
         device_keys: &[String],
     ) -> Result<
         Option<(
-            Arc<vfio_mig::transport::tls::ServerConfig>,
+            Arc<vfio_mig_session::transport::tls::ServerConfig>,
             AuthorizationPolicy,
         )>,
     > {
         let Some(files) = self.check(listen, "recv on")? else {
             if !self.allow.is_empty() || self.authorize.is_some() {
-                return Err(Error::InvalidInput(
+                return Err(Error::invalid_input(
                     "--allow and --authorize need TLS (--tls-cert, --tls-key, --tls-ca): \
-                     without it the source has no identity to authorize"
-                        .into(),
+                     without it the source has no identity to authorize",
                 ));
             }
             return Ok(None);
         };
         if self.tls_server_name.is_some() {
-            return Err(Error::InvalidInput(
-                "--tls-server-name is an option of send".into(),
+            return Err(Error::invalid_input(
+                "--tls-server-name is an option of send",
             ));
         }
         let config = files
             .server_config()
-            .map_err(|e| Error::InvalidInput(format!("TLS: {e}")))?;
+            .map_err(|e| Error::invalid_input(format!("TLS: {e}")))?;
         let mut policy = match &self.authorize {
             Some(path) => {
-                AuthorizationPolicy::load(path).map_err(|e| Error::InvalidInput(e.to_string()))?
+                AuthorizationPolicy::load(path).map_err(|e| Error::invalid_input(e.to_string()))?
             }
             None => AuthorizationPolicy::new(),
         };
         for text in &self.allow {
             let id: PeerIdentity = text
                 .parse()
-                .map_err(|e| Error::InvalidInput(format!("--allow {text}: {e}")))?;
+                .map_err(|e| Error::invalid_input(format!("--allow {text}: {e}")))?;
             for key in device_keys {
                 policy.allow(key.clone(), id.clone());
             }
         }
         if policy.is_empty() {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "recv over TLS needs --authorize FILE or --allow IDENTITY: which sources may \
                  load into {} (e.g. --allow dns:source.example)",
                 device_keys.join(" ")

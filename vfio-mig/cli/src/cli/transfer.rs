@@ -12,11 +12,12 @@ use crate::cli::devices::open_device;
 use vfio_mig::engine::save::rollback_source;
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
-use vfio_mig::error::{Error, Result};
-use vfio_mig::fence::session_hex;
-use vfio_mig::handshake::{load_fenced, migrate_pairs_channels, RecvOutcome};
-use vfio_mig::stream::{StreamHeader, StreamKey, StreamReader, StreamWriter};
+use vfio_mig::stream::{StreamHeader, StreamReader, StreamWriter};
 use vfio_mig::OpenedDevice;
+use vfio_mig_fence::session_hex;
+use vfio_mig_session::handshake::{load_fenced, migrate_pairs_channels, RecvOutcome};
+use vfio_mig_session::StreamKey;
+use vfio_mig_session::{Error, Result};
 
 use super::fencing::Fencing;
 use super::output::Output;
@@ -26,7 +27,7 @@ use super::TransferArgs;
 
 pub(super) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::InvalidInput(format!("encode JSON: {e}")))?;
+        .map_err(|e| Error::invalid_input(format!("encode JSON: {e}")))?;
     super::output_text(&format!("{text}\n"))
 }
 
@@ -60,7 +61,7 @@ pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> 
         let mut fresh = open_cancellable(name)?;
         let now = fresh.device.state_name()?;
         if now != running {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "{name}: in {state} after the failed session and reset, and in {now} after                  reopening it: it cannot take a retry"
             )));
         }
@@ -115,8 +116,11 @@ fn save_to(
 ) -> Result<SaveReport> {
     let name = out.name();
     let writer = out.writer()?;
-    let mut stream =
-        StreamWriter::with_key(BufWriter::with_capacity(1 << 20, writer), header, key)?;
+    let mut stream = StreamWriter::with_key(
+        BufWriter::with_capacity(1 << 20, writer),
+        header,
+        key.map(StreamKey::auth),
+    )?;
     let report = save_with_rollback(dev, &mut stream, 0, opts, view)?;
     let finish = || -> Result<()> {
         let (writer, _totals) = stream.finish()?;
@@ -129,7 +133,7 @@ fn save_to(
         drop(writer);
         out.commit()
     };
-    finish().map_err(|e| rollback_source(dev, 0, e, view))?;
+    finish().map_err(|e| rollback_source(dev, 0, e.into_core(), view))?;
     Ok(report)
 }
 
@@ -207,11 +211,13 @@ pub fn load_keyed(
     let key = load_key(key_file)?;
     let file =
         File::open(input).map_err(|e| Error::transport(format!("open {}", input.display()), e))?;
-    let (mut reader, header) =
-        StreamReader::open_keyed(BufReader::with_capacity(1 << 20, file), key.as_ref())?;
+    let (mut reader, header) = StreamReader::open_keyed(
+        BufReader::with_capacity(1 << 20, file),
+        key.as_ref().map(StreamKey::auth),
+    )?;
     super::outcome::session(&session_hex(&header.session_id), header.epoch);
     if reader.is_authenticated() && key.is_none() {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "load {}: the file is authenticated; give its --key-file (it is not loaded \
              unchecked)",
             input.display()
@@ -280,7 +286,7 @@ pub fn load_keyed(
 pub(crate) fn open_all(
     names: &[String],
     fence: &Fencing,
-) -> Result<(Vec<vfio_mig::fence::Claim>, Vec<OpenedDevice>)> {
+) -> Result<(Vec<vfio_mig_fence::Claim>, Vec<OpenedDevice>)> {
     // One device named twice is a usage error, not "in use by another vfio-mig" (this one).
     crate::cli::devices::refuse_duplicates("the command", names)?;
     let claims = names
@@ -312,7 +318,7 @@ pub fn migrate(
     fence: &Fencing,
 ) -> Result<()> {
     if !devices.len().is_multiple_of(2) {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "migrate: devices come in SRC DST pairs, {} were given",
             devices.len()
         )));
@@ -381,8 +387,10 @@ pub fn inspect(file: &Path, key_file: Option<&Path>, json: bool) -> Result<()> {
     let key = load_key(key_file)?;
     let f =
         File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
-    let summary =
-        vfio_mig::stream::verify_keyed(BufReader::with_capacity(1 << 20, f), key.as_ref())?;
+    let summary = vfio_mig::stream::verify_keyed(
+        BufReader::with_capacity(1 << 20, f),
+        key.as_ref().map(StreamKey::auth),
+    )?;
     if json {
         return print_json(&summary);
     }

@@ -25,8 +25,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use vfio_mig::fence::FenceStore;
 use vfio_mig_etcd::{EtcdStore, EtcdTls, Security};
+use vfio_mig_fence::FenceStore;
 
 /// The environment variable that turns a missing etcd into a failure.
 pub const REQUIRE_ETCD: &str = "VFIO_MIG_REQUIRE_ETCD";

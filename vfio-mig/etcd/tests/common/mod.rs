@@ -10,8 +10,8 @@ use std::sync::Arc;
 // Each test crate uses part of this module (`Pki`: tests/tls.rs).
 #[allow(unused_imports)]
 pub use cluster::{EtcdCluster, Pki};
-use vfio_mig::fence::{DirStore, FenceStore, SharedFencing};
 use vfio_mig_etcd::EtcdStore;
+use vfio_mig_fence::{DirStore, FenceStore, SharedFencing};
 
 /// A store a scenario runs on, and what keeps it alive.
 pub struct TestStore {

@@ -15,7 +15,7 @@ impl DeviceKey {
     /// spellings of one device share a lock and fencing state.
     pub fn for_path(path: &str) -> Result<Self> {
         let canonical = std::fs::canonicalize(path).map_err(|e| {
-            Error::InvalidInput(format!(
+            Error::invalid_input(format!(
                 "{path}: no such device ({e}; expected a sysfs path such as \
                  /sys/bus/mdev/devices/<uuid>)"
             ))

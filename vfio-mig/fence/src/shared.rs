@@ -30,7 +30,7 @@ use super::record::{session_hex, Admission};
 use super::store::{store_error, Condition, FenceStore, Revision, Write};
 use super::Fence;
 use crate::error::{Error, ReasonCode, Result};
-use crate::stream::{SessionId, StreamHeader};
+use vfio_mig::stream::{SessionId, StreamHeader};
 
 /// The default prefix of the store's keys.
 pub const DEFAULT_PREFIX: &str = "vfio-mig";
@@ -83,7 +83,7 @@ impl SharedFencing {
     pub fn new(store: Arc<dyn FenceStore>, owner: impl Into<String>) -> Result<Self> {
         let owner = owner.into();
         if !valid_name(&owner) {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "fencing owner name {owner:?}: expected 1 to 200 bytes without spaces"
             )));
         }
@@ -127,18 +127,16 @@ impl SharedFencing {
 
     fn check_identities(identities: &[String]) -> Result<()> {
         if identities.is_empty() {
-            return Err(Error::InvalidInput(
-                "fencing: no device-state identity".into(),
-            ));
+            return Err(Error::invalid_input("fencing: no device-state identity"));
         }
         for (i, id) in identities.iter().enumerate() {
             if !valid_name(id) {
-                return Err(Error::InvalidInput(format!(
+                return Err(Error::invalid_input(format!(
                     "fencing identity {id:?}: expected 1 to 200 bytes without spaces"
                 )));
             }
             if identities[..i].contains(id) {
-                return Err(Error::InvalidInput(format!(
+                return Err(Error::invalid_input(format!(
                     "fencing identity {id} is given twice"
                 )));
             }
@@ -611,7 +609,7 @@ impl StoreFence {
 impl Fence for StoreFence {
     fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
         if header.devices.len() != self.identities.len() {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "fencing: the stream carries {} devices and {} identities were given",
                 header.devices.len(),
                 self.identities.len()

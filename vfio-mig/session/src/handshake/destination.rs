@@ -10,15 +10,18 @@ use super::message::{
     FEATURE_SWITCHOVER_ACK, KNOWN_FEATURES,
 };
 use super::opened::{channel_opened, send_final, ChannelOpening};
-use crate::engine::demux::load_all_gated;
-use crate::engine::multi::{check_unit, rollback_destinations};
-use crate::engine::{check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol};
-use crate::error::Report;
 use crate::error::{Error, Result};
-use crate::fence::{Admission, Fence};
-use crate::stream::{StreamHeader, StreamReader};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
+use vfio_mig::engine::demux::load_all_gated;
+use vfio_mig::engine::multi::{check_unit, rollback_destinations};
+use vfio_mig::engine::{
+    check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
+};
+use vfio_mig::error::Report;
+use vfio_mig::stream::{StreamHeader, StreamReader};
+use vfio_mig::Error as CoreError;
+use vfio_mig_fence::{Admission, Fence};
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still
 /// sends, so that the source reads the FAILED reason instead of a reset connection.
@@ -47,9 +50,25 @@ pub enum RecvOutcome {
 /// The code sent in FAILED for an error.
 fn reason_code(e: &Error) -> ReasonCode {
     match e {
-        Error::RolledBack { source, .. } => reason_code(source),
-        Error::Stream { .. } | Error::Transport { .. } => ReasonCode::Stream,
+        Error::Core(core) => core_reason_code(core),
         Error::Refused { code, .. } => *code,
+        _ => ReasonCode::Device,
+    }
+}
+
+/// [`reason_code`] of a core error, and of the session's own error the engine carried out of
+/// a hook.
+fn core_reason_code(e: &CoreError) -> ReasonCode {
+    match e {
+        CoreError::RolledBack { source, .. } => core_reason_code(source),
+        CoreError::Stream { .. } | CoreError::Transport { .. } => ReasonCode::Stream,
+        CoreError::External(inner) => match inner.downcast_ref::<Error>() {
+            Some(ours) => reason_code(ours),
+            None => match inner.downcast_ref::<vfio_mig_fence::Error>() {
+                Some(vfio_mig_fence::Error::Refused { code, .. }) => *code,
+                _ => ReasonCode::Device,
+            },
+        },
         _ => ReasonCode::Device,
     }
 }
@@ -90,7 +109,7 @@ pub(super) struct Gate<'a, C: Duplex> {
 }
 
 impl<C: Duplex> LoadGate for Gate<'_, C> {
-    fn pre_copy_loaded(&mut self) -> Result<()> {
+    fn pre_copy_loaded(&mut self) -> vfio_mig::Result<()> {
         if self.ack {
             let ack = Message::SwitchoverAck {
                 session: self.session,
@@ -100,7 +119,7 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
         Ok(())
     }
 
-    fn before_resume(&mut self, rest: &mut dyn Read) -> Result<()> {
+    fn before_resume(&mut self, rest: &mut dyn Read) -> vfio_mig::Result<()> {
         let session = self.session;
         write_message(
             self.tx,
@@ -111,7 +130,7 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
         match read_message(rest, step)? {
             Message::Commit { session: s } if s == session => {}
             other => {
-                return Err(Error::protocol(
+                return Err(CoreError::protocol(
                     step,
                     format!("the source sent {other} where COMMIT was expected"),
                 ))
@@ -119,7 +138,9 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
         }
         // Recorded before the device runs: after a crash here, a retry is answered
         // ALREADY_COMPLETED and both devices stay stopped rather than both running.
-        self.fence.complete(&session)?;
+        self.fence
+            .complete(&session)
+            .map_err(vfio_mig_fence::Error::into_core)?;
         self.completed = true;
         Ok(())
     }
@@ -231,7 +252,7 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
             let detail = format!("the source sent {other} where HELLO was expected");
             return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
         }
-        Err(e @ Error::Stream { .. }) => {
+        Err(e @ CoreError::Stream { .. }) => {
             return Err(refuse(
                 &mut tx,
                 &mut rx,
@@ -239,7 +260,7 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
                 Report(&e).to_string(),
             ))
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let mut offered = None;
     if features & FEATURE_CHANNELS != 0 {
@@ -249,16 +270,16 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
                 let detail = format!("the source sent {other} where OFFER_CHANNELS was expected");
                 return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
             }
-            Err(e @ Error::Stream { .. }) => {
+            Err(e @ CoreError::Stream { .. }) => {
                 let detail = Report(&e).to_string();
                 return Err(refuse(&mut tx, &mut rx, ReasonCode::Protocol, detail));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     let (mut reader, header) = match StreamReader::open(rx) {
         Ok(r) => r,
-        Err(e @ Error::Stream { .. }) => {
+        Err(e @ CoreError::Stream { .. }) => {
             // The reader is gone with the stream; refuse without draining.
             let msg = Message::Refuse(Reason::new(ReasonCode::Stream, Report(&e).to_string()));
             let _ = write_message(&mut tx, &msg, "end the session");
@@ -268,7 +289,7 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
                 detail: Report(&e).to_string(),
             });
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     if deadline.is_some() {
         reader
@@ -313,7 +334,7 @@ pub(super) fn receive_one<C: Duplex>(
     }
     if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
         release(fence, &session);
-        return Err(e);
+        return Err(e.into());
     }
     let mut gate = Gate {
         tx: &mut tx,
@@ -380,7 +401,7 @@ pub(super) fn admission_checks(
         check_unit(devs, !source_all_p2p)
             .map_err(|e| (ReasonCode::Incompatible, format!("destination: {e}")))?;
         fence.admit(header).map_err(|e| match e {
-            Error::Refused { code, detail, .. } => (code, detail),
+            vfio_mig_fence::Error::Refused { code, detail, .. } => (code, detail),
             e => (ReasonCode::Fence, Report(&e).to_string()),
         })
     })();
@@ -388,14 +409,14 @@ pub(super) fn admission_checks(
 }
 
 /// The end of a session after the load: RESUMED on success; PARTLY_RESUMED past the point of
-/// no return ([`Error::PastNoReturn`]: the completion record stays, what runs keeps running);
-/// on any other failure the completion record withdrawn, the claim released, every device
-/// reset and FAILED sent.
+/// no return ([`vfio_mig::Error::PastNoReturn`]: the completion record stays, what runs keeps
+/// running); on any other failure the completion record withdrawn, the claim released, every
+/// device reset and FAILED sent.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finish_session<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     header: StreamHeader,
-    loaded: Result<Vec<LoadReport>>,
+    loaded: vfio_mig::Result<Vec<LoadReport>>,
     completed: bool,
     fence: &mut dyn Fence,
     tx: &mut C,
@@ -422,12 +443,13 @@ pub(super) fn finish_session<C: Duplex>(
                 confirmed,
             })
         }
-        Err(e @ Error::PastNoReturn { .. }) => {
+        Err(e @ CoreError::PastNoReturn { .. }) => {
             // A device runs the state: the completion record stays (a retry is answered
             // ALREADY_COMPLETED) and the source is told to stop, never to run it again.
-            let msg = Message::PartlyResumed(Reason::new(reason_code(&e), Report(&e).to_string()));
+            let msg =
+                Message::PartlyResumed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
-            Err(e)
+            Err(e.into())
         }
         Err(e) => {
             if completed {
@@ -437,9 +459,9 @@ pub(super) fn finish_session<C: Duplex>(
             }
             release(fence, &session);
             let e = rollback_destinations(devs, e, obs);
-            let msg = Message::Failed(Reason::new(reason_code(&e), Report(&e).to_string()));
+            let msg = Message::Failed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -452,12 +474,14 @@ struct FileGate<'a> {
 }
 
 impl LoadGate for FileGate<'_> {
-    fn pre_copy_loaded(&mut self) -> Result<()> {
+    fn pre_copy_loaded(&mut self) -> vfio_mig::Result<()> {
         Ok(())
     }
 
-    fn before_resume(&mut self, _rest: &mut dyn Read) -> Result<()> {
-        self.fence.complete(&self.session)?;
+    fn before_resume(&mut self, _rest: &mut dyn Read) -> vfio_mig::Result<()> {
+        self.fence
+            .complete(&self.session)
+            .map_err(vfio_mig_fence::Error::into_core)?;
         self.completed = true;
         Ok(())
     }
@@ -503,7 +527,7 @@ pub fn load_fenced<R: Read>(
             confirmed: true,
         }),
         // A device runs the state: the completion record stays, nothing more is reset.
-        Err(e @ Error::PastNoReturn { .. }) => Err(e),
+        Err(e @ CoreError::PastNoReturn { .. }) => Err(e.into()),
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {
@@ -511,7 +535,7 @@ pub fn load_fenced<R: Read>(
                 }
             }
             release(gate.fence, &header.session_id);
-            Err(rollback_destinations(devs, e, obs))
+            Err(rollback_destinations(devs, e, obs).into())
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub fn connect(addr: &Address, timeout: Duration) -> Result<Connection> {
     let step = format!("connect to {addr}");
     match addr {
-        Address::File(_) => Err(Error::InvalidInput(format!(
+        Address::File(_) => Err(Error::invalid_input(format!(
             "{step}: a file is not a socket (use unix:PATH or tcp:HOST:PORT)"
         ))),
         Address::Unix(path) => {
@@ -63,7 +63,7 @@ pub enum Listener {
 pub fn listen(addr: &Address) -> Result<Listener> {
     let step = format!("listen on {addr}");
     match addr {
-        Address::File(_) => Err(Error::InvalidInput(format!(
+        Address::File(_) => Err(Error::invalid_input(format!(
             "{step}: a file is not a socket (use unix:PATH or tcp:HOST:PORT)"
         ))),
         Address::Unix(path) => {
@@ -174,7 +174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let addr = Address::Unix(dir.path().join("s"));
         let l = listen(&addr).unwrap();
-        let e = crate::error::Report(&listen(&addr).unwrap_err()).to_string();
+        let e = vfio_mig::error::Report(&listen(&addr).unwrap_err()).to_string();
         assert!(e.contains("another process listens"), "{e}");
         drop(l);
         assert!(!dir.path().join("s").exists());
@@ -183,7 +183,7 @@ mod tests {
         drop(stale);
         let _l = listen(&addr).unwrap();
         std::fs::write(dir.path().join("f"), b"x").unwrap();
-        let e = crate::error::Report(&listen(&Address::Unix(dir.path().join("f"))).unwrap_err())
+        let e = vfio_mig::error::Report(&listen(&Address::Unix(dir.path().join("f"))).unwrap_err())
             .to_string();
         assert!(e.contains("not a socket"), "{e}");
     }

@@ -19,7 +19,7 @@
 //! ```no_run
 //! use std::net::TcpStream;
 //! use std::time::Duration;
-//! use vfio_mig::transport::tls::{connect, TlsConfig};
+//! use vfio_mig_session::transport::tls::{connect, TlsConfig};
 //!
 //! let cfg = TlsConfig {
 //!     cert: "/etc/vfio-mig/src.crt".into(),

@@ -3,7 +3,7 @@
 //! many it takes, and the token), the binding of each further connection (CHANNEL: the
 //! session, its index, the token; anything else is refused and touches no device), ACCEPT
 //! once every channel is bound, then the load over all channels
-//! ([`crate::engine::channels::load_channels_gated`]) and the two-phase end on the main
+//! ([`vfio_mig::engine::channels::load_channels_gated`]) and the two-phase end on the main
 //! connection.
 
 use std::io::BufReader;
@@ -20,12 +20,12 @@ use super::message::{
     MAX_CHANNELS,
 };
 use super::opened::{send_final, ChannelOpening};
-use crate::engine::channels::load_channels_gated;
-use crate::engine::session::new_session_id;
-use crate::engine::{MigrationDevice, Observer};
 use crate::error::{Error, Result};
-use crate::fence::{Admission, Fence};
 use crate::transport::Duplex;
+use vfio_mig::engine::channels::load_channels_gated;
+use vfio_mig::engine::session::new_session_id;
+use vfio_mig::engine::{MigrationDevice, Observer};
+use vfio_mig_fence::{Admission, Fence};
 
 /// How long the destination waits for the source's further connections, from its CHANNELS
 /// answer: every channel must be bound by then, or the session is refused (no device was
@@ -46,7 +46,7 @@ pub fn receive<C: Duplex>(
 /// Runs an opened session into `devs`.
 ///
 /// Checks, before the device is touched: one device in the stream per device given, known
-/// features, the device's protocol and model ([`check_compatible`](crate::engine::check_compatible)), and the fencing state
+/// features, the device's protocol and model ([`check_compatible`](vfio_mig::engine::check_compatible)), and the fencing state
 /// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
 /// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
 /// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.
@@ -65,7 +65,7 @@ pub fn receive_opened<C: Duplex>(
         return receive_one(devs, opening, fence, obs);
     }
     receive_channels(devs, opening, fence, obs, 1, &mut |_| {
-        Err(Error::InvalidInput("no further channels here".into()))
+        Err(Error::invalid_input("no further channels here"))
     })
 }
 
@@ -129,7 +129,7 @@ pub fn receive_channels<C: Duplex>(
                 &mut tx,
                 &mut rx,
                 ReasonCode::Device,
-                crate::error::Report(&e).to_string(),
+                vfio_mig::error::Report(&e).to_string(),
             ));
         }
     };
@@ -140,7 +140,7 @@ pub fn receive_channels<C: Duplex>(
     };
     if let Err(e) = write_message(&mut tx, &answer, "handshake") {
         release(fence, &session);
-        return Err(e);
+        return Err(e.into());
     }
     let mut channels = match bind(session, &token, count, accept) {
         Ok(c) => c,
@@ -151,7 +151,7 @@ pub fn receive_channels<C: Duplex>(
     };
     if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
         release(fence, &session);
-        return Err(e);
+        return Err(e.into());
     }
     log::info!("session bound on {count} channels");
 
@@ -231,7 +231,7 @@ fn bind<C: Duplex>(
                 "{bound} of {} further channels connected within {} s ({})",
                 count - 1,
                 BIND_TIME.as_secs(),
-                crate::error::Report(&e)
+                vfio_mig::error::Report(&e)
             )
         })?;
         let index = opening.index;
@@ -251,7 +251,7 @@ fn bind<C: Duplex>(
                 format!("CHANNEL {index} refused: {why}"),
                 Duration::from_secs(1),
             );
-            log::warn!("{}", crate::error::Report(&e));
+            log::warn!("{}", vfio_mig::error::Report(&e));
             continue;
         }
         slots[usize::from(index) - 1] = Some(Bound {

@@ -78,7 +78,7 @@ pub enum PolicyError {
 /// Which source identities may load into which device.
 ///
 /// ```
-/// use vfio_mig::transport::tls::{AuthorizationPolicy, PeerIdentities, PeerIdentity};
+/// use vfio_mig_session::transport::tls::{AuthorizationPolicy, PeerIdentities, PeerIdentity};
 ///
 /// let policy: AuthorizationPolicy = "vm7-gpu0 dns:src-a.example\n".parse()?;
 /// let src_a = PeerIdentities::from_identities([PeerIdentity::Dns("src-a.example".into())]);
@@ -88,7 +88,7 @@ pub enum PolicyError {
 ///     policy.check("vm7-gpu0", &src_b).unwrap_err().to_string(),
 ///     "source [dns:src-b.example] is not authorized to load into device `vm7-gpu0`"
 /// );
-/// # Ok::<(), vfio_mig::transport::tls::PolicyError>(())
+/// # Ok::<(), vfio_mig_session::transport::tls::PolicyError>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthorizationPolicy {

@@ -12,14 +12,14 @@ use crate::error::Error;
 /// Where a stream goes to or comes from.
 ///
 /// ```
-/// use vfio_mig::transport::Address;
+/// use vfio_mig_session::transport::Address;
 ///
 /// let a: Address = "tcp:[::1]:7000".parse()?;
 /// assert_eq!(a, Address::Tcp { host: "::1".into(), port: 7000 });
 /// assert_eq!(a.to_string(), "tcp:[::1]:7000");
 /// assert_eq!("unix:/run/x.sock".parse::<Address>()?, Address::Unix("/run/x.sock".into()));
 /// assert_eq!("/tmp/state".parse::<Address>()?, Address::File("/tmp/state".into()));
-/// # Ok::<(), vfio_mig::Error>(())
+/// # Ok::<(), vfio_mig_session::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
@@ -63,7 +63,7 @@ impl From<SocketAddr> for Address {
 }
 
 fn usage(text: &str, why: impl fmt::Display) -> Error {
-    Error::InvalidInput(format!(
+    Error::invalid_input(format!(
         "address `{text}`: {why} (expected file:PATH, unix:PATH or tcp:HOST:PORT)"
     ))
 }

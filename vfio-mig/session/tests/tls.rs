@@ -13,7 +13,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::ServerName;
-use vfio_mig::transport::tls::{
+use vfio_mig_session::transport::tls::{
     accept, connect, AuthorizationPolicy, AuthzError, HandshakeError, PeerIdentity, TlsConfig,
     TlsStream, NOT_TLS_NOTICE,
 };

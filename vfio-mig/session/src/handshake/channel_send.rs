@@ -17,12 +17,13 @@ use super::message::{
 use super::source::{
     before_hello, commit, expect, explain, refused, send, unexpected, SendOutcome, Watched,
 };
-use crate::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
-use crate::engine::multi::{rollback_sources, SharedWriter};
-use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
-use crate::stream::{StreamHeader, StreamWriter};
 use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_mig::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
+use vfio_mig::engine::multi::{rollback_sources, SharedWriter};
+use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
+use vfio_mig::stream::{StreamHeader, StreamWriter};
+use vfio_mig::Error as CoreError;
 
 /// How long the source waits, after a channel failed, for the destination's reason on the
 /// main connection (it usually explains the failure better than the channel's `EPIPE`).
@@ -64,7 +65,7 @@ pub fn send_channels<C: Duplex>(
         opening.extend_from_slice(&h);
         main.write_all(&opening)
             .and_then(|()| main.flush())
-            .map_err(|e| Error::transport("handshake: send HELLO", e))
+            .map_err(|e| CoreError::transport("handshake: send HELLO", e))
     });
     let answer = match written {
         Ok(()) => read_message(&mut rx, "handshake: wait for the destination's answer"),
@@ -180,7 +181,7 @@ pub fn send_channels<C: Duplex>(
                 let _ = s.shutdown(Shutdown::Both);
             }
             wait_for_reason(&rx);
-            return Err(rollback_sources(devs, explain(e, &mut rx), obs));
+            return Err(rollback_sources(devs, explain(e, &mut rx).into_core(), obs).into());
         }
     };
 
@@ -189,13 +190,13 @@ pub fn send_channels<C: Duplex>(
 }
 
 /// Names the channel in a transport or stream error of its writer.
-fn on_channel(ch: usize, e: Error) -> Error {
+fn on_channel(ch: usize, e: CoreError) -> CoreError {
     match e {
-        Error::Transport { step, source } => Error::Transport {
+        CoreError::Transport { step, source } => CoreError::Transport {
             step: format!("channel {ch}: {step}"),
             source,
         },
-        Error::Stream { step, detail } => Error::Stream {
+        CoreError::Stream { step, detail } => CoreError::Stream {
             step: format!("channel {ch}: {step}"),
             detail,
         },
@@ -205,10 +206,9 @@ fn on_channel(ch: usize, e: Error) -> Error {
 
 fn open_failed(e: Error, index: u16) -> Error {
     match e {
-        Error::Transport { step, source } => Error::Transport {
-            step: format!("open channel {index}: {step}"),
-            source,
-        },
+        Error::Core(CoreError::Transport { step, source }) => {
+            Error::transport(format!("open channel {index}: {step}"), source)
+        }
         e => e,
     }
 }

@@ -6,14 +6,15 @@ use std::io::{self, BufWriter, Write};
 use std::net::Shutdown;
 
 use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
-use crate::engine::multi::{
+use crate::error::{Error, Result};
+use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_mig::engine::multi::{
     check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
 };
-use crate::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
-use crate::error::Report;
-use crate::error::{Error, Result};
-use crate::stream::{StreamHeader, StreamWriter};
-use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
+use vfio_mig::error::Report;
+use vfio_mig::stream::{StreamHeader, StreamWriter};
+use vfio_mig::Error as CoreError;
 
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +94,7 @@ pub(super) fn expect(
 /// FAILED reason explains the broken connection better than `EPIPE`; a closed connection is
 /// named as such, at the step that found it.
 pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
-    let Error::Transport { step, .. } = &err else {
+    let Some(CoreError::Transport { step, .. }) = err.as_core() else {
         return err;
     };
     if !rx.readable_now().unwrap_or(false) {
@@ -105,7 +106,9 @@ pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
             detail: r.text,
         },
         Ok(other) => unexpected(&other, "FAILED", step),
-        Err(Error::Transport { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
+        Err(CoreError::Transport { source, .. })
+            if source.kind() == io::ErrorKind::UnexpectedEof =>
+        {
             Error::transport(
                 step.clone(),
                 io::Error::new(
@@ -136,7 +139,7 @@ pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
 /// COMMIT rolls back too: the destination sends it only before its point of no return (no
 /// device of the unit ran) and reset its devices. PARTLY_RESUMED (a destination device runs
 /// the state, another failed to run) stops the sources as RESUMED does and returns
-/// [`Error::PastNoReturn`]. A lost connection or a timeout
+/// [`vfio_mig::Error::PastNoReturn`]. A lost connection or a timeout
 /// after COMMIT leaves the device stopped and returns [`Error::InDoubt`]: the destination may
 /// run the state, and resuming here as well would run it twice.
 pub fn send<C: Duplex>(
@@ -154,7 +157,7 @@ pub fn send<C: Duplex>(
     let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
     let opened = tx
         .write_all(&Message::Hello { features }.encode())
-        .map_err(|e| Error::transport("handshake: send HELLO", e))
+        .map_err(|e| CoreError::transport("handshake: send HELLO", e))
         .and_then(|()| StreamWriter::new(tx, header))
         .and_then(|mut out| out.flush().map(|()| out));
     let answer = match opened {
@@ -212,7 +215,7 @@ pub fn send<C: Duplex>(
     })();
     let mut tx = match sent {
         Ok(tx) => tx,
-        Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx), obs)),
+        Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx).into_core(), obs).into()),
     };
 
     commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
@@ -232,9 +235,8 @@ pub(super) fn before_hello<C: Duplex>(
         || header.devices.len() != devs.len()
         || header.devices.iter().any(|d| d.live != opts.live)
     {
-        return Err(Error::InvalidInput(
-            "send: the stream header must describe each device, live exactly when the save is"
-                .into(),
+        return Err(Error::invalid_input(
+            "send: the stream header must describe each device, live exactly when the save is",
         ));
     }
     check_unit(devs, opts.allow_non_p2p_unit)?;
@@ -263,7 +265,7 @@ pub(super) fn commit<C: Duplex>(
     let commit = Message::Commit { session }.encode();
     if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
         let e = Error::transport("send COMMIT", e);
-        return Err(rollback_sources(devs, explain(e, rx), obs));
+        return Err(rollback_sources(devs, explain(e, rx).into_core(), obs).into());
     }
     if let Err(e) = ctl.shutdown(Shutdown::Write) {
         log::debug!("shutdown after COMMIT: {e}");
@@ -280,7 +282,7 @@ pub(super) fn commit<C: Duplex>(
                 step: step.into(),
                 detail: r.text,
             };
-            Err(rollback_sources(devs, e, obs))
+            Err(rollback_sources(devs, e.into_core(), obs).into())
         }
         Ok(Message::PartlyResumed(r)) => {
             // Past the destination's point of no return: a device there runs the state, so
@@ -316,13 +318,13 @@ fn past_no_return(
             }
         })
         .collect();
-    Error::PastNoReturn {
+    Error::Core(vfio_mig::Error::PastNoReturn {
         step: step.into(),
         detail: format!(
             "the destination: {what}; not resumed here, the state must not run twice: {}",
             sources.join(", ")
         ),
-    }
+    })
 }
 
 pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {

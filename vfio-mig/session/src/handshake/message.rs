@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use crate::error::{Error, Result};
+use vfio_mig::error::{Error, Result};
 
 /// Magic bytes every control message starts with.
 pub const MAGIC: [u8; 4] = *b"VMHS";
@@ -32,8 +32,8 @@ pub const TOKEN_LEN: usize = 16;
 /// every further connection of the session presents (in CHANNEL).
 pub type ChannelToken = [u8; TOKEN_LEN];
 
-pub use crate::error::ReasonCode;
-pub use crate::stream::SessionId;
+pub use vfio_mig::stream::SessionId;
+pub use vfio_mig_fence::ReasonCode;
 
 /// The payload of REFUSE and FAILED: a code and a human-readable line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -646,10 +646,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
-        let e = crate::error::Report(&read_message(&mut &b""[..], "wait for ACCEPT").unwrap_err())
-            .to_string();
+        let e =
+            vfio_mig::error::Report(&read_message(&mut &b""[..], "wait for ACCEPT").unwrap_err())
+                .to_string();
         assert_eq!(e, "wait for ACCEPT: the peer closed the connection");
-        let e = crate::error::Report(&read_message(&mut &good[..5], "x").unwrap_err()).to_string();
+        let e =
+            vfio_mig::error::Report(&read_message(&mut &good[..5], "x").unwrap_err()).to_string();
         assert!(e.contains("after 5 of 12 bytes"), "{e}");
     }
 

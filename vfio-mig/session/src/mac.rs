@@ -6,14 +6,15 @@
 //! tag covers the record count and totals.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use vfio_mig::stream::{StreamAuth, TAG_LEN};
+
 use crate::error::{Error, Result};
 
-/// Length of a tag (HMAC-SHA256).
-pub const TAG_LEN: usize = 32;
 /// Shortest key accepted, in bytes (128 bits).
 pub const MIN_KEY_LEN: usize = 16;
 /// Domain label of the header's tag.
@@ -42,7 +43,7 @@ impl StreamKey {
     /// A key from its bytes.
     pub fn new(bytes: &[u8]) -> Result<Self> {
         if bytes.len() < MIN_KEY_LEN {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "a stream key needs at least {MIN_KEY_LEN} bytes, this one has {} (make one \
                  with `head -c 32 /dev/urandom > KEY`)",
                 bytes.len()
@@ -56,18 +57,18 @@ impl StreamKey {
     pub fn load(path: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let step = || format!("key file {}", path.display());
-        let meta =
-            std::fs::metadata(path).map_err(|e| Error::InvalidInput(format!("{}: {e}", step())))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::invalid_input(format!("{}: {e}", step())))?;
         if meta.mode() & 0o077 != 0 {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::invalid_input(format!(
                 "{}: mode {:o} lets group or others read it; chmod 600 it",
                 step(),
                 meta.mode() & 0o777
             )));
         }
         let bytes =
-            std::fs::read(path).map_err(|e| Error::InvalidInput(format!("{}: {e}", step())))?;
-        let key = Self::new(&bytes).map_err(|e| Error::InvalidInput(format!("{}: {e}", step())));
+            std::fs::read(path).map_err(|e| Error::invalid_input(format!("{}: {e}", step())))?;
+        let key = Self::new(&bytes).map_err(|e| Error::invalid_input(format!("{}: {e}", step())));
         let mut bytes = bytes;
         bytes.iter_mut().for_each(|b| *b = 0);
         key
@@ -95,23 +96,26 @@ impl StreamKey {
         m
     }
 
+    /// This key as the core's [`StreamAuth`], for a [`vfio_mig::stream::StreamWriter`] or
+    /// [`vfio_mig::stream::StreamReader`].
+    pub fn auth(&self) -> Arc<dyn StreamAuth> {
+        Arc::new(self.clone())
+    }
+}
+
+impl StreamAuth for StreamKey {
     /// The tag of an encoded header (its CRC included).
-    pub(crate) fn header_tag(&self, header: &[u8]) -> [u8; TAG_LEN] {
+    fn header_tag(&self, header: &[u8]) -> [u8; TAG_LEN] {
         self.header_mac(header).finalize().into_bytes().into()
     }
 
     /// Whether `tag` is the tag of `header` (compared in constant time).
-    pub(crate) fn header_ok(&self, header: &[u8], tag: &[u8]) -> bool {
+    fn header_ok(&self, header: &[u8], tag: &[u8]) -> bool {
         self.header_mac(header).verify_slice(tag).is_ok()
     }
 
     /// The tag of a record: the stream's session id, the record header, the payload.
-    pub(crate) fn record_tag(
-        &self,
-        session: &[u8; 16],
-        head: &[u8],
-        payload: &[u8],
-    ) -> [u8; TAG_LEN] {
+    fn record_tag(&self, session: &[u8; 16], head: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
         self.record_mac(session, head, payload)
             .finalize()
             .into_bytes()
@@ -119,13 +123,7 @@ impl StreamKey {
     }
 
     /// Whether `tag` is the tag of the record (compared in constant time).
-    pub(crate) fn record_ok(
-        &self,
-        session: &[u8; 16],
-        head: &[u8],
-        payload: &[u8],
-        tag: &[u8],
-    ) -> bool {
+    fn record_ok(&self, session: &[u8; 16], head: &[u8], payload: &[u8], tag: &[u8]) -> bool {
         self.record_mac(session, head, payload)
             .verify_slice(tag)
             .is_ok()
@@ -135,6 +133,38 @@ impl StreamKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use vfio_mig::stream::{
+        verify, verify_keyed, Authentication, DeviceDescriptor, Phase, Protocol, StreamHeader,
+        StreamWriter,
+    };
+
+    /// Bytes of the example stream's header (one device, model `mock:v1`).
+    const HEADER_LEN: usize = 63;
+
+    fn example_header(session: u8) -> StreamHeader {
+        StreamHeader {
+            session_id: [session; 16],
+            epoch: 1,
+            devices: vec![DeviceDescriptor {
+                protocol: Protocol::V1,
+                live: true,
+                migration_flags: 0,
+                model: "mock:v1".into(),
+            }],
+        }
+    }
+
+    /// The example stream of `docs/stream-format.md`, authenticated with `key` if given.
+    fn example_with(header: &StreamHeader, key: Option<Arc<dyn StreamAuth>>) -> Vec<u8> {
+        let mut w = StreamWriter::with_key(Vec::new(), header, key).unwrap();
+        w.data(0, Phase::PreCopy, b"hello", true).unwrap();
+        w.end_phase(0, Phase::PreCopy).unwrap();
+        w.data(0, Phase::StopCopy, b"ab", false).unwrap();
+        w.data(0, Phase::StopCopy, b"c", true).unwrap();
+        w.end_phase(0, Phase::StopCopy).unwrap();
+        w.finish().unwrap().0
+    }
 
     #[test]
     fn short_keys_and_open_key_files_are_refused() {
@@ -171,5 +201,72 @@ mod tests {
         let h = k.header_tag(b"header");
         assert!(k.header_ok(b"header", &h));
         assert!(!StreamKey::new(&[8; 32]).unwrap().header_ok(b"header", &h));
+    }
+
+    /// With a key, `verify_keyed` (and so `load` and `inspect`) refuse a forged stream, a
+    /// changed record whose CRC was recomputed, a header whose session id was re-forged, a
+    /// stream made with another key, and one with no tags at all.
+    #[test]
+    fn forged_and_reforged_streams_are_refused_with_the_key() {
+        let key = StreamKey::new(&[0x5a; 32]).unwrap();
+        let good = example_with(&example_header(1), Some(key.auth()));
+        let summary = verify_keyed(good.as_slice(), Some(key.auth())).unwrap();
+        assert_eq!(summary.authentication, Authentication::Verified);
+        // Without the key the tags are skipped, and say so.
+        let summary = verify(good.as_slice()).unwrap();
+        assert_eq!(summary.authentication, Authentication::NotChecked);
+
+        // A forger without the key: an unauthenticated stream.
+        let plain = example_with(&example_header(1), None);
+        let e = verify_keyed(plain.as_slice(), Some(key.auth()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not authenticated"), "{e}");
+        // ... or one under another key.
+        let other = StreamKey::new(&[0x5b; 32]).unwrap();
+        let forged = example_with(&example_header(1), Some(other.auth()));
+        let e = verify_keyed(forged.as_slice(), Some(key.auth()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream header: authentication failed"), "{e}");
+
+        // A payload byte changed and the record's CRC recomputed, as a forger would.
+        let mut changed = good.clone();
+        let rec = HEADER_LEN + 32; // after the header's tag
+        changed[rec + 24] ^= 1;
+        // The record CRC of the format: the session id, the record header before its CRC,
+        // the payload (docs/stream-format.md).
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c_append(crc32c::crc32c(&[1; 16]), &changed[rec..rec + 20]),
+            &changed[rec + 24..rec + 29],
+        );
+        changed[rec + 20..rec + 24].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            verify(changed.as_slice()).is_ok(),
+            "the CRC alone is satisfied"
+        );
+        let e = verify_keyed(changed.as_slice(), Some(key.auth()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("read stream record 0: authentication failed"),
+            "{e}"
+        );
+
+        // The session id re-forged (to replay the file as a new session), CRC recomputed.
+        let mut reforged = good.clone();
+        reforged[12] ^= 0xff;
+        let crc = crc32c::crc32c(&reforged[..HEADER_LEN - 4]);
+        reforged[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let e = verify_keyed(reforged.as_slice(), Some(key.auth()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream header: authentication failed"), "{e}");
+
+        // Truncated before the trailer: refused whatever the tags say.
+        let e = verify_keyed(&good[..good.len() - 70], Some(key.auth()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 }

@@ -32,7 +32,7 @@ impl ClientTls {
     pub fn new(files: TlsConfig) -> Result<Self> {
         let config = files
             .client_config()
-            .map_err(|e| Error::InvalidInput(format!("TLS: {e}")))?;
+            .map_err(|e| Error::invalid_input(format!("TLS: {e}")))?;
         Ok(Self { config, files })
     }
 }
@@ -49,18 +49,18 @@ pub fn connect_tls(
 ) -> Result<Connection> {
     let step = format!("connect to {addr} (TLS)");
     let Address::Tcp { host, .. } = addr else {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "{step}: TLS runs over tcp:HOST:PORT only; a unix: socket is local and plain"
         )));
     };
     let name: ServerName<'static> = tls
         .files
         .server_name_for(host)
-        .map_err(|e| Error::InvalidInput(format!("{step}: {e}")))?;
+        .map_err(|e| Error::invalid_input(format!("{step}: {e}")))?;
     let plain = connect(addr, timeout)?;
     let sock = plain
         .into_tcp()
-        .ok_or_else(|| Error::InvalidInput(format!("{step}: not a TCP connection")))?;
+        .ok_or_else(|| Error::invalid_input(format!("{step}: not a TCP connection")))?;
     let stream = tls::connect(sock, tls.config.clone(), name, handshake)
         .map_err(|e| Error::transport(step, e.into()))?;
     log::info!(
@@ -82,7 +82,7 @@ pub fn accept_tls(
     let step = format!("TLS handshake with {peer}");
     let sock = conn
         .into_tcp()
-        .ok_or_else(|| Error::InvalidInput(format!("{step}: TLS runs over tcp:HOST:PORT only")))?;
+        .ok_or_else(|| Error::invalid_input(format!("{step}: TLS runs over tcp:HOST:PORT only")))?;
     let stream =
         tls::accept(sock, config, deadline).map_err(|e| Error::transport(step, e.into()))?;
     Ok(Connection::tls(stream))

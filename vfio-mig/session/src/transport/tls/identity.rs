@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 /// names compare exactly.
 ///
 /// ```
-/// use vfio_mig::transport::tls::PeerIdentity;
+/// use vfio_mig_session::transport::tls::PeerIdentity;
 ///
 /// let id: PeerIdentity = "dns:Src-A.example".parse().unwrap();
 /// assert_eq!(id, PeerIdentity::Dns("src-a.example".into()));

@@ -9,13 +9,15 @@ use super::channel_send::send_channels;
 use super::destination::{open_connection, open_session, Opened, RecvOutcome};
 use super::opened::ChannelOpening;
 use super::source::{send, SendOutcome};
-use crate::engine::session::new_header;
-use crate::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
-use crate::error::{Error, Recovery, Result};
-use crate::fence::Fence;
+use crate::error::{is_peer_loss, Error, Result};
 use crate::handshake::ReasonCode;
-use crate::stream::StreamHeader;
 use crate::transport::Connection;
+use vfio_mig::engine::session::new_header;
+use vfio_mig::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
+use vfio_mig::error::Recovery;
+use vfio_mig::stream::StreamHeader;
+use vfio_mig::Error as CoreError;
+use vfio_mig_fence::Fence;
 
 /// What a local migration did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,7 +51,7 @@ pub fn migrate_local(
         dst,
         &header,
         opts,
-        &mut crate::fence::MemoryFence::new(),
+        &mut vfio_mig_fence::MemoryFence::new(),
         src_obs,
         dst_obs,
     )
@@ -81,7 +83,7 @@ pub fn migrate_pair(
 /// Sources and destinations must come in pairs, at least one.
 fn check_pairs(srcs: &[&mut dyn MigrationDevice], dsts: &[&mut dyn MigrationDevice]) -> Result<()> {
     if srcs.len() != dsts.len() || srcs.is_empty() {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::invalid_input(format!(
             "{} source and {} destination devices: give them in pairs",
             srcs.len(),
             dsts.len()
@@ -146,7 +148,7 @@ pub fn migrate_pairs_channels(
             let mut ends = src_ends.into_iter();
             let mut connect = |_: u16| {
                 ends.next()
-                    .ok_or_else(|| Error::InvalidInput("no further socketpair".into()))
+                    .ok_or_else(|| Error::invalid_input("no further socketpair"))
             };
             send_channels(
                 &mut *srcs,
@@ -163,7 +165,7 @@ pub fn migrate_pairs_channels(
             let mut accept = |deadline: Instant| -> Result<ChannelOpening<Connection>> {
                 let conn = ends
                     .next()
-                    .ok_or_else(|| Error::InvalidInput("no further socketpair".into()))?;
+                    .ok_or_else(|| Error::invalid_input("no further socketpair"))?;
                 match open_connection(conn, Some(deadline))? {
                     Opened::Channel(c) => Ok(c),
                     Opened::Session(_) => Err(Error::protocol(
@@ -228,10 +230,10 @@ fn pick_cause(source_err: Error, dest_err: Error) -> Error {
 fn unrecovered(e: &Error) -> Vec<(String, Recovery)> {
     let failed = |r: &Recovery| matches!(r, Recovery::Failed(_));
     match e {
-        Error::RolledBack {
+        Error::Core(CoreError::RolledBack {
             device, recovery, ..
-        } if failed(recovery) => vec![(device.clone(), recovery.clone())],
-        Error::RolledBackAll { outcomes, .. } => outcomes
+        }) if failed(recovery) => vec![(device.clone(), recovery.clone())],
+        Error::Core(CoreError::RolledBackAll { outcomes, .. }) => outcomes
             .iter()
             .filter(|(_, r)| failed(r))
             .cloned()
@@ -247,43 +249,39 @@ fn with_outcomes(cause: Error, extra: Vec<(String, Recovery)>) -> Error {
         return cause;
     }
     let (source, mut outcomes) = match cause {
-        Error::RolledBack {
+        Error::Core(CoreError::RolledBack {
             source,
             device,
             recovery,
-        } => (source, vec![(device, recovery)]),
-        Error::RolledBackAll { source, outcomes } => (source, outcomes),
-        other => (Box::new(other), Vec::new()),
+        }) => (source, vec![(device, recovery)]),
+        Error::Core(CoreError::RolledBackAll { source, outcomes }) => (source, outcomes),
+        other => (Box::new(other.into_core()), Vec::new()),
     };
     for (device, recovery) in extra {
         if !outcomes.iter().any(|(d, _)| *d == device) {
             outcomes.push((device, recovery));
         }
     }
-    Error::RolledBackAll { source, outcomes }
+    Error::Core(CoreError::RolledBackAll { source, outcomes })
 }
 
 /// The error of [`pick_cause`], before the unrecovered destination devices are added.
 fn pick_cause_only(source_err: Error, dest_err: Error) -> Error {
     match source_err {
-        Error::RolledBack {
+        Error::Core(CoreError::RolledBack {
             source,
             device,
             recovery,
-        } if matches!(*source, Error::Transport { .. } | Error::PeerFailed { .. }) => {
-            Error::RolledBack {
-                source: Box::new(dest_err),
-                device,
-                recovery,
-            }
-        }
-        Error::RolledBackAll { source, outcomes }
-            if matches!(*source, Error::Transport { .. } | Error::PeerFailed { .. }) =>
-        {
-            Error::RolledBackAll {
-                source: Box::new(dest_err),
+        }) if is_peer_loss(&source) => Error::Core(CoreError::RolledBack {
+            source: Box::new(dest_err.into_core()),
+            device,
+            recovery,
+        }),
+        Error::Core(CoreError::RolledBackAll { source, outcomes }) if is_peer_loss(&source) => {
+            Error::Core(CoreError::RolledBackAll {
+                source: Box::new(dest_err.into_core()),
                 outcomes,
-            }
+            })
         }
         Error::Refused { .. } => dest_err,
         other => other,

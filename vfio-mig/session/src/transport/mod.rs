@@ -6,9 +6,9 @@
 //! - `unix:PATH` and `tcp:HOST:PORT`: a [`Connection`], bidirectional, over which the source
 //!   and the destination run the session handshake ([`crate::handshake`]) around the stream.
 //! - With the `tls` feature, a TCP connection can be mutually authenticated TLS 1.3
-//!   ([`connect_tls`], [`accept_tls`], the [`tls`] module): the source and destination
-//!   prove their identities with certificates of a common CA, and the destination decides
-//!   with a [`tls::AuthorizationPolicy`] which sources may load into which device. Unix
+//!   (`connect_tls`, `accept_tls`, the `tls` module): the source and destination prove
+//!   their identities with certificates of a common CA, and the destination decides with a
+//!   `tls::AuthorizationPolicy` which sources may load into which device. Unix
 //!   sockets stay plain: they are local, and file permissions decide who may connect.
 //!
 //! Memory does not grow with the state size: the stream bounds every record at 1 MiB, and

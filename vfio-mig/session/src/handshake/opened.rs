@@ -8,9 +8,9 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use super::message::{write_message, ChannelToken, Message, Reason, ReasonCode, SessionId};
-use crate::error::Report;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_mig::error::Report;
 
 /// Sends a final REFUSE or FAILED, closes the writing direction, and reads what the source
 /// still sends until it closes (at most `drain`).

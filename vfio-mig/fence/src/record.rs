@@ -3,8 +3,8 @@
 
 use crate::error::ReasonCode;
 use crate::error::{Error, Result};
-use crate::stream::SessionId;
-use crate::stream::StreamHeader;
+use vfio_mig::stream::SessionId;
+use vfio_mig::stream::StreamHeader;
 
 /// How many completed session ids a record keeps (the oldest are forgotten first).
 pub const MAX_COMPLETED: usize = 64;
@@ -220,7 +220,7 @@ impl FenceRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fence::test_header as header;
+    use crate::test_header as header;
 
     #[test]
     fn epochs_only_move_forward_and_completed_sessions_are_idempotent() {

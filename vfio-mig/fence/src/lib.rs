@@ -30,6 +30,7 @@
 //! [`DEFAULT_LOCK_DIR`] and [`DEFAULT_STATE_DIR`].
 
 mod dir_store;
+pub mod error;
 mod handoff_record;
 mod key;
 mod lease;
@@ -54,9 +55,9 @@ pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_
 pub use state::StateFence;
 pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
 
-use crate::error::Result;
-use crate::stream::SessionId;
-use crate::stream::StreamHeader;
+pub use error::{Error, ReasonCode, Result};
+use vfio_mig::stream::SessionId;
+use vfio_mig::stream::StreamHeader;
 
 /// Default directory of the device lock files.
 pub const DEFAULT_LOCK_DIR: &str = "/run/vfio-mig";
@@ -87,6 +88,12 @@ pub trait Fence: Send {
 /// device admits it, completed on all, withdrawn from all.
 pub struct FenceSet(pub Vec<Box<dyn Fence>>);
 
+impl std::fmt::Debug for FenceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FenceSet({} fences)", self.0.len())
+    }
+}
+
 impl Fence for FenceSet {
     fn admit(&mut self, header: &StreamHeader) -> Result<Admission> {
         let mut answers = Vec::with_capacity(self.0.len());
@@ -96,9 +103,9 @@ impl Fence for FenceSet {
         if answers.iter().all(|a| *a == Admission::AlreadyCompleted) {
             Ok(Admission::AlreadyCompleted)
         } else if answers.contains(&Admission::AlreadyCompleted) {
-            Err(crate::Error::Refused {
+            Err(Error::Refused {
                 step: "check the session".into(),
-                code: crate::error::ReasonCode::Fence,
+                code: ReasonCode::Fence,
                 detail: "the session was completed on some of the devices only".into(),
             })
         } else {
@@ -256,7 +263,7 @@ impl Claim {
 /// A one-device stream header for the fence tests.
 #[cfg(test)]
 pub(crate) fn test_header(session: u8, epoch: u64) -> StreamHeader {
-    use crate::stream::{DeviceDescriptor, Protocol};
+    use vfio_mig::stream::{DeviceDescriptor, Protocol};
     StreamHeader {
         session_id: [session; 16],
         epoch,
