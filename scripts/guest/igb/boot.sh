@@ -41,6 +41,16 @@ main() {
     set +e
     timeout --foreground --kill-after=10 "$timeout" "${cmd[@]}" </dev/null 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
+    if [[ $rc -eq 139 ]] && ! clean_console <"$log" | grep -aqE '^VFIO-MIG-IGB: (PASS|FAIL)'; then
+        # The fixture's patched QEMU itself crashed (SIGSEGV: seen once in about six runs,
+        # at different tests). No guest action may crash an emulator, so this is the device
+        # model's defect, not a test's: the crash's console is kept and the guest boots once
+        # more; a second crash fails the run.
+        mv "$log" "$log.crash"
+        log "igb boot: QEMU crashed with SIGSEGV (the fixture's device model; console kept in $log.crash); booting once more"
+        timeout --foreground --kill-after=10 "$timeout" "${cmd[@]}" </dev/null 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+    fi
     set -e
     local markers n
     markers=$(clean_console <"$log" | grep -aE '^VFIO-MIG-IGB: (PASS|FAIL)' || true)
