@@ -281,10 +281,12 @@ fn a_channel_cut_mid_transfer_rolls_back_the_whole_unit() {
             }
             let (se, de) = (Report(&se).to_string(), Report(&de).to_string());
             assert!(!se.contains('\n') && !de.contains('\n'), "{context}");
-            assert!(
-                de.contains(&format!("channel {cut_channel}")),
-                "{context}: {de}"
-            );
+            // The destination names the channel on which it saw the failure. Which one that
+            // is, is not determined: once the source fails on the cut channel it closes the
+            // others, and under load the destination may read another channel's truncated
+            // stream first (seen about once in 35 runs on a loaded 2-CPU machine). The
+            // devices above are what must not depend on it.
+            assert!(de.contains("channel "), "{context}: {de}");
             assert!(se.contains("returned to RUNNING"), "{context}: {se}");
         }
     }
