@@ -40,6 +40,7 @@
 #   VFIO_MIG_GUEST_WORK=<dir>         cache dir (default scripts/guest/.work)
 #   VFIO_MIG_GUEST_TARGET_DIR=<dir>   cargo target dir of the static build (default target/guest)
 #   VFIO_MIG_GUEST_MEM=1G, VFIO_MIG_GUEST_SMP=2, VFIO_MIG_GUEST_APPEND=...  QEMU/kernel tweaks
+#   VFIO_MIG_IGB_SMP=1                vCPUs of the igb guest (1: the fixture's device model races under MTTCG)
 # The console log of the last boot is $WORK/console.log (scripts/guest/.work/console.log).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
