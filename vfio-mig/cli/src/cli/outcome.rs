@@ -100,6 +100,9 @@ fn recovery_fate(r: &Recovery) -> &'static str {
     match r {
         Recovery::AlreadyRunning => "running",
         Recovery::Resumed => "returned-to-running",
+        // A device that was stopped when the command began (a paused VM) is returned there.
+        Recovery::AlreadyStopped => "stopped",
+        Recovery::Stopped => "returned-to-stop",
         Recovery::Reset => "reset",
         _ => "unrecovered",
     }
