@@ -21,6 +21,15 @@ fn guest_memory() -> GuestMemoryMmap<AtomicBitmap> {
     .unwrap()
 }
 
+/// The destination side of a migration over a socket pair: `dst` restores from one end on a
+/// thread of its own; the other end is the source's stream.
+fn restore_in_background(
+    mut dst: VfioMigratable,
+) -> (UnixStream, std::thread::JoinHandle<vmm_glue::Result<()>>) {
+    let (tx, mut rx) = UnixStream::pair().unwrap();
+    (tx, std::thread::spawn(move || dst.restore(&mut rx)))
+}
+
 #[test]
 fn bitmap_words_become_merged_ranges() {
     // Pages 0-2, 5, 63-64 (across a word boundary) and 130.
@@ -187,12 +196,8 @@ fn live_migration_through_the_traits() {
     let mut src = VfioMigratable::new("gpu0", src_dev);
     let (dst_dev, dst_dev_mock) = vfio_mig_mock::open_named(spec, Backend::Auto).unwrap();
     let dst_handle = dst_dev_mock.unwrap();
-    let mut dst = VfioMigratable::new("gpu0", dst_dev);
-    let (tx, rx) = UnixStream::pair().unwrap();
-    let restorer = std::thread::spawn(move || {
-        let mut rx = rx;
-        dst.restore(&mut rx)
-    });
+    let dst = VfioMigratable::new("gpu0", dst_dev);
+    let (tx, restorer) = restore_in_background(dst);
     src.begin_send(Box::new(tx)).unwrap();
     src.start_migration().unwrap();
     let mut rounds = 0;
@@ -331,12 +336,8 @@ fn a_unit_of_devices_migrates_over_one_stream() {
     let (srcs, src_h): (Vec<_>, Vec<_>) = specs.iter().map(open).unzip();
     let (dsts, dst_h): (Vec<_>, Vec<_>) = specs.iter().map(open).unzip();
     let mut src = VfioMigratable::unit("vm0", srcs);
-    let mut dst = VfioMigratable::unit("vm0", dsts);
-    let (tx, rx) = UnixStream::pair().unwrap();
-    let restorer = std::thread::spawn(move || {
-        let mut rx = rx;
-        dst.restore(&mut rx)
-    });
+    let dst = VfioMigratable::unit("vm0", dsts);
+    let (tx, restorer) = restore_in_background(dst);
     src.begin_send(Box::new(tx)).unwrap();
     src.start_migration().unwrap();
     src.precopy_round().unwrap();
