@@ -77,6 +77,14 @@ const MSG_VF_RESET: u32 = 0x01;
 const MSG_ACK: u32 = 0x8000_0000;
 const MSG_NACK: u32 = 0x4000_0000;
 
+/// The VF's PCI configuration space is region 7 of a vfio-pci device
+/// (`VFIO_PCI_CONFIG_REGION_INDEX`); its command register (offset 4) has Bus Master Enable at
+/// bit 2, without which the function may not start DMA (PCI spec; vfio-pci leaves it to the
+/// user, as a VMM's guest driver sets it).
+const CONFIG_REGION: u32 = 7;
+const PCI_COMMAND: u64 = 4;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
 /// How long the PF (the guest's igb driver, on a TCG vCPU) may take to answer.
 const PF_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,6 +102,8 @@ pub struct VfTx {
     dev: Arc<dyn DeviceIo>,
     /// BAR0's offset and size in the device fd.
     bar0: (u64, u64),
+    /// The offset of the config space in the device fd.
+    config: u64,
     /// Guest physical address of the descriptor ring.
     ring: u64,
     /// Index of the next descriptor to post.
@@ -110,9 +120,13 @@ impl VfTx {
                 bar.size
             ));
         }
+        let config = query_region(dev.as_ref(), CONFIG_REGION)
+            .map_err(|e| format!("config space region info: {e}"))?
+            .offset;
         Ok(Self {
             dev,
             bar0: (bar.offset, bar.size),
+            config,
             ring: 0,
             tail: 0,
         })
@@ -134,6 +148,28 @@ impl VfTx {
             Ok(4) => Ok(()),
             Ok(n) => Err(format!("BAR0 {reg:#x}: short write of {n} bytes")),
             Err(e) => Err(format!("BAR0 {reg:#x} = {value:#x}: write: {e}")),
+        }
+    }
+
+    /// Sets or clears Bus Master Enable in the VF's PCI command register.
+    pub fn bus_master(&self, on: bool) -> Result<(), String> {
+        let at = self.config + PCI_COMMAND;
+        let mut b = [0u8; 2];
+        match self.dev.read_at(&mut b, at) {
+            Ok(2) => {}
+            Ok(n) => return Err(format!("PCI command register: short read of {n} bytes")),
+            Err(e) => return Err(format!("PCI command register: read: {e}")),
+        }
+        let old = u16::from_le_bytes(b);
+        let new = if on {
+            old | PCI_COMMAND_MASTER
+        } else {
+            old & !PCI_COMMAND_MASTER
+        };
+        match self.dev.write_at(&new.to_le_bytes(), at) {
+            Ok(2) => Ok(()),
+            Ok(n) => Err(format!("PCI command register: short write of {n} bytes")),
+            Err(e) => Err(format!("PCI command register = {new:#x}: write: {e}")),
         }
     }
 
@@ -208,11 +244,13 @@ impl VfTx {
     }
 
     /// Programs transmit queue 0 with an 8-descriptor ring at `ring` (guest physical, 128-byte
-    /// aligned, DMA-mapped), head and tail 0, no head write-back, and enables it.
+    /// aligned, DMA-mapped), head and tail 0, no head write-back, and enables it and the VF's
+    /// bus mastering.
     pub fn start(&mut self, ring: u64) -> Result<(), String> {
         if ring % 128 != 0 {
             return Err(format!("ring {ring:#x} is not 128-byte aligned"));
         }
+        self.bus_master(true)?;
         self.write32(TXDCTL, 0)?;
         self.write32(TDBAL, ring as u32)?;
         self.write32(TDBAH, (ring >> 32) as u32)?;
@@ -295,9 +333,11 @@ impl VfTx {
         Ok(status & WB_DD != 0)
     }
 
-    /// Disables transmit queue 0 (what the VF's reset at the next open does too).
+    /// Disables transmit queue 0 and the VF's bus mastering (what the VF's reset at the next
+    /// open does too).
     pub fn stop(&self) -> Result<(), String> {
         self.head_write_back(None)?;
-        self.write32(TXDCTL, 0)
+        self.write32(TXDCTL, 0)?;
+        self.bus_master(false)
     }
 }
