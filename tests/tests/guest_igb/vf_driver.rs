@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 use vfio_mig::device::region::query_region;
 use vfio_mig::device::DeviceIo;
 use vm_memory::bitmap::AtomicBitmap;
@@ -77,11 +78,9 @@ const MSG_VF_RESET: u32 = 0x01;
 const MSG_ACK: u32 = 0x8000_0000;
 const MSG_NACK: u32 = 0x4000_0000;
 
-/// The VF's PCI configuration space is region 7 of a vfio-pci device
-/// (`VFIO_PCI_CONFIG_REGION_INDEX`); its command register (offset 4) has Bus Master Enable at
-/// bit 2, without which the function may not start DMA (PCI spec; vfio-pci leaves it to the
-/// user, as a VMM's guest driver sets it).
-const CONFIG_REGION: u32 = 7;
+/// The PCI command register (offset 4 of the VF's config space, vfio-pci's config region) has
+/// Bus Master Enable at bit 2, without which the function may not start DMA (PCI spec;
+/// vfio-pci leaves it to the user, as a VMM's guest driver sets it).
 const PCI_COMMAND: u64 = 4;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
@@ -111,16 +110,17 @@ pub struct VfTx {
 }
 
 impl VfTx {
-    /// Finds BAR0 of `dev` (region 0, as vfio-pci numbers the BARs).
+    /// Finds BAR0 and the config space of `dev` (vfio-pci's regions).
     pub fn new(dev: Arc<dyn DeviceIo>) -> Result<Self, String> {
-        let bar = query_region(dev.as_ref(), 0).map_err(|e| format!("BAR0 region info: {e}"))?;
+        let bar = query_region(dev.as_ref(), VFIO_PCI_BAR0_REGION_INDEX)
+            .map_err(|e| format!("BAR0 region info: {e}"))?;
         if bar.size < 0x4000 {
             return Err(format!(
                 "BAR0 is {:#x} bytes, the VF has 16 KiB of registers",
                 bar.size
             ));
         }
-        let config = query_region(dev.as_ref(), CONFIG_REGION)
+        let config = query_region(dev.as_ref(), VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|e| format!("config space region info: {e}"))?
             .offset;
         Ok(Self {
