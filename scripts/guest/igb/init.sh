@@ -93,9 +93,11 @@ ls -l /dev/vfio
 
 cd /tmp || fail "cd /tmp"
 echo "vfio-mig-igb: ==== tests, up $(cut -d' ' -f1 /proc/uptime) s"
+# --show-output: each test's log (the vfio-mig commands it ran, the dirty test's pages) is
+# printed after the results, passing tests' too, and every "test NAME ... ok" stays one line.
 # shellcheck disable=SC2086 # TEST_ARGS is a word list on purpose
 (
-    /bin/vfio-mig-igb-tests --test-threads=1 $TEST_ARGS
+    /bin/vfio-mig-igb-tests --test-threads=1 --show-output $TEST_ARGS
     echo $? >/tmp/.rc
 ) 2>&1 | sed "s|^|[igb] |"
 rc=$(cat /tmp/.rc 2>/dev/null || echo 255)

@@ -133,13 +133,6 @@ fn hex(pages: &[u64]) -> String {
     v.join(" ")
 }
 
-/// Prints a line of the test's log on stderr directly: shown also when the test passes
-/// (libtest captures only what the print macros write).
-fn log_line(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "dirty: {line}");
-}
-
 /// One REPORT of `[iova, iova + length)` straight through the device (not vmm-glue).
 fn report(dev: &dyn DeviceIo, iova: u64, length: u64) -> std::io::Result<Vec<u64>> {
     let mut bitmap = vec![0u64; length.div_ceil(PAGE).div_ceil(64) as usize];
@@ -165,7 +158,7 @@ fn dma_logging_reports_exactly_the_pages_the_vf_wrote() {
 
     let mut tx = VfTx::new(dev.clone()).expect("BAR0");
     let reply = tx.reset().expect("reset through the PF mailbox");
-    log_line(&format!("VF reset through the PF mailbox: {reply:?}"));
+    eprintln!("dirty: VF reset through the PF mailbox: {reply:?}");
     tx.start(RING).expect("transmit queue 0");
 
     // The packet (an Ethernet frame to a local address nobody has, ethertype 0x88b5, for
@@ -218,14 +211,14 @@ fn dma_logging_reports_exactly_the_pages_the_vf_wrote() {
         .map(|a| a & !(PAGE - 1))
         .collect();
     let written: Vec<u64> = written.into_iter().collect();
-    log_line(&format!("pages written by the device: {}", hex(&written)));
+    eprintln!("dirty: pages written by the device: {}", hex(&written));
 
     // vmm-glue's merge: a REPORT per region, into vm-memory's per-region bitmaps.
     let (table, outside) = merge_dirty(&mut logging, &ranges, PAGE, &mem).expect("REPORT");
-    log_line(&format!(
-        "pages reported (DMA_LOGGING_REPORT): {}",
+    eprintln!(
+        "dirty: pages reported (DMA_LOGGING_REPORT): {}",
         hex(&pages(&table))
-    ));
+    );
     assert_eq!(outside, 0);
     assert_eq!(
         pages(&table),
@@ -233,10 +226,10 @@ fn dma_logging_reports_exactly_the_pages_the_vf_wrote() {
         "REPORT names exactly the written pages"
     );
     let in_bitmap = take_dirty(&mem, PAGE);
-    log_line(&format!(
-        "pages dirty in vm-memory's bitmap: {}",
+    eprintln!(
+        "dirty: pages dirty in vm-memory's bitmap: {}",
         hex(&pages(&in_bitmap))
-    ));
+    );
     assert_eq!(
         pages(&in_bitmap),
         written,
@@ -267,13 +260,13 @@ fn dma_logging_reports_exactly_the_pages_the_vf_wrote() {
         .iter()
         .map(|(start, last)| format!("{start:#x}-{last:#x}"))
         .collect();
-    log_line(&format!(
-        "{} ranges asked, max_ranges {max}, vfio_combine_iova_ranges gives: {}",
+    eprintln!(
+        "dirty: {} ranges asked, max_ranges {max}, vfio_combine_iova_ranges gives: {}",
         asked.len(),
         shown.join(" ")
-    ));
+    );
     for line in &lines {
-        log_line(line);
+        eprintln!("dirty: {line}");
     }
     assert_eq!(lines.len(), merged.len(), "{lines:#?}");
     for (i, (line, (start, last))) in lines.iter().zip(&merged).enumerate() {
