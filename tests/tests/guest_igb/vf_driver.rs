@@ -96,21 +96,18 @@ pub struct ResetReply {
     pub mac: [u8; 6],
 }
 
-/// Transmit queue 0 of one VF, with its ring in guest memory.
-pub struct VfTx {
+/// A VF's registers through VFIO: BAR0 and the PCI config space, by pread/pwrite on the
+/// device fd (vfio-pci's regions).
+pub struct VfRegs {
     dev: Arc<dyn DeviceIo>,
-    /// BAR0's offset and size in the device fd.
-    bar0: (u64, u64),
-    /// The offset of the config space in the device fd.
+    /// BAR0's offset in the device fd.
+    bar0: u64,
+    /// The config space's offset in the device fd.
     config: u64,
-    /// Guest physical address of the descriptor ring.
-    ring: u64,
-    /// Index of the next descriptor to post.
-    tail: u64,
 }
 
-impl VfTx {
-    /// Finds BAR0 and the config space of `dev` (vfio-pci's regions).
+impl VfRegs {
+    /// Finds BAR0 and the config space of `dev`.
     pub fn new(dev: Arc<dyn DeviceIo>) -> Result<Self, String> {
         let bar = query_region(dev.as_ref(), VFIO_PCI_BAR0_REGION_INDEX)
             .map_err(|e| format!("BAR0 region info: {e}"))?;
@@ -125,52 +122,80 @@ impl VfTx {
             .offset;
         Ok(Self {
             dev,
-            bar0: (bar.offset, bar.size),
+            bar0: bar.offset,
             config,
-            ring: 0,
-            tail: 0,
         })
+    }
+
+    /// Reads `N` bytes at device-fd offset `at` (`what` names it in errors).
+    fn read<const N: usize>(&self, at: u64, what: &str) -> Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        match self.dev.read_at(&mut b, at) {
+            Ok(n) if n == N => Ok(b),
+            Ok(n) => Err(format!("{what}: short read of {n} bytes")),
+            Err(e) => Err(format!("{what}: read: {e}")),
+        }
+    }
+
+    /// Writes `bytes` at device-fd offset `at` (`what` names it in errors).
+    fn write(&self, at: u64, bytes: &[u8], what: &str) -> Result<(), String> {
+        match self.dev.write_at(bytes, at) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(n) => Err(format!("{what}: short write of {n} bytes")),
+            Err(e) => Err(format!("{what}: write: {e}")),
+        }
     }
 
     /// Reads a 32-bit register of BAR0.
     pub fn read32(&self, reg: u64) -> Result<u32, String> {
-        let mut b = [0u8; 4];
-        match self.dev.read_at(&mut b, self.bar0.0 + reg) {
-            Ok(4) => Ok(u32::from_le_bytes(b)),
-            Ok(n) => Err(format!("BAR0 {reg:#x}: short read of {n} bytes")),
-            Err(e) => Err(format!("BAR0 {reg:#x}: read: {e}")),
-        }
+        self.read(self.bar0 + reg, &format!("BAR0 {reg:#x}"))
+            .map(u32::from_le_bytes)
     }
 
     /// Writes a 32-bit register of BAR0.
     pub fn write32(&self, reg: u64, value: u32) -> Result<(), String> {
-        match self.dev.write_at(&value.to_le_bytes(), self.bar0.0 + reg) {
-            Ok(4) => Ok(()),
-            Ok(n) => Err(format!("BAR0 {reg:#x}: short write of {n} bytes")),
-            Err(e) => Err(format!("BAR0 {reg:#x} = {value:#x}: write: {e}")),
-        }
+        let what = format!("BAR0 {reg:#x} = {value:#x}");
+        self.write(self.bar0 + reg, &value.to_le_bytes(), &what)
     }
 
     /// Sets or clears Bus Master Enable in the VF's PCI command register.
     pub fn bus_master(&self, on: bool) -> Result<(), String> {
         let at = self.config + PCI_COMMAND;
-        let mut b = [0u8; 2];
-        match self.dev.read_at(&mut b, at) {
-            Ok(2) => {}
-            Ok(n) => return Err(format!("PCI command register: short read of {n} bytes")),
-            Err(e) => return Err(format!("PCI command register: read: {e}")),
-        }
-        let old = u16::from_le_bytes(b);
+        let old = u16::from_le_bytes(self.read(at, "PCI command register")?);
         let new = if on {
             old | PCI_COMMAND_MASTER
         } else {
             old & !PCI_COMMAND_MASTER
         };
-        match self.dev.write_at(&new.to_le_bytes(), at) {
-            Ok(2) => Ok(()),
-            Ok(n) => Err(format!("PCI command register: short write of {n} bytes")),
-            Err(e) => Err(format!("PCI command register = {new:#x}: write: {e}")),
-        }
+        self.write(at, &new.to_le_bytes(), "PCI command register")
+    }
+}
+
+/// Transmit queue 0 of one VF, with its ring in guest memory.
+pub struct VfTx {
+    regs: VfRegs,
+    /// Guest physical address of the descriptor ring.
+    ring: u64,
+    /// Index of the next descriptor to post.
+    tail: u64,
+}
+
+impl VfTx {
+    /// The transmit queue of the VF `dev`.
+    pub fn new(dev: Arc<dyn DeviceIo>) -> Result<Self, String> {
+        Ok(Self {
+            regs: VfRegs::new(dev)?,
+            ring: 0,
+            tail: 0,
+        })
+    }
+
+    fn read32(&self, reg: u64) -> Result<u32, String> {
+        self.regs.read32(reg)
+    }
+
+    fn write32(&self, reg: u64, value: u32) -> Result<(), String> {
+        self.regs.write32(reg, value)
     }
 
     /// Polls `reg` until `done(value)` or [`PF_TIMEOUT`]; returns the last value read.
@@ -250,7 +275,7 @@ impl VfTx {
         if ring % 128 != 0 {
             return Err(format!("ring {ring:#x} is not 128-byte aligned"));
         }
-        self.bus_master(true)?;
+        self.regs.bus_master(true)?;
         self.write32(TXDCTL, 0)?;
         self.write32(TDBAL, ring as u32)?;
         self.write32(TDBAH, (ring >> 32) as u32)?;
@@ -338,6 +363,6 @@ impl VfTx {
     pub fn stop(&self) -> Result<(), String> {
         self.head_write_back(None)?;
         self.write32(TXDCTL, 0)?;
-        self.bus_master(false)
+        self.regs.bus_master(false)
     }
 }
