@@ -11,8 +11,8 @@
 # Cached in $WORK/ikernel/<version>-<hash of the fragment and recipe>/: bzImage, config,
 # build.log and kbuild/, the tree external modules build against (the kernel's own
 # scripts/package/install-extmod-build, as in a linux-headers package); $WORK/ikernel/current
-# names the ready one. A cache hit costs nothing; a build takes ~3 min on 2 cores (extraction
-# ~15-40 s, config ~10 s, make ~2 min). The source tree and build dir (~1.5 GB) are scratch
+# names the ready one. A cache hit costs nothing; a build takes ~5 min on 2 idle cores
+# (extraction ~15-40 s, config ~15 s, make ~8 min of CPU; 15 min on a busy shared machine). The source tree and build dir (~1.5 GB) are scratch
 # space: on /dev/shm when it has room (many small files are slow on the disk), deleted after.
 #
 # Then (every run, cached by mtime) builds our v1 sample module kmod/mig-v1-sample against
