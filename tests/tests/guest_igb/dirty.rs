@@ -95,7 +95,7 @@ fn max_ranges(vf: &Path) -> usize {
     ((dword(DVSEC_CAPS) >> 8) & 0xf) as usize
 }
 
-/// Guest memory of the six regions, DMA-mapped for `dev`'s container at IOVA = GPA.
+/// Guest memory of the six regions (the test DMA-maps it at IOVA = GPA).
 fn guest_memory() -> GuestMemoryMmap<AtomicBitmap> {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS
         .iter()
@@ -156,7 +156,7 @@ fn dma_logging_reports_exactly_the_pages_the_vf_wrote() {
     // accessed through vm-memory's volatile accessors while the device may write it.
     unsafe { container.map_guest_memory(&mem) }.expect("DMA-map guest memory");
 
-    let mut tx = VfTx::new(dev.clone()).expect("BAR0");
+    let mut tx = VfTx::new(dev.clone()).expect("the VF's registers");
     let reply = tx.reset().expect("reset through the PF mailbox");
     eprintln!("dirty: VF reset through the PF mailbox: {reply:?}");
     tx.start(RING).expect("transmit queue 0");
