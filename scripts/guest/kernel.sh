@@ -106,7 +106,7 @@ fetch_mtty_source() {
     mv "$dir/mtty.c.tmp" "$dir/mtty.c"
     # The 150 MB source package is no longer needed once mtty.c is out, unless the iommufd
     # kernel (ikernel.sh) is still to be built from it: ikernel.sh deletes it then.
-    if ikernel_enabled && [[ ! -s $WORK/ikernel/$(ikernel_key "$ver")/bzImage ]]; then
+    if ikernel_needed && [[ ! -s $WORK/ikernel/$(ikernel_key "$ver")/bzImage ]]; then
         log "keeping $(basename "$deb") for the iommufd kernel (ikernel.sh)"
     else
         rm -f "$deb"

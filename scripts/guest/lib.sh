@@ -39,8 +39,10 @@ current_version() {
     echo "$ver"
 }
 
-# The iommufd guest kernel (ikernel.sh): a small kernel built from linux-source-6.12 with
-# IOMMUFD, VFIO_DEVICE_CDEV, VFIO (group and container too) and the mtty sample built in.
+# The project's own guest kernel (ikernel.sh): a small kernel built from linux-source-6.12 with
+# IOMMUFD, VFIO_DEVICE_CDEV, VFIO (group and container too) and the mtty sample built in, for
+# the iommufd run of the mtty tests; and PCI, the Intel IOMMU, vfio-pci-core and igb, for the
+# igb guest (igb/), where IOMMUFD_DRIVER makes DMA_LOGGING_REPORT work.
 IKERNEL_FRAGMENT=$GUEST_DIR/iommufd-kernel.config
 # Bump when ikernel.sh builds differently from the same fragment (invalidates the cache).
 IKERNEL_RECIPE=2
@@ -56,4 +58,14 @@ ikernel_key() {
 # Whether the iommufd kernel run is enabled (VFIO_MIG_GUEST_IOMMUFD, default 1).
 ikernel_enabled() {
     [[ ${VFIO_MIG_GUEST_IOMMUFD:-1} != 0 ]]
+}
+
+# Whether the igb guest is skipped by the user's explicit opt-out (VFIO_MIG_SKIP_IGB=1).
+igb_skipped() {
+    [[ ${VFIO_MIG_SKIP_IGB:-0} == 1 ]]
+}
+
+# Whether ikernel.sh must build the kernel: for the iommufd run or for the igb guest.
+ikernel_needed() {
+    ikernel_enabled || ! igb_skipped
 }

@@ -13,20 +13,23 @@
 # Steps (each a script of its own, runnable alone once the earlier ones have run):
 #   packages.sh   apt: qemu-system-x86 (bookworm-backports), busybox-static, cpio, kmod, gcc, ...
 #   kernel.sh     newest Linux 6.12 of bookworm-security, extracted (not installed); builds mtty.ko
-#   ikernel.sh    the iommufd kernel: tinyconfig + iommufd-kernel.config from linux-source-6.12
-#                 (~2.5 min once, then cached by version and fragment hash)
+#   ikernel.sh    the project's kernel: tinyconfig + iommufd-kernel.config from linux-source-6.12
+#                 (iommufd run of mtty, and the igb guest; ~5 min once, then cached by version
+#                 and fragment hash)
 #   build.sh      static vfio-mig binary and guest test binary (target/guest)
 #   initramfs.sh  busybox + modules + binaries + /init (init.sh)
 #   boot.sh       QEMU (TCG unless KVM really works) under timeout; judges the marker line;
 #                 `boot.sh debian` (backend group), then `boot.sh iommufd` (backends iommufd, group)
 #   igb/*.sh      the third guest, from the fixture ../shared/igb-vfio (VFIO_MIG_IGB_FIXTURE):
-#                 qemu.sh (patched QEMU, ~8 min once, cached by hash), driver.sh (igb-vfio-pci.ko),
-#                 initramfs.sh, boot.sh (q35 + intel-iommu + two igb PFs, judged by its marker)
+#                 qemu.sh (patched QEMU, ~8 min once, cached by hash), driver.sh (igb-vfio-pci.ko
+#                 against ikernel.sh's kernel), initramfs.sh, boot.sh (that kernel on q35 +
+#                 intel-iommu + two igb PFs, judged by its marker)
 #
 # Knobs (environment):
 #   VFIO_MIG_GUEST_SKIP_APT=1         no package step (manage packages yourself)
 #   VFIO_MIG_GUEST_SKIP_BUILD=1       no cargo build; reuse the binaries of the previous run
-#   VFIO_MIG_GUEST_IOMMUFD=0          no iommufd kernel and no iommufd run (not a full pass)
+#   VFIO_MIG_GUEST_IOMMUFD=0          no iommufd run (not a full pass; the kernel is still built
+#                                     for the igb guest)
 #   VFIO_MIG_SKIP_IGB=1               no igb guest (not a full pass)
 #   VFIO_MIG_IGB_FIXTURE=<dir>        the igb-vfio fixture (default ../shared/igb-vfio)
 #   VFIO_MIG_GUEST_TIMEOUT=600        seconds before QEMU is killed (the run fails)

@@ -10,6 +10,10 @@
 //!   VF 0 and VF 1 of PF A, VF 0 and VF 1 of PF B (each PF behind a PCIe root port of its own).
 //! - `VFIO_MIG_BIN`: the static `vfio-mig` command; `VFIO_MIG_BACKEND`: `group`.
 //!
+//! The guest runs the project's own kernel (scripts/guest/ikernel.sh, with
+//! `CONFIG_IOMMUFD_DRIVER`, so DMA_LOGGING_REPORT works) with both PFs' interfaces up (their
+//! driver answers the VFs' mailbox messages only then).
+//!
 //! What the tests expect comes from the driver (`driver/main.c` of the fixture), the device
 //! model (`hw/net/igb_migration.c` of the QEMU patch), the VFIO uAPI (`linux/vfio.h`) and the
 //! 82576 datasheet's VF register map, never from vfio-mig itself. Tests run one at a time
@@ -17,6 +21,8 @@
 //! reset, and igb-vfio-pci's open puts its migration state back to RUNNING), which clears the
 //! queue enable bits but keeps the ring base registers the tests use as the VF's state.
 
+#[path = "guest_igb/dirty.rs"]
+mod dirty;
 #[path = "guest_igb/driver.rs"]
 mod driver;
 #[path = "guest_igb/faults.rs"]
@@ -29,3 +35,5 @@ mod retry;
 mod signals;
 #[path = "guest_igb/vf.rs"]
 mod vf;
+#[path = "guest_igb/vf_driver.rs"]
+mod vf_driver;

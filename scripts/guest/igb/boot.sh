@@ -3,8 +3,9 @@
 #
 # Boots the igb guest under `timeout` with the patched QEMU (qemu.sh): TCG, q35, an emulated
 # Intel IOMMU (interrupt remapping on), two igb PFs with x-vf-migration=on each behind a PCIe
-# root port of its own (so that every VF gets an IOMMU group of its own), the Debian kernel of
-# kernel.sh and $WORK/igb/initramfs.cpio. Tees the console to $WORK/igb/console.log and judges
+# root port of its own (so that every VF gets an IOMMU group of its own), the project's guest
+# kernel of ikernel.sh (CONFIG_IOMMUFD_DRIVER: DMA_LOGGING_REPORT answers) and
+# $WORK/igb/initramfs.cpio. Tees the console to $WORK/igb/console.log and judges
 # the run ONLY by the guest's marker line: exactly one "VFIO-MIG-IGB: PASS" (exit 0), anything
 # else fails.
 #
@@ -19,12 +20,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-    local qemu abi kernel initrd=$IGB_WORK/initramfs.cpio log=$IGB_WORK/console.log
+    local qemu kernel initrd=$IGB_WORK/initramfs.cpio log=$IGB_WORK/console.log
     qemu=$(igb_qemu_binary)
-    abi=$(current_abi)
-    kernel=$WORK/kernel/$abi/root/boot/vmlinuz-$abi-amd64
+    kernel=$(igb_kernel_dir)/bzImage
     [[ -x $qemu ]] || die "igb boot: $qemu missing: run igb/qemu.sh"
-    [[ -f $kernel && -f $initrd ]] || die "igb boot: no $kernel / $initrd: run kernel.sh and igb/initramfs.sh"
+    [[ -f $kernel && -f $initrd ]] || die "igb boot: no $kernel / $initrd: run ikernel.sh and igb/initramfs.sh"
     # no_timer_check: under TCG on a busy host the kernel's check of the timer through the
     # interrupt-remapped IO-APIC can miss its ticks and panic ("timer doesn't work through
     # Interrupt-remapped IO-APIC"); the timer works, only the check's timing does not.

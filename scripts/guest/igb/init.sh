@@ -2,9 +2,10 @@
 # shellcheck shell=dash
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
-# /init of the igb guest (busybox sh). Loads vfio, vfio_pci_core, igb and igb_vfio_pci, creates
-# two VFs on each of the two igb PFs (sriov_numvfs), binds every VF to igb-vfio-pci, runs the igb
-# guest tests once (group backend) and prints exactly one marker line, "VFIO-MIG-IGB: PASS" or
+# /init of the igb guest (busybox sh). Loads igb_vfio_pci (vfio, vfio_pci_core and igb are built
+# into the kernel), brings both igb PFs' interfaces up (their driver answers the VFs' mailbox
+# only then), creates two VFs on each PF (sriov_numvfs), binds every VF to igb-vfio-pci, runs
+# the igb guest tests once (group backend) and prints exactly one marker line, "VFIO-MIG-IGB: PASS" or
 # "VFIO-MIG-IGB: FAIL (<reason>)", which the host (igb/boot.sh) judges the run by.
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
@@ -51,6 +52,16 @@ done
 # shellcheck disable=SC2086 # a word list on purpose
 set -- $pfs
 [ $# -eq 2 ] || fail "expected 2 igb PFs (8086:10c9), found $#:$pfs"
+# The PF driver (igb) handles the VFs' mailbox messages (a VF's reset request, after which it
+# enables the VF's queues: VFTE, VFRE) and enables transmission (TCTL.EN) only while its
+# interface is up.
+for pf in $pfs; do
+    for n in "/sys/bus/pci/devices/$pf"/net/*; do
+        [ -e "$n" ] || fail "$pf has no network interface (igb not bound?)"
+        ip link set dev "${n##*/}" up || fail "ip link set ${n##*/} up failed"
+        echo "vfio-mig-igb: PF $pf interface ${n##*/} up"
+    done
+done
 # Two VFs per PF; each is unbound from igbvf (not in this initramfs anyway) and bound to
 # igb-vfio-pci through driver_override.
 vfs=""
@@ -82,9 +93,11 @@ ls -l /dev/vfio
 
 cd /tmp || fail "cd /tmp"
 echo "vfio-mig-igb: ==== tests, up $(cut -d' ' -f1 /proc/uptime) s"
+# --show-output: each test's log (the vfio-mig commands it ran, the dirty test's pages) is
+# printed after the results, passing tests' too, and every "test NAME ... ok" stays one line.
 # shellcheck disable=SC2086 # TEST_ARGS is a word list on purpose
 (
-    /bin/vfio-mig-igb-tests --test-threads=1 $TEST_ARGS
+    /bin/vfio-mig-igb-tests --test-threads=1 --show-output $TEST_ARGS
     echo $? >/tmp/.rc
 ) 2>&1 | sed "s|^|[igb] |"
 rc=$(cat /tmp/.rc 2>/dev/null || echo 255)

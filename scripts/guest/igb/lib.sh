@@ -17,11 +17,6 @@ IGB_FIXTURE_FILES=("$IGB_QEMU_PATCH" driver/main.c driver/Kbuild driver/Makefile
 IGB_WORK=$WORK/igb
 mkdir -p "$IGB_WORK"
 
-# Whether the igb guest is skipped by the user's explicit opt-out (VFIO_MIG_SKIP_IGB=1).
-igb_skipped() {
-    [[ ${VFIO_MIG_SKIP_IGB:-0} == 1 ]]
-}
-
 # Fails with one line naming every fixture file that is missing.
 igb_check_fixture() {
     local f missing=()
@@ -32,6 +27,12 @@ igb_check_fixture() {
     done
     ((${#missing[@]} == 0)) ||
         die "igb fixture: missing ${missing[*]} (set VFIO_MIG_IGB_FIXTURE, or VFIO_MIG_SKIP_IGB=1: not a full pass)"
+}
+
+# The project's kernel that the igb guest boots (ikernel.sh): its cache directory.
+igb_kernel_dir() {
+    [[ -s $WORK/ikernel/current ]] || die "igb: no guest kernel built yet: run scripts/guest/ikernel.sh"
+    echo "$WORK/ikernel/$(cat "$WORK/ikernel/current")"
 }
 
 # The patched QEMU of the cache key (qemu.sh writes it; boot.sh runs it).

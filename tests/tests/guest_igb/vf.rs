@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The igb VFs of the guest: where they are, their BAR0 registers, and running `vfio-mig`.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use std::sync::Arc;
 pub use vfio_mig_tests::cli::{assert_success as ok, clean_failure};
 
-use vfio_ioctls::{VfioContainer, VfioDevice};
 use vfio_mig::v2::{MigState, V2Device};
 use vfio_mig_tests::open_device;
+use vmm_glue::dma::VmContainer;
+
+use super::vf_driver::VfRegs;
 
 /// Environment variable listing the four VFs.
 const VFS_ENV: &str = "VFIO_MIG_IGB_VFS";
@@ -58,48 +58,38 @@ pub const RING_REGS: [(&str, u64, u32); 6] = [
 /// What a test writes into a VF's ring registers (and expects to read back after a migration).
 pub type Rings = Vec<u32>;
 
-/// A VF opened through its VFIO group in a container of its own, with vfio-ioctls directly
-/// (not through vfio-mig), for register access through BAR0.
+/// A VF opened through its VFIO group in a container of its own (vmm-glue's, not through
+/// vfio-mig's open), for register access through BAR0.
 pub struct Vf {
-    device: VfioDevice,
+    regs: VfRegs,
+    /// Keeps the VF's container (and so its group) open as long as the VF.
+    _container: VmContainer,
 }
 
 impl Vf {
     /// Opens the VF (this resets it: see the crate docs).
     pub fn open(path: &Path) -> Self {
-        let container = Arc::new(VfioContainer::new(None).expect("open /dev/vfio/vfio"));
-        let device = VfioDevice::new(path, container, false)
-            .unwrap_or_else(|e| panic!("open {} via VFIO: {e:?}", path.display()));
-        Vf { device }
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd is owned by `self.device`, which lives as long as the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
-    }
-
-    fn bar0_pos(&self, offset: u64) -> i64 {
-        assert!(
-            offset + 4 <= self.device.get_region_size(0),
-            "BAR0 offset {offset:#x}"
-        );
-        (self.device.get_region_offset(0) + offset) as i64
+        let container = VmContainer::new(None).expect("open /dev/vfio/vfio");
+        let dev = container
+            .open_device(path)
+            .unwrap_or_else(|e| panic!("open {} via VFIO: {e}", path.display()));
+        let regs = VfRegs::new(dev).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Vf {
+            regs,
+            _container: container,
+        }
     }
 
     /// Reads a 32-bit register of BAR0.
     pub fn read32(&self, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        let n = nix::sys::uio::pread(self.fd(), &mut b, self.bar0_pos(offset))
-            .unwrap_or_else(|e| panic!("pread BAR0 {offset:#x}: {e}"));
-        assert_eq!(n, 4, "short pread of BAR0 {offset:#x}");
-        u32::from_le_bytes(b)
+        self.regs.read32(offset).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Writes a 32-bit register of BAR0.
     pub fn write32(&self, offset: u64, value: u32) {
-        let n = nix::sys::uio::pwrite(self.fd(), &value.to_le_bytes(), self.bar0_pos(offset))
-            .unwrap_or_else(|e| panic!("pwrite BAR0 {offset:#x}: {e}"));
-        assert_eq!(n, 4, "short pwrite of BAR0 {offset:#x}");
+        self.regs
+            .write32(offset, value)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

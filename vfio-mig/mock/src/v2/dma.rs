@@ -181,6 +181,13 @@ impl DmaLog {
         Ok(bits)
     }
 
+    /// Whether `[iova, iova + length)` lies inside one of the tracked (merged) ranges.
+    pub fn within_one_range(&self, iova: u64, length: u64) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(s, l)| iova >= s && iova.saturating_add(length) <= s + l)
+    }
+
     /// `DMA_LOGGING_STOP`.
     pub fn stop(&mut self) {
         self.active = false;

@@ -626,6 +626,17 @@ impl Inner {
         }
         let running = self.is_running();
         let n = self.spec.dma_dirty;
+        let outside = self.behaviour.dma_report_in_one_range
+            && self
+                .dma
+                .as_ref()
+                .is_some_and(|d| d.active && !d.within_one_range(iova, length));
+        if outside {
+            // igb_pci_dirty_range_valid: "dirty sync outside tracked range".
+            return Err(self.refuse(format!(
+                "DMA log report of {iova:#x}+{length:#x}: not inside one tracked range"
+            )));
+        }
         let Some(log) = self.dma.as_mut().filter(|d| d.active) else {
             return Err(self.refuse("DMA log report while logging is stopped"));
         };

@@ -95,6 +95,7 @@ impl ProfileName {
             dma: true,
             dma_reports_nothing: false,
             dma_max_ranges: None,
+            dma_report_in_one_range: false,
             dma_off_at_stop: false,
             data_size_full: true,
             match_header: true,
@@ -200,7 +201,7 @@ impl ProfileName {
                 ..base
             },
             // igb_vfio_pci_init_dev: STOP_COPY | PRE_COPY, log_ops (max_ranges, merged by
-            // the driver); an empty save file in PRE_COPY, the 1 KiB blob at STOP_COPY;
+            // the driver; a REPORT inside one of them only); an empty save file in PRE_COPY, the 1 KiB blob at STOP_COPY;
             // igb_resume_write: EFBIG past state_max_size; igb_load_data: an empty stream
             // loads nothing, the device checks magic/version/VF number (EIO, stays in
             // RESUMING); a VF reset does not reset the driver's mig_state.
@@ -208,6 +209,7 @@ impl ProfileName {
                 flags: FLAG_STOP_COPY | FLAG_PRE_COPY,
                 precopy_empty: true,
                 dma_max_ranges: Some(IGB_MAX_RANGES),
+                dma_report_in_one_range: true,
                 max_stream: Some(IGB_STATE_SIZE),
                 write_limit: Some(libc::EFBIG),
                 empty_loads_nothing: true,
@@ -268,6 +270,9 @@ pub struct Behaviour {
     /// Most ranges the device tracks; more are merged by the driver (igb's CAPS `max_ranges`,
     /// 4 in its README, through `vfio_combine_iova_ranges`). `None`: each range as given.
     pub dma_max_ranges: Option<u32>,
+    /// REPORT of a span that is not inside one tracked (merged) range is EINVAL (igb:
+    /// `igb_pci_dirty_range_valid`, seen in the igb guest); the others report any span.
+    pub dma_report_in_one_range: bool,
     /// STOP_COPY -> STOP stops DMA logging (pds); a later REPORT is EINVAL.
     pub dma_off_at_stop: bool,
     /// MIG_DATA_SIZE is the size of a whole stop-copy stream (true), or what is still unread
@@ -329,6 +334,7 @@ impl Behaviour {
             dma: true,
             dma_reports_nothing: false,
             dma_max_ranges: None,
+            dma_report_in_one_range: false,
             dma_off_at_stop: false,
             data_size_full: false,
             match_header: false,
