@@ -62,6 +62,8 @@ pub struct MockStatus {
     pub dma_bits_reported: u64,
     /// v2: reads of a data fd the device answered with ENOMSG.
     pub enomsg_reads: u64,
+    /// v2: PRECOPY_INFO queries at which the device re-initialised (`reinit-at=`).
+    pub reinits: u64,
 }
 
 impl MockStatus {

@@ -91,7 +91,11 @@
 //! `initial_bytes` (of the first pass over all pages, not yet read) and `dirty_bytes` (the
 //! rest not yet read) in PRE_COPY and PRE_COPY_P2P, `EINVAL` in other states (mtty), `ENODEV`
 //! for an earlier saving fd during a newer pre-copy, and `ENOTTY` for any other fd, a resuming
-//! fd included. `flags` is always 0 (no REINIT).
+//! fd included. `flags` is 0, except with `reinit-at=N` (profile mlx5): the N-th PRECOPY_INFO
+//! of a saving session re-initialises the device (every page saved again) and, after the
+//! PRECOPY_INFOv2 opt-in, answers `VFIO_PRECOPY_INFO_REINIT` with every unread byte as
+//! initial bytes and 0 dirty bytes, as `mlx5vf_precopy_ioctl` does; without the opt-in the
+//! same bytes are dirty bytes and `flags` stays 0.
 //!
 //! # Faults
 //!
@@ -171,7 +175,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
-    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_VGA_REGION_INDEX, VFIO_PRECOPY_INFO_REINIT, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
@@ -1034,17 +1039,43 @@ impl Inner {
             }
         }
         self.apply_dirty();
+        let reinit_at = self.spec.reinit_at;
+        let v2 = self.precopy_v2;
         let Some(Session::Save(save)) = &self.session else {
             unreachable!("checked above");
         };
-        let st = save.lock();
+        let mut st = save.lock();
+        st.info_queries += 1;
+        let reinit = reinit_at == Some(st.info_queries);
+        if reinit {
+            // The firmware re-initialised: a new SAVE re-reads the whole device.
+            st.encoder.dirty_all();
+            if let Err(e) = save.more_data(&mut st) {
+                log::warn!("mock v2: cannot reopen the pre-copy data pipe: {e}");
+            }
+        }
         let in_pipe = save.in_pipe(&st, Some(fd));
         let unread = st.unwritten() + in_pipe;
         let read = st.written.saturating_sub(in_pipe);
-        let initial = st.initial_total.saturating_sub(read).min(unread);
+        let mut flags = 0;
+        if reinit && v2 {
+            // mlx5vf_precopy_ioctl with reinit_state: every byte not yet read (read-ahead
+            // and the new SAVE) is initial data from the caller's position on, and the dirty
+            // bytes restart at 0. Without the opt-in the same bytes count as dirty.
+            st.initial_start = read;
+            st.initial_total = unread;
+            flags = VFIO_PRECOPY_INFO_REINIT;
+        }
+        let initial = (st.initial_start + st.initial_total)
+            .saturating_sub(read)
+            .min(unread);
+        drop(st);
+        if reinit {
+            self.status.reinits += 1;
+        }
         Ok(vfio_precopy_info {
             argsz: size_of::<vfio_precopy_info>() as u32,
-            flags: 0,
+            flags,
             initial_bytes: initial,
             dirty_bytes: unread - initial,
         })

@@ -101,6 +101,7 @@ impl ProfileName {
             precopy_header_only: false,
             precopy_empty: false,
             enomsg: false,
+            reinit: false,
             save_latency: None,
             write_refusal: None,
             max_stream: None,
@@ -129,9 +130,13 @@ impl ProfileName {
             // mlx5vf_cmd_set_migratable: STOP_COPY | P2P | PRE_COPY; log_ops; SAVE commands
             // complete asynchronously; mlx5vf_save_read: ENOMSG at the temporary end;
             // mlx5vf_resume_write loads each image inside write(), so RESUMING -> STOP (with
-            // PRE_COPY support) checks nothing.
+            // PRE_COPY support) checks nothing. The 2026 REINIT series
+            // (mlx5vf_precopy_ioctl): after the PRECOPY_INFOv2 opt-in, a firmware in
+            // MIGRATION_INIT makes the unread bytes plus a new SAVE the initial bytes, with
+            // VFIO_PRECOPY_INFO_REINIT and dirty_bytes 0.
             Self::Mlx5 => Behaviour {
                 enomsg: true,
+                reinit: true,
                 save_latency: Some(Duration::from_millis(2)),
                 write_refusal: Some(WriteRefusal::Everything {
                     framing: libc::EINVAL,
@@ -282,6 +287,10 @@ pub struct Behaviour {
     /// A read at the pre-copy temporary end fails with ENOMSG (the writer stays open) instead
     /// of returning 0.
     pub enomsg: bool,
+    /// The device can re-initialise its pre-copy data (`reinit-at=`): mlx5's
+    /// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_INIT`, reported as
+    /// `VFIO_PRECOPY_INFO_REINIT` to a caller that opted in to PRECOPY_INFOv2.
+    pub reinit: bool,
     /// Saving data becomes readable this long after the device produced it (asynchronous
     /// SAVE commands); PRECOPY_INFO counts it at once.
     pub save_latency: Option<Duration>,
@@ -335,6 +344,7 @@ impl Behaviour {
             precopy_header_only: false,
             precopy_empty: false,
             enomsg: false,
+            reinit: false,
             save_latency: None,
             write_refusal: None,
             max_stream: None,
