@@ -247,6 +247,8 @@ struct Inner {
     /// When pre-copy dirtying was last accounted, and the bytes short of a page.
     dirty_clock: (Instant, f64),
     precopy_v2: bool,
+    /// The firmware re-initialised ([`Inspect::reinit`]): the next PRECOPY_INFO reports it.
+    reinit_armed: bool,
     dma: Option<DmaLog>,
     bar0: Vec<u8>,
     old_saving: VecDeque<FileId>,
@@ -300,6 +302,13 @@ impl Inspect for Shared {
             s.dma_logging = dma.active;
         }
         s
+    }
+
+    fn reinit(&self) {
+        let mut g = self.lock();
+        if g.spec.behaviour().reinit {
+            g.reinit_armed = true;
+        }
     }
 
     fn state_digest(&self) -> u32 {
@@ -368,6 +377,7 @@ impl MockV2 {
             rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
             dirty_clock: (Instant::now(), 0.0),
             precopy_v2: false,
+            reinit_armed: false,
             dma: None,
             bar0: vec![0; BAR0_SIZE as usize],
             old_saving: VecDeque::new(),
@@ -733,8 +743,17 @@ impl Inner {
                 self.save_failure()?;
                 // The device ran until now: account for what it dirtied, then stop it.
                 self.apply_dirty();
+                // A re-initialisation no PRECOPY_INFO reported yet: the final SAVE carries
+                // the device's new state all the same, now inside the downtime.
+                let reinit = std::mem::take(&mut self.reinit_armed);
+                if reinit {
+                    self.status.reinits += 1;
+                }
                 if let Some(Session::Save(save)) = &self.session {
                     let mut st = save.lock();
+                    if reinit {
+                        st.encoder.dirty_all();
+                    }
                     st.encoder.finish();
                     save.more_data(&mut st)?;
                 }
@@ -1041,12 +1060,13 @@ impl Inner {
         self.apply_dirty();
         let reinit_at = self.spec.reinit_at;
         let v2 = self.precopy_v2;
+        let armed = std::mem::take(&mut self.reinit_armed);
         let Some(Session::Save(save)) = &self.session else {
             unreachable!("checked above");
         };
         let mut st = save.lock();
         st.info_queries += 1;
-        let reinit = reinit_at == Some(st.info_queries);
+        let reinit = armed || reinit_at == Some(st.info_queries);
         if reinit {
             // The firmware re-initialised: a new SAVE re-reads the whole device.
             st.encoder.dirty_all();
