@@ -15,6 +15,7 @@ use vfio_mig::error::Report;
 use vfio_mig::stream::Phase;
 use vfio_mig::v2::feature;
 use vfio_mig::v2::{DataFd, DataRead, MigState};
+use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockHandle, MockSpec};
 use vfio_mig_session::handshake::migrate_pairs_channels;
@@ -164,4 +165,52 @@ fn a_switchover_ack_before_a_reinit_is_not_final_over_one_connection() {
 #[test]
 fn a_switchover_ack_before_a_reinit_is_not_final_over_channels() {
     reinit_at_the_ack(2, 2);
+}
+
+/// Rounds until every device's initial bytes were sent (at most 50).
+fn rounds_until_initial_sent<D: MigrationDevice>(source: &mut Source<D>, wire: &mut Vec<u8>) {
+    for _ in 0..50 {
+        if source.round(wire, None).unwrap().estimate.initial_bytes == 0 {
+            return;
+        }
+    }
+    panic!("the initial bytes never reached 0");
+}
+
+#[test]
+fn the_front_door_refuses_a_switch_over_that_would_carry_new_initial_data() {
+    let spec = "mock:v2,size=256K,seed=9,profile=mlx5";
+    let src = mock(spec);
+    let src_handle = handle(&src);
+    let mut dst = mock(spec);
+    let mut source = Source::start(vec![src.opened.device], &SourceOptions::new(Epoch(1))).unwrap();
+    let mut wire = Vec::new();
+    rounds_until_initial_sent(&mut source, &mut wire);
+    // The firmware re-initialises after the VMM's last estimate said the initial bytes were
+    // out: the switch-over's own last query finds the REINIT (QEMU checks it there too) and
+    // refuses, leaving the migration in pre-copy.
+    src_handle.reinit();
+    let e = source.switch_over(&mut wire).unwrap_err();
+    let text = Report(&e).to_string();
+    assert!(text.contains("REINIT"), "{text}");
+    assert!(!source.switched_over());
+    let estimate = source.estimate().unwrap();
+    assert!(estimate.initial_bytes > 0, "{estimate:?}");
+    rounds_until_initial_sent(&mut source, &mut wire);
+    let before_stop = wire.len();
+    source.switch_over(&mut wire).unwrap();
+    assert!(
+        wire.len() - before_stop < 256 << 10,
+        "the new initial data went in stop-and-copy ({} bytes)",
+        wire.len() - before_stop
+    );
+    resume(
+        &mut [dst.device.as_mut()],
+        &wire[..],
+        &DestinationOptions::new(),
+    )
+    .unwrap();
+    assert_eq!(src_handle.state_digest(), handle(&dst).state_digest());
+    assert!(handle(&dst).status().resumed_ok);
+    drop(source.finish());
 }

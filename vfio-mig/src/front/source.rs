@@ -26,8 +26,13 @@ pub struct Estimate {
     pub pending: u64,
     /// Of those, the initial bytes (v2). The uAPI asks userspace not to leave pre-copy before
     /// they reach 0 (a device may need them loaded early to keep the switch-over short). v1
-    /// devices have no such split and count 0 here.
+    /// devices have no such split and count 0 here. They may grow again: a device that
+    /// re-initialises its pre-copy data (`VFIO_PRECOPY_INFO_REINIT`) reports new initial
+    /// bytes, and pre-copy has not converged until those are sent too.
     pub initial_bytes: u64,
+    /// A device re-initialised its pre-copy data since it was last asked (v2
+    /// `VFIO_PRECOPY_INFO_REINIT`): its `initial_bytes` are new, whatever was sent before.
+    pub reinit: bool,
     /// The devices' estimate of what stop-and-copy will send (v2 `MIG_DATA_SIZE`); `None` when
     /// a device cannot tell (v1; v2 on Linux 5.18 to 6.1, which lack `MIG_DATA_SIZE`), so the
     /// VMM knows its downtime estimate is incomplete.
@@ -259,8 +264,19 @@ impl<D: MigrationDevice> Source<D> {
     /// dirty pages (DMA logs still run there; pds ends them at STOP_COPY -> STOP), hands the
     /// stream over, and then calls [`finish`](Self::finish) once the destination runs, or
     /// [`cancel`](Self::cancel) if it cannot.
+    ///
+    /// Before anything stops, every device in pre-copy is asked once more (QEMU's final
+    /// `save_query_pending`): if one re-initialised its pre-copy data since the last
+    /// estimate (`VFIO_PRECOPY_INFO_REINIT`), the switch-over is refused with an error naming
+    /// it and the migration stays in pre-copy: more [`round`](Self::round)s send the new
+    /// initial data first, as the uAPI recommends.
     pub fn switch_over<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
         self.check(Stage::PreCopy, "switch over")?;
+        match reinit_pending(&mut self.devs, &self.live) {
+            Ok(None) => {}
+            Ok(Some(refusal)) => return Err(refusal),
+            Err(e) => return Err(self.fail(e)),
+        }
         match self.send_rest(out) {
             Ok(()) => {
                 self.stage = Stage::SwitchedOver;
@@ -500,15 +516,42 @@ fn begin<D: MigrationDevice>(
     Ok((start, live, writer))
 }
 
+/// The last query before the switch-over: the refusal naming the devices in pre-copy that
+/// re-initialised their pre-copy data, if any did.
+fn reinit_pending<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Option<Error>> {
+    let mut reinit = Vec::new();
+    for (dev, &live) in devs.iter_mut().zip(live) {
+        if live {
+            let pending = dev.pending()?;
+            if pending.reinit {
+                reinit.push(format!(
+                    "{} ({} new initial bytes)",
+                    dev.identity().instance,
+                    pending.initial_bytes.unwrap_or(0)
+                ));
+            }
+        }
+    }
+    Ok((!reinit.is_empty()).then(|| {
+        Error::InvalidInput(format!(
+            "switch over: {} re-initialised the pre-copy data (REINIT): send more rounds \
+             first; the migration is still in pre-copy",
+            reinit.join(", ")
+        ))
+    }))
+}
+
 fn estimate<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Estimate> {
     let mut total = Estimate {
         pending: 0,
         initial_bytes: 0,
+        reinit: false,
         stop_copy: Some(0),
     };
     for (dev, &live) in devs.iter_mut().zip(live) {
         if live {
             let pending = dev.pending()?;
+            total.reinit |= pending.reinit;
             total.pending = total.pending.saturating_add(pending.bytes);
             total.initial_bytes = total
                 .initial_bytes
