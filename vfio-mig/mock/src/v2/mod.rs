@@ -563,7 +563,14 @@ impl Inner {
 
     /// GET of MIG_DATA_SIZE.
     fn get_data_size(&mut self) -> io::Result<u64> {
-        self.fault(V2FaultField::DataSize, None)?;
+        match self.fault(V2FaultField::DataSize, None) {
+            Err(e) if self.behaviour.data_size_error_as_length => {
+                // xe_vfio_pci_get_data_size: the PF's -errno, stored unsigned, and success.
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                return Ok((errno as u64).wrapping_neg());
+            }
+            r => r?,
+        }
         Ok(self.data_size())
     }
 
@@ -1200,6 +1207,11 @@ impl Inner {
         let refused = match b.write_refusal {
             None => None,
             Some(WriteRefusal::HeaderOnly(e)) => st.decoder.header_refused().then_some((e, e)),
+            // Another device's MATCH packet is well formed: xe's PF queues it, and the
+            // restore refuses it at RESUMING -> STOP.
+            Some(WriteRefusal::Framing(e)) => {
+                (st.framing.is_some() && !st.decoder.header_refused()).then_some((e, e))
+            }
             Some(WriteRefusal::Everything { framing, content }) => {
                 if st.framing.is_some() {
                     Some((framing, libc::ENODEV))

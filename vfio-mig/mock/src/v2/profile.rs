@@ -9,7 +9,7 @@
 //! | `mlx5`   | 0x7   | yes     | every page, async  | ENOMSG        | nothing (loaded in write)   | no    |
 //! | `hisi`   | 0x5   | no      | match header       | read 0        | whole state or match only   | no    |
 //! | `pds`    | 0x3   | yes     | (no PRE_COPY)      | -             | whole state (EIO)           | yes   |
-//! | `xe`     | 0x3   | no      | (no PRE_COPY)      | -             | whole state (EIO)           | no    |
+//! | `xe`     | 0x3   | no      | (no PRE_COPY)      | -             | framing in write (EINVAL), whole state (EIO) | no |
 //! | `qat`    | 0x7   | no      | match header       | read 0        | whole state (EINVAL)        | no    |
 //! | `virtio` | 0x7   | no      | every page         | ENOMSG        | nothing (loaded in write)   | no    |
 //! | `igb`    | 0x5   | 4 ranges| nothing            | read 0        | whole state or empty (EIO)  | no    |
@@ -97,6 +97,7 @@ impl ProfileName {
             dma_max_ranges: None,
             dma_off_at_stop: false,
             data_size_full: true,
+            data_size_error_as_length: false,
             match_header: true,
             precopy_header_only: false,
             precopy_empty: false,
@@ -170,12 +171,19 @@ impl ProfileName {
                 error_errno: libc::EIO,
                 ..base
             },
-            // xe-vfio-pci: STOP_COPY | P2P, no PRE_COPY, no log_ops; the VF's whole VRAM
-            // quota is saved at stop-copy (in 512 MiB chunks by the GuC/PF), so its state is
-            // multi-GiB; the PF restores it at RESUMING -> STOP.
+            // xe_vfio_pci_migration_init: STOP_COPY | P2P, no PRE_COPY, no log_ops; the VF's
+            // whole VRAM quota is saved at stop-copy (in 512 MiB chunks by the GuC/PF), so
+            // its state is multi-GiB. xe_vfio_pci_resume_write hands each packet to
+            // xe_sriov_pf_migration_restore_produce, which refuses a malformed one with
+            // EINVAL inside write(); the PF restores the state at RESUMING -> STOP
+            // (xe_sriov_vfio_resume_data_exit). xe_vfio_pci_get_data_size stores the PF's
+            // ssize_t answer in an unsigned length and returns 0: a failure reads as
+            // 2^64 - errno.
             Self::Xe => Behaviour {
                 flags: FLAG_STOP_COPY | FLAG_P2P,
                 dma: false,
+                write_refusal: Some(WriteRefusal::Framing(libc::EINVAL)),
+                data_size_error_as_length: true,
                 resume_errno: libc::EIO,
                 ..base
             },
@@ -250,6 +258,9 @@ pub enum WriteRefusal {
     /// Only a bad match header (another device's state), with this errno; the rest of the
     /// state is checked at RESUMING -> STOP (mtty, hisi).
     HeaderOnly(i32),
+    /// Only a malformed stream (framing), with this errno; what the packets carry is
+    /// checked at RESUMING -> STOP (xe's PF parses packets inside write()).
+    Framing(i32),
     /// Every framing error (`framing`) and every page that does not match (`content`), as
     /// mlx5 loads each image inside write(); completeness is checked at RESUMING -> STOP.
     Everything {
@@ -278,6 +289,9 @@ pub struct Behaviour {
     /// MIG_DATA_SIZE is the size of a whole stop-copy stream (true), or what is still unread
     /// (false, generic).
     pub data_size_full: bool,
+    /// A failed MIG_DATA_SIZE query succeeds with `-errno` as the length (xe stores the
+    /// PF's `ssize_t` in the unsigned `stop_copy_length`); otherwise the ioctl fails.
+    pub data_size_error_as_length: bool,
     /// The stream starts with a MATCH packet (the device's seed and shape).
     pub match_header: bool,
     /// Pre-copy carries the match header only; the pages follow in STOP_COPY.
@@ -340,6 +354,7 @@ impl Behaviour {
             dma_max_ranges: None,
             dma_off_at_stop: false,
             data_size_full: false,
+            data_size_error_as_length: false,
             match_header: false,
             precopy_header_only: false,
             precopy_empty: false,
