@@ -18,7 +18,7 @@ use vfio_mig::v2::{DataFd, DataRead, MigState};
 use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockHandle, MockSpec};
-use vfio_mig_session::handshake::migrate_pairs_channels;
+use vfio_mig_session::handshake::{migrate_local, migrate_pairs_channels};
 use vfio_mig_tests::v2_mock::{dev, read_to_end};
 use vfio_mig_tests::{handle, mock, MockDevice};
 
@@ -213,4 +213,32 @@ fn the_front_door_refuses_a_switch_over_that_would_carry_new_initial_data() {
     assert_eq!(src_handle.state_digest(), handle(&dst).state_digest());
     assert!(handle(&dst).status().resumed_ok);
     drop(source.finish());
+}
+
+#[test]
+fn a_reinit_during_pre_copy_keeps_the_switch_over_waiting_for_the_new_initial_bytes() {
+    // The policy switches over only once the initial bytes are sent (the uAPI's
+    // recommendation, QEMU's switchover-ack point); new initial bytes count as well.
+    let spec = "mock:v2,size=256K,seed=4,profile=mlx5,reinit-at=2";
+    let mut src = mock(spec);
+    let mut dst = mock(spec);
+    let opts = SaveOptions {
+        live: true,
+        ..SaveOptions::default()
+    };
+    let report = migrate_local(
+        src.device.as_mut(),
+        dst.device.as_mut(),
+        &opts,
+        &NoObserver,
+        &NoObserver,
+    )
+    .unwrap_or_else(|e| panic!("{}", Report(&e)));
+    assert_eq!(handle(&src).status().reinits, 1);
+    assert!(
+        report.save.stop_copy_bytes < 256 << 10,
+        "the new initial data went in stop-and-copy: {:?}",
+        report.save
+    );
+    assert!(handle(&dst).status().resumed_ok);
 }
