@@ -11,7 +11,7 @@ use super::events::{Event, Observer};
 use super::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use super::wait::DataWait;
 use super::{MigrationDevice, ReadOutcome};
-use crate::migration::Pending;
+use crate::migration::{Pending, Protocol};
 
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
 pub const DEFAULT_BUFFER: usize = 1 << 20;
@@ -265,7 +265,8 @@ pub fn resend_reinit<S: RecordSink + ?Sized>(
     obs: &dyn Observer,
     report: &mut SaveReport,
 ) -> Result<bool> {
-    if report.stop_copy_only || !dev.capabilities().pre_copy {
+    // v1 has no PRECOPY_INFO and so no REINIT: its registers are not read again.
+    if report.stop_copy_only || dev.protocol() != Protocol::V2 {
         return Ok(false);
     }
     let now = dev.pending()?;
