@@ -242,3 +242,21 @@ fn a_reinit_during_pre_copy_keeps_the_switch_over_waiting_for_the_new_initial_by
     );
     assert!(handle(&dst).status().resumed_ok);
 }
+
+#[test]
+fn a_round_s_estimate_says_a_device_re_initialised_during_the_round() {
+    // The round's own query (what the device has pending when its turn begins) is the one
+    // that finds the REINIT; the estimate the round returns must still say so.
+    let spec = "mock:v2,size=256K,seed=10,profile=mlx5";
+    let src = mock(spec);
+    let src_handle = handle(&src);
+    let mut source = Source::start(vec![src.opened.device], &SourceOptions::new(Epoch(1))).unwrap();
+    let mut wire = Vec::new();
+    rounds_until_initial_sent(&mut source, &mut wire);
+    src_handle.reinit();
+    let round = source.round(&mut wire, Some(4096)).unwrap();
+    assert!(round.estimate.reinit, "{:?}", round.estimate);
+    assert!(round.estimate.initial_bytes > 0, "{:?}", round.estimate);
+    assert!(!source.estimate().unwrap().reinit, "said once");
+    drop(source.cancel());
+}

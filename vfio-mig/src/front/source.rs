@@ -114,6 +114,8 @@ pub struct Source<D: MigrationDevice> {
     buf: Vec<u8>,
     sent: Vec<u64>,
     buffer: usize,
+    /// A query of a round found a device re-initialised (REINIT): the next estimate says so.
+    reinit_seen: bool,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Source<D> {
@@ -148,6 +150,7 @@ impl<D: MigrationDevice> Source<D> {
                     buf: Vec::new(),
                     sent: vec![0; n],
                     buffer: opts.buffer.max(4096),
+                    reinit_seen: false,
                 })
             }
             Err(error) => Err(Handback::new(error, devs)),
@@ -165,11 +168,14 @@ impl<D: MigrationDevice> Source<D> {
         &self.start
     }
 
-    /// What the devices hold now, without sending anything.
+    /// What the devices hold now, without sending anything. `reinit` also counts a
+    /// re-initialisation a round's own query found since the last estimate.
     pub fn estimate(&mut self) -> Result<Estimate> {
         self.check(Stage::PreCopy, "estimate")?;
         let r = estimate(&mut self.devs, &self.live);
-        r.map_err(|e| self.fail(e))
+        let mut e = r.map_err(|e| self.fail(e))?;
+        e.reinit |= std::mem::take(&mut self.reinit_seen);
+        Ok(e)
     }
 
     /// Sends one pre-copy round into `out`: from each device in pre-copy, the bytes it had
@@ -210,7 +216,9 @@ impl<D: MigrationDevice> Source<D> {
             // What the device had pending when its turn began: the round sends that much
             // (at least one chunk), so a device dirtying faster than the link cannot keep
             // the round going forever.
-            let pending = dev.pending()?.bytes.max(1);
+            let now = dev.pending()?;
+            self.reinit_seen |= now.reinit;
+            let pending = now.bytes.max(1);
             let mut device_sent = 0;
             while device_sent < pending {
                 let left = budget.map(|b| b.saturating_sub(relay.written));
