@@ -65,6 +65,10 @@ pub struct Pending {
     /// pre-copy bytes). The downtime bytes are the sum of the two, as QEMU's
     /// `vfio_state_pending_exact` counts them.
     pub stop_copy_bytes: StopCopySize,
+    /// The device re-initialised its pre-copy data since it was last asked (v2
+    /// `VFIO_PRECOPY_INFO_REINIT`, after the PRECOPY_INFOv2 opt-in): `initial_bytes` are new
+    /// initial data, to be sent before the switch-over even if earlier initial data was.
+    pub reinit: bool,
 }
 
 /// What a device says stop-and-copy will carry apart from its pending bytes.

@@ -419,6 +419,23 @@ impl Encoder {
         }
     }
 
+    /// The running device re-initialises (a reconfiguration): every page moves to its next
+    /// generation, and every page already sent (or being sent) is queued again. Does nothing
+    /// after [`Encoder::finish`].
+    pub fn dirty_all(&mut self) {
+        if self.finished {
+            return;
+        }
+        for p in 0..self.content.page_count() {
+            self.gens[p as usize] = self.gens[p as usize].wrapping_add(1);
+            self.dirtied += 1;
+            if p < self.next_initial && self.queued.insert(p) {
+                self.dirty.push_back(p);
+                self.pending += PACKET_HEADER as u64 + u64::from(self.content.page_len(p));
+            }
+        }
+    }
+
     /// Ends the stream: the END packet is queued after the pages still pending.
     pub fn finish(&mut self) {
         if !self.finished {

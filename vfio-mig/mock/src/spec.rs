@@ -39,6 +39,9 @@
 //! | `precopy-delay=`| v2: pre-copy data becomes readable this long after PRE_COPY | `0`         |
 //! |                 | is entered (an asynchronous first save); reads meanwhile get |            |
 //! |                 | ENOMSG while PRECOPY_INFO already counts the bytes         |              |
+//! | `reinit-at=`    | v2, `profile=mlx5`: the N-th PRECOPY_INFO of a saving      | never        |
+//! |                 | session finds the firmware re-initialised (new initial data, |            |
+//! |                 | `VFIO_PRECOPY_INFO_REINIT` after the PRECOPY_INFOv2 opt-in) |             |
 //! | `data-fd=`      | v2: `pipe` (fed by a thread) or `memfd` (the state in a    | `pipe`       |
 //! |                 | sealed memfd, read at page-cache speed; stop-copy only,    |              |
 //! |                 | docs/mock-device.md)                                  |              |
@@ -99,13 +102,14 @@ const V1_ONLY: [&str; 7] = [
     "pending-slack",
 ];
 /// The options only a `mock:v2` spec takes.
-const V2_ONLY: [&str; 7] = [
+const V2_ONLY: [&str; 8] = [
     "flags",
     "dma",
     "dma-dirty",
     "profile",
     "data-size-min",
     "precopy-delay",
+    "reinit-at",
     "data-fd",
 ];
 /// Most sparse mmap areas of the v1 data section (`areas=`).
@@ -200,6 +204,9 @@ pub struct MockSpec {
     pub pending_slack: u64,
     /// v2: delay before the pre-copy data becomes readable (`precopy-delay=`).
     pub precopy_delay: Duration,
+    /// v2: the PRECOPY_INFO (1-based, per saving session) at which the device re-initialises
+    /// (`reinit-at=`); `None`: never.
+    pub reinit_at: Option<u64>,
     /// v2: what the data fds are (`data-fd=`).
     pub data_fd: DataFd,
 }
@@ -233,6 +240,7 @@ impl Default for MockSpec {
             areas: 1,
             pending_slack: 0,
             precopy_delay: Duration::ZERO,
+            reinit_at: None,
             data_fd: DataFd::Pipe,
         }
     }
@@ -378,6 +386,13 @@ impl MockSpec {
                     self.profile.map_or("", ProfileName::name)
                 ));
             }
+        }
+        if self.reinit_at.is_some() && !b.reinit {
+            return Err(format!(
+                "option `reinit-at`: profile {} does not re-initialise its pre-copy data (only \
+                 profile=mlx5 reports VFIO_PRECOPY_INFO_REINIT)",
+                self.profile.map_or("(none)", ProfileName::name)
+            ));
         }
         if !b.enters_error {
             if let Some(rule) = self.v2_faults.iter().find(|r| r.error_state) {
@@ -602,6 +617,15 @@ impl FromStr for MockSpec {
                     spec.precopy_delay = parse_duration(value)
                         .ok_or_else(|| bad("a duration with us, ms or s (e.g. 50ms)"))?
                 }
+                "reinit-at" => {
+                    spec.reinit_at = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|&n: &u64| n >= 1)
+                            .ok_or_else(|| bad("a PRECOPY_INFO count of at least 1"))?,
+                    )
+                }
                 "data-fd" => {
                     spec.data_fd = match value {
                         "pipe" => DataFd::Pipe,
@@ -614,7 +638,7 @@ impl FromStr for MockSpec {
                         "unknown option `{key}` (known: size, seed, chunk, section, data, page, \
                          dirty-rate, reserved, region-index, fail-at, id, rate, accept-rate, \
                          latency, content; v1: data-offset, areas, pending-slack; v2: profile, \
-                         flags, dma, dma-dirty, data-size-min, precopy-delay, data-fd)"
+                         flags, dma, dma-dirty, data-size-min, precopy-delay, reinit-at, data-fd)"
                     )))
                 }
             }
@@ -719,6 +743,9 @@ impl fmt::Display for MockSpec {
         }
         if self.precopy_delay != d.precopy_delay {
             write!(f, ",precopy-delay={}", format_duration(self.precopy_delay))?;
+        }
+        if let Some(n) = self.reinit_at {
+            write!(f, ",reinit-at={n}")?;
         }
         if self.data_fd == DataFd::Memfd {
             write!(f, ",data-fd=memfd")?;

@@ -62,6 +62,9 @@ pub struct MockStatus {
     pub dma_bits_reported: u64,
     /// v2: reads of a data fd the device answered with ENOMSG.
     pub enomsg_reads: u64,
+    /// v2: times the device re-initialised its pre-copy data (`reinit-at=`,
+    /// [`MockHandle::reinit`]).
+    pub reinits: u64,
 }
 
 impl MockStatus {
@@ -95,6 +98,11 @@ pub trait Inspect: Send + Sync {
     fn dma_written(&self) -> Vec<u64> {
         Vec::new()
     }
+    /// v2, a profile that re-initialises (mlx5): the firmware re-initialises now, so the next
+    /// PRECOPY_INFO of the current saving session reports it (as `reinit-at=` does at a
+    /// chosen query). A test's trigger for a moment the engine chooses, such as the
+    /// destination's switchover-ack. Does nothing on other devices.
+    fn reinit(&self) {}
 }
 
 /// A cheap, cloneable view of a mock device, kept by tests while the device itself is handed
@@ -121,6 +129,11 @@ impl MockHandle {
     /// See [`Inspect::dma_written`].
     pub fn dma_written(&self) -> Vec<u64> {
         self.0.dma_written()
+    }
+
+    /// See [`Inspect::reinit`].
+    pub fn reinit(&self) {
+        self.0.reinit()
     }
 }
 

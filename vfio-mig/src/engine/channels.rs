@@ -12,6 +12,7 @@
 //! stops every channel's reads, and the caller rolls back every device.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 
 use crate::error::{Error, Result};
@@ -22,7 +23,7 @@ use super::gate::LoadGate;
 use super::loader::{check_compatible, DeviceLoader, LoadReport};
 use super::multi::{each_with_report, quiesce_all, SharedWriter};
 use super::run::run_unit;
-use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
+use super::save::{pre_copy, resend_reinit, stop_copy, RecordSink, SaveOptions, SaveReport};
 use super::MigrationDevice;
 
 /// Records in flight per device on the destination.
@@ -107,6 +108,25 @@ pub fn pre_copy_channels<W: Write + Send>(
     on_channels(devs, writers, reports, |dev, sink, i, report| {
         pre_copy(dev, sink, i, opts, obs, report)
     })
+}
+
+/// [`resend_reinit`] on every device in parallel over the channels: returns how many devices
+/// reopened their pre-copy with new initial data.
+pub fn resend_reinit_channels<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    writers: &[SharedWriter<W>],
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    reports: &mut [SaveReport],
+) -> Result<usize> {
+    let reopened = AtomicUsize::new(0);
+    on_channels(devs, writers, reports, |dev, sink, i, report| {
+        if resend_reinit(dev, sink, i, opts, obs, report)? {
+            reopened.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    })?;
+    Ok(reopened.into_inner())
 }
 
 /// Quiesces every device, then stop-and-copy on every device in parallel over the channels.
@@ -357,11 +377,16 @@ fn coordinate<R: Read>(
         match note {
             Note::PhaseLoaded(Phase::PreCopy) if failure.is_none() => {
                 pre_copy_loaded += 1;
-                if pre_copy_loaded == live {
-                    if let Err(e) = gate.pre_copy_loaded() {
-                        stop();
-                        failure = Some(e);
-                    }
+                // The first time every live device loaded its pre-copy is the
+                // switchover-ack; each later end is a pre-copy the source reopened (REINIT).
+                let gated = match pre_copy_loaded.cmp(&live) {
+                    std::cmp::Ordering::Less => Ok(()),
+                    std::cmp::Ordering::Equal => gate.pre_copy_loaded(),
+                    std::cmp::Ordering::Greater => gate.pre_copy_reloaded(),
+                };
+                if let Err(e) = gated {
+                    stop();
+                    failure = Some(e);
                 }
             }
             Note::PhaseLoaded(_) => {}

@@ -92,6 +92,7 @@ fn load_inline<R: Read>(
     live: usize,
 ) -> Result<Vec<LoadReport>> {
     let mut loader = DeviceLoader::new(0, obs);
+    let mut pre_copy_ended = 0usize;
     loop {
         match reader.next_record()? {
             Record::Data {
@@ -103,7 +104,14 @@ fn load_inline<R: Read>(
             Record::EndOfPhase { phase, .. } => {
                 loader.end_phase(phase);
                 if phase == Phase::PreCopy && live > 0 {
-                    gate.pre_copy_loaded()?;
+                    pre_copy_ended += 1;
+                    // The first end is the switchover-ack; a later one ends a pre-copy the
+                    // source reopened with new initial data (REINIT).
+                    if pre_copy_ended == 1 {
+                        gate.pre_copy_loaded()?;
+                    } else {
+                        gate.pre_copy_reloaded()?;
+                    }
                 }
             }
             Record::End(_) => return Ok(vec![loader.report()]),
@@ -259,6 +267,10 @@ fn read_and_dispatch<R: Read>(
                     if pre_copy_ended == live {
                         wait_for_pre_copy(acks, live)?;
                         gate.pre_copy_loaded()?;
+                    } else if pre_copy_ended > live {
+                        // A pre-copy the source reopened (REINIT) ended again.
+                        wait_for_pre_copy(acks, 1)?;
+                        gate.pre_copy_reloaded()?;
                     }
                 }
             }

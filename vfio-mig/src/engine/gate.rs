@@ -11,6 +11,10 @@ pub trait LoadGate {
     /// All pre-copy data of the device was written to it (its END_OF_PHASE(PRE_COPY) was
     /// read): QEMU's switchover-ack point.
     fn pre_copy_loaded(&mut self) -> Result<()>;
+    /// After [`pre_copy_loaded`](Self::pre_copy_loaded): a device whose pre-copy the source
+    /// reopened (new initial data after a `VFIO_PRECOPY_INFO_REINIT`) loaded it up to its next
+    /// END_OF_PHASE(PRE_COPY). Called once per reopened phase.
+    fn pre_copy_reloaded(&mut self) -> Result<()>;
     /// The trailer was read and checked: the device holds the complete state in its
     /// resuming state. Called before the end of the stream is checked and before the device
     /// is resumed; `rest` is the transport after the trailer.
@@ -23,6 +27,10 @@ pub struct NoGate;
 
 impl LoadGate for NoGate {
     fn pre_copy_loaded(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn pre_copy_reloaded(&mut self) -> Result<()> {
         Ok(())
     }
 

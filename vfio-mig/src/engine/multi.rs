@@ -10,7 +10,7 @@
 //! failing fails the unit: every source is rolled back, every destination reset.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Report;
@@ -19,7 +19,7 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::Observer;
 use super::rollback::roll_back;
-use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
+use super::save::{pre_copy, resend_reinit, stop_copy, RecordSink, SaveOptions, SaveReport};
 use super::{Capabilities, MigrationDevice, Protocol};
 
 /// A stream writer shared by several device threads: each record is appended whole under a
@@ -186,6 +186,26 @@ pub fn pre_copy_all<W: Write + Send>(
     in_parallel(devs, out, reports, |dev, sink, i, report| {
         pre_copy(dev, sink, i, opts, obs, report)
     })
+}
+
+/// [`resend_reinit`] on every device in parallel, after the pre-copy phase ended: returns how
+/// many devices reopened their pre-copy with new initial data (each then owes the source a
+/// new acknowledgement from the destination).
+pub fn resend_reinit_all<W: Write + Send>(
+    devs: &mut [&mut dyn MigrationDevice],
+    out: &SharedWriter<W>,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    reports: &mut [SaveReport],
+) -> Result<usize> {
+    let reopened = AtomicUsize::new(0);
+    in_parallel(devs, out, reports, |dev, sink, i, report| {
+        if resend_reinit(dev, sink, i, opts, obs, report)? {
+            reopened.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    })?;
+    Ok(reopened.into_inner())
 }
 
 /// Quiesces every device (RUNNING_P2P / PRE_COPY_P2P where supported) before any of them is

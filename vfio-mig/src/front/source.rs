@@ -26,8 +26,13 @@ pub struct Estimate {
     pub pending: u64,
     /// Of those, the initial bytes (v2). The uAPI asks userspace not to leave pre-copy before
     /// they reach 0 (a device may need them loaded early to keep the switch-over short). v1
-    /// devices have no such split and count 0 here.
+    /// devices have no such split and count 0 here. They may grow again: a device that
+    /// re-initialises its pre-copy data (`VFIO_PRECOPY_INFO_REINIT`) reports new initial
+    /// bytes, and pre-copy has not converged until those are sent too.
     pub initial_bytes: u64,
+    /// A device re-initialised its pre-copy data since it was last asked (v2
+    /// `VFIO_PRECOPY_INFO_REINIT`): its `initial_bytes` are new, whatever was sent before.
+    pub reinit: bool,
     /// The devices' estimate of what stop-and-copy will send (v2 `MIG_DATA_SIZE`); `None` when
     /// a device cannot tell (v1; v2 on Linux 5.18 to 6.1, which lack `MIG_DATA_SIZE`), so the
     /// VMM knows its downtime estimate is incomplete.
@@ -109,6 +114,8 @@ pub struct Source<D: MigrationDevice> {
     buf: Vec<u8>,
     sent: Vec<u64>,
     buffer: usize,
+    /// A query of a round found a device re-initialised (REINIT): the next estimate says so.
+    reinit_seen: bool,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Source<D> {
@@ -143,6 +150,7 @@ impl<D: MigrationDevice> Source<D> {
                     buf: Vec::new(),
                     sent: vec![0; n],
                     buffer: opts.buffer.max(4096),
+                    reinit_seen: false,
                 })
             }
             Err(error) => Err(Handback::new(error, devs)),
@@ -160,11 +168,14 @@ impl<D: MigrationDevice> Source<D> {
         &self.start
     }
 
-    /// What the devices hold now, without sending anything.
+    /// What the devices hold now, without sending anything. `reinit` also counts a
+    /// re-initialisation a round's own query found since the last estimate.
     pub fn estimate(&mut self) -> Result<Estimate> {
         self.check(Stage::PreCopy, "estimate")?;
         let r = estimate(&mut self.devs, &self.live);
-        r.map_err(|e| self.fail(e))
+        let mut e = r.map_err(|e| self.fail(e))?;
+        e.reinit |= std::mem::take(&mut self.reinit_seen);
+        Ok(e)
     }
 
     /// Sends one pre-copy round into `out`: from each device in pre-copy, the bytes it had
@@ -205,7 +216,9 @@ impl<D: MigrationDevice> Source<D> {
             // What the device had pending when its turn began: the round sends that much
             // (at least one chunk), so a device dirtying faster than the link cannot keep
             // the round going forever.
-            let pending = dev.pending()?.bytes.max(1);
+            let now = dev.pending()?;
+            self.reinit_seen |= now.reinit;
+            let pending = now.bytes.max(1);
             let mut device_sent = 0;
             while device_sent < pending {
                 let left = budget.map(|b| b.saturating_sub(relay.written));
@@ -259,8 +272,19 @@ impl<D: MigrationDevice> Source<D> {
     /// dirty pages (DMA logs still run there; pds ends them at STOP_COPY -> STOP), hands the
     /// stream over, and then calls [`finish`](Self::finish) once the destination runs, or
     /// [`cancel`](Self::cancel) if it cannot.
+    ///
+    /// Before anything stops, every device in pre-copy is asked once more (QEMU's final
+    /// `save_query_pending`): if one re-initialised its pre-copy data since the last
+    /// estimate (`VFIO_PRECOPY_INFO_REINIT`), the switch-over is refused with an error naming
+    /// it and the migration stays in pre-copy: more [`round`](Self::round)s send the new
+    /// initial data first, as the uAPI recommends.
     pub fn switch_over<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
         self.check(Stage::PreCopy, "switch over")?;
+        match reinit_pending(&mut self.devs, &self.live) {
+            Ok(None) => {}
+            Ok(Some(refusal)) => return Err(refusal),
+            Err(e) => return Err(self.fail(e)),
+        }
         match self.send_rest(out) {
             Ok(()) => {
                 self.stage = Stage::SwitchedOver;
@@ -500,15 +524,42 @@ fn begin<D: MigrationDevice>(
     Ok((start, live, writer))
 }
 
+/// The last query before the switch-over: the refusal naming the devices in pre-copy that
+/// re-initialised their pre-copy data, if any did.
+fn reinit_pending<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Option<Error>> {
+    let mut reinit = Vec::new();
+    for (dev, &live) in devs.iter_mut().zip(live) {
+        if live {
+            let pending = dev.pending()?;
+            if pending.reinit {
+                reinit.push(format!(
+                    "{} ({} new initial bytes)",
+                    dev.identity().instance,
+                    pending.initial_bytes.unwrap_or(0)
+                ));
+            }
+        }
+    }
+    Ok((!reinit.is_empty()).then(|| {
+        Error::InvalidInput(format!(
+            "switch over: {} re-initialised the pre-copy data (REINIT): send more rounds \
+             first; the migration is still in pre-copy",
+            reinit.join(", ")
+        ))
+    }))
+}
+
 fn estimate<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Estimate> {
     let mut total = Estimate {
         pending: 0,
         initial_bytes: 0,
+        reinit: false,
         stop_copy: Some(0),
     };
     for (dev, &live) in devs.iter_mut().zip(live) {
         if live {
             let pending = dev.pending()?;
+            total.reinit |= pending.reinit;
             total.pending = total.pending.saturating_add(pending.bytes);
             total.initial_bytes = total
                 .initial_bytes

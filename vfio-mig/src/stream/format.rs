@@ -743,7 +743,11 @@ impl RawRecordHeader {
 enum Stage {
     /// Pre-copy data may follow (LIVE devices only).
     PreCopy,
-    /// Pre-copy ended (or never existed): stop-copy data may follow.
+    /// A LIVE device's pre-copy ended: stop-copy data may follow, or more pre-copy data,
+    /// which reopens its pre-copy (the device re-initialised, `VFIO_PRECOPY_INFO_REINIT`,
+    /// and sends its new initial data before it stops).
+    PreCopyEnded,
+    /// Stop-copy started (or pre-copy never existed): stop-copy data may follow.
     StopCopy,
     /// Stop-copy ended: nothing more for this device.
     Done,
@@ -811,7 +815,7 @@ impl Tracker {
                 "device {device}: pre-copy DATA for a device not marked LIVE in the header"
             )),
             (Phase::PreCopy, Stage::StopCopy) => Err(format!(
-                "device {device}: pre-copy DATA after the device ended pre-copy"
+                "device {device}: pre-copy DATA after the device started stop-copy"
             )),
             (Phase::StopCopy, Stage::PreCopy) => Err(format!(
                 "device {device}: stop-copy DATA before END_OF_PHASE(pre-copy)"
@@ -825,6 +829,12 @@ impl Tracker {
         let i = usize::from(device);
         if let Some(d) = self.devices.get_mut(i) {
             d.chunk_open = !chunk_end;
+            if d.stage == Stage::PreCopyEnded {
+                d.stage = match phase {
+                    Phase::PreCopy => Stage::PreCopy,
+                    Phase::StopCopy => Stage::StopCopy,
+                };
+            }
         }
         if let Some(t) = self.totals.devices.get_mut(i) {
             let len = len as u64;
@@ -850,13 +860,14 @@ impl Tracker {
                     "device {device}: END_OF_PHASE(pre-copy) for a device not marked LIVE in the header"
                 ))
             }
-            (Phase::PreCopy, Stage::PreCopy) | (Phase::StopCopy, Stage::StopCopy) => {}
+            (Phase::PreCopy, Stage::PreCopy)
+            | (Phase::StopCopy, Stage::StopCopy | Stage::PreCopyEnded) => {}
             (Phase::StopCopy, Stage::PreCopy) => {
                 return Err(format!(
                     "device {device}: END_OF_PHASE(stop-copy) before END_OF_PHASE(pre-copy)"
                 ))
             }
-            (_, Stage::StopCopy | Stage::Done) => {
+            (_, Stage::PreCopyEnded | Stage::StopCopy | Stage::Done) => {
                 return Err(format!("device {device}: {phase} already ended"))
             }
         }
@@ -873,7 +884,7 @@ impl Tracker {
         self.totals.records += 1;
         if let Some(d) = self.devices.get_mut(usize::from(device)) {
             d.stage = match phase {
-                Phase::PreCopy => Stage::StopCopy,
+                Phase::PreCopy => Stage::PreCopyEnded,
                 Phase::StopCopy => Stage::Done,
             };
         }
@@ -1146,13 +1157,21 @@ pub(crate) mod tests {
         t.check_end_phase(0, Phase::PreCopy).unwrap();
         t.record_end_phase(0, Phase::PreCopy);
         assert!(t
-            .check_data(0, Phase::PreCopy)
-            .unwrap_err()
-            .contains("after the device ended pre-copy"));
-        assert!(t
             .check_end_phase(0, Phase::PreCopy)
             .unwrap_err()
             .contains("already ended"));
+        // More pre-copy data reopens the device's pre-copy (a REINIT), which ends again.
+        t.check_data(0, Phase::PreCopy).unwrap();
+        t.record_data(0, Phase::PreCopy, 10, true);
+        t.check_end_phase(0, Phase::PreCopy).unwrap();
+        t.record_end_phase(0, Phase::PreCopy);
+        // Once stop-copy data came, pre-copy is over for good.
+        t.check_data(0, Phase::StopCopy).unwrap();
+        t.record_data(0, Phase::StopCopy, 10, true);
+        assert!(t
+            .check_data(0, Phase::PreCopy)
+            .unwrap_err()
+            .contains("after the device started stop-copy"));
         assert!(t.check_trailer().is_err());
         t.record_end_phase(0, Phase::StopCopy);
         assert!(t
@@ -1162,8 +1181,8 @@ pub(crate) mod tests {
         assert!(t.check_trailer().unwrap_err().contains("device 1"));
         t.record_end_phase(1, Phase::StopCopy);
         t.check_trailer().unwrap();
-        assert_eq!(t.totals().records, 5);
-        assert_eq!(t.totals().devices[0].pre_copy_bytes, 20);
-        assert_eq!(t.totals().devices[0].chunks, 1);
+        assert_eq!(t.totals().records, 8);
+        assert_eq!(t.totals().devices[0].pre_copy_bytes, 30);
+        assert_eq!(t.totals().devices[0].chunks, 3);
     }
 }

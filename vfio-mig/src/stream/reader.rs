@@ -921,8 +921,8 @@ mod tests {
                 "record 2: device 1: END_OF_PHASE(stop-copy) while a chunk is open",
             ),
             (
-                vec![eop(0, 0, 1), pre(1, 0, 1)],
-                "record 1: device 0: pre-copy DATA after the device ended pre-copy",
+                vec![eop(0, 0, 1), stop(1, 0, 1), pre(2, 0, 1)],
+                "record 2: device 0: pre-copy DATA after the device started stop-copy",
             ),
             (
                 vec![eop(0, 0, 1), eop(1, 0, 1)],

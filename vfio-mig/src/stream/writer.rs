@@ -553,6 +553,8 @@ mod tests {
         );
         w.data(0, Phase::PreCopy, b"d", true).unwrap();
         w.end_phase(0, Phase::PreCopy).unwrap();
+        assert!(w.end_phase(0, Phase::PreCopy).is_err());
+        w.data(0, Phase::StopCopy, b"s", true).unwrap();
         assert!(w.data(0, Phase::PreCopy, b"x", true).is_err());
         w.end_phase(0, Phase::StopCopy).unwrap();
         // Device 1 has not ended stop-copy.

@@ -395,6 +395,7 @@ impl MigrationDevice for V1Device {
             bytes,
             initial_bytes: None,
             stop_copy_bytes: StopCopySize::InPending,
+            reinit: false,
         })
     }
 

@@ -676,12 +676,14 @@ impl MigrationDevice for V2Device {
                 bytes: info.total(),
                 initial_bytes: Some(info.initial_bytes),
                 stop_copy_bytes: stop_copy,
+                reinit: info.reinit,
             });
         }
         Ok(Pending {
             bytes: self.data_size()?,
             initial_bytes: None,
             stop_copy_bytes: StopCopySize::InPending,
+            reinit: false,
         })
     }
 

@@ -91,7 +91,11 @@
 //! `initial_bytes` (of the first pass over all pages, not yet read) and `dirty_bytes` (the
 //! rest not yet read) in PRE_COPY and PRE_COPY_P2P, `EINVAL` in other states (mtty), `ENODEV`
 //! for an earlier saving fd during a newer pre-copy, and `ENOTTY` for any other fd, a resuming
-//! fd included. `flags` is always 0 (no REINIT).
+//! fd included. `flags` is 0, except with `reinit-at=N` (profile mlx5): the N-th PRECOPY_INFO
+//! of a saving session re-initialises the device (every page saved again) and, after the
+//! PRECOPY_INFOv2 opt-in, answers `VFIO_PRECOPY_INFO_REINIT` with every unread byte as
+//! initial bytes and 0 dirty bytes, as `mlx5vf_precopy_ioctl` does; without the opt-in the
+//! same bytes are dirty bytes and `flags` stays 0.
 //!
 //! # Faults
 //!
@@ -171,7 +175,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
-    VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_VGA_REGION_INDEX, VFIO_PRECOPY_INFO_REINIT, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_HEADER};
@@ -242,6 +247,8 @@ struct Inner {
     /// When pre-copy dirtying was last accounted, and the bytes short of a page.
     dirty_clock: (Instant, f64),
     precopy_v2: bool,
+    /// The firmware re-initialised ([`Inspect::reinit`]): the next PRECOPY_INFO reports it.
+    reinit_armed: bool,
     dma: Option<DmaLog>,
     bar0: Vec<u8>,
     old_saving: VecDeque<FileId>,
@@ -295,6 +302,13 @@ impl Inspect for Shared {
             s.dma_logging = dma.active;
         }
         s
+    }
+
+    fn reinit(&self) {
+        let mut g = self.lock();
+        if g.spec.behaviour().reinit {
+            g.reinit_armed = true;
+        }
     }
 
     fn state_digest(&self) -> u32 {
@@ -363,6 +377,7 @@ impl MockV2 {
             rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
             dirty_clock: (Instant::now(), 0.0),
             precopy_v2: false,
+            reinit_armed: false,
             dma: None,
             bar0: vec![0; BAR0_SIZE as usize],
             old_saving: VecDeque::new(),
@@ -548,7 +563,14 @@ impl Inner {
 
     /// GET of MIG_DATA_SIZE.
     fn get_data_size(&mut self) -> io::Result<u64> {
-        self.fault(V2FaultField::DataSize, None)?;
+        match self.fault(V2FaultField::DataSize, None) {
+            Err(e) if self.behaviour.data_size_error_as_length => {
+                // xe_vfio_pci_get_data_size: the PF's -errno, stored unsigned, and success.
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                return Ok((errno as u64).wrapping_neg());
+            }
+            r => r?,
+        }
         Ok(self.data_size())
     }
 
@@ -739,8 +761,17 @@ impl Inner {
                 self.save_failure()?;
                 // The device ran until now: account for what it dirtied, then stop it.
                 self.apply_dirty();
+                // A re-initialisation no PRECOPY_INFO reported yet: the final SAVE carries
+                // the device's new state all the same, now inside the downtime.
+                let reinit = std::mem::take(&mut self.reinit_armed);
+                if reinit {
+                    self.status.reinits += 1;
+                }
                 if let Some(Session::Save(save)) = &self.session {
                     let mut st = save.lock();
+                    if reinit {
+                        st.encoder.dirty_all();
+                    }
                     st.encoder.finish();
                     save.more_data(&mut st)?;
                 }
@@ -1045,17 +1076,44 @@ impl Inner {
             }
         }
         self.apply_dirty();
+        let reinit_at = self.spec.reinit_at;
+        let v2 = self.precopy_v2;
+        let armed = std::mem::take(&mut self.reinit_armed);
         let Some(Session::Save(save)) = &self.session else {
             unreachable!("checked above");
         };
-        let st = save.lock();
+        let mut st = save.lock();
+        st.info_queries += 1;
+        let reinit = armed || reinit_at == Some(st.info_queries);
+        if reinit {
+            // The firmware re-initialised: a new SAVE re-reads the whole device.
+            st.encoder.dirty_all();
+            if let Err(e) = save.more_data(&mut st) {
+                log::warn!("mock v2: cannot reopen the pre-copy data pipe: {e}");
+            }
+        }
         let in_pipe = save.in_pipe(&st, Some(fd));
         let unread = st.unwritten() + in_pipe;
         let read = st.written.saturating_sub(in_pipe);
-        let initial = st.initial_total.saturating_sub(read).min(unread);
+        let mut flags = 0;
+        if reinit && v2 {
+            // mlx5vf_precopy_ioctl with reinit_state: every byte not yet read (read-ahead
+            // and the new SAVE) is initial data from the caller's position on, and the dirty
+            // bytes restart at 0. Without the opt-in the same bytes count as dirty.
+            st.initial_start = read;
+            st.initial_total = unread;
+            flags = VFIO_PRECOPY_INFO_REINIT;
+        }
+        let initial = (st.initial_start + st.initial_total)
+            .saturating_sub(read)
+            .min(unread);
+        drop(st);
+        if reinit {
+            self.status.reinits += 1;
+        }
         Ok(vfio_precopy_info {
             argsz: size_of::<vfio_precopy_info>() as u32,
-            flags: 0,
+            flags,
             initial_bytes: initial,
             dirty_bytes: unread - initial,
         })
@@ -1160,6 +1218,11 @@ impl Inner {
         let refused = match b.write_refusal {
             None => None,
             Some(WriteRefusal::HeaderOnly(e)) => st.decoder.header_refused().then_some((e, e)),
+            // Another device's MATCH packet is well formed: xe's PF queues it, and the
+            // restore refuses it at RESUMING -> STOP.
+            Some(WriteRefusal::Framing(e)) => {
+                (st.framing.is_some() && !st.decoder.header_refused()).then_some((e, e))
+            }
             Some(WriteRefusal::Everything { framing, content }) => {
                 if st.framing.is_some() {
                     Some((framing, libc::ENODEV))

@@ -9,7 +9,7 @@
 //! | `mlx5`   | 0x7   | yes     | every page, async  | ENOMSG        | nothing (loaded in write)   | no    |
 //! | `hisi`   | 0x5   | no      | match header       | read 0        | whole state or match only   | no    |
 //! | `pds`    | 0x3   | yes     | (no PRE_COPY)      | -             | whole state (EIO)           | yes   |
-//! | `xe`     | 0x3   | no      | (no PRE_COPY)      | -             | whole state (EIO)           | no    |
+//! | `xe`     | 0x3   | no      | (no PRE_COPY)      | -             | framing in write (EINVAL), whole state (EIO) | no |
 //! | `qat`    | 0x7   | no      | match header       | read 0        | whole state (EINVAL)        | no    |
 //! | `virtio` | 0x7   | no      | every page         | ENOMSG        | nothing (loaded in write)   | no    |
 //! | `igb`    | 0x5   | 4 ranges| nothing            | read 0        | whole state or empty (EIO)  | no    |
@@ -98,10 +98,12 @@ impl ProfileName {
             dma_report_in_one_range: false,
             dma_off_at_stop: false,
             data_size_full: true,
+            data_size_error_as_length: false,
             match_header: true,
             precopy_header_only: false,
             precopy_empty: false,
             enomsg: false,
+            reinit: false,
             save_latency: None,
             write_refusal: None,
             max_stream: None,
@@ -130,9 +132,13 @@ impl ProfileName {
             // mlx5vf_cmd_set_migratable: STOP_COPY | P2P | PRE_COPY; log_ops; SAVE commands
             // complete asynchronously; mlx5vf_save_read: ENOMSG at the temporary end;
             // mlx5vf_resume_write loads each image inside write(), so RESUMING -> STOP (with
-            // PRE_COPY support) checks nothing.
+            // PRE_COPY support) checks nothing. The 2026 REINIT series
+            // (mlx5vf_precopy_ioctl): after the PRECOPY_INFOv2 opt-in, a firmware in
+            // MIGRATION_INIT makes the unread bytes plus a new SAVE the initial bytes, with
+            // VFIO_PRECOPY_INFO_REINIT and dirty_bytes 0.
             Self::Mlx5 => Behaviour {
                 enomsg: true,
+                reinit: true,
                 save_latency: Some(Duration::from_millis(2)),
                 write_refusal: Some(WriteRefusal::Everything {
                     framing: libc::EINVAL,
@@ -166,12 +172,19 @@ impl ProfileName {
                 error_errno: libc::EIO,
                 ..base
             },
-            // xe-vfio-pci: STOP_COPY | P2P, no PRE_COPY, no log_ops; the VF's whole VRAM
-            // quota is saved at stop-copy (in 512 MiB chunks by the GuC/PF), so its state is
-            // multi-GiB; the PF restores it at RESUMING -> STOP.
+            // xe_vfio_pci_migration_init: STOP_COPY | P2P, no PRE_COPY, no log_ops; the VF's
+            // whole VRAM quota is saved at stop-copy (in 512 MiB chunks by the GuC/PF), so
+            // its state is multi-GiB. xe_vfio_pci_resume_write hands each packet to
+            // xe_sriov_pf_migration_restore_produce, which refuses a malformed one with
+            // EINVAL inside write(); the PF restores the state at RESUMING -> STOP
+            // (xe_sriov_vfio_resume_data_exit). xe_vfio_pci_get_data_size stores the PF's
+            // ssize_t answer in an unsigned length and returns 0: a failure reads as
+            // 2^64 - errno.
             Self::Xe => Behaviour {
                 flags: FLAG_STOP_COPY | FLAG_P2P,
                 dma: false,
+                write_refusal: Some(WriteRefusal::Framing(libc::EINVAL)),
+                data_size_error_as_length: true,
                 resume_errno: libc::EIO,
                 ..base
             },
@@ -247,6 +260,9 @@ pub enum WriteRefusal {
     /// Only a bad match header (another device's state), with this errno; the rest of the
     /// state is checked at RESUMING -> STOP (mtty, hisi).
     HeaderOnly(i32),
+    /// Only a malformed stream (framing), with this errno; what the packets carry is
+    /// checked at RESUMING -> STOP (xe's PF parses packets inside write()).
+    Framing(i32),
     /// Every framing error (`framing`) and every page that does not match (`content`), as
     /// mlx5 loads each image inside write(); completeness is checked at RESUMING -> STOP.
     Everything {
@@ -278,6 +294,9 @@ pub struct Behaviour {
     /// MIG_DATA_SIZE is the size of a whole stop-copy stream (true), or what is still unread
     /// (false, generic).
     pub data_size_full: bool,
+    /// A failed MIG_DATA_SIZE query succeeds with `-errno` as the length (xe stores the
+    /// PF's `ssize_t` in the unsigned `stop_copy_length`); otherwise the ioctl fails.
+    pub data_size_error_as_length: bool,
     /// The stream starts with a MATCH packet (the device's seed and shape).
     pub match_header: bool,
     /// Pre-copy carries the match header only; the pages follow in STOP_COPY.
@@ -287,6 +306,10 @@ pub struct Behaviour {
     /// A read at the pre-copy temporary end fails with ENOMSG (the writer stays open) instead
     /// of returning 0.
     pub enomsg: bool,
+    /// The device can re-initialise its pre-copy data (`reinit-at=`): mlx5's
+    /// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_INIT`, reported as
+    /// `VFIO_PRECOPY_INFO_REINIT` to a caller that opted in to PRECOPY_INFOv2.
+    pub reinit: bool,
     /// Saving data becomes readable this long after the device produced it (asynchronous
     /// SAVE commands); PRECOPY_INFO counts it at once.
     pub save_latency: Option<Duration>,
@@ -337,10 +360,12 @@ impl Behaviour {
             dma_report_in_one_range: false,
             dma_off_at_stop: false,
             data_size_full: false,
+            data_size_error_as_length: false,
             match_header: false,
             precopy_header_only: false,
             precopy_empty: false,
             enomsg: false,
+            reinit: false,
             save_latency: None,
             write_refusal: None,
             max_stream: None,

@@ -187,8 +187,14 @@ fn block_sigpipe() {
 pub(super) struct SaveState {
     /// The device state being saved; the device dirties pages and finishes it.
     pub encoder: Encoder,
-    /// Bytes of the initial pass (every page once), which come first in the stream.
+    /// Bytes of the initial data: the first pass (every page once), which comes first in the
+    /// stream, or after a re-initialisation what was unread then.
     pub initial_total: u64,
+    /// Stream offset where the initial data starts: 0, or where the caller had read to when
+    /// the device last re-initialised (mlx5's `pre_copy_initial_bytes_start`).
+    pub initial_start: u64,
+    /// PRECOPY_INFO queries answered in this session.
+    pub info_queries: u64,
     /// Emitted by the encoder, not yet written into the pipe.
     buf: Vec<u8>,
     pos: usize,
@@ -429,6 +435,8 @@ impl SaveSession {
             state: Mutex::new(SaveState {
                 encoder,
                 initial_total,
+                initial_start: 0,
+                info_queries: 0,
                 buf: Vec::new(),
                 pos: 0,
                 emitted: 0,

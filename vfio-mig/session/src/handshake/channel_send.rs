@@ -14,12 +14,15 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::message::{
     read_message, write_message, Message, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
 };
+use super::reinit::reack_after_reinit;
 use super::source::{
     before_hello, commit, expect, explain, refused, send, unexpected, SendOutcome, Watched,
 };
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
+use vfio_mig::engine::channels::{
+    channel_header, pre_copy_channels, resend_reinit_channels, stop_copy_channels,
+};
 use vfio_mig::engine::multi::{rollback_sources, SharedWriter};
 use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::stream::{StreamHeader, StreamWriter};
@@ -149,6 +152,17 @@ pub fn send_channels<C: Duplex>(
                 ack,
                 "wait for the destination's SWITCHOVER_ACK",
             )?;
+            writers = reack_after_reinit(&mut rx, &session, opts, writers, |writers| {
+                let shared: Vec<_> = writers.into_iter().map(SharedWriter::new).collect();
+                let reopened = resend_reinit_channels(devs, &shared, opts, obs, &mut reports);
+                let mut writers: Vec<_> =
+                    shared.into_iter().map(SharedWriter::into_inner).collect();
+                let reopened = reopened?;
+                for (ch, w) in writers.iter_mut().enumerate() {
+                    w.flush().map_err(|e| on_channel(ch, e))?;
+                }
+                Ok((writers, reopened))
+            })?;
         }
         let shared: Vec<_> = writers.into_iter().map(SharedWriter::new).collect();
         stop_copy_channels(devs, &shared, opts, obs, &mut reports)?;

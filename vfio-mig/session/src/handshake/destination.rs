@@ -119,6 +119,16 @@ impl<C: Duplex> LoadGate for Gate<'_, C> {
         Ok(())
     }
 
+    fn pre_copy_reloaded(&mut self) -> vfio_mig::Result<()> {
+        if self.ack {
+            let again = Message::SwitchoverAckAgain {
+                session: self.session,
+            };
+            write_message(self.tx, &again, "acknowledge the reopened pre-copy data")?;
+        }
+        Ok(())
+    }
+
     fn before_resume(&mut self, rest: &mut dyn Read) -> vfio_mig::Result<()> {
         let session = self.session;
         write_message(
@@ -475,6 +485,10 @@ struct FileGate<'a> {
 
 impl LoadGate for FileGate<'_> {
     fn pre_copy_loaded(&mut self) -> vfio_mig::Result<()> {
+        Ok(())
+    }
+
+    fn pre_copy_reloaded(&mut self) -> vfio_mig::Result<()> {
         Ok(())
     }
 

@@ -79,6 +79,15 @@ pub enum Message {
         /// The session.
         session: SessionId,
     },
+    /// After SWITCHOVER_ACK: the destination loaded the pre-copy data of a device whose
+    /// pre-copy the source reopened (the device re-initialised, `VFIO_PRECOPY_INFO_REINIT`,
+    /// and sent new initial data after its END_OF_PHASE(PRE_COPY)). One per reopened phase;
+    /// the source stops no device before it has them all (QEMU 11.1 re-requests the
+    /// switchover-ack the same way).
+    SwitchoverAckAgain {
+        /// The session.
+        session: SessionId,
+    },
     /// The destination read and checked the whole stream and holds the complete state in
     /// RESUMING; it waits for COMMIT.
     Loaded {
@@ -147,6 +156,7 @@ impl Message {
             Message::Channels { .. } => 11,
             Message::Channel { .. } => 12,
             Message::PartlyResumed(_) => 13,
+            Message::SwitchoverAckAgain { .. } => 14,
         }
     }
 
@@ -157,6 +167,7 @@ impl Message {
             Message::Accept { session }
             | Message::AlreadyCompleted { session }
             | Message::SwitchoverAck { session }
+            | Message::SwitchoverAckAgain { session }
             | Message::Loaded { session }
             | Message::Commit { session }
             | Message::Resumed { session }
@@ -184,6 +195,7 @@ impl Message {
             Message::Accept { session }
             | Message::AlreadyCompleted { session }
             | Message::SwitchoverAck { session }
+            | Message::SwitchoverAckAgain { session }
             | Message::Loaded { session }
             | Message::Commit { session }
             | Message::Resumed { session } => payload.extend_from_slice(session),
@@ -288,6 +300,7 @@ const fn kind_name(kind: u8) -> &'static str {
         11 => "CHANNELS",
         12 => "CHANNEL",
         13 => "PARTLY_RESUMED",
+        14 => "SWITCHOVER_ACK_AGAIN",
         _ => "unknown",
     }
 }
@@ -296,7 +309,7 @@ const fn kind_name(kind: u8) -> &'static str {
 const fn payload_bounds(kind: u8) -> Option<(usize, usize)> {
     match kind {
         1 => Some((4, 4)),
-        2 | 4..=8 => Some((16, 16)),
+        2 | 4..=8 | 14 => Some((16, 16)),
         3 | 9 | 13 => Some((4, MAX_PAYLOAD_LEN)),
         10 => Some((4, 4)),
         11 | 12 => Some((36, 36)),
@@ -372,6 +385,7 @@ fn decode_payload(
         8 => Message::Resumed { session: session() },
         9 => Message::Failed(reason()?),
         13 => Message::PartlyResumed(reason()?),
+        14 => Message::SwitchoverAckAgain { session: session() },
         10 => {
             let count = u16::from_le_bytes([payload[0], payload[1]]);
             if payload[2..4] != [0, 0] {
@@ -487,6 +501,7 @@ mod tests {
             Message::Refuse(Reason::new(ReasonCode::StaleEpoch, "stale epoch 3 < 5")),
             Message::AlreadyCompleted { session: S },
             Message::SwitchoverAck { session: S },
+            Message::SwitchoverAckAgain { session: S },
             Message::Loaded { session: S },
             Message::Commit { session: S },
             Message::Resumed { session: S },
@@ -634,7 +649,7 @@ mod tests {
         assert!(with(0, b'X').contains("bad magic"));
         assert!(with(4, 2).contains("unsupported handshake version 2"));
         assert!(with(5, 0).contains("unknown message kind 0"));
-        assert!(with(5, 14).contains("unknown message kind 14"));
+        assert!(with(5, 15).contains("unknown message kind 15"));
         assert!(with(6, 17).contains("ACCEPT with a payload of 17 bytes"));
         assert!(with(7, 0xff).contains("payload of"));
         assert!(with(20, 0).contains("CRC mismatch"));

@@ -15,6 +15,9 @@
 //!   (device untouched until ACCEPT)
 //!   pre-copy records, END_OF_PHASE(PRE_COPY) ─▶   loads them
 //!                         ◀───────────────────   SWITCHOVER_ACK            (live only)
+//!   (a device re-initialised: its pre-copy reopened with the new initial data,
+//!    END_OF_PHASE(PRE_COPY) again) ──────────▶
+//!                         ◀───────────────────   SWITCHOVER_ACK_AGAIN      (one per device)
 //!   stop device, stop-copy records, trailer ──▶   loads and verifies everything
 //!                         ◀───────────────────   LOADED
 //!   COMMIT  ─────────────────────────────────▶    records the session completed, resumes
@@ -43,6 +46,7 @@ mod destination;
 mod local;
 mod message;
 mod opened;
+mod reinit;
 mod source;
 
 pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};

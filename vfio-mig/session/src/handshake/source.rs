@@ -6,10 +6,12 @@ use std::io::{self, BufWriter, Write};
 use std::net::Shutdown;
 
 use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
+use super::reinit::reack_after_reinit;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::engine::multi::{
-    check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
+    check_unit, finish_handoff_all, pre_copy_all, resend_reinit_all, rollback_sources,
+    stop_copy_all, SharedWriter,
 };
 use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::error::Report;
@@ -128,7 +130,9 @@ pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
 ///    device**: REFUSE is an [`Error::Refused`], ALREADY_COMPLETED returns
 ///    [`SendOutcome::AlreadyCompleted`], ACCEPT goes on.
 /// 2. With `opts.live`: pre-copy, then waits for SWITCHOVER_ACK (the destination loaded all
-///    pre-copy data) before stopping the device.
+///    pre-copy data) before stopping the device; a device that re-initialised its pre-copy
+///    data meanwhile (REINIT) sends it first and the destination acknowledges it again
+///    (SWITCHOVER_ACK_AGAIN).
 /// 3. Stop-and-copy and the trailer; waits for LOADED (the destination verified the whole
 ///    stream), then sends COMMIT.
 /// 4. Waits for RESUMED: success; the device then takes its STOP transition, out of the
@@ -199,6 +203,14 @@ pub fn send<C: Duplex>(
                 ack,
                 "wait for the destination's SWITCHOVER_ACK",
             )?;
+            out = reack_after_reinit(&mut rx, &session, opts, out, |out| {
+                let shared = SharedWriter::new(out);
+                let reopened = resend_reinit_all(devs, &shared, opts, obs, &mut reports);
+                let mut out = shared.into_inner();
+                let reopened = reopened?;
+                out.flush()?;
+                Ok((out, reopened))
+            })?;
         }
         // Every device is quiesced (P2P) before any stops, then all stop and copy in parallel.
         let shared = SharedWriter::new(out);
