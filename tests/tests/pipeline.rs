@@ -6,6 +6,9 @@
 
 use std::io::{self, Write};
 
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
 use vfio_mig::device::DeviceIdentity;
 use vfio_mig::engine::{
     save_with_rollback, session::new_header, Capabilities, MigrationDevice, NoObserver, Pending,
@@ -295,5 +298,45 @@ fn rounds_ending_on_their_budget_are_byte_identical() {
         let mut dst = mock(spec);
         load_from_slice(&mut dst, &inline).unwrap();
         assert!(dst.handle.status().resumed_ok, "{spec}");
+    }
+}
+
+/// Runs `f` on a new thread allowed only on `cpus` (its affinity mask).
+fn on_cpus<T: Send>(cpus: &[usize], f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut set = CpuSet::new();
+            for &c in cpus {
+                set.set(c).unwrap();
+            }
+            sched_setaffinity(Pid::from_raw(0), &set).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The default depth follows the CPUs the calling thread may run on, as the kernel's affinity
+/// mask says: pinned to one CPU there is no core for a reader thread, and a ring would only
+/// add a hand-off per buffer (issue 22), so the pump runs inline; with two or more, a ring of
+/// three (one buffer read, one written, one ready). Every count this machine affords is
+/// tried, one CPU always.
+#[test]
+fn the_default_pipeline_follows_the_threads_cpu_affinity() {
+    let mask = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| mask.is_set(c).unwrap_or(false))
+        .collect();
+    assert!(!cpus.is_empty(), "no CPU in this thread's affinity mask");
+    for n in 1..=cpus.len().min(4) {
+        let depth = on_cpus(&cpus[..n], || SaveOptions::default().pipeline);
+        let expected = if n >= 2 { 3 } else { 0 };
+        assert_eq!(
+            depth,
+            expected,
+            "default pipeline on {n} CPU(s) {:?}",
+            &cpus[..n]
+        );
     }
 }

@@ -30,6 +30,6 @@ pub use load::{load_device, load_device_gated, load_with_rollback, rollback_dest
 pub use loader::{check_compatible, LoadReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 pub use save::{
-    pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
-    DEFAULT_PIPELINE,
+    available_cores, default_pipeline, pipeline_for_cores, pre_copy, save_device,
+    save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
 };
