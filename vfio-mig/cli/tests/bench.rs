@@ -28,6 +28,8 @@ const TINY: &[&str] = &[
     "2M",
     "--channels-size",
     "2M",
+    "--xe-size",
+    "4M",
     "--json",
 ];
 
@@ -75,11 +77,33 @@ fn the_fast_suite_measures_the_memfd_device_into_every_sink() {
 }
 
 #[test]
+fn the_issue_22_suites_measure_the_destination_the_xe_migration_and_the_unit() {
+    let (ok, out, err) = bench(&["--suite", "load,xe,unit"]);
+    assert!(ok, "bench --suite load,xe,unit failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let ids: Vec<&str> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .collect();
+    for id in [
+        "load.memfd.tcp.engine",
+        "xe.4M.downtime",
+        "xe.4M.peak-rss",
+        "unit.memfd.x4",
+    ] {
+        assert!(ids.contains(&id), "no figure {id}: {ids:?}");
+    }
+}
+
+#[test]
 fn every_suite_runs_to_its_end_when_none_is_named() {
     let (ok, out, err) = bench(&[]);
     assert!(ok, "bench with every suite failed: {err}");
     for suite in [
-        "crc", "fast", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+        "crc", "fast", "load", "xe", "unit", "v2", "v1", "memory", "downtime", "multi", "rated",
+        "channels",
     ] {
         assert!(
             err.contains(&format!("bench: suite {suite}\n")),
