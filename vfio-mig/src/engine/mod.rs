@@ -18,7 +18,6 @@ pub(crate) mod rollback;
 pub mod run;
 pub mod save;
 pub mod session;
-pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{

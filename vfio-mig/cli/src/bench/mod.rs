@@ -10,7 +10,7 @@
 //!
 //! | suite      | target | subject                                   | baseline                              |
 //! |------------|--------|-------------------------------------------|---------------------------------------|
-//! | `v2`       | 1      | engine (+ splice) saving a v2 pipe data fd | read/write loop over the same fd kind |
+//! | `v2`       | 1      | engine saving a v2 pipe data fd           | read/write loop over the same fd kind |
 //! | `v1`       | 2      | engine saving a v1 region, trapped / mmap | raw pread / memcpy of the same region |
 //! | `memory`   | 3      | peak RSS of save and load (child process) | reading the whole state first         |
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
