@@ -47,6 +47,17 @@ fn bench(extra: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The ids of the figures of a JSON report.
+fn figure_ids(out: &str) -> Vec<String> {
+    let report: serde_json::Value = serde_json::from_str(out).expect("JSON report");
+    report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
 #[test]
 fn the_multi_suite_runs_to_its_end() {
     let (ok, out, err) = bench(&["--suite", "multi"]);
@@ -63,16 +74,10 @@ fn the_multi_suite_runs_to_its_end() {
 fn the_fast_suite_measures_the_memfd_device_into_every_sink() {
     let (ok, out, err) = bench(&["--suite", "fast"]);
     assert!(ok, "bench --suite fast failed: {err}");
-    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let ids: Vec<&str> = report["figures"]
-        .as_array()
-        .expect("figures")
-        .iter()
-        .filter_map(|f| f["id"].as_str())
-        .collect();
+    let ids = figure_ids(&out);
     for sink in ["null", "file", "tcp"] {
         let id = format!("v2.memfd.{sink}.engine");
-        assert!(ids.contains(&id.as_str()), "no figure {id}: {ids:?}");
+        assert!(ids.contains(&id), "no figure {id}: {ids:?}");
     }
 }
 
@@ -80,20 +85,14 @@ fn the_fast_suite_measures_the_memfd_device_into_every_sink() {
 fn the_issue_22_suites_measure_the_destination_the_xe_migration_and_the_unit() {
     let (ok, out, err) = bench(&["--suite", "load,xe,unit"]);
     assert!(ok, "bench --suite load,xe,unit failed: {err}");
-    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let ids: Vec<&str> = report["figures"]
-        .as_array()
-        .expect("figures")
-        .iter()
-        .filter_map(|f| f["id"].as_str())
-        .collect();
+    let ids = figure_ids(&out);
     for id in [
         "load.memfd.tcp.engine",
         "xe.4M.downtime",
         "xe.4M.peak-rss",
         "unit.memfd.x4",
     ] {
-        assert!(ids.contains(&id), "no figure {id}: {ids:?}");
+        assert!(ids.iter().any(|i| i == id), "no figure {id}: {ids:?}");
     }
 }
 

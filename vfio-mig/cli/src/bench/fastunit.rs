@@ -10,16 +10,14 @@
 
 use std::sync::Arc;
 
-use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{MigrationDevice, SaveOptions};
 use vfio_mig::v2::{feature, MigState, V2Device};
-use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
-use vfio_mig_session::handshake::{migrate_local, migrate_pairs};
+use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_session::{Error, Result};
 
-use super::rated::{load1, DEVICES};
+use super::rated::{load1, migrate_unit, DEVICES};
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, Paired};
 use super::v2path::summary;
@@ -49,12 +47,6 @@ fn opened(mocks: &[MockV2]) -> Result<Vec<Box<dyn MigrationDevice>>> {
         .collect()
 }
 
-fn refs(devs: &mut [Box<dyn MigrationDevice>]) -> Vec<&mut dyn MigrationDevice> {
-    devs.iter_mut()
-        .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
-        .collect()
-}
-
 /// The sources run again for the next run (the migration left them stopped).
 fn rerun(srcs: &[MockV2]) -> Result<()> {
     for s in srcs {
@@ -64,10 +56,11 @@ fn rerun(srcs: &[MockV2]) -> Result<()> {
 }
 
 /// Milliseconds of the stop-copy window: the first `n` devices as one unit (`n` > 1) or the
-/// first alone.
-fn run(cfg: &Config, devs: &Devices, n: usize) -> Result<f64> {
+/// first alone, with the save pumps' `pipeline` depth.
+fn run(cfg: &Config, devs: &Devices, n: usize, pipeline: usize) -> Result<f64> {
     let opts = SaveOptions {
         buffer: cfg.buffer,
+        pipeline,
         ..SaveOptions::default()
     };
     let window = Window::default();
@@ -82,18 +75,10 @@ fn run(cfg: &Config, devs: &Devices, n: usize) -> Result<f64> {
             &DestinationSide(&window),
         )?;
     } else {
-        let mut src_refs = refs(&mut srcs);
-        let mut dst_refs = refs(&mut dsts);
-        let header = {
-            let all: Vec<&dyn MigrationDevice> = src_refs.iter().map(|d| &**d).collect();
-            new_header(&all, false, 1)?
-        };
-        migrate_pairs(
-            &mut src_refs,
-            &mut dst_refs,
-            &header,
+        migrate_unit(
+            &mut srcs,
+            &mut dsts,
             &opts,
-            &mut MemoryFence::new(),
             &SourceSide(&window),
             &DestinationSide(&window),
         )?;
@@ -119,9 +104,16 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         devs.dsts
             .push(MockV2::new(&s).map_err(|e| Error::device("mock", e))?);
     }
-    let mut alone = || run(cfg, &devs, 1);
-    let mut unit = || run(cfg, &devs, DEVICES);
-    let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut alone, &mut unit])?;
+    let depth = SaveOptions::default().pipeline;
+    let mut alone = || run(cfg, &devs, 1, depth);
+    let mut unit = || run(cfg, &devs, DEVICES, depth);
+    let mut alone_inline = || run(cfg, &devs, 1, 0);
+    let mut unit_inline = || run(cfg, &devs, DEVICES, 0);
+    let series = run_rotating(
+        cfg.reps,
+        cfg.warmup,
+        &mut [&mut alone, &mut unit, &mut alone_inline, &mut unit_inline],
+    )?;
     let f = Figure::from_paired(
         format!("unit.memfd.x{DEVICES}"),
         4,
@@ -141,6 +133,19 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         vfio_mig::engine::available_cores(),
         load1()
     ));
+    let inline = Figure::from_paired(
+        format!("unit.memfd.x{DEVICES}.inline"),
+        0,
+        "fast devices: downtime of 4 as one unit",
+        "the unit's window, save pumps inline (pipeline 0)",
+        "one device alone, pipeline 0",
+        "ms",
+        &Paired::from_series(&series, 2, 3),
+        false,
+        None,
+    )
+    .note("the same runs with every save pump on one thread (no reader thread per device)");
     eprintln!("bench: {}", summary(&f));
-    Ok(vec![f])
+    eprintln!("bench: {}", summary(&inline));
+    Ok(vec![f, inline])
 }

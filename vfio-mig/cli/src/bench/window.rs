@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use vfio_mig::engine::events::{Event, Observer};
 use vfio_mig::stream::Phase;
 
-/// Stop-copy starts (sources) and ends (destinations) seen so far.
+/// Stop-copy phases seen so far: each source's (start, end), each destination's end.
 #[derive(Debug, Default)]
 pub struct Window {
-    starts: Mutex<Vec<Instant>>,
+    sources: Mutex<Vec<(Instant, Instant)>>,
     ends: Mutex<Vec<Instant>>,
 }
 
@@ -24,8 +24,8 @@ pub struct SourceSide<'a>(pub &'a Window);
 /// The destination side's observer of a [`Window`].
 pub struct DestinationSide<'a>(pub &'a Window);
 
-fn push(list: &Mutex<Vec<Instant>>, at: Instant) {
-    list.lock().unwrap_or_else(|p| p.into_inner()).push(at);
+fn push<T>(list: &Mutex<Vec<T>>, item: T) {
+    list.lock().unwrap_or_else(|p| p.into_inner()).push(item);
 }
 
 impl Observer for SourceSide<'_> {
@@ -38,7 +38,10 @@ impl Observer for SourceSide<'_> {
         {
             // The phase's wall time runs from before the STOP_COPY transition.
             let end = Instant::now();
-            push(&self.0.starts, end.checked_sub(*elapsed).unwrap_or(end));
+            push(
+                &self.0.sources,
+                (end.checked_sub(*elapsed).unwrap_or(end), end),
+            );
         }
     }
 }
@@ -64,13 +67,22 @@ impl Window {
 
     /// First source start to last destination end, once `devices` of each were seen.
     pub fn span(&self, devices: usize) -> Option<Duration> {
-        let starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
-        if starts.len() != devices || ends.len() != devices {
+        if sources.len() != devices || ends.len() != devices {
             return None;
         }
-        let start = starts.iter().min()?;
+        let start = sources.iter().map(|(s, _)| *s).min()?;
         let end = ends.iter().max()?;
-        Some(end.saturating_duration_since(*start))
+        Some(end.saturating_duration_since(start))
+    }
+
+    /// The sources' side alone: first start to last end (the source's share of the
+    /// downtime, as `SaveReport::stop_copy_time` is one device's).
+    pub fn source_span(&self) -> Option<Duration> {
+        let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let start = sources.iter().map(|(s, _)| *s).min()?;
+        let end = sources.iter().map(|(_, e)| *e).max()?;
+        Some(end.saturating_duration_since(start))
     }
 }
