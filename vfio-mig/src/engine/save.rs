@@ -16,12 +16,15 @@ use super::{MigrationDevice, ReadOutcome};
 pub const DEFAULT_BUFFER: usize = 1 << 20;
 
 /// The save pipeline's depth ([`SaveOptions::pipeline`]) for a thread that may run on
-/// `cores` CPUs: with a second core, a ring of three buffers (one being read, one being
-/// written, one ready); on one core, 0 (inline): the reader thread would have no core of its
-/// own and the ring would only add a hand-off per buffer (a futex wake and the buffer moving
-/// between caches), which issue 22 measured as a loss on a busy machine.
+/// `cores` CPUs: with three or more, a ring of three buffers (one being read, one being
+/// written, one ready); with fewer, 0 (inline). The pipelined pump keeps two threads busy
+/// (the device read; the CRC and the write), and the other end of the transfer (the
+/// transport's receiver, a device's own thread, a destination on the same host) needs a
+/// core too: on two CPUs the ring's reader competes with it, and issue 22's same-run
+/// figures on a two-CPU machine had the inline pump ahead in 12 of the 16 comparisons that
+/// differed (docs/benchmarks.md).
 pub fn pipeline_for_cores(cores: usize) -> usize {
-    if cores >= 2 {
+    if cores >= 3 {
         3
     } else {
         0

@@ -59,7 +59,7 @@ fn set(dev: &MockV2, state: MigState, what: &str) -> Result<Option<OwnedFd>> {
 }
 
 /// A new memfd for a prepared byte sequence.
-pub fn new_memfd(name: &str) -> Result<File> {
+fn new_memfd(name: &str) -> Result<File> {
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)
         .map_err(|e| Error::device("memfd_create", e.into()))?;
     Ok(File::from(fd))

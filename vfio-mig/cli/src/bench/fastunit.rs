@@ -104,7 +104,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         devs.dsts
             .push(MockV2::new(&s).map_err(|e| Error::device("mock", e))?);
     }
-    let depth = SaveOptions::default().pipeline;
+    let depth = super::PIPELINED;
     let mut alone = || run(cfg, &devs, 1, depth);
     let mut unit = || run(cfg, &devs, DEVICES, depth);
     let mut alone_inline = || run(cfg, &devs, 1, 0);

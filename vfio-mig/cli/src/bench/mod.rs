@@ -50,6 +50,11 @@ use vfio_mig_session::Result;
 
 pub use report::{Machine, Report};
 
+/// The pipelined pump's depth the figures compare with the inline pump (`pipeline: 0`): the
+/// default where the thread may run on three CPUs or more ([`vfio_mig::engine::default_pipeline`]),
+/// measured on any machine.
+pub const PIPELINED: usize = 3;
+
 /// What to measure and how often.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -79,7 +79,7 @@ pub fn load1() -> String {
 
 /// Saves one device into its own stream into `sink`; its stop-copy bytes.
 fn save_one(dev: &mut dyn MigrationDevice, sink: &SinkKind, buffer: usize) -> Result<u64> {
-    save_one_with(dev, sink, buffer, SaveOptions::default().pipeline)
+    save_one_with(dev, sink, buffer, super::PIPELINED)
 }
 
 /// [`save_one`] with the pump's `pipeline` depth (0: read, CRC and write on one thread).
@@ -221,7 +221,7 @@ fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     for sink in [SinkKind::File(cfg.file_dir.clone()), SinkKind::Tcp] {
         let load = load1();
         let mut base = || run_one(cfg, &sink, None);
-        let mut engine = || run_one(cfg, &sink, Some(SaveOptions::default().pipeline));
+        let mut engine = || run_one(cfg, &sink, Some(super::PIPELINED));
         let mut inline = || run_one(cfg, &sink, Some(0));
         let series = run_rotating(
             cfg.reps,
@@ -328,7 +328,7 @@ pub fn migrate_unit(
 
 fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     let load = load1();
-    let depth = SaveOptions::default().pipeline;
+    let depth = super::PIPELINED;
     let mut solo = || run_unit(cfg, false, depth);
     let mut unit = || run_unit(cfg, true, depth);
     let mut solo_inline = || run_unit(cfg, false, 0);

@@ -101,7 +101,7 @@ fn one_run(
         pipeline: if mover == Mover::Inline {
             0
         } else {
-            SaveOptions::default().pipeline
+            super::PIPELINED
         },
         ..SaveOptions::default()
     };

@@ -167,7 +167,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         peaks.borrow_mut()[0].push(r.peak_mib);
         Ok::<f64, Error>(r.ms)
     };
-    let depth = SaveOptions::default().pipeline;
+    let depth = super::PIPELINED;
     let mut subject = || {
         let r = measured(|| engine(cfg, &src, &dst, depth))?;
         peaks.borrow_mut()[1].push(r.peak_mib);
