@@ -96,6 +96,28 @@ fn the_issue_22_suites_measure_the_destination_the_xe_migration_and_the_unit() {
     }
 }
 
+/// An xe size the machine cannot hold is refused before anything is built, in one line that
+/// names the suite and the option (no machine has 200 TiB of `MemAvailable`, the kernel's
+/// figure the suite checks).
+#[test]
+fn an_xe_size_beyond_the_memory_is_refused_before_anything_is_built() {
+    let o = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
+        .args(["bench", "--suite", "xe", "--xe-size", "100T", "--reps", "1"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run vfio-mig bench");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "bench xe with 100T succeeded: {err}");
+    assert!(
+        err.contains("bench xe: two 100T memfds need") && err.contains("--xe-size"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("state file built"),
+        "it built the state first: {err}"
+    );
+}
+
 #[test]
 fn every_suite_runs_to_its_end_when_none_is_named() {
     let (ok, out, err) = bench(&[]);

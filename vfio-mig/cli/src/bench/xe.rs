@@ -62,6 +62,36 @@ fn set(dev: &MockV2, state: MigState, what: &str) -> Result<Option<std::os::fd::
         .and_then(|s| s.into_fd()))
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib << 10)
+}
+
+/// The two states (the source's image, the destination's resuming memfd) live in memory at
+/// once: refuses, before building anything, a size the machine cannot hold with a quarter
+/// to spare, rather than have the kernel's OOM killer pick a process.
+fn check_memory(size: u64) -> Result<()> {
+    let need = 2 * size + size / 2;
+    match mem_available() {
+        Some(avail) if avail < need => Err(Error::invalid_input(format!(
+            "bench xe: two {} memfds need about {} MiB, MemAvailable is {} MiB: give a \
+             smaller --xe-size",
+            format_size(size),
+            need >> 20,
+            avail >> 20
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Resets the peak resident set to the current one (`clear_refs` 5, Linux 4.0+).
 fn reset_peak() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5")
@@ -152,6 +182,7 @@ fn measured(f: impl FnOnce() -> Result<f64>) -> Result<Run> {
 /// Measures the xe figures.
 pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let spec = spec(cfg)?;
+    check_memory(cfg.xe_size)?;
     let load_before = load1();
     let built = Instant::now();
     let src = MockV2::new(&spec).map_err(|e| Error::device("source mock", e))?;
