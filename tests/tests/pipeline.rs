@@ -321,7 +321,7 @@ fn on_cpus<T: Send>(cpus: &[usize], f: impl FnOnce() -> T + Send) -> T {
 /// mask says: the pipelined pump keeps two threads busy (the device read; the CRC and the
 /// write) and the other end of the transfer (the transport's receiver, a device thread, a
 /// destination on the same host) a third, so with fewer than three CPUs the pump runs inline
-/// (issue 22: on two CPUs the inline pump did better in 12 of 16 same-run comparisons); with
+/// (issue 22: on two CPUs the inline pump did better in 13 of 17 same-run comparisons); with
 /// three or more, a ring of three buffers (one read, one written, one ready). Every count
 /// this machine affords is tried, one CPU always; the rule itself at the counts it may not
 /// afford.

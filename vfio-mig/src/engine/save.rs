@@ -21,7 +21,7 @@ pub const DEFAULT_BUFFER: usize = 1 << 20;
 /// (the device read; the CRC and the write), and the other end of the transfer (the
 /// transport's receiver, a device's own thread, a destination on the same host) needs a
 /// core too: on two CPUs the ring's reader competes with it, and issue 22's same-run
-/// figures on a two-CPU machine had the inline pump ahead in 12 of the 16 comparisons that
+/// figures on a two-CPU machine had the inline pump ahead in 13 of the 17 comparisons that
 /// differed (docs/benchmarks.md).
 pub fn pipeline_for_cores(cores: usize) -> usize {
     if cores >= 3 {
