@@ -204,7 +204,7 @@ pub trait MigrationDevice: Send {
     fn abort_resume(&mut self) -> Recovery;
 
     /// The descriptor the current phase's data can be read from directly, when the protocol
-    /// has one (v2's data fd, while a session is open): what lets the engine splice it.
+    /// has one (v2's data fd, while a session is open): what lets the engine poll it.
     /// `None` by default (v1 moves data through region accesses).
     fn data_fd(&self) -> Option<BorrowedFd<'_>> {
         None

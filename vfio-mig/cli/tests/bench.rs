@@ -28,6 +28,8 @@ const TINY: &[&str] = &[
     "2M",
     "--channels-size",
     "2M",
+    "--xe-size",
+    "4M",
     "--json",
 ];
 
@@ -43,6 +45,17 @@ fn bench(extra: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// The ids of the figures of a JSON report.
+fn figure_ids(out: &str) -> Vec<String> {
+    let report: serde_json::Value = serde_json::from_str(out).expect("JSON report");
+    report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(str::to_owned))
+        .collect()
 }
 
 #[test]
@@ -61,17 +74,48 @@ fn the_multi_suite_runs_to_its_end() {
 fn the_fast_suite_measures_the_memfd_device_into_every_sink() {
     let (ok, out, err) = bench(&["--suite", "fast"]);
     assert!(ok, "bench --suite fast failed: {err}");
-    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let ids: Vec<&str> = report["figures"]
-        .as_array()
-        .expect("figures")
-        .iter()
-        .filter_map(|f| f["id"].as_str())
-        .collect();
+    let ids = figure_ids(&out);
     for sink in ["null", "file", "tcp"] {
         let id = format!("v2.memfd.{sink}.engine");
-        assert!(ids.contains(&id.as_str()), "no figure {id}: {ids:?}");
+        assert!(ids.contains(&id), "no figure {id}: {ids:?}");
     }
+}
+
+#[test]
+fn the_issue_22_suites_measure_the_destination_the_xe_migration_and_the_unit() {
+    let (ok, out, err) = bench(&["--suite", "load,xe,unit"]);
+    assert!(ok, "bench --suite load,xe,unit failed: {err}");
+    let ids = figure_ids(&out);
+    for id in [
+        "load.memfd.tcp.engine",
+        "xe.4M.downtime",
+        "xe.4M.peak-rss",
+        "unit.memfd.x4",
+    ] {
+        assert!(ids.iter().any(|i| i == id), "no figure {id}: {ids:?}");
+    }
+}
+
+/// An xe size the machine cannot hold is refused before anything is built, in one line that
+/// names the suite and the option (no machine has 200 TiB of `MemAvailable`, the kernel's
+/// figure the suite checks).
+#[test]
+fn an_xe_size_beyond_the_memory_is_refused_before_anything_is_built() {
+    let o = Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
+        .args(["bench", "--suite", "xe", "--xe-size", "100T", "--reps", "1"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run vfio-mig bench");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "bench xe with 100T succeeded: {err}");
+    assert!(
+        err.contains("bench xe: two 100T memfds need") && err.contains("--xe-size"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("state file built"),
+        "it built the state first: {err}"
+    );
 }
 
 #[test]
@@ -79,7 +123,8 @@ fn every_suite_runs_to_its_end_when_none_is_named() {
     let (ok, out, err) = bench(&[]);
     assert!(ok, "bench with every suite failed: {err}");
     for suite in [
-        "crc", "fast", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+        "crc", "fast", "load", "xe", "unit", "v2", "v1", "memory", "downtime", "multi", "rated",
+        "channels",
     ] {
         assert!(
             err.contains(&format!("bench: suite {suite}\n")),

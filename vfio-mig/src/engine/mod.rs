@@ -18,7 +18,6 @@ pub(crate) mod rollback;
 pub mod run;
 pub mod save;
 pub mod session;
-pub mod splice;
 pub(crate) mod wait;
 
 pub use crate::migration::{
@@ -30,6 +29,6 @@ pub use load::{load_device, load_device_gated, load_with_rollback, rollback_dest
 pub use loader::{check_compatible, LoadReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 pub use save::{
-    pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
-    DEFAULT_PIPELINE,
+    available_cores, default_pipeline, pipeline_for_cores, pre_copy, save_device,
+    save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
 };

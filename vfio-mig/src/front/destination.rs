@@ -22,6 +22,11 @@ use super::options::DestinationOptions;
 /// memory a large push takes.
 const BATCH_BYTES: usize = 8 << 20;
 
+/// Record buffers kept for reuse at most (a batch's worth of full-size records, and one per
+/// device beyond): the reader fills them in turn, so no record is copied or allocated in the
+/// steady state.
+const SPARE_BUFFERS: usize = BATCH_BYTES / crate::stream::MAX_FRAGMENT + 4;
+
 /// Where a destination is after a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -50,7 +55,10 @@ enum Stage {
 enum Item {
     Data {
         phase: Phase,
-        bytes: Vec<u8>,
+        /// The reader's record buffer (see [`StreamReader::swap_buffer`]): the payload is its
+        /// first `len` bytes.
+        buf: Vec<u8>,
+        len: usize,
         chunk_end: bool,
     },
     EndOfPhase(Phase),
@@ -74,6 +82,8 @@ pub struct Destination<D: MigrationDevice> {
     inbox: Vec<u8>,
     reader: Option<StreamReader<VecDeque<u8>>>,
     loaders: Vec<DeviceLoader<'static>>,
+    /// Record buffers the devices are done with, for the reader's next records.
+    spare: Vec<Vec<u8>>,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Destination<D> {
@@ -109,6 +119,7 @@ impl<D: MigrationDevice> Destination<D> {
             inbox: Vec::new(),
             reader: None,
             loaders,
+            spare: Vec::new(),
         })
     }
 
@@ -262,13 +273,15 @@ impl<D: MigrationDevice> Destination<D> {
             let Some(need) = need.filter(|&n| n <= rest.len() && n > 0) else {
                 break;
             };
-            let frame = VecDeque::from(rest[..need].to_vec());
             consumed += need;
             let Some(reader) = self.reader.as_mut() else {
-                self.open(frame)?;
+                let header = VecDeque::from(rest[..need].to_vec());
+                self.open(header)?;
                 continue;
             };
-            reader.get_mut().extend(frame);
+            // The record's bytes are copied once, into the reader's queue; the reader then
+            // reads them into its buffer, which moves to the device's batch as it is.
+            reader.get_mut().extend(&rest[..need]);
             match reader.next_record()? {
                 Record::Data {
                     device,
@@ -276,10 +289,13 @@ impl<D: MigrationDevice> Destination<D> {
                     bytes,
                     chunk_end,
                 } => {
-                    batched += bytes.len();
+                    let len = bytes.len();
+                    batched += len;
+                    let buf = reader.swap_buffer(self.spare.pop().unwrap_or_default());
                     batches[usize::from(device)].push(Item::Data {
                         phase,
-                        bytes: bytes.to_vec(),
+                        buf,
+                        len,
                         chunk_end,
                     });
                 }
@@ -338,7 +354,8 @@ impl<D: MigrationDevice> Destination<D> {
         })
     }
 
-    /// Applies each device's batch, the devices in parallel.
+    /// Applies each device's batch, the devices in parallel; keeps the record buffers for
+    /// the reader's next records.
     fn apply(&mut self, batches: &mut [Vec<Item>]) -> Result<()> {
         let busy = batches.iter().filter(|b| !b.is_empty()).count();
         if busy == 0 {
@@ -350,29 +367,38 @@ impl<D: MigrationDevice> Destination<D> {
             .zip(self.loaders.iter_mut())
             .zip(batches.iter_mut())
             .filter(|(_, b)| !b.is_empty());
+        let mut returned = Vec::new();
         if busy == 1 {
             for ((dev, loader), batch) in work {
-                apply_batch(dev, loader, std::mem::take(batch))?;
+                apply_batch(dev, loader, std::mem::take(batch), &mut returned)?;
             }
-            return Ok(());
-        }
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let threads: Vec<_> = work
-                .map(|((dev, loader), batch)| {
-                    let batch = std::mem::take(batch);
-                    s.spawn(move || apply_batch(dev, loader, batch))
-                })
-                .collect();
-            threads
-                .into_iter()
-                .map(|t| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(Error::protocol("load", "a device's load thread panicked"))
+        } else {
+            let results: Vec<Result<Vec<Vec<u8>>>> = std::thread::scope(|s| {
+                let threads: Vec<_> = work
+                    .map(|((dev, loader), batch)| {
+                        let batch = std::mem::take(batch);
+                        s.spawn(move || {
+                            let mut bufs = Vec::new();
+                            apply_batch(dev, loader, batch, &mut bufs).map(|()| bufs)
+                        })
                     })
-                })
-                .collect()
-        });
-        results.into_iter().collect()
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| {
+                        t.join().unwrap_or_else(|_| {
+                            Err(Error::protocol("load", "a device's load thread panicked"))
+                        })
+                    })
+                    .collect()
+            });
+            for r in results {
+                returned.append(&mut r?);
+            }
+        }
+        self.spare.append(&mut returned);
+        self.spare.truncate(SPARE_BUFFERS);
+        Ok(())
     }
 }
 
@@ -387,18 +413,25 @@ impl<D: MigrationDevice> Drop for Destination<D> {
     }
 }
 
+/// Applies `batch` to `dev`; the record buffers go to `returned` for reuse.
 fn apply_batch(
     dev: &mut dyn MigrationDevice,
     loader: &mut DeviceLoader<'static>,
     batch: Vec<Item>,
+    returned: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
     for item in batch {
         match item {
             Item::Data {
                 phase,
-                bytes,
+                buf,
+                len,
                 chunk_end,
-            } => loader.data(dev, phase, &bytes, chunk_end)?,
+            } => {
+                let applied = loader.data(dev, phase, &buf[..len], chunk_end);
+                returned.push(buf);
+                applied?
+            }
             Item::EndOfPhase(phase) => loader.end_phase(phase),
         }
     }

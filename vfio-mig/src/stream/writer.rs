@@ -2,7 +2,6 @@
 //! The sending side: [`StreamWriter`].
 
 use std::io::{self, IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use super::format::{
     RecordHeader, RecordKind, StreamHeader, Totals, Tracker, HEADER_FLAG_AUTHENTICATED,
@@ -268,125 +267,6 @@ impl<W: Write> StreamWriter<W> {
     pub(crate) fn set_fragment_limit(&mut self, limit: usize) {
         self.fragment_limit = limit.clamp(1, MAX_FRAGMENT);
     }
-}
-
-impl<W: Write + AsFd> StreamWriter<W> {
-    /// Writes one DATA record whose payload is moved into the transport with `splice(2)`
-    /// from `pipe`, instead of being written from memory.
-    ///
-    /// `copy` must be the next `copy.len()` bytes of `pipe` (at most [`MAX_FRAGMENT`]),
-    /// obtained without consuming them (`tee(2)` into a scratch pipe, then `read(2)`): the
-    /// record's CRC is computed over `copy`, then the record header is written and exactly
-    /// that many bytes are spliced from `pipe`. The transport must not buffer (it is flushed
-    /// first and then bypassed). Used by [`crate::engine::splice`]; if the pipe's bytes were
-    /// not `copy`, the reader refuses the record (CRC mismatch), as it would any corruption.
-    pub fn data_spliced(
-        &mut self,
-        device: u16,
-        phase: Phase,
-        copy: &[u8],
-        pipe: BorrowedFd<'_>,
-        chunk_end: bool,
-    ) -> Result<()> {
-        self.check_data(device, phase, copy.len())?;
-        if copy.len() > self.fragment_limit {
-            return Err(Error::stream(
-                self.step(),
-                format!(
-                    "a spliced DATA record of {} bytes exceeds the fragment limit",
-                    copy.len()
-                ),
-            ));
-        }
-        let sequence = self.records_written();
-        let session = self.header.session_id;
-        let header = RecordHeader {
-            kind: RecordKind::Data,
-            chunk_end,
-            device,
-            phase: Some(phase),
-            sequence,
-            payload_len: copy.len() as u32,
-        }
-        .encode(&session, copy);
-        let tag = self
-            .key
-            .as_ref()
-            .map(|k| k.record_tag(&session, &header, copy));
-        let sent = self
-            .w
-            .flush()
-            .and_then(|()| self.w.write_all(&header))
-            .and_then(|()| self.w.flush())
-            .and_then(|()| splice_all(pipe, self.w.as_fd(), copy.len()))
-            .and_then(|()| tag.map_or(Ok(()), |t| self.w.write_all(&t)));
-        if let Err(e) = sent {
-            self.failed = true;
-            return Err(Error::transport(
-                format!("write stream record {sequence} (spliced)"),
-                e,
-            ));
-        }
-        self.bytes_written += (RECORD_HEADER_LEN + copy.len() + self.tag_len()) as u64;
-        self.tracker
-            .record_data(device, phase, copy.len(), chunk_end);
-        Ok(())
-    }
-}
-
-/// Moves exactly `len` bytes from the pipe `from` into `to` with `splice(2)`, retrying short
-/// moves, EINTR, and EAGAIN (after waiting in `poll(2)`).
-pub(crate) fn splice_all(
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    mut len: usize,
-) -> io::Result<()> {
-    while len > 0 {
-        // SAFETY: both fds are borrowed (open for the call); null offsets use the files'
-        // own positions.
-        let n = unsafe {
-            libc::splice(
-                from.as_raw_fd(),
-                std::ptr::null_mut(),
-                to.as_raw_fd(),
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    let mut fds = [
-                        libc::pollfd {
-                            fd: from.as_raw_fd(),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        },
-                        libc::pollfd {
-                            fd: to.as_raw_fd(),
-                            events: libc::POLLOUT,
-                            revents: 0,
-                        },
-                    ];
-                    // SAFETY: two valid pollfd entries; errors just loop once more.
-                    unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
-                    continue;
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the pipe ended with {len} bytes of a spliced record still to move"),
-            ));
-        }
-        len -= n as usize;
-    }
-    Ok(())
 }
 
 /// Writes `head` then `body`: one `write_all` of a stack copy if they are small, else

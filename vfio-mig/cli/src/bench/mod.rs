@@ -10,13 +10,16 @@
 //!
 //! | suite      | target | subject                                   | baseline                              |
 //! |------------|--------|-------------------------------------------|---------------------------------------|
-//! | `v2`       | 1      | engine (+ splice) saving a v2 pipe data fd | read/write loop over the same fd kind |
+//! | `v2`       | 1      | engine saving a v2 pipe data fd           | read/write loop over the same fd kind |
 //! | `v1`       | 2      | engine saving a v1 region, trapped / mmap | raw pread / memcpy of the same region |
 //! | `memory`   | 3      | peak RSS of save and load (child process) | reading the whole state first         |
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
 //! | `multi`    | 5      | 4 devices saved in parallel               | the same saved one after another      |
 //! | `channels` | #13: 2 | 4 devices as one unit over 4 TLS channels (loopback, CPU-bound stream) | the same over 1 TLS channel |
 //! | `fast`     | #22: 1 | engine saving an xe-profile memfd data fd (page-cache speed, no device thread) | read/write loop over the same fd |
+//! | `load`     | #22: 2 | engine loading a memfd xe device from TCP loopback | read/write loop from the same socket into the data fd |
+//! | `xe`       | #22: 3 | an 8 GiB xe stop-copy migration in one process (`migrate_local`): window and peak RSS | raw copy loop, two threads over a socketpair |
+//! | `unit`     | #22: 4 | 4 fast devices as one unit (`migrate_pairs`): stop-copy window | one of them migrated alone |
 //! | `crc`      | #22    | the stream's CRC32C (`crc-fast` in this build) | the `crc32c` crate, same buffer, same value |
 //! | `rated`    | #13: 1, 2, 5 | bandwidth-modelled devices: 4 in parallel, one device, 4 as one unit's downtime | one after another; a raw loop at the rate; one device alone |
 //!
@@ -28,6 +31,8 @@
 pub mod channels;
 pub mod crc;
 pub mod downtime;
+pub mod fastload;
+pub mod fastunit;
 pub mod io;
 pub mod memory;
 pub mod multi;
@@ -36,12 +41,19 @@ pub mod report;
 pub mod stats;
 pub mod v1path;
 pub mod v2path;
+pub mod window;
+pub mod xe;
 
 use std::path::PathBuf;
 
 use vfio_mig_session::Result;
 
 pub use report::{Machine, Report};
+
+/// The pipelined pump's depth the figures compare with the inline pump (`pipeline: 0`): the
+/// default where the thread may run on three CPUs or more ([`vfio_mig::engine::default_pipeline`]),
+/// measured on any machine.
+pub const PIPELINED: usize = 3;
 
 /// What to measure and how often.
 #[derive(Debug, Clone)]
@@ -72,6 +84,8 @@ pub struct Config {
     pub rated_size: u64,
     /// State per device of the channels suite.
     pub channels_size: u64,
+    /// State of the xe suite's device.
+    pub xe_size: u64,
     /// The `vfio-mig` executable, for the memory figures' child processes.
     pub exe: Option<PathBuf>,
 }
@@ -92,6 +106,7 @@ impl Default for Config {
             rated_rate: 300 << 20,
             rated_size: 128 << 20,
             channels_size: 128 << 20,
+            xe_size: 8 << 30,
             exe: std::env::current_exe().ok(),
         }
     }
@@ -109,8 +124,9 @@ pub fn default_file_dir() -> PathBuf {
 }
 
 /// The suites.
-pub const SUITES: [&str; 9] = [
-    "crc", "fast", "v2", "v1", "memory", "downtime", "multi", "rated", "channels",
+pub const SUITES: [&str; 12] = [
+    "crc", "fast", "load", "xe", "unit", "v2", "v1", "memory", "downtime", "multi", "rated",
+    "channels",
 ];
 
 /// Runs the named suites (any of [`SUITES`]) and returns the report.
@@ -139,6 +155,9 @@ pub fn run(cfg: &Config, suites: &[String]) -> Result<Report> {
                     io::SinkKind::Tcp,
                 ],
             )?,
+            "load" => fastload::figures(cfg)?,
+            "xe" => xe::figures(cfg)?,
+            "unit" => fastunit::figures(cfg)?,
             "v1" => v1path::figures(cfg)?,
             "memory" => memory::figures(cfg)?,
             "downtime" => downtime::figures(cfg)?,

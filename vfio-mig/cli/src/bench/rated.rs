@@ -13,14 +13,14 @@
 //! carries the load average when it was measured (the machine is shared).
 
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use vfio_mig::engine::events::{Event, Observer};
+use vfio_mig::engine::events::Observer;
 use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::stream::{Phase, StreamWriter};
+use vfio_mig::stream::StreamWriter;
 use vfio_mig::v2::{feature, MigState, V2Device};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
@@ -31,6 +31,7 @@ use vfio_mig_session::{Error, Result};
 use super::io::{copy_loop, SinkKind};
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, Paired};
+use super::window::{SourceSide, Window};
 use super::Config;
 
 /// Devices of the parallel and unit figures.
@@ -59,7 +60,8 @@ fn devices(cfg: &Config, extra: &str) -> Result<Vec<Box<dyn MigrationDevice>>> {
         .collect()
 }
 
-fn refs(devs: &mut [Box<dyn MigrationDevice>]) -> Vec<&mut dyn MigrationDevice> {
+/// The devices as the engine takes them.
+pub fn refs(devs: &mut [Box<dyn MigrationDevice>]) -> Vec<&mut dyn MigrationDevice> {
     devs.iter_mut()
         .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
         .collect()
@@ -77,7 +79,7 @@ pub fn load1() -> String {
 
 /// Saves one device into its own stream into `sink`; its stop-copy bytes.
 fn save_one(dev: &mut dyn MigrationDevice, sink: &SinkKind, buffer: usize) -> Result<u64> {
-    save_one_with(dev, sink, buffer, SaveOptions::default().pipeline)
+    save_one_with(dev, sink, buffer, super::PIPELINED)
 }
 
 /// [`save_one`] with the pump's `pipeline` depth (0: read, CRC and write on one thread).
@@ -219,7 +221,7 @@ fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     for sink in [SinkKind::File(cfg.file_dir.clone()), SinkKind::Tcp] {
         let load = load1();
         let mut base = || run_one(cfg, &sink, None);
-        let mut engine = || run_one(cfg, &sink, Some(SaveOptions::default().pipeline));
+        let mut engine = || run_one(cfg, &sink, Some(super::PIPELINED));
         let mut inline = || run_one(cfg, &sink, Some(0));
         let series = run_rotating(
             cfg.reps,
@@ -266,39 +268,6 @@ fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
 
 // ---- (c) downtime of four devices as one unit -----------------------------------------
 
-/// Records when each device's stop-and-copy started and ended (from its PhaseEnded event:
-/// the end, less the phase's wall time).
-#[derive(Default)]
-struct StopCopyWindow(Mutex<Vec<(Instant, Instant)>>);
-
-impl Observer for StopCopyWindow {
-    fn on_event(&self, event: &Event) {
-        if let Event::PhaseEnded {
-            phase: Phase::StopCopy,
-            elapsed,
-            ..
-        } = event
-        {
-            let end = Instant::now();
-            let start = end.checked_sub(*elapsed).unwrap_or(end);
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((start, end));
-        }
-    }
-}
-
-impl StopCopyWindow {
-    /// First start to last end.
-    fn span(&self) -> Option<Duration> {
-        let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let start = w.iter().map(|(s, _)| *s).min()?;
-        let end = w.iter().map(|(_, e)| *e).max()?;
-        Some(end - start)
-    }
-}
-
 /// Milliseconds: the stop-and-copy window of `DEVICES` devices migrated as one unit, or one
 /// device's own stop-copy time migrated alone.
 fn run_unit(cfg: &Config, unit: bool, pipeline: usize) -> Result<f64> {
@@ -316,31 +285,50 @@ fn run_unit(cfg: &Config, unit: bool, pipeline: usize) -> Result<f64> {
     }
     let mut srcs = devices(cfg, &extra)?;
     let mut dsts = devices(cfg, &extra)?;
-    let mut src_refs = refs(&mut srcs);
-    let mut dst_refs = refs(&mut dsts);
-    let header = {
-        let all: Vec<&dyn MigrationDevice> = src_refs.iter().map(|d| &**d).collect();
-        new_header(&all, false, 1)?
-    };
-    let window = StopCopyWindow::default();
-    migrate_pairs(
-        &mut src_refs,
-        &mut dst_refs,
-        &header,
+    let window = Window::default();
+    migrate_unit(
+        &mut srcs,
+        &mut dsts,
         &opts,
-        &mut MemoryFence::new(),
-        &window,
+        &SourceSide(&window),
         &NoObserver,
     )?;
     let span = window
-        .span()
+        .source_span()
         .ok_or_else(|| Error::invalid_input("bench: no stop-and-copy observed"))?;
     Ok(span.as_secs_f64() * 1e3)
 }
 
+/// Migrates `srcs[i]` into `dsts[i]` as one unit (`migrate_pairs`: one stream over one
+/// socketpair).
+pub fn migrate_unit(
+    srcs: &mut [Box<dyn MigrationDevice>],
+    dsts: &mut [Box<dyn MigrationDevice>],
+    opts: &SaveOptions,
+    src_obs: &dyn Observer,
+    dst_obs: &dyn Observer,
+) -> Result<()> {
+    let mut src_refs = refs(srcs);
+    let mut dst_refs = refs(dsts);
+    let header = {
+        let all: Vec<&dyn MigrationDevice> = src_refs.iter().map(|d| &**d).collect();
+        new_header(&all, false, 1)?
+    };
+    migrate_pairs(
+        &mut src_refs,
+        &mut dst_refs,
+        &header,
+        opts,
+        &mut MemoryFence::new(),
+        src_obs,
+        dst_obs,
+    )?;
+    Ok(())
+}
+
 fn unit_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     let load = load1();
-    let depth = SaveOptions::default().pipeline;
+    let depth = super::PIPELINED;
     let mut solo = || run_unit(cfg, false, depth);
     let mut unit = || run_unit(cfg, true, depth);
     let mut solo_inline = || run_unit(cfg, false, 0);

@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::splice::{pump_pipe, save_spliced};
 use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::stream::{DeviceDescriptor, Phase, Protocol, StreamHeader, StreamWriter};
+use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader, StreamWriter};
 use vfio_mig::v2::{feature, MigState, V2Device};
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
@@ -54,7 +53,6 @@ enum Mover {
     Loop,
     /// The engine as shipped (the pipelined pump, `SaveOptions::pipeline` default).
     Engine,
-    Splice,
     /// The engine with the device read, CRC and write on one thread (`pipeline: 0`).
     Inline,
 }
@@ -103,7 +101,7 @@ fn one_run(
         pipeline: if mover == Mover::Inline {
             0
         } else {
-            SaveOptions::default().pipeline
+            super::PIPELINED
         },
         ..SaveOptions::default()
     };
@@ -132,16 +130,12 @@ fn one_run(
                         .map_err(|e| Error::device("STOP", e))?;
                     (n, t)
                 }
-                Mover::Engine | Mover::Splice | Mover::Inline => {
+                Mover::Engine | Mover::Inline => {
                     let mut dev = V2Device::open(Arc::new(mock))?;
                     let header = new_header(&[&dev], false, 1)?;
                     let t = Instant::now();
                     let mut w = StreamWriter::new(&mut out.conn, &header)?;
-                    let r = if mover != Mover::Splice {
-                        save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?
-                    } else {
-                        save_spliced(&mut dev, &mut w, 0, &opts, &NoObserver)?
-                    };
+                    let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
                     w.finish()?;
                     (r.stop_copy_bytes, t)
                 }
@@ -166,20 +160,6 @@ fn one_run(
                     let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
                     w.finish()?;
                     r.stop_copy_bytes
-                }
-                Mover::Splice => {
-                    let mut w = StreamWriter::new(&mut out.conn, &bench_header())?;
-                    let (n, _) = pump_pipe(
-                        pipe.read.as_fd(),
-                        &mut w,
-                        0,
-                        Phase::StopCopy,
-                        &mut buf,
-                        &NoObserver,
-                    )?;
-                    w.end_phase(0, Phase::StopCopy)?;
-                    w.finish()?;
-                    n
                 }
             };
             (n, t)
@@ -207,7 +187,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
     let mut out = Vec::new();
     for &source in sources {
         for sink in sinks {
-            let cpu: RefCell<[Vec<f64>; 4]> = RefCell::default();
+            let cpu: RefCell<[Vec<f64>; 3]> = RefCell::default();
             let bytes = RefCell::new(0u64);
             let memfd = match source {
                 Source::Memfd => Some(
@@ -223,12 +203,11 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
             };
             let mut base = || run(Mover::Loop, 0);
             let mut engine = || run(Mover::Engine, 1);
-            let mut spliced = || run(Mover::Splice, 2);
-            let mut inline = || run(Mover::Inline, 3);
+            let mut inline = || run(Mover::Inline, 2);
             let series = run_rotating(
                 cfg.reps,
                 cfg.warmup,
-                &mut [&mut base, &mut engine, &mut spliced, &mut inline],
+                &mut [&mut base, &mut engine, &mut inline],
             )?;
             let cpu = cpu.into_inner();
             let c = |i: usize| Stat::of(&cpu[i][cfg.warmup.min(cpu[i].len())..]).median * 1e3;
@@ -243,7 +222,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
                 Source::Fast => "consumer-bound: the feeder vmsplices constant pages; ",
                 Source::Memfd => {
                     "consumer-bound: the data fd is a memfd read at page-cache speed, no device \
-                     thread; splice falls back to the plain path (not a pipe); "
+                     thread; "
                 }
             };
             let engine = Figure::from_paired(
@@ -277,7 +256,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
                 "engine, pipeline off (read + CRC + write on one thread)",
                 format!("read/write loop, {} KiB buffer", cfg.buffer >> 10),
                 "GB/s",
-                &Paired::from_series(&series, 0, 3),
+                &Paired::from_series(&series, 0, 2),
                 false,
                 None,
             )
@@ -285,30 +264,11 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
                 "the engine before issue 13 item 3, for comparison in the same run; CPU per \
                  GiB: loop {:.0} ms, inline engine {:.0} ms",
                 c(0),
-                c(3)
-            ));
-            let splice = Figure::from_paired(
-                format!("v2.{}.{}.splice", source.name(), sink.name()),
-                if source == Source::Mock { 1 } else { 0 },
-                group,
-                "engine+splice",
-                base_name,
-                "GB/s",
-                &Paired::from_series(&series, 0, 2),
-                false,
-                Some(Target::at_least(1.0)),
-            )
-            .note(format!(
-                "tee + read (CRC) + splice per record; consumer CPU per GiB: loop {:.0} ms, \
-                 engine+splice {:.0} ms",
-                c(0),
                 c(2)
             ));
             eprintln!("bench: {}", summary(&engine));
-            eprintln!("bench: {}", summary(&splice));
             eprintln!("bench: {}", summary(&inline));
             out.push(engine);
-            out.push(splice);
             out.push(inline);
         }
     }

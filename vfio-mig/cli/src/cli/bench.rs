@@ -13,8 +13,8 @@ use vfio_mig_session::{Error, Result};
 /// Options of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Suites to run, comma separated: crc, fast, v2, v1, memory, downtime, multi, rated,
-    /// channels (default: all).
+    /// Suites to run, comma separated: crc, fast, load, xe, unit, v2, v1, memory, downtime,
+    /// multi, rated, channels (default: all).
     #[arg(long, value_delimiter = ',', value_name = "SUITE")]
     pub suite: Vec<String>,
     /// Device state per data-path run (fast, v2, v1 suites).
@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// State per device of the channels suite (4 devices over 1 and 4 TLS channels).
     #[arg(long, default_value = "128M", value_parser = size_arg)]
     pub channels_size: u64,
+    /// State of the xe suite's device (its source and destination are two memfds this size).
+    #[arg(long, default_value = "8G", value_parser = size_arg)]
+    pub xe_size: u64,
     /// Small sizes and 3 repetitions: a smoke run of every suite in about a minute.
     #[arg(long)]
     pub quick: bool,
@@ -93,6 +96,7 @@ impl BenchArgs {
             rated_rate: self.rated_rate,
             rated_size: self.rated_size,
             channels_size: self.channels_size,
+            xe_size: self.xe_size,
             ..Config::default()
         };
         if self.quick {
@@ -105,6 +109,7 @@ impl BenchArgs {
             cfg.multi_size = 32 << 20;
             cfg.rated_size = 32 << 20;
             cfg.channels_size = 32 << 20;
+            cfg.xe_size = 512 << 20;
         }
         cfg
     }

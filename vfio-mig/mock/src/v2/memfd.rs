@@ -5,7 +5,8 @@
 //! of such a device measures the engine, not the mock.
 //!
 //! - The device's state is a sealed memfd holding its whole stop-copy stream ([`StateFile`],
-//!   built when the device is created, rebuilt only when the state changed). STOP_COPY hands
+//!   built when the device is created, dropped when a resume starts, rebuilt at STOP_COPY only
+//!   when the state changed or was dropped). STOP_COPY hands
 //!   out a file description of its own, opened read-only through `/proc/self/fd`: it starts at
 //!   offset 0 and reads the stream, then 0 ([`FileSave`]); the seals keep anyone from changing
 //!   the device's state through it.

@@ -892,6 +892,10 @@ impl Inner {
 
     fn start_resume(&mut self) -> io::Result<OwnedFd> {
         self.drop_session();
+        // The resume overwrites the device's memory: its old stop-copy image is moot (and at
+        // xe sizes, gigabytes of shared memory held beside the resuming memfd). The next
+        // STOP_COPY builds the image again from whatever state the device then holds.
+        self.state_file = None;
         self.loaded = None;
         self.status.resumed_ok = false;
         self.status.corrupt = false;
