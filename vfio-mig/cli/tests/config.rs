@@ -161,6 +161,58 @@ fn the_files_tls_identity_and_authorization_carry_a_migration() {
 }
 
 #[test]
+fn the_files_tls_yields_to_options_to_insecure_and_to_unix_sockets() {
+    let dirs = Dirs::new();
+    let pki = Pki::new(dirs.tmp.path());
+    let identity = |leaf: &common::Leaf| {
+        format!(
+            "[tls]\ncert = {}\nkey = {}\nca = {}\nallow = [\"dns:src.example\"]\n",
+            toml_path(&leaf.cert),
+            toml_path(&leaf.key),
+            toml_path(&leaf.ca)
+        )
+    };
+    let dst = write(&dirs, "dst.toml", &identity(&pki.dst));
+    // The source's file names an identity from a CA nobody trusts.
+    let rogue = write(&dirs, "rogue.toml", &identity(&pki.rogue));
+    let dev = "mock:v1,size=1M,seed=6";
+    let recv = |listen: &str, extra: &[&str]| {
+        let mut args = vec![dev, "--listen", listen, "--once", "--config", &dst];
+        args.extend(extra);
+        Recv::start(&dirs, &[], &args)
+    };
+    let send = |recv: &Recv, extra: &[String]| {
+        let mut c = dirs.cmd(&[]);
+        c.args(["send", dev, "--to", &recv.addr, "--config", &rogue])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let both_succeed = |recv: Recv, o: Output| {
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (status, _, err) = recv.wait();
+        assert!(status.success(), "{err}");
+    };
+    let server_name = ["--tls-server-name".to_owned(), "dst.example".into()];
+    // Without options the file's (rogue) identity is used, and refused; `recv` waits on.
+    let r = recv("tcp:127.0.0.1:0", &[]);
+    let o = send(&r, &server_name);
+    assert_clean_failure(o.status, &stderr(&o), "refused our client certificate");
+    // The options' identity replaces the file's as a whole.
+    let mut flags = server_name.to_vec();
+    flags.extend(pki.src.args());
+    let o = send(&r, &flags);
+    both_succeed(r, o);
+    // --insecure sets the file's [tls] aside on both sides.
+    let r = recv("tcp:127.0.0.1:0", &["--insecure"]);
+    let o = send(&r, &["--insecure".into()]);
+    both_succeed(r, o);
+    // A unix: socket takes no TLS: the file's is not used there.
+    let r = recv(&format!("unix:{}", dirs.path("sock").display()), &[]);
+    let o = send(&r, &[]);
+    both_succeed(r, o);
+}
+
+#[test]
 fn unknown_keys_are_refused_with_the_key_named() {
     let dirs = Dirs::new();
     let path = write(

@@ -54,6 +54,8 @@ impl Host {
             c.env_remove(v);
         }
         c.env_remove("RUST_LOG")
+            // An empty configuration file: the host's own must not reach the tests.
+            .env("VFIO_MIG_CONFIG", "/dev/null")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .env("VFIO_MIG_LOCK_DIR", self.dir.join(self.owner).join("lock"))
