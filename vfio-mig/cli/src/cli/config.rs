@@ -44,9 +44,6 @@ impl ConfigArgs {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ConfigFile {
-    /// Where it was read from (not a key of the file).
-    #[serde(skip)]
-    pub path: PathBuf,
     /// `lock-dir`: the device lock files (`--lock-dir`).
     pub lock_dir: Option<PathBuf>,
     /// `state-dir`: the destination fencing state (`--state-dir`).
@@ -152,13 +149,11 @@ impl ConfigFile {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid_input(format!("config {}: {e}", path.display())))?;
-        let mut file: Self = toml::from_str(&text).map_err(|e| {
+        toml::from_str(&text).map_err(|e| {
             let place = e.span().map(|s| key_at(&text, s.start)).unwrap_or_default();
             let message = e.message().trim().replace('\n', "; ");
             Error::invalid_input(format!("config {}{place}: {message}", path.display()))
-        })?;
-        file.path = path.to_owned();
-        Ok(file)
+        })
     }
 }
 
