@@ -36,6 +36,16 @@ fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
+/// A `[tls]` section with `leaf`'s identity.
+fn identity(leaf: &common::Leaf) -> String {
+    format!(
+        "[tls]\ncert = {}\nkey = {}\nca = {}\n",
+        toml_path(&leaf.cert),
+        toml_path(&leaf.key),
+        toml_path(&leaf.ca)
+    )
+}
+
 #[test]
 fn the_files_directories_apply_and_options_override_them() {
     let dirs = Dirs::new();
@@ -108,14 +118,6 @@ fn the_files_store_is_used_unless_an_option_names_another() {
 fn the_files_tls_identity_and_authorization_carry_a_migration() {
     let dirs = Dirs::new();
     let pki = Pki::new(dirs.tmp.path());
-    let identity = |leaf: &common::Leaf| {
-        format!(
-            "[tls]\ncert = {}\nkey = {}\nca = {}\n",
-            toml_path(&leaf.cert),
-            toml_path(&leaf.key),
-            toml_path(&leaf.ca)
-        )
-    };
     let dst = write(
         &dirs,
         "dst.toml",
@@ -164,15 +166,8 @@ fn the_files_tls_identity_and_authorization_carry_a_migration() {
 fn the_files_tls_yields_to_options_to_insecure_and_to_unix_sockets() {
     let dirs = Dirs::new();
     let pki = Pki::new(dirs.tmp.path());
-    let identity = |leaf: &common::Leaf| {
-        format!(
-            "[tls]\ncert = {}\nkey = {}\nca = {}\nallow = [\"dns:src.example\"]\n",
-            toml_path(&leaf.cert),
-            toml_path(&leaf.key),
-            toml_path(&leaf.ca)
-        )
-    };
-    let dst = write(&dirs, "dst.toml", &identity(&pki.dst));
+    let allow = "allow = [\"dns:src.example\"]\n";
+    let dst = write(&dirs, "dst.toml", &(identity(&pki.dst) + allow));
     // The source's file names an identity from a CA nobody trusts.
     let rogue = write(&dirs, "rogue.toml", &identity(&pki.rogue));
     let dev = "mock:v1,size=1M,seed=6";
