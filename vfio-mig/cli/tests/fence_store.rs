@@ -45,12 +45,17 @@ impl Host {
         }
     }
 
-    fn cmd(&self) -> Command {
+    /// `vfio-mig COMMAND...` with this host's fencing options after it (they are options of
+    /// the command).
+    fn cmd(&self, command: &[&str]) -> Command {
         let mut c = Command::new(BIN);
+        c.args(command);
         for v in FENCE_ENV {
             c.env_remove(v);
         }
         c.env_remove("RUST_LOG")
+            // An empty configuration file: the host's own must not reach the tests.
+            .env("VFIO_MIG_CONFIG", "/dev/null")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .env("VFIO_MIG_LOCK_DIR", self.dir.join(self.owner).join("lock"))
@@ -64,14 +69,13 @@ impl Host {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().expect("run vfio-mig")
+        self.cmd(args).output().expect("run vfio-mig")
     }
 
     /// Starts `recv DEVICE --listen unix:SOCK --once` and waits until it listens.
     fn recv(&self, device: &str, sock: &str) -> Child {
         let mut child = self
-            .cmd()
-            .args(["recv", device, "--listen", sock, "--once"])
+            .cmd(&["recv", device, "--listen", sock, "--once"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

@@ -43,6 +43,10 @@ fn private_keys_others_can_read_are_refused() {
         pki.src.key.display().to_string(),
     );
     let o = dirs.run(&[
+        "load",
+        "mock:v1,size=1M",
+        "-i",
+        "/nonexistent",
         "--fence",
         "etcds://127.0.0.1:1",
         "--fence-ca",
@@ -53,8 +57,6 @@ fn private_keys_others_can_read_are_refused() {
         &key,
         "--fence-key",
         "vm/k",
-        "probe",
-        "mock:v1,size=1M",
     ]);
     assert_clean_failure(o.status, &stderr(&o), "chmod 600");
 }

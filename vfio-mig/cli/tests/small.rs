@@ -23,13 +23,15 @@ fn fence_seconds_outside_their_range_are_usage_errors() {
     for option in ["--fence-ttl", "--fence-timeout"] {
         for value in ["nan", "inf", "-1", "1e308", "0"] {
             let o = dirs.run(&[
+                "load",
+                "mock:v1,size=1M",
+                "-i",
+                "/nonexistent",
                 "--fence",
                 "dir:/nonexistent",
                 "--fence-key",
                 "k",
                 &format!("{option}={value}"),
-                "probe",
-                "mock:v1,size=1M",
             ]);
             assert_usage(&o, "seconds");
         }

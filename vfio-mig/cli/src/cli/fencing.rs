@@ -16,59 +16,93 @@ use vfio_mig_fence::{
 use vfio_mig_session::handshake::SessionId;
 use vfio_mig_session::{Error, Result};
 
-/// Where device locks and destination fencing state live (options of every command).
-#[derive(Debug, Args, Clone)]
-pub struct FenceArgs {
-    /// Directory of the device lock files.
-    #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_LOCK_DIR",
-          default_value = vfio_mig_fence::DEFAULT_LOCK_DIR)]
-    pub lock_dir: PathBuf,
-    /// Directory of the destination fencing state (highest epoch, completed sessions).
-    #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
-          default_value = vfio_mig_fence::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+use super::config::ConfigFile;
+
+/// The range of `--fence-ttl` and `[fence] ttl`, in seconds.
+pub const TTL_RANGE: (f64, f64) = (1.0, 3600.0);
+/// The range of `--fence-timeout` and `[fence] timeout`, in seconds.
+pub const TIMEOUT_RANGE: (f64, f64) = (0.1, 3600.0);
+/// The defaults of `--fence-ttl` and `--fence-timeout`, in seconds.
+pub const DEFAULT_TTL_AND_TIMEOUT: (f64, f64) = (10.0, 10.0);
+
+/// Where device locks and destination fencing state live (the commands that lock devices).
+#[derive(Debug, Args, Clone, Default)]
+pub struct DirArgs {
+    /// Directory of the device lock files [default: /run/vfio-mig].
+    #[arg(long, value_name = "DIR", env = "VFIO_MIG_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+    /// Directory of the destination fencing state (highest epoch, completed sessions)
+    /// [default: /var/lib/vfio-mig].
+    #[arg(long, value_name = "DIR", env = "VFIO_MIG_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl DirArgs {
+    /// The directories: options (or their environment variables), else the configuration
+    /// file, else the defaults.
+    pub fn config(&self, file: Option<&ConfigFile>) -> FenceConfig {
+        let pick = |flag: &Option<PathBuf>, file: Option<&PathBuf>, default: &str| {
+            flag.clone()
+                .or_else(|| file.cloned())
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        FenceConfig::new(
+            pick(
+                &self.lock_dir,
+                file.and_then(|f| f.lock_dir.as_ref()),
+                vfio_mig_fence::DEFAULT_LOCK_DIR,
+            ),
+            pick(
+                &self.state_dir,
+                file.and_then(|f| f.state_dir.as_ref()),
+                vfio_mig_fence::DEFAULT_STATE_DIR,
+            ),
+        )
+    }
+}
+
+/// The fencing store shared by the hosts (the commands that hand devices off).
+#[derive(Debug, Args, Clone, Default)]
+pub struct StoreArgs {
     /// A fencing store shared by the hosts: `etcds://HOST:PORT[,HOST:PORT...]` (etcd over
     /// TLS; needs --fence-ca, --fence-cert, --fence-cert-key), `etcd://...` (plain HTTP; needs
     /// --fence-insecure), or `dir:PATH` for one host. The store grants every handoff's epoch
-    /// and keeps one owner per device state (see docs/fencing.md); needs --fence-key.
-    #[arg(long, global = true, value_name = "STORE", env = "VFIO_MIG_FENCE")]
+    /// and keeps one owner per device state (see docs/fencing.md); needs --fence-key. Given
+    /// here, the configuration file's store and its credentials are not used.
+    #[arg(long, value_name = "STORE", env = "VFIO_MIG_FENCE")]
     pub fence: Option<String>,
     /// PEM bundle of the CA that signed the etcd members' certificates (etcds://; the
     /// system's roots are never used).
-    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CA")]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CA")]
     pub fence_ca: Option<PathBuf>,
     /// This host's client certificate chain for etcd (PEM; etcds://), from a CA the members
     /// trust (`--trusted-ca-file`).
-    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
     pub fence_cert: Option<PathBuf>,
     /// The private key of --fence-cert (PEM).
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "VFIO_MIG_FENCE_CERT_KEY"
-    )]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT_KEY")]
     pub fence_cert_key: Option<PathBuf>,
     /// Reach an `etcd://` store over plain HTTP: anyone who reaches its client port can then
     /// rewrite owners and epochs.
-    #[arg(long, global = true, env = "VFIO_MIG_FENCE_INSECURE")]
+    #[arg(long, env = "VFIO_MIG_FENCE_INSECURE")]
     pub fence_insecure: bool,
     /// The identity of a device state in the store, the same on every host (e.g. `vm7/gpu0`);
     /// once per device, in the order of the devices (for migrate: per pair).
-    #[arg(long = "fence-key", global = true, value_name = "NAME")]
+    #[arg(long = "fence-key", value_name = "NAME")]
     pub fence_keys: Vec<String>,
     /// This host's name as an owner in the store (default: the host name).
-    #[arg(long, global = true, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
+    #[arg(long, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
     pub fence_owner: Option<String>,
-    /// Seconds a claim lives in the store without renewal after its host dies (1 to 3600).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
-          value_parser = |t: &str| super::parse_secs_in(t, 1.0, 3600.0))]
-    pub fence_ttl: f64,
+    /// Seconds a claim lives in the store without renewal after its host dies (1 to 3600)
+    /// [default: 10].
+    #[arg(long, value_name = "SECS",
+          value_parser = |t: &str| super::parse_secs_in(t, TTL_RANGE.0, TTL_RANGE.1))]
+    pub fence_ttl: Option<f64>,
     /// Seconds one operation on the fencing store may take, over all its members, before the
-    /// store counts as unreachable (and the handoff is refused); 0.1 to 3600.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
-          value_parser = |t: &str| super::parse_secs_in(t, 0.1, 3600.0))]
-    pub fence_timeout: f64,
+    /// store counts as unreachable (and the handoff is refused); 0.1 to 3600 [default: 10].
+    #[arg(long, value_name = "SECS",
+          value_parser = |t: &str| super::parse_secs_in(t, TIMEOUT_RANGE.0, TIMEOUT_RANGE.1))]
+    pub fence_timeout: Option<f64>,
 }
 
 /// The fencing of a command: the per-host locks and state, and the shared store if any.
@@ -87,24 +121,94 @@ pub fn open_store(
     security: Option<&Security>,
     timeout: Duration,
 ) -> Result<Arc<dyn FenceStore>> {
-    if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
+    check_store_spec(spec).map_err(|e| Error::invalid_input(format!("--fence {e}")))?;
+    if let Some(path) = spec.strip_prefix("dir:") {
         return Ok(Arc::new(DirStore::new(path)));
     }
-    match (Scheme::of(spec), security) {
-        (Some(_), Some(security)) => Ok(Arc::new(
+    match security {
+        Some(security) => Ok(Arc::new(
             EtcdStore::from_url(spec, security)?.with_operation_timeout(timeout),
         )),
-        _ => Err(Error::invalid_input(format!(
-            "--fence {spec}: expected etcds://HOST:PORT[,HOST:PORT...] (or etcd:// with \
-             --fence-insecure) or dir:PATH"
+        None => Err(Error::invalid_input(format!(
+            "--fence {spec}: an etcd store needs --fence-ca, --fence-cert and \
+             --fence-cert-key (etcds://) or --fence-insecure (etcd://)"
         ))),
     }
 }
 
-impl FenceArgs {
-    /// The directories: options, else environment, else defaults.
-    pub fn config(&self) -> FenceConfig {
-        FenceConfig::new(&self.lock_dir, &self.state_dir)
+/// Refuses a store that is neither etcd (`etcds://`, `etcd://`) nor `dir:PATH`.
+pub fn check_store_spec(spec: &str) -> std::result::Result<(), String> {
+    match (spec.strip_prefix("dir:"), Scheme::of(spec)) {
+        (Some(path), _) if !path.is_empty() => Ok(()),
+        (None, Some(_)) => Ok(()),
+        _ => Err(format!(
+            "{spec}: expected etcds://HOST:PORT[,HOST:PORT...] (or etcd:// with \
+             --fence-insecure) or dir:PATH"
+        )),
+    }
+}
+
+/// A command's locks and fencing store, its options merged over the configuration file.
+#[derive(Debug, Clone)]
+pub struct FenceSettings {
+    config: FenceConfig,
+    fence: Option<String>,
+    fence_ca: Option<PathBuf>,
+    fence_cert: Option<PathBuf>,
+    fence_cert_key: Option<PathBuf>,
+    fence_insecure: bool,
+    fence_keys: Vec<String>,
+    fence_owner: Option<String>,
+    fence_ttl: f64,
+    fence_timeout: f64,
+}
+
+impl FenceSettings {
+    /// The settings of a command with these directories and, if it hands devices off, this
+    /// store: each option given wins over the file; a `--fence` given on the command line
+    /// brings its own credentials (the file's store, CA, certificate, key and `insecure` are
+    /// then not used, since they belong to the file's store).
+    pub fn resolve(dirs: &DirArgs, store: Option<&StoreArgs>, file: Option<&ConfigFile>) -> Self {
+        let default = StoreArgs::default();
+        let flags = store.unwrap_or(&default);
+        let section = match (store, file) {
+            (Some(s), Some(f)) if s.fence.is_none() => Some(&f.fence),
+            _ => None,
+        };
+        let tuning = store.and(file).map(|f| &f.fence);
+        Self {
+            config: dirs.config(file),
+            fence: flags
+                .fence
+                .clone()
+                .or_else(|| section.and_then(|s| s.store.clone())),
+            fence_ca: flags
+                .fence_ca
+                .clone()
+                .or_else(|| section.and_then(|s| s.ca.clone())),
+            fence_cert: flags
+                .fence_cert
+                .clone()
+                .or_else(|| section.and_then(|s| s.cert.clone())),
+            fence_cert_key: flags
+                .fence_cert_key
+                .clone()
+                .or_else(|| section.and_then(|s| s.cert_key.clone())),
+            fence_insecure: flags.fence_insecure || section.is_some_and(|s| s.insecure),
+            fence_keys: flags.fence_keys.clone(),
+            fence_owner: flags
+                .fence_owner
+                .clone()
+                .or_else(|| tuning.and_then(|s| s.owner.clone())),
+            fence_ttl: flags
+                .fence_ttl
+                .or_else(|| tuning.and_then(|s| s.ttl))
+                .unwrap_or(DEFAULT_TTL_AND_TIMEOUT.0),
+            fence_timeout: flags
+                .fence_timeout
+                .or_else(|| tuning.and_then(|s| s.timeout))
+                .unwrap_or(DEFAULT_TTL_AND_TIMEOUT.1),
+        }
     }
 
     /// How the store of `spec` is reached: TLS with the given files for `etcds://`, plain
@@ -188,7 +292,7 @@ impl FenceArgs {
             }
         };
         Ok(Fencing {
-            config: self.config(),
+            config: self.config.clone(),
             shared,
             keys: self.fence_keys.clone(),
         })

@@ -3,6 +3,7 @@
 //! and `bench`. The guide is `docs/cli.md`.
 
 mod bench;
+mod config;
 mod devices;
 mod fencing;
 mod net;
@@ -18,7 +19,8 @@ mod tls;
 mod transfer;
 
 pub use bench::BenchArgs;
-pub use fencing::FenceArgs;
+pub use config::ConfigArgs;
+pub use fencing::{DirArgs, StoreArgs};
 pub use net::NetArgs;
 
 use std::path::PathBuf;
@@ -27,6 +29,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use vfio_mig::engine::{PreCopyPolicy, SaveOptions, DEFAULT_BUFFER};
+
+use config::ConfigFile;
+use fencing::{FenceSettings, Fencing};
+use tls::{AuthorizeArgs, TlsArgs, TlsSettings};
 use vfio_mig_session::Result;
 
 /// The size of the demo's mock devices.
@@ -46,9 +52,6 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "BACKEND", env = "VFIO_MIG_BACKEND",
           default_value = "auto", value_parser = devices::parse_backend)]
     pub backend: vfio_mig::Backend,
-    /// Locks and fencing state.
-    #[command(flatten)]
-    pub fence: FenceArgs,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -83,6 +86,10 @@ pub enum Command {
         force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Resume a device from a saved file.
     Load {
@@ -97,6 +104,10 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Migrate between two devices of this host.
     Migrate {
@@ -110,6 +121,10 @@ pub enum Command {
         channels: u16,
         #[command(flatten)]
         transfer: TransferArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Migrate a device to a `recv` on another host (tcp:HOST:PORT, unix:PATH; file:PATH
     /// saves).
@@ -128,10 +143,19 @@ pub enum Command {
         /// `file:` only: replace an existing file (see save --force).
         #[arg(long)]
         force: bool,
+        /// The name the destination's certificate must carry (default: the host of --to).
+        #[arg(long, value_name = "NAME")]
+        tls_server_name: Option<String>,
         #[command(flatten)]
         transfer: TransferArgs,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Receive a migration from a `send` into a device (serves until one migration
     /// completes).
@@ -158,6 +182,14 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        authorization: AuthorizeArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Decode and verify a saved stream.
     Inspect {
@@ -178,13 +210,53 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// The main job on an embedded default: a live migration between two 256 MiB mock v1
     /// devices, with progress.
-    Demo,
+    Demo {
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Measure throughput, memory, downtime and parallel saves against baselines measured in
     /// the same run (mock devices; see docs/benchmarks.md).
     Bench(BenchArgs),
+    /// The host configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `vfio-mig config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print its settings (key files by path; their
+    /// contents are never printed). Exit status 0 when valid, 2 when not.
+    Check {
+        /// The file (default: $VFIO_MIG_CONFIG, else /etc/vfio-mig/config.toml).
+        #[arg(env = "VFIO_MIG_CONFIG", default_value = config::DEFAULT_PATH)]
+        path: PathBuf,
+    },
+}
+
+/// The host settings of a command that locks devices: the configuration file and the lock
+/// and state directories.
+#[derive(Debug, Args, Clone, Default)]
+pub struct HostArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    dirs: DirArgs,
+}
+
+impl HostArgs {
+    /// The command's fencing: its options over the configuration file, with `store` if it
+    /// hands devices off.
+    fn fencing(&self, store: Option<&StoreArgs>) -> Result<(Fencing, Option<ConfigFile>)> {
+        let file = self.config.load()?;
+        let fencing = FenceSettings::resolve(&self.dirs, store, file.as_ref()).fencing()?;
+        Ok((fencing, file))
+    }
 }
 
 /// Options of the commands that save.
@@ -276,12 +348,19 @@ pub fn parse_secs_in(text: &str, min: f64, max: f64) -> std::result::Result<f64,
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    check_secs(v, min, max).map_err(|e| format!("`{text}`: {e}"))?;
+    Ok(v)
+}
+
+/// Refuses a number of seconds that is not finite or not from `min` to `max` (the options'
+/// parsers and the configuration file's values alike).
+pub fn check_secs(v: f64, min: f64, max: f64) -> std::result::Result<(), String> {
     if !v.is_finite() || !(min..=max).contains(&v) {
         return Err(format!(
-            "`{text}`: expected a finite number of seconds from {min} to {max}"
+            "expected a finite number of seconds from {min} to {max}"
         ));
     }
-    Ok(v)
+    Ok(())
 }
 
 /// Sets up `tracing` output on stderr; the library's `log` records reach it too.
@@ -344,7 +423,8 @@ impl Command {
             Command::Inspect { json, .. } => ("inspect", *json, Vec::new()),
             Command::Recover { json, .. } => ("recover", *json, Vec::new()),
             Command::Bench(args) => ("bench", args.json, Vec::new()),
-            Command::Demo => ("demo", false, Vec::new()),
+            Command::Demo { .. } => ("demo", false, Vec::new()),
+            Command::Config(_) => ("config", false, Vec::new()),
         };
         outcome::begin(name, json, devices);
     }
@@ -353,7 +433,6 @@ impl Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     devices::set_backend(cli.backend);
-    let fence = cli.fence.fencing()?;
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {
@@ -362,7 +441,10 @@ pub fn run(cli: Cli) -> Result<()> {
             key_file,
             force,
             transfer,
+            host,
+            store,
         } => {
+            let (fence, _) = host.fencing(Some(&store))?;
             let target = transfer::SaveTarget {
                 output: &output,
                 replace: force,
@@ -375,20 +457,36 @@ pub fn run(cli: Cli) -> Result<()> {
             input,
             key_file,
             json,
-        } => transfer::load_keyed(&device, &input, key_file.as_deref(), json, &fence),
+            host,
+            store,
+        } => {
+            let (fence, _) = host.fencing(Some(&store))?;
+            transfer::load_keyed(&device, &input, key_file.as_deref(), json, &fence)
+        }
         Command::Migrate {
             devices,
             channels,
             transfer,
-        } => transfer::migrate(&devices, channels, &transfer, &fence),
+            host,
+            store,
+        } => {
+            let (fence, _) = host.fencing(Some(&store))?;
+            transfer::migrate(&devices, channels, &transfer, &fence)
+        }
         Command::Send {
             devices,
             to,
             session,
             force,
+            tls_server_name,
             transfer,
-            net,
+            mut net,
+            tls,
+            host,
+            store,
         } => {
+            let (fence, file) = host.fencing(Some(&store))?;
+            net.tls = TlsSettings::resolve(&tls, None, tls_server_name, file.as_ref(), &to);
             let target = net::SendTarget {
                 to: &to,
                 session,
@@ -402,8 +500,15 @@ pub fn run(cli: Cli) -> Result<()> {
             once,
             allow_non_p2p_unit,
             json,
-            net,
+            mut net,
+            tls,
+            authorization,
+            host,
+            store,
         } => {
+            let (fence, file) = host.fencing(Some(&store))?;
+            net.tls =
+                TlsSettings::resolve(&tls, Some(&authorization), None, file.as_ref(), &listen);
             let opts = net::RecvOptions {
                 once,
                 json,
@@ -416,9 +521,13 @@ pub fn run(cli: Cli) -> Result<()> {
             key_file,
             json,
         } => transfer::inspect(&file, key_file.as_deref(), json),
-        Command::Recover { device, json } => recover::run(&device, json, &fence.config),
+        Command::Recover { device, json, host } => {
+            let (fence, _) = host.fencing(None)?;
+            recover::run(&device, json, &fence.config)
+        }
         Command::Bench(args) => bench::run(&args),
-        Command::Demo => {
+        Command::Demo { host } => {
+            let (fence, _) = host.fencing(None)?;
             let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");
             eprintln!("demo: live migration {dev} -> {dev}");
             let args = TransferArgs {
@@ -435,5 +544,8 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             transfer::migrate(&[dev.clone(), dev], 1, &args, &fence)
         }
+        // Its own statuses (0 valid, 2 not), not the outcomes of a handoff: it touches no
+        // device.
+        Command::Config(command) => std::process::exit(config::run(&command).into()),
     }
 }

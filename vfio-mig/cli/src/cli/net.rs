@@ -20,7 +20,7 @@ use super::fencing::Fencing;
 use super::progress::ProgressView;
 use super::serve::{self, Event};
 use super::signals;
-use super::tls::TlsArgs;
+use super::tls::TlsSettings;
 use super::transfer::{drivers, open_all, print_json, reopen_stuck, save_summary};
 use super::TransferArgs;
 
@@ -43,9 +43,10 @@ pub struct NetArgs {
     /// 16, and never more than its devices); the session uses the smaller of the two.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub channels: Option<u16>,
-    /// TLS and authorization.
-    #[command(flatten)]
-    pub tls: TlsArgs,
+    /// TLS and authorization, resolved from the command's options and the configuration
+    /// file (see `TlsSettings::resolve`).
+    #[arg(skip)]
+    pub tls: TlsSettings,
 }
 
 fn secs(s: f64) -> Duration {

@@ -27,7 +27,8 @@ impl Dirs {
         self.tmp.path().join(name)
     }
 
-    /// `vfio-mig` with this test's lock and state directories.
+    /// `vfio-mig` with this test's lock and state directories, and an empty configuration
+    /// file (a host's /etc/vfio-mig/config.toml must not reach the tests).
     pub fn cmd(&self, prefix: &[&str]) -> Command {
         let (program, pre) = match prefix.split_first() {
             Some((p, rest)) => (*p, rest.to_vec()),
@@ -37,7 +38,8 @@ impl Dirs {
         c.args(pre)
             .env_remove("RUST_LOG")
             .env("VFIO_MIG_LOCK_DIR", self.path("lock"))
-            .env("VFIO_MIG_STATE_DIR", self.path("state"));
+            .env("VFIO_MIG_STATE_DIR", self.path("state"))
+            .env("VFIO_MIG_CONFIG", "/dev/null");
         c
     }
 
