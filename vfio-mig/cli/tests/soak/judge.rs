@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Whether what a run's two sides and its store say agrees, by docs/cli.md ("Exit status and
+//! errors", "JSON output") and docs/fencing.md: each side's exit status against its `--json`
+//! outcome and the devices' fates there, and across sides and the store: never both sides
+//! running the state, never the state lost, in doubt only with the source stopped, the store
+//! naming the destination only when it runs the state.
+
+use crate::plan::{Fault, Plan, Side};
+use crate::proc::Ended;
+use crate::run::{Outcome, Record, DESTINATION_HOST};
+
+/// What became of one side's device, as its process reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// It runs the state (the source rolled back or untouched; the destination resumed).
+    Runs,
+    /// The source's device is stopped and the state handed off (exit 0).
+    HandedOff,
+    /// The source's device is stopped, the outcome in doubt (exit 3).
+    InDoubt,
+    /// The source's device failed and was reset (its driver lost the state).
+    Reset,
+    /// The destination's device does not run the state (reset, or untouched).
+    Idle,
+    /// The destination reset its device without knowing whether the store recorded its
+    /// completion (exit 3): the source must stay stopped.
+    ResetInDoubt,
+    /// The soak killed the process: its device is as the process left it.
+    Killed,
+}
+
+/// The outcome's JSON document, when the side printed one.
+fn json(side: &Ended) -> Result<serde_json::Value, String> {
+    serde_json::from_str(side.stdout.trim())
+        .map_err(|e| format!("stdout is not one JSON document ({e}): {:?}", side.stdout))
+}
+
+/// The fates the JSON outcome gives the devices: one device a side, so one fate.
+fn fates(doc: &serde_json::Value) -> Result<Vec<String>, String> {
+    let devices = doc["devices"]
+        .as_array()
+        .ok_or_else(|| format!("no devices in {doc}"))?;
+    if devices.len() != 1 {
+        return Err(format!(
+            "one device was given, the JSON outcome lists {}",
+            devices.len()
+        ));
+    }
+    devices
+        .iter()
+        .map(|d| {
+            d["fate"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("a device without a fate in {doc}"))
+        })
+        .collect()
+}
+
+/// The statuses of a command cancelled by a signal the soak sent, before its point of no
+/// return (docs/cli.md: 128 + the signal).
+fn cancelled_by(side: &Ended, code: i32) -> bool {
+    side.sent.iter().any(|s| 128 + s == code)
+}
+
+/// Judges one side alone: its status, its one error line, its JSON outcome; returns what
+/// became of its device and the session id its outcome names.
+pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String> {
+    if side.stderr.contains("panicked") {
+        return Err("it panicked".into());
+    }
+    if side.killed() {
+        return Ok((Held::Killed, None));
+    }
+    let code = side.code();
+    if code != 0 {
+        let errors = side.stderr.lines().filter(|l| l.contains("error:")).count();
+        if errors != 1 {
+            return Err(format!("exit {code} with {errors} error lines, not one"));
+        }
+    }
+    let doc = json(side)?;
+    let outcome = doc["outcome"].as_str().unwrap_or_default().to_owned();
+    let session = doc["session"].as_str().map(str::to_owned);
+    if code != 0 && doc["exit_status"] != code {
+        return Err(format!(
+            "exit {code}, but the JSON says {}",
+            doc["exit_status"]
+        ));
+    }
+    let held = match (which, code, outcome.as_str()) {
+        (Side::Source, 0, "completed") => Held::HandedOff,
+        (Side::Destination, 0, "resumed") => Held::Runs,
+        (_, 1, "failed") => rolled_back(which, &doc)?,
+        (_, c, "interrupted") if cancelled_by(side, c) => rolled_back(which, &doc)?,
+        (Side::Source, 3, "in-doubt") => {
+            let f = fates(&doc)?;
+            if f.iter().any(|f| f != "stopped") {
+                return Err(format!("in doubt, but not every device stopped: {f:?}"));
+            }
+            Held::InDoubt
+        }
+        (Side::Destination, 3, "in-doubt") => {
+            let f = fates(&doc)?;
+            if f.iter().any(|f| f != "reset" && f != "in-doubt") {
+                return Err(format!("in doubt, but a device's fate is {f:?}"));
+            }
+            Held::ResetInDoubt
+        }
+        _ => {
+            return Err(format!(
+                "exit {code} with outcome {outcome:?}: not in docs/cli.md's table"
+            ))
+        }
+    };
+    Ok((held, session))
+}
+
+/// A failure rolled back: each device untouched, back in RUNNING (source) or reset
+/// (destination).
+fn rolled_back(which: Side, doc: &serde_json::Value) -> Result<Held, String> {
+    let f = fates(doc)?;
+    let allowed: &[&str] = match which {
+        Side::Source => &["untouched", "returned-to-running", "running", "reset"],
+        Side::Destination => &["untouched", "reset"],
+    };
+    if let Some(bad) = f.iter().find(|f| !allowed.contains(&f.as_str())) {
+        return Err(format!("rolled back, but a device's fate is {bad:?}"));
+    }
+    Ok(match which {
+        Side::Source if f == ["reset"] => Held::Reset,
+        Side::Source => Held::Runs,
+        Side::Destination => Held::Idle,
+    })
+}
+
+/// The session id `send` printed on stderr before it connected (`vfio-mig: send: session
+/// HEX, ...`, or `save:` for `file:`).
+fn printed_session(source: &Ended) -> Option<String> {
+    let at = source.stderr.find(": session ")? + ": session ".len();
+    source.stderr.get(at..at + 32).map(str::to_owned)
+}
+
+/// Judges the whole run; every disagreement found, one line each.
+pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let (src, src_session) = match side(Side::Source, &outcome.source) {
+        Ok(s) => s,
+        Err(e) => {
+            wrong.push(format!("source: {e}"));
+            return wrong;
+        }
+    };
+    let session = printed_session(&outcome.source);
+    if src_session.is_some() && src_session != session {
+        wrong.push(format!(
+            "the source's JSON names session {src_session:?}, its stderr {session:?}"
+        ));
+    }
+    let Some(destination) = &outcome.destination else {
+        return judge_file(plan, outcome, src, wrong);
+    };
+    let (dst, dst_session) = match side(Side::Destination, destination) {
+        Ok(s) => s,
+        Err(e) => {
+            wrong.push(format!("destination: {e}"));
+            return wrong;
+        }
+    };
+    if outcome.stopped_idle_destination && dst != Held::Idle {
+        wrong.push(format!(
+            "the idle destination stopped by the soak ended {dst:?}"
+        ));
+    }
+    if dst_session.is_some() && session.is_some() && dst_session != session {
+        wrong.push(format!(
+            "the destination names session {dst_session:?}, the source {session:?}"
+        ));
+    }
+    // A source device is reset only when it failed itself, and its error line says so.
+    if src == Held::Reset
+        && !(matches!(
+            plan.fault,
+            Fault::Device {
+                side: Side::Source,
+                ..
+            }
+        ) && outcome.source.stderr.contains("was reset"))
+    {
+        wrong.push("the source's device was reset, but it had no fault of its own".into());
+    }
+    if dst == Held::ResetInDoubt && !matches!(src, Held::InDoubt | Held::Killed) {
+        wrong.push(format!(
+            "the destination is in doubt, but the source is {src:?}, not stopped"
+        ));
+    }
+    if src == Held::Runs && dst == Held::Runs {
+        wrong.push("both sides run the state".into());
+    }
+    if src == Held::HandedOff && dst == Held::Idle {
+        wrong.push(
+            "the state is lost: the source handed it off, the destination does not run it".into(),
+        );
+    }
+    // Whether the store says the destination completed this session (and so runs it).
+    let completed = match (&outcome.record, &session) {
+        (Record::Local(r), Some(s)) => r.completed.contains(s),
+        (Record::Shared(Some(r)), Some(s)) => r
+            .completed
+            .iter()
+            .any(|c| &c.session == s && c.by == DESTINATION_HOST),
+        (Record::Local(r), None) => !r.completed.is_empty(),
+        (Record::Shared(Some(r)), None) => !r.completed.is_empty(),
+        _ => false,
+    };
+    let owner = match &outcome.record {
+        Record::Shared(Some(r)) => Some(r.owner.as_str()),
+        _ => None,
+    };
+    if (dst == Held::Runs || src == Held::HandedOff) && !completed {
+        wrong.push(format!(
+            "the destination runs the state, but the store does not record session {session:?} as completed by it"
+        ));
+    }
+    if completed && (dst == Held::Idle || src == Held::Runs) {
+        wrong.push(format!(
+            "the store records the session as completed by the destination, but the source is {src:?} and the destination {dst:?}"
+        ));
+    }
+    if matches!(outcome.record, Record::Shared(_)) {
+        if completed && owner != Some(DESTINATION_HOST) {
+            wrong.push(format!(
+                "completed by the destination, but the store's owner is {owner:?}"
+            ));
+        }
+        if src == Held::Runs && owner == Some(DESTINATION_HOST) {
+            wrong.push(
+                "the source runs the state, but the store names the destination its owner".into(),
+            );
+        }
+    }
+    wrong
+}
+
+/// `send --to file:`: success leaves a complete file that loads into a device of the same
+/// seed (so the state is not lost); a failure returns the device to RUNNING and leaves no
+/// file and no partial file behind.
+fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>) -> Vec<String> {
+    let out = outcome.dir.join("out");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.map_while(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    match src {
+        Held::HandedOff => {
+            if names != ["state.vfiomig"] {
+                wrong.push(format!("saved, but the output directory holds {names:?}"));
+            }
+            let file = out.join("state.vfiomig");
+            let load = std::process::Command::new(crate::common::BIN)
+                .env("VFIO_MIG_LOCK_DIR", outcome.dir.join("load-lock"))
+                .env("VFIO_MIG_STATE_DIR", outcome.dir.join("load-state"))
+                .args(["load", &plan.device(Side::Destination), "-i"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            if !load.status.success() {
+                wrong.push(format!(
+                    "saved, but the file does not load: {}",
+                    String::from_utf8_lossy(&load.stderr)
+                ));
+            }
+        }
+        Held::Runs => {
+            if !names.is_empty() {
+                wrong.push(format!("failed, but the output directory holds {names:?}"));
+            }
+        }
+        other => wrong.push(format!("send --to file: ended {other:?}")),
+    }
+    wrong
+}
