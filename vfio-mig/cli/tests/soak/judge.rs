@@ -134,13 +134,6 @@ fn rolled_back(which: Side, doc: &serde_json::Value) -> Result<Held, String> {
     })
 }
 
-/// The session id `send` printed on stderr before it connected (`vfio-mig: send: session
-/// HEX, ...`, or `save:` for `file:`).
-fn printed_session(source: &Ended) -> Option<String> {
-    let at = source.stderr.find(": session ")? + ": session ".len();
-    source.stderr.get(at..at + 32).map(str::to_owned)
-}
-
 /// Judges the whole run; every disagreement found, one line each.
 pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
     let mut wrong = Vec::new();
@@ -151,7 +144,7 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
             return wrong;
         }
     };
-    let session = printed_session(&outcome.source);
+    let session = outcome.source.printed_session();
     if src_session.is_some() && src_session != session {
         wrong.push(format!(
             "the source's JSON names session {src_session:?}, its stderr {session:?}"
@@ -227,6 +220,9 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
             "the store records the session as completed by the destination, but the source is {src:?} and the destination {dst:?}"
         ));
     }
+    if let Some((retry, retry_dst)) = &outcome.resolution {
+        wrong.extend(resolution(completed, retry, retry_dst));
+    }
     if matches!(outcome.record, Record::Shared(_)) {
         if completed && owner != Some(DESTINATION_HOST) {
             wrong.push(format!(
@@ -240,6 +236,45 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
         }
     }
     wrong
+}
+
+/// The retry of an outcome in doubt (`send --session` to a new `recv`, healthy devices),
+/// against the record the store kept: a completed session is answered "already completed" on
+/// both sides (the state must not run twice); any other is handed off again, or fails
+/// cleanly with the source running.
+fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> {
+    let outcome = |e: &Ended| {
+        json(e)
+            .map(|d| d["outcome"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    let (src, dst) = (outcome(retry), outcome(retry_dst));
+    let answered = (retry.code(), src.as_str(), retry_dst.code(), dst.as_str());
+    let wrong = match (completed, answered) {
+        (true, (0, "already-completed", 0, "already-completed")) => None,
+        (true, _) => Some(format!(
+            "the store recorded the session completed, but its retry answered {answered:?}"
+        )),
+        (false, (0, "completed", 0, "resumed")) => None,
+        (false, (_, "already-completed", _, _) | (_, _, _, "already-completed")) => Some(format!(
+            "the store had no completion, but the retry answered {answered:?}"
+        )),
+        (false, _) => match (
+            side(Side::Source, retry),
+            side(Side::Destination, retry_dst),
+        ) {
+            (Ok((Held::Runs, _)), Ok((Held::Idle, _))) => None,
+            (s, d) => Some(format!("the retry ended {s:?} / {d:?}")),
+        },
+    };
+    wrong
+        .map(|w| {
+            vec![format!(
+                "{w}\n--- retry source:\n{}\n{}\n--- retry destination:\n{}\n{}",
+                retry.stderr, retry.stdout, retry_dst.stderr, retry_dst.stdout
+            )]
+        })
+        .unwrap_or_default()
 }
 
 /// `send --to file:`: success leaves a complete file that loads into a device of the same

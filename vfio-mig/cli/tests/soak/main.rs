@@ -105,7 +105,7 @@ fn sessions_agree_after_a_random_single_fault() {
     );
 }
 
-/// `source N, destination M` (or `killed`).
+/// `SOURCE / DESTINATION` exit statuses (or `killed`), and those of the retry in doubt.
 fn summary(outcome: &run::Outcome) -> String {
     let status = |e: &proc::Ended| {
         if e.killed() {
@@ -114,9 +114,13 @@ fn summary(outcome: &run::Outcome) -> String {
             e.code().to_string()
         }
     };
-    match &outcome.destination {
+    let first = match &outcome.destination {
         Some(d) => format!("{} / {}", status(&outcome.source), status(d)),
         None => format!("{} / file", status(&outcome.source)),
+    };
+    match &outcome.resolution {
+        Some((s, d)) => format!("{first}, retried: {} / {}", status(s), status(d)),
+        None => first,
     }
 }
 

@@ -188,6 +188,15 @@ impl Plan {
         spec
     }
 
+    /// The same mock without its fault: the device of a retry.
+    pub fn healthy_device(&self, side: Side) -> String {
+        let spec = self.device(side);
+        match spec.find(",fail-at=") {
+            Some(at) => spec[..at].to_owned(),
+            None => spec,
+        }
+    }
+
     /// The run's identity in the fencing store.
     pub fn fence_key(&self) -> String {
         format!("soak/run{}", self.index)

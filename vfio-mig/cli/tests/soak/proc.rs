@@ -42,6 +42,13 @@ impl Ended {
             .unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
     }
 
+    /// The session id `send` printed on stderr before it connected (`vfio-mig: send: session
+    /// HEX, ...`, or `save:` for `file:`).
+    pub fn printed_session(&self) -> Option<String> {
+        let at = self.stderr.find(": session ")? + ": session ".len();
+        self.stderr.get(at..at + 32).map(str::to_owned)
+    }
+
     /// Whether the soak's SIGKILL ended it.
     pub fn killed(&self) -> bool {
         self.status.signal() == Some(libc::SIGKILL) && self.sent.contains(&libc::SIGKILL)

@@ -65,6 +65,8 @@ pub struct Outcome {
     pub stopped_idle_destination: bool,
     /// The store's record.
     pub record: Record,
+    /// After an outcome in doubt: how `send --session` and a new `recv` ended.
+    pub resolution: Option<(Ended, Ended)>,
     /// The run's directory, where `file:` output went.
     pub dir: PathBuf,
     /// The full disk of the run, mounted until the run is judged.
@@ -157,12 +159,52 @@ impl World {
         if plan.transport == Transport::File {
             return self.run_file(plan, run, full_disk);
         }
+        let devices = [plan.device(Side::Source), plan.device(Side::Destination)];
+        let (source, destination, stopped_idle_destination) =
+            self.session(plan, run, &devices, &[], Some(&plan.fault))?;
+        let record = self.record(plan, run);
+        // An outcome in doubt is resolved as docs/cli.md says: the same send again with its
+        // session id, to a recv on the destination (devices without their faults).
+        let resolution = match source.printed_session() {
+            Some(session) if source.code() == 3 => {
+                let healthy = [
+                    plan.healthy_device(Side::Source),
+                    plan.healthy_device(Side::Destination),
+                ];
+                let retry = ["--session".to_owned(), session];
+                let (s, d, _) = self.session(plan, run, &healthy, &retry, None)?;
+                Some((s, d))
+            }
+            _ => None,
+        };
+        Ok(Outcome {
+            source,
+            destination: Some(destination),
+            stopped_idle_destination,
+            record,
+            resolution,
+            dir: run.to_owned(),
+            _full_disk: full_disk,
+        })
+    }
+
+    /// One session: `recv --once` of `devices[1]`, `send` of `devices[0]` with `extra`
+    /// arguments, `fault` injected; both awaited. Returns how each ended, and whether the
+    /// soak had to stop an idle `recv`.
+    fn session(
+        &mut self,
+        plan: &Plan,
+        run: &Path,
+        devices: &[String; 2],
+        extra: &[String],
+        fault: Option<&Fault>,
+    ) -> Result<(Ended, Ended, bool), Hung> {
         let listen = match plan.transport {
             Transport::Unix => format!("unix:{}", run.join("s").display()),
             _ => "tcp:127.0.0.1:0".into(),
         };
         let mut recv = self.cmd(plan, run, DESTINATION_HOST);
-        recv.args(["recv", &plan.device(Side::Destination), "--listen", &listen])
+        recv.args(["recv", &devices[1], "--listen", &listen])
             .arg("--once")
             .args(self.session_args(plan, Side::Destination));
         let mut recv = Proc::spawn(recv);
@@ -174,16 +216,17 @@ impl World {
             });
         };
         let mut send = self.cmd(plan, run, SOURCE_HOST);
-        send.args(["send", &plan.device(Side::Source), "--to", &addr])
+        send.args(["send", &devices[0], "--to", &addr])
             .args(plan.live.then_some("--live"))
-            .args(self.session_args(plan, Side::Source));
+            .args(self.session_args(plan, Side::Source))
+            .args(extra);
         let mut send = Proc::spawn(send);
         let mut killed_member = None;
-        match &plan.fault {
-            Fault::Kill { side, after } | Fault::Signal { side, after, .. } => {
+        match fault {
+            Some(Fault::Kill { side, after }) | Some(Fault::Signal { side, after, .. }) => {
                 std::thread::sleep(*after);
-                let signal = match plan.fault {
-                    Fault::Signal { signal, .. } => signal,
+                let signal = match fault {
+                    Some(Fault::Signal { signal, .. }) => *signal,
                     _ => libc::SIGKILL,
                 };
                 match side {
@@ -191,7 +234,7 @@ impl World {
                     Side::Destination => recv.signal(signal),
                 }
             }
-            Fault::EtcdMember { leader, after } => {
+            Some(Fault::EtcdMember { leader, after }) => {
                 let etcd = self.etcd.as_mut().expect("planned only with etcd");
                 let member = if *leader {
                     etcd.leader()
@@ -232,14 +275,7 @@ impl World {
             side: Side::Destination,
             ended,
         })?;
-        Ok(Outcome {
-            source,
-            destination: Some(destination),
-            stopped_idle_destination,
-            record: self.record(plan, run),
-            dir: run.to_owned(),
-            _full_disk: full_disk,
-        })
+        Ok((source, destination, stopped_idle_destination))
     }
 
     /// `send --to file:` into the run's `out` directory.
@@ -261,6 +297,7 @@ impl World {
             destination: None,
             stopped_idle_destination: false,
             record: Record::None,
+            resolution: None,
             dir: run.to_owned(),
             _full_disk: full_disk,
         })
