@@ -92,7 +92,20 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
         (Side::Source, 0, "completed") => Held::HandedOff,
         (Side::Destination, 0, "resumed") => Held::Runs,
         (_, 1, "failed") => rolled_back(which, &doc)?,
-        (_, c, "interrupted") if cancelled_by(side, c) => rolled_back(which, &doc)?,
+        (_, c, "interrupted") if cancelled_by(side, c) => {
+            let name = if c == 128 + libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            if doc["signal"] != name {
+                return Err(format!(
+                    "exit {c}, but the JSON names signal {}",
+                    doc["signal"]
+                ));
+            }
+            rolled_back(which, &doc)?
+        }
         (Side::Source, 3, "in-doubt") => {
             let f = fates(&doc)?;
             if f.iter().any(|f| f != "stopped") {
