@@ -5,6 +5,8 @@
 //! running the state, never the state lost, in doubt only with the source stopped, the store
 //! naming the destination only when it runs the state.
 
+use std::os::unix::process::ExitStatusExt;
+
 use crate::plan::{Fault, Plan, Side};
 use crate::proc::Ended;
 use crate::run::{Outcome, Record, DESTINATION_HOST};
@@ -71,6 +73,16 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
     }
     if side.killed() {
         return Ok((Held::Killed, None));
+    }
+    // A signal in the first instants of the process, before main() installed its handler,
+    // takes the default action: the process ends having printed and touched nothing.
+    let default_action = side.status.signal().is_some_and(|s| side.sent.contains(&s));
+    if default_action && side.stderr.is_empty() && side.stdout.is_empty() {
+        let untouched = match which {
+            Side::Source => Held::Runs,
+            Side::Destination => Held::Idle,
+        };
+        return Ok((untouched, None));
     }
     let code = side.code();
     if code != 0 {

@@ -41,17 +41,12 @@ pub enum Side {
 /// The one fault of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// SIGKILL to one side, `after` the source started.
-    Kill { side: Side, after: Duration },
-    /// SIGTERM or SIGINT to one side, `after` the source started.
-    Signal {
-        side: Side,
-        signal: i32,
-        after: Duration,
-    },
-    /// SIGKILL to an etcd member (the leader, or another), `after` the source started;
-    /// restarted once the run ended.
-    EtcdMember { leader: bool, after: Duration },
+    /// SIGKILL to one side.
+    Kill { side: Side, at: Moment },
+    /// SIGTERM or SIGINT to one side.
+    Signal { side: Side, signal: i32, at: Moment },
+    /// SIGKILL to an etcd member (the leader, or another); restarted once the run ended.
+    EtcdMember { leader: bool, at: Moment },
     /// The fencing store's directory (`dir:`), or without `--fence` the destination's state
     /// directory, on a tmpfs of `pages` pages.
     StateDiskFull { pages: u64 },
@@ -59,6 +54,17 @@ pub enum Fault {
     OutputDiskFull { pages: u64 },
     /// A `fail-at=RULE` of one side's mock.
     Device { side: Side, rule: String },
+}
+
+/// When a timed fault strikes: `after` the source started, or `after` the destination
+/// printed its session line (so that more faults land near the end of the session, around
+/// COMMIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// Counted from the destination's session line, not the source's start.
+    pub from_session: bool,
+    /// The delay.
+    pub after: Duration,
 }
 
 /// Everything a run does.
@@ -91,16 +97,27 @@ pub struct Means {
     pub tmpfs: bool,
 }
 
-/// Latest moment of a timed fault: a run on a 4-16 MiB mock takes about this long on a
-/// loaded machine, so faults land before, during and after the session.
+/// Latest moment of a timed fault from the source's start: a run on a 4-16 MiB mock takes
+/// about this long on a loaded machine, so faults land before, during and after the session.
 const LATEST_FAULT_MS: u64 = 150;
+/// Latest moment of a timed fault from the destination's session line.
+const LATEST_IN_SESSION_MS: u64 = 80;
 
 impl Plan {
     /// Draws run `index` from `rng`, using only what `means` offers.
     pub fn draw(rng: &mut fastrand::Rng, index: usize, means: Means) -> Plan {
         let protocol = if rng.bool() { "v2" } else { "v1" };
         let size_mib = rng.u64(4..=16);
-        let after = Duration::from_millis(rng.u64(0..=LATEST_FAULT_MS));
+        let from_session = rng.bool();
+        let latest = if from_session {
+            LATEST_IN_SESSION_MS
+        } else {
+            LATEST_FAULT_MS
+        };
+        let at = Moment {
+            from_session,
+            after: Duration::from_millis(rng.u64(0..=latest)),
+        };
         let side = if rng.bool() {
             Side::Source
         } else {
@@ -122,7 +139,7 @@ impl Plan {
             kinds.extend(["state-disk", "output-disk"]);
         }
         let fault = match kinds[rng.usize(..kinds.len())] {
-            "kill" => Fault::Kill { side, after },
+            "kill" => Fault::Kill { side, at },
             "signal" => Fault::Signal {
                 side,
                 signal: if rng.bool() {
@@ -130,13 +147,13 @@ impl Plan {
                 } else {
                     libc::SIGINT
                 },
-                after,
+                at,
             },
             "etcd" => {
                 store = Store::Etcd;
                 Fault::EtcdMember {
                     leader: rng.bool(),
-                    after,
+                    at,
                 }
             }
             "state-disk" => {

@@ -12,7 +12,7 @@ use vfio_mig_fence::{DeviceKey, DirStore, FenceRecord, HandoffRecord, SharedFenc
 
 use crate::cluster::EtcdCluster;
 use crate::common::{Pki, BIN};
-use crate::plan::{Fault, Plan, Side, Store, Transport};
+use crate::plan::{Fault, Moment, Plan, Side, Store, Transport};
 use crate::proc::{Ended, Proc};
 use crate::tmpfs::Tmpfs;
 
@@ -223,8 +223,8 @@ impl World {
         let mut send = Proc::spawn(send);
         let mut killed_member = None;
         match fault {
-            Some(Fault::Kill { side, after }) | Some(Fault::Signal { side, after, .. }) => {
-                std::thread::sleep(*after);
+            Some(Fault::Kill { side, at }) | Some(Fault::Signal { side, at, .. }) => {
+                strike_at(*at, &recv, &send);
                 let signal = match fault {
                     Some(Fault::Signal { signal, .. }) => *signal,
                     _ => libc::SIGKILL,
@@ -234,14 +234,14 @@ impl World {
                     Side::Destination => recv.signal(signal),
                 }
             }
-            Some(Fault::EtcdMember { leader, after }) => {
+            Some(Fault::EtcdMember { leader, at }) => {
                 let etcd = self.etcd.as_mut().expect("planned only with etcd");
                 let member = if *leader {
                     etcd.leader()
                 } else {
                     (etcd.leader() + 1) % 3
                 };
-                std::thread::sleep(*after);
+                strike_at(*at, &recv, &send);
                 etcd.kill(member);
                 killed_member = Some(member);
             }
@@ -327,4 +327,18 @@ impl World {
             Store::Etcd => shared(Arc::new(self.etcd.as_ref().unwrap().store())),
         }
     }
+}
+
+/// Waits for a timed fault's moment: its delay, counted from now (the source's start) or
+/// from the destination's session line (or either process's end, if no session comes).
+fn strike_at(at: Moment, recv: &Proc, send: &Proc) {
+    if at.from_session {
+        while !send.exited() && !recv.exited() {
+            let poll = Duration::from_millis(50);
+            if recv.wait_line("vfio-mig: recv: session ", poll).is_some() {
+                break;
+            }
+        }
+    }
+    std::thread::sleep(at.after);
 }
