@@ -102,6 +102,8 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
     }
     let held = match (which, code, outcome.as_str()) {
         (Side::Source, 0, "completed") => Held::HandedOff,
+        // `save --json` prints its save report (docs/cli.md, "JSON output").
+        (Side::Source, 0, "") if doc["stop_copy_bytes"].is_u64() => Held::HandedOff,
         (Side::Destination, 0, "resumed") => Held::Runs,
         (_, 1, "failed") => rolled_back(which, &doc)?,
         (_, c, "interrupted") if cancelled_by(side, c) => {
@@ -302,7 +304,7 @@ fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> 
         .unwrap_or_default()
 }
 
-/// `send --to file:`: success leaves a complete file that loads into a device of the same
+/// `send --to file:` or `save -o`: success leaves a complete file that loads into a device of the same
 /// seed (so the state is not lost); a failure returns the device to RUNNING and leaves no
 /// file and no partial file behind.
 fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>) -> Vec<String> {
@@ -339,7 +341,7 @@ fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>)
                 wrong.push(format!("failed, but the output directory holds {names:?}"));
             }
         }
-        other => wrong.push(format!("send --to file: ended {other:?}")),
+        other => wrong.push(format!("the save into a file ended {other:?}")),
     }
     wrong
 }

@@ -16,6 +16,8 @@ pub enum Transport {
     Tls,
     /// `send --to file:PATH` (no destination process).
     File,
+    /// `save -o PATH` (no destination process).
+    Save,
 }
 
 /// Where the handoff is recorded.
@@ -50,7 +52,7 @@ pub enum Fault {
     /// The fencing store's directory (`dir:`), or without `--fence` the destination's state
     /// directory, on a tmpfs of `pages` pages.
     StateDiskFull { pages: u64 },
-    /// `send --to file:` onto a tmpfs of `pages` pages.
+    /// `send --to file:` or `save -o` onto a tmpfs of `pages` pages.
     OutputDiskFull { pages: u64 },
     /// A `fail-at=RULE` of one side's mock.
     Device { side: Side, rule: String },
@@ -163,10 +165,15 @@ impl Plan {
                 }
             }
             "output-disk" => {
-                transport = Transport::File;
+                transport = if rng.bool() {
+                    Transport::File
+                } else {
+                    Transport::Save
+                };
                 store = Store::Local;
                 Fault::OutputDiskFull {
-                    pages: rng.u64(1..=size_mib * 256 + 8),
+                    // Up to a quarter more than the state: some saves fit.
+                    pages: rng.u64(1..=size_mib * 320),
                 }
             }
             _ => Fault::Device {

@@ -156,7 +156,7 @@ impl World {
             Fault::OutputDiskFull { pages } => Some(Tmpfs::mount(&run.join("out"), pages)),
             _ => None,
         };
-        if plan.transport == Transport::File {
+        if matches!(plan.transport, Transport::File | Transport::Save) {
             return self.run_file(plan, run, full_disk);
         }
         let devices = [plan.device(Side::Source), plan.device(Side::Destination)];
@@ -278,14 +278,19 @@ impl World {
         Ok((source, destination, stopped_idle_destination))
     }
 
-    /// `send --to file:` into the run's `out` directory.
+    /// `send --to file:` or `save -o` into the run's `out` directory.
     fn run_file(&self, plan: &Plan, run: &Path, full_disk: Option<Tmpfs>) -> Result<Outcome, Hung> {
         let file = run.join("out").join("state.vfiomig");
         let mut send = self.cmd(plan, run, SOURCE_HOST);
-        send.args(["send", &plan.device(Side::Source), "--to"])
-            .arg(format!("file:{}", file.display()))
-            .args(plan.live.then_some("--live"))
-            .arg("--json");
+        match plan.transport {
+            Transport::Save => send
+                .args(["save", &plan.device(Side::Source), "-o"])
+                .arg(&file),
+            _ => send
+                .args(["send", &plan.device(Side::Source), "--to"])
+                .arg(format!("file:{}", file.display())),
+        };
+        send.args(plan.live.then_some("--live")).arg("--json");
         let source = Proc::spawn(send)
             .wait(PROCESS_LIMIT)
             .map_err(|ended| Hung {
