@@ -107,10 +107,10 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
         (Side::Destination, 0, "resumed") => Held::Runs,
         (_, 1, "failed") => rolled_back(which, &doc)?,
         (_, c, "interrupted") if cancelled_by(side, c) => {
-            let name = if c == 128 + libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
+            let name = match c - 128 {
+                libc::SIGINT => "SIGINT",
+                libc::SIGHUP => "SIGHUP",
+                _ => "SIGTERM",
             };
             if doc["signal"] != name {
                 return Err(format!(

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The soak under faults (issue 21): seeded random runs of `send` and `recv` processes (two
-//! simulated hosts) over every transport (unix, TCP `--insecure`, TLS, and `file:`) and
+//! simulated hosts) over every transport (unix, TCP `--insecure`, TLS, `file:`, `save -o`) and
 //! fencing store (none, `dir:`, the 3-member etcd cluster), each with one random fault: a
-//! side killed (SIGKILL) or signalled (SIGTERM, SIGINT) at a random moment, an etcd member
+//! side killed (SIGKILL) or signalled (SIGTERM, SIGINT, SIGHUP) at a random moment, an etcd member
 //! killed (and restarted after), a full disk under the store or the output (a small tmpfs,
 //! as root), a device fault on either side. After each run the exit statuses, the `--json`
 //! outcomes, the store's record and the devices' fates must agree (judge.rs).

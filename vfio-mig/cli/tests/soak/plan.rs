@@ -45,7 +45,7 @@ pub enum Side {
 pub enum Fault {
     /// SIGKILL to one side.
     Kill { side: Side, at: Moment },
-    /// SIGTERM or SIGINT to one side.
+    /// SIGTERM, SIGINT or SIGHUP to one side.
     Signal { side: Side, signal: i32, at: Moment },
     /// SIGKILL to an etcd member (the leader, or another); restarted once the run ended.
     EtcdMember { leader: bool, at: Moment },
@@ -144,11 +144,7 @@ impl Plan {
             "kill" => Fault::Kill { side, at },
             "signal" => Fault::Signal {
                 side,
-                signal: if rng.bool() {
-                    libc::SIGTERM
-                } else {
-                    libc::SIGINT
-                },
+                signal: [libc::SIGTERM, libc::SIGINT, libc::SIGHUP][rng.usize(..3)],
                 at,
             },
             "etcd" => {
