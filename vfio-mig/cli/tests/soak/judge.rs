@@ -239,12 +239,14 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
     };
     if (dst == Held::Runs || src == Held::HandedOff) && !completed {
         wrong.push(format!(
-            "the destination runs the state, but the store does not record session {session:?} as completed by it"
+            "the destination runs the state, but the store does not record session \
+             {session:?} as completed by it"
         ));
     }
     if completed && (dst == Held::Idle || src == Held::Runs) {
         wrong.push(format!(
-            "the store records the session as completed by the destination, but the source is {src:?} and the destination {dst:?}"
+            "the store records the session as completed by the destination, but the source \
+             is {src:?} and the destination {dst:?}"
         ));
     }
     if let Some((retry, retry_dst)) = &outcome.resolution {
@@ -304,8 +306,8 @@ fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> 
         .unwrap_or_default()
 }
 
-/// `send --to file:` or `save -o`: success leaves a complete file that loads into a device of the same
-/// seed (so the state is not lost); a failure returns the device to RUNNING and leaves no
+/// `send --to file:` or `save -o`: success leaves a complete file that loads into a device
+/// of the same seed (so the state is not lost); a failure returns the device to RUNNING and leaves no
 /// file and no partial file behind.
 fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>) -> Vec<String> {
     let out = outcome.dir.join("out");
