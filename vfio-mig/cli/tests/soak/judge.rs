@@ -307,8 +307,8 @@ fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> 
 }
 
 /// `send --to file:` or `save -o`: success leaves a complete file that loads into a device
-/// of the same seed (so the state is not lost); a failure returns the device to RUNNING and leaves no
-/// file and no partial file behind.
+/// of the same seed (so the state is not lost); a failure returns the device to RUNNING and
+/// leaves no file and no partial file behind.
 fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>) -> Vec<String> {
     let out = outcome.dir.join("out");
     let names: Vec<String> = std::fs::read_dir(&out)
