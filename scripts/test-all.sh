@@ -65,10 +65,12 @@ if ! command -v etcd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get
         systemctl disable --now etcd >/dev/null 2>&1 || true
     fi
 fi
-# As root the network-namespace and etcd tests must really run: a skip would fail the suite.
+# As root the network-namespace, etcd and tmpfs tests must really run: a skip would fail the suite.
 if [ "$(id -u)" = 0 ]; then
     export VFIO_MIG_REQUIRE_NETNS=1
     export VFIO_MIG_REQUIRE_ETCD=1
+    # The soak's full-disk faults (vfio-mig/cli/tests/soak) mount small tmpfs.
+    export VFIO_MIG_REQUIRE_TMPFS=1
 fi
 if [ "${VFIO_MIG_SKIP_VFIO_USER:-0}" = 1 ]; then
     step "vfio-user tests SKIPPED (VFIO_MIG_SKIP_VFIO_USER=1): this is not a full pass"

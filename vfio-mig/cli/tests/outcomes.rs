@@ -169,6 +169,22 @@ fn a_failure_prints_its_json_outcome_with_each_devices_fate() {
     assert!(outcome["session"].is_null(), "{outcome}");
 }
 
+/// A device given with its options in another order than the mock's canonical spelling
+/// (`id=` before `fail-at=`) is still one device in the outcome, listed as given, with the
+/// fate the error names (the failed STOP left it RUNNING: docs/cli.md's `running`), not a
+/// second entry beside an "untouched" one.
+#[test]
+fn a_device_spelled_out_of_order_has_one_fate() {
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,seed=1,id=spelled,fail-at=state-write@1";
+    let f = dirs.path("out");
+    let o = dirs.run(&["save", dev, "-o", f.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let outcome = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(outcome["devices"].as_array().unwrap().len(), 1, "{outcome}");
+    assert_eq!(fate(&outcome, dev), "running", "{outcome}");
+}
+
 /// A second signal ends the command at once, without rollback: status 4 (not "rolled
 /// back"), and the JSON outcome says the devices' states are unknown.
 #[test]

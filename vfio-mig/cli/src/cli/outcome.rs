@@ -137,6 +137,13 @@ fn named_fates(e: &Error) -> Vec<(String, &'static str)> {
     named
 }
 
+/// The spelling errors name a device by: a mock's specification with its options in their
+/// canonical order (the user may give them in any), any other name as given.
+fn canonical(name: &str) -> String {
+    name.parse::<vfio_mig_mock::MockSpec>()
+        .map_or_else(|_| name.to_owned(), |spec| spec.to_string())
+}
+
 /// Every device of `c` with its fate: as the error names it, else by the outcome (in doubt:
 /// sources stopped, destinations may run; abandoned: unknown; a failure that names no
 /// device came before any was touched).
@@ -155,7 +162,7 @@ fn fates(c: &Context, kind: &'static str, e: Option<&Error>) -> Vec<Fate> {
                 ("past-no-return", Side::Destination) => "running-or-reset",
                 _ => named
                     .iter()
-                    .find(|(d, _)| d == device)
+                    .find(|(d, _)| canonical(d) == canonical(device))
                     .map_or("untouched", |(_, f)| *f),
             };
             Fate {
@@ -166,7 +173,10 @@ fn fates(c: &Context, kind: &'static str, e: Option<&Error>) -> Vec<Fate> {
         .collect();
     // A device the error names by another spelling is listed as named.
     for (device, fate) in named {
-        if !out.iter().any(|f| f.device == device) {
+        if !out
+            .iter()
+            .any(|f| canonical(&f.device) == canonical(&device))
+        {
             out.push(Fate { device, fate });
         }
     }

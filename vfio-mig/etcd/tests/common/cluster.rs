@@ -40,6 +40,25 @@ struct Member {
     client: String,
     metrics: String,
     child: Option<Child>,
+    /// How it was started, so that [`EtcdCluster::restart`] starts it again the same way.
+    command: Vec<std::ffi::OsString>,
+    log: PathBuf,
+}
+
+/// Starts an etcd member: `command` (the binary, then its arguments), stderr appended to `log`.
+fn spawn_member(command: &[std::ffi::OsString], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {:?}: {e}", command[0]))
 }
 
 /// A 3-member etcd cluster on 127.0.0.1, killed (and its data removed) when dropped.
@@ -199,7 +218,7 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("m{i}");
-            let log = std::fs::File::create(data.path().join(format!("{name}.log"))).unwrap();
+            let log = data.path().join(format!("{name}.log"));
             let metrics = free_port();
             let mut cmd = Command::new(&binary);
             if let Some(pki) = &pki {
@@ -211,8 +230,7 @@ impl EtcdCluster {
                     .arg("--trusted-ca-file")
                     .arg(&pki.ca);
             }
-            let child = cmd
-                .args(["--name", &name])
+            cmd.args(["--name", &name])
                 .arg("--data-dir")
                 .arg(data.path().join(&name))
                 .args([
@@ -234,17 +252,20 @@ impl EtcdCluster {
                 ])
                 .args(["--initial-cluster", &initial.join(",")])
                 .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+                .args(["--initial-cluster-token", &token]);
+            // A restart finds its data directory and ignores the --initial-cluster options.
+            let command: Vec<std::ffi::OsString> = std::iter::once(cmd.get_program())
+                .chain(cmd.get_args())
+                .map(ToOwned::to_owned)
+                .collect();
+            let child = spawn_member(&command, &log);
             members.push(Member {
                 name,
                 client: format!("127.0.0.1:{client}"),
                 metrics: format!("127.0.0.1:{metrics}"),
                 child: Some(child),
+                command,
+                log,
             });
         }
         let cluster = Self {
@@ -272,8 +293,7 @@ impl EtcdCluster {
                     Err(e) => panic!(
                         "etcd member {} did not come up in {START_TIMEOUT:?}: {e}; its log: {}",
                         m.name,
-                        std::fs::read_to_string(self._data.path().join(format!("{}.log", m.name)))
-                            .unwrap_or_default()
+                        std::fs::read_to_string(&m.log).unwrap_or_default()
                     ),
                 }
             }
@@ -343,6 +363,16 @@ impl EtcdCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts member `i` again after [`EtcdCluster::kill`] (on its data directory, so it
+    /// rejoins as itself) and waits until every member answers.
+    pub fn restart(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if m.child.is_none() {
+            m.child = Some(spawn_member(&m.command, &m.log));
+        }
+        self.wait_ready();
     }
 
     /// Kills every member.

@@ -1,0 +1,349 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Carrying out one planned run: two simulated hosts (`host-a` sends, `host-b` receives) with
+//! their own lock and state directories, the fault injected, both processes awaited, and the
+//! store's record read afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfio_mig_fence::{DeviceKey, DirStore, FenceRecord, HandoffRecord, SharedFencing, StateFence};
+
+use crate::cluster::EtcdCluster;
+use crate::common::{Pki, BIN};
+use crate::plan::{Fault, Moment, Plan, Side, Store, Transport};
+use crate::proc::{Ended, Proc};
+use crate::tmpfs::Tmpfs;
+
+/// The fencing variables of the caller's environment, which no run inherits.
+const INHERITED: [&str; 9] = [
+    "RUST_LOG",
+    "VFIO_MIG_FENCE",
+    "VFIO_MIG_FENCE_CA",
+    "VFIO_MIG_FENCE_CERT",
+    "VFIO_MIG_FENCE_CERT_KEY",
+    "VFIO_MIG_FENCE_INSECURE",
+    "VFIO_MIG_TLS_CERT",
+    "VFIO_MIG_TLS_KEY",
+    "VFIO_MIG_TLS_CA",
+];
+
+/// The longest a process may take once its run's fault happened: the peer timeouts below
+/// (5 s) plus the destination's store calls (3 of at most 2 s), twice over.
+const PROCESS_LIMIT: Duration = Duration::from_secs(30);
+
+/// What every run shares: its directory, the TLS identities, the etcd cluster.
+pub struct World {
+    /// The soak's directory.
+    pub dir: tempfile::TempDir,
+    /// The TLS identities of the hosts.
+    pub pki: Pki,
+    /// The 3-member cluster, when etcd is installed.
+    pub etcd: Option<EtcdCluster>,
+}
+
+/// What the store says of the run's device state after the run.
+#[derive(Debug)]
+pub enum Record {
+    /// The destination's own record (no `--fence`).
+    Local(FenceRecord),
+    /// The shared store's record (none: the handoff never reached it).
+    Shared(Option<HandoffRecord>),
+    /// No record is kept (`send --to file:`).
+    None,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// `send`.
+    pub source: Ended,
+    /// `recv` (none for `file:`).
+    pub destination: Option<Ended>,
+    /// The soak had to stop an idle `recv` that never got a session (SIGTERM).
+    pub stopped_idle_destination: bool,
+    /// The store's record.
+    pub record: Record,
+    /// After an outcome in doubt: how `send --session` and a new `recv` ended.
+    pub resolution: Option<(Ended, Ended)>,
+    /// The run's directory, where `file:` output went.
+    pub dir: PathBuf,
+    /// The full disk of the run, mounted until the run is judged.
+    pub _full_disk: Option<Tmpfs>,
+}
+
+/// A side that did not end within [`PROCESS_LIMIT`].
+#[derive(Debug)]
+pub struct Hung {
+    /// Which.
+    pub side: Side,
+    /// What it printed before it was killed.
+    pub ended: Ended,
+}
+
+/// The owner names of the two hosts in the store.
+pub const SOURCE_HOST: &str = "host-a";
+/// See [`SOURCE_HOST`].
+pub const DESTINATION_HOST: &str = "host-b";
+
+impl World {
+    /// `vfio-mig` as `host` of run `plan` (its directories, the store, `--json`, short
+    /// timeouts).
+    fn cmd(&self, plan: &Plan, run: &Path, host: &str) -> Command {
+        let mut c = Command::new(BIN);
+        for v in INHERITED {
+            c.env_remove(v);
+        }
+        c.env("VFIO_MIG_LOCK_DIR", run.join(host).join("lock"))
+            .env("VFIO_MIG_STATE_DIR", run.join(host).join("state"));
+        match plan.store {
+            Store::Local => {}
+            Store::Dir => {
+                c.arg("--fence")
+                    .arg(format!("dir:{}", run.join("store").display()));
+            }
+            Store::Etcd => {
+                let etcd = self.etcd.as_ref().expect("planned only with etcd");
+                let pki = etcd.pki();
+                c.args(["--fence", &etcd.url()])
+                    .arg("--fence-ca")
+                    .arg(&pki.ca)
+                    .arg("--fence-cert")
+                    .arg(&pki.host.cert)
+                    .arg("--fence-cert-key")
+                    .arg(&pki.host.key);
+            }
+        }
+        if plan.store != Store::Local {
+            c.args(["--fence-owner", host, "--fence-key", &plan.fence_key()])
+                .args(["--fence-timeout", "2"]);
+        }
+        c
+    }
+
+    /// The arguments both sides of a socket session take: TLS or `--insecure`, timeouts.
+    fn session_args(&self, plan: &Plan, side: Side) -> Vec<String> {
+        let mut a: Vec<String> = ["--json", "--timeout", "5", "--handshake-timeout", "5"]
+            .map(String::from)
+            .to_vec();
+        match (plan.transport, side) {
+            (Transport::TcpInsecure, _) => a.push("--insecure".into()),
+            (Transport::Tls, Side::Source) => {
+                a.extend(self.pki.src.args());
+                a.extend(["--tls-server-name".into(), "dst.example".into()]);
+            }
+            (Transport::Tls, Side::Destination) => {
+                a.extend(self.pki.dst.args());
+                a.extend(["--allow".into(), "dns:src.example".into()]);
+            }
+            _ => {}
+        }
+        a
+    }
+
+    /// Carries out `plan` in `run` (a fresh directory).
+    pub fn run(&mut self, plan: &Plan, run: &Path) -> Result<Outcome, Hung> {
+        std::fs::create_dir_all(run).unwrap();
+        let full_disk = match plan.fault {
+            Fault::StateDiskFull { pages } => Some(Tmpfs::mount(
+                &match plan.store {
+                    Store::Dir => run.join("store"),
+                    _ => run.join(DESTINATION_HOST).join("state"),
+                },
+                pages,
+            )),
+            Fault::OutputDiskFull { pages } => Some(Tmpfs::mount(&run.join("out"), pages)),
+            _ => None,
+        };
+        if matches!(plan.transport, Transport::File | Transport::Save) {
+            return self.run_file(plan, run, full_disk);
+        }
+        let devices = [plan.device(Side::Source), plan.device(Side::Destination)];
+        let (source, destination, stopped_idle_destination) =
+            self.session(plan, run, &devices, &[], Some(&plan.fault))?;
+        let record = self.record(plan, run);
+        // An outcome in doubt is resolved as docs/cli.md says: the same send again with its
+        // session id, to a recv on the destination (devices without their faults).
+        let resolution = match source.printed_session() {
+            Some(session) if source.code() == 3 => {
+                let healthy = [
+                    plan.healthy_device(Side::Source),
+                    plan.healthy_device(Side::Destination),
+                ];
+                let retry = ["--session".to_owned(), session];
+                let (s, d, _) = self.session(plan, run, &healthy, &retry, None)?;
+                Some((s, d))
+            }
+            _ => None,
+        };
+        Ok(Outcome {
+            source,
+            destination: Some(destination),
+            stopped_idle_destination,
+            record,
+            resolution,
+            dir: run.to_owned(),
+            _full_disk: full_disk,
+        })
+    }
+
+    /// One session: `recv --once` of `devices[1]`, `send` of `devices[0]` with `extra`
+    /// arguments, `fault` injected; both awaited. Returns how each ended, and whether the
+    /// soak had to stop an idle `recv`.
+    fn session(
+        &mut self,
+        plan: &Plan,
+        run: &Path,
+        devices: &[String; 2],
+        extra: &[String],
+        fault: Option<&Fault>,
+    ) -> Result<(Ended, Ended, bool), Hung> {
+        let listen = match plan.transport {
+            Transport::Unix => format!("unix:{}", run.join("s").display()),
+            _ => "tcp:127.0.0.1:0".into(),
+        };
+        let mut recv = self.cmd(plan, run, DESTINATION_HOST);
+        recv.args(["recv", &devices[1], "--listen", &listen])
+            .arg("--once")
+            .args(self.session_args(plan, Side::Destination));
+        let mut recv = Proc::spawn(recv);
+        let Some(addr) = recv.wait_line("vfio-mig: recv: listening on ", PROCESS_LIMIT) else {
+            let ended = recv.wait(PROCESS_LIMIT);
+            return Err(Hung {
+                side: Side::Destination,
+                ended: ended.unwrap_or_else(|e| e),
+            });
+        };
+        let mut send = self.cmd(plan, run, SOURCE_HOST);
+        send.args(["send", &devices[0], "--to", &addr])
+            .args(plan.live.then_some("--live"))
+            .args(self.session_args(plan, Side::Source))
+            .args(extra);
+        let mut send = Proc::spawn(send);
+        let mut killed_member = None;
+        match fault {
+            Some(Fault::Kill { side, at }) | Some(Fault::Signal { side, at, .. }) => {
+                strike_at(*at, &recv, &send);
+                let signal = match fault {
+                    Some(Fault::Signal { signal, .. }) => *signal,
+                    _ => libc::SIGKILL,
+                };
+                match side {
+                    Side::Source => send.signal(signal),
+                    Side::Destination => recv.signal(signal),
+                }
+            }
+            Some(Fault::EtcdMember { leader, at }) => {
+                let etcd = self.etcd.as_mut().expect("planned only with etcd");
+                let member = if *leader {
+                    etcd.leader()
+                } else {
+                    (etcd.leader() + 1) % 3
+                };
+                strike_at(*at, &recv, &send);
+                etcd.kill(member);
+                killed_member = Some(member);
+            }
+            _ => {}
+        }
+        let source = send.wait(PROCESS_LIMIT);
+        // A recv whose source never opened a session keeps listening, as it should: the soak
+        // stops it as an operator would. One that began a session must end on its own.
+        let mut stopped_idle_destination = false;
+        if !recv.exited() && !recv.printed("recv: session ") {
+            let source_gone = source.as_ref().map_or(true, |s| s.code() != 0);
+            if source_gone
+                && recv
+                    .wait_line("vfio-mig: recv: session ", Duration::from_secs(6))
+                    .is_none()
+                && !recv.exited()
+            {
+                recv.signal(libc::SIGTERM);
+                stopped_idle_destination = true;
+            }
+        }
+        let destination = recv.wait(PROCESS_LIMIT);
+        if let Some(member) = killed_member {
+            self.etcd.as_mut().unwrap().restart(member);
+        }
+        let source = source.map_err(|ended| Hung {
+            side: Side::Source,
+            ended,
+        })?;
+        let destination = destination.map_err(|ended| Hung {
+            side: Side::Destination,
+            ended,
+        })?;
+        Ok((source, destination, stopped_idle_destination))
+    }
+
+    /// `send --to file:` or `save -o` into the run's `out` directory.
+    fn run_file(&self, plan: &Plan, run: &Path, full_disk: Option<Tmpfs>) -> Result<Outcome, Hung> {
+        let file = run.join("out").join("state.vfiomig");
+        let mut send = self.cmd(plan, run, SOURCE_HOST);
+        match plan.transport {
+            Transport::Save => send
+                .args(["save", &plan.device(Side::Source), "-o"])
+                .arg(&file),
+            _ => send
+                .args(["send", &plan.device(Side::Source), "--to"])
+                .arg(format!("file:{}", file.display())),
+        };
+        send.args(plan.live.then_some("--live")).arg("--json");
+        let source = Proc::spawn(send)
+            .wait(PROCESS_LIMIT)
+            .map_err(|ended| Hung {
+                side: Side::Source,
+                ended,
+            })?;
+        Ok(Outcome {
+            source,
+            destination: None,
+            stopped_idle_destination: false,
+            record: Record::None,
+            resolution: None,
+            dir: run.to_owned(),
+            _full_disk: full_disk,
+        })
+    }
+
+    /// The record of the run's device state in its store.
+    fn record(&self, plan: &Plan, run: &Path) -> Record {
+        let shared = |store: Arc<dyn vfio_mig_fence::FenceStore>| {
+            let fencing = SharedFencing::new(store, "soak-judge").unwrap();
+            Record::Shared(
+                fencing
+                    .record(&plan.fence_key())
+                    .unwrap_or_else(|e| panic!("read the store's record: {e}")),
+            )
+        };
+        match plan.store {
+            Store::Local => {
+                let key = DeviceKey::from_text(format!("mock:dst{}", plan.index));
+                let state = StateFence::new(&run.join(DESTINATION_HOST).join("state"), &key);
+                Record::Local(
+                    state
+                        .load()
+                        .unwrap_or_else(|e| panic!("read the destination's record: {e}")),
+                )
+            }
+            Store::Dir => shared(Arc::new(DirStore::new(run.join("store")))),
+            Store::Etcd => shared(Arc::new(self.etcd.as_ref().unwrap().store())),
+        }
+    }
+}
+
+/// Waits for a timed fault's moment: its delay, counted from now (the source's start) or
+/// from the destination's session line (or either process's end, if no session comes).
+fn strike_at(at: Moment, recv: &Proc, send: &Proc) {
+    if at.from_session {
+        while !send.exited() && !recv.exited() {
+            let poll = Duration::from_millis(50);
+            if recv.wait_line("vfio-mig: recv: session ", poll).is_some() {
+                break;
+            }
+        }
+    }
+    std::thread::sleep(at.after);
+}
