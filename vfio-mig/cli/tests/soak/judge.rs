@@ -325,6 +325,7 @@ fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>)
             }
             let file = out.join("state.vfiomig");
             let load = std::process::Command::new(crate::common::BIN)
+                .env("VFIO_MIG_CONFIG", "/dev/null")
                 .env("VFIO_MIG_LOCK_DIR", outcome.dir.join("load-lock"))
                 .env("VFIO_MIG_STATE_DIR", outcome.dir.join("load-state"))
                 .args(["load", &plan.device(Side::Destination), "-i"])

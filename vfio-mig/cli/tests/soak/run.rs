@@ -88,14 +88,17 @@ pub const SOURCE_HOST: &str = "host-a";
 pub const DESTINATION_HOST: &str = "host-b";
 
 impl World {
-    /// `vfio-mig` as `host` of run `plan` (its directories, the store, `--json`, short
-    /// timeouts).
-    fn cmd(&self, plan: &Plan, run: &Path, host: &str) -> Command {
+    /// `vfio-mig COMMAND...` as `host` of run `plan` (its directories, the store, short
+    /// timeouts; the store's options follow the command, which owns them).
+    fn cmd(&self, plan: &Plan, run: &Path, host: &str, command: &[String]) -> Command {
         let mut c = Command::new(BIN);
+        c.args(command);
         for v in INHERITED {
             c.env_remove(v);
         }
-        c.env("VFIO_MIG_LOCK_DIR", run.join(host).join("lock"))
+        // An empty configuration: a host's own /etc/vfio-mig/config.toml never leaks in.
+        c.env("VFIO_MIG_CONFIG", "/dev/null")
+            .env("VFIO_MIG_LOCK_DIR", run.join(host).join("lock"))
             .env("VFIO_MIG_STATE_DIR", run.join(host).join("state"));
         match plan.store {
             Store::Local => {}
@@ -203,9 +206,9 @@ impl World {
             Transport::Unix => format!("unix:{}", run.join("s").display()),
             _ => "tcp:127.0.0.1:0".into(),
         };
-        let mut recv = self.cmd(plan, run, DESTINATION_HOST);
-        recv.args(["recv", &devices[1], "--listen", &listen])
-            .arg("--once")
+        let recv_command = ["recv", &devices[1], "--listen", &listen].map(String::from);
+        let mut recv = self.cmd(plan, run, DESTINATION_HOST, &recv_command);
+        recv.arg("--once")
             .args(self.session_args(plan, Side::Destination));
         let mut recv = Proc::spawn(recv);
         let Some(addr) = recv.wait_line("vfio-mig: recv: listening on ", PROCESS_LIMIT) else {
@@ -215,9 +218,9 @@ impl World {
                 ended: ended.unwrap_or_else(|e| e),
             });
         };
-        let mut send = self.cmd(plan, run, SOURCE_HOST);
-        send.args(["send", &devices[0], "--to", &addr])
-            .args(plan.live.then_some("--live"))
+        let send_command = ["send", &devices[0], "--to", &addr].map(String::from);
+        let mut send = self.cmd(plan, run, SOURCE_HOST, &send_command);
+        send.args(plan.live.then_some("--live"))
             .args(self.session_args(plan, Side::Source))
             .args(extra);
         let mut send = Proc::spawn(send);
@@ -281,15 +284,22 @@ impl World {
     /// `send --to file:` or `save -o` into the run's `out` directory.
     fn run_file(&self, plan: &Plan, run: &Path, full_disk: Option<Tmpfs>) -> Result<Outcome, Hung> {
         let file = run.join("out").join("state.vfiomig");
-        let mut send = self.cmd(plan, run, SOURCE_HOST);
-        match plan.transport {
-            Transport::Save => send
-                .args(["save", &plan.device(Side::Source), "-o"])
-                .arg(&file),
-            _ => send
-                .args(["send", &plan.device(Side::Source), "--to"])
-                .arg(format!("file:{}", file.display())),
+        let source = plan.device(Side::Source);
+        let command = match plan.transport {
+            Transport::Save => [
+                "save".into(),
+                source,
+                "-o".into(),
+                file.display().to_string(),
+            ],
+            _ => [
+                "send".into(),
+                source,
+                "--to".into(),
+                format!("file:{}", file.display()),
+            ],
         };
+        let mut send = self.cmd(plan, run, SOURCE_HOST, &command);
         send.args(plan.live.then_some("--live")).arg("--json");
         let source = Proc::spawn(send)
             .wait(PROCESS_LIMIT)
