@@ -43,6 +43,7 @@ mod destination;
 mod local;
 mod message;
 mod opened;
+mod paced;
 mod source;
 
 pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
@@ -57,4 +58,5 @@ pub use message::{
     MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
 };
 pub use opened::ChannelOpening;
+pub use paced::{Answer, SessionSource};
 pub use source::{send, SendOutcome};

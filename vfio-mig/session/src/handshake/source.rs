@@ -2,19 +2,19 @@
 //! The source side of a session: HELLO and the stream header before the device is touched,
 //! the switchover wait, the two-phase end (LOADED, COMMIT, RESUMED) and rollback.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
 
-use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
+use super::message::{read_message, Message, SessionId};
+use super::paced::{Answer, SessionSource};
 use crate::error::{Error, Result};
-use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::multi::{
-    check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
-};
+use crate::transport::Duplex;
+use vfio_mig::engine::multi::{check_unit, finish_handoff_all, rollback_sources};
 use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamWriter};
+use vfio_mig::stream::{DeviceDescriptor, StreamHeader};
 use vfio_mig::Error as CoreError;
+use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +122,9 @@ pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
 }
 
 /// Migrates `devs` (stream devices 0.. of `header`, as one unit) to the destination at the
-/// other end of `conn`.
+/// other end of `conn`: a [`SessionSource`] whose pre-copy rounds the engine's policy
+/// (`opts.policy`) paces. The stream carries `header`'s session id and epoch; its device
+/// descriptors are the source's own (live for a device in pre-copy).
 ///
 /// 1. Sends HELLO and the stream header, and waits for the answer **before touching the
 ///    device**: REFUSE is an [`Error::Refused`], ALREADY_COMPLETED returns
@@ -149,76 +151,54 @@ pub fn send<C: Duplex>(
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<SendOutcome> {
-    let session = header.session_id;
-    let (mut rx, ctl) = before_hello(devs, &conn, header, opts)?;
-    let features = if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
-
-    // 1. HELLO and the header, then the answer; the device is untouched until ACCEPT.
-    let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
-    let opened = tx
-        .write_all(&Message::Hello { features }.encode())
-        .map_err(|e| CoreError::transport("handshake: send HELLO", e))
-        .and_then(|()| StreamWriter::new(tx, header))
-        .and_then(|mut out| out.flush().map(|()| out));
-    let answer = match opened {
-        Ok(out) => {
-            read_message(&mut rx, "handshake: wait for the destination's answer").map(|m| (out, m))
-        }
-        // The destination may have refused (and closed) while we wrote.
-        Err(e) if rx.readable_now().unwrap_or(false) => {
-            match read_message(&mut rx, "handshake: read the destination's answer") {
-                Ok(m @ Message::Refuse(_)) => return refused(&m),
-                _ => Err(e),
-            }
-        }
-        Err(e) => Err(e),
+    let options = SourceOptions::new(Epoch(header.epoch))
+        .session(header.session_id)
+        .pre_copy(opts.live)
+        .allow_non_p2p_unit(opts.allow_non_p2p_unit)
+        .buffer(opts.buffer);
+    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
+    let source = Source::prepare(lent, &options).map_err(from_handback)?;
+    // The descriptors are the source's own; `header` must describe the same devices (its
+    // live flags aside: a device that cannot pre-copy, or is paused, goes in stop-and-copy).
+    let same = |a: &DeviceDescriptor, b: &DeviceDescriptor| {
+        (a.protocol, &a.model, a.migration_flags) == (b.protocol, &b.model, b.migration_flags)
     };
-    let (mut out, answer) = answer?;
-    match &answer {
-        Message::Accept { session: s } if *s == session => {}
-        Message::AlreadyCompleted { session: s } if *s == session => {
-            log::info!("the destination already completed this session");
-            return Ok(SendOutcome::AlreadyCompleted);
-        }
-        Message::Refuse(_) => return refused(&answer),
-        other => return Err(unexpected(other, "ACCEPT", "handshake")),
+    let described = source.header().devices.len() == header.devices.len()
+        && source
+            .header()
+            .devices
+            .iter()
+            .zip(&header.devices)
+            .all(|(a, b)| same(a, b));
+    if !described {
+        return Err(Error::invalid_input(
+            "send: the stream header must describe each device",
+        ));
     }
-
-    // 2-3. Pre-copy, switchover, stop-and-copy, trailer, LOADED. Any failure: roll back.
-    let mut reports = vec![SaveReport::default(); devs.len()];
-    let sent = (|| -> Result<BufWriter<Watched<C>>> {
-        if opts.live {
-            let shared = SharedWriter::new(out);
-            pre_copy_all(devs, &shared, opts, obs, &mut reports)?;
-            out = shared.into_inner();
-            out.flush()?;
-            let ack = Message::SwitchoverAck { session }.kind();
-            expect(
-                &mut rx,
-                &session,
-                ack,
-                "wait for the destination's SWITCHOVER_ACK",
-            )?;
-        }
-        // Every device is quiesced (P2P) before any stops, then all stop and copy in parallel.
-        let shared = SharedWriter::new(out);
-        stop_copy_all(devs, &shared, opts, obs, &mut reports)?;
-        let (tx, _totals) = shared.into_inner().finish()?;
-        let loaded = Message::Loaded { session }.kind();
-        expect(
-            &mut rx,
-            &session,
-            loaded,
-            "wait for the destination's LOADED",
-        )?;
-        Ok(tx)
-    })();
-    let mut tx = match sent {
-        Ok(tx) => tx,
-        Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx).into_core(), obs).into()),
+    let mut session = match SessionSource::open(source, conn).map_err(from_handback)? {
+        Answer::Accepted(session) => session,
+        Answer::AlreadyCompleted(_) => return Ok(SendOutcome::AlreadyCompleted),
     };
+    session.pre_copy(&opts.policy, obs)?;
+    session.switch_over_observed(obs)?;
+    let mut finished = session.commit().map_err(from_handback)?;
+    if opts.live {
+        // As QEMU: a device without PRE_COPY went in stop-and-copy only.
+        for (report, dev) in finished.reports.iter_mut().zip(&finished.devices) {
+            report.stop_copy_only = !dev.capabilities().pre_copy;
+        }
+    }
+    Ok(SendOutcome::Completed(finished.reports))
+}
 
-    commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
+/// The session's error of a front-door error, the devices (lent) back with it.
+fn from_handback<D>(h: Handback<D>) -> Error {
+    Error::from(*h.error)
+}
+
+/// The devices' names, for errors.
+fn names(devs: &[&mut dyn MigrationDevice]) -> Vec<String> {
+    devs.iter().map(|d| d.identity().instance).collect()
 }
 
 /// What a sender checks before HELLO (a refused unit touches neither side): the header
@@ -288,34 +268,31 @@ pub(super) fn commit<C: Duplex>(
             // Past the destination's point of no return: a device there runs the state, so
             // the sources stop (or are reset) as after RESUMED, and are never resumed.
             finish_handoff_all(devs, &mut reports);
-            Err(past_no_return(devs, &reports, step, &r.text))
+            Err(past_no_return(&names(devs), &reports, step, &r.text))
         }
         Ok(other) => Err(in_doubt(
-            devs,
+            &names(devs),
             &session,
             format!("the destination sent {other} where RESUMED was expected"),
         )),
-        Err(e) => Err(in_doubt(devs, &session, Report(&e).to_string())),
+        Err(e) => Err(in_doubt(&names(devs), &session, Report(&e).to_string())),
     }
 }
 
 /// The source's error after PARTLY_RESUMED: the destination's account (`what`) and what
 /// became of each source device (stopped, or its STOP failure, after which it was reset).
-fn past_no_return(
-    devs: &[&mut dyn MigrationDevice],
+pub(super) fn past_no_return(
+    names: &[String],
     reports: &[SaveReport],
     step: &str,
     what: &str,
 ) -> Error {
-    let sources: Vec<String> = devs
+    let sources: Vec<String> = names
         .iter()
         .zip(reports)
-        .map(|(d, r)| {
-            let name = d.identity().instance;
-            match &r.after_handoff {
-                None => format!("{name} is stopped"),
-                Some(why) => format!("{name} failed its STOP ({why})"),
-            }
+        .map(|(name, r)| match &r.after_handoff {
+            None => format!("{name} is stopped"),
+            Some(why) => format!("{name} failed its STOP ({why})"),
         })
         .collect();
     Error::Core(vfio_mig::Error::PastNoReturn {
@@ -338,12 +315,7 @@ pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
     }
 }
 
-pub(super) fn in_doubt(
-    devs: &[&mut dyn MigrationDevice],
-    session: &SessionId,
-    what: String,
-) -> Error {
-    let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
+pub(super) fn in_doubt(names: &[String], session: &SessionId, what: String) -> Error {
     let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
     Error::InDoubt {
         step: "wait for RESUMED after COMMIT".into(),
