@@ -74,6 +74,10 @@ pub struct Destination<D: MigrationDevice> {
     inbox: Vec<u8>,
     reader: Option<StreamReader<VecDeque<u8>>>,
     loaders: Vec<DeviceLoader<'static>>,
+    /// Per device: whether the header says it comes with pre-copy data.
+    live: Vec<bool>,
+    /// Per device: whether its END_OF_PHASE(PRE_COPY) was applied.
+    pre_copy_ended: Vec<bool>,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Destination<D> {
@@ -109,6 +113,8 @@ impl<D: MigrationDevice> Destination<D> {
             inbox: Vec::new(),
             reader: None,
             loaders,
+            live: Vec::new(),
+            pre_copy_ended: Vec::new(),
         })
     }
 
@@ -141,22 +147,49 @@ impl<D: MigrationDevice> Destination<D> {
     /// error (and every device is reset).
     pub fn read_from<R: Read>(&mut self, mut input: R) -> Result<()> {
         let mut buf = vec![0u8; 256 << 10];
+        while self.read_some(&mut input, &mut buf)? != Status::Loaded {}
+        Ok(())
+    }
+
+    /// One read from `input` (into `buf`), pushed: for a caller that acts between reads (a
+    /// session acknowledging the pre-copy data). The end of `input` before the trailer is an
+    /// error (and every device is reset).
+    pub fn read_some<R: Read + ?Sized>(&mut self, input: &mut R, buf: &mut [u8]) -> Result<Status> {
         loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => {
-                    return Err(self.fail(Error::stream(
-                        "read the migration stream",
-                        "truncated stream: it ended before its trailer",
-                    )))
-                }
-                Ok(n) => n,
+            return match input.read(buf) {
+                Ok(0) => Err(self.fail(Error::stream(
+                    "read the migration stream",
+                    "truncated stream: it ended before its trailer",
+                ))),
+                Ok(n) => self.push(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.fail(Error::transport("read the migration stream", e))),
+                Err(e) => Err(self.fail(Error::transport("read the migration stream", e))),
             };
-            if self.push(&buf[..n])? == Status::Loaded {
-                return Ok(());
-            }
         }
+    }
+
+    /// Abandons the load after `error`, a failure of the caller's own (its channel, a
+    /// message of its protocol): every device it touched is reset, and the error says so;
+    /// `error` alone when the destination had already ended or touched no device.
+    pub fn cancel_with(&mut self, error: Error) -> Error {
+        if self.stage == Stage::Ended {
+            return error;
+        }
+        self.fail(error)
+    }
+
+    /// Whether every device the stream carries live loaded all its pre-copy data (its
+    /// END_OF_PHASE(PRE_COPY) applied, after every pre-copy record): the point where a
+    /// session acknowledges the switch-over (QEMU's switchover-ack). False before the header
+    /// and for a stream without pre-copy.
+    pub fn pre_copy_loaded(&self) -> bool {
+        self.stage != Stage::Ended
+            && self.live.iter().any(|&l| l)
+            && self
+                .live
+                .iter()
+                .zip(&self.pre_copy_ended)
+                .all(|(&live, &ended)| ended || !live)
     }
 
     /// What each device loaded, in device order.
@@ -284,6 +317,10 @@ impl<D: MigrationDevice> Destination<D> {
                     });
                 }
                 Record::EndOfPhase { device, phase } => {
+                    if phase == Phase::PreCopy {
+                        // Applied, with the records before it, before this push returns.
+                        self.pre_copy_ended[usize::from(device)] = true;
+                    }
                     batches[usize::from(device)].push(Item::EndOfPhase(phase))
                 }
                 Record::End(_) => ended = true,
@@ -333,6 +370,8 @@ impl<D: MigrationDevice> Destination<D> {
         }
         self.stage = Stage::Loading;
         self.reader = Some(reader);
+        self.live = header.devices.iter().map(|d| d.live).collect();
+        self.pre_copy_ended = vec![false; self.live.len()];
         each(&mut as_refs(&mut self.devs), "enter RESUMING", |d| {
             d.start_resume()
         })

@@ -23,6 +23,7 @@ use super::opened::{send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::engine::channels::load_channels_gated;
+use vfio_mig::engine::multi::rollback_destinations;
 use vfio_mig::engine::session::new_session_id;
 use vfio_mig::engine::{MigrationDevice, Observer};
 use vfio_mig_fence::{Admission, Fence};
@@ -62,7 +63,7 @@ pub fn receive_opened<C: Duplex>(
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     if opening.offered.is_none() {
-        return receive_one(devs, opening, fence, obs);
+        return receive_one(devs, opening, fence);
     }
     receive_channels(devs, opening, fence, obs, 1, &mut |_| {
         Err(Error::invalid_input("no further channels here"))
@@ -95,7 +96,7 @@ pub fn receive_channels<C: Duplex>(
 ) -> Result<RecvOutcome> {
     if opening.offered.is_none() {
         // A source that offered no channels speaks the one-connection handshake.
-        return receive_one(devs, opening, fence, obs);
+        return receive_one(devs, opening, fence);
     }
     let Opening {
         mut tx,
@@ -200,9 +201,11 @@ pub fn receive_channels<C: Duplex>(
     };
     let loaded = load_channels_gated(devs, &header, readers, &stop, obs, &mut gate);
     let completed = gate.completed;
-    let outcome = finish_session(
-        devs, header, loaded, completed, fence, &mut tx, &mut rest, obs,
-    );
+    let loaded = loaded.map_err(|e| match e {
+        e @ vfio_mig::Error::PastNoReturn { .. } => e,
+        e => rollback_destinations(devs, e, obs),
+    });
+    let outcome = finish_session(header, loaded, completed, fence, &mut tx, &mut rest);
     for k in &kept {
         let _ = k.shutdown(Shutdown::Both);
     }

@@ -2,7 +2,7 @@
 //! The destination side of a session: checks before the device is touched (identity,
 //! protocol, features, fencing), the switchover-ack, the two-phase end, and reset on failure.
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
 use super::message::{
@@ -13,14 +13,13 @@ use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
-use vfio_mig::engine::demux::load_all_gated;
-use vfio_mig::engine::multi::{check_unit, rollback_destinations};
+use vfio_mig::engine::multi::check_unit;
 use vfio_mig::engine::{
     check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
 };
 use vfio_mig::error::Report;
 use vfio_mig::stream::{StreamHeader, StreamReader};
-use vfio_mig::Error as CoreError;
+use vfio_mig::{Destination, DestinationOptions, Error as CoreError, Status};
 use vfio_mig_fence::{Admission, Fence};
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still
@@ -312,7 +311,6 @@ pub(super) fn receive_one<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
-    obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     let Opening {
         mut tx,
@@ -343,18 +341,49 @@ pub(super) fn receive_one<C: Duplex>(
         fence,
         completed: false,
     };
-    let loaded = load_all_gated(devs, &mut reader, obs, &mut gate);
+    let mut rx = reader.into_inner();
+    // What the connection's reader holds beyond the header goes first.
+    let buffered = rx.buffer().to_vec();
+    rx.consume(buffered.len());
+    let loaded = load_pushed(devs, &header, &buffered, &mut rx, &mut gate);
     let completed = gate.completed;
-    finish_session(
-        devs,
-        header,
-        loaded,
-        completed,
-        fence,
-        &mut tx,
-        reader.get_mut(),
-        obs,
-    )
+    finish_session(header, loaded, completed, fence, &mut tx, &mut rx)
+}
+
+/// A load through the front door's [`Destination`]: the header (already read), the bytes
+/// read past it (`buffered`) and then every byte of `input` as it arrives pushed into it;
+/// `gate.pre_copy_loaded` once it loaded all pre-copy data (a session's SWITCHOVER_ACK),
+/// `gate.before_resume` once the trailer verified and every device took its state (LOADED,
+/// COMMIT, the completion record), then the run. On failure every device is reset (or, past
+/// the point of no return, named), and the error says so.
+fn load_pushed(
+    devs: &mut [&mut dyn MigrationDevice],
+    header: &StreamHeader,
+    buffered: &[u8],
+    input: &mut dyn Read,
+    gate: &mut dyn LoadGate,
+) -> vfio_mig::Result<Vec<LoadReport>> {
+    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
+    // The unit's P2P rule was checked against the source's devices (admission_checks).
+    let opts = DestinationOptions::new().allow_non_p2p_unit(true);
+    let mut dst = Destination::new(lent, &opts).map_err(vfio_mig::Error::from)?;
+    let mut buf = vec![0u8; SOCKET_BUFFER];
+    let mut status = dst.push(&header.encode()?)?;
+    if status == Status::NeedMore {
+        status = dst.push(buffered)?;
+    }
+    let mut acked = false;
+    while status != Status::Loaded {
+        if !acked && dst.pre_copy_loaded() {
+            acked = true;
+            gate.pre_copy_loaded().map_err(|e| dst.cancel_with(e))?;
+        }
+        status = dst.read_some(input, &mut buf)?;
+    }
+    let reports = dst.reports();
+    gate.before_resume(input).map_err(|e| dst.cancel_with(e))?;
+    dst.run().map_err(vfio_mig::Error::from)?;
+    Ok(reports)
 }
 
 /// The checks before a device is touched: one device in the stream per device given, known
@@ -410,18 +439,15 @@ pub(super) fn admission_checks(
 
 /// The end of a session after the load: RESUMED on success; PARTLY_RESUMED past the point of
 /// no return ([`vfio_mig::Error::PastNoReturn`]: the completion record stays, what runs keeps
-/// running); on any other failure the completion record withdrawn, the claim released, every
-/// device reset and FAILED sent.
-#[allow(clippy::too_many_arguments)]
+/// running); on any other failure (after which every device was reset, as `loaded` says) the
+/// completion record withdrawn, the claim released and FAILED sent.
 pub(super) fn finish_session<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
     header: StreamHeader,
     loaded: vfio_mig::Result<Vec<LoadReport>>,
     completed: bool,
     fence: &mut dyn Fence,
     tx: &mut C,
     rx: &mut impl Read,
-    obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     let session = header.session_id;
     match loaded {
@@ -458,7 +484,6 @@ pub(super) fn finish_session<C: Duplex>(
                 }
             }
             release(fence, &session);
-            let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e.into())
@@ -497,6 +522,8 @@ pub fn load_fenced<R: Read>(
     fence: &mut dyn Fence,
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
+    // The front door's destination reports no load events (yet): `obs` hears nothing.
+    let _ = obs;
     let header = reader.header().clone();
     if header.devices.len() != devs.len() {
         return Err(Error::Refused {
@@ -520,7 +547,7 @@ pub fn load_fenced<R: Read>(
         fence,
         completed: false,
     };
-    match load_all_gated(devs, reader, obs, &mut gate) {
+    match load_pushed(devs, &header, &[], reader.get_mut(), &mut gate) {
         Ok(reports) => Ok(RecvOutcome::Resumed {
             header,
             reports,
@@ -535,7 +562,7 @@ pub fn load_fenced<R: Read>(
                 }
             }
             release(gate.fence, &header.session_id);
-            Err(rollback_destinations(devs, e, obs).into())
+            Err(e.into())
         }
     }
 }
