@@ -37,6 +37,7 @@
 //!
 //! The format is specified byte by byte in `docs/stream-format.md`, "Session handshake".
 
+mod answers;
 mod channel;
 mod channel_send;
 mod destination;

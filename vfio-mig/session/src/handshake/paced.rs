@@ -27,8 +27,8 @@ use std::io::{BufWriter, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
+use super::answers::{expect, explain, in_doubt, past_no_return, unexpected, Watched};
 use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
-use super::source::{expect, explain, in_doubt, past_no_return, unexpected, Watched};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::engine::{NoObserver, Observer, PreCopyPolicy, SwitchReason};
