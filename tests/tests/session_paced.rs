@@ -9,9 +9,12 @@
 //! paused VM's device is never run), and the point of no return of engine/run.rs: once a
 //! destination device runs the state, the source never runs it again.
 
+use std::sync::Mutex;
 use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
+
+use vfio_mig::engine::{Event, MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig::error::Report;
+use vfio_mig::stream::Phase;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_mock::MockHandle;
@@ -232,11 +235,13 @@ fn a_live_send_of_a_paused_vm_moves_its_device_in_stop_and_copy() {
     let header = new_header(&descs, true, 1).unwrap();
     let (a, b) = Connection::pair().unwrap();
     let mut fence = MemoryFence::new();
+    let events = Mutex::new(Vec::new());
+    let record = |e: &Event| events.lock().unwrap().push(e.clone());
     let (sent, received) = std::thread::scope(|s| {
         let loader = s.spawn(|| {
             let mut d: Vec<&mut dyn MigrationDevice> =
                 dst.iter_mut().map(|d| d.device.as_mut() as _).collect();
-            receive(&mut d, b, &mut fence, &NoObserver)
+            receive(&mut d, b, &mut fence, &record)
         });
         let mut v: Vec<&mut dyn MigrationDevice> =
             src.iter_mut().map(|d| d.device.as_mut() as _).collect();
@@ -245,7 +250,23 @@ fn a_live_send_of_a_paused_vm_moves_its_device_in_stop_and_copy() {
     });
     let sent = sent.map_err(|e| Report(&e.into_core()).to_string());
     assert!(sent.is_ok(), "a paused VM migrates: {sent:?}");
-    assert!(received.is_ok(), "{received:?}");
+    let Ok(RecvOutcome::Resumed { reports, .. }) = received else {
+        panic!("{received:?}");
+    };
+    // The destination's progress: each device's last event is what it loaded.
+    let events = events.into_inner().unwrap();
+    for (i, report) in reports.iter().enumerate() {
+        let last = events.iter().rev().find_map(|e| match e {
+            Event::Progress {
+                device,
+                phase,
+                bytes,
+            } if usize::from(*device) == i => Some((*phase, *bytes)),
+            _ => None,
+        });
+        assert!(report.stop_copy_bytes > 0, "{report:?}");
+        assert_eq!(last, Some((Phase::StopCopy, report.stop_copy_bytes)));
+    }
     for (s, d) in src.iter().zip(&dst) {
         let (ss, ds) = (handle(s).status(), handle(d).status());
         assert!(ds.resumed_ok && ds.is_running(), "{ds:?}");

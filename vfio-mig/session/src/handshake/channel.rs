@@ -63,7 +63,7 @@ pub fn receive_opened<C: Duplex>(
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     if opening.offered.is_none() {
-        return receive_one(devs, opening, fence);
+        return receive_one(devs, opening, fence, obs);
     }
     receive_channels(devs, opening, fence, obs, 1, &mut |_| {
         Err(Error::invalid_input("no further channels here"))
@@ -96,7 +96,7 @@ pub fn receive_channels<C: Duplex>(
 ) -> Result<RecvOutcome> {
     if opening.offered.is_none() {
         // A source that offered no channels speaks the one-connection handshake.
-        return receive_one(devs, opening, fence);
+        return receive_one(devs, opening, fence, obs);
     }
     let Opening {
         mut tx,

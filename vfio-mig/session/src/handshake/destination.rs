@@ -15,10 +15,10 @@ use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
 use vfio_mig::engine::multi::check_unit;
 use vfio_mig::engine::{
-    check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
+    check_compatible, Event, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
 };
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamReader};
+use vfio_mig::stream::{Phase, StreamHeader, StreamReader};
 use vfio_mig::{Destination, DestinationOptions, Error as CoreError, Status};
 use vfio_mig_fence::{Admission, Fence};
 
@@ -311,6 +311,7 @@ pub(super) fn receive_one<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
+    obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     let Opening {
         mut tx,
@@ -345,7 +346,7 @@ pub(super) fn receive_one<C: Duplex>(
     // What the connection's reader holds beyond the header goes first.
     let buffered = rx.buffer().to_vec();
     rx.consume(buffered.len());
-    let loaded = load_pushed(devs, &header, &buffered, &mut rx, &mut gate);
+    let loaded = load_pushed(devs, &header, &buffered, &mut rx, &mut gate, obs);
     let completed = gate.completed;
     finish_session(header, loaded, completed, fence, &mut tx, &mut rx)
 }
@@ -354,14 +355,15 @@ pub(super) fn receive_one<C: Duplex>(
 /// read past it (`buffered`) and then every byte of `input` as it arrives pushed into it;
 /// `gate.pre_copy_loaded` once it loaded all pre-copy data (a session's SWITCHOVER_ACK),
 /// `gate.before_resume` once the trailer verified and every device took its state (LOADED,
-/// COMMIT, the completion record), then the run. On failure every device is reset (or, past
-/// the point of no return, named), and the error says so.
+/// COMMIT, the completion record), then the run; each device's progress to `obs`. On failure
+/// every device is reset (or, past the point of no return, named), and the error says so.
 fn load_pushed(
     devs: &mut [&mut dyn MigrationDevice],
     header: &StreamHeader,
     buffered: &[u8],
     input: &mut dyn Read,
     gate: &mut dyn LoadGate,
+    obs: &dyn Observer,
 ) -> vfio_mig::Result<Vec<LoadReport>> {
     let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
     // The unit's P2P rule was checked against the source's devices (admission_checks).
@@ -373,17 +375,40 @@ fn load_pushed(
         status = dst.push(buffered)?;
     }
     let mut acked = false;
+    let mut told = vec![LoadReport::default(); dst.reports().len()];
     while status != Status::Loaded {
+        tell_progress(&dst.reports(), &mut told, obs);
         if !acked && dst.pre_copy_loaded() {
             acked = true;
             gate.pre_copy_loaded().map_err(|e| dst.cancel_with(e))?;
         }
         status = dst.read_some(input, &mut buf)?;
     }
+    tell_progress(&dst.reports(), &mut told, obs);
     let reports = dst.reports();
     gate.before_resume(input).map_err(|e| dst.cancel_with(e))?;
     dst.run().map_err(vfio_mig::Error::from)?;
     Ok(reports)
+}
+
+/// Tells `obs` what each device loaded since `told` (the bytes of its current phase).
+fn tell_progress(now: &[LoadReport], told: &mut [LoadReport], obs: &dyn Observer) {
+    for (i, (now, told)) in now.iter().zip(told.iter_mut()).enumerate() {
+        if now == told {
+            continue;
+        }
+        let (phase, bytes) = if now.stop_copy_bytes > 0 {
+            (Phase::StopCopy, now.stop_copy_bytes)
+        } else {
+            (Phase::PreCopy, now.pre_copy_bytes)
+        };
+        obs.on_event(&Event::Progress {
+            device: i as u16,
+            phase,
+            bytes,
+        });
+        *told = now.clone();
+    }
 }
 
 /// The checks before a device is touched: one device in the stream per device given, known
@@ -522,8 +547,6 @@ pub fn load_fenced<R: Read>(
     fence: &mut dyn Fence,
     obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
-    // The front door's destination reports no load events (yet): `obs` hears nothing.
-    let _ = obs;
     let header = reader.header().clone();
     if header.devices.len() != devs.len() {
         return Err(Error::Refused {
@@ -547,7 +570,7 @@ pub fn load_fenced<R: Read>(
         fence,
         completed: false,
     };
-    match load_pushed(devs, &header, &[], reader.get_mut(), &mut gate) {
+    match load_pushed(devs, &header, &[], reader.get_mut(), &mut gate, obs) {
         Ok(reports) => Ok(RecvOutcome::Resumed {
             header,
             reports,
