@@ -2,7 +2,8 @@
 //! The session layer around a VMM-paced source (issue 18 item 3): the VMM runs its own rounds
 //! with its own byte budgets and its own switch-over; the session adds HELLO/ACCEPT,
 //! SWITCHOVER_ACK and the two-phase end (LOADED, COMMIT, RESUMED | PARTLY_RESUMED | FAILED)
-//! over a real socket, with the destination the session crate's `receive` on the other end.
+//! over a real socket, with the session crate's destination (`receive`, or a
+//! `SessionDestination` paced by the test: load, its own restore steps, run) on the other end.
 //!
 //! The oracles: the mock's own verification of every byte it loads (it refuses RUNNING on a
 //! difference), the uAPI's states (a source stays in STOP_COPY until the handoff ends, a
@@ -18,7 +19,9 @@ use vfio_mig::stream::Phase;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_mock::MockHandle;
-use vfio_mig_session::handshake::{receive, send, Answer, RecvOutcome, SessionSource};
+use vfio_mig_session::handshake::{
+    open_session, receive, send, Admitted, Answer, RecvOutcome, SessionDestination, SessionSource,
+};
 use vfio_mig_session::transport::Connection;
 use vfio_mig_tests::{handle, mock, MockDevice};
 
@@ -45,7 +48,8 @@ struct Paced {
 /// Migrates `src` into `dst` as a VMM paces it: its own rounds of at most [`BUDGET`] stream
 /// bytes (checked), its own switch-over (the devices then checked in STOP_COPY, where the VMM
 /// reads its last dirty pages), then COMMIT over a real socket; the destination is the
-/// session crate's `receive`.
+/// session crate's `SessionDestination`, which loads, lets the test check that nothing runs
+/// (the VMM's restore steps), then runs.
 fn paced(src: Vec<MockDevice>, dst: &mut [MockDevice], fence: &mut MemoryFence) -> Paced {
     let (devs, handles): (Vec<Box<dyn MigrationDevice>>, Vec<MockHandle>) =
         src.into_iter().map(|d| (d.opened.device, d.handle)).unzip();
@@ -56,10 +60,26 @@ fn paced(src: Vec<MockDevice>, dst: &mut [MockDevice], fence: &mut MemoryFence) 
     let header = source.header().clone();
     let (a, b) = Connection::pair().unwrap();
     std::thread::scope(|s| {
+        let dst_handles: Vec<MockHandle> = dst.iter().map(handle).collect();
         let loader = s.spawn(move || {
-            let mut d: Vec<&mut dyn MigrationDevice> =
+            let d: Vec<&mut dyn MigrationDevice> =
                 dst.iter_mut().map(|d| d.device.as_mut() as _).collect();
-            receive(&mut d, b, fence, &NoObserver)
+            let opening = open_session(b, None)?;
+            let mut session = match SessionDestination::accept(opening, d, fence) {
+                Ok(Admitted::Accepted(session)) => session,
+                Ok(Admitted::AlreadyCompleted { .. }) => panic!("a new session completed"),
+                Err(h) => return Err(vfio_mig_session::Error::from(*h.error)),
+            };
+            session.load(&NoObserver)?;
+            // The VMM's restore steps: every device loaded and committed, none running.
+            for h in &dst_handles {
+                let st = h.status();
+                assert!(!st.is_running() && !st.resumed_ok, "{st:?}");
+            }
+            session
+                .run()
+                .map(|(_, outcome)| outcome)
+                .map_err(|h| vfio_mig_session::Error::from(*h.error))
         });
         let mut session = match SessionSource::open(source, a) {
             Ok(Answer::Accepted(s)) => s,

@@ -12,14 +12,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::destination::{
-    admission_checks, finish_session, open_session, receive_one, refuse, release, Gate, Opening,
-    RecvOutcome, DRAIN_TIME,
+    admission_checks, finish_session, open_session, refuse, release, Gate, Opening, RecvOutcome,
+    DRAIN_TIME,
 };
 use super::message::{
     write_message, ChannelToken, Message, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
     MAX_CHANNELS,
 };
 use super::opened::{send_final, ChannelOpening};
+use super::session_destination::receive_one;
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::engine::channels::load_channels_gated;

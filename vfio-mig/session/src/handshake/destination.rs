@@ -2,7 +2,7 @@
 //! The destination side of a session: checks before the device is touched (identity,
 //! protocol, features, fencing), the switchover-ack, the two-phase end, and reset on failure.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::time::{Duration, Instant};
 
 use super::message::{
@@ -306,69 +306,20 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
     }))
 }
 
-/// Runs an opened session that offered no channels (see [`super::receive_opened`]).
-pub(super) fn receive_one<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    opening: Opening<C>,
-    fence: &mut dyn Fence,
-    obs: &dyn Observer,
-) -> Result<RecvOutcome> {
-    let Opening {
-        mut tx,
-        mut reader,
-        features,
-        header,
-        ..
-    } = opening;
-    let checks = admission_checks(devs, features, &header, fence);
-    let session = header.session_id;
-    match checks {
-        Ok(Admission::Accept) => {}
-        Ok(Admission::AlreadyCompleted) => {
-            let msg = Message::AlreadyCompleted { session };
-            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
-            return Ok(RecvOutcome::AlreadyCompleted { header });
-        }
-        Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
-    }
-    if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
-        release(fence, &session);
-        return Err(e.into());
-    }
-    let mut gate = Gate {
-        tx: &mut tx,
-        session,
-        ack: features & FEATURE_SWITCHOVER_ACK != 0,
-        fence,
-        completed: false,
-    };
-    let mut rx = reader.into_inner();
-    // What the connection's reader holds beyond the header goes first.
-    let buffered = rx.buffer().to_vec();
-    rx.consume(buffered.len());
-    let loaded = load_pushed(devs, &header, &buffered, &mut rx, &mut gate, obs);
-    let completed = gate.completed;
-    finish_session(header, loaded, completed, fence, &mut tx, &mut rx)
-}
-
-/// A load through the front door's [`Destination`]: the header (already read), the bytes
-/// read past it (`buffered`) and then every byte of `input` as it arrives pushed into it;
+/// Loads into `dst` through the front door: the header (already read), the bytes read past
+/// it (`buffered`) and then every byte of `input` as it arrives pushed into it;
 /// `gate.pre_copy_loaded` once it loaded all pre-copy data (a session's SWITCHOVER_ACK),
 /// `gate.before_resume` once the trailer verified and every device took its state (LOADED,
-/// COMMIT, the completion record), then the run; each device's progress to `obs`. On failure
-/// every device is reset (or, past the point of no return, named), and the error says so.
-fn load_pushed(
-    devs: &mut [&mut dyn MigrationDevice],
+/// COMMIT, the completion record); each device's progress to `obs`. Nothing runs. On failure
+/// every device is reset, and the error says so.
+pub(super) fn load_into<D: MigrationDevice>(
+    dst: &mut Destination<D>,
     header: &StreamHeader,
     buffered: &[u8],
     input: &mut dyn Read,
     gate: &mut dyn LoadGate,
     obs: &dyn Observer,
 ) -> vfio_mig::Result<Vec<LoadReport>> {
-    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
-    // The unit's P2P rule was checked against the source's devices (admission_checks).
-    let opts = DestinationOptions::new().allow_non_p2p_unit(true);
-    let mut dst = Destination::new(lent, &opts).map_err(vfio_mig::Error::from)?;
     let mut buf = vec![0u8; SOCKET_BUFFER];
     let mut status = dst.push(&header.encode()?)?;
     if status == Status::NeedMore {
@@ -385,10 +336,8 @@ fn load_pushed(
         status = dst.read_some(input, &mut buf)?;
     }
     tell_progress(&dst.reports(), &mut told, obs);
-    let reports = dst.reports();
     gate.before_resume(input).map_err(|e| dst.cancel_with(e))?;
-    dst.run().map_err(vfio_mig::Error::from)?;
-    Ok(reports)
+    Ok(dst.reports())
 }
 
 /// Tells `obs` what each device loaded since `told` (the bytes of its current phase).
@@ -570,7 +519,12 @@ pub fn load_fenced<R: Read>(
         fence,
         completed: false,
     };
-    match load_pushed(devs, &header, &[], reader.get_mut(), &mut gate, obs) {
+    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
+    let opts = DestinationOptions::new().allow_non_p2p_unit(true);
+    let mut dst = Destination::new(lent, &opts).map_err(vfio_mig::Error::from)?;
+    let loaded = load_into(&mut dst, &header, &[], reader.get_mut(), &mut gate, obs)
+        .and_then(|reports| dst.run().map(|_| reports).map_err(vfio_mig::Error::from));
+    match loaded {
         Ok(reports) => Ok(RecvOutcome::Resumed {
             header,
             reports,

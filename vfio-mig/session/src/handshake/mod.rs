@@ -44,7 +44,8 @@ mod destination;
 mod local;
 mod message;
 mod opened;
-mod paced;
+mod session_destination;
+mod session_source;
 mod source;
 
 pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
@@ -59,5 +60,6 @@ pub use message::{
     MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
 };
 pub use opened::ChannelOpening;
-pub use paced::{Answer, SessionSource};
+pub use session_destination::{Admitted, SessionDestination};
+pub use session_source::{Answer, SessionSource};
 pub use source::{send, SendOutcome};

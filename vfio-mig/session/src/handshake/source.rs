@@ -7,7 +7,7 @@ use std::net::Shutdown;
 
 use super::answers::{explain, in_doubt, past_no_return, unexpected};
 use super::message::{read_message, Message, SessionId};
-use super::paced::{Answer, SessionSource};
+use super::session_source::{Answer, SessionSource};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::engine::multi::{check_unit, finish_handoff_all, rollback_sources};
