@@ -255,3 +255,27 @@ fn a_vmm_waits_for_pre_copy_data_between_empty_rounds() {
     .unwrap();
     assert!(dst_handles[0].status().resumed_ok);
 }
+
+/// A switch-over that fails after its quiesce (the state read of STOP_COPY's arc) must return
+/// a P2P source to RUNNING, not leave it quiesced in RUNNING_P2P: the coarse run state reads
+/// RUNNING_P2P as running, so "still where it started" is not enough. The uAPI's oracle: only
+/// RUNNING lets the device initiate DMA again; RUNNING_P2P is not a running VM's state.
+#[test]
+fn a_switch_over_failing_after_the_quiesce_returns_a_p2p_source_to_running() {
+    // pds: no PRE_COPY, so the switch-over is the migration's first arc (RUNNING_P2P, then
+    // the read of the state on the way to STOP_COPY, which fails).
+    let spec = "mock:v2,size=16K,page=4K,chunk=4K,profile=pds,fail-at=get-state@5";
+    let MockDevice { opened, handle } = mock(spec);
+    let mut source = match Source::start(vec![opened.device], &SourceOptions::new(Epoch(1))) {
+        Ok(s) => s,
+        Err(h) => panic!("start: {}", h.error),
+    };
+    let err = source
+        .switch_over(&mut Vec::new())
+        .expect_err("the state read fails");
+    let st = handle.status();
+    assert!(st.fault_hits > 0, "the fault fired: {st:?}");
+    assert_eq!(st.state_name(), "RUNNING", "after: {}", Report(&err));
+    assert_source_running(&st, "after a failed switch-over");
+    assert_eq!(source.into_devices().len(), 1);
+}

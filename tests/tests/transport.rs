@@ -407,13 +407,14 @@ fn stale_epoch_and_wrong_identity_are_refused_before_either_device_is_touched() 
 
     let mut src = mock(SPEC);
     let stale = header(&src, true, 9);
-    let mut foreign = header(&src, true, 11);
-    foreign.devices[0].model = "mdev:nvidia-42".into();
-    for (h, code, expect) in [
-        (stale, ReasonCode::StaleEpoch, "stale epoch 9 < 10"),
-        (foreign, ReasonCode::Incompatible, "mdev:nvidia-42"),
+    let current = header(&src, true, 11);
+    // A destination device of another kind than the source's: a v2 device for a v1 stream.
+    let foreign = "mock:v2,size=256K,seed=31,chunk=16K";
+    for (h, dst_spec, code, expect) in [
+        (stale, SPEC, ReasonCode::StaleEpoch, "stale epoch 9 < 10"),
+        (current, foreign, ReasonCode::Incompatible, "speaks v2"),
     ] {
-        let mut dst = mock(SPEC);
+        let mut dst = mock(dst_spec);
         let (a, b) = Connection::pair().unwrap();
         let (sent, received) = run_pair(
             &mut src,

@@ -2,19 +2,27 @@
 //! The VMM scenario matrix (issue 18): {running, paused} VM x {one device, a unit of three} x
 //! a single fault (the mock's `fail-at=` points) at every step of both sides, driven as a VMM
 //! drives the front door: rounds in frames of a byte budget pushed to the destination as they
-//! are written, the switch-over, load, run, then finish (or cancel).
+//! are written, the switch-over, load, run, then finish (or cancel); and the same over a
+//! socket inside the session layer (a `SessionSource` paced by the test, COMMIT and its answer,
+//! a `SessionDestination` on a thread).
 //!
 //! Whatever fails, at the end: every source device is in the state it started in, or in the
 //! handed-off state (STOP, once a destination device runs), or was reset with the error
 //! saying so; every destination device runs the verified state, or never ran it (reset); no
 //! state is live on both sides; no device is lost; nothing panics.
 
+use vfio_mig::engine::NoObserver;
 use vfio_mig::error::Report;
 use vfio_mig::{
     Destination, DestinationOptions, Epoch, Handback, MigrationDevice, Source, SourceOptions,
     Status,
 };
+use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::MockHandle;
+use vfio_mig_session::handshake::{
+    open_session, Admitted, Answer, SessionDestination, SessionSource,
+};
+use vfio_mig_session::transport::Connection;
 use vfio_mig_tests::mock;
 
 type Device = Box<dyn MigrationDevice>;
@@ -48,6 +56,14 @@ const DESTINATION_FAULTS: &[&str] = &[
     "set-state:RUNNING_P2P@2",
     "set-state:RUNNING@1",
 ];
+
+/// How the stream travels: pushed in-process, or over a socket inside the session layer
+/// (a `SessionSource` the test paces, a `SessionDestination` on a thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    InProcess,
+    Session,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -96,9 +112,9 @@ fn after_pause(rule: &str) -> String {
 }
 
 /// One scenario, its invariants checked at the end.
-fn scenario(paused: bool, n: usize, side: Side, rule: &str) {
+fn scenario(path: Path, paused: bool, n: usize, side: Side, rule: &str) {
     let ctx = format!(
-        "{} VM, {n} device(s), {side:?} fault {rule}",
+        "{path:?}: {} VM, {n} device(s), {side:?} fault {rule}",
         if paused { "paused" } else { "running" }
     );
     // A paused VM's devices made the pause's accesses first (two state reads, the arcs into
@@ -120,34 +136,9 @@ fn scenario(paused: bool, n: usize, side: Side, rule: &str) {
     let start_state = if paused { "STOP" } else { "RUNNING" };
     let mut errors: Vec<String> = Vec::new();
 
-    let dest = match Destination::new(dst.devices, &DestinationOptions::new()) {
-        Ok(d) => d,
-        Err(h) => panic!("{ctx}: {}", h.error),
-    };
-    let source = Source::start(
-        std::mem::take(&mut src.devices),
-        &SourceOptions::new(Epoch(1)),
-    );
-    let (ran, src_devices) = match source {
-        Err(Handback { error, devices }) => {
-            errors.push(Report(&*error).to_string());
-            drop(dest);
-            (false, devices)
-        }
-        Ok(mut source) => {
-            let ran = drive(&mut source, dest, &mut errors, &ctx);
-            if ran {
-                // The point of no return: the source stops for good.
-                let finished = source.finish();
-                errors.extend(finished.stop_failures);
-                (true, finished.devices)
-            } else {
-                if let Some(e) = source.cancel() {
-                    errors.push(Report(&e).to_string());
-                }
-                (false, source.into_devices())
-            }
-        }
+    let (ran, src_devices) = match path {
+        Path::InProcess => in_process(&mut src, dst.devices, &mut errors, &ctx),
+        Path::Session => over_session(&mut src, dst.devices, &mut errors),
     };
     let text = errors.join(" | ");
 
@@ -204,6 +195,132 @@ fn scenario(paused: bool, n: usize, side: Side, rule: &str) {
         !rule.is_empty() && !absent,
         "{ctx}: fired {fired}: {text}"
     );
+}
+
+/// The front door in-process: whether a destination device runs the state, and the source
+/// devices back.
+fn in_process(
+    src: &mut Unit,
+    dst_devices: Vec<Device>,
+    errors: &mut Vec<String>,
+    ctx: &str,
+) -> (bool, Vec<Device>) {
+    let dest = match Destination::new(dst_devices, &DestinationOptions::new()) {
+        Ok(d) => d,
+        Err(h) => panic!("{ctx}: {}", h.error),
+    };
+    let source = Source::start(
+        std::mem::take(&mut src.devices),
+        &SourceOptions::new(Epoch(1)),
+    );
+    match source {
+        Err(Handback { error, devices }) => {
+            errors.push(Report(&*error).to_string());
+            drop(dest);
+            (false, devices)
+        }
+        Ok(mut source) => {
+            let ran = drive(&mut source, dest, errors, ctx);
+            if ran {
+                // The point of no return: the source stops for good.
+                let finished = source.finish();
+                errors.extend(finished.stop_failures);
+                (true, finished.devices)
+            } else {
+                if let Some(e) = source.cancel() {
+                    errors.push(Report(&e).to_string());
+                }
+                (false, source.into_devices())
+            }
+        }
+    }
+}
+
+/// The session layer over a socketpair: the test paces the source's rounds (16 KiB budget)
+/// and switch-over, a thread runs the destination (accept, load, run). Whether a
+/// destination device runs the state, and the source devices back.
+fn over_session(
+    src: &mut Unit,
+    dst_devices: Vec<Device>,
+    errors: &mut Vec<String>,
+) -> (bool, Vec<Device>) {
+    let (a, b) = Connection::pair().unwrap();
+    let mut fence = MemoryFence::new();
+    let source = match Source::prepare(
+        std::mem::take(&mut src.devices),
+        &SourceOptions::new(Epoch(1)),
+    ) {
+        Ok(s) => s,
+        Err(Handback { error, devices }) => {
+            errors.push(Report(&*error).to_string());
+            return (false, devices);
+        }
+    };
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| -> Result<bool, String> {
+            let text = |e: vfio_mig::Error| Report(&e).to_string();
+            let opening = open_session(b, None).map_err(|e| text(e.into_core()))?;
+            let mut session = match SessionDestination::accept(opening, dst_devices, &mut fence) {
+                Ok(Admitted::Accepted(session)) => session,
+                Ok(Admitted::AlreadyCompleted { .. }) => return Err("already completed".into()),
+                Err(h) => return Err(text(*h.error)),
+            };
+            session.load(&NoObserver).map_err(|e| text(e.into_core()))?;
+            match session.run() {
+                Ok(_) => Ok(true),
+                Err(Handback { error, .. }) => {
+                    let past = matches!(*error, vfio_mig::Error::PastNoReturn { .. });
+                    Err(format!(
+                        "{}{}",
+                        if past { "past: " } else { "" },
+                        text(*error)
+                    ))
+                }
+            }
+        });
+        let devices = match SessionSource::open(source, a) {
+            Err(Handback { error, devices }) => {
+                errors.push(Report(&*error).to_string());
+                devices
+            }
+            Ok(Answer::AlreadyCompleted(devices)) => devices,
+            Ok(Answer::Accepted(mut session)) => {
+                let paced = (|| -> vfio_mig_session::Result<()> {
+                    for _ in 0..20 {
+                        if session.round(Some(16 << 10))?.estimate.pending == 0 {
+                            break;
+                        }
+                    }
+                    session.switch_over()
+                })();
+                match paced {
+                    Err(e) => {
+                        errors.push(Report(&e.into_core()).to_string());
+                        session.into_devices()
+                    }
+                    Ok(()) => match session.commit() {
+                        Ok(finished) => {
+                            errors.extend(finished.stop_failures);
+                            finished.devices
+                        }
+                        Err(Handback { error, devices }) => {
+                            errors.push(Report(&*error).to_string());
+                            devices
+                        }
+                    },
+                }
+            }
+        };
+        let ran = match dest.join().unwrap() {
+            Ok(ran) => ran,
+            Err(e) => {
+                let past = e.starts_with("past: ");
+                errors.push(e);
+                past
+            }
+        };
+        (ran, devices)
+    })
 }
 
 /// Steps a scenario does not take: a paused VM has no pre-copy (the same path as a
@@ -278,22 +395,24 @@ fn drive(
 #[test]
 fn every_single_fault_of_both_sides_keeps_every_device() {
     let mut scenarios = 0;
-    for paused in [false, true] {
-        for n in [1, 3] {
-            scenario(paused, n, Side::Source, "");
-            scenarios += 1;
-            for rule in SOURCE_FAULTS {
-                scenario(paused, n, Side::Source, rule);
+    for path in [Path::InProcess, Path::Session] {
+        for paused in [false, true] {
+            for n in [1, 3] {
+                scenario(path, paused, n, Side::Source, "");
                 scenarios += 1;
-            }
-            for rule in DESTINATION_FAULTS {
-                scenario(paused, n, Side::Destination, rule);
-                scenarios += 1;
+                for rule in SOURCE_FAULTS {
+                    scenario(path, paused, n, Side::Source, rule);
+                    scenarios += 1;
+                }
+                for rule in DESTINATION_FAULTS {
+                    scenario(path, paused, n, Side::Destination, rule);
+                    scenarios += 1;
+                }
             }
         }
     }
     assert_eq!(
         scenarios,
-        4 * (1 + SOURCE_FAULTS.len() + DESTINATION_FAULTS.len())
+        2 * 4 * (1 + SOURCE_FAULTS.len() + DESTINATION_FAULTS.len())
     );
 }

@@ -176,7 +176,7 @@ pub(crate) fn each_with_report(
 }
 
 /// Pre-copy on every device in parallel, each under the policy of `opts`.
-pub fn pre_copy_all<W: Write + Send>(
+fn pre_copy_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],
     out: &SharedWriter<W>,
     opts: &SaveOptions,
@@ -217,7 +217,7 @@ pub fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
 }
 
 /// Stop-and-copy on every device in parallel (after [`quiesce_all`]).
-pub fn stop_copy_all<W: Write + Send>(
+fn stop_copy_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],
     out: &SharedWriter<W>,
     opts: &SaveOptions,

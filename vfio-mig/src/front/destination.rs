@@ -84,6 +84,13 @@ pub struct Destination<D: MigrationDevice> {
     loaders: Vec<DeviceLoader<'static>>,
     /// Record buffers the devices are done with, for the reader's next records.
     spare: Vec<Vec<u8>>,
+    /// Per device: whether the header says it comes with pre-copy data.
+    live: Vec<bool>,
+    /// Per device: whether its END_OF_PHASE(PRE_COPY) was applied.
+    pre_copy_ended: Vec<bool>,
+    /// END_OF_PHASE(PRE_COPY) records of devices whose pre-copy had already ended (a device
+    /// that re-initialised its pre-copy data, REINIT), not yet taken by the session layer.
+    reloaded: usize,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Destination<D> {
@@ -120,6 +127,9 @@ impl<D: MigrationDevice> Destination<D> {
             reader: None,
             loaders,
             spare: Vec::new(),
+            live: Vec::new(),
+            pre_copy_ended: Vec::new(),
+            reloaded: 0,
         })
     }
 
@@ -152,22 +162,62 @@ impl<D: MigrationDevice> Destination<D> {
     /// error (and every device is reset).
     pub fn read_from<R: Read>(&mut self, mut input: R) -> Result<()> {
         let mut buf = vec![0u8; 256 << 10];
+        while self.read_some(&mut input, &mut buf)? != Status::Loaded {}
+        Ok(())
+    }
+
+    /// One read from `input` (into `buf`), pushed: for a caller that acts between reads (a
+    /// session acknowledging the pre-copy data). The end of `input` before the trailer is an
+    /// error (and every device is reset).
+    pub fn read_some<R: Read + ?Sized>(&mut self, input: &mut R, buf: &mut [u8]) -> Result<Status> {
         loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => {
-                    return Err(self.fail(Error::stream(
-                        "read the migration stream",
-                        "truncated stream: it ended before its trailer",
-                    )))
-                }
-                Ok(n) => n,
+            return match input.read(buf) {
+                Ok(0) => Err(self.fail(Error::stream(
+                    "read the migration stream",
+                    "truncated stream: it ended before its trailer",
+                ))),
+                Ok(n) => self.push(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.fail(Error::transport("read the migration stream", e))),
+                Err(e) => Err(self.fail(Error::transport("read the migration stream", e))),
             };
-            if self.push(&buf[..n])? == Status::Loaded {
-                return Ok(());
-            }
         }
+    }
+
+    /// Abandons the load after `error`, a failure of the caller's own (its channel, a
+    /// message of its protocol): every device it touched is reset, and the error says so;
+    /// `error` alone when the destination had already ended or touched no device.
+    pub fn cancel_with(&mut self, error: Error) -> Error {
+        if self.stage == Stage::Ended {
+            return error;
+        }
+        self.fail(error)
+    }
+
+    /// Whether every device the stream carries live loaded all its pre-copy data (its
+    /// END_OF_PHASE(PRE_COPY) applied, after every pre-copy record): the point where a
+    /// session acknowledges the switch-over (QEMU's switchover-ack). False before the header
+    /// and for a stream without pre-copy.
+    pub fn pre_copy_loaded(&self) -> bool {
+        self.stage != Stage::Ended
+            && self.live.iter().any(|&l| l)
+            && self
+                .live
+                .iter()
+                .zip(&self.pre_copy_ended)
+                .all(|(&live, &ended)| ended || !live)
+    }
+
+    /// Which devices the stream carries with pre-copy data, in device order (empty before
+    /// the header).
+    pub fn live(&self) -> &[bool] {
+        &self.live
+    }
+
+    /// How many devices ended their pre-copy phase again since the last call: each
+    /// re-initialised its pre-copy data (`VFIO_PRECOPY_INFO_REINIT`) after the destination
+    /// acknowledged it and sent it anew; a session acknowledges each (SWITCHOVER_ACK_AGAIN).
+    pub fn take_pre_copy_reloaded(&mut self) -> usize {
+        std::mem::take(&mut self.reloaded)
     }
 
     /// What each device loaded, in device order.
@@ -300,6 +350,14 @@ impl<D: MigrationDevice> Destination<D> {
                     });
                 }
                 Record::EndOfPhase { device, phase } => {
+                    if phase == Phase::PreCopy {
+                        // Applied, with the records before it, before this push returns.
+                        let ended = &mut self.pre_copy_ended[usize::from(device)];
+                        if *ended {
+                            self.reloaded += 1;
+                        }
+                        *ended = true;
+                    }
                     batches[usize::from(device)].push(Item::EndOfPhase(phase))
                 }
                 Record::End(_) => ended = true,
@@ -349,6 +407,8 @@ impl<D: MigrationDevice> Destination<D> {
         }
         self.stage = Stage::Loading;
         self.reader = Some(reader);
+        self.live = header.devices.iter().map(|d| d.live).collect();
+        self.pre_copy_ended = vec![false; self.live.len()];
         each(&mut as_refs(&mut self.devs), "enter RESUMING", |d| {
             d.start_resume()
         })

@@ -60,18 +60,26 @@ impl<D> From<Handback<D>> for Error {
 
 /// Returns each device to the state it had when the migration began, after `error`: a device
 /// still there is left alone; any other is recovered by its driver, which returns it to
-/// where its saving session began (RUNNING, or STOP for a paused VM) or resets it. The error
-/// then says what became of each.
+/// where its saving session began (RUNNING, or STOP for a paused VM) or resets it. The coarse
+/// run state cannot tell RUNNING from the quiesced RUNNING_P2P, so a running device the
+/// migration moved (`touched`) is also told to run, which leaves RUNNING_P2P. The error then
+/// says what became of each.
 pub(crate) fn restore<D: MigrationDevice>(
     devs: &mut [D],
     start: &[RunState],
+    touched: &[bool],
     error: Error,
 ) -> Error {
     let outcomes: Vec<(String, Recovery)> = devs
         .iter_mut()
         .zip(start)
-        .map(|(dev, &start)| {
+        .zip(touched)
+        .map(|((dev, &start), &touched)| {
             let recovery = match dev.run_state() {
+                Ok(RunState::Running) if start == RunState::Running && touched => match dev.run() {
+                    Ok(()) => Recovery::AlreadyRunning,
+                    Err(_) => dev.recover(),
+                },
                 Ok(now) if now == start => match start {
                     RunState::Running => Recovery::AlreadyRunning,
                     RunState::Stopped => Recovery::AlreadyStopped,

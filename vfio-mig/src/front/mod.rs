@@ -54,6 +54,7 @@
 mod destination;
 mod handback;
 mod options;
+mod pre_copy;
 mod relay;
 mod source;
 

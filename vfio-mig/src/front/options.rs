@@ -26,6 +26,12 @@ pub struct SourceOptions {
     /// The largest read from a device in one go (and so the largest record payload batch);
     /// a MiB, as QEMU reads a data fd.
     pub buffer: usize,
+    /// Whether running devices that support it enter pre-copy (a live migration); without
+    /// it every device goes straight to stop-and-copy at the switch-over.
+    pub pre_copy: bool,
+    /// The stream's session id; `None` draws a fresh one. A retried handoff passes the id of
+    /// the attempt whose outcome it asks about (the session layer's fencing keys on it).
+    pub session: Option<[u8; 16]>,
 }
 
 impl SourceOptions {
@@ -35,7 +41,21 @@ impl SourceOptions {
             epoch,
             allow_non_p2p_unit: false,
             buffer: 1 << 20,
+            pre_copy: true,
+            session: None,
         }
+    }
+
+    /// Sets [`pre_copy`](Self::pre_copy).
+    pub fn pre_copy(mut self, pre_copy: bool) -> Self {
+        self.pre_copy = pre_copy;
+        self
+    }
+
+    /// Sets [`session`](Self::session).
+    pub fn session(mut self, id: [u8; 16]) -> Self {
+        self.session = Some(id);
+        self
     }
 
     /// Sets [`allow_non_p2p_unit`](Self::allow_non_p2p_unit).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::engine::multi::{check_unit, each_with_report, finish_handoff_all, quiesce_all};
 use crate::engine::save::{stop_copy, Pump, RecordSink};
 use crate::engine::session::{describe, new_session_id};
-use crate::engine::{NoObserver, SaveOptions, SaveReport};
+use crate::engine::{NoObserver, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::migration::{MigrationDevice, RunState};
 use crate::stream::{Phase, StreamHeader, StreamWriter};
@@ -68,6 +68,9 @@ pub struct Finished<D> {
     pub devices: Vec<D>,
     /// Devices whose STOP after the handoff failed, with what became of each.
     pub stop_failures: Vec<String>,
+    /// What was sent of each device, in device order ([`Source::reports`]), with the failed
+    /// STOP of a device in its `after_handoff`.
+    pub reports: Vec<SaveReport>,
 }
 
 impl<D> std::fmt::Debug for Finished<D> {
@@ -81,7 +84,9 @@ impl<D> std::fmt::Debug for Finished<D> {
 
 /// Where a source is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(super) enum Stage {
+    /// Prepared: the header is staged, no device was touched yet.
+    Prepared,
     /// Started: rounds may run (devices that were running are in pre-copy).
     PreCopy,
     /// The stream is complete; the devices are in stop-and-copy.
@@ -103,16 +108,23 @@ enum Stage {
 /// says which. Dropping an unfinished source cancels it before the switch-over and stops its
 /// devices for good after it (see [`into_devices`](Self::into_devices)).
 pub struct Source<D: MigrationDevice> {
-    devs: Vec<D>,
+    pub(super) devs: Vec<D>,
     /// Each device's state when the migration began.
     start: Vec<RunState>,
     /// Which devices are in pre-copy.
-    live: Vec<bool>,
+    pub(super) live: Vec<bool>,
     stage: Stage,
+    /// The END_OF_PHASE(PRE_COPY) records are written: no more rounds.
+    pub(super) pre_copy_ended: bool,
+    /// The switch-over began: every device may have moved.
+    switching: bool,
+    /// The stream header (staged in `writer` until written).
+    header: StreamHeader,
     /// Boxed: the stream's bookkeeping is large, and a VMM keeps a source in its own enums.
     writer: Option<Box<Staged>>,
     buf: Vec<u8>,
-    sent: Vec<u64>,
+    /// What was sent of each device so far.
+    pub(super) reports: Vec<SaveReport>,
     buffer: usize,
     /// A query of a round found a device re-initialised (REINIT): the next estimate says so.
     reinit_seen: bool,
@@ -137,24 +149,94 @@ impl<D: MigrationDevice> Source<D> {
     /// stop-and-copy at the switch-over (the path a snapshot takes).
     ///
     /// On failure the devices come back with the error, each in its start state (or reset).
-    pub fn start(mut devs: Vec<D>, opts: &SourceOptions) -> std::result::Result<Self, Handback<D>> {
-        match begin(&mut devs, opts) {
-            Ok((start, live, writer)) => {
+    /// The same as [`prepare`](Self::prepare) then [`begin`](Self::begin).
+    pub fn start(devs: Vec<D>, opts: &SourceOptions) -> std::result::Result<Self, Handback<D>> {
+        let mut source = Self::prepare(devs, opts)?;
+        match source.begin() {
+            Ok(()) => Ok(source),
+            Err(error) => {
+                let devices = std::mem::take(&mut source.devs);
+                Err(Handback::new(error, devices))
+            }
+        }
+    }
+
+    /// The first half of [`start`](Self::start), touching no device: checks the unit,
+    /// records each device's state and stages the stream header, so that a session layer can
+    /// send the header and wait for the destination's answer before any device moves. A
+    /// prepared source is dropped (or [`cancel`](Self::cancel)led) with nothing to undo.
+    pub fn prepare(
+        mut devs: Vec<D>,
+        opts: &SourceOptions,
+    ) -> std::result::Result<Self, Handback<D>> {
+        match plan(&mut devs, opts) {
+            Ok((start, live, header, writer)) => {
                 let n = devs.len();
                 Ok(Self {
                     devs,
                     start,
                     live,
-                    stage: Stage::PreCopy,
+                    stage: Stage::Prepared,
+                    pre_copy_ended: false,
+                    switching: false,
+                    header,
                     writer: Some(Box::new(writer)),
                     buf: Vec::new(),
-                    sent: vec![0; n],
+                    reports: vec![SaveReport::default(); n],
                     buffer: opts.buffer.max(4096),
                     reinit_seen: false,
                 })
             }
             Err(error) => Err(Handback::new(error, devs)),
         }
+    }
+
+    /// The second half of [`start`](Self::start): puts every running device that supports it
+    /// into pre-copy. On failure every device returns to its start state (or is reset), the
+    /// error says which, and the migration is over.
+    pub fn begin(&mut self) -> Result<()> {
+        self.check(Stage::Prepared, "begin")?;
+        for i in 0..self.devs.len() {
+            if self.live[i] {
+                if let Err(e) = self.devs[i].start_pre_copy() {
+                    self.stage = Stage::Ended;
+                    self.writer = None;
+                    let touched = &self.live[..=i];
+                    return Err(restore(&mut self.devs[..=i], &self.start[..=i], touched, e));
+                }
+            }
+        }
+        self.stage = Stage::PreCopy;
+        Ok(())
+    }
+
+    /// The stream header: the session id, the epoch and each device's descriptor (live for a
+    /// device in pre-copy).
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Writes the stream header into `out` if no call wrote it yet (a session layer sends it
+    /// before the destination accepts, before [`begin`](Self::begin)); returns the bytes
+    /// written. Otherwise the first [`round`](Self::round) or the switch-over writes it.
+    pub fn write_header<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<u64> {
+        if !matches!(self.stage, Stage::Prepared | Stage::PreCopy) {
+            return Err(ended());
+        }
+        let writer = self.writer.as_mut().ok_or_else(ended)?;
+        let r = Relay::new(writer, out).map(|relay| relay.written);
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// What was sent of each device so far, in device order: the pre-copy and stop-and-copy
+    /// bytes and chunks, the stop-and-copy time, and whether a device skipped pre-copy.
+    pub fn reports(&self) -> &[SaveReport] {
+        &self.reports
+    }
+
+    /// Whether a device is in pre-copy (live), in device order.
+    pub fn live(&self) -> &[bool] {
+        &self.live
     }
 
     /// Whether [`switch_over`](Self::switch_over) completed: the stream is whole and the
@@ -187,7 +269,12 @@ impl<D: MigrationDevice> Source<D> {
     /// header. Returns what it wrote and what is left.
     pub fn round<W: Write + ?Sized>(&mut self, out: &mut W, budget: Option<u64>) -> Result<Round> {
         self.check(Stage::PreCopy, "send a pre-copy round")?;
-        let r = self.send_round(out, budget);
+        if self.pre_copy_ended {
+            return Err(Error::InvalidInput(
+                "send a pre-copy round: pre-copy was ended".into(),
+            ));
+        }
+        let r = self.send_round(out, budget, &NoObserver);
         let (sent, written) = r.map_err(|e| self.fail(e))?;
         let estimate = self.estimate()?;
         Ok(Round {
@@ -198,10 +285,11 @@ impl<D: MigrationDevice> Source<D> {
     }
 
     /// One round; returns the payload bytes sent and the stream bytes written.
-    fn send_round<W: Write + ?Sized>(
+    pub(super) fn send_round<W: Write + ?Sized>(
         &mut self,
         out: &mut W,
         budget: Option<u64>,
+        obs: &dyn Observer,
     ) -> Result<(u64, u64)> {
         self.check_sessions("send a pre-copy round")?;
         let writer = self.writer.as_mut().ok_or_else(ended)?;
@@ -237,12 +325,13 @@ impl<D: MigrationDevice> Source<D> {
                     out: &mut relay,
                     index: i as u16,
                     buf: std::mem::take(&mut buf),
-                    obs: &NoObserver,
+                    obs,
                 };
-                let result = pump.run(Phase::PreCopy, Some(1), self.sent[i]);
+                let result = pump.run(Phase::PreCopy, Some(1), self.reports[i].pre_copy_bytes);
                 buf = pump.buf;
-                let (bytes, _, ended) = result?;
-                self.sent[i] += bytes;
+                let (bytes, chunks, ended) = result?;
+                self.reports[i].pre_copy_bytes += bytes;
+                self.reports[i].chunks += chunks;
                 device_sent += bytes;
                 sent += bytes;
                 if ended || bytes == 0 {
@@ -279,13 +368,113 @@ impl<D: MigrationDevice> Source<D> {
     /// it and the migration stays in pre-copy: more [`round`](Self::round)s send the new
     /// initial data first, as the uAPI recommends.
     pub fn switch_over<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+        self.switch_over_observed(out, &NoObserver)
+    }
+
+    /// Ends pre-copy in the stream before the switch-over: writes the END_OF_PHASE(PRE_COPY)
+    /// record of every device in pre-copy into `out`, so that the destination can tell it
+    /// loaded all pre-copy data (a session layer then waits for its acknowledgement, as QEMU's
+    /// switchover-ack). The devices keep their state; no more rounds can run. Optional: the
+    /// switch-over writes these records itself when this was not called.
+    pub fn end_pre_copy<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+        self.check(Stage::PreCopy, "end pre-copy")?;
+        if self.pre_copy_ended {
+            return Ok(());
+        }
+        let r = self.write_pre_copy_ends(out);
+        r.map_err(|e| self.fail(e))
+    }
+
+    fn write_pre_copy_ends<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+        let writer = self.writer.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writer, out)?;
+        for (i, &live) in self.live.iter().enumerate() {
+            if live {
+                relay.end_phase(i as u16, Phase::PreCopy)?;
+            }
+        }
+        self.pre_copy_ended = true;
+        out.flush()
+            .map_err(|e| Error::transport("write the migration stream", e))
+    }
+
+    /// After pre-copy ended in the stream and the destination acknowledged it, asks every
+    /// device in pre-copy once more (QEMU's final `save_query_pending`). Each that
+    /// re-initialised its pre-copy data since (`VFIO_PRECOPY_INFO_REINIT`) has its pre-copy
+    /// reopened: its new data goes into `out` up to the device's end of data, then its phase
+    /// ends again. Returns how many devices were reopened: a session layer waits for as many
+    /// acknowledgements before it asks again, and the switch-over refuses while a device
+    /// reports REINIT.
+    pub fn resend_reinit<W: Write + ?Sized>(
+        &mut self,
+        out: &mut W,
+        obs: &dyn Observer,
+    ) -> Result<usize> {
+        self.check(Stage::PreCopy, "send re-initialised pre-copy data")?;
+        let r = self.reopen_reinit(out, obs);
+        r.map_err(|e| self.fail(e))
+    }
+
+    fn reopen_reinit<W: Write + ?Sized>(
+        &mut self,
+        out: &mut W,
+        obs: &dyn Observer,
+    ) -> Result<usize> {
+        self.check_sessions("send re-initialised pre-copy data")?;
+        let writer = self.writer.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writer, out)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(self.buffer, 0);
+        let mut reopened = 0;
+        for (i, dev) in self.devs.iter_mut().enumerate() {
+            if !self.live[i] {
+                continue;
+            }
+            let now = dev.pending()?;
+            if !now.reinit {
+                continue;
+            }
+            log::info!(
+                "{}: new initial data after its pre-copy ended (REINIT, {} bytes): sending it \
+                 before the switch-over",
+                dev.identity().instance,
+                now.initial_bytes.unwrap_or(0)
+            );
+            let mut pump = Pump {
+                dev: &mut *dev,
+                out: &mut relay,
+                index: i as u16,
+                buf: std::mem::take(&mut buf),
+                obs,
+            };
+            let result = pump.run(Phase::PreCopy, None, self.reports[i].pre_copy_bytes);
+            buf = pump.buf;
+            let (bytes, chunks, _ended) = result?;
+            self.reports[i].pre_copy_bytes += bytes;
+            self.reports[i].chunks += chunks;
+            relay.end_phase(i as u16, Phase::PreCopy)?;
+            reopened += 1;
+        }
+        self.buf = buf;
+        out.flush()
+            .map_err(|e| Error::transport("write the migration stream", e))?;
+        Ok(reopened)
+    }
+
+    /// [`switch_over`](Self::switch_over), reporting each device's stop-and-copy phase to
+    /// `obs`.
+    pub fn switch_over_observed<W: Write + ?Sized>(
+        &mut self,
+        out: &mut W,
+        obs: &dyn Observer,
+    ) -> Result<()> {
         self.check(Stage::PreCopy, "switch over")?;
         match reinit_pending(&mut self.devs, &self.live) {
             Ok(None) => {}
             Ok(Some(refusal)) => return Err(refusal),
             Err(e) => return Err(self.fail(e)),
         }
-        match self.send_rest(out) {
+        match self.send_rest(out, obs) {
             Ok(()) => {
                 self.stage = Stage::SwitchedOver;
                 Ok(())
@@ -294,10 +483,11 @@ impl<D: MigrationDevice> Source<D> {
         }
     }
 
-    fn send_rest<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+    fn send_rest<W: Write + ?Sized>(&mut self, out: &mut W, obs: &dyn Observer) -> Result<()> {
         self.check_sessions("switch over")?;
         let mut writer = self.writer.take().ok_or_else(ended)?;
         Relay::new(&mut writer, &mut *out)?;
+        self.switching = true;
         let mut devs = as_refs(&mut self.devs);
         quiesce_all(&mut devs)?;
         let opts = SaveOptions {
@@ -305,19 +495,20 @@ impl<D: MigrationDevice> Source<D> {
             ..SaveOptions::default()
         };
         let live = &self.live;
+        let end_pre_copy = !self.pre_copy_ended;
+        let reports = &mut self.reports;
         let (sink, records) = UnitSink::new(&mut writer);
         let saved = std::thread::scope(|s| {
             let unit = s.spawn(move || {
-                let mut reports = vec![SaveReport::default(); devs.len()];
-                each_with_report(&mut devs, &mut reports, |i, dev, report| {
+                each_with_report(&mut devs, reports, |i, dev, report| {
                     let index = i as u16;
                     let mut to = &sink;
-                    let r = if live[i] {
+                    let r = if live[i] && end_pre_copy {
                         to.end_phase(index, Phase::PreCopy)
                     } else {
                         Ok(())
                     }
-                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, &NoObserver, report));
+                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, obs, report));
                     if r.is_err() {
                         sink.fail();
                     }
@@ -361,10 +552,11 @@ impl<D: MigrationDevice> Source<D> {
             return Finished {
                 devices: std::mem::take(&mut self.devs),
                 stop_failures: vec![format!("finish before the switch-over: {failure}")],
+                reports: std::mem::take(&mut self.reports),
             };
         }
         self.stage = Stage::Ended;
-        let mut reports = vec![SaveReport::default(); self.devs.len()];
+        let mut reports = std::mem::take(&mut self.reports);
         finish_handoff_all(&mut as_refs(&mut self.devs), &mut reports);
         let stop_failures = self
             .devs
@@ -379,6 +571,7 @@ impl<D: MigrationDevice> Source<D> {
         Finished {
             devices: std::mem::take(&mut self.devs),
             stop_failures,
+            reports,
         }
     }
 
@@ -391,6 +584,16 @@ impl<D: MigrationDevice> Source<D> {
             return None;
         }
         Some(self.fail(Error::InvalidInput("migration cancelled".into())))
+    }
+
+    /// Abandons the migration after `error`, a failure of the VMM's own (its channel, its
+    /// memory rounds), as [`cancel`](Self::cancel) does: returns `error` with what became of
+    /// each device, or `error` alone when the migration had already ended.
+    pub fn cancel_with(&mut self, error: Error) -> Error {
+        if self.stage == Stage::Ended {
+            return error;
+        }
+        self.fail(error)
     }
 
     /// The devices back, after a failure or a cancel, or of a migration still going, which
@@ -407,6 +610,7 @@ impl<D: MigrationDevice> Source<D> {
     fn settle(&mut self) {
         match self.stage {
             Stage::Ended => {}
+            Stage::Prepared => self.stage = Stage::Ended,
             Stage::PreCopy => {
                 if let Some(e) = self.cancel() {
                     log::warn!(
@@ -432,11 +636,12 @@ impl<D: MigrationDevice> Source<D> {
         self.devs.iter_mut()
     }
 
-    fn check(&self, stage: Stage, step: &str) -> Result<()> {
+    pub(super) fn check(&self, stage: Stage, step: &str) -> Result<()> {
         if self.stage != stage {
             return Err(Error::InvalidInput(format!(
                 "{step}: the migration is {}",
                 match self.stage {
+                    Stage::Prepared => "prepared, not begun",
                     Stage::PreCopy => "still in pre-copy",
                     Stage::SwitchedOver => "already switched over",
                     Stage::Ended => "over (finished, failed or cancelled)",
@@ -465,10 +670,21 @@ impl<D: MigrationDevice> Source<D> {
     }
 
     /// Returns every device to its start state after `e`; the migration cannot go on.
-    fn fail(&mut self, e: Error) -> Error {
+    pub(super) fn fail(&mut self, e: Error) -> Error {
+        // What this migration moved: nothing before it began, the devices in pre-copy, and
+        // every device once the switch-over quiesced them.
+        let touched: Vec<bool> = match self.stage {
+            _ if self.switching => vec![true; self.devs.len()],
+            _ => self.live.clone(),
+        };
+        let begun = self.stage != Stage::Prepared;
         self.stage = Stage::Ended;
         self.writer = None;
-        restore(&mut self.devs, &self.start, e)
+        if !begun {
+            // No device moved: nothing to restore, nothing to report but the error.
+            return e;
+        }
+        restore(&mut self.devs, &self.start, &touched, e)
     }
 }
 
@@ -482,11 +698,11 @@ fn ended() -> Error {
     Error::InvalidInput("the migration is over".into())
 }
 
-/// Checks the unit, records the start states, stages the header and enters pre-copy.
-fn begin<D: MigrationDevice>(
+/// Checks the unit, records the start states and stages the header; touches no device.
+fn plan<D: MigrationDevice>(
     devs: &mut [D],
     opts: &SourceOptions,
-) -> Result<(Vec<RunState>, Vec<bool>, Staged)> {
+) -> Result<(Vec<RunState>, Vec<bool>, StreamHeader, Staged)> {
     if devs.is_empty() || devs.len() > crate::stream::MAX_DEVICES {
         return Err(Error::InvalidInput(format!(
             "a migration of {} devices (1 to {} are possible)",
@@ -502,10 +718,14 @@ fn begin<D: MigrationDevice>(
     let live: Vec<bool> = devs
         .iter()
         .zip(&start)
-        .map(|(d, s)| d.capabilities().pre_copy && *s == RunState::Running)
+        .map(|(d, s)| opts.pre_copy && d.capabilities().pre_copy && *s == RunState::Running)
         .collect();
+    let session_id = match opts.session {
+        Some(id) => id,
+        None => new_session_id()?,
+    };
     let header = StreamHeader {
-        session_id: new_session_id()?,
+        session_id,
         epoch: opts.epoch.0,
         devices: devs
             .iter()
@@ -514,14 +734,7 @@ fn begin<D: MigrationDevice>(
             .collect(),
     };
     let writer = StreamWriter::new(Vec::new(), &header)?;
-    for i in 0..devs.len() {
-        if live[i] {
-            if let Err(e) = devs[i].start_pre_copy() {
-                return Err(restore(&mut devs[..=i], &start[..=i], e));
-            }
-        }
-    }
-    Ok((start, live, writer))
+    Ok((start, live, header, writer))
 }
 
 /// The last query before the switch-over: the refusal naming the devices in pre-copy that

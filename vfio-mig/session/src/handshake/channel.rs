@@ -12,17 +12,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::destination::{
-    admission_checks, finish_session, open_session, receive_one, refuse, release, Gate, Opening,
-    RecvOutcome, DRAIN_TIME,
+    admission_checks, finish_session, open_session, refuse, release, Gate, Opening, RecvOutcome,
+    DRAIN_TIME,
 };
 use super::message::{
     write_message, ChannelToken, Message, ReasonCode, SessionId, FEATURE_SWITCHOVER_ACK,
     MAX_CHANNELS,
 };
 use super::opened::{send_final, ChannelOpening};
+use super::session_destination::receive_one;
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::engine::channels::load_channels_gated;
+use vfio_mig::engine::multi::rollback_destinations;
 use vfio_mig::engine::session::new_session_id;
 use vfio_mig::engine::{MigrationDevice, Observer};
 use vfio_mig_fence::{Admission, Fence};
@@ -200,9 +202,11 @@ pub fn receive_channels<C: Duplex>(
     };
     let loaded = load_channels_gated(devs, &header, readers, &stop, obs, &mut gate);
     let completed = gate.completed;
-    let outcome = finish_session(
-        devs, header, loaded, completed, fence, &mut tx, &mut rest, obs,
-    );
+    let loaded = loaded.map_err(|e| match e {
+        e @ vfio_mig::Error::PastNoReturn { .. } => e,
+        e => rollback_destinations(devs, e, obs),
+    });
+    let outcome = finish_session(header, loaded, completed, fence, &mut tx, &mut rest);
     for k in &kept {
         let _ = k.shutdown(Shutdown::Both);
     }

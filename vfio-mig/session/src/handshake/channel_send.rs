@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::answers::{expect, explain, unexpected, Watched};
 use super::message::{
     read_message, write_message, Message, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
 };
 use super::reinit::reack_after_reinit;
-use super::source::{
-    before_hello, commit, expect, explain, refused, send, unexpected, SendOutcome, Watched,
-};
+use super::source::{before_hello, commit, refused, send, SendOutcome};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::engine::channels::{

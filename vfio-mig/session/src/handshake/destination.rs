@@ -13,14 +13,13 @@ use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
-use vfio_mig::engine::demux::load_all_gated;
-use vfio_mig::engine::multi::{check_unit, rollback_destinations};
+use vfio_mig::engine::multi::check_unit;
 use vfio_mig::engine::{
-    check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
+    check_compatible, Event, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
 };
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamReader};
-use vfio_mig::Error as CoreError;
+use vfio_mig::stream::{Phase, StreamHeader, StreamReader};
+use vfio_mig::{Destination, DestinationOptions, Error as CoreError, Status};
 use vfio_mig_fence::{Admission, Fence};
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still
@@ -317,54 +316,79 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
     }))
 }
 
-/// Runs an opened session that offered no channels (see [`super::receive_opened`]).
-pub(super) fn receive_one<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    opening: Opening<C>,
-    fence: &mut dyn Fence,
+/// Loads into `dst` through the front door: the header (already read), the bytes read past
+/// it (`buffered`) and then every byte of `input` as it arrives pushed into it;
+/// `gate.pre_copy_loaded` once it loaded all pre-copy data (a session's SWITCHOVER_ACK),
+/// `gate.before_resume` once the trailer verified and every device took its state (LOADED,
+/// COMMIT, the completion record); each device's progress to `obs`. Nothing runs. On failure
+/// every device is reset, and the error says so.
+pub(super) fn load_into<D: MigrationDevice>(
+    dst: &mut Destination<D>,
+    header: &StreamHeader,
+    buffered: &[u8],
+    input: &mut dyn Read,
+    gate: &mut dyn LoadGate,
     obs: &dyn Observer,
-) -> Result<RecvOutcome> {
-    let Opening {
-        mut tx,
-        mut reader,
-        features,
-        header,
-        ..
-    } = opening;
-    let checks = admission_checks(devs, features, &header, fence);
-    let session = header.session_id;
-    match checks {
-        Ok(Admission::Accept) => {}
-        Ok(Admission::AlreadyCompleted) => {
-            let msg = Message::AlreadyCompleted { session };
-            send_final(&mut tx, reader.get_mut(), &msg, DRAIN_TIME);
-            return Ok(RecvOutcome::AlreadyCompleted { header });
+) -> vfio_mig::Result<Vec<LoadReport>> {
+    let started = Instant::now();
+    let mut buf = vec![0u8; SOCKET_BUFFER];
+    let mut status = dst.push(&header.encode()?)?;
+    if status == Status::NeedMore {
+        status = dst.push(buffered)?;
+    }
+    let mut acked = false;
+    let mut told = vec![LoadReport::default(); dst.reports().len()];
+    while status != Status::Loaded {
+        tell_progress(&dst.reports(), &mut told, obs);
+        if !acked && dst.pre_copy_loaded() {
+            acked = true;
+            tell_pre_copy_ended(dst.live(), &dst.reports(), started.elapsed(), obs);
+            gate.pre_copy_loaded().map_err(|e| dst.cancel_with(e))?;
         }
-        Err((code, detail)) => return Err(refuse(&mut tx, reader.get_mut(), code, detail)),
+        for _ in 0..dst.take_pre_copy_reloaded() {
+            gate.pre_copy_reloaded().map_err(|e| dst.cancel_with(e))?;
+        }
+        status = dst.read_some(input, &mut buf)?;
     }
-    if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
-        release(fence, &session);
-        return Err(e.into());
+    tell_progress(&dst.reports(), &mut told, obs);
+    gate.before_resume(input).map_err(|e| dst.cancel_with(e))?;
+    Ok(dst.reports())
+}
+
+/// Tells `obs` that each device carried live ended its pre-copy phase (before the session
+/// acknowledges the pre-copy data); `elapsed` since the load began.
+fn tell_pre_copy_ended(live: &[bool], now: &[LoadReport], elapsed: Duration, obs: &dyn Observer) {
+    for (i, report) in now.iter().enumerate() {
+        if live.get(i).copied().unwrap_or(false) {
+            obs.on_event(&Event::PhaseEnded {
+                device: i as u16,
+                phase: Phase::PreCopy,
+                bytes: report.pre_copy_bytes,
+                chunks: report.chunks,
+                elapsed,
+            });
+        }
     }
-    let mut gate = Gate {
-        tx: &mut tx,
-        session,
-        ack: features & FEATURE_SWITCHOVER_ACK != 0,
-        fence,
-        completed: false,
-    };
-    let loaded = load_all_gated(devs, &mut reader, obs, &mut gate);
-    let completed = gate.completed;
-    finish_session(
-        devs,
-        header,
-        loaded,
-        completed,
-        fence,
-        &mut tx,
-        reader.get_mut(),
-        obs,
-    )
+}
+
+/// Tells `obs` what each device loaded since `told` (the bytes of its current phase).
+fn tell_progress(now: &[LoadReport], told: &mut [LoadReport], obs: &dyn Observer) {
+    for (i, (now, told)) in now.iter().zip(told.iter_mut()).enumerate() {
+        if now == told {
+            continue;
+        }
+        let (phase, bytes) = if now.stop_copy_bytes > 0 {
+            (Phase::StopCopy, now.stop_copy_bytes)
+        } else {
+            (Phase::PreCopy, now.pre_copy_bytes)
+        };
+        obs.on_event(&Event::Progress {
+            device: i as u16,
+            phase,
+            bytes,
+        });
+        *told = now.clone();
+    }
 }
 
 /// The checks before a device is touched: one device in the stream per device given, known
@@ -420,18 +444,15 @@ pub(super) fn admission_checks(
 
 /// The end of a session after the load: RESUMED on success; PARTLY_RESUMED past the point of
 /// no return ([`vfio_mig::Error::PastNoReturn`]: the completion record stays, what runs keeps
-/// running); on any other failure the completion record withdrawn, the claim released, every
-/// device reset and FAILED sent.
-#[allow(clippy::too_many_arguments)]
+/// running); on any other failure (after which every device was reset, as `loaded` says) the
+/// completion record withdrawn, the claim released and FAILED sent.
 pub(super) fn finish_session<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
     header: StreamHeader,
     loaded: vfio_mig::Result<Vec<LoadReport>>,
     completed: bool,
     fence: &mut dyn Fence,
     tx: &mut C,
     rx: &mut impl Read,
-    obs: &dyn Observer,
 ) -> Result<RecvOutcome> {
     let session = header.session_id;
     match loaded {
@@ -468,7 +489,6 @@ pub(super) fn finish_session<C: Duplex>(
                 }
             }
             release(fence, &session);
-            let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e.into())
@@ -534,7 +554,12 @@ pub fn load_fenced<R: Read>(
         fence,
         completed: false,
     };
-    match load_all_gated(devs, reader, obs, &mut gate) {
+    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
+    let opts = DestinationOptions::new().allow_non_p2p_unit(true);
+    let mut dst = Destination::new(lent, &opts).map_err(vfio_mig::Error::from)?;
+    let loaded = load_into(&mut dst, &header, &[], reader.get_mut(), &mut gate, obs)
+        .and_then(|reports| dst.run().map(|_| reports).map_err(vfio_mig::Error::from));
+    match loaded {
         Ok(reports) => Ok(RecvOutcome::Resumed {
             header,
             reports,
@@ -549,7 +574,7 @@ pub fn load_fenced<R: Read>(
                 }
             }
             release(gate.fence, &header.session_id);
-            Err(rollback_destinations(devs, e, obs).into())
+            Err(e.into())
         }
     }
 }

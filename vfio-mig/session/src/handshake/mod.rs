@@ -40,6 +40,7 @@
 //!
 //! The format is specified byte by byte in `docs/stream-format.md`, "Session handshake".
 
+mod answers;
 mod channel;
 mod channel_send;
 mod destination;
@@ -47,6 +48,8 @@ mod local;
 mod message;
 mod opened;
 mod reinit;
+mod session_destination;
+mod session_source;
 mod source;
 
 pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
@@ -61,4 +64,6 @@ pub use message::{
     MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
 };
 pub use opened::ChannelOpening;
+pub use session_destination::{Admitted, SessionDestination};
+pub use session_source::{Answer, SessionSource};
 pub use source::{send, SendOutcome};

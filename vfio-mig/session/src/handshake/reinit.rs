@@ -7,30 +7,53 @@
 //! data, and the source waits for one SWITCHOVER_ACK_AGAIN per reopened device before it
 //! asks again.
 
+use super::answers::expect;
 use super::message::{Message, SessionId};
-use super::source::expect;
-use crate::error::Result;
-use vfio_mig::engine::SaveOptions;
+use crate::error::{Error, Result};
+use vfio_mig::engine::{PreCopyPolicy, SaveOptions};
 
 /// Runs `resend` (which reopens the pre-copy of every device that re-initialised, hands the
 /// stream back flushed, and says how many it reopened) and waits for the destination's
-/// acknowledgements, until no device re-initialised. After `opts.policy.max_rounds` passes
-/// the switch-over goes ahead (the last new data then moves in stop-and-copy), or, with a
-/// strict downtime, the migration fails.
+/// acknowledgements, until no device re-initialised ([`reack_passes`]).
 pub(super) fn reack_after_reinit<W>(
     rx: &mut impl std::io::Read,
     session: &SessionId,
     opts: &SaveOptions,
-    mut out: W,
+    out: W,
     mut resend: impl FnMut(W) -> Result<(W, usize)>,
 ) -> Result<W> {
-    let again = Message::SwitchoverAckAgain { session: *session }.kind();
-    let passes = opts.policy.max_rounds.max(1);
-    for _ in 0..passes {
+    let mut held = Some(out);
+    reack_passes(rx, session, &opts.policy, || {
+        let out = held.take().ok_or_else(lost_stream)?;
         let (next, reopened) = resend(out)?;
-        out = next;
+        held = Some(next);
+        Ok(reopened)
+    })?;
+    held.ok_or_else(lost_stream)
+}
+
+fn lost_stream() -> Error {
+    vfio_mig::Error::InvalidInput("re-acknowledge: the stream was lost on an earlier error".into())
+        .into()
+}
+
+/// Runs `resend` (which reopens the pre-copy of every device that re-initialised and says how
+/// many it reopened) and waits for one SWITCHOVER_ACK_AGAIN per reopened device, until no
+/// device re-initialised. After `policy.max_rounds` passes the switch-over goes ahead (the
+/// last new data then moves in stop-and-copy), or, with a strict downtime, the migration
+/// fails.
+pub(super) fn reack_passes(
+    rx: &mut impl std::io::Read,
+    session: &SessionId,
+    policy: &PreCopyPolicy,
+    mut resend: impl FnMut() -> Result<usize>,
+) -> Result<()> {
+    let again = Message::SwitchoverAckAgain { session: *session }.kind();
+    let passes = policy.max_rounds.max(1);
+    for _ in 0..passes {
+        let reopened = resend()?;
         if reopened == 0 {
-            return Ok(out);
+            return Ok(());
         }
         for _ in 0..reopened {
             expect(
@@ -45,9 +68,9 @@ pub(super) fn reack_after_reinit<W>(
         "devices kept re-initialising their pre-copy data (REINIT) after {passes} \
          acknowledged passes"
     );
-    if opts.policy.strict {
+    if policy.strict {
         return Err(vfio_mig::Error::PreCopy(why).into());
     }
     log::warn!("{why}: switching over; new initial data moves in stop-and-copy");
-    Ok(out)
+    Ok(())
 }

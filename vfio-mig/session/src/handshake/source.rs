@@ -2,21 +2,19 @@
 //! The source side of a session: HELLO and the stream header before the device is touched,
 //! the switchover wait, the two-phase end (LOADED, COMMIT, RESUMED) and rollback.
 
-use std::io::{self, BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 
-use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
-use super::reinit::reack_after_reinit;
+use super::answers::{explain, in_doubt, past_no_return, unexpected};
+use super::message::{read_message, Message, SessionId};
+use super::session_source::{Answer, SessionSource};
 use crate::error::{Error, Result};
-use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::multi::{
-    check_unit, finish_handoff_all, pre_copy_all, resend_reinit_all, rollback_sources,
-    stop_copy_all, SharedWriter,
-};
+use crate::transport::Duplex;
+use vfio_mig::engine::multi::{check_unit, finish_handoff_all, rollback_sources};
 use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamWriter};
-use vfio_mig::Error as CoreError;
+use vfio_mig::stream::{DeviceDescriptor, StreamHeader};
+use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,103 +26,10 @@ pub enum SendOutcome {
     AlreadyCompleted,
 }
 
-/// The source's writing half: before every write it checks, without blocking, whether the
-/// destination said something. During the transfer the destination only speaks to fail
-/// (FAILED, or closing the connection), so the source stops at its next write instead of
-/// streaming the rest of the state into a destination that gave up.
-pub(super) struct Watched<C: Duplex>(pub(super) C);
-
-impl<C: Duplex> Watched<C> {
-    fn check(&self) -> io::Result<()> {
-        if self.0.readable_now()? {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the destination ended the session",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl<C: Duplex> Write for Watched<C> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.check()?;
-        self.0.write(buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.check()?;
-        self.0.write_vectored(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-pub(super) fn unexpected(msg: &Message, wanted: &str, step: &str) -> Error {
-    Error::protocol(
-        step,
-        format!("the destination sent {msg} where {wanted} was expected"),
-    )
-}
-
-/// Reads the destination's answer at `step`: `Ok(())` for a message of kind `wanted` (a
-/// [`Message::kind`]) with this session, a [`Error::PeerFailed`] for FAILED, a protocol error
-/// for anything else.
-pub(super) fn expect(
-    rx: &mut impl io::Read,
-    session: &SessionId,
-    wanted: u8,
-    step: &str,
-) -> Result<()> {
-    let msg = read_message(rx, step)?;
-    match &msg {
-        m if m.kind() == wanted && m.session() == Some(session) => Ok(()),
-        Message::Failed(r) => Err(Error::PeerFailed {
-            step: step.to_owned(),
-            detail: r.text.clone(),
-        }),
-        m => Err(Error::protocol(
-            step,
-            format!("the destination sent {m} (session {:02x?})", m.session()),
-        )),
-    }
-}
-
-/// After a transport error, reads what the destination said, if it said anything: its
-/// FAILED reason explains the broken connection better than `EPIPE`; a closed connection is
-/// named as such, at the step that found it.
-pub(super) fn explain<C: Duplex>(err: Error, rx: &mut C) -> Error {
-    let Some(CoreError::Transport { step, .. }) = err.as_core() else {
-        return err;
-    };
-    if !rx.readable_now().unwrap_or(false) {
-        return err;
-    }
-    match read_message(rx, "read the destination's reason") {
-        Ok(Message::Failed(r)) | Ok(Message::Refuse(r)) => Error::PeerFailed {
-            step: step.clone(),
-            detail: r.text,
-        },
-        Ok(other) => unexpected(&other, "FAILED", step),
-        Err(CoreError::Transport { source, .. })
-            if source.kind() == io::ErrorKind::UnexpectedEof =>
-        {
-            Error::transport(
-                step.clone(),
-                io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "the destination closed the connection",
-                ),
-            )
-        }
-        Err(_) => err,
-    }
-}
-
 /// Migrates `devs` (stream devices 0.. of `header`, as one unit) to the destination at the
-/// other end of `conn`.
+/// other end of `conn`: a [`SessionSource`] whose pre-copy rounds the engine's policy
+/// (`opts.policy`) paces. The stream carries `header`'s session id and epoch; its device
+/// descriptors are the source's own (live for a device in pre-copy).
 ///
 /// 1. Sends HELLO and the stream header, and waits for the answer **before touching the
 ///    device**: REFUSE is an [`Error::Refused`], ALREADY_COMPLETED returns
@@ -153,84 +58,54 @@ pub fn send<C: Duplex>(
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<SendOutcome> {
-    let session = header.session_id;
-    let (mut rx, ctl) = before_hello(devs, &conn, header, opts)?;
-    let features = if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
-
-    // 1. HELLO and the header, then the answer; the device is untouched until ACCEPT.
-    let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
-    let opened = tx
-        .write_all(&Message::Hello { features }.encode())
-        .map_err(|e| CoreError::transport("handshake: send HELLO", e))
-        .and_then(|()| StreamWriter::new(tx, header))
-        .and_then(|mut out| out.flush().map(|()| out));
-    let answer = match opened {
-        Ok(out) => {
-            read_message(&mut rx, "handshake: wait for the destination's answer").map(|m| (out, m))
-        }
-        // The destination may have refused (and closed) while we wrote.
-        Err(e) if rx.readable_now().unwrap_or(false) => {
-            match read_message(&mut rx, "handshake: read the destination's answer") {
-                Ok(m @ Message::Refuse(_)) => return refused(&m),
-                _ => Err(e),
-            }
-        }
-        Err(e) => Err(e),
+    let options = SourceOptions::new(Epoch(header.epoch))
+        .session(header.session_id)
+        .pre_copy(opts.live)
+        .allow_non_p2p_unit(opts.allow_non_p2p_unit)
+        .buffer(opts.buffer);
+    let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
+    let source = Source::prepare(lent, &options).map_err(from_handback)?;
+    // The descriptors are the source's own; `header` must describe the same devices (its
+    // live flags aside: a device that cannot pre-copy, or is paused, goes in stop-and-copy).
+    let same = |a: &DeviceDescriptor, b: &DeviceDescriptor| {
+        (a.protocol, &a.model, a.migration_flags) == (b.protocol, &b.model, b.migration_flags)
     };
-    let (mut out, answer) = answer?;
-    match &answer {
-        Message::Accept { session: s } if *s == session => {}
-        Message::AlreadyCompleted { session: s } if *s == session => {
-            log::info!("the destination already completed this session");
-            return Ok(SendOutcome::AlreadyCompleted);
-        }
-        Message::Refuse(_) => return refused(&answer),
-        other => return Err(unexpected(other, "ACCEPT", "handshake")),
+    let described = source.header().devices.len() == header.devices.len()
+        && source
+            .header()
+            .devices
+            .iter()
+            .zip(&header.devices)
+            .all(|(a, b)| same(a, b));
+    if !described {
+        return Err(Error::invalid_input(
+            "send: the stream header must describe each device",
+        ));
     }
-
-    // 2-3. Pre-copy, switchover, stop-and-copy, trailer, LOADED. Any failure: roll back.
-    let mut reports = vec![SaveReport::default(); devs.len()];
-    let sent = (|| -> Result<BufWriter<Watched<C>>> {
-        if opts.live {
-            let shared = SharedWriter::new(out);
-            pre_copy_all(devs, &shared, opts, obs, &mut reports)?;
-            out = shared.into_inner();
-            out.flush()?;
-            let ack = Message::SwitchoverAck { session }.kind();
-            expect(
-                &mut rx,
-                &session,
-                ack,
-                "wait for the destination's SWITCHOVER_ACK",
-            )?;
-            out = reack_after_reinit(&mut rx, &session, opts, out, |out| {
-                let shared = SharedWriter::new(out);
-                let reopened = resend_reinit_all(devs, &shared, opts, obs, &mut reports);
-                let mut out = shared.into_inner();
-                let reopened = reopened?;
-                out.flush()?;
-                Ok((out, reopened))
-            })?;
-        }
-        // Every device is quiesced (P2P) before any stops, then all stop and copy in parallel.
-        let shared = SharedWriter::new(out);
-        stop_copy_all(devs, &shared, opts, obs, &mut reports)?;
-        let (tx, _totals) = shared.into_inner().finish()?;
-        let loaded = Message::Loaded { session }.kind();
-        expect(
-            &mut rx,
-            &session,
-            loaded,
-            "wait for the destination's LOADED",
-        )?;
-        Ok(tx)
-    })();
-    let mut tx = match sent {
-        Ok(tx) => tx,
-        Err(e) => return Err(rollback_sources(devs, explain(e, &mut rx).into_core(), obs).into()),
+    let mut session = match SessionSource::open(source, conn).map_err(from_handback)? {
+        Answer::Accepted(session) => session,
+        Answer::AlreadyCompleted(_) => return Ok(SendOutcome::AlreadyCompleted),
     };
+    session.pre_copy(&opts.policy, obs)?;
+    session.switch_over_observed(obs)?;
+    let mut finished = session.commit().map_err(from_handback)?;
+    if opts.live {
+        // As QEMU: a device without PRE_COPY went in stop-and-copy only.
+        for (report, dev) in finished.reports.iter_mut().zip(&finished.devices) {
+            report.stop_copy_only = !dev.capabilities().pre_copy;
+        }
+    }
+    Ok(SendOutcome::Completed(finished.reports))
+}
 
-    commit(devs, &mut tx, &ctl, &mut rx, session, reports, obs)
+/// The session's error of a front-door error, the devices (lent) back with it.
+fn from_handback<D>(h: Handback<D>) -> Error {
+    Error::from(*h.error)
+}
+
+/// The devices' names, for errors.
+fn names(devs: &[&mut dyn MigrationDevice]) -> Vec<String> {
+    devs.iter().map(|d| d.identity().instance).collect()
 }
 
 /// What a sender checks before HELLO (a refused unit touches neither side): the header
@@ -300,43 +175,15 @@ pub(super) fn commit<C: Duplex>(
             // Past the destination's point of no return: a device there runs the state, so
             // the sources stop (or are reset) as after RESUMED, and are never resumed.
             finish_handoff_all(devs, &mut reports);
-            Err(past_no_return(devs, &reports, step, &r.text))
+            Err(past_no_return(&names(devs), &reports, step, &r.text))
         }
         Ok(other) => Err(in_doubt(
-            devs,
+            &names(devs),
             &session,
             format!("the destination sent {other} where RESUMED was expected"),
         )),
-        Err(e) => Err(in_doubt(devs, &session, Report(&e).to_string())),
+        Err(e) => Err(in_doubt(&names(devs), &session, Report(&e).to_string())),
     }
-}
-
-/// The source's error after PARTLY_RESUMED: the destination's account (`what`) and what
-/// became of each source device (stopped, or its STOP failure, after which it was reset).
-fn past_no_return(
-    devs: &[&mut dyn MigrationDevice],
-    reports: &[SaveReport],
-    step: &str,
-    what: &str,
-) -> Error {
-    let sources: Vec<String> = devs
-        .iter()
-        .zip(reports)
-        .map(|(d, r)| {
-            let name = d.identity().instance;
-            match &r.after_handoff {
-                None => format!("{name} is stopped"),
-                Some(why) => format!("{name} failed its STOP ({why})"),
-            }
-        })
-        .collect();
-    Error::Core(vfio_mig::Error::PastNoReturn {
-        step: step.into(),
-        detail: format!(
-            "the destination: {what}; not resumed here, the state must not run twice: {}",
-            sources.join(", ")
-        ),
-    })
 }
 
 pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
@@ -347,22 +194,5 @@ pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
             detail: r.text.clone(),
         }),
         other => Err(unexpected(other, "REFUSE", "handshake")),
-    }
-}
-
-pub(super) fn in_doubt(
-    devs: &[&mut dyn MigrationDevice],
-    session: &SessionId,
-    what: String,
-) -> Error {
-    let names: Vec<String> = devs.iter().map(|d| d.identity().instance).collect();
-    let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
-    Error::InDoubt {
-        step: "wait for RESUMED after COMMIT".into(),
-        detail: format!(
-            "{what}; the destination may be running the state, so {} is left stopped, not \
-             resumed; retry with --session {hex} to ask the destination",
-            names.join(", ")
-        ),
     }
 }
