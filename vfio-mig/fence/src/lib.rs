@@ -53,7 +53,9 @@ pub use record::{
 };
 pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_PREFIX};
 pub use state::StateFence;
-pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
+pub use store::{
+    store_error, store_in_doubt, Condition, Entry, FenceStore, LeaseId, Revision, Write,
+};
 
 pub use error::{Error, ReasonCode, Result};
 use vfio_mig::stream::SessionId;

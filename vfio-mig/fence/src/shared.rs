@@ -678,8 +678,11 @@ impl Fence for StoreFence {
         }
         let committed = match f.store.commit(&conditions, &writes) {
             Ok(Some(rev)) => Some(rev),
-            // The answer may have been lost after the write: look.
-            Ok(None) | Err(_) => self.recorded_completion(&a)?,
+            // A condition failed, maybe because of an earlier copy whose answer was lost, or
+            // no answer came at all: what the store holds decides.
+            Ok(None) | Err(Error::InDoubt { .. }) => self.read_back_completion(&a)?,
+            // Nothing was written.
+            Err(e) => return Err(e),
         };
         match committed {
             Some(rev) => {
@@ -767,6 +770,22 @@ impl Fence for StoreFence {
 }
 
 impl StoreFence {
+    /// [`Self::recorded_completion`] after a completion whose answer is unknown: a store
+    /// that cannot be read leaves the completion in doubt ([`Error::InDoubt`]), for the
+    /// device must neither resume nor let its source run again.
+    fn read_back_completion(&self, a: &Admitted) -> Result<Option<Revision>> {
+        self.recorded_completion(a).map_err(|e| Error::InDoubt {
+            step: "record the handoff complete".into(),
+            detail: format!(
+                "{}: {} did not say whether session {} was recorded complete, and reading \
+                 it back failed ({e})",
+                self.identities.join(","),
+                self.fencing.store.describe(),
+                a.session
+            ),
+        })
+    }
+
     /// The revision of a completion of `a` by this host already in the store, if there is one.
     fn recorded_completion(&self, a: &Admitted) -> Result<Option<Revision>> {
         let f = &self.fencing;

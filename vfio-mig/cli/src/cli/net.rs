@@ -359,6 +359,8 @@ pub fn recv(
         slot.release();
         let outcome = match result {
             Ok(o) => o,
+            // In doubt: the store may name this host as the owner; nothing more runs here.
+            Err(e @ Error::InDoubt { .. }) => return Err(e),
             Err(e) if once || signals::received().is_some() => return Err(e),
             Err(e) => {
                 eprintln!(

@@ -311,6 +311,11 @@ impl EtcdCluster {
         )
     }
 
+    /// The members' client addresses (`127.0.0.1:PORT`).
+    pub fn client_endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
     /// A store client of the whole cluster, as a host of the fleet.
     pub fn store(&self) -> EtcdStore {
         EtcdStore::from_url(&self.url(), &self.security()).unwrap()

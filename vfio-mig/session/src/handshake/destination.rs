@@ -451,6 +451,7 @@ pub(super) fn finish_session<C: Duplex>(
             send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e.into())
         }
+        Err(e) if completion_in_doubt(&e) => Err(reset_in_doubt(devs, e, obs)),
         Err(e) => {
             if completed {
                 if let Err(u) = fence.undo_complete(&session) {
@@ -463,6 +464,39 @@ pub(super) fn finish_session<C: Duplex>(
             send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e.into())
         }
+    }
+}
+
+/// Whether a load failed because the fencing store could not say whether the completion
+/// was recorded ([`vfio_mig_fence::Error::InDoubt`], carried out of the gate).
+fn completion_in_doubt(e: &CoreError) -> bool {
+    match e {
+        CoreError::RolledBack { source, .. } => completion_in_doubt(source),
+        CoreError::External(inner) => matches!(
+            inner.downcast_ref::<vfio_mig_fence::Error>(),
+            Some(vfio_mig_fence::Error::InDoubt { .. })
+        ),
+        _ => false,
+    }
+}
+
+/// The end of a load whose completion is in doubt: the devices never ran, and are reset;
+/// the record is neither withdrawn nor released (the store cannot be reached, and it may
+/// name this host as the owner); the source is told nothing, so it stays stopped in doubt
+/// rather than run a state the store may give to this host.
+fn reset_in_doubt(
+    devs: &mut [&mut dyn MigrationDevice],
+    e: CoreError,
+    obs: &dyn Observer,
+) -> Error {
+    let e = rollback_destinations(devs, e, obs);
+    Error::InDoubt {
+        step: "record the handoff complete".into(),
+        detail: format!(
+            "{}; neither FAILED nor RESUMED was sent, so the source keeps its devices stopped: \
+             read the record in the fencing store before running the state anywhere",
+            Report(&e)
+        ),
     }
 }
 
@@ -528,6 +562,7 @@ pub fn load_fenced<R: Read>(
         }),
         // A device runs the state: the completion record stays, nothing more is reset.
         Err(e @ CoreError::PastNoReturn { .. }) => Err(e.into()),
+        Err(e) if completion_in_doubt(&e) => Err(reset_in_doubt(devs, e, obs)),
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {
