@@ -271,6 +271,10 @@ impl EtcdStore {
                         self.preferred.store(n, Ordering::Relaxed);
                         return Ok(v);
                     }
+                    // A copy sent before may still have been applied.
+                    Err(Failure::Final(e)) if write && maybe_applied => {
+                        return Err(store_in_doubt(self, step, e))
+                    }
                     Err(Failure::Final(e)) => return Err(store_error(self, step, e)),
                     Err(Failure::Transient {
                         why,

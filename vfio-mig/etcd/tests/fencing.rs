@@ -599,3 +599,71 @@ fn a_completion_whose_answer_is_lost_leaves_the_source_stopped_in_doubt() {
     );
     drop(handoff);
 }
+
+/// Defect 2 of issue 21: the quorum stops answering before the completion. Whatever the
+/// destination then answers must reach the source inside the source's wait for RESUMED, so
+/// that both sides end with the same outcome: FAILED and the source runs again, or nothing
+/// (in doubt on both sides). Never a FAILED the source no longer reads while it keeps its
+/// device stopped in doubt, the destination reset: the state running nowhere with a source
+/// that was told to run it.
+#[test]
+fn a_frozen_quorum_before_completion_ends_both_sides_with_one_outcome() {
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    let (url, security) = (cluster.url(), cluster.security());
+    let fence_timeout = Duration::from_secs(2);
+    let host = |name: &str| {
+        let store = EtcdStore::from_url(&url, &security)
+            .unwrap()
+            .with_operation_timeout(fence_timeout);
+        SharedFencing::new(Arc::new(store), name).unwrap()
+    };
+    let (a, b) = (host("host-a"), host("host-b"));
+    let id = "vm9/dev0";
+    let (mut src, mut dst) = (mock(SPEC), mock(SPEC));
+    let mut h = header(&src, 0);
+    let handoff = a.begin(&ids(id), &h.session_id).unwrap();
+    h.epoch = handoff.epoch();
+    let mut fb = b.destination(&ids(id)).unwrap();
+    let cluster = Mutex::new(cluster);
+    let freeze = OnFirstEvent {
+        fired: AtomicBool::new(false),
+        action: || {
+            let mut c = cluster.lock().unwrap();
+            (0..3).for_each(|i| c.freeze(i, true));
+        },
+    };
+    // The source waits for the destination's answer as `send` does with these settings.
+    let wait = vfio_mig_fence::source_answer_wait(Duration::from_secs(3), fence_timeout, 1);
+    let (mut a_conn, b_conn) = Connection::pair().unwrap();
+    a_conn.set_timeout(Some(wait)).unwrap();
+    let mut s: [&mut dyn MigrationDevice; 1] = [src.opened.device.as_mut()];
+    let mut d: [&mut dyn MigrationDevice; 1] = [dst.opened.device.as_mut()];
+    let (sent, recv) = std::thread::scope(|sc| {
+        let sent = sc.spawn(|| send(&mut s, a_conn, &h, &opts(), &NoObserver));
+        let received = sc.spawn(|| receive(&mut d, b_conn, &mut fb, &freeze));
+        (sent.join().unwrap(), received.join().unwrap())
+    });
+    {
+        let mut c = cluster.lock().unwrap();
+        (0..3).for_each(|i| c.freeze(i, false));
+    }
+    let (s, d) = (handle(&src).status(), handle(&dst).status());
+    assert_destination_safe(&d, "quorum frozen");
+    match (&sent, &recv) {
+        (Err(Error::InDoubt { .. }), Err(Error::InDoubt { .. })) => {
+            assert!(!s.is_running(), "in doubt: the source stays stopped: {s:?}")
+        }
+        (Err(Error::InDoubt { .. }), Err(e)) => panic!(
+            "the source gave up after {wait:?} and stays stopped, while the destination \
+             answered: {}",
+            vfio_mig::error::Report(e)
+        ),
+        (Err(_), Err(e)) if !matches!(e, Error::InDoubt { .. }) => {
+            assert!(s.is_running(), "told FAILED, the source runs again: {s:?}")
+        }
+        other => panic!("the two sides disagree: {other:?}"),
+    }
+    drop(handoff);
+}

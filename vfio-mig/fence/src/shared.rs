@@ -36,6 +36,25 @@ use vfio_mig::stream::{SessionId, StreamHeader};
 pub const DEFAULT_PREFIX: &str = "vfio-mig";
 /// The default time to live of a claim's lease.
 pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(10);
+/// What a destination does besides store operations between COMMIT and its answer: reset
+/// its devices and send FAILED.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a source waits for its destination's answer after COMMIT when both hosts use a
+/// shared store whose operations give up after `store_timeout` (`--fence-timeout`, the same
+/// on every host), for a handoff of `identities` device states: at least `session_timeout`,
+/// and never less than the destination's longest way to its answer: the completion, one
+/// read-back per identity, and the withdrawal of a completion whose resume failed, each
+/// bounded by `store_timeout`, then the reset. A FAILED is then read, never missed by a
+/// source that gave up and stays stopped in doubt.
+pub fn source_answer_wait(
+    session_timeout: Duration,
+    store_timeout: Duration,
+    identities: usize,
+) -> Duration {
+    let calls = u32::try_from(identities.saturating_add(2)).unwrap_or(u32::MAX);
+    session_timeout.max(store_timeout.saturating_mul(calls) + ANSWER_MARGIN)
+}
 /// How often a transaction that lost a race is re-read and retried before giving up.
 const ATTEMPTS: usize = 8;
 

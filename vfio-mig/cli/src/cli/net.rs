@@ -28,7 +28,8 @@ use super::TransferArgs;
 #[derive(Debug, Args, Clone)]
 pub struct NetArgs {
     /// Seconds the peer may stay silent (no data, no answer) before the connection is
-    /// considered dead.
+    /// considered dead. With --fence, `send` waits at least as long as a destination with
+    /// the same --fence-timeout may take to answer (docs/fencing.md).
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = super::parse_secs)]
     pub timeout: f64,
     /// Seconds a TCP connect may take.
@@ -147,7 +148,7 @@ pub fn send(
             )?,
             None => transport::connect(to, secs(net.connect_timeout))?,
         };
-        conn.set_timeout(Some(secs(net.timeout)))
+        conn.set_timeout(Some(fence.answer_wait(secs(net.timeout), devices.len())))
             .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
         Ok(conn)
     };

@@ -350,6 +350,19 @@ impl EtcdCluster {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP: its sockets accept and nothing answers, as behind a
+    /// partition that drops packets) or thaws it (SIGCONT).
+    pub fn freeze(&mut self, i: usize, frozen: bool) {
+        if let Some(c) = &self.members[i].child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([signal, &c.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} member {i}");
+        }
+    }
+
     /// Kills every member.
     pub fn kill_all(&mut self) {
         for i in 0..self.members.len() {

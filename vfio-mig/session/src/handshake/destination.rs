@@ -455,15 +455,38 @@ pub(super) fn finish_session<C: Duplex>(
         Err(e) => {
             if completed {
                 if let Err(u) = fence.undo_complete(&session) {
-                    log::warn!("withdraw the completion record: {u}");
+                    return Err(withdrawal_failed(devs, e, &u, obs));
                 }
             }
-            release(fence, &session);
             let e = rollback_destinations(devs, e, obs);
             let msg = Message::Failed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
+            // After FAILED: the source's wait covers the store calls before it, not this
+            // one (the claim also ends with its lease).
+            release(fence, &session);
             Err(e.into())
         }
+    }
+}
+
+/// The end of a load whose completion was recorded and could not be withdrawn after the
+/// resume failed: the record names this host as the owner of a state its reset devices no
+/// longer hold, so the source must not run it either: in doubt, as [`reset_in_doubt`].
+fn withdrawal_failed(
+    devs: &mut [&mut dyn MigrationDevice],
+    e: CoreError,
+    withdrawal: &vfio_mig_fence::Error,
+    obs: &dyn Observer,
+) -> Error {
+    let e = rollback_destinations(devs, e, obs);
+    Error::InDoubt {
+        step: "withdraw the completion record".into(),
+        detail: format!(
+            "{}; the completion stays recorded ({withdrawal}); neither FAILED nor RESUMED was \
+             sent, so the source keeps its devices stopped: read the record in the fencing \
+             store before running the state anywhere",
+            Report(&e)
+        ),
     }
 }
 
@@ -566,7 +589,7 @@ pub fn load_fenced<R: Read>(
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {
-                    log::warn!("withdraw the completion record: {u}");
+                    return Err(withdrawal_failed(devs, e, &u, obs));
                 }
             }
             release(gate.fence, &header.session_id);
