@@ -35,6 +35,7 @@ mod handoff_record;
 mod key;
 mod lease;
 mod lock;
+mod private;
 mod record;
 mod shared;
 mod state;
