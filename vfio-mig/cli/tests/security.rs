@@ -152,6 +152,21 @@ fn plain_tcp_needs_insecure_and_tls_options_come_together() {
     );
 }
 
+/// Issue 21, defect 9: `send --insecure` to a TLS `recv` is told what the endpoint is (it
+/// answers a plain connection with a one-line notice), not "bad magic"; nothing is touched
+/// and recv keeps waiting.
+#[test]
+fn a_plain_send_to_a_tls_endpoint_is_told_it_is_tls() {
+    let dirs = Dirs::new();
+    let pki = Pki::new(dirs.tmp.path());
+    let dev = "mock:v1,size=1M,seed=31";
+    let mut recv = tls_recv(&dirs, &pki, dev, &["--once"]);
+    let o = dirs.run(&["send", dev, "--to", &recv.addr, "--insecure"]);
+    let line = assert_clean_failure(o.status, &stderr(&o), "accepts TLS 1.3 connections only");
+    assert!(!line.contains("bad magic"), "{line}");
+    assert!(recv.running());
+}
+
 /// A raw client replays a saved file into a waiting TLS `recv`: it is not a TLS peer, so it
 /// is told so and cut off; the device is not touched and `recv --once` keeps waiting for
 /// a real session, which then succeeds.
