@@ -45,8 +45,10 @@ impl Host {
         }
     }
 
-    fn cmd(&self) -> Command {
+    /// `vfio-mig ARGS...` (a command first) with this host's fencing options after them.
+    fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
+        c.args(args);
         for v in FENCE_ENV {
             c.env_remove(v);
         }
@@ -64,14 +66,13 @@ impl Host {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().expect("run vfio-mig")
+        self.cmd(args).output().expect("run vfio-mig")
     }
 
     /// Starts `recv DEVICE --listen unix:SOCK --once` and waits until it listens.
     fn recv(&self, device: &str, sock: &str) -> Child {
         let mut child = self
-            .cmd()
-            .args(["recv", device, "--listen", sock, "--once"])
+            .cmd(&["recv", device, "--listen", sock, "--once"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

@@ -43,6 +43,8 @@ fn private_keys_others_can_read_are_refused() {
         pki.src.key.display().to_string(),
     );
     let o = dirs.run(&[
+        "recover",
+        "mock:v1,size=1M",
         "--fence",
         "etcds://127.0.0.1:1",
         "--fence-ca",
@@ -53,8 +55,6 @@ fn private_keys_others_can_read_are_refused() {
         &key,
         "--fence-key",
         "vm/k",
-        "probe",
-        "mock:v1,size=1M",
     ]);
     assert_clean_failure(o.status, &stderr(&o), "chmod 600");
 }

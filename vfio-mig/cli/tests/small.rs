@@ -23,13 +23,13 @@ fn fence_seconds_outside_their_range_are_usage_errors() {
     for option in ["--fence-ttl", "--fence-timeout"] {
         for value in ["nan", "inf", "-1", "1e308", "0"] {
             let o = dirs.run(&[
+                "recover",
+                "mock:v1,size=1M",
                 "--fence",
                 "dir:/nonexistent",
                 "--fence-key",
                 "k",
                 &format!("{option}={value}"),
-                "probe",
-                "mock:v1,size=1M",
             ]);
             assert_usage(&o, "seconds");
         }
@@ -111,4 +111,31 @@ fn save_to_a_closed_standard_output_is_refused() {
     assert!(!err.contains("saved"), "{err}");
     let o = dirs.run(&["save", "mock:v1,size=1M", "-o", "-", "--json"]);
     assert_usage(&o, "--json");
+}
+
+/// Issue 21, operations: options belong to the commands that use them. `probe`, `inspect`
+/// and `bench` touch no lock and no fencing store, so their help shows none of those
+/// options and they refuse them; the commands that drive devices show them.
+#[test]
+fn fencing_options_belong_to_the_commands_that_drive_devices() {
+    let dirs = Dirs::new();
+    for command in ["probe", "inspect", "bench"] {
+        let o = dirs.run(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{command}: {}", stderr(&o));
+        for option in ["--fence", "--lock-dir", "--state-dir"] {
+            assert!(
+                !help.contains(option),
+                "{command} --help shows {option}:\n{help}"
+            );
+        }
+    }
+    let o = dirs.run(&["probe", "mock:v1,size=1M", "--fence", "dir:/x"]);
+    assert_usage(&o, "--fence");
+    for command in ["save", "load", "migrate", "send", "recv", "recover"] {
+        let o = dirs.run(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(help.contains("--fence-timeout"), "{command}:\n{help}");
+        assert!(help.contains("--lock-dir"), "{command}:\n{help}");
+    }
 }

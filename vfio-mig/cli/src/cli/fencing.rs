@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Command-line options of locks and fencing, shared by every command: the per-host lock and
-//! state directories, and `--fence`, a store shared by the hosts of a fleet.
+//! Command-line options of locks and fencing, of the commands that drive devices: the
+//! per-host lock and state directories, and `--fence`, a store shared by the hosts of a fleet.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,57 +16,53 @@ use vfio_mig_fence::{
 use vfio_mig_session::handshake::SessionId;
 use vfio_mig_session::{Error, Result};
 
-/// Where device locks and destination fencing state live (options of every command).
+/// Where device locks and destination fencing state live (options of the commands that drive
+/// devices).
 #[derive(Debug, Args, Clone)]
 pub struct FenceArgs {
     /// Directory of the device lock files.
-    #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_LOCK_DIR",
+    #[arg(long, value_name = "DIR", env = "VFIO_MIG_LOCK_DIR",
           default_value = vfio_mig_fence::DEFAULT_LOCK_DIR)]
     pub lock_dir: PathBuf,
     /// Directory of the destination fencing state (highest epoch, completed sessions).
-    #[arg(long, global = true, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
+    #[arg(long, value_name = "DIR", env = "VFIO_MIG_STATE_DIR",
           default_value = vfio_mig_fence::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// A fencing store shared by the hosts: `etcds://HOST:PORT[,HOST:PORT...]` (etcd over
     /// TLS; needs --fence-ca, --fence-cert, --fence-cert-key), `etcd://...` (plain HTTP; needs
     /// --fence-insecure), or `dir:PATH` for one host. The store grants every handoff's epoch
     /// and keeps one owner per device state (see docs/fencing.md); needs --fence-key.
-    #[arg(long, global = true, value_name = "STORE", env = "VFIO_MIG_FENCE")]
+    #[arg(long, value_name = "STORE", env = "VFIO_MIG_FENCE")]
     pub fence: Option<String>,
     /// PEM bundle of the CA that signed the etcd members' certificates (etcds://; the
     /// system's roots are never used).
-    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CA")]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CA")]
     pub fence_ca: Option<PathBuf>,
     /// This host's client certificate chain for etcd (PEM; etcds://), from a CA the members
     /// trust (`--trusted-ca-file`).
-    #[arg(long, global = true, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT")]
     pub fence_cert: Option<PathBuf>,
     /// The private key of --fence-cert (PEM).
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "VFIO_MIG_FENCE_CERT_KEY"
-    )]
+    #[arg(long, value_name = "FILE", env = "VFIO_MIG_FENCE_CERT_KEY")]
     pub fence_cert_key: Option<PathBuf>,
     /// Reach an `etcd://` store over plain HTTP: anyone who reaches its client port can then
     /// rewrite owners and epochs.
-    #[arg(long, global = true, env = "VFIO_MIG_FENCE_INSECURE")]
+    #[arg(long, env = "VFIO_MIG_FENCE_INSECURE")]
     pub fence_insecure: bool,
     /// The identity of a device state in the store, the same on every host (e.g. `vm7/gpu0`);
     /// once per device, in the order of the devices (for migrate: per pair).
-    #[arg(long = "fence-key", global = true, value_name = "NAME")]
+    #[arg(long = "fence-key", value_name = "NAME")]
     pub fence_keys: Vec<String>,
     /// This host's name as an owner in the store (default: the host name).
-    #[arg(long, global = true, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
+    #[arg(long, value_name = "NAME", env = "VFIO_MIG_FENCE_OWNER")]
     pub fence_owner: Option<String>,
     /// Seconds a claim lives in the store without renewal after its host dies (1 to 3600).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
+    #[arg(long, value_name = "SECS", default_value_t = 10.0,
           value_parser = |t: &str| super::parse_secs_in(t, 1.0, 3600.0))]
     pub fence_ttl: f64,
     /// Seconds one operation on the fencing store may take, over all its members, before the
     /// store counts as unreachable (and the handoff is refused); 0.1 to 3600.
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0,
+    #[arg(long, value_name = "SECS", default_value_t = 10.0,
           value_parser = |t: &str| super::parse_secs_in(t, 0.1, 3600.0))]
     pub fence_timeout: f64,
 }

@@ -46,9 +46,6 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "BACKEND", env = "VFIO_MIG_BACKEND",
           default_value = "auto", value_parser = devices::parse_backend)]
     pub backend: vfio_mig::Backend,
-    /// Locks and fencing state.
-    #[command(flatten)]
-    pub fence: FenceArgs,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -83,6 +80,8 @@ pub enum Command {
         force: bool,
         #[command(flatten)]
         transfer: TransferArgs,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// Resume a device from a saved file.
     Load {
@@ -97,6 +96,8 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// Migrate between two devices of this host.
     Migrate {
@@ -110,6 +111,8 @@ pub enum Command {
         channels: u16,
         #[command(flatten)]
         transfer: TransferArgs,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// Migrate a device to a `recv` on another host (tcp:HOST:PORT, unix:PATH; file:PATH
     /// saves).
@@ -132,6 +135,8 @@ pub enum Command {
         transfer: TransferArgs,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// Receive a migration from a `send` into a device (serves until one migration
     /// completes).
@@ -159,6 +164,8 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// Decode and verify a saved stream.
     Inspect {
@@ -179,10 +186,15 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        fence: FenceArgs,
     },
     /// The main job on an embedded default: a live migration between two 256 MiB mock v1
     /// devices, with progress.
-    Demo,
+    Demo {
+        #[command(flatten)]
+        fence: FenceArgs,
+    },
     /// Measure throughput, memory, downtime and parallel saves against baselines measured in
     /// the same run (mock devices; see docs/benchmarks.md).
     Bench(BenchArgs),
@@ -345,7 +357,7 @@ impl Command {
             Command::Inspect { json, .. } => ("inspect", *json, Vec::new()),
             Command::Recover { json, .. } => ("recover", *json, Vec::new()),
             Command::Bench(args) => ("bench", args.json, Vec::new()),
-            Command::Demo => ("demo", false, Vec::new()),
+            Command::Demo { .. } => ("demo", false, Vec::new()),
         };
         outcome::begin(name, json, devices);
     }
@@ -354,7 +366,6 @@ impl Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     devices::set_backend(cli.backend);
-    let fence = cli.fence.fencing()?;
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {
@@ -363,7 +374,9 @@ pub fn run(cli: Cli) -> Result<()> {
             key_file,
             force,
             transfer,
+            fence,
         } => {
+            let fence = fence.fencing()?;
             let target = transfer::SaveTarget {
                 output: &output,
                 replace: force,
@@ -376,12 +389,20 @@ pub fn run(cli: Cli) -> Result<()> {
             input,
             key_file,
             json,
-        } => transfer::load_keyed(&device, &input, key_file.as_deref(), json, &fence),
+            fence,
+        } => transfer::load_keyed(
+            &device,
+            &input,
+            key_file.as_deref(),
+            json,
+            &fence.fencing()?,
+        ),
         Command::Migrate {
             devices,
             channels,
             transfer,
-        } => transfer::migrate(&devices, channels, &transfer, &fence),
+            fence,
+        } => transfer::migrate(&devices, channels, &transfer, &fence.fencing()?),
         Command::Send {
             devices,
             to,
@@ -389,7 +410,9 @@ pub fn run(cli: Cli) -> Result<()> {
             force,
             transfer,
             net,
+            fence,
         } => {
+            let fence = fence.fencing()?;
             let target = net::SendTarget {
                 to: &to,
                 session,
@@ -404,7 +427,9 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_non_p2p_unit,
             json,
             net,
+            fence,
         } => {
+            let fence = fence.fencing()?;
             let opts = net::RecvOptions {
                 once,
                 json,
@@ -417,9 +442,14 @@ pub fn run(cli: Cli) -> Result<()> {
             key_file,
             json,
         } => transfer::inspect(&file, key_file.as_deref(), json),
-        Command::Recover { device, json } => recover::run(&device, json, &fence.config),
+        Command::Recover {
+            device,
+            json,
+            fence,
+        } => recover::run(&device, json, &fence.fencing()?.config),
         Command::Bench(args) => bench::run(&args),
-        Command::Demo => {
+        Command::Demo { fence } => {
+            let fence = fence.fencing()?;
             let dev = format!("mock:v1,size={DEMO_SIZE},seed=3,dirty-rate=16M");
             eprintln!("demo: live migration {dev} -> {dev}");
             let args = TransferArgs {
