@@ -9,25 +9,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{stderr, Dirs, Recv};
-use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
+use common::{header_bytes, stderr, Dirs, Recv};
 use vfio_mig_session::handshake::{Message, TOKEN_LEN};
-
-/// A one-device v1 stream header for session `[session; 16]`.
-fn header_bytes(session: u8) -> Vec<u8> {
-    StreamHeader {
-        session_id: [session; 16],
-        epoch: 1,
-        devices: vec![DeviceDescriptor {
-            protocol: Protocol::V1,
-            live: false,
-            migration_flags: 0,
-            model: "mock:v1".into(),
-        }],
-    }
-    .encode()
-    .unwrap()
-}
 
 /// Reads what `conn` receives until the peer closes it; `Err` if it is still open after
 /// `limit` (the peer holds it).
@@ -112,7 +95,7 @@ fn a_refused_hello_neither_ends_recv_once_nor_holds_the_listener() {
     let mut bad = UnixStream::connect(&sock).unwrap();
     bad.write_all(&Message::Hello { features: 1 << 30 }.encode())
         .unwrap();
-    bad.write_all(&header_bytes(9)).unwrap();
+    bad.write_all(&header_bytes(9, 1)).unwrap();
     // REFUSE, then the end of what recv writes; the peer stays silent, its end open.
     let answer = read_until_closed(&mut bad, Duration::from_secs(5)).unwrap();
     assert!(!answer.is_empty(), "REFUSE is sent first");

@@ -13,8 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_failure, kill, stderr, Dirs, Pki, Recv, BIN};
-use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
+use common::{assert_clean_failure, header_bytes, kill, stderr, Dirs, Pki, Recv, BIN};
 use vfio_mig_session::handshake::Message;
 
 /// `recv DEV --listen tcp:127.0.0.1:0` with the destination's certificate, allowing
@@ -54,22 +53,6 @@ fn saved(dirs: &Dirs, dev: &str, name: &str) -> Vec<u8> {
     let o = dirs.run(&["save", dev, "-o", f.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::read(f).unwrap()
-}
-
-/// A one-device v1 stream header (what a raw client sends after HELLO).
-fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
-    StreamHeader {
-        session_id: [session; 16],
-        epoch,
-        devices: vec![DeviceDescriptor {
-            protocol: Protocol::V1,
-            live: false,
-            migration_flags: 0,
-            model: "mock:v1".into(),
-        }],
-    }
-    .encode()
-    .unwrap()
 }
 
 fn hello() -> Vec<u8> {

@@ -136,6 +136,21 @@ impl SharedFencing {
         &self.store
     }
 
+    /// A transaction of any step but the completion: one whose outcome the store cannot tell
+    /// ([`Error::InDoubt`]) is a refusal of that step, for nothing was handed over yet (a
+    /// begin or a claim left behind ends with its lease). Only the completion decides who
+    /// runs a state, so only its doubt is reported as such ([`StoreFence`]).
+    fn commit(&self, conditions: &[Condition], writes: &[Write]) -> Result<Option<Revision>> {
+        self.store.commit(conditions, writes).map_err(|e| match e {
+            Error::InDoubt { step, detail } => Error::Refused {
+                step,
+                code: ReasonCode::Fence,
+                detail,
+            },
+            other => other,
+        })
+    }
+
     fn state_key(&self, identity: &str) -> String {
         format!("{}/state/{identity}", self.prefix)
     }
@@ -309,7 +324,7 @@ impl SharedFencing {
                 writes.push(self.put_record(&r));
                 writes.push(self.put_claim(&s.identity, &claim, held));
             }
-            if let Some(rev) = self.store.commit(&self.conditions(&snaps), &writes)? {
+            if let Some(rev) = self.commit(&self.conditions(&snaps), &writes)? {
                 log::info!(
                     "began handoff {hex} of {} at epoch {epoch} in {}",
                     identities.join(","),
@@ -475,7 +490,7 @@ impl Handoff {
                     });
                 }
             }
-            if writes.is_empty() || f.store.commit(&conditions, &writes)?.is_some() {
+            if writes.is_empty() || f.commit(&conditions, &writes)?.is_some() {
                 self.lease.take();
                 return Ok(());
             }
@@ -652,7 +667,7 @@ impl Fence for StoreFence {
                 .iter()
                 .map(|s| f.put_claim(&s.identity, &claim, lease))
                 .collect();
-            if let Some(rev) = f.store.commit(&f.conditions(&snaps), &writes)? {
+            if let Some(rev) = f.commit(&f.conditions(&snaps), &writes)? {
                 self.admitted = Some(Admitted {
                     session: hex,
                     epoch: header.epoch,
@@ -746,7 +761,7 @@ impl Fence for StoreFence {
             .collect();
         // The state goes back to its source, still pending: a retry may load it again.
         let writes: Vec<Write> = a.records.iter().map(|r| f.put_record(r)).collect();
-        if f.store.commit(&conditions, &writes)?.is_none() {
+        if f.commit(&conditions, &writes)?.is_none() {
             return Err(refused(
                 ReasonCode::Fence,
                 "withdraw the completion",
@@ -783,7 +798,7 @@ impl Fence for StoreFence {
                 key: f.claim_key(i),
             })
             .collect();
-        f.store.commit(&conditions, &writes)?;
+        f.commit(&conditions, &writes)?;
         Ok(())
     }
 }
