@@ -142,7 +142,13 @@ fn hosts_handoff_through(fence: &str, dir: &std::path::Path, configure: &dyn Fn(
         "vm9/dev0: session 0123456789abcdef0123456789abcdef was completed by host-b at epoch \
          1: host-b runs that state, so host-d does not load it",
     );
-    assert!(!recv.wait().unwrap().success());
+    // Refused before the device was touched: not a session, recv --once keeps waiting.
+    assert!(
+        recv.try_wait().unwrap().is_none(),
+        "a refused source ended recv --once"
+    );
+    recv.kill().unwrap();
+    recv.wait().unwrap();
 
     // host-a is no longer the owner: a new handoff is refused before it connects anywhere.
     let o = a.run(&["send", src, "--to", &sock]);

@@ -161,10 +161,15 @@ fn stale_epochs_are_refused_and_replayed_sessions_answered_idempotently() {
     assert!(status.success(), "{err}");
     assert!(err.contains("was not loaded again"), "{err}");
 
-    // An older epoch: refused on both sides.
-    let (o, status, err) = pair(&["--epoch", "4"]);
+    // An older epoch: refused on both sides, before the device is touched; that is not a
+    // session, so even `recv --once` keeps waiting (issue 21, defect 7).
+    let mut recv = Recv::start(&dirs, &[], &[dst, "--listen", &listen, "--once"]);
+    let o = dirs.run(&["send", src, "--to", &listen, "--epoch", "4"]);
     assert_clean_failure(o.status, &stderr(&o), "stale epoch 4 < 5");
-    assert_clean_failure(status, &err, "stale epoch 4 < 5");
+    let warning = recv.wait_line("stale epoch 4 < 5");
+    assert!(warning.contains("warning:"), "{warning}");
+    assert!(recv.running(), "a refused source ended recv --once");
+    drop(recv);
 
     // The state file is small JSON.
     let state: Vec<_> = std::fs::read_dir(dirs.path("state")).unwrap().collect();

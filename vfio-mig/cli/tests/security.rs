@@ -13,8 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_failure, kill, stderr, Dirs, Pki, Recv, BIN};
-use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
+use common::{assert_clean_failure, header_bytes, kill, stderr, Dirs, Pki, Recv, BIN};
 use vfio_mig_session::handshake::Message;
 
 /// `recv DEV --listen tcp:127.0.0.1:0` with the destination's certificate, allowing
@@ -54,22 +53,6 @@ fn saved(dirs: &Dirs, dev: &str, name: &str) -> Vec<u8> {
     let o = dirs.run(&["save", dev, "-o", f.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::read(f).unwrap()
-}
-
-/// A one-device v1 stream header (what a raw client sends after HELLO).
-fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
-    StreamHeader {
-        session_id: [session; 16],
-        epoch,
-        devices: vec![DeviceDescriptor {
-            protocol: Protocol::V1,
-            live: false,
-            migration_flags: 0,
-            model: "mock:v1".into(),
-        }],
-    }
-    .encode()
-    .unwrap()
 }
 
 fn hello() -> Vec<u8> {
@@ -150,6 +133,21 @@ fn plain_tcp_needs_insecure_and_tls_options_come_together() {
         &stderr(&o),
         "--authorize FILE or --allow IDENTITY",
     );
+}
+
+/// Issue 21, defect 9: `send --insecure` to a TLS `recv` is told what the endpoint is (it
+/// answers a plain connection with a one-line notice), not "bad magic"; nothing is touched
+/// and recv keeps waiting.
+#[test]
+fn a_plain_send_to_a_tls_endpoint_is_told_it_is_tls() {
+    let dirs = Dirs::new();
+    let pki = Pki::new(dirs.tmp.path());
+    let dev = "mock:v1,size=1M,seed=31";
+    let mut recv = tls_recv(&dirs, &pki, dev, &["--once"]);
+    let o = dirs.run(&["send", dev, "--to", &recv.addr, "--insecure"]);
+    let line = assert_clean_failure(o.status, &stderr(&o), "accepts TLS 1.3 connections only");
+    assert!(!line.contains("bad magic"), "{line}");
+    assert!(recv.running());
 }
 
 /// A raw client replays a saved file into a waiting TLS `recv`: it is not a TLS peer, so it

@@ -114,3 +114,30 @@ fn save_to_a_closed_standard_output_is_refused() {
     let o = dirs.run(&["save", "mock:v1,size=1M", "-o", "-", "--json"]);
     assert_usage(&o, "--json");
 }
+
+/// Issue 21, operations: options belong to the commands that use them. `probe`, `inspect`
+/// and `bench` touch no lock and no fencing store, so their help shows none of those
+/// options and they refuse them; the commands that drive devices show them.
+#[test]
+fn fencing_options_belong_to_the_commands_that_drive_devices() {
+    let dirs = Dirs::new();
+    for command in ["probe", "inspect", "bench"] {
+        let o = dirs.run(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{command}: {}", stderr(&o));
+        for option in ["--fence", "--lock-dir", "--state-dir"] {
+            assert!(
+                !help.contains(option),
+                "{command} --help shows {option}:\n{help}"
+            );
+        }
+    }
+    let o = dirs.run(&["probe", "mock:v1,size=1M", "--fence", "dir:/x"]);
+    assert_usage(&o, "--fence");
+    for command in ["save", "load", "migrate", "send", "recv", "recover"] {
+        let o = dirs.run(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(help.contains("--fence-timeout"), "{command}:\n{help}");
+        assert!(help.contains("--lock-dir"), "{command}:\n{help}");
+    }
+}

@@ -38,7 +38,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use vfio_mig_fence::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
+use vfio_mig_fence::{
+    store_error, store_in_doubt, Condition, Entry, FenceStore, LeaseId, Revision, Write,
+};
 use vfio_mig_fence::{Error, Result};
 
 pub use endpoint::{parse_url, Scheme, PLAIN_SCHEME, TLS_SCHEME};
@@ -82,8 +84,10 @@ impl std::fmt::Debug for EtcdStore {
 
 /// One member's failure, kept for the "unreachable" message.
 enum Failure {
-    /// Worth trying another member (not reachable, no leader, timed out).
-    Transient(String),
+    /// Worth trying another member (not reachable, no leader, timed out). `maybe_applied`:
+    /// the request went out and no answer says it was not applied (a lost answer, a timed
+    /// out proposal), so a write may have been.
+    Transient { why: String, maybe_applied: bool },
     /// TLS failed (a certificate refused either way): another member may be configured
     /// differently, but when every member refuses, no later try will do better.
     Tls(String),
@@ -157,6 +161,7 @@ impl EtcdStore {
         endpoint: &str,
         path: &str,
         body: &str,
+        timeout: Duration,
     ) -> std::result::Result<Value, Failure> {
         let url = match self.scheme {
             Scheme::Tls => format!("https://{endpoint}{path}"),
@@ -174,12 +179,18 @@ impl EtcdStore {
             });
             match refused {
                 Some(t) => Failure::Tls(format!("{endpoint}: {t}")),
-                None => Failure::Transient(format!("{endpoint}: {what}{e}")),
+                None => Failure::Transient {
+                    maybe_applied: !never_sent(&e),
+                    why: format!("{endpoint}: {what}{e}"),
+                },
             }
         };
         let mut response = self
             .agent
             .post(&url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
             .header("content-type", "application/json")
             .send(body)
             .map_err(|e| failed("", e))?;
@@ -214,39 +225,64 @@ impl EtcdStore {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
                 // 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE: no leader now, a leader change, a
-                // timed-out proposal. Another member, or a later try, may succeed.
+                // timed-out proposal. Another member, or a later try, may succeed. A member
+                // without a leader, and raft dropping the proposal, refuse it before it is
+                // in the log; a timed-out proposal or a leader change may still commit it.
                 if matches!(code, 4 | 14) || message.contains("leader") {
-                    Err(Failure::Transient(format!("{endpoint}: {message}")))
+                    let refused_unlogged =
+                        message.contains("no leader") || message.contains("proposal dropped");
+                    Err(Failure::Transient {
+                        why: format!("{endpoint}: {message}"),
+                        maybe_applied: !refused_unlogged,
+                    })
                 } else {
                     Err(Failure::Final(message))
                 }
             }
             None if status.is_success() => Ok(value),
-            None => Err(Failure::Transient(format!("{endpoint}: HTTP {status}"))),
+            None => Err(Failure::Transient {
+                why: format!("{endpoint}: HTTP {status}"),
+                maybe_applied: true,
+            }),
         }
     }
 
     /// Posts `body` to `path` on the members in turn until one answers, or the operation's
-    /// deadline passes.
-    fn call(&self, step: &str, path: &str, body: &Value) -> Result<Value> {
+    /// deadline passes (no request outlives it). A `write` that fails after any copy of it
+    /// may have been applied is [`vfio_mig_fence::Error::InDoubt`].
+    fn call(&self, step: &str, path: &str, body: &Value, write: bool) -> Result<Value> {
         let body = body.to_string();
         let started = Instant::now();
+        let deadline = started + self.operation_timeout;
         let mut last: Vec<String> = Vec::new();
+        let mut maybe_applied = false;
         loop {
             let first = self.preferred.load(Ordering::Relaxed);
             last.clear();
             let mut tls_refusals = 0;
             for i in 0..self.endpoints.len() {
                 let n = (first + i) % self.endpoints.len();
-                match self.post_once(&self.endpoints[n], path, &body) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.post_once(&self.endpoints[n], path, &body, left.min(REQUEST_TIMEOUT)) {
                     Ok(v) => {
                         self.preferred.store(n, Ordering::Relaxed);
                         return Ok(v);
                     }
+                    // A copy sent before may still have been applied.
+                    Err(Failure::Final(e)) if write && maybe_applied => {
+                        return Err(store_in_doubt(self, step, e))
+                    }
                     Err(Failure::Final(e)) => return Err(store_error(self, step, e)),
-                    Err(Failure::Transient(e)) => {
-                        log::debug!("{step}: {e}");
-                        last.push(e);
+                    Err(Failure::Transient {
+                        why,
+                        maybe_applied: maybe,
+                    }) => {
+                        log::debug!("{step}: {why}");
+                        maybe_applied |= maybe;
+                        last.push(why);
                     }
                     Err(Failure::Tls(e)) => {
                         log::debug!("{step}: {e}");
@@ -266,19 +302,38 @@ impl EtcdStore {
                 ));
             }
             if started.elapsed() + ROUND_PAUSE >= self.operation_timeout {
+                let why = format!(
+                    "unreachable for {:.1} s (no member answered with a quorum: {})",
+                    started.elapsed().as_secs_f64(),
+                    last.join("; ")
+                );
+                if write && maybe_applied {
+                    return Err(store_in_doubt(self, step, why));
+                }
                 return Err(store_error(
                     self,
                     step,
-                    format!(
-                        "unreachable for {:.1} s (no member answered with a quorum: {}); \
-                         no device was touched",
-                        started.elapsed().as_secs_f64(),
-                        last.join("; ")
-                    ),
+                    format!("{why}; no device was touched"),
                 ));
             }
             std::thread::sleep(ROUND_PAUSE);
         }
+    }
+}
+
+/// Whether a request failed before any of it could reach a member (no connection, or the
+/// TLS handshake failed), so that it certainly was not applied.
+fn never_sent(e: &ureq::Error) -> bool {
+    use ureq::Timeout;
+    match e {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+        ureq::Error::Timeout(t) => matches!(t, Timeout::Resolve | Timeout::Connect),
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+        ),
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => true,
+        _ => false,
     }
 }
 
@@ -308,7 +363,12 @@ impl FenceStore for EtcdStore {
 
     fn get(&self, key: &str) -> Result<Option<Entry>> {
         let step = "read the fencing store";
-        let answer = self.call(step, "/v3/kv/range", &json!({ "key": b64(key.as_bytes()) }))?;
+        let answer = self.call(
+            step,
+            "/v3/kv/range",
+            &json!({ "key": b64(key.as_bytes()) }),
+            false,
+        )?;
         let Some(kv) = answer.get("kvs").and_then(|k| k.get(0)) else {
             return Ok(None);
         };
@@ -357,6 +417,7 @@ impl FenceStore for EtcdStore {
             step,
             "/v3/kv/txn",
             &json!({ "compare": compare, "success": success }),
+            true,
         )?;
         if !answer
             .get("succeeded")
@@ -374,7 +435,12 @@ impl FenceStore for EtcdStore {
         let step = "grant a lease";
         // etcd counts leases in whole seconds.
         let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let answer = self.call(step, "/v3/lease/grant", &json!({ "TTL": secs.to_string() }))?;
+        let answer = self.call(
+            step,
+            "/v3/lease/grant",
+            &json!({ "TTL": secs.to_string() }),
+            false,
+        )?;
         match int(answer.get("ID")) {
             Ok(id) if id != 0 => Ok(LeaseId(id)),
             Ok(_) => Err(store_error(self, step, format!("no lease id in {answer}"))),
@@ -388,6 +454,7 @@ impl FenceStore for EtcdStore {
             step,
             "/v3/lease/keepalive",
             &json!({ "ID": lease.0.to_string() }),
+            false,
         )?;
         // An expired lease is answered with a TTL of 0 (absent in the JSON).
         let ttl = int(answer.get("TTL")).map_err(|e| store_error(self, step, e))?;
@@ -400,6 +467,7 @@ impl FenceStore for EtcdStore {
             step,
             "/v3/lease/revoke",
             &json!({ "ID": lease.0.to_string() }),
+            false,
         ) {
             Err(Error::Refused { detail, .. }) if detail.contains("lease not found") => Ok(()),
             other => other.map(|_| ()),

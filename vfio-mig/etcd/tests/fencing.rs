@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{EtcdCluster, TestStore};
+use common::{EtcdCluster, LossyRelays, TestStore};
 use vfio_mig::engine::session::new_header;
 use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
 use vfio_mig::stream::StreamHeader;
@@ -542,5 +542,128 @@ fn the_whole_cluster_lost_mid_handoff_resets_the_destination_and_resumes_the_sou
         handle(&src).status().is_running(),
         "the source must run again"
     );
+    drop(handoff);
+}
+
+/// Defect 1 of issue 21: the completion commits in etcd, its answer is lost, and the store
+/// stays unreachable for the destination. The destination cannot tell whether it completed:
+/// it must answer neither FAILED (the source would run while the store names the destination
+/// as owner) nor RESUMED, so the source ends in doubt and stays stopped (docs/fencing.md).
+#[test]
+fn a_completion_whose_answer_is_lost_leaves_the_source_stopped_in_doubt() {
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    let security = cluster.security();
+    let relays = LossyRelays::start(&cluster.client_endpoints());
+    let a = SharedFencing::new(Arc::new(cluster.store()), "host-a").unwrap();
+    // host-b reaches the cluster through the relays only.
+    let through_relays = EtcdStore::new(relays.endpoints.clone(), &security)
+        .unwrap()
+        .with_operation_timeout(Duration::from_secs(2));
+    let b = SharedFencing::new(Arc::new(through_relays), "host-b").unwrap();
+    let id = "vm8/dev0";
+    let (mut src, mut dst) = (mock(SPEC), mock(SPEC));
+    let mut h = header(&src, 0);
+    let handoff = a.begin(&ids(id), &h.session_id).unwrap();
+    h.epoch = handoff.epoch();
+    let mut fb = b.destination(&ids(id)).unwrap();
+    // Admitted; from the load's first event on, every answer to host-b is lost.
+    let lose = OnFirstEvent {
+        fired: AtomicBool::new(false),
+        action: || relays.lose_answers(),
+    };
+    let (sent, recv) = transfer(&mut src, &mut dst, &h, &mut fb, &lose);
+    // The completion did commit: the store names host-b as the owner.
+    let record = a.record(id).unwrap().unwrap();
+    let hex = vfio_mig_fence::session_hex(&h.session_id);
+    assert_eq!(
+        record.completion(&hex).map(|c| c.by.as_str()),
+        Some("host-b"),
+        "the scenario needs the completion committed: {record:?}"
+    );
+    let (s, d) = (handle(&src).status(), handle(&dst).status());
+    assert!(
+        !s.is_running(),
+        "the store names host-b as owner, so the source must stay stopped: {s:?}; {sent:?}"
+    );
+    assert!(matches!(sent, Err(Error::InDoubt { .. })), "{sent:?}");
+    let e = vfio_mig::error::Report(&recv.unwrap_err()).to_string();
+    assert!(e.contains("in doubt"), "the destination says so: {e}");
+    // Not run on both sides, nor on the destination after a reset it cannot undo.
+    assert!(!d.resumed_ok, "{d:?}");
+    assert_destination_safe(&d, "completion in doubt");
+    assert!(
+        s.bytes_saved > 0 && s.resets == 0,
+        "the source keeps the state: {s:?}"
+    );
+    drop(handoff);
+}
+
+/// Defect 2 of issue 21: the quorum stops answering before the completion. Whatever the
+/// destination then answers must reach the source inside the source's wait for RESUMED, so
+/// that both sides end with the same outcome: FAILED and the source runs again, or nothing
+/// (in doubt on both sides). Never a FAILED the source no longer reads while it keeps its
+/// device stopped in doubt, the destination reset: the state running nowhere with a source
+/// that was told to run it.
+#[test]
+fn a_frozen_quorum_before_completion_ends_both_sides_with_one_outcome() {
+    let Some(cluster) = EtcdCluster::start() else {
+        return;
+    };
+    let (url, security) = (cluster.url(), cluster.security());
+    let fence_timeout = Duration::from_secs(2);
+    let host = |name: &str| {
+        let store = EtcdStore::from_url(&url, &security)
+            .unwrap()
+            .with_operation_timeout(fence_timeout);
+        SharedFencing::new(Arc::new(store), name).unwrap()
+    };
+    let (a, b) = (host("host-a"), host("host-b"));
+    let id = "vm9/dev0";
+    let (mut src, mut dst) = (mock(SPEC), mock(SPEC));
+    let mut h = header(&src, 0);
+    let handoff = a.begin(&ids(id), &h.session_id).unwrap();
+    h.epoch = handoff.epoch();
+    let mut fb = b.destination(&ids(id)).unwrap();
+    let cluster = Mutex::new(cluster);
+    let freeze = OnFirstEvent {
+        fired: AtomicBool::new(false),
+        action: || {
+            let mut c = cluster.lock().unwrap();
+            (0..3).for_each(|i| c.freeze(i, true));
+        },
+    };
+    // The source waits for the destination's answer as `send` does with these settings.
+    let wait = vfio_mig_fence::source_answer_wait(Duration::from_secs(3), fence_timeout, 1);
+    let (mut a_conn, b_conn) = Connection::pair().unwrap();
+    a_conn.set_timeout(Some(wait)).unwrap();
+    let mut s: [&mut dyn MigrationDevice; 1] = [src.opened.device.as_mut()];
+    let mut d: [&mut dyn MigrationDevice; 1] = [dst.opened.device.as_mut()];
+    let (sent, recv) = std::thread::scope(|sc| {
+        let sent = sc.spawn(|| send(&mut s, a_conn, &h, &opts(), &NoObserver));
+        let received = sc.spawn(|| receive(&mut d, b_conn, &mut fb, &freeze));
+        (sent.join().unwrap(), received.join().unwrap())
+    });
+    {
+        let mut c = cluster.lock().unwrap();
+        (0..3).for_each(|i| c.freeze(i, false));
+    }
+    let (s, d) = (handle(&src).status(), handle(&dst).status());
+    assert_destination_safe(&d, "quorum frozen");
+    match (&sent, &recv) {
+        (Err(Error::InDoubt { .. }), Err(Error::InDoubt { .. })) => {
+            assert!(!s.is_running(), "in doubt: the source stays stopped: {s:?}")
+        }
+        (Err(Error::InDoubt { .. }), Err(e)) => panic!(
+            "the source gave up after {wait:?} and stays stopped, while the destination \
+             answered: {}",
+            vfio_mig::error::Report(e)
+        ),
+        (Err(_), Err(e)) if !matches!(e, Error::InDoubt { .. }) => {
+            assert!(s.is_running(), "told FAILED, the source runs again: {s:?}")
+        }
+        other => panic!("the two sides disagree: {other:?}"),
+    }
     drop(handoff);
 }

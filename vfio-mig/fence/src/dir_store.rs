@@ -4,6 +4,10 @@
 //! (temporary file, fsync, rename, fsync of the directory) when it changed, so the processes
 //! of one host see one linearizable store and a crash never leaves half a transaction.
 //!
+//! The directory is created 0700 and its files 0600 whatever the umask; a directory that
+//! another user owns or that group or others may write is refused (they could replace the
+//! store), and no file is opened through a symbolic link.
+//!
 //! Lease deadlines are wall-clock times (the processes share no monotonic clock): a clock
 //! step on the host shortens or lengthens the leases alive at that moment.
 
@@ -15,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use super::private::{open_private, private_dir};
 use super::store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
 use crate::error::Result;
 
@@ -45,6 +50,15 @@ struct State {
     revision: Revision,
     leases: BTreeMap<i64, Lease>,
     entries: BTreeMap<String, Stored>,
+}
+
+/// The next revision after `revision`; the counter ends with an error rather than wrap to
+/// revisions already handed out (the compare-and-swap would then accept stale reads). A
+/// lease id is a revision too, and etcd's lease ids are positive int64s.
+fn next_revision(revision: Revision) -> std::result::Result<Revision, String> {
+    revision
+        .checked_add(1)
+        .ok_or_else(|| "the store's revision counter is exhausted".to_owned())
 }
 
 fn now_ms() -> u64 {
@@ -164,8 +178,9 @@ impl State {
         }
         self.entries
             .retain(|_, e| !e.lease.is_some_and(|l| ids.contains(&l)));
-        // Like etcd, an expiry is a write: it raises the revision.
-        self.revision += 1;
+        // Like etcd, an expiry is a write: it raises the revision (saturating: the next
+        // write reports the exhausted counter).
+        self.revision = self.revision.saturating_add(1);
         true
     }
 }
@@ -193,16 +208,18 @@ impl DirStore {
         f: impl FnOnce(&mut State) -> std::result::Result<(T, bool), String>,
     ) -> Result<T> {
         let fail = |e: &dyn std::fmt::Display| store_error(self, step, e);
-        std::fs::create_dir_all(&self.dir).map_err(|e| fail(&e))?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join(".lock"))
-            .map_err(|e| fail(&e))?;
+        private_dir(&self.dir).map_err(|e| fail(&format!("{}: {e}", self.dir.display())))?;
+        let lock = open_private(
+            &self.dir.join(".lock"),
+            OpenOptions::new().read(true).write(true).create(true),
+        )
+        .map_err(|e| fail(&e))?;
         let _held = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| fail(&e))?;
-        let mut state = match std::fs::read_to_string(self.file()) {
+        let read = open_private(&self.file(), OpenOptions::new().read(true)).and_then(|mut f| {
+            let mut text = String::new();
+            io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+        });
+        let mut state = match read {
             Ok(text) => State::parse(&text).map_err(|e| {
                 fail(&format!(
                     "{} is corrupt ({e}); refusing every handoff until it is repaired",
@@ -222,8 +239,14 @@ impl DirStore {
 
     fn store(&self, state: &State) -> io::Result<()> {
         let tmp = self.dir.join(format!(".store.tmp.{}", std::process::id()));
+        // A name left by a crash, or planted: removed (a link, not its target), then made
+        // anew, exclusively.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let written = (|| {
-            let mut f = File::create(&tmp)?;
+            let mut f = open_private(&tmp, OpenOptions::new().write(true).create_new(true))?;
             f.write_all(state.to_text().as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, self.file())?;
@@ -259,7 +282,7 @@ impl FenceStore for DirStore {
             if !holds {
                 return Ok((None, false));
             }
-            s.revision += 1;
+            s.revision = next_revision(s.revision)?;
             let revision = s.revision;
             for w in writes {
                 match w {
@@ -289,8 +312,9 @@ impl FenceStore for DirStore {
 
     fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         self.locked("grant a lease", |s| {
-            s.revision += 1;
-            let id = s.revision as i64;
+            s.revision = next_revision(s.revision)?;
+            let id = i64::try_from(s.revision)
+                .map_err(|_| "the store's revision counter is past the last lease id".to_owned())?;
             let ttl_ms = ttl.as_millis().max(1) as u64;
             s.leases.insert(
                 id,

@@ -22,6 +22,16 @@ pub enum Error {
         /// Why, in words.
         detail: String,
     },
+    /// A write whose outcome cannot be known: the request reached the store and no answer
+    /// came back, and the store could not be read since. The write may or may not be
+    /// recorded; nothing may act as if either were true (docs/fencing.md).
+    #[error("{step}: outcome in doubt: {detail}")]
+    InDoubt {
+        /// What was being done.
+        step: String,
+        /// What is known.
+        detail: String,
+    },
     /// Another vfio-mig command holds the device's lock.
     #[error("{device} is in use by another vfio-mig (pid {pid}; lock {})", lock.display())]
     Busy {

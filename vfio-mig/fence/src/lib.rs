@@ -35,6 +35,7 @@ mod handoff_record;
 mod key;
 mod lease;
 mod lock;
+mod private;
 mod record;
 mod shared;
 mod state;
@@ -51,9 +52,14 @@ pub use lock::DeviceLock;
 pub use record::{
     session_hex, Admission, FenceRecord, MAX_COMPLETED, MAX_EPOCH_LEAD, RECORD_VERSION,
 };
-pub use shared::{Handoff, SharedFencing, StoreFence, DEFAULT_CLAIM_TTL, DEFAULT_PREFIX};
+pub use shared::{
+    source_answer_wait, Handoff, SharedFencing, StoreFence, ANSWER_MARGIN, DEFAULT_CLAIM_TTL,
+    DEFAULT_PREFIX,
+};
 pub use state::StateFence;
-pub use store::{store_error, Condition, Entry, FenceStore, LeaseId, Revision, Write};
+pub use store::{
+    store_error, store_in_doubt, Condition, Entry, FenceStore, LeaseId, Revision, Write,
+};
 
 pub use error::{Error, ReasonCode, Result};
 use vfio_mig::stream::SessionId;

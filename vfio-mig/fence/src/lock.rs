@@ -3,24 +3,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+use super::private::{open_private, private_dir};
 use super::DeviceKey;
 use crate::error::{Error, Result};
-
-/// Creates `dir` and its missing parents with mode 0700 (whatever the umask: the mode given
-/// to mkdir is only ever narrowed by it).
-pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
 
 /// An exclusive lock on a device, released when dropped (or when the process dies: the
 /// kernel drops `flock` locks with the last descriptor, so a crashed command never leaves a
@@ -58,16 +48,16 @@ impl DeviceLock {
         })?;
         let path = dir.join(format!("{}.lock", key.file_stem()));
         let step = || format!("lock {device} ({})", path.display());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // Private whatever the umask, and never through a symlink planted at the path.
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| Error::device(step(), e))?;
+        // Private whatever the umask, and never through a symlink planted at the path.
+        let file = open_private(
+            &path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )
+        .map_err(|e| Error::device(step(), e))?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((mut file, Errno::EWOULDBLOCK)) => {

@@ -36,6 +36,25 @@ use vfio_mig::stream::{SessionId, StreamHeader};
 pub const DEFAULT_PREFIX: &str = "vfio-mig";
 /// The default time to live of a claim's lease.
 pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(10);
+/// What a destination does besides store operations between COMMIT and its answer: reset
+/// its devices and send FAILED.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a source waits for its destination's answer after COMMIT when both hosts use a
+/// shared store whose operations give up after `store_timeout` (`--fence-timeout`, the same
+/// on every host), for a handoff of `identities` device states: at least `session_timeout`,
+/// and never less than the destination's longest way to its answer: the completion, one
+/// read-back per identity, and the withdrawal of a completion whose resume failed, each
+/// bounded by `store_timeout`, then the reset. A FAILED is then read, never missed by a
+/// source that gave up and stays stopped in doubt.
+pub fn source_answer_wait(
+    session_timeout: Duration,
+    store_timeout: Duration,
+    identities: usize,
+) -> Duration {
+    let calls = u32::try_from(identities.saturating_add(2)).unwrap_or(u32::MAX);
+    session_timeout.max(store_timeout.saturating_mul(calls) + ANSWER_MARGIN)
+}
 /// How often a transaction that lost a race is re-read and retried before giving up.
 const ATTEMPTS: usize = 8;
 
@@ -115,6 +134,21 @@ impl SharedFencing {
     /// The store.
     pub fn store(&self) -> &Arc<dyn FenceStore> {
         &self.store
+    }
+
+    /// A transaction of any step but the completion: one whose outcome the store cannot tell
+    /// ([`Error::InDoubt`]) is a refusal of that step, for nothing was handed over yet (a
+    /// begin or a claim left behind ends with its lease). Only the completion decides who
+    /// runs a state, so only its doubt is reported as such ([`StoreFence`]).
+    fn commit(&self, conditions: &[Condition], writes: &[Write]) -> Result<Option<Revision>> {
+        self.store.commit(conditions, writes).map_err(|e| match e {
+            Error::InDoubt { step, detail } => Error::Refused {
+                step,
+                code: ReasonCode::Fence,
+                detail,
+            },
+            other => other,
+        })
     }
 
     fn state_key(&self, identity: &str) -> String {
@@ -290,7 +324,7 @@ impl SharedFencing {
                 writes.push(self.put_record(&r));
                 writes.push(self.put_claim(&s.identity, &claim, held));
             }
-            if let Some(rev) = self.store.commit(&self.conditions(&snaps), &writes)? {
+            if let Some(rev) = self.commit(&self.conditions(&snaps), &writes)? {
                 log::info!(
                     "began handoff {hex} of {} at epoch {epoch} in {}",
                     identities.join(","),
@@ -456,7 +490,7 @@ impl Handoff {
                     });
                 }
             }
-            if writes.is_empty() || f.store.commit(&conditions, &writes)?.is_some() {
+            if writes.is_empty() || f.commit(&conditions, &writes)?.is_some() {
                 self.lease.take();
                 return Ok(());
             }
@@ -633,7 +667,7 @@ impl Fence for StoreFence {
                 .iter()
                 .map(|s| f.put_claim(&s.identity, &claim, lease))
                 .collect();
-            if let Some(rev) = f.store.commit(&f.conditions(&snaps), &writes)? {
+            if let Some(rev) = f.commit(&f.conditions(&snaps), &writes)? {
                 self.admitted = Some(Admitted {
                     session: hex,
                     epoch: header.epoch,
@@ -678,8 +712,11 @@ impl Fence for StoreFence {
         }
         let committed = match f.store.commit(&conditions, &writes) {
             Ok(Some(rev)) => Some(rev),
-            // The answer may have been lost after the write: look.
-            Ok(None) | Err(_) => self.recorded_completion(&a)?,
+            // A condition failed, maybe because of an earlier copy whose answer was lost, or
+            // no answer came at all: what the store holds decides.
+            Ok(None) | Err(Error::InDoubt { .. }) => self.read_back_completion(&a)?,
+            // Nothing was written.
+            Err(e) => return Err(e),
         };
         match committed {
             Some(rev) => {
@@ -724,7 +761,7 @@ impl Fence for StoreFence {
             .collect();
         // The state goes back to its source, still pending: a retry may load it again.
         let writes: Vec<Write> = a.records.iter().map(|r| f.put_record(r)).collect();
-        if f.store.commit(&conditions, &writes)?.is_none() {
+        if f.commit(&conditions, &writes)?.is_none() {
             return Err(refused(
                 ReasonCode::Fence,
                 "withdraw the completion",
@@ -761,12 +798,28 @@ impl Fence for StoreFence {
                 key: f.claim_key(i),
             })
             .collect();
-        f.store.commit(&conditions, &writes)?;
+        f.commit(&conditions, &writes)?;
         Ok(())
     }
 }
 
 impl StoreFence {
+    /// [`Self::recorded_completion`] after a completion whose answer is unknown: a store
+    /// that cannot be read leaves the completion in doubt ([`Error::InDoubt`]), for the
+    /// device must neither resume nor let its source run again.
+    fn read_back_completion(&self, a: &Admitted) -> Result<Option<Revision>> {
+        self.recorded_completion(a).map_err(|e| Error::InDoubt {
+            step: "record the handoff complete".into(),
+            detail: format!(
+                "{}: {} did not say whether session {} was recorded complete, and reading \
+                 it back failed ({e})",
+                self.identities.join(","),
+                self.fencing.store.describe(),
+                a.session
+            ),
+        })
+    }
+
     /// The revision of a completion of `a` by this host already in the store, if there is one.
     fn recorded_completion(&self, a: &Admitted) -> Result<Option<Revision>> {
         let f = &self.fencing;

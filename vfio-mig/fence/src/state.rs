@@ -88,7 +88,7 @@ impl StateFence {
     pub fn store(&self, record: &FenceRecord) -> Result<()> {
         let step = || format!("write fencing state {}", self.path.display());
         let io_err = |e: io::Error| fence_err(step(), e.to_string());
-        super::lock::private_dir(&self.dir).map_err(io_err)?;
+        super::private::private_dir(&self.dir).map_err(io_err)?;
         // A fresh name each time, created with O_EXCL: an existing file or symlink there is
         // never written through.
         let tmp = self.dir.join(format!(
@@ -105,12 +105,10 @@ impl StateFence {
         }
         let text = record.to_text();
         let written = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
+            let mut f = super::private::open_private(
+                &tmp,
+                std::fs::OpenOptions::new().write(true).create_new(true),
+            )?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;

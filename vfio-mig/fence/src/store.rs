@@ -79,7 +79,12 @@ pub trait FenceStore: Send + Sync {
     fn get(&self, key: &str) -> Result<Option<Entry>>;
 
     /// Applies `writes` atomically if every condition holds, and returns the revision of
-    /// those writes (`Some`), or `None` if a condition failed (nothing was written).
+    /// those writes (`Some`), or `None` if a condition failed (nothing was written by this
+    /// answer; a copy sent before, whose answer was lost, may have been).
+    ///
+    /// An error is [`Error::InDoubt`] (from [`store_in_doubt`]) when a request carrying the
+    /// writes may have been applied and its answer never arrived; any other error means
+    /// that nothing was written.
     fn commit(&self, conditions: &[Condition], writes: &[Write]) -> Result<Option<Revision>>;
 
     /// Grants a lease of `ttl`.
@@ -91,6 +96,17 @@ pub trait FenceStore: Send + Sync {
 
     /// Ends `lease` now and deletes its keys (nothing if it already expired).
     fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+}
+
+/// A write of `store` at `step` whose outcome is unknown: it may have been applied.
+pub fn store_in_doubt(store: &dyn FenceStore, step: &str, detail: impl fmt::Display) -> Error {
+    Error::InDoubt {
+        step: step.to_owned(),
+        detail: format!(
+            "fencing store {}: {detail}; the write may have been applied",
+            store.describe()
+        ),
+    }
 }
 
 /// An error of `store` at `step`: the store could not be read or written. A fencing decision

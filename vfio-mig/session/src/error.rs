@@ -75,6 +75,7 @@ impl From<vfio_mig_fence::Error> for Error {
             vfio_mig_fence::Error::Refused { step, code, detail } => {
                 Error::Refused { step, code, detail }
             }
+            vfio_mig_fence::Error::InDoubt { step, detail } => Error::InDoubt { step, detail },
             other => Error::Fence(other),
         }
     }

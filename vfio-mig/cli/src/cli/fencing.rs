@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Command-line options of locks and fencing, shared by every command: the per-host lock and
-//! state directories, and `--fence`, a store shared by the hosts of a fleet.
+//! Command-line options of locks and fencing, of the commands that drive devices: the
+//! per-host lock and state directories, and `--fence`, a store shared by the hosts of a fleet.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -112,6 +112,8 @@ pub struct Fencing {
     pub config: FenceConfig,
     shared: Option<SharedFencing>,
     keys: Vec<String>,
+    /// `--fence-timeout`, with a shared store.
+    store_timeout: Option<Duration>,
 }
 
 /// Opens the store of a `--fence` value, reached as `security` says (`None`: not etcd, or
@@ -292,6 +294,9 @@ impl FenceSettings {
             }
         };
         Ok(Fencing {
+            store_timeout: shared
+                .as_ref()
+                .map(|_| Duration::from_secs_f64(self.fence_timeout)),
             config: self.config.clone(),
             shared,
             keys: self.fence_keys.clone(),
@@ -300,6 +305,16 @@ impl FenceSettings {
 }
 
 impl Fencing {
+    /// How long a source of `devices` devices waits for its destination's answers:
+    /// `session_timeout` (`--timeout`), or with a shared store at least the destination's
+    /// longest way to its answer ([`vfio_mig_fence::source_answer_wait`]).
+    pub fn answer_wait(&self, session_timeout: Duration, devices: usize) -> Duration {
+        match self.store_timeout {
+            Some(store) => vfio_mig_fence::source_answer_wait(session_timeout, store, devices),
+            None => session_timeout,
+        }
+    }
+
     /// The device-state identities of `count` devices, with a shared store.
     fn identities(&self, count: usize) -> Result<Vec<String>> {
         if self.keys.len() != count {

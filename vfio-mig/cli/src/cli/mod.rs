@@ -167,8 +167,9 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: vfio_mig_session::transport::Address,
         /// End after the first session whatever its outcome, instead of waiting for a retry
-        /// after a refused or failed one. Connections that are not a session (closed early,
-        /// not TLS, not authorized, turned away as busy) do not count.
+        /// after a failed one. Connections that are not a session (closed early, not TLS, not
+        /// authorized, turned away as busy) and sources refused before any device was
+        /// touched do not count.
         #[arg(long)]
         once: bool,
         /// Several devices: receive them as one unit even if some lack the P2P states. This

@@ -28,7 +28,8 @@ use super::TransferArgs;
 #[derive(Debug, Args, Clone)]
 pub struct NetArgs {
     /// Seconds the peer may stay silent (no data, no answer) before the connection is
-    /// considered dead.
+    /// considered dead. With --fence, `send` waits at least as long as a destination with
+    /// the same --fence-timeout may take to answer (docs/fencing.md).
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = super::parse_secs)]
     pub timeout: f64,
     /// Seconds a TCP connect may take.
@@ -148,7 +149,7 @@ pub fn send(
             )?,
             None => transport::connect(to, secs(net.connect_timeout))?,
         };
-        conn.set_timeout(Some(secs(net.timeout)))
+        conn.set_timeout(Some(fence.answer_wait(secs(net.timeout), devices.len())))
             .map_err(|e| Error::transport(format!("set the timeout of {to}"), e))?;
         Ok(conn)
     };
@@ -335,6 +336,7 @@ pub fn recv(
         let view = ProgressView::new("recv", None, json);
         let started = Instant::now();
         let result = if opening.offered_channels() > 1 {
+            slot.want_channels(true);
             let mut accept = |deadline: Instant| {
                 let wait = deadline.saturating_duration_since(Instant::now());
                 channels.recv_timeout(wait).map_err(|_| {
@@ -358,8 +360,21 @@ pub fn recv(
         view.finish();
         drop(hook);
         slot.release();
+        // Channels that came for this session and were not bound end with it.
+        while channels.try_recv().is_ok() {}
         let outcome = match result {
             Ok(o) => o,
+            // In doubt: the store may name this host as the owner; nothing more runs here.
+            Err(e @ Error::InDoubt { .. }) => return Err(e),
+            // Refused before any device was touched (an unknown feature, another model, a
+            // stale epoch): not a session, even for --once.
+            Err(e @ Error::Refused { .. }) if signals::received().is_none() => {
+                eprintln!(
+                    "vfio-mig: warning: {}; waiting for a source on {bound}",
+                    vfio_mig::error::Report(&e)
+                );
+                continue;
+            }
             Err(e) if once || signals::received().is_some() => return Err(e),
             Err(e) => {
                 eprintln!(

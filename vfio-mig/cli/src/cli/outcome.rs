@@ -156,6 +156,9 @@ fn fates(c: &Context, kind: &'static str, e: Option<&Error>) -> Vec<Fate> {
             let fate = match (kind, side) {
                 ("abandoned", _) => "unknown",
                 ("in-doubt", Side::Source) => "stopped",
+                // A destination of recv or load in doubt was reset (its completion may be
+                // recorded in the fencing store); migrate's may run the state.
+                ("in-doubt", Side::Destination) if c.command != "migrate" => "reset",
                 ("in-doubt", Side::Destination) => "in-doubt",
                 ("past-no-return", Side::Source) => "stopped",
                 // The error line names which destination devices run and which were reset.

@@ -3,13 +3,15 @@
 //! and the stream header, all under one deadline, then the authorization), and only a
 //! complete, authorized opening reaches the session. While a session runs, further openings
 //! are answered REFUSE(busy) and do not disturb it; connections that close early, stall, or
-//! do not speak the protocol are logged and ignored.
+//! do not speak the protocol are logged and ignored. A further channel (CHANNEL) is taken
+//! only while a session waits for its channels, and at most [`MAX_CHANNELS`] wait to be
+//! bound; any other is refused and closed at once.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use vfio_mig_session::handshake::{open_connection, ChannelOpening, Opened, Opening};
+use vfio_mig_session::handshake::{open_connection, ChannelOpening, Opened, Opening, MAX_CHANNELS};
 use vfio_mig_session::transport::tls::{AuthorizationPolicy, ServerConfig};
 use vfio_mig_session::transport::{accept_tls, Connection, Listener};
 use vfio_mig_session::{Error, ReasonCode};
@@ -50,18 +52,28 @@ pub enum Event {
     Cancelled,
 }
 
-/// The one session slot.
+/// The one session slot, and whether its session waits for further channels.
 #[derive(Clone, Default)]
-pub struct Slot(Arc<AtomicBool>);
+pub struct Slot {
+    busy: Arc<AtomicBool>,
+    wants_channels: Arc<AtomicBool>,
+}
 
 impl Slot {
     fn claim(&self) -> bool {
-        !self.0.swap(true, Ordering::SeqCst)
+        !self.busy.swap(true, Ordering::SeqCst)
     }
 
     /// The session ended: the next opening may run.
     pub fn release(&self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.wants_channels.store(false, Ordering::SeqCst);
+        self.busy.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the running session waits for further channels (CHANNEL connections are
+    /// refused otherwise).
+    pub fn want_channels(&self, wanted: bool) {
+        self.wants_channels.store(wanted, Ordering::SeqCst);
     }
 }
 
@@ -81,7 +93,8 @@ pub fn start(
     mpsc::Receiver<Channel>,
 ) {
     let (tx, rx) = mpsc::channel();
-    let (channel_tx, channel_rx) = mpsc::channel();
+    // Bounded: a channel that cannot wait here is refused, never queued without end.
+    let (channel_tx, channel_rx) = mpsc::sync_channel::<Channel>(usize::from(MAX_CHANNELS));
     let events = tx.clone();
     let admission = Arc::new(admission);
     let opening = Arc::new(AtomicUsize::new(0));
@@ -115,8 +128,12 @@ pub fn start(
             let handed = match admit(conn, &admission, &slot) {
                 Some(Admitted::Session(incoming)) => events.send(Event::Session(incoming)).is_ok(),
                 Some(Admitted::Channel(c)) => {
-                    // Nobody waits once recv ended: the connection just closes.
-                    let _ = channels.send(*c);
+                    if let Err(mpsc::TrySendError::Full(c) | mpsc::TrySendError::Disconnected(c)) =
+                        channels.try_send(*c)
+                    {
+                        let why = format!("{MAX_CHANNELS} channels already wait to be bound");
+                        turn_away_channel(c, &peer, why);
+                    }
                     true
                 }
                 None => true,
@@ -172,6 +189,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
     let opening = match open_connection(conn, Some(deadline)) {
         Ok(Opened::Session(o)) => o,
         Ok(Opened::Channel(c)) => {
+            if !slot.wants_channels.load(Ordering::SeqCst) {
+                turn_away_channel(c, &peer, "no session waits for channels".into());
+                return None;
+            }
             if let Some((_, policy)) = &admission.tls {
                 let ids = c
                     .connection()
@@ -231,6 +252,15 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         peer,
         identity,
     })))
+}
+
+/// Refuses a CHANNEL connection and closes it at once (nothing of it is worth draining).
+fn turn_away_channel(c: Channel, peer: &str, why: String) {
+    let e = c.refuse(why, Duration::ZERO);
+    eprintln!(
+        "vfio-mig: warning: channel from {peer} refused: {}",
+        vfio_mig::error::Report(&e)
+    );
 }
 
 fn opening_identities(

@@ -353,3 +353,19 @@ pub fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) with a pid of a child this test started; no memory is involved.
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
+
+/// A one-device v1 stream header (what a raw client sends after HELLO).
+pub fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
+    vfio_mig::stream::StreamHeader {
+        session_id: [session; 16],
+        epoch,
+        devices: vec![vfio_mig::stream::DeviceDescriptor {
+            protocol: vfio_mig::stream::Protocol::V1,
+            live: false,
+            migration_flags: 0,
+            model: "mock:v1".into(),
+        }],
+    }
+    .encode()
+    .unwrap()
+}

@@ -331,6 +331,11 @@ impl EtcdCluster {
         )
     }
 
+    /// The members' client addresses (`127.0.0.1:PORT`).
+    pub fn client_endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
     /// A store client of the whole cluster, as a host of the fleet.
     pub fn store(&self) -> EtcdStore {
         EtcdStore::from_url(&self.url(), &self.security()).unwrap()
@@ -373,6 +378,19 @@ impl EtcdCluster {
             m.child = Some(spawn_member(&m.command, &m.log));
         }
         self.wait_ready();
+    }
+
+    /// Freezes member `i` (SIGSTOP: its sockets accept and nothing answers, as behind a
+    /// partition that drops packets) or thaws it (SIGCONT).
+    pub fn freeze(&mut self, i: usize, frozen: bool) {
+        if let Some(c) = &self.members[i].child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([signal, &c.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} member {i}");
+        }
     }
 
     /// Kills every member.

@@ -4,12 +4,15 @@
 #![allow(dead_code)]
 
 mod cluster;
+mod proxy;
 
 use std::sync::Arc;
 
 // Each test crate uses part of this module (`Pki`: tests/tls.rs).
 #[allow(unused_imports)]
 pub use cluster::{EtcdCluster, Pki};
+#[allow(unused_imports)]
+pub use proxy::LossyRelays;
 use vfio_mig_etcd::EtcdStore;
 use vfio_mig_fence::{DirStore, FenceStore, SharedFencing};
 

@@ -482,17 +482,64 @@ pub(super) fn finish_session<C: Duplex>(
             send_final(tx, rx, &msg, DRAIN_TIME);
             Err(e.into())
         }
+        Err(e) if completion_in_doubt(&e) => Err(reset_in_doubt(e)),
         Err(e) => {
             if completed {
                 if let Err(u) = fence.undo_complete(&session) {
-                    log::warn!("withdraw the completion record: {u}");
+                    return Err(withdrawal_failed(e, &u));
                 }
             }
-            release(fence, &session);
             let msg = Message::Failed(Reason::new(core_reason_code(&e), Report(&e).to_string()));
             send_final(tx, rx, &msg, DRAIN_TIME);
+            // After FAILED: the source's wait covers the store calls before it, not this
+            // one (the claim also ends with its lease).
+            release(fence, &session);
             Err(e.into())
         }
+    }
+}
+
+/// The end of a load whose completion was recorded and could not be withdrawn after the
+/// resume failed: the record names this host as the owner of a state its reset devices no
+/// longer hold, so the source must not run it either: in doubt, as [`reset_in_doubt`].
+fn withdrawal_failed(e: CoreError, withdrawal: &vfio_mig_fence::Error) -> Error {
+    Error::InDoubt {
+        step: "withdraw the completion record".into(),
+        detail: format!(
+            "{}; the completion stays recorded ({withdrawal}); neither FAILED nor RESUMED was \
+             sent, so the source keeps its devices stopped: read the record in the fencing \
+             store before running the state anywhere",
+            Report(&e)
+        ),
+    }
+}
+
+/// Whether a load failed because the fencing store could not say whether the completion
+/// was recorded ([`vfio_mig_fence::Error::InDoubt`], carried out of the gate).
+fn completion_in_doubt(e: &CoreError) -> bool {
+    match e {
+        CoreError::RolledBack { source, .. } => completion_in_doubt(source),
+        CoreError::External(inner) => matches!(
+            inner.downcast_ref::<vfio_mig_fence::Error>(),
+            Some(vfio_mig_fence::Error::InDoubt { .. })
+        ),
+        _ => false,
+    }
+}
+
+/// The end of a load whose completion is in doubt: the devices never ran, and were reset by
+/// the failed load;
+/// the record is neither withdrawn nor released (the store cannot be reached, and it may
+/// name this host as the owner); the source is told nothing, so it stays stopped in doubt
+/// rather than run a state the store may give to this host.
+fn reset_in_doubt(e: CoreError) -> Error {
+    Error::InDoubt {
+        step: "record the handoff complete".into(),
+        detail: format!(
+            "{}; neither FAILED nor RESUMED was sent, so the source keeps its devices stopped: \
+             read the record in the fencing store before running the state anywhere",
+            Report(&e)
+        ),
     }
 }
 
@@ -567,10 +614,11 @@ pub fn load_fenced<R: Read>(
         }),
         // A device runs the state: the completion record stays, nothing more is reset.
         Err(e @ CoreError::PastNoReturn { .. }) => Err(e.into()),
+        Err(e) if completion_in_doubt(&e) => Err(reset_in_doubt(e)),
         Err(e) => {
             if gate.completed {
                 if let Err(u) = gate.fence.undo_complete(&header.session_id) {
-                    log::warn!("withdraw the completion record: {u}");
+                    return Err(withdrawal_failed(e, &u));
                 }
             }
             release(gate.fence, &header.session_id);

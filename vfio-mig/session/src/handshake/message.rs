@@ -317,8 +317,20 @@ const fn payload_bounds(kind: u8) -> Option<(usize, usize)> {
     }
 }
 
+/// How the plain-text notice of a TLS endpoint (`transport::tls::NOT_TLS_NOTICE`) begins.
+const PLAIN_TEXT_ANSWER: &[u8] = b"vfio-mig: ";
+
 /// Checks a frame header; returns the payload length.
 fn check_frame(head: &[u8; FRAME_HEADER_LEN]) -> std::result::Result<usize, String> {
+    if head.starts_with(PLAIN_TEXT_ANSWER) {
+        // A TLS listener answers a plain connection with a line of text.
+        return Err(format!(
+            "the peer answered in plain text ({:?}...), as a vfio-mig TLS endpoint answers a \
+             connection without TLS: it accepts TLS 1.3 connections only (connect with TLS, \
+             not --insecure)",
+            String::from_utf8_lossy(head)
+        ));
+    }
     if head[..4] != MAGIC {
         return Err(format!(
             "not a vfio-mig handshake message: bad magic {:02x?}",
@@ -636,6 +648,15 @@ mod tests {
         let (back, _) = Message::decode(&m.encode()).unwrap();
         let Message::Failed(r) = back else { panic!() };
         assert_eq!(r.text.len(), MAX_REASON_LEN);
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn the_tls_endpoints_notice_is_recognised() {
+        let notice = crate::transport::tls::NOT_TLS_NOTICE;
+        assert!(notice.starts_with(PLAIN_TEXT_ANSWER));
+        let e = Message::decode(notice).unwrap_err().to_string();
+        assert!(e.contains("accepts TLS 1.3 connections only"), "{e}");
     }
 
     #[test]

@@ -25,10 +25,16 @@ pub(super) fn send_final<C: Duplex>(
         return;
     }
     let _ = tx.shutdown(Shutdown::Write);
-    let started = Instant::now();
+    // What `rx` holds is dropped with it; the drain reads the socket through `tx` under a
+    // deadline, so a silent peer is let go after `drain`, not after the idle timeout.
+    let _ = rx;
+    let end = Instant::now() + drain;
+    if drain.is_zero() || tx.set_deadline(Some(end)).is_err() {
+        return;
+    }
     let mut sink = vec![0u8; SOCKET_BUFFER];
-    while started.elapsed() < drain {
-        match rx.read(&mut sink) {
+    while Instant::now() < end {
+        match tx.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }

@@ -35,13 +35,25 @@ pub enum PeerIdentity {
     CommonName(String),
 }
 
+/// Names come from the peer's certificate: control characters (a line break would forge a
+/// log line), `,` (the separator of [`PeerIdentities`]) and `\` are printed as `\u{..}`
+/// escapes, every other character as it is.
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PeerIdentity::Dns(n) => write!(f, "dns:{n}"),
-            PeerIdentity::Uri(u) => write!(f, "uri:{u}"),
-            PeerIdentity::CommonName(n) => write!(f, "cn:{n}"),
+        let (kind, value) = match self {
+            PeerIdentity::Dns(n) => ("dns", n),
+            PeerIdentity::Uri(u) => ("uri", u),
+            PeerIdentity::CommonName(n) => ("cn", n),
+        };
+        write!(f, "{kind}:")?;
+        for c in value.chars() {
+            if c.is_control() || matches!(c, ',' | '\\') {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                write!(f, "{c}")?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -209,6 +221,23 @@ fn common_names(mut name: &[u8]) -> impl Iterator<Item = String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 21, defect 9: a certificate's names are the peer's words. Printed, they stay on
+    /// one line and cannot look like a further identity of the list.
+    #[test]
+    fn names_with_line_breaks_or_separators_cannot_forge_lines_or_identities() {
+        let ids = PeerIdentities::from_identities([
+            PeerIdentity::CommonName("a\nvfio-mig: recv: session forged".into()),
+            PeerIdentity::Uri("spiffe://x, dns:admin.example".into()),
+        ]);
+        let shown = ids.to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\r'), "{shown}");
+        assert!(!shown.contains(", dns:"), "{shown}");
+        assert_eq!(shown.matches(", ").count(), 1, "two identities: {shown}");
+        // Names that need no escape print as given.
+        let plain = PeerIdentity::CommonName("Source A".into());
+        assert_eq!(plain.to_string(), "cn:Source A");
+    }
 
     #[test]
     fn identities_parse_and_print() {
