@@ -192,6 +192,32 @@ impl PreCopyState {
     }
 }
 
+/// The error of a strict policy that gave up for `reason` after the rounds in `state`.
+pub(crate) fn abort_error(
+    reason: SwitchReason,
+    state: &PreCopyState,
+    policy: &PreCopyPolicy,
+) -> crate::error::Error {
+    crate::error::Error::PreCopy(format!(
+        "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds \
+         the {:?} budget (measured bandwidth {})",
+        state.rounds,
+        state.downtime_bytes().map_or_else(
+            || "unknown (MIG_DATA_SIZE failed)".into(),
+            |b| b.to_string()
+        ),
+        state
+            .estimated_downtime()
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "unknown".into()),
+        policy.downtime_budget,
+        state
+            .bandwidth()
+            .map(|b| format!("{:.1} MiB/s", b / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "unknown".into()),
+    ))
+}
+
 impl PreCopyPolicy {
     /// Decides what to do after the rounds recorded in `state`, `elapsed` into pre-copy.
     pub fn decide(&self, state: &PreCopyState, elapsed: Duration) -> Decision {

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
-use super::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
+use super::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use super::wait::DataWait;
 use super::{MigrationDevice, ReadOutcome};
 
@@ -268,24 +268,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
         match opts.policy.decide(&state, started.elapsed()) {
             Decision::Continue => {}
             Decision::Switch(reason) => break reason,
-            Decision::Abort(reason) => {
-                return Err(Error::PreCopy(format!(
-                    "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
-                    state.rounds,
-                    state
-                        .downtime_bytes()
-                        .map_or_else(|| "unknown (MIG_DATA_SIZE failed)".into(), |b| b.to_string()),
-                    state
-                        .estimated_downtime()
-                        .map(|d| format!("{d:?}"))
-                        .unwrap_or_else(|| "unknown".into()),
-                    opts.policy.downtime_budget,
-                    state
-                        .bandwidth()
-                        .map(|b| format!("{:.1} MiB/s", b / (1u64 << 20) as f64))
-                        .unwrap_or_else(|| "unknown".into()),
-                )))
-            }
+            Decision::Abort(reason) => return Err(abort_error(reason, &state, &opts.policy)),
         }
         let round_started = Instant::now();
         // A round sends what was pending when it began (at least one chunk).

@@ -54,6 +54,7 @@
 mod destination;
 mod handback;
 mod options;
+mod pacer;
 mod relay;
 mod source;
 

@@ -1,6 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The options of a migration, as structs: what a VMM sets once, not positional arguments.
 
+use std::sync::Arc;
+
+use crate::engine::Observer;
+use crate::stream::{SessionId, StreamAuth};
+
 /// The fencing epoch a stream carries in its header: a number the VMM's orchestration raises
 /// with every handoff of the same VM, so that a destination can refuse a stale stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -13,7 +18,7 @@ pub struct Epoch(pub u64);
 /// let opts = SourceOptions::new(Epoch(7)).allow_non_p2p_unit(true);
 /// assert_eq!(opts.epoch, Epoch(7));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct SourceOptions {
     /// The epoch written into the stream header.
@@ -26,6 +31,31 @@ pub struct SourceOptions {
     /// The largest read from a device in one go (and so the largest record payload batch);
     /// a MiB, as QEMU reads a data fd.
     pub buffer: usize,
+    /// Puts running devices into pre-copy (where they support it). Off, every device goes
+    /// straight to stop-and-copy at the switch-over, as for a paused VM: a snapshot.
+    pub pre_copy: bool,
+    /// The stream's session id; `None` draws a random one. A VMM that must record the
+    /// session before any device is touched (a fencing store's handoff) chooses it.
+    pub session_id: Option<SessionId>,
+    /// Authenticates the stream with this keyed MAC (a tag after the header and every
+    /// record; see `vfio-mig-session`'s `StreamKey`).
+    pub key: Option<Arc<dyn StreamAuth>>,
+    /// Receives the migration's events (phases, progress, rounds) from every device thread.
+    pub observer: Option<Arc<dyn Observer + Send>>,
+}
+
+impl std::fmt::Debug for SourceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceOptions")
+            .field("epoch", &self.epoch)
+            .field("allow_non_p2p_unit", &self.allow_non_p2p_unit)
+            .field("buffer", &self.buffer)
+            .field("pre_copy", &self.pre_copy)
+            .field("session_id", &self.session_id)
+            .field("key", &self.key)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl SourceOptions {
@@ -35,6 +65,10 @@ impl SourceOptions {
             epoch,
             allow_non_p2p_unit: false,
             buffer: 1 << 20,
+            pre_copy: true,
+            session_id: None,
+            key: None,
+            observer: None,
         }
     }
 
@@ -47,6 +81,30 @@ impl SourceOptions {
     /// Sets [`buffer`](Self::buffer) (at least 4 KiB is used).
     pub fn buffer(mut self, bytes: usize) -> Self {
         self.buffer = bytes;
+        self
+    }
+
+    /// Sets [`pre_copy`](Self::pre_copy).
+    pub fn pre_copy(mut self, pre_copy: bool) -> Self {
+        self.pre_copy = pre_copy;
+        self
+    }
+
+    /// Sets [`session_id`](Self::session_id).
+    pub fn session_id(mut self, id: SessionId) -> Self {
+        self.session_id = Some(id);
+        self
+    }
+
+    /// Sets [`key`](Self::key).
+    pub fn key(mut self, key: Option<Arc<dyn StreamAuth>>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Sets [`observer`](Self::observer).
+    pub fn observer(mut self, observer: Arc<dyn Observer + Send>) -> Self {
+        self.observer = Some(observer);
         self
     }
 }

@@ -3,12 +3,13 @@
 //! cancel.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::engine::multi::{check_unit, each_with_report, finish_handoff_all, quiesce_all};
 use crate::engine::save::{stop_copy, Pump, RecordSink};
 use crate::engine::session::{describe, new_session_id};
-use crate::engine::{NoObserver, SaveOptions, SaveReport};
+use crate::engine::{NoObserver, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::migration::{MigrationDevice, RunState};
 use crate::stream::{Phase, StreamHeader, StreamWriter};
@@ -63,6 +64,9 @@ pub struct Finished<D> {
     pub devices: Vec<D>,
     /// Devices whose STOP after the handoff failed, with what became of each.
     pub stop_failures: Vec<String>,
+    /// What was sent of each device, in device order ([`Source::reports`]; a failed STOP in
+    /// its `after_handoff`).
+    pub reports: Vec<SaveReport>,
 }
 
 impl<D> std::fmt::Debug for Finished<D> {
@@ -98,17 +102,19 @@ enum Stage {
 /// says which. Dropping an unfinished source cancels it before the switch-over and stops its
 /// devices for good after it (see [`into_devices`](Self::into_devices)).
 pub struct Source<D: MigrationDevice> {
-    devs: Vec<D>,
+    pub(super) devs: Vec<D>,
     /// Each device's state when the migration began.
     start: Vec<RunState>,
     /// Which devices are in pre-copy.
-    live: Vec<bool>,
+    pub(super) live: Vec<bool>,
     stage: Stage,
     /// Boxed: the stream's bookkeeping is large, and a VMM keeps a source in its own enums.
     writer: Option<Box<Staged>>,
     buf: Vec<u8>,
-    sent: Vec<u64>,
+    /// What was sent of each device so far.
+    pub(super) reports: Vec<SaveReport>,
     buffer: usize,
+    pub(super) observer: Option<Arc<dyn Observer + Send>>,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Source<D> {
@@ -133,7 +139,18 @@ impl<D: MigrationDevice> Source<D> {
     pub fn start(mut devs: Vec<D>, opts: &SourceOptions) -> std::result::Result<Self, Handback<D>> {
         match begin(&mut devs, opts) {
             Ok((start, live, writer)) => {
-                let n = devs.len();
+                // A running device that cannot pre-copy, in a migration that would: stop-and-copy
+                // only, as QEMU does.
+                let reports = devs
+                    .iter()
+                    .zip(&start)
+                    .map(|(d, &s)| SaveReport {
+                        stop_copy_only: opts.pre_copy
+                            && s == RunState::Running
+                            && !d.capabilities().pre_copy,
+                        ..SaveReport::default()
+                    })
+                    .collect();
                 Ok(Self {
                     devs,
                     start,
@@ -141,8 +158,9 @@ impl<D: MigrationDevice> Source<D> {
                     stage: Stage::PreCopy,
                     writer: Some(Box::new(writer)),
                     buf: Vec::new(),
-                    sent: vec![0; n],
+                    reports,
                     buffer: opts.buffer.max(4096),
+                    observer: opts.observer.clone(),
                 })
             }
             Err(error) => Err(Handback::new(error, devs)),
@@ -158,6 +176,20 @@ impl<D: MigrationDevice> Source<D> {
     /// Each device's state when the migration began, in device order.
     pub fn start_states(&self) -> &[RunState] {
         &self.start
+    }
+
+    /// What was sent of each device so far, in device order: pre-copy and stop-and-copy
+    /// bytes, chunks, the stop-and-copy time (the device's share of the downtime).
+    pub fn reports(&self) -> &[SaveReport] {
+        &self.reports
+    }
+
+    /// The observer of [`SourceOptions::observer`], or one that ignores everything.
+    pub(super) fn observer(&self) -> &dyn Observer {
+        match &self.observer {
+            Some(o) => o.as_ref(),
+            None => &NoObserver,
+        }
     }
 
     /// What the devices hold now, without sending anything.
@@ -178,6 +210,7 @@ impl<D: MigrationDevice> Source<D> {
         self.check(Stage::PreCopy, "send a pre-copy round")?;
         let r = self.send_round(out, budget);
         let (sent, written) = r.map_err(|e| self.fail(e))?;
+        let sent = sent.iter().sum();
         let estimate = self.estimate()?;
         Ok(Round {
             sent,
@@ -186,17 +219,21 @@ impl<D: MigrationDevice> Source<D> {
         })
     }
 
-    /// One round; returns the payload bytes sent and the stream bytes written.
-    fn send_round<W: Write + ?Sized>(
+    /// One round; returns the payload bytes sent of each device and the stream bytes written.
+    pub(super) fn send_round<W: Write + ?Sized>(
         &mut self,
         out: &mut W,
         budget: Option<u64>,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(Vec<u64>, u64)> {
         self.check_sessions("send a pre-copy round")?;
+        let obs: &dyn Observer = match &self.observer {
+            Some(o) => o.as_ref(),
+            None => &NoObserver,
+        };
         let writer = self.writer.as_mut().ok_or_else(ended)?;
         let mut relay = Relay::new(writer, out)?;
         let mut buf = std::mem::take(&mut self.buf);
-        let mut sent = 0;
+        let mut sent = vec![0; self.devs.len()];
         buf.resize(self.buffer, 0);
         'devices: for (i, dev) in self.devs.iter_mut().enumerate() {
             if !self.live[i] {
@@ -224,14 +261,16 @@ impl<D: MigrationDevice> Source<D> {
                     out: &mut relay,
                     index: i as u16,
                     buf: std::mem::take(&mut buf),
-                    obs: &NoObserver,
+                    obs,
                 };
-                let result = pump.run(Phase::PreCopy, Some(1), self.sent[i]);
+                let report = &mut self.reports[i];
+                let result = pump.run(Phase::PreCopy, Some(1), report.pre_copy_bytes);
                 buf = pump.buf;
-                let (bytes, _, ended) = result?;
-                self.sent[i] += bytes;
+                let (bytes, chunks, ended) = result?;
+                report.pre_copy_bytes += bytes;
+                report.chunks += chunks;
                 device_sent += bytes;
-                sent += bytes;
+                sent[i] += bytes;
                 if ended || bytes == 0 {
                     break;
                 }
@@ -281,11 +320,15 @@ impl<D: MigrationDevice> Source<D> {
             ..SaveOptions::default()
         };
         let live = &self.live;
+        let obs: &dyn Observer = match &self.observer {
+            Some(o) => o.as_ref(),
+            None => &NoObserver,
+        };
+        let reports = &mut self.reports;
         let (sink, records) = UnitSink::new(&mut writer);
         let saved = std::thread::scope(|s| {
             let unit = s.spawn(move || {
-                let mut reports = vec![SaveReport::default(); devs.len()];
-                each_with_report(&mut devs, &mut reports, |i, dev, report| {
+                each_with_report(&mut devs, reports, |i, dev, report| {
                     let index = i as u16;
                     let mut to = &sink;
                     let r = if live[i] {
@@ -293,7 +336,7 @@ impl<D: MigrationDevice> Source<D> {
                     } else {
                         Ok(())
                     }
-                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, &NoObserver, report));
+                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, obs, report));
                     if r.is_err() {
                         sink.fail();
                     }
@@ -337,15 +380,15 @@ impl<D: MigrationDevice> Source<D> {
             return Finished {
                 devices: std::mem::take(&mut self.devs),
                 stop_failures: vec![format!("finish before the switch-over: {failure}")],
+                reports: std::mem::take(&mut self.reports),
             };
         }
         self.stage = Stage::Ended;
-        let mut reports = vec![SaveReport::default(); self.devs.len()];
-        finish_handoff_all(&mut as_refs(&mut self.devs), &mut reports);
+        finish_handoff_all(&mut as_refs(&mut self.devs), &mut self.reports);
         let stop_failures = self
             .devs
             .iter()
-            .zip(&reports)
+            .zip(&self.reports)
             .filter_map(|(d, r)| {
                 r.after_handoff
                     .as_ref()
@@ -355,6 +398,7 @@ impl<D: MigrationDevice> Source<D> {
         Finished {
             devices: std::mem::take(&mut self.devs),
             stop_failures,
+            reports: std::mem::take(&mut self.reports),
         }
     }
 
@@ -363,10 +407,18 @@ impl<D: MigrationDevice> Source<D> {
     /// the destination has not run the state. Returns the error that says what became of
     /// each device; `None` when the migration had already ended.
     pub fn cancel(&mut self) -> Option<Error> {
+        (self.stage != Stage::Ended)
+            .then(|| self.cancel_for(Error::InvalidInput("migration cancelled".into())))
+    }
+
+    /// [`cancel`](Self::cancel) because of `reason`, a failure of the caller's own (its output
+    /// could not be committed): returns `reason`, which then says what became of each device
+    /// (unless the migration had already ended).
+    pub fn cancel_for(&mut self, reason: Error) -> Error {
         if self.stage == Stage::Ended {
-            return None;
+            return reason;
         }
-        Some(self.fail(Error::InvalidInput("migration cancelled".into())))
+        self.fail(reason)
     }
 
     /// The devices back, after a failure or a cancel, or of a migration still going, which
@@ -397,8 +449,7 @@ impl<D: MigrationDevice> Source<D> {
                      cancel: the outcome is in doubt, so its devices stay stopped"
                 );
                 self.stage = Stage::Ended;
-                let mut reports = vec![SaveReport::default(); self.devs.len()];
-                finish_handoff_all(&mut as_refs(&mut self.devs), &mut reports);
+                finish_handoff_all(&mut as_refs(&mut self.devs), &mut self.reports);
             }
         }
     }
@@ -441,7 +492,7 @@ impl<D: MigrationDevice> Source<D> {
     }
 
     /// Returns every device to its start state after `e`; the migration cannot go on.
-    fn fail(&mut self, e: Error) -> Error {
+    pub(super) fn fail(&mut self, e: Error) -> Error {
         self.stage = Stage::Ended;
         self.writer = None;
         restore(&mut self.devs, &self.start, e)
@@ -478,10 +529,14 @@ fn begin<D: MigrationDevice>(
     let live: Vec<bool> = devs
         .iter()
         .zip(&start)
-        .map(|(d, s)| d.capabilities().pre_copy && *s == RunState::Running)
+        .map(|(d, s)| opts.pre_copy && d.capabilities().pre_copy && *s == RunState::Running)
         .collect();
+    let session_id = match opts.session_id {
+        Some(id) => id,
+        None => new_session_id()?,
+    };
     let header = StreamHeader {
-        session_id: new_session_id()?,
+        session_id,
         epoch: opts.epoch.0,
         devices: devs
             .iter()
@@ -489,7 +544,7 @@ fn begin<D: MigrationDevice>(
             .map(|(d, &live)| describe(d, live))
             .collect(),
     };
-    let writer = StreamWriter::new(Vec::new(), &header)?;
+    let writer = StreamWriter::with_key(Vec::new(), &header, opts.key.clone())?;
     for i in 0..devs.len() {
         if live[i] {
             if let Err(e) = devs[i].start_pre_copy() {
