@@ -8,11 +8,9 @@
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
-};
+use vfio_mig::backend::DeviceIdentity;
 use vfio_mig::Result;
+use vfio_mig::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState};
 
 /// How a recorder names the state of a unit's device at a snapshot.
 pub type StateProbe = Arc<dyn Fn(&mut dyn MigrationDevice, usize) -> String + Send + Sync>;

@@ -13,8 +13,8 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
+use vfio_mig::backend::DeviceIdentity;
+use vfio_mig::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
 use vfio_mig::{Result, RunState};
 
 use vfio_mig::error::Report;
@@ -198,7 +198,7 @@ fn the_last_dirty_read_happens_with_the_devices_in_stop_copy() {
     let (io, src) = (opened.opened.io.clone(), [opened.handle]);
     let srcs = vec![opened.opened.device];
     let (dsts, _dst) = open(&[spec]);
-    let range = vfio_mig::device::DmaLoggingRange {
+    let range = vfio_mig::backend::DmaLoggingRange {
         iova: 0,
         length: 1 << 20,
     };

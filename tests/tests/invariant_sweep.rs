@@ -7,9 +7,9 @@
 //! before its whole unit verified, and at the end that every device is in its start state,
 //! the handed-off state, or reset with the error saying so ([`vfio_mig_tests::timeline`]).
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig::error::Report;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_session::handshake::migrate_pairs_channels;

@@ -5,13 +5,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{
-    Capabilities, MigrationDevice, NoObserver, Pending, PreCopyPolicy, Protocol, ReadOutcome,
-    Recovery, SaveOptions,
-};
+use vfio_mig::backend::DeviceIdentity;
+use vfio_mig::workspace::new_header;
 use vfio_mig::Result;
+use vfio_mig::{
+    workspace::SaveOptions, Capabilities, MigrationDevice, NoObserver, Pending, PreCopyPolicy,
+    Protocol, ReadOutcome, Recovery,
+};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::migrate_pairs;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
@@ -202,7 +202,7 @@ impl MigrationDevice for Logged {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.inner.details()
     }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+    fn run_state(&mut self) -> Result<vfio_mig::RunState> {
         self.inner.run_state()
     }
     fn quiesce(&mut self) -> Result<()> {

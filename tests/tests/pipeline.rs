@@ -6,12 +6,12 @@
 
 use std::io::{self, Write};
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{
-    save_with_rollback, session::new_header, Capabilities, MigrationDevice, NoObserver, Pending,
-    PreCopyPolicy, Protocol, ReadOutcome, Recovery, SaveOptions,
+use vfio_mig::backend::DeviceIdentity;
+use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
+use vfio_mig::{
+    workspace::new_header, workspace::save_with_rollback, workspace::SaveOptions, Capabilities,
+    MigrationDevice, NoObserver, Pending, PreCopyPolicy, Protocol, ReadOutcome, Recovery,
 };
-use vfio_mig::stream::{StreamHeader, StreamWriter};
 use vfio_mig::{Error, Result};
 use vfio_mig_session::StreamKey;
 use vfio_mig_tests::{assert_source_running, load_from_slice, mock};
@@ -202,7 +202,7 @@ impl MigrationDevice for Quartered {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.0.details()
     }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+    fn run_state(&mut self) -> Result<vfio_mig::RunState> {
         self.0.run_state()
     }
     fn quiesce(&mut self) -> Result<()> {

@@ -5,10 +5,10 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use vfio_mig::engine::splice::{can_splice_into, is_pipe, save_spliced};
-use vfio_mig::engine::{load_device, session::new_header, NoObserver, SaveOptions};
-use vfio_mig::stream::{StreamReader, StreamWriter};
-use vfio_mig::v2::V2Device;
+use vfio_mig::backend::V2Device;
+use vfio_mig::{wire::StreamReader, wire::StreamWriter};
+use vfio_mig::{workspace::can_splice_into, workspace::is_pipe, workspace::save_spliced};
+use vfio_mig::{workspace::load_device, workspace::new_header, workspace::SaveOptions, NoObserver};
 use vfio_mig_mock::{MockHandle, MockSpec, MockV2};
 
 fn v2(spec: &str) -> (V2Device, MockHandle) {

@@ -9,7 +9,7 @@
 //! no DMA logging (QEMU prefers it over DMA logging for the same reason). With IOVA = GPA the
 //! bits land in vm-memory's bitmap like the other two sources' (see [`crate::dirty`]).
 
-use vfio_mig::device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
+use vfio_mig::{DirtyHwpt, DirtyRange, ReadMode};
 
 use crate::dirty::{DirtyTracker, MemoryRange};
 use crate::error::{GlueError, Result};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 pub use vfio_mig_tests::cli::{assert_success as ok, clean_failure};
 
 use vfio_ioctls::{VfioContainer, VfioDevice};
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig_tests::open_device;
 
 /// Environment variable listing the four VFs.

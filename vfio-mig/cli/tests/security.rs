@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{assert_clean_failure, kill, stderr, Dirs, Pki, Recv, BIN};
-use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader};
+use vfio_mig::{wire::DeviceDescriptor, wire::Protocol, wire::StreamHeader};
 use vfio_mig_session::handshake::Message;
 
 /// `recv DEV --listen tcp:127.0.0.1:0` with the destination's certificate, allowing

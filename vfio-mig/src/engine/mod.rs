@@ -21,15 +21,10 @@ pub mod session;
 pub mod splice;
 pub(crate) mod wait;
 
-pub use crate::migration::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
-};
+pub use crate::migration::{Capabilities, MigrationDevice, Protocol, ReadOutcome, Recovery};
 pub use events::{Event, NoObserver, Observer};
-pub use gate::{LoadGate, NoGate};
-pub use load::{load_device, load_device_gated, load_with_rollback, rollback_destination};
+pub use gate::LoadGate;
+pub use load::{load_device, load_with_rollback};
 pub use loader::{check_compatible, LoadReport};
 pub use policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
-pub use save::{
-    pre_copy, save_device, save_with_rollback, stop_copy, SaveOptions, SaveReport, DEFAULT_BUFFER,
-    DEFAULT_PIPELINE,
-};
+pub use save::{save_device, save_with_rollback, SaveOptions, SaveReport, DEFAULT_BUFFER};

@@ -40,7 +40,7 @@ use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter, MAX_FRAGMENT};
 
 use super::events::{Event, Observer};
-use super::save::{pre_copy, rollback_source, Pump, SaveOptions, SaveReport};
+use super::save::{pre_copy, Pump, SaveOptions, SaveReport};
 use super::MigrationDevice;
 
 fn file_type(fd: BorrowedFd<'_>) -> Option<SFlag> {
@@ -199,18 +199,6 @@ pub fn save_spliced<W: Write + AsFd>(
     });
     dev.finish_save()?;
     Ok(report)
-}
-
-/// [`save_spliced`], and on failure the source is returned to RUNNING (recovery state, reset
-/// if that fails); the error then says what became of the device.
-pub fn save_spliced_with_rollback<W: Write + AsFd>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut StreamWriter<W>,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-) -> Result<SaveReport> {
-    save_spliced(dev, out, index, opts, obs).map_err(|e| rollback_source(dev, index, e, obs))
 }
 
 #[cfg(test)]

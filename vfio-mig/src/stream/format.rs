@@ -38,9 +38,6 @@ pub const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
 pub const DESCRIPTOR_FIXED_LEN: usize = 12;
 /// Length of a CRC32C field.
 pub const CRC_LEN: usize = 4;
-/// Largest possible stream header, in bytes (its tag not included).
-pub const MAX_HEADER_LEN: usize =
-    HEADER_FIXED_LEN + MAX_DEVICES * (DESCRIPTOR_FIXED_LEN + MAX_MODEL_LEN) + CRC_LEN;
 /// Length of a record header.
 pub const RECORD_HEADER_LEN: usize = 24;
 /// Offset of the CRC within a record header; the CRC covers the stream's session id, the

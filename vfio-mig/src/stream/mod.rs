@@ -65,7 +65,7 @@ pub mod writer;
 pub use auth::{StreamAuth, TAG_LEN};
 pub use format::{
     DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordKind, SessionId, StreamHeader, Totals,
-    FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, MAX_MODEL_LEN,
+    FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT,
 };
 pub use reader::{
     verify, verify_keyed, Authentication, DeviceSummary, PhaseSummary, Record, StreamReader,

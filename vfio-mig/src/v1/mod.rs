@@ -10,5 +10,3 @@ pub mod region;
 pub mod state;
 
 pub use driver::V1Device;
-pub use region::MigrationRegion;
-pub use state::V1State;

@@ -78,5 +78,3 @@ pub mod state;
 
 pub use data::{DataFd, DataRead};
 pub use driver::{OnFailure, V2Device};
-pub use feature::{DmaLoggingRange, PrecopyInfo};
-pub use state::{is_arc, next_step, plan, returns_data_fd, ArcError, MigState, MigrationFlags};

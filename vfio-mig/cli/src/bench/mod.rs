@@ -82,7 +82,7 @@ impl Default for Config {
             size: 1 << 30,
             reps: 5,
             warmup: 1,
-            buffer: vfio_mig::engine::DEFAULT_BUFFER,
+            buffer: vfio_mig::DEFAULT_BUFFER,
             file_dir: default_file_dir(),
             memory_sizes: vec![1 << 30, 4 << 30],
             downtime_sizes: vec![64 << 20, 256 << 20, 1 << 30],

@@ -16,12 +16,12 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vfio_mig::engine::events::{Event, Observer};
-use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::stream::{Phase, StreamWriter};
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::workspace::new_header;
+use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{wire::Phase, wire::StreamWriter};
+use vfio_mig::{workspace::finish_handoff_all, workspace::save_all, workspace::SharedWriter};
+use vfio_mig::{workspace::save_device, workspace::SaveOptions, MigrationDevice, NoObserver};
+use vfio_mig::{Event, Observer};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};

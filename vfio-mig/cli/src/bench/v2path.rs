@@ -14,11 +14,13 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::splice::{pump_pipe, save_spliced};
-use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::stream::{DeviceDescriptor, Phase, Protocol, StreamHeader, StreamWriter};
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::workspace::new_header;
+use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{
+    wire::DeviceDescriptor, wire::Phase, wire::Protocol, wire::StreamHeader, wire::StreamWriter,
+};
+use vfio_mig::{workspace::pump_pipe, workspace::save_spliced};
+use vfio_mig::{workspace::save_device, workspace::SaveOptions, NoObserver};
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 

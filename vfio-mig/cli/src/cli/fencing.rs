@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig_etcd::{EtcdStore, EtcdTls, Scheme, Security};
 use vfio_mig_fence::{
     Claim, DirStore, Fence, FenceConfig, FenceSet, FenceStore, Handoff, SharedFencing,

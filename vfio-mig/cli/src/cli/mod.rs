@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use vfio_mig::engine::{PreCopyPolicy, SaveOptions, DEFAULT_BUFFER};
+use vfio_mig::{workspace::SaveOptions, PreCopyPolicy, DEFAULT_BUFFER};
 use vfio_mig_session::Result;
 
 /// The size of the demo's mock devices.
@@ -124,7 +124,7 @@ pub enum Command {
         /// instead of starting a new one: a destination that completed it answers
         /// ALREADY_COMPLETED.
         #[arg(long, value_name = "HEX", value_parser = fencing::parse_session)]
-        session: Option<vfio_mig::stream::SessionId>,
+        session: Option<vfio_mig::wire::SessionId>,
         /// `file:` only: replace an existing file (see save --force).
         #[arg(long)]
         force: bool,
@@ -262,7 +262,7 @@ impl TransferArgs {
     }
 
     fn buffer(&self) -> usize {
-        self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT)
+        self.buffer.clamp(4096, vfio_mig::wire::MAX_FRAGMENT)
     }
 }
 

@@ -10,10 +10,10 @@ use std::time::Instant;
 use indicatif::{HumanBytes, MultiProgress};
 
 use crate::cli::devices::open_device;
-use vfio_mig::engine::session::{new_header, new_session_id};
-use vfio_mig::engine::{MigrationDevice, PreCopyPolicy, SaveReport};
-use vfio_mig::stream::StreamReader;
+use vfio_mig::wire::StreamReader;
+use vfio_mig::{new_session_id, workspace::new_header};
 use vfio_mig::{Epoch, OpenedDevice, Source, SourceOptions};
+use vfio_mig::{MigrationDevice, PreCopyPolicy, SaveReport};
 use vfio_mig_fence::session_hex;
 use vfio_mig_session::handshake::{load_fenced, migrate_pairs_channels, RecvOutcome};
 use vfio_mig_session::StreamKey;
@@ -45,10 +45,10 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
 /// when a device cannot be reopened or still does not run; a device whose state cannot be read
 /// is left as it is.
 pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
-    let running = vfio_mig::v2::MigState::Running.to_string();
+    let running = vfio_mig::backend::v2_state::MigState::Running.to_string();
     for (i, name) in names.iter().enumerate() {
         // v1 has no such driver (and names its states otherwise).
-        if opened[i].device.protocol() != vfio_mig::engine::Protocol::V2 {
+        if opened[i].device.protocol() != vfio_mig::Protocol::V2 {
             continue;
         }
         // A state that cannot be read is left to the error already reported.
@@ -381,7 +381,7 @@ pub fn inspect(file: &Path, key_file: Option<&Path>, json: bool) -> Result<()> {
     let key = load_key(key_file)?;
     let f =
         File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
-    let summary = vfio_mig::stream::verify_keyed(
+    let summary = vfio_mig::wire::verify_keyed(
         BufReader::with_capacity(1 << 20, f),
         key.as_ref().map(StreamKey::auth),
     )?;

@@ -19,11 +19,13 @@ use super::source::{
 };
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::channels::{channel_header, pre_copy_channels, stop_copy_channels};
-use vfio_mig::engine::multi::{rollback_sources, SharedWriter};
-use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
-use vfio_mig::stream::{StreamHeader, StreamWriter};
 use vfio_mig::Error as CoreError;
+use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
+use vfio_mig::{
+    workspace::channel_header, workspace::pre_copy_channels, workspace::stop_copy_channels,
+};
+use vfio_mig::{workspace::rollback_sources, workspace::SharedWriter};
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, Observer, SaveReport};
 
 /// How long the source waits, after a channel failed, for the destination's reason on the
 /// main connection (it usually explains the failure better than the channel's `EPIPE`).

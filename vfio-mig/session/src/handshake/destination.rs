@@ -13,14 +13,15 @@ use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
-use vfio_mig::engine::demux::load_all_gated;
-use vfio_mig::engine::multi::{check_unit, rollback_destinations};
-use vfio_mig::engine::{
-    check_compatible, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
-};
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamReader};
+use vfio_mig::workspace::load_all_gated;
 use vfio_mig::Error as CoreError;
+use vfio_mig::{wire::StreamHeader, wire::StreamReader};
+use vfio_mig::{
+    workspace::check_compatible, workspace::LoadGate, LoadReport, MigrationDevice, Observer,
+    Protocol,
+};
+use vfio_mig::{workspace::check_unit, workspace::rollback_destinations};
 use vfio_mig_fence::{Admission, Fence};
 
 /// Longest time a failed destination keeps reading (and discarding) what the source still

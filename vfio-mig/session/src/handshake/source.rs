@@ -8,13 +8,14 @@ use std::net::Shutdown;
 use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::multi::{
-    check_unit, finish_handoff_all, pre_copy_all, rollback_sources, stop_copy_all, SharedWriter,
-};
-use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::error::Report;
-use vfio_mig::stream::{StreamHeader, StreamWriter};
 use vfio_mig::Error as CoreError;
+use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
+use vfio_mig::{
+    workspace::check_unit, workspace::finish_handoff_all, workspace::pre_copy_all,
+    workspace::rollback_sources, workspace::stop_copy_all, workspace::SharedWriter,
+};
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, Observer, SaveReport};
 
 /// How a send ended successfully.
 #[derive(Debug, Clone, PartialEq, Eq)]
