@@ -38,6 +38,8 @@
 //! transports with TLS as a feature, several channels, keyed stream MACs) and
 //! `vfio-mig-fence` (device locks, epochs, shared handoff stores).
 
+#![warn(unreachable_pub)]
+
 pub mod backend;
 pub(crate) mod device;
 pub(crate) mod engine;
@@ -56,11 +58,11 @@ pub mod workspace;
 #[cfg(feature = "iommufd")]
 pub use device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
 pub use device::vfio::VfioDeviceIo;
+pub use engine::events::{Event, NoObserver, Observer};
+pub use engine::loader::LoadReport;
+pub use engine::policy::{PreCopyPolicy, SwitchReason};
+pub use engine::save::{SaveReport, DEFAULT_BUFFER};
 pub use engine::session::new_session_id;
-pub use engine::{
-    Event, LoadReport, NoObserver, Observer, PreCopyPolicy, SaveReport, SwitchReason,
-    DEFAULT_BUFFER,
-};
 pub use error::{Error, Result};
 pub use front::{
     resume, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback, Round, Source,

@@ -5,10 +5,14 @@
 //!
 //! [docs/stream-format.md]: https://github.com/vfio-mig/vfio-mig/blob/main/docs/stream-format.md
 
+pub use crate::stream::auth::{StreamAuth, TAG_LEN};
 pub use crate::stream::crc;
-pub use crate::stream::format::{RecordHeader, RECORD_HEADER_LEN};
-pub use crate::stream::{
-    verify, verify_keyed, Authentication, DeviceDescriptor, DeviceSummary, DeviceTotals, Phase,
-    PhaseSummary, Protocol, Record, RecordKind, SessionId, StreamAuth, StreamHeader, StreamReader,
-    StreamSummary, StreamWriter, Totals, FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, TAG_LEN,
+pub use crate::stream::format::{
+    DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordHeader, RecordKind, SessionId,
+    StreamHeader, Totals, FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, RECORD_HEADER_LEN,
 };
+pub use crate::stream::reader::{
+    verify, verify_keyed, Authentication, DeviceSummary, PhaseSummary, Record, StreamReader,
+    StreamSummary,
+};
+pub use crate::stream::writer::StreamWriter;

@@ -8,13 +8,13 @@ pub use crate::engine::channels::{
     channel_header, load_channels_gated, pre_copy_channels, stop_copy_channels,
 };
 pub use crate::engine::demux::load_all_gated;
+pub use crate::engine::gate::LoadGate;
+pub use crate::engine::load::{load_device, load_with_rollback};
+pub use crate::engine::loader::check_compatible;
 pub use crate::engine::multi::{
     check_unit, finish_handoff_all, pre_copy_all, rollback_destinations, rollback_sources,
     save_all, stop_copy_all, unit_member, SharedWriter,
 };
+pub use crate::engine::save::{save_device, save_with_rollback, SaveOptions};
 pub use crate::engine::session::new_header;
 pub use crate::engine::splice::{can_splice_into, is_pipe, pump_pipe, save_spliced};
-pub use crate::engine::{
-    check_compatible, load_device, load_with_rollback, save_device, save_with_rollback, LoadGate,
-    SaveOptions,
-};

@@ -192,11 +192,11 @@ pub fn pre_copy_all<W: Write + Send>(
 /// stopped: after this, no device initiates DMA into a peer, and every device still answers.
 /// The transitions run in parallel (one thread per device), so the unit pays one device's
 /// state-change latency, not the sum; this returns once every one has ended.
-pub fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
+pub(crate) fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
     super::parallel::each(devs, "quiesce the unit", |d| d.quiesce())
 }
 
-/// Stop-and-copy on every device in parallel (after [`quiesce_all`]).
+/// Stop-and-copy on every device in parallel (after `quiesce_all`).
 pub fn stop_copy_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],
     out: &SharedWriter<W>,

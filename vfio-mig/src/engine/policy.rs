@@ -106,7 +106,7 @@ pub struct PreCopyState {
 
 /// The last round alone measures the bandwidth once it moved at least this much (1 MiB);
 /// below that its timing is mostly per-round latency.
-pub const RECENT_MIN_BYTES: u64 = 1 << 20;
+pub(crate) const RECENT_MIN_BYTES: u64 = 1 << 20;
 
 impl PreCopyState {
     /// Starts with what the device reports before the first round.

@@ -17,7 +17,7 @@ pub const DEFAULT_BUFFER: usize = 1 << 20;
 
 /// Default depth of the save pipeline ([`SaveOptions::pipeline`]): one buffer being read,
 /// one being written, one ready.
-pub const DEFAULT_PIPELINE: usize = 3;
+pub(crate) const DEFAULT_PIPELINE: usize = 3;
 
 /// The ring's buffers beyond the pump's own, for `opts`.
 fn spare_buffers(opts: &SaveOptions, size: usize) -> Vec<Vec<u8>> {
@@ -93,7 +93,10 @@ pub struct SaveReport {
 #[cfg(feature = "serde")]
 mod opt_micros {
     use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&(d.as_micros() as u64)),
             None => s.serialize_none(),
@@ -104,14 +107,14 @@ mod opt_micros {
 #[cfg(feature = "serde")]
 mod micros {
     use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_micros() as u64)
     }
 }
 
 /// Where the engine's records go: a stream writer, or one shared by several device threads
 /// ([`super::multi::SharedWriter`]).
-pub trait RecordSink {
+pub(crate) trait RecordSink {
     /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
     fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
     /// Appends the END_OF_PHASE record of `device`.
@@ -224,7 +227,7 @@ impl Tally {
 
 /// Pre-copy: enters the pre-copy state and sends rounds while the device runs, until the
 /// policy switches over (or aborts, with a strict policy). Ends the stream's pre-copy phase.
-pub fn pre_copy<S: RecordSink + ?Sized>(
+pub(crate) fn pre_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
     out: &mut S,
     index: u16,
@@ -325,7 +328,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
 /// stop-copy phase. The device is left in its stop-and-copy state: the STOP transition is the
 /// caller's, after the stream is complete, so that it stays out of the downtime window
 /// ([`MigrationDevice::finish_save`]).
-pub fn stop_copy<S: RecordSink + ?Sized>(
+pub(crate) fn stop_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
     out: &mut S,
     index: u16,
@@ -394,7 +397,7 @@ pub fn save_with_rollback<W: Write>(
 }
 
 /// Returns a source to RUNNING after `error` and folds the outcome into the error.
-pub fn rollback_source(
+pub(crate) fn rollback_source(
     dev: &mut dyn MigrationDevice,
     index: u16,
     error: Error,

@@ -146,12 +146,12 @@ pub fn pump_pipe<W: Write + AsFd>(
     }
 }
 
-/// [`crate::engine::save_device`] for a device with a data fd
+/// [`crate::engine::save::save_device`] for a device with a data fd
 /// ([`MigrationDevice::data_fd`], v2), with the stop-and-copy data moved by [`pump_pipe`]
 /// when that fd is a pipe and `out`'s transport accepts splice;
 /// otherwise (a kernel data fd, an `O_APPEND` file, ...) exactly the plain path. Pre-copy
 /// (`opts.live`) always takes the plain path. The stream is the same either way, record
-/// boundaries aside. The caller handles rollback (see [`save_spliced_with_rollback`]).
+/// boundaries aside. The caller handles rollback.
 pub fn save_spliced<W: Write + AsFd>(
     dev: &mut dyn MigrationDevice,
     out: &mut StreamWriter<W>,
@@ -213,7 +213,7 @@ mod tests {
             session_id: [0; 16],
             epoch: 1,
             devices: vec![crate::stream::DeviceDescriptor {
-                protocol: crate::stream::Protocol::V2,
+                protocol: crate::stream::format::Protocol::V2,
                 live: false,
                 migration_flags: 1,
                 model: "m".into(),
@@ -226,7 +226,7 @@ mod tests {
             .unwrap();
         w.end_phase(0, Phase::StopCopy).unwrap();
         w.finish().unwrap();
-        let e = crate::stream::verify(std::fs::File::open(&path).unwrap())
+        let e = crate::stream::reader::verify(std::fs::File::open(&path).unwrap())
             .unwrap_err()
             .to_string();
         assert!(e.contains("read stream record 0"), "{e}");
@@ -238,6 +238,6 @@ mod tests {
             .unwrap();
         w.end_phase(0, Phase::StopCopy).unwrap();
         w.finish().unwrap();
-        crate::stream::verify(std::fs::File::open(&path).unwrap()).unwrap();
+        crate::stream::reader::verify(std::fs::File::open(&path).unwrap()).unwrap();
     }
 }

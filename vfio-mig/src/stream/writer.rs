@@ -278,7 +278,7 @@ impl<W: Write + AsFd> StreamWriter<W> {
     /// obtained without consuming them (`tee(2)` into a scratch pipe, then `read(2)`): the
     /// record's CRC is computed over `copy`, then the record header is written and exactly
     /// that many bytes are spliced from `pipe`. The transport must not buffer (it is flushed
-    /// first and then bypassed). Used by [`crate::engine::splice`]; if the pipe's bytes were
+    /// first and then bypassed). Used by `engine::splice`; if the pipe's bytes were
     /// not `copy`, the reader refuses the record (CRC mismatch), as it would any corruption.
     pub fn data_spliced(
         &mut self,
