@@ -9,6 +9,7 @@ pub mod session;
 pub mod sweep;
 pub mod timeline;
 pub mod v2_mock;
+pub mod wrap;
 
 use std::io::Cursor;
 

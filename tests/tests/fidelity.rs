@@ -170,7 +170,7 @@ fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
 /// as "RUNNING(loaded)", a fresh or reset one as plain "RUNNING".
 fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<String>>) {
     use vfio_mig::MigrationDevice;
-    use vfio_mig_tests::recorder::{Recorder, UnitLog};
+    use vfio_mig_tests::recorder::{recorder, Recorder, UnitLog};
     let src_specs = ["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"];
     let mut srcs: Vec<_> = src_specs.iter().map(|s| mock(s)).collect();
     let dsts: Vec<_> = dst_specs.iter().map(|s| mock(s)).collect();
@@ -187,12 +187,7 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<S
     let mut wrapped: Vec<Recorder> = dsts
         .into_iter()
         .enumerate()
-        .map(|(slot, d)| Recorder {
-            inner: d.opened.device,
-            slot,
-            log: log.clone(),
-            probe: probe.clone(),
-        })
+        .map(|(slot, d)| recorder(d.opened.device, slot, log.clone(), probe.clone()))
         .collect();
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();

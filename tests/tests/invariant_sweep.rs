@@ -13,7 +13,7 @@ use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolic
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_session::handshake::migrate_pairs_channels;
-use vfio_mig_tests::recorder::{Recorder, UnitLog};
+use vfio_mig_tests::recorder::{recorder, Recorder, UnitLog};
 use vfio_mig_tests::timeline::Timeline;
 use vfio_mig_tests::{try_mock, MockDevice};
 
@@ -112,12 +112,7 @@ fn one_run(spec: &str, unit: usize, channels: u16, fault: &str, on_source: bool)
     let wrap = |devs: Vec<MockDevice>, first: usize| -> Vec<Recorder> {
         devs.into_iter()
             .enumerate()
-            .map(|(i, d)| Recorder {
-                inner: d.opened.device,
-                slot: first + i,
-                log: log.clone(),
-                probe: timeline.probe(),
-            })
+            .map(|(i, d)| recorder(d.opened.device, first + i, log.clone(), timeline.probe()))
             .collect()
     };
     let mut src_rec = wrap(srcs, 0);
