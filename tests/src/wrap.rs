@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One wrapper for every test that watches or bends a device's calls: [`Wrapped`] forwards
 //! each [`MigrationDevice`] method to the device it wraps and lets its [`Hooks`] see the calls
-//! (before and after) and replace the data read, so a test writes only what it adds.
+//! (before and after; a hook may fail a call before it reaches the device) and bend what the
+//! data path answers (`pending`, `read`), so a test writes only what it adds.
 
 use std::os::fd::BorrowedFd;
 
@@ -74,8 +75,12 @@ impl Call {
 
 /// What a test adds to a device's calls; every method does nothing by default.
 pub trait Hooks: Send {
-    /// Before `call` reaches `dev`.
-    fn before(&mut self, _dev: &mut dyn MigrationDevice, _call: Call) {}
+    /// Before `call` reaches `dev`; an error fails the call there, without reaching the
+    /// device (except a recovery, `recover` or `abort_resume`, which always runs: the error is
+    /// then only logged).
+    fn before(&mut self, _dev: &mut dyn MigrationDevice, _call: Call) -> Result<()> {
+        Ok(())
+    }
     /// After `call` returned from `dev`; `ok` is false when it failed (a recovery counts as
     /// returned).
     fn after(&mut self, _dev: &mut dyn MigrationDevice, _call: Call, _ok: bool) {}
@@ -83,6 +88,11 @@ pub trait Hooks: Send {
     /// otherwise.
     fn read(&mut self, dev: &mut dyn MigrationDevice, buf: &mut [u8]) -> Result<ReadOutcome> {
         dev.read(buf)
+    }
+    /// The pending bytes the device reports (between `before` and `after`): `dev.pending()`
+    /// unless a test reports otherwise.
+    fn pending(&mut self, dev: &mut dyn MigrationDevice) -> Result<Pending> {
+        dev.pending()
     }
 }
 
@@ -110,35 +120,37 @@ impl<H> std::fmt::Debug for Wrapped<H> {
 }
 
 impl<H: Hooks> Wrapped<H> {
-    /// `call` through the hooks: `before`, the call, `after` (told whether it succeeded).
+    /// `call` through the hooks: `before` (whose error fails it), the call, `after` (told
+    /// whether it succeeded).
     fn hooked<T>(
         &mut self,
         call: Call,
-        ok: fn(&T) -> bool,
-        f: impl FnOnce(&mut H, &mut dyn MigrationDevice) -> T,
-    ) -> T {
-        self.hooks.before(self.inner.as_mut(), call);
+        f: impl FnOnce(&mut H, &mut dyn MigrationDevice) -> Result<T>,
+    ) -> Result<T> {
+        self.hooks.before(self.inner.as_mut(), call)?;
         let r = f(&mut self.hooks, self.inner.as_mut());
-        self.hooks.after(self.inner.as_mut(), call, ok(&r));
+        self.hooks.after(self.inner.as_mut(), call, r.is_ok());
+        r
+    }
+
+    /// A recovery through the hooks: it runs whatever `before` says.
+    fn recovery(&mut self, call: Call, f: fn(&mut dyn MigrationDevice) -> Recovery) -> Recovery {
+        if let Err(e) = self.hooks.before(self.inner.as_mut(), call) {
+            eprintln!("wrap: {call:?} runs despite its hook: {e}");
+        }
+        let r = f(self.inner.as_mut());
+        self.hooks.after(self.inner.as_mut(), call, true);
         r
     }
 }
 
 /// Forwards `&mut self` methods through [`Wrapped::hooked`].
 macro_rules! hooked {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $call:ident, $ok:expr;)*) => {
-        $(fn $name(&mut self $(, $arg: $ty)*) -> $ret {
-            self.hooked(Call::$call, $ok, |_, d| d.$name($($arg),*))
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $call:ident;)*) => {
+        $(fn $name(&mut self $(, $arg: $ty)*) -> Result<$ret> {
+            self.hooked(Call::$call, |_, d| d.$name($($arg),*))
         })*
     };
-}
-
-fn is_ok<T>(r: &Result<T>) -> bool {
-    r.is_ok()
-}
-
-fn returned(_: &Recovery) -> bool {
-    true
 }
 
 impl<H: Hooks> MigrationDevice for Wrapped<H> {
@@ -155,28 +167,34 @@ impl<H: Hooks> MigrationDevice for Wrapped<H> {
         self.inner.data_fd()
     }
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
-        self.hooked(Call::Read, is_ok, |h, d| h.read(d, buf))
+        self.hooked(Call::Read, |h, d| h.read(d, buf))
+    }
+    fn pending(&mut self) -> Result<Pending> {
+        self.hooked(Call::Pending, |h, d| h.pending(d))
+    }
+    fn recover(&mut self) -> Recovery {
+        self.recovery(Call::Recover, |d| d.recover())
+    }
+    fn abort_resume(&mut self) -> Recovery {
+        self.recovery(Call::AbortResume, |d| d.abort_resume())
     }
     hooked! {
-        state_name() -> Result<String> = StateName, is_ok;
-        details() -> Result<Vec<(String, String)>> = Details, is_ok;
-        run_state() -> Result<RunState> = RunState, is_ok;
-        pending() -> Result<Pending> = Pending, is_ok;
-        stop_copy_estimate() -> Result<Option<u64>> = StopCopyEstimate, is_ok;
-        is_saving() -> Result<bool> = IsSaving, is_ok;
-        quiesce() -> Result<()> = Quiesce, is_ok;
-        stop() -> Result<()> = Stop, is_ok;
-        run() -> Result<()> = Run, is_ok;
-        start_pre_copy() -> Result<()> = StartPreCopy, is_ok;
-        start_stop_copy() -> Result<()> = StartStopCopy, is_ok;
-        finish_save() -> Result<()> = FinishSave, is_ok;
-        finish_handoff() -> Result<()> = FinishHandoff, is_ok;
-        start_resume() -> Result<()> = StartResume, is_ok;
-        write(data: &[u8], chunk_end: bool) -> Result<()> = Write, is_ok;
-        load_state() -> Result<()> = LoadState, is_ok;
-        prepare_run() -> Result<()> = PrepareRun, is_ok;
-        finish_resume() -> Result<()> = FinishResume, is_ok;
-        recover() -> Recovery = Recover, returned;
-        abort_resume() -> Recovery = AbortResume, returned;
+        state_name() -> String = StateName;
+        details() -> Vec<(String, String)> = Details;
+        run_state() -> RunState = RunState;
+        stop_copy_estimate() -> Option<u64> = StopCopyEstimate;
+        is_saving() -> bool = IsSaving;
+        quiesce() -> () = Quiesce;
+        stop() -> () = Stop;
+        run() -> () = Run;
+        start_pre_copy() -> () = StartPreCopy;
+        start_stop_copy() -> () = StartStopCopy;
+        finish_save() -> () = FinishSave;
+        finish_handoff() -> () = FinishHandoff;
+        start_resume() -> () = StartResume;
+        write(data: &[u8], chunk_end: bool) -> () = Write;
+        load_state() -> () = LoadState;
+        prepare_run() -> () = PrepareRun;
+        finish_resume() -> () = FinishResume;
     }
 }
