@@ -282,23 +282,11 @@ pub(crate) fn pre_copy<S: RecordSink + ?Sized>(
             &mut spare,
         )?;
         let pending = pump.dev.pending()?;
-        if bytes == 0 && pending.bytes > 0 {
-            // Nothing readable although the device counts pending data (ENOMSG, an empty v1
-            // chunk): wait for it instead of spinning, and do not count a round that could
-            // not send (see engine/wait.rs).
+        if !state.after_round(bytes, round_started.elapsed(), &pending) {
             waits.wait(&*pump.dev)?;
-            state.note_pending(pending.bytes, pending.initial_bytes);
-            state.set_stop_copy(pending.stop_copy_bytes);
             continue;
         }
         waits.reset();
-        state.record_round(
-            bytes,
-            round_started.elapsed(),
-            pending.bytes,
-            pending.initial_bytes,
-        );
-        state.set_stop_copy(pending.stop_copy_bytes);
         report.pre_copy_bytes += bytes;
         chunks += c;
         obs.on_event(&Event::RoundDone {

@@ -64,25 +64,14 @@ impl<D: MigrationDevice> Source<D> {
             let (sent, _) = self.send_round(out, None)?;
             let pending = self.unit_pending()?;
             let bytes: u64 = sent.iter().sum();
-            if bytes == 0 && pending.bytes > 0 {
-                // Nothing readable although data is pending: wait for it instead of spinning,
-                // and do not count a round that could not send (see engine/wait.rs).
+            if !state.after_round(bytes, round_started.elapsed(), &pending) {
                 let first_live = self.live_devices().next();
                 if let Some(dev) = first_live.and_then(|i| self.devs.get(i)) {
                     waits.wait(dev)?;
                 }
-                state.note_pending(pending.bytes, pending.initial_bytes);
-                state.set_stop_copy(pending.stop_copy_bytes);
                 continue;
             }
             waits.reset();
-            state.record_round(
-                bytes,
-                round_started.elapsed(),
-                pending.bytes,
-                pending.initial_bytes,
-            );
-            state.set_stop_copy(pending.stop_copy_bytes);
             for i in self.live_devices() {
                 self.observer().on_event(&Event::RoundDone {
                     device: i as u16,
