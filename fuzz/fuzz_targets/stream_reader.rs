@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vfio_mig::stream::{Record, StreamReader, MAX_FRAGMENT};
+use vfio_mig::{wire::Record, wire::StreamReader, wire::MAX_FRAGMENT};
 
 fuzz_target!(|data: &[u8]| {
     let Ok((mut reader, header)) = StreamReader::open(data) else {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vfio_mig::stream::verify;
+use vfio_mig::wire::verify;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(summary) = verify(data) {

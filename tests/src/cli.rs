@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
-use vfio_mig::stream::{Record, StreamReader};
+use vfio_mig::{wire::Record, wire::StreamReader};
 use vfio_mig_session::handshake::{read_message, write_message, Message};
 
 /// Runs `bin ARGS`, echoing its output into the test log.

@@ -9,17 +9,18 @@ pub mod session;
 pub mod sweep;
 pub mod timeline;
 pub mod v2_mock;
+pub mod wrap;
 
 use std::io::Cursor;
 
-use vfio_mig::engine::{
-    load_with_rollback, save_with_rollback, session::new_header, LoadReport, NoObserver,
-    SaveOptions, SaveReport,
-};
-use vfio_mig::stream::{Record, StreamReader, StreamWriter};
-use vfio_mig::v1::V1State;
-use vfio_mig::v2::MigState;
+use vfio_mig::backend::v1_state::V1State;
+use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::Result;
+use vfio_mig::{wire::Record, wire::StreamReader, wire::StreamWriter};
+use vfio_mig::{
+    workspace::load_with_rollback, workspace::new_header, workspace::save_with_rollback,
+    workspace::SaveOptions, LoadReport, NoObserver, SaveReport,
+};
 use vfio_mig::{Backend, OpenedDevice};
 use vfio_mig_mock::{MockHandle, MockStatus};
 

@@ -5,14 +5,11 @@
 //! loaded and quiescent) on mocks and on real devices, and, wrapping both sides, the
 //! timeline of a whole migration ([`crate::timeline`]).
 
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{
-    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState,
-};
-use vfio_mig::Result;
+use vfio_mig::MigrationDevice;
+
+use crate::wrap::{Call, Hooks, Wrapped};
 
 /// How a recorder names the state of a unit's device at a snapshot.
 pub type StateProbe = Arc<dyn Fn(&mut dyn MigrationDevice, usize) -> String + Send + Sync>;
@@ -36,11 +33,22 @@ impl UnitLog {
     }
 }
 
-/// Wraps device `slot` of a unit: after each call that may change its state it names the
+/// Device `slot` of a unit, recorded: after each call that may change its state it names the
 /// device's state with `probe` and appends a snapshot of the unit to `log`.
-pub struct Recorder {
-    /// The wrapped device.
-    pub inner: Box<dyn MigrationDevice>,
+pub type Recorder = Wrapped<Recording>;
+
+/// Builds a [`Recorder`] of `inner`, device `slot` of the unit whose log is `log`.
+pub fn recorder(
+    inner: Box<dyn MigrationDevice>,
+    slot: usize,
+    log: Arc<Mutex<UnitLog>>,
+    probe: StateProbe,
+) -> Recorder {
+    Wrapped::new(inner, Recording { slot, log, probe })
+}
+
+/// The hooks of a [`Recorder`].
+pub struct Recording {
     /// This device's index in the unit.
     pub slot: usize,
     /// The unit's log.
@@ -49,81 +57,25 @@ pub struct Recorder {
     pub probe: StateProbe,
 }
 
-impl std::fmt::Debug for Recorder {
+impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder")
+        f.debug_struct("Recording")
             .field("slot", &self.slot)
             .finish_non_exhaustive()
     }
 }
 
-impl Recorder {
-    fn snap<T>(&mut self, r: T) -> T {
-        let state = (self.probe)(self.inner.as_mut(), self.slot);
+impl Hooks for Recording {
+    fn after(&mut self, dev: &mut dyn MigrationDevice, call: Call, _ok: bool) {
+        // A data fault may drop the device into ERROR inside a read or write, so those count.
+        if !call.may_change_state() {
+            return;
+        }
+        let state = (self.probe)(dev, self.slot);
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.current[self.slot] = state;
         let snapshot = log.current.clone();
         log.snapshots.push(snapshot);
-        r
-    }
-}
-
-macro_rules! delegate {
-    ($($name:ident(&mut self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
-        $(fn $name(&mut self $(, $arg: $ty)*) -> $ret { self.inner.$name($($arg),*) })*
-    };
-}
-
-macro_rules! recorded {
-    ($($name:ident() -> $ret:ty;)*) => {
-        $(fn $name(&mut self) -> $ret { let r = self.inner.$name(); self.snap(r) })*
-    };
-}
-
-impl MigrationDevice for Recorder {
-    fn identity(&self) -> DeviceIdentity {
-        self.inner.identity()
-    }
-    fn protocol(&self) -> Protocol {
-        self.inner.protocol()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.data_fd()
-    }
-    delegate! {
-        state_name(&mut self) -> Result<String>;
-        details(&mut self) -> Result<Vec<(String, String)>>;
-        run_state(&mut self) -> Result<RunState>;
-        pending(&mut self) -> Result<Pending>;
-        stop_copy_estimate(&mut self) -> Result<Option<u64>>;
-        is_saving(&mut self) -> Result<bool>;
-    }
-    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
-        // A data fault may drop the device into ERROR inside a read.
-        let r = self.inner.read(buf);
-        self.snap(r)
-    }
-    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        let r = self.inner.write(data, chunk_end);
-        self.snap(r)
-    }
-    recorded! {
-        quiesce() -> Result<()>;
-        stop() -> Result<()>;
-        start_pre_copy() -> Result<()>;
-        start_stop_copy() -> Result<()>;
-        finish_save() -> Result<()>;
-        finish_handoff() -> Result<()>;
-        recover() -> Recovery;
-        start_resume() -> Result<()>;
-        load_state() -> Result<()>;
-        prepare_run() -> Result<()>;
-        finish_resume() -> Result<()>;
-        run() -> Result<()>;
-        abort_resume() -> Recovery;
     }
 }
 

@@ -8,9 +8,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use vfio_mig::engine::{Observer, SaveOptions};
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::OpenedDevice;
+use vfio_mig::{workspace::SaveOptions, Observer};
 use vfio_mig_fence::Fence;
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{Connection, Duplex};

@@ -3,10 +3,10 @@
 //! past the field's last access, with the timeline of both devices checked step by step and
 //! at the end ([`crate::timeline`]).
 
-use crate::recorder::{Recorder, UnitLog};
+use crate::recorder::{recorder, UnitLog};
 use crate::timeline::Timeline;
 use crate::try_mock;
-use vfio_mig::engine::{NoObserver, SaveOptions};
+use vfio_mig::{workspace::SaveOptions, NoObserver};
 use vfio_mig_session::handshake::migrate_local;
 
 /// One sweep: `fail-at={field}@N{suffix}` added to `spec` on one side.
@@ -59,11 +59,8 @@ impl Sweep<'_> {
             let (src_handle, dst_handle) = (src.handle.clone(), dst.handle.clone());
             let timeline = Timeline::new(vec![src_handle.clone(), dst_handle.clone()], 1);
             let log = UnitLog::new(2);
-            let record = |d: crate::MockDevice, slot| Recorder {
-                inner: d.opened.device,
-                slot,
-                log: log.clone(),
-                probe: timeline.probe(),
+            let record = |d: crate::MockDevice, slot| {
+                recorder(d.opened.device, slot, log.clone(), timeline.probe())
             };
             let (mut src, mut dst) = (record(src, 0), record(dst, 1));
             let result = migrate_local(&mut src, &mut dst, &self.opts, &NoObserver, &NoObserver);

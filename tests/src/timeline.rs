@@ -22,7 +22,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::engine::MigrationDevice;
+use vfio_mig::MigrationDevice;
 use vfio_mig_mock::{MockHandle, MockStatus};
 
 use crate::recorder::StateProbe;

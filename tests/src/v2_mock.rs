@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Driving a v2 mock by hand through the feature calls and its data fds, for the profile tests.
 
-use vfio_mig::v2::feature;
-use vfio_mig::v2::{DataFd, DataRead, MigState};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::{backend::v2_state::MigState, backend::DataFd, backend::DataRead};
 use vfio_mig_mock::{MockSpec, MockV2};
 
 use crate::StatusExt;

@@ -12,9 +12,9 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use vfio_mig::device::DataSession;
-use vfio_mig::engine::SaveOptions;
-use vfio_mig::v2::{feature, MigState};
+use vfio_mig::backend::DataSession;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState};
 use vfio_mig_mock::pace::BURST;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_tests::{load_from_slice, mock, save_to_vec};

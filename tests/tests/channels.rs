@@ -11,9 +11,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
 use vfio_mig::error::Report;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, Event, MigrationDevice, NoObserver, Observer};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::{
     open_connection, open_session, read_message, receive_channels, receive_opened, send_channels,

@@ -3,7 +3,7 @@
 //! what each test expects comes from the kernel's uAPI text (include/uapi/linux/vfio.h) and
 //! QEMU's hw/vfio/migration.c, not from this crate's rule code.
 
-use vfio_mig::engine::{NoObserver, SaveOptions};
+use vfio_mig::{workspace::SaveOptions, NoObserver};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock};
 
@@ -88,16 +88,13 @@ fn migrate_unit(
     dsts: &mut [vfio_mig_tests::MockDevice],
     opts: &SaveOptions,
 ) -> vfio_mig_session::Result<Vec<vfio_mig_session::handshake::MigrateReport>> {
-    use vfio_mig::engine::MigrationDevice;
+    use vfio_mig::MigrationDevice;
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = vfio_mig::engine::session::new_header(
-        &s.iter().map(|x| &**x).collect::<Vec<_>>(),
-        opts.live,
-        1,
-    )?;
+    let header =
+        vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), opts.live, 1)?;
     vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,
@@ -172,8 +169,8 @@ fn a_unit_without_p2p_migrates_with_the_explicit_opt_in() {
 /// and the unit's state snapshots. A destination RUNNING with a verified resumed state shows
 /// as "RUNNING(loaded)", a fresh or reset one as plain "RUNNING".
 fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<String>>) {
-    use vfio_mig::engine::MigrationDevice;
-    use vfio_mig_tests::recorder::{Recorder, UnitLog};
+    use vfio_mig::MigrationDevice;
+    use vfio_mig_tests::recorder::{recorder, Recorder, UnitLog};
     let src_specs = ["mock:v2,size=256K,seed=1", "mock:v2,size=256K,seed=2"];
     let mut srcs: Vec<_> = src_specs.iter().map(|s| mock(s)).collect();
     let dsts: Vec<_> = dst_specs.iter().map(|s| mock(s)).collect();
@@ -190,22 +187,14 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<S
     let mut wrapped: Vec<Recorder> = dsts
         .into_iter()
         .enumerate()
-        .map(|(slot, d)| Recorder {
-            inner: d.opened.device,
-            slot,
-            log: log.clone(),
-            probe: probe.clone(),
-        })
+        .map(|(slot, d)| recorder(d.opened.device, slot, log.clone(), probe.clone()))
         .collect();
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> = wrapped.iter_mut().map(|d| d as _).collect();
-    let header = vfio_mig::engine::session::new_header(
-        &s.iter().map(|x| &**x).collect::<Vec<_>>(),
-        false,
-        1,
-    )
-    .unwrap();
+    let header =
+        vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), false, 1)
+            .unwrap();
     let r = vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,
@@ -260,7 +249,7 @@ fn strict_downtime_counts_the_stop_copy_size() {
     let spec = "mock:v2,size=1M,seed=1,data-size-min=64G";
     let strict = SaveOptions {
         live: true,
-        policy: vfio_mig::engine::PreCopyPolicy {
+        policy: vfio_mig::PreCopyPolicy {
             strict: true,
             ..Default::default()
         },
@@ -314,7 +303,7 @@ fn a_paused_v1_device_is_saved_and_loaded() {
 /// requestable states refused.
 #[test]
 fn the_v1_arcs_are_the_uapi_table_and_qemus_writes() {
-    use vfio_mig::v1::state::{is_arc, V1State::*};
+    use vfio_mig::{backend::v1_state::is_arc, backend::v1_state::V1State::*};
     let allowed = [
         // The uAPI diagram: shutdown, save/suspend, live migration, resuming, resumed.
         (Running, Stop),
@@ -462,7 +451,7 @@ fn enomsg_in_pre_copy_is_waited_for_with_poll_not_spun_on() {
     assert!(handle(&dst).status().resumed_ok);
     assert_eq!(
         report.save.switch_reason,
-        Some(vfio_mig::engine::SwitchReason::Converged),
+        Some(vfio_mig::SwitchReason::Converged),
         "{:?}",
         report.save
     );

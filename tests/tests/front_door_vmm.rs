@@ -9,13 +9,10 @@
 //! QEMU's hw/vfio/migration.c (a failed save returns the device to where the VM was; the last
 //! dirty log is read with the devices in STOP_COPY; a unit without P2P is refused).
 
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
-use vfio_mig::{Result, RunState};
+use vfio_mig::Result;
 
 use vfio_mig::error::Report;
 use vfio_mig::{
@@ -23,6 +20,7 @@ use vfio_mig::{
     Status,
 };
 use vfio_mig_mock::MockHandle;
+use vfio_mig_tests::wrap::{Call, Hooks, Wrapped};
 use vfio_mig_tests::{assert_destination_safe, mock};
 
 type Device = Box<dyn MigrationDevice>;
@@ -198,7 +196,7 @@ fn the_last_dirty_read_happens_with_the_devices_in_stop_copy() {
     let (io, src) = (opened.opened.io.clone(), [opened.handle]);
     let srcs = vec![opened.opened.device];
     let (dsts, _dst) = open(&[spec]);
-    let range = vfio_mig::device::DmaLoggingRange {
+    let range = vfio_mig::backend::DmaLoggingRange {
         iova: 0,
         length: 1 << 20,
     };
@@ -339,10 +337,9 @@ fn a_non_p2p_destination_unit_is_refused_unless_opted_in() {
     assert!(dest.is_ok());
 }
 
-/// Devices that meet: each waits in `start_stop_copy` until all of the unit are there. A
+/// Hooks of devices that meet: each waits in `start_stop_copy` until all of the unit are there. A
 /// serial switch-over never gets them all there (the first waits alone and gives up).
 struct Meeting {
-    inner: Device,
     room: Arc<(Mutex<usize>, Condvar)>,
     unit: usize,
 }
@@ -366,51 +363,12 @@ impl Meeting {
     }
 }
 
-/// Forwards the methods named to `self.inner`.
-macro_rules! forward {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
-        $(fn $name(&mut self $(, $arg: $ty)*) -> $ret { self.inner.$name($($arg),*) })*
-    };
-}
-
-impl MigrationDevice for Meeting {
-    fn start_stop_copy(&mut self) -> Result<()> {
-        self.meet()?;
-        self.inner.start_stop_copy()
-    }
-    fn data_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.data_fd()
-    }
-    fn identity(&self) -> DeviceIdentity {
-        self.inner.identity()
-    }
-    fn protocol(&self) -> Protocol {
-        self.inner.protocol()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    forward! {
-        state_name() -> Result<String>;
-        details() -> Result<Vec<(String, String)>>;
-        run_state() -> Result<RunState>;
-        quiesce() -> Result<()>;
-        stop() -> Result<()>;
-        run() -> Result<()>;
-        start_pre_copy() -> Result<()>;
-        pending() -> Result<Pending>;
-        read(buf: &mut [u8]) -> Result<ReadOutcome>;
-        finish_save() -> Result<()>;
-        finish_handoff() -> Result<()>;
-        start_resume() -> Result<()>;
-        write(data: &[u8], chunk_end: bool) -> Result<()>;
-        load_state() -> Result<()>;
-        prepare_run() -> Result<()>;
-        finish_resume() -> Result<()>;
-        recover() -> Recovery;
-        abort_resume() -> Recovery;
-        is_saving() -> Result<bool>;
-        stop_copy_estimate() -> Result<Option<u64>>;
+impl Hooks for Meeting {
+    fn before(&mut self, _dev: &mut dyn MigrationDevice, call: Call) -> Result<()> {
+        match call {
+            Call::StartStopCopy => self.meet(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -425,12 +383,11 @@ fn the_switch_over_moves_a_unit_in_parallel() {
     ];
     let (devs, src) = open(&specs);
     let room = Arc::new((Mutex::new(0), Condvar::new()));
-    let devs: Vec<Meeting> = devs
+    let devs: Vec<Wrapped<Meeting>> = devs
         .into_iter()
-        .map(|inner| Meeting {
-            inner,
-            room: room.clone(),
-            unit: 3,
+        .map(|inner| {
+            let room = room.clone();
+            Wrapped::new(inner, Meeting { room, unit: 3 })
         })
         .collect();
     let mut source = Source::start(devs, &opts()).unwrap();

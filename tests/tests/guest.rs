@@ -42,7 +42,7 @@ mod signals;
 mod v1_sample;
 
 use mtty::{mtty_devices, MttyDevice, LSR_DATA_READY, UART_LSR, UART_SCR, UART_TX};
-use vfio_mig::device::backend::Backend;
+use vfio_mig::Backend;
 
 /// The environment variable the harness sets to pick the backend of a run.
 const BACKEND_ENV: &str = "VFIO_MIG_BACKEND";
@@ -63,7 +63,7 @@ pub mod mtty {
         VFIO_DEVICE_FEATURE_MIGRATION, VFIO_TYPE,
     };
     use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
-    use vfio_mig::device::backend::Backend;
+    use vfio_mig::Backend;
 
     /// Environment variable listing the mtty mdevs' sysfs paths.
     pub const DEVICES_ENV: &str = "VFIO_MIG_MTTY_DEVICES";
@@ -524,7 +524,7 @@ fn backend_in_use_is_the_one_requested() {
         assert_fd_matches(expected, lib_fd, &ctx);
         drop(opened);
         // The device layer alone (what the v1 sample tests use).
-        let io = vfio_mig::device::vfio::VfioDeviceIo::open_with(&dev, requested)
+        let io = vfio_mig::VfioDeviceIo::open_with(&dev, requested)
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         assert_eq!(io.access().backend, expected, "{ctx}: VfioDeviceIo");
         // The same device from its fd, as a VMM hands it over (a dup; the container or
@@ -533,14 +533,14 @@ fn backend_in_use_is_the_one_requested() {
         let dup = std::os::fd::AsFd::as_fd(&io)
             .try_clone_to_owned()
             .unwrap_or_else(|e| panic!("{ctx}: dup the device fd: {e}"));
-        let from_fd = vfio_mig::device::vfio::VfioDeviceIo::from_fd(dup, &dev)
+        let from_fd = vfio_mig::VfioDeviceIo::from_fd(dup, &dev)
             .unwrap_or_else(|e| panic!("{ctx}: from_fd: {e}"));
         assert_eq!(from_fd.access().backend, expected, "{ctx}: from_fd");
-        let mut v2 = vfio_mig::v2::V2Device::open(std::sync::Arc::new(from_fd))
+        let mut v2 = vfio_mig::backend::V2Device::open(std::sync::Arc::new(from_fd))
             .unwrap_or_else(|e| panic!("{ctx}: v2 through the fd: {e}"));
         assert_eq!(
             v2.state().unwrap(),
-            vfio_mig::v2::MigState::Running,
+            vfio_mig::backend::v2_state::MigState::Running,
             "{ctx}"
         );
         drop(v2);

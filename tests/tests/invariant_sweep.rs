@@ -7,13 +7,13 @@
 //! before its whole unit verified, and at the end that every device is in its start state,
 //! the handed-off state, or reset with the error saying so ([`vfio_mig_tests::timeline`]).
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig::error::Report;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_session::handshake::migrate_pairs_channels;
-use vfio_mig_tests::recorder::{Recorder, UnitLog};
+use vfio_mig_tests::recorder::{recorder, Recorder, UnitLog};
 use vfio_mig_tests::timeline::Timeline;
 use vfio_mig_tests::{try_mock, MockDevice};
 
@@ -112,12 +112,7 @@ fn one_run(spec: &str, unit: usize, channels: u16, fault: &str, on_source: bool)
     let wrap = |devs: Vec<MockDevice>, first: usize| -> Vec<Recorder> {
         devs.into_iter()
             .enumerate()
-            .map(|(i, d)| Recorder {
-                inner: d.opened.device,
-                slot: first + i,
-                log: log.clone(),
-                probe: timeline.probe(),
-            })
+            .map(|(i, d)| recorder(d.opened.device, first + i, log.clone(), timeline.probe()))
             .collect()
     };
     let mut src_rec = wrap(srcs, 0);

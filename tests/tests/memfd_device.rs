@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::stat::{fstat, SFlag};
-use vfio_mig::engine::{NoObserver, SaveOptions};
+use vfio_mig::{workspace::SaveOptions, NoObserver};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock, MockDevice};
 
@@ -46,8 +46,8 @@ fn read_all(fd: &OwnedFd) -> Vec<u8> {
 }
 
 /// A data session over a copy of `fd`, as the device layer takes it.
-fn session(fd: &OwnedFd) -> vfio_mig::device::DataSession {
-    vfio_mig::device::DataSession::from_fd(fd.try_clone().expect("dup the data fd"))
+fn session(fd: &OwnedFd) -> vfio_mig::backend::DataSession {
+    vfio_mig::backend::DataSession::from_fd(fd.try_clone().expect("dup the data fd"))
 }
 
 /// The data fd the arc into `state` opens.

@@ -5,15 +5,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{
-    Capabilities, MigrationDevice, NoObserver, Pending, PreCopyPolicy, Protocol, ReadOutcome,
-    Recovery, SaveOptions,
-};
+use vfio_mig::workspace::new_header;
 use vfio_mig::Result;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::migrate_pairs;
+use vfio_mig_tests::wrap::{Call, Hooks, Wrapped};
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock, MockDevice};
 
 /// These units mix v1 devices (no P2P states) in: they need the explicit opt-in.
@@ -123,9 +120,11 @@ fn one_failing_device_rolls_back_every_device() {
 /// A device that records the engine's calls in a log shared by all devices; with a
 /// rendezvous, each of its unit transitions first waits there for the other devices' same
 /// transition.
-struct Logged {
+type Logged = Wrapped<Logging>;
+
+/// The hooks of a [`Logged`] device.
+struct Logging {
     name: &'static str,
-    inner: Box<dyn MigrationDevice>,
     log: Arc<Mutex<Vec<String>>>,
     rendezvous: Option<Arc<Rendezvous>>,
 }
@@ -164,7 +163,7 @@ impl Rendezvous {
     }
 }
 
-impl Logged {
+impl Logging {
     /// Meets the other devices at `step` (with a rendezvous) and logs whether all came.
     fn meet(&mut self, step: &'static str) {
         if let Some(r) = self.rendezvous.clone() {
@@ -177,8 +176,8 @@ impl Logged {
         }
     }
 
-    fn note(&mut self, what: &str) {
-        let state = self.inner.state_name().unwrap_or_default();
+    fn note(&mut self, dev: &mut dyn MigrationDevice, what: &str) {
+        let state = dev.state_name().unwrap_or_default();
         self.log
             .lock()
             .unwrap()
@@ -186,84 +185,32 @@ impl Logged {
     }
 }
 
-impl MigrationDevice for Logged {
-    fn identity(&self) -> DeviceIdentity {
-        self.inner.identity()
-    }
-    fn protocol(&self) -> Protocol {
-        self.inner.protocol()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn state_name(&mut self) -> Result<String> {
-        self.inner.state_name()
-    }
-    fn details(&mut self) -> Result<Vec<(String, String)>> {
-        self.inner.details()
-    }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
-        self.inner.run_state()
-    }
-    fn quiesce(&mut self) -> Result<()> {
-        self.meet("quiesce");
-        self.inner.quiesce()?;
-        self.note("quiesce");
+impl Hooks for Logging {
+    fn before(&mut self, dev: &mut dyn MigrationDevice, call: Call) -> Result<()> {
+        match call {
+            Call::Quiesce => self.meet("quiesce"),
+            Call::StartStopCopy => {
+                self.note(dev, "stop-copy requested");
+                self.meet("stop-copy");
+            }
+            Call::LoadState => self.meet("load-state"),
+            Call::PrepareRun => {
+                self.meet("prepare-run");
+                self.note(dev, "prepared");
+            }
+            Call::FinishResume => self.note(dev, "run requested"),
+            Call::FinishHandoff => self.meet("handoff-stop"),
+            _ => {}
+        }
         Ok(())
     }
-    fn stop(&mut self) -> Result<()> {
-        self.inner.stop()
-    }
-    fn run(&mut self) -> Result<()> {
-        self.inner.run()
-    }
-    fn start_pre_copy(&mut self) -> Result<()> {
-        self.inner.start_pre_copy()
-    }
-    fn start_stop_copy(&mut self) -> Result<()> {
-        self.note("stop-copy requested");
-        self.meet("stop-copy");
-        self.inner.start_stop_copy()
-    }
-    fn pending(&mut self) -> Result<Pending> {
-        self.inner.pending()
-    }
-    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
-        self.inner.read(buf)
-    }
-    fn finish_save(&mut self) -> Result<()> {
-        self.inner.finish_save()
-    }
-    fn start_resume(&mut self) -> Result<()> {
-        self.inner.start_resume()
-    }
-    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        self.inner.write(data, chunk_end)
-    }
-    fn load_state(&mut self) -> Result<()> {
-        self.meet("load-state");
-        self.inner.load_state()
-    }
-    fn prepare_run(&mut self) -> Result<()> {
-        self.meet("prepare-run");
-        self.note("prepared");
-        self.inner.prepare_run()
-    }
-    fn finish_resume(&mut self) -> Result<()> {
-        self.note("run requested");
-        let r = self.inner.finish_resume();
-        self.note("ran");
-        r
-    }
-    fn finish_handoff(&mut self) -> Result<()> {
-        self.meet("handoff-stop");
-        self.inner.finish_handoff()
-    }
-    fn recover(&mut self) -> Recovery {
-        self.inner.recover()
-    }
-    fn abort_resume(&mut self) -> Recovery {
-        self.inner.abort_resume()
+
+    fn after(&mut self, dev: &mut dyn MigrationDevice, call: Call, ok: bool) {
+        match call {
+            Call::Quiesce if ok => self.note(dev, "quiesce"),
+            Call::FinishResume => self.note(dev, "ran"),
+            _ => {}
+        }
     }
 }
 
@@ -275,11 +222,14 @@ fn every_device_is_quiesced_before_any_stops() {
         let mut srcs: Vec<Logged> = names
             .iter()
             .enumerate()
-            .map(|(i, name)| Logged {
-                name,
-                inner: mock(&format!("mock:v2,size=2M,seed={i}")).opened.device,
-                log: log.clone(),
-                rendezvous: None,
+            .map(|(i, name)| {
+                let inner = mock(&format!("mock:v2,size=2M,seed={i}")).opened.device;
+                let hooks = Logging {
+                    name,
+                    log: log.clone(),
+                    rendezvous: None,
+                };
+                Wrapped::new(inner, hooks)
             })
             .collect();
         let dst_handles: Vec<_> = (0..3)
@@ -342,16 +292,16 @@ fn the_unit_transitions_overlap_in_the_p2p_order() {
                 .map(|(i, name)| {
                     let m = mock(&format!("mock:v2,size=1M,seed={i},latency=20ms"));
                     let h = handle(&m);
-                    let dev = Logged {
+                    let hooks = Logging {
                         name: if side == "src" {
                             name
                         } else {
                             ["A", "B", "C", "D"][i]
                         },
-                        inner: m.opened.device,
                         log: log.clone(),
                         rendezvous: Some(rendezvous.clone()),
                     };
+                    let dev = Wrapped::new(m.opened.device, hooks);
                     (dev, h)
                 })
                 .unzip()

@@ -10,11 +10,14 @@
 
 use std::collections::BTreeSet;
 
-use vfio_mig::device::region::query_region;
-use vfio_mig::device::DeviceIo;
-use vfio_mig::v1::state::{compose, V1State};
-use vfio_mig::v2::feature;
-use vfio_mig::v2::{next_step, plan, returns_data_fd, MigState, MigrationFlags};
+use vfio_mig::backend::query_region;
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::DeviceIo;
+use vfio_mig::{backend::v1_state::compose, backend::v1_state::V1State};
+use vfio_mig::{
+    backend::v2_state::next_step, backend::v2_state::plan, backend::v2_state::returns_data_fd,
+    backend::v2_state::MigState, backend::v2_state::MigrationFlags,
+};
 use vfio_mig_mock::rules::{v1_table, v2_arcs};
 use vfio_mig_mock::{MockSpec, MockV1, MockV2};
 

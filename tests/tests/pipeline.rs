@@ -9,14 +9,17 @@ use std::io::{self, Write};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::{
-    save_with_rollback, session::new_header, Capabilities, MigrationDevice, NoObserver, Pending,
-    PreCopyPolicy, Protocol, ReadOutcome, Recovery, SaveOptions,
-};
-use vfio_mig::stream::{StreamHeader, StreamWriter};
+use vfio_mig::workspace::new_header;
+use vfio_mig::workspace::save_with_rollback;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::MigrationDevice;
+use vfio_mig::NoObserver;
+use vfio_mig::Pending;
+use vfio_mig::PreCopyPolicy;
+use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
 use vfio_mig::{Error, Result};
 use vfio_mig_session::StreamKey;
+use vfio_mig_tests::wrap::{Hooks, Wrapped};
 use vfio_mig_tests::{assert_source_running, load_from_slice, mock};
 
 /// Saves the device of `spec` with `opts` under `header` into a vector; returns the bytes
@@ -185,80 +188,17 @@ fn a_write_error_stops_the_device_reads() {
     }
 }
 
-/// A device that under-reports its pending pre-copy bytes (a quarter), so every pre-copy
+/// Hooks under-reporting a device's pending pre-copy bytes (a quarter), so every pre-copy
 /// round ends on its budget at a chunk boundary, well before the device's data does.
-struct Quartered(Box<dyn MigrationDevice>);
+struct Quarter;
 
-impl MigrationDevice for Quartered {
-    fn identity(&self) -> DeviceIdentity {
-        self.0.identity()
-    }
-    fn protocol(&self) -> Protocol {
-        self.0.protocol()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-    fn state_name(&mut self) -> Result<String> {
-        self.0.state_name()
-    }
-    fn details(&mut self) -> Result<Vec<(String, String)>> {
-        self.0.details()
-    }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
-        self.0.run_state()
-    }
-    fn quiesce(&mut self) -> Result<()> {
-        self.0.quiesce()
-    }
-    fn stop(&mut self) -> Result<()> {
-        self.0.stop()
-    }
-    fn run(&mut self) -> Result<()> {
-        self.0.run()
-    }
-    fn start_pre_copy(&mut self) -> Result<()> {
-        self.0.start_pre_copy()
-    }
-    fn start_stop_copy(&mut self) -> Result<()> {
-        self.0.start_stop_copy()
-    }
-    fn pending(&mut self) -> Result<Pending> {
-        let p = self.0.pending()?;
+impl Hooks for Quarter {
+    fn pending(&mut self, dev: &mut dyn MigrationDevice) -> Result<Pending> {
+        let p = dev.pending()?;
         Ok(Pending {
             bytes: p.bytes.div_ceil(4),
             ..p
         })
-    }
-    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
-        self.0.read(buf)
-    }
-    fn finish_save(&mut self) -> Result<()> {
-        self.0.finish_save()
-    }
-    fn finish_handoff(&mut self) -> Result<()> {
-        self.0.finish_handoff()
-    }
-    fn start_resume(&mut self) -> Result<()> {
-        self.0.start_resume()
-    }
-    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        self.0.write(data, chunk_end)
-    }
-    fn load_state(&mut self) -> Result<()> {
-        self.0.load_state()
-    }
-    fn prepare_run(&mut self) -> Result<()> {
-        self.0.prepare_run()
-    }
-    fn finish_resume(&mut self) -> Result<()> {
-        self.0.finish_resume()
-    }
-    fn recover(&mut self) -> Recovery {
-        self.0.recover()
-    }
-    fn abort_resume(&mut self) -> Recovery {
-        self.0.abort_resume()
     }
 }
 
@@ -273,7 +213,7 @@ fn rounds_ending_on_their_budget_are_byte_identical() {
     ] {
         let header = header_of(spec, true);
         let save = |depth: usize| {
-            let mut src = Quartered(mock(spec).opened.device);
+            let mut src = Wrapped::new(mock(spec).opened.device, Quarter);
             let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
             // Rounds go on until the data runs out (or 6 rounds): no downtime is small enough.
             let opts = SaveOptions {
@@ -327,7 +267,7 @@ fn on_cpus<T: Send>(cpus: &[usize], f: impl FnOnce() -> T + Send) -> T {
 /// afford.
 #[test]
 fn the_default_pipeline_follows_the_threads_cpu_affinity() {
-    use vfio_mig::engine::pipeline_for_cores;
+    use vfio_mig::workspace::pipeline_for_cores;
     assert_eq!(
         [1, 2, 3, 64].map(pipeline_for_cores),
         [0, 0, 3, 3],

@@ -5,9 +5,9 @@
 //! source in postmigrate after the switchover; here the sources stay stopped (or reset), the
 //! destination keeps its completion record, and the error names what runs and what was reset.
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig::error::Report;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_session::handshake::migrate_pairs_channels;
 use vfio_mig_tests::{handle, mock, MockDevice};

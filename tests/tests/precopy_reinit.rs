@@ -8,13 +8,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use vfio_mig::device::DeviceIo;
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::backend::DataFd;
+use vfio_mig::backend::DataRead;
+use vfio_mig::backend::DeviceIo;
 use vfio_mig::error::Report;
-use vfio_mig::stream::Phase;
-use vfio_mig::v2::feature;
-use vfio_mig::v2::{DataFd, DataRead, MigState};
+use vfio_mig::wire::Phase;
+use vfio_mig::workspace::new_header;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::Event;
+use vfio_mig::MigrationDevice;
+use vfio_mig::NoObserver;
+use vfio_mig::Observer;
 use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockHandle, MockSpec};

@@ -8,8 +8,8 @@
 //! profile igb: single ok, live ok (pre-copy empty, state at stop-copy), multi refused (no P2P), multi ok (opted in without P2P), faults 7/7 sweeps (25 failed migrations, all clean)
 //! ```
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_mock::MockSpec;

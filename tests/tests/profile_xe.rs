@@ -4,8 +4,9 @@
 //! One test per difference from the profile as first modelled; each expectation names the
 //! driver code it comes from.
 
-use vfio_mig::v2::feature;
-use vfio_mig::v2::{DataFd, MigState};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::backend::DataFd;
 use vfio_mig_tests::v2_mock::{code, dev, resume, state, stop_copy_stream};
 
 const XE: &str = "mock:v2,size=64K,seed=5,profile=xe";

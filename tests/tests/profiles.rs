@@ -5,9 +5,9 @@
 
 use std::io::Read;
 
-use vfio_mig::device::DeviceIo;
-use vfio_mig::v2::feature;
-use vfio_mig::v2::{DataFd, DataRead, MigState};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::DeviceIo;
+use vfio_mig::{backend::v2_state::MigState, backend::DataFd, backend::DataRead};
 use vfio_mig_tests::v2_mock::{dev, read_to_end, resume, state, stop_copy_stream};
 
 #[test]

@@ -11,11 +11,17 @@
 //! destination device runs the state, the source never runs it again.
 
 use std::sync::Mutex;
-use vfio_mig::engine::session::new_header;
+use vfio_mig::workspace::new_header;
 
-use vfio_mig::engine::{Event, MigrationDevice, NoObserver, SaveOptions};
+use vfio_mig::Event;
+
+use vfio_mig::MigrationDevice;
+
+use vfio_mig::NoObserver;
+
 use vfio_mig::error::Report;
-use vfio_mig::stream::Phase;
+use vfio_mig::wire::Phase;
+use vfio_mig::workspace::SaveOptions;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_mock::MockHandle;
@@ -40,7 +46,7 @@ struct Paced {
     /// The destination's outcome.
     received: vfio_mig_session::Result<RecvOutcome>,
     /// The stream's header.
-    header: vfio_mig::stream::StreamHeader,
+    header: vfio_mig::wire::StreamHeader,
     /// Rounds the VMM ran.
     rounds: u32,
 }

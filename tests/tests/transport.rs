@@ -9,11 +9,11 @@ use std::net::Shutdown;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{Event, NoObserver, PreCopyPolicy, SaveOptions};
-use vfio_mig::stream::{Phase, StreamHeader};
-use vfio_mig::v1::V1State;
+use vfio_mig::backend::v1_state::V1State;
+use vfio_mig::workspace::new_header;
 use vfio_mig::OpenedDevice;
+use vfio_mig::{wire::Phase, wire::StreamHeader};
+use vfio_mig::{workspace::SaveOptions, Event, NoObserver, PreCopyPolicy};
 use vfio_mig_fence::DeviceKey;
 use vfio_mig_fence::{FenceRecord, MemoryFence, StateFence};
 use vfio_mig_session::handshake::{
@@ -131,7 +131,7 @@ struct Killer<F: Fn(&Event) -> bool + Sync> {
     fired: Mutex<bool>,
 }
 
-impl<F: Fn(&Event) -> bool + Sync> vfio_mig::engine::Observer for Killer<F> {
+impl<F: Fn(&Event) -> bool + Sync> vfio_mig::Observer for Killer<F> {
     fn on_event(&self, event: &Event) {
         let mut fired = self.fired.lock().unwrap();
         if !*fired && (self.when)(event) {

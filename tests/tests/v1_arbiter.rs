@@ -14,9 +14,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
-use vfio_mig::engine::SaveOptions;
+use vfio_mig::workspace::SaveOptions;
 use vfio_mig::OpenedDevice;
+use vfio_mig::{backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping};
 use vfio_mig_mock::{MockHandle, MockSpec, MockV1};
 use vfio_mig_tests::{load_from_slice, save_to_vec, StatusExt};
 
@@ -336,7 +336,10 @@ fn the_driver_produces_qemus_v1_sequences() {
     load_from_slice(&mut opened, &bytes).unwrap();
     assert!(dh.status().resumed_ok);
     assert_eq!(dst.trace(), qemu_load_trace(n), "load");
-    assert_eq!(dh.status().v1_state(), vfio_mig::v1::V1State::Running);
+    assert_eq!(
+        dh.status().v1_state(),
+        vfio_mig::backend::v1_state::V1State::Running
+    );
 }
 
 /// Whether `trace` is QEMU 5.2-7.2's live save: `vfio_save_setup` ORs SAVING into RUNNING

@@ -3,8 +3,8 @@
 //! buffer sizes (so chunks travel as several fragments), data-section modes and live or not.
 
 use proptest::prelude::*;
-use vfio_mig::engine::{PreCopyPolicy, SaveOptions};
-use vfio_mig::v1::V1State;
+use vfio_mig::backend::v1_state::V1State;
+use vfio_mig::{workspace::SaveOptions, PreCopyPolicy};
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{handle, load_from_slice, mock, save_to_vec};
 

@@ -3,9 +3,9 @@
 //! read-modify-write, read-back and reset on failure, pre-copy to stop-and-copy with bytes
 //! pending, chunk sizes, and refusals of bad or foreign streams.
 
-use vfio_mig::engine::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
-use vfio_mig::v1::{V1Device, V1State};
 use vfio_mig::Error;
+use vfio_mig::{backend::v1_state::V1State, backend::V1Device};
+use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy, SwitchReason};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{
@@ -239,6 +239,6 @@ fn source_is_stopped_after_a_save_and_runs_again_when_recovered() {
     save_to_vec(&mut src, &SaveOptions::default()).unwrap();
     assert_eq!(handle(&src).status().v1_state(), V1State::Stop);
     let r = src.device.recover();
-    assert_eq!(r, vfio_mig::engine::Recovery::Resumed);
+    assert_eq!(r, vfio_mig::Recovery::Resumed);
     assert_eq!(handle(&src).status().v1_state(), V1State::Running);
 }

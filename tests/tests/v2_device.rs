@@ -14,9 +14,12 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
     VFIO_DEVICE_FEATURE_SET,
 };
-use vfio_mig::device::{DataSession, DeviceIo};
-use vfio_mig::v2::feature::{self, DmaLoggingRange};
-use vfio_mig::v2::{plan, returns_data_fd, MigState, MigrationFlags};
+use vfio_mig::{backend::v2_feature as feature, backend::v2_feature::DmaLoggingRange};
+use vfio_mig::{
+    backend::v2_state::plan, backend::v2_state::returns_data_fd, backend::v2_state::MigState,
+    backend::v2_state::MigrationFlags,
+};
+use vfio_mig::{backend::DataSession, backend::DeviceIo};
 use vfio_mig_mock::{Content, Decoder, MockSpec, MockV2};
 use vfio_mig_tests::StatusExt;
 use MigState::{Error, PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};

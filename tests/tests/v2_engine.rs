@@ -4,8 +4,8 @@
 //! without P2P or PRE_COPY, a dirtying device, and refusals.
 
 use proptest::prelude::*;
-use vfio_mig::engine::{NoObserver, PreCopyPolicy, Protocol, SaveOptions};
-use vfio_mig::v2::MigState;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy, Protocol};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{

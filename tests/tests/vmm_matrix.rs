@@ -11,8 +11,8 @@
 //! saying so; every destination device runs the verified state, or never ran it (reset); no
 //! state is live on both sides; no device is lost; nothing panics.
 
-use vfio_mig::engine::NoObserver;
 use vfio_mig::error::Report;
+use vfio_mig::NoObserver;
 use vfio_mig::{
     Destination, DestinationOptions, Epoch, Handback, MigrationDevice, Source, SourceOptions,
     Status,

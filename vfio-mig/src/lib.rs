@@ -23,37 +23,52 @@
 //! - errors: [`Error`], printed with its causes on one line by [`error::Report`]; errors that
 //!   end a migration hand the devices back ([`Handback`]).
 //!
-//! The modules below are the layers those are built of, for VMMs that need more (their own
-//! stream transport):
-//! - [`device`]: what a VFIO device fd offers, as the [`device::DeviceIo`] trait, implemented
-//!   by the real device ([`device::vfio::VfioDeviceIo`]) and by the mock mediated device
-//!   (crate `vfio-mig-mock`).
-//! - [`v1`] (feature `v1`, on by default), [`v2`]: the two protocols (state rules, field or
-//!   feature access, the saving and resuming sequences), both implementing
-//!   [`MigrationDevice`].
-//! - [`engine`]: protocol-neutral phases (pre-copy, stop-and-copy, resume), policy, rollback,
-//!   several devices; [`stream`]: the wire format.
+//! Beneath the front door lie the device access layer, the two protocols (v1, a default
+//! feature, and v2), the engine and the stream format; they are private. Three small public
+//! modules show what others need of them:
+//! - [`backend`]: for whoever implements a device ([`backend::DeviceIo`]: the mock mediated
+//!   device of crate `vfio-mig-mock`, vfio-user devices) or emulates a protocol's rules;
+//! - [`wire`]: the stream format, for an inspector or a session layer that frames streams;
+//! - `workspace` (hidden from these docs): the engine functions the workspace's own session
+//!   layer, command-line benchmarks and tests still call directly, shrinking as they move
+//!   onto the front door. It is not part of the API.
 //!
 //! Moving a stream between hosts safely is the job of two crates of their own, so that a VMM
 //! with its own migration channel builds neither: `vfio-mig-session` (the handshake,
 //! transports with TLS as a feature, several channels, keyed stream MACs) and
 //! `vfio-mig-fence` (device locks, epochs, shared handoff stores).
 
-pub mod device;
-pub mod engine;
+#![warn(unreachable_pub)]
+
+pub mod backend;
+pub(crate) mod device;
+pub(crate) mod engine;
 pub mod error;
 mod front;
 mod migration;
 mod open;
-pub mod stream;
+pub(crate) mod stream;
 #[cfg(feature = "v1")]
-pub mod v1;
-pub mod v2;
+pub(crate) mod v1;
+pub(crate) mod v2;
+pub mod wire;
+#[doc(hidden)]
+pub mod workspace;
 
+#[cfg(feature = "iommufd")]
+pub use device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
+pub use device::vfio::VfioDeviceIo;
+pub use engine::events::{Event, NoObserver, Observer};
+pub use engine::loader::LoadReport;
+pub use engine::policy::{PreCopyPolicy, SwitchReason};
+pub use engine::save::{SaveReport, DEFAULT_BUFFER};
+pub use engine::session::new_session_id;
 pub use error::{Error, Result};
 pub use front::{
     resume, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback, Round, Source,
     SourceOptions, Status,
 };
-pub use migration::{Capabilities, MigrationDevice, RunState};
+pub use migration::{
+    Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
+};
 pub use open::{driver_for, open_device, Backend, DeviceAccess, OpenedDevice};

@@ -92,14 +92,18 @@ fn quoted(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The modules a `lib.rs` declares (`mod x;` or `pub mod x;`, whatever attributes precede).
+/// The modules a `lib.rs` declares (`mod x;`, `pub mod x;` or `pub(crate) mod x;`, whatever
+/// attributes precede).
 fn declared_modules(lib: &Path) -> BTreeSet<String> {
     std::fs::read_to_string(lib)
         .unwrap()
         .lines()
         .filter_map(|l| {
             let l = l.trim();
-            let l = l.strip_prefix("pub ").unwrap_or(l);
+            let l = ["pub ", "pub(crate) "]
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+                .unwrap_or(l);
             l.strip_prefix("mod ")?
                 .strip_suffix(';')
                 .map(|m| m.trim().to_owned())

@@ -179,12 +179,16 @@ fn after<'a>(code: &'a str, word: &str) -> Vec<&'a str> {
     out
 }
 
-/// Names re-exported by a facade (`pub use m::{A, B}` / `pub use m::A`): name -> module.
+/// Names re-exported by a facade (`pub use m::{A, B}` / `pub use m::A`, or `pub(crate) use`):
+/// name -> module.
 fn reexports(code: &str) -> BTreeMap<String, String> {
     let mut map = BTreeMap::new();
     for stmt in code.split(';') {
         let s = stmt.trim();
-        let Some(path) = s.strip_prefix("pub use ") else {
+        let Some(path) = ["pub use ", "pub(crate) use "]
+            .iter()
+            .find_map(|p| s.strip_prefix(p))
+        else {
             continue;
         };
         let path = path.trim_start_matches("self::");
@@ -274,7 +278,13 @@ fn graphs(src: &Path) -> (Graph, BTreeMap<String, Graph>) {
                 .split_inclusive(';')
                 .filter(|s| {
                     let s = s.trim_start();
-                    !s.starts_with("pub use ") || s.starts_with("pub use crate::")
+                    match ["pub use ", "pub(crate) use "]
+                        .iter()
+                        .find_map(|p| s.strip_prefix(p))
+                    {
+                        Some(path) => path.starts_with("crate::"),
+                        None => true,
+                    }
                 })
                 .collect()
         } else {

@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use vfio_mig::device::DeviceIo;
-use vfio_mig::v2::feature;
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::DeviceIo;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -164,7 +164,7 @@ impl DirtyTracker for DmaLogging {
     fn start(&mut self, ranges: &[MemoryRange], page_size: u64) -> Result<()> {
         let ranges: Vec<_> = ranges
             .iter()
-            .map(|r| vfio_mig::v2::feature::DmaLoggingRange {
+            .map(|r| vfio_mig::backend::v2_feature::DmaLoggingRange {
                 iova: r.gpa,
                 length: r.length,
             })

@@ -12,8 +12,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
-use vfio_mig::device::vfio::VfioDeviceIo;
-use vfio_mig::device::DeviceIo;
+use vfio_mig::backend::DeviceIo;
+use vfio_mig::VfioDeviceIo;
 use vm_memory::GuestMemoryBackend;
 
 use crate::dirty::{DirtyTracker, MemoryRange};

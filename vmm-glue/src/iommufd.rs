@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The third device dirty-page source: an iommufd HWPT's own dirty tracking
 //! (`IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`; vfio-mig's
-//! [`vfio_mig::device::hwpt`]), as a [`DirtyTracker`] beside v2 DMA logging and the type1
+//! [`vfio_mig::DirtyHwpt`]), as a [`DirtyTracker`] beside v2 DMA logging and the type1
 //! container's bitmap.
 //!
 //! The IOMMU records the pages every device attached to the HWPT wrote, whatever the device's
@@ -9,7 +9,7 @@
 //! no DMA logging (QEMU prefers it over DMA logging for the same reason). With IOVA = GPA the
 //! bits land in vm-memory's bitmap like the other two sources' (see [`crate::dirty`]).
 
-use vfio_mig::device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
+use vfio_mig::{DirtyHwpt, DirtyRange, ReadMode};
 
 use crate::dirty::{DirtyTracker, MemoryRange};
 use crate::error::{GlueError, Result};

@@ -21,8 +21,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
     VFIO_DEVICE_FEATURE_SET, VFIO_TYPE,
 };
-use vfio_mig::device::vfio::VfioDeviceIo;
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::VfioDeviceIo;
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 
 use super::mtty::{mtty_devices, MttyDevice};
 

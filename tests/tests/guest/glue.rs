@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use vfio_mig::v2::feature::DmaLoggingRange;
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::backend::v2_feature::DmaLoggingRange;
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig_tests::open_device;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -58,7 +58,7 @@ fn two_devices_migrate_as_one_unit_through_the_p2p_states() {
 
 #[test]
 fn mtty_quiesces_into_running_p2p_and_back() {
-    use vfio_mig::engine::MigrationDevice;
+    use vfio_mig::MigrationDevice;
     let (a, _) = pair(0, 1);
     ensure_running(&a);
     let opened = open_device(path_str(&a)).unwrap();

@@ -22,7 +22,7 @@ use iommufd_bindings::iommufd::{
 };
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use nix::errno::Errno;
-use vfio_mig::device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
+use vfio_mig::{DirtyHwpt, DirtyRange, ReadMode};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,

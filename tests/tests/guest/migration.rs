@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig_tests::open_device;
 use vfio_mig_tests::rewrite_stream;
 

@@ -8,8 +8,8 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig::{DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_tests::open_device;
 use vfio_mig_tests::recorder::{barrier_violation, Recorder, StateProbe, UnitLog};
@@ -146,12 +146,9 @@ fn no_mtty_destination_runs_before_both_are_loaded_and_quiescent() {
             .iter_mut()
             .map(|x| x as &mut dyn MigrationDevice)
             .collect();
-        let header = vfio_mig::engine::session::new_header(
-            &s.iter().map(|x| &**x).collect::<Vec<_>>(),
-            true,
-            1,
-        )
-        .unwrap();
+        let header =
+            vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), true, 1)
+                .unwrap();
         let opts = SaveOptions {
             live: true,
             ..Default::default()

@@ -2,7 +2,7 @@
 //! SIGTERM in the middle of a session, on real mtty devices (which keep their migration state
 //! across close): the source is back in RUNNING, the destination reset, exit status 143.
 
-use vfio_mig::v2::MigState;
+use vfio_mig::backend::v2_state::MigState;
 use vfio_mig_tests::cli::{one_error_line, sigterm_during_recv, sigterm_during_send};
 
 use super::migration::{ensure_running, mig_state, ok, pair, path_str, vfio_mig, write_state};

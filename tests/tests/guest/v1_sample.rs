@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
-use vfio_mig::device::region::query_region;
-use vfio_mig::device::vfio::VfioDeviceIo;
-use vfio_mig::device::{DeviceIo, RegionInfo};
-use vfio_mig::engine::{MigrationDevice, Recovery};
-use vfio_mig::v1::region::find_migration_region;
-use vfio_mig::v1::{V1Device, V1State};
+use vfio_mig::backend::find_migration_region;
+use vfio_mig::backend::query_region;
+use vfio_mig::VfioDeviceIo;
+use vfio_mig::{backend::v1_state::V1State, backend::V1Device};
+use vfio_mig::{backend::DeviceIo, backend::RegionInfo};
+use vfio_mig::{MigrationDevice, Recovery};
 use vfio_mig_tests::rewrite_stream;
 
 use super::migration::vfio_mig;

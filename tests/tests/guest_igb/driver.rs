@@ -11,7 +11,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use vfio_mig::error::Recovery;
-use vfio_mig::v2::{DmaLoggingRange, MigState, OnFailure, V2Device};
+use vfio_mig::{
+    backend::v2_state::MigState, backend::DmaLoggingRange, backend::OnFailure, backend::V2Device,
+};
 use vfio_mig_tests::open_device;
 
 use super::migration::loaded_lines;

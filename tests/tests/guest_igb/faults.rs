@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig_tests::{open_device, rewrite_stream};
 
 use super::migration::loaded_lines;

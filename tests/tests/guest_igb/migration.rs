@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use vfio_mig::v2::MigState;
+use vfio_mig::backend::v2_state::MigState;
 
 use super::vf::{
     a0_b0, clean_failure, find_key, igb_vfs, mig_state, ok, read_rings, s, vfio_mig, write_rings,

@@ -6,7 +6,9 @@ use std::process::{Command, Output};
 
 pub use vfio_mig_tests::cli::{assert_success as ok, clean_failure};
 
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::backend::v2_state::MigState;
+
+use vfio_mig::backend::V2Device;
 use vfio_mig_tests::open_device;
 use vmm_glue::dma::VmContainer;
 

@@ -16,10 +16,11 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use vfio_mig::stream::{
-    DeviceDescriptor, Phase, Protocol, Record, StreamHeader, StreamReader, StreamWriter,
+use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{
+    wire::DeviceDescriptor, wire::Phase, wire::Protocol, wire::Record, wire::StreamHeader,
+    wire::StreamReader, wire::StreamWriter,
 };
-use vfio_mig::v2::{feature, MigState, V2Device};
 use vfio_mig_mock::{MockSpec, MockV2};
 
 const FRAGMENT: usize = 1 << 20;

@@ -19,11 +19,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::stream::StreamWriter;
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::new_header;
 use vfio_mig::Backend;
+use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{workspace::save_device, workspace::SaveOptions, NoObserver};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake;
@@ -265,7 +265,7 @@ fn rated_one(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>, engine: bool) ->
             save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
             w.finish().unwrap();
         } else {
-            let mut buf = vec![0u8; vfio_mig::engine::DEFAULT_BUFFER];
+            let mut buf = vec![0u8; vfio_mig::DEFAULT_BUFFER];
             feature::set_state(&mock, MigState::Stop).unwrap();
             let session = feature::set_state(&mock, MigState::StopCopy)
                 .unwrap()

@@ -134,10 +134,35 @@ fn fencing_options_belong_to_the_commands_that_drive_devices() {
     }
     let o = dirs.run(&["probe", "mock:v1,size=1M", "--fence", "dir:/x"]);
     assert_usage(&o, "--fence");
-    for command in ["save", "load", "migrate", "send", "recv", "recover"] {
+    for command in ["save", "load", "migrate", "send", "recv"] {
         let o = dirs.run(&[command, "--help"]);
         let help = String::from_utf8_lossy(&o.stdout);
         assert!(help.contains("--fence-timeout"), "{command}:\n{help}");
         assert!(help.contains("--lock-dir"), "{command}:\n{help}");
     }
+    // `recover` locks its device but hands nothing off: no store.
+    let o = dirs.run(&["recover", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--lock-dir"), "recover:\n{help}");
+    assert!(!help.contains("--fence"), "recover:\n{help}");
+}
+
+/// `save --live --json` reports its pre-copy (docs/cli.md, "JSON output": `rounds`,
+/// `switch_reason`, `pre_copy_bytes`, `stop_copy_bytes`): a mock that does not dirty its
+/// state sends all of it in pre-copy, which then converges, and the file loads.
+#[test]
+fn a_live_save_reports_its_pre_copy_and_loads() {
+    let dirs = Dirs::new();
+    let file = dirs.path("live.vmig");
+    let file = file.to_str().unwrap();
+    let spec = "mock:v1,size=4M,seed=12";
+    let o = dirs.run(&["save", spec, "-o", file, "--live", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["rounds"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["switch_reason"], "converged", "{r}");
+    assert!(r["pre_copy_bytes"].as_u64().unwrap() >= 4 << 20, "{r}");
+    assert!(r["stop_copy_bytes"].as_u64().unwrap() < 4 << 20, "{r}");
+    let o = dirs.run(&["load", spec, "-i", file]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -118,3 +118,46 @@ fn a_missing_socket_is_a_one_line_error_naming_it() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// The `--json` fates of a save that fails on a stopped device (a paused VM's snapshot, or a
+/// device an earlier save left stopped): it starts in STOP, so it is returned there, never
+/// run (docs/cli.md, "JSON output").
+#[test]
+fn a_stopped_device_s_failed_save_leaves_it_stopped_and_says_so() {
+    const STOP_COPY: u32 = 3;
+    let dirs = Dirs::new();
+    // What the device refuses, and the fate docs/cli.md names for it.
+    type Refusal = fn(&mut user::rust_server::DeviceState);
+    let cases: [(&str, Refusal); 2] = [
+        // STOP -> STOP_COPY refused: the device never left STOP.
+        ("stopped", |d| d.refuse_state = Some(STOP_COPY)),
+        // Its state cannot be read in STOP_COPY: it goes back to STOP.
+        ("returned-to-stop", |d| d.refuse_reads = true),
+    ];
+    for (fate, refuse) in cases {
+        let src = RustServer::start(None);
+        src.set_bar1(&pattern());
+        {
+            let mut d = src.device.lock().unwrap();
+            d.state = STOP;
+            refuse(&mut d);
+        }
+        let file = dirs.path(&format!("{fate}.vmig"));
+        let o = dirs.run(&["save", &src.name(), "-o", file.to_str().unwrap(), "--json"]);
+        assert_eq!(o.status.code(), Some(1), "{fate}: {}", stderr(&o));
+        let out: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{fate}: {e}: {}", String::from_utf8_lossy(&o.stdout)));
+        assert_eq!(out["outcome"], "failed", "{fate}: {out}");
+        assert_eq!(
+            out["devices"],
+            serde_json::json!([{"device": src.name(), "fate": fate}]),
+            "{fate}: {out}"
+        );
+        assert_eq!(
+            src.state(),
+            STOP,
+            "{fate}: the device is stopped, never run"
+        );
+        assert!(!file.exists(), "{fate}: no output from a failed save");
+    }
+}

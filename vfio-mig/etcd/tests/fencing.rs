@@ -10,9 +10,13 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{EtcdCluster, LossyRelays, TestStore};
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::workspace::new_header;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::Event;
+use vfio_mig::MigrationDevice;
+use vfio_mig::NoObserver;
+use vfio_mig::Observer;
 use vfio_mig_etcd::EtcdStore;
 use vfio_mig_fence::{Admission, DirStore, Fence, SharedFencing};
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};

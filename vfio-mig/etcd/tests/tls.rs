@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{EtcdCluster, Pki};
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig_etcd::{ClientIdentity, EtcdStore, EtcdTls, Security};
 use vfio_mig_fence::{Fence, FenceStore, SharedFencing, Write};
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};

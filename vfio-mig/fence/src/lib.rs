@@ -62,8 +62,8 @@ pub use store::{
 };
 
 pub use error::{Error, ReasonCode, Result};
-use vfio_mig::stream::SessionId;
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::SessionId;
+use vfio_mig::wire::StreamHeader;
 
 /// Default directory of the device lock files.
 pub const DEFAULT_LOCK_DIR: &str = "/run/vfio-mig";
@@ -269,7 +269,7 @@ impl Claim {
 /// A one-device stream header for the fence tests.
 #[cfg(test)]
 pub(crate) fn test_header(session: u8, epoch: u64) -> StreamHeader {
-    use vfio_mig::stream::{DeviceDescriptor, Protocol};
+    use vfio_mig::{wire::DeviceDescriptor, wire::Protocol};
     StreamHeader {
         session_id: [session; 16],
         epoch,

@@ -3,8 +3,8 @@
 
 use crate::error::ReasonCode;
 use crate::error::{Error, Result};
-use vfio_mig::stream::SessionId;
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::SessionId;
+use vfio_mig::wire::StreamHeader;
 
 /// How many completed session ids a record keeps (the oldest are forgotten first).
 pub const MAX_COMPLETED: usize = 64;

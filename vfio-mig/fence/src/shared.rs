@@ -30,7 +30,7 @@ use super::record::{session_hex, Admission};
 use super::store::{store_error, Condition, FenceStore, Revision, Write};
 use super::Fence;
 use crate::error::{Error, ReasonCode, Result};
-use vfio_mig::stream::{SessionId, StreamHeader};
+use vfio_mig::{wire::SessionId, wire::StreamHeader};
 
 /// The default prefix of the store's keys.
 pub const DEFAULT_PREFIX: &str = "vfio-mig";

@@ -11,8 +11,8 @@ use super::record::{Admission, FenceRecord};
 use super::{DeviceKey, Fence};
 use crate::error::ReasonCode;
 use crate::error::{Error, Result};
-use vfio_mig::stream::SessionId;
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::SessionId;
+use vfio_mig::wire::StreamHeader;
 
 /// A [`Fence`] kept in `<state dir>/<key stem>.fence`. Every operation re-reads the file, so
 /// the state survives restarts of `recv`; the caller holds the device lock, so nobody else
@@ -139,7 +139,7 @@ fn read_no_follow(path: &Path) -> io::Result<String> {
 
 /// 64 random bits for a temporary name (the time if the random source fails).
 fn random_u64() -> u64 {
-    match vfio_mig::engine::session::new_session_id() {
+    match vfio_mig::new_session_id() {
         Ok(id) => id.iter().take(8).fold(0, |a, b| a << 8 | u64::from(*b)),
         Err(_) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -89,7 +89,7 @@ pub use status::{MockHandle, MockStatus};
 pub use v1::MockV1;
 pub use v2::MockV2;
 
-use vfio_mig::device::DeviceIo;
+use vfio_mig::backend::DeviceIo;
 use vfio_mig::{Backend, OpenedDevice};
 use vfio_mig_fence::DeviceKey;
 

@@ -44,7 +44,7 @@ use crate::region_info::{self, Area, Cap, Region};
 use crate::rules::v1_table::{
     self, ERROR, MASK as STATE_MASK, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY,
 };
-use vfio_mig::device::{DeviceIdentity, DeviceInfo, DeviceIo, Mapping};
+use vfio_mig::{backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping};
 
 /// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
 pub const REGION_SHIFT: u32 = 40;
@@ -198,8 +198,8 @@ fn errno(e: i32) -> io::Error {
 /// A complete stop-and-copy save of one mock, resumed into another with the same seed:
 ///
 /// ```
-/// use vfio_mig::device::region::query_region;
-/// use vfio_mig::device::DeviceIo;
+/// use vfio_mig::backend::query_region;
+/// use vfio_mig::backend::DeviceIo;
 /// use vfio_mig_mock::{MockSpec, MockV1};
 ///
 /// let spec: MockSpec = "mock:v1,size=16K,seed=7,chunk=8K,data=trapped".parse()?;
@@ -980,8 +980,8 @@ mod tests {
     use crate::faults::FaultField;
     use crate::rules::v1_table::SAVING;
     use vfio_bindings::bindings::vfio::vfio_region_info;
-    use vfio_mig::device::pod::{read_pod, write_pod};
-    use vfio_mig::device::region::query_region;
+    use vfio_mig::backend::query_region;
+    use vfio_mig::{backend::read_pod, backend::write_pod};
 
     /// A tiny hand-written driver: raw field accesses on a mock.
     struct Drv {
@@ -1102,7 +1102,7 @@ mod tests {
         assert_eq!(mig.flags & 7, 7);
         assert_eq!(
             mig.sparse_areas().unwrap(),
-            &[vfio_mig::device::region::SparseArea {
+            &[vfio_mig::backend::SparseArea {
                 offset: 4096,
                 size: 4096
             }][..]

@@ -10,7 +10,7 @@
 //!   ([`vfio_mig_fence`]), several channels, and [`handshake::migrate_local`];
 //! - [`transport`]: addresses, connections, listeners, and (feature `tls`) mutually
 //!   authenticated TLS 1.3;
-//! - [`StreamKey`]: the HMAC-SHA256 [`vfio_mig::stream::StreamAuth`] of authenticated stream
+//! - [`StreamKey`]: the HMAC-SHA256 [`vfio_mig::wire::StreamAuth`] of authenticated stream
 //!   files;
 //! - [`Error`]: this layer's errors, wrapping the core's.
 

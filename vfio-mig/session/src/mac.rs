@@ -11,7 +11,7 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use vfio_mig::stream::{StreamAuth, TAG_LEN};
+use vfio_mig::{wire::StreamAuth, wire::TAG_LEN};
 
 use crate::error::{Error, Result};
 
@@ -96,8 +96,8 @@ impl StreamKey {
         m
     }
 
-    /// This key as the core's [`StreamAuth`], for a [`vfio_mig::stream::StreamWriter`] or
-    /// [`vfio_mig::stream::StreamReader`].
+    /// This key as the core's [`StreamAuth`], for a [`vfio_mig::wire::StreamWriter`] or
+    /// [`vfio_mig::wire::StreamReader`].
     pub fn auth(&self) -> Arc<dyn StreamAuth> {
         Arc::new(self.clone())
     }
@@ -134,9 +134,9 @@ impl StreamAuth for StreamKey {
 mod tests {
     use super::*;
 
-    use vfio_mig::stream::{
-        verify, verify_keyed, Authentication, DeviceDescriptor, Phase, Protocol, StreamHeader,
-        StreamWriter,
+    use vfio_mig::{
+        wire::verify, wire::verify_keyed, wire::Authentication, wire::DeviceDescriptor,
+        wire::Phase, wire::Protocol, wire::StreamHeader, wire::StreamWriter,
     };
 
     /// Bytes of the example stream's header (one device, model `mock:v1`).

@@ -62,7 +62,7 @@ mod ioctl {
 /// The largest bitmap one read may ask for, in pages (bits): 2^31, a 256 MiB bitmap, 8 TiB of
 /// IOVA at 4 KiB pages. Larger ranges are read in pieces; the cap keeps one read from asking
 /// for an allocation the caller did not mean.
-pub const MAX_DIRTY_BITMAP_PAGES: u64 = 1 << 31;
+pub(crate) const MAX_DIRTY_BITMAP_PAGES: u64 = 1 << 31;
 
 /// What went wrong with a HWPT.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ impl HwptError {
 }
 
 /// An IOVA range to read dirty bits of, checked: non-empty, `iova` and `length` multiples of
-/// `page_size`, `page_size` a power of two, no overflow, at most [`MAX_DIRTY_BITMAP_PAGES`]
+/// `page_size`, `page_size` a power of two, no overflow, at most `MAX_DIRTY_BITMAP_PAGES`
 /// pages. Its fields are private so that a range, once built, is always one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirtyRange {

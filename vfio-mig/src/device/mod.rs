@@ -9,20 +9,19 @@
 //! the kernel's own byte-level ioctl formats (argsz-sized buffers, capability chains, the
 //! `VFIO_DEVICE_FEATURE` argument), every line of protocol code runs against both.
 
-pub mod backend;
+pub(crate) mod backend;
 #[cfg(feature = "iommufd")]
-pub mod hwpt;
-pub mod mapping;
-pub mod pod;
-pub mod region;
-pub mod session;
-pub mod vfio;
+pub(crate) mod hwpt;
+pub(crate) mod mapping;
+pub(crate) mod pod;
+pub(crate) mod region;
+pub(crate) mod session;
+pub(crate) mod vfio;
 
 use std::io;
 
-pub use mapping::Mapping;
-pub use region::{RegionCap, RegionInfo, SparseArea};
-pub use session::DataSession;
+pub(crate) use mapping::Mapping;
+pub(crate) use session::DataSession;
 
 /// What identifies a device's migration data format, so a destination can refuse a stream
 /// it cannot load (carried in the stream header).
@@ -50,7 +49,7 @@ pub struct DeviceInfo {
 pub type DmaLoggingRange = vfio_bindings::bindings::vfio::vfio_device_feature_dma_logging_range;
 
 /// The answer to `VFIO_MIG_GET_PRECOPY_INFO` (`struct vfio_precopy_info`).
-pub type RawPrecopyInfo = vfio_bindings::bindings::vfio::vfio_precopy_info;
+pub(crate) type RawPrecopyInfo = vfio_bindings::bindings::vfio::vfio_precopy_info;
 
 fn not_supported<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::ENOTTY))
@@ -72,7 +71,7 @@ fn not_supported<T>() -> io::Result<T> {
 /// A raw feature buffer cannot be passed any more; this no longer compiles:
 ///
 /// ```compile_fail,E0599
-/// # fn f(dev: &dyn vfio_mig::device::DeviceIo) {
+/// # fn f(dev: &dyn vfio_mig::backend::DeviceIo) {
 /// let mut arg = [0u8; 32]; // a DMA_LOGGING_START header and a payload whose `ranges` is 0x10
 /// dev.device_feature(&mut arg);
 /// # }

@@ -76,13 +76,6 @@ pub fn write_pod<T: Pod>(bytes: &mut [u8], offset: usize, value: &T) -> bool {
     true
 }
 
-/// The bytes of a `T`, for building ioctl buffers.
-pub fn pod_bytes<T: Pod>(value: &T) -> Vec<u8> {
-    let mut out = vec![0u8; size_of::<T>()];
-    write_pod(&mut out, 0, value);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

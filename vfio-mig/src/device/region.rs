@@ -20,7 +20,7 @@ use super::pod::{read_pod, write_pod};
 use super::DeviceIo;
 
 /// Largest region-info buffer we accept from a driver: far above any real chain.
-pub const MAX_REGION_INFO_SIZE: u32 = 64 * 1024;
+pub(crate) const MAX_REGION_INFO_SIZE: u32 = 64 * 1024;
 /// Most capabilities we follow in one chain, so a looping chain cannot hang us.
 const MAX_CAPS: usize = 64;
 /// Most sparse-mmap areas we accept in one capability.
@@ -140,7 +140,7 @@ pub fn query_region(dev: &dyn DeviceIo, index: u32) -> io::Result<RegionInfo> {
 }
 
 /// Parses a filled region-info buffer (header and capability chain).
-pub fn parse_region_info(index: u32, buf: &[u8]) -> io::Result<RegionInfo> {
+pub(crate) fn parse_region_info(index: u32, buf: &[u8]) -> io::Result<RegionInfo> {
     let info: vfio_region_info =
         read_pod(buf, 0).ok_or_else(|| invalid(format!("region {index}: short region info")))?;
     let mut caps = Vec::new();

@@ -30,13 +30,13 @@ use super::MigrationDevice;
 const QUEUE_DEPTH: usize = 4;
 
 /// The channel of unit device `device` among `count` channels, and its index there.
-pub fn channel_of(device: usize, count: usize) -> (usize, u16) {
+pub(crate) fn channel_of(device: usize, count: usize) -> (usize, u16) {
     let count = count.max(1);
     (device % count, (device / count) as u16)
 }
 
 /// The unit devices channel `channel` of `count` carries, in order.
-pub fn devices_of(unit_devices: usize, channel: usize, count: usize) -> Vec<usize> {
+pub(crate) fn devices_of(unit_devices: usize, channel: usize, count: usize) -> Vec<usize> {
     (channel..unit_devices).step_by(count.max(1)).collect()
 }
 
@@ -270,7 +270,7 @@ fn in_channel(ch: usize, e: Error) -> Error {
 /// parallel, calls `gate.pre_copy_loaded` once every live device loaded its pre-copy data,
 /// and after every channel's trailer has every device take its state, calls
 /// `gate.before_resume` with channel 0 (the main connection), checks every channel's end,
-/// and runs the unit ([`super::run::run_unit`]: RUNNING_P2P on all before any RUNNING).
+/// and runs the unit (`run_unit`: RUNNING_P2P on all before any RUNNING).
 ///
 /// A failing channel or device calls `stop` (which must make every channel's pending reads
 /// return, e.g. by shutting the connections down for reading) and fails the load; the caller

@@ -40,7 +40,7 @@ enum Item {
 /// against the header before touching any, enters RESUMING on all, applies the records, calls
 /// `gate.pre_copy_loaded` once every live device has loaded its pre-copy data; after the
 /// trailer has every device take its state ([`MigrationDevice::load_state`]), calls
-/// `gate.before_resume`, and runs the unit ([`run_unit`]: RUNNING_P2P on all, then RUNNING).
+/// `gate.before_resume`, and runs the unit (`run_unit`: RUNNING_P2P on all, then RUNNING).
 /// The caller resets them on failure ([`super::multi::rollback_destinations`]), except past
 /// the point of no return ([`Error::PastNoReturn`]: what runs keeps running).
 pub fn load_all_gated<R: Read>(

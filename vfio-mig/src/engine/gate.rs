@@ -23,7 +23,7 @@ pub trait LoadGate {
 
 /// No hooks: a plain load (from a file).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct NoGate;
+pub(crate) struct NoGate;
 
 impl LoadGate for NoGate {
     fn pre_copy_loaded(&mut self) -> Result<()> {

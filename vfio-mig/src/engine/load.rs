@@ -29,7 +29,7 @@ pub fn load_device<R: Read>(
 
 /// [`load_device`] with the hooks of a destination's handshake: `gate` is called once the
 /// device's pre-copy data is loaded, and after the trailer before the device resumes.
-pub fn load_device_gated<R: Read>(
+pub(crate) fn load_device_gated<R: Read>(
     dev: &mut dyn MigrationDevice,
     reader: &mut StreamReader<R>,
     index: u16,
@@ -66,7 +66,7 @@ pub fn load_with_rollback<R: Read>(
 }
 
 /// Resets a destination after `error` and folds the outcome into the error.
-pub fn rollback_destination(
+pub(crate) fn rollback_destination(
     dev: &mut dyn MigrationDevice,
     index: u16,
     error: Error,

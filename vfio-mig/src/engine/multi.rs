@@ -212,7 +212,7 @@ pub fn resend_reinit_all<W: Write + Send>(
 /// stopped: after this, no device initiates DMA into a peer, and every device still answers.
 /// The transitions run in parallel (one thread per device), so the unit pays one device's
 /// state-change latency, not the sum; this returns once every one has ended.
-pub fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
+pub(crate) fn quiesce_all(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
     super::parallel::each(devs, "quiesce the unit", |d| d.quiesce())
 }
 

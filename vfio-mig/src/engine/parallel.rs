@@ -15,7 +15,7 @@ use super::MigrationDevice;
 /// Runs `step` on every device, one thread each (inline for one device), and waits for all
 /// of them. Returns the first device's error, in device order, after every thread ended:
 /// the caller then rolls back a unit whose devices are all back in its hands.
-pub fn each(
+pub(crate) fn each(
     devs: &mut [&mut dyn MigrationDevice],
     what: &str,
     step: impl Fn(&mut dyn MigrationDevice) -> Result<()> + Sync,
@@ -45,7 +45,7 @@ pub fn each(
 }
 
 /// Like [`each`], for a step that cannot fail the unit: every device's outcome, in order.
-pub fn each_outcome<T: Send>(
+pub(crate) fn each_outcome<T: Send>(
     devs: &mut [&mut dyn MigrationDevice],
     step: impl Fn(&mut dyn MigrationDevice) -> T + Sync,
 ) -> Vec<std::thread::Result<T>> {

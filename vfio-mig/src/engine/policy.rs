@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::migration::StopCopySize;
+use crate::migration::{Pending, StopCopySize};
 
 /// The pre-copy policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub struct PreCopyState {
 
 /// The last round alone measures the bandwidth once it moved at least this much (1 MiB);
 /// below that its timing is mostly per-round latency.
-pub const RECENT_MIN_BYTES: u64 = 1 << 20;
+pub(crate) const RECENT_MIN_BYTES: u64 = 1 << 20;
 
 impl PreCopyState {
     /// Starts with what the device reports before the first round.
@@ -165,6 +165,21 @@ impl PreCopyState {
         (self.bytes > 0 && secs > 0.0).then(|| self.bytes as f64 / secs)
     }
 
+    /// Takes a round that sent `sent` bytes in `took`, after which the device reports
+    /// `pending`. A round that sent nothing although data is pending (ENOMSG, an empty v1
+    /// chunk) found none ready: it is not counted (the caller waits for data rather than
+    /// spinning, see engine/wait.rs) and `false` is returned.
+    pub(crate) fn after_round(&mut self, sent: u64, took: Duration, pending: &Pending) -> bool {
+        let counted = sent > 0 || pending.bytes == 0;
+        if counted {
+            self.record_round(sent, took, pending.bytes, pending.initial_bytes);
+        } else {
+            self.note_pending(pending.bytes, pending.initial_bytes);
+        }
+        self.set_stop_copy(pending.stop_copy_bytes);
+        counted
+    }
+
     /// Sets what the device says stop-and-copy will carry (v2: MIG_DATA_SIZE).
     pub fn set_stop_copy(&mut self, stop_copy: StopCopySize) {
         self.stop_copy = stop_copy;
@@ -190,6 +205,32 @@ impl PreCopyState {
         self.bandwidth()
             .map(|bw| Duration::from_secs_f64(bytes as f64 / bw))
     }
+}
+
+/// The error of a strict policy that gave up for `reason` after the rounds in `state`.
+pub(crate) fn abort_error(
+    reason: SwitchReason,
+    state: &PreCopyState,
+    policy: &PreCopyPolicy,
+) -> crate::error::Error {
+    crate::error::Error::PreCopy(format!(
+        "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds \
+         the {:?} budget (measured bandwidth {})",
+        state.rounds,
+        state.downtime_bytes().map_or_else(
+            || "unknown (MIG_DATA_SIZE failed)".into(),
+            |b| b.to_string()
+        ),
+        state
+            .estimated_downtime()
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "unknown".into()),
+        policy.downtime_budget,
+        state
+            .bandwidth()
+            .map(|b| format!("{:.1} MiB/s", b / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "unknown".into()),
+    ))
 }
 
 impl PreCopyPolicy {

@@ -23,7 +23,7 @@ use super::MigrationDevice;
 /// ran (the point of no return) is reset here, the others keep running, and the error is
 /// [`Error::PastNoReturn`] naming each: the caller must keep what runs, and the source must
 /// not run the state again.
-pub fn run_unit(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
+pub(crate) fn run_unit(devs: &mut [&mut dyn MigrationDevice]) -> Result<()> {
     each(devs, "prepare the unit to run", |d| d.prepare_run())?;
     // One device after another, not all at once: a driver resets a device whose RUNNING arc
     // failed inside that call, so a device started in parallel could enter RUNNING beside a

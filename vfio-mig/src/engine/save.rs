@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
-use super::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
+use super::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use super::wait::DataWait;
 use super::{MigrationDevice, ReadOutcome};
 use crate::migration::{Pending, Protocol};
@@ -129,7 +129,10 @@ pub struct SaveReport {
 #[cfg(feature = "serde")]
 mod opt_micros {
     use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&(d.as_micros() as u64)),
             None => s.serialize_none(),
@@ -140,14 +143,14 @@ mod opt_micros {
 #[cfg(feature = "serde")]
 mod micros {
     use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_micros() as u64)
     }
 }
 
 /// Where the engine's records go: a stream writer, or one shared by several device threads
 /// ([`super::multi::SharedWriter`]).
-pub trait RecordSink {
+pub(crate) trait RecordSink {
     /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
     fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
     /// Appends the END_OF_PHASE record of `device`.
@@ -260,7 +263,7 @@ impl Tally {
 
 /// Pre-copy: enters the pre-copy state and sends rounds while the device runs, until the
 /// policy switches over (or aborts, with a strict policy). Ends the stream's pre-copy phase.
-pub fn pre_copy<S: RecordSink + ?Sized>(
+pub(crate) fn pre_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
     out: &mut S,
     index: u16,
@@ -292,7 +295,7 @@ pub fn pre_copy<S: RecordSink + ?Sized>(
 /// new initial data is out, ending the phase again. Returns whether it did: the destination
 /// must then acknowledge the new data before the device stops. A device without pre-copy in
 /// this save, or that re-initialised nothing, sends nothing.
-pub fn resend_reinit<S: RecordSink + ?Sized>(
+pub(crate) fn resend_reinit<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
     out: &mut S,
     index: u16,
@@ -351,24 +354,7 @@ fn pre_copy_rounds<S: RecordSink + ?Sized>(
         match opts.policy.decide(&state, started.elapsed()) {
             Decision::Continue => {}
             Decision::Switch(reason) => break reason,
-            Decision::Abort(reason) => {
-                return Err(Error::PreCopy(format!(
-                    "{reason:?} after {} rounds: {} bytes for stop-and-copy, estimated downtime {} exceeds the {:?} budget (measured bandwidth {})",
-                    state.rounds,
-                    state
-                        .downtime_bytes()
-                        .map_or_else(|| "unknown (MIG_DATA_SIZE failed)".into(), |b| b.to_string()),
-                    state
-                        .estimated_downtime()
-                        .map(|d| format!("{d:?}"))
-                        .unwrap_or_else(|| "unknown".into()),
-                    opts.policy.downtime_budget,
-                    state
-                        .bandwidth()
-                        .map(|b| format!("{:.1} MiB/s", b / (1u64 << 20) as f64))
-                        .unwrap_or_else(|| "unknown".into()),
-                )))
-            }
+            Decision::Abort(reason) => return Err(abort_error(reason, &state, &opts.policy)),
         }
         let round_started = Instant::now();
         // A round sends what was pending when it began (at least one chunk).
@@ -379,23 +365,11 @@ fn pre_copy_rounds<S: RecordSink + ?Sized>(
             &mut spare,
         )?;
         let pending = pump.dev.pending()?;
-        if bytes == 0 && pending.bytes > 0 {
-            // Nothing readable although the device counts pending data (ENOMSG, an empty v1
-            // chunk): wait for it instead of spinning, and do not count a round that could
-            // not send (see engine/wait.rs).
+        if !state.after_round(bytes, round_started.elapsed(), &pending) {
             waits.wait(&*pump.dev)?;
-            state.note_pending(pending.bytes, pending.initial_bytes);
-            state.set_stop_copy(pending.stop_copy_bytes);
             continue;
         }
         waits.reset();
-        state.record_round(
-            bytes,
-            round_started.elapsed(),
-            pending.bytes,
-            pending.initial_bytes,
-        );
-        state.set_stop_copy(pending.stop_copy_bytes);
         report.pre_copy_bytes += bytes;
         chunks += c;
         obs.on_event(&Event::RoundDone {
@@ -425,7 +399,7 @@ fn pre_copy_rounds<S: RecordSink + ?Sized>(
 /// stop-copy phase. The device is left in its stop-and-copy state: the STOP transition is the
 /// caller's, after the stream is complete, so that it stays out of the downtime window
 /// ([`MigrationDevice::finish_save`]).
-pub fn stop_copy<S: RecordSink + ?Sized>(
+pub(crate) fn stop_copy<S: RecordSink + ?Sized>(
     dev: &mut dyn MigrationDevice,
     out: &mut S,
     index: u16,
@@ -494,7 +468,7 @@ pub fn save_with_rollback<W: Write>(
 }
 
 /// Returns a source to RUNNING after `error` and folds the outcome into the error.
-pub fn rollback_source(
+pub(crate) fn rollback_source(
     dev: &mut dyn MigrationDevice,
     index: u16,
     error: Error,

@@ -18,7 +18,7 @@ pub fn new_session_id() -> Result<[u8; 16]> {
 }
 
 /// The descriptor of a device in a stream header.
-pub fn describe(dev: &dyn MigrationDevice, live: bool) -> DeviceDescriptor {
+pub(crate) fn describe(dev: &dyn MigrationDevice, live: bool) -> DeviceDescriptor {
     let caps = dev.capabilities();
     DeviceDescriptor {
         protocol: dev.protocol(),

@@ -24,9 +24,9 @@ use crate::error::{Error, Result};
 use crate::migration::MigrationDevice;
 
 /// The first wait after an empty round.
-pub const FIRST_WAIT: Duration = Duration::from_millis(1);
+pub(crate) const FIRST_WAIT: Duration = Duration::from_millis(1);
 /// The longest single wait.
-pub const LONGEST_WAIT: Duration = Duration::from_millis(50);
+pub(crate) const LONGEST_WAIT: Duration = Duration::from_millis(50);
 
 /// The backoff between empty pre-copy rounds of one device.
 #[derive(Debug)]

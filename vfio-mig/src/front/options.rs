@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The options of a migration, as structs: what a VMM sets once, not positional arguments.
 
+use std::sync::Arc;
+
+use crate::stream::StreamAuth;
+
 /// The fencing epoch a stream carries in its header: a number the VMM's orchestration raises
 /// with every handoff of the same VM, so that a destination can refuse a stale stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -13,7 +17,7 @@ pub struct Epoch(pub u64);
 /// let opts = SourceOptions::new(Epoch(7)).allow_non_p2p_unit(true);
 /// assert_eq!(opts.epoch, Epoch(7));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct SourceOptions {
     /// The epoch written into the stream header.
@@ -32,6 +36,22 @@ pub struct SourceOptions {
     /// The stream's session id; `None` draws a fresh one. A retried handoff passes the id of
     /// the attempt whose outcome it asks about (the session layer's fencing keys on it).
     pub session: Option<[u8; 16]>,
+    /// Authenticates every record of the stream with this key (a keyed stream, see
+    /// docs/stream-format.md); `None` writes CRCs only.
+    pub key: Option<Arc<dyn StreamAuth>>,
+}
+
+impl std::fmt::Debug for SourceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceOptions")
+            .field("epoch", &self.epoch)
+            .field("allow_non_p2p_unit", &self.allow_non_p2p_unit)
+            .field("buffer", &self.buffer)
+            .field("pre_copy", &self.pre_copy)
+            .field("session", &self.session)
+            .field("key", &self.key.is_some())
+            .finish()
+    }
 }
 
 impl SourceOptions {
@@ -43,6 +63,7 @@ impl SourceOptions {
             buffer: 1 << 20,
             pre_copy: true,
             session: None,
+            key: None,
         }
     }
 
@@ -55,6 +76,12 @@ impl SourceOptions {
     /// Sets [`session`](Self::session).
     pub fn session(mut self, id: [u8; 16]) -> Self {
         self.session = Some(id);
+        self
+    }
+
+    /// Sets [`key`](Self::key).
+    pub fn key(mut self, key: Option<Arc<dyn StreamAuth>>) -> Self {
+        self.key = key;
         self
     }
 

@@ -733,7 +733,7 @@ fn plan<D: MigrationDevice>(
             .map(|(d, &live)| describe(d, live))
             .collect(),
     };
-    let writer = StreamWriter::new(Vec::new(), &header)?;
+    let writer = StreamWriter::with_key(Vec::new(), &header, opts.key.clone())?;
     Ok((start, live, header, writer))
 }
 

@@ -24,39 +24,36 @@ pub const FORMAT_VERSION: u16 = 2;
 /// Largest number of devices a stream may carry.
 pub const MAX_DEVICES: usize = 64;
 /// Largest length, in bytes, of a device model name.
-pub const MAX_MODEL_LEN: usize = 256;
+pub(crate) const MAX_MODEL_LEN: usize = 256;
 /// Largest payload of one DATA record (1 MiB). A reader buffers one record whole, so this
 /// also bounds the reader's memory.
 pub const MAX_FRAGMENT: usize = 1 << 20;
 /// Length of the fixed part of the stream header (magic, version, count, session, epoch,
 /// flags).
-pub const HEADER_FIXED_LEN: usize = 40;
+pub(crate) const HEADER_FIXED_LEN: usize = 40;
 /// Header flag: an HMAC-SHA256 tag ([`super::TAG_LEN`] bytes) follows the header and
 /// every record ([`super::StreamAuth`]).
-pub const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
+pub(crate) const HEADER_FLAG_AUTHENTICATED: u32 = 1 << 0;
 /// Length of the fixed part of a device descriptor (before the model name).
-pub const DESCRIPTOR_FIXED_LEN: usize = 12;
+pub(crate) const DESCRIPTOR_FIXED_LEN: usize = 12;
 /// Length of a CRC32C field.
-pub const CRC_LEN: usize = 4;
-/// Largest possible stream header, in bytes (its tag not included).
-pub const MAX_HEADER_LEN: usize =
-    HEADER_FIXED_LEN + MAX_DEVICES * (DESCRIPTOR_FIXED_LEN + MAX_MODEL_LEN) + CRC_LEN;
+pub(crate) const CRC_LEN: usize = 4;
 /// Length of a record header.
 pub const RECORD_HEADER_LEN: usize = 24;
 /// Offset of the CRC within a record header; the CRC covers the stream's session id, the
 /// bytes before it and the payload.
-pub const RECORD_CRC_OFFSET: usize = 20;
+pub(crate) const RECORD_CRC_OFFSET: usize = 20;
 /// Length of the fixed part of the trailer payload (the record count).
-pub const TRAILER_FIXED_LEN: usize = 8;
+pub(crate) const TRAILER_FIXED_LEN: usize = 8;
 /// Length of one device's totals in the trailer payload.
-pub const TRAILER_DEVICE_LEN: usize = 24;
+pub(crate) const TRAILER_DEVICE_LEN: usize = 24;
 /// Descriptor flag: pre-copy data follows for this device.
-pub const DEVICE_FLAG_LIVE: u8 = 1 << 0;
+pub(crate) const DEVICE_FLAG_LIVE: u8 = 1 << 0;
 /// DATA record flag: this fragment closes a device chunk.
-pub const RECORD_FLAG_CHUNK_END: u8 = 1 << 0;
+pub(crate) const RECORD_FLAG_CHUNK_END: u8 = 1 << 0;
 
 /// Payload length of the trailer of a stream with `device_count` devices.
-pub const fn trailer_len(device_count: usize) -> usize {
+pub(crate) const fn trailer_len(device_count: usize) -> usize {
     TRAILER_FIXED_LEN + device_count * TRAILER_DEVICE_LEN
 }
 
@@ -64,7 +61,7 @@ pub const fn trailer_len(device_count: usize) -> usize {
 const HEADER_STEP: &str = "stream header";
 
 /// The wire byte of a protocol: 1 = v1 migration region, 2 = v2 device feature.
-pub const fn protocol_wire(protocol: Protocol) -> u8 {
+pub(crate) const fn protocol_wire(protocol: Protocol) -> u8 {
     match protocol {
         Protocol::V1 => 1,
         Protocol::V2 => 2,
@@ -72,7 +69,7 @@ pub const fn protocol_wire(protocol: Protocol) -> u8 {
 }
 
 /// The protocol encoded by `byte`, if any.
-pub const fn protocol_from_wire(byte: u8) -> Option<Protocol> {
+pub(crate) const fn protocol_from_wire(byte: u8) -> Option<Protocol> {
     match byte {
         1 => Some(Protocol::V1),
         2 => Some(Protocol::V2),
@@ -172,7 +169,7 @@ pub struct DeviceDescriptor {
     pub live: bool,
     /// The v2 `VFIO_MIGRATION_*` flags of the source device (0 for v1).
     pub migration_flags: u64,
-    /// The device model, e.g. `mdev:mtty-2` (1 to [`MAX_MODEL_LEN`] bytes of UTF-8).
+    /// The device model, e.g. `mdev:mtty-2` (1 to `MAX_MODEL_LEN` bytes of UTF-8).
     pub model: String,
 }
 
@@ -239,7 +236,7 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// while `bytes` is too short to tell. For a receiver that gets a stream in pieces of any
 /// size and hands a [`super::StreamReader`] only whole units: a malformed header answers
 /// `bytes.len()` (what there is), so that the reader sees it and refuses it.
-pub fn header_frame_len(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn header_frame_len(bytes: &[u8]) -> Option<usize> {
     let fixed = bytes.get(..HEADER_FIXED_LEN)?;
     let count = usize::from(le_u16(fixed, 10));
     if fixed[..8] != MAGIC || !(1..=MAX_DEVICES).contains(&count) {
@@ -264,7 +261,7 @@ pub fn header_frame_len(bytes: &[u8]) -> Option<usize> {
 /// The length of the record that `bytes` begins with (its tag included, when `authenticated`),
 /// or `None` while `bytes` is too short to tell; see [`header_frame_len`]. A payload length
 /// beyond any record's answers `bytes.len()`, for the reader to refuse.
-pub fn record_frame_len(bytes: &[u8], authenticated: bool) -> Option<usize> {
+pub(crate) fn record_frame_len(bytes: &[u8], authenticated: bool) -> Option<usize> {
     let head = bytes.get(..RECORD_HEADER_LEN)?;
     let payload = le_u32(head, 16) as usize;
     if payload > MAX_FRAGMENT.max(trailer_len(MAX_DEVICES)) {
@@ -361,7 +358,7 @@ impl StreamHeader {
     }
 
     /// Checks that the header can be encoded: 1 to [`MAX_DEVICES`] devices, model names of
-    /// 1 to [`MAX_MODEL_LEN`] bytes, no migration flags on v1 devices.
+    /// 1 to `MAX_MODEL_LEN` bytes, no migration flags on v1 devices.
     pub fn validate(&self) -> Result<()> {
         let count = self.devices.len();
         if !(1..=MAX_DEVICES).contains(&count) {
@@ -605,7 +602,7 @@ pub struct RecordHeader {
 
 impl RecordHeader {
     /// Encodes this header for `payload` of the stream `session`, computing the CRC over the
-    /// session id, the header's first [`RECORD_CRC_OFFSET`] bytes and `payload`.
+    /// session id, the header's first `RECORD_CRC_OFFSET` bytes and `payload`.
     /// `payload_len` must equal `payload.len()`.
     pub fn encode(&self, session: &SessionId, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         let mut h = [0u8; RECORD_HEADER_LEN];

@@ -21,7 +21,7 @@
 //! by byte in `docs/stream-format.md`.
 //!
 //! ```
-//! use vfio_mig::stream::{
+//! use vfio_mig::wire::{
 //!     DeviceDescriptor, Phase, Protocol, Record, StreamHeader, StreamReader, StreamWriter,
 //! };
 //!
@@ -56,22 +56,21 @@
 //! # Ok::<(), vfio_mig::Error>(())
 //! ```
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod crc;
-pub mod format;
-pub mod reader;
-pub mod writer;
+pub(crate) mod format;
+pub(crate) mod reader;
+pub(crate) mod writer;
 
-pub use auth::{StreamAuth, TAG_LEN};
-pub use format::{
-    DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordKind, SessionId, StreamHeader, Totals,
-    FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, MAX_MODEL_LEN,
-};
-pub use reader::{
-    verify, verify_keyed, Authentication, DeviceSummary, PhaseSummary, Record, StreamReader,
-    StreamSummary,
-};
-pub use writer::StreamWriter;
+pub(crate) use auth::StreamAuth;
+pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES, MAX_FRAGMENT};
+pub(crate) use reader::{Record, StreamReader};
+pub(crate) use writer::StreamWriter;
+
+#[cfg(test)]
+pub(crate) use format::Protocol;
+#[cfg(test)]
+pub(crate) use reader::verify;
 
 #[cfg(test)]
 mod tests {

@@ -1128,7 +1128,7 @@ mod tests {
                 session_id: [seed; 16],
                 epoch: u64::from(seed),
                 devices: plans.iter().enumerate().map(|(i, p)| super::super::DeviceDescriptor {
-                    protocol: super::super::Protocol::V2,
+                    protocol: super::super::format::Protocol::V2,
                     live: p.live,
                     migration_flags: 0,
                     model: format!("mock:{i}"),

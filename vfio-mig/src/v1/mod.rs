@@ -5,10 +5,8 @@
 //! (`device_state`, `pending_bytes`, `data_offset`, `data_size`) followed by a data section
 //! through which the device's opaque state is read (saving) or written (resuming).
 
-pub mod driver;
-pub mod region;
+pub(crate) mod driver;
+pub(crate) mod region;
 pub mod state;
 
-pub use driver::V1Device;
-pub use region::MigrationRegion;
-pub use state::V1State;
+pub(crate) use driver::V1Device;

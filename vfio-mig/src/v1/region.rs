@@ -16,19 +16,20 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use crate::device::region::query_region;
-use crate::device::{DeviceIo, Mapping, RegionInfo, SparseArea};
+use crate::device::region::{RegionInfo, SparseArea};
+use crate::device::{DeviceIo, Mapping};
 use crate::error::{Error, Result};
 
 /// Offset of `device_state` (u32).
-pub const DEVICE_STATE: u64 = offset_of!(vfio_device_migration_info, device_state) as u64;
+pub(crate) const DEVICE_STATE: u64 = offset_of!(vfio_device_migration_info, device_state) as u64;
 /// Offset of `pending_bytes` (u64).
-pub const PENDING_BYTES: u64 = offset_of!(vfio_device_migration_info, pending_bytes) as u64;
+pub(crate) const PENDING_BYTES: u64 = offset_of!(vfio_device_migration_info, pending_bytes) as u64;
 /// Offset of `data_offset` (u64).
-pub const DATA_OFFSET: u64 = offset_of!(vfio_device_migration_info, data_offset) as u64;
+pub(crate) const DATA_OFFSET: u64 = offset_of!(vfio_device_migration_info, data_offset) as u64;
 /// Offset of `data_size` (u64).
-pub const DATA_SIZE: u64 = offset_of!(vfio_device_migration_info, data_size) as u64;
+pub(crate) const DATA_SIZE: u64 = offset_of!(vfio_device_migration_info, data_size) as u64;
 /// Size of the info header at the start of the region.
-pub const INFO_SIZE: u64 = size_of::<vfio_device_migration_info>() as u64;
+pub(crate) const INFO_SIZE: u64 = size_of::<vfio_device_migration_info>() as u64;
 
 /// A mapped sparse area of the region.
 #[derive(Debug)]

@@ -85,10 +85,10 @@ impl std::fmt::Display for Step {
 ///
 /// ```no_run
 /// # use std::sync::Arc;
-/// # use vfio_mig::device::DeviceIo;
+/// # use vfio_mig::backend::DeviceIo;
 /// # fn demo(dev: Arc<dyn DeviceIo>) -> vfio_mig::Result<()> {
-/// use vfio_mig::engine::{MigrationDevice, ReadOutcome};
-/// use vfio_mig::v2::V2Device;
+/// use vfio_mig::{MigrationDevice, ReadOutcome};
+/// use vfio_mig::backend::V2Device;
 ///
 /// let mut src = V2Device::open(dev)?;
 /// src.start_stop_copy()?;

@@ -32,7 +32,7 @@ fn errno(e: i32) -> io::Error {
 
 /// Makes the arc `from -> to` fail once with `errno`, leaving the device in `land`.
 #[derive(Debug, Clone, Copy)]
-pub struct Fault {
+pub(crate) struct Fault {
     from: MigState,
     to: MigState,
     errno: i32,
@@ -40,7 +40,7 @@ pub struct Fault {
 }
 
 impl Fault {
-    pub fn new(from: MigState, to: MigState, errno: i32, land: MigState) -> Self {
+    pub(crate) fn new(from: MigState, to: MigState, errno: i32, land: MigState) -> Self {
         Self {
             from,
             to,
@@ -52,7 +52,7 @@ impl Fault {
 
 /// The fake's state, open to tests through [`Fake::with`].
 #[derive(Debug, Default)]
-pub struct Inner {
+pub(crate) struct Inner {
     /// `None`: the device has no migration feature at all.
     flags: Option<u64>,
     state: Option<MigState>,
@@ -76,7 +76,7 @@ pub struct Inner {
 
 /// The fake device.
 #[derive(Debug)]
-pub struct Fake {
+pub(crate) struct Fake {
     inner: Mutex<Inner>,
 }
 
@@ -84,7 +84,7 @@ const HEADER: [u8; 24] = *b"MTTY-LIKE-HEADER-2-PORTS";
 
 impl Fake {
     /// A device with migration flags `bits`, RUNNING.
-    pub fn new(bits: u64) -> Arc<Self> {
+    pub(crate) fn new(bits: u64) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 flags: Some(bits),
@@ -95,7 +95,7 @@ impl Fake {
     }
 
     /// A device without `VFIO_DEVICE_FEATURE_MIGRATION`.
-    pub fn without_migration() -> Arc<Self> {
+    pub(crate) fn without_migration() -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
         })
@@ -106,44 +106,44 @@ impl Fake {
     }
 
     /// Runs `f` on the fake's state.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
         f(&mut self.lock())
     }
 
-    pub fn fault(&self, fault: Fault) {
+    pub(crate) fn fault(&self, fault: Fault) {
         self.lock().faults.push(fault);
     }
 
-    pub fn fail_resets(&self) {
+    pub(crate) fn fail_resets(&self) {
         self.lock().reset_fails = true;
     }
 
-    pub fn arcs(&self) -> Vec<(MigState, MigState)> {
+    pub(crate) fn arcs(&self) -> Vec<(MigState, MigState)> {
         self.lock().arcs.clone()
     }
 
-    pub fn sets(&self) -> Vec<MigState> {
+    pub(crate) fn sets(&self) -> Vec<MigState> {
         self.lock().sets.clone()
     }
 
-    pub fn state(&self) -> MigState {
+    pub(crate) fn state(&self) -> MigState {
         self.lock().state.unwrap()
     }
 
-    pub fn resets(&self) -> usize {
+    pub(crate) fn resets(&self) -> usize {
         self.lock().resets
     }
 
-    pub fn received(&self) -> Vec<u8> {
+    pub(crate) fn received(&self) -> Vec<u8> {
         self.lock().received.clone()
     }
 
-    pub fn dma_calls(&self) -> usize {
+    pub(crate) fn dma_calls(&self) -> usize {
         self.lock().dma_calls
     }
 
     /// Whether the user's resume writer was still open when `from -> to` ran.
-    pub fn writer_open_at(&self, from: MigState, to: MigState) -> Option<bool> {
+    pub(crate) fn writer_open_at(&self, from: MigState, to: MigState) -> Option<bool> {
         self.lock()
             .writer_open
             .iter()
@@ -151,11 +151,11 @@ impl Fake {
             .map(|(_, _, open)| *open)
     }
 
-    pub fn pre_data(&self) -> Vec<u8> {
+    pub(crate) fn pre_data(&self) -> Vec<u8> {
         HEADER.to_vec()
     }
 
-    pub fn stop_data(&self) -> Vec<u8> {
+    pub(crate) fn stop_data(&self) -> Vec<u8> {
         (0..72u8).collect()
     }
 }

@@ -69,14 +69,11 @@
 //! `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` / `_REPORT` / `_STOP` record the device's DMA
 //! writes by IOVA page; see [`feature`] and [`V2Device::dma_logging_start`].
 
-pub mod data;
-pub mod driver;
+pub(crate) mod data;
+pub(crate) mod driver;
 #[cfg(test)]
 mod fake;
 pub mod feature;
 pub mod state;
 
-pub use data::{DataFd, DataRead};
-pub use driver::{OnFailure, V2Device};
-pub use feature::{DmaLoggingRange, PrecopyInfo};
-pub use state::{is_arc, next_step, plan, returns_data_fd, ArcError, MigState, MigrationFlags};
+pub(crate) use driver::V2Device;

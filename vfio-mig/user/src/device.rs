@@ -34,11 +34,12 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
     VFIO_PCI_CONFIG_REGION_INDEX,
 };
-use vfio_mig::device::{
-    check_dma_bitmap, dma_bitmap_words, DataSession, DeviceIdentity, DeviceInfo, DeviceIo,
-    DmaLoggingRange, Mapping,
+use vfio_mig::{
+    backend::check_dma_bitmap, backend::dma_bitmap_words, backend::DataSession,
+    backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::DmaLoggingRange,
+    backend::Mapping,
 };
-use vfio_mig::v2::{returns_data_fd, MigState};
+use vfio_mig::{backend::v2_state::returns_data_fd, backend::v2_state::MigState};
 
 use crate::conn::{Connection, Limits};
 use crate::version::{self, ServerVersion, MAX_DATA_XFER};

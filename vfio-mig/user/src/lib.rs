@@ -4,7 +4,7 @@
 //! vfio-user is VFIO over a UNIX socket: a device emulated in another process (libvfio-user
 //! based devices, SPDK's NVMe controllers) answers the VFIO device model's operations as
 //! messages. [`VfioUserDevice`] connects to such a server and implements vfio-mig's
-//! [`DeviceIo`](vfio_mig::device::DeviceIo) over the socket, so the v2 driver and the engine
+//! [`DeviceIo`](vfio_mig::backend::DeviceIo) over the socket, so the v2 driver and the engine
 //! migrate it like a kernel device: state changes by `VFIO_USER_DEVICE_FEATURE`, the data by
 //! `VFIO_USER_MIG_DATA_READ` / `WRITE` on a data session without an fd.
 //!

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vfio_mig::device::DeviceIo;
+use vfio_mig::backend::DeviceIo;
 use vfio_mig::error::{Error, Result};
 use vfio_mig::OpenedDevice;
 use vfio_mig_fence::DeviceKey;

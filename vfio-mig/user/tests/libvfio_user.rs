@@ -8,9 +8,9 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use vfio_mig::device::DeviceIo;
-use vfio_mig::engine::{NoObserver, SaveOptions};
-use vfio_mig::v2::{MigState, V2Device};
+use vfio_mig::backend::DeviceIo;
+use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
+use vfio_mig::{workspace::SaveOptions, NoObserver};
 use vfio_mig_session::handshake::migrate_local;
 
 fn v2(dev: &Arc<vfio_mig_user::VfioUserDevice>) -> V2Device {
@@ -77,9 +77,9 @@ fn live_between_two_sample_servers() {
 /// The same through a saved file: `save_device` into a stream file, `load_device` from it.
 #[test]
 fn through_a_saved_file() {
-    use vfio_mig::engine::session::new_header;
-    use vfio_mig::engine::{load_device, save_device};
-    use vfio_mig::stream::{StreamReader, StreamWriter};
+    use vfio_mig::workspace::new_header;
+    use vfio_mig::{wire::StreamReader, wire::StreamWriter};
+    use vfio_mig::{workspace::load_device, workspace::save_device};
     if skipped() {
         return;
     }
@@ -110,8 +110,8 @@ struct KillAt {
     seen: std::sync::atomic::AtomicUsize,
 }
 
-impl vfio_mig::engine::Observer for KillAt {
-    fn on_event(&self, _: &vfio_mig::engine::Event) {
+impl vfio_mig::Observer for KillAt {
+    fn on_event(&self, _: &vfio_mig::Event) {
         if self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.nth {
             let pid = nix::unistd::Pid::from_raw(self.pid as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -236,7 +236,7 @@ fn the_sample_client_migrates_the_same_server() {
 /// an errno and the connection stays usable.
 #[test]
 fn dma_logging_against_the_sample_server() {
-    use vfio_mig::v2::feature::DmaLoggingRange;
+    use vfio_mig::backend::v2_feature::DmaLoggingRange;
     if skipped() {
         return;
     }

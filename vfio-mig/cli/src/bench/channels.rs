@@ -19,9 +19,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::v2::V2Device;
+use vfio_mig::backend::V2Device;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;

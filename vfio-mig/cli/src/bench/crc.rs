@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The `crc` suite: the stream's CRC32C as this build has it (`vfio_mig::stream::crc`; the
+//! The `crc` suite: the stream's CRC32C as this build has it (`vfio_mig::wire::crc`; the
 //! command line builds it with `crc-fast`) against the `crc32c` crate, the library's default,
 //! in the same run over the same buffer, so that the choice between them rests on this
 //! machine's figures. Both must compute the same value, and the suite fails if they do not.
@@ -34,7 +34,7 @@ fn crc32c_crate(crc: u32, data: &[u8]) -> u32 {
 
 /// Measures the stream's CRC32C against the `crc32c` crate on the engine's buffer size.
 pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
-    let built = vfio_mig::stream::crc::IMPLEMENTATION;
+    let built = vfio_mig::wire::crc::IMPLEMENTATION;
     let buf: Vec<u8> = (0..cfg.buffer).map(|i| (i * 31 + 7) as u8).collect();
     let mut values = [0u32; 2];
     let mut base = || {
@@ -45,7 +45,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let series = {
         let mut values1 = 0u32;
         let mut fast = || {
-            let (gbps, v) = throughput(&buf, vfio_mig::stream::crc::crc32c_append);
+            let (gbps, v) = throughput(&buf, vfio_mig::wire::crc::crc32c_append);
             values1 = v;
             Ok::<f64, Error>(gbps)
         };
@@ -56,7 +56,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     if values[0] != values[1] {
         return Err(Error::InvalidInput(format!(
             "the stream's CRC32C ({}) and crc32c disagree: {:#010x} vs {:#010x}",
-            vfio_mig::stream::crc::IMPLEMENTATION,
+            vfio_mig::wire::crc::IMPLEMENTATION,
             values[1],
             values[0]
         )));

@@ -11,10 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, NoObserver, SaveOptions, SaveReport};
-use vfio_mig::stream::StreamWriter;
-use vfio_mig::v2::V2Device;
+use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::save_device, workspace::SaveOptions, NoObserver, SaveReport};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};

@@ -10,8 +10,12 @@
 
 use std::sync::Arc;
 
-use vfio_mig::engine::{MigrationDevice, SaveOptions};
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::MigrationDevice;
+
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::backend::V2Device;
+use vfio_mig::workspace::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake::migrate_local;
@@ -130,7 +134,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
          applied; the unit moves {DEVICES} times the bytes over one stream; ratio = unit / alone; \
          available CPUs {}; load average {load_before} -> {}",
         spec(cfg, 0)?,
-        vfio_mig::engine::available_cores(),
+        vfio_mig::workspace::available_cores(),
         load1()
     ));
     let inline = Figure::from_paired(

@@ -14,10 +14,10 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
-use vfio_mig::device::{DataSession, DeviceIdentity};
-use vfio_mig::engine::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 use vfio_mig::error::{Error, Result};
-use vfio_mig::v2::{DataFd, DataRead};
+use vfio_mig::{backend::DataFd, backend::DataRead};
+use vfio_mig::{backend::DataSession, backend::DeviceIdentity};
+use vfio_mig::{Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery};
 
 /// Where the data goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +296,7 @@ impl Drop for FastPipe {
 }
 
 /// A minimal saving [`MigrationDevice`] over a pipe: each `read` is one `read(2)` of the pipe,
-/// exactly as [`vfio_mig::v2::V2Device`] reads its data fd, without any state machine.
+/// exactly as [`vfio_mig::backend::V2Device`] reads its data fd, without any state machine.
 pub struct PipeDevice {
     data: DataFd,
 }
@@ -337,8 +337,8 @@ impl MigrationDevice for PipeDevice {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         Ok(Vec::new())
     }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
-        Ok(vfio_mig::engine::RunState::Running)
+    fn run_state(&mut self) -> Result<vfio_mig::RunState> {
+        Ok(vfio_mig::RunState::Running)
     }
     fn quiesce(&mut self) -> Result<()> {
         Ok(())

@@ -14,10 +14,15 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{load_device, save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::stream::{Phase, Record, StreamReader, StreamWriter, MAX_FRAGMENT};
-use vfio_mig::v2::V2Device;
+use vfio_mig::backend::V2Device;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{
+    wire::Phase, wire::Record, wire::StreamReader, wire::StreamWriter, wire::MAX_FRAGMENT,
+};
+use vfio_mig::{
+    workspace::load_device, workspace::save_device, workspace::SaveOptions, MigrationDevice,
+    NoObserver,
+};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};

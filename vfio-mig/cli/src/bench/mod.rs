@@ -51,7 +51,7 @@ use vfio_mig_session::Result;
 pub use report::{Machine, Report};
 
 /// The pipelined pump's depth the figures compare with the inline pump (`pipeline: 0`): the
-/// default where the thread may run on three CPUs or more ([`vfio_mig::engine::default_pipeline`]),
+/// default where the thread may run on three CPUs or more ([`vfio_mig::workspace::default_pipeline`]),
 /// measured on any machine.
 pub const PIPELINED: usize = 3;
 
@@ -96,7 +96,7 @@ impl Default for Config {
             size: 1 << 30,
             reps: 5,
             warmup: 1,
-            buffer: vfio_mig::engine::DEFAULT_BUFFER,
+            buffer: vfio_mig::DEFAULT_BUFFER,
             file_dir: default_file_dir(),
             memory_sizes: vec![1 << 30, 4 << 30],
             downtime_sizes: vec![64 << 20, 256 << 20, 1 << 30],

@@ -3,19 +3,19 @@
 //! the public per-device API: [`save_device`] into a stream per device) against the same four
 //! saved one after another, on however many cores the machine has (2 on ours).
 //!
-//! Two parallel subjects: the multi-device engine ([`vfio_mig::engine::multi::save_all`]: one
+//! Two parallel subjects: the multi-device engine ([`vfio_mig::workspace::save_all`]: one
 //! stream shared by a thread per device) and plain threads over the per-device API (a stream
 //! each: the upper bound of a thread-per-device engine, without the shared writer's lock).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use vfio_mig::engine::multi::{finish_handoff_all, save_all, SharedWriter};
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, SaveOptions};
-use vfio_mig::stream::StreamWriter;
-use vfio_mig::v1::V1Device;
-use vfio_mig::v2::V2Device;
+use vfio_mig::backend::V1Device;
+use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{workspace::finish_handoff_all, workspace::save_all, workspace::SharedWriter};
+use vfio_mig::{workspace::save_device, workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 use vfio_mig_session::{Error, Result};
@@ -48,7 +48,7 @@ fn save_one(dev: &mut dyn MigrationDevice) -> Result<u64> {
     Ok(r.stop_copy_bytes)
 }
 
-/// Seconds to save `DEVICES` fresh devices with [`vfio_mig::engine::multi::save_all`]: one
+/// Seconds to save `DEVICES` fresh devices with [`vfio_mig::workspace::save_all`]: one
 /// stream into `/dev/null`, a thread per device, quiesce before stop-and-copy, trailer, STOP.
 fn run_save_all(proto: &str, size: u64) -> Result<f64> {
     let mut devs = (0..DEVICES)

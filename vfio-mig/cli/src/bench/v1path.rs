@@ -23,15 +23,18 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
 };
 
-use vfio_mig::device::{
-    DeviceIdentity, DeviceInfo, DeviceIo, Mapping, RegionCap, RegionInfo, SparseArea,
-};
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, MigrationDevice, NoObserver, ReadOutcome, SaveOptions};
+use vfio_mig::backend::MigrationRegion;
+use vfio_mig::backend::V1Device;
 use vfio_mig::error::{Error, Result};
-use vfio_mig::stream::StreamWriter;
-use vfio_mig::v1::region::MigrationRegion;
-use vfio_mig::v1::V1Device;
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::new_header;
+use vfio_mig::{
+    backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping,
+    backend::RegionCap, backend::RegionInfo, backend::SparseArea,
+};
+use vfio_mig::{
+    workspace::save_device, workspace::SaveOptions, MigrationDevice, NoObserver, ReadOutcome,
+};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 
@@ -413,7 +416,7 @@ mod tests {
             assert_eq!(r.stop_copy_bytes, 300 << 10);
             assert_eq!(r.chunks, 5);
             let (bytes, _) = w.finish().unwrap();
-            let s = vfio_mig::stream::verify(bytes.as_slice()).unwrap();
+            let s = vfio_mig::wire::verify(bytes.as_slice()).unwrap();
             assert_eq!(s.totals.devices[0].stop_copy_bytes, 300 << 10);
             dev.run().unwrap();
             // A second save serves it all again.

@@ -14,10 +14,17 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_device, NoObserver, SaveOptions};
-use vfio_mig::stream::{DeviceDescriptor, Protocol, StreamHeader, StreamWriter};
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::backend::V2Device;
+use vfio_mig::wire::DeviceDescriptor;
+use vfio_mig::wire::Protocol;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::new_header;
+use vfio_mig::workspace::save_device;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::NoObserver;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 

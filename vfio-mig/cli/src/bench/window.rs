@@ -8,8 +8,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use vfio_mig::engine::events::{Event, Observer};
-use vfio_mig::stream::Phase;
+use vfio_mig::Event;
+
+use vfio_mig::wire::Phase;
+use vfio_mig::Observer;
 
 /// Stop-copy phases seen so far: each source's (start, end), each destination's end.
 #[derive(Debug, Default)]

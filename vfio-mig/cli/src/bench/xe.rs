@@ -24,8 +24,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vfio_mig::engine::SaveOptions;
-use vfio_mig::v2::{feature, MigState, V2Device};
+use vfio_mig::backend::v2_feature as feature;
+use vfio_mig::backend::v2_state::MigState;
+use vfio_mig::backend::V2Device;
+use vfio_mig::workspace::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake::migrate_local;
@@ -271,7 +273,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         "the same runs with the source's pump on one thread: source and destination share this \
          machine's {} CPUs, so the pipeline's reader thread is a third busy thread; engine peak \
          RSS max {:.1} MiB",
-        vfio_mig::engine::available_cores(),
+        vfio_mig::workspace::available_cores(),
         Stat::of(&recorded(2)).max
     ));
     eprintln!("bench: {}", summary(&downtime));

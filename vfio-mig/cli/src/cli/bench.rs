@@ -27,7 +27,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Transfer buffer of the engine and of the baselines, in bytes.
-    #[arg(long, default_value_t = vfio_mig::engine::DEFAULT_BUFFER)]
+    #[arg(long, default_value_t = vfio_mig::DEFAULT_BUFFER)]
     pub buffer: usize,
     /// Directory of the file sink (default /dev/shm, else the temporary directory).
     #[arg(long, value_name = "DIR")]
@@ -83,7 +83,7 @@ impl BenchArgs {
             size: self.size,
             reps: self.reps.max(1),
             warmup: self.warmup,
-            buffer: self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT),
+            buffer: self.buffer.clamp(4096, vfio_mig::wire::MAX_FRAGMENT),
             file_dir: self
                 .file_dir
                 .clone()

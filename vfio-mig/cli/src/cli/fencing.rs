@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig_etcd::{EtcdStore, EtcdTls, Scheme, Security};
 use vfio_mig_fence::{
     Claim, DirStore, Fence, FenceConfig, FenceSet, FenceStore, Handoff, SharedFencing,
@@ -328,35 +328,49 @@ impl Fencing {
         Ok(self.keys.clone())
     }
 
-    /// Begins the handoff of `header`'s devices as their source: with a shared store, the
-    /// store grants the epoch (an `--epoch` is an error). Without one, `epoch` or the claims'
-    /// default epoch. Before any device is touched.
+    /// Begins the handoff of `header`'s devices as their source, setting its epoch (see
+    /// [`Self::begin_session`]).
     pub fn begin_source(
         &self,
         claims: &[Claim],
         epoch: Option<u64>,
         header: &mut StreamHeader,
     ) -> Result<Option<Handoff>> {
+        let (granted, handoff) =
+            self.begin_session(claims, epoch, &header.session_id, header.devices.len())?;
+        header.epoch = granted;
+        Ok(handoff)
+    }
+
+    /// Begins the handoff of session `session` of `devices` devices as their source, and
+    /// returns its epoch: with a shared store, the store grants it (an `--epoch` is an error).
+    /// Without one, `epoch` or the claims' default epoch. Before any device is touched.
+    pub fn begin_session(
+        &self,
+        claims: &[Claim],
+        epoch: Option<u64>,
+        session: &SessionId,
+        devices: usize,
+    ) -> Result<(u64, Option<Handoff>)> {
         let Some(shared) = &self.shared else {
-            header.epoch =
+            let epoch =
                 epoch.unwrap_or_else(|| claims.iter().map(Claim::default_epoch).max().unwrap_or(1));
-            return Ok(None);
+            return Ok((epoch, None));
         };
         if epoch.is_some() {
             return Err(Error::invalid_input(
                 "--epoch: with --fence the store grants the epoch of every handoff",
             ));
         }
-        let handoff = shared.begin(&self.identities(header.devices.len())?, &header.session_id)?;
-        header.epoch = handoff.epoch();
+        let handoff = shared.begin(&self.identities(devices)?, session)?;
         log::info!(
             "{} granted epoch {} to session {} (owner {})",
             shared.store().describe(),
             handoff.epoch(),
-            vfio_mig_fence::session_hex(&header.session_id),
+            vfio_mig_fence::session_hex(session),
             shared.owner()
         );
-        Ok(Some(handoff))
+        Ok((handoff.epoch(), Some(handoff)))
     }
 
     /// Ends a source's handoff after the transfer: a failure that left the source devices

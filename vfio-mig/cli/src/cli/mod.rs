@@ -28,7 +28,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use vfio_mig::engine::{PreCopyPolicy, SaveOptions, DEFAULT_BUFFER};
+use vfio_mig::PreCopyPolicy;
+
+use vfio_mig::workspace::SaveOptions;
+
+use vfio_mig::DEFAULT_BUFFER;
 
 use config::ConfigFile;
 use fencing::{FenceSettings, Fencing};
@@ -139,7 +143,7 @@ pub enum Command {
         /// instead of starting a new one: a destination that completed it answers
         /// ALREADY_COMPLETED.
         #[arg(long, value_name = "HEX", value_parser = fencing::parse_session)]
-        session: Option<vfio_mig::stream::SessionId>,
+        session: Option<vfio_mig::wire::SessionId>,
         /// `file:` only: replace an existing file (see save --force).
         #[arg(long)]
         force: bool,
@@ -306,18 +310,36 @@ impl TransferArgs {
     pub(crate) fn save_options(&self) -> SaveOptions {
         SaveOptions {
             live: self.live,
-            policy: PreCopyPolicy {
-                downtime_budget: Duration::from_millis(self.downtime_ms),
-                switchover_bytes: self.switchover_bytes,
-                max_rounds: self.max_rounds,
-                max_time: Duration::from_secs_f64(self.max_precopy_secs.max(0.0)),
-                strict: self.strict_downtime,
-                ..PreCopyPolicy::default()
-            },
-            buffer: self.buffer.clamp(4096, vfio_mig::stream::MAX_FRAGMENT),
+            policy: self.policy(),
+            buffer: self.buffer(),
             allow_non_p2p_unit: self.allow_non_p2p_unit,
             ..SaveOptions::default()
         }
+    }
+
+    /// The front door's options of these, with `epoch` (the caller adds the session, key and
+    /// observer).
+    pub(crate) fn source_options(&self, epoch: vfio_mig::Epoch) -> vfio_mig::SourceOptions {
+        vfio_mig::SourceOptions::new(epoch)
+            .pre_copy(self.live)
+            .buffer(self.buffer())
+            .allow_non_p2p_unit(self.allow_non_p2p_unit)
+    }
+
+    /// When pre-copy switches over.
+    pub(crate) fn policy(&self) -> PreCopyPolicy {
+        PreCopyPolicy {
+            downtime_budget: Duration::from_millis(self.downtime_ms),
+            switchover_bytes: self.switchover_bytes,
+            max_rounds: self.max_rounds,
+            max_time: Duration::from_secs_f64(self.max_precopy_secs.max(0.0)),
+            strict: self.strict_downtime,
+            ..PreCopyPolicy::default()
+        }
+    }
+
+    fn buffer(&self) -> usize {
+        self.buffer.clamp(4096, vfio_mig::wire::MAX_FRAGMENT)
     }
 }
 

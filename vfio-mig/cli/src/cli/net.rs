@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::HumanBytes;
 
-use vfio_mig::engine::session::new_header;
+use vfio_mig::workspace::new_header;
 use vfio_mig_fence::session_hex;
 use vfio_mig_session::handshake::{self, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{self, Address, Duplex};
@@ -63,7 +63,7 @@ struct SendJson<'a> {
     destination: String,
     session: String,
     epoch: u64,
-    reports: Vec<vfio_mig::engine::SaveReport>,
+    reports: Vec<vfio_mig::SaveReport>,
 }
 
 /// What `recv --json` prints.
@@ -76,7 +76,7 @@ struct RecvJson<'a> {
     source_identity: Option<String>,
     session: String,
     epoch: u64,
-    reports: Vec<vfio_mig::engine::LoadReport>,
+    reports: Vec<vfio_mig::LoadReport>,
     confirmed: bool,
 }
 
@@ -85,7 +85,7 @@ pub struct SendTarget<'a> {
     /// The destination (`--to`).
     pub to: &'a Address,
     /// The session to retry (`--session`).
-    pub session: Option<vfio_mig::stream::SessionId>,
+    pub session: Option<vfio_mig::wire::SessionId>,
     /// `file:` only: replace an existing file (`--force`).
     pub replace: bool,
 }
@@ -275,7 +275,7 @@ pub fn recv(
     let mut devs = drivers(&mut opened);
     // The destination decides on its own devices: a unit without P2P is this host's risk too
     // (a device that cannot wait quiesced may run before its peers are loaded).
-    vfio_mig::engine::multi::check_unit(&devs, opts.allow_non_p2p_unit)?;
+    vfio_mig::workspace::check_unit(&devs, opts.allow_non_p2p_unit)?;
     let names = devices.join(" ");
     let listener = listen_private(listen)?;
     let bound = listener.local_address()?;

@@ -3,9 +3,9 @@
 
 use crate::cli::devices::open_device;
 use std::fmt::Write as _;
-use vfio_mig::device::region::query_region;
-use vfio_mig::device::DeviceIo;
-use vfio_mig::engine::multi::unit_member;
+use vfio_mig::backend::query_region;
+use vfio_mig::backend::DeviceIo;
+use vfio_mig::workspace::unit_member;
 use vfio_mig_session::{Error, Result};
 
 /// One region, as `probe` shows it.
@@ -25,11 +25,11 @@ struct ProbeOutput {
     device: String,
     model: String,
     /// How the device was opened: `group` or `iommufd` (`null` for a mock).
-    backend: Option<vfio_mig::device::backend::Backend>,
+    backend: Option<vfio_mig::Backend>,
     /// What the backend opened (`null` for a mock).
     access: Option<String>,
     protocol: String,
-    capabilities: vfio_mig::engine::Capabilities,
+    capabilities: vfio_mig::Capabilities,
     /// Whether the device can join a unit of several devices without
     /// `--allow-non-p2p-unit` (it has the P2P states); `unit_note` says why not.
     multi_device_unit: bool,

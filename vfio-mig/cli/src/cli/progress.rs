@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use vfio_mig::engine::{Event, Observer};
-use vfio_mig::stream::Phase;
+use vfio_mig::wire::Phase;
+use vfio_mig::{Event, Observer};
 
 /// Shows one side of a transfer (save or load) as a progress bar with bytes, rate and phase.
 pub struct ProgressView {

@@ -2,8 +2,8 @@
 //! `recover DEVICE`: report a device's migration state and bring one left in a non-running
 //! state (a killed migration, a crashed VMM) back to RUNNING.
 
-use vfio_mig::engine::MigrationDevice;
 use vfio_mig::error::Recovery;
+use vfio_mig::MigrationDevice;
 use vfio_mig_fence::FenceConfig;
 use vfio_mig_session::{Error, Result};
 

@@ -16,10 +16,10 @@ use std::sync::{Mutex, OnceLock};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vfio_mig::device::DeviceIdentity;
-use vfio_mig::engine::MigrationDevice;
-use vfio_mig::engine::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
+use vfio_mig::backend::DeviceIdentity;
 use vfio_mig::error::{Error, Result};
+use vfio_mig::MigrationDevice;
+use vfio_mig::{Capabilities, Pending, Protocol, ReadOutcome, Recovery};
 
 /// A hook run (once) when the first signal arrives.
 type Hook = Box<dyn FnOnce() + Send>;
@@ -178,7 +178,7 @@ impl MigrationDevice for Cancellable {
     fn details(&mut self) -> Result<Vec<(String, String)>> {
         self.0.details()
     }
-    fn run_state(&mut self) -> Result<vfio_mig::engine::RunState> {
+    fn run_state(&mut self) -> Result<vfio_mig::RunState> {
         self.0.run_state()
     }
     fn quiesce(&mut self) -> Result<()> {

@@ -4,16 +4,16 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{HumanBytes, MultiProgress};
 
 use crate::cli::devices::open_device;
-use vfio_mig::engine::save::rollback_source;
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{save_with_rollback, MigrationDevice, SaveOptions, SaveReport};
-use vfio_mig::stream::{StreamHeader, StreamReader, StreamWriter};
-use vfio_mig::OpenedDevice;
+use vfio_mig::wire::StreamReader;
+use vfio_mig::{new_session_id, workspace::new_header};
+use vfio_mig::{Epoch, OpenedDevice, Source, SourceOptions};
+use vfio_mig::{MigrationDevice, Observer, PreCopyPolicy, SaveReport};
 use vfio_mig_fence::session_hex;
 use vfio_mig_session::handshake::{load_fenced, migrate_pairs_channels, RecvOutcome};
 use vfio_mig_session::StreamKey;
@@ -45,10 +45,10 @@ pub(crate) fn open_cancellable(name: &str) -> Result<OpenedDevice> {
 /// when a device cannot be reopened or still does not run; a device whose state cannot be read
 /// is left as it is.
 pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> Result<()> {
-    let running = vfio_mig::v2::MigState::Running.to_string();
+    let running = vfio_mig::backend::v2_state::MigState::Running.to_string();
     for (i, name) in names.iter().enumerate() {
         // v1 has no such driver (and names its states otherwise).
-        if opened[i].device.protocol() != vfio_mig::engine::Protocol::V2 {
+        if opened[i].device.protocol() != vfio_mig::Protocol::V2 {
             continue;
         }
         // A state that cannot be read is left to the error already reported.
@@ -104,27 +104,24 @@ pub(super) fn save_summary(r: &SaveReport) -> String {
     )
 }
 
-/// Saves into `out`; the source is rolled back to RUNNING on any failure, including a
-/// failure to flush, sync or rename the output after the device has already stopped.
-fn save_to(
-    dev: &mut dyn MigrationDevice,
+/// Saves `devs` into `out` through the front door: pre-copy under `policy` (when `opts` lets
+/// the devices pre-copy), the switch-over, then the output committed before the devices are
+/// released to STOP. On any failure, a failure to flush, sync or rename the output included,
+/// each device returns to the state it began in (RUNNING, or STOP for a stopped device).
+fn save_to<D: MigrationDevice>(
+    devs: Vec<D>,
     out: Output,
-    key: Option<&StreamKey>,
-    header: &StreamHeader,
-    opts: &SaveOptions,
-    view: &ProgressView,
-) -> Result<SaveReport> {
+    opts: &SourceOptions,
+    policy: &PreCopyPolicy,
+    obs: &dyn Observer,
+) -> Result<Vec<SaveReport>> {
     let name = out.name();
-    let writer = out.writer()?;
-    let mut stream = StreamWriter::with_key(
-        BufWriter::with_capacity(1 << 20, writer),
-        header,
-        key.map(StreamKey::auth),
-    )?;
-    let report = save_with_rollback(dev, &mut stream, 0, opts, view)?;
-    let finish = || -> Result<()> {
-        let (writer, _totals) = stream.finish()?;
-        let mut writer = writer
+    let mut stream = BufWriter::with_capacity(1 << 20, out.writer()?);
+    let mut source = Source::start(devs, opts).map_err(vfio_mig::Error::from)?;
+    source.pre_copy(&mut stream, policy, obs)?;
+    source.switch_over_observed(&mut stream, obs)?;
+    let commit = || -> Result<()> {
+        let mut writer = stream
             .into_inner()
             .map_err(|e| Error::transport(format!("write {name}"), e.into_error()))?;
         writer
@@ -133,8 +130,10 @@ fn save_to(
         drop(writer);
         out.commit()
     };
-    finish().map_err(|e| rollback_source(dev, 0, e.into_core(), view))?;
-    Ok(report)
+    if let Err(e) = commit() {
+        return Err(source.cancel_with(e.into_core()).into());
+    }
+    Ok(source.finish().reports)
 }
 
 /// Where `save` writes, and how.
@@ -160,30 +159,31 @@ pub fn save(
     // Held (the device's lock) until the command ends.
     let claims = [crate::cli::devices::claim(&fence.config, device)?];
     let mut opened = open_cancellable(device)?;
-    let opts = args.save_options();
-    let mut header = new_header(&[opened.device.as_ref()], opts.live, 0)?;
-    let handoff = fence.begin_source(&claims, args.epoch, &mut header)?;
-    let hex = session_hex(&header.session_id);
-    super::outcome::session(&hex, header.epoch);
+    let session = new_session_id()?;
+    let (epoch, handoff) = fence.begin_session(&claims, args.epoch, &session, 1)?;
+    let hex = session_hex(&session);
+    super::outcome::session(&hex, epoch);
     eprintln!(
-        "vfio-mig: save: session {hex}, epoch {}, to {}",
-        header.epoch,
+        "vfio-mig: save: session {hex}, epoch {epoch}, to {}",
         out.name()
     );
     let name = out.name();
-    let view = ProgressView::new("save", None, args.json);
+    let view = Arc::new(ProgressView::new("save", None, args.json));
+    let opts = args
+        .source_options(Epoch(epoch))
+        .session(session)
+        .key(key.as_ref().map(StreamKey::auth));
     let started = Instant::now();
     let result = save_to(
-        opened.device.as_mut(),
+        vec![opened.device.as_mut()],
         out,
-        key.as_ref(),
-        &header,
         &opts,
-        &view,
+        &args.policy(),
+        &*view,
     );
     view.finish();
     fence.end_source(handoff, &result);
-    let report = result?;
+    let report = result?.remove(0);
     if args.json {
         return print_json(&report);
     }
@@ -387,7 +387,7 @@ pub fn inspect(file: &Path, key_file: Option<&Path>, json: bool) -> Result<()> {
     let key = load_key(key_file)?;
     let f =
         File::open(file).map_err(|e| Error::transport(format!("open {}", file.display()), e))?;
-    let summary = vfio_mig::stream::verify_keyed(
+    let summary = vfio_mig::wire::verify_keyed(
         BufReader::with_capacity(1 << 20, f),
         key.as_ref().map(StreamKey::auth),
     )?;

@@ -356,11 +356,11 @@ pub fn kill(pid: u32, signal: i32) {
 
 /// A one-device v1 stream header (what a raw client sends after HELLO).
 pub fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
-    vfio_mig::stream::StreamHeader {
+    vfio_mig::wire::StreamHeader {
         session_id: [session; 16],
         epoch,
-        devices: vec![vfio_mig::stream::DeviceDescriptor {
-            protocol: vfio_mig::stream::Protocol::V1,
+        devices: vec![vfio_mig::wire::DeviceDescriptor {
+            protocol: vfio_mig::wire::Protocol::V1,
             live: false,
             migration_flags: 0,
             model: "mock:v1".into(),

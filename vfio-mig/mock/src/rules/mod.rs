@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The mock's own migration state rules, written from the kernel's uAPI text and drivers and
-//! from QEMU, without reference to the `vfio-mig` driver's rule code (`vfio_mig::v1::state`,
-//! `vfio_mig::v2::state`), so that a test comparing the two can find a mistake in either.
+//! from QEMU, without reference to the `vfio-mig` driver's rule code (`vfio_mig::backend::v1_state`,
+//! `vfio_mig::backend::v2_state`), so that a test comparing the two can find a mistake in either.
 //!
 //! * [`v2_arcs`]: the v2 FSM: a port of the kernel's `vfio_mig_get_next_state()`
 //!   (drivers/vfio/vfio_main.c), the arcs a vendor driver must implement, mtty's step function.

@@ -7,7 +7,7 @@
 //! of the logged ranges chosen by a generator seeded from the device seed (restarted by each
 //! START), so a test knows exactly which bits to expect ([`DmaLog::written`]).
 //!
-//! The ranges and the bitmap come as slices (the typed [`vfio_mig::device::DeviceIo`]
+//! The ranges and the bitmap come as slices (the typed [`vfio_mig::backend::DeviceIo`]
 //! operations); the uAPI's addresses in the payload exist only for the real device.
 
 use std::collections::BTreeSet;

@@ -133,9 +133,9 @@
 //! # Example
 //!
 //! ```
-//! use vfio_mig::device::DeviceIo;
+//! use vfio_mig::backend::DeviceIo;
 //! use vfio_mig_mock::{MockSpec, MockV2};
-//! use vfio_mig::v2::{feature, MigState};
+//! use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState};
 //!
 //! let spec: MockSpec = "mock:v2,size=64K,seed=7".parse()?;
 //! let (src, dst) = (MockV2::new(&spec)?, MockV2::new(&spec)?);
@@ -188,8 +188,9 @@ use crate::rules::v2_arcs::{
     self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
     RUNNING_P2P, STOP, STOP_COPY,
 };
-use vfio_mig::device::{
-    DataSession, DeviceIdentity, DeviceInfo, DeviceIo, DmaLoggingRange, Mapping,
+use vfio_mig::{
+    backend::DataSession, backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo,
+    backend::DmaLoggingRange, backend::Mapping,
 };
 
 pub use dma::LOG_MAX_RANGES;

@@ -316,7 +316,7 @@ pub struct Behaviour {
     /// Bad data refused inside write(2) (through [`DeviceIo::write_data`]); `None`: the
     /// stream is only checked later.
     ///
-    /// [`DeviceIo::write_data`]: vfio_mig::device::DeviceIo::write_data
+    /// [`DeviceIo::write_data`]: vfio_mig::backend::DeviceIo::write_data
     pub write_refusal: Option<WriteRefusal>,
     /// The largest whole stream the device holds (igb's `state_max_size`): a `size=` whose
     /// stream is longer is refused, and without `size=` the state fills it in one page.

@@ -8,8 +8,8 @@ use std::io::{self, Write};
 use super::message::{read_message, Message, SessionId};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
-use vfio_mig::engine::SaveReport;
 use vfio_mig::Error as CoreError;
+use vfio_mig::SaveReport;
 
 /// The source's writing half: before every write it checks, without blocking, whether the
 /// destination said something. During the transfer the destination only speaks to fail

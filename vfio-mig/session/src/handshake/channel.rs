@@ -3,7 +3,7 @@
 //! many it takes, and the token), the binding of each further connection (CHANNEL: the
 //! session, its index, the token; anything else is refused and touches no device), ACCEPT
 //! once every channel is bound, then the load over all channels
-//! ([`vfio_mig::engine::channels::load_channels_gated`]) and the two-phase end on the main
+//! ([`vfio_mig::workspace::load_channels_gated`]) and the two-phase end on the main
 //! connection.
 
 use std::io::BufReader;
@@ -23,10 +23,11 @@ use super::opened::{send_final, ChannelOpening};
 use super::session_destination::receive_one;
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
-use vfio_mig::engine::channels::load_channels_gated;
-use vfio_mig::engine::multi::rollback_destinations;
-use vfio_mig::engine::session::new_session_id;
-use vfio_mig::engine::{MigrationDevice, Observer};
+use vfio_mig::new_session_id;
+use vfio_mig::workspace::load_channels_gated;
+use vfio_mig::workspace::rollback_destinations;
+use vfio_mig::MigrationDevice;
+use vfio_mig::Observer;
 use vfio_mig_fence::{Admission, Fence};
 
 /// How long the destination waits for the source's further connections, from its CHANNELS
@@ -48,7 +49,7 @@ pub fn receive<C: Duplex>(
 /// Runs an opened session into `devs`.
 ///
 /// Checks, before the device is touched: one device in the stream per device given, known
-/// features, the device's protocol and model ([`check_compatible`](vfio_mig::engine::check_compatible)), and the fencing state
+/// features, the device's protocol and model ([`check_compatible`](vfio_mig::workspace::check_compatible)), and the fencing state
 /// ([`Fence::admit`]: a completed session is answered ALREADY_COMPLETED, a stale epoch
 /// REFUSE). Then ACCEPT, the load (SWITCHOVER_ACK after the pre-copy data, LOADED after the
 /// trailer), COMMIT from the source, the completion record, the resume, and RESUMED.

@@ -19,13 +19,19 @@ use super::reinit::reack_after_reinit;
 use super::source::{before_hello, commit, refused, send, SendOutcome};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::channels::{
-    channel_header, pre_copy_channels, resend_reinit_channels, stop_copy_channels,
-};
-use vfio_mig::engine::multi::{rollback_sources, SharedWriter};
-use vfio_mig::engine::{MigrationDevice, Observer, SaveOptions, SaveReport};
-use vfio_mig::stream::{StreamHeader, StreamWriter};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::wire::StreamWriter;
+use vfio_mig::workspace::channel_header;
+use vfio_mig::workspace::pre_copy_channels;
+use vfio_mig::workspace::resend_reinit_channels;
+use vfio_mig::workspace::rollback_sources;
+use vfio_mig::workspace::stop_copy_channels;
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::workspace::SharedWriter;
 use vfio_mig::Error as CoreError;
+use vfio_mig::MigrationDevice;
+use vfio_mig::Observer;
+use vfio_mig::SaveReport;
 
 /// How long the source waits, after a channel failed, for the destination's reason on the
 /// main connection (it usually explains the failure better than the channel's `EPIPE`).

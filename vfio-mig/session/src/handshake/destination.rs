@@ -13,12 +13,18 @@ use super::opened::{channel_opened, send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
-use vfio_mig::engine::multi::check_unit;
-use vfio_mig::engine::{
-    check_compatible, Event, LoadGate, LoadReport, MigrationDevice, Observer, Protocol,
-};
 use vfio_mig::error::Report;
-use vfio_mig::stream::{Phase, StreamHeader, StreamReader};
+use vfio_mig::wire::Phase;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::wire::StreamReader;
+use vfio_mig::workspace::check_compatible;
+use vfio_mig::workspace::check_unit;
+use vfio_mig::workspace::LoadGate;
+use vfio_mig::Event;
+use vfio_mig::LoadReport;
+use vfio_mig::MigrationDevice;
+use vfio_mig::Observer;
+use vfio_mig::Protocol;
 use vfio_mig::{Destination, DestinationOptions, Error as CoreError, Status};
 use vfio_mig_fence::{Admission, Fence};
 

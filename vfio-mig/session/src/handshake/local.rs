@@ -12,11 +12,11 @@ use super::source::{send, SendOutcome};
 use crate::error::{is_peer_loss, Error, Result};
 use crate::handshake::ReasonCode;
 use crate::transport::Connection;
-use vfio_mig::engine::session::new_header;
-use vfio_mig::engine::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig::error::Recovery;
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::workspace::new_header;
 use vfio_mig::Error as CoreError;
+use vfio_mig::{workspace::SaveOptions, LoadReport, MigrationDevice, Observer, SaveReport};
 use vfio_mig_fence::Fence;
 
 /// What a local migration did.

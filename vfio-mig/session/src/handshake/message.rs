@@ -32,7 +32,7 @@ pub const TOKEN_LEN: usize = 16;
 /// every further connection of the session presents (in CHANNEL).
 pub type ChannelToken = [u8; TOKEN_LEN];
 
-pub use vfio_mig::stream::SessionId;
+pub use vfio_mig::wire::SessionId;
 pub use vfio_mig_fence::ReasonCode;
 
 /// The payload of REFUSE and FAILED: a code and a human-readable line.

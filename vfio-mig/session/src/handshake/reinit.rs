@@ -10,7 +10,8 @@
 use super::answers::expect;
 use super::message::{Message, SessionId};
 use crate::error::{Error, Result};
-use vfio_mig::engine::{PreCopyPolicy, SaveOptions};
+use vfio_mig::workspace::SaveOptions;
+use vfio_mig::PreCopyPolicy;
 
 /// Runs `resend` (which reopens the pre-copy of every device that re-initialised, hands the
 /// stream back flushed, and says how many it reopened) and waits for the destination's

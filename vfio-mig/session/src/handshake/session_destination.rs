@@ -15,8 +15,10 @@ use super::message::{write_message, Message, FEATURE_SWITCHOVER_ACK};
 use super::opened::send_final;
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
-use vfio_mig::engine::{LoadReport, MigrationDevice, Observer};
-use vfio_mig::stream::StreamHeader;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::LoadReport;
+use vfio_mig::MigrationDevice;
+use vfio_mig::Observer;
 use vfio_mig::{Destination, DestinationOptions, Handback};
 use vfio_mig_fence::{Admission, Fence};
 

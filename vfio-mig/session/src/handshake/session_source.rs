@@ -32,9 +32,12 @@ use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
 use super::reinit::reack_passes;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
-use vfio_mig::engine::{NoObserver, Observer, PreCopyPolicy, SwitchReason};
 use vfio_mig::error::Report;
 use vfio_mig::Error as CoreError;
+use vfio_mig::NoObserver;
+use vfio_mig::Observer;
+use vfio_mig::PreCopyPolicy;
+use vfio_mig::SwitchReason;
 use vfio_mig::{Estimate, Finished, Handback, MigrationDevice, Round, Source};
 
 /// The destination's answer to a session's opening.

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use vfio_mig::device::DeviceIo;
+use vfio_mig::backend::DeviceIo;
 use vfio_mig_user::{ConnectOptions, VfioUserDevice};
 
 /// The sample server's BAR0 (a `time_t`) and BAR1 (0x4000 bytes, as patched by scripts/libvfio-user.sh) region indexes.

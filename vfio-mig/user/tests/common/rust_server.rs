@@ -51,6 +51,11 @@ pub struct DeviceState {
     pub messages: u32,
     /// The header of the client's answer to [`Fault::CommandFirst`].
     pub client_answer: Option<[u8; 16]>,
+    /// A SET of MIG_DEVICE_STATE to this state answers EIO, the state unchanged (a driver
+    /// refusing the arc).
+    pub refuse_state: Option<u32>,
+    /// MIG_DATA_READ answers EIO (a driver failing to produce its state).
+    pub refuse_reads: bool,
 }
 
 /// A running server.
@@ -83,6 +88,8 @@ impl RustServer {
             incoming: Vec::new(),
             messages: 0,
             client_answer: None,
+            refuse_state: None,
+            refuse_reads: false,
         }));
         let dev = device.clone();
         let thread = std::thread::spawn(move || {
@@ -283,6 +290,9 @@ fn handle(dev: &Mutex<DeviceState>, cmd: u16, body: &[u8]) -> Result<Vec<u8>, u3
                 }
                 (2, false, true, false) => {
                     let to = le32(body, 8);
+                    if d.refuse_state == Some(to) {
+                        return Err(libc::EIO as u32);
+                    }
                     set_state(&mut d, to)?;
                     Ok(body.to_vec())
                 }
@@ -291,6 +301,9 @@ fn handle(dev: &Mutex<DeviceState>, cmd: u16, body: &[u8]) -> Result<Vec<u8>, u3
         }
         // MIG_DATA_READ.
         17 => {
+            if d.refuse_reads {
+                return Err(libc::EIO as u32);
+            }
             if d.state != STOP_COPY && d.state != PRE_COPY {
                 return Err(EINVAL);
             }
