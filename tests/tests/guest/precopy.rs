@@ -12,7 +12,7 @@ use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig::{DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_tests::open_device;
-use vfio_mig_tests::recorder::{barrier_violation, Recorder, StateProbe, UnitLog};
+use vfio_mig_tests::recorder::{barrier_violation, recorder, Recorder, StateProbe, UnitLog};
 
 use super::migration::{
     ensure_running, mig_state, ok, pair, path_str, read_state, vfio_mig, write_state,
@@ -132,12 +132,7 @@ fn no_mtty_destination_runs_before_both_are_loaded_and_quiescent() {
     let mut dsts: Vec<Recorder> = [open(&b), open(&d)]
         .into_iter()
         .enumerate()
-        .map(|(slot, inner)| Recorder {
-            inner,
-            slot,
-            log: log.clone(),
-            probe: probe.clone(),
-        })
+        .map(|(slot, inner)| recorder(inner, slot, log.clone(), probe.clone()))
         .collect();
     {
         let mut s: Vec<&mut dyn MigrationDevice> =
