@@ -110,7 +110,7 @@ pub fn pre_copy_channels<W: Write + Send>(
     })
 }
 
-/// [`resend_reinit`] on every device in parallel over the channels: returns how many devices
+/// `resend_reinit` on every device in parallel over the channels: returns how many devices
 /// reopened their pre-copy with new initial data.
 pub fn resend_reinit_channels<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],

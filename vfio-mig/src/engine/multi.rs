@@ -188,7 +188,7 @@ fn pre_copy_all<W: Write + Send>(
     })
 }
 
-/// [`resend_reinit`] on every device in parallel, after the pre-copy phase ended: returns how
+/// `resend_reinit` on every device in parallel, after the pre-copy phase ended: returns how
 /// many devices reopened their pre-copy with new initial data (each then owes the source a
 /// new acknowledgement from the destination).
 pub fn resend_reinit_all<W: Write + Send>(
