@@ -279,7 +279,8 @@ fn a_live_send_of_a_paused_vm_moves_its_device_in_stop_and_copy() {
     let Ok(RecvOutcome::Resumed { reports, .. }) = received else {
         panic!("{received:?}");
     };
-    // The destination's progress: each device's last event is what it loaded.
+    // The destination's progress: each device's last event (its progress, or the end of
+    // its phase) is what it loaded.
     let events = events.into_inner().unwrap();
     for (i, report) in reports.iter().enumerate() {
         let last = events.iter().rev().find_map(|e| match e {
@@ -287,6 +288,12 @@ fn a_live_send_of_a_paused_vm_moves_its_device_in_stop_and_copy() {
                 device,
                 phase,
                 bytes,
+            }
+            | Event::PhaseEnded {
+                device,
+                phase,
+                bytes,
+                ..
             } if usize::from(*device) == i => Some((*phase, *bytes)),
             _ => None,
         });

@@ -78,9 +78,23 @@ impl<'a> DeviceLoader<'a> {
         bytes: &[u8],
         chunk_end: bool,
     ) -> Result<()> {
+        let obs = self.obs;
+        self.data_to(obs, dev, phase, bytes, chunk_end)
+    }
+
+    /// [`data`](Self::data), reporting to `obs` instead of the loader's own observer (a
+    /// caller whose observer changes from call to call).
+    pub(crate) fn data_to(
+        &mut self,
+        obs: &dyn Observer,
+        dev: &mut dyn MigrationDevice,
+        phase: Phase,
+        bytes: &[u8],
+        chunk_end: bool,
+    ) -> Result<()> {
         if self.phase.map(|(p, ..)| p) != Some(phase) {
             self.phase = Some((phase, Instant::now(), 0));
-            self.obs.on_event(&Event::PhaseStarted {
+            obs.on_event(&Event::PhaseStarted {
                 device: self.index,
                 phase,
                 pending: None,
@@ -102,7 +116,7 @@ impl<'a> DeviceLoader<'a> {
         self.since_event += bytes.len() as u64;
         if self.since_event >= (4 << 20) {
             self.since_event = 0;
-            self.obs.on_event(&Event::Progress {
+            obs.on_event(&Event::Progress {
                 device: self.index,
                 phase,
                 bytes: total,
@@ -113,11 +127,17 @@ impl<'a> DeviceLoader<'a> {
 
     /// Notes the end of a phase of this device.
     pub(crate) fn end_phase(&mut self, phase: Phase) {
+        let obs = self.obs;
+        self.end_phase_to(obs, phase)
+    }
+
+    /// [`end_phase`](Self::end_phase), reporting to `obs`.
+    pub(crate) fn end_phase_to(&mut self, obs: &dyn Observer, phase: Phase) {
         let (elapsed, chunks) = match self.phase.take() {
             Some((p, started, chunks)) if p == phase => (started.elapsed(), chunks),
             _ => (Default::default(), 0),
         };
-        self.obs.on_event(&Event::PhaseEnded {
+        obs.on_event(&Event::PhaseEnded {
             device: self.index,
             phase,
             bytes: match phase {

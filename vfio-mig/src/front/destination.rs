@@ -9,7 +9,7 @@ use crate::engine::loader::{check_compatible, DeviceLoader, LoadReport};
 use crate::engine::multi::check_unit;
 use crate::engine::parallel::each;
 use crate::engine::run::run_unit;
-use crate::engine::NoObserver;
+use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
 use crate::stream::format::{header_frame_len, record_frame_len};
@@ -138,6 +138,12 @@ impl<D: MigrationDevice> Destination<D> {
     /// verified and every device took its state. On failure every device is reset (the error
     /// says so) and the destination is over.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Status> {
+        self.push_observed(bytes, &NoObserver)
+    }
+
+    /// [`push`](Self::push), reporting each device's phases and progress to `obs` as its
+    /// records are applied.
+    pub fn push_observed(&mut self, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
         match self.stage {
             Stage::Waiting | Stage::Loading => {}
             Stage::Loaded if bytes.is_empty() => return Ok(Status::Loaded),
@@ -153,7 +159,7 @@ impl<D: MigrationDevice> Destination<D> {
                 ))
             }
         }
-        let r = self.take(bytes);
+        let r = self.take(bytes, obs);
         r.map_err(|e| self.fail(e))
     }
 
@@ -162,21 +168,27 @@ impl<D: MigrationDevice> Destination<D> {
     /// error (and every device is reset).
     pub fn read_from<R: Read>(&mut self, mut input: R) -> Result<()> {
         let mut buf = vec![0u8; 256 << 10];
-        while self.read_some(&mut input, &mut buf)? != Status::Loaded {}
+        while self.read_some(&mut input, &mut buf, &NoObserver)? != Status::Loaded {}
         Ok(())
     }
 
     /// One read from `input` (into `buf`), pushed: for a caller that acts between reads (a
-    /// session acknowledging the pre-copy data). The end of `input` before the trailer is an
-    /// error (and every device is reset).
-    pub fn read_some<R: Read + ?Sized>(&mut self, input: &mut R, buf: &mut [u8]) -> Result<Status> {
+    /// session acknowledging the pre-copy data), each device's phases and progress reported
+    /// to `obs`. The end of `input` before the trailer is an error (and every device is
+    /// reset).
+    pub fn read_some<R: Read + ?Sized>(
+        &mut self,
+        input: &mut R,
+        buf: &mut [u8],
+        obs: &dyn Observer,
+    ) -> Result<Status> {
         loop {
             return match input.read(buf) {
                 Ok(0) => Err(self.fail(Error::stream(
                     "read the migration stream",
                     "truncated stream: it ended before its trailer",
                 ))),
-                Ok(n) => self.push(&buf[..n]),
+                Ok(n) => self.push_observed(&buf[..n], obs),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(self.fail(Error::transport("read the migration stream", e))),
             };
@@ -205,12 +217,6 @@ impl<D: MigrationDevice> Destination<D> {
                 .iter()
                 .zip(&self.pre_copy_ended)
                 .all(|(&live, &ended)| ended || !live)
-    }
-
-    /// Which devices the stream carries with pre-copy data, in device order (empty before
-    /// the header).
-    pub fn live(&self) -> &[bool] {
-        &self.live
     }
 
     /// How many devices ended their pre-copy phase again since the last call: each
@@ -308,7 +314,7 @@ impl<D: MigrationDevice> Destination<D> {
 
     /// Splits `bytes` (after what is left of earlier pushes) into whole frames, decodes them
     /// and applies the records.
-    fn take(&mut self, bytes: &[u8]) -> Result<Status> {
+    fn take(&mut self, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
         self.inbox.extend_from_slice(bytes);
         let mut batches: Vec<Vec<Item>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
         let mut batched = 0;
@@ -363,12 +369,12 @@ impl<D: MigrationDevice> Destination<D> {
                 Record::End(_) => ended = true,
             }
             if batched >= BATCH_BYTES {
-                self.apply(&mut batches)?;
+                self.apply(&mut batches, obs)?;
                 batched = 0;
             }
         }
         self.inbox.drain(..consumed);
-        self.apply(&mut batches)?;
+        self.apply(&mut batches, obs)?;
         if !ended {
             return Ok(Status::NeedMore);
         }
@@ -416,7 +422,7 @@ impl<D: MigrationDevice> Destination<D> {
 
     /// Applies each device's batch, the devices in parallel; keeps the record buffers for
     /// the reader's next records.
-    fn apply(&mut self, batches: &mut [Vec<Item>]) -> Result<()> {
+    fn apply(&mut self, batches: &mut [Vec<Item>], obs: &dyn Observer) -> Result<()> {
         let busy = batches.iter().filter(|b| !b.is_empty()).count();
         if busy == 0 {
             return Ok(());
@@ -430,7 +436,7 @@ impl<D: MigrationDevice> Destination<D> {
         let mut returned = Vec::new();
         if busy == 1 {
             for ((dev, loader), batch) in work {
-                apply_batch(dev, loader, std::mem::take(batch), &mut returned)?;
+                apply_batch(dev, loader, std::mem::take(batch), &mut returned, obs)?;
             }
         } else {
             let results: Vec<Result<Vec<Vec<u8>>>> = std::thread::scope(|s| {
@@ -439,7 +445,7 @@ impl<D: MigrationDevice> Destination<D> {
                         let batch = std::mem::take(batch);
                         s.spawn(move || {
                             let mut bufs = Vec::new();
-                            apply_batch(dev, loader, batch, &mut bufs).map(|()| bufs)
+                            apply_batch(dev, loader, batch, &mut bufs, obs).map(|()| bufs)
                         })
                     })
                     .collect();
@@ -479,6 +485,7 @@ fn apply_batch(
     loader: &mut DeviceLoader<'static>,
     batch: Vec<Item>,
     returned: &mut Vec<Vec<u8>>,
+    obs: &dyn Observer,
 ) -> Result<()> {
     for item in batch {
         match item {
@@ -488,11 +495,11 @@ fn apply_batch(
                 len,
                 chunk_end,
             } => {
-                let applied = loader.data(dev, phase, &buf[..len], chunk_end);
+                let applied = loader.data_to(obs, dev, phase, &buf[..len], chunk_end);
                 returned.push(buf);
                 applied?
             }
-            Item::EndOfPhase(phase) => loader.end_phase(phase),
+            Item::EndOfPhase(phase) => loader.end_phase_to(obs, phase),
         }
     }
     Ok(())

@@ -14,13 +14,11 @@ use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_bindings::bindings::vfio::VFIO_MIGRATION_P2P;
 use vfio_mig::error::Report;
-use vfio_mig::wire::Phase;
 use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamReader;
 use vfio_mig::workspace::check_compatible;
 use vfio_mig::workspace::check_unit;
 use vfio_mig::workspace::LoadGate;
-use vfio_mig::Event;
 use vfio_mig::LoadReport;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
@@ -336,65 +334,24 @@ pub(super) fn load_into<D: MigrationDevice>(
     gate: &mut dyn LoadGate,
     obs: &dyn Observer,
 ) -> vfio_mig::Result<Vec<LoadReport>> {
-    let started = Instant::now();
     let mut buf = vec![0u8; SOCKET_BUFFER];
     let mut status = dst.push(&header.encode()?)?;
     if status == Status::NeedMore {
-        status = dst.push(buffered)?;
+        status = dst.push_observed(buffered, obs)?;
     }
     let mut acked = false;
-    let mut told = vec![LoadReport::default(); dst.reports().len()];
     while status != Status::Loaded {
-        tell_progress(&dst.reports(), &mut told, obs);
         if !acked && dst.pre_copy_loaded() {
             acked = true;
-            tell_pre_copy_ended(dst.live(), &dst.reports(), started.elapsed(), obs);
             gate.pre_copy_loaded().map_err(|e| dst.cancel_with(e))?;
         }
         for _ in 0..dst.take_pre_copy_reloaded() {
             gate.pre_copy_reloaded().map_err(|e| dst.cancel_with(e))?;
         }
-        status = dst.read_some(input, &mut buf)?;
+        status = dst.read_some(input, &mut buf, obs)?;
     }
-    tell_progress(&dst.reports(), &mut told, obs);
     gate.before_resume(input).map_err(|e| dst.cancel_with(e))?;
     Ok(dst.reports())
-}
-
-/// Tells `obs` that each device carried live ended its pre-copy phase (before the session
-/// acknowledges the pre-copy data); `elapsed` since the load began.
-fn tell_pre_copy_ended(live: &[bool], now: &[LoadReport], elapsed: Duration, obs: &dyn Observer) {
-    for (i, report) in now.iter().enumerate() {
-        if live.get(i).copied().unwrap_or(false) {
-            obs.on_event(&Event::PhaseEnded {
-                device: i as u16,
-                phase: Phase::PreCopy,
-                bytes: report.pre_copy_bytes,
-                chunks: report.chunks,
-                elapsed,
-            });
-        }
-    }
-}
-
-/// Tells `obs` what each device loaded since `told` (the bytes of its current phase).
-fn tell_progress(now: &[LoadReport], told: &mut [LoadReport], obs: &dyn Observer) {
-    for (i, (now, told)) in now.iter().zip(told.iter_mut()).enumerate() {
-        if now == told {
-            continue;
-        }
-        let (phase, bytes) = if now.stop_copy_bytes > 0 {
-            (Phase::StopCopy, now.stop_copy_bytes)
-        } else {
-            (Phase::PreCopy, now.pre_copy_bytes)
-        };
-        obs.on_event(&Event::Progress {
-            device: i as u16,
-            phase,
-            bytes,
-        });
-        *told = now.clone();
-    }
 }
 
 /// The checks before a device is touched: one device in the stream per device given, known
