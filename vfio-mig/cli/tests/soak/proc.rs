@@ -106,6 +106,23 @@ impl Proc {
         }
     }
 
+    /// Waits (at most `limit`) for a stderr line containing `text`, one printed before
+    /// included.
+    pub fn wait_text(&self, text: &str, limit: Duration) -> bool {
+        if self.printed(text) {
+            return true;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(text) => return true,
+                Ok(_) => {}
+                Err(_) => return self.printed(text),
+            }
+        }
+    }
+
     /// Whether a stderr line so far contains `text`.
     pub fn printed(&self, text: &str) -> bool {
         self.stderr.lock().unwrap().iter().any(|l| l.contains(text))

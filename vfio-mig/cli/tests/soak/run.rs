@@ -82,6 +82,9 @@ pub struct Hung {
     pub ended: Ended,
 }
 
+/// What `recv` says when it refused a session before touching a device and listens again.
+const LISTENING_AGAIN: &str = "; waiting for a source on ";
+
 /// The owner names of the two hosts in the store.
 pub const SOURCE_HOST: &str = "host-a";
 /// See [`SOURCE_HOST`].
@@ -251,17 +254,20 @@ impl World {
             _ => {}
         }
         let source = send.wait(PROCESS_LIMIT);
-        // A recv whose source never opened a session keeps listening, as it should: the soak
-        // stops it as an operator would. One that began a session must end on its own.
+        // A recv whose source never opened a session keeps listening, as it should, and so
+        // does one that refused its session before touching a device (docs/cli.md): the soak
+        // stops it as an operator would. One that began loading must end on its own.
         let mut stopped_idle_destination = false;
-        if !recv.exited() && !recv.printed("recv: session ") {
+        if !recv.exited() {
             let source_gone = source.as_ref().map_or(true, |s| s.code() != 0);
-            if source_gone
-                && recv
-                    .wait_line("vfio-mig: recv: session ", Duration::from_secs(6))
-                    .is_none()
-                && !recv.exited()
-            {
+            let wait = Duration::from_secs(6);
+            let idle = source_gone
+                && if recv.printed("recv: session ") {
+                    recv.wait_text(LISTENING_AGAIN, wait)
+                } else {
+                    recv.wait_line("vfio-mig: recv: session ", wait).is_none()
+                };
+            if idle && !recv.exited() {
                 recv.signal(libc::SIGTERM);
                 stopped_idle_destination = true;
             }
