@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use crate::engine::policy::{Decision, PreCopyPolicy, PreCopyState, SwitchReason};
+use crate::engine::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use crate::engine::wait::DataWait;
 use crate::engine::{Event, Observer};
 use crate::error::{Error, Result};
@@ -65,17 +65,7 @@ impl<D: MigrationDevice> Source<D> {
             match policy.decide(&state, started.elapsed()) {
                 Decision::Continue => {}
                 Decision::Switch(reason) => break reason,
-                Decision::Abort(reason) => {
-                    return Err(Error::PreCopy(format!(
-                        "{reason:?} after {} rounds: {} bytes for stop-and-copy exceed the {:?} \
-                         downtime budget",
-                        state.rounds,
-                        state
-                            .downtime_bytes()
-                            .map_or_else(|| "unknown".into(), |b| b.to_string()),
-                        policy.downtime_budget,
-                    )))
-                }
+                Decision::Abort(reason) => return Err(abort_error(reason, &state, policy)),
             }
             let before: Vec<u64> = self.reports.iter().map(|r| r.pre_copy_bytes).collect();
             let round_started = Instant::now();
