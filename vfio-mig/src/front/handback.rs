@@ -92,6 +92,23 @@ pub(crate) fn restore<D: MigrationDevice>(
     fold(error, outcomes)
 }
 
+/// The end of a migration that failed before it moved any device: a device that dropped
+/// into an error state meanwhile (its hardware stopped answering as it was read) is reset, and
+/// `error` says so; the others are as they were, and `error` is returned as it is.
+pub(crate) fn reset_errored<D: MigrationDevice>(devs: &mut [D], error: Error) -> Error {
+    let outcomes: Vec<(String, Recovery)> = devs
+        .iter_mut()
+        .filter_map(|dev| match dev.run_state() {
+            Ok(_) => None,
+            Err(_) => Some((dev.identity().instance, dev.recover())),
+        })
+        .collect();
+    if outcomes.is_empty() {
+        return error;
+    }
+    fold(error, outcomes)
+}
+
 /// The devices as the engine's functions take them.
 pub(crate) fn as_refs<D: MigrationDevice>(devs: &mut [D]) -> Vec<&mut dyn MigrationDevice> {
     devs.iter_mut()

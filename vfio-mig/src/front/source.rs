@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::migration::{MigrationDevice, RunState};
 use crate::stream::{Phase, StreamHeader, StreamWriter};
 
-use super::handback::{as_refs, restore, Handback};
+use super::handback::{as_refs, reset_errored, restore, Handback};
 use super::options::SourceOptions;
 use super::relay::{Relay, Staged, UnitSink};
 
@@ -187,7 +187,10 @@ impl<D: MigrationDevice> Source<D> {
                     reinit_seen: false,
                 })
             }
-            Err(error) => Err(Handback::new(error, devs)),
+            Err(error) => {
+                let error = reset_errored(&mut devs, error);
+                Err(Handback::new(error, devs))
+            }
         }
     }
 
@@ -681,8 +684,8 @@ impl<D: MigrationDevice> Source<D> {
         self.stage = Stage::Ended;
         self.writer = None;
         if !begun {
-            // No device moved: nothing to restore, nothing to report but the error.
-            return e;
+            // No device moved: nothing to restore, unless one dropped into an error state.
+            return reset_errored(&mut self.devs, e);
         }
         restore(&mut self.devs, &self.start, &touched, e)
     }
