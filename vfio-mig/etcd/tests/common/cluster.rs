@@ -157,11 +157,22 @@ impl Pki {
     }
 }
 
+/// A loopback port free now and never handed out before in this process: the tests of one
+/// binary start clusters on parallel threads, and the kernel may offer a port another thread
+/// was given (and has not bound yet) again, which made a member fail to bind.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The path of the etcd binary, or why there is none.
