@@ -530,7 +530,10 @@ impl<D: MigrationDevice> Source<D> {
             let saved = unit.join().unwrap_or_else(|_| {
                 Err(Error::protocol("switch over", "the unit's thread panicked"))
             });
-            saved.and(written)
+            // A failed write stopped the device threads ("the stream writer stopped"): the
+            // write's error is the cause, and a session layer explains it with the peer's
+            // reason.
+            written.and(saved)
         });
         saved?;
         let (trailer, _) = writer.finish()?;
