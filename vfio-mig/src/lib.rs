@@ -65,8 +65,8 @@ pub use engine::save::{SaveReport, DEFAULT_BUFFER};
 pub use engine::session::new_session_id;
 pub use error::{Error, Result};
 pub use front::{
-    resume, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback, Round, Source,
-    SourceOptions, Status,
+    resume, Channels, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback,
+    Outputs, Round, Source, SourceOptions, Status,
 };
 pub use migration::{
     Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,

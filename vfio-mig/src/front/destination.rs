@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 use crate::engine::loader::{check_compatible, DeviceLoader, LoadReport};
 use crate::engine::multi::check_unit;
@@ -13,8 +14,9 @@ use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
 use crate::stream::format::{header_frame_len, record_frame_len};
-use crate::stream::{Phase, Record, StreamReader};
+use crate::stream::{Phase, Record, StreamHeader, StreamReader};
 
+use super::channels::{channel_header, check_count, devices_of, in_channel};
 use super::handback::{as_refs, fold, Handback};
 use super::options::DestinationOptions;
 
@@ -26,6 +28,17 @@ const BATCH_BYTES: usize = 8 << 20;
 /// device beyond): the reader fills them in turn, so no record is copied or allocated in the
 /// steady state.
 const SPARE_BUFFERS: usize = BATCH_BYTES / crate::stream::MAX_FRAGMENT + 4;
+
+/// The size of each read of [`Destination::read_from`] and [`Destination::read_channels`].
+const READ_BUFFER: usize = 256 << 10;
+
+/// What a channel's reading thread hands the loading thread.
+enum Chunk {
+    /// `len` bytes read from channel `ch` into `buf` (0: the channel ended).
+    Read { ch: usize, buf: Vec<u8>, len: usize },
+    /// The read of channel `ch` failed.
+    Failed { ch: usize, error: std::io::Error },
+}
 
 /// Where a destination is after a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +77,19 @@ enum Item {
     EndOfPhase(Phase),
 }
 
+/// One channel's part of the stream: its sub-stream, as its bytes arrive.
+#[derive(Default)]
+struct Inbound {
+    /// Received bytes not yet a whole header or record.
+    inbox: Vec<u8>,
+    /// The sub-stream's reader, once its header was read.
+    reader: Option<StreamReader<VecDeque<u8>>>,
+    /// The unit index of each of the channel's devices.
+    units: Vec<usize>,
+    /// The channel's trailer was read.
+    ended: bool,
+}
+
 /// The destination side of a migration of one or several devices, as one unit.
 ///
 /// Feed it the stream as it arrives ([`push`](Self::push), in pieces of any size, or
@@ -73,14 +99,25 @@ enum Item {
 /// [`Status::Loaded`]. The VMM then restores what is its own (PCI command register,
 /// interrupts) and calls [`run`](Self::run).
 ///
+/// The devices may arrive over several channels ([`set_channels`](Self::set_channels)): each
+/// channel's bytes are pushed to it ([`push_channel`](Self::push_channel)), or all channels
+/// are read at once ([`read_channels`](Self::read_channels)); the unit stays one (loaded
+/// when every channel's trailer verified, reset as a whole when any channel fails).
+///
 /// Any failure before `run`, and dropping the destination before `run`, resets every device
 /// it touched: none ever runs partial or unchecked state.
 pub struct Destination<D: MigrationDevice> {
     devs: Vec<D>,
     stage: Stage,
-    /// Received bytes not yet a whole header or record.
-    inbox: Vec<u8>,
-    reader: Option<StreamReader<VecDeque<u8>>>,
+    /// One per channel, in channel order.
+    inbound: Vec<Inbound>,
+    /// The unit's header the sub-streams must make up, when the caller knows it
+    /// ([`expect_header`](Self::expect_header)).
+    expected: Option<StreamHeader>,
+    /// The session id and epoch of the first sub-stream header: every other must share them.
+    session: Option<([u8; 16], u64)>,
+    /// Per device: whether it entered RESUMING (its channel's header matched it).
+    resuming: Vec<bool>,
     loaders: Vec<DeviceLoader<'static>>,
     /// Record buffers the devices are done with, for the reader's next records.
     spare: Vec<Vec<u8>>,
@@ -120,37 +157,96 @@ impl<D: MigrationDevice> Destination<D> {
         let loaders = (0..devs.len())
             .map(|i| DeviceLoader::new(i as u16, &NoObserver))
             .collect();
+        let n = devs.len();
         Ok(Self {
             devs,
             stage: Stage::Waiting,
-            inbox: Vec::new(),
-            reader: None,
+            inbound: vec![Inbound {
+                units: (0..n).collect(),
+                ..Inbound::default()
+            }],
+            expected: None,
+            session: None,
+            resuming: vec![false; n],
             loaders,
             spare: Vec::new(),
-            live: Vec::new(),
-            pre_copy_ended: Vec::new(),
+            live: vec![false; n],
+            pre_copy_ended: vec![false; n],
             reloaded: 0,
         })
+    }
+
+    /// Receives the devices over `count` channels instead of one: device `i` arrives on
+    /// channel `i mod count`, in that channel's sub-stream (as [`crate::Source::set_channels`]
+    /// sends them). Only before the first byte arrived; 1 to one channel per device.
+    pub fn set_channels(&mut self, count: usize) -> Result<()> {
+        if self.stage != Stage::Waiting || self.inbound.iter().any(|c| !c.inbox.is_empty()) {
+            return Err(Error::InvalidInput(
+                "set the channels: the stream has begun".into(),
+            ));
+        }
+        check_count(count, self.devs.len())?;
+        self.inbound = (0..count)
+            .map(|ch| Inbound {
+                units: devices_of(self.devs.len(), ch, count),
+                ..Inbound::default()
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Requires the stream to carry `unit` (a session layer received the unit's header in
+    /// its handshake and checked it): each channel's sub-stream header must be that unit's
+    /// part for the channel, or the load fails before that channel's devices are touched.
+    /// Only before the first byte arrived.
+    pub fn expect_header(&mut self, unit: StreamHeader) -> Result<()> {
+        if self.stage != Stage::Waiting {
+            return Err(Error::InvalidInput(
+                "expect a header: the stream has begun".into(),
+            ));
+        }
+        self.expected = Some(unit);
+        Ok(())
     }
 
     /// Takes the next bytes of the stream, split anywhere. Applies every whole record to its
     /// device (the devices of a unit in parallel); [`Status::Loaded`] once the trailer
     /// verified and every device took its state. On failure every device is reset (the error
-    /// says so) and the destination is over.
+    /// says so) and the destination is over. Over several channels this is channel 0's
+    /// stream ([`push_channel`](Self::push_channel)).
     pub fn push(&mut self, bytes: &[u8]) -> Result<Status> {
-        self.push_observed(bytes, &NoObserver)
+        self.push_channel(0, bytes, &NoObserver)
     }
 
     /// [`push`](Self::push), reporting each device's phases and progress to `obs` as its
     /// records are applied.
     pub fn push_observed(&mut self, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
+        self.push_channel(0, bytes, obs)
+    }
+
+    /// [`push_observed`](Self::push_observed) of channel `ch`'s bytes: [`Status::Loaded`] once
+    /// every channel's trailer verified and every device took its state.
+    pub fn push_channel(&mut self, ch: usize, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
+        self.take_pieces(&[(ch, bytes)], obs)
+    }
+
+    /// Takes pieces of several channels at once, their records applied together (the
+    /// devices of every channel in parallel).
+    fn take_pieces(&mut self, pieces: &[(usize, &[u8])], obs: &dyn Observer) -> Result<Status> {
+        let bytes: usize = pieces.iter().map(|(_, b)| b.len()).sum();
+        if let Some(&(ch, _)) = pieces.iter().find(|(ch, _)| *ch >= self.inbound.len()) {
+            return Err(Error::InvalidInput(format!(
+                "push to channel {ch} of a destination of {} channels",
+                self.inbound.len()
+            )));
+        }
         match self.stage {
             Stage::Waiting | Stage::Loading => {}
-            Stage::Loaded if bytes.is_empty() => return Ok(Status::Loaded),
+            Stage::Loaded if bytes == 0 => return Ok(Status::Loaded),
             Stage::Loaded => {
                 return Err(self.fail(Error::stream(
                     "stream end",
-                    format!("{} bytes after the trailer", bytes.len()),
+                    format!("{bytes} bytes after the trailer"),
                 )))
             }
             Stage::Ended => {
@@ -159,23 +255,29 @@ impl<D: MigrationDevice> Destination<D> {
                 ))
             }
         }
-        let r = self.take(bytes, obs);
+        let r = self.take(pieces, obs);
         r.map_err(|e| self.fail(e))
     }
 
     /// Reads the stream from `input` until it is loaded ([`push`](Self::push) for a
     /// transport the VMM does not frame itself). The end of `input` before the trailer is an
-    /// error (and every device is reset).
+    /// error (and every device is reset). One channel only ([`read_channels`] for several).
+    ///
+    /// [`read_channels`]: Self::read_channels
     pub fn read_from<R: Read>(&mut self, mut input: R) -> Result<()> {
-        let mut buf = vec![0u8; 256 << 10];
+        if self.inbound.len() != 1 {
+            let e = Error::InvalidInput("read_from: the stream comes over several channels".into());
+            return Err(self.cancel_with(e));
+        }
+        let mut buf = vec![0u8; READ_BUFFER];
         while self.read_some(&mut input, &mut buf, &NoObserver)? != Status::Loaded {}
         Ok(())
     }
 
-    /// One read from `input` (into `buf`), pushed: for a caller that acts between reads (a
-    /// session acknowledging the pre-copy data), each device's phases and progress reported
-    /// to `obs`. The end of `input` before the trailer is an error (and every device is
-    /// reset).
+    /// One read from `input` (into `buf`), pushed (to channel 0): for a caller that acts
+    /// between reads (a session acknowledging the pre-copy data), each device's phases and
+    /// progress reported to `obs`. The end of `input` before the trailer is an error (and
+    /// every device is reset).
     pub fn read_some<R: Read + ?Sized>(
         &mut self,
         input: &mut R,
@@ -195,6 +297,117 @@ impl<D: MigrationDevice> Destination<D> {
         }
     }
 
+    /// Reads every channel's sub-stream at once (channel `c` from `inputs[c]`, one thread
+    /// each) until the unit is loaded: the records of the channels that arrived together are
+    /// applied together, so devices on different channels load in parallel. `between` is
+    /// called after every read (a session acknowledging the pre-copy data); its error fails
+    /// the load. Each channel's reads stop at its trailer: nothing after it is read (a
+    /// session's COMMIT on channel 0 stays in its input).
+    ///
+    /// On failure every device is reset (the error says so and names the channel), and
+    /// `stop` is called: it must make every pending read of `inputs` return (for sockets,
+    /// shut them down for reading), since the reading threads end before this returns.
+    pub fn read_channels<R: Read + Send>(
+        &mut self,
+        inputs: &mut [R],
+        stop: &(dyn Fn() + Sync),
+        obs: &dyn Observer,
+        between: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        if inputs.len() != self.inbound.len() {
+            let e = Error::InvalidInput(format!(
+                "read_channels: {} inputs for a stream over {} channels",
+                inputs.len(),
+                self.inbound.len()
+            ));
+            return Err(self.cancel_with(e));
+        }
+        std::thread::scope(|s| {
+            let (tx, rx) = channel::<Chunk>();
+            let mut replies = Vec::with_capacity(inputs.len());
+            for (ch, input) in inputs.iter_mut().enumerate() {
+                // The buffer comes back once its bytes were pushed; none after the trailer.
+                let (reply, next) = sync_channel::<Vec<u8>>(1);
+                replies.push(Some(reply));
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let mut buf = vec![0u8; READ_BUFFER];
+                    loop {
+                        let chunk = match input.read(&mut buf) {
+                            Ok(len) => Chunk::Read { ch, buf, len },
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(error) => Chunk::Failed { ch, error },
+                        };
+                        if tx.send(chunk).is_err() {
+                            return;
+                        }
+                        match next.recv() {
+                            Ok(b) => buf = b,
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let r = self.load_chunks(&rx, &mut replies, obs, between);
+            if r.is_err() {
+                stop();
+            }
+            // A reader waiting for its buffer ends now.
+            drop(replies);
+            r
+        })
+    }
+
+    /// The loading side of [`read_channels`](Self::read_channels).
+    fn load_chunks(
+        &mut self,
+        chunks: &Receiver<Chunk>,
+        replies: &mut [Option<SyncSender<Vec<u8>>>],
+        obs: &dyn Observer,
+        between: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let count = replies.len();
+        while self.stage != Stage::Loaded {
+            between(self).map_err(|e| self.cancel_with(e))?;
+            let Ok(first) = chunks.recv() else {
+                let e = Error::protocol("read the channels", "every channel's reader ended");
+                return Err(self.cancel_with(e));
+            };
+            let mut read = Vec::new();
+            for chunk in std::iter::once(first).chain(chunks.try_iter()) {
+                match chunk {
+                    Chunk::Read { ch, len: 0, .. } => {
+                        let e = Error::stream(
+                            "read the migration stream",
+                            "truncated stream: it ended before its trailer",
+                        );
+                        return Err(self.cancel_with(in_channel(ch, count, e)));
+                    }
+                    Chunk::Read { ch, buf, len } => read.push((ch, buf, len)),
+                    Chunk::Failed { ch, error } => {
+                        let e = Error::transport("read the migration stream", error);
+                        return Err(self.cancel_with(in_channel(ch, count, e)));
+                    }
+                }
+            }
+            let pieces: Vec<(usize, &[u8])> = read
+                .iter()
+                .map(|(ch, buf, len)| (*ch, &buf[..*len]))
+                .collect();
+            self.take_pieces(&pieces, obs)?;
+            for (ch, buf, _) in read {
+                if self.inbound[ch].ended {
+                    replies[ch] = None;
+                } else if let Some(reply) = &replies[ch] {
+                    // The reader is gone only after an error of its own, which comes next.
+                    let _ = reply.send(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Abandons the load after `error`, a failure of the caller's own (its channel, a
     /// message of its protocol): every device it touched is reset, and the error says so;
     /// `error` alone when the destination had already ended or touched no device.
@@ -211,6 +424,7 @@ impl<D: MigrationDevice> Destination<D> {
     /// and for a stream without pre-copy.
     pub fn pre_copy_loaded(&self) -> bool {
         self.stage != Stage::Ended
+            && self.inbound.iter().all(|c| c.reader.is_some() || c.ended)
             && self.live.iter().any(|&l| l)
             && self
                 .live
@@ -300,92 +514,41 @@ impl<D: MigrationDevice> Destination<D> {
     fn fail(&mut self, e: Error) -> Error {
         let touched = self.stage != Stage::Waiting;
         self.stage = Stage::Ended;
-        self.reader = None;
+        for c in &mut self.inbound {
+            c.reader = None;
+        }
         if !touched {
             return e;
         }
         let outcomes = self
             .devs
             .iter_mut()
-            .map(|d| (d.identity().instance, d.abort_resume()))
+            .zip(&self.resuming)
+            .filter(|(_, &resuming)| resuming)
+            .map(|(d, _)| (d.identity().instance, d.abort_resume()))
             .collect();
         fold(e, outcomes)
     }
 
-    /// Splits `bytes` (after what is left of earlier pushes) into whole frames, decodes them
-    /// and applies the records.
-    fn take(&mut self, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
-        self.inbox.extend_from_slice(bytes);
+    /// Splits each piece (after what is left of earlier pushes to its channel) into whole
+    /// frames, decodes them and applies the records; checks whether every channel ended.
+    fn take(&mut self, pieces: &[(usize, &[u8])], obs: &dyn Observer) -> Result<Status> {
         let mut batches: Vec<Vec<Item>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
         let mut batched = 0;
-        let mut consumed = 0;
-        let mut ended = false;
-        while !ended {
-            let rest = &self.inbox[consumed..];
-            let need = match &self.reader {
-                None => header_frame_len(rest),
-                Some(r) => record_frame_len(rest, r.is_authenticated()),
-            };
-            let Some(need) = need.filter(|&n| n <= rest.len() && n > 0) else {
-                break;
-            };
-            consumed += need;
-            let Some(reader) = self.reader.as_mut() else {
-                let header = VecDeque::from(rest[..need].to_vec());
-                self.open(header)?;
-                continue;
-            };
-            // The record's bytes are copied once, into the reader's queue; the reader then
-            // reads them into its buffer, which moves to the device's batch as it is.
-            reader.get_mut().extend(&rest[..need]);
-            match reader.next_record()? {
-                Record::Data {
-                    device,
-                    phase,
-                    bytes,
-                    chunk_end,
-                } => {
-                    let len = bytes.len();
-                    batched += len;
-                    let buf = reader.swap_buffer(self.spare.pop().unwrap_or_default());
-                    batches[usize::from(device)].push(Item::Data {
-                        phase,
-                        buf,
-                        len,
-                        chunk_end,
-                    });
-                }
-                Record::EndOfPhase { device, phase } => {
-                    if phase == Phase::PreCopy {
-                        // Applied, with the records before it, before this push returns.
-                        let ended = &mut self.pre_copy_ended[usize::from(device)];
-                        if *ended {
-                            self.reloaded += 1;
-                        }
-                        *ended = true;
-                    }
-                    batches[usize::from(device)].push(Item::EndOfPhase(phase))
-                }
-                Record::End(_) => ended = true,
-            }
-            if batched >= BATCH_BYTES {
-                self.apply(&mut batches, obs)?;
-                batched = 0;
-            }
+        let count = self.inbound.len();
+        for &(ch, bytes) in pieces {
+            self.inbound[ch].inbox.extend_from_slice(bytes);
+            let r = self.decode(ch, &mut batches, &mut batched, obs);
+            r.map_err(|e| in_channel(ch, count, e))?;
         }
-        self.inbox.drain(..consumed);
         self.apply(&mut batches, obs)?;
-        if !ended {
+        if !self.inbound.iter().all(|c| c.ended) {
             return Ok(Status::NeedMore);
         }
-        if !self.inbox.is_empty() {
-            return Err(Error::stream(
-                "stream end",
-                format!("{} bytes after the trailer", self.inbox.len()),
-            ));
-        }
-        if let Some(reader) = self.reader.as_mut() {
-            reader.finish()?;
+        for (ch, c) in self.inbound.iter_mut().enumerate() {
+            if let Some(reader) = c.reader.as_mut() {
+                reader.finish().map_err(|e| in_channel(ch, count, e))?;
+            }
         }
         each(&mut as_refs(&mut self.devs), "load the unit's state", |d| {
             d.load_state()
@@ -394,30 +557,151 @@ impl<D: MigrationDevice> Destination<D> {
         Ok(Status::Loaded)
     }
 
-    /// Opens the stream on its header: checks every device against it before touching any,
-    /// then has them all enter RESUMING.
-    fn open(&mut self, header: VecDeque<u8>) -> Result<()> {
+    /// Decodes the whole frames in channel `ch`'s inbox into `batches` (applying them when
+    /// they grow past [`BATCH_BYTES`]).
+    fn decode(
+        &mut self,
+        ch: usize,
+        batches: &mut [Vec<Item>],
+        batched: &mut usize,
+        obs: &dyn Observer,
+    ) -> Result<()> {
+        let mut consumed = 0;
+        let inbox = std::mem::take(&mut self.inbound[ch].inbox);
+        let units = self.inbound[ch].units.clone();
+        let unit = |local: u16| {
+            units
+                .get(usize::from(local))
+                .copied()
+                .ok_or_else(|| no_device(local))
+        };
+        let decoded = (|| -> Result<()> {
+            while !self.inbound[ch].ended {
+                let rest = &inbox[consumed..];
+                let need = match &self.inbound[ch].reader {
+                    None => header_frame_len(rest),
+                    Some(r) => record_frame_len(rest, r.is_authenticated()),
+                };
+                let Some(need) = need.filter(|&n| n <= rest.len() && n > 0) else {
+                    break;
+                };
+                consumed += need;
+                let Some(reader) = self.inbound[ch].reader.as_mut() else {
+                    let header = VecDeque::from(rest[..need].to_vec());
+                    self.open(ch, header)?;
+                    continue;
+                };
+                // The record's bytes are copied once, into the reader's queue; the reader
+                // then reads them into its buffer, which moves to the device's batch as it is.
+                reader.get_mut().extend(&rest[..need]);
+                let record = reader.next_record()?;
+                match record {
+                    Record::Data {
+                        device,
+                        phase,
+                        bytes,
+                        chunk_end,
+                    } => {
+                        let len = bytes.len();
+                        let device = unit(device)?;
+                        *batched += len;
+                        let buf = reader.swap_buffer(self.spare.pop().unwrap_or_default());
+                        batches[device].push(Item::Data {
+                            phase,
+                            buf,
+                            len,
+                            chunk_end,
+                        });
+                    }
+                    Record::EndOfPhase { device, phase } => {
+                        let device = unit(device)?;
+                        if phase == Phase::PreCopy {
+                            // Applied, with the records before it, before this push returns.
+                            let ended = &mut self.pre_copy_ended[device];
+                            if *ended {
+                                self.reloaded += 1;
+                            }
+                            *ended = true;
+                        }
+                        batches[device].push(Item::EndOfPhase(phase))
+                    }
+                    Record::End(_) => self.inbound[ch].ended = true,
+                }
+                if *batched >= BATCH_BYTES {
+                    self.apply(batches, obs)?;
+                    *batched = 0;
+                }
+            }
+            Ok(())
+        })();
+        let c = &mut self.inbound[ch];
+        c.inbox = inbox;
+        c.inbox.drain(..consumed);
+        decoded?;
+        if c.ended && !c.inbox.is_empty() {
+            return Err(Error::stream(
+                "stream end",
+                format!("{} bytes after the trailer", c.inbox.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens channel `ch`'s sub-stream on its header: checks it (the expected unit's part,
+    /// the session of the other channels, the channel's devices) before touching any of the
+    /// channel's devices, then has them all enter RESUMING.
+    fn open(&mut self, ch: usize, header: VecDeque<u8>) -> Result<()> {
         let (reader, header) = StreamReader::open(header)?;
-        if header.devices.len() != self.devs.len() {
+        let count = self.inbound.len();
+        let units = self.inbound[ch].units.clone();
+        if let Some(unit) = &self.expected {
+            if unit.devices.len() != self.devs.len() || header != channel_header(unit, ch, count) {
+                return Err(Error::stream(
+                    "check the stream header",
+                    format!(
+                        "the stream header (session {:02x?}, epoch {}, {} devices) is not the \
+                         one the unit's header announced",
+                        header.session_id,
+                        header.epoch,
+                        header.devices.len()
+                    ),
+                ));
+            }
+        }
+        let session = (header.session_id, header.epoch);
+        if *self.session.get_or_insert(session) != session {
+            return Err(Error::stream(
+                "check the stream header",
+                "its session or epoch differs from another channel's",
+            ));
+        }
+        if header.devices.len() != units.len() {
             return Err(Error::stream(
                 "check stream compatibility",
                 format!(
                     "the stream carries {} devices, {} destination devices were given",
                     header.devices.len(),
-                    self.devs.len()
+                    units.len()
                 ),
             ));
         }
-        for (dev, desc) in self.devs.iter().zip(&header.devices) {
-            check_compatible(dev, desc)?;
+        for (&i, desc) in units.iter().zip(&header.devices) {
+            check_compatible(&self.devs[i], desc)?;
         }
         self.stage = Stage::Loading;
-        self.reader = Some(reader);
-        self.live = header.devices.iter().map(|d| d.live).collect();
-        self.pre_copy_ended = vec![false; self.live.len()];
-        each(&mut as_refs(&mut self.devs), "enter RESUMING", |d| {
-            d.start_resume()
-        })
+        self.inbound[ch].reader = Some(reader);
+        for (&i, desc) in units.iter().zip(&header.devices) {
+            self.live[i] = desc.live;
+            self.resuming[i] = true;
+        }
+        let mut mine: Vec<&mut dyn MigrationDevice> = self
+            .devs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| units.contains(i))
+            .map(|(_, d)| d as &mut dyn MigrationDevice)
+            .collect();
+        each(&mut mine, "enter RESUMING", |d| d.start_resume())
     }
 
     /// Applies each device's batch, the devices in parallel; keeps the record buffers for
@@ -477,6 +761,14 @@ impl<D: MigrationDevice> Drop for Destination<D> {
             );
         }
     }
+}
+
+/// A record naming a device its sub-stream does not carry.
+fn no_device(local: u16) -> Error {
+    Error::stream(
+        "read a record",
+        format!("device {local} is not in the stream"),
+    )
 }
 
 /// Applies `batch` to `dev`; the record buffers go to `returned` for reuse.

@@ -51,6 +51,7 @@
 //! # Ok(()) }
 //! ```
 
+mod channels;
 mod destination;
 mod handback;
 mod options;
@@ -58,6 +59,7 @@ mod pre_copy;
 mod relay;
 mod source;
 
+pub use channels::{Channels, Outputs};
 pub use destination::{resume, Destination, Status};
 pub use handback::Handback;
 pub use options::{DestinationOptions, Epoch, SourceOptions};

@@ -3,7 +3,6 @@
 //! them itself (the command line, the session layer's `send`): the one place where rounds run
 //! under a policy. A VMM paces [`Source::round`] with its own memory rounds instead.
 
-use std::io::Write;
 use std::time::Instant;
 
 use crate::engine::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
@@ -13,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::migration::{MigrationDevice, Pending, StopCopySize};
 use crate::stream::Phase;
 
+use super::channels::Outputs;
 use super::source::{Source, Stage};
 
 impl<D: MigrationDevice> Source<D> {
@@ -21,9 +21,9 @@ impl<D: MigrationDevice> Source<D> {
     /// stop-and-copy size, the bandwidth of its rounds). Returns why pre-copy ended, `None`
     /// when no device is in pre-copy. A strict policy that gives up fails the migration (every
     /// device back to its start state). The caller then ends pre-copy or switches over.
-    pub fn pre_copy<W: Write + ?Sized>(
+    pub fn pre_copy<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         policy: &PreCopyPolicy,
         obs: &dyn Observer,
     ) -> Result<Option<SwitchReason>> {
@@ -40,9 +40,9 @@ impl<D: MigrationDevice> Source<D> {
         r.map(Some).map_err(|e| self.fail(e))
     }
 
-    fn paced_rounds<W: Write + ?Sized>(
+    fn paced_rounds<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         policy: &PreCopyPolicy,
         obs: &dyn Observer,
     ) -> Result<SwitchReason> {

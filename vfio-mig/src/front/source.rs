@@ -3,6 +3,7 @@
 //! cancel.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::engine::multi::{check_unit, each_with_report, finish_handoff_all, quiesce_all};
@@ -11,8 +12,9 @@ use crate::engine::session::{describe, new_session_id};
 use crate::engine::{NoObserver, Observer, SaveOptions, SaveReport};
 use crate::error::{Error, Result};
 use crate::migration::{MigrationDevice, RunState};
-use crate::stream::{Phase, StreamHeader, StreamWriter};
+use crate::stream::{Phase, StreamAuth, StreamHeader, StreamWriter};
 
+use super::channels::{channel_header, check_count, flush_all, in_channel, Outputs};
 use super::handback::{as_refs, reset_errored, restore, Handback};
 use super::options::SourceOptions;
 use super::relay::{Relay, Staged, UnitSink};
@@ -118,10 +120,15 @@ pub struct Source<D: MigrationDevice> {
     pub(super) pre_copy_ended: bool,
     /// The switch-over began: every device may have moved.
     switching: bool,
-    /// The stream header (staged in `writer` until written).
+    /// The unit's stream header (each channel's part of it staged in `writers` until
+    /// written).
     header: StreamHeader,
-    /// Boxed: the stream's bookkeeping is large, and a VMM keeps a source in its own enums.
-    writer: Option<Box<Staged>>,
+    /// The key of a keyed stream, for the channels' writers.
+    key: Option<Arc<dyn StreamAuth>>,
+    /// One stream writer per channel (the devices' sub-streams, [`set_channels`]).
+    ///
+    /// [`set_channels`]: Self::set_channels
+    writers: Option<Vec<Staged>>,
     buf: Vec<u8>,
     /// What was sent of each device so far.
     pub(super) reports: Vec<SaveReport>,
@@ -180,7 +187,8 @@ impl<D: MigrationDevice> Source<D> {
                     pre_copy_ended: false,
                     switching: false,
                     header,
-                    writer: Some(Box::new(writer)),
+                    key: opts.key.clone(),
+                    writers: Some(vec![writer]),
                     buf: Vec::new(),
                     reports: vec![SaveReport::default(); n],
                     buffer: opts.buffer.max(4096),
@@ -203,7 +211,7 @@ impl<D: MigrationDevice> Source<D> {
             if self.live[i] {
                 if let Err(e) = self.devs[i].start_pre_copy() {
                     self.stage = Stage::Ended;
-                    self.writer = None;
+                    self.writers = None;
                     let touched = &self.live[..=i];
                     return Err(restore(&mut self.devs[..=i], &self.start[..=i], touched, e));
                 }
@@ -219,15 +227,46 @@ impl<D: MigrationDevice> Source<D> {
         &self.header
     }
 
-    /// Writes the stream header into `out` if no call wrote it yet (a session layer sends it
-    /// before the destination accepts, before [`begin`](Self::begin)); returns the bytes
-    /// written. Otherwise the first [`round`](Self::round) or the switch-over writes it.
-    pub fn write_header<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<u64> {
+    /// Sends the unit's devices over `count` channels (connections) instead of one: device
+    /// `i` travels on channel `i mod count`, in that channel's sub-stream (its header names
+    /// the channel's devices). Every later call then takes one writer per channel
+    /// ([`Channels`](super::Channels)); the unit stays one: one quiesce barrier before any
+    /// device stops, and one rollback of every device whichever channel fails. Only before
+    /// [`begin`](Self::begin) and before anything was written; 1 to one channel per device.
+    pub fn set_channels(&mut self, count: usize) -> Result<()> {
+        self.check(Stage::Prepared, "set the channels")?;
+        check_count(count, self.devs.len())?;
+        let writers = self.writers.as_ref().ok_or_else(ended)?;
+        if writers.iter().any(|w| w.get_ref().is_empty()) {
+            return Err(Error::InvalidInput(
+                "set the channels: the stream header was written already".into(),
+            ));
+        }
+        let writers = (0..count)
+            .map(|ch| {
+                let sub = channel_header(&self.header, ch, count);
+                StreamWriter::with_key(Vec::new(), &sub, self.key.clone())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.writers = Some(writers);
+        Ok(())
+    }
+
+    /// How many channels the devices travel over ([`set_channels`](Self::set_channels)).
+    pub fn channels(&self) -> usize {
+        self.writers.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Writes the stream header (each channel's sub-stream header) into `out` if no call
+    /// wrote it yet (a session layer sends it before the destination accepts, before
+    /// [`begin`](Self::begin)); returns the bytes written. Otherwise the first
+    /// [`round`](Self::round) or the switch-over writes it.
+    pub fn write_header<O: Outputs + ?Sized>(&mut self, out: &mut O) -> Result<u64> {
         if !matches!(self.stage, Stage::Prepared | Stage::PreCopy) {
             return Err(ended());
         }
-        let writer = self.writer.as_mut().ok_or_else(ended)?;
-        let r = Relay::new(writer, out).map(|relay| relay.written);
+        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let r = Relay::new(writers, out).map(|relay| relay.written);
         r.map_err(|e| self.fail(e))
     }
 
@@ -270,7 +309,14 @@ impl<D: MigrationDevice> Source<D> {
     /// exhausted for now sends nothing and may have more later
     /// ([`wait_for_data`](Self::wait_for_data)). The first call also writes the stream
     /// header. Returns what it wrote and what is left.
-    pub fn round<W: Write + ?Sized>(&mut self, out: &mut W, budget: Option<u64>) -> Result<Round> {
+    ///
+    /// Over several channels ([`set_channels`](Self::set_channels)) `out` is one writer per
+    /// channel ([`Channels`](super::Channels)) and the budget counts them all.
+    pub fn round<O: Outputs + ?Sized>(
+        &mut self,
+        out: &mut O,
+        budget: Option<u64>,
+    ) -> Result<Round> {
         self.check(Stage::PreCopy, "send a pre-copy round")?;
         if self.pre_copy_ended {
             return Err(Error::InvalidInput(
@@ -288,18 +334,17 @@ impl<D: MigrationDevice> Source<D> {
     }
 
     /// One round; returns the payload bytes sent and the stream bytes written.
-    pub(super) fn send_round<W: Write + ?Sized>(
+    pub(super) fn send_round<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         budget: Option<u64>,
         obs: &dyn Observer,
     ) -> Result<(u64, u64)> {
         self.check_sessions("send a pre-copy round")?;
-        let writer = self.writer.as_mut().ok_or_else(ended)?;
-        let mut relay = Relay::new(writer, out)?;
+        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writers, out)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut sent = 0;
-        buf.resize(self.buffer, 0);
         'devices: for (i, dev) in self.devs.iter_mut().enumerate() {
             if !self.live[i] {
                 continue;
@@ -323,18 +368,9 @@ impl<D: MigrationDevice> Source<D> {
                     .unwrap_or(usize::MAX)
                     .clamp(4096, self.buffer);
                 buf.resize(read_size, 0);
-                let mut pump = Pump {
-                    dev: &mut *dev,
-                    out: &mut relay,
-                    index: i as u16,
-                    buf: std::mem::take(&mut buf),
-                    obs,
-                };
-                let result = pump.run(Phase::PreCopy, Some(1), self.reports[i].pre_copy_bytes);
-                buf = pump.buf;
-                let (bytes, chunks, ended) = result?;
-                self.reports[i].pre_copy_bytes += bytes;
-                self.reports[i].chunks += chunks;
+                let report = &mut self.reports[i];
+                let (bytes, ended) =
+                    pump_pre_copy(dev, &mut relay, i, &mut buf, Some(1), report, obs)?;
                 device_sent += bytes;
                 sent += bytes;
                 if ended || bytes == 0 {
@@ -370,7 +406,7 @@ impl<D: MigrationDevice> Source<D> {
     /// estimate (`VFIO_PRECOPY_INFO_REINIT`), the switch-over is refused with an error naming
     /// it and the migration stays in pre-copy: more [`round`](Self::round)s send the new
     /// initial data first, as the uAPI recommends.
-    pub fn switch_over<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+    pub fn switch_over<O: Outputs + ?Sized>(&mut self, out: &mut O) -> Result<()> {
         self.switch_over_observed(out, &NoObserver)
     }
 
@@ -379,7 +415,7 @@ impl<D: MigrationDevice> Source<D> {
     /// loaded all pre-copy data (a session layer then waits for its acknowledgement, as QEMU's
     /// switchover-ack). The devices keep their state; no more rounds can run. Optional: the
     /// switch-over writes these records itself when this was not called.
-    pub fn end_pre_copy<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
+    pub fn end_pre_copy<O: Outputs + ?Sized>(&mut self, out: &mut O) -> Result<()> {
         self.check(Stage::PreCopy, "end pre-copy")?;
         if self.pre_copy_ended {
             return Ok(());
@@ -388,17 +424,16 @@ impl<D: MigrationDevice> Source<D> {
         r.map_err(|e| self.fail(e))
     }
 
-    fn write_pre_copy_ends<W: Write + ?Sized>(&mut self, out: &mut W) -> Result<()> {
-        let writer = self.writer.as_mut().ok_or_else(ended)?;
-        let mut relay = Relay::new(writer, out)?;
+    fn write_pre_copy_ends<O: Outputs + ?Sized>(&mut self, out: &mut O) -> Result<()> {
+        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writers, out)?;
         for (i, &live) in self.live.iter().enumerate() {
             if live {
                 relay.end_phase(i as u16, Phase::PreCopy)?;
             }
         }
         self.pre_copy_ended = true;
-        out.flush()
-            .map_err(|e| Error::transport("write the migration stream", e))
+        flush_all(out)
     }
 
     /// After pre-copy ended in the stream and the destination acknowledged it, asks every
@@ -408,9 +443,9 @@ impl<D: MigrationDevice> Source<D> {
     /// ends again. Returns how many devices were reopened: a session layer waits for as many
     /// acknowledgements before it asks again, and the switch-over refuses while a device
     /// reports REINIT.
-    pub fn resend_reinit<W: Write + ?Sized>(
+    pub fn resend_reinit<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         obs: &dyn Observer,
     ) -> Result<usize> {
         self.check(Stage::PreCopy, "send re-initialised pre-copy data")?;
@@ -418,14 +453,14 @@ impl<D: MigrationDevice> Source<D> {
         r.map_err(|e| self.fail(e))
     }
 
-    fn reopen_reinit<W: Write + ?Sized>(
+    fn reopen_reinit<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         obs: &dyn Observer,
     ) -> Result<usize> {
         self.check_sessions("send re-initialised pre-copy data")?;
-        let writer = self.writer.as_mut().ok_or_else(ended)?;
-        let mut relay = Relay::new(writer, out)?;
+        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let mut relay = Relay::new(writers, &mut *out)?;
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(self.buffer, 0);
         let mut reopened = 0;
@@ -443,32 +478,28 @@ impl<D: MigrationDevice> Source<D> {
                 dev.identity().instance,
                 now.initial_bytes.unwrap_or(0)
             );
-            let mut pump = Pump {
-                dev: &mut *dev,
-                out: &mut relay,
-                index: i as u16,
-                buf: std::mem::take(&mut buf),
+            pump_pre_copy(
+                dev,
+                &mut relay,
+                i,
+                &mut buf,
+                None,
+                &mut self.reports[i],
                 obs,
-            };
-            let result = pump.run(Phase::PreCopy, None, self.reports[i].pre_copy_bytes);
-            buf = pump.buf;
-            let (bytes, chunks, _ended) = result?;
-            self.reports[i].pre_copy_bytes += bytes;
-            self.reports[i].chunks += chunks;
+            )?;
             relay.end_phase(i as u16, Phase::PreCopy)?;
             reopened += 1;
         }
         self.buf = buf;
-        out.flush()
-            .map_err(|e| Error::transport("write the migration stream", e))?;
+        flush_all(out)?;
         Ok(reopened)
     }
 
     /// [`switch_over`](Self::switch_over), reporting each device's stop-and-copy phase to
     /// `obs`.
-    pub fn switch_over_observed<W: Write + ?Sized>(
+    pub fn switch_over_observed<O: Outputs + ?Sized>(
         &mut self,
-        out: &mut W,
+        out: &mut O,
         obs: &dyn Observer,
     ) -> Result<()> {
         self.check(Stage::PreCopy, "switch over")?;
@@ -486,10 +517,10 @@ impl<D: MigrationDevice> Source<D> {
         }
     }
 
-    fn send_rest<W: Write + ?Sized>(&mut self, out: &mut W, obs: &dyn Observer) -> Result<()> {
+    fn send_rest<O: Outputs + ?Sized>(&mut self, out: &mut O, obs: &dyn Observer) -> Result<()> {
         self.check_sessions("switch over")?;
-        let mut writer = self.writer.take().ok_or_else(ended)?;
-        Relay::new(&mut writer, &mut *out)?;
+        let mut writers = self.writers.take().ok_or_else(ended)?;
+        Relay::new(&mut writers, &mut *out)?;
         self.switching = true;
         let mut devs = as_refs(&mut self.devs);
         quiesce_all(&mut devs)?;
@@ -500,7 +531,8 @@ impl<D: MigrationDevice> Source<D> {
         let live = &self.live;
         let end_pre_copy = !self.pre_copy_ended;
         let reports = &mut self.reports;
-        let (sink, records) = UnitSink::new(&mut writer);
+        let count = writers.len();
+        let (sink, records) = UnitSink::new(&mut writers);
         let saved = std::thread::scope(|s| {
             let unit = s.spawn(move || {
                 each_with_report(&mut devs, reports, |i, dev, report| {
@@ -520,10 +552,11 @@ impl<D: MigrationDevice> Source<D> {
                 // The sink goes with this thread: its end closes `records`.
             });
             let mut written = Ok(());
-            for bytes in records {
-                if let Err(e) = out.write_all(&bytes) {
+            for (ch, bytes) in records {
+                if let Err(e) = out.channel(ch).write_all(&bytes) {
                     // Dropping the receiver stops the device threads at their next record.
-                    written = Err(Error::transport("write the migration stream", e));
+                    let e = Error::transport("write the migration stream", e);
+                    written = Err(in_channel(ch, count, e));
                     break;
                 }
             }
@@ -536,10 +569,13 @@ impl<D: MigrationDevice> Source<D> {
             written.and(saved)
         });
         saved?;
-        let (trailer, _) = writer.finish()?;
-        out.write_all(&trailer)
-            .and_then(|()| out.flush())
-            .map_err(|e| Error::transport("write the stream trailer", e))
+        for (ch, writer) in writers.into_iter().enumerate() {
+            let (trailer, _) = writer.finish()?;
+            out.channel(ch).write_all(&trailer).map_err(|e| {
+                in_channel(ch, count, Error::transport("write the stream trailer", e))
+            })?;
+        }
+        flush_all(out)
     }
 
     /// Ends the migration once the destination runs the devices' state (or when that is in
@@ -685,7 +721,7 @@ impl<D: MigrationDevice> Source<D> {
         };
         let begun = self.stage != Stage::Prepared;
         self.stage = Stage::Ended;
-        self.writer = None;
+        self.writers = None;
         if !begun {
             // No device moved: nothing to restore, unless one dropped into an error state.
             return reset_errored(&mut self.devs, e);
@@ -791,4 +827,31 @@ fn estimate<D: MigrationDevice>(devs: &mut [D], live: &[bool]) -> Result<Estimat
         };
     }
     Ok(total)
+}
+
+/// Pumps device `i`'s pre-copy data into `relay` (at most `chunks` chunks, or to its end of
+/// data), reading into `buf`, and counts it in `report`. Returns the bytes sent and whether
+/// the device's data ended.
+fn pump_pre_copy<O: Outputs + ?Sized, D: MigrationDevice>(
+    dev: &mut D,
+    relay: &mut Relay<'_, O>,
+    i: usize,
+    buf: &mut Vec<u8>,
+    chunks: Option<u64>,
+    report: &mut SaveReport,
+    obs: &dyn Observer,
+) -> Result<(u64, bool)> {
+    let mut pump = Pump {
+        dev,
+        out: relay,
+        index: i as u16,
+        buf: std::mem::take(buf),
+        obs,
+    };
+    let result = pump.run(Phase::PreCopy, chunks, report.pre_copy_bytes);
+    *buf = pump.buf;
+    let (bytes, sent_chunks, ended) = result?;
+    report.pre_copy_bytes += bytes;
+    report.chunks += sent_chunks;
+    Ok((bytes, ended))
 }

@@ -18,7 +18,7 @@ use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamReader;
 use vfio_mig::workspace::check_compatible;
 use vfio_mig::workspace::check_unit;
-use vfio_mig::workspace::LoadGate;
+pub(super) use vfio_mig::workspace::LoadGate;
 use vfio_mig::LoadReport;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;

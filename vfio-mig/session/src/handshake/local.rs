@@ -5,10 +5,9 @@
 use std::time::Instant;
 
 use super::channel::{receive, receive_channels};
-use super::channel_send::send_channels;
 use super::destination::{open_connection, open_session, Opened, RecvOutcome};
 use super::opened::ChannelOpening;
-use super::source::{send, SendOutcome};
+use super::source::{send, send_channels, SendOutcome};
 use crate::error::{is_peer_loss, Error, Result};
 use crate::handshake::ReasonCode;
 use crate::transport::Connection;

@@ -53,7 +53,7 @@ mod session_source;
 mod source;
 
 pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
-pub use channel_send::send_channels;
+
 pub use destination::{load_fenced, open_connection, open_session, Opened, Opening, RecvOutcome};
 pub use local::{
     migrate_local, migrate_pair, migrate_pairs, migrate_pairs_channels, MigrateReport,
@@ -66,4 +66,4 @@ pub use message::{
 pub use opened::ChannelOpening;
 pub use session_destination::{Admitted, SessionDestination};
 pub use session_source::{Answer, SessionSource};
-pub use source::{send, SendOutcome};
+pub use source::{send, send_channels, SendOutcome};

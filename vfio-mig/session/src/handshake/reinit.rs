@@ -9,34 +9,8 @@
 
 use super::answers::expect;
 use super::message::{Message, SessionId};
-use crate::error::{Error, Result};
-use vfio_mig::workspace::SaveOptions;
+use crate::error::Result;
 use vfio_mig::PreCopyPolicy;
-
-/// Runs `resend` (which reopens the pre-copy of every device that re-initialised, hands the
-/// stream back flushed, and says how many it reopened) and waits for the destination's
-/// acknowledgements, until no device re-initialised ([`reack_passes`]).
-pub(super) fn reack_after_reinit<W>(
-    rx: &mut impl std::io::Read,
-    session: &SessionId,
-    opts: &SaveOptions,
-    out: W,
-    mut resend: impl FnMut(W) -> Result<(W, usize)>,
-) -> Result<W> {
-    let mut held = Some(out);
-    reack_passes(rx, session, &opts.policy, || {
-        let out = held.take().ok_or_else(lost_stream)?;
-        let (next, reopened) = resend(out)?;
-        held = Some(next);
-        Ok(reopened)
-    })?;
-    held.ok_or_else(lost_stream)
-}
-
-fn lost_stream() -> Error {
-    vfio_mig::Error::InvalidInput("re-acknowledge: the stream was lost on an earlier error".into())
-        .into()
-}
 
 /// Runs `resend` (which reopens the pre-copy of every device that re-initialised and says how
 /// many it reopened) and waits for one SWITCHOVER_ACK_AGAIN per reopened device, until no

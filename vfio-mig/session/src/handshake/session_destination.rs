@@ -6,15 +6,20 @@
 //! return, or FAILED).
 
 use std::io::{BufRead, BufReader};
+use std::net::Shutdown;
+use std::sync::Mutex;
+use std::time::Instant;
 
+use super::channel::bind;
 use super::destination::{
-    admission_checks, finish_session, load_into, refuse, release, Gate, Opening, RecvOutcome,
-    DRAIN_TIME,
+    admission_checks, finish_session, load_into, refuse, release, Gate, LoadGate, Opening,
+    RecvOutcome, DRAIN_TIME,
 };
-use super::message::{write_message, Message, FEATURE_SWITCHOVER_ACK};
-use super::opened::send_final;
+use super::message::{write_message, Message, ReasonCode, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS};
+use super::opened::{send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
+use vfio_mig::new_session_id;
 use vfio_mig::wire::StreamHeader;
 use vfio_mig::LoadReport;
 use vfio_mig::MigrationDevice;
@@ -49,6 +54,14 @@ pub struct SessionDestination<'f, C: Duplex, D: MigrationDevice> {
     dst: Destination<D>,
     tx: C,
     rx: BufReader<C>,
+    /// The further channels' readers, in channel order from channel 1.
+    further: Vec<BufReader<C>>,
+    /// The source offered channels: every channel, the main connection too, carries a
+    /// sub-stream starting with its own header (after the unit's header of the handshake).
+    sub_streams: bool,
+    /// Handles on every channel (the main connection first), to end their reads at once
+    /// when one fails, and the further ones at the end.
+    handles: Vec<C>,
     header: StreamHeader,
     fence: &'f mut dyn Fence,
     ack: bool,
@@ -72,18 +85,41 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
     /// Answers an opened session for `devs`: the checks before any device is touched (one
     /// device in the stream per device given, known features, each device's protocol and
     /// model, the P2P rule of a unit, the fencing state), then ACCEPT, ALREADY_COMPLETED or
-    /// REFUSE. A refusal hands the devices back, untouched.
+    /// REFUSE. A refusal hands the devices back, untouched. A source that offered several
+    /// channels is run on one (the main connection: [`accept_channels`] with a bound of 1).
+    ///
+    /// [`accept_channels`]: Self::accept_channels
     pub fn accept(
+        opening: Opening<C>,
+        devs: Vec<D>,
+        fence: &'f mut dyn Fence,
+    ) -> std::result::Result<Admitted<'f, C, D>, Handback<D>> {
+        Self::accept_channels(opening, devs, fence, 1, &mut |_| {
+            Err(Error::invalid_input("no further channels here"))
+        })
+    }
+
+    /// [`accept`](Self::accept) for a source that may offer several channels: takes
+    /// `min(offered, max, devices)` of them (at least 1, at most [`MAX_CHANNELS`]), answers
+    /// CHANNELS with a fresh random token, and binds each further connection `accept`
+    /// returns (it is called with the bind deadline and must fail once that passed). A
+    /// connection with another session, a wrong token, an index out of range or already
+    /// bound is refused, logged and does not count; the session then keeps waiting for its
+    /// own. Once every channel is bound: ACCEPT, and device `i` arrives on channel `i mod n`
+    /// ([`Destination::set_channels`]).
+    pub fn accept_channels(
         opening: Opening<C>,
         mut devs: Vec<D>,
         fence: &'f mut dyn Fence,
+        max: u16,
+        accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
     ) -> std::result::Result<Admitted<'f, C, D>, Handback<D>> {
         let Opening {
             mut tx,
             reader,
             features,
+            offered,
             header,
-            ..
         } = opening;
         let mut rx = reader.into_inner();
         let refs: Vec<&mut dyn MigrationDevice> = devs
@@ -110,21 +146,59 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
         }
         // The unit's P2P rule was checked against the source's devices (admission_checks).
         let opts = DestinationOptions::new().allow_non_p2p_unit(true);
-        let dst = match Destination::new(devs, &opts) {
+        let mut dst = match Destination::new(devs, &opts) {
             Ok(dst) => dst,
             Err(h) => {
                 release(fence, &session);
                 return Err(h);
             }
         };
+        let mut further = Vec::new();
+        if let Some(offered) = offered {
+            let count = offered
+                .min(max)
+                .min(MAX_CHANNELS)
+                .min(header.devices.len() as u16)
+                .max(1);
+            let bound = channels(&mut tx, &mut rx, &header, count, accept);
+            let bound = bound.and_then(|b| {
+                dst.set_channels(usize::from(count))?;
+                dst.expect_header(header.clone())?;
+                Ok(b)
+            });
+            match bound {
+                Ok(b) => further = b,
+                Err(e) => {
+                    release(fence, &session);
+                    return Err(handback(e.into(), dst.into_devices()));
+                }
+            }
+        }
         if let Err(e) = write_message(&mut tx, &Message::Accept { session }, "handshake") {
             release(fence, &session);
             return Err(handback(e.into(), dst.into_devices()));
+        }
+        if !further.is_empty() {
+            log::info!("session bound on {} channels", further.len() + 1);
+        }
+        let mut handles = Vec::with_capacity(further.len() + 1);
+        for c in std::iter::once(rx.get_ref()).chain(further.iter().map(|(tx, _)| tx)) {
+            match c.try_clone() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    release(fence, &session);
+                    let e = Error::transport("clone a channel", e);
+                    return Err(handback(e, dst.into_devices()));
+                }
+            }
         }
         Ok(Admitted::Accepted(Box::new(Self {
             dst,
             tx,
             rx,
+            further: further.into_iter().map(|(_, rx)| rx).collect(),
+            sub_streams: offered.is_some(),
+            handles,
             header,
             fence,
             ack: features & FEATURE_SWITCHOVER_ACK != 0,
@@ -149,8 +223,6 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
                 "load: the session is not waiting for its stream",
             ));
         }
-        let buffered = self.rx.buffer().to_vec();
-        self.rx.consume(buffered.len());
         let mut gate = Gate {
             tx: &mut self.tx,
             session: self.header.session_id,
@@ -158,14 +230,27 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
             fence: &mut *self.fence,
             completed: false,
         };
-        let loaded = load_into(
-            &mut self.dst,
-            &self.header,
-            &buffered,
-            &mut self.rx,
-            &mut gate,
-            obs,
-        );
+        let loaded = if !self.sub_streams {
+            let buffered = self.rx.buffer().to_vec();
+            self.rx.consume(buffered.len());
+            load_into(
+                &mut self.dst,
+                &self.header,
+                &buffered,
+                &mut self.rx,
+                &mut gate,
+                obs,
+            )
+        } else {
+            load_channels(
+                &mut self.dst,
+                &mut self.rx,
+                &mut self.further,
+                &self.handles,
+                &mut gate,
+                obs,
+            )
+        };
         self.completed = gate.completed;
         loaded.map_err(|e| self.fail(e))
     }
@@ -201,6 +286,7 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
             &mut self.tx,
             &mut self.rx,
         );
+        end_channels(&self.handles);
         match outcome {
             Ok(outcome) => Ok((devices, outcome)),
             Err(e) => Err(handback(e, devices)),
@@ -223,7 +309,7 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
         self.failed = true;
         let e = self.dst.cancel_with(e);
         let header = self.header.clone();
-        match finish_session(
+        let e = match finish_session(
             header,
             Err(e),
             self.completed,
@@ -233,20 +319,102 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
         ) {
             Err(e) => e,
             Ok(_) => Error::invalid_input("the session failed"),
-        }
+        };
+        end_channels(&self.handles);
+        e
     }
 }
 
-/// Runs an opened session that offered no channels (see [`super::receive_opened`]): a
-/// [`SessionDestination`] that loads and runs at once.
-pub(super) fn receive_one<C: Duplex>(
+/// Ends the further channels of `handles` (the main connection, first, ends with the
+/// session's last message).
+fn end_channels<C: Duplex>(handles: &[C]) {
+    for h in handles.iter().skip(1) {
+        let _ = h.shutdown(Shutdown::Both);
+    }
+}
+
+/// CHANNELS with a fresh token, then the further channels bound (each `(tx, rx)`); a failure
+/// is refused on the main connection (no device was touched).
+#[allow(clippy::type_complexity)]
+fn channels<C: Duplex>(
+    tx: &mut C,
+    rx: &mut BufReader<C>,
+    header: &StreamHeader,
+    count: u16,
+    accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
+) -> vfio_mig::Result<Vec<(C, BufReader<C>)>> {
+    let session = header.session_id;
+    let token = match new_session_id() {
+        Ok(t) => t,
+        Err(e) => {
+            let detail = vfio_mig::error::Report(&e).to_string();
+            return Err(refuse(tx, rx, ReasonCode::Device, detail).into_core());
+        }
+    };
+    let answer = Message::Channels {
+        session,
+        count,
+        token,
+    };
+    write_message(tx, &answer, "handshake")?;
+    bind(session, &token, count, accept)
+        .map_err(|detail| refuse(tx, rx, ReasonCode::Protocol, detail).into_core())
+}
+
+/// Loads the stream over every channel at once (channel 0 the main connection `main`, then
+/// `further`): [`Destination::read_channels`], SWITCHOVER_ACK once the pre-copy data is in,
+/// then LOADED, COMMIT (read on the main connection) and the completion record. A failing
+/// channel ends every channel's reads (`handles`).
+fn load_channels<C: Duplex, D: MigrationDevice>(
+    dst: &mut Destination<D>,
+    main: &mut BufReader<C>,
+    further: &mut [BufReader<C>],
+    handles: &[C],
+    gate: &mut dyn LoadGate,
+    obs: &dyn Observer,
+) -> vfio_mig::Result<Vec<LoadReport>> {
+    let clones = handles.iter().map(|h| {
+        h.try_clone()
+            .map_err(|e| vfio_mig::Error::transport("clone a channel", e))
+    });
+    let clones = clones.collect::<vfio_mig::Result<Vec<C>>>();
+    let handles = Mutex::new(clones.map_err(|e| dst.cancel_with(e))?);
+    let stop = || {
+        for h in handles.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = h.shutdown(Shutdown::Read);
+        }
+    };
+    let mut inputs: Vec<&mut BufReader<C>> =
+        std::iter::once(main).chain(further.iter_mut()).collect();
+    let mut acked = false;
+    dst.read_channels(&mut inputs, &stop, obs, &mut |dst| {
+        if !acked && dst.pre_copy_loaded() {
+            acked = true;
+            gate.pre_copy_loaded()?;
+        }
+        for _ in 0..dst.take_pre_copy_reloaded() {
+            gate.pre_copy_reloaded()?;
+        }
+        Ok(())
+    })?;
+    gate.before_resume(&mut *inputs[0])
+        .map_err(|e| dst.cancel_with(e))?;
+    Ok(dst.reports())
+}
+
+/// Runs an opened session (see [`super::receive_channels`]): a [`SessionDestination`] that
+/// loads and runs at once.
+pub(super) fn receive_now<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
     obs: &dyn Observer,
+    max: u16,
+    accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
 ) -> Result<RecvOutcome> {
     let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
-    let mut session = match SessionDestination::accept(opening, lent, fence) {
+    let admitted = SessionDestination::accept_channels(opening, lent, fence, max, accept);
+    let mut session = match admitted {
         Ok(Admitted::Accepted(session)) => session,
         Ok(Admitted::AlreadyCompleted { header, .. }) => {
             return Ok(RecvOutcome::AlreadyCompleted { header })

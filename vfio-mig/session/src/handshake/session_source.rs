@@ -28,11 +28,15 @@ use std::net::Shutdown;
 use std::time::Duration;
 
 use super::answers::{expect, explain, in_doubt, past_no_return, unexpected, Watched};
-use super::message::{read_message, Message, SessionId, FEATURE_SWITCHOVER_ACK};
+use super::channel_send::{bind_channels, wait_for_reason};
+use super::message::{
+    read_message, Message, SessionId, FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS,
+};
 use super::reinit::reack_passes;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::error::Report;
+use vfio_mig::Channels;
 use vfio_mig::Error as CoreError;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
@@ -60,7 +64,10 @@ pub enum Answer<C: Duplex, D: MigrationDevice> {
 /// COMMIT. After COMMIT, see [`commit`](Self::commit).
 pub struct SessionSource<C: Duplex, D: MigrationDevice> {
     source: Source<D>,
-    tx: BufWriter<Watched<C>>,
+    /// The stream's writers, one per channel: the main connection first.
+    outs: Vec<BufWriter<Watched<C>>>,
+    /// Handles on the further channels, to end them.
+    further: Vec<C>,
     /// The reader of the destination's answers.
     rx: C,
     /// The handle that half-closes the connection after COMMIT.
@@ -90,15 +97,40 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
     /// A refusal, a broken connection or a failure to begin hands the devices back with the
     /// error, each in its start state (or reset, the error says so). The error is the core's;
     /// [`crate::Error::from`] turns it back into the session's own ([`Error::Refused`]).
-    pub fn open(mut source: Source<D>, conn: C) -> std::result::Result<Answer<C, D>, Handback<D>> {
-        match hello(&mut source, conn) {
-            Ok(Some((tx, rx, ctl))) => match source.begin() {
+    pub fn open(source: Source<D>, conn: C) -> std::result::Result<Answer<C, D>, Handback<D>> {
+        Self::open_channels(source, conn, 1, &mut |_| {
+            Err(Error::invalid_input("no further channels here"))
+        })
+    }
+
+    /// [`open`](Self::open) over up to `offer` channels: the main connection `conn` and
+    /// further connections made by `connect(index)` (to the same destination, over the same
+    /// transport: the caller verifies TLS identities exactly as for `conn`). HELLO offers the
+    /// channels with the unit's header; the destination answers how many it takes (1 to
+    /// `offer`), each further connection is bound to the session by its token, and on ACCEPT
+    /// the source begins with device `i` on channel `i mod n` ([`Source::set_channels`]).
+    /// With `offer` 1 (or one device) this is the one-connection session.
+    ///
+    /// The unit stays one: a failure on any channel rolls every device back, as
+    /// [`open`](Self::open) says.
+    pub fn open_channels(
+        mut source: Source<D>,
+        conn: C,
+        offer: u16,
+        connect: &mut dyn FnMut(u16) -> Result<C>,
+    ) -> std::result::Result<Answer<C, D>, Handback<D>> {
+        let offer = offer
+            .min(MAX_CHANNELS)
+            .min(source.header().devices.len() as u16);
+        match hello(&mut source, conn, offer, connect) {
+            Ok(Some((outs, further, rx, ctl))) => match source.begin() {
                 Ok(()) => Ok(Answer::Accepted(Box::new(Self {
                     session: source.header().session_id,
                     ack: source.live().iter().any(|&l| l),
                     reack_policy: PreCopyPolicy::default(),
                     source,
-                    tx,
+                    outs,
+                    further,
                     rx,
                     ctl,
                 }))),
@@ -113,7 +145,7 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
     /// One pre-copy round within `budget` stream bytes ([`Source::round`]), sent to the
     /// destination. Returns what it sent and what the devices still hold.
     pub fn round(&mut self, budget: Option<u64>) -> Result<Round> {
-        let sent = self.source.round(&mut self.tx, budget);
+        let sent = self.source.round(&mut Channels(&mut self.outs), budget);
         let sent = sent.and_then(|round| self.flush().map(|()| round));
         sent.map_err(|e| self.failed(e))
     }
@@ -126,7 +158,9 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
         obs: &dyn Observer,
     ) -> Result<Option<SwitchReason>> {
         self.reack_policy = *policy;
-        let r = self.source.pre_copy(&mut self.tx, policy, obs);
+        let r = self
+            .source
+            .pre_copy(&mut Channels(&mut self.outs), policy, obs);
         let r = r.and_then(|reason| self.flush().map(|()| reason));
         r.map_err(|e| self.failed(e))
     }
@@ -164,7 +198,7 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
 
     fn switched_over(&mut self, obs: &dyn Observer) -> vfio_mig::Result<()> {
         if self.ack {
-            self.source.end_pre_copy(&mut self.tx)?;
+            self.source.end_pre_copy(&mut Channels(&mut self.outs))?;
             let ack = Message::SwitchoverAck {
                 session: self.session,
             }
@@ -173,13 +207,19 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
             expect(&mut self.rx, &self.session, ack, step).map_err(Error::into_core)?;
             // A device that re-initialised its pre-copy data after the acknowledgement sends
             // it anew, and the destination acknowledges it again (QEMU 11.1).
-            let (source, tx) = (&mut self.source, &mut self.tx);
+            let (source, outs) = (&mut self.source, &mut self.outs);
             reack_passes(&mut self.rx, &self.session, &self.reack_policy, || {
-                Ok(source.resend_reinit(tx, obs)?)
+                Ok(source.resend_reinit(&mut Channels(outs), obs)?)
             })
             .map_err(Error::into_core)?;
         }
-        self.source.switch_over_observed(&mut self.tx, obs)
+        self.source
+            .switch_over_observed(&mut Channels(&mut self.outs), obs)?;
+        // The further channels end after their trailers; the destination reads no further.
+        for c in &self.further {
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        Ok(())
     }
 
     /// The two-phase end: waits for LOADED (the destination verified the whole stream), sends
@@ -198,9 +238,9 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
         let loaded = Message::Loaded { session }.kind();
         let step = "wait for the destination's LOADED";
         let committed = expect(&mut self.rx, &session, loaded, step).and_then(|()| {
-            self.tx
-                .write_all(&Message::Commit { session }.encode())
-                .and_then(|()| self.tx.flush())
+            let main = &mut self.outs[0];
+            main.write_all(&Message::Commit { session }.encode())
+                .and_then(|()| main.flush())
                 .map_err(|e| Error::transport("send COMMIT", e))
         });
         if let Err(e) = committed {
@@ -259,26 +299,41 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
     }
 
     fn flush(&mut self) -> vfio_mig::Result<()> {
-        self.tx
-            .flush()
-            .map_err(|e| CoreError::transport("write the migration stream", e))
+        for out in &mut self.outs {
+            out.flush()
+                .map_err(|e| CoreError::transport("write the migration stream", e))?;
+        }
+        Ok(())
     }
 
     /// After a failure of the source or of the session before COMMIT: the destination's
     /// reason for a broken connection, and every device back in its start state.
     fn failed(&mut self, e: impl Into<Error>) -> Error {
+        if !self.further.is_empty() {
+            // Ending the channels ends the destination's reads; its reason, if it failed
+            // first, comes on the main connection.
+            for c in &self.further {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            wait_for_reason(&self.rx);
+        }
         let e = explain_within(e.into().into_core(), &mut self.rx);
         Error::from(self.source.cancel_with(e))
     }
 }
 
-/// HELLO, the header and the answer: on ACCEPT the connection's writer, the reader of the
-/// answers and the handle that half-closes it; `None` on ALREADY_COMPLETED.
-#[allow(clippy::type_complexity)]
+/// The stream's writers (the main connection first), the handles of the further channels,
+/// the reader of the answers and the handle that half-closes the main connection.
+type Opened<C> = (Vec<BufWriter<Watched<C>>>, Vec<C>, C, C);
+
+/// HELLO, the header (offering up to `offer` channels when more than one) and the answer;
+/// the further channels bound; `None` on ALREADY_COMPLETED.
 fn hello<C: Duplex, D: MigrationDevice>(
     source: &mut Source<D>,
     conn: C,
-) -> Result<Option<(BufWriter<Watched<C>>, C, C)>> {
+    offer: u16,
+    connect: &mut dyn FnMut(u16) -> Result<C>,
+) -> Result<Option<Opened<C>>> {
     let clone = || {
         conn.try_clone()
             .map_err(|e| Error::transport("clone the connection", e))
@@ -286,13 +341,29 @@ fn hello<C: Duplex, D: MigrationDevice>(
     let (mut rx, ctl) = (clone()?, clone()?);
     let session = source.header().session_id;
     let ack = source.live().iter().any(|&l| l);
-    let features = if ack { FEATURE_SWITCHOVER_ACK } else { 0 };
+    let mut features = if ack { FEATURE_SWITCHOVER_ACK } else { 0 };
+    if offer > 1 {
+        features |= FEATURE_CHANNELS;
+    }
     let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
+    let mut opening = Message::Hello { features }.encode();
+    if offer > 1 {
+        opening.extend_from_slice(&Message::OfferChannels { count: offer }.encode());
+    }
     let opened = tx
-        .write_all(&Message::Hello { features }.encode())
+        .write_all(&opening)
         .map_err(|e| CoreError::transport("handshake: send HELLO", e))
-        .and_then(|()| source.write_header(&mut tx))
-        .and_then(|_| {
+        .and_then(|()| {
+            if offer > 1 {
+                // The unit's header; each channel's sub-stream starts with its own part.
+                let header = source.header().encode()?;
+                tx.write_all(&header)
+                    .map_err(|e| CoreError::transport("handshake: send the stream header", e))
+            } else {
+                source.write_header(&mut tx).map(|_| ())
+            }
+        })
+        .and_then(|()| {
             tx.flush()
                 .map_err(|e| CoreError::transport("handshake: send the stream header", e))
         });
@@ -307,6 +378,19 @@ fn hello<C: Duplex, D: MigrationDevice>(
         }
         Err(e) => return Err(e.into()),
     };
+    let mut further = Vec::new();
+    let answer = match answer {
+        Message::Channels {
+            session: s,
+            count,
+            token,
+        } if offer > 1 && s == session && (1..=offer).contains(&count) => {
+            source.set_channels(usize::from(count))?;
+            further = bind_channels(session, count, token, connect)?;
+            read_message(&mut rx, "handshake: wait for ACCEPT")?
+        }
+        other => other,
+    };
     match answer {
         Message::Accept { session: s } if s == session => {}
         Message::AlreadyCompleted { session: s } if s == session => {
@@ -320,9 +404,24 @@ fn hello<C: Duplex, D: MigrationDevice>(
                 detail: r.text,
             })
         }
+        other if offer > 1 && further.is_empty() => {
+            return Err(unexpected(&other, "CHANNELS", "handshake"))
+        }
         other => return Err(unexpected(&other, "ACCEPT", "handshake")),
     }
-    Ok(Some((tx, rx, ctl)))
+    if !further.is_empty() {
+        log::info!("session bound on {} channels", further.len() + 1);
+    }
+    let mut outs = vec![tx];
+    let mut handles = Vec::with_capacity(further.len());
+    for c in further {
+        handles.push(
+            c.try_clone()
+                .map_err(|e| Error::transport("clone a channel", e))?,
+        );
+        outs.push(BufWriter::with_capacity(SOCKET_BUFFER, Watched(c)));
+    }
+    Ok(Some((outs, handles, rx, ctl)))
 }
 
 /// The devices of `source` with `error`.

@@ -2,20 +2,11 @@
 //! The source side of a session: HELLO and the stream header before the device is touched,
 //! the switchover wait, the two-phase end (LOADED, COMMIT, RESUMED) and rollback.
 
-use std::io::Write;
-use std::net::Shutdown;
-
-use super::answers::{explain, in_doubt, past_no_return, unexpected};
-use super::message::{read_message, Message, SessionId};
 use super::session_source::{Answer, SessionSource};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
-use vfio_mig::error::Report;
 use vfio_mig::wire::DeviceDescriptor;
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::check_unit;
-use vfio_mig::workspace::finish_handoff_all;
-use vfio_mig::workspace::rollback_sources;
 use vfio_mig::workspace::SaveOptions;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
@@ -64,6 +55,29 @@ pub fn send<C: Duplex>(
     opts: &SaveOptions,
     obs: &dyn Observer,
 ) -> Result<SendOutcome> {
+    send_channels(devs, conn, header, opts, obs, 1, &mut |_| {
+        Err(Error::invalid_input("no further channels here"))
+    })
+}
+
+/// [`send`] over up to `offer` channels: the main connection `conn` and further connections
+/// made by `connect(index)` (to the same destination, over the same transport: the caller
+/// verifies TLS identities exactly as for `conn`); the destination chooses how many it takes
+/// (1 to `offer`), and device `i` travels on channel `i mod n`
+/// ([`SessionSource::open_channels`]). With `offer` 1 (or one device) this is [`send`].
+///
+/// No device is touched before the destination accepted the session with every channel
+/// bound. After that, as [`send`]: any failure before COMMIT, on any channel, rolls every
+/// device back to RUNNING; a lost RESUMED leaves them stopped ([`Error::InDoubt`]).
+pub fn send_channels<C: Duplex>(
+    devs: &mut [&mut dyn MigrationDevice],
+    conn: C,
+    header: &StreamHeader,
+    opts: &SaveOptions,
+    obs: &dyn Observer,
+    offer: u16,
+    connect: &mut dyn FnMut(u16) -> Result<C>,
+) -> Result<SendOutcome> {
     let options = SourceOptions::new(Epoch(header.epoch))
         .session(header.session_id)
         .pre_copy(opts.live)
@@ -88,7 +102,8 @@ pub fn send<C: Duplex>(
             "send: the stream header must describe each device",
         ));
     }
-    let mut session = match SessionSource::open(source, conn).map_err(from_handback)? {
+    let opened = SessionSource::open_channels(source, conn, offer, connect);
+    let mut session = match opened.map_err(from_handback)? {
         Answer::Accepted(session) => session,
         Answer::AlreadyCompleted(_) => return Ok(SendOutcome::AlreadyCompleted),
     };
@@ -107,98 +122,4 @@ pub fn send<C: Duplex>(
 /// The session's error of a front-door error, the devices (lent) back with it.
 fn from_handback<D>(h: Handback<D>) -> Error {
     Error::from(*h.error)
-}
-
-/// The devices' names, for errors.
-fn names(devs: &[&mut dyn MigrationDevice]) -> Vec<String> {
-    devs.iter().map(|d| d.identity().instance).collect()
-}
-
-/// What a sender checks before HELLO (a refused unit touches neither side): the header
-/// describes each device, live exactly when the save is, and the unit may migrate as one
-/// (P2P). Returns two clones of `conn`: the reader of the destination's answers and the handle
-/// that half-closes the connection after COMMIT.
-pub(super) fn before_hello<C: Duplex>(
-    devs: &[&mut dyn MigrationDevice],
-    conn: &C,
-    header: &StreamHeader,
-    opts: &SaveOptions,
-) -> Result<(C, C)> {
-    if devs.is_empty()
-        || header.devices.len() != devs.len()
-        || header.devices.iter().any(|d| d.live != opts.live)
-    {
-        return Err(Error::invalid_input(
-            "send: the stream header must describe each device, live exactly when the save is",
-        ));
-    }
-    check_unit(devs, opts.allow_non_p2p_unit)?;
-    let clone = || {
-        conn.try_clone()
-            .map_err(|e| Error::transport("clone the connection", e))
-    };
-    Ok((clone()?, clone()?))
-}
-
-/// The commit point and its answer, on the main connection: COMMIT, then RESUMED (the
-/// sources stop for good), PARTLY_RESUMED (past the destination's point of no return: the
-/// sources stop for good and the error says what runs there), FAILED (before that point: the
-/// destination reset its devices, the sources run again), or doubt (nothing is undone; the error says how to find out). A COMMIT that did
-/// not go out whole cannot be decoded: the destination resets, so a failed write is a
-/// definite failure.
-pub(super) fn commit<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    tx: &mut impl Write,
-    ctl: &C,
-    rx: &mut C,
-    session: SessionId,
-    mut reports: Vec<SaveReport>,
-    obs: &dyn Observer,
-) -> Result<SendOutcome> {
-    let commit = Message::Commit { session }.encode();
-    if let Err(e) = tx.write_all(&commit).and_then(|()| tx.flush()) {
-        let e = Error::transport("send COMMIT", e);
-        return Err(rollback_sources(devs, explain(e, rx).into_core(), obs).into());
-    }
-    if let Err(e) = ctl.shutdown(Shutdown::Write) {
-        log::debug!("shutdown after COMMIT: {e}");
-    }
-    let step = "wait for the destination's RESUMED";
-    match read_message(rx, step) {
-        Ok(Message::Resumed { session: s }) if s == session => {
-            // Out of the downtime window: the destination already runs.
-            finish_handoff_all(devs, &mut reports);
-            Ok(SendOutcome::Completed(reports))
-        }
-        Ok(Message::Failed(r)) => {
-            let e = Error::PeerFailed {
-                step: step.into(),
-                detail: r.text,
-            };
-            Err(rollback_sources(devs, e.into_core(), obs).into())
-        }
-        Ok(Message::PartlyResumed(r)) => {
-            // Past the destination's point of no return: a device there runs the state, so
-            // the sources stop (or are reset) as after RESUMED, and are never resumed.
-            finish_handoff_all(devs, &mut reports);
-            Err(past_no_return(&names(devs), &reports, step, &r.text))
-        }
-        Ok(other) => Err(in_doubt(
-            &names(devs),
-            &session,
-            format!("the destination sent {other} where RESUMED was expected"),
-        )),
-        Err(e) => Err(in_doubt(&names(devs), &session, Report(&e).to_string())),
-    }
-}
-
-pub(super) fn refused(msg: &Message) -> Result<SendOutcome> {
-    match msg {
-        Message::Refuse(r) => Err(Error::Refused {
-            step: "handshake".into(),
-            code: r.code,
-            detail: r.text.clone(),
-        }),
-        other => Err(unexpected(other, "REFUSE", "handshake")),
-    }
 }
