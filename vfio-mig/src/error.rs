@@ -110,8 +110,8 @@ pub enum Error {
         /// Which devices run, which failed to run and what became of them.
         detail: String,
     },
-    /// An error of the caller's code that the engine called (a [`crate::workspace::LoadGate`],
-    /// an output), carried out of the engine unchanged so that the caller's crate can take
+    /// An error of the caller's code that the core called or was handed (a session's hook
+    /// between reads, an output), carried out of the engine unchanged so that the caller's crate can take
     /// it back (the session and fencing crates downcast their own errors from it).
     #[error(transparent)]
     External(Box<dyn std::error::Error + Send + Sync + 'static>),

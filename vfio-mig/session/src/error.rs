@@ -82,8 +82,8 @@ impl From<vfio_mig_fence::Error> for Error {
 }
 
 impl Error {
-    /// This error as the core's, to return from a hook the engine calls (a
-    /// [`vfio_mig::workspace::LoadGate`]): the core's own errors stay themselves, the others
+    /// This error as the core's, to return from a hook the core calls (a session's hook
+    /// between a destination's reads): the core's own errors stay themselves, the others
     /// travel as [`vfio_mig::Error::External`] and come back through `From`.
     pub fn into_core(self) -> vfio_mig::Error {
         match self {

@@ -4,11 +4,11 @@
 use std::io::Read;
 
 use crate::error::{Error, Result};
-use crate::stream::StreamReader;
+use crate::stream::{Record, StreamReader};
 
 use super::events::Observer;
-use super::gate::{LoadGate, NoGate};
-use super::loader::{check_compatible, LoadReport};
+use super::loader::{check_compatible, DeviceLoader, LoadReport};
+use super::run::run_unit;
 use super::MigrationDevice;
 
 /// Loads the records of stream device `index` into `dev`, which must be fresh (running or
@@ -24,29 +24,37 @@ pub fn load_device<R: Read>(
     index: u16,
     obs: &dyn Observer,
 ) -> Result<LoadReport> {
-    load_device_gated(dev, reader, index, obs, &mut NoGate)
-}
-
-/// [`load_device`] with the hooks of a destination's handshake: `gate` is called once the
-/// device's pre-copy data is loaded, and after the trailer before the device resumes.
-pub(crate) fn load_device_gated<R: Read>(
-    dev: &mut dyn MigrationDevice,
-    reader: &mut StreamReader<R>,
-    index: u16,
-    obs: &dyn Observer,
-    gate: &mut dyn LoadGate,
-) -> Result<LoadReport> {
-    if index != 0 || reader.header().devices.len() != 1 {
+    let header = reader.header();
+    if index != 0 || header.devices.len() != 1 {
         return Err(Error::stream(
             "stream header",
             format!(
                 "a single-device load of device {index} from a stream of {} devices",
-                reader.header().devices.len()
+                header.devices.len()
             ),
         ));
     }
-    let mut reports = super::demux::load_all_gated(&mut [dev], reader, obs, gate)?;
-    Ok(reports.remove(0))
+    check_compatible(dev, &header.devices[0])?;
+    dev.start_resume()?;
+    let mut loader = DeviceLoader::new(0, obs);
+    loop {
+        match reader.next_record()? {
+            Record::Data {
+                phase,
+                bytes,
+                chunk_end,
+                ..
+            } => loader.data(dev, phase, bytes, chunk_end)?,
+            Record::EndOfPhase { phase, .. } => loader.end_phase(phase),
+            Record::End(_) => break,
+        }
+    }
+    // The device takes its state (and may refuse it) only after the trailer verified, and
+    // runs only after the end of the stream was checked.
+    dev.load_state()?;
+    reader.finish()?;
+    run_unit(&mut [dev])?;
+    Ok(loader.report())
 }
 
 /// [`load_device`], and on failure the destination is reset so that it never runs with partial

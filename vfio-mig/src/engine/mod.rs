@@ -4,10 +4,7 @@
 //! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
 //! source, [`load_with_rollback`] on the destination, `vfio_mig_session::handshake::migrate_local` for both on one host.
 
-pub(crate) mod channels;
-pub(crate) mod demux;
 pub(crate) mod events;
-pub(crate) mod gate;
 pub(crate) mod load;
 pub(crate) mod loader;
 pub(crate) mod multi;

@@ -10,7 +10,7 @@
 //! failing fails the unit: every source is rolled back, every destination reset.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Report;
@@ -18,8 +18,7 @@ use crate::error::{Error, Result};
 use crate::stream::{Phase, StreamWriter};
 
 use super::events::Observer;
-use super::rollback::roll_back;
-use super::save::{pre_copy, resend_reinit, stop_copy, RecordSink, SaveOptions, SaveReport};
+use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
 use super::{Capabilities, MigrationDevice, Protocol};
 
 /// A stream writer shared by several device threads: each record is appended whole under a
@@ -188,26 +187,6 @@ fn pre_copy_all<W: Write + Send>(
     })
 }
 
-/// `resend_reinit` on every device in parallel, after the pre-copy phase ended: returns how
-/// many devices reopened their pre-copy with new initial data (each then owes the source a
-/// new acknowledgement from the destination).
-pub fn resend_reinit_all<W: Write + Send>(
-    devs: &mut [&mut dyn MigrationDevice],
-    out: &SharedWriter<W>,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-    reports: &mut [SaveReport],
-) -> Result<usize> {
-    let reopened = AtomicUsize::new(0);
-    in_parallel(devs, out, reports, |dev, sink, i, report| {
-        if resend_reinit(dev, sink, i, opts, obs, report)? {
-            reopened.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    })?;
-    Ok(reopened.into_inner())
-}
-
 /// Quiesces every device (RUNNING_P2P / PRE_COPY_P2P where supported) before any of them is
 /// stopped: after this, no device initiates DMA into a peer, and every device still answers.
 /// The transitions run in parallel (one thread per device), so the unit pays one device's
@@ -255,7 +234,7 @@ pub fn finish_handoff_all(devs: &mut [&mut dyn MigrationDevice], reports: &mut [
 
 /// Saves every device: pre-copy in parallel when `opts.live`, quiesce all, stop-and-copy in
 /// parallel. The devices are left in stop-and-copy (see [`finish_handoff_all`]); the caller
-/// writes the trailer and rolls back on failure ([`rollback_sources`]).
+/// writes the trailer and rolls the devices back on failure.
 pub fn save_all<W: Write + Send>(
     devs: &mut [&mut dyn MigrationDevice],
     out: &SharedWriter<W>,
@@ -269,27 +248,4 @@ pub fn save_all<W: Write + Send>(
     }
     stop_copy_all(devs, out, opts, obs, &mut reports)?;
     Ok(reports)
-}
-
-/// Returns every source to RUNNING (recovery state, reset if that fails) after `error`.
-pub fn rollback_sources(
-    devs: &mut [&mut dyn MigrationDevice],
-    error: Error,
-    obs: &dyn Observer,
-) -> Error {
-    roll_back(devs, 0, error, obs, |d| d.recover())
-}
-
-/// Resets every destination after `error`: none runs with partial state. Past the point of
-/// no return ([`Error::PastNoReturn`]) nothing is reset: the devices that run hold the only
-/// running copy of their state, and those that failed to run were reset already.
-pub fn rollback_destinations(
-    devs: &mut [&mut dyn MigrationDevice],
-    error: Error,
-    obs: &dyn Observer,
-) -> Error {
-    if matches!(error, Error::PastNoReturn { .. }) {
-        return error;
-    }
-    roll_back(devs, 0, error, obs, |d| d.abort_resume())
 }

@@ -11,7 +11,7 @@ use super::events::{Event, Observer};
 use super::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
 use super::wait::DataWait;
 use super::{MigrationDevice, ReadOutcome};
-use crate::migration::{Pending, Protocol};
+use crate::migration::Pending;
 
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
 pub const DEFAULT_BUFFER: usize = 1 << 20;
@@ -286,39 +286,6 @@ pub(crate) fn pre_copy<S: RecordSink + ?Sized>(
     dev.start_pre_copy()?;
     let first = dev.pending()?;
     pre_copy_rounds(dev, out, index, opts, obs, report, first)
-}
-
-/// After the stream's pre-copy phase of the device ended (and the destination may have
-/// acknowledged it): asks the device once more what it holds, as QEMU's final
-/// `save_query_pending` at the switch-over, and if it re-initialised its pre-copy data
-/// (`VFIO_PRECOPY_INFO_REINIT`) reopens its pre-copy in the stream and sends rounds until the
-/// new initial data is out, ending the phase again. Returns whether it did: the destination
-/// must then acknowledge the new data before the device stops. A device without pre-copy in
-/// this save, or that re-initialised nothing, sends nothing.
-pub(crate) fn resend_reinit<S: RecordSink + ?Sized>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut S,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-    report: &mut SaveReport,
-) -> Result<bool> {
-    // v1 has no PRECOPY_INFO and so no REINIT: its registers are not read again.
-    if report.stop_copy_only || dev.protocol() != Protocol::V2 {
-        return Ok(false);
-    }
-    let now = dev.pending()?;
-    if !now.reinit {
-        return Ok(false);
-    }
-    log::info!(
-        "{}: new initial data after its pre-copy ended (REINIT, {} bytes): sending it before \
-         the switch-over",
-        dev.identity().instance,
-        now.initial_bytes.unwrap_or(0)
-    );
-    pre_copy_rounds(dev, out, index, opts, obs, report, now)?;
-    Ok(true)
 }
 
 /// The rounds of pre-copy from what the device reported pending (`first`), until the policy

@@ -18,7 +18,6 @@ use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamReader;
 use vfio_mig::workspace::check_compatible;
 use vfio_mig::workspace::check_unit;
-pub(super) use vfio_mig::workspace::LoadGate;
 use vfio_mig::LoadReport;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
@@ -100,6 +99,20 @@ pub(super) fn refuse<C: Duplex>(
         code,
         detail,
     }
+}
+
+/// Points of a load where the destination talks to its source (or its fencing store). An
+/// error from a hook fails the load, and every device is reset.
+pub(super) trait LoadGate {
+    /// Every device carried live loaded all its pre-copy data: QEMU's switchover-ack point.
+    fn pre_copy_loaded(&mut self) -> vfio_mig::Result<()>;
+    /// After [`pre_copy_loaded`](Self::pre_copy_loaded): a device whose pre-copy the source
+    /// reopened (new initial data after a `VFIO_PRECOPY_INFO_REINIT`) loaded it up to its next
+    /// END_OF_PHASE(PRE_COPY). Called once per reopened phase.
+    fn pre_copy_reloaded(&mut self) -> vfio_mig::Result<()>;
+    /// The trailer verified and every device took its state; none runs yet. `rest` is the
+    /// main connection after the trailer.
+    fn before_resume(&mut self, rest: &mut dyn Read) -> vfio_mig::Result<()>;
 }
 
 /// The hooks of the load: SWITCHOVER_ACK, then LOADED, COMMIT and the completion record.
