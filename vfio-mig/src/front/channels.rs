@@ -10,6 +10,7 @@
 //! than channels and own one otherwise.
 
 use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver};
 
 use crate::error::{Error, Result};
 use crate::stream::StreamHeader;
@@ -23,6 +24,20 @@ pub trait Outputs {
     fn count(&self) -> usize;
     /// The writer of channel `ch` (below [`count`](Self::count)).
     fn channel(&mut self, ch: usize) -> &mut Self::Channel;
+
+    /// Writes the records a switch-over's device threads produce (each with its channel),
+    /// every channel's in the order they come, until `records` ends or a write fails. One
+    /// writer takes them in turn on the calling thread; [`Channels`] writes each channel on a
+    /// thread of its own, so the channels move in parallel.
+    fn write_records(&mut self, records: Receiver<(usize, Vec<u8>)>) -> Result<()> {
+        let count = self.count();
+        for (ch, bytes) in records {
+            self.channel(ch)
+                .write_all(&bytes)
+                .map_err(|e| write_failed(ch, count, e))?;
+        }
+        Ok(())
+    }
 }
 
 impl<W: Write + ?Sized> Outputs for W {
@@ -38,11 +53,12 @@ impl<W: Write + ?Sized> Outputs for W {
 }
 
 /// One writer per channel, in channel order (channel 0 first), for a source whose devices
-/// travel over several channels ([`crate::Source::set_channels`]).
+/// travel over several channels ([`crate::Source::set_channels`]). The switch-over writes
+/// each channel on a thread of its own, so the writers must be `Send`.
 #[derive(Debug)]
 pub struct Channels<'a, W>(pub &'a mut [W]);
 
-impl<W: Write> Outputs for Channels<'_, W> {
+impl<W: Write + Send> Outputs for Channels<'_, W> {
     type Channel = W;
 
     fn count(&self) -> usize {
@@ -52,6 +68,51 @@ impl<W: Write> Outputs for Channels<'_, W> {
     fn channel(&mut self, ch: usize) -> &mut W {
         &mut self.0[ch]
     }
+
+    fn write_records(&mut self, records: Receiver<(usize, Vec<u8>)>) -> Result<()> {
+        let count = self.0.len();
+        std::thread::scope(|s| {
+            let mut queues = Vec::with_capacity(count);
+            let mut writers = Vec::with_capacity(count);
+            for (ch, out) in self.0.iter_mut().enumerate() {
+                // A few records in flight per channel, as for the device threads.
+                let (tx, rx) = sync_channel::<Vec<u8>>(4);
+                queues.push(tx);
+                writers.push(s.spawn(move || -> Result<()> {
+                    for bytes in rx {
+                        out.write_all(&bytes)
+                            .map_err(|e| write_failed(ch, count, e))?;
+                    }
+                    Ok(())
+                }));
+            }
+            for (ch, bytes) in records {
+                // A channel whose writer failed takes no more: the unit stops (the dropped
+                // `records` stops the device threads at their next record).
+                if queues[ch].send(bytes).is_err() {
+                    break;
+                }
+            }
+            drop(queues);
+            writers
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::protocol(
+                            "switch over",
+                            "a channel's writer panicked",
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<()>>>()
+                .map(|_| ())
+        })
+    }
+}
+
+/// The error of a failed write of channel `ch`.
+fn write_failed(ch: usize, count: usize, e: std::io::Error) -> Error {
+    in_channel(ch, count, Error::transport("write the migration stream", e))
 }
 
 /// Flushes every channel of `out`.

@@ -551,15 +551,9 @@ impl<D: MigrationDevice> Source<D> {
                 })
                 // The sink goes with this thread: its end closes `records`.
             });
-            let mut written = Ok(());
-            for (ch, bytes) in records {
-                if let Err(e) = out.channel(ch).write_all(&bytes) {
-                    // Dropping the receiver stops the device threads at their next record.
-                    let e = Error::transport("write the migration stream", e);
-                    written = Err(in_channel(ch, count, e));
-                    break;
-                }
-            }
+            // Dropping `records` on a failed write stops the device threads at their next
+            // record.
+            let written = out.write_records(records);
             let saved = unit.join().unwrap_or_else(|_| {
                 Err(Error::protocol("switch over", "the unit's thread panicked"))
             });
