@@ -52,7 +52,7 @@ mod session_destination;
 mod session_source;
 mod source;
 
-pub use channel::{receive, receive_channels, receive_opened, BIND_TIME};
+pub use channel::{receive, receive_channels, receive_opened};
 
 pub use destination::{load_fenced, open_connection, open_session, Opened, Opening, RecvOutcome};
 pub use local::{
@@ -63,7 +63,7 @@ pub use message::{
     FEATURE_CHANNELS, FEATURE_SWITCHOVER_ACK, FRAME_HEADER_LEN, KNOWN_FEATURES, MAGIC,
     MAX_CHANNELS, MAX_PAYLOAD_LEN, MAX_REASON_LEN, TOKEN_LEN, VERSION,
 };
-pub use opened::ChannelOpening;
+pub use opened::{ChannelOpening, BIND_TIME};
 pub use session_destination::{Admitted, SessionDestination};
 pub use session_source::{Answer, SessionSource};
 pub use source::{send, send_channels, SendOutcome};

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the destination needs before it knows what a connection is for: the final
-//! REFUSE/FAILED with its bounded drain, and a further channel's opening (CHANNEL read, not
-//! yet checked).
+//! REFUSE/FAILED with its bounded drain, a further channel's opening (CHANNEL read, not yet
+//! checked), and the binding of the further channels to their session.
 
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
@@ -117,4 +117,77 @@ pub(super) fn channel_opened<C: Duplex>(
         index,
         token,
     })
+}
+
+/// How long the destination waits for the source's further connections, from its CHANNELS
+/// answer: every channel must be bound by then, or the session is refused (no device was
+/// touched yet).
+pub const BIND_TIME: Duration = Duration::from_secs(10);
+
+/// Equal tokens, compared in constant time (a wrong guess learns nothing from the timing).
+fn same_token(a: &ChannelToken, b: &ChannelToken) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Binds channels 1..count within [`BIND_TIME`], each as its write handle and its reader;
+/// `Err` is the REFUSE detail.
+#[allow(clippy::type_complexity)]
+pub(super) fn bind<C: Duplex>(
+    session: SessionId,
+    token: &ChannelToken,
+    count: u16,
+    accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
+) -> std::result::Result<Vec<(C, BufReader<C>)>, String> {
+    let deadline = Instant::now() + BIND_TIME;
+    let mut slots: Vec<Option<(C, BufReader<C>)>> = (1..count).map(|_| None).collect();
+    let mut bound = 0usize;
+    while bound + 1 < usize::from(count) {
+        let opening = accept(deadline).map_err(|e| {
+            format!(
+                "{bound} of {} further channels connected within {} s ({})",
+                count - 1,
+                BIND_TIME.as_secs(),
+                vfio_mig::error::Report(&e)
+            )
+        })?;
+        let index = opening.index;
+        let why = if opening.session != session {
+            Some("it names another session")
+        } else if !same_token(&opening.token, token) {
+            Some("its token is not this session's")
+        } else if index == 0 || index >= count {
+            Some("its index is out of range")
+        } else if slots[usize::from(index) - 1].is_some() {
+            Some("its index is bound already")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let e = opening.refuse(
+                format!("CHANNEL {index} refused: {why}"),
+                Duration::from_secs(1),
+            );
+            log::warn!("{}", vfio_mig::error::Report(&e));
+            continue;
+        }
+        slots[usize::from(index) - 1] = Some((opening.tx, opening.rx));
+        bound += 1;
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_every_byte() {
+        let a = [5u8; 16];
+        assert!(same_token(&a, &a));
+        for i in 0..16 {
+            let mut b = a;
+            b[i] ^= 0x80;
+            assert!(!same_token(&a, &b), "byte {i}");
+        }
+    }
 }

@@ -10,13 +10,12 @@ use std::net::Shutdown;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::channel::bind;
 use super::destination::{
     admission_checks, finish_session, load_into, refuse, release, Gate, LoadGate, Opening,
     RecvOutcome, DRAIN_TIME,
 };
 use super::message::{write_message, Message, ReasonCode, FEATURE_SWITCHOVER_ACK, MAX_CHANNELS};
-use super::opened::{send_final, ChannelOpening};
+use super::opened::{bind, send_final, ChannelOpening};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::new_session_id;
