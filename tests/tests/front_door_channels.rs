@@ -147,6 +147,7 @@ fn a_vmm_paced_unit_of_three_over_two_channels_keeps_each_round_within_its_budge
         .unwrap();
     assert_eq!(read.run().unwrap().len(), 3);
 
+    assert_eq!(source.channels(), 2);
     let finished = source.finish();
     assert!(
         finished.stop_failures.is_empty(),

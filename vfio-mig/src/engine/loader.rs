@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What every destination path shares: the compatibility check of a stream's device
 //! descriptor, and the per-device record loader with its report (used by the single-device
-//! [`super::load`] and the demultiplexing [`super::demux`] alike).
+//! [`super::load`] and the front door's destination alike).
 
 use std::time::Instant;
 

@@ -19,7 +19,7 @@ use super::MigrationDevice;
 /// then RUNNING on each in order ([`MigrationDevice::finish_resume`]).
 ///
 /// A failure before any device ran is returned as it is: the caller resets the unit
-/// ([`super::multi::rollback_destinations`]). A device that failed to run after another one
+/// (the front door's `Destination::run`). A device that failed to run after another one
 /// ran (the point of no return) is reset here, the others keep running, and the error is
 /// [`Error::PastNoReturn`] naming each: the caller must keep what runs, and the source must
 /// not run the state again.

@@ -84,6 +84,18 @@ impl<D> std::fmt::Debug for Finished<D> {
     }
 }
 
+/// The stream of a source: its header and one stream writer per channel.
+struct Stream {
+    /// The unit's stream header (each channel's part of it staged in `writers` until
+    /// written).
+    header: StreamHeader,
+    /// The key of a keyed stream, for the channels' writers.
+    key: Option<Arc<dyn StreamAuth>>,
+    /// One stream writer per channel (the devices' sub-streams, `Source::set_channels`);
+    /// `None` once the stream is finished or abandoned.
+    writers: Option<Vec<Staged>>,
+}
+
 /// Where a source is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
@@ -120,15 +132,10 @@ pub struct Source<D: MigrationDevice> {
     pub(super) pre_copy_ended: bool,
     /// The switch-over began: every device may have moved.
     switching: bool,
-    /// The unit's stream header (each channel's part of it staged in `writers` until
-    /// written).
-    header: StreamHeader,
-    /// The key of a keyed stream, for the channels' writers.
-    key: Option<Arc<dyn StreamAuth>>,
-    /// One stream writer per channel (the devices' sub-streams, [`set_channels`]).
-    ///
-    /// [`set_channels`]: Self::set_channels
-    writers: Option<Vec<Staged>>,
+    /// Boxed: the stream's bookkeeping is large, and a VMM keeps a source in its own enums.
+    stream: Box<Stream>,
+    /// How many channels the devices travel over.
+    channels: usize,
     buf: Vec<u8>,
     /// What was sent of each device so far.
     pub(super) reports: Vec<SaveReport>,
@@ -186,9 +193,12 @@ impl<D: MigrationDevice> Source<D> {
                     stage: Stage::Prepared,
                     pre_copy_ended: false,
                     switching: false,
-                    header,
-                    key: opts.key.clone(),
-                    writers: Some(vec![writer]),
+                    stream: Box::new(Stream {
+                        header,
+                        key: opts.key.clone(),
+                        writers: Some(vec![writer]),
+                    }),
+                    channels: 1,
                     buf: Vec::new(),
                     reports: vec![SaveReport::default(); n],
                     buffer: opts.buffer.max(4096),
@@ -211,7 +221,7 @@ impl<D: MigrationDevice> Source<D> {
             if self.live[i] {
                 if let Err(e) = self.devs[i].start_pre_copy() {
                     self.stage = Stage::Ended;
-                    self.writers = None;
+                    self.stream.writers = None;
                     let touched = &self.live[..=i];
                     return Err(restore(&mut self.devs[..=i], &self.start[..=i], touched, e));
                 }
@@ -224,7 +234,7 @@ impl<D: MigrationDevice> Source<D> {
     /// The stream header: the session id, the epoch and each device's descriptor (live for a
     /// device in pre-copy).
     pub fn header(&self) -> &StreamHeader {
-        &self.header
+        &self.stream.header
     }
 
     /// Sends the unit's devices over `count` channels (connections) instead of one: device
@@ -236,7 +246,7 @@ impl<D: MigrationDevice> Source<D> {
     pub fn set_channels(&mut self, count: usize) -> Result<()> {
         self.check(Stage::Prepared, "set the channels")?;
         check_count(count, self.devs.len())?;
-        let writers = self.writers.as_ref().ok_or_else(ended)?;
+        let writers = self.stream.writers.as_ref().ok_or_else(ended)?;
         if writers.iter().any(|w| w.get_ref().is_empty()) {
             return Err(Error::InvalidInput(
                 "set the channels: the stream header was written already".into(),
@@ -244,17 +254,18 @@ impl<D: MigrationDevice> Source<D> {
         }
         let writers = (0..count)
             .map(|ch| {
-                let sub = channel_header(&self.header, ch, count);
-                StreamWriter::with_key(Vec::new(), &sub, self.key.clone())
+                let sub = channel_header(&self.stream.header, ch, count);
+                StreamWriter::with_key(Vec::new(), &sub, self.stream.key.clone())
             })
             .collect::<Result<Vec<_>>>()?;
-        self.writers = Some(writers);
+        self.stream.writers = Some(writers);
+        self.channels = count;
         Ok(())
     }
 
     /// How many channels the devices travel over ([`set_channels`](Self::set_channels)).
     pub fn channels(&self) -> usize {
-        self.writers.as_ref().map_or(0, Vec::len)
+        self.channels
     }
 
     /// Writes the stream header (each channel's sub-stream header) into `out` if no call
@@ -265,7 +276,7 @@ impl<D: MigrationDevice> Source<D> {
         if !matches!(self.stage, Stage::Prepared | Stage::PreCopy) {
             return Err(ended());
         }
-        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let writers = self.stream.writers.as_mut().ok_or_else(ended)?;
         let r = Relay::new(writers, out).map(|relay| relay.written);
         r.map_err(|e| self.fail(e))
     }
@@ -341,7 +352,7 @@ impl<D: MigrationDevice> Source<D> {
         obs: &dyn Observer,
     ) -> Result<(u64, u64)> {
         self.check_sessions("send a pre-copy round")?;
-        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let writers = self.stream.writers.as_mut().ok_or_else(ended)?;
         let mut relay = Relay::new(writers, out)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut sent = 0;
@@ -425,7 +436,7 @@ impl<D: MigrationDevice> Source<D> {
     }
 
     fn write_pre_copy_ends<O: Outputs + ?Sized>(&mut self, out: &mut O) -> Result<()> {
-        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let writers = self.stream.writers.as_mut().ok_or_else(ended)?;
         let mut relay = Relay::new(writers, out)?;
         for (i, &live) in self.live.iter().enumerate() {
             if live {
@@ -459,7 +470,7 @@ impl<D: MigrationDevice> Source<D> {
         obs: &dyn Observer,
     ) -> Result<usize> {
         self.check_sessions("send re-initialised pre-copy data")?;
-        let writers = self.writers.as_mut().ok_or_else(ended)?;
+        let writers = self.stream.writers.as_mut().ok_or_else(ended)?;
         let mut relay = Relay::new(writers, &mut *out)?;
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(self.buffer, 0);
@@ -519,7 +530,7 @@ impl<D: MigrationDevice> Source<D> {
 
     fn send_rest<O: Outputs + ?Sized>(&mut self, out: &mut O, obs: &dyn Observer) -> Result<()> {
         self.check_sessions("switch over")?;
-        let mut writers = self.writers.take().ok_or_else(ended)?;
+        let mut writers = self.stream.writers.take().ok_or_else(ended)?;
         Relay::new(&mut writers, &mut *out)?;
         self.switching = true;
         let mut devs = as_refs(&mut self.devs);
@@ -715,7 +726,7 @@ impl<D: MigrationDevice> Source<D> {
         };
         let begun = self.stage != Stage::Prepared;
         self.stage = Stage::Ended;
-        self.writers = None;
+        self.stream.writers = None;
         if !begun {
             // No device moved: nothing to restore, unless one dropped into an error state.
             return reset_errored(&mut self.devs, e);
