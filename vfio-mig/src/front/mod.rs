@@ -21,6 +21,12 @@
 //! and reports [`Status::Loaded`] with none running; the VMM restores what is its own, then
 //! calls [`Destination::run`].
 //!
+//! Device state may travel over several channels (connections) of the VMM's own:
+//! [`Source::set_channels`] before `begin`, then every call takes one writer per channel
+//! ([`Channels`]); [`Destination::set_channels`], then a push per channel
+//! ([`Destination::push_channel`]) or [`Destination::read_channels`]. The unit stays one:
+//! one quiesce barrier, one rollback, one load.
+//!
 //! The devices are never lost: the VMM lends them (`&mut`) or gives them (`Box`), and gets
 //! them back with every error ([`Handback`]). Every failure returns each source device to
 //! the state it had when the migration began (or resets it), and resets every destination
