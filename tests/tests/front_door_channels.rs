@@ -278,3 +278,36 @@ fn a_destination_channel_that_fails_resets_every_device_and_names_the_channel() 
         assert_destination_safe(&h.status(), &format!("destination {i}"));
     }
 }
+
+#[test]
+fn a_sub_stream_that_is_not_the_announced_units_part_touches_no_device() {
+    let (srcs, _) = devices();
+    let mut source = Source::prepare(srcs, &SourceOptions::new(Epoch(5))).unwrap();
+    source.set_channels(2).unwrap();
+    // One channel per device at most, and at least one.
+    assert!(source.set_channels(4).is_err());
+    assert!(source.set_channels(0).is_err());
+    source.begin().unwrap();
+    let mut unit = source.header().clone();
+    let mut wire = [Vec::new(), Vec::new()];
+    source.switch_over(&mut Channels(&mut wire[..])).unwrap();
+    drop(source.into_devices());
+
+    // The handshake announced another epoch than the sub-streams carry.
+    unit.epoch = 6;
+    let (dsts, dst_handles) = devices();
+    let mut dst = Destination::new(dsts, &DestinationOptions::new()).unwrap();
+    dst.set_channels(2).unwrap();
+    dst.expect_header(unit).unwrap();
+    let err = dst
+        .push_channel(1, &wire[1], &NoObserver)
+        .expect_err("channel 1's header is not the unit's part");
+    let msg = Report(&err).to_string();
+    assert!(msg.contains("channel 1"), "{msg}");
+    for (i, h) in dst_handles.iter().enumerate() {
+        let st = h.status();
+        assert_eq!(st.resets, 0, "destination {i} was touched: {st:?}");
+        assert_eq!(st.bytes_loaded, 0, "destination {i}: {st:?}");
+        assert!(st.is_running(), "destination {i}: {st:?}");
+    }
+}
