@@ -3,7 +3,8 @@
 //! with a byte budget, each device's records on channel `i mod n` as device `i div n` of that
 //! channel's sub-stream (docs/stream-format.md, "Several channels"); a fault on one channel
 //! after the quiesce rolls the whole unit back (a paused device stays paused) and no
-//! destination device runs; a destination channel that fails resets every device.
+//! destination device runs; a destination channel that fails resets every device; a
+//! sub-stream that is not the announced unit's part touches no device.
 
 use std::io::{self, Read, Write};
 
