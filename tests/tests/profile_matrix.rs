@@ -8,8 +8,8 @@
 //! profile igb: single ok, live ok (pre-copy empty, state at stop-copy), multi refused (no P2P), multi ok (opted in without P2P), faults 7/7 sweeps (25 failed migrations, all clean)
 //! ```
 
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_mock::MockSpec;
@@ -109,7 +109,8 @@ fn multi(profile: ProfileName, base: &str, allow_non_p2p: bool) -> String {
             srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
         let mut d: Vec<&mut dyn MigrationDevice> =
             dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-        let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+        let header =
+            StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
         let opts = SaveOptions {
             allow_non_p2p_unit: allow_non_p2p,
             ..opts(live)

@@ -9,11 +9,11 @@ use std::io::{self, Read};
 use proptest::prelude::*;
 use vfio_mig::backend::v1_state::V1State;
 use vfio_mig::{
-    wire::DeviceDescriptor, wire::Phase, wire::Protocol, wire::RecordKind, wire::StreamHeader,
-    wire::StreamReader, wire::MAX_FRAGMENT,
+    wire::DeviceDescriptor, wire::Phase, wire::RecordKind, wire::StreamHeader, wire::StreamReader,
+    wire::MAX_FRAGMENT, Protocol,
 };
 use vfio_mig::{wire::RecordHeader, wire::RECORD_HEADER_LEN};
-use vfio_mig::{workspace::SaveOptions, PreCopyPolicy};
+use vfio_mig::{PreCopyPolicy, SaveOptions};
 use vfio_mig_mock::MockStatus;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, handle, load_from_slice, mock, save_to_vec};

@@ -4,7 +4,7 @@
 //! fail cleanly, the source must run again and the destination must never run with loaded
 //! state.
 
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy};
+use vfio_mig::{NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{handle, mock};

@@ -265,7 +265,7 @@ fn in_channel(ch: usize, e: Error) -> Error {
 }
 
 /// Loads a unit received over `channels` (channel `c`'s connection at `channels[c]`,
-/// positioned at its sub-stream), as [`super::demux::load_all_gated`] does for one stream:
+/// positioned at its sub-stream), as `load_all_gated` does for one stream:
 /// checks every device against `unit`, enters RESUMING on all, loads every channel in
 /// parallel, calls `gate.pre_copy_loaded` once every live device loaded its pre-copy data,
 /// and after every channel's trailer has every device take its state, calls

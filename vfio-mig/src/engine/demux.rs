@@ -43,7 +43,7 @@ enum Item {
 /// `gate.before_resume`, and runs the unit (`run_unit`: RUNNING_P2P on all, then RUNNING).
 /// The caller resets them on failure ([`super::multi::rollback_destinations`]), except past
 /// the point of no return ([`Error::PastNoReturn`]: what runs keeps running).
-pub fn load_all_gated<R: Read>(
+pub(crate) fn load_all_gated<R: Read>(
     devs: &mut [&mut dyn MigrationDevice],
     reader: &mut StreamReader<R>,
     obs: &dyn Observer,

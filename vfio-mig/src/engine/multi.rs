@@ -10,7 +10,7 @@
 //! failing fails the unit: every source is rolled back, every destination reset.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Report;
@@ -19,8 +19,8 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::Observer;
 use super::rollback::roll_back;
-use super::save::{pre_copy, resend_reinit, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{Capabilities, MigrationDevice, Protocol};
+use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
+use super::MigrationDevice;
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -77,19 +77,6 @@ impl<W: Write> RecordSink for &SharedWriter<W> {
     }
 }
 
-/// Whether a device with `caps` can join a unit of several devices without an opt-in: it
-/// has the P2P states, so it can be quiesced before any peer stops. `Err` says why not.
-pub fn unit_member(caps: &Capabilities, protocol: Protocol) -> std::result::Result<(), String> {
-    match protocol {
-        _ if caps.p2p => Ok(()),
-        Protocol::V1 => Err("a v1 device has no P2P states".into()),
-        Protocol::V2 => Err(format!(
-            "migration flags {:#x} lack VFIO_MIGRATION_P2P",
-            caps.migration_flags
-        )),
-    }
-}
-
 /// Refuses a unit of several devices where some lack the P2P states, unless `allow` (the
 /// caller's explicit opt-in, [`super::SaveOptions::allow_non_p2p_unit`]). QEMU refuses such a
 /// unit ("Multiple VFIO devices migration is supported only if all of them support P2P
@@ -102,7 +89,8 @@ pub fn check_unit(devs: &[&mut dyn MigrationDevice], allow: bool) -> Result<()> 
     let lacking: Vec<String> = devs
         .iter()
         .filter_map(|d| {
-            unit_member(&d.capabilities(), d.protocol())
+            d.capabilities()
+                .unit_member(d.protocol())
                 .err()
                 .map(|why| format!("{} ({why})", d.identity().instance))
         })
@@ -186,26 +174,6 @@ fn pre_copy_all<W: Write + Send>(
     in_parallel(devs, out, reports, |dev, sink, i, report| {
         pre_copy(dev, sink, i, opts, obs, report)
     })
-}
-
-/// `resend_reinit` on every device in parallel, after the pre-copy phase ended: returns how
-/// many devices reopened their pre-copy with new initial data (each then owes the source a
-/// new acknowledgement from the destination).
-pub fn resend_reinit_all<W: Write + Send>(
-    devs: &mut [&mut dyn MigrationDevice],
-    out: &SharedWriter<W>,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-    reports: &mut [SaveReport],
-) -> Result<usize> {
-    let reopened = AtomicUsize::new(0);
-    in_parallel(devs, out, reports, |dev, sink, i, report| {
-        if resend_reinit(dev, sink, i, opts, obs, report)? {
-            reopened.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    })?;
-    Ok(reopened.into_inner())
 }
 
 /// Quiesces every device (RUNNING_P2P / PRE_COPY_P2P where supported) before any of them is

@@ -171,7 +171,15 @@ impl<D: MigrationDevice> Source<D> {
     ) -> std::result::Result<Self, Handback<D>> {
         match plan(&mut devs, opts) {
             Ok((start, live, header, writer)) => {
-                let n = devs.len();
+                // As QEMU and the engine's save: a live migration of a device without
+                // PRE_COPY moves it in stop-and-copy only, and its report says so.
+                let reports = devs
+                    .iter()
+                    .map(|d| SaveReport {
+                        stop_copy_only: opts.pre_copy && !d.capabilities().pre_copy,
+                        ..SaveReport::default()
+                    })
+                    .collect();
                 Ok(Self {
                     devs,
                     start,
@@ -182,7 +190,7 @@ impl<D: MigrationDevice> Source<D> {
                     header,
                     writer: Some(Box::new(writer)),
                     buf: Vec::new(),
-                    reports: vec![SaveReport::default(); n],
+                    reports,
                     buffer: opts.buffer.max(4096),
                     reinit_seen: false,
                 })

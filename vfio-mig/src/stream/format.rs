@@ -10,7 +10,7 @@ use std::fmt;
 use crate::error::{Error, Result};
 
 /// The migration protocol of a device: the engine's type, carried in the header.
-pub use crate::migration::Protocol;
+pub(crate) use crate::migration::Protocol;
 
 /// A 128-bit session id, as in the stream header.
 pub type SessionId = [u8; 16];
@@ -20,9 +20,9 @@ pub const MAGIC: [u8; 8] = *b"VFIOMIG\0";
 /// The format version this code writes and the only one it reads. Version 2 added the
 /// header flags, the binding of every record's CRC to the stream's session id, and the
 /// optional authentication tags.
-pub const FORMAT_VERSION: u16 = 2;
+pub(crate) const FORMAT_VERSION: u16 = 2;
 /// Largest number of devices a stream may carry.
-pub const MAX_DEVICES: usize = 64;
+pub(crate) const MAX_DEVICES: usize = 64;
 /// Largest length, in bytes, of a device model name.
 pub(crate) const MAX_MODEL_LEN: usize = 256;
 /// Largest payload of one DATA record (1 MiB). A reader buffers one record whole, so this
@@ -182,7 +182,7 @@ pub struct StreamHeader {
     pub session_id: SessionId,
     /// The sender's epoch (e.g. a migration attempt counter).
     pub epoch: u64,
-    /// The devices, 1 to [`MAX_DEVICES`]; a record's device index points into this list.
+    /// The devices, 1 to 64; a record's device index points into this list.
     pub devices: Vec<DeviceDescriptor>,
 }
 
@@ -357,7 +357,7 @@ impl StreamHeader {
         u16::try_from(self.devices.len()).unwrap_or(u16::MAX)
     }
 
-    /// Checks that the header can be encoded: 1 to [`MAX_DEVICES`] devices, model names of
+    /// Checks that the header can be encoded: 1 to 64 devices, model names of
     /// 1 to `MAX_MODEL_LEN` bytes, no migration flags on v1 devices.
     pub fn validate(&self) -> Result<()> {
         let count = self.devices.len();

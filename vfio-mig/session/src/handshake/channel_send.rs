@@ -26,11 +26,11 @@ use vfio_mig::workspace::pre_copy_channels;
 use vfio_mig::workspace::resend_reinit_channels;
 use vfio_mig::workspace::rollback_sources;
 use vfio_mig::workspace::stop_copy_channels;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::workspace::SharedWriter;
 use vfio_mig::Error as CoreError;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig::SaveReport;
 
 /// How long the source waits, after a channel failed, for the destination's reason on the

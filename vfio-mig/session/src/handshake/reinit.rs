@@ -10,8 +10,8 @@
 use super::answers::expect;
 use super::message::{Message, SessionId};
 use crate::error::{Error, Result};
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::PreCopyPolicy;
+use vfio_mig::SaveOptions;
 
 /// Runs `resend` (which reopens the pre-copy of every device that re-initialised, hands the
 /// stream back flushed, and says how many it reopened) and waits for the destination's

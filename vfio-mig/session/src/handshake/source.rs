@@ -10,15 +10,15 @@ use super::message::{read_message, Message, SessionId};
 use super::session_source::{Answer, SessionSource};
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
+use vfio_mig::check_unit;
 use vfio_mig::error::Report;
 use vfio_mig::wire::DeviceDescriptor;
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::check_unit;
 use vfio_mig::workspace::finish_handoff_all;
 use vfio_mig::workspace::rollback_sources;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig::SaveReport;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 
