@@ -83,6 +83,22 @@ pub fn handle(dev: &MockDevice) -> MockHandle {
     dev.handle.clone()
 }
 
+/// The options of the fault tests: 4 KiB buffers (many records from a small device) and,
+/// when `live`, pre-copy that never switches over early (4 rounds, no byte threshold), so
+/// that a fault can land in every phase.
+pub fn fault_test_options(live: bool) -> SaveOptions {
+    SaveOptions {
+        live,
+        policy: vfio_mig::PreCopyPolicy {
+            switchover_bytes: 0,
+            max_rounds: 4,
+            ..Default::default()
+        },
+        buffer: 4096,
+        ..Default::default()
+    }
+}
+
 /// Saves `dev` into an in-memory stream through the front door, as the command's `save` does:
 /// pre-copy rounds under `opts.policy` when `opts.live`, then the switch-over; the device ends
 /// stopped, or (on failure) back in the state it started in.
