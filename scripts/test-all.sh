@@ -39,7 +39,7 @@ step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # Each published crate alone, at its default features (what a user of it builds) and with
 # every feature (what docs.rs builds: `[package.metadata.docs.rs] all-features`).
-for crate in vfio-mig vfio-mig-session vfio-mig-fence vfio-mig-mock vfio-mig-user vfio-mig-cli vfio-mig-etcd vmm-glue; do
+for crate in vfio-mig vfio-mig-session vfio-mig-fence vfio-mig-mock vfio-mig-user vfio-mig-cli vfio-mig-etcd vfio-mig-testcerts vmm-glue; do
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --no-deps --locked
     RUSTDOCFLAGS="-D warnings" cargo doc -p "$crate" --all-features --no-deps --locked
 done

@@ -10,18 +10,15 @@ pub mod sweep;
 pub mod timeline;
 pub mod v2_mock;
 pub mod wrap;
-
-use std::io::Cursor;
+pub mod wrap_io;
 
 use vfio_mig::backend::v1_state::V1State;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::Result;
+use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig::{wire::Record, wire::StreamReader, wire::StreamWriter};
-use vfio_mig::{
-    workspace::load_with_rollback, workspace::new_header, workspace::save_with_rollback,
-    workspace::SaveOptions, LoadReport, NoObserver, SaveReport,
-};
 use vfio_mig::{Backend, OpenedDevice};
+use vfio_mig::{LoadReport, NoObserver, SaveOptions, SaveReport};
 use vfio_mig_mock::{MockHandle, MockStatus};
 
 /// The backend the tests open real devices through: `VFIO_MIG_BACKEND` (`auto`, `group`,
@@ -86,19 +83,47 @@ pub fn handle(dev: &MockDevice) -> MockHandle {
     dev.handle.clone()
 }
 
-/// Saves `dev` into an in-memory stream.
-pub fn save_to_vec(dev: &mut OpenedDevice, opts: &SaveOptions) -> Result<(Vec<u8>, SaveReport)> {
-    let header = new_header(&[dev.device.as_ref()], opts.live, 1)?;
-    let mut out = StreamWriter::new(Vec::new(), &header)?;
-    let report = save_with_rollback(dev.device.as_mut(), &mut out, 0, opts, &NoObserver)?;
-    let (bytes, _totals) = out.finish()?;
-    Ok((bytes, report))
+/// The options of the fault tests: 4 KiB buffers (many records from a small device) and,
+/// when `live`, pre-copy that never switches over early (4 rounds, no byte threshold), so
+/// that a fault can land in every phase.
+pub fn fault_test_options(live: bool) -> SaveOptions {
+    SaveOptions {
+        live,
+        policy: vfio_mig::PreCopyPolicy {
+            switchover_bytes: 0,
+            max_rounds: 4,
+            ..Default::default()
+        },
+        buffer: 4096,
+        ..Default::default()
+    }
 }
 
-/// Loads an in-memory stream into `dev`.
+/// Saves `dev` into an in-memory stream through the front door, as the command's `save` does:
+/// pre-copy rounds under `opts.policy` when `opts.live`, then the switch-over; the device ends
+/// stopped, or (on failure) back in the state it started in.
+pub fn save_to_vec(dev: &mut OpenedDevice, opts: &SaveOptions) -> Result<(Vec<u8>, SaveReport)> {
+    let source_opts = SourceOptions::new(Epoch(1))
+        .pre_copy(opts.live)
+        .buffer(opts.buffer)
+        .allow_non_p2p_unit(opts.allow_non_p2p_unit);
+    let mut source = Source::start(vec![dev.device.as_mut()], &source_opts)?;
+    let mut out = Vec::new();
+    source.pre_copy(&mut out, &opts.policy, &NoObserver)?;
+    source.switch_over(&mut out)?;
+    let mut finished = source.finish();
+    Ok((out, finished.reports.remove(0)))
+}
+
+/// Loads an in-memory stream into `dev` and runs it, through the front door ([`resume`]);
+/// on failure the device is reset.
 pub fn load_from_slice(dev: &mut OpenedDevice, bytes: &[u8]) -> Result<LoadReport> {
-    let (mut reader, _header) = StreamReader::open(Cursor::new(bytes))?;
-    load_with_rollback(dev.device.as_mut(), &mut reader, 0, &NoObserver)
+    let mut reports = resume(
+        &mut [dev.device.as_mut()],
+        bytes,
+        &DestinationOptions::new(),
+    )?;
+    Ok(reports.remove(0))
 }
 
 /// The mock reports its state as raw uAPI values (it names states with its own rules,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vfio_mig::wire::StreamHeader;
 use vfio_mig::OpenedDevice;
-use vfio_mig::{workspace::SaveOptions, Observer};
+use vfio_mig::{Observer, SaveOptions};
 use vfio_mig_fence::Fence;
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{Connection, Duplex};

@@ -6,7 +6,7 @@
 use crate::recorder::{recorder, UnitLog};
 use crate::timeline::Timeline;
 use crate::try_mock;
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 
 /// One sweep: `fail-at={field}@N{suffix}` added to `spec` on one side.

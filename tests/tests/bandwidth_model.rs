@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use vfio_mig::backend::DataSession;
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::SaveOptions;
 use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState};
 use vfio_mig_mock::pace::BURST;
 use vfio_mig_mock::{MockSpec, MockV2};

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use vfio_mig::error::Report;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, Event, MigrationDevice, NoObserver, Observer};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{Event, MigrationDevice, NoObserver, Observer, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::{
     open_connection, open_session, read_message, receive_channels, receive_opened, send_channels,
@@ -68,7 +68,7 @@ fn run(
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
     let (to_dst, to_src) = Connection::pair().unwrap();
     let (further_tx, further_rx) = mpsc::channel::<Connection>();
     for i in intruders {
@@ -338,7 +338,7 @@ fn a_channel_with_a_wrong_token_or_another_session_is_refused_and_touches_nothin
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), false, 1).unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), false, 1).unwrap();
     let (mut forged, forged_end) = intruder(&Message::Channel {
         session: header.session_id,
         index: 1,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use vfio_mig::Error;
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy, SwitchReason};
+use vfio_mig::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
 

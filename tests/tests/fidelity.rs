@@ -3,7 +3,8 @@
 //! what each test expects comes from the kernel's uAPI text (include/uapi/linux/vfio.h) and
 //! QEMU's hw/vfio/migration.c, not from this crate's rule code.
 
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock};
 
@@ -93,8 +94,7 @@ fn migrate_unit(
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header =
-        vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), opts.live, 1)?;
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), opts.live, 1)?;
     vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,
@@ -192,9 +192,7 @@ fn barrier_run(dst_specs: [&str; 2]) -> (vfio_mig_session::Result<()>, Vec<Vec<S
     let mut s: Vec<&mut dyn MigrationDevice> =
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> = wrapped.iter_mut().map(|d| d as _).collect();
-    let header =
-        vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), false, 1)
-            .unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), false, 1).unwrap();
     let r = vfio_mig_session::handshake::migrate_pairs(
         &mut s,
         &mut d,

@@ -8,8 +8,8 @@
 //! the handed-off state, or reset with the error saying so ([`vfio_mig_tests::timeline`]).
 
 use vfio_mig::error::Report;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_session::handshake::migrate_pairs_channels;
@@ -119,7 +119,7 @@ fn one_run(spec: &str, unit: usize, channels: u16, fault: &str, on_source: bool)
     let mut dst_rec = wrap(dsts, unit);
     let mut s: Vec<&mut dyn MigrationDevice> = src_rec.iter_mut().map(|d| d as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> = dst_rec.iter_mut().map(|d| d as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
     let result = migrate_pairs_channels(
         &mut s,
         &mut d,

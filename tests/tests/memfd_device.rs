@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::stat::{fstat, SFlag};
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock, MockDevice};
 

@@ -5,9 +5,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::workspace::new_header;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::Result;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
+use vfio_mig::{MigrationDevice, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::migrate_pairs;
 use vfio_mig_tests::wrap::{Call, Hooks, Wrapped};
@@ -33,7 +33,7 @@ fn run(
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1)?;
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1)?;
     migrate_pairs(
         &mut s,
         &mut d,
@@ -239,7 +239,8 @@ fn every_device_is_quiesced_before_any_stops() {
         let mut s: Vec<&mut dyn MigrationDevice> = srcs.iter_mut().map(|d| d as _).collect();
         let mut d: Vec<&mut dyn MigrationDevice> =
             dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-        let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+        let header =
+            StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
         migrate_pairs(
             &mut s,
             &mut d,
@@ -310,7 +311,8 @@ fn the_unit_transitions_overlap_in_the_p2p_order() {
         let (mut dsts, dst_handles) = unit("dst");
         let mut s: Vec<&mut dyn MigrationDevice> = srcs.iter_mut().map(|d| d as _).collect();
         let mut d: Vec<&mut dyn MigrationDevice> = dsts.iter_mut().map(|d| d as _).collect();
-        let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+        let header =
+            StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
         let reports = migrate_pairs(
             &mut s,
             &mut d,

@@ -9,13 +9,12 @@ use std::io::{self, Write};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
-use vfio_mig::workspace::new_header;
 use vfio_mig::workspace::save_with_rollback;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig::Pending;
 use vfio_mig::PreCopyPolicy;
+use vfio_mig::SaveOptions;
 use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
 use vfio_mig::{Error, Result};
 use vfio_mig_session::StreamKey;
@@ -79,7 +78,7 @@ fn with(pipeline: usize, buffer: usize, live: bool) -> SaveOptions {
 
 fn header_of(spec: &str, live: bool) -> StreamHeader {
     let dev = mock(spec);
-    new_header(&[dev.device.as_ref()], live, 7).unwrap()
+    StreamHeader::new(&[dev.device.as_ref()], live, 7).unwrap()
 }
 
 /// The same device content, saved inline (pipeline 0 and 1) and through rings of 2, 3 and
@@ -264,15 +263,9 @@ fn on_cpus<T: Send>(cpus: &[usize], f: impl FnOnce() -> T + Send) -> T {
 /// (issue 22: on two CPUs the inline pump did better in 13 of 17 same-run comparisons); with
 /// three or more, a ring of three buffers (one read, one written, one ready). Every count
 /// this machine affords is tried, one CPU always; the rule itself at the counts it may not
-/// afford.
+/// afford is the core's unit test (`engine::save::tests`).
 #[test]
 fn the_default_pipeline_follows_the_threads_cpu_affinity() {
-    use vfio_mig::workspace::pipeline_for_cores;
-    assert_eq!(
-        [1, 2, 3, 64].map(pipeline_for_cores),
-        [0, 0, 3, 3],
-        "the depth for 1, 2, 3 and 64 CPUs"
-    );
     let mask = sched_getaffinity(Pid::from_raw(0)).unwrap();
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&c| mask.is_set(c).unwrap_or(false))

@@ -6,8 +6,8 @@
 //! destination keeps its completion record, and the error names what runs and what was reset.
 
 use vfio_mig::error::Report;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_session::handshake::migrate_pairs_channels;
 use vfio_mig_tests::{handle, mock, MockDevice};
@@ -37,7 +37,7 @@ fn second_device_fails_to_run(channels: u16, live: bool, failing: usize) {
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
     let mut fence = MemoryFence::new();
     let opts = SaveOptions {
         live,

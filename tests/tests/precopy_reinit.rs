@@ -15,12 +15,12 @@ use vfio_mig::backend::DataRead;
 use vfio_mig::backend::DeviceIo;
 use vfio_mig::error::Report;
 use vfio_mig::wire::Phase;
-use vfio_mig::workspace::new_header;
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::Event;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockHandle, MockSpec};
@@ -123,7 +123,7 @@ fn reinit_at_the_ack(devices: usize, channels: u16) {
         srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
     let mut d: Vec<&mut dyn MigrationDevice> =
         dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-    let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), true, 1).unwrap();
+    let header = StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), true, 1).unwrap();
     let opts = SaveOptions {
         live: true,
         ..SaveOptions::default()

@@ -8,30 +8,17 @@
 //! profile igb: single ok, live ok (pre-copy empty, state at stop-copy), multi refused (no P2P), multi ok (opted in without P2P), faults 7/7 sweeps (25 failed migrations, all clean)
 //! ```
 
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver, PreCopyPolicy};
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::v2::profile::ProfileName;
 use vfio_mig_mock::MockSpec;
 use vfio_mig_session::handshake::{migrate_local, migrate_pairs};
 use vfio_mig_tests::sweep::Sweep;
 use vfio_mig_tests::{
-    assert_destination_left_safe, assert_destination_safe, assert_source_running, handle, mock,
-    MockDevice,
+    assert_destination_left_safe, assert_destination_safe, assert_source_running,
+    fault_test_options, handle, mock, MockDevice,
 };
-
-fn opts(live: bool) -> SaveOptions {
-    SaveOptions {
-        live,
-        policy: PreCopyPolicy {
-            switchover_bytes: 0,
-            max_rounds: 4,
-            ..Default::default()
-        },
-        buffer: 4096,
-        ..Default::default()
-    }
-}
 
 fn has_pre_copy(profile: ProfileName) -> bool {
     profile.behaviour().flags & 0x4 != 0
@@ -47,7 +34,7 @@ fn migrate(spec: &str, live: bool) -> Result<vfio_mig_session::handshake::Migrat
     let r = migrate_local(
         src.device.as_mut(),
         dst.device.as_mut(),
-        &opts(live),
+        &fault_test_options(live),
         &NoObserver,
         &NoObserver,
     );
@@ -109,10 +96,11 @@ fn multi(profile: ProfileName, base: &str, allow_non_p2p: bool) -> String {
             srcs.iter_mut().map(|d| d.device.as_mut() as _).collect();
         let mut d: Vec<&mut dyn MigrationDevice> =
             dsts.iter_mut().map(|d| d.device.as_mut() as _).collect();
-        let header = new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
+        let header =
+            StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), live, 1).unwrap();
         let opts = SaveOptions {
             allow_non_p2p_unit: allow_non_p2p,
-            ..opts(live)
+            ..fault_test_options(live)
         };
         migrate_pairs(
             &mut s,
@@ -196,7 +184,7 @@ fn faults(profile: ProfileName, base: &str) -> (u32, u32) {
             field,
             suffix,
             on_source,
-            opts: opts(live),
+            opts: fault_test_options(live),
             max: 200,
         }
         .run(|n| field == "get-state" && n == 1);
@@ -255,7 +243,7 @@ fn v1_faults(base: &str) -> (u32, u32) {
             field,
             suffix: "",
             on_source,
-            opts: opts(true),
+            opts: fault_test_options(true),
             max: 400,
         }
         // Opening reads the state once (the driver learns the reserved bits).

@@ -9,7 +9,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::{backend::v2_state::MigState, backend::DataFd, backend::DataRead};
 use vfio_mig::{backend::DeviceIo, backend::DmaLoggingRange};
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_mock::{MockSpec, MockStatus};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::v2_mock::{code, dev, read_to_end, resume, state, stop_copy_stream};

@@ -11,8 +11,8 @@
 //! destination device runs the state, the source never runs it again.
 
 use std::sync::Mutex;
-use vfio_mig::workspace::new_header;
 
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::Event;
 
 use vfio_mig::MigrationDevice;
@@ -21,7 +21,7 @@ use vfio_mig::NoObserver;
 
 use vfio_mig::error::Report;
 use vfio_mig::wire::Phase;
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::SaveOptions;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 use vfio_mig_fence::{Admission, Fence, MemoryFence};
 use vfio_mig_mock::MockHandle;
@@ -258,7 +258,7 @@ fn a_live_send_of_a_paused_vm_moves_its_device_in_stop_and_copy() {
         ..SaveOptions::default()
     };
     let descs: Vec<&dyn MigrationDevice> = src.iter().map(|d| d.device.as_ref()).collect();
-    let header = new_header(&descs, true, 1).unwrap();
+    let header = StreamHeader::new(&descs, true, 1).unwrap();
     let (a, b) = Connection::pair().unwrap();
     let mut fence = MemoryFence::new();
     let events = Mutex::new(Vec::new());

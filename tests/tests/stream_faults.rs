@@ -9,14 +9,20 @@ use std::io::{self, Read};
 use proptest::prelude::*;
 use vfio_mig::backend::v1_state::V1State;
 use vfio_mig::{
-    wire::DeviceDescriptor, wire::Phase, wire::Protocol, wire::RecordKind, wire::StreamHeader,
-    wire::StreamReader, wire::MAX_FRAGMENT,
+    wire::DeviceDescriptor, wire::StreamHeader, wire::StreamReader, wire::MAX_FRAGMENT, Protocol,
 };
-use vfio_mig::{wire::RecordHeader, wire::RECORD_HEADER_LEN};
-use vfio_mig::{workspace::SaveOptions, PreCopyPolicy};
+use vfio_mig::{PreCopyPolicy, SaveOptions};
 use vfio_mig_mock::MockStatus;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{assert_destination_safe, handle, load_from_slice, mock, save_to_vec};
+
+/// The record layout as docs/stream-format.md ("Records") gives it, not as the code under
+/// test encodes it: a 24-byte record header whose first byte is the kind.
+const RECORD_HEADER_LEN: usize = 24;
+/// Record kind DATA.
+const KIND_DATA: u8 = 1;
+/// Record kind END_OF_PHASE.
+const KIND_END_OF_PHASE: u8 = 2;
 
 const SPEC: &str = "mock:v1,size=12K,seed=21,chunk=2K,page=1K";
 
@@ -75,23 +81,16 @@ fn load_fails(bytes: &[u8], context: &str) -> (String, MockStatus) {
     (err, st)
 }
 
-/// Re-encodes record `span` of `bytes` with `sequence`, keeping its CRC valid.
+/// Re-encodes record `span` of `bytes` with `sequence`, keeping its CRC valid: the sequence
+/// number at record bytes 8..16, the CRC at 20..24 over the stream's session id (header bytes
+/// 12..28), the record's bytes 0..20 and its payload (docs/stream-format.md, "Records").
 fn renumber(bytes: &[u8], span: Span, sequence: u64) -> Vec<u8> {
-    let raw = &bytes[span.start..span.start + span.len];
-    let payload = &raw[RECORD_HEADER_LEN..];
-    let h = RecordHeader {
-        kind: RecordKind::from_wire(raw[0]).unwrap(),
-        chunk_end: raw[1] & 1 != 0,
-        device: u16::from_le_bytes([raw[2], raw[3]]),
-        phase: Phase::from_wire(raw[4]),
-        sequence,
-        payload_len: payload.len() as u32,
-    };
-    // The record's CRC covers the stream's session id (header bytes 12..28).
-    let mut session = [0u8; 16];
-    session.copy_from_slice(&bytes[12..28]);
-    let mut out = h.encode(&session, payload).to_vec();
-    out.extend_from_slice(payload);
+    let mut out = bytes[span.start..span.start + span.len].to_vec();
+    out[8..16].copy_from_slice(&sequence.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[12..28]);
+    let crc = crc32c::crc32c_append(crc, &out[..20]);
+    let crc = crc32c::crc32c_append(crc, &out[RECORD_HEADER_LEN..]);
+    out[20..24].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -168,7 +167,7 @@ fn oversized_lengths_are_refused_before_anything_is_read_or_allocated() {
     let end_phase = spans
         .iter()
         .copied()
-        .find(|s| bytes[s.start] == RecordKind::EndOfPhase.wire())
+        .find(|s| bytes[s.start] == KIND_END_OF_PHASE)
         .unwrap();
     let trailer = *spans.last().unwrap();
     let cases = [
@@ -306,9 +305,7 @@ fn duplicate_missing_and_reordered_records_are_refused() {
     // data is then wrong (the mock rejects a repeated transaction) or the trailer's totals
     // disagree. Either way it is refused.
     let data = (0..spans.len())
-        .find(|&i| {
-            bytes[spans[i].start] == RecordKind::Data.wire() && bytes[spans[i].start + 1] & 1 != 0
-        })
+        .find(|&i| bytes[spans[i].start] == KIND_DATA && bytes[spans[i].start + 1] & 1 != 0)
         .unwrap();
     let mut out = bytes[..header_len].to_vec();
     let mut seq = 0u64;

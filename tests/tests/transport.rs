@@ -10,10 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vfio_mig::backend::v1_state::V1State;
-use vfio_mig::workspace::new_header;
 use vfio_mig::OpenedDevice;
 use vfio_mig::{wire::Phase, wire::StreamHeader};
-use vfio_mig::{workspace::SaveOptions, Event, NoObserver, PreCopyPolicy};
+use vfio_mig::{Event, NoObserver, PreCopyPolicy, SaveOptions};
 use vfio_mig_fence::DeviceKey;
 use vfio_mig_fence::{FenceRecord, MemoryFence, StateFence};
 use vfio_mig_session::handshake::{
@@ -40,7 +39,7 @@ fn opts(live: bool) -> SaveOptions {
 }
 
 fn header(src: &OpenedDevice, live: bool, epoch: u64) -> StreamHeader {
-    new_header(&[src.device.as_ref()], live, epoch).unwrap()
+    StreamHeader::new(&[src.device.as_ref()], live, epoch).unwrap()
 }
 
 /// Checks a failed migration: one-line errors on both sides, the source running, the

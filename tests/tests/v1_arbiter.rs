@@ -14,10 +14,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::backend::DeviceIo;
 use vfio_mig::OpenedDevice;
-use vfio_mig::{backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping};
+use vfio_mig::SaveOptions;
 use vfio_mig_mock::{MockHandle, MockSpec, MockV1};
+use vfio_mig_tests::wrap_io::{IoCall, IoHooks, WrappedIo};
 use vfio_mig_tests::{load_from_slice, save_to_vec, StatusExt};
 
 /// The migration region's fd offset with the mock's default `region-index=10`.
@@ -211,36 +212,46 @@ enum Access {
     WriteData,
 }
 
-/// A device that records its migration-region accesses and passes them on.
-struct Recorder {
-    inner: Arc<MockV1>,
+/// Hooks that record a device's migration-region accesses (the kit's [`WrappedIo`] passes
+/// them on).
+#[derive(Default)]
+struct Accesses {
     log: Mutex<Vec<Access>>,
 }
 
-impl Recorder {
-    fn record(&self, offset: u64, write: bool, buf: &[u8]) {
+impl IoHooks for Accesses {
+    fn before(&self, call: &IoCall<'_>) -> std::io::Result<()> {
+        let (offset, write) = match *call {
+            IoCall::ReadAt { offset, .. } => (offset, None),
+            IoCall::WriteAt { offset, data } => (offset, Some(data)),
+            _ => return Ok(()),
+        };
         if offset < BASE {
-            return;
+            return Ok(());
         }
         let a = match (offset - BASE, write) {
-            (STATE, false) => Access::ReadState,
-            (STATE, true) => Access::SetState(u32::from_le_bytes(buf[..4].try_into().unwrap()) & 7),
+            (STATE, None) => Access::ReadState,
+            (STATE, Some(buf)) => {
+                Access::SetState(u32::from_le_bytes(buf[..4].try_into().unwrap()) & 7)
+            }
             (PENDING, _) => Access::Pending,
             (DATA_OFFSET, _) => Access::DataOffset,
-            (DATA_SIZE, false) => Access::ReadDataSize,
-            (DATA_SIZE, true) => Access::WriteDataSize,
-            (_, false) => Access::ReadData,
-            (_, true) => Access::WriteData,
+            (DATA_SIZE, None) => Access::ReadDataSize,
+            (DATA_SIZE, Some(_)) => Access::WriteDataSize,
+            (_, None) => Access::ReadData,
+            (_, Some(_)) => Access::WriteData,
         };
         let mut log = self.log.lock().unwrap();
         // One data transfer may take several pread/pwrite calls ("The user must not be
         // required to collect the data in a single operation").
-        if matches!(a, Access::ReadData | Access::WriteData) && log.last() == Some(&a) {
-            return;
+        if !(matches!(a, Access::ReadData | Access::WriteData) && log.last() == Some(&a)) {
+            log.push(a);
         }
-        log.push(a);
+        Ok(())
     }
+}
 
+impl Accesses {
     /// The trace in QEMU's terms: state reads dropped (QEMU reads before each write, the
     /// driver may read more often), a repeated state write of the same value dropped.
     fn trace(&self) -> String {
@@ -265,40 +276,14 @@ impl Recorder {
     }
 }
 
-impl DeviceIo for Recorder {
-    fn identity(&self) -> DeviceIdentity {
-        self.inner.identity()
-    }
-    fn device_info(&self) -> std::io::Result<DeviceInfo> {
-        self.inner.device_info()
-    }
-    fn region_info_raw(&self, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.region_info_raw(buf)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.record(offset, false, buf);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
-        self.record(offset, true, buf);
-        self.inner.write_at(buf, offset)
-    }
-    fn mmap(&self, offset: u64, len: usize, writable: bool) -> std::io::Result<Mapping> {
-        self.inner.mmap(offset, len, writable)
-    }
-    fn reset(&self) -> std::io::Result<()> {
-        self.inner.reset()
-    }
-}
+/// A device that records its migration-region accesses and passes them on.
+type Recorder = WrappedIo<Accesses>;
 
 fn recorded(spec: &str) -> (Arc<Recorder>, OpenedDevice, MockHandle) {
     let (inner, h) = mock(spec);
-    let rec = Arc::new(Recorder {
-        inner,
-        log: Mutex::new(Vec::new()),
-    });
+    let rec = Arc::new(WrappedIo::new(inner, Accesses::default()));
     let opened = OpenedDevice::from_io(rec.clone()).unwrap();
-    rec.log.lock().unwrap().clear();
+    rec.hooks.log.lock().unwrap().clear();
     (rec, opened, h)
 }
 
@@ -330,12 +315,12 @@ fn the_driver_produces_qemus_v1_sequences() {
     let (bytes, _) = save_to_vec(&mut opened, &opts).unwrap();
     let n = sh.status().transactions_saved as usize;
     assert!(n > 1, "{n} transactions");
-    assert_eq!(src.trace(), qemu_save_trace(n), "save");
+    assert_eq!(src.hooks.trace(), qemu_save_trace(n), "save");
 
     let (dst, mut opened, dh) = recorded(SPEC);
     load_from_slice(&mut opened, &bytes).unwrap();
     assert!(dh.status().resumed_ok);
-    assert_eq!(dst.trace(), qemu_load_trace(n), "load");
+    assert_eq!(dst.hooks.trace(), qemu_load_trace(n), "load");
     assert_eq!(
         dh.status().v1_state(),
         vfio_mig::backend::v1_state::V1State::Running
@@ -377,7 +362,7 @@ fn the_driver_produces_qemus_v1_live_sequence() {
     };
     let (bytes, report) = save_to_vec(&mut opened, &opts).unwrap();
     assert!(report.pre_copy_bytes > 0, "{report:?}");
-    let trace = src.trace();
+    let trace = src.hooks.trace();
     assert!(is_qemu_live_save(&trace), "not QEMU's live save: {trace}");
     assert!(
         !is_qemu_live_save(&qemu_save_trace(2)),

@@ -4,32 +4,19 @@
 //! fail cleanly, the source must run again and the destination must never run with loaded
 //! state.
 
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::sweep::Sweep;
-use vfio_mig_tests::{handle, mock};
+use vfio_mig_tests::{fault_test_options, handle, mock};
 
 const BASE: &str = "size=48K,seed=11,chunk=4K,page=4K";
-
-fn live_opts() -> SaveOptions {
-    SaveOptions {
-        live: true,
-        policy: PreCopyPolicy {
-            switchover_bytes: 0,
-            max_rounds: 4,
-            ..Default::default()
-        },
-        buffer: 4096,
-        ..Default::default()
-    }
-}
 
 /// Runs migrations with `fail-at=FIELD@N[suffix]` on one side for N = 1, 2, ... until one
 /// succeeds; returns how many failed. A fault on region-info fires while the device is opened:
 /// it is never driven at all.
 fn sweep(field: &str, suffix: &str, on_source: bool, data: &str, live: bool) -> u32 {
     let opts = if live {
-        live_opts()
+        fault_test_options(true)
     } else {
         SaveOptions {
             buffer: 4096,
@@ -127,7 +114,7 @@ fn region_info_fault_fails_the_open_without_touching_the_device() {
 fn failed_mmap_falls_back_to_pread_and_pwrite() {
     let mut src = mock(&format!("mock:v1,{BASE},data=mmap,fail-at=mmap@1"));
     let mut dst = mock(&format!("mock:v1,{BASE},data=mmap,fail-at=mmap@1"));
-    let opts = live_opts();
+    let opts = fault_test_options(true);
     migrate_local(
         src.device.as_mut(),
         dst.device.as_mut(),

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use vfio_mig::backend::v1_state::V1State;
-use vfio_mig::{workspace::SaveOptions, PreCopyPolicy};
+use vfio_mig::{PreCopyPolicy, SaveOptions};
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{handle, load_from_slice, mock, save_to_vec};
 

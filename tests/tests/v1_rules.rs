@@ -5,7 +5,7 @@
 
 use vfio_mig::Error;
 use vfio_mig::{backend::v1_state::V1State, backend::V1Device};
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy, SwitchReason};
+use vfio_mig::{NoObserver, PreCopyPolicy, SaveOptions, SwitchReason};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{

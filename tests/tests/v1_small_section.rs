@@ -6,7 +6,7 @@
 //! migration region at source"). The engine does the same, in the source's order; the mock
 //! destination checks every byte against its seed and each transaction's sequence number.
 
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::{handle, mock};
 

@@ -14,7 +14,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
     VFIO_DEVICE_FEATURE_SET,
 };
-use vfio_mig::{backend::v2_feature as feature, backend::v2_feature::DmaLoggingRange};
+use vfio_mig::{backend::v2_feature as feature, backend::DmaLoggingRange};
 use vfio_mig::{
     backend::v2_state::plan, backend::v2_state::returns_data_fd, backend::v2_state::MigState,
     backend::v2_state::MigrationFlags,
@@ -441,7 +441,7 @@ fn dma_logging_reports_the_seeded_writes_once() {
     assert_eq!(feature::dma_logging_start(&d, 4096, &ranges).unwrap(), 4096);
     assert_eq!(code(feature::dma_logging_start(&d, 4096, &ranges)), EINVAL);
     let report = |d: &MockV2, iova: u64, len: u64, page: u64| -> Vec<u64> {
-        let words = feature::dma_bitmap_words(len, page).unwrap() as usize;
+        let words = vfio_mig::backend::dma_bitmap_words(len, page).unwrap() as usize;
         let mut bitmap = vec![0u64; words];
         feature::dma_logging_report(d, iova, len, page, &mut bitmap).unwrap();
         let mut pages = Vec::new();

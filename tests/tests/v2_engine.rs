@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use vfio_mig::backend::v2_state::MigState;
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy, Protocol};
+use vfio_mig::{NoObserver, PreCopyPolicy, Protocol, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::StatusExt;
 use vfio_mig_tests::{

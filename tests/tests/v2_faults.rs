@@ -4,26 +4,15 @@
 //! fail cleanly (one line), the source must run again and the destination must never run
 //! with loaded state.
 
-use vfio_mig::{workspace::SaveOptions, NoObserver, PreCopyPolicy};
+use vfio_mig::NoObserver;
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_tests::sweep::Sweep;
-use vfio_mig_tests::{assert_destination_safe, assert_source_running, handle, mock};
+use vfio_mig_tests::{
+    assert_destination_safe, assert_source_running, fault_test_options, handle, mock,
+};
 
 /// 48 KiB in 4 KiB fault blocks: about a dozen blocks per stream.
 const BASE: &str = "size=48K,seed=11,page=4K,chunk=4K";
-
-fn opts(live: bool) -> SaveOptions {
-    SaveOptions {
-        live,
-        policy: PreCopyPolicy {
-            switchover_bytes: 0,
-            max_rounds: 4,
-            ..Default::default()
-        },
-        buffer: 4096,
-        ..Default::default()
-    }
-}
 
 /// Runs migrations with `fail-at=FIELD@N[suffix]` on one side for N = 1, 2, ... until one
 /// succeeds; returns how many failed. A fault on the MIGRATION GET, or on the first state GET,
@@ -34,7 +23,7 @@ fn sweep(field: &str, suffix: &str, on_source: bool, live: bool, extra: &str) ->
         field,
         suffix,
         on_source,
-        opts: opts(live),
+        opts: fault_test_options(live),
         max: 200,
     }
     .run(|n| field == "migration" || (field == "get-state" && n == 1))
@@ -128,7 +117,7 @@ fn a_failed_reset_during_recovery_is_reported() {
     let err = migrate_local(
         src.device.as_mut(),
         dst.device.as_mut(),
-        &opts(false),
+        &fault_test_options(false),
         &NoObserver,
         &NoObserver,
     )

@@ -4,9 +4,6 @@
 use std::fmt;
 use std::io;
 
-/// A migration step, named in every error so an operator knows where things stopped.
-pub type Step = &'static str;
-
 /// Errors of the migration library.
 ///
 /// An error's `Display` says what went wrong at its own level only; the cause, when there is

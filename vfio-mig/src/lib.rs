@@ -30,8 +30,8 @@
 //!   device of crate `vfio-mig-mock`, vfio-user devices) or emulates a protocol's rules;
 //! - [`wire`]: the stream format, for an inspector or a session layer that frames streams;
 //! - `workspace` (hidden from these docs): the engine functions the workspace's own session
-//!   layer, command-line benchmarks and tests still call directly, shrinking as they move
-//!   onto the front door. It is not part of the API.
+//!   layer and command-line benchmarks (and the save pipeline's own test) still call directly,
+//!   shrinking as they move onto the front door. It is not part of the API.
 //!
 //! Moving a stream between hosts safely is the job of two crates of their own, so that a VMM
 //! with its own migration channel builds neither: `vfio-mig-session` (the handshake,
@@ -60,8 +60,9 @@ pub use device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
 pub use device::vfio::VfioDeviceIo;
 pub use engine::events::{Event, NoObserver, Observer};
 pub use engine::loader::LoadReport;
+pub use engine::multi::check_unit;
 pub use engine::policy::{PreCopyPolicy, SwitchReason};
-pub use engine::save::{SaveReport, DEFAULT_BUFFER};
+pub use engine::save::{SaveOptions, SaveReport, DEFAULT_BUFFER};
 pub use engine::session::new_session_id;
 pub use error::{Error, Result};
 pub use front::{
@@ -71,4 +72,4 @@ pub use front::{
 pub use migration::{
     Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,
 };
-pub use open::{driver_for, open_device, Backend, DeviceAccess, OpenedDevice};
+pub use open::{open_device, Backend, DeviceAccess, OpenedDevice};

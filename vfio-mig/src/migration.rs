@@ -52,6 +52,22 @@ pub struct Capabilities {
     pub migration_flags: u64,
 }
 
+impl Capabilities {
+    /// Whether a device with these capabilities, speaking `protocol`, can join a unit of
+    /// several devices without an opt-in: it has the P2P states, so it can be quiesced before
+    /// any peer stops ([`crate::check_unit`]). `Err` says why not.
+    pub fn unit_member(&self, protocol: Protocol) -> std::result::Result<(), String> {
+        match protocol {
+            _ if self.p2p => Ok(()),
+            Protocol::V1 => Err("a v1 device has no P2P states".into()),
+            Protocol::V2 => Err(format!(
+                "migration flags {:#x} lack VFIO_MIGRATION_P2P",
+                self.migration_flags
+            )),
+        }
+    }
+}
+
 /// How much data the device says it still holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

@@ -30,7 +30,8 @@ pub struct OpenedDevice {
 
 impl OpenedDevice {
     /// Wraps a device access the caller built (a mock, or a VMM's own fd), with the protocol
-    /// driver [`driver_for`] picks.
+    /// driver the device answers to: v2 where it answers a `PROBE | GET` of
+    /// `VFIO_DEVICE_FEATURE_MIGRATION`, else v1 where it has a migration region.
     pub fn from_io(io: Arc<dyn DeviceIo>) -> Result<Self> {
         let device = driver_for(io.clone())?;
         Ok(Self {
@@ -68,7 +69,7 @@ pub fn open_device(path: &str, backend: Backend) -> Result<OpenedDevice> {
 /// Picks the protocol driver for a device: v2 when it answers a
 /// `VFIO_DEVICE_FEATURE_PROBE | GET` of `VFIO_DEVICE_FEATURE_MIGRATION`, else v1 (which needs
 /// a v1 migration region).
-pub fn driver_for(io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
+pub(crate) fn driver_for(io: Arc<dyn DeviceIo>) -> Result<Box<dyn MigrationDevice>> {
     use vfio_bindings::bindings::vfio::{VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION};
     let v2 = crate::v2::feature::probe(
         io.as_ref(),

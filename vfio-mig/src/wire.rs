@@ -8,8 +8,7 @@
 pub use crate::stream::auth::{StreamAuth, TAG_LEN};
 pub use crate::stream::crc;
 pub use crate::stream::format::{
-    DeviceDescriptor, DeviceTotals, Phase, Protocol, RecordHeader, RecordKind, SessionId,
-    StreamHeader, Totals, FORMAT_VERSION, MAGIC, MAX_DEVICES, MAX_FRAGMENT, RECORD_HEADER_LEN,
+    DeviceDescriptor, DeviceTotals, Phase, SessionId, StreamHeader, Totals, MAGIC, MAX_FRAGMENT,
 };
 pub use crate::stream::reader::{
     verify, verify_keyed, Authentication, DeviceSummary, PhaseSummary, Record, StreamReader,

@@ -164,7 +164,7 @@ impl DirtyTracker for DmaLogging {
     fn start(&mut self, ranges: &[MemoryRange], page_size: u64) -> Result<()> {
         let ranges: Vec<_> = ranges
             .iter()
-            .map(|r| vfio_mig::backend::v2_feature::DmaLoggingRange {
+            .map(|r| vfio_mig::backend::DmaLoggingRange {
                 iova: r.gpa,
                 length: r.length,
             })
@@ -176,7 +176,7 @@ impl DirtyTracker for DmaLogging {
     }
 
     fn report(&mut self, range: MemoryRange, page_size: u64) -> Result<Vec<u64>> {
-        let words = feature::dma_bitmap_words(range.length, page_size)
+        let words = vfio_mig::backend::dma_bitmap_words(range.length, page_size)
             .ok_or_else(|| self.err(format!("bad page size {page_size}")))?;
         let mut bitmap = vec![0u64; words as usize];
         feature::dma_logging_report(

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use vfio_mig::backend::v2_feature::DmaLoggingRange;
+use vfio_mig::backend::DmaLoggingRange;
 use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
 use vfio_mig_tests::open_device;
 use vm_memory::bitmap::AtomicBitmap;

@@ -8,9 +8,10 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
 use vfio_mig::{DestinationOptions, Epoch, Source, SourceOptions};
+use vfio_mig::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_tests::open_device;
 use vfio_mig_tests::recorder::{barrier_violation, recorder, Recorder, StateProbe, UnitLog};
 
@@ -142,8 +143,7 @@ fn no_mtty_destination_runs_before_both_are_loaded_and_quiescent() {
             .map(|x| x as &mut dyn MigrationDevice)
             .collect();
         let header =
-            vfio_mig::workspace::new_header(&s.iter().map(|x| &**x).collect::<Vec<_>>(), true, 1)
-                .unwrap();
+            StreamHeader::new(&s.iter().map(|x| &**x).collect::<Vec<_>>(), true, 1).unwrap();
         let opts = SaveOptions {
             live: true,
             ..Default::default()

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
 use vfio_mig::{
-    wire::DeviceDescriptor, wire::Phase, wire::Protocol, wire::Record, wire::StreamHeader,
-    wire::StreamReader, wire::StreamWriter,
+    wire::DeviceDescriptor, wire::Phase, wire::Record, wire::StreamHeader, wire::StreamReader,
+    wire::StreamWriter, Protocol,
 };
 use vfio_mig_mock::{MockSpec, MockV2};
 

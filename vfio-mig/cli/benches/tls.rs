@@ -5,25 +5,20 @@
 //! their ratio (issue 13 target 4b: one TLS channel at least 0.8 of plain TCP). Then one
 //! bandwidth-modelled device (`rate=`, issue 13 target 2): the engine's save into a TLS (and
 //! a TCP) connection against a raw read/write loop over the same kind of connection.
-//! Certificates are made with rcgen at start.
+//! Certificates are minted (vfio-mig-testcerts) at start.
 //!
 //! `cargo bench -p vfio-mig-cli --bench tls [-- SIZE_MIB REPS RATE_MIB]`.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::new_header;
 use vfio_mig::Backend;
 use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
-use vfio_mig::{workspace::save_device, workspace::SaveOptions, NoObserver};
+use vfio_mig::{workspace::save_device, NoObserver, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake;
@@ -31,33 +26,7 @@ use vfio_mig_session::transport::tls::TlsConfig;
 use vfio_mig_session::transport::{
     accept_tls, connect, connect_tls, Address, ClientTls, Connection,
 };
-
-fn leaf(
-    dir: &Path,
-    issuer: &Issuer<'static, KeyPair>,
-    name: &str,
-    server: bool,
-) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names
-        .push(SanType::DnsName(name.try_into().unwrap()));
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
-    let cert = p.signed_by(&key, issuer).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c.display().to_string(), k.display().to_string())
-}
+use vfio_mig_testcerts::{Ca, Usage};
 
 /// One migration of the device `spec` over loopback; `tls`: the two sides' configurations.
 fn migrate(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>) -> Duration {
@@ -84,7 +53,7 @@ fn migrate(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>) -> Duration {
             None => connect(&addr, Duration::from_secs(10)),
         }
         .unwrap();
-        let header = new_header(&[src.device.as_ref()], false, 1).unwrap();
+        let header = StreamHeader::new(&[src.device.as_ref()], false, 1).unwrap();
         let opts = SaveOptions::default();
         handshake::send(
             &mut [src.device.as_mut()],
@@ -112,27 +81,23 @@ fn main() {
     let mib: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(256);
     let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "bench-ca");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let ca_pem = dir.path().join("ca.pem");
-    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let (sc, sk) = leaf(dir.path(), &issuer, "dst.example", true);
-    let (cc, ck) = leaf(dir.path(), &issuer, "src.example", false);
+    let ca = Ca::new(dir.path(), "bench-ca").unwrap();
+    let dst = ca
+        .leaf(dir.path(), "dst.example", &["dst.example"], Usage::Server)
+        .unwrap();
+    let src = ca
+        .leaf(dir.path(), "src.example", &["src.example"], Usage::Client)
+        .unwrap();
     let server = TlsConfig {
-        cert: sc.into(),
-        key: sk.into(),
-        ca: ca_pem.clone(),
+        cert: dst.cert,
+        key: dst.key,
+        ca: ca.pem().to_owned(),
         server_name: None,
     };
     let client = TlsConfig {
-        cert: cc.into(),
-        key: ck.into(),
-        ca: ca_pem,
+        cert: src.cert,
+        key: src.key,
+        ca: ca.pem().to_owned(),
         server_name: Some("dst.example".into()),
     };
     let size = mib << 20;
@@ -260,7 +225,7 @@ fn rated_one(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>, engine: bool) ->
         let started = Instant::now();
         if engine {
             let mut dev = V2Device::open(Arc::new(mock)).unwrap();
-            let header = new_header(&[&dev], false, 1).unwrap();
+            let header = StreamHeader::new(&[&dev], false, 1).unwrap();
             let mut w = StreamWriter::new(&mut conn, &header).unwrap();
             save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
             w.finish().unwrap();

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::{EtcdCluster, LossyRelays, TestStore};
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::new_header;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::Event;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig_etcd::EtcdStore;
 use vfio_mig_fence::{Admission, DirStore, Fence, SharedFencing};
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
@@ -39,7 +38,7 @@ fn opts() -> SaveOptions {
 
 /// A header for a new session of `dev` at `epoch`.
 fn header(dev: &MockDevice, epoch: u64) -> StreamHeader {
-    new_header(&[dev.device.as_ref()], false, epoch).unwrap()
+    StreamHeader::new(&[dev.device.as_ref()], false, epoch).unwrap()
 }
 
 /// Runs one handoff from `src` to `dst` (a source thread and a destination thread over a

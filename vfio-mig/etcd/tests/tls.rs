@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use common::{EtcdCluster, Pki};
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
+use vfio_mig::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_etcd::{ClientIdentity, EtcdStore, EtcdTls, Security};
 use vfio_mig_fence::{Fence, FenceStore, SharedFencing, Write};
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
@@ -83,7 +82,7 @@ fn fleet() -> Option<(EtcdCluster, Arc<dyn FenceStore>)> {
         SharedFencing::new(store.clone(), "host-b").unwrap(),
     );
     let (mut src, mut dst) = (mock(SPEC), mock(SPEC));
-    let mut h = new_header(&[src.device.as_ref()], false, 0).unwrap();
+    let mut h = StreamHeader::new(&[src.device.as_ref()], false, 0).unwrap();
     let handoff = a.begin(&ids("vm1/dev0"), &h.session_id).unwrap();
     h.epoch = handoff.epoch();
     let mut fence = b.destination(&ids("vm1/dev0")).unwrap();
@@ -166,7 +165,7 @@ fn assert_locked_out(
     assert!(e.contains("every member refused TLS"), "{kind}: {e}");
     // ...and a destination deciding through it refuses the stream, its device untouched.
     let (mut src, mut dst) = (mock(SPEC), mock(SPEC));
-    let h = new_header(&[src.device.as_ref()], false, 2).unwrap();
+    let h = StreamHeader::new(&[src.device.as_ref()], false, 2).unwrap();
     let mut fence = SharedFencing::new(intruder.clone(), "host-c")
         .unwrap()
         .destination(&ids("vm1/dev0"))

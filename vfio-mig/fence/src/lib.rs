@@ -269,7 +269,7 @@ impl Claim {
 /// A one-device stream header for the fence tests.
 #[cfg(test)]
 pub(crate) fn test_header(session: u8, epoch: u64) -> StreamHeader {
-    use vfio_mig::{wire::DeviceDescriptor, wire::Protocol};
+    use vfio_mig::{wire::DeviceDescriptor, Protocol};
     StreamHeader {
         session_id: [session; 16],
         epoch,

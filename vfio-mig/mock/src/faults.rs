@@ -175,6 +175,23 @@ fn parse_count_action(rest: &str, whole: &str) -> Result<(u64, i32, bool), Strin
     Ok((at, errno, error_state))
 }
 
+/// Prints `@N[:ERRNO|:error]`, what [`parse_count_action`] reads (EIO, the default, unsaid).
+fn fmt_count_action(
+    f: &mut fmt::Formatter<'_>,
+    at: u64,
+    errno: i32,
+    error_state: bool,
+) -> fmt::Result {
+    write!(f, "@{at}")?;
+    if error_state {
+        write!(f, ":error")
+    } else if errno != libc::EIO {
+        write!(f, ":{}", errno_name(errno))
+    } else {
+        Ok(())
+    }
+}
+
 /// One `fail-at=` rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultRule {
@@ -209,14 +226,8 @@ impl FromStr for FaultRule {
 
 impl fmt::Display for FaultRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.field, self.at)?;
-        if self.error_state {
-            write!(f, ":error")
-        } else if self.errno != libc::EIO {
-            write!(f, ":{}", errno_name(self.errno))
-        } else {
-            Ok(())
-        }
+        write!(f, "{}", self.field)?;
+        fmt_count_action(f, self.at, self.errno, self.error_state)
     }
 }
 
@@ -371,14 +382,7 @@ impl fmt::Display for V2FaultRule {
         if let Some(st) = self.state {
             write!(f, ":{}", v2_arcs::name(st))?;
         }
-        write!(f, "@{}", self.at)?;
-        if self.error_state {
-            write!(f, ":error")
-        } else if self.errno != libc::EIO {
-            write!(f, ":{}", errno_name(self.errno))
-        } else {
-            Ok(())
-        }
+        fmt_count_action(f, self.at, self.errno, self.error_state)
     }
 }
 

@@ -72,6 +72,7 @@
 pub mod content;
 pub mod faults;
 pub mod pace;
+pub mod pci;
 pub mod region_info;
 pub mod rules;
 pub mod spec;

@@ -40,16 +40,14 @@ use super::faults::{FaultField, FaultPlan};
 use super::pace::Pacer;
 use super::spec::{DataMode, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
-use crate::region_info::{self, Area, Cap, Region};
+use crate::pci::{answer_region_info, Bar0};
+use crate::region_info::{Area, Cap, Region};
 use crate::rules::v1_table::{
     self, ERROR, MASK as STATE_MASK, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY,
 };
 use vfio_mig::{backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping};
 
-/// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
-pub const REGION_SHIFT: u32 = 40;
-/// Size of BAR0, the scratch region.
-pub const BAR0_SIZE: u64 = 4096;
+pub use crate::pci::{BAR0_SIZE, REGION_SHIFT};
 /// Size of each unrelated device-specific region.
 pub const OTHER_REGION_SIZE: u64 = 256;
 /// Type of the unrelated device-specific regions (their subtype is `index - 8`).
@@ -142,7 +140,7 @@ struct Inner {
     save: Option<Save>,
     resume: Option<Resume>,
     memfd: OwnedFd,
-    bar0: Vec<u8>,
+    bar0: Bar0,
     faults: FaultPlan,
     rng: SplitMix64,
     scratch: Vec<u8>,
@@ -288,7 +286,7 @@ impl MockV1 {
             save: None,
             resume: None,
             memfd,
-            bar0: vec![0; BAR0_SIZE as usize],
+            bar0: Bar0::default(),
             faults: FaultPlan::new(&spec.faults),
             rng: SplitMix64::new(spec.seed ^ DIRTY_RNG_SALT),
             scratch: Vec::new(),
@@ -434,10 +432,8 @@ impl Inner {
         let (index, rel) = ((offset >> REGION_SHIFT) as u32, offset & REGION_MASK);
         if index == self.spec.region_index {
             self.mig_read(buf, rel)
-        } else if index == VFIO_PCI_BAR0_REGION_INDEX && rel < BAR0_SIZE {
-            let n = buf.len().min((BAR0_SIZE - rel) as usize);
-            buf[..n].copy_from_slice(&self.bar0[rel as usize..rel as usize + n]);
-            Ok(n)
+        } else if index == VFIO_PCI_BAR0_REGION_INDEX && Bar0::holds(rel) {
+            Ok(self.bar0.read(buf, rel))
         } else if self.is_other_region(index) && rel < OTHER_REGION_SIZE {
             // A fixed pattern: an EDID-like header then zeros.
             let n = buf.len().min((OTHER_REGION_SIZE - rel) as usize);
@@ -457,10 +453,8 @@ impl Inner {
         let (index, rel) = ((offset >> REGION_SHIFT) as u32, offset & REGION_MASK);
         if index == self.spec.region_index {
             self.mig_write(buf, rel)
-        } else if index == VFIO_PCI_BAR0_REGION_INDEX && rel < BAR0_SIZE {
-            let n = buf.len().min((BAR0_SIZE - rel) as usize);
-            self.bar0[rel as usize..rel as usize + n].copy_from_slice(&buf[..n]);
-            Ok(n)
+        } else if index == VFIO_PCI_BAR0_REGION_INDEX && Bar0::holds(rel) {
+            Ok(self.bar0.write(buf, rel))
         } else {
             Err(self.refuse(format!("write at device offset {offset:#x}: not writable")))
         }
@@ -896,12 +890,8 @@ impl Inner {
 
     fn region_info_raw(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.fault(FaultField::RegionInfo)?;
-        let (argsz, index) = region_info::read_query(buf).map_err(|why| self.refuse(why))?;
-        let Some(region) = self.region(index) else {
-            return Err(self.refuse(format!("no region {index}")));
-        };
-        region_info::write_answer(buf, argsz, index, &region);
-        Ok(())
+        let answer = answer_region_info(buf, |index| self.region(index));
+        answer.map_err(|why| self.refuse(why))
     }
 }
 

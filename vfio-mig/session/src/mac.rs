@@ -136,7 +136,7 @@ mod tests {
 
     use vfio_mig::{
         wire::verify, wire::verify_keyed, wire::Authentication, wire::DeviceDescriptor,
-        wire::Phase, wire::Protocol, wire::StreamHeader, wire::StreamWriter,
+        wire::Phase, wire::StreamHeader, wire::StreamWriter, Protocol,
     };
 
     /// Bytes of the example stream's header (one device, model `mock:v1`).

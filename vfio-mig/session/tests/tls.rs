@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! End-to-end tests over loopback TCP with certificates made by rcgen at test time.
+//! End-to-end tests over loopback TCP with certificates minted at test time (vfio-mig-testcerts).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -8,69 +8,25 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use rustls_pki_types::ServerName;
 use vfio_mig_session::transport::tls::{
     accept, connect, AuthorizationPolicy, AuthzError, HandshakeError, PeerIdentity, TlsConfig,
     TlsStream, NOT_TLS_NOTICE,
 };
+use vfio_mig_testcerts::{Ca, Usage};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A CA that signs certificates into a directory.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        let pem = dir.join(format!("{name}.pem"));
-        std::fs::write(&pem, cert.pem()).unwrap();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// Signs a leaf for `sans` (DNS names, or `uri:` URIs) with subject CN `cn`; returns
-    /// the config of its holder, trusting `trust`.
-    fn leaf(&self, dir: &Path, cn: &str, sans: &[&str], server: bool, trust: &Ca) -> TlsConfig {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for s in sans {
-            params.subject_alt_names.push(match s.strip_prefix("uri:") {
-                Some(u) => SanType::URI(u.try_into().unwrap()),
-                None => SanType::DnsName((*s).try_into().unwrap()),
-            });
-        }
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_path = dir.join(format!("{cn}.crt"));
-        let key_path = dir.join(format!("{cn}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        TlsConfig {
-            cert: cert_path,
-            key: key_path,
-            ca: trust.pem.clone(),
-            server_name: None,
-        }
+/// The configuration of the holder of a leaf of `issuer` (common name `cn`, names `sans`),
+/// trusting `trust`.
+fn leaf(issuer: &Ca, dir: &Path, cn: &str, sans: &[&str], server: bool, trust: &Ca) -> TlsConfig {
+    let usage = if server { Usage::Server } else { Usage::Client };
+    let minted = issuer.leaf(dir, cn, sans, usage).unwrap();
+    TlsConfig {
+        cert: minted.cert,
+        key: minted.key,
+        ca: trust.pem().to_owned(),
+        server_name: None,
     }
 }
 
@@ -88,10 +44,11 @@ struct Pki {
 fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
-    let ca = Ca::new(&path, "test-ca");
-    let other_ca = Ca::new(&path, "other-ca");
-    let server = ca.leaf(&path, "dst", &["dst.example"], true, &ca);
-    let client = ca.leaf(
+    let ca = Ca::new(&path, "test-ca").unwrap();
+    let other_ca = Ca::new(&path, "other-ca").unwrap();
+    let server = leaf(&ca, &path, "dst", &["dst.example"], true, &ca);
+    let client = leaf(
+        &ca,
         &path,
         "src-a",
         &["src-a.example", "uri:spiffe://dc1/host/src-a"],
@@ -240,9 +197,14 @@ fn client_certificate_from_another_ca_is_refused() {
     let p = pki();
     let scfg = p.server.server_config().unwrap();
     // Signed by a CA the destination does not trust (the source trusts the right CA).
-    let rogue = p
-        .other_ca
-        .leaf(&p.dir, "rogue", &["src-a.example"], false, &p.ca);
+    let rogue = leaf(
+        &p.other_ca,
+        &p.dir,
+        "rogue",
+        &["src-a.example"],
+        false,
+        &p.ca,
+    );
     let ccfg = rogue.client_config().unwrap();
     let (server, client) = pair(
         move |s| accept(s, scfg, DEADLINE),
@@ -299,9 +261,14 @@ fn server_certificate_with_wrong_name_is_refused_by_the_client() {
     );
 
     // The destination's certificate from an untrusted CA is refused as well.
-    let rogue = p
-        .other_ca
-        .leaf(&p.dir, "rogue-dst", &["dst.example"], true, &p.ca);
+    let rogue = leaf(
+        &p.other_ca,
+        &p.dir,
+        "rogue-dst",
+        &["dst.example"],
+        true,
+        &p.ca,
+    );
     let scfg = rogue.server_config().unwrap();
     let ccfg = p.client.client_config().unwrap();
     let (_, client) = pair(
@@ -319,7 +286,7 @@ fn server_certificate_with_wrong_name_is_refused_by_the_client() {
 #[test]
 fn authorization_policy_allows_and_refuses_by_identity() {
     let p = pki();
-    let other = p.ca.leaf(&p.dir, "src-b", &["src-b.example"], false, &p.ca);
+    let other = leaf(&p.ca, &p.dir, "src-b", &["src-b.example"], false, &p.ca);
     let mut policy = AuthorizationPolicy::new();
     policy.allow("vm7-gpu0", "dns:src-a.example".parse().unwrap());
     policy.allow("vm8-nic0", "uri:spiffe://dc1/host/src-a".parse().unwrap());

@@ -17,7 +17,7 @@ use super::MigrationDevice;
 ///
 /// The device enters RESUMING only after the header was checked, and returns to RUNNING only
 /// after the whole stream, trailer included, was read and verified: a destination never runs
-/// with partial state. The caller handles rollback (see [`load_with_rollback`]).
+/// with partial state. The caller handles rollback (the front door resets a failed destination).
 pub fn load_device<R: Read>(
     dev: &mut dyn MigrationDevice,
     reader: &mut StreamReader<R>,
@@ -55,30 +55,4 @@ pub fn load_device<R: Read>(
     reader.finish()?;
     run_unit(&mut [dev])?;
     Ok(loader.report())
-}
-
-/// [`load_device`], and on failure the destination is reset so that it never runs with partial
-/// state; the error then says what became of the device.
-pub fn load_with_rollback<R: Read>(
-    dev: &mut dyn MigrationDevice,
-    reader: &mut StreamReader<R>,
-    index: u16,
-    obs: &dyn Observer,
-) -> Result<LoadReport> {
-    // An incompatible stream is refused before the device is touched: nothing to roll back.
-    let desc = reader.header().devices.get(index as usize).cloned();
-    if let Some(desc) = desc {
-        check_compatible(dev, &desc)?;
-    }
-    load_device(dev, reader, index, obs).map_err(|e| rollback_destination(dev, index, e, obs))
-}
-
-/// Resets a destination after `error` and folds the outcome into the error.
-pub(crate) fn rollback_destination(
-    dev: &mut dyn MigrationDevice,
-    index: u16,
-    error: Error,
-    obs: &dyn Observer,
-) -> Error {
-    super::rollback::roll_back(&mut [dev], index, error, obs, |d| d.abort_resume())
 }

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The migration engine: phases, pre-copy policy and rollback over any [`MigrationDevice`].
 //!
-//! The same functions drive v1 and v2 devices, mock or real: [`save_with_rollback`] on the
-//! source, [`load_with_rollback`] on the destination, `vfio_mig_session::handshake::migrate_local` for both on one host.
+//! The same functions drive v1 and v2 devices, mock or real, beneath the front door
+//! ([`crate::Source`], [`crate::Destination`]).
 
 pub(crate) mod events;
 pub(crate) mod load;
@@ -17,7 +17,7 @@ pub(crate) mod save;
 pub(crate) mod session;
 pub(crate) mod wait;
 
-pub(crate) use crate::migration::{Capabilities, MigrationDevice, Protocol, ReadOutcome, Recovery};
+pub(crate) use crate::migration::{MigrationDevice, ReadOutcome, Recovery};
 pub(crate) use events::{Event, NoObserver, Observer};
 
 pub(crate) use save::{SaveOptions, SaveReport};

@@ -19,7 +19,7 @@ use crate::stream::{Phase, StreamWriter};
 
 use super::events::Observer;
 use super::save::{pre_copy, stop_copy, RecordSink, SaveOptions, SaveReport};
-use super::{Capabilities, MigrationDevice, Protocol};
+use super::MigrationDevice;
 
 /// A stream writer shared by several device threads: each record is appended whole under a
 /// lock, so records of different devices interleave but never mix. Once a device fails, the
@@ -76,19 +76,6 @@ impl<W: Write> RecordSink for &SharedWriter<W> {
     }
 }
 
-/// Whether a device with `caps` can join a unit of several devices without an opt-in: it
-/// has the P2P states, so it can be quiesced before any peer stops. `Err` says why not.
-pub fn unit_member(caps: &Capabilities, protocol: Protocol) -> std::result::Result<(), String> {
-    match protocol {
-        _ if caps.p2p => Ok(()),
-        Protocol::V1 => Err("a v1 device has no P2P states".into()),
-        Protocol::V2 => Err(format!(
-            "migration flags {:#x} lack VFIO_MIGRATION_P2P",
-            caps.migration_flags
-        )),
-    }
-}
-
 /// Refuses a unit of several devices where some lack the P2P states, unless `allow` (the
 /// caller's explicit opt-in, [`super::SaveOptions::allow_non_p2p_unit`]). QEMU refuses such a
 /// unit ("Multiple VFIO devices migration is supported only if all of them support P2P
@@ -101,7 +88,8 @@ pub fn check_unit(devs: &[&mut dyn MigrationDevice], allow: bool) -> Result<()> 
     let lacking: Vec<String> = devs
         .iter()
         .filter_map(|d| {
-            unit_member(&d.capabilities(), d.protocol())
+            d.capabilities()
+                .unit_member(d.protocol())
                 .err()
                 .map(|why| format!("{} ({why})", d.identity().instance))
         })

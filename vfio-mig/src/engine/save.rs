@@ -24,7 +24,7 @@ pub const DEFAULT_BUFFER: usize = 1 << 20;
 /// core too: on two CPUs the ring's reader competes with it, and issue 22's same-run
 /// figures on a two-CPU machine had the inline pump ahead in 13 of the 17 comparisons that
 /// differed (docs/benchmarks.md).
-pub fn pipeline_for_cores(cores: usize) -> usize {
+pub(crate) fn pipeline_for_cores(cores: usize) -> usize {
     if cores >= 3 {
         3
     } else {
@@ -48,7 +48,7 @@ pub fn available_cores() -> usize {
     }
 }
 
-/// The default depth of the save pipeline: [`pipeline_for_cores`] of the CPUs the calling
+/// The default depth of the save pipeline: `pipeline_for_cores` of the CPUs the calling
 /// thread may run on ([`available_cores`]).
 pub fn default_pipeline() -> usize {
     pipeline_for_cores(available_cores())
@@ -442,4 +442,17 @@ pub(crate) fn rollback_source(
     obs: &dyn Observer,
 ) -> Error {
     super::rollback::roll_back(&mut [dev], index, error, obs, |d| d.recover())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pipeline_for_cores;
+
+    /// The rule at every CPU count, including those a test machine cannot afford (the
+    /// integration test `pipeline.rs` checks the default against the thread's real affinity):
+    /// inline below three CPUs, a ring of three buffers from three on (docs/benchmarks.md).
+    #[test]
+    fn the_pipeline_depth_follows_the_cpu_count() {
+        assert_eq!([1, 2, 3, 64].map(pipeline_for_cores), [0, 0, 3, 3]);
+    }
 }

@@ -28,15 +28,15 @@ pub(crate) fn describe(dev: &dyn MigrationDevice, live: bool) -> DeviceDescripto
     }
 }
 
-/// A header for a new session over `devices`.
-pub fn new_header(
-    devices: &[&dyn MigrationDevice],
-    live: bool,
-    epoch: u64,
-) -> Result<StreamHeader> {
-    Ok(StreamHeader {
-        session_id: new_session_id()?,
-        epoch,
-        devices: devices.iter().map(|d| describe(*d, live)).collect(),
-    })
+impl StreamHeader {
+    /// A header for a new session over `devices`, with a fresh session id
+    /// ([`crate::new_session_id`]); `live` says the devices pre-copy, `epoch` is the fencing
+    /// epoch ([`crate::Epoch`]) the stream carries.
+    pub fn new(devices: &[&dyn MigrationDevice], live: bool, epoch: u64) -> Result<Self> {
+        Ok(StreamHeader {
+            session_id: new_session_id()?,
+            epoch,
+            devices: devices.iter().map(|d| describe(*d, live)).collect(),
+        })
+    }
 }

@@ -185,7 +185,15 @@ impl<D: MigrationDevice> Source<D> {
     ) -> std::result::Result<Self, Handback<D>> {
         match plan(&mut devs, opts) {
             Ok((start, live, header, writer)) => {
-                let n = devs.len();
+                // As QEMU and the engine's save: a live migration of a device without
+                // PRE_COPY moves it in stop-and-copy only, and its report says so.
+                let reports = devs
+                    .iter()
+                    .map(|d| SaveReport {
+                        stop_copy_only: opts.pre_copy && !d.capabilities().pre_copy,
+                        ..SaveReport::default()
+                    })
+                    .collect();
                 Ok(Self {
                     devs,
                     start,
@@ -200,7 +208,7 @@ impl<D: MigrationDevice> Source<D> {
                     }),
                     channels: 1,
                     buf: Vec::new(),
-                    reports: vec![SaveReport::default(); n],
+                    reports,
                     buffer: opts.buffer.max(4096),
                     reinit_seen: false,
                 })

@@ -10,7 +10,7 @@ use std::fmt;
 use crate::error::{Error, Result};
 
 /// The migration protocol of a device: the engine's type, carried in the header.
-pub use crate::migration::Protocol;
+pub(crate) use crate::migration::Protocol;
 
 /// A 128-bit session id, as in the stream header.
 pub type SessionId = [u8; 16];
@@ -20,9 +20,9 @@ pub const MAGIC: [u8; 8] = *b"VFIOMIG\0";
 /// The format version this code writes and the only one it reads. Version 2 added the
 /// header flags, the binding of every record's CRC to the stream's session id, and the
 /// optional authentication tags.
-pub const FORMAT_VERSION: u16 = 2;
+pub(crate) const FORMAT_VERSION: u16 = 2;
 /// Largest number of devices a stream may carry.
-pub const MAX_DEVICES: usize = 64;
+pub(crate) const MAX_DEVICES: usize = 64;
 /// Largest length, in bytes, of a device model name.
 pub(crate) const MAX_MODEL_LEN: usize = 256;
 /// Largest payload of one DATA record (1 MiB). A reader buffers one record whole, so this
@@ -39,7 +39,7 @@ pub(crate) const DESCRIPTOR_FIXED_LEN: usize = 12;
 /// Length of a CRC32C field.
 pub(crate) const CRC_LEN: usize = 4;
 /// Length of a record header.
-pub const RECORD_HEADER_LEN: usize = 24;
+pub(crate) const RECORD_HEADER_LEN: usize = 24;
 /// Offset of the CRC within a record header; the CRC covers the stream's session id, the
 /// bytes before it and the payload.
 pub(crate) const RECORD_CRC_OFFSET: usize = 20;
@@ -119,7 +119,7 @@ impl fmt::Display for Phase {
 
 /// The kind of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RecordKind {
+pub(crate) enum RecordKind {
     /// A fragment of a device's migration data.
     Data,
     /// A device finished a phase.
@@ -130,7 +130,7 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// The byte that encodes this kind.
-    pub const fn wire(self) -> u8 {
+    pub(crate) const fn wire(self) -> u8 {
         match self {
             RecordKind::Data => 1,
             RecordKind::EndOfPhase => 2,
@@ -139,7 +139,7 @@ impl RecordKind {
     }
 
     /// The kind encoded by `byte`, if any.
-    pub const fn from_wire(byte: u8) -> Option<Self> {
+    pub(crate) const fn from_wire(byte: u8) -> Option<Self> {
         match byte {
             1 => Some(RecordKind::Data),
             2 => Some(RecordKind::EndOfPhase),
@@ -182,7 +182,7 @@ pub struct StreamHeader {
     pub session_id: SessionId,
     /// The sender's epoch (e.g. a migration attempt counter).
     pub epoch: u64,
-    /// The devices, 1 to [`MAX_DEVICES`]; a record's device index points into this list.
+    /// The devices, 1 to 64; a record's device index points into this list.
     pub devices: Vec<DeviceDescriptor>,
 }
 
@@ -357,7 +357,7 @@ impl StreamHeader {
         u16::try_from(self.devices.len()).unwrap_or(u16::MAX)
     }
 
-    /// Checks that the header can be encoded: 1 to [`MAX_DEVICES`] devices, model names of
+    /// Checks that the header can be encoded: 1 to 64 devices, model names of
     /// 1 to `MAX_MODEL_LEN` bytes, no migration flags on v1 devices.
     pub fn validate(&self) -> Result<()> {
         let count = self.devices.len();
@@ -585,7 +585,7 @@ impl Totals {
 
 /// A decoded, validated record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecordHeader {
+pub(crate) struct RecordHeader {
     /// The record kind.
     pub kind: RecordKind,
     /// DATA only: this fragment closes a device chunk.
@@ -604,7 +604,7 @@ impl RecordHeader {
     /// Encodes this header for `payload` of the stream `session`, computing the CRC over the
     /// session id, the header's first `RECORD_CRC_OFFSET` bytes and `payload`.
     /// `payload_len` must equal `payload.len()`.
-    pub fn encode(&self, session: &SessionId, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    pub(crate) fn encode(&self, session: &SessionId, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0] = self.kind.wire();
         h[1] = if self.chunk_end {

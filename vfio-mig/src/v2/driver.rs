@@ -21,8 +21,9 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::data::{DataFd, DataRead};
-use super::feature::{self, DmaLoggingRange, PrecopyInfo};
+use super::feature::{self, PrecopyInfo};
 use super::state::{plan_inline, returns_data_fd, ArcError, MigState, MigrationFlags};
+use crate::device::DmaLoggingRange;
 use crate::device::{DeviceIdentity, DeviceIo};
 use crate::error::{Error, Result};
 use crate::migration::{

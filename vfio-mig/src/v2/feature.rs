@@ -20,7 +20,7 @@ use vfio_bindings::bindings::vfio::{vfio_precopy_info, VFIO_PRECOPY_INFO_REINIT}
 
 use super::state::{MigState, MigrationFlags};
 use crate::device::{check_dma_bitmap, DataSession, DeviceIo};
-pub use crate::device::{dma_bitmap_words, DmaLoggingRange};
+use crate::device::{dma_bitmap_words, DmaLoggingRange};
 
 /// The smallest page size the kernel accepts for a DMA logging report.
 pub const MIN_DMA_LOG_PAGE: u64 = 4096;

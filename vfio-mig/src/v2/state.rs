@@ -199,11 +199,6 @@ impl FromStr for MigState {
     }
 }
 
-/// Whether `state` carries a data transfer session (see [`MigState::is_streaming`]).
-pub fn is_streaming(state: MigState) -> bool {
-    state.is_streaming()
-}
-
 /// Whether a transition from `from` to `to` opens a new data session, so that the kernel
 /// returns a new data fd: it ends in a streaming state and does not stay inside the saving
 /// group. As single arcs these are RUNNING -> PRE_COPY, RUNNING_P2P -> PRE_COPY_P2P,
@@ -524,7 +519,7 @@ mod tests {
         );
         assert!(!returns_data_fd(PreCopyP2p, StopCopy));
         assert!(!returns_data_fd(PreCopy, StopCopy));
-        assert!(is_streaming(Resuming) && !is_streaming(RunningP2p));
+        assert!(Resuming.is_streaming() && !RunningP2p.is_streaming());
     }
 
     proptest! {

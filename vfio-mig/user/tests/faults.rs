@@ -11,7 +11,7 @@ mod common;
 
 use common::rust_server::{Fault, RustServer, BAR1_LEN};
 use vfio_mig::error::Report;
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_user::ConnectOptions;
 
@@ -163,8 +163,8 @@ fn malformed_replies_are_named() {
 /// little-endian `u64` per 64 pages, and ORed into the caller's words.
 #[test]
 fn a_dma_logging_report_is_decoded_word_by_word() {
-    use vfio_mig::backend::v2_feature::DmaLoggingRange;
     use vfio_mig::backend::DeviceIo;
+    use vfio_mig::backend::DmaLoggingRange;
     let server = RustServer::start(None);
     let dev =
         vfio_mig_user::VfioUserDevice::connect(&server.sock, &ConnectOptions::default()).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use vfio_mig::backend::DeviceIo;
 use vfio_mig::{backend::v2_state::MigState, backend::V2Device};
-use vfio_mig::{workspace::SaveOptions, NoObserver};
+use vfio_mig::{NoObserver, SaveOptions};
 use vfio_mig_session::handshake::migrate_local;
 
 fn v2(dev: &Arc<vfio_mig_user::VfioUserDevice>) -> V2Device {
@@ -74,12 +74,11 @@ fn live_between_two_sample_servers() {
     migrate(true);
 }
 
-/// The same through a saved file: `save_device` into a stream file, `load_device` from it.
+/// The same through a saved file: the front door's source saves into a stream file, and
+/// [`resume`](vfio_mig::resume) loads it and runs the destination.
 #[test]
 fn through_a_saved_file() {
-    use vfio_mig::workspace::new_header;
-    use vfio_mig::{wire::StreamReader, wire::StreamWriter};
-    use vfio_mig::{workspace::load_device, workspace::save_device};
+    use vfio_mig::{resume, DestinationOptions, Epoch, Source, SourceOptions};
     if skipped() {
         return;
     }
@@ -88,13 +87,17 @@ fn through_a_saved_file() {
     let (bar0, bar1) = prime(src_io.as_ref(), 9);
     let (mut src, mut dst) = (v2(&src_io), v2(&dst_io));
     let file = tempfile::NamedTempFile::new().unwrap();
-    let header = new_header(&[&src], false, 1).unwrap();
-    let mut w = StreamWriter::new(file.reopen().unwrap(), &header).unwrap();
-    save_device(&mut src, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
-    w.finish().unwrap();
+    let opts = SourceOptions::new(Epoch(1)).pre_copy(false);
+    let mut source = Source::start(vec![&mut src], &opts).unwrap();
+    source.switch_over(&mut file.reopen().unwrap()).unwrap();
+    drop(source.finish());
     assert_eq!(src.state().unwrap(), MigState::Stop);
-    let (mut r, _) = StreamReader::open(file.reopen().unwrap()).unwrap();
-    load_device(&mut dst, &mut r, 0, &NoObserver).unwrap_or_else(|e| panic!("{e}\n{}", b.log()));
+    resume(
+        &mut [&mut dst],
+        file.reopen().unwrap(),
+        &DestinationOptions::new(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log()));
     assert_eq!(dst.state().unwrap(), MigState::Running);
     assert_eq!(read_region(dst_io.as_ref(), BAR1, BAR1_SIZE), bar1);
     assert_eq!(bar0_value(dst_io.as_ref()), bar0);
@@ -236,7 +239,7 @@ fn the_sample_client_migrates_the_same_server() {
 /// an errno and the connection stays usable.
 #[test]
 fn dma_logging_against_the_sample_server() {
-    use vfio_mig::backend::v2_feature::DmaLoggingRange;
+    use vfio_mig::backend::DmaLoggingRange;
     if skipped() {
         return;
     }

@@ -4,7 +4,7 @@
 //! session: handshake, CHANNEL binding, load, COMMIT), over 4 channels against 1 channel,
 //! interleaved in the same run. The devices use `content=fast` (almost no CPU of their own),
 //! so the stream (TLS encryption and decryption, CRCs, copies) is what costs CPU: a
-//! CPU-bound stream. Certificates are made with rcgen at start.
+//! CPU-bound stream. Certificates are minted (vfio-mig-testcerts) at start.
 //!
 //! Both ends run in this process on the same cores, so the figure also reports the CPU the
 //! process used per wall second (1.0 = one core busy) of each subject, and the load average
@@ -15,13 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use vfio_mig::backend::V2Device;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::SaveOptions, MigrationDevice, NoObserver};
+use vfio_mig::error::Report;
+use vfio_mig::wire::StreamHeader;
+use vfio_mig::{MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
@@ -31,6 +28,7 @@ use vfio_mig_session::transport::{
     accept_tls, connect, connect_tls, Address, ClientTls, Connection,
 };
 use vfio_mig_session::{Error, Result};
+use vfio_mig_testcerts::{Ca, Usage};
 
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, Paired};
@@ -47,54 +45,24 @@ fn bench_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::invalid_input(format!("bench channels: {what}: {e}"))
 }
 
-fn leaf(
-    dir: &Path,
-    issuer: &Issuer<'static, KeyPair>,
-    name: &str,
-    server: bool,
-) -> Result<TlsConfig> {
-    let key = KeyPair::generate().map_err(|e| bench_err("key", e))?;
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| bench_err("cert", e))?;
-    let dns = name.try_into().map_err(|e| bench_err("name", e))?;
-    p.subject_alt_names.push(SanType::DnsName(dns));
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
-    let cert = p
-        .signed_by(&key, issuer)
-        .map_err(|e| bench_err("sign", e))?;
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).map_err(|e| bench_err("write cert", e))?;
-    std::fs::write(&k, key.serialize_pem()).map_err(|e| bench_err("write key", e))?;
-    Ok(TlsConfig {
-        cert: c,
-        key: k,
-        ca: dir.join("ca.pem"),
-        server_name: (!server).then(|| "dst.example".to_owned()),
-    })
-}
-
 /// A CA and the two sides' configurations, in `dir`.
 fn pki(dir: &Path) -> Result<(Arc<ServerConfig>, ClientTls)> {
-    let ca_key = KeyPair::generate().map_err(|e| bench_err("key", e))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| bench_err("ca", e))?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "bench-ca");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca.self_signed(&ca_key).map_err(|e| bench_err("ca", e))?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).map_err(|e| bench_err("write ca", e))?;
-    let issuer = Issuer::new(ca, ca_key);
-    let server = leaf(dir, &issuer, "dst.example", true)?
+    let ca = Ca::new(dir, "bench-ca").map_err(|e| bench_err("certificates", Report(&e)))?;
+    let config = |name: &str, usage| -> Result<TlsConfig> {
+        let leaf = ca
+            .leaf(dir, name, &[name], usage)
+            .map_err(|e| bench_err("certificates", Report(&e)))?;
+        Ok(TlsConfig {
+            cert: leaf.cert,
+            key: leaf.key,
+            ca: ca.pem().to_owned(),
+            server_name: (usage == Usage::Client).then(|| "dst.example".to_owned()),
+        })
+    };
+    let server = config("dst.example", Usage::Server)?
         .server_config()
         .map_err(|e| bench_err("server config", e))?;
-    let client = ClientTls::new(leaf(dir, &issuer, "src.example", false)?)?;
+    let client = ClientTls::new(config("src.example", Usage::Client)?)?;
     Ok((server, client))
 }
 
@@ -199,7 +167,7 @@ fn migrate_unit(
         });
         let mut s: Vec<&mut dyn MigrationDevice> =
             srcs.iter_mut().map(|x| x.as_mut() as _).collect();
-        let header = new_header(&s.iter().map(|d| &**d).collect::<Vec<_>>(), false, 1)?;
+        let header = StreamHeader::new(&s.iter().map(|d| &**d).collect::<Vec<_>>(), false, 1)?;
         let mut connect = |_: u16| match link {
             Link::Tls(_, client) => connect_tls(&addr, WAIT, client, WAIT),
             Link::Plain => connect(&addr, WAIT),

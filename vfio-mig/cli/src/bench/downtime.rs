@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::new_header;
-use vfio_mig::{workspace::save_device, workspace::SaveOptions, NoObserver, SaveReport};
+use vfio_mig::{workspace::save_device, NoObserver, SaveOptions, SaveReport};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
@@ -37,7 +37,7 @@ pub fn live_save(size: u64, dirty_rate: u64, budget: Duration, seed: u64) -> Res
     .parse()?;
     let mock = MockV2::new(&spec).map_err(|e| Error::device("mock", e))?;
     let mut dev = V2Device::open(Arc::new(mock))?;
-    let header = new_header(&[&dev], true, 1)?;
+    let header = StreamHeader::new(&[&dev], true, 1)?;
     let mut sink = SinkKind::Null.open()?;
     let mut opts = SaveOptions {
         live: true,

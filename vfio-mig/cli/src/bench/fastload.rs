@@ -22,16 +22,17 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
+
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamReader;
 use vfio_mig::wire::StreamWriter;
 use vfio_mig::workspace::load_device;
-use vfio_mig::workspace::new_header;
 use vfio_mig::workspace::save_device;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::NoObserver;
+use vfio_mig::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::transport::SOCKET_BUFFER;
@@ -90,7 +91,7 @@ fn prepare(spec: &MockSpec, buffer: usize) -> Result<Prepared> {
     set(&src, MigState::Stop, "STOP")?;
     set(&src, MigState::Running, "RUNNING")?;
     let mut dev = V2Device::open(Arc::new(src))?;
-    let header = new_header(&[&dev], false, 1)?;
+    let header = StreamHeader::new(&[&dev], false, 1)?;
     let mut stream = new_memfd("vfio-mig-bench-stream")?;
     let mut w = StreamWriter::new(&mut stream, &header)?;
     save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;

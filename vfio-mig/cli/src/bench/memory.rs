@@ -15,13 +15,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use vfio_mig::backend::V2Device;
-use vfio_mig::workspace::new_header;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::{
     wire::Phase, wire::Record, wire::StreamReader, wire::StreamWriter, wire::MAX_FRAGMENT,
 };
 use vfio_mig::{
-    workspace::load_device, workspace::save_device, workspace::SaveOptions, MigrationDevice,
-    NoObserver,
+    workspace::load_device, workspace::save_device, MigrationDevice, NoObserver, SaveOptions,
 };
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
@@ -79,7 +78,7 @@ pub fn child(spec: &str) -> Result<()> {
     let mut dev = device(size)?;
     let bytes = match (side, how) {
         ("save", "engine") => {
-            let header = new_header(&[&dev], false, 1)?;
+            let header = StreamHeader::new(&[&dev], false, 1)?;
             let mut w = StreamWriter::new(stdio(1), &header)?;
             let r = save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
             w.finish()?;
@@ -97,7 +96,7 @@ pub fn child(spec: &str) -> Result<()> {
             File::from(fd)
                 .read_to_end(&mut state)
                 .map_err(|e| Error::device("read the data fd to its end", e))?;
-            let header = new_header(&[&dev], false, 1)?;
+            let header = StreamHeader::new(&[&dev], false, 1)?;
             let mut w = StreamWriter::new(stdio(1), &header)?;
             for piece in state.chunks(MAX_FRAGMENT) {
                 w.data(0, Phase::StopCopy, piece, true)?;

@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use vfio_mig::backend::V1Device;
 use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::new_header;
 use vfio_mig::{workspace::finish_handoff_all, workspace::save_all, workspace::SharedWriter};
-use vfio_mig::{workspace::save_device, workspace::SaveOptions, MigrationDevice, NoObserver};
+use vfio_mig::{workspace::save_device, MigrationDevice, NoObserver, SaveOptions};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 use vfio_mig_session::{Error, Result};
@@ -39,7 +39,7 @@ fn open(proto: &str, size: u64, seed: usize) -> Result<Box<dyn MigrationDevice>>
 
 /// Saves one device into `/dev/null`; its bytes.
 fn save_one(dev: &mut dyn MigrationDevice) -> Result<u64> {
-    let header = new_header(&[&*dev], false, 1)?;
+    let header = StreamHeader::new(&[&*dev], false, 1)?;
     let mut sink = SinkKind::Null.open()?;
     let mut w = StreamWriter::new(&mut sink.conn, &header)?;
     let r = save_device(dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
@@ -60,7 +60,7 @@ fn run_save_all(proto: &str, size: u64) -> Result<f64> {
         .collect();
     let header = {
         let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
-        new_header(&all, false, 1)?
+        StreamHeader::new(&all, false, 1)?
     };
     let mut sink = SinkKind::Null.open()?;
     let t = Instant::now();

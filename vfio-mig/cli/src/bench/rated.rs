@@ -19,16 +19,16 @@ use std::time::Instant;
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
 use vfio_mig::workspace::finish_handoff_all;
-use vfio_mig::workspace::new_header;
 use vfio_mig::workspace::save_all;
 use vfio_mig::workspace::save_device;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::workspace::SharedWriter;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
@@ -96,7 +96,7 @@ fn save_one_with(
     buffer: usize,
     pipeline: usize,
 ) -> Result<u64> {
-    let header = new_header(&[&*dev], false, 1)?;
+    let header = StreamHeader::new(&[&*dev], false, 1)?;
     let mut out = sink.open()?;
     let mut w = StreamWriter::new(&mut out.conn, &header)?;
     let opts = SaveOptions {
@@ -145,7 +145,7 @@ fn run_four(cfg: &Config, how: Parallel) -> Result<f64> {
             let mut refs = refs(&mut devs);
             let header = {
                 let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
-                new_header(&all, false, 1)?
+                StreamHeader::new(&all, false, 1)?
             };
             let mut sink = SinkKind::Null.open()?;
             let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
@@ -319,7 +319,7 @@ pub fn migrate_unit(
     let mut dst_refs = refs(dsts);
     let header = {
         let all: Vec<&dyn MigrationDevice> = src_refs.iter().map(|d| &**d).collect();
-        new_header(&all, false, 1)?
+        StreamHeader::new(&all, false, 1)?
     };
     migrate_pairs(
         &mut src_refs,

@@ -26,15 +26,13 @@ use vfio_bindings::bindings::vfio::{
 use vfio_mig::backend::MigrationRegion;
 use vfio_mig::backend::V1Device;
 use vfio_mig::error::{Error, Result};
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::new_header;
 use vfio_mig::{
     backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping,
     backend::RegionCap, backend::RegionInfo, backend::SparseArea,
 };
-use vfio_mig::{
-    workspace::save_device, workspace::SaveOptions, MigrationDevice, NoObserver, ReadOutcome,
-};
+use vfio_mig::{workspace::save_device, MigrationDevice, NoObserver, ReadOutcome, SaveOptions};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 
@@ -242,7 +240,7 @@ pub fn static_device(section: u64, total: u64, mmap: bool) -> Result<(V1Device, 
 
 /// Saves `dev` with the engine into `/dev/null`; GB/s of device data.
 fn engine_run(dev: &mut V1Device, buffer: usize) -> Result<f64> {
-    let header = new_header(&[&*dev], false, 1)?;
+    let header = StreamHeader::new(&[&*dev], false, 1)?;
     let mut sink = SinkKind::Null.open()?;
     let opts = SaveOptions {
         buffer,
@@ -410,7 +408,7 @@ mod tests {
     fn static_device_serves_its_total_through_the_engine() {
         for mmap in [false, true] {
             let (mut dev, _raw) = static_device(64 << 10, 300 << 10, mmap).unwrap();
-            let header = new_header(&[&dev], false, 1).unwrap();
+            let header = StreamHeader::new(&[&dev], false, 1).unwrap();
             let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
             let r = save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
             assert_eq!(r.stop_copy_bytes, 300 << 10);

@@ -18,13 +18,12 @@ use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
 use vfio_mig::wire::DeviceDescriptor;
-use vfio_mig::wire::Protocol;
 use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::new_header;
 use vfio_mig::workspace::save_device;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::NoObserver;
+use vfio_mig::Protocol;
+use vfio_mig::SaveOptions;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 
@@ -139,7 +138,7 @@ fn one_run(
                 }
                 Mover::Engine | Mover::Inline => {
                     let mut dev = V2Device::open(Arc::new(mock))?;
-                    let header = new_header(&[&dev], false, 1)?;
+                    let header = StreamHeader::new(&[&dev], false, 1)?;
                     let t = Instant::now();
                     let mut w = StreamWriter::new(&mut out.conn, &header)?;
                     let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;

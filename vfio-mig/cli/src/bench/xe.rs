@@ -27,7 +27,7 @@ use std::time::Instant;
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake::migrate_local;

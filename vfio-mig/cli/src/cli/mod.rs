@@ -30,7 +30,7 @@ use clap::{Args, Parser, Subcommand};
 
 use vfio_mig::PreCopyPolicy;
 
-use vfio_mig::workspace::SaveOptions;
+use vfio_mig::SaveOptions;
 
 use vfio_mig::DEFAULT_BUFFER;
 

@@ -6,11 +6,11 @@
 use std::net::Shutdown;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vfio_mig::wire::StreamHeader;
 
 use clap::Args;
 use indicatif::HumanBytes;
 
-use vfio_mig::workspace::new_header;
 use vfio_mig_fence::session_hex;
 use vfio_mig_session::handshake::{self, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{self, Address, Duplex};
@@ -127,7 +127,8 @@ pub fn send(
     let (claims, mut opened) = open_all(devices, fence)?;
     let opts = args.save_options();
     let mut devs = drivers(&mut opened);
-    let mut header = new_header(&devs.iter().map(|d| &**d).collect::<Vec<_>>(), opts.live, 0)?;
+    let mut header =
+        StreamHeader::new(&devs.iter().map(|d| &**d).collect::<Vec<_>>(), opts.live, 0)?;
     if let Some(s) = session {
         header.session_id = s;
     }
@@ -275,7 +276,7 @@ pub fn recv(
     let mut devs = drivers(&mut opened);
     // The destination decides on its own devices: a unit without P2P is this host's risk too
     // (a device that cannot wait quiesced may run before its peers are loaded).
-    vfio_mig::workspace::check_unit(&devs, opts.allow_non_p2p_unit)?;
+    vfio_mig::check_unit(&devs, opts.allow_non_p2p_unit)?;
     let names = devices.join(" ");
     let listener = listen_private(listen)?;
     let bound = listener.local_address()?;

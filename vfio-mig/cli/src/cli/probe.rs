@@ -5,7 +5,6 @@ use crate::cli::devices::open_device;
 use std::fmt::Write as _;
 use vfio_mig::backend::query_region;
 use vfio_mig::backend::DeviceIo;
-use vfio_mig::workspace::unit_member;
 use vfio_mig_session::{Error, Result};
 
 /// One region, as `probe` shows it.
@@ -77,7 +76,10 @@ pub fn run(name: &str, json: bool) -> Result<()> {
     let mut opened = open_device(name)?;
     let id = opened.io.identity();
     let (device_flags, regions) = regions(opened.io.as_ref())?;
-    let unit = unit_member(&opened.device.capabilities(), opened.device.protocol());
+    let unit = opened
+        .device
+        .capabilities()
+        .unit_member(opened.device.protocol());
     let out = ProbeOutput {
         device: id.instance,
         model: id.model,

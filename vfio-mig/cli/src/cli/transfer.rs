@@ -10,8 +10,10 @@ use std::time::Instant;
 use indicatif::{HumanBytes, MultiProgress};
 
 use crate::cli::devices::open_device;
+
+use vfio_mig::new_session_id;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamReader;
-use vfio_mig::{new_session_id, workspace::new_header};
 use vfio_mig::{Epoch, OpenedDevice, Source, SourceOptions};
 use vfio_mig::{MigrationDevice, Observer, PreCopyPolicy, SaveReport};
 use vfio_mig_fence::session_hex;
@@ -333,7 +335,7 @@ pub fn migrate(
     let opts = args.save_options();
     let mut src_devs = drivers(&mut srcs);
     let mut dst_devs = drivers(&mut dsts);
-    let mut header = new_header(
+    let mut header = StreamHeader::new(
         &src_devs.iter().map(|d| &**d).collect::<Vec<_>>(),
         opts.live,
         0,

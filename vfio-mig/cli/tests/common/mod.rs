@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers of the command-line tests: private lock and state directories, a running `recv`,
-//! a test PKI (rcgen).
+//! a test PKI (vfio-mig-testcerts).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use vfio_mig_testcerts::{Ca, Usage};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vfio-mig");
 
@@ -154,13 +156,7 @@ impl Recv {
     }
 }
 
-/// A CA that signs certificates into a directory.
-pub struct Ca {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    pub pem: PathBuf,
-}
-
-/// The files of one side's identity.
+/// The files of one side's identity: its certificate and key, and the CA it trusts.
 pub struct Leaf {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -168,6 +164,16 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    /// A certificate of `issuer` for DNS name `dns` (CN the same), trusting `trust`.
+    fn new(issuer: &Ca, dir: &Path, dns: &str, usage: Usage, trust: &Ca) -> Leaf {
+        let minted = issuer.leaf(dir, dns, &[dns], usage).unwrap();
+        Leaf {
+            cert: minted.cert,
+            key: minted.key,
+            ca: trust.pem().to_owned(),
+        }
+    }
+
     /// `--tls-cert C --tls-key K --tls-ca A`.
     pub fn args(&self) -> Vec<String> {
         vec![
@@ -178,59 +184,6 @@ impl Leaf {
             "--tls-ca".into(),
             self.ca.display().to_string(),
         ]
-    }
-}
-
-impl Ca {
-    pub fn new(dir: &Path, name: &str) -> Ca {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        let pem = dir.join(format!("{name}.pem"));
-        std::fs::write(&pem, cert.pem()).unwrap();
-        Ca {
-            issuer: rcgen::Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// A certificate for DNS name `dns` (CN the same), trusting `trust`.
-    pub fn leaf(&self, dir: &Path, dns: &str, server: bool, trust: &Ca) -> Leaf {
-        use rcgen::{
-            CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
-        };
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::DnsName(dns.try_into().unwrap()));
-        params.distinguished_name.push(DnType::CommonName, dns);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_path = dir.join(format!("{dns}.crt"));
-        let key_path = dir.join(format!("{dns}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        // A private key is its owner's only (others' read access is refused).
-        std::fs::set_permissions(
-            &key_path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        Leaf {
-            cert: cert_path,
-            key: key_path,
-            ca: trust.pem.clone(),
-        }
     }
 }
 
@@ -245,13 +198,13 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
-        let ca = Ca::new(dir, "test-ca");
-        let rogue_ca = Ca::new(dir, "rogue-ca");
+        let ca = Ca::new(dir, "test-ca").unwrap();
+        let rogue_ca = Ca::new(dir, "rogue-ca").unwrap();
         Pki {
-            dst: ca.leaf(dir, "dst.example", true, &ca),
-            src: ca.leaf(dir, "src.example", false, &ca),
-            other: ca.leaf(dir, "other.example", false, &ca),
-            rogue: rogue_ca.leaf(dir, "rogue.example", false, &ca),
+            dst: Leaf::new(&ca, dir, "dst.example", Usage::Server, &ca),
+            src: Leaf::new(&ca, dir, "src.example", Usage::Client, &ca),
+            other: Leaf::new(&ca, dir, "other.example", Usage::Client, &ca),
+            rogue: Leaf::new(&rogue_ca, dir, "rogue.example", Usage::Client, &ca),
         }
     }
 }
@@ -360,7 +313,7 @@ pub fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
         session_id: [session; 16],
         epoch,
         devices: vec![vfio_mig::wire::DeviceDescriptor {
-            protocol: vfio_mig::wire::Protocol::V1,
+            protocol: vfio_mig::Protocol::V1,
             live: false,
             migration_flags: 0,
             model: "mock:v1".into(),

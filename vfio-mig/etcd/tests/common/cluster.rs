@@ -8,7 +8,7 @@
 //!
 //! [`EtcdCluster::start`] serves clients over TLS only to holders of a certificate of the
 //! test's CA (`--client-cert-auth --trusted-ca-file`), as docs/fencing.md says to run it;
-//! [`EtcdCluster::start_plain`] serves plain HTTP. The certificates are made with rcgen in
+//! [`EtcdCluster::start_plain`] serves plain HTTP. The certificates are minted (vfio-mig-testcerts) in
 //! the cluster's directory ([`Pki`]), with a second CA for the certificates the cluster must
 //! refuse. Each member also serves plain-HTTP metrics (nothing of the store), which is how
 //! [`EtcdCluster::leader`] finds the leader.
@@ -21,12 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use vfio_mig_etcd::{EtcdStore, EtcdTls, Security};
 use vfio_mig_fence::FenceStore;
+use vfio_mig_testcerts::{Ca, Leaf, Usage};
 
 /// The environment variable that turns a missing etcd into a failure.
 pub const REQUIRE_ETCD: &str = "VFIO_MIG_REQUIRE_ETCD";
@@ -68,15 +65,6 @@ pub struct EtcdCluster {
     _data: tempfile::TempDir,
 }
 
-/// A certificate and its key, PEM files.
-#[derive(Debug, Clone)]
-pub struct Pair {
-    /// The certificate.
-    pub cert: PathBuf,
-    /// Its key.
-    pub key: PathBuf,
-}
-
 /// The test cluster's certificates: its CA, the members' certificate (127.0.0.1), a host's
 /// client certificate, and a second CA with a client and a member certificate of its own.
 #[derive(Debug, Clone)]
@@ -84,70 +72,30 @@ pub struct Pki {
     /// The CA of the cluster (the members' `--trusted-ca-file`, the hosts' `--fence-ca`).
     pub ca: PathBuf,
     /// The members' certificate, signed by `ca`.
-    pub member: Pair,
+    pub member: Leaf,
     /// A host's client certificate, signed by `ca`.
-    pub host: Pair,
+    pub host: Leaf,
     /// Another CA, which the cluster does not trust.
     pub other_ca: PathBuf,
     /// A client certificate signed by `other_ca`.
-    pub other_host: Pair,
-}
-
-fn new_ca(dir: &Path, name: &str) -> (PathBuf, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = p.self_signed(&key).unwrap();
-    let path = dir.join(format!("{name}.crt"));
-    std::fs::write(&path, cert.pem()).unwrap();
-    (path, Issuer::new(p, key))
-}
-
-/// A certificate of `issuer` for `name`: a client's, or a member's (a server certificate for
-/// 127.0.0.1 and localhost).
-fn leaf(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, member: bool) -> Pair {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if member {
-        p.subject_alt_names = vec![
-            SanType::IpAddress([127, 0, 0, 1].into()),
-            SanType::DnsName("localhost".try_into().unwrap()),
-        ];
-        p.extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-    }
-    let cert = p.signed_by(&key, issuer).unwrap();
-    let pair = Pair {
-        cert: dir.join(format!("{name}.crt")),
-        key: dir.join(format!("{name}.key")),
-    };
-    std::fs::write(&pair.cert, cert.pem()).unwrap();
-    std::fs::write(&pair.key, key.serialize_pem()).unwrap();
-    // A private key is its owner's only (vfio-mig refuses one others can read).
-    std::fs::set_permissions(
-        &pair.key,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    pair
+    pub other_host: Leaf,
 }
 
 impl Pki {
     /// Makes the certificates in `dir`.
     pub fn new(dir: &Path) -> Self {
-        let (ca, issuer) = new_ca(dir, "fleet-ca");
-        let (other_ca, other) = new_ca(dir, "other-ca");
+        let ca = Ca::new(dir, "fleet-ca").unwrap();
+        let other = Ca::new(dir, "other-ca").unwrap();
+        // A member serves clients and dials its peers on 127.0.0.1 (and localhost).
+        let member_names = ["127.0.0.1", "localhost"];
         Pki {
-            member: leaf(dir, &issuer, "member", true),
-            host: leaf(dir, &issuer, "host", false),
-            other_host: leaf(dir, &other, "other-host", false),
-            ca,
-            other_ca,
+            member: ca
+                .leaf(dir, "member", &member_names, Usage::ServerAndClient)
+                .unwrap(),
+            host: ca.leaf(dir, "host", &[], Usage::Client).unwrap(),
+            other_host: other.leaf(dir, "other-host", &[], Usage::Client).unwrap(),
+            ca: ca.pem().to_owned(),
+            other_ca: other.pem().to_owned(),
         }
     }
 

@@ -183,7 +183,8 @@ use super::content::{gen_digest, Content, Decoder, Encoder, SplitMix64, PACKET_H
 use super::faults::{V2FaultField, V2FaultPlan};
 use super::spec::{DataFd, MockSpec, Protocol};
 use super::status::{Inspect, MockHandle, MockStatus};
-use crate::region_info::{self, Region};
+use crate::pci::{answer_region_info, Bar0};
+use crate::region_info::Region;
 use crate::rules::v2_arcs::{
     self, is_pre_copy, next_state, ERROR, FLAG_PRE_COPY, PRE_COPY, PRE_COPY_P2P, RESUMING, RUNNING,
     RUNNING_P2P, STOP, STOP_COPY,
@@ -199,10 +200,7 @@ use memfd::{FileSave, StateFile};
 use profile::{Behaviour, WriteRefusal};
 use session::{file_id, Faults, FeedOptions, FileId, LoadSession, SaveSession};
 
-/// Region `i` starts at device-fd offset `i << REGION_SHIFT`, as in vfio-pci.
-pub const REGION_SHIFT: u32 = 40;
-/// Size of BAR0, a read/write scratch region (the device's only region with a size).
-pub const BAR0_SIZE: u64 = 4096;
+pub use crate::pci::{BAR0_SIZE, REGION_SHIFT};
 /// Mixed into the seed for the generator choosing pages dirtied in pre-copy.
 const DIRTY_RNG_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 /// Most pages dirtied by one catch-up, so a long pause cannot stall the device.
@@ -251,7 +249,7 @@ struct Inner {
     /// The firmware re-initialised ([`Inspect::reinit`]): the next PRECOPY_INFO reports it.
     reinit_armed: bool,
     dma: Option<DmaLog>,
-    bar0: Vec<u8>,
+    bar0: Bar0,
     old_saving: VecDeque<FileId>,
     /// Resuming fds of ended sessions, to answer ENODEV for them where the driver does.
     old_resuming: VecDeque<FileId>,
@@ -380,7 +378,7 @@ impl MockV2 {
             precopy_v2: false,
             reinit_armed: false,
             dma: None,
-            bar0: vec![0; BAR0_SIZE as usize],
+            bar0: Bar0::default(),
             old_saving: VecDeque::new(),
             old_resuming: VecDeque::new(),
             resume_stuck: false,
@@ -1293,19 +1291,15 @@ impl Inner {
     }
 
     fn region_info_raw(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let (argsz, index) = region_info::read_query(buf).map_err(|why| self.refuse(why))?;
-        let Some(region) = self.region(index) else {
-            return Err(self.refuse(format!("no region {index}")));
-        };
-        region_info::write_answer(buf, argsz, index, &region);
-        Ok(())
+        let answer = answer_region_info(buf, |index| self.region(index));
+        answer.map_err(|why| self.refuse(why))
     }
 
-    /// BAR0 bounds of an access, or `EINVAL`.
-    fn bar0(&mut self, len: usize, offset: u64) -> io::Result<std::ops::Range<usize>> {
-        if offset < BAR0_SIZE {
-            let n = len.min((BAR0_SIZE - offset) as usize);
-            Ok(offset as usize..offset as usize + n)
+    /// Refuses (`EINVAL`) an access at device offset `offset` outside BAR0, the v2 mock's
+    /// only region with data.
+    fn check_bar0(&mut self, offset: u64) -> io::Result<()> {
+        if Bar0::holds(offset) {
+            Ok(())
         } else {
             Err(self.refuse(format!(
                 "access at device offset {offset:#x}: no such region data"
@@ -1340,18 +1334,14 @@ impl DeviceIo for MockV2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut g = self.shared.lock();
-        let r = g.bar0(buf.len(), offset)?;
-        let n = r.len();
-        buf[..n].copy_from_slice(&g.bar0[r]);
-        Ok(n)
+        g.check_bar0(offset)?;
+        Ok(g.bar0.read(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         let mut g = self.shared.lock();
-        let r = g.bar0(buf.len(), offset)?;
-        let n = r.len();
-        g.bar0[r].copy_from_slice(&buf[..n]);
-        Ok(n)
+        g.check_bar0(offset)?;
+        Ok(g.bar0.write(buf, offset))
     }
 
     fn mmap(&self, offset: u64, _len: usize, _writable: bool) -> io::Result<Mapping> {

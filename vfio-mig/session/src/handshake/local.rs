@@ -13,9 +13,8 @@ use crate::handshake::ReasonCode;
 use crate::transport::Connection;
 use vfio_mig::error::Recovery;
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::new_header;
 use vfio_mig::Error as CoreError;
-use vfio_mig::{workspace::SaveOptions, LoadReport, MigrationDevice, Observer, SaveReport};
+use vfio_mig::{LoadReport, MigrationDevice, Observer, SaveOptions, SaveReport};
 use vfio_mig_fence::Fence;
 
 /// What a local migration did.
@@ -44,7 +43,7 @@ pub fn migrate_local(
     src_obs: &dyn Observer,
     dst_obs: &dyn Observer,
 ) -> Result<MigrateReport> {
-    let header = new_header(&[&*src], opts.live, 1)?;
+    let header = StreamHeader::new(&[&*src], opts.live, 1)?;
     migrate_pair(
         src,
         dst,

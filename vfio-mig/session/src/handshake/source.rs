@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::wire::DeviceDescriptor;
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::workspace::SaveOptions;
 use vfio_mig::MigrationDevice;
 use vfio_mig::Observer;
+use vfio_mig::SaveOptions;
 use vfio_mig::SaveReport;
 use vfio_mig::{Epoch, Handback, Source, SourceOptions};
 
