@@ -220,3 +220,43 @@ fn a_second_signal_exits_5_saying_the_devices_are_unknown() {
     assert_eq!(fate(&outcome, dev), "unknown", "{outcome}");
     assert!(!sock.exists());
 }
+
+/// A SIGTERM that arrives before `main()` installed its handler (here: blocked and pending
+/// when the program starts, as after a parent's `sigprocmask`) cancels the command before
+/// it touches a device, as a signal during the command does (docs/cli.md "Signals": 143,
+/// rolled back), instead of being lost (the command then ran to completion) or killing the
+/// process without a word.
+#[test]
+fn a_signal_pending_at_start_cancels_before_any_device_is_touched() {
+    use std::os::unix::process::CommandExt;
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,seed=12";
+    let out = dirs.path("out");
+    let mut cmd = dirs.cmd(&[]);
+    cmd.args(["save", dev, "-o", out.to_str().unwrap(), "--json"]);
+    // SAFETY: between fork and exec only async-signal-safe calls (sigprocmask, raise) run,
+    // on a signal set local to this closure.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0
+                || libc::raise(libc::SIGTERM) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    let line = assert_clean_failure(o.status, &err, "interrupted by SIGTERM");
+    assert!(!line.contains("panicked"), "{line}");
+    let outcome = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(outcome["outcome"], "interrupted", "{outcome}");
+    assert_eq!(outcome["signal"], "SIGTERM", "{outcome}");
+    assert_eq!(fate(&outcome, dev), "untouched", "{outcome}");
+    assert!(!out.exists(), "an interrupted save left {}", out.display());
+}

@@ -456,6 +456,9 @@ impl Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     devices::set_backend(cli.backend);
+    // A signal that came while the command line was parsed (or was pending at start) ends
+    // the command here, before it touches anything.
+    signals::check("start the command")?;
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {
