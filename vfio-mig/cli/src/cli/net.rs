@@ -338,13 +338,25 @@ pub fn recv(
         let result = if opening.offered_channels() > 1 {
             slot.want_channels(true);
             let mut accept = |deadline: Instant| {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                channels.recv_timeout(wait).map_err(|_| {
+                let timed_out = || {
                     Error::transport(
                         "accept a channel",
                         std::io::Error::from(std::io::ErrorKind::TimedOut),
                     )
-                })
+                };
+                // A queued channel is returned even by a zero wait: past the bind limit
+                // (refusals that drained may have taken the session there) none is bound.
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    return Err(timed_out());
+                }
+                let channel = channels.recv_timeout(wait).map_err(|_| timed_out())?;
+                if Instant::now() > deadline {
+                    let peer = channel.connection().peer().to_owned();
+                    serve::turn_away_channel(channel, &peer, "it came after the bind limit".into());
+                    return Err(timed_out());
+                }
+                Ok(channel)
             };
             handshake::receive_channels(
                 &mut devs,

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::progress::{Progress, ProgressFloor};
+
 /// A bidirectional byte stream the handshake can run over: a socket, or a test wrapper around
 /// one. Clones share the socket (one half reads, the other writes).
 pub trait Duplex: Read + Write + AsFd + Send + Sized {
@@ -66,6 +68,8 @@ pub struct Connection {
     timeout: Option<Duration>,
     /// The deadline of this handle's reads and how long it was when set (for messages).
     deadline: Option<(Instant, Duration)>,
+    /// The floor under the peer's rate, shared by every handle.
+    progress: Progress,
 }
 
 impl std::fmt::Debug for Connection {
@@ -85,6 +89,7 @@ impl Connection {
             peer: peer.into(),
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
         }
     }
 
@@ -100,6 +105,7 @@ impl Connection {
             peer,
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
         })
     }
 
@@ -113,6 +119,7 @@ impl Connection {
             peer,
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
         }
     }
 
@@ -146,6 +153,39 @@ impl Connection {
     /// The other end, for messages (`unix:/run/x.sock`, `tcp:10.0.0.1:7000`).
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Sets (or with `None` ends) a floor under the rate of the peer's bytes, for the reads
+    /// of every handle of this connection ([`ProgressFloor`]): once the reads waited out the
+    /// reserve, the next fails with [`io::ErrorKind::TimedOut`] naming the peer as too slow.
+    /// The destination sets it once a session was admitted, so that a source trickling bytes
+    /// cannot hold it.
+    pub fn set_progress_floor(&self, floor: Option<ProgressFloor>) {
+        self.progress.set(floor);
+    }
+
+    /// Under a progress floor, waits until a read would return or the allowance `left` is
+    /// spent (then the floor's error). An allowance longer than the idle timeout is left to
+    /// the socket's own timeout.
+    fn wait_within(&self, left: Duration) -> io::Result<()> {
+        if self.timeout.is_some_and(|t| t <= left) || Duplex::readable_now(self)? {
+            return Ok(());
+        }
+        let wait =
+            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, wait) {
+                Ok(0) => {
+                    return Err(self.progress.exhausted(&self.peer).unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the progress floor")
+                    }))
+                }
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Sets the idle timeout of reads and writes (`None`: wait forever).
@@ -213,6 +253,23 @@ impl Connection {
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let allowance = self.progress.allowance(&self.peer)?;
+        let started = Instant::now();
+        if let Some(left) = allowance {
+            self.wait_within(left)?;
+        }
+        let r = self.read_now(buf);
+        if allowance.is_some() {
+            let got = r.as_ref().map_or(0, |n| *n);
+            self.progress.record(started.elapsed(), got);
+        }
+        r
+    }
+}
+
+impl Connection {
+    /// One read of the socket, under the handshake deadline if one is set.
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.before_read()?;
         let r = match &mut self.socket {
             Socket::Unix(s) => s.read(buf),
@@ -291,6 +348,7 @@ impl Duplex for Connection {
             peer: self.peer.clone(),
             timeout: self.timeout,
             deadline: None,
+            progress: self.progress.clone(),
         })
     }
 
