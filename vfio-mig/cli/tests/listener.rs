@@ -231,7 +231,10 @@ fn a_channel_after_the_bind_limit_is_refused_not_bound() {
     // Once 10 were refused, 10 s of drains passed since the binding began: the bind limit
     // is over, and the real channel comes.
     for _ in 0..10 {
-        recv.wait_line("its token is not this session's");
+        // A warning of the library's log, like recv's own: one prefix, said once.
+        let line = recv.wait_line("its token is not this session's");
+        assert!(line.starts_with("vfio-mig: warning: "), "{line:?}");
+        assert_eq!(line.matches("warning").count(), 1, "{line:?}");
     }
     assert!(started.elapsed() >= Duration::from_secs(10));
     let mut real = UnixStream::connect(&sock).unwrap();

@@ -260,3 +260,56 @@ fn a_signal_pending_at_start_cancels_before_any_device_is_touched() {
     assert_eq!(fate(&outcome, dev), "untouched", "{outcome}");
     assert!(!out.exists(), "an interrupted save left {}", out.display());
 }
+
+/// Every command's `--json` success names its command, its outcome and the exit status
+/// (docs/cli.md "JSON output"), as a failure's does, so that an orchestrator reads every
+/// outcome the same way; the command's own report fields stay beside them.
+#[test]
+fn every_commands_json_success_says_its_outcome() {
+    let dirs = Dirs::new();
+    let check = |o: &std::process::Output, command: &str, outcome: &str, field: &str| {
+        assert_eq!(o.status.code(), Some(0), "{command}: {}", stderr(o));
+        let v = json(&String::from_utf8_lossy(&o.stdout));
+        assert_eq!(v["command"], command, "{v}");
+        assert_eq!(v["outcome"], outcome, "{v}");
+        assert_eq!(v["exit_status"], 0, "{v}");
+        assert!(
+            !v[field].is_null(),
+            "{command}: its report's {field} is missing: {v}"
+        );
+        v
+    };
+    let dev = "mock:v1,size=1M,seed=21";
+    let file = dirs.path("saved");
+    let file = file.to_str().unwrap();
+    let o = dirs.run(&["probe", dev, "--json"]);
+    check(&o, "probe", "completed", "protocol");
+    let o = dirs.run(&["save", dev, "-o", file, "--json"]);
+    let saved = check(&o, "save", "completed", "stop_copy_bytes");
+    assert_eq!(
+        saved["session"],
+        printed_session(&stderr(&o)).as_str(),
+        "{saved}"
+    );
+    let o = dirs.run(&["inspect", file, "--json"]);
+    check(&o, "inspect", "completed", "totals");
+    let o = dirs.run(&["load", dev, "-i", file, "--json"]);
+    check(&o, "load", "completed", "chunks");
+    let o = dirs.run(&["recover", dev, "--json"]);
+    check(&o, "recover", "completed", "action");
+    let (a, b) = ("mock:v2,size=1M,seed=22", "mock:v2,size=1M,seed=23");
+    let o = dirs.run(&["migrate", a, a, b, b, "--json"]);
+    let v = check(&o, "migrate", "completed", "pairs");
+    assert_eq!(v["pairs"].as_array().map(Vec::len), Some(2), "{v}");
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    let recv = Recv::start(&dirs, &[], &[dev, "--listen", &listen, "--json"]);
+    let o = dirs.run(&["send", dev, "--to", &listen, "--json"]);
+    check(&o, "send", "completed", "reports");
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let v = json(&out);
+    assert_eq!(v["command"], "recv", "{v}");
+    assert_eq!(v["outcome"], "resumed", "{v}");
+    assert_eq!(v["exit_status"], 0, "{v}");
+}

@@ -5,6 +5,7 @@
 mod bench;
 mod config;
 mod devices;
+mod diag;
 mod fencing;
 mod net;
 pub mod outcome;
@@ -400,7 +401,7 @@ pub fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
+        .event_format(diag::LogFormat)
         .try_init();
 }
 

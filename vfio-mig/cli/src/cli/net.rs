@@ -381,18 +381,18 @@ pub fn recv(
             // Refused before any device was touched (an unknown feature, another model, a
             // stale epoch): not a session, even for --once.
             Err(e @ Error::Refused { .. }) if signals::received().is_none() => {
-                eprintln!(
-                    "vfio-mig: warning: {}; waiting for a source on {bound}",
+                super::diag::warning(&format!(
+                    "{}; waiting for a source on {bound}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 continue;
             }
             Err(e) if once || signals::received().is_some() => return Err(e),
             Err(e) => {
-                eprintln!(
-                    "vfio-mig: warning: {}; waiting for a retry on {bound}",
+                super::diag::warning(&format!(
+                    "{}; waiting for a retry on {bound}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 drop(devs);
                 reopen_stuck(devices, &mut opened)?;
                 devs = drivers(&mut opened);
@@ -414,11 +414,11 @@ pub fn recv(
             continue;
         }
         if !confirmed {
-            eprintln!(
-                "vfio-mig: warning: {names} runs the migrated state, but RESUMED did not \
+            super::diag::warning(&format!(
+                "{names} runs the migrated state, but RESUMED did not \
                  reach {peer}: the source reports the outcome in doubt and keeps its device \
                  stopped"
-            );
+            ));
         }
         if json {
             return print_json(&RecvJson {

@@ -178,10 +178,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         conn = match accept_tls(conn, config.clone(), admission.handshake) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!(
-                    "vfio-mig: warning: connection from {peer} ignored: {}",
+                super::diag::warning(&format!(
+                    "connection from {peer} ignored: {}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 return None;
             }
         };
@@ -205,10 +205,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
                 let keys = admission.device_keys.iter().map(String::as_str);
                 if let Err(e) = policy.check_all(keys, &ids) {
                     let e = c.refuse(e.to_string(), TURN_AWAY_DRAIN);
-                    eprintln!(
-                        "vfio-mig: warning: channel from {peer} refused: {}",
+                    super::diag::warning(&format!(
+                        "channel from {peer} refused: {}",
                         vfio_mig::error::Report(&e)
-                    );
+                    ));
                     return None;
                 }
             }
@@ -219,10 +219,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
             return None;
         }
         Err(e) => {
-            eprintln!(
-                "vfio-mig: warning: connection from {peer} ignored: {}",
+            super::diag::warning(&format!(
+                "connection from {peer} ignored: {}",
                 vfio_mig::error::Report(&e)
-            );
+            ));
             return None;
         }
     };
@@ -231,10 +231,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         let ids = opening_identities(&opening);
         if let Err(e) = policy.check_all(admission.device_keys.iter().map(String::as_str), &ids) {
             let e = opening.refuse(ReasonCode::Unauthorized, e.to_string(), TURN_AWAY_DRAIN);
-            eprintln!(
-                "vfio-mig: warning: connection from {peer} refused: {}",
+            super::diag::warning(&format!(
+                "connection from {peer} refused: {}",
                 vfio_mig::error::Report(&e)
-            );
+            ));
             return None;
         }
     }
@@ -252,10 +252,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
             "the destination is serving another session; retry when it ended".into(),
             TURN_AWAY_DRAIN,
         );
-        eprintln!(
-            "vfio-mig: warning: connection from {peer} turned away: {}",
+        super::diag::warning(&format!(
+            "connection from {peer} turned away: {}",
             vfio_mig::error::Report(&e)
-        );
+        ));
         return None;
     }
     Some(Admitted::Session(Box::new(Incoming {
@@ -268,10 +268,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
 /// Refuses a CHANNEL connection and closes it at once (nothing of it is worth draining).
 pub fn turn_away_channel(c: Channel, peer: &str, why: String) {
     let e = c.refuse(why, Duration::ZERO);
-    eprintln!(
-        "vfio-mig: warning: channel from {peer} refused: {}",
+    super::diag::warning(&format!(
+        "channel from {peer} refused: {}",
         vfio_mig::error::Report(&e)
-    );
+    ));
 }
 
 fn opening_identities(
