@@ -8,6 +8,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::progress::{Progress, ProgressFloor};
@@ -70,6 +73,10 @@ pub struct Connection {
     deadline: Option<(Instant, Duration)>,
     /// The floor under the peer's rate, shared by every handle.
     progress: Progress,
+    /// Set once a write timed out: the peer accepts nothing, so every later write of every
+    /// handle fails at once (a flush or a last message must not wait the timeout again), and
+    /// a read returns only what already arrived.
+    stalled: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -90,6 +97,7 @@ impl Connection {
             timeout: None,
             deadline: None,
             progress: Progress::default(),
+            stalled: Arc::default(),
         }
     }
 
@@ -106,6 +114,7 @@ impl Connection {
             timeout: None,
             deadline: None,
             progress: Progress::default(),
+            stalled: Arc::default(),
         })
     }
 
@@ -120,6 +129,7 @@ impl Connection {
             timeout: None,
             deadline: None,
             progress: Progress::default(),
+            stalled: Arc::default(),
         }
     }
 
@@ -253,6 +263,9 @@ impl Connection {
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) && !Duplex::readable_now(self)? {
+            return Err(self.given_up());
+        }
         let allowance = self.progress.allowance(&self.peer)?;
         let started = Instant::now();
         if let Some(left) = allowance {
@@ -298,25 +311,57 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// The error of every write (and of a read with nothing to read) once a write timed out.
+    fn given_up(&self) -> io::Error {
+        let after = self
+            .timeout
+            .map(|t| format!(" for {t:?}"))
+            .unwrap_or_default();
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "timed out: {} accepted no data{after}: the connection was given up",
+                self.peer
+            ),
+        )
+    }
+
+    /// A write's error: a timeout marks the connection stalled.
+    fn write_failed(&self, e: io::Error) -> io::Error {
+        let e = self.map_timeout(e, "accepted no data");
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.stalled.store(true, Ordering::SeqCst);
+        }
+        e
+    }
+}
+
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(self.given_up());
+        }
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write(buf),
             Socket::Tcp(s) => s.write(buf),
             #[cfg(feature = "tls")]
             Socket::Tls(s) => s.write(buf),
         };
-        r.map_err(|e| self.map_timeout(e, "accepted no data"))
+        r.map_err(|e| self.write_failed(e))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(self.given_up());
+        }
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write_vectored(bufs),
             Socket::Tcp(s) => s.write_vectored(bufs),
             #[cfg(feature = "tls")]
             Socket::Tls(s) => s.write_vectored(bufs),
         };
-        r.map_err(|e| self.map_timeout(e, "accepted no data"))
+        r.map_err(|e| self.write_failed(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -349,6 +394,7 @@ impl Duplex for Connection {
             timeout: self.timeout,
             deadline: None,
             progress: self.progress.clone(),
+            stalled: self.stalled.clone(),
         })
     }
 
@@ -435,6 +481,31 @@ mod tests {
         a.set_deadline(None).unwrap();
         drop(a);
         trickle.join().unwrap();
+    }
+
+    /// Once a write timed out (the peer accepts nothing), every handle's later writes fail
+    /// at once instead of waiting the timeout again, and a read returns only what arrived.
+    #[test]
+    fn a_write_that_timed_out_gives_the_connection_up() {
+        let (mut a, mut b) = Connection::pair().unwrap();
+        a.set_timeout(Some(Duration::from_millis(200))).unwrap();
+        b.write_all(b"reason").unwrap();
+        let mut a2 = a.try_clone().unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let e = loop {
+            if let Err(e) = a.write(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let e = a2.write(b"x").unwrap_err();
+        assert!(e.to_string().contains("given up"), "{e}");
+        let mut got = [0u8; 6];
+        a2.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"reason", "what arrived is still read");
+        let e = a2.read(&mut got).unwrap_err();
+        assert!(e.to_string().contains("given up"), "{e}");
+        drop(b);
     }
 
     #[test]
