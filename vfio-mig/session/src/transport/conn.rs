@@ -247,14 +247,7 @@ impl Connection {
             e.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
-            let after = self
-                .timeout
-                .map(|t| format!(" for {t:?}"))
-                .unwrap_or_default();
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("timed out: {} {what}{after}", self.peer),
-            )
+            self.timed_out(what)
         } else {
             e
         }
@@ -312,19 +305,22 @@ impl Connection {
 }
 
 impl Connection {
-    /// The error of every write (and of a read with nothing to read) once a write timed out.
-    fn given_up(&self) -> io::Error {
+    /// "timed out: PEER WHAT for TIMEOUT".
+    fn timed_out(&self, what: &str) -> io::Error {
         let after = self
             .timeout
             .map(|t| format!(" for {t:?}"))
             .unwrap_or_default();
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!(
-                "timed out: {} accepted no data{after}: the connection was given up",
-                self.peer
-            ),
+            format!("timed out: {} {what}{after}", self.peer),
         )
+    }
+
+    /// The error of every write (and of a read with nothing to read) once a write timed out.
+    fn given_up(&self) -> io::Error {
+        let e = self.timed_out("accepted no data");
+        io::Error::new(e.kind(), format!("{e}: the connection was given up"))
     }
 
     /// A write's error: a timeout marks the connection stalled.
