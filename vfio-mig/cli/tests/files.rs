@@ -92,3 +92,43 @@ fn the_unix_socket_is_private_under_umask_000() {
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
     drop(recv);
 }
+
+/// A FIFO planted at a device's fencing state path must not hang the destination (opening it
+/// for reading blocks until a writer comes): the load is refused at once, in one line naming
+/// the path, the device untouched.
+#[test]
+fn a_fifo_at_the_state_path_is_refused_not_waited_on() {
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,seed=17,id=fifo";
+    let file = dirs.path("saved");
+    let file = file.to_str().unwrap();
+    let o = dirs.run(&["save", dev, "-o", file]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dirs.run(&["load", dev, "-i", file]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The state file the load wrote, replaced by a FIFO.
+    let state: Vec<_> = std::fs::read_dir(dirs.path("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "fence"))
+        .collect();
+    let [state] = state.as_slice() else {
+        panic!("one state file expected: {state:?}");
+    };
+    std::fs::remove_file(state).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(state)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Bounded: a load that opened the FIFO for reading would wait for a writer forever (and
+    // its open is not interrupted by SIGTERM: SIGKILL follows).
+    let o = dirs
+        .cmd(&["timeout", "-k", "5", "20", BIN])
+        .args(["load", dev, "-i", file])
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(124), "load hung on the FIFO");
+    let line = assert_clean_failure(o.status, &stderr(&o), "not a regular file");
+    assert!(line.contains(&state.display().to_string()), "{line}");
+}

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{header_bytes, stderr, Dirs, Recv};
-use vfio_mig_session::handshake::{Message, TOKEN_LEN};
+use vfio_mig_session::handshake::{read_message, Message, FEATURE_CHANNELS, TOKEN_LEN};
 
 /// Reads what `conn` receives until the peer closes it; `Err` if it is still open after
 /// `limit` (the peer holds it).
@@ -117,4 +117,140 @@ fn a_refused_hello_neither_ends_recv_once_nor_holds_the_listener() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (status, _, err) = recv.wait();
     assert!(status.success(), "{err}");
+}
+
+/// Defect 7: a source that trickles its stream after ACCEPT, each byte well within the idle
+/// timeout, does not hold `recv`: it is let go once it used up its reserve of waiting time
+/// (twice `--timeout`) at under the floor rate (docs/cli.md, "recv"), the device reset.
+#[test]
+fn a_source_trickling_after_accept_is_let_go() {
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,seed=64";
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    // An idle timeout of 2 s: one byte every 500 ms keeps every read within it.
+    let args = [dev, "--listen", &listen, "--once", "--timeout", "2"];
+    let mut recv = Recv::start(&dirs, &[], &args);
+    let mut src = UnixStream::connect(&sock).unwrap();
+    src.write_all(&Message::Hello { features: 0 }.encode())
+        .unwrap();
+    src.write_all(&header_bytes(10, 1)).unwrap();
+    let answer = read_message(&mut src, "test").unwrap();
+    assert!(matches!(answer, Message::Accept { .. }), "{answer:?}");
+    // The record header of a 1 MiB DATA fragment (docs/stream-format.md, "Records"), whose
+    // payload then comes one byte at a time: its CRC is never reached.
+    let mut record = vec![1u8, 1, 0, 0, 2, 0, 0, 0];
+    record.extend_from_slice(&0u64.to_le_bytes());
+    record.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    record.extend_from_slice(&[0; 4]);
+    src.write_all(&record).unwrap();
+    let mut trickle = src.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        for _ in 0..240 {
+            if trickle.write_all(&[0]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    // The reserve is 4 s; the trickle would last 120 s.
+    let limit = Duration::from_secs(30);
+    let started = Instant::now();
+    while recv.running() {
+        assert!(
+            started.elapsed() < limit,
+            "a trickling source held recv over {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(src);
+    let (status, _, err) = recv.wait();
+    let line = common::assert_clean_failure(status, &err, "too slow");
+    assert!(line.contains("was reset"), "{line}");
+    trickler.join().unwrap();
+}
+
+/// A two-device v1 stream header.
+fn unit_header(session: u8) -> Vec<u8> {
+    let device = vfio_mig::wire::DeviceDescriptor {
+        protocol: vfio_mig::Protocol::V1,
+        live: false,
+        migration_flags: 0,
+        model: "mock:v1".into(),
+    };
+    vfio_mig::wire::StreamHeader {
+        session_id: [session; 16],
+        epoch: 1,
+        devices: vec![device.clone(), device],
+    }
+    .encode()
+    .unwrap()
+}
+
+/// Defect 7: a multi-channel session is not accepted after its bind limit (10 s,
+/// `BIND_TIME`). Refused CHANNEL connections that stay silent keep the binding busy past the
+/// limit (each is drained for a second); the session's real channel, which arrives after
+/// the limit passed, must not be bound: the source is refused, not accepted late.
+#[test]
+fn a_channel_after_the_bind_limit_is_refused_not_bound() {
+    let dirs = Dirs::new();
+    let devs = ["mock:v1,size=1M,seed=65", "mock:v1,size=1M,seed=66"];
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    let unit = "--allow-non-p2p-unit";
+    let recv = Recv::start(&dirs, &[], &[devs[0], devs[1], "--listen", &listen, unit]);
+    let mut main = UnixStream::connect(&sock).unwrap();
+    main.write_all(
+        &Message::Hello {
+            features: FEATURE_CHANNELS,
+        }
+        .encode(),
+    )
+    .unwrap();
+    main.write_all(&Message::OfferChannels { count: 2 }.encode())
+        .unwrap();
+    main.write_all(&unit_header(11)).unwrap();
+    let Message::Channels { session, token, .. } = read_message(&mut main, "test").unwrap() else {
+        panic!("CHANNELS expected");
+    };
+    let started = Instant::now();
+    // Silent channels with a wrong token, each refused and drained for 1 s in turn.
+    let bogus = Message::Channel {
+        session,
+        index: 1,
+        token: [0; TOKEN_LEN],
+    }
+    .encode();
+    let _held: Vec<UnixStream> = (0..13)
+        .map(|_| {
+            let mut c = UnixStream::connect(&sock).unwrap();
+            c.write_all(&bogus).unwrap();
+            c
+        })
+        .collect();
+    // Once 10 were refused, 10 s of drains passed since the binding began: the bind limit
+    // is over, and the real channel comes.
+    for _ in 0..10 {
+        // A warning of the library's log, like recv's own: one prefix, said once.
+        let line = recv.wait_line("its token is not this session's");
+        assert!(line.starts_with("vfio-mig: warning: "), "{line:?}");
+        assert_eq!(line.matches("warning").count(), 1, "{line:?}");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    let mut real = UnixStream::connect(&sock).unwrap();
+    real.write_all(
+        &Message::Channel {
+            session,
+            index: 1,
+            token,
+        }
+        .encode(),
+    )
+    .unwrap();
+    let answer = read_message(&mut main, "test").unwrap();
+    assert!(
+        matches!(answer, Message::Refuse(_)),
+        "the session was answered {answer:?} {:?} after CHANNELS, past its bind limit",
+        started.elapsed()
+    );
 }

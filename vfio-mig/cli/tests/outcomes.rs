@@ -220,3 +220,96 @@ fn a_second_signal_exits_5_saying_the_devices_are_unknown() {
     assert_eq!(fate(&outcome, dev), "unknown", "{outcome}");
     assert!(!sock.exists());
 }
+
+/// A SIGTERM that arrives before `main()` installed its handler (here: blocked and pending
+/// when the program starts, as after a parent's `sigprocmask`) cancels the command before
+/// it touches a device, as a signal during the command does (docs/cli.md "Signals": 143,
+/// rolled back), instead of being lost (the command then ran to completion) or killing the
+/// process without a word.
+#[test]
+fn a_signal_pending_at_start_cancels_before_any_device_is_touched() {
+    use std::os::unix::process::CommandExt;
+    let dirs = Dirs::new();
+    let dev = "mock:v1,size=1M,seed=12";
+    let out = dirs.path("out");
+    let mut cmd = dirs.cmd(&[]);
+    cmd.args(["save", dev, "-o", out.to_str().unwrap(), "--json"]);
+    // SAFETY: between fork and exec only async-signal-safe calls (sigprocmask, raise) run,
+    // on a signal set local to this closure.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0
+                || libc::raise(libc::SIGTERM) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    let line = assert_clean_failure(o.status, &err, "interrupted by SIGTERM");
+    assert!(!line.contains("panicked"), "{line}");
+    let outcome = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(outcome["outcome"], "interrupted", "{outcome}");
+    assert_eq!(outcome["signal"], "SIGTERM", "{outcome}");
+    assert_eq!(fate(&outcome, dev), "untouched", "{outcome}");
+    assert!(!out.exists(), "an interrupted save left {}", out.display());
+}
+
+/// Every command's `--json` success names its command, its outcome and the exit status
+/// (docs/cli.md "JSON output"), as a failure's does, so that an orchestrator reads every
+/// outcome the same way; the command's own report fields stay beside them.
+#[test]
+fn every_commands_json_success_says_its_outcome() {
+    let dirs = Dirs::new();
+    let check = |o: &std::process::Output, command: &str, outcome: &str, field: &str| {
+        assert_eq!(o.status.code(), Some(0), "{command}: {}", stderr(o));
+        let v = json(&String::from_utf8_lossy(&o.stdout));
+        assert_eq!(v["command"], command, "{v}");
+        assert_eq!(v["outcome"], outcome, "{v}");
+        assert_eq!(v["exit_status"], 0, "{v}");
+        assert!(
+            !v[field].is_null(),
+            "{command}: its report's {field} is missing: {v}"
+        );
+        v
+    };
+    let dev = "mock:v1,size=1M,seed=21";
+    let file = dirs.path("saved");
+    let file = file.to_str().unwrap();
+    let o = dirs.run(&["probe", dev, "--json"]);
+    check(&o, "probe", "completed", "protocol");
+    let o = dirs.run(&["save", dev, "-o", file, "--json"]);
+    let saved = check(&o, "save", "completed", "stop_copy_bytes");
+    assert_eq!(
+        saved["session"],
+        printed_session(&stderr(&o)).as_str(),
+        "{saved}"
+    );
+    let o = dirs.run(&["inspect", file, "--json"]);
+    check(&o, "inspect", "completed", "totals");
+    let o = dirs.run(&["load", dev, "-i", file, "--json"]);
+    check(&o, "load", "completed", "chunks");
+    let o = dirs.run(&["recover", dev, "--json"]);
+    check(&o, "recover", "completed", "action");
+    let (a, b) = ("mock:v2,size=1M,seed=22", "mock:v2,size=1M,seed=23");
+    let o = dirs.run(&["migrate", a, a, b, b, "--json"]);
+    let v = check(&o, "migrate", "completed", "pairs");
+    assert_eq!(v["pairs"].as_array().map(Vec::len), Some(2), "{v}");
+    let sock = dirs.path("s");
+    let listen = format!("unix:{}", sock.display());
+    let recv = Recv::start(&dirs, &[], &[dev, "--listen", &listen, "--json"]);
+    let o = dirs.run(&["send", dev, "--to", &listen, "--json"]);
+    check(&o, "send", "completed", "reports");
+    let (status, out, err) = recv.wait();
+    assert!(status.success(), "{err}");
+    let v = json(&out);
+    assert_eq!(v["command"], "recv", "{v}");
+    assert_eq!(v["outcome"], "resumed", "{v}");
+    assert_eq!(v["exit_status"], 0, "{v}");
+}

@@ -41,10 +41,22 @@ pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Opens `path` with `options`, created 0600 whatever the umask, never through a symbolic
-/// link.
+/// link, and only if it is a regular file: a FIFO planted there would block a reader until a
+/// writer came (the open itself does not wait: `O_NONBLOCK`, cleared again once the file is
+/// known to be regular), and a device node or socket is not state.
 pub(crate) fn open_private(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    options
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let file = options
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or socket there is refused, never read)",
+        ));
+    }
+    let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL)?);
+    fcntl(&file, FcntlArg::F_SETFL(flags & !OFlag::O_NONBLOCK))?;
+    Ok(file)
 }

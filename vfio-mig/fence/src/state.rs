@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{Admission, FenceRecord};
@@ -126,12 +125,10 @@ impl StateFence {
     }
 }
 
-/// Reads a file, refusing to follow a symlink at its path.
+/// Reads a regular file, refusing a symlink, a FIFO or any other kind of file at its path
+/// ([`super::private::open_private`]).
 fn read_no_follow(path: &Path) -> io::Result<String> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut f = super::private::open_private(path, std::fs::OpenOptions::new().read(true))?;
     let mut text = String::new();
     f.read_to_string(&mut text)?;
     Ok(text)

@@ -5,6 +5,7 @@
 mod bench;
 mod config;
 mod devices;
+mod diag;
 mod fencing;
 mod net;
 pub mod outcome;
@@ -400,7 +401,7 @@ pub fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
+        .event_format(diag::LogFormat)
         .try_init();
 }
 
@@ -456,6 +457,9 @@ impl Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     devices::set_backend(cli.backend);
+    // A signal that came while the command line was parsed (or was pending at start) ends
+    // the command here, before it touches anything.
+    signals::check("start the command")?;
     match cli.command {
         Command::Probe { device, json } => probe::run(&device, json),
         Command::Save {

@@ -339,13 +339,25 @@ pub fn recv(
         let result = if opening.offered_channels() > 1 {
             slot.want_channels(true);
             let mut accept = |deadline: Instant| {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                channels.recv_timeout(wait).map_err(|_| {
+                let timed_out = || {
                     Error::transport(
                         "accept a channel",
                         std::io::Error::from(std::io::ErrorKind::TimedOut),
                     )
-                })
+                };
+                // A queued channel is returned even by a zero wait: past the bind limit
+                // (refusals that drained may have taken the session there) none is bound.
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    return Err(timed_out());
+                }
+                let channel = channels.recv_timeout(wait).map_err(|_| timed_out())?;
+                if Instant::now() > deadline {
+                    let peer = channel.connection().peer().to_owned();
+                    serve::turn_away_channel(channel, &peer, "it came after the bind limit".into());
+                    return Err(timed_out());
+                }
+                Ok(channel)
             };
             handshake::receive_channels(
                 &mut devs,
@@ -370,18 +382,18 @@ pub fn recv(
             // Refused before any device was touched (an unknown feature, another model, a
             // stale epoch): not a session, even for --once.
             Err(e @ Error::Refused { .. }) if signals::received().is_none() => {
-                eprintln!(
-                    "vfio-mig: warning: {}; waiting for a source on {bound}",
+                super::diag::warning(&format!(
+                    "{}; waiting for a source on {bound}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 continue;
             }
             Err(e) if once || signals::received().is_some() => return Err(e),
             Err(e) => {
-                eprintln!(
-                    "vfio-mig: warning: {}; waiting for a retry on {bound}",
+                super::diag::warning(&format!(
+                    "{}; waiting for a retry on {bound}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 drop(devs);
                 reopen_stuck(devices, &mut opened)?;
                 devs = drivers(&mut opened);
@@ -403,11 +415,11 @@ pub fn recv(
             continue;
         }
         if !confirmed {
-            eprintln!(
-                "vfio-mig: warning: {names} runs the migrated state, but RESUMED did not \
+            super::diag::warning(&format!(
+                "{names} runs the migrated state, but RESUMED did not \
                  reach {peer}: the source reports the outcome in doubt and keeps its device \
                  stopped"
-            );
+            ));
         }
         if json {
             return print_json(&RecvJson {

@@ -209,6 +209,31 @@ fn print(kind: &'static str, status: u8, e: Option<&Error>, error: String, signa
     }
 }
 
+/// Adds to a command's `--json` report what every outcome says (docs/cli.md "JSON
+/// output"): `command`, `outcome` (`completed` unless the report names its own, such as
+/// `already-completed`), `session` and `epoch` once the command had one, and `exit_status`
+/// 0. A report that is not an object is left as it is.
+pub fn stamp_success(report: &mut serde_json::Value) {
+    let Some(fields) = report.as_object_mut() else {
+        return;
+    };
+    let guard = context();
+    let Some(c) = guard.as_ref() else {
+        return;
+    };
+    fields.insert("command".into(), c.command.into());
+    fields
+        .entry("outcome")
+        .or_insert_with(|| "completed".into());
+    if let Some((session, epoch)) = &c.session {
+        fields
+            .entry("session")
+            .or_insert_with(|| session.as_str().into());
+        fields.entry("epoch").or_insert_with(|| (*epoch).into());
+    }
+    fields.insert("exit_status".into(), COMPLETED.into());
+}
+
 /// The exit status of a command's result, after printing its error line (and with `--json`
 /// its outcome): 0 completed, 1 failed, 3 in doubt, 4 past a unit's point of no return,
 /// 128 + N cancelled by signal N and rolled back. A signal that came after completion changes nothing.

@@ -95,9 +95,7 @@ pub fn run(name: &str, json: bool) -> Result<()> {
         regions,
     };
     if json {
-        let text = serde_json::to_string_pretty(&out)
-            .map_err(|e| Error::invalid_input(format!("encode JSON: {e}")))?;
-        return super::output_text(&format!("{text}\n"));
+        return super::transfer::print_json(&out);
     }
     let mut text = String::new();
     let _ = writeln!(text, "device:       {}", out.device);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use vfio_mig_session::handshake::{open_connection, ChannelOpening, Opened, Opening, MAX_CHANNELS};
 use vfio_mig_session::transport::tls::{AuthorizationPolicy, ServerConfig};
-use vfio_mig_session::transport::{accept_tls, Connection, Listener};
+use vfio_mig_session::transport::{accept_tls, Connection, Listener, ProgressFloor};
 use vfio_mig_session::{Error, ReasonCode};
 
 /// Most connections in their opening at once; more are closed at once (a flood must not
@@ -21,6 +21,9 @@ use vfio_mig_session::{Error, ReasonCode};
 const MAX_OPENING: usize = 16;
 /// How long a turned-away source may keep sending before its connection is closed.
 const TURN_AWAY_DRAIN: Duration = Duration::from_secs(2);
+/// The slowest an admitted source may send on average (16 KiB/s, 128 kbit/s: an eighth of a
+/// 1 Mbit/s link; docs/cli.md, "recv"), so that one trickling bytes cannot hold `recv`.
+const MIN_SOURCE_RATE: u64 = 16 * 1024;
 
 /// How connections are admitted.
 pub struct Admission {
@@ -175,10 +178,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         conn = match accept_tls(conn, config.clone(), admission.handshake) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!(
-                    "vfio-mig: warning: connection from {peer} ignored: {}",
+                super::diag::warning(&format!(
+                    "connection from {peer} ignored: {}",
                     vfio_mig::error::Report(&e)
-                );
+                ));
                 return None;
             }
         };
@@ -202,10 +205,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
                 let keys = admission.device_keys.iter().map(String::as_str);
                 if let Err(e) = policy.check_all(keys, &ids) {
                     let e = c.refuse(e.to_string(), TURN_AWAY_DRAIN);
-                    eprintln!(
-                        "vfio-mig: warning: channel from {peer} refused: {}",
+                    super::diag::warning(&format!(
+                        "channel from {peer} refused: {}",
                         vfio_mig::error::Report(&e)
-                    );
+                    ));
                     return None;
                 }
             }
@@ -216,10 +219,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
             return None;
         }
         Err(e) => {
-            eprintln!(
-                "vfio-mig: warning: connection from {peer} ignored: {}",
+            super::diag::warning(&format!(
+                "connection from {peer} ignored: {}",
                 vfio_mig::error::Report(&e)
-            );
+            ));
             return None;
         }
     };
@@ -228,12 +231,20 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         let ids = opening_identities(&opening);
         if let Err(e) = policy.check_all(admission.device_keys.iter().map(String::as_str), &ids) {
             let e = opening.refuse(ReasonCode::Unauthorized, e.to_string(), TURN_AWAY_DRAIN);
-            eprintln!(
-                "vfio-mig: warning: connection from {peer} refused: {}",
+            super::diag::warning(&format!(
+                "connection from {peer} refused: {}",
                 vfio_mig::error::Report(&e)
-            );
+            ));
             return None;
         }
+    }
+    if opening.offered_channels() <= 1 {
+        // Its pauses (the source stopping its device, reading the stop-copy state) get
+        // twice the idle timeout in all; several channels are left to the idle timeout.
+        opening.connection().set_progress_floor(Some(ProgressFloor {
+            reserve: admission.timeout.saturating_mul(2),
+            bytes_per_sec: MIN_SOURCE_RATE,
+        }));
     }
     if !slot.claim() {
         let e = opening.refuse(
@@ -241,10 +252,10 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
             "the destination is serving another session; retry when it ended".into(),
             TURN_AWAY_DRAIN,
         );
-        eprintln!(
-            "vfio-mig: warning: connection from {peer} turned away: {}",
+        super::diag::warning(&format!(
+            "connection from {peer} turned away: {}",
             vfio_mig::error::Report(&e)
-        );
+        ));
         return None;
     }
     Some(Admitted::Session(Box::new(Incoming {
@@ -255,12 +266,12 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
 }
 
 /// Refuses a CHANNEL connection and closes it at once (nothing of it is worth draining).
-fn turn_away_channel(c: Channel, peer: &str, why: String) {
+pub fn turn_away_channel(c: Channel, peer: &str, why: String) {
     let e = c.refuse(why, Duration::ZERO);
-    eprintln!(
-        "vfio-mig: warning: channel from {peer} refused: {}",
+    super::diag::warning(&format!(
+        "channel from {peer} refused: {}",
         vfio_mig::error::Report(&e)
-    );
+    ));
 }
 
 fn opening_identities(

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use nix::sys::signal::{SigSet, Signal};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -53,7 +54,12 @@ pub fn name(signal: i32) -> &'static str {
     }
 }
 
-/// Starts the signal thread. Call once, first thing.
+/// Installs the handlers and starts the signal thread. Call once, first thing in `main`: no
+/// device is opened before. A signal the process started with blocked and pending (a
+/// parent's mask is inherited across exec) is unblocked here and recorded before this
+/// returns, so the command is cancelled before it touches anything rather than the signal
+/// being lost; one that came before the handlers existed ended the process with its default
+/// action, before any device was opened.
 pub fn install() {
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
@@ -62,23 +68,40 @@ pub fn install() {
             return;
         }
     };
+    let mut ours = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        ours.add(signal);
+    }
+    if let Err(e) = ours.thread_unblock() {
+        log::warn!("cannot unblock the signals it handles ({e})");
+    }
+    // What was pending reached the handlers on the unblock above.
+    for signal in signals.pending() {
+        received_signal(signal);
+    }
     std::thread::spawn(move || {
         for signal in signals.forever() {
-            let s = state();
-            if s.signal.swap(signal, Ordering::SeqCst) != 0 {
-                // A second signal: end now, removing what is known to be partial.
-                for p in s.paths.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    let _ = std::fs::remove_file(p);
-                }
-                std::process::exit(i32::from(super::outcome::abandon(signal)));
-            }
-            log::info!("{}: cancelling", name(signal));
-            let hooks = std::mem::take(&mut *s.hooks.lock().unwrap_or_else(|e| e.into_inner()));
-            for (_, hook) in hooks {
-                hook();
-            }
+            received_signal(signal);
         }
     });
+}
+
+/// Records `signal`: the first cancels the command (its hooks run), a second ends the
+/// process at once.
+fn received_signal(signal: i32) {
+    let s = state();
+    if s.signal.swap(signal, Ordering::SeqCst) != 0 {
+        // A second signal: end now, removing what is known to be partial.
+        for p in s.paths.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = std::fs::remove_file(p);
+        }
+        std::process::exit(i32::from(super::outcome::abandon(signal)));
+    }
+    log::info!("{}: cancelling", name(signal));
+    let hooks = std::mem::take(&mut *s.hooks.lock().unwrap_or_else(|e| e.into_inner()));
+    for (_, hook) in hooks {
+        hook();
+    }
 }
 
 /// The signal that cancelled the command, if one did.

@@ -27,9 +27,13 @@ use super::progress::ProgressView;
 use super::signals::Cancellable;
 use super::TransferArgs;
 
+/// Prints a command's report as JSON on stdout, with the fields every outcome has
+/// ([`super::outcome::stamp_success`]).
 pub(super) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::invalid_input(format!("encode JSON: {e}")))?;
+    let encode = |e: serde_json::Error| Error::invalid_input(format!("encode JSON: {e}"));
+    let mut value = serde_json::to_value(value).map_err(encode)?;
+    super::outcome::stamp_success(&mut value);
+    let text = serde_json::to_string_pretty(&value).map_err(encode)?;
     super::output_text(&format!("{text}\n"))
 }
 
@@ -64,12 +68,12 @@ pub(crate) fn reopen_stuck(names: &[String], opened: &mut Vec<OpenedDevice>) -> 
         let now = fresh.device.state_name()?;
         if now != running {
             return Err(Error::invalid_input(format!(
-                "{name}: in {state} after the failed session and reset, and in {now} after                  reopening it: it cannot take a retry"
+                "{name}: in {state} after the failed session and reset, and in {now} after reopening it: it cannot take a retry"
             )));
         }
-        eprintln!(
-            "vfio-mig: warning: {name} stayed in {state} after the failed session's reset;              reopened it, now {now}"
-        );
+        super::diag::warning(&format!(
+            "{name} stayed in {state} after the failed session's reset; reopened it, now {now}"
+        ));
         opened.insert(i, fresh);
     }
     Ok(())
@@ -247,7 +251,7 @@ pub fn load_keyed(
             if super::signals::received().is_none() {
                 let mut left = vec![opened];
                 if let Err(stuck) = reopen_stuck(&[device.to_string()], &mut left) {
-                    eprintln!("vfio-mig: warning: {}", vfio_mig::error::Report(&stuck));
+                    super::diag::warning(&format!("{}", vfio_mig::error::Report(&stuck)));
                 }
             }
             return Err(e);
@@ -366,7 +370,7 @@ pub fn migrate(
     if args.json {
         return match reports.as_slice() {
             [one] => print_json(one),
-            many => print_json(&many),
+            many => print_json(&serde_json::json!({ "pairs": many })),
         };
     }
     for ((source, destination), report) in sources.iter().zip(&destinations).zip(&reports) {

@@ -56,6 +56,12 @@ pub enum Fault {
     OutputDiskFull { pages: u64 },
     /// A `fail-at=RULE` of one side's mock.
     Device { side: Side, rule: String },
+    /// A relay between the sides stops forwarding in both directions, closing nothing: for
+    /// `heal_after`, then it forwards again, or for good.
+    Partition {
+        at: Moment,
+        heal_after: Option<Duration>,
+    },
 }
 
 /// When a timed fault strikes: `after` the source started, or `after` the destination
@@ -97,11 +103,15 @@ pub struct Means {
     pub etcd: bool,
     /// Small tmpfs mounts can be made (root).
     pub tmpfs: bool,
+    /// Partitions may last for good (`VFIO_MIG_SOAK_LASTING_PARTITIONS=1`).
+    pub lasting_partitions: bool,
 }
 
 /// Latest moment of a timed fault from the source's start: a run on a 4-16 MiB mock takes
 /// about this long on a loaded machine, so faults land before, during and after the session.
 const LATEST_FAULT_MS: u64 = 150;
+/// Longest partition that heals: beyond the sides' 5 s idle timeouts.
+const LATEST_HEAL_MS: u64 = 7000;
 /// Latest moment of a timed fault from the destination's session line.
 const LATEST_IN_SESSION_MS: u64 = 80;
 
@@ -133,7 +143,16 @@ impl Plan {
             &[Store::Local, Store::Dir]
         };
         let mut store = stores[rng.usize(..stores.len())];
-        let mut kinds = vec!["kill", "kill", "signal", "signal", "device", "device"];
+        let mut kinds = vec![
+            "kill",
+            "kill",
+            "signal",
+            "signal",
+            "device",
+            "device",
+            "partition",
+            "partition",
+        ];
         if means.etcd {
             kinds.push("etcd");
         }
@@ -152,6 +171,15 @@ impl Plan {
                 Fault::EtcdMember {
                     leader: rng.bool(),
                     at,
+                }
+            }
+            "partition" => {
+                // Healed before or after the sides' 5 s timeouts, or never.
+                let heal = Duration::from_millis(rng.u64(0..=LATEST_HEAL_MS));
+                let lasting = rng.bool() && means.lasting_partitions;
+                Fault::Partition {
+                    at,
+                    heal_after: (!lasting).then_some(heal),
                 }
             }
             "state-disk" => {

@@ -14,6 +14,7 @@ use crate::cluster::EtcdCluster;
 use crate::common::{Pki, BIN};
 use crate::plan::{Fault, Moment, Plan, Side, Store, Transport};
 use crate::proc::{Ended, Proc};
+use crate::relay::Relay;
 use crate::tmpfs::Tmpfs;
 
 /// The fencing variables of the caller's environment, which no run inherits.
@@ -221,7 +222,13 @@ impl World {
                 ended: ended.unwrap_or_else(|e| e),
             });
         };
-        let send_command = ["send", &devices[0], "--to", &addr].map(String::from);
+        // A partition needs a link to cut: a relay in between.
+        let relay = match fault {
+            Some(Fault::Partition { .. }) => Some(Relay::start(&addr, run)),
+            _ => None,
+        };
+        let to = relay.as_ref().map_or(addr.as_str(), |r| r.addr.as_str());
+        let send_command = ["send", &devices[0], "--to", to].map(String::from);
         let mut send = self.cmd(plan, run, SOURCE_HOST, &send_command);
         send.args(plan.live.then_some("--live"))
             .args(self.session_args(plan, Side::Source))
@@ -251,6 +258,10 @@ impl World {
                 etcd.kill(member);
                 killed_member = Some(member);
             }
+            Some(Fault::Partition { at, heal_after }) => {
+                strike_at(*at, &recv, &send);
+                relay.as_ref().expect("started above").cut(*heal_after);
+            }
             _ => {}
         }
         let source = send.wait(PROCESS_LIMIT);
@@ -273,6 +284,7 @@ impl World {
             }
         }
         let destination = recv.wait(PROCESS_LIMIT);
+        drop(relay);
         if let Some(member) = killed_member {
             self.etcd.as_mut().unwrap().restart(member);
         }

@@ -8,7 +8,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::progress::{Progress, ProgressFloor};
 
 /// A bidirectional byte stream the handshake can run over: a socket, or a test wrapper around
 /// one. Clones share the socket (one half reads, the other writes).
@@ -66,6 +71,12 @@ pub struct Connection {
     timeout: Option<Duration>,
     /// The deadline of this handle's reads and how long it was when set (for messages).
     deadline: Option<(Instant, Duration)>,
+    /// The floor under the peer's rate, shared by every handle.
+    progress: Progress,
+    /// Set once a write timed out: the peer accepts nothing, so every later write of every
+    /// handle fails at once (a flush or a last message must not wait the timeout again), and
+    /// a read returns only what already arrived.
+    stalled: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -85,6 +96,8 @@ impl Connection {
             peer: peer.into(),
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
+            stalled: Arc::default(),
         }
     }
 
@@ -100,6 +113,8 @@ impl Connection {
             peer,
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
+            stalled: Arc::default(),
         })
     }
 
@@ -113,6 +128,8 @@ impl Connection {
             peer,
             timeout: None,
             deadline: None,
+            progress: Progress::default(),
+            stalled: Arc::default(),
         }
     }
 
@@ -146,6 +163,39 @@ impl Connection {
     /// The other end, for messages (`unix:/run/x.sock`, `tcp:10.0.0.1:7000`).
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Sets (or with `None` ends) a floor under the rate of the peer's bytes, for the reads
+    /// of every handle of this connection ([`ProgressFloor`]): once the reads waited out the
+    /// reserve, the next fails with [`io::ErrorKind::TimedOut`] naming the peer as too slow.
+    /// The destination sets it once a session was admitted, so that a source trickling bytes
+    /// cannot hold it.
+    pub fn set_progress_floor(&self, floor: Option<ProgressFloor>) {
+        self.progress.set(floor);
+    }
+
+    /// Under a progress floor, waits until a read would return or the allowance `left` is
+    /// spent (then the floor's error). An allowance longer than the idle timeout is left to
+    /// the socket's own timeout.
+    fn wait_within(&self, left: Duration) -> io::Result<()> {
+        if self.timeout.is_some_and(|t| t <= left) || Duplex::readable_now(self)? {
+            return Ok(());
+        }
+        let wait =
+            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, wait) {
+                Ok(0) => {
+                    return Err(self.progress.exhausted(&self.peer).unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the progress floor")
+                    }))
+                }
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Sets the idle timeout of reads and writes (`None`: wait forever).
@@ -197,14 +247,7 @@ impl Connection {
             e.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
-            let after = self
-                .timeout
-                .map(|t| format!(" for {t:?}"))
-                .unwrap_or_default();
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("timed out: {} {what}{after}", self.peer),
-            )
+            self.timed_out(what)
         } else {
             e
         }
@@ -213,6 +256,26 @@ impl Connection {
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) && !Duplex::readable_now(self)? {
+            return Err(self.given_up());
+        }
+        let allowance = self.progress.allowance(&self.peer)?;
+        let started = Instant::now();
+        if let Some(left) = allowance {
+            self.wait_within(left)?;
+        }
+        let r = self.read_now(buf);
+        if allowance.is_some() {
+            let got = r.as_ref().map_or(0, |n| *n);
+            self.progress.record(started.elapsed(), got);
+        }
+        r
+    }
+}
+
+impl Connection {
+    /// One read of the socket, under the handshake deadline if one is set.
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.before_read()?;
         let r = match &mut self.socket {
             Socket::Unix(s) => s.read(buf),
@@ -241,25 +304,60 @@ impl Read for Connection {
     }
 }
 
+impl Connection {
+    /// "timed out: PEER WHAT for TIMEOUT".
+    fn timed_out(&self, what: &str) -> io::Error {
+        let after = self
+            .timeout
+            .map(|t| format!(" for {t:?}"))
+            .unwrap_or_default();
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("timed out: {} {what}{after}", self.peer),
+        )
+    }
+
+    /// The error of every write (and of a read with nothing to read) once a write timed out.
+    fn given_up(&self) -> io::Error {
+        let e = self.timed_out("accepted no data");
+        io::Error::new(e.kind(), format!("{e}: the connection was given up"))
+    }
+
+    /// A write's error: a timeout marks the connection stalled.
+    fn write_failed(&self, e: io::Error) -> io::Error {
+        let e = self.map_timeout(e, "accepted no data");
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.stalled.store(true, Ordering::SeqCst);
+        }
+        e
+    }
+}
+
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(self.given_up());
+        }
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write(buf),
             Socket::Tcp(s) => s.write(buf),
             #[cfg(feature = "tls")]
             Socket::Tls(s) => s.write(buf),
         };
-        r.map_err(|e| self.map_timeout(e, "accepted no data"))
+        r.map_err(|e| self.write_failed(e))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(self.given_up());
+        }
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write_vectored(bufs),
             Socket::Tcp(s) => s.write_vectored(bufs),
             #[cfg(feature = "tls")]
             Socket::Tls(s) => s.write_vectored(bufs),
         };
-        r.map_err(|e| self.map_timeout(e, "accepted no data"))
+        r.map_err(|e| self.write_failed(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -291,6 +389,8 @@ impl Duplex for Connection {
             peer: self.peer.clone(),
             timeout: self.timeout,
             deadline: None,
+            progress: self.progress.clone(),
+            stalled: self.stalled.clone(),
         })
     }
 
@@ -377,6 +477,31 @@ mod tests {
         a.set_deadline(None).unwrap();
         drop(a);
         trickle.join().unwrap();
+    }
+
+    /// Once a write timed out (the peer accepts nothing), every handle's later writes fail
+    /// at once instead of waiting the timeout again, and a read returns only what arrived.
+    #[test]
+    fn a_write_that_timed_out_gives_the_connection_up() {
+        let (mut a, mut b) = Connection::pair().unwrap();
+        a.set_timeout(Some(Duration::from_millis(200))).unwrap();
+        b.write_all(b"reason").unwrap();
+        let mut a2 = a.try_clone().unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let e = loop {
+            if let Err(e) = a.write(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let e = a2.write(b"x").unwrap_err();
+        assert!(e.to_string().contains("given up"), "{e}");
+        let mut got = [0u8; 6];
+        a2.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"reason", "what arrived is still read");
+        let e = a2.read(&mut got).unwrap_err();
+        assert!(e.to_string().contains("given up"), "{e}");
+        drop(b);
     }
 
     #[test]

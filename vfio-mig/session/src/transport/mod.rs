@@ -18,6 +18,7 @@
 mod address;
 mod conn;
 mod listen;
+mod progress;
 #[cfg(feature = "tls")]
 mod secure;
 #[cfg(feature = "tls")]
@@ -26,6 +27,7 @@ pub mod tls;
 pub use address::Address;
 pub use conn::{readable_now, Connection, Duplex};
 pub use listen::{connect, listen, Listener};
+pub use progress::ProgressFloor;
 #[cfg(feature = "tls")]
 pub use secure::{accept_tls, connect_tls, ClientTls};
 
