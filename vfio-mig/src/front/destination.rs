@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 
 use crate::engine::loader::{check_compatible, DeviceLoader, LoadReport};
 use crate::engine::multi::check_unit;
@@ -14,7 +15,7 @@ use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
 use crate::stream::format::{header_frame_len, record_frame_len};
-use crate::stream::{Phase, Record, StreamHeader, StreamReader};
+use crate::stream::{Phase, Record, StreamAuth, StreamHeader, StreamReader};
 
 use super::channels::{channel_header, check_count, devices_of, in_channel};
 use super::handback::{as_refs, fold, Handback};
@@ -128,6 +129,8 @@ pub struct Destination<D: MigrationDevice> {
     /// END_OF_PHASE(PRE_COPY) records of devices whose pre-copy had already ended (a device
     /// that re-initialised its pre-copy data, REINIT), not yet taken by the session layer.
     reloaded: usize,
+    /// The key every sub-stream's tags are checked with ([`DestinationOptions::key`]).
+    key: Option<Arc<dyn StreamAuth>>,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Destination<D> {
@@ -173,6 +176,7 @@ impl<D: MigrationDevice> Destination<D> {
             live: vec![false; n],
             pre_copy_ended: vec![false; n],
             reloaded: 0,
+            key: opts.key.clone(),
         })
     }
 
@@ -651,7 +655,7 @@ impl<D: MigrationDevice> Destination<D> {
     /// the session of the other channels, the channel's devices) before touching any of the
     /// channel's devices, then has them all enter RESUMING.
     fn open(&mut self, ch: usize, header: VecDeque<u8>) -> Result<()> {
-        let (reader, header) = StreamReader::open(header)?;
+        let (reader, header) = StreamReader::open_keyed(header, self.key.clone())?;
         let count = self.inbound.len();
         let units = self.inbound[ch].units.clone();
         if let Some(unit) = &self.expected {

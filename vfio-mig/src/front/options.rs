@@ -105,13 +105,18 @@ impl SourceOptions {
 /// let opts = DestinationOptions::new().allow_non_p2p_unit(true);
 /// assert!(opts.allow_non_p2p_unit);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct DestinationOptions {
     /// Lets several devices of which some lack the P2P states load and run as one unit: the
     /// destination's own opt-in to the risk the source's option names (a device that runs
     /// before its peers can answer peer-to-peer accesses).
     pub allow_non_p2p_unit: bool,
+    /// The stream must be authenticated with this key (a keyed stream, see
+    /// [`SourceOptions::key`]): the header's tag is checked before any device is touched,
+    /// and every record's before its bytes reach a device. Without a key, the tags of an
+    /// authenticated stream are skipped, not checked.
+    pub key: Option<Arc<dyn StreamAuth>>,
 }
 
 impl DestinationOptions {
@@ -123,6 +128,12 @@ impl DestinationOptions {
     /// Sets [`allow_non_p2p_unit`](Self::allow_non_p2p_unit).
     pub fn allow_non_p2p_unit(mut self, allow: bool) -> Self {
         self.allow_non_p2p_unit = allow;
+        self
+    }
+
+    /// Sets [`key`](Self::key).
+    pub fn key(mut self, key: Option<Arc<dyn StreamAuth>>) -> Self {
+        self.key = key;
         self
     }
 }

@@ -73,6 +73,8 @@ enum State {
 pub struct StreamReader<R: Read> {
     r: R,
     header: StreamHeader,
+    /// The header's bytes as read, its tag included.
+    header_bytes: Vec<u8>,
     /// The stream carries tags (header flag AUTHENTICATED).
     authenticated: bool,
     /// The key the tags are checked with (`None`: tags are skipped, not checked).
@@ -175,6 +177,7 @@ impl<R: Read> StreamReader<R> {
                     ));
                 }
             }
+            raw.extend_from_slice(&tag);
         } else if key.is_some() {
             return Err(Error::stream(
                 "stream header",
@@ -184,6 +187,7 @@ impl<R: Read> StreamReader<R> {
         }
         let reader = StreamReader {
             r,
+            header_bytes: raw,
             authenticated,
             key,
             tracker: Tracker::new(&header),
@@ -198,6 +202,18 @@ impl<R: Read> StreamReader<R> {
     /// The stream header.
     pub fn header(&self) -> &StreamHeader {
         &self.header
+    }
+
+    /// The header's bytes as they were read, its tag included: what a
+    /// [`Destination`](crate::Destination) that checks the stream's tags must be given first
+    /// when this reader took the header and the destination the records.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.header_bytes
+    }
+
+    /// The key this reader checks the stream's tags with (see [`Self::open_keyed`]).
+    pub fn key(&self) -> Option<Arc<dyn StreamAuth>> {
+        self.key.clone()
     }
 
     /// Whether the stream carries authentication tags (they are checked only when the

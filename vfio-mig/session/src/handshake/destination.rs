@@ -333,22 +333,22 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
     }))
 }
 
-/// Loads into `dst` through the front door: the header (already read), the bytes read past
-/// it (`buffered`) and then every byte of `input` as it arrives pushed into it;
+/// Loads into `dst` through the front door: the header's bytes (already read), the bytes
+/// read past it (`buffered`) and then every byte of `input` as it arrives pushed into it;
 /// `gate.pre_copy_loaded` once it loaded all pre-copy data (a session's SWITCHOVER_ACK),
 /// `gate.before_resume` once the trailer verified and every device took its state (LOADED,
 /// COMMIT, the completion record); each device's progress to `obs`. Nothing runs. On failure
 /// every device is reset, and the error says so.
 pub(super) fn load_into<D: MigrationDevice>(
     dst: &mut Destination<D>,
-    header: &StreamHeader,
+    header: &[u8],
     buffered: &[u8],
     input: &mut dyn Read,
     gate: &mut dyn LoadGate,
     obs: &dyn Observer,
 ) -> vfio_mig::Result<Vec<LoadReport>> {
     let mut buf = vec![0u8; SOCKET_BUFFER];
-    let mut status = dst.push(&header.encode()?)?;
+    let mut status = dst.push(header)?;
     if status == Status::NeedMore {
         status = dst.push_observed(buffered, obs)?;
     }
@@ -578,10 +578,22 @@ pub fn load_fenced<R: Read>(
         completed: false,
     };
     let lent: Vec<&mut dyn MigrationDevice> = devs.iter_mut().map(|d| &mut **d).collect();
-    let opts = DestinationOptions::new().allow_non_p2p_unit(true);
+    // The reader checked the header's tag; the destination checks every record's with the
+    // same key, from the header's bytes as they were read.
+    let opts = DestinationOptions::new()
+        .allow_non_p2p_unit(true)
+        .key(reader.key());
     let mut dst = Destination::new(lent, &opts).map_err(vfio_mig::Error::from)?;
-    let loaded = load_into(&mut dst, &header, &[], reader.get_mut(), &mut gate, obs)
-        .and_then(|reports| dst.run().map(|_| reports).map_err(vfio_mig::Error::from));
+    let header_bytes = reader.header_bytes().to_vec();
+    let loaded = load_into(
+        &mut dst,
+        &header_bytes,
+        &[],
+        reader.get_mut(),
+        &mut gate,
+        obs,
+    )
+    .and_then(|reports| dst.run().map(|_| reports).map_err(vfio_mig::Error::from));
     match loaded {
         Ok(reports) => Ok(RecvOutcome::Resumed {
             header,

@@ -232,14 +232,16 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
         let loaded = if !self.sub_streams {
             let buffered = self.rx.buffer().to_vec();
             self.rx.consume(buffered.len());
-            load_into(
-                &mut self.dst,
-                &self.header,
-                &buffered,
-                &mut self.rx,
-                &mut gate,
-                obs,
-            )
+            self.header.encode().and_then(|header| {
+                load_into(
+                    &mut self.dst,
+                    &header,
+                    &buffered,
+                    &mut self.rx,
+                    &mut gate,
+                    obs,
+                )
+            })
         } else {
             load_channels(
                 &mut self.dst,
