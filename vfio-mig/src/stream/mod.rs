@@ -22,8 +22,9 @@
 //!
 //! ```
 //! use vfio_mig::wire::{
-//!     DeviceDescriptor, Phase, Protocol, Record, StreamHeader, StreamReader, StreamWriter,
+//!     DeviceDescriptor, Phase, Record, StreamHeader, StreamReader, StreamWriter,
 //! };
+//! use vfio_mig::Protocol;
 //!
 //! let header = StreamHeader {
 //!     session_id: [0; 16],
