@@ -2,7 +2,6 @@
 //! The destination of a migration: bytes pushed as they arrive, every device loaded, then
 //! run in a call of its own, after the VMM's restore steps.
 
-use std::collections::VecDeque;
 use std::io::Read;
 
 use crate::engine::loader::{check_compatible, DeviceLoader, LoadReport};
@@ -13,19 +12,14 @@ use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
 use crate::stream::format::{header_frame_len, record_frame_len};
-use crate::stream::{Phase, Record, StreamReader};
+use crate::stream::{FrameDecoder, Phase, Record};
 
 use super::handback::{as_refs, fold, Handback};
 use super::options::DestinationOptions;
 
-/// Record payloads batched per push before they are applied to the devices: bounds the
-/// memory a large push takes.
+/// Record payloads batched per push before they are applied to the devices (in parallel
+/// when several devices have records in the batch).
 const BATCH_BYTES: usize = 8 << 20;
-
-/// Record buffers kept for reuse at most (a batch's worth of full-size records, and one per
-/// device beyond): the reader fills them in turn, so no record is copied or allocated in the
-/// steady state.
-const SPARE_BUFFERS: usize = BATCH_BYTES / crate::stream::MAX_FRAGMENT + 4;
 
 /// Where a destination is after a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +45,12 @@ enum Stage {
     Ended,
 }
 
-/// One record, as a device's loader applies it.
-enum Item {
+/// One record, as a device's loader applies it: a DATA record's bytes where they arrived
+/// (the pushed bytes, or the inbox for a record split across pushes).
+enum Item<'a> {
     Data {
         phase: Phase,
-        /// The reader's record buffer (see [`StreamReader::swap_buffer`]): the payload is its
-        /// first `len` bytes.
-        buf: Vec<u8>,
-        len: usize,
+        bytes: &'a [u8],
         chunk_end: bool,
     },
     EndOfPhase(Phase),
@@ -78,12 +70,10 @@ enum Item {
 pub struct Destination<D: MigrationDevice> {
     devs: Vec<D>,
     stage: Stage,
-    /// Received bytes not yet a whole header or record.
+    /// The start of a header or record that earlier pushes brought only part of.
     inbox: Vec<u8>,
-    reader: Option<StreamReader<VecDeque<u8>>>,
+    decoder: Option<FrameDecoder>,
     loaders: Vec<DeviceLoader<'static>>,
-    /// Record buffers the devices are done with, for the reader's next records.
-    spare: Vec<Vec<u8>>,
     /// Per device: whether the header says it comes with pre-copy data.
     live: Vec<bool>,
     /// Per device: whether its END_OF_PHASE(PRE_COPY) was applied.
@@ -124,9 +114,8 @@ impl<D: MigrationDevice> Destination<D> {
             devs,
             stage: Stage::Waiting,
             inbox: Vec::new(),
-            reader: None,
+            decoder: None,
             loaders,
-            spare: Vec::new(),
             live: Vec::new(),
             pre_copy_ended: Vec::new(),
             reloaded: 0,
@@ -300,7 +289,7 @@ impl<D: MigrationDevice> Destination<D> {
     fn fail(&mut self, e: Error) -> Error {
         let touched = self.stage != Stage::Waiting;
         self.stage = Stage::Ended;
-        self.reader = None;
+        self.decoder = None;
         if !touched {
             return e;
         }
@@ -312,46 +301,60 @@ impl<D: MigrationDevice> Destination<D> {
         fold(e, outcomes)
     }
 
-    /// Splits `bytes` (after what is left of earlier pushes) into whole frames, decodes them
-    /// and applies the records.
+    /// Decodes the frames of `bytes` (after what is left of earlier pushes) where they lie
+    /// and applies the records: a frame split across pushes is copied into the inbox once,
+    /// a frame that arrived whole is not copied at all.
     fn take(&mut self, bytes: &[u8], obs: &dyn Observer) -> Result<Status> {
-        self.inbox.extend_from_slice(bytes);
-        let mut batches: Vec<Vec<Item>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
-        let mut batched = 0;
-        let mut consumed = 0;
-        let mut ended = false;
-        while !ended {
-            let rest = &self.inbox[consumed..];
-            let need = match &self.reader {
-                None => header_frame_len(rest),
-                Some(r) => record_frame_len(rest, r.is_authenticated()),
+        let mut held = std::mem::take(&mut self.inbox);
+        let mut rest = bytes;
+        // Complete the frame an earlier push began, from the first bytes of this one.
+        while !held.is_empty() && !rest.is_empty() {
+            let add = match self.frame_len(&held) {
+                Some(need) => need.saturating_sub(held.len()).min(rest.len()),
+                None => 1, // not yet long enough to tell: a few bytes of a header
             };
-            let Some(need) = need.filter(|&n| n <= rest.len() && n > 0) else {
+            held.extend_from_slice(&rest[..add]);
+            rest = &rest[add..];
+            if self.frame_len(&held) == Some(held.len()) {
                 break;
+            }
+        }
+        let held_whole = !held.is_empty() && self.frame_len(&held) == Some(held.len());
+        let mut frames: Vec<&[u8]> = Vec::new();
+        if held_whole {
+            frames.push(&held);
+        }
+        let mut batches: Vec<Vec<Item<'_>>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
+        let mut batched = 0;
+        let mut ended = false;
+        let mut next = frames.pop();
+        loop {
+            let frame = match next.take() {
+                Some(frame) => frame,
+                None => match self.frame_len(rest).filter(|&n| n > 0 && n <= rest.len()) {
+                    Some(n) if !ended && (held.is_empty() || held_whole) => {
+                        let (frame, after) = rest.split_at(n);
+                        rest = after;
+                        frame
+                    }
+                    _ => break,
+                },
             };
-            consumed += need;
-            let Some(reader) = self.reader.as_mut() else {
-                let header = VecDeque::from(rest[..need].to_vec());
-                self.open(header)?;
+            let Some(decoder) = self.decoder.as_mut() else {
+                self.open(frame)?;
                 continue;
             };
-            // The record's bytes are copied once, into the reader's queue; the reader then
-            // reads them into its buffer, which moves to the device's batch as it is.
-            reader.get_mut().extend(&rest[..need]);
-            match reader.next_record()? {
+            match decoder.record(frame)? {
                 Record::Data {
                     device,
                     phase,
                     bytes,
                     chunk_end,
                 } => {
-                    let len = bytes.len();
-                    batched += len;
-                    let buf = reader.swap_buffer(self.spare.pop().unwrap_or_default());
+                    batched += bytes.len();
                     batches[usize::from(device)].push(Item::Data {
                         phase,
-                        buf,
-                        len,
+                        bytes,
                         chunk_end,
                     });
                 }
@@ -373,8 +376,16 @@ impl<D: MigrationDevice> Destination<D> {
                 batched = 0;
             }
         }
-        self.inbox.drain(..consumed);
         self.apply(&mut batches, obs)?;
+        drop(batches);
+        // Keep the start of a frame this push did not complete: the held frame still
+        // incomplete (then this push went into it whole), or the rest of this push (the
+        // inbox's allocation is reused).
+        if held_whole {
+            held.clear();
+        }
+        held.extend_from_slice(rest);
+        self.inbox = held;
         if !ended {
             return Ok(Status::NeedMore);
         }
@@ -384,9 +395,6 @@ impl<D: MigrationDevice> Destination<D> {
                 format!("{} bytes after the trailer", self.inbox.len()),
             ));
         }
-        if let Some(reader) = self.reader.as_mut() {
-            reader.finish()?;
-        }
         each(&mut as_refs(&mut self.devs), "load the unit's state", |d| {
             d.load_state()
         })?;
@@ -394,10 +402,19 @@ impl<D: MigrationDevice> Destination<D> {
         Ok(Status::Loaded)
     }
 
-    /// Opens the stream on its header: checks every device against it before touching any,
-    /// then has them all enter RESUMING.
-    fn open(&mut self, header: VecDeque<u8>) -> Result<()> {
-        let (reader, header) = StreamReader::open(header)?;
+    /// The length of the frame `bytes` begins with (the header's before it was read, else a
+    /// record's), or `None` while `bytes` is too short to tell.
+    fn frame_len(&self, bytes: &[u8]) -> Option<usize> {
+        match &self.decoder {
+            None => header_frame_len(bytes),
+            Some(d) => record_frame_len(bytes, d.is_authenticated()),
+        }
+    }
+
+    /// Opens the stream on its header `frame`: checks every device against it before
+    /// touching any, then has them all enter RESUMING.
+    fn open(&mut self, frame: &[u8]) -> Result<()> {
+        let (decoder, header) = FrameDecoder::open(frame, None)?;
         if header.devices.len() != self.devs.len() {
             return Err(Error::stream(
                 "check stream compatibility",
@@ -412,7 +429,7 @@ impl<D: MigrationDevice> Destination<D> {
             check_compatible(dev, desc)?;
         }
         self.stage = Stage::Loading;
-        self.reader = Some(reader);
+        self.decoder = Some(decoder);
         self.live = header.devices.iter().map(|d| d.live).collect();
         self.pre_copy_ended = vec![false; self.live.len()];
         each(&mut as_refs(&mut self.devs), "enter RESUMING", |d| {
@@ -420,9 +437,8 @@ impl<D: MigrationDevice> Destination<D> {
         })
     }
 
-    /// Applies each device's batch, the devices in parallel; keeps the record buffers for
-    /// the reader's next records.
-    fn apply(&mut self, batches: &mut [Vec<Item>], obs: &dyn Observer) -> Result<()> {
+    /// Applies each device's batch, the devices in parallel.
+    fn apply(&mut self, batches: &mut [Vec<Item<'_>>], obs: &dyn Observer) -> Result<()> {
         let busy = batches.iter().filter(|b| !b.is_empty()).count();
         if busy == 0 {
             return Ok(());
@@ -433,38 +449,29 @@ impl<D: MigrationDevice> Destination<D> {
             .zip(self.loaders.iter_mut())
             .zip(batches.iter_mut())
             .filter(|(_, b)| !b.is_empty());
-        let mut returned = Vec::new();
         if busy == 1 {
             for ((dev, loader), batch) in work {
-                apply_batch(dev, loader, std::mem::take(batch), &mut returned, obs)?;
+                apply_batch(dev, loader, std::mem::take(batch), obs)?;
             }
-        } else {
-            let results: Vec<Result<Vec<Vec<u8>>>> = std::thread::scope(|s| {
-                let threads: Vec<_> = work
-                    .map(|((dev, loader), batch)| {
-                        let batch = std::mem::take(batch);
-                        s.spawn(move || {
-                            let mut bufs = Vec::new();
-                            apply_batch(dev, loader, batch, &mut bufs, obs).map(|()| bufs)
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .map(|t| {
-                        t.join().unwrap_or_else(|_| {
-                            Err(Error::protocol("load", "a device's load thread panicked"))
-                        })
-                    })
-                    .collect()
-            });
-            for r in results {
-                returned.append(&mut r?);
-            }
+            return Ok(());
         }
-        self.spare.append(&mut returned);
-        self.spare.truncate(SPARE_BUFFERS);
-        Ok(())
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let threads: Vec<_> = work
+                .map(|((dev, loader), batch)| {
+                    let batch = std::mem::take(batch);
+                    s.spawn(move || apply_batch(dev, loader, batch, obs))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::protocol("load", "a device's load thread panicked"))
+                    })
+                })
+                .collect()
+        });
+        results.into_iter().collect()
     }
 }
 
@@ -479,26 +486,20 @@ impl<D: MigrationDevice> Drop for Destination<D> {
     }
 }
 
-/// Applies `batch` to `dev`; the record buffers go to `returned` for reuse.
+/// Applies `batch` to `dev`.
 fn apply_batch(
     dev: &mut dyn MigrationDevice,
     loader: &mut DeviceLoader<'static>,
-    batch: Vec<Item>,
-    returned: &mut Vec<Vec<u8>>,
+    batch: Vec<Item<'_>>,
     obs: &dyn Observer,
 ) -> Result<()> {
     for item in batch {
         match item {
             Item::Data {
                 phase,
-                buf,
-                len,
+                bytes,
                 chunk_end,
-            } => {
-                let applied = loader.data_to(obs, dev, phase, &buf[..len], chunk_end);
-                returned.push(buf);
-                applied?
-            }
+            } => loader.data_to(obs, dev, phase, bytes, chunk_end)?,
             Item::EndOfPhase(phase) => loader.end_phase_to(obs, phase),
         }
     }

@@ -58,12 +58,14 @@
 
 pub(crate) mod auth;
 pub mod crc;
+pub(crate) mod decode;
 pub(crate) mod format;
 pub(crate) mod reader;
 pub(crate) mod writer;
 
 pub(crate) use auth::StreamAuth;
-pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES, MAX_FRAGMENT};
+pub(crate) use decode::FrameDecoder;
+pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES};
 pub(crate) use reader::{Record, StreamReader};
 pub(crate) use writer::StreamWriter;
 
