@@ -56,9 +56,13 @@ impl<'a, W: Write + ?Sized> Relay<'a, W> {
 }
 
 impl<W: Write + ?Sized> RecordSink for Relay<'_, W> {
+    /// The record goes into `out` straight from the device's buffer (nothing is staged
+    /// before it: every call drains).
     fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
-        self.writer.data(device, phase, bytes, chunk_end)?;
-        self.drain()
+        self.written += self
+            .writer
+            .data_to(&mut *self.out, device, phase, bytes, chunk_end)?;
+        Ok(())
     }
 
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {

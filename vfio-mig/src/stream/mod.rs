@@ -57,6 +57,7 @@
 //! ```
 
 pub(crate) mod auth;
+pub(crate) mod coalesce;
 pub mod crc;
 pub(crate) mod decode;
 pub(crate) mod format;

@@ -5,7 +5,7 @@
 //! ACCEPT, each channel's sub-stream written in parallel (device `i` on channel `i mod n`);
 //! the barrier and the two-phase end on the main connection.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use super::reinit::reack_after_reinit;
 use super::source::{before_hello, commit, refused, send, SendOutcome};
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
+use vfio_mig::wire::CoalescingWriter;
 use vfio_mig::wire::StreamHeader;
 use vfio_mig::wire::StreamWriter;
 use vfio_mig::workspace::channel_header;
@@ -37,7 +38,7 @@ use vfio_mig::SaveReport;
 /// main connection (it usually explains the failure better than the channel's `EPIPE`).
 const REASON_WAIT: Duration = Duration::from_secs(2);
 
-type ChannelWriter<C> = StreamWriter<BufWriter<Watched<C>>>;
+type ChannelWriter<C> = StreamWriter<CoalescingWriter<Watched<C>>>;
 
 /// Migrates `devs` as one unit over up to `offer` channels: the main connection `conn` and
 /// further connections made by `connect(index)` (to the same destination, over the same
@@ -66,7 +67,7 @@ pub fn send_channels<C: Duplex>(
     let features = FEATURE_CHANNELS | if opts.live { FEATURE_SWITCHOVER_ACK } else { 0 };
 
     // 1. HELLO, OFFER_CHANNELS and the unit's header; the devices are untouched until ACCEPT.
-    let mut main = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
+    let mut main = CoalescingWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
     let mut opening = Message::Hello { features }.encode();
     opening.extend_from_slice(&Message::OfferChannels { count: offer }.encode());
     let written = header.encode().and_then(|h| {
@@ -127,17 +128,17 @@ pub fn send_channels<C: Duplex>(
                 .map_err(|e| Error::transport("clone a channel", e))?,
         );
     }
-    let conns: Vec<BufWriter<Watched<C>>> = std::iter::once(main)
+    let conns: Vec<CoalescingWriter<Watched<C>>> = std::iter::once(main)
         .chain(
             channels
                 .into_iter()
-                .map(|c| BufWriter::with_capacity(SOCKET_BUFFER, Watched(c))),
+                .map(|c| CoalescingWriter::with_capacity(SOCKET_BUFFER, Watched(c))),
         )
         .collect();
 
     // 3. Pre-copy, switchover, stop-and-copy, the trailers, LOADED. Any failure: roll back.
     let mut reports = vec![SaveReport::default(); devs.len()];
-    let sent = (|| -> Result<BufWriter<Watched<C>>> {
+    let sent = (|| -> Result<CoalescingWriter<Watched<C>>> {
         let mut writers: Vec<ChannelWriter<C>> = Vec::with_capacity(conns.len());
         for (ch, w) in conns.into_iter().enumerate() {
             let sub = channel_header(header, ch, usize::from(count));

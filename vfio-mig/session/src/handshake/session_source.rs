@@ -23,7 +23,7 @@
 //! # drop(finished); Ok(()) }
 //! ```
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use super::reinit::reack_passes;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::error::Report;
+use vfio_mig::wire::CoalescingWriter;
 use vfio_mig::Error as CoreError;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
@@ -60,7 +61,7 @@ pub enum Answer<C: Duplex, D: MigrationDevice> {
 /// COMMIT. After COMMIT, see [`commit`](Self::commit).
 pub struct SessionSource<C: Duplex, D: MigrationDevice> {
     source: Source<D>,
-    tx: BufWriter<Watched<C>>,
+    tx: CoalescingWriter<Watched<C>>,
     /// The reader of the destination's answers.
     rx: C,
     /// The handle that half-closes the connection after COMMIT.
@@ -278,7 +279,7 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
 fn hello<C: Duplex, D: MigrationDevice>(
     source: &mut Source<D>,
     conn: C,
-) -> Result<Option<(BufWriter<Watched<C>>, C, C)>> {
+) -> Result<Option<(CoalescingWriter<Watched<C>>, C, C)>> {
     let clone = || {
         conn.try_clone()
             .map_err(|e| Error::transport("clone the connection", e))
@@ -287,7 +288,7 @@ fn hello<C: Duplex, D: MigrationDevice>(
     let session = source.header().session_id;
     let ack = source.live().iter().any(|&l| l);
     let features = if ack { FEATURE_SWITCHOVER_ACK } else { 0 };
-    let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
+    let mut tx = CoalescingWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
     let opened = tx
         .write_all(&Message::Hello { features }.encode())
         .map_err(|e| CoreError::transport("handshake: send HELLO", e))

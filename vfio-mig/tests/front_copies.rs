@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The destination's in-place decoding of pushed bytes: records split anywhere across pushes
-//! (a header or a record header at a push's end included) load the bytes the writer wrote, a
+//! The front door's copies per byte. Destination: records split anywhere across pushes (a
+//! header or a record header at a push's end included) load the bytes the writer wrote, a
 //! corrupt record is refused before any of its bytes reach the device, and a record that
 //! arrived whole in one push reaches the device from the pushed bytes themselves (no copy).
+//! Source: a record leaves in one write with its header, its payload a slice of its own (the
+//! device's buffer, not a staging copy).
 //!
-//! The oracle is the stream written by [`StreamWriter`] from known payloads; the device is a
-//! recorder that keeps every write (its bytes, its `chunk_end`, and where the bytes were).
+//! The oracles are the stream written by [`StreamWriter`] from known payloads and the bytes
+//! the device handed out; the device is a recorder that keeps every write (its bytes, its
+//! `chunk_end`, and where the bytes were) and reads out given payloads.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +24,8 @@ const MODEL: &str = "test:recorder";
 /// What the recorder saw.
 #[derive(Debug, Default)]
 struct Log {
+    /// What a source reads out, a chunk per read, in order.
+    to_read: std::collections::VecDeque<Vec<u8>>,
     /// Each write: its bytes, `chunk_end`, and the address of its first byte.
     writes: Vec<(Vec<u8>, bool, usize)>,
     resuming: bool,
@@ -74,16 +79,23 @@ impl MigrationDevice for Recorder {
         Ok(())
     }
     fn start_pre_copy(&mut self) -> Result<()> {
-        Err(Error::Unsupported("a destination only".into()))
+        Err(Error::Unsupported("no pre-copy".into()))
     }
     fn start_stop_copy(&mut self) -> Result<()> {
-        Err(Error::Unsupported("a destination only".into()))
+        Ok(())
     }
     fn pending(&mut self) -> Result<Pending> {
         Ok(Pending::default())
     }
-    fn read(&mut self, _buf: &mut [u8]) -> Result<ReadOutcome> {
-        Err(Error::Unsupported("a destination only".into()))
+    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
+        let Some(chunk) = self.log().to_read.pop_front() else {
+            return Ok(ReadOutcome::PhaseEnd);
+        };
+        buf[..chunk.len()].copy_from_slice(&chunk);
+        Ok(ReadOutcome::Data {
+            len: chunk.len(),
+            chunk_end: true,
+        })
     }
     fn finish_save(&mut self) -> Result<()> {
         Ok(())
@@ -263,4 +275,55 @@ fn a_corrupt_crc_is_refused_before_its_bytes_reach_the_device() {
             assert!(log.reset && !log.loaded, "{what}, cut {cut}: not reset");
         }
     }
+}
+
+/// The VMM's writer: keeps every call's slices.
+#[derive(Default)]
+struct Calls(Vec<Vec<Vec<u8>>>);
+
+impl std::io::Write for Calls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(vec![buf.to_vec()]);
+        Ok(buf.len())
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let call: Vec<Vec<u8>> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| b.to_vec())
+            .collect();
+        let n = call.iter().map(Vec::len).sum();
+        self.0.push(call);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_source_record_leaves_with_its_header_in_one_write_unstaged() {
+    // Larger than the writer's stack copy of small records (4 KiB).
+    let payloads: Vec<Vec<u8>> = payloads().into_iter().filter(|p| p.len() > 4096).collect();
+    let log = Arc::new(Mutex::new(Log::default()));
+    log.lock().unwrap().to_read = payloads.iter().cloned().collect();
+    let opts = vfio_mig::SourceOptions::new(vfio_mig::Epoch(1)).buffer(1 << 20);
+    let mut source = vfio_mig::Source::start(vec![Recorder(log.clone())], &opts).unwrap();
+    let mut out = Calls::default();
+    source.switch_over(&mut out).unwrap();
+    for p in &payloads {
+        let call = out
+            .0
+            .iter()
+            .find(|call| call.iter().any(|s| s.ends_with(&p[p.len() - 64..])))
+            .expect("the payload was written");
+        let lens: Vec<usize> = call.iter().map(Vec::len).collect();
+        assert!(
+            call.len() == 2 && call[0].len() == RECORD_HEADER_LEN && &call[1] == p,
+            "a {}-byte record left in slices of {lens:?}, not its header and its payload \
+             from the device's buffer",
+            p.len()
+        );
+    }
+    drop(source.finish());
 }
