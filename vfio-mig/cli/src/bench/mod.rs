@@ -33,6 +33,7 @@ pub mod crc;
 pub mod downtime;
 pub mod fastload;
 pub mod fastunit;
+pub mod front;
 pub mod io;
 pub mod memory;
 pub mod multi;
