@@ -87,7 +87,7 @@ fn prepare(spec: &MockSpec, buffer: usize) -> Result<Prepared> {
     let again = src.clone();
     let dev = V2Device::open(Arc::new(src))?;
     let mut stream = new_memfd("vfio-mig-bench-stream")?;
-    let (_, reports) = super::front::save(vec![dev], &mut stream, buffer, &NoObserver)?;
+    let (_, reports) = super::front::save(vec![dev], &mut stream, buffer, None, &NoObserver)?;
     set(&again, MigState::Running, "RUNNING")?;
     let stream_len = stream
         .metadata()

@@ -9,22 +9,30 @@ use std::os::unix::net::UnixStream;
 
 use vfio_mig::wire::CoalescingWriter;
 use vfio_mig::{Destination, DestinationOptions, Epoch, Source, SourceOptions, Status};
-use vfio_mig::{MigrationDevice, Observer, SaveReport};
+use vfio_mig::{LoadReport, MigrationDevice, Observer, PreCopyPolicy, SaveReport};
 use vfio_mig_session::transport::SOCKET_BUFFER;
 use vfio_mig_session::{Error, Result};
 
-/// Saves `devs` (running, or stopped) as one unit into `out` in stop-and-copy with
-/// `buffer`-byte device reads, each device's phase reported to `obs`; returns the devices,
-/// stopped after the handoff, and what was sent of each.
+/// Saves `devs` (running, or stopped) as one unit into `out` with `buffer`-byte device reads:
+/// pre-copy under `pre_copy`'s policy when given (for the devices that support it), then
+/// stop-and-copy, each device's phases reported to `obs`; returns the devices, stopped after
+/// the handoff, and what was sent of each.
 pub fn save<D: MigrationDevice, W: Write + ?Sized>(
     devs: Vec<D>,
     out: &mut W,
     buffer: usize,
+    pre_copy: Option<&PreCopyPolicy>,
     obs: &dyn Observer,
 ) -> Result<(Vec<D>, Vec<SaveReport>)> {
-    let opts = SourceOptions::new(Epoch(1)).pre_copy(false).buffer(buffer);
+    let opts = SourceOptions::new(Epoch(1))
+        .pre_copy(pre_copy.is_some())
+        .buffer(buffer);
     let mut source = Source::start(devs, &opts).map_err(vfio_mig::Error::from)?;
-    if let Err(e) = source.switch_over_observed(out, obs) {
+    let sent = match pre_copy {
+        Some(policy) => source.pre_copy(out, policy, obs).map(drop),
+        None => Ok(()),
+    };
+    if let Err(e) = sent.and_then(|()| source.switch_over_observed(out, obs)) {
         drop(source.into_devices());
         return Err(e.into());
     }
@@ -38,17 +46,19 @@ pub fn save<D: MigrationDevice, W: Write + ?Sized>(
 }
 
 /// Loads a stream from `input` into `devs` (each read into `buf`), each device's phase
-/// reported to `obs`, and runs them; returns the devices.
+/// reported to `obs`, and runs them; returns the devices and what each loaded.
 pub fn load<D: MigrationDevice, R: Read + ?Sized>(
     devs: Vec<D>,
     input: &mut R,
     buf: &mut [u8],
     obs: &dyn Observer,
-) -> Result<Vec<D>> {
+) -> Result<(Vec<D>, Vec<LoadReport>)> {
     let mut dst =
         Destination::new(devs, &DestinationOptions::new()).map_err(vfio_mig::Error::from)?;
     while dst.read_some(input, buf, obs)? != Status::Loaded {}
-    Ok(dst.run().map_err(vfio_mig::Error::from)?)
+    let reports = dst.reports();
+    let devs = dst.run().map_err(vfio_mig::Error::from)?;
+    Ok((devs, reports))
 }
 
 /// Migrates `src` into `dst` in one process: the source on a thread of its own writes the
@@ -70,7 +80,7 @@ where
     std::thread::scope(|s| {
         let sender = s.spawn(move || {
             let mut out = CoalescingWriter::with_capacity(SOCKET_BUFFER, tx);
-            let saved = save(src, &mut out, buffer, src_obs);
+            let saved = save(src, &mut out, buffer, None, src_obs);
             // The destination sees the end of the stream whatever happened.
             drop(out);
             saved
@@ -81,6 +91,6 @@ where
             .join()
             .map_err(|_| Error::invalid_input("bench: the source thread panicked"))?;
         let (src, _) = saved?;
-        Ok((src, loaded?))
+        Ok((src, loaded?.0))
     })
 }

@@ -110,8 +110,13 @@ fn one_run(
                 Mover::Engine => {
                     let dev = V2Device::open(Arc::new(mock))?;
                     let t = Instant::now();
-                    let (_, r) =
-                        super::front::save(vec![dev], &mut out.conn, cfg.buffer, &NoObserver)?;
+                    let (_, r) = super::front::save(
+                        vec![dev],
+                        &mut out.conn,
+                        cfg.buffer,
+                        None,
+                        &NoObserver,
+                    )?;
                     (r[0].stop_copy_bytes, t)
                 }
             };
@@ -131,8 +136,13 @@ fn one_run(
                     let dev = PipeDevice::new(
                         pipe.read.try_clone().map_err(|e| Error::device("dup", e))?,
                     );
-                    let (_, r) =
-                        super::front::save(vec![dev], &mut out.conn, cfg.buffer, &NoObserver)?;
+                    let (_, r) = super::front::save(
+                        vec![dev],
+                        &mut out.conn,
+                        cfg.buffer,
+                        None,
+                        &NoObserver,
+                    )?;
                     r[0].stop_copy_bytes
                 }
             };
