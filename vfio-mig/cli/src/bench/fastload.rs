@@ -26,13 +26,14 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
+use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::transport::SOCKET_BUFFER;
 use vfio_mig_session::{Error, Result};
 
-use super::io::copy_loop;
+use super::io::{copy_loop, DeviceSink};
 use super::rated::load1;
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, thread_cpu, Paired, Stat};
@@ -166,24 +167,23 @@ fn one_run(cfg: &Config, prepared: &Prepared, dst: &MockV2, how: Receiver) -> Re
     let t0 = Instant::now();
     let in_device = match how {
         Receiver::Loop => {
-            set(dst, MigState::Stop, "STOP")?;
-            let fd = set(dst, MigState::Resuming, "RESUMING")?
-                .ok_or_else(|| Error::invalid_input("no resuming data fd"))?;
-            let mut data = File::from(fd);
-            let n = copy_loop(conn.as_fd(), &mut data, &mut vec![0u8; cfg.buffer])?;
+            let mut dev = V2Device::open(Arc::new(dst.clone()))?;
+            dev.start_resume()?;
+            let n = copy_loop(
+                conn.as_fd(),
+                &mut DeviceSink(&mut dev),
+                &mut vec![0u8; cfg.buffer],
+            )?;
             let t1 = Instant::now();
-            drop(data);
             if n != prepared.raw_len {
                 return Err(Error::invalid_input(format!(
                     "bench: the loop received {n} of {} bytes",
                     prepared.raw_len
                 )));
             }
-            set(
-                dst,
-                MigState::Stop,
-                "RESUMING -> STOP (the mock checks the state)",
-            )?;
+            // RESUMING -> STOP: the mock checks the state.
+            dev.load_state()?;
+            drop(dev);
             set(dst, MigState::Running, "RUNNING")?;
             t1
         }

@@ -7,7 +7,7 @@
 //! behind the session's write buffer, a `Destination` reading it on another, the CRC32C on
 //! both sides). Baseline: the raw copy loop for the same bytes, two threads over a
 //! socketpair: `read` of the source's data fd and `write` into the socket, `read` of the
-//! socket and `write` into the destination's data fd. Both windows run from the source's
+//! socket and the destination device's write of what was read ([`super::io::DeviceSink`]). Both windows run from the source's
 //! STOP transition to the last stop-copy byte in the destination's data fd (the engine: its
 //! END_OF_PHASE applied); the destination device's RESUMING -> STOP (the mock checks all
 //! 8 GiB) follows on both and is left out.
@@ -19,7 +19,6 @@
 //! bookkeeping, the program itself.
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -28,11 +27,12 @@ use std::time::Instant;
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
+use vfio_mig::MigrationDevice;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 
-use super::io::copy_loop;
+use super::io::{copy_loop, DeviceSink};
 use super::memory::{peak_rss_kib, LIMIT_MIB};
 use super::rated::load1;
 use super::report::{Figure, Target};
@@ -107,9 +107,8 @@ struct Run {
 /// The raw copy loop: the window in milliseconds.
 fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
     let (tx, rx) = UnixStream::pair().map_err(|e| Error::transport("socketpair", e))?;
-    set(dst, MigState::Stop, "destination STOP")?;
-    let into = set(dst, MigState::Resuming, "RESUMING")?
-        .ok_or_else(|| Error::invalid_input("no resuming data fd"))?;
+    let mut into = V2Device::open(Arc::new(dst.clone()))?;
+    into.start_resume()?;
     let t0 = Instant::now();
     let (sent, received) = std::thread::scope(|s| {
         let sender = s.spawn(move || -> Result<u64> {
@@ -123,9 +122,12 @@ fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
                 &mut vec![0u8; cfg.buffer],
             )?)
         });
-        let mut data = File::from(into);
-        let received = copy_loop(rx.as_fd(), &mut data, &mut vec![0u8; cfg.buffer])
-            .map(|n| (n, Instant::now()));
+        let received = copy_loop(
+            rx.as_fd(),
+            &mut DeviceSink(&mut into),
+            &mut vec![0u8; cfg.buffer],
+        )
+        .map(|n| (n, Instant::now()));
         (sender.join(), received)
     });
     let sent = sent.map_err(|_| Error::invalid_input("bench: the sender panicked"))??;
@@ -135,11 +137,9 @@ fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
             "bench: the loop sent {sent} bytes and received {received}"
         )));
     }
-    set(
-        dst,
-        MigState::Stop,
-        "RESUMING -> STOP (the mock checks the state)",
-    )?;
+    // RESUMING -> STOP: the mock checks the state.
+    into.load_state()?;
+    drop(into);
     set(dst, MigState::Running, "destination RUNNING")?;
     set(src, MigState::Stop, "STOP")?;
     set(src, MigState::Running, "RUNNING")?;
