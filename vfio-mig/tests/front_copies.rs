@@ -327,3 +327,45 @@ fn a_source_record_leaves_with_its_header_in_one_write_unstaged() {
     }
     drop(source.finish());
 }
+
+/// Returns at most `max` bytes per read.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    max: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.max).min(self.bytes.len());
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.bytes = &self.bytes[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_stream_read_in_pieces_loads_and_leaves_what_follows_the_trailer() {
+    let payloads = payloads();
+    let mut bytes = stream(&payloads);
+    let after = b"the session's next message";
+    bytes.extend_from_slice(after);
+    for max in [1, 7, 24, 25, 4096, 65_536, usize::MAX] {
+        let (mut dst, log) = destination();
+        let mut input = Trickle { bytes: &bytes, max };
+        let mut buf = vec![0u8; 64 << 10];
+        while dst
+            .read_some(&mut input, &mut buf, &vfio_mig::NoObserver)
+            .unwrap()
+            != Status::Loaded
+        {}
+        assert_loaded_exactly(
+            &log.lock().unwrap(),
+            &payloads,
+            &format!("{max}-byte reads"),
+        );
+        assert_eq!(
+            input.bytes, after,
+            "{max}-byte reads: bytes after the trailer consumed"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use crate::engine::run::run_unit;
 use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
-use crate::stream::format::{header_frame_len, record_frame_len};
+use crate::stream::format::{header_frame_len, record_frame_len, RECORD_HEADER_LEN};
 use crate::stream::{FrameDecoder, Phase, Record};
 
 use super::handback::{as_refs, fold, Handback};
@@ -161,23 +161,47 @@ impl<D: MigrationDevice> Destination<D> {
         Ok(())
     }
 
-    /// One read from `input` (into `buf`), pushed: for a caller that acts between reads (a
-    /// session acknowledging the pre-copy data), each device's phases and progress reported
-    /// to `obs`. The end of `input` before the trailer is an error (and every device is
-    /// reset).
+    /// One read from `input`, pushed: for a caller that acts between reads (a session
+    /// acknowledging the pre-copy data), each device's phases and progress reported to `obs`.
+    /// The end of `input` before the trailer is an error (and every device is reset).
+    ///
+    /// The stream header is read into `buf`; past it, each record is read straight into the
+    /// destination's own buffer, up to its end and no further, and decoded there: no byte is
+    /// copied in user space, and nothing after the trailer is consumed.
     pub fn read_some<R: Read + ?Sized>(
         &mut self,
         input: &mut R,
         buf: &mut [u8],
         obs: &dyn Observer,
     ) -> Result<Status> {
+        let want = match (&self.decoder, self.stage) {
+            (Some(d), Stage::Loading) => Some(
+                record_frame_len(&self.inbox, d.is_authenticated())
+                    .unwrap_or(RECORD_HEADER_LEN)
+                    .saturating_sub(self.inbox.len()),
+            ),
+            _ => None,
+        };
         loop {
-            return match input.read(buf) {
-                Ok(0) => Err(self.fail(Error::stream(
+            let read = match want {
+                // A length beyond any record's: the decoder refuses the frame as it is.
+                Some(0) => return self.push_observed(&[], obs),
+                Some(want) => {
+                    let start = self.inbox.len();
+                    self.inbox.resize(start + want, 0);
+                    let read = input.read(&mut self.inbox[start..]);
+                    self.inbox
+                        .truncate(start + read.as_ref().map_or(0, |&n| n.min(want)));
+                    read.map(|n| (n, &[][..]))
+                }
+                None => input.read(buf).map(|n| (n, &buf[..n.min(buf.len())])),
+            };
+            return match read {
+                Ok((0, _)) => Err(self.fail(Error::stream(
                     "read the migration stream",
                     "truncated stream: it ended before its trailer",
                 ))),
-                Ok(n) => self.push_observed(&buf[..n], obs),
+                Ok((_, bytes)) => self.push_observed(bytes, obs),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(self.fail(Error::transport("read the migration stream", e))),
             };
