@@ -14,6 +14,7 @@
 //! rate (`rate=`, a device thread producing the state at that many bytes per second, as
 //! firmware or DMA bounds a real one), where the parallel path shows.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use vfio_mig::MigrationDevice;
@@ -27,7 +28,7 @@ use vfio_mig_session::{Error, Result};
 
 use super::rated::{load1, DEVICES};
 use super::report::{Figure, Target};
-use super::stats::{run_rotating, Paired};
+use super::stats::{process_cpu, run_rotating, Paired, Stat};
 use super::v2path::summary;
 use super::window::{DestinationSide, SourceSide, Window};
 use super::Config;
@@ -59,6 +60,8 @@ fn spec(cfg: &Config, seed: usize, rate: Option<u64>) -> Result<MockSpec> {
 struct Devices {
     srcs: Vec<MockV2>,
     dsts: Vec<MockV2>,
+    /// Each device's state size.
+    bytes: u64,
 }
 
 fn opened(mocks: &[MockV2]) -> Result<Vec<Box<dyn MigrationDevice>>> {
@@ -79,9 +82,10 @@ fn rerun(srcs: &[MockV2]) -> Result<()> {
 }
 
 /// Milliseconds of the stop-copy window: the first `n` devices as one unit (or the first
-/// alone, `n` = 1).
-fn run(cfg: &Config, devs: &Devices, n: usize) -> Result<f64> {
+/// alone, `n` = 1); the process's CPU milliseconds per GiB moved go to `cpu`.
+fn run(cfg: &Config, devs: &Devices, n: usize, cpu: &RefCell<Vec<f64>>) -> Result<f64> {
     let window = Window::default();
+    let cpu0 = process_cpu();
     super::front::migrate(
         opened(&devs.srcs[..n])?,
         opened(&devs.dsts[..n])?,
@@ -89,6 +93,9 @@ fn run(cfg: &Config, devs: &Devices, n: usize) -> Result<f64> {
         &SourceSide(&window),
         &DestinationSide(&window),
     )?;
+    let used = process_cpu() - cpu0;
+    let gib = (devs.bytes * n as u64) as f64 / (1u64 << 30) as f64;
+    cpu.borrow_mut().push(used / gib * 1e3);
     rerun(&devs.srcs[..n])?;
     let span = window
         .span(n)
@@ -100,6 +107,7 @@ fn built(cfg: &Config, rate: Option<u64>) -> Result<Devices> {
     let mut devs = Devices {
         srcs: Vec::new(),
         dsts: Vec::new(),
+        bytes: spec(cfg, 0, rate)?.size,
     };
     for i in 0..DEVICES {
         let s = spec(cfg, i, rate)?;
@@ -116,16 +124,21 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let load_before = load1();
     let fast = built(cfg, None)?;
     let rated = built(cfg, Some(RATE))?;
-    let mut alone = || run(cfg, &fast, 1);
-    let mut unit = || run(cfg, &fast, DEVICES);
-    let mut rated_alone = || run(cfg, &rated, 1);
-    let mut rated_unit = || run(cfg, &rated, DEVICES);
+    let cpu: [RefCell<Vec<f64>>; 4] = Default::default();
+    let mut alone = || run(cfg, &fast, 1, &cpu[0]);
+    let mut unit = || run(cfg, &fast, DEVICES, &cpu[1]);
+    let mut rated_alone = || run(cfg, &rated, 1, &cpu[2]);
+    let mut rated_unit = || run(cfg, &rated, DEVICES, &cpu[3]);
     let series = run_rotating(
         cfg.reps,
         cfg.warmup,
         &mut [&mut alone, &mut unit, &mut rated_alone, &mut rated_unit],
     )?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let c = |i: usize| {
+        let v = cpu[i].borrow();
+        Stat::of(&v[cfg.warmup.min(v.len())..]).median
+    };
     let f = Figure::from_paired(
         format!("unit.memfd.x{DEVICES}"),
         4,
@@ -140,8 +153,11 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     .note(format!(
         "{DEVICES} x {}; window: the first source's STOP to the last destination's END_OF_PHASE \
          applied; the unit moves {DEVICES} times the bytes over one stream, every byte CPU on \
-         both sides; ratio = unit / alone; CPUs {cpus}; load average {load_before} -> {}",
+         both sides; ratio = unit / alone; CPUs {cpus}; the process's CPU per GiB moved: \
+         alone {:.0} ms, unit {:.0} ms; load average {load_before} -> {}",
         spec(cfg, 0, None)?,
+        c(0),
+        c(1),
         load1()
     ));
     let rated_figure = Figure::from_paired(
@@ -160,8 +176,11 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     )
     .note(format!(
         "{DEVICES} x {}: each device's thread produces its state at its rate, as a real \
-         device's DMA or firmware bounds it; the same runs, interleaved",
-        spec(cfg, 0, Some(RATE))?
+         device's DMA or firmware bounds it; the same runs, interleaved; the process's CPU per \
+         GiB moved: alone {:.0} ms, unit {:.0} ms",
+        spec(cfg, 0, Some(RATE))?,
+        c(2),
+        c(3)
     ));
     eprintln!("bench: {}", summary(&f));
     eprintln!("bench: {}", summary(&rated_figure));
