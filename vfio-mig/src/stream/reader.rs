@@ -24,7 +24,7 @@ pub enum Record<'a> {
         device: u16,
         /// The phase the data was read in.
         phase: Phase,
-        /// The fragment (1 to [`super::MAX_FRAGMENT`] bytes), valid until the next call.
+        /// The fragment (1 to [`super::format::MAX_FRAGMENT`] bytes), valid until the next call.
         bytes: &'a [u8],
         /// This fragment closes a device chunk: for v1, write the chunk to the device as one
         /// `data_size` transaction now.
@@ -44,7 +44,7 @@ pub enum Record<'a> {
 
 /// Reads and checks a migration stream.
 ///
-/// Every record is read whole into one reusable buffer (at most [`super::MAX_FRAGMENT`]
+/// Every record is read whole into one reusable buffer (at most [`super::format::MAX_FRAGMENT`]
 /// bytes, allocated as needed) and its CRC checked before it is returned, so no unverified
 /// byte reaches a device; every length is checked against its bound before anything is read
 /// or allocated, so memory does not grow with the stream. All ordering rules are enforced.
