@@ -28,6 +28,27 @@ pub(crate) enum Decoded {
     End(Totals),
 }
 
+impl Decoded {
+    /// The record, its DATA bytes the first `len` bytes of `payload`.
+    pub(crate) fn into_record(self, payload: &[u8]) -> Record<'_> {
+        match self {
+            Decoded::Data {
+                device,
+                phase,
+                len,
+                chunk_end,
+            } => Record::Data {
+                device,
+                phase,
+                bytes: payload.get(..len).unwrap_or_default(),
+                chunk_end,
+            },
+            Decoded::EndOfPhase { device, phase } => Record::EndOfPhase { device, phase },
+            Decoded::End(totals) => Record::End(totals),
+        }
+    }
+}
+
 /// Where the records of a stream are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
@@ -211,21 +232,8 @@ impl FrameDecoder {
     pub(crate) fn record<'a>(&mut self, frame: &'a [u8]) -> Result<Record<'a>> {
         self.check.check_open()?;
         let decoded = self.decode(frame);
-        match self.check.note(decoded)? {
-            Decoded::Data {
-                device,
-                phase,
-                len,
-                chunk_end,
-            } => Ok(Record::Data {
-                device,
-                phase,
-                bytes: frame.get(HEAD..HEAD + len).unwrap_or_default(),
-                chunk_end,
-            }),
-            Decoded::EndOfPhase { device, phase } => Ok(Record::EndOfPhase { device, phase }),
-            Decoded::End(totals) => Ok(Record::End(totals)),
-        }
+        let payload = frame.get(HEAD..).unwrap_or_default();
+        Ok(self.check.note(decoded)?.into_record(payload))
     }
 
     fn decode(&mut self, frame: &[u8]) -> Result<Decoded> {

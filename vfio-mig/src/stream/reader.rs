@@ -198,21 +198,7 @@ impl<R: Read> StreamReader<R> {
     pub fn next_record(&mut self) -> Result<Record<'_>> {
         self.check.check_open()?;
         let decoded = self.read_record();
-        match self.check.note(decoded)? {
-            Decoded::Data {
-                device,
-                phase,
-                len,
-                chunk_end,
-            } => Ok(Record::Data {
-                device,
-                phase,
-                bytes: self.buf.get(..len).unwrap_or_default(),
-                chunk_end,
-            }),
-            Decoded::EndOfPhase { device, phase } => Ok(Record::EndOfPhase { device, phase }),
-            Decoded::End(totals) => Ok(Record::End(totals)),
-        }
+        Ok(self.check.note(decoded)?.into_record(&self.buf))
     }
 
     /// Exchanges the reader's record buffer for `buf` and returns the old one, whose first
