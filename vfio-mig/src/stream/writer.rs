@@ -152,7 +152,10 @@ impl<W: Write> StreamWriter<W> {
         let mut fragments = bytes.chunks(self.fragment_limit).peekable();
         while let Some(fragment) = fragments.next() {
             let end = chunk_end && fragments.peek().is_none();
-            self.write_record_to(out, RecordKind::Data, end, device, Some(phase), fragment)?;
+            let (header, tag) =
+                self.encode_record(RecordKind::Data, end, device, Some(phase), fragment)?;
+            let written = write_record_bytes(out, &header, fragment, tag.as_ref());
+            self.account(written, fragment.len())?;
             self.tracker.record_data(device, phase, fragment.len(), end);
         }
         Ok(self.bytes_written - before)
@@ -244,21 +247,6 @@ impl<W: Write> StreamWriter<W> {
     ) -> Result<()> {
         let (header, tag) = self.encode_record(kind, chunk_end, device, phase, payload)?;
         let written = write_record_bytes(&mut self.w, &header, payload, tag.as_ref());
-        self.account(written, payload.len())
-    }
-
-    /// [`write_record`](Self::write_record) into `out` instead of the transport.
-    fn write_record_to<O: Write + ?Sized>(
-        &mut self,
-        out: &mut O,
-        kind: RecordKind,
-        chunk_end: bool,
-        device: u16,
-        phase: Option<Phase>,
-        payload: &[u8],
-    ) -> Result<()> {
-        let (header, tag) = self.encode_record(kind, chunk_end, device, phase, payload)?;
-        let written = write_record_bytes(out, &header, payload, tag.as_ref());
         self.account(written, payload.len())
     }
 
