@@ -27,7 +27,19 @@ pub fn save<D: MigrationDevice, W: Write + ?Sized>(
     let opts = SourceOptions::new(Epoch(1))
         .pre_copy(pre_copy.is_some())
         .buffer(buffer);
-    let mut source = Source::start(devs, &opts).map_err(vfio_mig::Error::from)?;
+    save_with(devs, out, &opts, pre_copy, obs)
+}
+
+/// [`save`] with the source's options given whole (a unit of devices without P2P states
+/// needs `allow_non_p2p_unit`).
+pub fn save_with<D: MigrationDevice, W: Write + ?Sized>(
+    devs: Vec<D>,
+    out: &mut W,
+    opts: &SourceOptions,
+    pre_copy: Option<&PreCopyPolicy>,
+    obs: &dyn Observer,
+) -> Result<(Vec<D>, Vec<SaveReport>)> {
+    let mut source = Source::start(devs, opts).map_err(vfio_mig::Error::from)?;
     let sent = match pre_copy {
         Some(policy) => source.pre_copy(out, policy, obs).map(drop),
         None => Ok(()),
