@@ -1,17 +1,43 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The checks of a record once its bytes are in memory ([`RecordCheck`], shared by the
-//! reading [`super::StreamReader`] and the in-place [`FrameDecoder`]), and the decoder of
-//! whole frames that already lie in the caller's memory: a destination fed by pushes decodes
-//! records where the bytes arrived instead of copying them into a reader's buffer first.
+//! A decoded record ([`Record`]) and the checks of a record once its bytes are in memory
+//! ([`RecordCheck`]), shared by the reading [`super::StreamReader`] and the in-place
+//! [`super::frames::FrameDecoder`].
 
 use std::sync::Arc;
 
 use super::auth::{StreamAuth, TAG_LEN};
-use super::format::RECORD_HEADER_LEN as HEAD;
 use super::format::{RawRecordHeader, RecordKind, StreamHeader, Totals, Tracker};
-use super::reader::Record;
-use super::{Phase, StreamReader};
+use super::Phase;
 use crate::error::{Error, Result};
+
+/// One record of a stream, as returned by
+/// [`StreamReader::next_record`](super::StreamReader::next_record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A fragment of a device's migration data, CRC-checked.
+    Data {
+        /// Index of the device in the header.
+        device: u16,
+        /// The phase the data was read in.
+        phase: Phase,
+        /// The fragment (1 to [`super::format::MAX_FRAGMENT`] bytes), valid until the next
+        /// call.
+        bytes: &'a [u8],
+        /// This fragment closes a device chunk: for v1, write the chunk to the device as one
+        /// `data_size` transaction now.
+        chunk_end: bool,
+    },
+    /// The device finished `phase`.
+    EndOfPhase {
+        /// Index of the device in the header.
+        device: u16,
+        /// The phase that ended.
+        phase: Phase,
+    },
+    /// The trailer: the stream is complete and its totals were checked. Call
+    /// [`StreamReader::finish`](super::StreamReader::finish) to check that nothing follows.
+    End(Totals),
+}
 
 /// What a record decoded to, without the borrow of its payload.
 pub(crate) enum Decoded {
@@ -190,74 +216,5 @@ impl RecordCheck {
             }
             (kind, None) => Err(err(format!("{kind} record without a phase"))),
         }
-    }
-}
-
-/// Decodes a stream whose frames (the header, then each record with its tag) the caller
-/// already holds whole in memory: every record is checked exactly as
-/// [`StreamReader`](super::StreamReader) checks it, and a DATA record's payload is returned
-/// as a slice of the caller's frame, copied nowhere.
-pub(crate) struct FrameDecoder {
-    check: RecordCheck,
-}
-
-impl FrameDecoder {
-    /// Checks the stream header `frame` (exactly the bytes
-    /// [`header_frame_len`](super::format::header_frame_len) measured) and returns the
-    /// decoder and the header. With a `key`, the header's tag is checked, as
-    /// [`StreamReader::open_keyed`] does.
-    pub(crate) fn open(
-        frame: &[u8],
-        key: Option<Arc<dyn StreamAuth>>,
-    ) -> Result<(Self, StreamHeader)> {
-        let (reader, header) = StreamReader::open_keyed(frame, key)?;
-        let (rest, check) = reader.into_parts();
-        if !rest.is_empty() {
-            return Err(Error::stream(
-                "stream header",
-                format!("{} bytes beyond the header's frame", rest.len()),
-            ));
-        }
-        Ok((Self { check }, header))
-    }
-
-    /// Whether the stream carries tags (each record's frame ends with one).
-    pub(crate) fn is_authenticated(&self) -> bool {
-        self.check.authenticated
-    }
-
-    /// Decodes one whole record `frame` (exactly the bytes
-    /// [`record_frame_len`](super::format::record_frame_len) measured: header, payload and
-    /// tag). A DATA record's bytes are a slice of `frame`.
-    pub(crate) fn record<'a>(&mut self, frame: &'a [u8]) -> Result<Record<'a>> {
-        self.check.check_open()?;
-        let decoded = self.decode(frame);
-        let payload = frame.get(HEAD..).unwrap_or_default();
-        Ok(self.check.note(decoded)?.into_record(payload))
-    }
-
-    fn decode(&mut self, frame: &[u8]) -> Result<Decoded> {
-        let seq = self.check.next_sequence();
-        let err = |detail: String| Error::stream(format!("read stream record {seq}"), detail);
-        let head: [u8; HEAD] = frame
-            .get(..HEAD)
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| err(format!("a record frame of {} bytes", frame.len())))?;
-        let raw = RawRecordHeader::new(head);
-        let len = raw
-            .checked_payload_len(self.check.header.devices.len())
-            .map_err(err)?;
-        let tag_len = if self.check.authenticated { TAG_LEN } else { 0 };
-        if frame.len() != HEAD + len + tag_len {
-            return Err(err(format!(
-                "a record frame of {} bytes for a payload of {len}",
-                frame.len()
-            )));
-        }
-        let payload = frame.get(HEAD..HEAD + len).unwrap_or_default();
-        let tag = frame
-            .get(HEAD + len..)
-            .and_then(|t| <&[u8; TAG_LEN]>::try_from(t).ok());
-        self.check.check(&raw, payload, tag)
     }
 }

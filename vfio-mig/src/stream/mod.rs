@@ -61,12 +61,13 @@ pub(crate) mod coalesce;
 pub mod crc;
 pub(crate) mod decode;
 pub(crate) mod format;
+pub(crate) mod frames;
 pub(crate) mod reader;
 pub(crate) mod writer;
 
 pub(crate) use auth::StreamAuth;
-pub(crate) use decode::FrameDecoder;
 pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES};
+pub(crate) use frames::FrameDecoder;
 pub(crate) use reader::{Record, StreamReader};
 pub(crate) use writer::StreamWriter;
 

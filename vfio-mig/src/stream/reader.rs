@@ -3,6 +3,7 @@
 
 use std::io::{self, Read};
 
+pub use super::decode::Record;
 use super::decode::{Decoded, RecordCheck, State};
 use super::format::{
     check_descriptor_fixed, check_header_fixed, header_flags, RawRecordHeader, StreamHeader,
@@ -14,33 +15,6 @@ use std::sync::Arc;
 use super::auth::{StreamAuth, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
-
-/// One record of a stream, as returned by [`StreamReader::next_record`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record<'a> {
-    /// A fragment of a device's migration data, CRC-checked.
-    Data {
-        /// Index of the device in the header.
-        device: u16,
-        /// The phase the data was read in.
-        phase: Phase,
-        /// The fragment (1 to [`super::format::MAX_FRAGMENT`] bytes), valid until the next call.
-        bytes: &'a [u8],
-        /// This fragment closes a device chunk: for v1, write the chunk to the device as one
-        /// `data_size` transaction now.
-        chunk_end: bool,
-    },
-    /// The device finished `phase`.
-    EndOfPhase {
-        /// Index of the device in the header.
-        device: u16,
-        /// The phase that ended.
-        phase: Phase,
-    },
-    /// The trailer: the stream is complete and its totals were checked. Call
-    /// [`StreamReader::finish`] to check that nothing follows.
-    End(Totals),
-}
 
 /// Reads and checks a migration stream.
 ///
