@@ -12,8 +12,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vfio_mig::workspace::{new_header, SaveOptions};
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::NoObserver;
+use vfio_mig::SaveOptions;
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_session::handshake::{receive, send, RecvOutcome, SendOutcome};
 use vfio_mig_session::transport::{Connection, Duplex};
@@ -82,7 +83,7 @@ fn a_record_and_its_header_leave_in_one_call() {
     ] {
         let mut src = mock(spec);
         let mut dst = mock(spec);
-        let header = new_header(&[src.device.as_ref()], false, 1).unwrap();
+        let header = StreamHeader::new(&[src.device.as_ref()], false, 1).unwrap();
         let opts = SaveOptions {
             buffer,
             ..Default::default()

@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex};
 
 use vfio_mig::backend::DeviceIdentity;
 use vfio_mig::error::{Error, Report, Result};
-use vfio_mig::wire::{DeviceDescriptor, Phase, Protocol as WireProtocol, StreamHeader};
-use vfio_mig::wire::{StreamWriter, RECORD_HEADER_LEN};
+use vfio_mig::wire::{DeviceDescriptor, Phase, StreamHeader, StreamWriter};
 use vfio_mig::{Capabilities, Destination, DestinationOptions, MigrationDevice, Pending};
 use vfio_mig::{Protocol, ReadOutcome, Recovery, RunState, Status};
+
+/// The record header's size, from docs/stream-format.md ("a 24-byte record header").
+const RECORD_HEADER_LEN: usize = 24;
 
 const MODEL: &str = "test:recorder";
 
@@ -149,7 +151,7 @@ fn stream(payloads: &[Vec<u8>]) -> Vec<u8> {
         session_id: [9; 16],
         epoch: 1,
         devices: vec![DeviceDescriptor {
-            protocol: WireProtocol::V2,
+            protocol: Protocol::V2,
             live: false,
             migration_flags: 1,
             model: MODEL.into(),

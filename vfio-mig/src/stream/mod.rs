@@ -21,9 +21,8 @@
 //! by byte in `docs/stream-format.md`.
 //!
 //! ```
-//! use vfio_mig::wire::{
-//!     DeviceDescriptor, Phase, Protocol, Record, StreamHeader, StreamReader, StreamWriter,
-//! };
+//! use vfio_mig::wire::{DeviceDescriptor, Phase, Record, StreamHeader, StreamReader, StreamWriter};
+//! use vfio_mig::Protocol;
 //!
 //! let header = StreamHeader {
 //!     session_id: [0; 16],

@@ -29,7 +29,6 @@ use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
-use vfio_mig::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::transport::SOCKET_BUFFER;

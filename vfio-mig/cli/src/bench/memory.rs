@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::{DeviceDescriptor, Protocol, StreamHeader};
+use vfio_mig::wire::{DeviceDescriptor, StreamHeader};
+use vfio_mig::Protocol;
 use vfio_mig::{
     wire::Phase, wire::Record, wire::StreamReader, wire::StreamWriter, wire::MAX_FRAGMENT,
 };

@@ -19,8 +19,6 @@ use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
 use vfio_mig::NoObserver;
-use vfio_mig::Protocol;
-use vfio_mig::SaveOptions;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 
