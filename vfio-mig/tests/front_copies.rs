@@ -243,6 +243,72 @@ fn whole_records_reach_the_device_from_the_pushed_bytes() {
     }
 }
 
+/// A unit of two recorders over two channels: device `i` on channel `i`, each channel's
+/// sub-stream a one-device stream of its own (as `Source::set_channels` sends them).
+fn two_channel_destination() -> (Destination<Recorder>, [Arc<Mutex<Log>>; 2]) {
+    let logs = [0, 1].map(|_| Arc::new(Mutex::new(Log::default())));
+    let devs = logs.iter().map(|l| Recorder(l.clone())).collect();
+    let mut dst = Destination::new(devs, &DestinationOptions::new()).unwrap();
+    dst.set_channels(2).unwrap();
+    (dst, logs)
+}
+
+#[test]
+fn two_channels_pushed_in_interleaved_pieces_load_what_was_written() {
+    let payloads = payloads();
+    let bytes = stream(&payloads);
+    for piece in [1, 7, 24, 25, 4095, 65_536] {
+        let (mut dst, logs) = two_channel_destination();
+        let mut status = Status::NeedMore;
+        for start in (0..bytes.len()).step_by(piece) {
+            let end = (start + piece).min(bytes.len());
+            for ch in 0..2 {
+                assert_eq!(
+                    status,
+                    Status::NeedMore,
+                    "{piece}-byte pushes: loaded early"
+                );
+                status = dst
+                    .push_channel(ch, &bytes[start..end], &vfio_mig::NoObserver)
+                    .unwrap();
+            }
+        }
+        assert_eq!(status, Status::Loaded, "{piece}-byte pushes");
+        for log in &logs {
+            let what = format!("{piece}-byte pushes");
+            assert_loaded_exactly(&log.lock().unwrap(), &payloads, &what);
+        }
+    }
+}
+
+#[test]
+fn whole_records_of_every_channel_reach_their_device_from_the_pushed_bytes() {
+    let payloads = payloads();
+    let pushes = [stream(&payloads), stream(&payloads)];
+    let (mut dst, logs) = two_channel_destination();
+    let obs = vfio_mig::NoObserver;
+    assert_eq!(
+        dst.push_channel(0, &pushes[0], &obs).unwrap(),
+        Status::NeedMore
+    );
+    assert_eq!(
+        dst.push_channel(1, &pushes[1], &obs).unwrap(),
+        Status::Loaded
+    );
+    for (ch, (log, bytes)) in logs.iter().zip(&pushes).enumerate() {
+        let log = log.lock().unwrap();
+        assert_loaded_exactly(&log, &payloads, &format!("channel {ch}"));
+        let pushed = bytes.as_ptr() as usize..bytes.as_ptr() as usize + bytes.len();
+        for (i, (data, _, at)) in log.writes.iter().enumerate() {
+            assert!(
+                pushed.contains(at) && pushed.contains(&(at + data.len() - 1)),
+                "channel {ch}, record {i} ({} bytes) reached the device from a copy",
+                data.len()
+            );
+        }
+    }
+}
+
 #[test]
 fn a_corrupt_crc_is_refused_before_its_bytes_reach_the_device() {
     let payloads = payloads();
