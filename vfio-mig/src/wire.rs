@@ -6,6 +6,7 @@
 //! [docs/stream-format.md]: https://github.com/vfio-mig/vfio-mig/blob/main/docs/stream-format.md
 
 pub use crate::stream::auth::{StreamAuth, TAG_LEN};
+pub use crate::stream::coalesce::CoalescingWriter;
 pub use crate::stream::crc;
 pub use crate::stream::format::{
     DeviceDescriptor, DeviceTotals, Phase, SessionId, StreamHeader, Totals, MAGIC, MAX_FRAGMENT,

@@ -2,7 +2,6 @@
 //! The destination of a migration: bytes pushed as they arrive, every device loaded, then
 //! run in a call of its own, after the VMM's restore steps.
 
-use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -14,21 +13,16 @@ use crate::engine::run::run_unit;
 use crate::engine::{NoObserver, Observer};
 use crate::error::{Error, Report, Result};
 use crate::migration::MigrationDevice;
-use crate::stream::format::{header_frame_len, record_frame_len};
-use crate::stream::{Phase, Record, StreamAuth, StreamHeader, StreamReader};
+use crate::stream::format::{header_frame_len, record_frame_len, RECORD_HEADER_LEN};
+use crate::stream::{FrameDecoder, Phase, Record, StreamAuth, StreamHeader};
 
 use super::channels::{channel_header, check_count, devices_of, in_channel};
 use super::handback::{as_refs, fold, Handback};
 use super::options::DestinationOptions;
 
-/// Record payloads batched per push before they are applied to the devices: bounds the
-/// memory a large push takes.
+/// Record payloads batched per push before they are applied to the devices (in parallel
+/// when several devices have records in the batch).
 const BATCH_BYTES: usize = 8 << 20;
-
-/// Record buffers kept for reuse at most (a batch's worth of full-size records, and one per
-/// device beyond): the reader fills them in turn, so no record is copied or allocated in the
-/// steady state.
-const SPARE_BUFFERS: usize = BATCH_BYTES / crate::stream::MAX_FRAGMENT + 4;
 
 /// The size of each read of [`Destination::read_from`] and [`Destination::read_channels`].
 const READ_BUFFER: usize = 256 << 10;
@@ -65,14 +59,12 @@ enum Stage {
     Ended,
 }
 
-/// One record, as a device's loader applies it.
-enum Item {
+/// One record, as a device's loader applies it: a DATA record's bytes where they arrived
+/// (the pushed bytes, or a channel's inbox for a record split across pushes).
+enum Item<'a> {
     Data {
         phase: Phase,
-        /// The reader's record buffer (see [`StreamReader::swap_buffer`]): the payload is its
-        /// first `len` bytes.
-        buf: Vec<u8>,
-        len: usize,
+        bytes: &'a [u8],
         chunk_end: bool,
     },
     EndOfPhase(Phase),
@@ -81,10 +73,10 @@ enum Item {
 /// One channel's part of the stream: its sub-stream, as its bytes arrive.
 #[derive(Default)]
 struct Inbound {
-    /// Received bytes not yet a whole header or record.
+    /// The start of a header or record that earlier pushes brought only part of.
     inbox: Vec<u8>,
-    /// The sub-stream's reader, once its header was read.
-    reader: Option<StreamReader<VecDeque<u8>>>,
+    /// The sub-stream's decoder, once its header was read.
+    decoder: Option<FrameDecoder>,
     /// The unit index of each of the channel's devices.
     units: Vec<usize>,
     /// The channel's trailer was read.
@@ -120,8 +112,6 @@ pub struct Destination<D: MigrationDevice> {
     /// Per device: whether it entered RESUMING (its channel's header matched it).
     resuming: Vec<bool>,
     loaders: Vec<DeviceLoader<'static>>,
-    /// Record buffers the devices are done with, for the reader's next records.
-    spare: Vec<Vec<u8>>,
     /// Per device: whether the header says it comes with pre-copy data.
     live: Vec<bool>,
     /// Per device: whether its END_OF_PHASE(PRE_COPY) was applied.
@@ -172,7 +162,6 @@ impl<D: MigrationDevice> Destination<D> {
             session: None,
             resuming: vec![false; n],
             loaders,
-            spare: Vec::new(),
             live: vec![false; n],
             pre_copy_ended: vec![false; n],
             reloaded: 0,
@@ -278,23 +267,49 @@ impl<D: MigrationDevice> Destination<D> {
         Ok(())
     }
 
-    /// One read from `input` (into `buf`), pushed (to channel 0): for a caller that acts
-    /// between reads (a session acknowledging the pre-copy data), each device's phases and
-    /// progress reported to `obs`. The end of `input` before the trailer is an error (and
-    /// every device is reset).
+    /// One read from `input`, pushed (to channel 0): for a caller that acts between reads (a
+    /// session acknowledging the pre-copy data), each device's phases and progress reported
+    /// to `obs`. The end of `input` before the trailer is an error (and every device is
+    /// reset).
+    ///
+    /// The stream header is read into `buf`; past it, each record is read straight into the
+    /// channel's own buffer, up to its end and no further, and decoded there: no byte is
+    /// copied in user space, and nothing after the trailer is consumed.
     pub fn read_some<R: Read + ?Sized>(
         &mut self,
         input: &mut R,
         buf: &mut [u8],
         obs: &dyn Observer,
     ) -> Result<Status> {
+        let c = &self.inbound[0];
+        let want = match (&c.decoder, self.stage) {
+            (Some(d), Stage::Loading) if !c.ended => Some(
+                record_frame_len(&c.inbox, d.is_authenticated())
+                    .unwrap_or(RECORD_HEADER_LEN)
+                    .saturating_sub(c.inbox.len()),
+            ),
+            _ => None,
+        };
         loop {
-            return match input.read(buf) {
-                Ok(0) => Err(self.fail(Error::stream(
+            let read = match want {
+                // A length beyond any record's: the decoder refuses the frame as it is.
+                Some(0) => return self.push_observed(&[], obs),
+                Some(want) => {
+                    let inbox = &mut self.inbound[0].inbox;
+                    let start = inbox.len();
+                    inbox.resize(start + want, 0);
+                    let read = input.read(&mut inbox[start..]);
+                    inbox.truncate(start + read.as_ref().map_or(0, |&n| n.min(want)));
+                    read.map(|n| (n, &[][..]))
+                }
+                None => input.read(buf).map(|n| (n, &buf[..n.min(buf.len())])),
+            };
+            return match read {
+                Ok((0, _)) => Err(self.fail(Error::stream(
                     "read the migration stream",
                     "truncated stream: it ended before its trailer",
                 ))),
-                Ok(n) => self.push_observed(&buf[..n], obs),
+                Ok((_, bytes)) => self.push_observed(bytes, obs),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(self.fail(Error::transport("read the migration stream", e))),
             };
@@ -428,7 +443,7 @@ impl<D: MigrationDevice> Destination<D> {
     /// and for a stream without pre-copy.
     pub fn pre_copy_loaded(&self) -> bool {
         self.stage != Stage::Ended
-            && self.inbound.iter().all(|c| c.reader.is_some() || c.ended)
+            && self.inbound.iter().all(|c| c.decoder.is_some() || c.ended)
             && self.live.iter().any(|&l| l)
             && self
                 .live
@@ -519,7 +534,7 @@ impl<D: MigrationDevice> Destination<D> {
         let touched = self.stage != Stage::Waiting;
         self.stage = Stage::Ended;
         for c in &mut self.inbound {
-            c.reader = None;
+            c.decoder = None;
         }
         if !touched {
             return e;
@@ -534,25 +549,32 @@ impl<D: MigrationDevice> Destination<D> {
         fold(e, outcomes)
     }
 
-    /// Splits each piece (after what is left of earlier pushes to its channel) into whole
-    /// frames, decodes them and applies the records; checks whether every channel ended.
+    /// Decodes the frames of each piece (after what is left of earlier pushes to its
+    /// channel) where they lie and applies the records: a frame split across pushes is copied
+    /// into its channel's inbox once, a frame that arrived whole is not copied at all. Checks
+    /// whether every channel ended.
     fn take(&mut self, pieces: &[(usize, &[u8])], obs: &dyn Observer) -> Result<Status> {
-        let mut batches: Vec<Vec<Item>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
-        let mut batched = 0;
-        let count = self.inbound.len();
-        for &(ch, bytes) in pieces {
-            self.inbound[ch].inbox.extend_from_slice(bytes);
-            let r = self.decode(ch, &mut batches, &mut batched, obs);
-            r.map_err(|e| in_channel(ch, count, e))?;
+        // The records borrow the inboxes while they are applied: out of `self` meanwhile.
+        let mut held: Vec<Vec<u8>> = (self.inbound.iter_mut())
+            .map(|c| std::mem::take(&mut c.inbox))
+            .collect();
+        let taken = self.take_held(pieces, &mut held, obs);
+        for (c, inbox) in self.inbound.iter_mut().zip(held) {
+            c.inbox = inbox;
         }
-        self.apply(&mut batches, obs)?;
+        taken?;
+        let count = self.inbound.len();
+        for (ch, c) in self.inbound.iter().enumerate() {
+            if c.ended && !c.inbox.is_empty() {
+                let e = Error::stream(
+                    "stream end",
+                    format!("{} bytes after the trailer", c.inbox.len()),
+                );
+                return Err(in_channel(ch, count, e));
+            }
+        }
         if !self.inbound.iter().all(|c| c.ended) {
             return Ok(Status::NeedMore);
-        }
-        for (ch, c) in self.inbound.iter_mut().enumerate() {
-            if let Some(reader) = c.reader.as_mut() {
-                reader.finish().map_err(|e| in_channel(ch, count, e))?;
-            }
         }
         each(&mut as_refs(&mut self.devs), "load the unit's state", |d| {
             d.load_state()
@@ -561,101 +583,152 @@ impl<D: MigrationDevice> Destination<D> {
         Ok(Status::Loaded)
     }
 
-    /// Decodes the whole frames in channel `ch`'s inbox into `batches` (applying them when
-    /// they grow past [`BATCH_BYTES`]).
-    fn decode(
+    /// [`take`](Self::take) with the channels' inboxes in `held`; leaves in each what its
+    /// channel's pieces did not complete. A channel's pieces after its first are taken in a
+    /// later round (a frame split between them is completed in the inbox).
+    fn take_held(
         &mut self,
-        ch: usize,
-        batches: &mut [Vec<Item>],
-        batched: &mut usize,
+        pieces: &[(usize, &[u8])],
+        held: &mut [Vec<u8>],
         obs: &dyn Observer,
     ) -> Result<()> {
-        let mut consumed = 0;
-        let inbox = std::mem::take(&mut self.inbound[ch].inbox);
-        let units = self.inbound[ch].units.clone();
+        let again = (1..pieces.len()).find(|&i| pieces[..i].iter().any(|p| p.0 == pieces[i].0));
+        let (now, later) = pieces.split_at(again.unwrap_or(pieces.len()));
+        let count = self.inbound.len();
+        // Complete the frame an earlier push began, from the first bytes of the piece.
+        let mut rests: Vec<&[u8]> = Vec::with_capacity(now.len());
+        for &(ch, bytes) in now {
+            let inbox = &mut held[ch];
+            let mut rest = bytes;
+            while !inbox.is_empty() && !rest.is_empty() {
+                let add = match self.frame_len(ch, inbox) {
+                    Some(need) => need.saturating_sub(inbox.len()).min(rest.len()),
+                    None => 1, // not yet long enough to tell: a few bytes of a header
+                };
+                inbox.extend_from_slice(&rest[..add]);
+                rest = &rest[add..];
+                if self.frame_len(ch, inbox) == Some(inbox.len()) {
+                    break;
+                }
+            }
+            rests.push(rest);
+        }
+        let whole: Vec<bool> = (0..count)
+            .map(|ch| !held[ch].is_empty() && self.frame_len(ch, &held[ch]) == Some(held[ch].len()))
+            .collect();
+        let mut batches: Vec<Vec<Item<'_>>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
+        let mut batched = 0;
+        for (&(ch, _), rest) in now.iter().zip(rests.iter_mut()) {
+            let mut next = whole[ch].then_some(&held[ch][..]);
+            let decoded = (|| -> Result<()> {
+                loop {
+                    let frame = match next.take() {
+                        Some(frame) => frame,
+                        None => match self
+                            .frame_len(ch, rest)
+                            .filter(|&n| n > 0 && n <= rest.len())
+                        {
+                            Some(n)
+                                if !self.inbound[ch].ended
+                                    && (held[ch].is_empty() || whole[ch]) =>
+                            {
+                                let (frame, after) = rest.split_at(n);
+                                *rest = after;
+                                frame
+                            }
+                            _ => return Ok(()),
+                        },
+                    };
+                    batched += self.decode(ch, frame, &mut batches)?;
+                    if batched >= BATCH_BYTES {
+                        self.apply(&mut batches, obs)?;
+                        batched = 0;
+                    }
+                }
+            })();
+            decoded.map_err(|e| in_channel(ch, count, e))?;
+        }
+        self.apply(&mut batches, obs)?;
+        drop(batches);
+        // Keep the start of a frame the pieces did not complete: the held frame still
+        // incomplete (then its piece went into it whole), or the rest of the piece (the
+        // inbox's allocation is reused).
+        for (&(ch, _), rest) in now.iter().zip(rests) {
+            if whole[ch] {
+                held[ch].clear();
+            }
+            held[ch].extend_from_slice(rest);
+        }
+        if later.is_empty() {
+            return Ok(());
+        }
+        self.take_held(later, held, obs)
+    }
+
+    /// The length of the frame `bytes` begins with in channel `ch` (the header's before it
+    /// was read, else a record's), or `None` while `bytes` is too short to tell.
+    fn frame_len(&self, ch: usize, bytes: &[u8]) -> Option<usize> {
+        match &self.inbound[ch].decoder {
+            None => header_frame_len(bytes),
+            Some(d) => record_frame_len(bytes, d.is_authenticated()),
+        }
+    }
+
+    /// Decodes one whole `frame` of channel `ch`: opens the sub-stream on its header, or
+    /// adds the record to its device's batch (where it lies). Returns the DATA bytes added.
+    fn decode<'a>(
+        &mut self,
+        ch: usize,
+        frame: &'a [u8],
+        batches: &mut [Vec<Item<'a>>],
+    ) -> Result<usize> {
+        let c = &mut self.inbound[ch];
+        let Some(decoder) = c.decoder.as_mut() else {
+            self.open(ch, frame)?;
+            return Ok(0);
+        };
         let unit = |local: u16| {
-            units
+            c.units
                 .get(usize::from(local))
                 .copied()
                 .ok_or_else(|| no_device(local))
         };
-        let decoded = (|| -> Result<()> {
-            while !self.inbound[ch].ended {
-                let rest = &inbox[consumed..];
-                let need = match &self.inbound[ch].reader {
-                    None => header_frame_len(rest),
-                    Some(r) => record_frame_len(rest, r.is_authenticated()),
-                };
-                let Some(need) = need.filter(|&n| n <= rest.len() && n > 0) else {
-                    break;
-                };
-                consumed += need;
-                let Some(reader) = self.inbound[ch].reader.as_mut() else {
-                    let header = VecDeque::from(rest[..need].to_vec());
-                    self.open(ch, header)?;
-                    continue;
-                };
-                // The record's bytes are copied once, into the reader's queue; the reader
-                // then reads them into its buffer, which moves to the device's batch as it is.
-                reader.get_mut().extend(&rest[..need]);
-                let record = reader.next_record()?;
-                match record {
-                    Record::Data {
-                        device,
-                        phase,
-                        bytes,
-                        chunk_end,
-                    } => {
-                        let len = bytes.len();
-                        let device = unit(device)?;
-                        *batched += len;
-                        let buf = reader.swap_buffer(self.spare.pop().unwrap_or_default());
-                        batches[device].push(Item::Data {
-                            phase,
-                            buf,
-                            len,
-                            chunk_end,
-                        });
-                    }
-                    Record::EndOfPhase { device, phase } => {
-                        let device = unit(device)?;
-                        if phase == Phase::PreCopy {
-                            // Applied, with the records before it, before this push returns.
-                            let ended = &mut self.pre_copy_ended[device];
-                            if *ended {
-                                self.reloaded += 1;
-                            }
-                            *ended = true;
-                        }
-                        batches[device].push(Item::EndOfPhase(phase))
-                    }
-                    Record::End(_) => self.inbound[ch].ended = true,
-                }
-                if *batched >= BATCH_BYTES {
-                    self.apply(batches, obs)?;
-                    *batched = 0;
-                }
+        match decoder.record(frame)? {
+            Record::Data {
+                device,
+                phase,
+                bytes,
+                chunk_end,
+            } => {
+                batches[unit(device)?].push(Item::Data {
+                    phase,
+                    bytes,
+                    chunk_end,
+                });
+                return Ok(bytes.len());
             }
-            Ok(())
-        })();
-        let c = &mut self.inbound[ch];
-        c.inbox = inbox;
-        c.inbox.drain(..consumed);
-        decoded?;
-        if c.ended && !c.inbox.is_empty() {
-            return Err(Error::stream(
-                "stream end",
-                format!("{} bytes after the trailer", c.inbox.len()),
-            ));
+            Record::EndOfPhase { device, phase } => {
+                let device = unit(device)?;
+                if phase == Phase::PreCopy {
+                    // Applied, with the records before it, before this push returns.
+                    let ended = &mut self.pre_copy_ended[device];
+                    if *ended {
+                        self.reloaded += 1;
+                    }
+                    *ended = true;
+                }
+                batches[device].push(Item::EndOfPhase(phase))
+            }
+            Record::End(_) => c.ended = true,
         }
-        Ok(())
+        Ok(0)
     }
 
     /// Opens channel `ch`'s sub-stream on its header: checks it (the expected unit's part,
     /// the session of the other channels, the channel's devices) before touching any of the
     /// channel's devices, then has them all enter RESUMING.
-    fn open(&mut self, ch: usize, header: VecDeque<u8>) -> Result<()> {
-        let (reader, header) = StreamReader::open_keyed(header, self.key.clone())?;
+    fn open(&mut self, ch: usize, frame: &[u8]) -> Result<()> {
+        let (decoder, header) = FrameDecoder::open(frame, self.key.clone())?;
         let count = self.inbound.len();
         let units = self.inbound[ch].units.clone();
         if let Some(unit) = &self.expected {
@@ -693,7 +766,7 @@ impl<D: MigrationDevice> Destination<D> {
             check_compatible(&self.devs[i], desc)?;
         }
         self.stage = Stage::Loading;
-        self.inbound[ch].reader = Some(reader);
+        self.inbound[ch].decoder = Some(decoder);
         for (&i, desc) in units.iter().zip(&header.devices) {
             self.live[i] = desc.live;
             self.resuming[i] = true;
@@ -708,9 +781,8 @@ impl<D: MigrationDevice> Destination<D> {
         each(&mut mine, "enter RESUMING", |d| d.start_resume())
     }
 
-    /// Applies each device's batch, the devices in parallel; keeps the record buffers for
-    /// the reader's next records.
-    fn apply(&mut self, batches: &mut [Vec<Item>], obs: &dyn Observer) -> Result<()> {
+    /// Applies each device's batch, the devices in parallel.
+    fn apply(&mut self, batches: &mut [Vec<Item<'_>>], obs: &dyn Observer) -> Result<()> {
         let busy = batches.iter().filter(|b| !b.is_empty()).count();
         if busy == 0 {
             return Ok(());
@@ -721,38 +793,29 @@ impl<D: MigrationDevice> Destination<D> {
             .zip(self.loaders.iter_mut())
             .zip(batches.iter_mut())
             .filter(|(_, b)| !b.is_empty());
-        let mut returned = Vec::new();
         if busy == 1 {
             for ((dev, loader), batch) in work {
-                apply_batch(dev, loader, std::mem::take(batch), &mut returned, obs)?;
+                apply_batch(dev, loader, std::mem::take(batch), obs)?;
             }
-        } else {
-            let results: Vec<Result<Vec<Vec<u8>>>> = std::thread::scope(|s| {
-                let threads: Vec<_> = work
-                    .map(|((dev, loader), batch)| {
-                        let batch = std::mem::take(batch);
-                        s.spawn(move || {
-                            let mut bufs = Vec::new();
-                            apply_batch(dev, loader, batch, &mut bufs, obs).map(|()| bufs)
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .map(|t| {
-                        t.join().unwrap_or_else(|_| {
-                            Err(Error::protocol("load", "a device's load thread panicked"))
-                        })
-                    })
-                    .collect()
-            });
-            for r in results {
-                returned.append(&mut r?);
-            }
+            return Ok(());
         }
-        self.spare.append(&mut returned);
-        self.spare.truncate(SPARE_BUFFERS);
-        Ok(())
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let threads: Vec<_> = work
+                .map(|((dev, loader), batch)| {
+                    let batch = std::mem::take(batch);
+                    s.spawn(move || apply_batch(dev, loader, batch, obs))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::protocol("load", "a device's load thread panicked"))
+                    })
+                })
+                .collect()
+        });
+        results.into_iter().collect()
     }
 }
 
@@ -775,26 +838,20 @@ fn no_device(local: u16) -> Error {
     )
 }
 
-/// Applies `batch` to `dev`; the record buffers go to `returned` for reuse.
+/// Applies `batch` to `dev`.
 fn apply_batch(
     dev: &mut dyn MigrationDevice,
     loader: &mut DeviceLoader<'static>,
-    batch: Vec<Item>,
-    returned: &mut Vec<Vec<u8>>,
+    batch: Vec<Item<'_>>,
     obs: &dyn Observer,
 ) -> Result<()> {
     for item in batch {
         match item {
             Item::Data {
                 phase,
-                buf,
-                len,
+                bytes,
                 chunk_end,
-            } => {
-                let applied = loader.data_to(obs, dev, phase, &buf[..len], chunk_end);
-                returned.push(buf);
-                applied?
-            }
+            } => loader.data_to(obs, dev, phase, bytes, chunk_end)?,
             Item::EndOfPhase(phase) => loader.end_phase_to(obs, phase),
         }
     }

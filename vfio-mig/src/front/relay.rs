@@ -69,10 +69,15 @@ impl<'a, O: Outputs + ?Sized> Relay<'a, O> {
 }
 
 impl<O: Outputs + ?Sized> RecordSink for Relay<'_, O> {
+    /// The record goes into its channel's writer straight from the device's buffer (nothing
+    /// is staged before it: every call drains).
     fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
         let (ch, local) = channel_of(usize::from(device), self.writers.len());
-        self.writers[ch].data(local, phase, bytes, chunk_end)?;
-        self.drain(ch)
+        let count = self.out.count();
+        self.written += self.writers[ch]
+            .data_to(self.out.channel(ch), local, phase, bytes, chunk_end)
+            .map_err(|e| in_channel(ch, count, e))?;
+        Ok(())
     }
 
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {

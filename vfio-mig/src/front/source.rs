@@ -551,37 +551,48 @@ impl<D: MigrationDevice> Source<D> {
         let end_pre_copy = !self.pre_copy_ended;
         let reports = &mut self.reports;
         let count = writers.len();
-        let (sink, records) = UnitSink::new(&mut writers);
-        let saved = std::thread::scope(|s| {
-            let unit = s.spawn(move || {
-                each_with_report(&mut devs, reports, |i, dev, report| {
-                    let index = i as u16;
-                    let mut to = &sink;
-                    let r = if live[i] && end_pre_copy {
-                        to.end_phase(index, Phase::PreCopy)
-                    } else {
-                        Ok(())
-                    }
-                    .and_then(|()| stop_copy(dev, &mut to, index, &opts, obs, report));
-                    if r.is_err() {
-                        sink.fail();
-                    }
-                    r
-                })
-                // The sink goes with this thread: its end closes `records`.
+        if let ([dev], [report]) = (&mut devs[..], &mut reports[..]) {
+            // One device: on this thread, each record straight from the device's buffer into
+            // its channel's writer with its header (no staging copy, no hand-over between
+            // threads).
+            let mut relay = Relay::new(&mut writers, &mut *out)?;
+            if live[0] && end_pre_copy {
+                relay.end_phase(0, Phase::PreCopy)?;
+            }
+            stop_copy(&mut **dev, &mut relay, 0, &opts, obs, report)?;
+        } else {
+            let (sink, records) = UnitSink::new(&mut writers);
+            let saved = std::thread::scope(|s| {
+                let unit = s.spawn(move || {
+                    each_with_report(&mut devs, reports, |i, dev, report| {
+                        let index = i as u16;
+                        let mut to = &sink;
+                        let r = if live[i] && end_pre_copy {
+                            to.end_phase(index, Phase::PreCopy)
+                        } else {
+                            Ok(())
+                        }
+                        .and_then(|()| stop_copy(dev, &mut to, index, &opts, obs, report));
+                        if r.is_err() {
+                            sink.fail();
+                        }
+                        r
+                    })
+                    // The sink goes with this thread: its end closes `records`.
+                });
+                // Dropping `records` on a failed write stops the device threads at their next
+                // record.
+                let written = out.write_records(records);
+                let saved = unit.join().unwrap_or_else(|_| {
+                    Err(Error::protocol("switch over", "the unit's thread panicked"))
+                });
+                // A failed write stopped the device threads ("the stream writer stopped"): the
+                // write's error is the cause, and a session layer explains it with the peer's
+                // reason.
+                written.and(saved)
             });
-            // Dropping `records` on a failed write stops the device threads at their next
-            // record.
-            let written = out.write_records(records);
-            let saved = unit.join().unwrap_or_else(|_| {
-                Err(Error::protocol("switch over", "the unit's thread panicked"))
-            });
-            // A failed write stopped the device threads ("the stream writer stopped"): the
-            // write's error is the cause, and a session layer explains it with the peer's
-            // reason.
-            written.and(saved)
-        });
-        saved?;
+            saved?;
+        }
         for (ch, writer) in writers.into_iter().enumerate() {
             let (trailer, _) = writer.finish()?;
             out.channel(ch).write_all(&trailer).map_err(|e| {

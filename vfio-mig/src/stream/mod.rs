@@ -58,13 +58,17 @@
 //! ```
 
 pub(crate) mod auth;
+pub(crate) mod coalesce;
 pub mod crc;
+pub(crate) mod decode;
 pub(crate) mod format;
+pub(crate) mod frames;
 pub(crate) mod reader;
 pub(crate) mod writer;
 
 pub(crate) use auth::StreamAuth;
-pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES, MAX_FRAGMENT};
+pub(crate) use format::{DeviceDescriptor, Phase, StreamHeader, MAX_DEVICES};
+pub(crate) use frames::FrameDecoder;
 pub(crate) use reader::{Record, StreamReader};
 pub(crate) use writer::StreamWriter;
 

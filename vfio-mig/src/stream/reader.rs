@@ -3,9 +3,11 @@
 
 use std::io::{self, Read};
 
+pub use super::decode::Record;
+use super::decode::{Decoded, RecordCheck, State};
 use super::format::{
-    check_descriptor_fixed, check_header_fixed, header_flags, RawRecordHeader, RecordKind,
-    StreamHeader, Totals, Tracker, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN,
+    check_descriptor_fixed, check_header_fixed, header_flags, RawRecordHeader, StreamHeader,
+    Totals, CRC_LEN, DESCRIPTOR_FIXED_LEN, FORMAT_VERSION, HEADER_FIXED_LEN,
     HEADER_FLAG_AUTHENTICATED, MAX_MODEL_LEN, RECORD_HEADER_LEN,
 };
 use std::sync::Arc;
@@ -14,84 +16,29 @@ use super::auth::{StreamAuth, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
-/// One record of a stream, as returned by [`StreamReader::next_record`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record<'a> {
-    /// A fragment of a device's migration data, CRC-checked.
-    Data {
-        /// Index of the device in the header.
-        device: u16,
-        /// The phase the data was read in.
-        phase: Phase,
-        /// The fragment (1 to [`super::MAX_FRAGMENT`] bytes), valid until the next call.
-        bytes: &'a [u8],
-        /// This fragment closes a device chunk: for v1, write the chunk to the device as one
-        /// `data_size` transaction now.
-        chunk_end: bool,
-    },
-    /// The device finished `phase`.
-    EndOfPhase {
-        /// Index of the device in the header.
-        device: u16,
-        /// The phase that ended.
-        phase: Phase,
-    },
-    /// The trailer: the stream is complete and its totals were checked. Call
-    /// [`StreamReader::finish`] to check that nothing follows.
-    End(Totals),
-}
-
-/// What a record decoded to, without the borrow of the payload buffer.
-enum Decoded {
-    Data {
-        device: u16,
-        phase: Phase,
-        len: usize,
-        chunk_end: bool,
-    },
-    EndOfPhase {
-        device: u16,
-        phase: Phase,
-    },
-    End(Totals),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Records,
-    Ended,
-    Failed,
-}
-
 /// Reads and checks a migration stream.
 ///
-/// Every record is read whole into one reusable buffer (at most [`super::MAX_FRAGMENT`]
+/// Every record is read whole into one reusable buffer (at most [`super::format::MAX_FRAGMENT`]
 /// bytes, allocated as needed) and its CRC checked before it is returned, so no unverified
 /// byte reaches a device; every length is checked against its bound before anything is read
 /// or allocated, so memory does not grow with the stream. All ordering rules are enforced.
 /// After an error the reader is at an unknown position: every later call fails.
 pub struct StreamReader<R: Read> {
     r: R,
-    header: StreamHeader,
     /// The header's bytes as read, its tag included.
     header_bytes: Vec<u8>,
-    /// The stream carries tags (header flag AUTHENTICATED).
-    authenticated: bool,
-    /// The key the tags are checked with (`None`: tags are skipped, not checked).
-    key: Option<Arc<dyn StreamAuth>>,
-    tracker: Tracker,
+    check: RecordCheck,
     buf: Vec<u8>,
     bytes_read: u64,
-    state: State,
 }
 
 impl<R: Read> std::fmt::Debug for StreamReader<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamReader")
-            .field("header", &self.header)
+            .field("header", &self.check.header)
             .field("records_read", &self.records_read())
             .field("bytes_read", &self.bytes_read)
-            .field("state", &self.state)
+            .field("state", &self.check.state)
             .finish_non_exhaustive()
     }
 }
@@ -188,20 +135,16 @@ impl<R: Read> StreamReader<R> {
         let reader = StreamReader {
             r,
             header_bytes: raw,
-            authenticated,
-            key,
-            tracker: Tracker::new(&header),
-            header: header.clone(),
+            check: RecordCheck::new(header.clone(), authenticated, key),
             buf: Vec::new(),
             bytes_read: count,
-            state: State::Records,
         };
         Ok((reader, header))
     }
 
     /// The stream header.
     pub fn header(&self) -> &StreamHeader {
-        &self.header
+        &self.check.header
     }
 
     /// The header's bytes as they were read, its tag included: what a
@@ -213,18 +156,18 @@ impl<R: Read> StreamReader<R> {
 
     /// The key this reader checks the stream's tags with (see [`Self::open_keyed`]).
     pub fn key(&self) -> Option<Arc<dyn StreamAuth>> {
-        self.key.clone()
+        self.check.key.clone()
     }
 
     /// Whether the stream carries authentication tags (they are checked only when the
     /// reader was opened with a key).
     pub fn is_authenticated(&self) -> bool {
-        self.authenticated
+        self.check.authenticated
     }
 
     /// Whether the tags were checked against a key.
     pub fn is_verified(&self) -> bool {
-        self.key.is_some()
+        self.check.key.is_some()
     }
 
     /// Bytes consumed so far (header and records), for progress reporting.
@@ -235,7 +178,7 @@ impl<R: Read> StreamReader<R> {
     /// Records returned so far (the trailer included once it was read). Before the trailer,
     /// this is also the next record's sequence number.
     pub fn records_read(&self) -> u64 {
-        self.tracker.totals().records + u64::from(self.state == State::Ended)
+        self.check.records_read()
     }
 
     /// Reads, checks and returns the next record.
@@ -243,44 +186,9 @@ impl<R: Read> StreamReader<R> {
     /// Errors name the record's sequence number ("read stream record 17: ..."). EOF before
     /// the trailer is a "truncated stream" error naming the last good record.
     pub fn next_record(&mut self) -> Result<Record<'_>> {
-        let seq = self.tracker.totals().records;
-        match self.state {
-            State::Records => {}
-            State::Ended => {
-                return Err(Error::stream(
-                    "read stream record after the trailer",
-                    "the stream already ended with its trailer",
-                ))
-            }
-            State::Failed => {
-                return Err(Error::stream(
-                    format!("read stream record {seq}"),
-                    "an earlier error left the stream at an unknown position",
-                ))
-            }
-        }
-        match self.read_record(seq) {
-            Ok(Decoded::Data {
-                device,
-                phase,
-                len,
-                chunk_end,
-            }) => Ok(Record::Data {
-                device,
-                phase,
-                bytes: self.buf.get(..len).unwrap_or_default(),
-                chunk_end,
-            }),
-            Ok(Decoded::EndOfPhase { device, phase }) => Ok(Record::EndOfPhase { device, phase }),
-            Ok(Decoded::End(totals)) => {
-                self.state = State::Ended;
-                Ok(Record::End(totals))
-            }
-            Err(e) => {
-                self.state = State::Failed;
-                Err(e)
-            }
-        }
+        self.check.check_open()?;
+        let decoded = self.read_record();
+        Ok(self.check.note(decoded)?.into_record(&self.buf))
     }
 
     /// Exchanges the reader's record buffer for `buf` and returns the old one, whose first
@@ -292,7 +200,9 @@ impl<R: Read> StreamReader<R> {
         std::mem::replace(&mut self.buf, buf)
     }
 
-    fn read_record(&mut self, seq: u64) -> Result<Decoded> {
+    /// Reads the next record's header, payload and tag, and checks them.
+    fn read_record(&mut self) -> Result<Decoded> {
+        let seq = self.check.next_sequence();
         let step = || format!("read stream record {seq}");
         let err = |detail: String| Error::stream(step(), detail);
         let last_good = if seq == 0 {
@@ -300,8 +210,6 @@ impl<R: Read> StreamReader<R> {
         } else {
             format!("the last good record is {}", seq - 1)
         };
-        let device_count = self.header.devices.len();
-
         let mut head = [0u8; RECORD_HEADER_LEN];
         let n = read_full(&mut self.r, &mut head, &mut self.bytes_read)
             .map_err(|e| Error::transport(step(), e))?;
@@ -317,7 +225,9 @@ impl<R: Read> StreamReader<R> {
         }
         let raw = RawRecordHeader::new(head);
         // Bounded by MAX_FRAGMENT before anything is allocated or read.
-        let len = raw.checked_payload_len(device_count).map_err(err)?;
+        let len = raw
+            .checked_payload_len(self.check.header.devices.len())
+            .map_err(err)?;
         if self.buf.len() < len {
             self.buf.resize(len, 0);
         }
@@ -329,17 +239,8 @@ impl<R: Read> StreamReader<R> {
                 "truncated stream: the payload ends after {got} of {len} bytes; {last_good}"
             )));
         }
-        let payload = &*payload;
-        let session = self.header.session_id;
-        let (stored, computed) = raw.crc(&session, payload);
-        if stored != computed {
-            return Err(err(format!(
-                "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt \
-                 record, or a record of another stream"
-            )));
-        }
-        if self.authenticated {
-            let mut tag = [0u8; TAG_LEN];
+        let mut tag = [0u8; TAG_LEN];
+        if self.check.authenticated {
             let got = read_full(&mut self.r, &mut tag, &mut self.bytes_read)
                 .map_err(|e| Error::transport(step(), e))?;
             if got < TAG_LEN {
@@ -348,71 +249,23 @@ impl<R: Read> StreamReader<R> {
                      {last_good}"
                 )));
             }
-            if let Some(k) = &self.key {
-                if !k.record_ok(&session, raw.bytes(), payload, &tag) {
-                    return Err(err(
-                        "authentication failed: the record's tag does not match the key (a \
-                         forged, altered or foreign record)"
-                            .into(),
-                    ));
-                }
-            }
         }
-        let h = raw.validate(device_count).map_err(err)?;
-        if h.sequence != seq {
-            let why = if h.sequence < seq {
-                "duplicate or reordered record"
-            } else {
-                "missing or reordered record"
-            };
-            return Err(err(format!(
-                "out of sequence: expected sequence number {seq}, got {} ({why})",
-                h.sequence
-            )));
-        }
-        let phase = h.phase;
-        match (h.kind, phase) {
-            (RecordKind::Data, Some(phase)) => {
-                self.tracker.check_data(h.device, phase).map_err(err)?;
-                self.tracker.record_data(h.device, phase, len, h.chunk_end);
-                Ok(Decoded::Data {
-                    device: h.device,
-                    phase,
-                    len,
-                    chunk_end: h.chunk_end,
-                })
-            }
-            (RecordKind::EndOfPhase, Some(phase)) => {
-                self.tracker.check_end_phase(h.device, phase).map_err(err)?;
-                self.tracker.record_end_phase(h.device, phase);
-                Ok(Decoded::EndOfPhase {
-                    device: h.device,
-                    phase,
-                })
-            }
-            (RecordKind::Trailer, _) => {
-                self.tracker.check_trailer().map_err(err)?;
-                let claimed = Totals::decode(payload, device_count).map_err(err)?;
-                if let Some(m) = claimed.mismatch(self.tracker.totals()) {
-                    return Err(err(format!("trailer totals do not match the stream: {m}")));
-                }
-                Ok(Decoded::End(claimed))
-            }
-            (kind, None) => Err(err(format!("{kind} record without a phase"))),
-        }
+        let tag = self.check.authenticated.then_some(&tag);
+        let payload = self.buf.get(..len).unwrap_or_default();
+        self.check.check(&raw, payload, tag)
     }
 
     /// Checks that the trailer was read and that nothing follows it (EOF). Fails before the
     /// trailer, after an earlier error, or if bytes follow the trailer.
     pub fn finish(&mut self) -> Result<()> {
-        match self.state {
+        match self.check.state {
             State::Ended => {}
             State::Records => {
                 return Err(Error::stream(
                     "stream end",
                     format!(
                         "finish before the trailer (after {} records)",
-                        self.tracker.totals().records
+                        self.check.next_sequence()
                     ),
                 ))
             }
@@ -428,7 +281,7 @@ impl<R: Read> StreamReader<R> {
             match self.r.read(&mut probe) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {
-                    self.state = State::Failed;
+                    self.check.state = State::Failed;
                     return Err(Error::stream(
                         "stream end",
                         format!(
@@ -453,6 +306,11 @@ impl<R: Read> StreamReader<R> {
     /// The transport, positioned after the last byte read.
     pub fn into_inner(self) -> R {
         self.r
+    }
+
+    /// The transport and the checks, for a decoder that goes on from the header in memory.
+    pub(crate) fn into_parts(self) -> (R, RecordCheck) {
+        (self.r, self.check)
     }
 }
 

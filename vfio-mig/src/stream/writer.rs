@@ -26,8 +26,9 @@ const COALESCE_LEN: usize = 4096;
 /// other hand, leaves an unknown part of a record behind: every later call fails.
 ///
 /// Each record is written with a single `write_all` (small records) or `write_vectored`
-/// (header and payload together); wrap a transport without vectored writes in a
-/// [`std::io::BufWriter`] if syscall count matters.
+/// (header and payload together); buffer a transport in a
+/// [`CoalescingWriter`](super::coalesce::CoalescingWriter), which keeps that one call (a
+/// `std::io::BufWriter` splits it in two).
 pub struct StreamWriter<W: Write> {
     w: W,
     header: StreamHeader,
@@ -134,6 +135,32 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// [`data`](Self::data), but the records go into `out` instead of the writer's own
+    /// transport, which must hold nothing unsent (a caller that moves every record on as it
+    /// is complete, into a writer it is given per call): the payload goes from `bytes` into
+    /// `out` with its header in one vectored write, copied nowhere. Returns the bytes written.
+    pub(crate) fn data_to<O: Write + ?Sized>(
+        &mut self,
+        out: &mut O,
+        device: u16,
+        phase: Phase,
+        bytes: &[u8],
+        chunk_end: bool,
+    ) -> Result<u64> {
+        self.check_data(device, phase, bytes.len())?;
+        let before = self.bytes_written;
+        let mut fragments = bytes.chunks(self.fragment_limit).peekable();
+        while let Some(fragment) = fragments.next() {
+            let end = chunk_end && fragments.peek().is_none();
+            let (header, tag) =
+                self.encode_record(RecordKind::Data, end, device, Some(phase), fragment)?;
+            let written = write_record_bytes(out, &header, fragment, tag.as_ref());
+            self.account(written, fragment.len())?;
+            self.tracker.record_data(device, phase, fragment.len(), end);
+        }
+        Ok(self.bytes_written - before)
+    }
+
     /// Writes END_OF_PHASE for `device` and `phase`: no more `phase` data for the device.
     /// Pre-copy can only be ended for LIVE devices, and must be ended before their stop-copy
     /// data; the device's last chunk must be closed.
@@ -218,6 +245,20 @@ impl<W: Write> StreamWriter<W> {
         phase: Option<Phase>,
         payload: &[u8],
     ) -> Result<()> {
+        let (header, tag) = self.encode_record(kind, chunk_end, device, phase, payload)?;
+        let written = write_record_bytes(&mut self.w, &header, payload, tag.as_ref());
+        self.account(written, payload.len())
+    }
+
+    /// The record's header and, for an authenticated stream, its tag.
+    fn encode_record(
+        &self,
+        kind: RecordKind,
+        chunk_end: bool,
+        device: u16,
+        phase: Option<Phase>,
+        payload: &[u8],
+    ) -> Result<([u8; RECORD_HEADER_LEN], Option<[u8; TAG_LEN]>)> {
         let sequence = self.records_written();
         let payload_len = u32::try_from(payload.len()).map_err(|_| {
             Error::stream(
@@ -239,16 +280,19 @@ impl<W: Write> StreamWriter<W> {
             .key
             .as_ref()
             .map(|k| k.record_tag(&session, &header, payload));
-        let written = write_record_bytes(&mut self.w, &header, payload)
-            .and_then(|()| tag.map_or(Ok(()), |t| self.w.write_all(&t)));
+        Ok((header, tag))
+    }
+
+    /// Counts a record written, or poisons the writer after a failed write.
+    fn account(&mut self, written: io::Result<()>, payload_len: usize) -> Result<()> {
         if let Err(e) = written {
             self.failed = true;
             return Err(Error::transport(
-                format!("write stream record {sequence}"),
+                format!("write stream record {}", self.records_written()),
                 e,
             ));
         }
-        self.bytes_written += (RECORD_HEADER_LEN + payload.len() + self.tag_len()) as u64;
+        self.bytes_written += (RECORD_HEADER_LEN + payload_len + self.tag_len()) as u64;
         Ok(())
     }
 
@@ -269,19 +313,26 @@ impl<W: Write> StreamWriter<W> {
     }
 }
 
-/// Writes `head` then `body`: one `write_all` of a stack copy if they are small, else
-/// vectored writes until `head` is out, then `write_all` of the rest of `body`.
-fn write_record_bytes<W: Write>(w: &mut W, head: &[u8], body: &[u8]) -> io::Result<()> {
-    let total = head.len() + body.len();
+/// Writes `head`, `body` and `tag`: one `write_all` of a stack copy if they are small, else
+/// vectored writes until `head` is out, then `write_all` of the rest of `body`, then `tag`.
+fn write_record_bytes<W: Write + ?Sized>(
+    w: &mut W,
+    head: &[u8],
+    body: &[u8],
+    tag: Option<&[u8; TAG_LEN]>,
+) -> io::Result<()> {
+    let tag: &[u8] = tag.map_or(&[], |t| t);
+    let total = head.len() + body.len() + tag.len();
     if total <= COALESCE_LEN {
         let mut buf = [0u8; COALESCE_LEN];
         buf[..head.len()].copy_from_slice(head);
-        buf[head.len()..total].copy_from_slice(body);
+        buf[head.len()..head.len() + body.len()].copy_from_slice(body);
+        buf[head.len() + body.len()..total].copy_from_slice(tag);
         return w.write_all(&buf[..total]);
     }
     let (mut head, mut body) = (head, body);
     while !head.is_empty() {
-        match w.write_vectored(&[IoSlice::new(head), IoSlice::new(body)]) {
+        match w.write_vectored(&[IoSlice::new(head), IoSlice::new(body), IoSlice::new(tag)]) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -289,15 +340,21 @@ fn write_record_bytes<W: Write>(w: &mut W, head: &[u8], body: &[u8]) -> io::Resu
                 ))
             }
             Ok(n) if n < head.len() => head = &head[n..],
-            Ok(n) => {
-                body = body.get(n - head.len()..).unwrap_or_default();
+            Ok(n) if n - head.len() <= body.len() => {
+                body = &body[n - head.len()..];
                 head = &[];
+            }
+            Ok(n) => {
+                // Header, payload and part of the tag are out.
+                let sent = n - head.len() - body.len();
+                return w.write_all(tag.get(sent..).unwrap_or_default());
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    w.write_all(body)
+    w.write_all(body)?;
+    w.write_all(tag)
 }
 
 #[cfg(test)]

@@ -157,7 +157,7 @@ fn migrate_unit(
             let mut fence = MemoryFence::new();
             handshake::receive_channels(
                 &mut d,
-                opening,
+                *opening,
                 &mut fence,
                 &NoObserver,
                 channels,

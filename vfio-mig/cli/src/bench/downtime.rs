@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Target 4: downtime. A live save (pre-copy rounds under the default policy, then
-//! stop-and-copy) of a `mock:v2` device that dirties its state at a given rate, into
+//! Target 4: downtime. A live save through the front door (pre-copy rounds under the default
+//! policy, then stop-and-copy) of a `mock:v2` device that dirties its state at a given rate, into
 //! `/dev/null`; the measured stop-and-copy wall time ([`SaveReport::stop_copy_time`]) against
 //! the bound `1.1 x remaining bytes / measured bandwidth + 5 ms`, where the bandwidth is the
 //! one pre-copy measured ([`SaveReport::bandwidth`]) and the remaining bytes are those
@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
-use vfio_mig::{workspace::save_device, NoObserver, SaveOptions, SaveReport};
+use vfio_mig::{NoObserver, PreCopyPolicy, SaveReport, DEFAULT_BUFFER};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
@@ -36,19 +34,21 @@ pub fn live_save(size: u64, dirty_rate: u64, budget: Duration, seed: u64) -> Res
     )
     .parse()?;
     let mock = MockV2::new(&spec).map_err(|e| Error::device("mock", e))?;
-    let mut dev = V2Device::open(Arc::new(mock))?;
-    let header = StreamHeader::new(&[&dev], true, 1)?;
+    let dev = V2Device::open(Arc::new(mock))?;
     let mut sink = SinkKind::Null.open()?;
-    let mut opts = SaveOptions {
-        live: true,
-        ..SaveOptions::default()
+    let policy = PreCopyPolicy {
+        downtime_budget: budget,
+        ..PreCopyPolicy::default()
     };
-    opts.policy.downtime_budget = budget;
-    let mut w = StreamWriter::new(&mut sink.conn, &header)?;
-    let report = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
-    w.finish()?;
+    let (_, mut reports) = super::front::save(
+        vec![dev],
+        &mut sink.conn,
+        DEFAULT_BUFFER,
+        Some(&policy),
+        &NoObserver,
+    )?;
     sink.finish()?;
-    Ok(report)
+    Ok(reports.remove(0))
 }
 
 /// The target's bound for a save: 1.1 x stop-copy bytes / bandwidth + 5 ms.

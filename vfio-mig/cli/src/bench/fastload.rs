@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Issue 22, target 2: the destination side at memory speed. One `mock:v2,profile=xe,
 //! data-fd=memfd` destination (its RESUMING data fd is a memfd written at page-cache speed,
-//! no device thread) loaded from a TCP loopback socket, against a raw `read`/`write` loop
-//! from the same kind of socket into the same kind of data fd.
+//! no device thread) loaded by the front door's `Destination` from a TCP loopback socket,
+//! against a raw `read`/`write` loop from the same kind of socket into the same kind of data
+//! fd.
 //!
 //! The sending side costs the receiver nothing it would not pay anyway: a thread
 //! `sendfile(2)`s a memfd prepared before the runs into the socket (the socket references the
@@ -26,19 +27,14 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamReader;
-use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::load_device;
-use vfio_mig::workspace::save_device;
+use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
-use vfio_mig::SaveOptions;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::transport::SOCKET_BUFFER;
 use vfio_mig_session::{Error, Result};
 
-use super::io::copy_loop;
+use super::io::{copy_loop, DeviceSink};
 use super::rated::load1;
 use super::report::{Figure, Target};
 use super::stats::{run_rotating, thread_cpu, Paired, Stat};
@@ -90,20 +86,19 @@ fn prepare(spec: &MockSpec, buffer: usize) -> Result<Prepared> {
     drop(fd);
     set(&src, MigState::Stop, "STOP")?;
     set(&src, MigState::Running, "RUNNING")?;
-    let mut dev = V2Device::open(Arc::new(src))?;
-    let header = StreamHeader::new(&[&dev], false, 1)?;
+    let again = src.clone();
+    let dev = V2Device::open(Arc::new(src))?;
     let mut stream = new_memfd("vfio-mig-bench-stream")?;
-    let mut w = StreamWriter::new(&mut stream, &header)?;
-    save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
-    let (_, totals) = w.finish()?;
+    let (_, reports) = super::front::save(vec![dev], &mut stream, buffer, None, &NoObserver)?;
+    set(&again, MigState::Running, "RUNNING")?;
     let stream_len = stream
         .metadata()
         .map_err(|e| Error::transport("stat the stream memfd", e))?
         .len();
-    if totals.devices[0].stop_copy_bytes != raw_len {
+    if reports[0].stop_copy_bytes != raw_len {
         return Err(Error::invalid_input(format!(
             "bench: the stream carries {} bytes, the raw read {raw_len}",
-            totals.devices[0].stop_copy_bytes
+            reports[0].stop_copy_bytes
         )));
     }
     Ok(Prepared {
@@ -151,9 +146,9 @@ fn join(sender: JoinHandle<Result<()>>) -> Result<()> {
 enum Receiver {
     /// `read` of the socket, `write` into the data fd.
     Loop,
-    /// `load_device` straight from the socket.
+    /// The front door's `Destination`, reading the socket with the loop's buffer size.
     Engine,
-    /// `load_device` from the socket behind the session layer's `BufReader`.
+    /// The same behind the session layer's `BufReader`, with its read size.
     Buffered,
 }
 
@@ -173,38 +168,36 @@ fn one_run(cfg: &Config, prepared: &Prepared, dst: &MockV2, how: Receiver) -> Re
     let t0 = Instant::now();
     let in_device = match how {
         Receiver::Loop => {
-            set(dst, MigState::Stop, "STOP")?;
-            let fd = set(dst, MigState::Resuming, "RESUMING")?
-                .ok_or_else(|| Error::invalid_input("no resuming data fd"))?;
-            let mut data = File::from(fd);
-            let n = copy_loop(conn.as_fd(), &mut data, &mut vec![0u8; cfg.buffer])?;
+            let mut dev = V2Device::open(Arc::new(dst.clone()))?;
+            dev.start_resume()?;
+            let n = copy_loop(
+                conn.as_fd(),
+                &mut DeviceSink(&mut dev),
+                &mut vec![0u8; cfg.buffer],
+            )?;
             let t1 = Instant::now();
-            drop(data);
             if n != prepared.raw_len {
                 return Err(Error::invalid_input(format!(
                     "bench: the loop received {n} of {} bytes",
                     prepared.raw_len
                 )));
             }
-            set(
-                dst,
-                MigState::Stop,
-                "RESUMING -> STOP (the mock checks the state)",
-            )?;
+            // RESUMING -> STOP: the mock checks the state.
+            dev.load_state()?;
+            drop(dev);
             set(dst, MigState::Running, "RUNNING")?;
             t1
         }
         Receiver::Engine | Receiver::Buffered => {
             let window = Window::default();
-            let mut dev = V2Device::open(Arc::new(dst.clone()))?;
+            let dev = vec![V2Device::open(Arc::new(dst.clone()))?];
             let obs = DestinationSide(&window);
             if how == Receiver::Engine {
-                let (mut reader, _) = StreamReader::open(conn)?;
-                load_device(&mut dev, &mut reader, 0, &obs)?;
+                let mut conn = conn;
+                super::front::load(dev, &mut conn, &mut vec![0u8; cfg.buffer], &obs)?;
             } else {
-                let (mut reader, _) =
-                    StreamReader::open(BufReader::with_capacity(SOCKET_BUFFER, conn))?;
-                load_device(&mut dev, &mut reader, 0, &obs)?;
+                let mut rx = BufReader::with_capacity(SOCKET_BUFFER, conn);
+                super::front::load(dev, &mut rx, &mut vec![0u8; SOCKET_BUFFER], &obs)?;
             }
             window
                 .last_end()
@@ -252,7 +245,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         "load.memfd.tcp.engine",
         2,
         group,
-        "engine (load_device from the socket)",
+        "front door (Destination from the socket)",
         base_name.clone(),
         "GB/s",
         &Paired::from_series(&series, 0, 1),
@@ -262,9 +255,11 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     .note(format!(
         "{spec} ({} MiB); a thread sendfile()s a prepared memfd into the socket; the window \
          ends when the last stop-copy byte is in the device (END_OF_PHASE applied; the loop: \
-         EOF), the device's RESUMING -> STOP check left out on both; CPU per GiB of the \
+         EOF), the device's RESUMING -> STOP check left out of the window on both; reads of \
+         {} KiB; CPU per GiB of the \
          receiving thread: loop {:.0} ms, engine {:.0} ms; load average {load_before} -> {}",
         prepared.raw_len >> 20,
+        cfg.buffer >> 10,
         c(0),
         c(1),
         load1()
@@ -274,7 +269,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         0,
         group,
         format!(
-            "engine behind the session's BufReader ({} KiB)",
+            "front door behind the session's BufReader ({} KiB reads)",
             SOCKET_BUFFER >> 10
         ),
         base_name,

@@ -193,6 +193,23 @@ pub fn copy_loop(fd: BorrowedFd<'_>, sink: &mut impl Write, buf: &mut [u8]) -> R
     }
 }
 
+/// A device's own write entry as the sink of a raw loop: each `write` is one
+/// [`MigrationDevice::write`] of what was read, as the engine's. A loop that wrote the data fd
+/// from outside with `write(2)` would skip what a mock does with the bytes its driver hands it
+/// (an xe-profile mock decodes them where they arrive, the way the xe driver takes them, and
+/// allocates no memfd pages): the loop and the engine would not pay the same device.
+pub struct DeviceSink<'a>(pub &'a mut dyn MigrationDevice);
+
+impl Write for DeviceSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf, false).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A page-aligned buffer that never moves (vmsplice keeps references to its pages).
 struct Aligned {
     ptr: *mut u8,

@@ -15,13 +15,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::StreamHeader;
+use vfio_mig::wire::{DeviceDescriptor, StreamHeader};
+use vfio_mig::Protocol;
 use vfio_mig::{
     wire::Phase, wire::Record, wire::StreamReader, wire::StreamWriter, wire::MAX_FRAGMENT,
 };
-use vfio_mig::{
-    workspace::load_device, workspace::save_device, MigrationDevice, NoObserver, SaveOptions,
-};
+use vfio_mig::{MigrationDevice, NoObserver, DEFAULT_BUFFER};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
@@ -54,6 +53,21 @@ fn device(size: u64) -> Result<V2Device> {
     Ok(V2Device::open(Arc::new(mock))?)
 }
 
+/// The stream header of a save of `dev` alone (the whole-state baseline writes its stream
+/// itself).
+fn header_of(dev: &V2Device) -> Result<StreamHeader> {
+    Ok(StreamHeader {
+        session_id: vfio_mig::new_session_id()?,
+        epoch: 1,
+        devices: vec![DeviceDescriptor {
+            protocol: Protocol::V2,
+            live: false,
+            migration_flags: dev.capabilities().migration_flags,
+            model: dev.identity().model,
+        }],
+    })
+}
+
 fn stdio(fd: i32) -> File {
     // SAFETY: fds 0 and 1 are open for the life of the process; the dup'd fd is ours.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
@@ -78,11 +92,9 @@ pub fn child(spec: &str) -> Result<()> {
     let mut dev = device(size)?;
     let bytes = match (side, how) {
         ("save", "engine") => {
-            let header = StreamHeader::new(&[&dev], false, 1)?;
-            let mut w = StreamWriter::new(stdio(1), &header)?;
-            let r = save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
-            w.finish()?;
-            r.stop_copy_bytes
+            let (_, r) =
+                super::front::save(vec![dev], &mut stdio(1), DEFAULT_BUFFER, None, &NoObserver)?;
+            r[0].stop_copy_bytes
         }
         ("save", "whole") => {
             // read_migration_data_to_end: the whole state into one buffer, then send it.
@@ -96,8 +108,7 @@ pub fn child(spec: &str) -> Result<()> {
             File::from(fd)
                 .read_to_end(&mut state)
                 .map_err(|e| Error::device("read the data fd to its end", e))?;
-            let header = StreamHeader::new(&[&dev], false, 1)?;
-            let mut w = StreamWriter::new(stdio(1), &header)?;
+            let mut w = StreamWriter::new(stdio(1), &header_of(&dev)?)?;
             for piece in state.chunks(MAX_FRAGMENT) {
                 w.data(0, Phase::StopCopy, piece, true)?;
             }
@@ -107,9 +118,10 @@ pub fn child(spec: &str) -> Result<()> {
             state.len() as u64
         }
         ("load", "engine") => {
-            let (mut r, _) = StreamReader::open(BufReader::with_capacity(1 << 20, stdio(0)))?;
-            let rep = load_device(&mut dev, &mut r, 0, &NoObserver)?;
-            rep.stop_copy_bytes
+            let mut input = stdio(0);
+            let mut buf = vec![0u8; DEFAULT_BUFFER];
+            let (_, loaded) = super::front::load(vec![dev], &mut input, &mut buf, &NoObserver)?;
+            loaded[0].stop_copy_bytes
         }
         ("load", "whole") => {
             let (mut r, _) = StreamReader::open(BufReader::with_capacity(1 << 20, stdio(0)))?;

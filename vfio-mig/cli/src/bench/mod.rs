@@ -16,10 +16,10 @@
 //! | `downtime` | 4      | measured stop-copy time                   | 1.1 x remaining / bandwidth + 5 ms    |
 //! | `multi`    | 5      | 4 devices saved in parallel               | the same saved one after another      |
 //! | `channels` | #13: 2 | 4 devices as one unit over 4 TLS channels (loopback, CPU-bound stream) | the same over 1 TLS channel |
-//! | `fast`     | #22: 1 | engine saving an xe-profile memfd data fd (page-cache speed, no device thread) | read/write loop over the same fd |
-//! | `load`     | #22: 2 | engine loading a memfd xe device from TCP loopback | read/write loop from the same socket into the data fd |
-//! | `xe`       | #22: 3 | an 8 GiB xe stop-copy migration in one process (`migrate_local`): window and peak RSS | raw copy loop, two threads over a socketpair |
-//! | `unit`     | #22: 4 | 4 fast devices as one unit (`migrate_pairs`): stop-copy window | one of them migrated alone |
+//! | `fast`     | #22: 1 | the front door's `Source` saving an xe-profile memfd data fd (page-cache speed, no device thread) | read/write loop over the same fd |
+//! | `load`     | #22: 2 | the front door's `Destination` loading a memfd xe device from TCP loopback | read loop from the same socket into the device's write |
+//! | `xe`       | #22: 3 | an 8 GiB xe stop-copy migration in one process (`Source` -> socketpair -> `Destination`): window and peak RSS | raw copy loop, two threads over a socketpair |
+//! | `unit`     | #22: 4 | 4 fast devices as one unit through the front door: stop-copy window; and 4 rate-bound ones | one of them migrated alone |
 //! | `crc`      | #22    | the stream's CRC32C (`crc-fast` in this build) | the `crc32c` crate, same buffer, same value |
 //! | `rated`    | #13: 1, 2, 5 | bandwidth-modelled devices: 4 in parallel, one device, 4 as one unit's downtime | one after another; a raw loop at the rate; one device alone |
 //!
@@ -33,6 +33,7 @@ pub mod crc;
 pub mod downtime;
 pub mod fastload;
 pub mod fastunit;
+pub mod front;
 pub mod io;
 pub mod memory;
 pub mod multi;

@@ -1,21 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Target 5: several devices. Four mock devices saved in parallel (one thread each, through
-//! the public per-device API: [`save_device`] into a stream per device) against the same four
-//! saved one after another, on however many cores the machine has (2 on ours).
+//! Target 5: several devices. Four mock devices saved in parallel against the same four saved
+//! one after another (a front-door `Source` of one device each), on however many cores the
+//! machine has (2 on ours).
 //!
-//! Two parallel subjects: the multi-device engine ([`vfio_mig::workspace::save_all`]: one
-//! stream shared by a thread per device) and plain threads over the per-device API (a stream
-//! each: the upper bound of a thread-per-device engine, without the shared writer's lock).
+//! Two parallel subjects: one `Source` of the four as a unit (one stream, a thread per device
+//! in stop-and-copy) and four threads each saving one device with a `Source` of its own (a
+//! stream each: the upper bound of a thread per device, without the unit's shared stream).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use vfio_mig::backend::V1Device;
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
-use vfio_mig::{workspace::finish_handoff_all, workspace::save_all, workspace::SharedWriter};
-use vfio_mig::{workspace::save_device, MigrationDevice, NoObserver, SaveOptions};
+use vfio_mig::{Epoch, MigrationDevice, NoObserver, SourceOptions, DEFAULT_BUFFER};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 use vfio_mig_session::{Error, Result};
@@ -38,42 +35,27 @@ fn open(proto: &str, size: u64, seed: usize) -> Result<Box<dyn MigrationDevice>>
 }
 
 /// Saves one device into `/dev/null`; its bytes.
-fn save_one(dev: &mut dyn MigrationDevice) -> Result<u64> {
-    let header = StreamHeader::new(&[&*dev], false, 1)?;
+fn save_one(dev: Box<dyn MigrationDevice>) -> Result<u64> {
     let mut sink = SinkKind::Null.open()?;
-    let mut w = StreamWriter::new(&mut sink.conn, &header)?;
-    let r = save_device(dev, &mut w, 0, &SaveOptions::default(), &NoObserver)?;
-    w.finish()?;
+    let (_, r) = super::front::save(vec![dev], &mut sink.conn, DEFAULT_BUFFER, None, &NoObserver)?;
     sink.finish()?;
-    Ok(r.stop_copy_bytes)
+    Ok(r[0].stop_copy_bytes)
 }
 
-/// Seconds to save `DEVICES` fresh devices with [`vfio_mig::workspace::save_all`]: one
-/// stream into `/dev/null`, a thread per device, quiesce before stop-and-copy, trailer, STOP.
-fn run_save_all(proto: &str, size: u64) -> Result<f64> {
-    let mut devs = (0..DEVICES)
+/// Seconds to save `DEVICES` fresh devices as one unit: one `Source`, one stream into
+/// `/dev/null`, a thread per device, quiesce before stop-and-copy, trailer, STOP.
+fn run_unit(proto: &str, size: u64) -> Result<f64> {
+    let devs = (0..DEVICES)
         .map(|i| open(proto, size, i))
         .collect::<Result<Vec<_>>>()?;
-    let mut refs: Vec<&mut dyn MigrationDevice> = devs
-        .iter_mut()
-        .map(|d| -> &mut dyn MigrationDevice { d.as_mut() })
-        .collect();
-    let header = {
-        let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
-        StreamHeader::new(&all, false, 1)?
-    };
     let mut sink = SinkKind::Null.open()?;
-    let t = Instant::now();
-    let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
     // v1 has no P2P states, so a v1 unit needs the explicit opt-in; these mocks do no DMA, so
     // no device can write into a stopped peer, and the figure is what it measures: parallelism.
-    let opts = SaveOptions {
-        allow_non_p2p_unit: proto == "v1",
-        ..SaveOptions::default()
-    };
-    let mut reports = save_all(&mut refs, &shared, &opts, &NoObserver)?;
-    shared.into_inner().finish()?;
-    finish_handoff_all(&mut refs, &mut reports);
+    let opts = SourceOptions::new(Epoch(1))
+        .pre_copy(false)
+        .allow_non_p2p_unit(proto == "v1");
+    let t = Instant::now();
+    super::front::save_with(devs, &mut sink.conn, &opts, None, &NoObserver)?;
     let secs = t.elapsed().as_secs_f64();
     sink.finish()?;
     Ok(secs)
@@ -81,15 +63,15 @@ fn run_save_all(proto: &str, size: u64) -> Result<f64> {
 
 /// Seconds to save `DEVICES` fresh devices, in parallel or one after another.
 fn run(proto: &str, size: u64, parallel: bool) -> Result<f64> {
-    let mut devs = (0..DEVICES)
+    let devs = (0..DEVICES)
         .map(|i| open(proto, size, i))
         .collect::<Result<Vec<_>>>()?;
     let t = Instant::now();
     if parallel {
         std::thread::scope(|s| {
             let handles: Vec<_> = devs
-                .iter_mut()
-                .map(|d| s.spawn(move || save_one(d.as_mut())))
+                .into_iter()
+                .map(|d| s.spawn(move || save_one(d)))
                 .collect();
             for h in handles {
                 h.join()
@@ -98,8 +80,8 @@ fn run(proto: &str, size: u64, parallel: bool) -> Result<f64> {
             Ok::<(), Error>(())
         })?;
     } else {
-        for d in &mut devs {
-            save_one(d.as_mut())?;
+        for d in devs {
+            save_one(d)?;
         }
     }
     Ok(t.elapsed().as_secs_f64())
@@ -111,7 +93,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for proto in ["v1", "v2"] {
         let mut seq = || run(proto, cfg.multi_size, false);
-        let mut all = || run_save_all(proto, cfg.multi_size);
+        let mut all = || run_unit(proto, cfg.multi_size);
         let mut par = || run(proto, cfg.multi_size, true);
         let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut all, &mut par])?;
         let common = format!(
@@ -129,13 +111,13 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
             (
                 1,
                 "save_all",
-                "engine::multi::save_all",
+                "one Source of the 4 as a unit",
                 "one stream, a thread per device (quiesce all, then stop-and-copy in parallel)",
             ),
             (
                 2,
                 "threads",
-                "4 threads x save_device",
+                "4 threads x a Source of one device",
                 "a thread per device over the per-device API, a stream each",
             ),
         ] {
@@ -144,7 +126,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
                 5,
                 "4 devices: parallel vs one after another",
                 name,
-                "save_device one after another",
+                "a Source of one device, one after another",
                 "s",
                 &Paired::from_series(&series, 0, slot),
                 true,

@@ -26,13 +26,11 @@ use vfio_bindings::bindings::vfio::{
 use vfio_mig::backend::MigrationRegion;
 use vfio_mig::backend::V1Device;
 use vfio_mig::error::{Error, Result};
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
 use vfio_mig::{
     backend::DeviceIdentity, backend::DeviceInfo, backend::DeviceIo, backend::Mapping,
     backend::RegionCap, backend::RegionInfo, backend::SparseArea,
 };
-use vfio_mig::{workspace::save_device, MigrationDevice, NoObserver, ReadOutcome, SaveOptions};
+use vfio_mig::{MigrationDevice, NoObserver, ReadOutcome};
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::MockSpec;
 
@@ -238,19 +236,13 @@ pub fn static_device(section: u64, total: u64, mmap: bool) -> Result<(V1Device, 
     Ok((V1Device::with_region(region), dev))
 }
 
-/// Saves `dev` with the engine into `/dev/null`; GB/s of device data.
+/// Saves `dev` through the front door into `/dev/null`; GB/s of device data.
 fn engine_run(dev: &mut V1Device, buffer: usize) -> Result<f64> {
-    let header = StreamHeader::new(&[&*dev], false, 1)?;
     let mut sink = SinkKind::Null.open()?;
-    let opts = SaveOptions {
-        buffer,
-        ..SaveOptions::default()
-    };
     let t = Instant::now();
-    let mut w = StreamWriter::new(&mut sink.conn, &header)?;
-    let r = save_device(dev, &mut w, 0, &opts, &NoObserver)?;
-    w.finish()?;
-    let g = gbps(r.stop_copy_bytes, t);
+    let (_, r) = super::front::save(vec![&mut *dev], &mut sink.conn, buffer, None, &NoObserver)
+        .map_err(|e| Error::protocol("bench: save through the front door", e.to_string()))?;
+    let g = gbps(r[0].stop_copy_bytes, t);
     sink.finish()?;
     dev.run()?;
     Ok(g)
@@ -408,12 +400,12 @@ mod tests {
     fn static_device_serves_its_total_through_the_engine() {
         for mmap in [false, true] {
             let (mut dev, _raw) = static_device(64 << 10, 300 << 10, mmap).unwrap();
-            let header = StreamHeader::new(&[&dev], false, 1).unwrap();
-            let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
-            let r = save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
-            assert_eq!(r.stop_copy_bytes, 300 << 10);
-            assert_eq!(r.chunks, 5);
-            let (bytes, _) = w.finish().unwrap();
+            let mut bytes = Vec::new();
+            let (_, r) =
+                super::super::front::save(vec![&mut dev], &mut bytes, 1 << 20, None, &NoObserver)
+                    .unwrap();
+            assert_eq!(r[0].stop_copy_bytes, 300 << 10);
+            assert_eq!(r[0].chunks, 5);
             let s = vfio_mig::wire::verify(bytes.as_slice()).unwrap();
             assert_eq!(s.totals.devices[0].stop_copy_bytes, 300 << 10);
             dev.run().unwrap();

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Target 1: the v2 data path. The engine (stream framing and a CRC32C per record included)
-//! saving a device whose data fd is a pipe, into a sink, against a plain `read`/`write` loop
-//! with the same buffer size over the same kind of fd into the same kind of sink.
+//! Target 1: the v2 data path. The engine as a VMM drives it (the front door's `Source`:
+//! stop-and-copy, stream framing and a CRC32C per record included) saving a device into a
+//! sink, against a plain `read`/`write` loop with the same buffer size over the same kind of
+//! fd into the same kind of sink.
 //!
 //! Three sources: a `mock:v2` device (its feeder thread generates the content: device-bound on
 //! most machines, as a real device would be), [`FastPipe`] (pages spliced in with no copy:
@@ -17,13 +18,7 @@ use std::time::Instant;
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
-use vfio_mig::wire::DeviceDescriptor;
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::save_device;
 use vfio_mig::NoObserver;
-use vfio_mig::Protocol;
-use vfio_mig::SaveOptions;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::{Error, Result};
 
@@ -57,10 +52,8 @@ impl Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mover {
     Loop,
-    /// The engine as shipped (the pipelined pump, `SaveOptions::pipeline` default).
+    /// The front door's `Source` (its save pump's depth chosen from the CPUs available).
     Engine,
-    /// The engine with the device read, CRC and write on one thread (`pipeline: 0`).
-    Inline,
 }
 
 struct Run {
@@ -81,19 +74,6 @@ fn mock_spec(cfg: &Config, source: Source) -> Result<MockSpec> {
     Ok(text.parse()?)
 }
 
-fn bench_header() -> StreamHeader {
-    StreamHeader {
-        session_id: [0; 16],
-        epoch: 1,
-        devices: vec![DeviceDescriptor {
-            protocol: Protocol::V2,
-            live: false,
-            migration_flags: 1,
-            model: "bench:pipe".into(),
-        }],
-    }
-}
-
 /// One run; `memfd` is the device of [`Source::Memfd`] (running; it is returned to RUNNING).
 fn one_run(
     cfg: &Config,
@@ -102,15 +82,6 @@ fn one_run(
     mover: Mover,
     memfd: Option<&MockV2>,
 ) -> Result<Run> {
-    let opts = SaveOptions {
-        buffer: cfg.buffer,
-        pipeline: if mover == Mover::Inline {
-            0
-        } else {
-            super::PIPELINED
-        },
-        ..SaveOptions::default()
-    };
     let mut buf = vec![0u8; cfg.buffer];
     let mut out = sink.open()?;
     let cpu0 = thread_cpu();
@@ -136,14 +107,17 @@ fn one_run(
                         .map_err(|e| Error::device("STOP", e))?;
                     (n, t)
                 }
-                Mover::Engine | Mover::Inline => {
-                    let mut dev = V2Device::open(Arc::new(mock))?;
-                    let header = StreamHeader::new(&[&dev], false, 1)?;
+                Mover::Engine => {
+                    let dev = V2Device::open(Arc::new(mock))?;
                     let t = Instant::now();
-                    let mut w = StreamWriter::new(&mut out.conn, &header)?;
-                    let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
-                    w.finish()?;
-                    (r.stop_copy_bytes, t)
+                    let (_, r) = super::front::save(
+                        vec![dev],
+                        &mut out.conn,
+                        cfg.buffer,
+                        None,
+                        &NoObserver,
+                    )?;
+                    (r[0].stop_copy_bytes, t)
                 }
             };
             if memfd.is_some() {
@@ -158,14 +132,18 @@ fn one_run(
             let t = Instant::now();
             let n = match mover {
                 Mover::Loop => copy_loop(pipe.read.as_fd(), &mut out.conn, &mut buf)?,
-                Mover::Engine | Mover::Inline => {
-                    let mut dev = PipeDevice::new(
+                Mover::Engine => {
+                    let dev = PipeDevice::new(
                         pipe.read.try_clone().map_err(|e| Error::device("dup", e))?,
                     );
-                    let mut w = StreamWriter::new(&mut out.conn, &bench_header())?;
-                    let r = save_device(&mut dev, &mut w, 0, &opts, &NoObserver)?;
-                    w.finish()?;
-                    r.stop_copy_bytes
+                    let (_, r) = super::front::save(
+                        vec![dev],
+                        &mut out.conn,
+                        cfg.buffer,
+                        None,
+                        &NoObserver,
+                    )?;
+                    r[0].stop_copy_bytes
                 }
             };
             (n, t)
@@ -193,7 +171,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
     let mut out = Vec::new();
     for &source in sources {
         for sink in sinks {
-            let cpu: RefCell<[Vec<f64>; 3]> = RefCell::default();
+            let cpu: RefCell<[Vec<f64>; 2]> = RefCell::default();
             let bytes = RefCell::new(0u64);
             let memfd = match source {
                 Source::Memfd => Some(
@@ -209,12 +187,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
             };
             let mut base = || run(Mover::Loop, 0);
             let mut engine = || run(Mover::Engine, 1);
-            let mut inline = || run(Mover::Inline, 2);
-            let series = run_rotating(
-                cfg.reps,
-                cfg.warmup,
-                &mut [&mut base, &mut engine, &mut inline],
-            )?;
+            let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut base, &mut engine])?;
             let cpu = cpu.into_inner();
             let c = |i: usize| Stat::of(&cpu[i][cfg.warmup.min(cpu[i].len())..]).median * 1e3;
             let mb = *bytes.borrow() as f64 / (1 << 20) as f64;
@@ -235,7 +208,7 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
                 format!("v2.{}.{}.engine", source.name(), sink.name()),
                 if source == Source::Mock { 1 } else { 0 },
                 group.clone(),
-                "engine",
+                "front door (Source::switch_over)",
                 base_name.clone(),
                 "GB/s",
                 &Paired::from_series(&series, 0, 1),
@@ -248,34 +221,15 @@ pub fn figures(cfg: &Config, sources: &[Source], sinks: &[SinkKind]) -> Result<V
                 })),
             )
             .note(format!(
-                "{device_note}{mb:.0} MiB into {}; pipelined (device read on its own thread); \
-                 CPU per GiB of the calling thread (the engine's: CRC + write): loop {:.0} ms, \
-                 engine {:.0} ms",
+                "{device_note}{mb:.0} MiB into {}; the save pump's depth from the CPUs available \
+                 ({} here); CPU per GiB of the calling thread: loop {:.0} ms, engine {:.0} ms",
                 sink.name(),
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
                 c(0),
                 c(1)
             ));
-            let inline = Figure::from_paired(
-                format!("v2.{}.{}.inline", source.name(), sink.name()),
-                0,
-                format!("v2 data path, {} source", source.name()),
-                "engine, pipeline off (read + CRC + write on one thread)",
-                format!("read/write loop, {} KiB buffer", cfg.buffer >> 10),
-                "GB/s",
-                &Paired::from_series(&series, 0, 2),
-                false,
-                None,
-            )
-            .note(format!(
-                "the engine before issue 13 item 3, for comparison in the same run; CPU per \
-                 GiB: loop {:.0} ms, inline engine {:.0} ms",
-                c(0),
-                c(2)
-            ));
             eprintln!("bench: {}", summary(&engine));
-            eprintln!("bench: {}", summary(&inline));
             out.push(engine);
-            out.push(inline);
         }
     }
     Ok(out)

@@ -2,11 +2,12 @@
 //! Issue 22, target 3: an xe-class stop-copy migration (8 GiB of VRAM state by default,
 //! `--xe-size`) with source and destination in one process, and its peak memory.
 //!
-//! Subject: `migrate_local` of a `mock:v2,profile=xe,data-fd=memfd` device into a like one
-//! (the session handshake of a remote migration over a socketpair, the pipelined save, the
-//! CRC32C on both sides). Baseline: the raw copy loop for the same bytes, two threads over a
+//! Subject: the front door's migration of a `mock:v2,profile=xe,data-fd=memfd` device into a
+//! like one ([`super::front::migrate`]: a `Source` on one thread writing into a socketpair
+//! behind the session's write buffer, a `Destination` reading it on another, the CRC32C on
+//! both sides). Baseline: the raw copy loop for the same bytes, two threads over a
 //! socketpair: `read` of the source's data fd and `write` into the socket, `read` of the
-//! socket and `write` into the destination's data fd. Both windows run from the source's
+//! socket and the destination device's write of what was read ([`super::io::DeviceSink`]). Both windows run from the source's
 //! STOP transition to the last stop-copy byte in the destination's data fd (the engine: its
 //! END_OF_PHASE applied); the destination device's RESUMING -> STOP (the mock checks all
 //! 8 GiB) follows on both and is left out.
@@ -18,7 +19,6 @@
 //! bookkeeping, the program itself.
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -27,13 +27,12 @@ use std::time::Instant;
 use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
-use vfio_mig::SaveOptions;
+use vfio_mig::MigrationDevice;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
-use vfio_mig_session::handshake::migrate_local;
 use vfio_mig_session::{Error, Result};
 
-use super::io::copy_loop;
+use super::io::{copy_loop, DeviceSink};
 use super::memory::{peak_rss_kib, LIMIT_MIB};
 use super::rated::load1;
 use super::report::{Figure, Target};
@@ -108,9 +107,8 @@ struct Run {
 /// The raw copy loop: the window in milliseconds.
 fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
     let (tx, rx) = UnixStream::pair().map_err(|e| Error::transport("socketpair", e))?;
-    set(dst, MigState::Stop, "destination STOP")?;
-    let into = set(dst, MigState::Resuming, "RESUMING")?
-        .ok_or_else(|| Error::invalid_input("no resuming data fd"))?;
+    let mut into = V2Device::open(Arc::new(dst.clone()))?;
+    into.start_resume()?;
     let t0 = Instant::now();
     let (sent, received) = std::thread::scope(|s| {
         let sender = s.spawn(move || -> Result<u64> {
@@ -124,9 +122,12 @@ fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
                 &mut vec![0u8; cfg.buffer],
             )?)
         });
-        let mut data = File::from(into);
-        let received = copy_loop(rx.as_fd(), &mut data, &mut vec![0u8; cfg.buffer])
-            .map(|n| (n, Instant::now()));
+        let received = copy_loop(
+            rx.as_fd(),
+            &mut DeviceSink(&mut into),
+            &mut vec![0u8; cfg.buffer],
+        )
+        .map(|n| (n, Instant::now()));
         (sender.join(), received)
     });
     let sent = sent.map_err(|_| Error::invalid_input("bench: the sender panicked"))??;
@@ -136,31 +137,24 @@ fn raw_loop(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
             "bench: the loop sent {sent} bytes and received {received}"
         )));
     }
-    set(
-        dst,
-        MigState::Stop,
-        "RESUMING -> STOP (the mock checks the state)",
-    )?;
+    // RESUMING -> STOP: the mock checks the state.
+    into.load_state()?;
+    drop(into);
     set(dst, MigState::Running, "destination RUNNING")?;
     set(src, MigState::Stop, "STOP")?;
     set(src, MigState::Running, "RUNNING")?;
     Ok(t1.duration_since(t0).as_secs_f64() * 1e3)
 }
 
-/// The engine's migration with the save pump's `pipeline` depth: the window in milliseconds.
-fn engine(cfg: &Config, src: &MockV2, dst: &MockV2, pipeline: usize) -> Result<f64> {
-    let mut s = V2Device::open(Arc::new(src.clone()))?;
-    let mut d = V2Device::open(Arc::new(dst.clone()))?;
-    let opts = SaveOptions {
-        buffer: cfg.buffer,
-        pipeline,
-        ..SaveOptions::default()
-    };
+/// The front door's migration: the window in milliseconds.
+fn engine(cfg: &Config, src: &MockV2, dst: &MockV2) -> Result<f64> {
+    let s = V2Device::open(Arc::new(src.clone()))?;
+    let d = V2Device::open(Arc::new(dst.clone()))?;
     let window = Window::default();
-    migrate_local(
-        &mut s,
-        &mut d,
-        &opts,
+    super::front::migrate(
+        vec![s],
+        vec![d],
+        cfg.buffer,
         &SourceSide(&window),
         &DestinationSide(&window),
     )?;
@@ -194,21 +188,15 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         format_size(cfg.xe_size),
         built.elapsed().as_secs_f64()
     );
-    let peaks: RefCell<[Vec<f64>; 3]> = RefCell::default();
+    let peaks: RefCell<[Vec<f64>; 2]> = RefCell::default();
     let mut base = || {
         let r = measured(|| raw_loop(cfg, &src, &dst))?;
         peaks.borrow_mut()[0].push(r.peak_mib);
         Ok::<f64, Error>(r.ms)
     };
-    let depth = super::PIPELINED;
     let mut subject = || {
-        let r = measured(|| engine(cfg, &src, &dst, depth))?;
+        let r = measured(|| engine(cfg, &src, &dst))?;
         peaks.borrow_mut()[1].push(r.peak_mib);
-        Ok(r.ms)
-    };
-    let mut inline = || {
-        let r = measured(|| engine(cfg, &src, &dst, 0))?;
-        peaks.borrow_mut()[2].push(r.peak_mib);
         Ok(r.ms)
     };
     // Each run moves the whole state twice over (about ten seconds at 8 GiB on a busy
@@ -216,7 +204,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
     let series = run_rotating(
         cfg.reps.min(XE_REPS),
         cfg.warmup,
-        &mut [&mut base, &mut subject, &mut inline],
+        &mut [&mut base, &mut subject],
     )?;
     let peaks = peaks.into_inner();
     let size = format_size(cfg.xe_size);
@@ -224,7 +212,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         format!("xe.{size}.downtime"),
         3,
         "xe-class stop-copy migration, one process",
-        format!("migrate_local (session handshake, save pipeline {depth}, load), socketpair"),
+        "front door: Source -> socketpair -> Destination",
         "raw copy loop, two threads over a socketpair",
         "ms",
         &Paired::from_series(&series, 0, 1),
@@ -242,7 +230,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
         format!("xe.{size}.peak-rss"),
         3,
         "xe-class stop-copy migration, one process",
-        "peak RSS of the process during migrate_local",
+        "peak RSS of the process during the front door's migration",
         "peak RSS during the raw copy loop",
         "MiB",
         &Paired {
@@ -258,26 +246,7 @@ pub fn figures(cfg: &Config) -> Result<Vec<Figure>> {
          are unmapped memfds (shmem), in no process's RSS; engine peak max {:.1} MiB",
         Stat::of(&recorded(1)).max
     ));
-    let inline = Figure::from_paired(
-        format!("xe.{size}.downtime.inline"),
-        0,
-        "xe-class stop-copy migration, one process",
-        "migrate_local, save pipeline 0 (one thread per side)",
-        "raw copy loop, two threads over a socketpair",
-        "ms",
-        &Paired::from_series(&series, 0, 2),
-        false,
-        None,
-    )
-    .note(format!(
-        "the same runs with the source's pump on one thread: source and destination share this \
-         machine's {} CPUs, so the pipeline's reader thread is a third busy thread; engine peak \
-         RSS max {:.1} MiB",
-        vfio_mig::workspace::available_cores(),
-        Stat::of(&recorded(2)).max
-    ));
     eprintln!("bench: {}", summary(&downtime));
-    eprintln!("bench: {}", summary(&inline));
     eprintln!("bench: {}", summary(&memory));
-    Ok(vec![downtime, inline, memory])
+    Ok(vec![downtime, memory])
 }

@@ -190,7 +190,7 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         }
     }
     let opening = match open_connection(conn, Some(deadline)) {
-        Ok(Opened::Session(o)) => o,
+        Ok(Opened::Session(o)) => *o,
         Ok(Opened::Channel(c)) => {
             if !slot.wants_channels.load(Ordering::SeqCst) {
                 turn_away_channel(c, &peer, "no session waits for channels".into());

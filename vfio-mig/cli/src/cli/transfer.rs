@@ -2,7 +2,7 @@
 //! `save`, `load`, `migrate` and `inspect`.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,8 +12,7 @@ use indicatif::{HumanBytes, MultiProgress};
 use crate::cli::devices::open_device;
 
 use vfio_mig::new_session_id;
-use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamReader;
+use vfio_mig::wire::{CoalescingWriter, StreamHeader, StreamReader};
 use vfio_mig::{Epoch, OpenedDevice, Source, SourceOptions};
 use vfio_mig::{MigrationDevice, Observer, PreCopyPolicy, SaveReport};
 use vfio_mig_fence::session_hex;
@@ -122,14 +121,14 @@ fn save_to<D: MigrationDevice>(
     obs: &dyn Observer,
 ) -> Result<Vec<SaveReport>> {
     let name = out.name();
-    let mut stream = BufWriter::with_capacity(1 << 20, out.writer()?);
+    let mut stream = CoalescingWriter::with_capacity(1 << 20, out.writer()?);
     let mut source = Source::start(devs, opts).map_err(vfio_mig::Error::from)?;
     source.pre_copy(&mut stream, policy, obs)?;
     source.switch_over_observed(&mut stream, obs)?;
     let commit = || -> Result<()> {
         let mut writer = stream
             .into_inner()
-            .map_err(|e| Error::transport(format!("write {name}"), e.into_error()))?;
+            .map_err(|e| Error::transport(format!("write {name}"), e))?;
         writer
             .flush()
             .map_err(|e| Error::transport(format!("write {name}"), e))?;

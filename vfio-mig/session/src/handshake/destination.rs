@@ -232,7 +232,7 @@ impl<C: Duplex> Opening<C> {
 /// at step "handshake: wait for HELLO" (a probe, not a session).
 pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Opening<C>> {
     match open_connection(conn, deadline)? {
-        Opened::Session(o) => Ok(o),
+        Opened::Session(o) => Ok(*o),
         Opened::Channel(c) => Err(c.refuse(
             "a CHANNEL connection where a session was expected".into(),
             Duration::ZERO,
@@ -246,7 +246,7 @@ pub fn open_session<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<Ope
 #[derive(Debug)]
 pub enum Opened<C: Duplex> {
     /// A session's main connection.
-    Session(Opening<C>),
+    Session(Box<Opening<C>>),
     /// A further channel of a session.
     Channel(ChannelOpening<C>),
 }
@@ -324,13 +324,13 @@ pub fn open_connection<C: Duplex>(conn: C, deadline: Option<Instant>) -> Result<
             .set_deadline(None)
             .map_err(|e| Error::transport("clear the handshake deadline", e))?;
     }
-    Ok(Opened::Session(Opening {
+    Ok(Opened::Session(Box::new(Opening {
         tx,
         reader,
         features,
         offered,
         header,
-    }))
+    })))
 }
 
 /// Loads into `dst` through the front door: the header's bytes (already read), the bytes

@@ -23,7 +23,7 @@
 //! # drop(finished); Ok(()) }
 //! ```
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use super::reinit::reack_passes;
 use crate::error::{Error, Result};
 use crate::transport::{Duplex, SOCKET_BUFFER};
 use vfio_mig::error::Report;
+use vfio_mig::wire::CoalescingWriter;
 use vfio_mig::Channels;
 use vfio_mig::Error as CoreError;
 use vfio_mig::NoObserver;
@@ -65,7 +66,7 @@ pub enum Answer<C: Duplex, D: MigrationDevice> {
 pub struct SessionSource<C: Duplex, D: MigrationDevice> {
     source: Source<D>,
     /// The stream's writers, one per channel: the main connection first.
-    outs: Vec<BufWriter<Watched<C>>>,
+    outs: Vec<CoalescingWriter<Watched<C>>>,
     /// Handles on the further channels, to end them.
     further: Vec<C>,
     /// The reader of the destination's answers.
@@ -324,7 +325,7 @@ impl<C: Duplex, D: MigrationDevice> SessionSource<C, D> {
 
 /// The stream's writers (the main connection first), the handles of the further channels,
 /// the reader of the answers and the handle that half-closes the main connection.
-type Opened<C> = (Vec<BufWriter<Watched<C>>>, Vec<C>, C, C);
+type Opened<C> = (Vec<CoalescingWriter<Watched<C>>>, Vec<C>, C, C);
 
 /// HELLO, the header (offering up to `offer` channels when more than one) and the answer;
 /// the further channels bound; `None` on ALREADY_COMPLETED.
@@ -345,7 +346,7 @@ fn hello<C: Duplex, D: MigrationDevice>(
     if offer > 1 {
         features |= FEATURE_CHANNELS;
     }
-    let mut tx = BufWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
+    let mut tx = CoalescingWriter::with_capacity(SOCKET_BUFFER, Watched(conn));
     let mut opening = Message::Hello { features }.encode();
     if offer > 1 {
         opening.extend_from_slice(&Message::OfferChannels { count: offer }.encode());
@@ -419,7 +420,7 @@ fn hello<C: Duplex, D: MigrationDevice>(
             c.try_clone()
                 .map_err(|e| Error::transport("clone a channel", e))?,
         );
-        outs.push(BufWriter::with_capacity(SOCKET_BUFFER, Watched(c)));
+        outs.push(CoalescingWriter::with_capacity(SOCKET_BUFFER, Watched(c)));
     }
     Ok(Some((outs, handles, rx, ctl)))
 }
