@@ -1,46 +1,86 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The pipelined save (`SaveOptions::pipeline`: the device read on a thread of its own, the
-//! CRC/HMAC and the write on the caller's): the stream is byte for byte the one-thread
-//! stream, a device error and a write error each stop both halves, and what is saved loads
-//! into a device that verifies every byte.
+//! The pipelined switch-over (`SourceOptions::pipeline`: the device read on a thread of its
+//! own, the CRC/HMAC and the write on the caller's), through the front door: the stream is
+//! byte for byte the one-thread stream, a device error and a write error each stop both
+//! halves, and what is saved loads into a device that verifies every byte.
 
 use std::io::{self, Write};
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
-use vfio_mig::workspace::save_with_rollback;
-use vfio_mig::MigrationDevice;
-use vfio_mig::NoObserver;
-use vfio_mig::Pending;
+use vfio_mig::wire::StreamHeader;
 use vfio_mig::PreCopyPolicy;
 use vfio_mig::SaveOptions;
-use vfio_mig::{wire::StreamHeader, wire::StreamWriter};
+use vfio_mig::{Epoch, NoObserver, Source, SourceOptions};
 use vfio_mig::{Error, Result};
 use vfio_mig_session::StreamKey;
-use vfio_mig_tests::wrap::{Hooks, Wrapped};
 use vfio_mig_tests::{assert_source_running, load_from_slice, mock};
 
-/// Saves the device of `spec` with `opts` under `header` into a vector; returns the bytes
-/// written (complete or not) and the outcome.
+/// How a test saves: the switch-over pump's depth, the device read size, and whether the
+/// device pre-copies first (under the default policy).
+#[derive(Clone, Copy)]
+struct How {
+    depth: usize,
+    buffer: usize,
+    live: bool,
+}
+
+fn with(depth: usize, buffer: usize, live: bool) -> How {
+    How {
+        depth,
+        buffer,
+        live,
+    }
+}
+
+/// Saves the device of `spec` through a [`Source`] with the session id and epoch of
+/// `header` into a [`Sink`] failing after `fail_after` bytes; returns the bytes written
+/// (complete or not), the outcome, and the v1 transactions the device staged. After a
+/// failure the device must run again (the source's rollback).
+fn save_into(
+    spec: &str,
+    header: &StreamHeader,
+    key: Option<&StreamKey>,
+    how: How,
+    fail_after: Option<usize>,
+) -> (Vec<u8>, Result<()>, u64) {
+    let mut src = mock(spec);
+    let mut sink = Sink {
+        fail_after,
+        ..Sink::default()
+    };
+    let opts = SourceOptions::new(Epoch(header.epoch))
+        .session(header.session_id)
+        .key(key.map(StreamKey::auth))
+        .buffer(how.buffer)
+        .pipeline(Some(how.depth))
+        .pre_copy(how.live);
+    let result = (|| {
+        let mut out = &mut sink;
+        let mut source = Source::start(vec![src.device.as_mut()], &opts).map_err(Error::from)?;
+        if how.live {
+            source.pre_copy(&mut out, &PreCopyPolicy::default(), &NoObserver)?;
+        }
+        source.switch_over(&mut out)?;
+        source.finish();
+        Ok(())
+    })();
+    let status = src.handle.status();
+    if result.is_err() {
+        assert_source_running(&status, spec);
+    }
+    (sink.bytes, result, status.transactions_staged)
+}
+
 fn save(
     spec: &str,
     header: &StreamHeader,
     key: Option<&StreamKey>,
-    opts: &SaveOptions,
+    how: How,
 ) -> (Vec<u8>, Result<()>) {
-    let mut src = mock(spec);
-    let mut sink = Sink::default();
-    let result = (|| {
-        let mut w = StreamWriter::with_key(&mut sink, header, key.map(StreamKey::auth))?;
-        save_with_rollback(src.device.as_mut(), &mut w, 0, opts, &NoObserver)?;
-        w.finish()?;
-        Ok(())
-    })();
-    if result.is_err() {
-        assert_source_running(&src.handle.status(), spec);
-    }
-    (sink.bytes, result)
+    let (bytes, result, _) = save_into(spec, header, key, how, None);
+    (bytes, result)
 }
 
 /// A transport that keeps what it is given and fails every write after `fail_after` bytes.
@@ -67,15 +107,6 @@ impl Write for &mut Sink {
     }
 }
 
-fn with(pipeline: usize, buffer: usize, live: bool) -> SaveOptions {
-    SaveOptions {
-        live,
-        buffer,
-        pipeline,
-        ..SaveOptions::default()
-    }
-}
-
 fn header_of(spec: &str, live: bool) -> StreamHeader {
     let dev = mock(spec);
     StreamHeader::new(&[dev.device.as_ref()], live, 7).unwrap()
@@ -97,10 +128,10 @@ fn pipelined_streams_are_byte_identical_to_inline() {
     for (spec, live, buffer) in cases {
         let header = header_of(spec, live);
         for k in [None, Some(&key)] {
-            let (inline, r) = save(spec, &header, k, &with(0, buffer, live));
+            let (inline, r) = save(spec, &header, k, with(0, buffer, live));
             r.unwrap();
             for depth in [1, 2, 3, 8] {
-                let (piped, r) = save(spec, &header, k, &with(depth, buffer, live));
+                let (piped, r) = save(spec, &header, k, with(depth, buffer, live));
                 r.unwrap_or_else(|e| panic!("{spec} depth {depth}: {e}"));
                 assert!(
                     piped == inline,
@@ -126,9 +157,9 @@ fn pipelined_streams_are_byte_identical_to_inline() {
 fn a_device_error_stops_the_pipeline_in_order() {
     let spec = "mock:v2,size=4M,seed=3,chunk=64K,fail-at=data-read@9";
     let header = header_of("mock:v2,size=4M,seed=3,chunk=64K", false);
-    let (inline, r) = save(spec, &header, None, &with(0, 64 << 10, false));
+    let (inline, r) = save(spec, &header, None, with(0, 64 << 10, false));
     let inline_err = r.unwrap_err();
-    let (piped, r) = save(spec, &header, None, &with(3, 64 << 10, false));
+    let (piped, r) = save(spec, &header, None, with(3, 64 << 10, false));
     let piped_err = r.unwrap_err();
     assert_eq!(piped_err.to_string(), inline_err.to_string());
     assert!(!matches!(piped_err, Error::Transport { .. }), "{piped_err}");
@@ -150,26 +181,10 @@ fn a_write_error_stops_the_device_reads() {
     let spec = "mock:v1,size=4M,seed=4,chunk=64K";
     let header = header_of(spec, false);
     let fail = |depth: usize| {
-        let mut src = mock(spec);
-        let mut sink = Sink {
-            fail_after: Some(600 << 10),
-            ..Sink::default()
-        };
-        let mut w = StreamWriter::new(&mut sink, &header).unwrap();
-        let err = save_with_rollback(
-            src.device.as_mut(),
-            &mut w,
-            0,
-            &with(depth, 64 << 10, false),
-            &NoObserver,
-        )
-        .unwrap_err();
-        let status = src.handle.status();
-        assert_source_running(&status, spec);
-        (
-            vfio_mig::error::Report(&err).to_string(),
-            status.transactions_staged,
-        )
+        let how = with(depth, 64 << 10, false);
+        let (_, result, staged) = save_into(spec, &header, None, how, Some(600 << 10));
+        let err = result.unwrap_err();
+        (vfio_mig::error::Report(&err).to_string(), staged)
     };
     let (inline_text, inline_staged) = fail(0);
     assert!(inline_text.contains("write stream record"), "{inline_text}");
@@ -184,59 +199,6 @@ fn a_write_error_stops_the_device_reads() {
             staged <= inline_staged + depth as u64 + 1,
             "depth {depth}: {staged} of 64 transactions staged, {inline_staged} inline"
         );
-    }
-}
-
-/// Hooks under-reporting a device's pending pre-copy bytes (a quarter), so every pre-copy
-/// round ends on its budget at a chunk boundary, well before the device's data does.
-struct Quarter;
-
-impl Hooks for Quarter {
-    fn pending(&mut self, dev: &mut dyn MigrationDevice) -> Result<Pending> {
-        let p = dev.pending()?;
-        Ok(Pending {
-            bytes: p.bytes.div_ceil(4),
-            ..p
-        })
-    }
-}
-
-/// Pre-copy rounds that end on their budget, in the middle of the device's data (the reader
-/// thread counts the budget, starting from what went inline): the same rounds, the same
-/// records, byte for byte.
-#[test]
-fn rounds_ending_on_their_budget_are_byte_identical() {
-    for spec in [
-        "mock:v1,size=8M,seed=21,chunk=64K",
-        "mock:v2,size=8M,seed=22,chunk=64K",
-    ] {
-        let header = header_of(spec, true);
-        let save = |depth: usize| {
-            let mut src = Wrapped::new(mock(spec).opened.device, Quarter);
-            let mut w = StreamWriter::new(Vec::new(), &header).unwrap();
-            // Rounds go on until the data runs out (or 6 rounds): no downtime is small enough.
-            let opts = SaveOptions {
-                policy: PreCopyPolicy {
-                    downtime_budget: std::time::Duration::ZERO,
-                    switchover_bytes: 0,
-                    max_rounds: 6,
-                    ..PreCopyPolicy::default()
-                },
-                ..with(depth, 64 << 10, true)
-            };
-            let report = save_with_rollback(&mut src, &mut w, 0, &opts, &NoObserver).unwrap();
-            (w.finish().unwrap().0, report.rounds)
-        };
-        let (inline, rounds) = save(0);
-        assert!(rounds >= 2, "{spec}: {rounds} rounds");
-        for depth in [2, 3] {
-            let (piped, r) = save(depth);
-            assert_eq!(r, rounds, "{spec} depth {depth}");
-            assert!(piped == inline, "{spec} depth {depth}: streams differ");
-        }
-        let mut dst = mock(spec);
-        load_from_slice(&mut dst, &inline).unwrap();
-        assert!(dst.handle.status().resumed_ok, "{spec}");
     }
 }
 

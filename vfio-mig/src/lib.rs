@@ -29,9 +29,6 @@
 //! - [`backend`]: for whoever implements a device ([`backend::DeviceIo`]: the mock mediated
 //!   device of crate `vfio-mig-mock`, vfio-user devices) or emulates a protocol's rules;
 //! - [`wire`]: the stream format, for an inspector or a session layer that frames streams;
-//! - `workspace` (hidden from these docs): the engine functions the workspace's own session
-//!   layer and command-line benchmarks (and the save pipeline's own test) still call directly,
-//!   shrinking as they move onto the front door. It is not part of the API.
 //!
 //! Moving a stream between hosts safely is the job of two crates of their own, so that a VMM
 //! with its own migration channel builds neither: `vfio-mig-session` (the handshake,
@@ -52,14 +49,12 @@ pub(crate) mod stream;
 pub(crate) mod v1;
 pub(crate) mod v2;
 pub mod wire;
-#[doc(hidden)]
-pub mod workspace;
 
 #[cfg(feature = "iommufd")]
 pub use device::hwpt::{DirtyHwpt, DirtyRange, ReadMode};
 pub use device::vfio::VfioDeviceIo;
 pub use engine::events::{Event, NoObserver, Observer};
-pub use engine::loader::LoadReport;
+pub use engine::loader::{check_compatible, LoadReport};
 pub use engine::multi::check_unit;
 pub use engine::policy::{PreCopyPolicy, SwitchReason};
 pub use engine::save::{SaveOptions, SaveReport, DEFAULT_BUFFER};

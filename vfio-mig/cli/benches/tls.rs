@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
 use vfio_mig::Backend;
 use vfio_mig::{backend::v2_feature as feature, backend::v2_state::MigState, backend::V2Device};
-use vfio_mig::{workspace::save_device, NoObserver, SaveOptions};
+use vfio_mig::{Epoch, NoObserver, SaveOptions, Source, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::{MockSpec, MockV2};
 use vfio_mig_session::handshake;
@@ -193,7 +192,7 @@ fn range_f(v: &[f64]) -> String {
 }
 
 /// Seconds of one bandwidth-modelled device's stop-and-copy into a connection to a thread
-/// that reads and discards: the engine (`save_device`), or a raw read/write loop of its
+/// that reads and discards: the front door (`Source`), or a raw read/write loop of its
 /// data fd. Both include the STOP_COPY and STOP transitions.
 fn rated_one(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>, engine: bool) -> Duration {
     let spec: MockSpec = spec.parse().unwrap();
@@ -224,11 +223,13 @@ fn rated_one(spec: &str, tls: Option<(&TlsConfig, &TlsConfig)>, engine: bool) ->
         .unwrap();
         let started = Instant::now();
         if engine {
-            let mut dev = V2Device::open(Arc::new(mock)).unwrap();
-            let header = StreamHeader::new(&[&dev], false, 1).unwrap();
-            let mut w = StreamWriter::new(&mut conn, &header).unwrap();
-            save_device(&mut dev, &mut w, 0, &SaveOptions::default(), &NoObserver).unwrap();
-            w.finish().unwrap();
+            let dev = V2Device::open(Arc::new(mock)).unwrap();
+            let opts = SourceOptions::new(Epoch(1)).pre_copy(false);
+            let mut source = Source::start(vec![dev], &opts)
+                .map_err(vfio_mig::Error::from)
+                .unwrap();
+            source.switch_over(&mut conn).unwrap();
+            assert!(source.finish().stop_failures.is_empty());
         } else {
             let mut buf = vec![0u8; vfio_mig::DEFAULT_BUFFER];
             feature::set_state(&mock, MigState::Stop).unwrap();

@@ -51,39 +51,26 @@ pub fn check_compatible(dev: &dyn MigrationDevice, desc: &DeviceDescriptor) -> R
 }
 
 /// Applies one device's records in stream order and keeps its report and events.
-pub(crate) struct DeviceLoader<'a> {
+pub(crate) struct DeviceLoader {
     index: u16,
-    obs: &'a dyn Observer,
     report: LoadReport,
     phase: Option<(Phase, Instant, u64)>,
     since_event: u64,
 }
 
-impl<'a> DeviceLoader<'a> {
-    pub(crate) fn new(index: u16, obs: &'a dyn Observer) -> Self {
+impl DeviceLoader {
+    /// The loader of stream device `index`; each call reports to the observer it is given
+    /// (a front-door destination's observer changes from call to call).
+    pub(crate) fn new(index: u16) -> Self {
         Self {
             index,
-            obs,
             report: LoadReport::default(),
             phase: None,
             since_event: 0,
         }
     }
 
-    /// Writes a DATA record's bytes into the device.
-    pub(crate) fn data(
-        &mut self,
-        dev: &mut dyn MigrationDevice,
-        phase: Phase,
-        bytes: &[u8],
-        chunk_end: bool,
-    ) -> Result<()> {
-        let obs = self.obs;
-        self.data_to(obs, dev, phase, bytes, chunk_end)
-    }
-
-    /// [`data`](Self::data), reporting to `obs` instead of the loader's own observer (a
-    /// caller whose observer changes from call to call).
+    /// Writes a DATA record's bytes into the device, reporting to `obs`.
     pub(crate) fn data_to(
         &mut self,
         obs: &dyn Observer,
@@ -125,13 +112,7 @@ impl<'a> DeviceLoader<'a> {
         Ok(())
     }
 
-    /// Notes the end of a phase of this device.
-    pub(crate) fn end_phase(&mut self, phase: Phase) {
-        let obs = self.obs;
-        self.end_phase_to(obs, phase)
-    }
-
-    /// [`end_phase`](Self::end_phase), reporting to `obs`.
+    /// Notes the end of a phase of this device, reporting to `obs`.
     pub(crate) fn end_phase_to(&mut self, obs: &dyn Observer, phase: Phase) {
         let (elapsed, chunks) = match self.phase.take() {
             Some((p, started, chunks)) if p == phase => (started.elapsed(), chunks),

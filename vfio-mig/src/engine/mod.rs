@@ -5,7 +5,6 @@
 //! ([`crate::Source`], [`crate::Destination`]).
 
 pub(crate) mod events;
-pub(crate) mod load;
 pub(crate) mod loader;
 pub(crate) mod multi;
 pub(crate) mod parallel;

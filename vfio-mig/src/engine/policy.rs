@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::migration::{Pending, StopCopySize};
+use crate::migration::StopCopySize;
 
 /// The pre-copy policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,21 +163,6 @@ impl PreCopyState {
         }
         let secs = self.busy.as_secs_f64();
         (self.bytes > 0 && secs > 0.0).then(|| self.bytes as f64 / secs)
-    }
-
-    /// Takes a round that sent `sent` bytes in `took`, after which the device reports
-    /// `pending`. A round that sent nothing although data is pending (ENOMSG, an empty v1
-    /// chunk) found none ready: it is not counted (the caller waits for data rather than
-    /// spinning, see engine/wait.rs) and `false` is returned.
-    pub(crate) fn after_round(&mut self, sent: u64, took: Duration, pending: &Pending) -> bool {
-        let counted = sent > 0 || pending.bytes == 0;
-        if counted {
-            self.record_round(sent, took, pending.bytes, pending.initial_bytes);
-        } else {
-            self.note_pending(pending.bytes, pending.initial_bytes);
-        }
-        self.set_stop_copy(pending.stop_copy_bytes);
-        counted
     }
 
     /// Sets what the device says stop-and-copy will carry (v2: MIG_DATA_SIZE).

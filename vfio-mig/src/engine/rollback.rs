@@ -4,18 +4,7 @@
 
 use crate::error::Error;
 
-use super::events::{Event, Observer};
-use super::{MigrationDevice, Recovery};
-
-/// Folds what became of each device into the error.
-fn rolled_back(devs: &[&mut dyn MigrationDevice], error: Error, outcomes: Vec<Recovery>) -> Error {
-    let outcomes: Vec<(String, Recovery)> = devs
-        .iter()
-        .map(|d| d.identity().instance)
-        .zip(outcomes)
-        .collect();
-    fold(error, outcomes)
-}
+use super::Recovery;
 
 /// Folds what became of each named device into `error`: [`Error::RolledBack`] for one
 /// device, [`Error::RolledBackAll`] for several.
@@ -32,28 +21,4 @@ pub(crate) fn fold(error: Error, mut outcomes: Vec<(String, Recovery)>) -> Error
         source: Box::new(error),
         outcomes,
     }
-}
-
-/// Applies `recover` to every device (reporting each outcome as device `first + i`) and folds
-/// the outcomes into `error`.
-pub(crate) fn roll_back(
-    devs: &mut [&mut dyn MigrationDevice],
-    first: u16,
-    error: Error,
-    obs: &dyn Observer,
-    recover: fn(&mut dyn MigrationDevice) -> Recovery,
-) -> Error {
-    let outcomes = devs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, d)| {
-            let r = recover(&mut **d);
-            obs.on_event(&Event::RolledBack {
-                device: first + i as u16,
-                recovery: r.to_string(),
-            });
-            r
-        })
-        .collect();
-    rolled_back(devs, error, outcomes)
 }

@@ -4,14 +4,12 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stream::{Phase, StreamWriter};
 
 use super::events::{Event, Observer};
-use super::policy::{abort_error, Decision, PreCopyPolicy, PreCopyState, SwitchReason};
-use super::wait::DataWait;
+use super::policy::{PreCopyPolicy, SwitchReason};
 use super::{MigrationDevice, ReadOutcome};
-use crate::migration::Pending;
 
 /// Default size of the engine's transfer buffer (and of the stream's largest fragment).
 pub const DEFAULT_BUFFER: usize = 1 << 20;
@@ -35,7 +33,7 @@ pub(crate) fn pipeline_for_cores(cores: usize) -> usize {
 /// The CPUs the calling thread may run on, from its affinity mask (`sched_getaffinity(2)`),
 /// at least 1: a VMM pins its migration threads, and `nproc` of the host says nothing about
 /// them.
-pub fn available_cores() -> usize {
+pub(crate) fn available_cores() -> usize {
     use nix::sched::{sched_getaffinity, CpuSet};
     use nix::unistd::Pid;
     match sched_getaffinity(Pid::from_raw(0)) {
@@ -50,7 +48,7 @@ pub fn available_cores() -> usize {
 
 /// The default depth of the save pipeline: `pipeline_for_cores` of the CPUs the calling
 /// thread may run on ([`available_cores`]).
-pub fn default_pipeline() -> usize {
+pub(crate) fn default_pipeline() -> usize {
     pipeline_for_cores(available_cores())
 }
 
@@ -77,8 +75,8 @@ pub struct SaveOptions {
     /// Buffers (of `buffer` bytes each) in the ring between the thread that reads the device
     /// and the one that checksums and writes the records; 0 or 1 does it all on one thread.
     /// The stream is the same either way; with a spare core the pipeline hides the CRC32C,
-    /// HMAC and TLS work behind the device reads. The default, [`default_pipeline`], is
-    /// chosen from the CPUs the thread creating the options may run on.
+    /// HMAC and TLS work behind the device reads. The default is chosen from the CPUs the
+    /// thread creating the options may run on (a ring of 3 from three CPUs up, else 0).
     pub pipeline: usize,
 }
 
@@ -148,8 +146,8 @@ mod micros {
     }
 }
 
-/// Where the engine's records go: a stream writer, or one shared by several device threads
-/// ([`super::multi::SharedWriter`]).
+/// Where the engine's records go: a stream writer, or the front door's relays into the VMM's
+/// writers.
 pub(crate) trait RecordSink {
     /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
     fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
@@ -261,107 +259,6 @@ impl Tally {
     }
 }
 
-/// Pre-copy: enters the pre-copy state and sends rounds while the device runs, until the
-/// policy switches over (or aborts, with a strict policy). Ends the stream's pre-copy phase.
-pub(crate) fn pre_copy<S: RecordSink + ?Sized>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut S,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-    report: &mut SaveReport,
-) -> Result<()> {
-    if !dev.capabilities().pre_copy {
-        // As QEMU: a device without PRE_COPY is migrated in stop-and-copy only, alone or in a
-        // live unit. Its stream still closes the pre-copy phase (empty), as a live
-        // descriptor promises.
-        log::info!(
-            "{}: no PRE_COPY support: migrated in stop-and-copy only",
-            dev.identity().instance
-        );
-        report.stop_copy_only = true;
-        out.end_phase(index, Phase::PreCopy)?;
-        return Ok(());
-    }
-    dev.start_pre_copy()?;
-    let first = dev.pending()?;
-    pre_copy_rounds(dev, out, index, opts, obs, report, first)
-}
-
-/// The rounds of pre-copy from what the device reported pending (`first`), until the policy
-/// switches over; ends the stream's pre-copy phase of the device.
-fn pre_copy_rounds<S: RecordSink + ?Sized>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut S,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-    report: &mut SaveReport,
-    first: Pending,
-) -> Result<()> {
-    let started = Instant::now();
-    obs.on_event(&Event::PhaseStarted {
-        device: index,
-        phase: Phase::PreCopy,
-        pending: Some(first.bytes),
-    });
-    let mut state = PreCopyState::new(first.bytes, first.initial_bytes);
-    state.set_stop_copy(first.stop_copy_bytes);
-    let mut pump = Pump {
-        dev,
-        out,
-        index,
-        buf: vec![0u8; opts.buffer.max(4096)],
-        obs,
-    };
-    let mut spare = spare_buffers(opts, pump.buf.len());
-    let mut chunks = 0u64;
-    let mut waits = DataWait::new();
-    let reason = loop {
-        match opts.policy.decide(&state, started.elapsed()) {
-            Decision::Continue => {}
-            Decision::Switch(reason) => break reason,
-            Decision::Abort(reason) => return Err(abort_error(reason, &state, &opts.policy)),
-        }
-        let round_started = Instant::now();
-        // A round sends what was pending when it began (at least one chunk).
-        let (bytes, c, _) = pump.run_pipelined(
-            Phase::PreCopy,
-            Some(state.pending.max(1)),
-            report.pre_copy_bytes,
-            &mut spare,
-        )?;
-        let pending = pump.dev.pending()?;
-        if !state.after_round(bytes, round_started.elapsed(), &pending) {
-            waits.wait(&*pump.dev)?;
-            continue;
-        }
-        waits.reset();
-        report.pre_copy_bytes += bytes;
-        chunks += c;
-        obs.on_event(&Event::RoundDone {
-            device: index,
-            round: state.rounds,
-            bytes,
-            pending: pending.bytes,
-        });
-    };
-    report.switch_reason = Some(reason);
-    report.rounds += state.rounds;
-    report.chunks += chunks;
-    report.estimated_downtime = state.estimated_downtime();
-    report.bandwidth = state.bandwidth().map(|b| b as u64);
-    pump.out.end_phase(index, Phase::PreCopy)?;
-    obs.on_event(&Event::PhaseEnded {
-        device: index,
-        phase: Phase::PreCopy,
-        bytes: report.pre_copy_bytes,
-        chunks,
-        elapsed: started.elapsed(),
-    });
-    Ok(())
-}
-
 /// Stop-and-copy: stops the device and sends the rest of its state, ending the stream's
 /// stop-copy phase. The device is left in its stop-and-copy state: the STOP transition is the
 /// caller's, after the stream is complete, so that it stays out of the downtime window
@@ -402,46 +299,6 @@ pub(crate) fn stop_copy<S: RecordSink + ?Sized>(
         elapsed: report.stop_copy_time,
     });
     Ok(())
-}
-
-/// Saves device `index` of the stream: pre-copy rounds when `opts.live`, then stop-and-copy,
-/// leaving the device stopped. The caller handles rollback (see [`save_with_rollback`]).
-pub fn save_device<W: Write>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut StreamWriter<W>,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-) -> Result<SaveReport> {
-    let mut report = SaveReport::default();
-    if opts.live {
-        pre_copy(dev, out, index, opts, obs, &mut report)?;
-    }
-    stop_copy(dev, out, index, opts, obs, &mut report)?;
-    dev.finish_save()?;
-    Ok(report)
-}
-
-/// [`save_device`], and on failure the source is returned to RUNNING (recovery state, reset
-/// if that fails); the error then says what became of the device.
-pub fn save_with_rollback<W: Write>(
-    dev: &mut dyn MigrationDevice,
-    out: &mut StreamWriter<W>,
-    index: u16,
-    opts: &SaveOptions,
-    obs: &dyn Observer,
-) -> Result<SaveReport> {
-    save_device(dev, out, index, opts, obs).map_err(|e| rollback_source(dev, index, e, obs))
-}
-
-/// Returns a source to RUNNING after `error` and folds the outcome into the error.
-pub(crate) fn rollback_source(
-    dev: &mut dyn MigrationDevice,
-    index: u16,
-    error: Error,
-    obs: &dyn Observer,
-) -> Error {
-    super::rollback::roll_back(&mut [dev], index, error, obs, |d| d.recover())
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub struct Destination<D: MigrationDevice> {
     session: Option<([u8; 16], u64)>,
     /// Per device: whether it entered RESUMING (its channel's header matched it).
     resuming: Vec<bool>,
-    loaders: Vec<DeviceLoader<'static>>,
+    loaders: Vec<DeviceLoader>,
     /// Per device: whether the header says it comes with pre-copy data.
     live: Vec<bool>,
     /// Per device: whether its END_OF_PHASE(PRE_COPY) was applied.
@@ -148,7 +148,7 @@ impl<D: MigrationDevice> Destination<D> {
             return Err(Handback::new(error, devs));
         }
         let loaders = (0..devs.len())
-            .map(|i| DeviceLoader::new(i as u16, &NoObserver))
+            .map(|i| DeviceLoader::new(i as u16))
             .collect();
         let n = devs.len();
         Ok(Self {
@@ -841,7 +841,7 @@ fn no_device(local: u16) -> Error {
 /// Applies `batch` to `dev`.
 fn apply_batch(
     dev: &mut dyn MigrationDevice,
-    loader: &mut DeviceLoader<'static>,
+    loader: &mut DeviceLoader,
     batch: Vec<Item<'_>>,
     obs: &dyn Observer,
 ) -> Result<()> {

@@ -39,6 +39,11 @@ pub struct SourceOptions {
     /// Authenticates every record of the stream with this key (a keyed stream, see
     /// docs/stream-format.md); `None` writes CRCs only.
     pub key: Option<Arc<dyn StreamAuth>>,
+    /// The switch-over pump's depth: buffers in the ring between the thread that reads a
+    /// device and the one that checksums and writes its records (0 or 1: one thread does
+    /// all). `None` chooses from the CPUs this thread may run on (a ring of 3 from three CPUs
+    /// up, else one thread); a VMM that pins its migration to one core sets 1.
+    pub pipeline: Option<usize>,
 }
 
 impl std::fmt::Debug for SourceOptions {
@@ -50,6 +55,7 @@ impl std::fmt::Debug for SourceOptions {
             .field("pre_copy", &self.pre_copy)
             .field("session", &self.session)
             .field("key", &self.key.is_some())
+            .field("pipeline", &self.pipeline)
             .finish()
     }
 }
@@ -60,10 +66,11 @@ impl SourceOptions {
         Self {
             epoch,
             allow_non_p2p_unit: false,
-            buffer: 1 << 20,
+            buffer: crate::DEFAULT_BUFFER,
             pre_copy: true,
             session: None,
             key: None,
+            pipeline: None,
         }
     }
 
@@ -88,6 +95,12 @@ impl SourceOptions {
     /// Sets [`allow_non_p2p_unit`](Self::allow_non_p2p_unit).
     pub fn allow_non_p2p_unit(mut self, allow: bool) -> Self {
         self.allow_non_p2p_unit = allow;
+        self
+    }
+
+    /// Sets [`pipeline`](Self::pipeline).
+    pub fn pipeline(mut self, depth: Option<usize>) -> Self {
+        self.pipeline = depth;
         self
     }
 

@@ -140,6 +140,8 @@ pub struct Source<D: MigrationDevice> {
     /// What was sent of each device so far.
     pub(super) reports: Vec<SaveReport>,
     buffer: usize,
+    /// The switch-over pump's depth ([`SourceOptions::pipeline`]).
+    pipeline: Option<usize>,
     /// A query of a round found a device re-initialised (REINIT): the next estimate says so.
     reinit_seen: bool,
 }
@@ -210,6 +212,7 @@ impl<D: MigrationDevice> Source<D> {
                     buf: Vec::new(),
                     reports,
                     buffer: opts.buffer.max(4096),
+                    pipeline: opts.pipeline,
                     reinit_seen: false,
                 })
             }
@@ -543,9 +546,11 @@ impl<D: MigrationDevice> Source<D> {
         self.switching = true;
         let mut devs = as_refs(&mut self.devs);
         quiesce_all(&mut devs)?;
+        let defaults = SaveOptions::default();
         let opts = SaveOptions {
             buffer: self.buffer,
-            ..SaveOptions::default()
+            pipeline: self.pipeline.unwrap_or(defaults.pipeline),
+            ..defaults
         };
         let live = &self.live;
         let end_pre_copy = !self.pre_copy_ended;

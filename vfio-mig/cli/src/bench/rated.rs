@@ -5,7 +5,7 @@
 //!
 //! | figure            | subject                                   | baseline                          |
 //! |-------------------|-------------------------------------------|-----------------------------------|
-//! | `rated.x4`        | 4 devices, `save_all` (and 4 threads)     | the same 4 saved one after another |
+//! | `rated.x4`        | 4 devices as one `Source` (and 4 threads) | the same 4 saved one after another |
 //! | `rated.one.SINK`  | one device, the engine into a file / TCP  | a read/write loop at the same rate |
 //! | `rated.unit`      | stop-and-copy window of 4 devices migrated as one unit (`migrate_pairs`) | one such device's own stop-copy time, migrated alone |
 //!
@@ -20,15 +20,11 @@ use vfio_mig::backend::v2_feature as feature;
 use vfio_mig::backend::v2_state::MigState;
 use vfio_mig::backend::V2Device;
 use vfio_mig::wire::StreamHeader;
-use vfio_mig::wire::StreamWriter;
-use vfio_mig::workspace::finish_handoff_all;
-use vfio_mig::workspace::save_all;
-use vfio_mig::workspace::save_device;
-use vfio_mig::workspace::SharedWriter;
 use vfio_mig::MigrationDevice;
 use vfio_mig::NoObserver;
 use vfio_mig::Observer;
 use vfio_mig::SaveOptions;
+use vfio_mig::{Epoch, SourceOptions};
 use vfio_mig_fence::MemoryFence;
 use vfio_mig_mock::spec::format_size;
 use vfio_mig_mock::{MockSpec, MockV2};
@@ -89,26 +85,22 @@ fn save_one(dev: &mut dyn MigrationDevice, sink: &SinkKind, buffer: usize) -> Re
     save_one_with(dev, sink, buffer, super::PIPELINED)
 }
 
-/// [`save_one`] with the pump's `pipeline` depth (0: read, CRC and write on one thread).
+/// [`save_one`] with the pump's `pipeline` depth (0: read, CRC and write on one thread),
+/// through the front door.
 fn save_one_with(
     dev: &mut dyn MigrationDevice,
     sink: &SinkKind,
     buffer: usize,
     pipeline: usize,
 ) -> Result<u64> {
-    let header = StreamHeader::new(&[&*dev], false, 1)?;
     let mut out = sink.open()?;
-    let mut w = StreamWriter::new(&mut out.conn, &header)?;
-    let opts = SaveOptions {
-        buffer,
-        pipeline,
-        ..SaveOptions::default()
-    };
-    let r = save_device(dev, &mut w, 0, &opts, &NoObserver)?;
-    w.finish()?;
-    dev.finish_save()?;
+    let opts = SourceOptions::new(Epoch(1))
+        .pre_copy(false)
+        .buffer(buffer)
+        .pipeline(Some(pipeline));
+    let (_, reports) = super::front::save_with(vec![dev], &mut out.conn, &opts, None, &NoObserver)?;
     out.finish()?;
-    Ok(r.stop_copy_bytes)
+    Ok(reports[0].stop_copy_bytes)
 }
 
 // ---- (a) four devices in parallel ------------------------------------------------------
@@ -142,20 +134,12 @@ fn run_four(cfg: &Config, how: Parallel) -> Result<f64> {
             Ok::<(), Error>(())
         })?,
         Parallel::SaveAll => {
-            let mut refs = refs(&mut devs);
-            let header = {
-                let all: Vec<&dyn MigrationDevice> = refs.iter().map(|d| &**d).collect();
-                StreamHeader::new(&all, false, 1)?
-            };
             let mut sink = SinkKind::Null.open()?;
-            let shared = SharedWriter::new(StreamWriter::new(&mut sink.conn, &header)?);
-            let opts = SaveOptions {
-                buffer: cfg.buffer,
-                ..SaveOptions::default()
-            };
-            let mut reports = save_all(&mut refs, &shared, &opts, &NoObserver)?;
-            shared.into_inner().finish()?;
-            finish_handoff_all(&mut refs, &mut reports);
+            let opts = SourceOptions::new(Epoch(1))
+                .pre_copy(false)
+                .buffer(cfg.buffer)
+                .allow_non_p2p_unit(true);
+            super::front::save_with(refs(&mut devs), &mut sink.conn, &opts, None, &NoObserver)?;
             sink.finish()?;
         }
     }
@@ -170,15 +154,19 @@ fn parallel_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
     let series = run_rotating(cfg.reps, cfg.warmup, &mut [&mut seq, &mut all, &mut thr])?;
     let ideal = cfg.rated_size as f64 / cfg.rated_rate as f64;
     for (slot, id, name) in [
-        (1, "save_all", "engine::multi::save_all, one stream"),
-        (2, "threads", "4 threads x save_device, a stream each"),
+        (1, "save_all", "one Source of the 4 as a unit, one stream"),
+        (
+            2,
+            "threads",
+            "4 threads x a Source of one device, a stream each",
+        ),
     ] {
         let f = Figure::from_paired(
             format!("rated.x{DEVICES}.{id}"),
             1,
             "bandwidth-modelled: 4 devices in parallel vs one after another",
             name,
-            "save_device one after another",
+            "a Source of one device, one after another",
             "s",
             &Paired::from_series(&series, 0, slot),
             true,
@@ -239,7 +227,7 @@ fn one_device_figures(cfg: &Config, out: &mut Vec<Figure>) -> Result<()> {
             format!("rated.one.{}", sink.name()),
             2,
             "bandwidth-modelled: one device, engine vs raw loop",
-            "engine (save_device)",
+            "front door (Source)",
             format!("read/write loop, {} KiB buffer", cfg.buffer >> 10),
             "s",
             &Paired::from_series(&series, 0, 1),
