@@ -3,11 +3,8 @@
 //! connection (CHANNEL: the session, its index, the token; anything else is refused and
 //! touches no device), and the receive functions over [`SessionDestination`].
 
-use std::time::Instant;
-
 use super::destination::{open_session, Opening, RecvOutcome};
-use super::opened::ChannelOpening;
-use super::session_destination::receive_now;
+use super::session_destination::receive_channels;
 use crate::error::{Error, Result};
 use crate::transport::Duplex;
 use vfio_mig::MigrationDevice;
@@ -47,21 +44,4 @@ pub fn receive_opened<C: Duplex>(
     receive_channels(devs, opening, fence, obs, 1, &mut |_| {
         Err(Error::invalid_input("no further channels here"))
     })
-}
-
-/// Runs a session whose source offered several channels (one that offered none is run as by
-/// [`receive_opened`]): [`accept_channels`](super::SessionDestination::accept_channels) (up to `max` channels), the
-/// load over all channels at once, and the same end as [`receive_opened`].
-///
-/// A channel that fails (closed, a bad record, a timeout) stops every channel and fails the
-/// unit: every device is reset and FAILED names the channel.
-pub fn receive_channels<C: Duplex>(
-    devs: &mut [&mut dyn MigrationDevice],
-    opening: Opening<C>,
-    fence: &mut dyn Fence,
-    obs: &dyn Observer,
-    max: u16,
-    accept: &mut dyn FnMut(Instant) -> Result<ChannelOpening<C>>,
-) -> Result<RecvOutcome> {
-    receive_now(devs, opening, fence, obs, max, accept)
 }

@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 
-use super::channel::{receive, receive_channels};
+use super::channel::receive;
 use super::destination::{open_connection, open_session, Opened, RecvOutcome};
 use super::opened::ChannelOpening;
+use super::session_destination::receive_channels;
 use super::source::{send, send_channels, SendOutcome};
 use crate::error::{is_peer_loss, Error, Result};
 use crate::handshake::ReasonCode;

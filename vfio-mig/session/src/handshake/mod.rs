@@ -52,7 +52,8 @@ mod session_destination;
 mod session_source;
 mod source;
 
-pub use channel::{receive, receive_channels, receive_opened};
+pub use channel::{receive, receive_opened};
+pub use session_destination::receive_channels;
 
 pub use destination::{load_fenced, open_connection, open_session, Opened, Opening, RecvOutcome};
 pub use local::{

@@ -403,9 +403,14 @@ fn load_channels<C: Duplex, D: MigrationDevice>(
     Ok(dst.reports())
 }
 
-/// Runs an opened session (see [`super::receive_channels`]): a [`SessionDestination`] that
-/// loads and runs at once.
-pub(super) fn receive_now<C: Duplex>(
+/// Runs a session whose source offered several channels (one that offered none is run as by
+/// [`receive_opened`](super::receive_opened)): [`SessionDestination::accept_channels`] (up to
+/// `max` channels), the load over all channels at once, and the same end as
+/// [`receive_opened`](super::receive_opened).
+///
+/// A channel that fails (closed, a bad record, a timeout) stops every channel and fails the
+/// unit: every device is reset and FAILED names the channel.
+pub fn receive_channels<C: Duplex>(
     devs: &mut [&mut dyn MigrationDevice],
     opening: Opening<C>,
     fence: &mut dyn Fence,
