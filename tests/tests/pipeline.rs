@@ -15,6 +15,7 @@ use vfio_mig::SaveOptions;
 use vfio_mig::{Epoch, NoObserver, Source, SourceOptions};
 use vfio_mig::{Error, Result};
 use vfio_mig_session::StreamKey;
+use vfio_mig_tests::wrap::{Hooks, Wrapped};
 use vfio_mig_tests::{assert_source_running, load_from_slice, mock};
 
 /// How a test saves: the switch-over pump's depth, the device read size, and whether the
@@ -242,5 +243,55 @@ fn the_default_pipeline_follows_the_threads_cpu_affinity() {
             "default pipeline on {n} CPU(s) {:?}",
             &cpus[..n]
         );
+    }
+}
+
+/// Records the thread of every device read.
+struct ReadThreads(std::sync::Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>);
+
+impl Hooks for ReadThreads {
+    fn read(
+        &mut self,
+        dev: &mut dyn vfio_mig::MigrationDevice,
+        buf: &mut [u8],
+    ) -> Result<vfio_mig::ReadOutcome> {
+        self.0.lock().unwrap().push(std::thread::current().id());
+        dev.read(buf)
+    }
+}
+
+/// `SourceOptions::pipeline` reaches the switch-over's pump: at depth 0 every device read is
+/// on the caller's thread; with a ring, the reads move to a thread of their own (the CRC and
+/// the writes stay on the caller's).
+#[test]
+fn the_chosen_depth_decides_where_the_device_is_read() {
+    let spec = "mock:v2,size=2M,seed=5";
+    for depth in [0, 3] {
+        let threads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dev = Wrapped::new(
+            mock(spec).opened.device,
+            ReadThreads(std::sync::Arc::clone(&threads)),
+        );
+        let opts = SourceOptions::new(Epoch(1))
+            .pre_copy(false)
+            .buffer(64 << 10)
+            .pipeline(Some(depth));
+        let mut source = Source::start(vec![dev], &opts)
+            .map_err(Error::from)
+            .unwrap();
+        source.switch_over(&mut Vec::new()).unwrap();
+        source.finish();
+        let me = std::thread::current().id();
+        let reads = threads.lock().unwrap();
+        assert!(reads.len() > 1, "depth {depth}: {} reads", reads.len());
+        let elsewhere = reads.iter().filter(|&&t| t != me).count();
+        if depth == 0 {
+            assert_eq!(elsewhere, 0, "depth 0: reads off the caller's thread");
+        } else {
+            assert!(
+                elsewhere > 0,
+                "depth {depth}: every read on the caller's thread"
+            );
+        }
     }
 }
