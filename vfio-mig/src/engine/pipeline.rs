@@ -169,12 +169,14 @@ impl<S: RecordSink + ?Sized> Writer<'_, S> {
                     len,
                     chunk_end,
                 } => {
-                    let written = self.out.data(t.index, t.phase, &buf[..len], chunk_end);
-                    if let Err(back) = free.send(buf) {
+                    // The sink hands back a buffer for the reader: this one once written,
+                    // or one of its length (the sink took this one along).
+                    let next = match self.out.data(t.index, t.phase, buf, len, chunk_end) {
+                        Ok(next) => next,
+                        Err(e) => break Err(e),
+                    };
+                    if let Err(back) = free.send(next) {
                         self.kept.push(back.0);
-                    }
-                    if let Err(e) = written {
-                        break Err(e);
                     }
                     t.sent(len, chunk_end, self.obs);
                 }

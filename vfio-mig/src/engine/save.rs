@@ -149,15 +149,33 @@ mod micros {
 /// Where the engine's records go: a stream writer, or the front door's relays into the VMM's
 /// writers.
 pub(crate) trait RecordSink {
-    /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
-    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
+    /// Appends `buf[..len]` as DATA of `device` (see [`StreamWriter::data`]), taking the
+    /// buffer: returns the one to read the next data into, `buf` itself or another of its
+    /// length (a sink whose records are written by another thread sends `buf` along instead
+    /// of a copy). After an error the buffer may be gone.
+    fn data(
+        &mut self,
+        device: u16,
+        phase: Phase,
+        buf: Vec<u8>,
+        len: usize,
+        chunk_end: bool,
+    ) -> Result<Vec<u8>>;
     /// Appends the END_OF_PHASE record of `device`.
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()>;
 }
 
 impl<W: Write> RecordSink for StreamWriter<W> {
-    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
-        StreamWriter::data(self, device, phase, bytes, chunk_end)
+    fn data(
+        &mut self,
+        device: u16,
+        phase: Phase,
+        buf: Vec<u8>,
+        len: usize,
+        chunk_end: bool,
+    ) -> Result<Vec<u8>> {
+        StreamWriter::data(self, device, phase, &buf[..len], chunk_end)?;
+        Ok(buf)
     }
 
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
@@ -206,8 +224,8 @@ impl<S: RecordSink + ?Sized> Pump<'_, S> {
             match self.dev.read(&mut self.buf)? {
                 ReadOutcome::PhaseEnd => return Ok(Some(true)),
                 ReadOutcome::Data { len, chunk_end } => {
-                    self.out
-                        .data(self.index, phase, &self.buf[..len], chunk_end)?;
+                    let buf = std::mem::take(&mut self.buf);
+                    self.buf = self.out.data(self.index, phase, buf, len, chunk_end)?;
                     tally.sent(len, chunk_end, self.obs);
                     if chunk_end && budget.is_some_and(|b| tally.bytes >= b) {
                         return Ok(Some(false));
