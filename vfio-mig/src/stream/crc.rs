@@ -43,14 +43,6 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     digest.finalize() as u32
 }
 
-/// The CRC32C of `a` followed by `b`, from `crc_a` (of `a`), `crc_b` (of `b`) and `b`'s
-/// length: a record's CRC from its payload's, computed apart (a unit's device thread
-/// checksums its payload before the channel's order is known). A few hundred operations,
-/// whatever the length; the same value under either implementation.
-pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
-    crc32c::crc32c_combine(crc_a, crc_b, len_b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,9 +56,8 @@ mod tests {
     }
 
     proptest! {
-        /// Appending in pieces, or combining the pieces' values, gives the value of the whole,
-        /// wherever the cut is, and the value the reference crate computes (the other
-        /// implementation when `crc-fast` is on).
+        /// Appending in pieces gives the value of the whole, wherever the cut is, and the
+        /// value the reference crate computes (the other implementation when `crc-fast` is on).
         #[test]
         fn appending_in_pieces_is_the_checksum_of_the_whole(
             data in proptest::collection::vec(any::<u8>(), 0..5000),
@@ -76,8 +67,6 @@ mod tests {
             let whole = crc32c(&data);
             prop_assert_eq!(crc32c_append(crc32c(&data[..cut]), &data[cut..]), whole);
             prop_assert_eq!(whole, ::crc32c::crc32c(&data));
-            let (a, b) = data.split_at(cut);
-            prop_assert_eq!(crc32c_combine(crc32c(a), crc32c(b), b.len()), whole);
         }
     }
 }

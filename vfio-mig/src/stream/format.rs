@@ -605,31 +605,6 @@ impl RecordHeader {
     /// session id, the header's first `RECORD_CRC_OFFSET` bytes and `payload`.
     /// `payload_len` must equal `payload.len()`.
     pub(crate) fn encode(&self, session: &SessionId, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
-        let mut h = self.fields();
-        let crc = record_crc(session, &h, payload);
-        h[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
-        h
-    }
-
-    /// [`encode`](Self::encode) for a payload of `payload_len` bytes whose CRC32C is
-    /// `payload_crc`, computed apart: the same bytes.
-    pub(crate) fn encode_with_payload_crc(
-        &self,
-        session: &SessionId,
-        payload_crc: u32,
-    ) -> [u8; RECORD_HEADER_LEN] {
-        let mut h = self.fields();
-        let crc = crate::stream::crc::crc32c_combine(
-            record_crc(session, &h, &[]),
-            payload_crc,
-            self.payload_len as usize,
-        );
-        h[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
-        h
-    }
-
-    /// The header's fields, its CRC left 0.
-    fn fields(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0] = self.kind.wire();
         h[1] = if self.chunk_end {
@@ -641,6 +616,8 @@ impl RecordHeader {
         h[4] = self.phase.map_or(0, Phase::wire);
         h[8..16].copy_from_slice(&self.sequence.to_le_bytes());
         h[16..20].copy_from_slice(&self.payload_len.to_le_bytes());
+        let crc = record_crc(session, &h, payload);
+        h[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         h
     }
 }

@@ -157,7 +157,7 @@ impl<W: Write> StreamWriter<W> {
         while let Some(fragment) = fragments.next() {
             let end = chunk_end && fragments.peek().is_none();
             let (header, tag) =
-                self.encode_record(RecordKind::Data, end, device, Some(phase), fragment, None)?;
+                self.encode_record(RecordKind::Data, end, device, Some(phase), fragment)?;
             let written = write_record_bytes(out, &header, fragment, tag.as_ref());
             self.account(written, fragment.len())?;
             self.tracker.record_data(device, phase, fragment.len(), end);
@@ -165,17 +165,15 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.bytes_written - before)
     }
 
-    /// The next DATA record of `device`, one record carrying all of `payload`, encoded but
-    /// not written, and counted as written: for a caller that writes it itself (header,
-    /// payload, tag) before any later record of this writer. `payload_crc` is `payload`'s
-    /// CRC32C, computed by the caller (a unit's device thread, before it takes the channel's
-    /// turn); the tag of an authenticated stream is computed here.
+    /// The next DATA record of `device`, one record carrying all of `payload`, encoded (its
+    /// CRC32C, and the tag of an authenticated stream, computed here) but not written, and
+    /// counted as written: for a caller that writes it itself (header, payload, tag) before
+    /// any later record of this writer.
     pub(crate) fn encode_data(
         &mut self,
         device: u16,
         phase: Phase,
         payload: &[u8],
-        payload_crc: u32,
         chunk_end: bool,
     ) -> Result<EncodedRecord> {
         self.check_data(device, phase, payload.len())?;
@@ -189,14 +187,8 @@ impl<W: Write> StreamWriter<W> {
                 ),
             ));
         }
-        let record = self.encode_record(
-            RecordKind::Data,
-            chunk_end,
-            device,
-            Some(phase),
-            payload,
-            Some(payload_crc),
-        )?;
+        let record =
+            self.encode_record(RecordKind::Data, chunk_end, device, Some(phase), payload)?;
         self.account(Ok(()), payload.len())?;
         self.tracker
             .record_data(device, phase, payload.len(), chunk_end);
@@ -217,14 +209,7 @@ impl<W: Write> StreamWriter<W> {
     /// written (see [`encode_data`](Self::encode_data)).
     pub(crate) fn encode_end_phase(&mut self, device: u16, phase: Phase) -> Result<EncodedRecord> {
         self.check_end_phase(device, phase)?;
-        let record = self.encode_record(
-            RecordKind::EndOfPhase,
-            false,
-            device,
-            Some(phase),
-            &[],
-            None,
-        )?;
+        let record = self.encode_record(RecordKind::EndOfPhase, false, device, Some(phase), &[])?;
         self.account(Ok(()), 0)?;
         self.tracker.record_end_phase(device, phase);
         Ok(record)
@@ -309,13 +294,12 @@ impl<W: Write> StreamWriter<W> {
         phase: Option<Phase>,
         payload: &[u8],
     ) -> Result<()> {
-        let (header, tag) = self.encode_record(kind, chunk_end, device, phase, payload, None)?;
+        let (header, tag) = self.encode_record(kind, chunk_end, device, phase, payload)?;
         let written = write_record_bytes(&mut self.w, &header, payload, tag.as_ref());
         self.account(written, payload.len())
     }
 
-    /// The record's header and, for an authenticated stream, its tag; the CRC from
-    /// `payload_crc` (`payload`'s CRC32C) when the caller has it.
+    /// The record's header and, for an authenticated stream, its tag.
     fn encode_record(
         &self,
         kind: RecordKind,
@@ -323,7 +307,6 @@ impl<W: Write> StreamWriter<W> {
         device: u16,
         phase: Option<Phase>,
         payload: &[u8],
-        payload_crc: Option<u32>,
     ) -> Result<EncodedRecord> {
         let sequence = self.records_written();
         let payload_len = u32::try_from(payload.len()).map_err(|_| {
@@ -333,18 +316,15 @@ impl<W: Write> StreamWriter<W> {
             )
         })?;
         let session = self.header.session_id;
-        let fields = RecordHeader {
+        let header = RecordHeader {
             kind,
             chunk_end,
             device,
             phase,
             sequence,
             payload_len,
-        };
-        let header = match payload_crc {
-            Some(crc) => fields.encode_with_payload_crc(&session, crc),
-            None => fields.encode(&session, payload),
-        };
+        }
+        .encode(&session, payload);
         let tag = self
             .key
             .as_ref()
@@ -493,9 +473,8 @@ mod tests {
         assert_eq!(totals.devices[0].stop_copy_bytes, 100_100);
     }
 
-    /// Records encoded apart (the payload's CRC computed by the caller, the record written
-    /// by the caller) are the bytes `data` and `end_phase` write, plain and keyed, and count
-    /// in the totals the same.
+    /// Records encoded apart (and written by the caller) are the bytes `data` and
+    /// `end_phase` write, plain and keyed, and count in the totals the same.
     #[test]
     fn records_encoded_apart_are_the_records_written() {
         #[derive(Debug)]
@@ -523,8 +502,7 @@ mod tests {
             let mut apart = StreamWriter::with_key(Vec::new(), &h, key.clone()).unwrap();
             for p in payloads {
                 written.data(0, Phase::StopCopy, p, true).unwrap();
-                let crc = crate::stream::crc::crc32c(p);
-                let (head, tag) = apart.encode_data(0, Phase::StopCopy, p, crc, true).unwrap();
+                let (head, tag) = apart.encode_data(0, Phase::StopCopy, p, true).unwrap();
                 write_record_bytes(apart.get_mut(), &head, p, tag.as_ref()).unwrap();
             }
             written.end_phase(0, Phase::StopCopy).unwrap();
