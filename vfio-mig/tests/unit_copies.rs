@@ -167,15 +167,23 @@ fn recorders(logs: &[Arc<Mutex<Log>>]) -> Vec<Recorder> {
 
 #[test]
 fn a_units_records_leave_from_the_devices_buffers_with_their_headers() {
-    unit_of_four(None);
-    unit_of_four(Some(Arc::new(TestKey)));
+    // The device threads' pumps inline (each reads, encodes and hands over on its thread),
+    // then pipelined (a reader thread per device and a ring of 3 buffers).
+    unit_of_four(None, Some(0));
+    unit_of_four(Some(Arc::new(TestKey)), Some(0));
+    unit_of_four(None, Some(3));
 }
 
-fn unit_of_four(key: Option<Arc<dyn StreamAuth>>) {
+/// Saves a unit of four recorders with `key` and pump depth `pipeline`, and checks it.
+fn unit_of_four(key: Option<Arc<dyn StreamAuth>>, pipeline: Option<usize>) {
     let keyed = key.is_some();
+    let what = format!("keyed {keyed}, pipeline {pipeline:?}");
     let tag_len = if keyed { TAG_LEN } else { 0 };
     let src_logs = logs(true);
-    let opts = SourceOptions::new(Epoch(1)).buffer(CHUNK).key(key.clone());
+    let opts = SourceOptions::new(Epoch(1))
+        .buffer(CHUNK)
+        .key(key.clone())
+        .pipeline(pipeline);
     let mut source = Source::start(recorders(&src_logs), &opts).unwrap();
     let mut out = Recording {
         bytes: Vec::with_capacity(DEVICES * CHUNKS * (CHUNK + 4096) + (1 << 20)),
@@ -201,7 +209,7 @@ fn unit_of_four(key: Option<Arc<dyn StreamAuth>>) {
         let want: Vec<Vec<u8>> = (0..CHUNKS).map(|j| chunk(i, j)).collect();
         assert!(
             got == want,
-            "keyed: {keyed}, device {i}: the destination loaded other bytes"
+            "{what}: device {i}: the destination loaded other bytes"
         );
     }
 
@@ -230,11 +238,10 @@ fn unit_of_four(key: Option<Arc<dyn StreamAuth>>) {
         unstaged += usize::from(unstaged_record);
     }
     eprintln!(
-        "keyed: {keyed}, {records} record writes, {unstaged} of them a header and a device's buffer; \
+        "{what}: {records} record writes, {unstaged} of them a header and a device's buffer; \
          {large} allocations of {LARGE} bytes or more during the switch-over, for {} records",
         DEVICES * CHUNKS
     );
-    let what = if keyed { "keyed" } else { "plain" };
     assert_eq!(
         records,
         DEVICES * CHUNKS,
