@@ -101,12 +101,13 @@ impl<O: Outputs + ?Sized> RecordSink for Relay<'_, O> {
 }
 
 /// The sink of a unit's device threads. Each record is encoded on its device's thread, under
-/// its channel's lock (the header with its CRC32C, and the keyed tag), and sent, with the buffer the device read into, in the channel's stream order, to the
-/// calling thread, which alone writes into the VMM's writers (so they need not be `Send`):
-/// header, payload and tag in one vectored write, as one device alone writes them. The
-/// device thread goes on reading into a buffer from the unit's pool, to which every buffer
-/// returns once written: no copy and no allocation per record. Once a device failed, records
-/// are refused, so the others stop early.
+/// its channel's lock (the header with its CRC32C, and the keyed tag), and sent with the
+/// buffer the device read into, in the channel's stream order, to the calling thread, which
+/// alone writes into the VMM's writers (so they need not be `Send`): header, payload and tag
+/// in one vectored write, as one device alone writes them. The device thread goes on reading
+/// into a buffer from the unit's pool, to which every buffer returns once written: no copy
+/// and no allocation per record. Once a device failed, records are refused, so the others
+/// stop early.
 pub(crate) struct UnitSink<'a> {
     writers: Vec<Mutex<&'a mut Staged>>,
     tx: SyncSender<Outgoing>,

@@ -21,12 +21,26 @@ pub struct Log {
     pub writes: Vec<(Vec<u8>, bool, usize)>,
     /// The address of the buffer of each read that returned data, in order.
     pub read_at: Vec<usize>,
+    /// Called before each read with its index (from 0), outside the log's lock: it may
+    /// block, and its error fails the read.
+    pub before_read: Option<ReadHook>,
+    /// Reads so far.
+    pub reads: usize,
     /// In RESUMING.
     pub resuming: bool,
     /// Loaded (left RESUMING).
     pub loaded: bool,
     /// Reset (the destination gave up).
     pub reset: bool,
+}
+
+/// What a test does before a recorder's read.
+pub struct ReadHook(pub Box<dyn FnMut(usize) -> Result<()> + Send>);
+
+impl std::fmt::Debug for ReadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadHook")
+    }
 }
 
 /// The device, its log shared with the test.
@@ -85,6 +99,16 @@ impl MigrationDevice for Recorder {
         Ok(Pending::default())
     }
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
+        let (hook, index) = {
+            let mut log = self.log();
+            log.reads += 1;
+            (log.before_read.take(), log.reads - 1)
+        };
+        if let Some(mut hook) = hook {
+            let before = (hook.0)(index);
+            self.log().before_read = Some(hook);
+            before?;
+        }
         let Some(chunk) = self.log().to_read.pop_front() else {
             return Ok(ReadOutcome::PhaseEnd);
         };
