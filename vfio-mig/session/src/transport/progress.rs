@@ -22,7 +22,7 @@
 //! # Counted below TLS
 //!
 //! [`Progress::read`] wraps each *raw* read of the socket: the plain connection's, and the
-//! TLS session's reads of ciphertext ([`super::tls::TlsStream`]). So bytes trickled inside
+//! TLS session's reads of ciphertext (`tls::TlsStream`). So bytes trickled inside
 //! one TLS record count, and a read waiting for the rest of a record is bounded like any
 //! other.
 

@@ -41,7 +41,10 @@
 //!
 //! After the handshake the socket has no timeout; [`TlsStream::set_timeout`] sets the idle
 //! timeout of reads and writes (a timed-out read or write is a [`io::ErrorKind::TimedOut`]
-//! naming the peer, as the project's `Connection` does). A write that failed part-way
+//! naming the peer, as the project's `Connection` does). The `Connection`'s floor under the
+//! peer's rate (`Connection::set_progress_floor`) is applied here, to each read of
+//! ciphertext from the socket, so bytes trickled inside one record count as they arrive and
+//! a read waiting for the rest of a record is bounded by it. A write that failed part-way
 //! leaves the session unusable: later writes fail. [`TlsStream::shutdown`] with
 //! `Write`/`Both` sends close_notify first; dropping the last handle sends close_notify too
 //! (best effort), so the peer reads a clean end of stream (`Ok(0)`), as over a plain socket.
