@@ -13,20 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{header_bytes, stderr, Dirs, Pki, Recv};
+use common::{data_record_header, header_bytes, stderr, unit_header_bytes, Dirs, Pki, Recv};
 use vfio_mig_session::handshake::{read_message, Message, FEATURE_CHANNELS};
 use vfio_mig_session::transport::tls::TlsConfig;
 use vfio_mig_session::transport::{connect_tls, Address, ClientTls};
-
-/// The record header of a 1 MiB DATA fragment of device 0 (docs/stream-format.md,
-/// "Records"), whose payload the tests then send slowly: its CRC is never reached.
-fn data_record_header() -> Vec<u8> {
-    let mut record = vec![1u8, 1, 0, 0, 2, 0, 0, 0];
-    record.extend_from_slice(&0u64.to_le_bytes());
-    record.extend_from_slice(&(1u32 << 20).to_le_bytes());
-    record.extend_from_slice(&[0; 4]);
-    record
-}
 
 /// Writes one zero byte every 500 ms to `w` (each well within recv's 2 s idle timeout), at
 /// most 240 (120 s), until a write fails (recv let the peer go).
@@ -54,24 +44,6 @@ fn line_within(recv: &Recv, text: &str, started: Instant, limit: Duration) -> St
     }
 }
 
-/// A two-device v1 unit header (each channel's sub-stream header is then the one-device
-/// header of the same session, [`header_bytes`]).
-fn unit_header(session: u8) -> Vec<u8> {
-    let device = vfio_mig::wire::DeviceDescriptor {
-        protocol: vfio_mig::Protocol::V1,
-        live: false,
-        migration_flags: 0,
-        model: "mock:v1".into(),
-    };
-    vfio_mig::wire::StreamHeader {
-        session_id: [session; 16],
-        epoch: 1,
-        devices: vec![device.clone(), device],
-    }
-    .encode()
-    .unwrap()
-}
-
 /// Opens a two-channel session of `session` on the `recv` at `sock` and binds its further
 /// channel; after ACCEPT each channel starts its sub-stream and a DATA record, and the
 /// channels `trickled` send the record's payload one byte every 500 ms (the others stay
@@ -85,7 +57,7 @@ fn slow_session(recv: &Recv, sock: &std::path::Path, session: u8, trickled: [boo
     main.write_all(&hello.encode()).unwrap();
     main.write_all(&Message::OfferChannels { count: 2 }.encode())
         .unwrap();
-    main.write_all(&unit_header(session)).unwrap();
+    main.write_all(&unit_header_bytes(session)).unwrap();
     let answer = read_message(&mut main, "test").unwrap();
     let Message::Channels {
         session: id,
