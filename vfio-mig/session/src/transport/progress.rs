@@ -217,8 +217,8 @@ impl Progress {
                 (b.left, b.last_byte)
             };
             let mut wait = left;
-            if let Some(idle) = idle {
-                let end = started.max(last_byte) + idle;
+            // An idle timeout past what an `Instant` can hold never ends the wait.
+            if let Some(end) = idle.and_then(|t| started.max(last_byte).checked_add(t)) {
                 let until = end.saturating_duration_since(now);
                 if until.is_zero() {
                     return Err(io::ErrorKind::WouldBlock.into());
