@@ -296,9 +296,7 @@ impl<D: MigrationDevice> Destination<D> {
                 // A length beyond any record's: the decoder refuses the frame as it is.
                 Some(0) => return self.push_observed(&[], obs),
                 Some(want) => {
-                    let inbox = &mut self.inbound[0].inbox;
-                    let read = input.read(inbox.room(want));
-                    inbox.filled(*read.as_ref().unwrap_or(&0));
+                    let read = self.inbound[0].inbox.read_from(input, want);
                     read.map(|n| (n, &[][..]))
                 }
                 None => input.read(buf).map(|n| (n, &buf[..n.min(buf.len())])),

@@ -6,10 +6,11 @@
 //! ([`Destination::read_some`](super::Destination::read_some)). `Read::read` takes an
 //! initialised slice, and a `Vec<u8>` grown to the record's end before each read and
 //! truncated to what arrived after it zero-fills the whole rest of the record on every read:
-//! a 1 MiB record arriving in 200 KiB socket reads was zeroed about three times over, the
-//! largest cost the destination had beyond the raw loop's (see docs/benchmarks.md). Here the
+//! a record arriving in k reads was zeroed (k + 1) / 2 times over, the largest cost the
+//! destination had beyond the raw loop's (see docs/benchmarks.md). Here the
 //! buffer keeps its initialised length; only the bytes never initialised are zeroed.
 
+use std::io::Read;
 use std::ops::Deref;
 
 /// Bytes of an incomplete frame (the slice it derefs to), and room after them.
@@ -22,9 +23,9 @@ pub(super) struct Inbox {
 }
 
 impl Inbox {
-    /// Room for `want` more bytes after the frame's, to read into; zero-fills only what the
-    /// buffer never held.
-    pub(super) fn room(&mut self, want: usize) -> &mut [u8] {
+    /// Room for `want` more bytes after the frame's; zero-fills only what the buffer never
+    /// held.
+    fn room(&mut self, want: usize) -> &mut [u8] {
         let end = self.len + want;
         if self.buf.len() < end {
             self.buf.resize(end, 0);
@@ -32,10 +33,18 @@ impl Inbox {
         &mut self.buf[self.len..end]
     }
 
-    /// Adds `n` bytes read into the start of [`room`](Self::room) to the frame (at most the
-    /// room there is).
-    pub(super) fn filled(&mut self, n: usize) {
-        self.len += n.min(self.buf.len() - self.len);
+    /// One `read` of at most `want` more bytes of the frame from `input`; returns what the
+    /// read returned. The frame grows by what was read, never by more than `want`, the room
+    /// the read was given (as `Read::read`'s contract bounds it; a reader breaking it cannot
+    /// grow the frame past that room).
+    pub(super) fn read_from<R: Read + ?Sized>(
+        &mut self,
+        input: &mut R,
+        want: usize,
+    ) -> std::io::Result<usize> {
+        let n = input.read(self.room(want))?;
+        self.len += n.min(want);
+        Ok(n)
     }
 
     /// Appends `bytes` to the frame.
@@ -62,40 +71,68 @@ impl Deref for Inbox {
 mod tests {
     use super::*;
 
+    /// Hands out `bytes` at most `max` at a time, and claims `claim` bytes more than it wrote.
+    struct Pieces<'a> {
+        bytes: &'a [u8],
+        max: usize,
+        claim: usize,
+    }
+
+    impl Read for Pieces<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.max).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n + self.claim)
+        }
+    }
+
     #[test]
     fn a_frame_read_in_pieces_holds_exactly_the_bytes_read() {
         let mut inbox = Inbox::default();
         inbox.extend_from_slice(b"head");
-        let room = inbox.room(10);
-        assert_eq!(room.len(), 10);
-        room[..3].copy_from_slice(b"abc");
-        inbox.filled(3);
+        let mut input = Pieces {
+            bytes: b"abcdefghij",
+            max: 3,
+            claim: 0,
+        };
+        assert_eq!(inbox.read_from(&mut input, 10).unwrap(), 3);
         assert_eq!(&inbox[..], b"headabc");
-        inbox.room(7)[..7].copy_from_slice(b"defghij");
-        inbox.filled(7);
+        while inbox.len() < 14 {
+            let want = 14 - inbox.len();
+            inbox.read_from(&mut input, want).unwrap();
+        }
         assert_eq!(&inbox[..], b"headabcdefghij");
     }
 
     #[test]
-    fn a_cleared_inbox_reuses_its_buffer_and_shows_nothing_of_the_last_frame() {
+    fn a_cleared_inbox_shows_nothing_of_the_last_frame() {
         let mut inbox = Inbox::default();
         inbox.extend_from_slice(&[7u8; 64]);
         inbox.clear();
         assert!(inbox.is_empty());
-        // The room holds the last frame's bytes; the frame holds only what is filled.
-        assert_eq!(inbox.room(64).len(), 64);
-        inbox.filled(2);
-        assert_eq!(inbox.len(), 2);
-        inbox.clear();
-        inbox.extend_from_slice(b"xy");
+        // The buffer still holds the last frame's bytes; the frame only what was read.
+        let mut input = Pieces {
+            bytes: b"xy",
+            max: 64,
+            claim: 0,
+        };
+        assert_eq!(inbox.read_from(&mut input, 64).unwrap(), 2);
         assert_eq!(&inbox[..], b"xy");
     }
 
     #[test]
-    fn filling_more_than_the_room_adds_only_the_room() {
+    fn a_reader_claiming_more_than_it_was_given_adds_at_most_what_was_wanted() {
         let mut inbox = Inbox::default();
-        inbox.room(4);
-        inbox.filled(100);
+        inbox.extend_from_slice(&[7u8; 64]);
+        inbox.clear();
+        let mut input = Pieces {
+            bytes: b"ab",
+            max: 64,
+            claim: 100,
+        };
+        assert_eq!(inbox.read_from(&mut input, 4).unwrap(), 102);
         assert_eq!(inbox.len(), 4);
+        assert_eq!(&inbox[..2], b"ab");
     }
 }
