@@ -105,13 +105,18 @@ mod tests {
         assert_eq!(&inbox[..], b"headabcdefghij");
     }
 
-    #[test]
-    fn a_cleared_inbox_shows_nothing_of_the_last_frame() {
+    /// An inbox emptied after a 64-byte frame: its buffer still holds that frame's bytes.
+    fn after_a_frame() -> Inbox {
         let mut inbox = Inbox::default();
         inbox.extend_from_slice(&[7u8; 64]);
         inbox.clear();
+        inbox
+    }
+
+    #[test]
+    fn a_cleared_inbox_shows_nothing_of_the_last_frame() {
+        let mut inbox = after_a_frame();
         assert!(inbox.is_empty());
-        // The buffer still holds the last frame's bytes; the frame only what was read.
         let mut input = Pieces {
             bytes: b"xy",
             max: 64,
@@ -123,9 +128,7 @@ mod tests {
 
     #[test]
     fn a_reader_claiming_more_than_it_was_given_adds_at_most_what_was_wanted() {
-        let mut inbox = Inbox::default();
-        inbox.extend_from_slice(&[7u8; 64]);
-        inbox.clear();
+        let mut inbox = after_a_frame();
         let mut input = Pieces {
             bytes: b"ab",
             max: 64,
