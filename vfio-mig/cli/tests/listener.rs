@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{header_bytes, stderr, Dirs, Recv};
+use common::{data_record_header, header_bytes, stderr, unit_header_bytes, Dirs, Recv};
 use vfio_mig_session::handshake::{read_message, Message, FEATURE_CHANNELS, TOKEN_LEN};
 
 /// Reads what `conn` receives until the peer closes it; `Err` if it is still open after
@@ -137,13 +137,8 @@ fn a_source_trickling_after_accept_is_let_go() {
     src.write_all(&header_bytes(10, 1)).unwrap();
     let answer = read_message(&mut src, "test").unwrap();
     assert!(matches!(answer, Message::Accept { .. }), "{answer:?}");
-    // The record header of a 1 MiB DATA fragment (docs/stream-format.md, "Records"), whose
-    // payload then comes one byte at a time: its CRC is never reached.
-    let mut record = vec![1u8, 1, 0, 0, 2, 0, 0, 0];
-    record.extend_from_slice(&0u64.to_le_bytes());
-    record.extend_from_slice(&(1u32 << 20).to_le_bytes());
-    record.extend_from_slice(&[0; 4]);
-    src.write_all(&record).unwrap();
+    // A DATA record whose payload then comes one byte at a time.
+    src.write_all(&data_record_header()).unwrap();
     let mut trickle = src.try_clone().unwrap();
     let trickler = std::thread::spawn(move || {
         for _ in 0..240 {
@@ -170,23 +165,6 @@ fn a_source_trickling_after_accept_is_let_go() {
     trickler.join().unwrap();
 }
 
-/// A two-device v1 stream header.
-fn unit_header(session: u8) -> Vec<u8> {
-    let device = vfio_mig::wire::DeviceDescriptor {
-        protocol: vfio_mig::Protocol::V1,
-        live: false,
-        migration_flags: 0,
-        model: "mock:v1".into(),
-    };
-    vfio_mig::wire::StreamHeader {
-        session_id: [session; 16],
-        epoch: 1,
-        devices: vec![device.clone(), device],
-    }
-    .encode()
-    .unwrap()
-}
-
 /// Defect 7: a multi-channel session is not accepted after its bind limit (10 s,
 /// `BIND_TIME`). Refused CHANNEL connections that stay silent keep the binding busy past the
 /// limit (each is drained for a second); the session's real channel, which arrives after
@@ -209,7 +187,7 @@ fn a_channel_after_the_bind_limit_is_refused_not_bound() {
     .unwrap();
     main.write_all(&Message::OfferChannels { count: 2 }.encode())
         .unwrap();
-    main.write_all(&unit_header(11)).unwrap();
+    main.write_all(&unit_header_bytes(11)).unwrap();
     let Message::Channels { session, token, .. } = read_message(&mut main, "test").unwrap() else {
         panic!("CHANNELS expected");
     };

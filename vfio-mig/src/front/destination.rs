@@ -18,6 +18,7 @@ use crate::stream::{FrameDecoder, Phase, Record, StreamAuth, StreamHeader};
 
 use super::channels::{channel_header, check_count, devices_of, in_channel};
 use super::handback::{as_refs, fold, Handback};
+use super::inbox::Inbox;
 use super::options::DestinationOptions;
 
 /// Record payloads batched per push before they are applied to the devices (in parallel
@@ -74,7 +75,7 @@ enum Item<'a> {
 #[derive(Default)]
 struct Inbound {
     /// The start of a header or record that earlier pushes brought only part of.
-    inbox: Vec<u8>,
+    inbox: Inbox,
     /// The sub-stream's decoder, once its header was read.
     decoder: Option<FrameDecoder>,
     /// The unit index of each of the channel's devices.
@@ -295,11 +296,7 @@ impl<D: MigrationDevice> Destination<D> {
                 // A length beyond any record's: the decoder refuses the frame as it is.
                 Some(0) => return self.push_observed(&[], obs),
                 Some(want) => {
-                    let inbox = &mut self.inbound[0].inbox;
-                    let start = inbox.len();
-                    inbox.resize(start + want, 0);
-                    let read = input.read(&mut inbox[start..]);
-                    inbox.truncate(start + read.as_ref().map_or(0, |&n| n.min(want)));
+                    let read = self.inbound[0].inbox.read_from(input, want);
                     read.map(|n| (n, &[][..]))
                 }
                 None => input.read(buf).map(|n| (n, &buf[..n.min(buf.len())])),
@@ -555,7 +552,7 @@ impl<D: MigrationDevice> Destination<D> {
     /// whether every channel ended.
     fn take(&mut self, pieces: &[(usize, &[u8])], obs: &dyn Observer) -> Result<Status> {
         // The records borrow the inboxes while they are applied: out of `self` meanwhile.
-        let mut held: Vec<Vec<u8>> = (self.inbound.iter_mut())
+        let mut held: Vec<Inbox> = (self.inbound.iter_mut())
             .map(|c| std::mem::take(&mut c.inbox))
             .collect();
         let taken = self.take_held(pieces, &mut held, obs);
@@ -589,7 +586,7 @@ impl<D: MigrationDevice> Destination<D> {
     fn take_held(
         &mut self,
         pieces: &[(usize, &[u8])],
-        held: &mut [Vec<u8>],
+        held: &mut [Inbox],
         obs: &dyn Observer,
     ) -> Result<()> {
         let again = (1..pieces.len()).find(|&i| pieces[..i].iter().any(|p| p.0 == pieces[i].0));

@@ -60,6 +60,7 @@
 mod channels;
 mod destination;
 mod handback;
+mod inbox;
 mod options;
 mod pre_copy;
 mod relay;

@@ -238,14 +238,12 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
             return None;
         }
     }
-    if opening.offered_channels() <= 1 {
-        // Its pauses (the source stopping its device, reading the stop-copy state) get
-        // twice the idle timeout in all; several channels are left to the idle timeout.
-        opening.connection().set_progress_floor(Some(ProgressFloor {
-            reserve: admission.timeout.saturating_mul(2),
-            bytes_per_sec: MIN_SOURCE_RATE,
-        }));
-    }
+    // Its pauses (the source stopping its devices, reading the stop-copy state) get twice
+    // the idle timeout in all; the session's further channels share the floor once bound.
+    opening.connection().set_progress_floor(Some(ProgressFloor {
+        reserve: admission.timeout.saturating_mul(2),
+        bytes_per_sec: MIN_SOURCE_RATE,
+    }));
     if !slot.claim() {
         let e = opening.refuse(
             ReasonCode::Busy,

@@ -322,3 +322,31 @@ pub fn header_bytes(session: u8, epoch: u64) -> Vec<u8> {
     .encode()
     .unwrap()
 }
+
+/// A two-device v1 unit header of `session`, epoch 1 (each channel's sub-stream header over
+/// two channels is then [`header_bytes`]`(session, 1)`).
+pub fn unit_header_bytes(session: u8) -> Vec<u8> {
+    let device = vfio_mig::wire::DeviceDescriptor {
+        protocol: vfio_mig::Protocol::V1,
+        live: false,
+        migration_flags: 0,
+        model: "mock:v1".into(),
+    };
+    vfio_mig::wire::StreamHeader {
+        session_id: [session; 16],
+        epoch: 1,
+        devices: vec![device.clone(), device],
+    }
+    .encode()
+    .unwrap()
+}
+
+/// The record header of a 1 MiB DATA fragment of device 0 (docs/stream-format.md,
+/// "Records"), for a test that then sends its payload slowly: its CRC is never reached.
+pub fn data_record_header() -> Vec<u8> {
+    let mut record = vec![1u8, 1, 0, 0, 2, 0, 0, 0];
+    record.extend_from_slice(&0u64.to_le_bytes());
+    record.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    record.extend_from_slice(&[0; 4]);
+    record
+}

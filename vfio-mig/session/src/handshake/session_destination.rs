@@ -166,7 +166,14 @@ impl<'f, C: Duplex, D: MigrationDevice> SessionDestination<'f, C, D> {
                 Ok(b)
             });
             match bound {
-                Ok(b) => further = b,
+                Ok(b) => {
+                    // One floor for the session (if the main connection has one): a channel
+                    // that waits while another delivers is not slow.
+                    for (c, _) in &b {
+                        c.share_progress_floor(&tx);
+                    }
+                    further = b;
+                }
                 Err(e) => {
                     release(fence, &session);
                     return Err(handback(e.into(), dst.into_devices()));

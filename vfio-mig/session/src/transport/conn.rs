@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::progress::{Progress, ProgressFloor};
+use super::progress::{is_floor_error, Progress, ProgressFloor};
 
 /// A bidirectional byte stream the handshake can run over: a socket, or a test wrapper around
 /// one. Clones share the socket (one half reads, the other writes).
@@ -28,6 +28,13 @@ pub trait Duplex: Read + Write + AsFd + Send + Sized {
     fn readable_now(&self) -> io::Result<bool> {
         readable_now(self.as_fd())
     }
+    /// Makes the reads of this connection count in the progress floor of `with` (one
+    /// reserve for both, refilled by the bytes of either, drained while either waits); with
+    /// no floor on `with`, none here. A session's further channels share its main
+    /// connection's. The default does nothing (a test wrapper without a floor).
+    fn share_progress_floor(&self, with: &Self) {
+        let _ = with;
+    }
     /// Sets (or with `None` clears) a deadline for the reads of this handle: each read waits
     /// at most until then, however the peer spaces its bytes, and fails with
     /// [`io::ErrorKind::TimedOut`] once it passed. The destination bounds the opening of a
@@ -37,6 +44,15 @@ pub trait Duplex: Read + Write + AsFd + Send + Sized {
         let _ = deadline;
         Ok(())
     }
+}
+
+/// Whether `e` is a socket timeout that expired (`EAGAIN`, or a TLS session's `TimedOut`),
+/// not the progress floor's error.
+fn is_expiry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) && !is_floor_error(e)
 }
 
 /// Whether `fd` has something to read now (data, or EOF/an error), without blocking.
@@ -123,12 +139,13 @@ impl Connection {
     #[cfg(feature = "tls")]
     pub fn tls(s: super::tls::TlsStream) -> Self {
         let peer = s.peer().to_owned();
+        let progress = s.progress().clone();
         Self {
             socket: Socket::Tls(s),
             peer,
             timeout: None,
             deadline: None,
-            progress: Progress::default(),
+            progress,
             stalled: Arc::default(),
         }
     }
@@ -169,33 +186,12 @@ impl Connection {
     /// of every handle of this connection ([`ProgressFloor`]): once the reads waited out the
     /// reserve, the next fails with [`io::ErrorKind::TimedOut`] naming the peer as too slow.
     /// The destination sets it once a session was admitted, so that a source trickling bytes
-    /// cannot hold it.
+    /// cannot hold it. It counts the socket's bytes: under TLS, the ciphertext, as it
+    /// arrives. Under a floor, a read waits for its first byte at most the idle timeout
+    /// from the later of its start and the last byte of any connection sharing the floor
+    /// ([`Duplex::share_progress_floor`]).
     pub fn set_progress_floor(&self, floor: Option<ProgressFloor>) {
         self.progress.set(floor);
-    }
-
-    /// Under a progress floor, waits until a read would return or the allowance `left` is
-    /// spent (then the floor's error). An allowance longer than the idle timeout is left to
-    /// the socket's own timeout.
-    fn wait_within(&self, left: Duration) -> io::Result<()> {
-        if self.timeout.is_some_and(|t| t <= left) || Duplex::readable_now(self)? {
-            return Ok(());
-        }
-        let wait =
-            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, wait) {
-                Ok(0) => {
-                    return Err(self.progress.exhausted(&self.peer).unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::TimedOut, "the progress floor")
-                    }))
-                }
-                Ok(_) => return Ok(()),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 
     /// Sets the idle timeout of reads and writes (`None`: wait forever).
@@ -223,10 +219,11 @@ impl Connection {
     }
 
     /// Before a read under a deadline: the socket waits at most until the deadline (or the
-    /// idle timeout, if shorter); past the deadline, a clear `TimedOut` error.
-    fn before_read(&self) -> io::Result<()> {
+    /// idle timeout, if shorter); past the deadline, a clear `TimedOut` error. Returns how
+    /// long the read may wait for its first byte.
+    fn before_read(&self) -> io::Result<Option<Duration>> {
         let Some((end, length)) = self.deadline else {
-            return Ok(());
+            return Ok(self.timeout);
         };
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -238,15 +235,15 @@ impl Connection {
                 ),
             ));
         }
-        self.apply_timeout(Some(self.timeout.map_or(left, |t| t.min(left))))
+        let wait = Some(self.timeout.map_or(left, |t| t.min(left)));
+        self.apply_timeout(wait)?;
+        Ok(wait)
     }
 
-    /// Turns the `EAGAIN` of an expired socket timeout into a clear `TimedOut` error.
+    /// Turns the `EAGAIN` of an expired socket timeout into a clear `TimedOut` error (the
+    /// progress floor's error stays as it is).
     fn map_timeout(&self, e: io::Error, what: &str) -> io::Error {
-        if matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ) {
+        if is_expiry(&e) {
             self.timed_out(what)
         } else {
             e
@@ -259,37 +256,24 @@ impl Read for Connection {
         if self.stalled.load(Ordering::SeqCst) && !Duplex::readable_now(self)? {
             return Err(self.given_up());
         }
-        let allowance = self.progress.allowance(&self.peer)?;
-        let started = Instant::now();
-        if let Some(left) = allowance {
-            self.wait_within(left)?;
-        }
-        let r = self.read_now(buf);
-        if allowance.is_some() {
-            let got = r.as_ref().map_or(0, |n| *n);
-            self.progress.record(started.elapsed(), got);
-        }
-        r
+        self.read_now(buf)
     }
 }
 
 impl Connection {
-    /// One read of the socket, under the handshake deadline if one is set.
+    /// One read of the socket, under the handshake deadline if one is set, and under the
+    /// progress floor (a TLS session applies it to its reads of ciphertext).
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.before_read()?;
-        let r = match &mut self.socket {
-            Socket::Unix(s) => s.read(buf),
-            Socket::Tcp(s) => s.read(buf),
+        let wait = self.before_read()?;
+        let (progress, peer) = (&self.progress, self.peer.as_str());
+        let r = match &self.socket {
+            Socket::Unix(s) => progress.read(s.as_fd(), wait, peer, || (&*s).read(buf)),
+            Socket::Tcp(s) => progress.read(s.as_fd(), wait, peer, || (&*s).read(buf)),
             #[cfg(feature = "tls")]
-            Socket::Tls(s) => s.read(buf),
+            Socket::Tls(s) => (&*s).read(buf),
         };
         r.map_err(|e| match self.deadline {
-            Some((_, length))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Some((_, length)) if is_expiry(&e) => {
                 io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -409,6 +393,10 @@ impl Duplex for Connection {
             Socket::Tls(s) => s.readable_now(),
             _ => readable_now(self.as_fd()),
         }
+    }
+
+    fn share_progress_floor(&self, with: &Self) {
+        self.progress.share(&with.progress);
     }
 
     fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {

@@ -41,7 +41,10 @@
 //!
 //! After the handshake the socket has no timeout; [`TlsStream::set_timeout`] sets the idle
 //! timeout of reads and writes (a timed-out read or write is a [`io::ErrorKind::TimedOut`]
-//! naming the peer, as the project's `Connection` does). A write that failed part-way
+//! naming the peer, as the project's `Connection` does). The `Connection`'s floor under the
+//! peer's rate (`Connection::set_progress_floor`) is applied here, to each read of
+//! ciphertext from the socket, so bytes trickled inside one record count as they arrive and
+//! a read waiting for the rest of a record is bounded by it. A write that failed part-way
 //! leaves the session unusable: later writes fail. [`TlsStream::shutdown`] with
 //! `Write`/`Both` sends close_notify first; dropping the last handle sends close_notify too
 //! (best effort), so the peer reads a clean end of stream (`Ok(0)`), as over a plain socket.
@@ -57,6 +60,7 @@ use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerCon
 use rustls_pki_types::ServerName;
 
 use super::identity::PeerIdentities;
+use crate::transport::progress::{is_floor_error, Progress};
 
 /// The byte the server sends, encrypted, once it accepted the client (see the module docs).
 pub const READY: u8 = 0x01;
@@ -345,6 +349,8 @@ struct Shared {
     rx: Mutex<RxSide>,
     tx: Mutex<TxSide>,
     timeout: Mutex<Option<Duration>>,
+    /// The floor under the peer's rate, applied to each read of ciphertext.
+    progress: Progress,
 }
 
 /// A TLS 1.3 session over a TCP socket: blocking `Read + Write`, shared by its clones (see
@@ -613,6 +619,7 @@ fn handshake(
                 broken: false,
             }),
             timeout: Mutex::new(None),
+            progress: Progress::default(),
         }),
     })
 }
@@ -767,9 +774,13 @@ impl Shared {
                 return Err(e);
             }
             let n = loop {
-                match (&self.sock).read(&mut rx.buf) {
+                // The socket's timeout is the idle timeout, or less under a deadline.
+                let idle = self.sock.read_timeout()?;
+                let raw = || (&self.sock).read(&mut rx.buf);
+                match self.progress.read(self.sock.as_fd(), idle, &self.peer, raw) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if is_floor_error(&e) => return Err(e),
                     Err(e) => return Err(self.io_error(e, "sent nothing")),
                 }
             };
@@ -822,6 +833,7 @@ impl Shared {
                     let _ = lock(&self.tls).read_tls(&mut &[][..]);
                 }
                 Ok(n) => {
+                    self.progress.arrived(n);
                     rx.start = 0;
                     rx.end = n;
                 }
@@ -877,6 +889,12 @@ impl TlsStream {
     /// client certificate; on the source: the destination's server certificate).
     pub fn peer_identities(&self) -> &PeerIdentities {
         &self.shared.identities
+    }
+
+    /// The floor under the peer's rate that every read of ciphertext is held to (the
+    /// project's `Connection` sets it).
+    pub(crate) fn progress(&self) -> &Progress {
+        &self.shared.progress
     }
 
     /// The negotiated cipher suite (e.g. `TLS13_AES_256_GCM_SHA384`), for logs.
