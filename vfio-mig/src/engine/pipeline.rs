@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::stream::Phase;
 
 use super::events::Observer;
-use super::save::{Pump, RecordSink, Tally};
+use super::save::{DeviceRead, Pump, RecordSink, Tally};
 use super::{MigrationDevice, ReadOutcome};
 
 /// Buffers of a phase sent inline before the reader thread starts.
@@ -171,7 +171,12 @@ impl<S: RecordSink + ?Sized> Writer<'_, S> {
                 } => {
                     // The sink hands back a buffer for the reader: this one once written,
                     // or one of its length (the sink took this one along).
-                    let next = match self.out.data(t.index, t.phase, buf, len, chunk_end) {
+                    let read = DeviceRead {
+                        buf,
+                        len,
+                        chunk_end,
+                    };
+                    let next = match self.out.data(t.index, t.phase, read) {
                         Ok(next) => next,
                         Err(e) => break Err(e),
                     };

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use crate::engine::save::RecordSink;
+use crate::engine::save::{DeviceRead, RecordSink};
 use crate::error::{Error, Result};
 use crate::stream::auth::TAG_LEN;
 use crate::stream::format::RECORD_HEADER_LEN;
@@ -77,20 +77,19 @@ impl<'a, O: Outputs + ?Sized> Relay<'a, O> {
 impl<O: Outputs + ?Sized> RecordSink for Relay<'_, O> {
     /// The record goes into its channel's writer straight from the device's buffer (nothing
     /// is staged before it: every call drains).
-    fn data(
-        &mut self,
-        device: u16,
-        phase: Phase,
-        buf: Vec<u8>,
-        len: usize,
-        chunk_end: bool,
-    ) -> Result<Vec<u8>> {
+    fn data(&mut self, device: u16, phase: Phase, read: DeviceRead) -> Result<Vec<u8>> {
         let (ch, local) = channel_of(usize::from(device), self.writers.len());
         let count = self.out.count();
         self.written += self.writers[ch]
-            .data_to(self.out.channel(ch), local, phase, &buf[..len], chunk_end)
+            .data_to(
+                self.out.channel(ch),
+                local,
+                phase,
+                read.data(),
+                read.chunk_end,
+            )
             .map_err(|e| in_channel(ch, count, e))?;
-        Ok(buf)
+        Ok(read.buf)
     }
 
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
@@ -169,21 +168,15 @@ impl<'a> UnitSink<'a> {
 }
 
 impl RecordSink for &UnitSink<'_> {
-    fn data(
-        &mut self,
-        device: u16,
-        phase: Phase,
-        buf: Vec<u8>,
-        len: usize,
-        chunk_end: bool,
-    ) -> Result<Vec<u8>> {
+    fn data(&mut self, device: u16, phase: Phase, read: DeviceRead) -> Result<Vec<u8>> {
         // The CRC32C is computed under the channel's lock, with the sequence number it
         // covers: a CRC computed before and combined with the header's (`crc32c_combine`)
         // cost about as much again per 1 MiB record (zlib's matrix method; 1.8 % of a `multi`
         // profile against 4.2 % for the CRC itself), and the one writing thread, not the CRC,
         // bounds a channel.
-        let size = buf.len();
-        self.send(device, buf, len, |w, local, payload| {
+        let size = read.buf.len();
+        let chunk_end = read.chunk_end;
+        self.send(device, read.buf, read.len, |w, local, payload| {
             w.encode_data(local, phase, payload, chunk_end)
         })?;
         Ok(self.pool.take(size))
