@@ -62,7 +62,7 @@ pub use engine::session::new_session_id;
 pub use error::{Error, Result};
 pub use front::{
     resume, Channels, Destination, DestinationOptions, Epoch, Estimate, Finished, Handback,
-    Outputs, Round, Source, SourceOptions, Status,
+    Outputs, Round, Source, SourceOptions, Status, UnitRecords,
 };
 pub use migration::{
     Capabilities, MigrationDevice, Pending, Protocol, ReadOutcome, Recovery, RunState, StopCopySize,

@@ -10,130 +10,17 @@
 //! the device handed out; the device is a recorder that keeps every write (its bytes, its
 //! `chunk_end`, and where the bytes were) and reads out given payloads.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
-use vfio_mig::backend::DeviceIdentity;
-use vfio_mig::error::{Error, Report, Result};
+use common::recorder::{Log, Recorder, MODEL};
+use vfio_mig::error::{Report, Result};
 use vfio_mig::wire::{DeviceDescriptor, Phase, StreamHeader, StreamWriter};
-use vfio_mig::{Capabilities, Destination, DestinationOptions, MigrationDevice, Pending};
-use vfio_mig::{Protocol, ReadOutcome, Recovery, RunState, Status};
+use vfio_mig::{Destination, DestinationOptions, Protocol, Status};
 
 /// The record header's size, from docs/stream-format.md ("a 24-byte record header").
 const RECORD_HEADER_LEN: usize = 24;
-
-const MODEL: &str = "test:recorder";
-
-/// What the recorder saw.
-#[derive(Debug, Default)]
-struct Log {
-    /// What a source reads out, a chunk per read, in order.
-    to_read: std::collections::VecDeque<Vec<u8>>,
-    /// Each write: its bytes, `chunk_end`, and the address of its first byte.
-    writes: Vec<(Vec<u8>, bool, usize)>,
-    resuming: bool,
-    loaded: bool,
-    reset: bool,
-}
-
-struct Recorder(Arc<Mutex<Log>>);
-
-impl Recorder {
-    /// The log, also after a failed assertion poisoned it (the destination's drop resets the
-    /// device while a test unwinds).
-    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl MigrationDevice for Recorder {
-    fn identity(&self) -> DeviceIdentity {
-        DeviceIdentity {
-            model: MODEL.into(),
-            instance: "recorder".into(),
-        }
-    }
-    fn protocol(&self) -> Protocol {
-        Protocol::V2
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pre_copy: false,
-            p2p: true,
-            migration_flags: 1,
-        }
-    }
-    fn state_name(&mut self) -> Result<String> {
-        Ok("RESUMING".into())
-    }
-    fn details(&mut self) -> Result<Vec<(String, String)>> {
-        Ok(Vec::new())
-    }
-    fn run_state(&mut self) -> Result<RunState> {
-        Ok(RunState::Stopped)
-    }
-    fn quiesce(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn stop(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn run(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn start_pre_copy(&mut self) -> Result<()> {
-        Err(Error::Unsupported("no pre-copy".into()))
-    }
-    fn start_stop_copy(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn pending(&mut self) -> Result<Pending> {
-        Ok(Pending::default())
-    }
-    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome> {
-        let Some(chunk) = self.log().to_read.pop_front() else {
-            return Ok(ReadOutcome::PhaseEnd);
-        };
-        buf[..chunk.len()].copy_from_slice(&chunk);
-        Ok(ReadOutcome::Data {
-            len: chunk.len(),
-            chunk_end: true,
-        })
-    }
-    fn finish_save(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn finish_handoff(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn start_resume(&mut self) -> Result<()> {
-        self.log().resuming = true;
-        Ok(())
-    }
-    fn write(&mut self, data: &[u8], chunk_end: bool) -> Result<()> {
-        let mut log = self.log();
-        assert!(log.resuming && !log.reset, "a write outside RESUMING");
-        log.writes
-            .push((data.to_vec(), chunk_end, data.as_ptr() as usize));
-        Ok(())
-    }
-    fn load_state(&mut self) -> Result<()> {
-        self.log().loaded = true;
-        Ok(())
-    }
-    fn prepare_run(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn finish_resume(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn recover(&mut self) -> Recovery {
-        Recovery::AlreadyStopped
-    }
-    fn abort_resume(&mut self) -> Recovery {
-        self.log().reset = true;
-        Recovery::Reset
-    }
-}
 
 /// The payloads of the test stream, one chunk each: sizes that put record boundaries at
 /// many offsets, one byte and a record larger than a typical push among them.

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::stream::Phase;
 
 use super::events::Observer;
-use super::save::{Pump, RecordSink, Tally};
+use super::save::{DeviceRead, Pump, RecordSink, Tally};
 use super::{MigrationDevice, ReadOutcome};
 
 /// Buffers of a phase sent inline before the reader thread starts.
@@ -169,12 +169,19 @@ impl<S: RecordSink + ?Sized> Writer<'_, S> {
                     len,
                     chunk_end,
                 } => {
-                    let written = self.out.data(t.index, t.phase, &buf[..len], chunk_end);
-                    if let Err(back) = free.send(buf) {
+                    // The sink hands back a buffer for the reader: this one once written,
+                    // or one of its length (the sink took this one along).
+                    let read = DeviceRead {
+                        buf,
+                        len,
+                        chunk_end,
+                    };
+                    let next = match self.out.data(t.index, t.phase, read) {
+                        Ok(next) => next,
+                        Err(e) => break Err(e),
+                    };
+                    if let Err(back) = free.send(next) {
                         self.kept.push(back.0);
-                    }
-                    if let Err(e) = written {
-                        break Err(e);
                     }
                     t.sent(len, chunk_end, self.obs);
                 }

@@ -149,15 +149,34 @@ mod micros {
 /// Where the engine's records go: a stream writer, or the front door's relays into the VMM's
 /// writers.
 pub(crate) trait RecordSink {
-    /// Appends a DATA record of `device` (see [`StreamWriter::data`]).
-    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()>;
+    /// Appends `read`'s data as DATA of `device` (see [`StreamWriter::data`]), taking its
+    /// buffer: returns the one to read the next data into, the same or another of its length
+    /// (a sink whose records are written by another thread sends the buffer along instead of
+    /// a copy). After an error the buffer may be gone.
+    fn data(&mut self, device: u16, phase: Phase, read: DeviceRead) -> Result<Vec<u8>>;
     /// Appends the END_OF_PHASE record of `device`.
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()>;
 }
 
+/// A device read handed to a [`RecordSink`]: `buf[..len]` holds the data, the last of a
+/// chunk if `chunk_end`.
+pub(crate) struct DeviceRead {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) len: usize,
+    pub(crate) chunk_end: bool,
+}
+
+impl DeviceRead {
+    /// The data read.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 impl<W: Write> RecordSink for StreamWriter<W> {
-    fn data(&mut self, device: u16, phase: Phase, bytes: &[u8], chunk_end: bool) -> Result<()> {
-        StreamWriter::data(self, device, phase, bytes, chunk_end)
+    fn data(&mut self, device: u16, phase: Phase, read: DeviceRead) -> Result<Vec<u8>> {
+        StreamWriter::data(self, device, phase, read.data(), read.chunk_end)?;
+        Ok(read.buf)
     }
 
     fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
@@ -206,8 +225,13 @@ impl<S: RecordSink + ?Sized> Pump<'_, S> {
             match self.dev.read(&mut self.buf)? {
                 ReadOutcome::PhaseEnd => return Ok(Some(true)),
                 ReadOutcome::Data { len, chunk_end } => {
-                    self.out
-                        .data(self.index, phase, &self.buf[..len], chunk_end)?;
+                    let buf = std::mem::take(&mut self.buf);
+                    let read = DeviceRead {
+                        buf,
+                        len,
+                        chunk_end,
+                    };
+                    self.buf = self.out.data(self.index, phase, read)?;
                     tally.sent(len, chunk_end, self.obs);
                     if chunk_end && budget.is_some_and(|b| tally.bytes >= b) {
                         return Ok(Some(false));

@@ -10,10 +10,12 @@
 //! than channels and own one otherwise.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::sync_channel;
 
 use crate::error::{Error, Result};
 use crate::stream::StreamHeader;
+
+use super::relay::{Outgoing, UnitRecords};
 
 /// Where a source's call writes its records: one writer (any `Write`, one channel), or one
 /// writer per channel ([`Channels`]).
@@ -26,14 +28,17 @@ pub trait Outputs {
     fn channel(&mut self, ch: usize) -> &mut Self::Channel;
 
     /// Writes the records a switch-over's device threads produce (each with its channel),
-    /// every channel's in the order they come, until `records` ends or a write fails. One
-    /// writer takes them in turn on the calling thread; [`Channels`] writes each channel on a
-    /// thread of its own, so the channels move in parallel.
-    fn write_records(&mut self, records: Receiver<(usize, Vec<u8>)>) -> Result<()> {
+    /// every channel's in the order they come, until `records` ends or a write fails: each
+    /// record's header, payload and tag in one vectored write, the payload from the buffer
+    /// its device read into. One writer takes them in turn on the calling thread;
+    /// [`Channels`] writes each channel on a thread of its own, so the channels move in
+    /// parallel.
+    fn write_records(&mut self, records: UnitRecords) -> Result<()> {
         let count = self.count();
-        for (ch, bytes) in records {
-            self.channel(ch)
-                .write_all(&bytes)
+        for record in records.0 {
+            let ch = record.channel;
+            record
+                .write_to(self.channel(ch))
                 .map_err(|e| write_failed(ch, count, e))?;
         }
         Ok(())
@@ -69,27 +74,28 @@ impl<W: Write + Send> Outputs for Channels<'_, W> {
         &mut self.0[ch]
     }
 
-    fn write_records(&mut self, records: Receiver<(usize, Vec<u8>)>) -> Result<()> {
+    fn write_records(&mut self, records: UnitRecords) -> Result<()> {
         let count = self.0.len();
         std::thread::scope(|s| {
             let mut queues = Vec::with_capacity(count);
             let mut writers = Vec::with_capacity(count);
             for (ch, out) in self.0.iter_mut().enumerate() {
                 // A few records in flight per channel, as for the device threads.
-                let (tx, rx) = sync_channel::<Vec<u8>>(4);
+                let (tx, rx) = sync_channel::<Outgoing>(4);
                 queues.push(tx);
                 writers.push(s.spawn(move || -> Result<()> {
-                    for bytes in rx {
-                        out.write_all(&bytes)
+                    for record in rx {
+                        record
+                            .write_to(out)
                             .map_err(|e| write_failed(ch, count, e))?;
                     }
                     Ok(())
                 }));
             }
-            for (ch, bytes) in records {
+            for record in records.0 {
                 // A channel whose writer failed takes no more: the unit stops (the dropped
                 // `records` stops the device threads at their next record).
-                if queues[ch].send(bytes).is_err() {
+                if queues[record.channel].send(record).is_err() {
                     break;
                 }
             }

@@ -70,4 +70,5 @@ pub use channels::{Channels, Outputs};
 pub use destination::{resume, Destination, Status};
 pub use handback::Handback;
 pub use options::{DestinationOptions, Epoch, SourceOptions};
+pub use relay::UnitRecords;
 pub use source::{Estimate, Finished, Round, Source};

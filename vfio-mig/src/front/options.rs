@@ -28,7 +28,9 @@ pub struct SourceOptions {
     /// is set.
     pub allow_non_p2p_unit: bool,
     /// The largest read from a device in one go (and so the largest record payload batch);
-    /// a MiB, as QEMU reads a data fd.
+    /// a MiB, as QEMU reads a data fd. A unit's switch-over reads at most one record's
+    /// payload ([`MAX_FRAGMENT`](crate::wire::MAX_FRAGMENT)) at a time: each buffer goes to
+    /// the writing thread whole, as one record.
     pub buffer: usize,
     /// Whether running devices that support it enter pre-copy (a live migration); without
     /// it every device goes straight to stop-and-copy at the switch-over.

@@ -566,6 +566,12 @@ impl<D: MigrationDevice> Source<D> {
             }
             stop_copy(&mut **dev, &mut relay, 0, &opts, obs, report)?;
         } else {
+            // Each device reads at most one record's payload at a time, so that its buffer
+            // travels to the writer whole, as one record.
+            let opts = SaveOptions {
+                buffer: opts.buffer.min(crate::stream::format::MAX_FRAGMENT),
+                ..opts
+            };
             let (sink, records) = UnitSink::new(&mut writers);
             let saved = std::thread::scope(|s| {
                 let unit = s.spawn(move || {

@@ -13,6 +13,10 @@ use super::auth::{StreamAuth, TAG_LEN};
 use super::Phase;
 use crate::error::{Error, Result};
 
+/// A record encoded for a caller that writes it itself: its header and, for an authenticated
+/// stream, its tag (the payload goes between them).
+pub(crate) type EncodedRecord = ([u8; RECORD_HEADER_LEN], Option<[u8; TAG_LEN]>);
+
 /// Records whose header and payload together fit in this many bytes are copied into one
 /// stack buffer and written with a single `write_all`.
 const COALESCE_LEN: usize = 4096;
@@ -161,18 +165,63 @@ impl<W: Write> StreamWriter<W> {
         Ok(self.bytes_written - before)
     }
 
+    /// The next DATA record of `device`, one record carrying all of `payload`, encoded (its
+    /// CRC32C, and the tag of an authenticated stream, computed here) but not written, and
+    /// counted as written: for a caller that writes it itself (header, payload, tag) before
+    /// any later record of this writer.
+    pub(crate) fn encode_data(
+        &mut self,
+        device: u16,
+        phase: Phase,
+        payload: &[u8],
+        chunk_end: bool,
+    ) -> Result<EncodedRecord> {
+        self.check_data(device, phase, payload.len())?;
+        if payload.len() > self.fragment_limit {
+            return Err(Error::stream(
+                self.step(),
+                format!(
+                    "device {device}: {} bytes of DATA for one record (at most {})",
+                    payload.len(),
+                    self.fragment_limit
+                ),
+            ));
+        }
+        let record =
+            self.encode_record(RecordKind::Data, chunk_end, device, Some(phase), payload)?;
+        self.account(Ok(()), payload.len())?;
+        self.tracker
+            .record_data(device, phase, payload.len(), chunk_end);
+        Ok(record)
+    }
+
     /// Writes END_OF_PHASE for `device` and `phase`: no more `phase` data for the device.
     /// Pre-copy can only be ended for LIVE devices, and must be ended before their stop-copy
     /// data; the device's last chunk must be closed.
     pub fn end_phase(&mut self, device: u16, phase: Phase) -> Result<()> {
+        self.check_end_phase(device, phase)?;
+        self.write_record(RecordKind::EndOfPhase, false, device, Some(phase), &[])?;
+        self.tracker.record_end_phase(device, phase);
+        Ok(())
+    }
+
+    /// [`end_phase`](Self::end_phase)'s record, encoded but not written, and counted as
+    /// written (see [`encode_data`](Self::encode_data)).
+    pub(crate) fn encode_end_phase(&mut self, device: u16, phase: Phase) -> Result<EncodedRecord> {
+        self.check_end_phase(device, phase)?;
+        let record = self.encode_record(RecordKind::EndOfPhase, false, device, Some(phase), &[])?;
+        self.account(Ok(()), 0)?;
+        self.tracker.record_end_phase(device, phase);
+        Ok(record)
+    }
+
+    /// The checks before END_OF_PHASE: usable writer, ordering rules.
+    fn check_end_phase(&self, device: u16, phase: Phase) -> Result<()> {
         let step = self.step();
         self.check_usable(&step)?;
         self.tracker
             .check_end_phase(device, phase)
-            .map_err(|d| Error::stream(step, d))?;
-        self.write_record(RecordKind::EndOfPhase, false, device, Some(phase), &[])?;
-        self.tracker.record_end_phase(device, phase);
-        Ok(())
+            .map_err(|d| Error::stream(step, d))
     }
 
     /// Writes the trailer, flushes, and returns the transport and the stream's totals. Every
@@ -258,7 +307,7 @@ impl<W: Write> StreamWriter<W> {
         device: u16,
         phase: Option<Phase>,
         payload: &[u8],
-    ) -> Result<([u8; RECORD_HEADER_LEN], Option<[u8; TAG_LEN]>)> {
+    ) -> Result<EncodedRecord> {
         let sequence = self.records_written();
         let payload_len = u32::try_from(payload.len()).map_err(|_| {
             Error::stream(
@@ -315,7 +364,7 @@ impl<W: Write> StreamWriter<W> {
 
 /// Writes `head`, `body` and `tag`: one `write_all` of a stack copy if they are small, else
 /// vectored writes until `head` is out, then `write_all` of the rest of `body`, then `tag`.
-fn write_record_bytes<W: Write + ?Sized>(
+pub(crate) fn write_record_bytes<W: Write + ?Sized>(
     w: &mut W,
     head: &[u8],
     body: &[u8],
@@ -422,6 +471,49 @@ mod tests {
         assert_eq!(written + 24 + 8 + 24, probe.out.len() as u64);
         assert_eq!(totals.records, 3);
         assert_eq!(totals.devices[0].stop_copy_bytes, 100_100);
+    }
+
+    /// Records encoded apart (and written by the caller) are the bytes `data` and
+    /// `end_phase` write, plain and keyed, and count in the totals the same.
+    #[test]
+    fn records_encoded_apart_are_the_records_written() {
+        #[derive(Debug)]
+        struct Key;
+        impl StreamAuth for Key {
+            fn header_tag(&self, header: &[u8]) -> [u8; TAG_LEN] {
+                [header.len() as u8; TAG_LEN]
+            }
+            fn header_ok(&self, _: &[u8], _: &[u8]) -> bool {
+                true
+            }
+            fn record_tag(&self, _: &[u8; 16], head: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+                let crc =
+                    crate::stream::crc::crc32c_append(crate::stream::crc::crc32c(head), payload);
+                [crc as u8; TAG_LEN]
+            }
+            fn record_ok(&self, _: &[u8; 16], _: &[u8], _: &[u8], _: &[u8]) -> bool {
+                true
+            }
+        }
+        let payloads: [&[u8]; 3] = [&[3; 1], &[4; 5000], &[5; 70_000]];
+        for key in [None, Some(Arc::new(Key) as Arc<dyn StreamAuth>)] {
+            let h = header(1, |_| false);
+            let mut written = StreamWriter::with_key(Vec::new(), &h, key.clone()).unwrap();
+            let mut apart = StreamWriter::with_key(Vec::new(), &h, key.clone()).unwrap();
+            for p in payloads {
+                written.data(0, Phase::StopCopy, p, true).unwrap();
+                let (head, tag) = apart.encode_data(0, Phase::StopCopy, p, true).unwrap();
+                write_record_bytes(apart.get_mut(), &head, p, tag.as_ref()).unwrap();
+            }
+            written.end_phase(0, Phase::StopCopy).unwrap();
+            let (head, tag) = apart.encode_end_phase(0, Phase::StopCopy).unwrap();
+            write_record_bytes(apart.get_mut(), &head, &[], tag.as_ref()).unwrap();
+            assert_eq!(written.bytes_written(), apart.bytes_written());
+            let (written, written_totals) = written.finish().unwrap();
+            let (apart, apart_totals) = apart.finish().unwrap();
+            assert_eq!(written_totals, apart_totals);
+            assert!(written == apart, "keyed {}: other bytes", key.is_some());
+        }
     }
 
     #[test]
