@@ -107,7 +107,15 @@ fn a_source_trickling_on_every_channel_or_one_is_let_go() {
     let sock = dirs.path("s");
     let listen = format!("unix:{}", sock.display());
     let unit = "--allow-non-p2p-unit";
-    let args = [devs[0], devs[1], "--listen", &listen, unit, "--timeout", "2"];
+    let args = [
+        devs[0],
+        devs[1],
+        "--listen",
+        &listen,
+        unit,
+        "--timeout",
+        "2",
+    ];
     let recv = Recv::start(&dirs, &[], &args);
     for (session, trickled) in [(12, [true, true]), (13, [true, false])] {
         let line = slow_session(&recv, &sock, session, trickled);
@@ -117,7 +125,14 @@ fn a_source_trickling_on_every_channel_or_one_is_let_go() {
         }
     }
     let o = dirs.run(&[
-        "send", devs[0], devs[1], "--to", &listen, "--channels", "2", unit,
+        "send",
+        devs[0],
+        devs[1],
+        "--to",
+        &listen,
+        "--channels",
+        "2",
+        unit,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (status, _, err) = recv.wait();
@@ -135,7 +150,11 @@ fn slow_main_channel_proxy(listener: UnixListener, upstream: std::path::PathBuf)
                 return;
             };
             let pace = (n == 0).then_some(Duration::from_millis(50));
-            pump(client.try_clone().unwrap(), server.try_clone().unwrap(), pace);
+            pump(
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                pace,
+            );
             pump(server, client, None);
         }
     });
@@ -173,7 +192,15 @@ fn an_honest_two_channel_send_whose_channels_end_apart_is_never_stopped() {
     let devs = ["mock:v2,size=4M,seed=73", "mock:v2,size=64K,seed=74"];
     let sock = dirs.path("s");
     let listen = format!("unix:{}", sock.display());
-    let args = [devs[0], devs[1], "--listen", &listen, "--once", "--timeout", "2"];
+    let args = [
+        devs[0],
+        devs[1],
+        "--listen",
+        &listen,
+        "--once",
+        "--timeout",
+        "2",
+    ];
     let recv = Recv::start(&dirs, &[], &args);
     let front = dirs.path("proxy");
     slow_main_channel_proxy(UnixListener::bind(&front).unwrap(), sock);

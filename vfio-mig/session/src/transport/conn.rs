@@ -273,16 +273,14 @@ impl Connection {
             Socket::Tls(s) => (&*s).read(buf),
         };
         r.map_err(|e| match self.deadline {
-            Some((_, length)) if is_expiry(&e) => {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "timed out: {} did not complete its part of the handshake within \
+            Some((_, length)) if is_expiry(&e) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out: {} did not complete its part of the handshake within \
                          {length:?}",
-                        self.peer
-                    ),
-                )
-            }
+                    self.peer
+                ),
+            ),
             _ => self.map_timeout(e, "sent nothing"),
         })
     }

@@ -340,6 +340,9 @@ mod tests {
         assert!(is_floor_error(&other.join().unwrap().unwrap_err()));
         // Counted per waiting channel, the reserve would have gone in half the time.
         let took = started.elapsed();
-        assert!(took >= FLOOR.reserve, "drained once, not per channel: {took:?}");
+        assert!(
+            took >= FLOOR.reserve,
+            "drained once, not per channel: {took:?}"
+        );
     }
 }
