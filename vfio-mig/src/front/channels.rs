@@ -15,7 +15,7 @@ use std::sync::mpsc::sync_channel;
 use crate::error::{Error, Result};
 use crate::stream::StreamHeader;
 
-use super::relay::{Outgoing, UnitRecords};
+use super::outgoing::{Outgoing, UnitRecords};
 
 /// Where a source's call writes its records: one writer (any `Write`, one channel), or one
 /// writer per channel ([`Channels`]).

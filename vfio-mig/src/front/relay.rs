@@ -12,17 +12,16 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::save::{DeviceRead, RecordSink};
 use crate::error::{Error, Result};
-use crate::stream::auth::TAG_LEN;
-use crate::stream::format::RECORD_HEADER_LEN;
-use crate::stream::writer::{write_record_bytes, EncodedRecord};
+use crate::stream::writer::EncodedRecord;
 use crate::stream::{Phase, StreamWriter};
 
 use super::channels::{channel_of, in_channel, Outputs};
+use super::outgoing::{Outgoing, Pool, UnitRecords};
 
 /// The stream writer of one channel of a migration, staging into memory.
 pub(crate) type Staged = StreamWriter<Vec<u8>>;
@@ -186,73 +185,5 @@ impl RecordSink for &UnitSink<'_> {
         self.send(device, Vec::new(), 0, |w, local, _| {
             w.encode_end_phase(local, phase)
         })
-    }
-}
-
-/// The payload buffers of a unit's records, back from the writer for the device threads to
-/// read into again. It holds at most what was in flight at once (the records queued towards
-/// the writers, and one being written per channel).
-#[derive(Debug, Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
-
-impl Pool {
-    /// A buffer of `size` bytes: a returned one, or a new one while the records in flight
-    /// hold every buffer.
-    fn take(&self, size: usize) -> Vec<u8> {
-        let returned = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut buf = returned.unwrap_or_default();
-        // A no-op for a returned buffer: every buffer of a unit has the pump's size.
-        buf.resize(size, 0);
-        buf
-    }
-
-    fn put(&self, buf: Vec<u8>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
-    }
-}
-
-/// A record of a unit's switch-over on its way from a device thread to the thread that
-/// writes it: its encoded header and tag, and its payload in the buffer the device read into,
-/// which returns to the unit's pool once the record is written or dropped.
-pub(crate) struct Outgoing {
-    /// The channel that carries it.
-    pub(crate) channel: usize,
-    head: [u8; RECORD_HEADER_LEN],
-    tag: Option<[u8; TAG_LEN]>,
-    /// `payload[..len]` is the record's payload (none for END_OF_PHASE).
-    payload: Vec<u8>,
-    len: usize,
-    pool: Arc<Pool>,
-}
-
-impl Outgoing {
-    /// Writes the record into `out`: header, payload and tag in one vectored write (the
-    /// writes that follow only when `out` takes less).
-    pub(crate) fn write_to<W: Write + ?Sized>(&self, out: &mut W) -> std::io::Result<()> {
-        write_record_bytes(
-            out,
-            &self.head,
-            &self.payload[..self.len],
-            self.tag.as_ref(),
-        )
-    }
-}
-
-impl Drop for Outgoing {
-    fn drop(&mut self) {
-        if self.payload.capacity() > 0 {
-            self.pool.put(std::mem::take(&mut self.payload));
-        }
-    }
-}
-
-/// The records of a unit's switch-over, in each channel's stream order, as its device threads
-/// produce them: what [`Outputs::write_records`] writes. Only the library makes and reads
-/// them.
-pub struct UnitRecords(pub(crate) Receiver<Outgoing>);
-
-impl std::fmt::Debug for UnitRecords {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UnitRecords").finish_non_exhaustive()
     }
 }
