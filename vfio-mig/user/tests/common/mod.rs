@@ -207,13 +207,21 @@ pub fn prime(dev: &dyn DeviceIo, seed: u8) -> (i64, Vec<u8>) {
 }
 
 /// BAR0 as the sample server reads it back: `time(NULL) - bar0`, so the written value is
-/// `now - delta`.
+/// `now - delta`, with `now` the second at which the server read its clock. That second lies
+/// between two reads of ours around the access; when they differ (a second boundary fell in
+/// between, and the server's second is unknown) the access is repeated.
 pub fn bar0_value(dev: &dyn DeviceIo) -> i64 {
-    let raw = read_region(dev, BAR0, 8);
-    let delta = i64::from_le_bytes(raw.try_into().unwrap());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    now - delta
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    loop {
+        let before = now();
+        let raw = read_region(dev, BAR0, 8);
+        if now() == before {
+            return before - i64::from_le_bytes(raw.try_into().unwrap());
+        }
+    }
 }
