@@ -69,7 +69,7 @@ impl Drop for Outgoing {
 }
 
 /// The records of a unit's switch-over, in each channel's stream order, as its device threads
-/// produce them: what [`Outputs::write_records`] writes. Only the library makes and reads
+/// produce them: what [`super::Outputs::write_records`] writes. Only the library makes and reads
 /// them.
 pub struct UnitRecords(pub(crate) Receiver<Outgoing>);
 
