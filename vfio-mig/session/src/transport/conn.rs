@@ -331,6 +331,17 @@ impl Connection {
         }
         e
     }
+
+    /// A plain socket's write of `asked` bytes, begun at `started`: a timeout marks the
+    /// connection stalled, also one that expired after the kernel took part of the bytes
+    /// (the part is reported written; every later write fails at once).
+    fn written(&self, r: io::Result<usize>, asked: usize, started: Instant) -> io::Result<usize> {
+        let n = r.map_err(|e| self.write_failed(e))?;
+        if super::silence::expired_part_way(n, asked, started.elapsed(), self.timeout) {
+            self.stalled.store(true, Ordering::SeqCst);
+        }
+        Ok(n)
+    }
 }
 
 impl Write for Connection {
@@ -338,26 +349,30 @@ impl Write for Connection {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
+        let started = Instant::now();
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write(buf),
             Socket::Tcp(s) => s.write(buf),
+            // The TLS stream gives up on a short write itself (its records go out whole).
             #[cfg(feature = "tls")]
-            Socket::Tls(s) => s.write(buf),
+            Socket::Tls(s) => return s.write(buf).map_err(|e| self.write_failed(e)),
         };
-        r.map_err(|e| self.write_failed(e))
+        self.written(r, buf.len(), started)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
+        let started = Instant::now();
         let r = match &mut self.socket {
             Socket::Unix(s) => s.write_vectored(bufs),
             Socket::Tcp(s) => s.write_vectored(bufs),
             #[cfg(feature = "tls")]
-            Socket::Tls(s) => s.write_vectored(bufs),
+            Socket::Tls(s) => return s.write_vectored(bufs).map_err(|e| self.write_failed(e)),
         };
-        r.map_err(|e| self.write_failed(e))
+        let asked = bufs.iter().map(|b| b.len()).sum();
+        self.written(r, asked, started)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -662,12 +662,36 @@ impl Shared {
         if tx.out.is_empty() {
             return Ok(());
         }
-        let r = (&self.sock).write_all(&tx.out);
+        let r = self.write_records(&tx.out);
         tx.out.clear();
         r.map_err(|e| {
             tx.broken = true;
             self.io_error(e, "accepted no data")
         })
+    }
+
+    /// Writes `records` whole, or fails: a socket timeout that expires after the kernel took
+    /// part of them is a timeout too, not progress to wait on again.
+    fn write_records(&self, records: &[u8]) -> io::Result<()> {
+        let timeout = *lock(&self.timeout);
+        let mut sent = 0;
+        while sent < records.len() {
+            let started = Instant::now();
+            match (&self.sock).write(&records[sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let asked = records.len() - sent;
+                    if super::super::silence::expired_part_way(n, asked, started.elapsed(), timeout)
+                    {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Sends what rustls has ready if the writing side is free; a busy writing side sends
