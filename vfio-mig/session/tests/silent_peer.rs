@@ -33,8 +33,10 @@ fn write_until_given_up(w: &mut dyn Write) -> (io::Error, Duration) {
 /// two timeouts the old behaviour waited).
 fn assert_one_timeout(e: &io::Error, took: Duration) {
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    // The kernel's wait may end up to a timer tick early.
+    let tick = Duration::from_millis(20);
     assert!(
-        took >= TIMEOUT,
+        took + tick >= TIMEOUT,
         "gave up after {took:?}, before the timeout"
     );
     assert!(

@@ -331,17 +331,6 @@ impl Connection {
         }
         e
     }
-
-    /// A plain socket's write of `asked` bytes, begun at `started`: a timeout marks the
-    /// connection stalled, also one that expired after the kernel took part of the bytes
-    /// (the part is reported written; every later write fails at once).
-    fn written(&self, r: io::Result<usize>, asked: usize, started: Instant) -> io::Result<usize> {
-        let n = r.map_err(|e| self.write_failed(e))?;
-        if super::silence::expired_part_way(n, asked, started.elapsed(), self.timeout) {
-            self.stalled.store(true, Ordering::SeqCst);
-        }
-        Ok(n)
-    }
 }
 
 impl Write for Connection {
@@ -349,30 +338,25 @@ impl Write for Connection {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
-        let started = Instant::now();
-        let r = match &mut self.socket {
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tcp(s) => s.write(buf),
-            // The TLS stream gives up on a short write itself (its records go out whole).
-            #[cfg(feature = "tls")]
-            Socket::Tls(s) => return s.write(buf).map_err(|e| self.write_failed(e)),
-        };
-        self.written(r, buf.len(), started)
+        self.write_vectored(&[io::IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
-        let started = Instant::now();
+        // A plain socket's write waits for room at most its write timeout in all.
         let r = match &mut self.socket {
-            Socket::Unix(s) => s.write_vectored(bufs),
-            Socket::Tcp(s) => s.write_vectored(bufs),
+            Socket::Unix(s) => s
+                .write_timeout()
+                .and_then(|t| super::silence::send_within(s.as_fd(), bufs, t)),
+            Socket::Tcp(s) => s
+                .write_timeout()
+                .and_then(|t| super::silence::send_within(s.as_fd(), bufs, t)),
             #[cfg(feature = "tls")]
-            Socket::Tls(s) => return s.write_vectored(bufs).map_err(|e| self.write_failed(e)),
+            Socket::Tls(s) => s.write_vectored(bufs),
         };
-        let asked = bufs.iter().map(|b| b.len()).sum();
-        self.written(r, asked, started)
+        r.map_err(|e| self.write_failed(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -670,25 +670,16 @@ impl Shared {
         })
     }
 
-    /// Writes `records` whole, or fails: a socket timeout that expires after the kernel took
-    /// part of them is a timeout too, not progress to wait on again.
+    /// Writes `records` whole, each wait for room bounded by the socket's write timeout in
+    /// all (the idle timeout, or the short one of a closing write).
     fn write_records(&self, records: &[u8]) -> io::Result<()> {
-        let timeout = *lock(&self.timeout);
+        let timeout = self.sock.write_timeout()?;
         let mut sent = 0;
         while sent < records.len() {
-            let started = Instant::now();
-            match (&self.sock).write(&records[sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    let asked = records.len() - sent;
-                    if super::super::silence::expired_part_way(n, asked, started.elapsed(), timeout)
-                    {
-                        return Err(io::ErrorKind::TimedOut.into());
-                    }
-                    sent += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            let rest = [io::IoSlice::new(&records[sent..])];
+            match super::super::silence::send_within(self.sock.as_fd(), &rest, timeout)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => sent += n,
             }
         }
         Ok(())
