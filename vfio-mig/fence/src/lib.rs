@@ -345,20 +345,28 @@ mod tests {
         cfg.claim("mock:v1,size=2M,id=a", key()).unwrap();
     }
 
-    /// A device's fence that records its completions where the test sees them, and refuses
-    /// to complete when `full` (a state directory out of space).
+    /// A device's fence that records its completions where the test sees them, and fails
+    /// at `fails` (`prepare` or `complete`) for want of space.
     struct Recorded {
         completed: std::sync::Arc<std::sync::Mutex<Vec<SessionId>>>,
-        full: bool,
-        /// A withdrawal fails too (it needs space as well, on a disk shared with `full`).
+        fails: &'static str,
+        /// A withdrawal fails too (it needs space as well, on a disk shared with the other).
         stuck: bool,
     }
 
-    fn no_space() -> Error {
-        Error::device(
-            "write fencing state",
-            std::io::Error::from_raw_os_error(libc::ENOSPC),
-        )
+    impl Recorded {
+        /// Out of space when `failing`.
+        fn space(failing: bool) -> Result<()> {
+            if !failing {
+                return Ok(());
+            }
+            let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            Err(Error::device("write fencing state", full))
+        }
+
+        fn at(&self, stage: &str) -> Result<()> {
+            Self::space(self.fails == stage)
+        }
     }
 
     impl Fence for Recorded {
@@ -366,25 +374,36 @@ mod tests {
             Ok(Admission::Accept)
         }
         fn complete(&mut self, session: &SessionId) -> Result<()> {
-            if self.full {
-                return Err(no_space());
-            }
+            self.at("complete")?;
             self.completed.lock().unwrap().push(*session);
             Ok(())
         }
         fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
-            if self.stuck {
-                return Err(no_space());
-            }
+            Self::space(self.stuck)?;
             self.completed.lock().unwrap().retain(|s| s != session);
             Ok(())
         }
         fn prepare_complete(&mut self, _session: &SessionId) -> Result<()> {
-            if self.full {
-                return Err(no_space());
-            }
-            Ok(())
+            self.at("prepare")
         }
+    }
+
+    /// Completes a session on a unit of two recorded devices whose second fails at `stage`,
+    /// withdrawals failing too when `stuck`; returns what stays recorded.
+    fn complete_failing(stage: &'static str, stuck: bool) -> Vec<SessionId> {
+        let completed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let device = |fails| -> Box<dyn Fence> {
+            let completed = completed.clone();
+            Box::new(Recorded {
+                completed,
+                fails,
+                stuck,
+            })
+        };
+        let mut unit = FenceSet(vec![device("none"), device(stage)]);
+        unit.complete(&[7; 16]).unwrap_err();
+        let left = completed.lock().unwrap().clone();
+        left
     }
 
     /// A unit's completion that fails on one device is withdrawn from those that recorded it
@@ -393,18 +412,7 @@ mod tests {
     /// whose second device's state directory was full.
     #[test]
     fn a_units_completion_failing_on_one_device_is_withdrawn_from_all() {
-        let completed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let device = |full| -> Box<dyn Fence> {
-            Box::new(Recorded {
-                completed: completed.clone(),
-                full,
-                stuck: false,
-            })
-        };
-        let mut unit = FenceSet(vec![device(false), device(true)]);
-        let session = [7; 16];
-        unit.complete(&session).unwrap_err();
-        assert_eq!(*completed.lock().unwrap(), Vec::<SessionId>::new());
+        assert_eq!(complete_failing("complete", false), Vec::<SessionId>::new());
     }
 
     /// On a full disk the withdrawal fails as well: a unit prepares every device's
@@ -413,17 +421,7 @@ mod tests {
     /// device's record named the session completed while the source ran the state again.
     #[test]
     fn a_unit_completes_on_no_device_when_one_cannot_prepare() {
-        let completed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let device = |full| -> Box<dyn Fence> {
-            Box::new(Recorded {
-                completed: completed.clone(),
-                full,
-                stuck: true,
-            })
-        };
-        let mut unit = FenceSet(vec![device(false), device(true)]);
-        unit.complete(&[8; 16]).unwrap_err();
-        assert_eq!(*completed.lock().unwrap(), Vec::<SessionId>::new());
+        assert_eq!(complete_failing("prepare", true), Vec::<SessionId>::new());
     }
 
     #[test]
