@@ -180,3 +180,47 @@ fn describe(wrong: &[String], outcome: &run::Outcome) -> String {
     text.push_str(&format!("\n--- records: {:?}", outcome.records));
     text
 }
+
+/// A unit over two TLS channels whose link is cut for good once its channels are bound: both
+/// sides end within their bounds. Over TLS, `recv` lost its `--timeout` when the TLS handshake
+/// replaced the connection, and a multi-channel session (left to the idle timeout, outside the
+/// one-channel rate floor) read its channels for ever: seed 10279686489528275036, run 7 of
+/// `VFIO_MIG_SOAK_FAULT=partition`, the destination stuck in `recv(2)` on both channels.
+#[test]
+fn a_tls_unit_over_two_channels_cut_for_good_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::new(dir.path());
+    let mut world = World {
+        dir,
+        pki,
+        etcd: None,
+    };
+    let plan = Plan {
+        index: 0,
+        transport: plan::Transport::Tls,
+        store: plan::Store::Local,
+        protocol: "v2",
+        // Large enough that the stream still flows when the cut comes.
+        size_mib: 256,
+        seed: 1,
+        live: false,
+        unit: 2,
+        channels: 2,
+        fault: plan::Fault::Partition {
+            at: plan::Moment {
+                from_session: true,
+                after: std::time::Duration::from_millis(300),
+            },
+            heal_after: None,
+        },
+    };
+    let run = world.dir.path().join("run0");
+    let outcome = world.run(&plan, &run).unwrap_or_else(|hung| {
+        panic!(
+            "{:?} did not end within its bound\n{}",
+            hung.side, hung.ended.stderr
+        )
+    });
+    let wrong = judge::run(&plan, &outcome);
+    assert!(wrong.is_empty(), "{}", describe(&wrong, &outcome));
+}
