@@ -111,8 +111,8 @@ pub struct Means {
     pub etcd: bool,
     /// Small tmpfs mounts can be made (root).
     pub tmpfs: bool,
-    /// Partitions may last for good.
-    pub lasting_partitions: bool,
+    /// How many more partitions may last for good.
+    pub lasting_partitions: usize,
     /// Only this kind of fault is drawn (`VFIO_MIG_SOAK_FAULT`: a sweep of one kind).
     pub only_fault: Option<&'static str>,
 }
@@ -209,7 +209,7 @@ impl Plan {
             "partition" => {
                 // Healed before or after the sides' 5 s timeouts, or never.
                 let heal = Duration::from_millis(rng.u64(0..=LATEST_HEAL_MS));
-                let lasting = rng.bool() && means.lasting_partitions;
+                let lasting = rng.bool() && means.lasting_partitions > 0;
                 Fault::Partition {
                     at,
                     heal_after: (!lasting).then_some(heal),
