@@ -39,6 +39,30 @@ pub(super) fn send_within(
     }
 }
 
+/// Sends all of `bufs` as one blocking write would (one call of the caller, however many
+/// the socket needs), each wait for room at most `timeout` since the peer last accepted
+/// anything. Returns what was sent, and the error that stopped it short.
+pub(super) fn send_all_within(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    timeout: Option<Duration>,
+) -> (usize, Option<io::Error>) {
+    let mut rest: Vec<IoSlice<'_>> = bufs.to_vec();
+    let mut rest = &mut rest[..];
+    let mut sent = 0;
+    while rest.iter().any(|b| !b.is_empty()) {
+        match send_within(fd, rest, timeout) {
+            Ok(0) => return (sent, Some(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                sent += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(e) => return (sent, Some(e)),
+        }
+    }
+    (sent, None)
+}
+
 /// Waits until `fd` has room to write, or `deadline` passes (`WouldBlock`).
 fn wait_for_room(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<()> {
     let wait = match deadline {
