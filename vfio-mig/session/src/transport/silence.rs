@@ -5,9 +5,8 @@
 //! returned short), and a write that returns short after the timeout looks like progress to
 //! the next one, which waits again (2 timeouts over a unix socket, 3 over TCP or TLS). So a
 //! peer cut off by a partition held the source for several timeouts. Here a write sends
-//! without blocking what the socket takes now and otherwise waits, in `poll(2)`, for room
-//! until the timeout: a write returns as soon as the peer accepted anything, and fails once
-//! it accepted nothing for the timeout.
+//! without blocking what the socket takes and otherwise waits, in `poll(2)`, for room: at
+//! most the timeout since the peer last accepted anything, then it fails.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
