@@ -82,6 +82,15 @@ pub trait Fence: Send {
     fn complete(&mut self, session: &SessionId) -> Result<()>;
     /// Forgets a completion whose resume failed (the device was reset).
     fn undo_complete(&mut self, session: &SessionId) -> Result<()>;
+    /// Readies [`Fence::complete`] of `session` so that it cannot then fail for want of
+    /// space: a fence kept in a file writes its new record beside the old one. A unit
+    /// prepares every device's completion before it completes any ([`FenceSet`]): on a full
+    /// disk, a withdrawal would need space too.
+    fn prepare_complete(&mut self, _session: &SessionId) -> Result<()> {
+        Ok(())
+    }
+    /// Drops a prepared completion that will not be made.
+    fn discard_prepared(&mut self) {}
     /// Gives up an admitted session that will not complete here (its load failed and the
     /// device was reset, or the session ended before its load): a fence that holds a claim
     /// for it ([`StoreFence`]) releases it, so that the handoff may go elsewhere at once.
@@ -119,12 +128,43 @@ impl Fence for FenceSet {
         }
     }
 
+    /// Completes on every device, or on none: every device prepares its completion first,
+    /// and one that cannot prepare leaves every record as it was; a device that still fails
+    /// to record the completion withdraws it from those that did (the destination then
+    /// resets the unit and the source runs it again). A withdrawal that fails too leaves
+    /// that record naming the session, on the side of "completed" (a retry is refused rather
+    /// than run twice).
     fn complete(&mut self, session: &SessionId) -> Result<()> {
-        self.0.iter_mut().try_for_each(|f| f.complete(session))
+        for prepared in 0..self.0.len() {
+            if let Err(e) = self.0[prepared].prepare_complete(session) {
+                self.0[..prepared]
+                    .iter_mut()
+                    .for_each(|f| f.discard_prepared());
+                return Err(e);
+            }
+        }
+        for done in 0..self.0.len() {
+            if let Err(e) = self.0[done].complete(session) {
+                for fence in &mut self.0[..done] {
+                    if let Err(undo) = fence.undo_complete(session) {
+                        log::warn!("withdraw a unit's partial completion: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
+    /// Withdraws from every device, the first error returned once all were tried.
     fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
-        self.0.iter_mut().try_for_each(|f| f.undo_complete(session))
+        let mut first = Ok(());
+        for fence in &mut self.0 {
+            if let Err(e) = fence.undo_complete(session) {
+                first = first.and(Err(e));
+            }
+        }
+        first
     }
 
     fn release(&mut self, session: &SessionId) -> Result<()> {
@@ -303,6 +343,85 @@ mod tests {
         assert!(e.contains("is in use by another vfio-mig"), "{e}");
         drop(a);
         cfg.claim("mock:v1,size=2M,id=a", key()).unwrap();
+    }
+
+    /// A device's fence that records its completions where the test sees them, and fails
+    /// at `fails` (`prepare` or `complete`) for want of space.
+    struct Recorded {
+        completed: std::sync::Arc<std::sync::Mutex<Vec<SessionId>>>,
+        fails: &'static str,
+        /// A withdrawal fails too (it needs space as well, on a disk shared with the other).
+        stuck: bool,
+    }
+
+    impl Recorded {
+        /// Out of space when `failing`.
+        fn space(failing: bool) -> Result<()> {
+            if !failing {
+                return Ok(());
+            }
+            let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            Err(Error::device("write fencing state", full))
+        }
+
+        fn at(&self, stage: &str) -> Result<()> {
+            Self::space(self.fails == stage)
+        }
+    }
+
+    impl Fence for Recorded {
+        fn admit(&mut self, _header: &StreamHeader) -> Result<Admission> {
+            Ok(Admission::Accept)
+        }
+        fn complete(&mut self, session: &SessionId) -> Result<()> {
+            self.at("complete")?;
+            self.completed.lock().unwrap().push(*session);
+            Ok(())
+        }
+        fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
+            Self::space(self.stuck)?;
+            self.completed.lock().unwrap().retain(|s| s != session);
+            Ok(())
+        }
+        fn prepare_complete(&mut self, _session: &SessionId) -> Result<()> {
+            self.at("prepare")
+        }
+    }
+
+    /// Completes a session on a unit of two recorded devices whose second fails at `stage`,
+    /// withdrawals failing too when `stuck`; returns what stays recorded.
+    fn complete_failing(stage: &'static str, stuck: bool) -> Vec<SessionId> {
+        let completed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let device = |fails| -> Box<dyn Fence> {
+            let completed = completed.clone();
+            Box::new(Recorded {
+                completed,
+                fails,
+                stuck,
+            })
+        };
+        let mut unit = FenceSet(vec![device("none"), device(stage)]);
+        unit.complete(&[7; 16]).unwrap_err();
+        let left = completed.lock().unwrap().clone();
+        left
+    }
+
+    /// A unit's completion that fails on one device is withdrawn from those that recorded it
+    /// (the destination resets every device and answers FAILED, so the source runs the state
+    /// again: no record may name the session completed). Found by the soak: a unit of two
+    /// whose second device's state directory was full.
+    #[test]
+    fn a_units_completion_failing_on_one_device_is_withdrawn_from_all() {
+        assert_eq!(complete_failing("complete", false), Vec::<SessionId>::new());
+    }
+
+    /// On a full disk the withdrawal fails as well: a unit prepares every device's
+    /// completion before it completes any, so a device without room leaves every record as
+    /// it was. Found by the soak: a unit of two on a 1-page state directory, whose first
+    /// device's record named the session completed while the source ran the state again.
+    #[test]
+    fn a_unit_completes_on_no_device_when_one_cannot_prepare() {
+        assert_eq!(complete_failing("prepare", true), Vec::<SessionId>::new());
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct StateFence {
     key: DeviceKey,
     /// The session admitted last and its epoch, recorded when it completes.
     admitted: Option<(SessionId, u64)>,
+    /// A completion written beside the record, not yet in its place
+    /// ([`Fence::prepare_complete`]).
+    prepared: Option<(SessionId, PathBuf)>,
 }
 
 fn fence_err(step: String, detail: impl Into<String>) -> Error {
@@ -41,6 +44,7 @@ impl StateFence {
             path: dir.join(format!("{}.fence", key.file_stem())),
             key: key.clone(),
             admitted: None,
+            prepared: None,
         }
     }
 
@@ -85,6 +89,12 @@ impl StateFence {
 
     /// Replaces the record atomically.
     pub fn store(&self, record: &FenceRecord) -> Result<()> {
+        let tmp = self.write_beside(record)?;
+        self.install(&tmp)
+    }
+
+    /// Writes `record` to a new temporary file beside the record, synced; returns its path.
+    fn write_beside(&self, record: &FenceRecord) -> Result<PathBuf> {
         let step = || format!("write fencing state {}", self.path.display());
         let io_err = |e: io::Error| fence_err(step(), e.to_string());
         super::private::private_dir(&self.dir).map_err(io_err)?;
@@ -109,14 +119,42 @@ impl StateFence {
                 std::fs::OpenOptions::new().write(true).create_new(true),
             )?;
             f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            File::open(&self.dir)?.sync_all()
+            f.sync_all()
         })();
-        if written.is_err() {
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(e));
         }
-        written.map_err(io_err)
+        Ok(tmp)
+    }
+
+    /// Puts a record written by [`StateFence::write_beside`] in its place (a rename: it
+    /// needs no space).
+    fn install(&self, tmp: &Path) -> Result<()> {
+        let installed = std::fs::rename(tmp, &self.path)
+            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
+        if installed.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        installed.map_err(|e| {
+            fence_err(
+                format!("write fencing state {}", self.path.display()),
+                e.to_string(),
+            )
+        })
+    }
+
+    /// The record with `session` completed.
+    fn completed(&self, session: &SessionId) -> Result<FenceRecord> {
+        let mut record = self.load()?;
+        record.complete(session);
+        // The epoch counts from now on: the handoff that carried it completed.
+        if let Some((admitted, epoch)) = self.admitted {
+            if admitted == *session {
+                record.accept_epoch(epoch);
+            }
+        }
+        Ok(record)
     }
 
     /// The highest epoch recorded for the device (0 if none).
@@ -159,15 +197,29 @@ impl Fence for StateFence {
     }
 
     fn complete(&mut self, session: &SessionId) -> Result<()> {
-        let mut record = self.load()?;
-        record.complete(session);
-        // The epoch counts from now on: the handoff that carried it completed.
-        if let Some((admitted, epoch)) = self.admitted {
-            if admitted == *session {
-                record.accept_epoch(epoch);
+        match self.prepared.take() {
+            Some((prepared, tmp)) if prepared == *session => self.install(&tmp),
+            other => {
+                if let Some((_, tmp)) = other {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                let record = self.completed(session)?;
+                self.store(&record)
             }
         }
-        self.store(&record)
+    }
+
+    fn prepare_complete(&mut self, session: &SessionId) -> Result<()> {
+        self.discard_prepared();
+        let record = self.completed(session)?;
+        self.prepared = Some((*session, self.write_beside(&record)?));
+        Ok(())
+    }
+
+    fn discard_prepared(&mut self) {
+        if let Some((_, tmp)) = self.prepared.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 
     fn undo_complete(&mut self, session: &SessionId) -> Result<()> {
@@ -177,10 +229,38 @@ impl Fence for StateFence {
     }
 }
 
+impl Drop for StateFence {
+    fn drop(&mut self) {
+        self.discard_prepared();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_header as header;
+
+    /// A prepared completion changes nothing until it completes; a discarded one leaves no
+    /// file behind.
+    #[test]
+    fn a_prepared_completion_takes_effect_only_when_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DeviceKey::from_text("mock:p");
+        let mut f = StateFence::new(dir.path(), &key);
+        assert_eq!(f.admit(&header(3, 5)).unwrap(), Admission::Accept);
+        f.prepare_complete(&[3; 16]).unwrap();
+        assert!(f.load().unwrap().completed.is_empty());
+        f.complete(&[3; 16]).unwrap();
+        assert_eq!(f.load().unwrap().completed.len(), 1);
+        f.prepare_complete(&[4; 16]).unwrap();
+        f.discard_prepared();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert_eq!(f.load().unwrap().completed.len(), 1);
+    }
 
     #[test]
     fn state_persists_across_instances() {

@@ -169,10 +169,6 @@ enum Admitted {
 fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Admitted> {
     let peer = conn.peer().to_owned();
     let deadline = Instant::now() + admission.handshake;
-    if let Err(e) = conn.set_timeout(Some(admission.timeout)) {
-        log::warn!("connection from {peer}: set the timeout: {e}");
-        return None;
-    }
     let mut identity = None;
     if let Some((config, _)) = &admission.tls {
         conn = match accept_tls(conn, config.clone(), admission.handshake) {
@@ -188,6 +184,12 @@ fn admit(mut conn: Connection, admission: &Admission, slot: &Slot) -> Option<Adm
         if let Some(session) = conn.tls_session() {
             identity = Some(session.peer_identities().to_string());
         }
+    }
+    // On the connection the session runs over: the TLS one replaced the plain one, and with
+    // it the plain one's timeout (a channel then read for ever from a silent source).
+    if let Err(e) = conn.set_timeout(Some(admission.timeout)) {
+        log::warn!("connection from {peer}: set the timeout: {e}");
+        return None;
     }
     let opening = match open_connection(conn, Some(deadline)) {
         Ok(Opened::Session(o)) => *o,

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Whether what a run's two sides and its store say agrees, by docs/cli.md ("Exit status and
 //! errors", "JSON output") and docs/fencing.md: each side's exit status against its `--json`
-//! outcome and the devices' fates there, and across sides and the store: never both sides
-//! running the state, never the state lost, in doubt only with the source stopped, the store
-//! naming the destination only when it runs the state.
+//! outcome and each device's fate there, and across sides and the store, device by device:
+//! never one device's state running on both sides, never a state lost, a unit all or nothing
+//! (no member running on the destination while another runs on the source; the destination
+//! runs some members and not others only past the point of no return, exit 4), in doubt only
+//! with the source stopped, the store naming the destination only when it runs the state;
+//! and the source out within its bound after a partition ([`Plan::source_bound`]).
 
 use std::os::unix::process::ExitStatusExt;
 
@@ -29,6 +32,12 @@ pub enum Held {
     ResetInDoubt,
     /// The soak killed the process: its device is as the process left it.
     Killed,
+    /// The source's device is stopped for good: the unit's destination passed its point of
+    /// no return (exit 4).
+    PastNoReturn,
+    /// The destination's device runs the state or was reset, as its error line says: its
+    /// unit passed the point of no return (exit 4).
+    RunsOrReset,
 }
 
 /// The outcome's JSON document, when the side printed one.
@@ -37,14 +46,14 @@ fn json(side: &Ended) -> Result<serde_json::Value, String> {
         .map_err(|e| format!("stdout is not one JSON document ({e}): {:?}", side.stdout))
 }
 
-/// The fates the JSON outcome gives the devices: one device a side, so one fate.
-fn fates(doc: &serde_json::Value) -> Result<Vec<String>, String> {
+/// The fates the JSON outcome gives the `unit` devices of a side, in order.
+fn fates(doc: &serde_json::Value, unit: usize) -> Result<Vec<String>, String> {
     let devices = doc["devices"]
         .as_array()
         .ok_or_else(|| format!("no devices in {doc}"))?;
-    if devices.len() != 1 {
+    if devices.len() != unit {
         return Err(format!(
-            "one device was given, the JSON outcome lists {}",
+            "{unit} device(s) were given, the JSON outcome lists {}",
             devices.len()
         ));
     }
@@ -66,13 +75,13 @@ fn cancelled_by(side: &Ended, code: i32) -> bool {
 }
 
 /// Judges one side alone: its status, its one error line, its JSON outcome; returns what
-/// became of its device and the session id its outcome names.
-pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String> {
+/// became of each of its `unit` devices and the session id its outcome names.
+pub fn side(which: Side, side: &Ended, unit: usize) -> Result<(Vec<Held>, Option<String>), String> {
     if side.stderr.contains("panicked") {
         return Err("it panicked".into());
     }
     if side.killed() {
-        return Ok((Held::Killed, None));
+        return Ok((vec![Held::Killed; unit], None));
     }
     // A signal in the first instants of the process, before main() installed its handler,
     // takes the default action: the process ends having printed and touched nothing.
@@ -82,7 +91,7 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
             Side::Source => Held::Runs,
             Side::Destination => Held::Idle,
         };
-        return Ok((untouched, None));
+        return Ok((vec![untouched; unit], None));
     }
     let code = side.code();
     if code != 0 {
@@ -100,11 +109,18 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
             doc["exit_status"]
         ));
     }
+    let every = |fate: &str, held: Held| -> Result<Vec<Held>, String> {
+        let f = fates(&doc, unit)?;
+        if f.iter().any(|f| f != fate) {
+            return Err(format!("{outcome}, but the devices' fates are {f:?}"));
+        }
+        Ok(vec![held; unit])
+    };
     let held = match (which, code, outcome.as_str()) {
         // `save --json` too: its save report, stamped "completed" (docs/cli.md, "JSON output").
-        (Side::Source, 0, "completed") => Held::HandedOff,
-        (Side::Destination, 0, "resumed") => Held::Runs,
-        (_, 1, "failed") => rolled_back(which, &doc)?,
+        (Side::Source, 0, "completed") => vec![Held::HandedOff; unit],
+        (Side::Destination, 0, "resumed") => vec![Held::Runs; unit],
+        (_, 1, "failed") => rolled_back(which, &doc, unit)?,
         (_, c, "interrupted") if cancelled_by(side, c) => {
             let name = match c - 128 {
                 libc::SIGINT => "SIGINT",
@@ -117,21 +133,20 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
                     doc["signal"]
                 ));
             }
-            rolled_back(which, &doc)?
+            rolled_back(which, &doc, unit)?
         }
-        (Side::Source, 3, "in-doubt") => {
-            let f = fates(&doc)?;
-            if f.iter().any(|f| f != "stopped") {
-                return Err(format!("in doubt, but not every device stopped: {f:?}"));
-            }
-            Held::InDoubt
-        }
+        (Side::Source, 3, "in-doubt") => every("stopped", Held::InDoubt)?,
         (Side::Destination, 3, "in-doubt") => {
-            let f = fates(&doc)?;
+            let f = fates(&doc, unit)?;
             if f.iter().any(|f| f != "reset" && f != "in-doubt") {
-                return Err(format!("in doubt, but a device's fate is {f:?}"));
+                return Err(format!("in doubt, but the devices' fates are {f:?}"));
             }
-            Held::ResetInDoubt
+            vec![Held::ResetInDoubt; unit]
+        }
+        // Only a unit has a point of no return between its members.
+        (Side::Source, 4, "past-no-return") if unit > 1 => every("stopped", Held::PastNoReturn)?,
+        (Side::Destination, 4, "past-no-return") if unit > 1 => {
+            every("running-or-reset", Held::RunsOrReset)?
         }
         _ => {
             return Err(format!(
@@ -144,8 +159,8 @@ pub fn side(which: Side, side: &Ended) -> Result<(Held, Option<String>), String>
 
 /// A failure rolled back: each device untouched, back in RUNNING (source) or reset
 /// (destination).
-fn rolled_back(which: Side, doc: &serde_json::Value) -> Result<Held, String> {
-    let f = fates(doc)?;
+fn rolled_back(which: Side, doc: &serde_json::Value, unit: usize) -> Result<Vec<Held>, String> {
+    let f = fates(doc, unit)?;
     let allowed: &[&str] = match which {
         Side::Source => &["untouched", "returned-to-running", "running", "reset"],
         Side::Destination => &["untouched", "reset"],
@@ -153,17 +168,29 @@ fn rolled_back(which: Side, doc: &serde_json::Value) -> Result<Held, String> {
     if let Some(bad) = f.iter().find(|f| !allowed.contains(&f.as_str())) {
         return Err(format!("rolled back, but a device's fate is {bad:?}"));
     }
-    Ok(match which {
-        Side::Source if f == ["reset"] => Held::Reset,
-        Side::Source => Held::Runs,
-        Side::Destination => Held::Idle,
-    })
+    Ok(f.iter()
+        .map(|f| match which {
+            Side::Source if f == "reset" => Held::Reset,
+            Side::Source => Held::Runs,
+            Side::Destination => Held::Idle,
+        })
+        .collect())
 }
 
 /// Judges the whole run; every disagreement found, one line each.
 pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
     let mut wrong = Vec::new();
-    let (src, src_session) = match side(Side::Source, &outcome.source) {
+    if let Some(after) = outcome.after_cut {
+        let bound = plan.source_bound();
+        if after > bound {
+            wrong.push(format!(
+                "the source ended {after:.1?} after the partition, beyond its bound of \
+                 {bound:?} (docs/cli.md, \"Timeouts\")"
+            ));
+        }
+    }
+    let unit = plan.unit;
+    let (src, src_session) = match side(Side::Source, &outcome.source, unit) {
         Ok(s) => s,
         Err(e) => {
             wrong.push(format!("source: {e}"));
@@ -177,16 +204,16 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
         ));
     }
     let Some(destination) = &outcome.destination else {
-        return judge_file(plan, outcome, src, wrong);
+        return judge_file(plan, outcome, src[0], wrong);
     };
-    let (dst, dst_session) = match side(Side::Destination, destination) {
+    let (dst, dst_session) = match side(Side::Destination, destination, unit) {
         Ok(s) => s,
         Err(e) => {
             wrong.push(format!("destination: {e}"));
             return wrong;
         }
     };
-    if outcome.stopped_idle_destination && dst != Held::Idle {
+    if outcome.stopped_idle_destination && dst.iter().any(|d| *d != Held::Idle) {
         wrong.push(format!(
             "the idle destination stopped by the soak ended {dst:?}"
         ));
@@ -196,68 +223,68 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
             "the destination names session {dst_session:?}, the source {session:?}"
         ));
     }
-    // A source device is reset only when it failed itself, and its error line says so.
-    if src == Held::Reset
-        && !(matches!(
-            plan.fault,
-            Fault::Device {
-                side: Side::Source,
-                ..
-            }
-        ) && outcome.source.stderr.contains("was reset"))
-    {
-        wrong.push("the source's device was reset, but it had no fault of its own".into());
-    }
-    if dst == Held::ResetInDoubt && !matches!(src, Held::InDoubt | Held::Killed) {
-        wrong.push(format!(
-            "the destination is in doubt, but the source is {src:?}, not stopped"
-        ));
-    }
-    if src == Held::Runs && dst == Held::Runs {
-        wrong.push("both sides run the state".into());
-    }
-    if src == Held::HandedOff && dst == Held::Idle {
-        wrong.push(
-            "the state is lost: the source handed it off, the destination does not run it".into(),
-        );
-    }
-    // Whether the store says the destination completed this session (and so runs it).
-    let completed = match (&outcome.record, &session) {
-        (Record::Local(r), Some(s)) => r.completed.contains(s),
-        (Record::Shared(Some(r)), Some(s)) => r
-            .completed
-            .iter()
-            .any(|c| &c.session == s && c.by == DESTINATION_HOST),
-        (Record::Local(r), None) => !r.completed.is_empty(),
-        (Record::Shared(Some(r)), None) => !r.completed.is_empty(),
-        _ => false,
-    };
-    let owner = match &outcome.record {
-        Record::Shared(Some(r)) => Some(r.owner.as_str()),
+    let src_fault = match &plan.fault {
+        Fault::Device {
+            side: Side::Source,
+            member,
+            ..
+        } => Some(*member),
         _ => None,
     };
-    if (dst == Held::Runs || src == Held::HandedOff) && !completed {
+    for (member, (s, d)) in src.iter().zip(&dst).enumerate() {
+        wrong.extend(device(member, *s, *d, src_fault, &outcome.source.stderr));
+    }
+    // All or nothing: no member of the unit runs on the destination while another runs on
+    // the source; a destination runs some members only past the point of no return.
+    if dst.contains(&Held::Runs) && src.contains(&Held::Runs) {
         wrong.push(format!(
-            "the destination runs the state, but the store does not record session \
-             {session:?} as completed by it"
+            "the unit is split: the source runs members {src:?}, the destination {dst:?}"
         ));
     }
-    if completed && (dst == Held::Idle || src == Held::Runs) {
+    if dst.contains(&Held::Runs) && dst.iter().any(|d| *d != Held::Runs) {
+        wrong.push(format!("the destination runs part of the unit: {dst:?}"));
+    }
+    let completed = store_completed(outcome, &session, &mut wrong);
+    let runs_there = dst
+        .iter()
+        .any(|d| matches!(d, Held::Runs | Held::RunsOrReset))
+        || src.contains(&Held::HandedOff);
+    if runs_there && !completed.iter().all(|c| *c) {
         wrong.push(format!(
-            "the store records the session as completed by the destination, but the source \
-             is {src:?} and the destination {dst:?}"
+            "the destination runs the state, but the store does not record session \
+             {session:?} as completed by it for every member: {completed:?}"
+        ));
+    }
+    if completed.iter().any(|c| *c)
+        && (dst.iter().all(|d| *d == Held::Idle) || src.contains(&Held::Runs))
+    {
+        wrong.push(format!(
+            "the store records the session as completed by the destination ({completed:?}), \
+             but the source is {src:?} and the destination {dst:?}"
         ));
     }
     if let Some((retry, retry_dst)) = &outcome.resolution {
-        wrong.extend(resolution(completed, retry, retry_dst));
+        let completed = completed.iter().any(|c| *c);
+        wrong.extend(resolution(completed, retry, retry_dst, unit));
     }
-    if matches!(outcome.record, Record::Shared(_)) {
-        if completed && owner != Some(DESTINATION_HOST) {
+    for record in &outcome.records {
+        let Record::Shared(record) = record else {
+            continue;
+        };
+        let owner = record.as_ref().map(|r| r.owner.as_str());
+        let done = match (record, &session) {
+            (Some(r), Some(s)) => r
+                .completed
+                .iter()
+                .any(|c| &c.session == s && c.by == DESTINATION_HOST),
+            _ => false,
+        };
+        if done && owner != Some(DESTINATION_HOST) {
             wrong.push(format!(
                 "completed by the destination, but the store's owner is {owner:?}"
             ));
         }
-        if src == Held::Runs && owner == Some(DESTINATION_HOST) {
+        if src.contains(&Held::Runs) && owner == Some(DESTINATION_HOST) {
             wrong.push(
                 "the source runs the state, but the store names the destination its owner".into(),
             );
@@ -266,11 +293,77 @@ pub fn run(plan: &Plan, outcome: &Outcome) -> Vec<String> {
     wrong
 }
 
+/// One member's two devices: never running on both sides, never lost; a source device reset
+/// only when it failed itself (`faulty`) and its error line says so.
+fn device(member: usize, src: Held, dst: Held, faulty: Option<usize>, stderr: &str) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if src == Held::Reset && !(faulty == Some(member) && stderr.contains("was reset")) {
+        wrong.push(format!(
+            "member {member}: the source's device was reset, but it had no fault of its own"
+        ));
+    }
+    if dst == Held::ResetInDoubt && !matches!(src, Held::InDoubt | Held::Killed) {
+        wrong.push(format!(
+            "member {member}: the destination is in doubt, but the source is {src:?}, not \
+             stopped"
+        ));
+    }
+    if src == Held::Runs && matches!(dst, Held::Runs | Held::RunsOrReset) {
+        wrong.push(format!("member {member}: both sides run the state"));
+    }
+    if matches!(src, Held::HandedOff | Held::PastNoReturn) && dst == Held::Idle {
+        wrong.push(format!(
+            "member {member}: the state is lost: the source stopped it for good, the \
+             destination does not run it"
+        ));
+    }
+    if (src == Held::PastNoReturn) != (dst == Held::RunsOrReset) && dst != Held::Killed {
+        wrong.push(format!(
+            "member {member}: only one side says the unit passed its point of no return: \
+             {src:?} / {dst:?}"
+        ));
+    }
+    wrong
+}
+
+/// Whether the store says the destination completed the session, one answer per member; a
+/// shared store completes a unit in one transaction, so its members must agree.
+fn store_completed(
+    outcome: &Outcome,
+    session: &Option<String>,
+    wrong: &mut Vec<String>,
+) -> Vec<bool> {
+    let completed: Vec<bool> = outcome
+        .records
+        .iter()
+        .map(|record| match (record, session) {
+            (Record::Local(r), Some(s)) => r.completed.contains(s),
+            (Record::Shared(Some(r)), Some(s)) => r
+                .completed
+                .iter()
+                .any(|c| &c.session == s && c.by == DESTINATION_HOST),
+            (Record::Local(r), None) => !r.completed.is_empty(),
+            (Record::Shared(Some(r)), None) => !r.completed.is_empty(),
+            _ => false,
+        })
+        .collect();
+    let shared = outcome
+        .records
+        .iter()
+        .any(|r| matches!(r, Record::Shared(_)));
+    if shared && completed.iter().any(|c| *c) && !completed.iter().all(|c| *c) {
+        wrong.push(format!(
+            "the store completed only part of the unit: {completed:?}"
+        ));
+    }
+    completed
+}
+
 /// The retry of an outcome in doubt (`send --session` to a new `recv`, healthy devices),
 /// against the record the store kept: a completed session is answered "already completed" on
 /// both sides (the state must not run twice); any other is handed off again, or fails
 /// cleanly with the source running.
-fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> {
+fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended, unit: usize) -> Vec<String> {
     let outcome = |e: &Ended| {
         json(e)
             .map(|d| d["outcome"].as_str().unwrap_or_default().to_owned())
@@ -288,10 +381,14 @@ fn resolution(completed: bool, retry: &Ended, retry_dst: &Ended) -> Vec<String> 
             "the store had no completion, but the retry answered {answered:?}"
         )),
         (false, _) => match (
-            side(Side::Source, retry),
-            side(Side::Destination, retry_dst),
+            side(Side::Source, retry, unit),
+            side(Side::Destination, retry_dst, unit),
         ) {
-            (Ok((Held::Runs, _)), Ok((Held::Idle, _))) => None,
+            (Ok((s, _)), Ok((d, _)))
+                if s.iter().all(|s| *s == Held::Runs) && d.iter().all(|d| *d == Held::Idle) =>
+            {
+                None
+            }
             (s, d) => Some(format!("the retry ended {s:?} / {d:?}")),
         },
     };
@@ -327,7 +424,7 @@ fn judge_file(plan: &Plan, outcome: &Outcome, src: Held, mut wrong: Vec<String>)
                 .env("VFIO_MIG_CONFIG", "/dev/null")
                 .env("VFIO_MIG_LOCK_DIR", outcome.dir.join("load-lock"))
                 .env("VFIO_MIG_STATE_DIR", outcome.dir.join("load-state"))
-                .args(["load", &plan.device(Side::Destination), "-i"])
+                .args(["load", &plan.devices(Side::Destination)[0], "-i"])
                 .arg(&file)
                 .output()
                 .unwrap();

@@ -54,8 +54,12 @@ pub enum Fault {
     StateDiskFull { pages: u64 },
     /// `send --to file:` or `save -o` onto a tmpfs of `pages` pages.
     OutputDiskFull { pages: u64 },
-    /// A `fail-at=RULE` of one side's mock.
-    Device { side: Side, rule: String },
+    /// A `fail-at=RULE` of one side's mock: the `member`-th device of its unit.
+    Device {
+        side: Side,
+        member: usize,
+        rule: String,
+    },
     /// A relay between the sides stops forwarding in both directions, closing nothing: for
     /// `heal_after`, then it forwards again, or for good.
     Partition {
@@ -92,6 +96,10 @@ pub struct Plan {
     pub seed: u64,
     /// `--live`.
     pub live: bool,
+    /// Devices a side: 1, or a unit of 2 (one stream, one handoff, all or nothing).
+    pub unit: usize,
+    /// `send --channels`: 1, or 2 (the destination takes at most one per device).
+    pub channels: u16,
     /// The fault.
     pub fault: Fault,
 }
@@ -103,9 +111,22 @@ pub struct Means {
     pub etcd: bool,
     /// Small tmpfs mounts can be made (root).
     pub tmpfs: bool,
-    /// Partitions may last for good (`VFIO_MIG_SOAK_LASTING_PARTITIONS=1`).
-    pub lasting_partitions: bool,
+    /// How many more partitions may last for good.
+    pub lasting_partitions: usize,
+    /// Only this kind of fault is drawn (`VFIO_MIG_SOAK_FAULT`: a sweep of one kind).
+    pub only_fault: Option<&'static str>,
 }
+
+/// The kinds of fault, as [`Means::only_fault`] names them.
+pub const FAULT_KINDS: [&str; 7] = [
+    "kill",
+    "signal",
+    "device",
+    "partition",
+    "etcd",
+    "state-disk",
+    "output-disk",
+];
 
 /// Latest moment of a timed fault from the source's start: a run on a 4-16 MiB mock takes
 /// about this long on a loaded machine, so faults land before, during and after the session.
@@ -114,6 +135,14 @@ const LATEST_FAULT_MS: u64 = 150;
 const LATEST_HEAL_MS: u64 = 7000;
 /// Latest moment of a timed fault from the destination's session line.
 const LATEST_IN_SESSION_MS: u64 = 80;
+
+/// Both sides' `--timeout` and `--handshake-timeout`, seconds.
+pub const SESSION_TIMEOUT_S: u64 = 5;
+/// Both sides' `--fence-timeout` with a shared store, seconds.
+pub const FENCE_TIMEOUT_S: u64 = 2;
+/// What docs/cli.md's bound leaves out: starting and ending a process, rolling the mocks
+/// back, a loaded machine's scheduling.
+const BOUND_SLACK: Duration = Duration::from_secs(2);
 
 impl Plan {
     /// Draws run `index` from `rng`, using only what `means` offers.
@@ -159,7 +188,11 @@ impl Plan {
         if means.tmpfs {
             kinds.extend(["state-disk", "output-disk"]);
         }
-        let fault = match kinds[rng.usize(..kinds.len())] {
+        if let Some(only) = means.only_fault {
+            kinds.retain(|k| *k == only);
+            assert!(!kinds.is_empty(), "this machine cannot make {only} faults");
+        }
+        let mut fault = match kinds[rng.usize(..kinds.len())] {
             "kill" => Fault::Kill { side, at },
             "signal" => Fault::Signal {
                 side,
@@ -176,7 +209,7 @@ impl Plan {
             "partition" => {
                 // Healed before or after the sides' 5 s timeouts, or never.
                 let heal = Duration::from_millis(rng.u64(0..=LATEST_HEAL_MS));
-                let lasting = rng.bool() && means.lasting_partitions;
+                let lasting = rng.bool() && means.lasting_partitions > 0;
                 Fault::Partition {
                     at,
                     heal_after: (!lasting).then_some(heal),
@@ -202,52 +235,116 @@ impl Plan {
             }
             _ => Fault::Device {
                 side,
+                member: 0,
                 rule: device_rule(rng, protocol, side),
             },
         };
+        let seed = rng.u64(0..1000);
+        let live = rng.bool();
+        // Drawn last, so that the earlier fields of a seed's runs stay as they were.
+        let socket = !matches!(transport, Transport::File | Transport::Save);
+        let unit = if rng.bool() && socket { 2 } else { 1 };
+        let channels = if rng.bool() && socket { 2 } else { 1 };
+        let faulty = rng.usize(..unit);
+        if let Fault::Device { member, .. } = &mut fault {
+            *member = faulty;
+        }
         Plan {
             index,
             transport,
             store,
             protocol,
             size_mib,
-            seed: rng.u64(0..1000),
-            live: rng.bool(),
+            seed,
+            live,
+            unit,
+            channels,
             fault,
         }
     }
 
-    /// The source's or destination's mock, named `id=` by its side and the run.
-    pub fn device(&self, side: Side) -> String {
+    /// The longest the source may take once its peer went silent, by docs/cli.md
+    /// ("Timeouts"): one wait for the destination (its answer wait: `--timeout`, or with a
+    /// shared store `--fence-timeout` × (devices + 2) + 5 s if longer), the wait for a
+    /// failed channel's reason (2 s, with more than one channel), and the store's calls that
+    /// end the handoff (two reads a device, a transaction, the lease's revocation, each
+    /// within `--fence-timeout`); plus the soak's slack.
+    pub fn source_bound(&self) -> Duration {
+        let session = Duration::from_secs(SESSION_TIMEOUT_S);
+        let fence = Duration::from_secs(FENCE_TIMEOUT_S);
+        let shared = self.store != Store::Local;
+        let mut bound = if shared {
+            let unit = u32::try_from(self.unit).unwrap();
+            let answer_wait = session.max(fence * (unit + 2) + Duration::from_secs(5));
+            answer_wait + fence * (2 * unit + 2)
+        } else {
+            session
+        };
+        if self.channels > 1 {
+            bound += Duration::from_secs(2);
+        }
+        bound + BOUND_SLACK
+    }
+
+    /// The source's or destination's mocks (the unit's members in order), each named `id=`
+    /// by its side, the run and its place in the unit ([`Plan::mock_id`]).
+    pub fn devices(&self, side: Side) -> Vec<String> {
+        (0..self.unit)
+            .map(|member| {
+                let mut spec = format!(
+                    "mock:{},size={}M,seed={},dirty-rate=4M,id={}",
+                    self.protocol,
+                    self.size_mib,
+                    self.seed + member as u64,
+                    self.mock_id(side, member)
+                );
+                if let Fault::Device {
+                    side: s,
+                    member: m,
+                    rule,
+                } = &self.fault
+                {
+                    if (*s, *m) == (side, member) {
+                        spec.push_str(",fail-at=");
+                        spec.push_str(rule);
+                    }
+                }
+                spec
+            })
+            .collect()
+    }
+
+    /// The same mocks without their fault: the devices of a retry.
+    pub fn healthy_devices(&self, side: Side) -> Vec<String> {
+        self.devices(side)
+            .into_iter()
+            .map(|spec| match spec.find(",fail-at=") {
+                Some(at) => spec[..at].to_owned(),
+                None => spec,
+            })
+            .collect()
+    }
+
+    /// The `id=` of `side`'s `member`-th mock.
+    pub fn mock_id(&self, side: Side, member: usize) -> String {
         let role = match side {
             Side::Source => "src",
             Side::Destination => "dst",
         };
-        let mut spec = format!(
-            "mock:{},size={}M,seed={},dirty-rate=4M,id={role}{}",
-            self.protocol, self.size_mib, self.seed, self.index
-        );
-        if let Fault::Device { side: s, rule } = &self.fault {
-            if *s == side {
-                spec.push_str(",fail-at=");
-                spec.push_str(rule);
-            }
-        }
-        spec
-    }
-
-    /// The same mock without its fault: the device of a retry.
-    pub fn healthy_device(&self, side: Side) -> String {
-        let spec = self.device(side);
-        match spec.find(",fail-at=") {
-            Some(at) => spec[..at].to_owned(),
-            None => spec,
+        match member {
+            0 => format!("{role}{}", self.index),
+            m => format!("{role}{}-{m}", self.index),
         }
     }
 
-    /// The run's identity in the fencing store.
-    pub fn fence_key(&self) -> String {
-        format!("soak/run{}", self.index)
+    /// The identities of the unit's device states in the fencing store, in order.
+    pub fn fence_keys(&self) -> Vec<String> {
+        (0..self.unit)
+            .map(|member| match member {
+                0 => format!("soak/run{}", self.index),
+                m => format!("soak/run{}-{m}", self.index),
+            })
+            .collect()
     }
 }
 
@@ -289,7 +386,8 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "run {}: over {:?}, store {:?}, {} {} MiB seed {}{}, fault {:?}",
+            "run {}: over {:?}, store {:?}, {} {} MiB seed {}{}, {} device(s), {} channel(s), \
+             fault {:?}",
             self.index,
             self.transport,
             self.store,
@@ -297,6 +395,8 @@ impl fmt::Display for Plan {
             self.size_mib,
             self.seed,
             if self.live { " --live" } else { "" },
+            self.unit,
+            self.channels,
             self.fault
         )
     }

@@ -32,6 +32,8 @@ pub struct Ended {
     pub stderr: String,
     /// The signals the soak sent it.
     pub sent: Vec<i32>,
+    /// When the soak saw it exit (within 10 ms).
+    pub ended_at: Instant,
 }
 
 impl Ended {
@@ -166,6 +168,7 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let ended_at = Instant::now();
         let status = self.child.wait().expect("wait for vfio-mig");
         let stdout = self.stdout.take().unwrap().join().unwrap();
         self.stderr_done.take().unwrap().join().unwrap();
@@ -175,6 +178,7 @@ impl Proc {
             stdout,
             stderr,
             sent: std::mem::take(&mut self.sent),
+            ended_at,
         };
         if hung {
             Err(ended)

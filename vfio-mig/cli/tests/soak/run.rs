@@ -6,13 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vfio_mig_fence::{DeviceKey, DirStore, FenceRecord, HandoffRecord, SharedFencing, StateFence};
 
 use crate::cluster::EtcdCluster;
 use crate::common::{Pki, BIN};
-use crate::plan::{Fault, Moment, Plan, Side, Store, Transport};
+use crate::plan::{
+    Fault, Moment, Plan, Side, Store, Transport, FENCE_TIMEOUT_S, SESSION_TIMEOUT_S,
+};
 use crate::proc::{Ended, Proc};
 use crate::relay::Relay;
 use crate::tmpfs::Tmpfs;
@@ -30,9 +32,10 @@ const INHERITED: [&str; 9] = [
     "VFIO_MIG_TLS_CA",
 ];
 
-/// The longest a process may take once its run's fault happened: the peer timeouts below
-/// (5 s) plus the destination's store calls (3 of at most 2 s), twice over.
-const PROCESS_LIMIT: Duration = Duration::from_secs(30);
+/// What a process may take beyond its bound after the peer went silent
+/// ([`Plan::source_bound`]) before the soak calls it hung: the session's own work (the
+/// destination's bound is the source's answer wait, which this covers too).
+const WORK: Duration = Duration::from_secs(10);
 
 /// What every run shares: its directory, the TLS identities, the etcd cluster.
 pub struct World {
@@ -64,8 +67,11 @@ pub struct Outcome {
     pub destination: Option<Ended>,
     /// The soak had to stop an idle `recv` that never got a session (SIGTERM).
     pub stopped_idle_destination: bool,
-    /// The store's record.
-    pub record: Record,
+    /// The store's record of each device state of the unit, in order.
+    pub records: Vec<Record>,
+    /// How long after a partition cut the link the source ended (none: no partition, or the
+    /// source ended before it).
+    pub after_cut: Option<Duration>,
     /// After an outcome in doubt: how `send --session` and a new `recv` ended.
     pub resolution: Option<(Ended, Ended)>,
     /// The run's directory, where `file:` output went.
@@ -74,7 +80,7 @@ pub struct Outcome {
     pub _full_disk: Option<Tmpfs>,
 }
 
-/// A side that did not end within [`PROCESS_LIMIT`].
+/// A side that did not end within its limit ([`Plan::source_bound`] and [`WORK`]).
 #[derive(Debug)]
 pub struct Hung {
     /// Which.
@@ -123,17 +129,32 @@ impl World {
             }
         }
         if plan.store != Store::Local {
-            c.args(["--fence-owner", host, "--fence-key", &plan.fence_key()])
-                .args(["--fence-timeout", "2"]);
+            c.args(["--fence-owner", host])
+                .arg("--fence-timeout")
+                .arg(FENCE_TIMEOUT_S.to_string());
+            for key in plan.fence_keys() {
+                c.args(["--fence-key", &key]);
+            }
         }
         c
     }
 
-    /// The arguments both sides of a socket session take: TLS or `--insecure`, timeouts.
+    /// The arguments both sides of a socket session take: TLS or `--insecure`, timeouts, a
+    /// unit of devices without the P2P states (v1) allowed.
     fn session_args(&self, plan: &Plan, side: Side) -> Vec<String> {
-        let mut a: Vec<String> = ["--json", "--timeout", "5", "--handshake-timeout", "5"]
-            .map(String::from)
-            .to_vec();
+        let timeout = SESSION_TIMEOUT_S.to_string();
+        let mut a: Vec<String> = [
+            "--json",
+            "--timeout",
+            &timeout,
+            "--handshake-timeout",
+            &timeout,
+        ]
+        .map(String::from)
+        .to_vec();
+        if plan.unit > 1 && plan.protocol == "v1" {
+            a.push("--allow-non-p2p-unit".into());
+        }
         match (plan.transport, side) {
             (Transport::TcpInsecure, _) => a.push("--insecure".into()),
             (Transport::Tls, Side::Source) => {
@@ -166,20 +187,21 @@ impl World {
         if matches!(plan.transport, Transport::File | Transport::Save) {
             return self.run_file(plan, run, full_disk);
         }
-        let devices = [plan.device(Side::Source), plan.device(Side::Destination)];
-        let (source, destination, stopped_idle_destination) =
+        let devices = [plan.devices(Side::Source), plan.devices(Side::Destination)];
+        let (source, destination, stopped_idle_destination, cut_at) =
             self.session(plan, run, &devices, &[], Some(&plan.fault))?;
-        let record = self.record(plan, run);
+        let after_cut = cut_at.and_then(|cut| source.ended_at.checked_duration_since(cut));
+        let records = self.records(plan, run);
         // An outcome in doubt is resolved as docs/cli.md says: the same send again with its
         // session id, to a recv on the destination (devices without their faults).
         let resolution = match source.printed_session() {
             Some(session) if source.code() == 3 => {
                 let healthy = [
-                    plan.healthy_device(Side::Source),
-                    plan.healthy_device(Side::Destination),
+                    plan.healthy_devices(Side::Source),
+                    plan.healthy_devices(Side::Destination),
                 ];
                 let retry = ["--session".to_owned(), session];
-                let (s, d, _) = self.session(plan, run, &healthy, &retry, None)?;
+                let (s, d, _, _) = self.session(plan, run, &healthy, &retry, None)?;
                 Some((s, d))
             }
             _ => None,
@@ -188,7 +210,8 @@ impl World {
             source,
             destination: Some(destination),
             stopped_idle_destination,
-            record,
+            records,
+            after_cut,
             resolution,
             dir: run.to_owned(),
             _full_disk: full_disk,
@@ -196,27 +219,30 @@ impl World {
     }
 
     /// One session: `recv --once` of `devices[1]`, `send` of `devices[0]` with `extra`
-    /// arguments, `fault` injected; both awaited. Returns how each ended, and whether the
-    /// soak had to stop an idle `recv`.
+    /// arguments, `fault` injected; both awaited. Returns how each ended, whether the soak
+    /// had to stop an idle `recv`, and when a partition cut the link.
     fn session(
         &mut self,
         plan: &Plan,
         run: &Path,
-        devices: &[String; 2],
+        devices: &[Vec<String>; 2],
         extra: &[String],
         fault: Option<&Fault>,
-    ) -> Result<(Ended, Ended, bool), Hung> {
+    ) -> Result<(Ended, Ended, bool, Option<Instant>), Hung> {
+        let limit = plan.source_bound() + WORK;
         let listen = match plan.transport {
             Transport::Unix => format!("unix:{}", run.join("s").display()),
             _ => "tcp:127.0.0.1:0".into(),
         };
-        let recv_command = ["recv", &devices[1], "--listen", &listen].map(String::from);
+        let mut recv_command = vec!["recv".to_owned()];
+        recv_command.extend(devices[1].iter().cloned());
+        recv_command.extend(["--listen".to_owned(), listen]);
         let mut recv = self.cmd(plan, run, DESTINATION_HOST, &recv_command);
         recv.arg("--once")
             .args(self.session_args(plan, Side::Destination));
         let mut recv = Proc::spawn(recv);
-        let Some(addr) = recv.wait_line("vfio-mig: recv: listening on ", PROCESS_LIMIT) else {
-            let ended = recv.wait(PROCESS_LIMIT);
+        let Some(addr) = recv.wait_line("vfio-mig: recv: listening on ", limit) else {
+            let ended = recv.wait(limit);
             return Err(Hung {
                 side: Side::Destination,
                 ended: ended.unwrap_or_else(|e| e),
@@ -228,13 +254,17 @@ impl World {
             _ => None,
         };
         let to = relay.as_ref().map_or(addr.as_str(), |r| r.addr.as_str());
-        let send_command = ["send", &devices[0], "--to", to].map(String::from);
+        let mut send_command = vec!["send".to_owned()];
+        send_command.extend(devices[0].iter().cloned());
+        send_command.extend(["--to".to_owned(), to.to_owned()]);
         let mut send = self.cmd(plan, run, SOURCE_HOST, &send_command);
         send.args(plan.live.then_some("--live"))
+            .args(["--channels".to_owned(), plan.channels.to_string()])
             .args(self.session_args(plan, Side::Source))
             .args(extra);
         let mut send = Proc::spawn(send);
         let mut killed_member = None;
+        let mut cut_at = None;
         match fault {
             Some(Fault::Kill { side, at }) | Some(Fault::Signal { side, at, .. }) => {
                 strike_at(*at, &recv, &send);
@@ -261,29 +291,34 @@ impl World {
             Some(Fault::Partition { at, heal_after }) => {
                 strike_at(*at, &recv, &send);
                 relay.as_ref().expect("started above").cut(*heal_after);
+                cut_at = Some(Instant::now());
             }
             _ => {}
         }
-        let source = send.wait(PROCESS_LIMIT);
+        let source = send.wait(limit);
         // A recv whose source never opened a session keeps listening, as it should, and so
         // does one that refused its session before touching a device (docs/cli.md): the soak
         // stops it as an operator would. One that began loading must end on its own.
         let mut stopped_idle_destination = false;
         if !recv.exited() {
             let source_gone = source.as_ref().map_or(true, |s| s.code() != 0);
-            let wait = Duration::from_secs(6);
+            // A session refused before its devices were touched may be refused late: a
+            // multi-channel session after its 10 s bind limit. A session still to come would
+            // have arrived within the source's handshake timeout.
             let idle = source_gone
                 && if recv.printed("recv: session ") {
-                    recv.wait_text(LISTENING_AGAIN, wait)
+                    recv.wait_text(LISTENING_AGAIN, limit)
                 } else {
-                    recv.wait_line("vfio-mig: recv: session ", wait).is_none()
+                    let handshake = Duration::from_secs(SESSION_TIMEOUT_S + 1);
+                    recv.wait_line("vfio-mig: recv: session ", handshake)
+                        .is_none()
                 };
             if idle && !recv.exited() {
                 recv.signal(libc::SIGTERM);
                 stopped_idle_destination = true;
             }
         }
-        let destination = recv.wait(PROCESS_LIMIT);
+        let destination = recv.wait(limit);
         drop(relay);
         if let Some(member) = killed_member {
             self.etcd.as_mut().unwrap().restart(member);
@@ -296,13 +331,16 @@ impl World {
             side: Side::Destination,
             ended,
         })?;
-        Ok((source, destination, stopped_idle_destination))
+        Ok((source, destination, stopped_idle_destination, cut_at))
     }
 
     /// `send --to file:` or `save -o` into the run's `out` directory.
     fn run_file(&self, plan: &Plan, run: &Path, full_disk: Option<Tmpfs>) -> Result<Outcome, Hung> {
         let file = run.join("out").join("state.vfiomig");
-        let source = plan.device(Side::Source);
+        let [source] = &plan.devices(Side::Source)[..] else {
+            panic!("a file holds one device; the plan drew a unit")
+        };
+        let source = source.clone();
         let command = match plan.transport {
             Transport::Save => [
                 "save".into(),
@@ -320,7 +358,7 @@ impl World {
         let mut send = self.cmd(plan, run, SOURCE_HOST, &command);
         send.args(plan.live.then_some("--live")).arg("--json");
         let source = Proc::spawn(send)
-            .wait(PROCESS_LIMIT)
+            .wait(plan.source_bound() + WORK)
             .map_err(|ended| Hung {
                 side: Side::Source,
                 ended,
@@ -329,33 +367,42 @@ impl World {
             source,
             destination: None,
             stopped_idle_destination: false,
-            record: Record::None,
+            records: vec![Record::None],
+            after_cut: None,
             resolution: None,
             dir: run.to_owned(),
             _full_disk: full_disk,
         })
     }
 
-    /// The record of the run's device state in its store.
-    fn record(&self, plan: &Plan, run: &Path) -> Record {
+    /// The records of the run's device states in its store, one per member of the unit.
+    fn records(&self, plan: &Plan, run: &Path) -> Vec<Record> {
         let shared = |store: Arc<dyn vfio_mig_fence::FenceStore>| {
             let fencing = SharedFencing::new(store, "soak-judge").unwrap();
-            Record::Shared(
-                fencing
-                    .record(&plan.fence_key())
-                    .unwrap_or_else(|e| panic!("read the store's record: {e}")),
-            )
+            plan.fence_keys()
+                .iter()
+                .map(|key| {
+                    Record::Shared(
+                        fencing
+                            .record(key)
+                            .unwrap_or_else(|e| panic!("read the store's record of {key}: {e}")),
+                    )
+                })
+                .collect()
         };
         match plan.store {
-            Store::Local => {
-                let key = DeviceKey::from_text(format!("mock:dst{}", plan.index));
-                let state = StateFence::new(&run.join(DESTINATION_HOST).join("state"), &key);
-                Record::Local(
-                    state
-                        .load()
-                        .unwrap_or_else(|e| panic!("read the destination's record: {e}")),
-                )
-            }
+            Store::Local => (0..plan.unit)
+                .map(|member| {
+                    let id = plan.mock_id(Side::Destination, member);
+                    let key = DeviceKey::from_text(format!("mock:{id}"));
+                    let state = StateFence::new(&run.join(DESTINATION_HOST).join("state"), &key);
+                    Record::Local(
+                        state
+                            .load()
+                            .unwrap_or_else(|e| panic!("read the record of {id}: {e}")),
+                    )
+                })
+                .collect(),
             Store::Dir => shared(Arc::new(DirStore::new(run.join("store")))),
             Store::Etcd => shared(Arc::new(self.etcd.as_ref().unwrap().store())),
         }

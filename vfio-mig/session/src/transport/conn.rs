@@ -320,26 +320,35 @@ impl Write for Connection {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
-        let r = match &mut self.socket {
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tcp(s) => s.write(buf),
-            #[cfg(feature = "tls")]
-            Socket::Tls(s) => s.write(buf),
-        };
-        r.map_err(|e| self.write_failed(e))
+        self.write_vectored(&[io::IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         if self.stalled.load(Ordering::SeqCst) {
             return Err(self.given_up());
         }
-        let r = match &mut self.socket {
-            Socket::Unix(s) => s.write_vectored(bufs),
-            Socket::Tcp(s) => s.write_vectored(bufs),
+        // A plain socket's write sends everything in one call, as a blocking write does, but
+        // waits for room at most its write timeout since the peer last accepted anything.
+        let (fd, timeout) = match &self.socket {
+            Socket::Unix(s) => (s.as_fd(), s.write_timeout()),
+            Socket::Tcp(s) => (s.as_fd(), s.write_timeout()),
             #[cfg(feature = "tls")]
-            Socket::Tls(s) => s.write_vectored(bufs),
+            Socket::Tls(s) => {
+                let mut tls: &super::tls::TlsStream = s;
+                return tls.write_vectored(bufs).map_err(|e| self.write_failed(e));
+            }
         };
-        r.map_err(|e| self.write_failed(e))
+        let timeout = timeout.map_err(|e| self.write_failed(e))?;
+        match super::silence::send_all_within(fd, bufs, timeout) {
+            (_, None) => Ok(bufs.iter().map(|b| b.len()).sum()),
+            (0, Some(e)) => Err(self.write_failed(e)),
+            // Part went out: it is reported written; the failure (a timeout gives the
+            // connection up) is the next write's.
+            (sent, Some(e)) => {
+                let _ = self.write_failed(e);
+                Ok(sent)
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -21,6 +21,7 @@ mod listen;
 mod progress;
 #[cfg(feature = "tls")]
 mod secure;
+mod silence;
 #[cfg(feature = "tls")]
 pub mod tls;
 

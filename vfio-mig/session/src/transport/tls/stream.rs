@@ -669,12 +669,27 @@ impl Shared {
         if tx.out.is_empty() {
             return Ok(());
         }
-        let r = (&self.sock).write_all(&tx.out);
+        let r = self.write_records(&tx.out);
         tx.out.clear();
         r.map_err(|e| {
             tx.broken = true;
             self.io_error(e, "accepted no data")
         })
+    }
+
+    /// Writes `records` whole, each wait for room bounded by the socket's write timeout in
+    /// all (the idle timeout, or the short one of a closing write).
+    fn write_records(&self, records: &[u8]) -> io::Result<()> {
+        let timeout = self.sock.write_timeout()?;
+        let mut sent = 0;
+        while sent < records.len() {
+            let rest = [io::IoSlice::new(&records[sent..])];
+            match super::super::silence::send_within(self.sock.as_fd(), &rest, timeout)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => sent += n,
+            }
+        }
+        Ok(())
     }
 
     /// Sends what rustls has ready if the writing side is free; a busy writing side sends
