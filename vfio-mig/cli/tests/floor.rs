@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{data_record_header, header_bytes, stderr, unit_header_bytes, Dirs, Pki, Recv};
+use common::{
+    data_record_header, header_bytes, send_unit_over_two_channels, stderr, unit_header_bytes, Dirs,
+    Pki, Recv,
+};
 use vfio_mig_session::handshake::{read_message, Message, FEATURE_CHANNELS};
 use vfio_mig_session::transport::tls::TlsConfig;
 use vfio_mig_session::transport::{connect_tls, Address, ClientTls};
@@ -124,19 +127,7 @@ fn a_source_trickling_on_every_channel_or_one_is_let_go() {
             assert!(line.contains(&format!("{dev} was reset")), "{line}");
         }
     }
-    let o = dirs.run(&[
-        "send",
-        devs[0],
-        devs[1],
-        "--to",
-        &listen,
-        "--channels",
-        "2",
-        unit,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let (status, _, err) = recv.wait();
-    assert!(status.success(), "{err}");
+    send_unit_over_two_channels(&dirs, [devs[0], devs[1]], &listen, recv);
 }
 
 /// Forwards every connection accepted on `listener` to `upstream`; the source's bytes of

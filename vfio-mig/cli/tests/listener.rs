@@ -9,7 +9,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{data_record_header, header_bytes, stderr, unit_header_bytes, Dirs, Recv};
+use common::{
+    data_record_header, header_bytes, send_unit_over_two_channels, stderr, unit_header_bytes, Dirs,
+    Recv,
+};
 use vfio_mig_session::handshake::{read_message, Message, FEATURE_CHANNELS, TOKEN_LEN};
 
 /// Reads what `conn` receives until the peer closes it; `Err` if it is still open after
@@ -67,19 +70,7 @@ fn channel_connections_no_session_waits_for_are_closed_at_once() {
             panic!("stray CHANNEL connection {i}: {e}");
         }
     }
-    let o = dirs.run(&[
-        "send",
-        devs[0],
-        devs[1],
-        "--to",
-        &listen,
-        "--channels",
-        "2",
-        unit,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let (status, _, err) = recv.wait();
-    assert!(status.success(), "{err}");
+    send_unit_over_two_channels(&dirs, [devs[0], devs[1]], &listen, recv);
 }
 
 /// Defect 7: a HELLO the destination refuses (an unknown feature bit) touches no device and

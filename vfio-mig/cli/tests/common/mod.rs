@@ -350,3 +350,23 @@ pub fn data_record_header() -> Vec<u8> {
     record.extend_from_slice(&[0; 4]);
     record
 }
+
+/// An honest `send --channels 2` of the two-device unit `devs` (not P2P-capable, so
+/// `--allow-non-p2p-unit`) to `listen`, where `recv` serves it and ends: both commands
+/// succeed.
+pub fn send_unit_over_two_channels(dirs: &Dirs, devs: [&str; 2], listen: &str, recv: Recv) {
+    let unit = "--allow-non-p2p-unit";
+    let o = dirs.run(&[
+        "send",
+        devs[0],
+        devs[1],
+        "--to",
+        listen,
+        "--channels",
+        "2",
+        unit,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, _, err) = recv.wait();
+    assert!(status.success(), "{err}");
+}
