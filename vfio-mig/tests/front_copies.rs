@@ -324,3 +324,82 @@ fn a_stream_read_in_pieces_loads_and_leaves_what_follows_the_trailer() {
         );
     }
 }
+
+/// Reads `bytes` with `read_some` in reads of at most `max` bytes until it stops: the status
+/// or error it stopped with (the stream's end reads as a truncated stream).
+fn read_in_pieces(dst: &mut Destination<Recorder>, bytes: &[u8], max: usize) -> Result<Status> {
+    let mut input = Trickle { bytes, max };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match dst.read_some(&mut input, &mut buf, &vfio_mig::NoObserver)? {
+            Status::NeedMore if !input.bytes.is_empty() => {}
+            status => return Ok(status),
+        }
+    }
+}
+
+/// The destination checks a record's CRC piece by piece as its bytes arrive by `read_some`;
+/// a byte changed anywhere in the record (its payload's first, middle or last byte, a header
+/// byte) is still refused by the CRC before any of the record's bytes reach the device,
+/// whatever the read sizes, and when the record's end comes by a push instead.
+#[test]
+fn a_corrupt_record_read_in_pieces_is_refused_by_its_crc() {
+    let payloads = payloads();
+    let clean = stream(&payloads);
+    let empty = stream(&[]);
+    let first = clean.iter().zip(&empty).position(|(a, b)| a != b).unwrap();
+    let start = |k: usize| -> usize {
+        first
+            + payloads[..k]
+                .iter()
+                .map(|p| RECORD_HEADER_LEN + p.len())
+                .sum::<usize>()
+    };
+    for k in [2usize, 7] {
+        let (head, len) = (start(k), payloads[k].len());
+        let payload = head + RECORD_HEADER_LEN;
+        for (what, at) in [
+            ("the sequence number", head + 4),
+            ("the first payload byte", payload),
+            ("a middle payload byte", payload + len / 2),
+            ("the last payload byte", payload + len - 1),
+        ] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x40;
+            // Read whole by read_some, or its first half read and the rest pushed.
+            let ways: Vec<(String, Option<usize>, usize)> = [1, 7, 24, 25, 4096, usize::MAX]
+                .iter()
+                .map(|&max| (format!("{max}-byte reads"), None, max))
+                .chain(std::iter::once((
+                    "half read, half pushed".to_string(),
+                    Some(payload + len / 2),
+                    4096,
+                )))
+                .collect();
+            for (how, split, max) in ways {
+                let context = format!("record {k}, {what} changed, {how}");
+                let (mut dst, log) = destination();
+                let end = split.unwrap_or(bytes.len());
+                let got =
+                    read_in_pieces(&mut dst, &bytes[..end], max).and_then(|status| match split {
+                        Some(split) => dst.push(&bytes[split..]),
+                        None => Ok(status),
+                    });
+                let e = Report(&got.expect_err(&context)).to_string();
+                assert!(
+                    e.contains(&format!("read stream record {k}")) && e.contains("CRC mismatch"),
+                    "{context}: {e}"
+                );
+                let log = log.lock().unwrap();
+                assert!(
+                    log.writes.len() <= k,
+                    "{context}: the record's bytes were written"
+                );
+                for (i, (data, ..)) in log.writes.iter().enumerate() {
+                    assert_eq!(data, &payloads[i], "{context}: write {i}");
+                }
+                assert!(log.reset && !log.loaded, "{context}: not reset");
+            }
+        }
+    }
+}

@@ -296,7 +296,11 @@ impl<D: MigrationDevice> Destination<D> {
                 // A length beyond any record's: the decoder refuses the frame as it is.
                 Some(0) => return self.push_observed(&[], obs),
                 Some(want) => {
-                    let read = self.inbound[0].inbox.read_from(input, want);
+                    let c = &mut self.inbound[0];
+                    let read = c.inbox.read_from(input, want);
+                    if let (Ok(_), Some(d)) = (&read, &c.decoder) {
+                        c.inbox.note_arrived(d.session_id());
+                    }
                     read.map(|n| (n, &[][..]))
                 }
                 None => input.read(buf).map(|n| (n, &buf[..n.min(buf.len())])),
@@ -616,11 +620,11 @@ impl<D: MigrationDevice> Destination<D> {
         let mut batches: Vec<Vec<Item<'_>>> = (0..self.devs.len()).map(|_| Vec::new()).collect();
         let mut batched = 0;
         for (&(ch, _), rest) in now.iter().zip(rests.iter_mut()) {
-            let mut next = whole[ch].then_some(&held[ch][..]);
+            let mut next = whole[ch].then(|| (&held[ch][..], held[ch].arrived_crc()));
             let decoded = (|| -> Result<()> {
                 loop {
-                    let frame = match next.take() {
-                        Some(frame) => frame,
+                    let (frame, arrived_crc) = match next.take() {
+                        Some(held) => held,
                         None => match self
                             .frame_len(ch, rest)
                             .filter(|&n| n > 0 && n <= rest.len())
@@ -631,12 +635,12 @@ impl<D: MigrationDevice> Destination<D> {
                             {
                                 let (frame, after) = rest.split_at(n);
                                 *rest = after;
-                                frame
+                                (frame, None)
                             }
                             _ => return Ok(()),
                         },
                     };
-                    batched += self.decode(ch, frame, &mut batches)?;
+                    batched += self.decode(ch, frame, arrived_crc, &mut batches)?;
                     if batched >= BATCH_BYTES {
                         self.apply(&mut batches, obs)?;
                         batched = 0;
@@ -672,11 +676,13 @@ impl<D: MigrationDevice> Destination<D> {
     }
 
     /// Decodes one whole `frame` of channel `ch`: opens the sub-stream on its header, or
-    /// adds the record to its device's batch (where it lies). Returns the DATA bytes added.
+    /// adds the record to its device's batch (where it lies). `arrived_crc`: the record's
+    /// CRC as its bytes arrived, if the inbox computed it. Returns the DATA bytes added.
     fn decode<'a>(
         &mut self,
         ch: usize,
         frame: &'a [u8],
+        arrived_crc: Option<u32>,
         batches: &mut [Vec<Item<'a>>],
     ) -> Result<usize> {
         let c = &mut self.inbound[ch];
@@ -690,7 +696,7 @@ impl<D: MigrationDevice> Destination<D> {
                 .copied()
                 .ok_or_else(|| no_device(local))
         };
-        match decoder.record(frame)? {
+        match decoder.record(frame, arrived_crc)? {
             Record::Data {
                 device,
                 phase,

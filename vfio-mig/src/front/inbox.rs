@@ -13,6 +13,8 @@
 use std::io::Read;
 use std::ops::Deref;
 
+use crate::stream::format::{PartialRecordCrc, SessionId};
+
 /// Bytes of an incomplete frame (the slice it derefs to), and room after them.
 #[derive(Debug, Default)]
 pub(super) struct Inbox {
@@ -20,6 +22,8 @@ pub(super) struct Inbox {
     buf: Vec<u8>,
     /// The frame's bytes so far.
     len: usize,
+    /// The record's CRC over the bytes [`note_arrived`](Self::note_arrived) saw.
+    crc: Option<PartialRecordCrc>,
 }
 
 impl Inbox {
@@ -56,6 +60,20 @@ impl Inbox {
     /// Empties the frame; the buffer stays for the next.
     pub(super) fn clear(&mut self) {
         self.len = 0;
+        self.crc = None;
+    }
+
+    /// Carries the record's CRC (a record of the stream of `session`) over the bytes that
+    /// arrived since the last call, while they are still in the cache: reading a record
+    /// whole and then checking it read its first bytes back from memory.
+    pub(super) fn note_arrived(&mut self, session: &SessionId) {
+        PartialRecordCrc::advance(&mut self.crc, session, &self.buf[..self.len]);
+    }
+
+    /// The record's CRC once [`note_arrived`](Self::note_arrived) saw its whole payload;
+    /// `None` otherwise (the decoder computes it).
+    pub(super) fn arrived_crc(&self) -> Option<u32> {
+        self.crc.and_then(|c| c.whole(self))
     }
 }
 

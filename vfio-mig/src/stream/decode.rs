@@ -147,18 +147,24 @@ impl RecordCheck {
     }
 
     /// Checks record `raw` with its `payload` and `tag` (the CRC, the tag with a key, the
-    /// fields, the sequence number and the ordering rules) and counts it.
+    /// fields, the sequence number and the ordering rules) and counts it. `arrived_crc` is
+    /// the record's CRC as its caller computed it over these very bytes while they arrived
+    /// (see [`record_crc`](super::format::record_crc)); `None`: computed here.
     pub(crate) fn check(
         &mut self,
         raw: &RawRecordHeader,
         payload: &[u8],
         tag: Option<&[u8; TAG_LEN]>,
+        arrived_crc: Option<u32>,
     ) -> Result<Decoded> {
         let seq = self.next_sequence();
         let err = |detail: String| Error::stream(format!("read stream record {seq}"), detail);
         let device_count = self.header.devices.len();
         let session = self.header.session_id;
-        let (stored, computed) = raw.crc(&session, payload);
+        let (stored, computed) = match arrived_crc {
+            Some(crc) => (raw.stored_crc(), crc),
+            None => raw.crc(&session, payload),
+        };
         if stored != computed {
             return Err(err(format!(
                 "CRC mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt \

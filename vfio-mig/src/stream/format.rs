@@ -319,6 +319,47 @@ pub(crate) fn record_crc(session: &SessionId, head: &[u8], payload: &[u8]) -> u3
     crate::stream::crc::crc32c_append(crc, payload)
 }
 
+/// A record's CRC computed piece by piece while its bytes arrive, when they are still in
+/// the cache, so that checking the whole record does not read its payload again from memory:
+/// the value [`record_crc`] gives over the bytes covered so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PartialRecordCrc {
+    value: u32,
+    /// The bytes of the frame covered: the header first, then payload bytes.
+    covered: usize,
+}
+
+impl PartialRecordCrc {
+    /// Covers what `frame` (the start of a record's frame, which only grows between calls)
+    /// holds of the payload beyond what `partial` covered; starts once the header is whole.
+    pub(crate) fn advance(partial: &mut Option<Self>, session: &SessionId, frame: &[u8]) {
+        let Some(end) = payload_end(frame) else {
+            return;
+        };
+        let c = partial.get_or_insert_with(|| Self {
+            value: record_crc(session, &frame[..RECORD_HEADER_LEN], &[]),
+            covered: RECORD_HEADER_LEN,
+        });
+        let end = end.min(frame.len());
+        if end > c.covered {
+            c.value = crate::stream::crc::crc32c_append(c.value, &frame[c.covered..end]);
+            c.covered = end;
+        }
+    }
+
+    /// The record's CRC once it covers the whole payload of the record `frame` holds.
+    pub(crate) fn whole(&self, frame: &[u8]) -> Option<u32> {
+        let end = payload_end(frame)?;
+        (self.covered == end && frame.len() >= end).then_some(self.value)
+    }
+}
+
+/// Where the payload of the record `frame` begins with ends (its header is whole).
+fn payload_end(frame: &[u8]) -> Option<usize> {
+    let head = frame.get(..RECORD_HEADER_LEN)?;
+    RECORD_HEADER_LEN.checked_add(le_u32(head, 16) as usize)
+}
+
 /// Checks the fixed part of descriptor `index` and returns its model length.
 pub(crate) fn check_descriptor_fixed(
     fixed: &[u8; DESCRIPTOR_FIXED_LEN],
@@ -675,8 +716,12 @@ impl RawRecordHeader {
 
     /// The stored and the computed CRC of this header with `payload`.
     pub(crate) fn crc(&self, session: &SessionId, payload: &[u8]) -> (u32, u32) {
-        let stored = le_u32(&self.bytes, RECORD_CRC_OFFSET);
-        (stored, record_crc(session, &self.bytes, payload))
+        (self.stored_crc(), record_crc(session, &self.bytes, payload))
+    }
+
+    /// The CRC the record carries.
+    pub(crate) fn stored_crc(&self) -> u32 {
+        le_u32(&self.bytes, RECORD_CRC_OFFSET)
     }
 
     /// The raw bytes (for the tag).
@@ -1181,5 +1226,31 @@ pub(crate) mod tests {
         assert_eq!(t.totals().records, 8);
         assert_eq!(t.totals().devices[0].pre_copy_bytes, 30);
         assert_eq!(t.totals().devices[0].chunks, 3);
+    }
+
+    /// A record's CRC carried over its pieces as they arrive is the CRC docs/stream-format.md
+    /// defines (CRC32C of the session id, header bytes 0..20, then the payload; computed here
+    /// with the `crc32c` crate in one call over the concatenation), and it is offered only
+    /// once the whole payload was seen.
+    #[test]
+    fn a_crc_carried_over_pieces_is_the_records_crc() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let frame = raw_record(0, 1, 0, 1, 9, &payload);
+        let mut defined = TEST_SESSION.to_vec();
+        defined.extend_from_slice(&frame[..RECORD_CRC_OFFSET]);
+        defined.extend_from_slice(&payload);
+        let defined = crc32c::crc32c(&defined);
+        for piece in [1, 3, 24, 25, 1000, frame.len()] {
+            let mut partial = None;
+            let mut seen = 0;
+            while seen < frame.len() {
+                let whole = partial.and_then(|p: PartialRecordCrc| p.whole(&frame[..seen]));
+                assert_eq!(whole, None, "{piece}-byte pieces: offered at {seen} bytes");
+                seen = (seen + piece).min(frame.len());
+                PartialRecordCrc::advance(&mut partial, &TEST_SESSION, &frame[..seen]);
+            }
+            let whole = partial.and_then(|p| p.whole(&frame));
+            assert_eq!(whole, Some(defined), "{piece}-byte pieces");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::auth::{StreamAuth, TAG_LEN};
 use super::decode::{Decoded, Record, RecordCheck};
-use super::format::{RawRecordHeader, StreamHeader, RECORD_HEADER_LEN as HEAD};
+use super::format::{RawRecordHeader, SessionId, StreamHeader, RECORD_HEADER_LEN as HEAD};
 use super::StreamReader;
 use crate::error::{Error, Result};
 
@@ -39,6 +39,11 @@ impl FrameDecoder {
         Ok((Self { check }, header))
     }
 
+    /// The stream's session id, which every record's CRC covers.
+    pub(crate) fn session_id(&self) -> &SessionId {
+        &self.check.header.session_id
+    }
+
     /// Whether the stream carries tags (each record's frame ends with one).
     pub(crate) fn is_authenticated(&self) -> bool {
         self.check.authenticated
@@ -47,14 +52,20 @@ impl FrameDecoder {
     /// Decodes one whole record `frame` (exactly the bytes
     /// [`record_frame_len`](super::format::record_frame_len) measured: header, payload and
     /// tag). A DATA record's bytes are a slice of `frame`.
-    pub(crate) fn record<'a>(&mut self, frame: &'a [u8]) -> Result<Record<'a>> {
+    /// `arrived_crc`: the record's CRC computed over `frame`'s bytes as they arrived
+    /// ([`PartialRecordCrc`](super::format::PartialRecordCrc)), `None` to compute it here.
+    pub(crate) fn record<'a>(
+        &mut self,
+        frame: &'a [u8],
+        arrived_crc: Option<u32>,
+    ) -> Result<Record<'a>> {
         self.check.check_open()?;
-        let decoded = self.decode(frame);
+        let decoded = self.decode(frame, arrived_crc);
         let payload = frame.get(HEAD..).unwrap_or_default();
         Ok(self.check.note(decoded)?.into_record(payload))
     }
 
-    fn decode(&mut self, frame: &[u8]) -> Result<Decoded> {
+    fn decode(&mut self, frame: &[u8], arrived_crc: Option<u32>) -> Result<Decoded> {
         let seq = self.check.next_sequence();
         let err = |detail: String| Error::stream(format!("read stream record {seq}"), detail);
         let head: [u8; HEAD] = frame
@@ -76,6 +87,6 @@ impl FrameDecoder {
         let tag = frame
             .get(HEAD + len..)
             .and_then(|t| <&[u8; TAG_LEN]>::try_from(t).ok());
-        self.check.check(&raw, payload, tag)
+        self.check.check(&raw, payload, tag, arrived_crc)
     }
 }

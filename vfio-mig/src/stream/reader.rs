@@ -252,7 +252,7 @@ impl<R: Read> StreamReader<R> {
         }
         let tag = self.check.authenticated.then_some(&tag);
         let payload = self.buf.get(..len).unwrap_or_default();
-        self.check.check(&raw, payload, tag)
+        self.check.check(&raw, payload, tag, None)
     }
 
     /// Checks that the trailer was read and that nothing follows it (EOF). Fails before the
