@@ -18,7 +18,7 @@ use nix::sys::socket::{sendmsg, MsgFlags};
 
 /// Sends what of `bufs` the socket `fd` accepts, waiting at most `timeout` (`None`: for
 /// ever) for it to accept anything; `WouldBlock` when it accepted nothing for that long.
-pub(super) fn send_within(
+fn send_within(
     fd: BorrowedFd<'_>,
     bufs: &[IoSlice<'_>],
     timeout: Option<Duration>,

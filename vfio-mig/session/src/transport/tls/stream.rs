@@ -681,15 +681,11 @@ impl Shared {
     /// all (the idle timeout, or the short one of a closing write).
     fn write_records(&self, records: &[u8]) -> io::Result<()> {
         let timeout = self.sock.write_timeout()?;
-        let mut sent = 0;
-        while sent < records.len() {
-            let rest = [io::IoSlice::new(&records[sent..])];
-            match super::super::silence::send_within(self.sock.as_fd(), &rest, timeout)? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => sent += n,
-            }
+        let whole = [io::IoSlice::new(records)];
+        match super::super::silence::send_all_within(self.sock.as_fd(), &whole, timeout) {
+            (_, None) => Ok(()),
+            (_, Some(e)) => Err(e),
         }
-        Ok(())
     }
 
     /// Sends what rustls has ready if the writing side is free; a busy writing side sends
