@@ -150,6 +150,9 @@ impl Fence for FenceSet {
                         log::warn!("withdraw a unit's partial completion: {undo}");
                     }
                 }
+                self.0[done + 1..]
+                    .iter_mut()
+                    .for_each(|f| f.discard_prepared());
                 return Err(e);
             }
         }
@@ -422,6 +425,58 @@ mod tests {
     #[test]
     fn a_unit_completes_on_no_device_when_one_cannot_prepare() {
         assert_eq!(complete_failing("prepare", true), Vec::<SessionId>::new());
+    }
+
+    /// A device's fence that counts the completions it prepared and neither made nor
+    /// discarded (a `StateFence`'s temporary file beside its record), failing its completion
+    /// when `fails`.
+    struct Preparing {
+        outstanding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        prepared: bool,
+        fails: bool,
+    }
+
+    impl Fence for Preparing {
+        fn admit(&mut self, _header: &StreamHeader) -> Result<Admission> {
+            Ok(Admission::Accept)
+        }
+        fn complete(&mut self, _session: &SessionId) -> Result<()> {
+            self.discard_prepared();
+            Recorded::space(self.fails)
+        }
+        fn undo_complete(&mut self, _session: &SessionId) -> Result<()> {
+            Ok(())
+        }
+        fn prepare_complete(&mut self, _session: &SessionId) -> Result<()> {
+            self.discard_prepared();
+            self.prepared = true;
+            self.outstanding
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn discard_prepared(&mut self) {
+            if std::mem::take(&mut self.prepared) {
+                self.outstanding
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A unit's completion that fails on one device leaves no prepared completion behind on
+    /// the devices after it (each would stay a file in the state directory).
+    #[test]
+    fn a_failed_units_completion_leaves_nothing_prepared() {
+        let outstanding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let device = |fails| -> Box<dyn Fence> {
+            Box::new(Preparing {
+                outstanding: outstanding.clone(),
+                prepared: false,
+                fails,
+            })
+        };
+        let mut unit = FenceSet(vec![device(false), device(true), device(false)]);
+        unit.complete(&[7; 16]).unwrap_err();
+        assert_eq!(outstanding.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]
